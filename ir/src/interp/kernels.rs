@@ -1,0 +1,320 @@
+//! The meaning of each op, one plain function per op.
+
+use super::{eval_err, EvalError, KvCache, Slot, Tensor, WeightView};
+use crate::{BinaryOp, Op, RopeMode, UnaryOp};
+
+pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> Result<Tensor, EvalError> {
+    match op {
+        Op::Input { .. } | Op::Weight { .. } => unreachable!("leaves are bound by the interpreter"),
+        Op::Embed => embed(weight(args[0])?, ids(args[1])?),
+        Op::RmsNorm { eps } => {
+            let (shape, x) = f32s(args[0])?;
+            Ok(Tensor::f32(shape.to_vec(), rms_norm(x, &floats(args[1])?, *eps)))
+        }
+        Op::QuantizeAct => {
+            let (shape, x) = f32s(args[0])?;
+            let (q, gamma) = quantize_act(x, shape[1]);
+            Ok(Tensor::Q8Row { shape: shape.to_vec(), q, gamma })
+        }
+        Op::MatMul => matmul(args[0], weight(args[1])?, threads),
+        Op::TernaryMatMul => ternary_matmul(args[0], weight(args[1])?, threads),
+        Op::Rope { mode, theta, head_dim } => {
+            let (shape, x) = f32s(args[0])?;
+            let mut y = x.to_vec();
+            rope(&mut y, shape[1], ids(args[1])?, *mode, *theta, *head_dim);
+            Ok(Tensor::f32(shape.to_vec(), y))
+        }
+        Op::Attention { layer, heads, kv_heads, head_dim } => {
+            let (shape, q) = f32s(args[0])?;
+            let (_, k) = f32s(args[1])?;
+            let (_, v) = f32s(args[2])?;
+            let y = attention(q, k, v, ids(args[3])?, kv, *layer, *heads, *kv_heads, *head_dim)?;
+            Ok(Tensor::f32(shape.to_vec(), y))
+        }
+        Op::Unary(u) => {
+            let (shape, x) = f32s(args[0])?;
+            Ok(Tensor::f32(shape.to_vec(), x.iter().map(|&x| unary(*u, x)).collect()))
+        }
+        Op::Binary(b) => {
+            let (shape, a) = f32s(args[0])?;
+            let rhs = floats(args[1])?;
+            let y = a.iter().enumerate().map(|(i, &x)| binary(*b, x, rhs[i % rhs.len()])).collect();
+            Ok(Tensor::f32(shape.to_vec(), y))
+        }
+        Op::Softmax => {
+            let (shape, x) = f32s(args[0])?;
+            let mut y = x.to_vec();
+            for row in y.chunks_exact_mut(*shape.last().unwrap()) {
+                softmax(row);
+            }
+            Ok(Tensor::f32(shape.to_vec(), y))
+        }
+        Op::LastRow => {
+            let (shape, x) = f32s(args[0])?;
+            if shape[0] == 0 {
+                return eval_err("last_row of an empty tensor");
+            }
+            Ok(Tensor::f32(vec![1, shape[1]], x[(shape[0] - 1) * shape[1]..].to_vec()))
+        }
+        Op::Cast { to } => {
+            let (shape, x) = f32s(args[0])?;
+            let y = match to {
+                crate::DType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+                crate::DType::BF16 => x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+                _ => x.to_vec(),
+            };
+            Ok(Tensor::f32(shape.to_vec(), y))
+        }
+    }
+}
+
+fn weight<'a, 'w>(s: &'a Slot<'w>) -> Result<&'a WeightView<'w>, EvalError> {
+    match s {
+        Slot::Weight(w) => Ok(w),
+        _ => eval_err("operand must be a stored weight"),
+    }
+}
+
+fn f32s<'a>(s: &'a Slot) -> Result<(&'a [usize], &'a [f32]), EvalError> {
+    match s {
+        Slot::Tensor(Tensor::F32 { shape, data }) => Ok((shape, data)),
+        _ => eval_err("operand must be an f32 tensor"),
+    }
+}
+
+/// A float operand that may be either computed or stored.
+fn floats(s: &Slot) -> Result<Vec<f32>, EvalError> {
+    match s {
+        Slot::Weight(w) => Ok(w.to_f32()),
+        other => f32s(other).map(|(_, d)| d.to_vec()),
+    }
+}
+
+fn ids<'a>(s: &'a Slot) -> Result<&'a [i32], EvalError> {
+    match s {
+        Slot::Tensor(Tensor::I32 { data, .. }) => Ok(data),
+        _ => eval_err("operand must be an i32 tensor"),
+    }
+}
+
+fn embed(table: &WeightView, ids: &[i32]) -> Result<Tensor, EvalError> {
+    let h = table.row_len();
+    let mut out = vec![0f32; ids.len() * h];
+    for (o, &id) in out.chunks_exact_mut(h).zip(ids) {
+        if id < 0 || id as usize >= table.rows() {
+            return eval_err(format!("token id {id} is outside the vocabulary of {}", table.rows()));
+        }
+        table.row(id as usize).dequantize(o);
+    }
+    Ok(Tensor::f32(vec![ids.len(), h], out))
+}
+
+/// `x / sqrt(mean(x²) + eps) * w`, per row.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut y = vec![0f32; x.len()];
+    for (yr, xr) in y.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+        let mean_sq = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
+        let scale = 1.0 / ((mean_sq as f32) + eps).sqrt();
+        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+    y
+}
+
+/// BitNet's activation quantization, per row of `k`: γ = 127 / max|x|
+/// (max|x| clamped to at least 1e-5), q = clamp(round(γx), -128, 127).
+pub fn quantize_act(x: &[f32], k: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; x.len()];
+    let mut gamma = Vec::with_capacity(x.len() / k.max(1));
+    for (qr, xr) in q.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+        let amax = xr.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+        let g = 127.0 / amax;
+        for (o, &v) in qr.iter_mut().zip(xr) {
+            *o = (v * g).round().clamp(-128.0, 127.0) as i8;
+        }
+        gamma.push(g);
+    }
+    (q, gamma)
+}
+
+/// Runs `f(n, out_column)` for every output column `n` of an `[s, n]`
+/// result, splitting the columns over threads. Each column is computed the
+/// same way whatever the split, so results do not depend on `threads`.
+fn by_columns(s: usize, n: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut cols = vec![0f32; s * n]; // column-major [n, s]
+    let per = n.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        for (c, chunk) in cols.chunks_mut(per * s.max(1)).enumerate() {
+            let f = &f;
+            scope.spawn(move || {
+                for (j, col) in chunk.chunks_exact_mut(s.max(1)).enumerate() {
+                    f(c * per + j, col);
+                }
+            });
+        }
+    });
+    let mut out = vec![0f32; s * n];
+    for j in 0..n {
+        for i in 0..s {
+            out[i * n + j] = cols[j * s + i];
+        }
+    }
+    out
+}
+
+/// `x · wᵀ` with the weight dequantized to f32, one row at a time. With
+/// int8 activations the product is divided by each row's γ.
+fn matmul(x: &Slot, w: &WeightView, threads: usize) -> Result<Tensor, EvalError> {
+    let (k, n) = (w.row_len(), w.rows());
+    let (s, xf, gamma): (usize, Vec<f32>, Option<&[f32]>) = match x {
+        Slot::Tensor(Tensor::F32 { shape, data }) => (shape[0], data.clone(), None),
+        Slot::Tensor(Tensor::Q8Row { shape, q, gamma }) => (shape[0], q.iter().map(|&v| v as f32).collect(), Some(gamma)),
+        _ => return eval_err("matmul activations must be f32 or q8_row"),
+    };
+    let out = by_columns(s, n, threads, |j, col| {
+        let mut wr = vec![0f32; k];
+        w.row(j).dequantize(&mut wr);
+        for (i, o) in col.iter_mut().enumerate() {
+            let dot: f32 = xf[i * k..(i + 1) * k].iter().zip(&wr).map(|(a, b)| a * b).sum();
+            *o = match gamma {
+                Some(g) => dot / g[i],
+                None => dot,
+            };
+        }
+    });
+    Ok(Tensor::f32(vec![s, n], out))
+}
+
+/// Integer dot products of ternary codes with int8 activations, per scale
+/// block, times the block scale, divided by the row's γ.
+fn ternary_matmul(x: &Slot, w: &WeightView, threads: usize) -> Result<Tensor, EvalError> {
+    let Slot::Tensor(Tensor::Q8Row { shape, q, gamma }) = x else {
+        return eval_err("ternary_matmul activations must be q8_row");
+    };
+    let (s, k, n) = (shape[0], w.row_len(), w.rows());
+    let out = by_columns(s, n, threads, |j, col| {
+        let mut codes = vec![0i8; k];
+        let mut scales = Vec::new();
+        let block = w.row(j).ternary(&mut codes, &mut scales);
+        for (i, o) in col.iter_mut().enumerate() {
+            let xr = &q[i * k..(i + 1) * k];
+            let mut acc = 0f32;
+            for ((cb, xb), &d) in codes.chunks(block).zip(xr.chunks(block)).zip(&scales) {
+                let dot: i32 = cb.iter().zip(xb).map(|(&c, &v)| c as i32 * v as i32).sum();
+                acc += dot as f32 * d;
+            }
+            *o = acc / gamma[i];
+        }
+    });
+    Ok(Tensor::f32(vec![s, n], out))
+}
+
+/// Rotates each head's pairs by `position × θ^(-2i/d)`. The angle advances
+/// by repeated multiplication, as ggml computes it.
+pub fn rope(x: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, d: usize) {
+    let theta_scale = theta.powf(-2.0 / d as f32);
+    for (r, &p) in x.chunks_exact_mut(row).zip(positions) {
+        for head in r.chunks_exact_mut(d) {
+            let mut angle = p as f32;
+            for i in 0..d / 2 {
+                let (a, b) = match mode {
+                    RopeMode::Interleaved => (2 * i, 2 * i + 1),
+                    RopeMode::Neox => (i, i + d / 2),
+                };
+                let (sin, cos) = angle.sin_cos();
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+                angle *= theta_scale;
+            }
+        }
+    }
+}
+
+pub fn softmax(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in row.iter_mut() {
+        *v /= sum;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    positions: &[i32],
+    kv: &mut KvCache,
+    layer: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Result<Vec<f32>, EvalError> {
+    let kv_row = kv_heads * d;
+    let cache = kv.layer(layer, kv_row);
+    for ((kr, vr), &p) in k.chunks_exact(kv_row).zip(v.chunks_exact(kv_row)).zip(positions) {
+        let held = cache.k.len() / kv_row;
+        let p = p as usize;
+        if p > held {
+            return eval_err(format!("position {p} skips past the {held} cached positions"));
+        }
+        if p == held {
+            cache.k.extend_from_slice(kr);
+            cache.v.extend_from_slice(vr);
+        } else {
+            cache.k[p * kv_row..(p + 1) * kv_row].copy_from_slice(kr);
+            cache.v[p * kv_row..(p + 1) * kv_row].copy_from_slice(vr);
+        }
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let group = heads / kv_heads;
+    let mut out = vec![0f32; q.len()];
+    for (i, &p) in positions.iter().enumerate() {
+        let n_keys = p as usize + 1;
+        for h in 0..heads {
+            let kvh = h / group;
+            let qh = &q[i * heads * d + h * d..][..d];
+            let mut scores: Vec<f32> = (0..n_keys)
+                .map(|t| {
+                    let kt = &cache.k[t * kv_row + kvh * d..][..d];
+                    qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            softmax(&mut scores);
+            let o = &mut out[i * heads * d + h * d..][..d];
+            for (t, &w) in scores.iter().enumerate() {
+                let vt = &cache.v[t * kv_row + kvh * d..][..d];
+                for (oj, &vj) in o.iter_mut().zip(vt) {
+                    *oj += w * vj;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn unary(u: UnaryOp, x: f32) -> f32 {
+    match u {
+        UnaryOp::Silu => x / (1.0 + (-x).exp()),
+        UnaryOp::Relu => x.max(0.0),
+        UnaryOp::Square => x * x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Neg => -x,
+    }
+}
+
+pub fn binary(b: BinaryOp, x: f32, y: f32) -> f32 {
+    match b {
+        BinaryOp::Add => x + y,
+        BinaryOp::Sub => x - y,
+        BinaryOp::Mul => x * y,
+        BinaryOp::Div => x / y,
+    }
+}

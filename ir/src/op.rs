@@ -1,0 +1,262 @@
+//! The closed set of operations.
+//!
+//! An [`Op`] holds only its attributes; operands live in the [`crate::Node`]
+//! so that passes can walk any node's inputs without matching on the op.
+//! Each op's type rule is in [`Op::infer`], its meaning in the interpreter.
+
+use crate::{DType, Dim, TensorType};
+use serde::{Deserialize, Serialize};
+
+/// How RoPE pairs the dims of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RopeMode {
+    /// Adjacent pairs `(2i, 2i + 1)` (llama.cpp's NORM, GGUF `llama`).
+    Interleaved,
+    /// Halves `(i, i + d/2)`, "rotate half" (llama.cpp's NEOX, HF).
+    Neox,
+}
+
+impl RopeMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RopeMode::Interleaved => "interleaved",
+            RopeMode::Neox => "neox",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        [RopeMode::Interleaved, RopeMode::Neox].into_iter().find(|m| m.name() == s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Silu,
+    Relu,
+    Square,
+    Exp,
+    Neg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A graph input, bound by name at evaluation (`tokens`, `positions`).
+    Input { name: String },
+    /// A stored tensor, looked up by name in the weight source.
+    Weight { name: String },
+    /// `(table [V, H], ids i32[S]) -> f32[S, H]`: rows of the table.
+    Embed,
+    /// `(x f32[.., H], w [H]) -> f32`: `x / sqrt(mean(x²) + eps) * w` per row.
+    RmsNorm { eps: f32 },
+    /// `x f32[S, K] -> q8_row[S, K]`: per-row absmax int8 (BitNet's activations).
+    QuantizeAct,
+    /// `(x f32|q8_row [S, K], w [N, K]) -> f32[S, N]`: `x · wᵀ`, weights dequantized.
+    MatMul,
+    /// `(x q8_row[S, K], w ternary[N, K]) -> f32[S, N]`: integer dot products
+    /// of codes and int8 activations, times the weight scale, over γ.
+    TernaryMatMul,
+    /// `(x f32[S, H*D], positions i32[S]) -> f32[S, H*D]`.
+    Rope { mode: RopeMode, theta: f32, head_dim: usize },
+    /// `(q f32[S, H*D], k f32[S, KV*D], v f32[S, KV*D], positions i32[S]) -> f32[S, H*D]`.
+    /// Stores k and v into layer `layer`'s cache at `positions`, then each
+    /// query attends causally to every cached position up to its own.
+    Attention { layer: usize, heads: usize, kv_heads: usize, head_dim: usize },
+    Unary(UnaryOp),
+    /// Elementwise; the right operand may also be a row `[N]` or a scalar `[1]`.
+    Binary(BinaryOp),
+    /// Softmax over the last axis.
+    Softmax,
+    /// `f32[S, N] -> f32[1, N]`: the last row only.
+    LastRow,
+    /// Converts between float types.
+    Cast { to: DType },
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 5] = [UnaryOp::Silu, UnaryOp::Relu, UnaryOp::Square, UnaryOp::Exp, UnaryOp::Neg];
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Silu => "silu",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Square => "square",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Neg => "neg",
+        }
+    }
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 4] = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div];
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
+impl Op {
+    /// The op's name in the text form.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Weight { .. } => "weight",
+            Op::Embed => "embed",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::QuantizeAct => "quantize_act",
+            Op::MatMul => "matmul",
+            Op::TernaryMatMul => "ternary_matmul",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Softmax => "softmax",
+            Op::LastRow => "last_row",
+            Op::Cast { .. } => "cast",
+        }
+    }
+
+    /// Leaves carry a declared type instead of an inferred one.
+    pub fn is_leaf(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Weight { .. })
+    }
+
+    /// The number of operands the op takes.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::Input { .. } | Op::Weight { .. } => 0,
+            Op::QuantizeAct | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } => 1,
+            Op::Embed | Op::RmsNorm { .. } | Op::MatMul | Op::TernaryMatMul | Op::Rope { .. } | Op::Binary(_) => 2,
+            Op::Attention { .. } => 4,
+        }
+    }
+
+    /// The result type of this op on operands of the given types.
+    pub fn infer(&self, args: &[&TensorType]) -> Result<TensorType, String> {
+        if args.len() != self.arity() {
+            return Err(format!("{} takes {} operands, got {}", self.mnemonic(), self.arity(), args.len()));
+        }
+        let f32_rows = |t: &TensorType, what: &str| -> Result<(), String> {
+            if t.dtype != DType::F32 || t.rank() != 2 {
+                return Err(format!("{what} must be f32[rows, n], got {t}"));
+            }
+            Ok(())
+        };
+        let positions = |t: &TensorType, rows: Dim| -> Result<(), String> {
+            if t.dtype != DType::I32 || t.shape != [rows] {
+                return Err(format!("positions must be i32[{rows}], got {t}"));
+            }
+            Ok(())
+        };
+        match self {
+            Op::Input { .. } | Op::Weight { .. } => Err(format!("{} has a declared type", self.mnemonic())),
+            Op::Embed => {
+                let (table, ids) = (args[0], args[1]);
+                if !table.dtype.is_weight() || table.rank() != 2 {
+                    return Err(format!("embedding table must be a 2-d weight, got {table}"));
+                }
+                if ids.dtype != DType::I32 || ids.rank() != 1 {
+                    return Err(format!("embedding ids must be i32[n], got {ids}"));
+                }
+                Ok(TensorType::new(DType::F32, [ids.shape[0], table.shape[1]]))
+            }
+            Op::RmsNorm { .. } => {
+                let (x, w) = (args[0], args[1]);
+                if x.dtype != DType::F32 || x.rank() == 0 {
+                    return Err(format!("rms_norm input must be f32, got {x}"));
+                }
+                if !w.dtype.is_float() || w.shape != [x.last().unwrap()] {
+                    return Err(format!("rms_norm weight must be a float [{}], got {w}", x.last().unwrap()));
+                }
+                Ok(x.clone())
+            }
+            Op::QuantizeAct => {
+                f32_rows(args[0], "quantize_act input")?;
+                Ok(TensorType::new(DType::Q8Row, args[0].shape.clone()))
+            }
+            Op::MatMul | Op::TernaryMatMul => {
+                let (x, w) = (args[0], args[1]);
+                let ternary = matches!(self, Op::TernaryMatMul);
+                let x_ok = if ternary { x.dtype == DType::Q8Row } else { matches!(x.dtype, DType::F32 | DType::Q8Row) };
+                if !x_ok || x.rank() != 2 {
+                    return Err(format!("{} activations have the wrong type {x}", self.mnemonic()));
+                }
+                let w_ok = if ternary { w.dtype.is_ternary() } else { w.dtype.is_weight() };
+                if !w_ok || w.rank() != 2 {
+                    return Err(format!("{} weight has the wrong type {w}", self.mnemonic()));
+                }
+                if x.shape[1] != w.shape[1] {
+                    return Err(format!("{}: inner dims differ: {x} · {w}ᵀ", self.mnemonic()));
+                }
+                Ok(TensorType::new(DType::F32, [x.shape[0], w.shape[0]]))
+            }
+            Op::Rope { head_dim, .. } => {
+                let x = args[0];
+                f32_rows(x, "rope input")?;
+                positions(args[1], x.shape[0])?;
+                match x.shape[1] {
+                    Dim::Const(n) if *head_dim > 0 && head_dim % 2 == 0 && n % head_dim == 0 => Ok(x.clone()),
+                    _ => Err(format!("rope: row {} is not a whole number of heads of even size {head_dim}", x.shape[1])),
+                }
+            }
+            Op::Attention { heads, kv_heads, head_dim, .. } => {
+                let (q, k, v) = (args[0], args[1], args[2]);
+                for (t, what) in [(q, "q"), (k, "k"), (v, "v")] {
+                    f32_rows(t, what)?;
+                    if t.shape[0] != q.shape[0] {
+                        return Err(format!("attention: {what} has {} rows, q has {}", t.shape[0], q.shape[0]));
+                    }
+                }
+                positions(args[3], q.shape[0])?;
+                if *kv_heads == 0 || heads % kv_heads != 0 {
+                    return Err(format!("attention: {heads} heads is not a multiple of {kv_heads} kv heads"));
+                }
+                if q.shape[1] != Dim::Const(heads * head_dim) {
+                    return Err(format!("attention: q row is {}, expected {heads}×{head_dim}", q.shape[1]));
+                }
+                for t in [k, v] {
+                    if t.shape[1] != Dim::Const(kv_heads * head_dim) {
+                        return Err(format!("attention: k/v row is {}, expected {kv_heads}×{head_dim}", t.shape[1]));
+                    }
+                }
+                Ok(q.clone())
+            }
+            Op::Unary(_) | Op::Softmax => {
+                if args[0].dtype != DType::F32 {
+                    return Err(format!("{} needs f32, got {}", self.mnemonic(), args[0]));
+                }
+                Ok(args[0].clone())
+            }
+            Op::Binary(_) => {
+                let (a, b) = (args[0], args[1]);
+                if a.dtype != DType::F32 || !b.dtype.is_float() {
+                    return Err(format!("{}: needs f32 and a float, got {a} and {b}", self.mnemonic()));
+                }
+                let broadcast = b.shape == a.shape || b.shape == [Dim::Const(1)] || (b.rank() == 1 && a.last() == b.last());
+                if !broadcast {
+                    return Err(format!("{}: {b} does not broadcast to {a}", self.mnemonic()));
+                }
+                Ok(a.clone())
+            }
+            Op::LastRow => {
+                f32_rows(args[0], "last_row input")?;
+                Ok(TensorType::new(DType::F32, [Dim::Const(1), args[0].shape[1]]))
+            }
+            Op::Cast { to } => {
+                if !args[0].dtype.is_float() || !to.is_float() {
+                    return Err(format!("cast is between float types, got {} to {to}", args[0]));
+                }
+                Ok(TensorType::new(*to, args[0].shape.clone()))
+            }
+        }
+    }
+}
