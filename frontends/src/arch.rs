@@ -1,0 +1,188 @@
+//! Architectures: the IR graph of each supported model family.
+//!
+//! | GGUF arch | FFN activation | RoPE | block extras |
+//! |---|---|---|---|
+//! | `llama` | SiLU | interleaved pairs (the converter permuted Q/K rows) | none |
+//! | `bitnet` (llama.cpp) | SiLU | NEOX | BitLinear, sub-norms |
+//! | `bitnet-b1.58`, `bitnet-25` (bitnet.cpp) | squared ReLU | NEOX | BitLinear, sub-norms |
+//!
+//! A `<arch>.hidden_activation` key in the file wins over the default.
+//! BitLinear: activations quantized per token to int8 (absmax), multiplied
+//! by the ternary weight, rescaled by β/γ; optional `blk.N.<proj>.scale`
+//! tensors multiply the projection's output, as llama.cpp applies them.
+
+use crate::model::{invalid, Model, ModelError};
+use bitnet_ir::{BinaryOp, DType, Dim, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    /// llama.cpp's `bitnet`.
+    BitNet,
+    /// bitnet.cpp's `bitnet-b1.58` (BitNet b1.58 2B4T).
+    BitNetB158,
+    /// bitnet.cpp's `bitnet-25` (Falcon3-1.58bit).
+    BitNet25,
+}
+
+impl Arch {
+    pub fn from_name(s: &str) -> Option<Arch> {
+        Some(match s {
+            "llama" => Arch::Llama,
+            "bitnet" => Arch::BitNet,
+            "bitnet-b1.58" => Arch::BitNetB158,
+            "bitnet-25" => Arch::BitNet25,
+            _ => return None,
+        })
+    }
+    pub fn is_bitnet(self) -> bool {
+        self != Arch::Llama
+    }
+    pub fn default_activation(self) -> Activation {
+        match self {
+            Arch::Llama | Arch::BitNet => Activation::Silu,
+            Arch::BitNetB158 | Arch::BitNet25 => Activation::Relu2,
+        }
+    }
+    pub fn rope_mode(self) -> RopeMode {
+        match self {
+            Arch::Llama => RopeMode::Interleaved,
+            _ => RopeMode::Neox,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// Squared ReLU, BitNet b1.58 2B4T's.
+    Relu2,
+}
+
+impl Activation {
+    pub fn from_name(s: &str) -> Option<Activation> {
+        match s {
+            "silu" | "swish" => Some(Activation::Silu),
+            "relu2" | "relu_sqr" | "relu_squared" | "squared_relu" => Some(Activation::Relu2),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::Relu2 => "relu2",
+        }
+    }
+}
+
+struct Builder<'m> {
+    g: Graph,
+    model: &'m Model,
+}
+
+impl Builder<'_> {
+    fn op(&mut self, op: Op, args: &[Value]) -> Result<Value, ModelError> {
+        self.g.add(op, args).map_err(|e| ModelError::Invalid(format!("building the graph: {e}")))
+    }
+
+    /// A weight that must exist with exactly this shape.
+    fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Value, ModelError> {
+        match self.model.tensor_shape(name) {
+            None => invalid(format!("tensor {name} is missing")),
+            Some((dtype, s)) if s == shape => Ok(self.g.leaf(Op::Weight { name: name.into() }, TensorType::fixed(dtype, s))),
+            Some((_, s)) => invalid(format!("tensor {name} has shape {s:?}, expected {shape:?}")),
+        }
+    }
+
+    fn optional_weight(&mut self, name: &str, shape: &[usize]) -> Result<Option<Value>, ModelError> {
+        match self.model.tensor_shape(name) {
+            None => Ok(None),
+            Some(_) => self.weight(name, shape).map(Some),
+        }
+    }
+
+    /// `x · Wᵀ` for projection `blk.L.<proj>` of shape `[n, k]`, times its
+    /// optional scale. In BitNet models `x` is already int8 (`q8_row`).
+    fn linear(&mut self, x: Value, layer: usize, proj: &str, n: usize, k: usize) -> Result<Value, ModelError> {
+        let w = self.weight(&format!("blk.{layer}.{proj}.weight"), &[n, k])?;
+        let ternary = self.g.ty(w).dtype.is_ternary();
+        let x_int8 = self.g.ty(x).dtype == DType::Q8Row;
+        if ternary && !x_int8 {
+            return invalid(format!("blk.{layer}.{proj}.weight is ternary, which only BitNet architectures use"));
+        }
+        let y = self.op(if ternary { Op::TernaryMatMul } else { Op::MatMul }, &[x, w])?;
+        match self.optional_weight(&format!("blk.{layer}.{proj}.scale"), &[1])? {
+            Some(s) => self.op(Op::Binary(BinaryOp::Mul), &[y, s]),
+            None => Ok(y),
+        }
+    }
+
+    fn norm(&mut self, x: Value, name: &str, n: usize) -> Result<Value, ModelError> {
+        let w = self.weight(name, &[n])?;
+        self.op(Op::RmsNorm { eps: self.model.config.norm_eps }, &[x, w])
+    }
+}
+
+pub(crate) fn build_graph(model: &Model, all_logits: bool) -> Result<Graph, ModelError> {
+    let c = &model.config;
+    let bitnet = c.arch.is_bitnet();
+    let mut b = Builder { g: Graph::new(c.arch_name.clone()), model };
+    let seq = TensorType::new(DType::I32, [Dim::Seq]);
+    let tokens = b.g.leaf(Op::Input { name: "tokens".into() }, seq.clone());
+    let positions = b.g.leaf(Op::Input { name: "positions".into() }, seq);
+    let embd = b.weight("token_embd.weight", &[c.vocab, c.hidden])?;
+    let mut x = b.op(Op::Embed, &[embd, tokens])?;
+    let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+    // BitLinear inputs are int8 per token; plain models keep f32.
+    let act_in = |b: &mut Builder, v: Value| if bitnet { b.op(Op::QuantizeAct, &[v]) } else { Ok(v) };
+    for l in 0..c.layers {
+        let a = b.norm(x, &format!("blk.{l}.attn_norm.weight"), c.hidden)?;
+        let a = act_in(&mut b, a)?;
+        let q = b.linear(a, l, "attn_q", q_dim, c.hidden)?;
+        let k = b.linear(a, l, "attn_k", kv_dim, c.hidden)?;
+        let v = b.linear(a, l, "attn_v", kv_dim, c.hidden)?;
+        let rope = Op::Rope { mode: c.rope_mode, theta: c.rope_theta, head_dim: c.head_dim };
+        let q = b.op(rope.clone(), &[q, positions])?;
+        let k = b.op(rope, &[k, positions])?;
+        let attn = Op::Attention { layer: l, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let mut o = b.op(attn, &[q, k, v, positions])?;
+        if bitnet {
+            o = b.norm(o, &format!("blk.{l}.attn_sub_norm.weight"), q_dim)?;
+        }
+        let o = act_in(&mut b, o)?;
+        let o = b.linear(o, l, "attn_output", c.hidden, q_dim)?;
+        let h = b.op(Op::Binary(BinaryOp::Add), &[x, o])?;
+
+        let f = b.norm(h, &format!("blk.{l}.ffn_norm.weight"), c.hidden)?;
+        let f = act_in(&mut b, f)?;
+        let gate = b.linear(f, l, "ffn_gate", c.ffn, c.hidden)?;
+        let up = b.linear(f, l, "ffn_up", c.ffn, c.hidden)?;
+        let gate = match c.activation {
+            Activation::Silu => b.op(Op::Unary(UnaryOp::Silu), &[gate])?,
+            Activation::Relu2 => {
+                let r = b.op(Op::Unary(UnaryOp::Relu), &[gate])?;
+                b.op(Op::Unary(UnaryOp::Square), &[r])?
+            }
+        };
+        let mut m = b.op(Op::Binary(BinaryOp::Mul), &[gate, up])?;
+        if bitnet {
+            m = b.norm(m, &format!("blk.{l}.ffn_sub_norm.weight"), c.ffn)?;
+        }
+        let m = act_in(&mut b, m)?;
+        let down = b.linear(m, l, "ffn_down", c.hidden, c.ffn)?;
+        x = b.op(Op::Binary(BinaryOp::Add), &[h, down])?;
+    }
+    let mut y = b.norm(x, "output_norm.weight", c.hidden)?;
+    if !all_logits {
+        y = b.op(Op::LastRow, &[y])?;
+    }
+    let head_name = if c.tied_head { "token_embd.weight" } else { "output.weight" };
+    let head = if c.tied_head { embd } else { b.weight(head_name, &[c.vocab, c.hidden])? };
+    if b.g.ty(head).dtype.is_ternary() {
+        return invalid(format!("{head_name} is ternary; the output head must be a float or k-quant type"));
+    }
+    let logits = b.op(Op::MatMul, &[y, head])?;
+    b.g.outputs.push(logits);
+    bitnet_ir::verify(&b.g).map_err(|e| ModelError::Invalid(format!("graph check: {e}")))?;
+    Ok(b.g)
+}

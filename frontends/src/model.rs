@@ -1,0 +1,176 @@
+//! A model file opened for running: its hyper-parameters, its weights
+//! (memory-mapped, served to the interpreter by name) and its IR graph.
+
+use crate::arch::{self, Activation, Arch};
+use crate::gguf::{GgufError, GgufFile, MetaValue};
+use bitnet_ir::interp::{WeightSource, WeightView};
+use bitnet_ir::{Graph, RopeMode};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{0}")]
+    Gguf(#[from] GgufError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub(crate) fn invalid<T>(msg: impl Into<String>) -> Result<T, ModelError> {
+    Err(ModelError::Invalid(msg.into()))
+}
+
+/// Hyper-parameters, read from `<arch>.*` keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// The architecture name as the file gives it.
+    pub arch_name: String,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context: usize,
+    pub rope_theta: f32,
+    pub rope_mode: RopeMode,
+    pub norm_eps: f32,
+    pub activation: Activation,
+    /// True when the head is `token_embd` (no `output.weight`).
+    pub tied_head: bool,
+}
+
+pub struct Model {
+    pub file: GgufFile,
+    pub config: ModelConfig,
+    index: HashMap<String, usize>,
+}
+
+fn get_usize(f: &GgufFile, key: &str) -> Result<Option<usize>, ModelError> {
+    match f.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) => usize::try_from(n).map(Some).map_err(|_| ModelError::Invalid(format!("{key} = {n} is too large"))),
+            None => invalid(format!("{key} should be an integer, got {v}")),
+        },
+    }
+}
+
+fn get_f32(f: &GgufFile, key: &str) -> Result<Option<f32>, ModelError> {
+    match f.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| ModelError::Invalid(format!("{key} should be a number, got {v}"))),
+    }
+}
+
+impl Model {
+    pub fn open(path: &Path) -> Result<Model, ModelError> {
+        let file = GgufFile::open(path).map_err(|e| match e {
+            GgufError::Io(io) => ModelError::Invalid(format!("cannot read {}: {io}", path.display())),
+            other => ModelError::Gguf(other),
+        })?;
+        Self::from_file(file)
+    }
+
+    pub fn from_file(file: GgufFile) -> Result<Model, ModelError> {
+        let config = read_config(&file)?;
+        let index = file.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(Model { file, config, index })
+    }
+
+    /// The IR graph: logits for every position (`all_logits`) or only the last.
+    pub fn graph(&self, all_logits: bool) -> Result<Graph, ModelError> {
+        arch::build_graph(self, all_logits)
+    }
+
+    pub(crate) fn tensor_shape(&self, name: &str) -> Option<(bitnet_ir::DType, &[usize])> {
+        self.index.get(name).map(|&i| {
+            let t = &self.file.tensors[i];
+            (t.dtype, t.shape.as_slice())
+        })
+    }
+}
+
+impl WeightSource for Model {
+    fn weight(&self, name: &str) -> Option<WeightView<'_>> {
+        let t = &self.file.tensors[*self.index.get(name)?];
+        Some(WeightView { dtype: t.dtype, shape: t.shape.clone(), data: self.file.data(t) })
+    }
+}
+
+fn read_config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
+    let Some(arch_name) = f.get("general.architecture").and_then(MetaValue::as_str) else {
+        if f.tensors.is_empty() {
+            return invalid("this is a vocabulary-only file (no tensors, no general.architecture): it can be tokenized with, not run");
+        }
+        return invalid("general.architecture is missing");
+    };
+    let arch_name = arch_name.to_string();
+    let Some(arch) = Arch::from_name(&arch_name) else {
+        return invalid(format!("architecture {arch_name:?} is not supported (supported: llama, bitnet, bitnet-b1.58, bitnet-25)"));
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let need = |k: &str| -> Result<usize, ModelError> {
+        get_usize(f, &key(k))?.ok_or_else(|| ModelError::Invalid(format!("metadata {} is missing", key(k))))
+    };
+    let hidden = need("embedding_length")?;
+    let layers = need("block_count")?;
+    let heads = need("attention.head_count")?;
+    let kv_heads = get_usize(f, &key("attention.head_count_kv"))?.unwrap_or(heads);
+    let ffn = need("feed_forward_length")?;
+    let context = get_usize(f, &key("context_length"))?.unwrap_or(2048);
+    let rope_theta = get_f32(f, &key("rope.freq_base"))?.unwrap_or(10000.0);
+    let norm_eps = get_f32(f, &key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+    let embd = f.tensor("token_embd.weight").map(|t| t.shape.clone());
+    let vocab = match (get_usize(f, &key("vocab_size"))?, &embd) {
+        (Some(v), _) => v,
+        (None, Some(s)) if s.len() == 2 => s[0],
+        _ => return invalid("cannot tell the vocabulary size: no vocab_size key and no 2-d token_embd.weight"),
+    };
+    let sane = |what: &str, v: usize, max: usize| -> Result<(), ModelError> {
+        if v == 0 || v > max {
+            return invalid(format!("{what} = {v} is out of range (1..={max})"));
+        }
+        Ok(())
+    };
+    sane("embedding_length", hidden, 1 << 16)?;
+    sane("block_count", layers, 1024)?;
+    sane("attention.head_count", heads, 1024)?;
+    sane("attention.head_count_kv", kv_heads, heads)?;
+    sane("feed_forward_length", ffn, 1 << 18)?;
+    sane("vocab size", vocab, 1 << 22)?;
+    sane("context_length", context, 1 << 24)?;
+    if hidden % heads != 0 || heads % kv_heads != 0 {
+        return invalid(format!("{hidden} hidden / {heads} heads / {kv_heads} kv heads do not divide evenly"));
+    }
+    let head_dim = hidden / heads;
+    if head_dim % 2 != 0 {
+        return invalid(format!("head dim {head_dim} is odd; RoPE needs pairs"));
+    }
+    let activation = match [key("hidden_activation"), key("hidden_act")].iter().find_map(|k| f.get(k)) {
+        Some(v) => match v.as_str().and_then(Activation::from_name) {
+            Some(a) => a,
+            None => return invalid(format!("unknown hidden activation {v}")),
+        },
+        None => arch.default_activation(),
+    };
+    Ok(ModelConfig {
+        arch,
+        arch_name,
+        hidden,
+        layers,
+        heads,
+        kv_heads,
+        head_dim,
+        ffn,
+        vocab,
+        context,
+        rope_theta,
+        rope_mode: arch.rope_mode(),
+        norm_eps,
+        activation,
+        tied_head: f.tensor("output.weight").is_none(),
+    })
+}

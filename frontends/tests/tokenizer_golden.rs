@@ -1,0 +1,93 @@
+//! llama.cpp's golden tokenizer cases, on the real vocabularies in
+//! `../shared/data` (these tests fail, not skip, when it is missing).
+
+use bitnet_frontends::gguf::GgufFile;
+use bitnet_frontends::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+fn data(rel: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data").join(rel);
+    assert!(p.exists(), "test data {} is missing: these tests need ../shared/data next to the repository", p.display());
+    p
+}
+
+fn cases(vocab: &str) -> Vec<(String, Vec<u32>)> {
+    let inp = std::fs::read_to_string(data(&format!("tokenizers/llama-cpp-vocab/{vocab}.inp"))).unwrap();
+    let out = std::fs::read_to_string(data(&format!("tokenizers/llama-cpp-vocab/{vocab}.out"))).unwrap();
+    let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    if texts.last() == Some(&"") {
+        texts.pop();
+    }
+    let ids: Vec<Vec<u32>> = out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+    assert_eq!(texts.len(), ids.len(), "{vocab}: inputs and outputs differ in count");
+    texts.into_iter().map(String::from).zip(ids).collect()
+}
+
+fn gguf_tokenizer(vocab: &str) -> Tokenizer {
+    let f = GgufFile::open(&data(&format!("tokenizers/llama-cpp-vocab/{vocab}"))).unwrap();
+    Tokenizer::from_gguf(&f).unwrap()
+}
+
+fn check(vocab: &str) {
+    let t = gguf_tokenizer(vocab);
+    let mut failures = Vec::new();
+    for (text, want) in cases(vocab) {
+        let got = t.encode(&text, false, false).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{vocab}: {} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn llama_bpe_golden() {
+    check("ggml-vocab-llama-bpe.gguf");
+}
+
+#[test]
+fn llama_spm_golden() {
+    check("ggml-vocab-llama-spm.gguf");
+}
+
+#[test]
+fn gpt2_golden() {
+    check("ggml-vocab-gpt-2.gguf");
+}
+
+#[test]
+fn llama3_tokenizer_json_agrees_with_the_gguf_vocabulary() {
+    let hf = Tokenizer::from_hf_file(&data("tokenizers/llama3-hf/tokenizer.json")).unwrap();
+    for (text, want) in cases("ggml-vocab-llama-bpe.gguf") {
+        assert_eq!(hf.encode(&text, false, false).unwrap(), want, "{text:?}");
+    }
+    assert_eq!(hf.encode("Hello world", false, false).unwrap(), vec![9906, 1917]);
+    assert_eq!(hf.bos, Some(128000));
+}
+
+#[test]
+fn encode_then_decode_round_trips() {
+    for vocab in ["ggml-vocab-llama-bpe.gguf", "ggml-vocab-gpt-2.gguf", "ggml-vocab-llama-spm.gguf"] {
+        let t = gguf_tokenizer(vocab);
+        for (text, _) in cases(vocab) {
+            let ids = t.encode(&text, true, false).unwrap();
+            assert_eq!(t.decode_text(&ids), text, "{vocab}");
+        }
+    }
+    let hf = Tokenizer::from_hf_file(&data("tokenizers/llama3-hf/tokenizer.json")).unwrap();
+    for (text, _) in cases("ggml-vocab-llama-bpe.gguf") {
+        let ids = hf.encode(&text, false, false).unwrap();
+        assert_eq!(hf.decode_text(&ids), text);
+    }
+}
+
+#[test]
+fn special_token_text_is_special_only_when_asked() {
+    let t = gguf_tokenizer("ggml-vocab-llama-bpe.gguf");
+    let text = "<|start_header_id|>user<|end_header_id|>";
+    let plain = t.encode(text, false, false).unwrap();
+    assert!(plain.len() > 3 && plain.iter().all(|&id| id < 128000), "{plain:?}");
+    let special = t.encode(text, false, true).unwrap();
+    assert_eq!(special, vec![128006, 882, 128007]);
+    assert!(t.is_eog(128009), "<|eot_id|> ends a turn");
+}
