@@ -1,1 +1,46 @@
-fn main(){}
+//! The `bitnet` command line: argument parsing and printing only; the
+//! engine lives in the workspace crates.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "bitnet", version, about = "Run ternary (BitNet b1.58) language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Run(commands::run::RunArgs),
+    /// Talk to a model, turn by turn (Ctrl-D to leave).
+    Chat(commands::chat::ChatArgs),
+    /// Print the token ids of a text.
+    Tokenize(commands::inspect::TokenizeArgs),
+    /// Show a model file's architecture, tokenizer and tensors.
+    Inspect(commands::inspect::InspectArgs),
+    /// Write a random-weight BitNet model for tests and benchmarks.
+    Synth(commands::synth::SynthArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => commands::run::run(a),
+        Command::Chat(a) => commands::chat::chat(a),
+        Command::Tokenize(a) => commands::inspect::tokenize(a),
+        Command::Inspect(a) => commands::inspect::inspect(a),
+        Command::Synth(a) => commands::synth::synth(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

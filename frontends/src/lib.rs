@@ -6,6 +6,8 @@
 //! BitNet models for tests and benchmarks.
 
 pub mod arch;
+pub mod chat;
 pub mod gguf;
 pub mod model;
+pub mod synth;
 pub mod tokenizer;

@@ -413,3 +413,42 @@ enum Fragment<'t> {
     Text(&'t str),
     Token(u32),
 }
+
+/// Turns generated ids into text as they arrive, holding back bytes that
+/// do not yet form whole UTF-8 characters.
+pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
+    context: Option<u32>,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'t> TextStream<'t> {
+    /// `context` is the token before the first streamed one (the last
+    /// prompt token), if any.
+    pub fn new(tokenizer: &'t Tokenizer, context: Option<u32>) -> Self {
+        TextStream { tokenizer, context, ids: Vec::new(), printed: 0 }
+    }
+
+    /// Adds a token; returns the text that became printable.
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(self.context, &self.ids);
+        if text.ends_with('\u{FFFD}') {
+            return String::new();
+        }
+        self.take(text)
+    }
+
+    /// Whatever is left, printable or not.
+    pub fn finish(&mut self) -> String {
+        let text = self.tokenizer.decode(self.context, &self.ids);
+        self.take(text)
+    }
+
+    fn take(&mut self, text: String) -> String {
+        let new = text.get(self.printed..).unwrap_or("").to_string();
+        self.printed = text.len().max(self.printed);
+        new
+    }
+}

@@ -1,0 +1,66 @@
+//! Chat templates: the model's `tokenizer.chat_template` (Jinja, as
+//! Hugging Face writes them) rendered with minijinja, with the Python
+//! string methods templates expect (`.strip()`, `.startswith()`, ...).
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("chat template: {0}")]
+pub struct ChatError(pub String);
+
+/// A template used when the model file has none: LLaMA-3's format.
+pub const LLAMA3_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+
+/// Renders `messages`; `add_generation_prompt` opens the assistant's turn.
+pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, bos_token: &str, eos_token: &str) -> Result<String, ChatError> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+    env.add_template("chat", template).map_err(|e| ChatError(e.to_string()))?;
+    let tmpl = env.get_template("chat").map_err(|e| ChatError(e.to_string()))?;
+    tmpl.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| ChatError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_template_renders_turns() {
+        let msgs = [Message::new("system", "Be brief."), Message::new("user", " Hi ")];
+        let s = render(LLAMA3_TEMPLATE, &msgs, true, "<|begin_of_text|>", "<|end_of_text|>").unwrap();
+        assert_eq!(
+            s,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_exceptions_work() {
+        let t = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
+        assert_eq!(render(t, &[Message::new("user", " hey ")], false, "", "").unwrap(), "HEY");
+        let e = render(t, &[Message::new("system", "x")], false, "", "").unwrap_err();
+        assert!(e.0.contains("first must be user"), "{e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! Random-weight BitNet models, for tests and benchmarks: any shape
+//! (including BitNet b1.58 2B4T's), any ternary format, either activation.
+//!
+//! The ternary codes and scales depend only on the seed and the tensor, not
+//! on the output format, so the same model written as I2_S, TQ2_0, TQ1_0
+//! and f32 holds bit-identical ternary values. Tensors are generated and
+//! written one at a time: a 2B4T-shaped file never sits in memory whole.
+
+use crate::arch::Activation;
+use crate::chat::LLAMA3_TEMPLATE;
+use crate::gguf::{GgufError, GgufFile, GgufWriter, MetaType, MetaValue};
+use crate::tokenizer::bytelevel;
+use bitnet_ir::{quant, DType};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthShape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+}
+
+impl SynthShape {
+    /// A small model that runs instantly.
+    pub fn tiny() -> SynthShape {
+        SynthShape { hidden: 256, layers: 4, heads: 8, kv_heads: 2, ffn: 768, vocab: 32000 }
+    }
+    /// BitNet b1.58 2B4T's shape.
+    pub fn b2b4t() -> SynthShape {
+        SynthShape { hidden: 2560, layers: 30, heads: 20, kv_heads: 5, ffn: 6912, vocab: 128256 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SynthSpec {
+    pub shape: SynthShape,
+    /// The type of the BitLinear weights: a ternary type, or f16/f32
+    /// holding ternary values times the scale.
+    pub weight_type: DType,
+    pub head_type: DType,
+    pub activation: Activation,
+    pub seed: u64,
+    pub context: usize,
+    pub rope_theta: f32,
+}
+
+impl SynthSpec {
+    /// The GGUF architecture name that carries the activation: llama.cpp's
+    /// `bitnet` is SiLU, bitnet.cpp's `bitnet-b1.58` squared ReLU.
+    pub fn arch_name(&self) -> &'static str {
+        match self.activation {
+            Activation::Silu => "bitnet",
+            Activation::Relu2 => "bitnet-b1.58",
+        }
+    }
+
+    /// Checks that every dimension fits the chosen types.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = &self.shape;
+        if !matches!(self.weight_type, DType::I2S | DType::TQ1_0 | DType::TQ2_0 | DType::F16 | DType::F32 | DType::BF16) {
+            return Err(format!("--type {} is not a BitLinear weight type (i2_s, tq2_0, tq1_0, f16, bf16, f32)", self.weight_type));
+        }
+        if !self.head_type.is_weight() || self.head_type.is_ternary() {
+            return Err(format!("--head-type {} is not an embedding type (f32, f16, bf16, q8_0, q6_k, q4_k)", self.head_type));
+        }
+        for (what, v) in [("hidden", s.hidden), ("layers", s.layers), ("heads", s.heads), ("kv-heads", s.kv_heads), ("ffn", s.ffn), ("vocab", s.vocab)] {
+            if v == 0 {
+                return Err(format!("--{what} must be positive"));
+            }
+        }
+        if s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 || (s.hidden / s.heads) % 2 != 0 {
+            return Err(format!("hidden {} / heads {} / kv-heads {}: heads must divide hidden into even head dims, kv-heads must divide heads", s.hidden, s.heads, s.kv_heads));
+        }
+        let block = self.weight_type.block_elems();
+        for (what, k) in [("hidden", s.hidden), ("ffn", s.ffn)] {
+            if k % block != 0 {
+                return Err(format!("--{what} {k} is not a multiple of {block}, which {} needs", self.weight_type));
+            }
+        }
+        let hb = self.head_type.block_elems();
+        if s.hidden % hb != 0 {
+            return Err(format!("--hidden {} is not a multiple of {hb}, which head type {} needs", s.hidden, self.head_type));
+        }
+        Ok(())
+    }
+}
+
+/// A projection's ternary codes and its scale β (an f16-exact value near
+/// 1/sqrt(k), so every format stores it exactly).
+pub fn ternary_weights(seed: u64, tensor: &str, n: usize, k: usize) -> (Vec<i8>, f32) {
+    let mut rng = rng_for(seed, tensor);
+    let codes = (0..n * k).map(|_| rng.random_range(-1i8..=1)).collect();
+    let beta = half::f16::from_f32((1.0 / (k as f32).sqrt()) * rng.random_range(0.75..1.25)).to_f32();
+    (codes, beta)
+}
+
+fn rng_for(seed: u64, tensor: &str) -> rand::rngs::StdRng {
+    // FNV-1a of the name, mixed with the seed: each tensor has its own stream.
+    let h = tensor.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    rand::rngs::StdRng::seed_from_u64(h ^ seed.wrapping_mul(0x9E3779B97F4A7C15))
+}
+
+fn normal(rng: &mut impl Rng) -> f32 {
+    // Box–Muller.
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+enum Gen {
+    Ternary { n: usize, k: usize },
+    Norm(usize),
+    Embedding { vocab: usize, hidden: usize },
+}
+
+fn tensor_plan(s: &SynthShape) -> Vec<(String, Gen)> {
+    let hd = s.hidden / s.heads;
+    let (q, kv) = (s.heads * hd, s.kv_heads * hd);
+    let mut t = vec![("token_embd.weight".to_string(), Gen::Embedding { vocab: s.vocab, hidden: s.hidden })];
+    for l in 0..s.layers {
+        let p = |n: &str| format!("blk.{l}.{n}.weight");
+        t.push((p("attn_norm"), Gen::Norm(s.hidden)));
+        t.push((p("attn_q"), Gen::Ternary { n: q, k: s.hidden }));
+        t.push((p("attn_k"), Gen::Ternary { n: kv, k: s.hidden }));
+        t.push((p("attn_v"), Gen::Ternary { n: kv, k: s.hidden }));
+        t.push((p("attn_sub_norm"), Gen::Norm(q)));
+        t.push((p("attn_output"), Gen::Ternary { n: s.hidden, k: q }));
+        t.push((p("ffn_norm"), Gen::Norm(s.hidden)));
+        t.push((p("ffn_gate"), Gen::Ternary { n: s.ffn, k: s.hidden }));
+        t.push((p("ffn_up"), Gen::Ternary { n: s.ffn, k: s.hidden }));
+        t.push((p("ffn_sub_norm"), Gen::Norm(s.ffn)));
+        t.push((p("ffn_down"), Gen::Ternary { n: s.hidden, k: s.ffn }));
+    }
+    t.push(("output_norm.weight".into(), Gen::Norm(s.hidden)));
+    t
+}
+
+fn strings(items: impl IntoIterator<Item = String>) -> MetaValue {
+    MetaValue::Array(MetaType::String, items.into_iter().map(MetaValue::String).collect())
+}
+
+/// Tokenizer metadata: copied from `vocab_from`, or a built-in byte-level
+/// vocabulary (256 byte tokens, LLaMA-3's special tokens, then filler
+/// tokens ` tok<N>`), padded to `vocab` entries either way.
+fn tokenizer_metadata(w: &mut GgufWriter, vocab: usize, vocab_from: Option<&GgufFile>) -> Result<usize, String> {
+    if let Some(f) = vocab_from {
+        let Some(MetaValue::Array(_, tokens)) = f.get("tokenizer.ggml.tokens") else {
+            return Err("--vocab-from: the file has no tokenizer.ggml.tokens".into());
+        };
+        let n = tokens.len().max(vocab);
+        for (k, v) in &f.metadata {
+            if !k.starts_with("tokenizer.") {
+                continue;
+            }
+            let mut v = v.clone();
+            if let MetaValue::Array(t, items) = &mut v {
+                let pad = n - items.len().min(n);
+                match k.as_str() {
+                    "tokenizer.ggml.tokens" => items.extend((0..pad).map(|i| MetaValue::String(format!("<|synth_pad_{i}|>")))),
+                    "tokenizer.ggml.token_type" => items.extend((0..pad).map(|_| if *t == MetaType::I32 { MetaValue::I32(3) } else { MetaValue::U32(3) })),
+                    "tokenizer.ggml.scores" => items.extend((0..pad).map(|_| MetaValue::F32(0.0))),
+                    _ => {}
+                }
+            }
+            w.set(k, v);
+        }
+        return Ok(n);
+    }
+    let specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
+    let n = vocab.max(256 + specials.len());
+    let mut tokens: Vec<String> = (0..=255u8).map(|b| bytelevel::encode(&[b])).collect();
+    tokens.extend(specials.iter().map(|s| s.to_string()));
+    let filler = n - tokens.len();
+    tokens.extend((0..filler).map(|i| format!("\u{120}tok{i}")));
+    let types = (0..n).map(|i| MetaValue::I32(if (256..256 + specials.len()).contains(&i) { 3 } else { 1 })).collect();
+    w.set("tokenizer.ggml.model", MetaValue::String("gpt2".into()));
+    w.set("tokenizer.ggml.pre", MetaValue::String("gpt-2".into()));
+    w.set("tokenizer.ggml.tokens", strings(tokens));
+    w.set("tokenizer.ggml.token_type", MetaValue::Array(MetaType::I32, types));
+    w.set("tokenizer.ggml.merges", strings(Vec::new()));
+    w.set("tokenizer.ggml.bos_token_id", MetaValue::U32(256));
+    w.set("tokenizer.ggml.eos_token_id", MetaValue::U32(257));
+    w.set("tokenizer.ggml.eot_token_id", MetaValue::U32(260));
+    w.set("tokenizer.ggml.add_bos_token", MetaValue::Bool(true));
+    w.set("tokenizer.chat_template", MetaValue::String(LLAMA3_TEMPLATE.into()));
+    Ok(n)
+}
+
+/// Bytes of one weight in the file's type. Ternary projections are written
+/// as their format's codes with the per-tensor β (TQ blocks carry it as
+/// their scale); float types hold `code × β`.
+fn tensor_bytes(spec: &SynthSpec, name: &str, gen: &Gen) -> Vec<u8> {
+    match *gen {
+        Gen::Ternary { n, k } => {
+            let (codes, beta) = ternary_weights(spec.seed, name, n, k);
+            match spec.weight_type {
+                DType::I2S => quant::pack_i2s(&codes, beta),
+                t if t.is_ternary() => quant::pack_ternary(t, &codes, &vec![beta; codes.len() / t.block_elems()]),
+                t => quant::quantize(t, &codes.iter().map(|&c| c as f32 * beta).collect::<Vec<_>>()),
+            }
+        }
+        Gen::Norm(n) => {
+            let mut rng = rng_for(spec.seed, name);
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(0.8..1.2)).collect();
+            quant::quantize(DType::F32, &v)
+        }
+        Gen::Embedding { vocab, hidden } => {
+            let mut rng = rng_for(spec.seed, name);
+            let v: Vec<f32> = (0..vocab * hidden).map(|_| normal(&mut rng)).collect();
+            quant::quantize(spec.head_type, &v)
+        }
+    }
+}
+
+/// Writes the model to `path` (through a temporary file). `progress` is
+/// called with (tensors done, tensors total).
+pub fn write(spec: &SynthSpec, vocab_from: Option<&GgufFile>, path: &Path, mut progress: impl FnMut(usize, usize)) -> Result<(), String> {
+    spec.validate()?;
+    let mut spec = spec.clone();
+    let mut w = GgufWriter::new();
+    let arch = spec.arch_name();
+    w.set("general.architecture", MetaValue::String(arch.into()));
+    w.set("general.name", MetaValue::String(format!("bitnet-rs synthetic {}", spec.weight_type)));
+    spec.shape.vocab = tokenizer_metadata(&mut w, spec.shape.vocab, vocab_from)?;
+    let s = &spec.shape;
+    let key = |k: &str| format!("{arch}.{k}");
+    for (k, v) in [
+        ("vocab_size", s.vocab),
+        ("context_length", spec.context),
+        ("embedding_length", s.hidden),
+        ("block_count", s.layers),
+        ("feed_forward_length", s.ffn),
+        ("attention.head_count", s.heads),
+        ("attention.head_count_kv", s.kv_heads),
+        ("rope.dimension_count", s.hidden / s.heads),
+    ] {
+        w.set(&key(k), MetaValue::U32(v as u32));
+    }
+    w.set(&key("rope.freq_base"), MetaValue::F32(spec.rope_theta));
+    w.set(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
+    let plan = tensor_plan(s);
+    for (name, gen) in &plan {
+        let (dtype, shape) = match *gen {
+            Gen::Ternary { n, k } => (spec.weight_type, vec![n, k]),
+            Gen::Norm(n) => (DType::F32, vec![n]),
+            Gen::Embedding { vocab, hidden } => (spec.head_type, vec![vocab, hidden]),
+        };
+        w.add_tensor(name, dtype, &shape);
+    }
+    let total = plan.len();
+    w.write_file(path, |i| {
+        progress(i, total);
+        Ok(tensor_bytes(&spec, &plan[i].0, &plan[i].1))
+    })
+    .map_err(|e: GgufError| format!("writing {}: {e}", path.display()))?;
+    progress(total, total);
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! A loaded model ready to generate: weights, tokenizer, graphs, KV cache.
+
+use crate::sampler::{Sampler, SamplerConfig};
+use bitnet_frontends::model::{Model, ModelError};
+use bitnet_frontends::tokenizer::{Tokenizer, TokenizerError};
+use bitnet_ir::interp::{EvalError, Interpreter, KvCache, Tensor};
+use bitnet_ir::Graph;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("evaluation failed: {0}")]
+    Eval(#[from] EvalError),
+    #[error("{0}")]
+    Input(String),
+}
+
+pub struct LoadOptions {
+    pub threads: usize,
+    /// Context size; the model's training context when `None`.
+    pub context: Option<usize>,
+}
+
+pub struct Session {
+    pub model: Model,
+    /// Shared so that text can be decoded while the session generates.
+    pub tokenizer: Arc<Tokenizer>,
+    graph_last: Graph,
+    graph_all: Graph,
+    kv: KvCache,
+    /// Tokens whose keys and values are in the cache, in order.
+    tokens: Vec<u32>,
+    pub threads: usize,
+    pub context: usize,
+    pub load_ms: f64,
+}
+
+impl Session {
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Session, RuntimeError> {
+        let t0 = Instant::now();
+        let model = Model::open(path)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&model.file)?);
+        let graph_last = model.graph(false)?;
+        let graph_all = model.graph(true)?;
+        Interpreter::new(&model, 1).check_weights(&graph_all)?;
+        let context = opts.context.unwrap_or(model.config.context).max(1);
+        Ok(Session {
+            model,
+            tokenizer,
+            graph_last,
+            graph_all,
+            kv: KvCache::new(),
+            tokens: Vec::new(),
+            threads: opts.threads.max(1),
+            context,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    pub fn graph(&self, all_logits: bool) -> &Graph {
+        if all_logits {
+            &self.graph_all
+        } else {
+            &self.graph_last
+        }
+    }
+
+    /// Tokens in the cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn reset(&mut self) {
+        self.kv.clear();
+        self.tokens.clear();
+    }
+
+    /// Forgets every cached token after the first `n`.
+    pub fn rewind(&mut self, n: usize) {
+        self.kv.truncate(n);
+        self.tokens.truncate(n);
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.model.config.vocab
+    }
+
+    /// Evaluates `tokens` after those already cached. Returns logits, one
+    /// row of `vocab` per token (`all_logits`) or for the last token only.
+    pub fn eval(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::Input("nothing to evaluate: the prompt is empty".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab()) {
+            return Err(RuntimeError::Input(format!("token id {bad} is outside the model's vocabulary of {}", self.vocab())));
+        }
+        let start = self.tokens.len();
+        if start + tokens.len() > self.context {
+            return Err(RuntimeError::Input(format!(
+                "{} tokens do not fit in the context: {start} already used of {} (raise it with -c)",
+                tokens.len(),
+                self.context
+            )));
+        }
+        let ids = Tensor::ids(tokens.iter().map(|&t| t as i32).collect());
+        let positions = Tensor::ids((start..start + tokens.len()).map(|p| p as i32).collect());
+        let graph = if all_logits { &self.graph_all } else { &self.graph_last };
+        let interp = Interpreter::new(&self.model, self.threads);
+        let out = interp.eval(graph, &[("tokens", ids), ("positions", positions)], &mut self.kv);
+        let mut out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                self.kv.truncate(start);
+                return Err(e.into());
+            }
+        };
+        self.tokens.extend_from_slice(tokens);
+        match out.pop() {
+            Some(Tensor::F32 { data, .. }) => Ok(data),
+            _ => Err(RuntimeError::Input("the graph did not produce logits".into())),
+        }
+    }
+
+    /// Generates up to `opts.n_predict` tokens after `prompt`, calling
+    /// `on_token` with each as it is chosen.
+    pub fn generate(&mut self, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation, RuntimeError> {
+        if prompt.len() + self.tokens.len() > self.context {
+            return Err(RuntimeError::Input(format!(
+                "the prompt is {} tokens, longer than the {} the context has left (context size {}; raise it with -c)",
+                prompt.len(),
+                self.context - self.tokens.len(),
+                self.context
+            )));
+        }
+        let mut sampler = Sampler::new(opts.sampler.clone());
+        let mut gen = Generation { prompt_ids: prompt.to_vec(), ..Default::default() };
+        let t0 = Instant::now();
+        let mut logits = self.eval(prompt, opts.dump_logits)?;
+        gen.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let vocab = self.vocab();
+        let t1 = Instant::now();
+        loop {
+            let last = logits[logits.len() - vocab..].to_vec();
+            if opts.dump_logits {
+                gen.logits.extend_from_slice(&logits);
+            }
+            if gen.generated_ids.len() >= opts.n_predict {
+                break;
+            }
+            let next = sampler.sample(&last, &self.tokens);
+            gen.generated_ids.push(next);
+            on_token(next);
+            if !opts.ignore_eos && self.tokenizer.is_eog(next) {
+                gen.stop = StopReason::EndOfGeneration;
+                break;
+            }
+            if gen.generated_ids.len() >= opts.n_predict {
+                break;
+            }
+            if self.tokens.len() >= self.context {
+                gen.stop = StopReason::ContextFull;
+                break;
+            }
+            logits = self.eval(&[next], opts.dump_logits)?;
+            gen.decoded += 1;
+        }
+        gen.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        Ok(gen)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub n_predict: usize,
+    pub ignore_eos: bool,
+    pub sampler: SamplerConfig,
+    /// Keep the logits of every evaluated position.
+    pub dump_logits: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StopReason {
+    #[default]
+    Length,
+    EndOfGeneration,
+    ContextFull,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    /// Rows of logits (with `dump_logits`): the prompt positions, then one
+    /// per generated token that was fed back.
+    pub logits: Vec<f32>,
+    pub prefill_ms: f64,
+    /// Time from the first sampled token to the end.
+    pub decode_ms: f64,
+    /// Tokens evaluated one at a time after the prompt.
+    pub decoded: usize,
+    pub stop: StopReason,
+}
+
+impl Generation {
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prompt_ids.len(), self.prefill_ms)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        rate(self.decoded, self.decode_ms)
+    }
+}
+
+fn rate(n: usize, ms: f64) -> f64 {
+    if n == 0 || ms <= 0.0 {
+        0.0
+    } else {
+        n as f64 / (ms / 1e3)
+    }
+}

@@ -1,0 +1,122 @@
+//! `bitnet inspect` and `bitnet tokenize`: read-only views of a model file.
+//! Both work on vocabulary-only GGUF files.
+
+use anyhow::Context;
+use bitnet_frontends::gguf::{GgufFile, MetaValue};
+use bitnet_frontends::model::Model;
+use bitnet_frontends::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Model or vocabulary file (GGUF).
+    pub model: PathBuf,
+    /// Also print every metadata key.
+    #[arg(long)]
+    pub metadata: bool,
+}
+
+#[derive(clap::Args)]
+pub struct TokenizeArgs {
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Do not add BOS even if the model asks for it.
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Print {"ids": [...]}.
+    #[arg(long)]
+    pub json: bool,
+    /// Parse special-token text (like `<|eot_id|>`) as special tokens.
+    #[arg(long)]
+    pub special: bool,
+    pub text: String,
+}
+
+fn open(path: &PathBuf) -> anyhow::Result<GgufFile> {
+    GgufFile::open(path).with_context(|| format!("reading {}", path.display()))
+}
+
+pub fn tokenize(a: TokenizeArgs) -> anyhow::Result<()> {
+    let f = open(&a.model)?;
+    let tok = Tokenizer::from_gguf(&f)?;
+    let ids = tok.encode(&a.text, tok.add_bos && !a.no_bos, a.special)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "ids": ids }));
+    } else {
+        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+    }
+    Ok(())
+}
+
+fn human(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    let f = open(&a.model)?;
+    println!("file: {} ({}, GGUF v{}, alignment {})", a.model.display(), human(f.file_size()), f.version, f.alignment);
+    if let Some(name) = f.get("general.name").and_then(MetaValue::as_str) {
+        println!("name: {name}");
+    }
+    let n_tensors = f.tensors.len();
+    let model = if n_tensors > 0 { Some(Model::from_file(f)) } else { None };
+    let f = match model {
+        Some(Ok(m)) => {
+            let c = &m.config;
+            println!("architecture: {} ({:?})", c.arch_name, c.arch);
+            println!(
+                "  hidden {} | layers {} | heads {} (kv {}) head dim {} | ffn {} | vocab {} | context {}",
+                c.hidden, c.layers, c.heads, c.kv_heads, c.head_dim, c.ffn, c.vocab, c.context
+            );
+            println!(
+                "  activation {} | rope {} θ {} | rms eps {} | head {}",
+                c.activation.name(),
+                c.rope_mode.name(),
+                c.rope_theta,
+                c.norm_eps,
+                if c.tied_head { "tied to token_embd" } else { "output.weight" }
+            );
+            if let Err(e) = m.graph(false) {
+                println!("  cannot run: {e}");
+            }
+            m.file
+        }
+        Some(Err(e)) => {
+            println!("architecture: cannot be run: {e}");
+            open(&a.model)?
+        }
+        None => {
+            println!("architecture: none (vocabulary-only file)");
+            open(&a.model)?
+        }
+    };
+    match Tokenizer::from_gguf(&f) {
+        Ok(t) => {
+            let name = |id: Option<u32>| id.map_or("none".to_string(), |i| format!("{i} {:?}", t.piece(i).unwrap_or("")));
+            println!("tokenizer: {}", t.kind);
+            println!("  bos {} | eos {} | eot {} | add bos {}", name(t.bos), name(t.eos), name(t.eot), t.add_bos);
+            println!("  chat template: {}", if t.chat_template.is_some() { "yes" } else { "no" });
+        }
+        Err(e) => println!("tokenizer: {e}"),
+    }
+    if a.metadata {
+        println!("metadata ({} keys):", f.metadata.len());
+        for (k, v) in &f.metadata {
+            println!("  {k} = {v}");
+        }
+    }
+    if !f.tensors.is_empty() {
+        let total: usize = f.tensors.iter().map(|t| t.size).sum();
+        println!("tensors ({}, {}):", f.tensors.len(), human(total));
+        println!("  {:<32} {:<6} {:<16} {:>12}", "name", "type", "shape", "bytes");
+        for t in &f.tensors {
+            println!("  {:<32} {:<6} {:<16} {:>12}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.size);
+        }
+    }
+    Ok(())
+}

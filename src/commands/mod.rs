@@ -1,0 +1,82 @@
+pub mod chat;
+pub mod inspect;
+pub mod run;
+pub mod synth;
+
+use anyhow::Context;
+use bitnet_runtime::{LoadOptions, SamplerConfig, Session};
+use std::path::{Path, PathBuf};
+
+/// Options shared by `run` and `chat`.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Model file (GGUF).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Context size in tokens [default: the model's].
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
+    /// Threads [default: all cores].
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Session> {
+        let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 {
+            anyhow::bail!("-t must be at least 1");
+        }
+        load(&self.model, &LoadOptions { threads, context: self.ctx_size })
+    }
+}
+
+fn load(path: &Path, opts: &LoadOptions) -> anyhow::Result<Session> {
+    Session::load(path, opts).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Sampling flags, in llama.cpp's spelling and with its defaults.
+#[derive(clap::Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalize tokens seen in the last --repeat-last-n (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed [default: from the clock].
+    #[arg(short = 's', long)]
+    pub seed: Option<u64>,
+    /// Always take the most likely token (same as --temp 0).
+    #[arg(long)]
+    pub greedy: bool,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> anyhow::Result<SamplerConfig> {
+        if !(self.temp >= 0.0) || !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) || !(self.repeat_penalty > 0.0) {
+            anyhow::bail!("sampling values out of range: --temp ≥ 0, --top-p and --min-p in [0, 1], --repeat-penalty > 0");
+        }
+        let seed = self.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        Ok(SamplerConfig {
+            temperature: if self.greedy { 0.0 } else { self.temp },
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        })
+    }
+}
