@@ -5,6 +5,7 @@ use anyhow::Context;
 use bitnet_frontends::gguf::{GgufFile, MetaValue};
 use bitnet_frontends::model::Model;
 use bitnet_frontends::tokenizer::Tokenizer;
+use std::fmt::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -58,65 +59,68 @@ fn human(bytes: usize) -> String {
 }
 
 pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    let mut out = String::new();
     let f = open(&a.model)?;
-    println!("file: {} ({}, GGUF v{}, alignment {})", a.model.display(), human(f.file_size()), f.version, f.alignment);
+    writeln!(out, "file: {} ({}, GGUF v{}, alignment {})", a.model.display(), human(f.file_size()), f.version, f.alignment)?;
     if let Some(name) = f.get("general.name").and_then(MetaValue::as_str) {
-        println!("name: {name}");
+        writeln!(out, "name: {name}")?;
     }
     let n_tensors = f.tensors.len();
     let model = if n_tensors > 0 { Some(Model::from_file(f)) } else { None };
     let f = match model {
         Some(Ok(m)) => {
             let c = &m.config;
-            println!("architecture: {} ({:?})", c.arch_name, c.arch);
-            println!(
+            writeln!(out, "architecture: {} ({:?})", c.arch_name, c.arch)?;
+            writeln!(
+                out,
                 "  hidden {} | layers {} | heads {} (kv {}) head dim {} | ffn {} | vocab {} | context {}",
                 c.hidden, c.layers, c.heads, c.kv_heads, c.head_dim, c.ffn, c.vocab, c.context
-            );
-            println!(
+            )?;
+            writeln!(
+                out,
                 "  activation {} | rope {} θ {} | rms eps {} | head {}",
                 c.activation.name(),
                 c.rope_mode.name(),
                 c.rope_theta,
                 c.norm_eps,
                 if c.tied_head { "tied to token_embd" } else { "output.weight" }
-            );
+            )?;
             if let Err(e) = m.graph(false) {
-                println!("  cannot run: {e}");
+                writeln!(out, "  cannot run: {e}")?;
             }
             m.file
         }
         Some(Err(e)) => {
-            println!("architecture: cannot be run: {e}");
+            writeln!(out, "architecture: cannot be run: {e}")?;
             open(&a.model)?
         }
         None => {
-            println!("architecture: none (vocabulary-only file)");
+            writeln!(out, "architecture: none (vocabulary-only file)")?;
             open(&a.model)?
         }
     };
     match Tokenizer::from_gguf(&f) {
         Ok(t) => {
             let name = |id: Option<u32>| id.map_or("none".to_string(), |i| format!("{i} {:?}", t.piece(i).unwrap_or("")));
-            println!("tokenizer: {}", t.kind);
-            println!("  bos {} | eos {} | eot {} | add bos {}", name(t.bos), name(t.eos), name(t.eot), t.add_bos);
-            println!("  chat template: {}", if t.chat_template.is_some() { "yes" } else { "no" });
+            writeln!(out, "tokenizer: {}", t.kind)?;
+            writeln!(out, "  bos {} | eos {} | eot {} | add bos {}", name(t.bos), name(t.eos), name(t.eot), t.add_bos)?;
+            writeln!(out, "  chat template: {}", if t.chat_template.is_some() { "yes" } else { "no" })?;
         }
-        Err(e) => println!("tokenizer: {e}"),
+        Err(e) => writeln!(out, "tokenizer: {e}")?,
     }
     if a.metadata {
-        println!("metadata ({} keys):", f.metadata.len());
+        writeln!(out, "metadata ({} keys):", f.metadata.len())?;
         for (k, v) in &f.metadata {
-            println!("  {k} = {v}");
+            writeln!(out, "  {k} = {v}")?;
         }
     }
     if !f.tensors.is_empty() {
         let total: usize = f.tensors.iter().map(|t| t.size).sum();
-        println!("tensors ({}, {}):", f.tensors.len(), human(total));
-        println!("  {:<32} {:<6} {:<16} {:>12}", "name", "type", "shape", "bytes");
+        writeln!(out, "tensors ({}, {}):", f.tensors.len(), human(total))?;
+        writeln!(out, "  {:<32} {:<6} {:<16} {:>12}", "name", "type", "shape", "bytes")?;
         for t in &f.tensors {
-            println!("  {:<32} {:<6} {:<16} {:>12}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.size);
+            writeln!(out, "  {:<32} {:<6} {:<16} {:>12}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.size)?;
         }
     }
-    Ok(())
+    super::print(&out)
 }

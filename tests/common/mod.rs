@@ -1,0 +1,65 @@
+#![allow(dead_code)]
+//! Helpers shared by the integration tests.
+
+use bitnet_frontends::arch::Activation;
+use bitnet_frontends::synth::{self, SynthShape, SynthSpec};
+use bitnet_ir::DType;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A file under `../shared/data`; tests that need it fail when it is missing.
+pub fn data(rel: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel);
+    assert!(p.exists(), "test data {} is missing: these tests need ../shared/data next to the repository", p.display());
+    p
+}
+
+pub fn stories() -> PathBuf {
+    data("models/stories260K/stories260K.gguf")
+}
+
+pub fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bitnet-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small model with uneven dims (hidden 256, 3 layers, GQA 4/2, FFN 512).
+pub fn small_spec(weight_type: DType, activation: Activation) -> SynthSpec {
+    SynthSpec {
+        shape: SynthShape { hidden: 256, layers: 3, heads: 4, kv_heads: 2, ffn: 512, vocab: 300 },
+        weight_type,
+        head_type: DType::F16,
+        activation,
+        seed: 11,
+        context: 256,
+        rope_theta: 10000.0,
+    }
+}
+
+pub fn write_synth(spec: &SynthSpec, path: &Path) {
+    synth::write(spec, None, path, |_, _| {}).unwrap();
+}
+
+pub fn bitnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitnet")).args(args).output().expect("running bitnet")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}

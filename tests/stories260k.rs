@@ -1,0 +1,72 @@
+//! The real trained model: greedy decoding must give llama.cpp's answer.
+
+mod common;
+use bitnet_runtime::{GenerateOptions, LoadOptions, SamplerConfig, Session};
+use common::*;
+
+const PROMPT: [u32; 5] = [1, 403, 407, 261, 378];
+const EXPECTED: [u32; 20] = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292];
+
+fn greedy(threads: usize) -> Vec<u32> {
+    let mut s = Session::load(&stories(), &LoadOptions { threads, context: None }).unwrap();
+    let opts = GenerateOptions { n_predict: 20, ignore_eos: false, sampler: SamplerConfig::greedy(), dump_logits: false };
+    s.generate(&PROMPT, &opts, |_| {}).unwrap().generated_ids
+}
+
+#[test]
+fn greedy_ids_match_the_known_continuation() {
+    assert_eq!(greedy(1), EXPECTED);
+    assert_eq!(greedy(2), EXPECTED, "results must not depend on the thread count");
+}
+
+#[test]
+fn cli_prints_the_story() {
+    let o = bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "20", "--greedy"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("Once upon a time, there was a little girl named Lily"), "{}", stdout(&o));
+}
+
+#[test]
+fn cli_json_contract() {
+    let o = bitnet(&["run", "-m", stories().to_str().unwrap(), "--prompt-ids", "1,403,407,261,378", "-n", "20", "--temp", "0", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "exactly one line: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["prompt_ids"], serde_json::json!(PROMPT));
+    assert_eq!(v["generated_ids"], serde_json::json!(EXPECTED));
+    assert!(v["text"].as_str().unwrap().starts_with(", there was a little girl named Lily"));
+    for k in ["load_ms", "prefill_tok_s", "decode_tok_s"] {
+        assert!(v[k].as_f64().unwrap() >= 0.0, "{k}");
+    }
+}
+
+#[test]
+fn dumped_logits_cover_every_evaluated_position() {
+    let dir = tmp_dir("dump");
+    let npy = dir.join("logits.npy");
+    let o = bitnet(&["run", "-m", stories().to_str().unwrap(), "--prompt-ids", "1,403,407,261,378", "-n", "4", "--greedy", "--dump-logits", npy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&npy).unwrap();
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + hlen]).unwrap();
+    assert!(header.contains("'shape': (8, 512)"), "5 prompt rows + 3 fed back: {header}");
+    let data: Vec<f32> = bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(data.len(), 8 * 512);
+    // Row 4 (the last prompt position) predicts the first generated id.
+    let row4 = &data[4 * 512..5 * 512];
+    assert_eq!(bitnet_runtime::sampler::argmax(row4), EXPECTED[0]);
+    let row7 = &data[7 * 512..8 * 512];
+    assert_eq!(bitnet_runtime::sampler::argmax(row7), EXPECTED[3]);
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let run = |seed: &str| {
+        let out = stdout(&bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "16", "--seed", seed, "--json"]));
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["generated_ids"].clone()
+    };
+    assert_eq!(run("42"), run("42"));
+    let many: std::collections::HashSet<String> = (0..6).map(|s| run(&s.to_string()).to_string()).collect();
+    assert!(many.len() > 1, "different seeds should not all sample the same text");
+}
