@@ -10,7 +10,7 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{0}")]
+    #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error("{0}")]
     Invalid(String),
@@ -101,10 +101,10 @@ impl WeightSource for Model {
 }
 
 fn read_config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
+    if f.tensors.is_empty() {
+        return invalid("this is a vocabulary-only file (no tensors): it can be tokenized with and inspected, not run");
+    }
     let Some(arch_name) = f.get("general.architecture").and_then(MetaValue::as_str) else {
-        if f.tensors.is_empty() {
-            return invalid("this is a vocabulary-only file (no tensors, no general.architecture): it can be tokenized with, not run");
-        }
         return invalid("general.architecture is missing");
     };
     let arch_name = arch_name.to_string();

@@ -11,11 +11,11 @@ use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("evaluation failed: {0}")]
+    #[error(transparent)]
     Eval(#[from] EvalError),
     #[error("{0}")]
     Input(String),

@@ -27,7 +27,7 @@ pub const DEFAULT_ALIGNMENT: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("not a GGUF file: {0}")]
     Format(String),

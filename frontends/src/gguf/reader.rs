@@ -180,7 +180,7 @@ impl<'a> Reader<'a> {
     fn count(&mut self, what: &str, min_size: usize) -> Result<usize, GgufError> {
         let n = self.u64()?;
         if n > (self.remaining() / min_size.max(1)) as u64 {
-            return format_err(format!("{what} {n} is more than the {} remaining bytes can hold", self.remaining()));
+            return format_err(format!("{what} {n} is more than the {} remaining bytes can hold (truncated or corrupt?)", self.remaining()));
         }
         Ok(n as usize)
     }
