@@ -5,7 +5,7 @@
 //! concession to speed is that matrix products split their output rows
 //! over threads, which does not change any result.
 
-mod kernels;
+pub mod kernels;
 
 use crate::quant::{i2s_scale, RowView};
 use crate::{DType, Graph, Op, TensorType};

@@ -1,0 +1,74 @@
+//! The text form: hand-written graphs parse, print back identically, and
+//! malformed text or ill-typed graphs are rejected with a reason.
+
+use bitnet_ir::{parse, verify, DType, Dim, Graph, Op, TensorType, UnaryOp};
+
+const SMALL: &str = r#"graph "small" {
+    v0 = input "tokens" : i32[seq]
+    v1 = input "positions" : i32[seq]
+    v2 = weight "token_embd.weight" : f16[16, 8]
+    v3 = embed v2, v0 : f32[seq, 8]
+    v4 = weight "norm" : f32[8]
+    v5 = rms_norm v3, v4 eps=1e-5 : f32[seq, 8]
+    v6 = rope v5, v1 mode=neox theta=500000.0 head_dim=4 : f32[seq, 8]
+    v7 = attention v6, v5, v5, v1 layer=0 heads=2 kv_heads=2 head_dim=4 : f32[seq, 8]
+    v8 = quantize_act v7 : q8_row[seq, 8]
+    v9 = weight "w" : tq2_0[3, 256]
+    v10 = silu v7 : f32[seq, 8]
+    v11 = add v10, v4 : f32[seq, 8]
+    v12 = last_row v11 : f32[1, 8]
+    v13 = matmul v12, v2 : f32[1, 16]
+    v14 = cast v13 to=bf16 : bf16[1, 16]
+    v15 = softmax v13 : f32[1, 16]
+    output v14
+    output v15
+}
+"#;
+
+#[test]
+fn text_round_trips() {
+    let g = parse(SMALL).unwrap();
+    assert_eq!(g.to_string(), SMALL);
+    assert_eq!(parse(&g.to_string()).unwrap(), g);
+    assert_eq!(g.nodes.len(), 16);
+}
+
+#[test]
+fn floats_survive_printing_exactly() {
+    for eps in [1e-5f32, 1e-6, 0.1, 3.0e-38, 123456.79] {
+        let text = SMALL.replace("eps=1e-5", &format!("eps={eps:?}"));
+        let g = parse(&text).unwrap();
+        assert_eq!(g.nodes[5].op, Op::RmsNorm { eps });
+        assert_eq!(parse(&g.to_string()).unwrap(), g);
+    }
+}
+
+fn parse_err(text: &str) -> String {
+    parse(text).err().expect("should not parse").to_string()
+}
+
+#[test]
+fn malformed_text_is_rejected_with_a_reason() {
+    assert!(parse_err(&SMALL.replace("rms_norm v3, v4 eps=1e-5", "rms_norm v3, v4")).contains("missing attribute eps"));
+    assert!(parse_err(&SMALL.replace("embed v2, v0", "embed v2, v99")).contains("v99 is not defined"));
+    assert!(parse_err(&SMALL.replace("silu v7", "frobnicate v7")).contains("unknown op frobnicate"));
+    assert!(parse_err(&SMALL.replace("f16[16, 8]", "f17[16, 8]")).contains("unknown dtype f17"));
+    let e = parse_err(&SMALL.replace("v10 = silu v7 : f32[seq, 8]", "v10 = silu v7 : f32[seq, 9]"));
+    assert!(e.contains("declared type f32[seq, 9]"), "{e}");
+    let e = parse_err(&SMALL.replace("v13 = matmul v12, v2 : f32[1, 16]", "v13 = matmul v12, v9 : f32[1, 3]"));
+    assert!(e.contains("inner dims differ"), "{e}");
+    assert!(parse_err(&SMALL.replace("    output v14\n    output v15\n", "")).contains("no outputs"));
+    assert!(parse_err("graph \"x\" {\n v0 = input \"a\" : i32[seq]\n").contains("line"));
+}
+
+#[test]
+fn builder_infers_types_and_rejects_bad_operands() {
+    let mut g = Graph::new("t");
+    let x = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(4)]));
+    let y = g.add(Op::Unary(UnaryOp::Square), &[x]).unwrap();
+    assert_eq!(g.ty(y), &TensorType::new(DType::F32, [Dim::Seq, Dim::Const(4)]));
+    assert!(g.add(Op::TernaryMatMul, &[x, y]).is_err());
+    assert!(g.add(Op::Embed, &[x]).is_err(), "arity is checked");
+    g.outputs.push(y);
+    verify(&g).unwrap();
+}
