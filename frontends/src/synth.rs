@@ -72,7 +72,7 @@ impl SynthSpec {
                 return Err(format!("--{what} must be positive"));
             }
         }
-        if s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 || (s.hidden / s.heads) % 2 != 0 {
+        if !s.hidden.is_multiple_of(s.heads) || !s.heads.is_multiple_of(s.kv_heads) || !(s.hidden / s.heads).is_multiple_of(2) {
             return Err(format!("hidden {} / heads {} / kv-heads {}: heads must divide hidden into even head dims, kv-heads must divide heads", s.hidden, s.heads, s.kv_heads));
         }
         let block = self.weight_type.block_elems();
@@ -82,7 +82,7 @@ impl SynthSpec {
             }
         }
         let hb = self.head_type.block_elems();
-        if s.hidden % hb != 0 {
+        if !s.hidden.is_multiple_of(hb) {
             return Err(format!("--hidden {} is not a multiple of {hb}, which head type {} needs", s.hidden, self.head_type));
         }
         Ok(())

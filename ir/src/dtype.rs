@@ -112,7 +112,7 @@ impl DType {
     /// Bytes taken by `n` elements, or `None` if `n` is not a whole number
     /// of blocks. I2_S adds its per-tensor f32 scale, padded to 32 bytes.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_elems() != 0 {
+        if !n.is_multiple_of(self.block_elems()) {
             return None;
         }
         let body = (n / self.block_elems()).checked_mul(self.block_bytes())?;

@@ -44,7 +44,7 @@ fn floats_survive_printing_exactly() {
 }
 
 fn parse_err(text: &str) -> String {
-    parse(text).err().expect("should not parse").to_string()
+    parse(text).expect_err("should not parse").to_string()
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub struct TokenizeArgs {
     pub text: String,
 }
 
-fn open(path: &PathBuf) -> anyhow::Result<GgufFile> {
+fn open(path: &std::path::Path) -> anyhow::Result<GgufFile> {
     GgufFile::open(path).with_context(|| format!("reading {}", path.display()))
 }
 

@@ -65,7 +65,8 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn config(&self) -> anyhow::Result<SamplerConfig> {
-        if !(self.temp >= 0.0) || !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) || !(self.repeat_penalty > 0.0) {
+        let valid = self.temp >= 0.0 && (0.0..=1.0).contains(&self.top_p) && (0.0..=1.0).contains(&self.min_p) && self.repeat_penalty > 0.0;
+        if !valid {
             anyhow::bail!("sampling values out of range: --temp ≥ 0, --top-p and --min-p in [0, 1], --repeat-penalty > 0");
         }
         let seed = self.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));

@@ -116,7 +116,7 @@ impl KvCache {
     }
     /// Positions held (those of layer 0).
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| if l.row == 0 { 0 } else { l.k.len() / l.row })
+        self.layers.first().and_then(|l| l.k.len().checked_div(l.row)).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0

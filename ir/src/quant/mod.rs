@@ -111,7 +111,7 @@ impl RowView<'_> {
                     BlockI2S::read(blk).codes(c);
                 }
                 scales.push(self.tensor_scale);
-                return codes.len().max(1);
+                codes.len().max(1)
             }
             other => unreachable!("{other} is not ternary"),
         }

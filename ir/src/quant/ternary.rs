@@ -102,9 +102,9 @@ impl TernaryBlock for BlockTQ1_0 {
         // Accumulate each byte's trits, most significant first.
         let mut value = [0u16; 52];
         let mut digits = [0usize; 52];
-        for n in 0..256 {
+        for (n, &c) in codes.iter().enumerate().take(256) {
             let (i, _) = tq1_position(n);
-            value[i] = value[i] * 3 + (codes[n] + 1) as u16;
+            value[i] = value[i] * 3 + (c + 1) as u16;
             digits[i] += 1;
         }
         let mut bytes = [0u8; 52];
@@ -114,7 +114,7 @@ impl TernaryBlock for BlockTQ1_0 {
             for _ in digits[i]..5 {
                 v *= 3;
             }
-            bytes[i] = ((v * 256 + 242) / 243) as u8;
+            bytes[i] = (v * 256).div_ceil(243) as u8;
         }
         BlockTQ1_0 { qs: bytes[0..48].try_into().unwrap(), qh: bytes[48..52].try_into().unwrap(), d: f16::from_f32(scale) }
     }
