@@ -12,7 +12,8 @@
 //! tensors multiply the projection's output, as llama.cpp applies them.
 
 use crate::model::{invalid, Model, ModelError};
-use bitnet_ir::{BinaryOp, DType, Dim, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
+use bitnet_ir::{ActQuant, BinaryOp, DType, Dim, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
+use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -75,9 +76,36 @@ impl Activation {
     }
 }
 
+/// How matrix products see their activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ActivationMode {
+    /// The model's own numerics: BitLinear inputs quantized per token to
+    /// int8 (BitNet b1.58); f32 everywhere else.
+    #[default]
+    Model,
+    /// What llama.cpp's CPU backend does, per weight type: `Q8_K` blocks of
+    /// 256 for TQ and k-quant weights, f16 (bf16) rounding for f16 (bf16)
+    /// weights, f32 otherwise. For comparing with llama.cpp where the math
+    /// is the same.
+    LlamaCpp,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GraphOptions {
+    /// Logits for every position, not only the last.
+    pub all_logits: bool,
+    pub activations: ActivationMode,
+    /// Overrides the architecture's RoPE mode (for experiments, such as
+    /// proving that a comparison notices the wrong one).
+    pub rope_mode: Option<RopeMode>,
+}
+
 struct Builder<'m> {
     g: Graph,
     model: &'m Model,
+    mode: ActivationMode,
+    /// Activations already converted for a weight type, to share them.
+    converted: HashMap<(Value, DType), Value>,
 }
 
 impl Builder<'_> {
@@ -101,10 +129,30 @@ impl Builder<'_> {
         }
     }
 
+    /// In llama.cpp mode, converts f32 activations the way llama.cpp does
+    /// for a weight of type `w`.
+    fn input_for(&mut self, x: Value, w: DType) -> Result<Value, ModelError> {
+        if self.mode != ActivationMode::LlamaCpp || self.g.ty(x).dtype != DType::F32 {
+            return Ok(x);
+        }
+        let op = match w {
+            DType::TQ1_0 | DType::TQ2_0 | DType::I2S | DType::Q4K | DType::Q6K => Op::QuantizeAct { scheme: ActQuant::Q8K },
+            DType::F16 | DType::BF16 => Op::Cast { to: w },
+            _ => return Ok(x),
+        };
+        if let Some(&v) = self.converted.get(&(x, w)) {
+            return Ok(v);
+        }
+        let v = self.op(op, &[x])?;
+        self.converted.insert((x, w), v);
+        Ok(v)
+    }
+
     /// `x · Wᵀ` for projection `blk.L.<proj>` of shape `[n, k]`, times its
     /// optional scale. In BitNet models `x` is already int8 (`q8_row`).
     fn linear(&mut self, x: Value, layer: usize, proj: &str, n: usize, k: usize) -> Result<Value, ModelError> {
         let w = self.weight(&format!("blk.{layer}.{proj}.weight"), &[n, k])?;
+        let x = self.input_for(x, self.g.ty(w).dtype)?;
         let ternary = self.g.ty(w).dtype.is_ternary();
         let x_int8 = self.g.ty(x).dtype == DType::Q8Row;
         if ternary && !x_int8 {
@@ -123,10 +171,10 @@ impl Builder<'_> {
     }
 }
 
-pub(crate) fn build_graph(model: &Model, all_logits: bool) -> Result<Graph, ModelError> {
+pub(crate) fn build_graph(model: &Model, opts: &GraphOptions) -> Result<Graph, ModelError> {
     let c = &model.config;
-    let bitnet = c.arch.is_bitnet();
-    let mut b = Builder { g: Graph::new(c.arch_name.clone()), model };
+    let bitnet = c.arch.is_bitnet() && opts.activations == ActivationMode::Model;
+    let mut b = Builder { g: Graph::new(c.arch_name.clone()), model, mode: opts.activations, converted: HashMap::new() };
     let seq = TensorType::new(DType::I32, [Dim::Seq]);
     let tokens = b.g.leaf(Op::Input { name: "tokens".into() }, seq.clone());
     let positions = b.g.leaf(Op::Input { name: "positions".into() }, seq);
@@ -134,19 +182,19 @@ pub(crate) fn build_graph(model: &Model, all_logits: bool) -> Result<Graph, Mode
     let mut x = b.op(Op::Embed, &[embd, tokens])?;
     let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
     // BitLinear inputs are int8 per token; plain models keep f32.
-    let act_in = |b: &mut Builder, v: Value| if bitnet { b.op(Op::QuantizeAct, &[v]) } else { Ok(v) };
+    let act_in = |b: &mut Builder, v: Value| if bitnet { b.op(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[v]) } else { Ok(v) };
     for l in 0..c.layers {
         let a = b.norm(x, &format!("blk.{l}.attn_norm.weight"), c.hidden)?;
         let a = act_in(&mut b, a)?;
         let q = b.linear(a, l, "attn_q", q_dim, c.hidden)?;
         let k = b.linear(a, l, "attn_k", kv_dim, c.hidden)?;
         let v = b.linear(a, l, "attn_v", kv_dim, c.hidden)?;
-        let rope = Op::Rope { mode: c.rope_mode, theta: c.rope_theta, head_dim: c.head_dim };
+        let rope = Op::Rope { mode: opts.rope_mode.unwrap_or(c.rope_mode), theta: c.rope_theta, head_dim: c.head_dim };
         let q = b.op(rope.clone(), &[q, positions])?;
         let k = b.op(rope, &[k, positions])?;
         let attn = Op::Attention { layer: l, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let mut o = b.op(attn, &[q, k, v, positions])?;
-        if bitnet {
+        if c.arch.is_bitnet() {
             o = b.norm(o, &format!("blk.{l}.attn_sub_norm.weight"), q_dim)?;
         }
         let o = act_in(&mut b, o)?;
@@ -165,7 +213,7 @@ pub(crate) fn build_graph(model: &Model, all_logits: bool) -> Result<Graph, Mode
             }
         };
         let mut m = b.op(Op::Binary(BinaryOp::Mul), &[gate, up])?;
-        if bitnet {
+        if c.arch.is_bitnet() {
             m = b.norm(m, &format!("blk.{l}.ffn_sub_norm.weight"), c.ffn)?;
         }
         let m = act_in(&mut b, m)?;
@@ -173,7 +221,7 @@ pub(crate) fn build_graph(model: &Model, all_logits: bool) -> Result<Graph, Mode
         x = b.op(Op::Binary(BinaryOp::Add), &[h, down])?;
     }
     let mut y = b.norm(x, "output_norm.weight", c.hidden)?;
-    if !all_logits {
+    if !opts.all_logits {
         y = b.op(Op::LastRow, &[y])?;
     }
     let head_name = if c.tied_head { "token_embd.weight" } else { "output.weight" };
@@ -181,6 +229,7 @@ pub(crate) fn build_graph(model: &Model, all_logits: bool) -> Result<Graph, Mode
     if b.g.ty(head).dtype.is_ternary() {
         return invalid(format!("{head_name} is ternary; the output head must be a float or k-quant type"));
     }
+    let y = b.input_for(y, b.g.ty(head).dtype)?;
     let logits = b.op(Op::MatMul, &[y, head])?;
     b.g.outputs.push(logits);
     bitnet_ir::verify(&b.g).map_err(|e| ModelError::Invalid(format!("graph check: {e}")))?;

@@ -1,7 +1,7 @@
 //! A model file opened for running: its hyper-parameters, its weights
 //! (memory-mapped, served to the interpreter by name) and its IR graph.
 
-use crate::arch::{self, Activation, Arch};
+use crate::arch::{self, Activation, Arch, GraphOptions};
 use crate::gguf::{GgufError, GgufFile, MetaValue};
 use bitnet_ir::interp::{WeightSource, WeightView};
 use bitnet_ir::{Graph, RopeMode};
@@ -82,7 +82,11 @@ impl Model {
 
     /// The IR graph: logits for every position (`all_logits`) or only the last.
     pub fn graph(&self, all_logits: bool) -> Result<Graph, ModelError> {
-        arch::build_graph(self, all_logits)
+        self.graph_with(&GraphOptions { all_logits, ..Default::default() })
+    }
+
+    pub fn graph_with(&self, opts: &GraphOptions) -> Result<Graph, ModelError> {
+        arch::build_graph(self, opts)
     }
 
     pub(crate) fn tensor_shape(&self, name: &str) -> Option<(bitnet_ir::DType, &[usize])> {

@@ -17,7 +17,7 @@ mod verify;
 
 pub use dtype::DType;
 pub use graph::{Graph, GraphError, Node, Value};
-pub use op::{BinaryOp, Op, RopeMode, UnaryOp};
+pub use op::{ActQuant, BinaryOp, Op, RopeMode, UnaryOp};
 pub use shape::{Dim, TensorType};
 pub use text::parse;
 pub use verify::verify;

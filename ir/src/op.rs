@@ -28,6 +28,30 @@ impl RopeMode {
     }
 }
 
+/// How activations are quantized to int8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ActQuant {
+    /// BitNet's: one scale per row (token), γ = 127 / max|x|, round half
+    /// away from zero, clamp to [-128, 127].
+    PerToken,
+    /// llama.cpp's `Q8_K`, used for its TQ and k-quant dot products: one
+    /// scale per 256 values, γ = -127 / x_m where x_m is the signed value of
+    /// largest magnitude, round half to even, clamp above at 127.
+    Q8K,
+}
+
+impl ActQuant {
+    pub fn name(self) -> &'static str {
+        match self {
+            ActQuant::PerToken => "per_token",
+            ActQuant::Q8K => "q8_k",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        [ActQuant::PerToken, ActQuant::Q8K].into_iter().find(|m| m.name() == s)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum UnaryOp {
     Silu,
@@ -55,9 +79,11 @@ pub enum Op {
     Embed,
     /// `(x f32[.., H], w [H]) -> f32`: `x / sqrt(mean(x²) + eps) * w` per row.
     RmsNorm { eps: f32 },
-    /// `x f32[S, K] -> q8_row[S, K]`: per-row absmax int8 (BitNet's activations).
-    QuantizeAct,
-    /// `(x f32|q8_row [S, K], w [N, K]) -> f32[S, N]`: `x · wᵀ`, weights dequantized.
+    /// `x f32[S, K] -> q8_row[S, K]`: int8 values with scales, per row
+    /// (BitNet's activations) or per block of 256 (llama.cpp's `Q8_K`).
+    QuantizeAct { scheme: ActQuant },
+    /// `(x f32|f16|bf16|q8_row [S, K], w [N, K]) -> f32[S, N]`: `x · wᵀ`, weights
+    /// dequantized; f16/bf16 activations are f32 values rounded to that type.
     MatMul,
     /// `(x q8_row[S, K], w ternary[N, K]) -> f32[S, N]`: integer dot products
     /// of codes and int8 activations, times the weight scale, over γ.
@@ -112,7 +138,7 @@ impl Op {
             Op::Weight { .. } => "weight",
             Op::Embed => "embed",
             Op::RmsNorm { .. } => "rms_norm",
-            Op::QuantizeAct => "quantize_act",
+            Op::QuantizeAct { .. } => "quantize_act",
             Op::MatMul => "matmul",
             Op::TernaryMatMul => "ternary_matmul",
             Op::Rope { .. } => "rope",
@@ -134,7 +160,7 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
-            Op::QuantizeAct | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } => 1,
+            Op::QuantizeAct { .. } | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } => 1,
             Op::Embed | Op::RmsNorm { .. } | Op::MatMul | Op::TernaryMatMul | Op::Rope { .. } | Op::Binary(_) => 2,
             Op::Attention { .. } => 4,
         }
@@ -179,14 +205,17 @@ impl Op {
                 }
                 Ok(x.clone())
             }
-            Op::QuantizeAct => {
+            Op::QuantizeAct { scheme } => {
                 f32_rows(args[0], "quantize_act input")?;
+                if *scheme == ActQuant::Q8K && !matches!(args[0].shape[1], Dim::Const(k) if k % 256 == 0) {
+                    return Err(format!("quantize_act q8_k needs rows of a multiple of 256, got {}", args[0]));
+                }
                 Ok(TensorType::new(DType::Q8Row, args[0].shape.clone()))
             }
             Op::MatMul | Op::TernaryMatMul => {
                 let (x, w) = (args[0], args[1]);
                 let ternary = matches!(self, Op::TernaryMatMul);
-                let x_ok = if ternary { x.dtype == DType::Q8Row } else { matches!(x.dtype, DType::F32 | DType::Q8Row) };
+                let x_ok = if ternary { x.dtype == DType::Q8Row } else { matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8Row) };
                 if !x_ok || x.rank() != 2 {
                     return Err(format!("{} activations have the wrong type {x}", self.mnemonic()));
                 }

@@ -13,7 +13,7 @@
 //!
 //! Floats print in Rust's shortest round-trip form, so `parse(print(g)) == g`.
 
-use crate::{verify, BinaryOp, DType, Dim, Graph, GraphError, Node, Op, RopeMode, TensorType, UnaryOp, Value};
+use crate::{verify, ActQuant, BinaryOp, DType, Dim, Graph, GraphError, Node, Op, RopeMode, TensorType, UnaryOp, Value};
 use std::collections::HashMap;
 use std::fmt;
 
@@ -32,6 +32,7 @@ impl Op {
                 ("head_dim", head_dim.to_string()),
             ],
             Op::Cast { to } => vec![("to", to.name().into())],
+            Op::QuantizeAct { scheme } => vec![("scheme", scheme.name().into())],
             _ => Vec::new(),
         }
     }
@@ -293,7 +294,10 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
         "weight" => Op::Weight { name: leaf_name.unwrap() },
         "embed" => Op::Embed,
         "rms_norm" => Op::RmsNorm { eps: take(attrs, "eps")? },
-        "quantize_act" => Op::QuantizeAct,
+        "quantize_act" => {
+            let s: String = take(attrs, "scheme")?;
+            Op::QuantizeAct { scheme: ActQuant::from_name(&s).ok_or(format!("unknown quantization scheme {s}"))? }
+        }
         "matmul" => Op::MatMul,
         "ternary_matmul" => Op::TernaryMatMul,
         "rope" => {

@@ -2,7 +2,7 @@
 //! here directly (in f64 where that is simpler), on random shapes.
 
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
-use bitnet_ir::{quant, BinaryOp, DType, Dim, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
+use bitnet_ir::{quant, ActQuant, BinaryOp, DType, Dim, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -69,7 +69,7 @@ proptest! {
         let mut g = Graph::new("t");
         let mut ws = Weights::new();
         let xi = input(&mut g, "x", DType::F32, Some(k));
-        let q = g.add(Op::QuantizeAct, &[xi]).unwrap();
+        let q = g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[xi]).unwrap();
         let wv = weight(&mut g, &mut ws, "w", dtype, &[n, k], &values);
         let y = g.add(Op::TernaryMatMul, &[q, wv]).unwrap();
         g.outputs.push(y);
@@ -95,7 +95,7 @@ proptest! {
         let mut g = Graph::new("t");
         let mut ws = Weights::new();
         let xi = input(&mut g, "x", DType::F32, Some(k));
-        let lhs = if int8 { g.add(Op::QuantizeAct, &[xi]).unwrap() } else { xi };
+        let lhs = if int8 { g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[xi]).unwrap() } else { xi };
         let wv = weight(&mut g, &mut ws, "w", dtype, &[n, k], &w);
         let y = g.add(Op::MatMul, &[lhs, wv]).unwrap();
         g.outputs.push(y);
@@ -116,6 +116,35 @@ proptest! {
                 let want = lhs.iter().zip(wr).map(|(a, &b)| a * b as f64).sum::<f64>() / div;
                 let scale = lhs.iter().zip(wr).map(|(a, &b)| (a * b as f64).abs()).sum::<f64>() / div;
                 prop_assert!((got[r * n + o] as f64 - want).abs() <= 1e-5 * (1.0 + scale), "{} vs {want}", got[r * n + o]);
+            }
+        }
+    }
+
+    #[test]
+    fn q8k_ternary_matmul_is_llama_cpps_block_formula(
+        (n, kb, x, codes) in (1usize..5, 1usize..4).prop_flat_map(|(n, kb)| (Just(n), Just(kb), matrix(2, kb * 256), prop::collection::vec(-1i8..=1, n * kb * 256))),
+    ) {
+        let k = kb * 256;
+        let values: Vec<f32> = codes.iter().map(|&c| c as f32 * 0.5).collect();
+        let mut g = Graph::new("t");
+        let mut ws = Weights::new();
+        let xi = input(&mut g, "x", DType::F32, Some(k));
+        let q = g.add(Op::QuantizeAct { scheme: ActQuant::Q8K }, &[xi]).unwrap();
+        let wv = weight(&mut g, &mut ws, "w", DType::TQ2_0, &[n, k], &values);
+        let y = g.add(Op::TernaryMatMul, &[q, wv]).unwrap();
+        g.outputs.push(y);
+        let got = run(&g, &ws, &[("x", Tensor::f32(vec![2, k], x.clone()))]);
+        for r in 0..2 {
+            for o in 0..n {
+                let mut want = 0f64;
+                for b in 0..kb {
+                    let xb = &x[r * k + b * 256..][..256];
+                    let max = xb.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    let iscale = -127.0 / max;
+                    let sumi: i64 = xb.iter().zip(&codes[o * k + b * 256..][..256]).map(|(&v, &c)| ((iscale * v).round_ties_even().min(127.0) as i64) * c as i64).sum();
+                    want += sumi as f64 * 0.5 / iscale as f64;
+                }
+                prop_assert!(close(got[r * n + o] as f64, want, 1e-5), "{} vs {want}", got[r * n + o]);
             }
         }
     }

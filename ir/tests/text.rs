@@ -12,7 +12,7 @@ const SMALL: &str = r#"graph "small" {
     v5 = rms_norm v3, v4 eps=1e-5 : f32[seq, 8]
     v6 = rope v5, v1 mode=neox theta=500000.0 head_dim=4 : f32[seq, 8]
     v7 = attention v6, v5, v5, v1 layer=0 heads=2 kv_heads=2 head_dim=4 : f32[seq, 8]
-    v8 = quantize_act v7 : q8_row[seq, 8]
+    v8 = quantize_act v7 scheme=per_token : q8_row[seq, 8]
     v9 = weight "w" : tq2_0[3, 256]
     v10 = silu v7 : f32[seq, 8]
     v11 = add v10, v4 : f32[seq, 8]

@@ -1,7 +1,7 @@
 //! The meaning of each op, one plain function per op.
 
 use super::{eval_err, EvalError, KvCache, Slot, Tensor, WeightView};
-use crate::{BinaryOp, Op, RopeMode, UnaryOp};
+use crate::{ActQuant, BinaryOp, Op, RopeMode, UnaryOp};
 
 pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> Result<Tensor, EvalError> {
     match op {
@@ -11,10 +11,19 @@ pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> 
             let (shape, x) = f32s(args[0])?;
             Ok(Tensor::f32(shape.to_vec(), rms_norm(x, &floats(args[1])?, *eps)))
         }
-        Op::QuantizeAct => {
+        Op::QuantizeAct { scheme } => {
             let (shape, x) = f32s(args[0])?;
-            let (q, gamma) = quantize_act(x, shape[1]);
-            Ok(Tensor::Q8Row { shape: shape.to_vec(), q, gamma })
+            let (q, gamma, block) = match scheme {
+                ActQuant::PerToken => {
+                    let (q, g) = quantize_act(x, shape[1]);
+                    (q, g, shape[1])
+                }
+                ActQuant::Q8K => {
+                    let (q, g) = quantize_q8k(x);
+                    (q, g, 256)
+                }
+            };
+            Ok(Tensor::Q8Row { shape: shape.to_vec(), q, gamma, block })
         }
         Op::MatMul => matmul(args[0], weight(args[1])?, threads),
         Op::TernaryMatMul => ternary_matmul(args[0], weight(args[1])?, threads),
@@ -139,6 +148,32 @@ pub fn quantize_act(x: &[f32], k: usize) -> (Vec<i8>, Vec<f32>) {
     (q, gamma)
 }
 
+/// llama.cpp's `Q8_K` activation quantization, per block of 256: the
+/// signed value of largest magnitude maps to -127; γ = -127 / that value;
+/// q = min(127, round_half_even(γx)). An all-zero block has γ = ∞ (x = q/γ = 0).
+pub fn quantize_q8k(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; x.len()];
+    let mut gamma = Vec::with_capacity(x.len() / 256);
+    for (qb, xb) in q.chunks_exact_mut(256).zip(x.chunks_exact(256)) {
+        let mut max = 0f32;
+        for &v in xb {
+            if v.abs() > max.abs() {
+                max = v;
+            }
+        }
+        if max == 0.0 {
+            gamma.push(f32::INFINITY);
+            continue;
+        }
+        let g = -127.0 / max;
+        for (o, &v) in qb.iter_mut().zip(xb) {
+            *o = (g * v).round_ties_even().min(127.0) as i8;
+        }
+        gamma.push(g);
+    }
+    (q, gamma)
+}
+
 /// Runs `f(n, out_column)` for every output column `n` of an `[s, n]`
 /// result, splitting the columns over threads. Each column is computed the
 /// same way whatever the split, so results do not depend on `threads`.
@@ -168,44 +203,54 @@ fn by_columns(s: usize, n: usize, threads: usize, f: impl Fn(usize, &mut [f32]) 
 /// int8 activations the product is divided by each row's γ.
 fn matmul(x: &Slot, w: &WeightView, threads: usize) -> Result<Tensor, EvalError> {
     let (k, n) = (w.row_len(), w.rows());
-    let (s, xf, gamma): (usize, Vec<f32>, Option<&[f32]>) = match x {
-        Slot::Tensor(Tensor::F32 { shape, data }) => (shape[0], data.clone(), None),
-        Slot::Tensor(Tensor::Q8Row { shape, q, gamma }) => (shape[0], q.iter().map(|&v| v as f32).collect(), Some(gamma)),
+    // Float activations are one block per row with γ = 1.
+    let (s, xf, gamma, block): (usize, Vec<f32>, Vec<f32>, usize) = match x {
+        Slot::Tensor(Tensor::F32 { shape, data }) => (shape[0], data.clone(), vec![1.0; shape[0]], k.max(1)),
+        Slot::Tensor(Tensor::Q8Row { shape, q, gamma, block }) => (shape[0], q.iter().map(|&v| v as f32).collect(), gamma.clone(), *block),
         _ => return eval_err("matmul activations must be f32 or q8_row"),
     };
+    let blocks_per_row = k.div_ceil(block);
     let out = by_columns(s, n, threads, |j, col| {
         let mut wr = vec![0f32; k];
         w.row(j).dequantize(&mut wr);
         for (i, o) in col.iter_mut().enumerate() {
-            let dot: f32 = xf[i * k..(i + 1) * k].iter().zip(&wr).map(|(a, b)| a * b).sum();
-            *o = match gamma {
-                Some(g) => dot / g[i],
-                None => dot,
+            let xr = &xf[i * k..(i + 1) * k];
+            let g = &gamma[i * blocks_per_row..(i + 1) * blocks_per_row];
+            *o = if blocks_per_row == 1 {
+                xr.iter().zip(&wr).map(|(a, b)| a * b).sum::<f32>() / g[0]
+            } else {
+                xr.chunks(block).zip(wr.chunks(block)).zip(g).map(|((xb, wb), gb)| xb.iter().zip(wb).map(|(a, b)| a * b).sum::<f32>() / gb).sum()
             };
         }
     });
     Ok(Tensor::f32(vec![s, n], out))
 }
 
-/// Integer dot products of ternary codes with int8 activations, per scale
-/// block, times the block scale, divided by the row's γ.
+/// Integer dot products of ternary codes with int8 activations, over
+/// chunks where both the weight scale and the activation scale are
+/// constant, each times the weight scale and over the activation's γ.
+/// With one γ per row (BitNet) the division happens once, at the end.
 fn ternary_matmul(x: &Slot, w: &WeightView, threads: usize) -> Result<Tensor, EvalError> {
-    let Slot::Tensor(Tensor::Q8Row { shape, q, gamma }) = x else {
+    let Slot::Tensor(Tensor::Q8Row { shape, q, gamma, block: act_block }) = x else {
         return eval_err("ternary_matmul activations must be q8_row");
     };
     let (s, k, n) = (shape[0], w.row_len(), w.rows());
+    let act_blocks = k.div_ceil(*act_block);
     let out = by_columns(s, n, threads, |j, col| {
         let mut codes = vec![0i8; k];
         let mut scales = Vec::new();
-        let block = w.row(j).ternary(&mut codes, &mut scales);
+        let w_block = w.row(j).ternary(&mut codes, &mut scales);
+        let chunk = w_block.min(*act_block);
         for (i, o) in col.iter_mut().enumerate() {
             let xr = &q[i * k..(i + 1) * k];
+            let g = &gamma[i * act_blocks..(i + 1) * act_blocks];
             let mut acc = 0f32;
-            for ((cb, xb), &d) in codes.chunks(block).zip(xr.chunks(block)).zip(&scales) {
+            for (c, (cb, xb)) in codes.chunks(chunk).zip(xr.chunks(chunk)).enumerate() {
                 let dot: i32 = cb.iter().zip(xb).map(|(&c, &v)| c as i32 * v as i32).sum();
-                acc += dot as f32 * d;
+                let d = scales[c * chunk / w_block];
+                acc += if act_blocks == 1 { dot as f32 * d } else { dot as f32 * d / g[c * chunk / act_block] };
             }
-            *o = acc / gamma[i];
+            *o = if act_blocks == 1 { acc / g[0] } else { acc };
         }
     });
     Ok(Tensor::f32(vec![s, n], out))
