@@ -1,0 +1,66 @@
+//! bitnet-rs against llama.cpp on stories260K and tiny synthetic models.
+//! Run with `cargo test -p bitnet-crossval` (it builds llama.cpp).
+
+use bitnet_crossval::*;
+use bitnet_frontends::arch::ActivationMode;
+use bitnet_frontends::synth::SynthShape;
+use bitnet_ir::RopeMode;
+use bitnet_runtime::{GenerateOptions, LoadOptions, SamplerConfig, Session};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+fn stories() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/models/stories260K/stories260K.gguf");
+    assert!(p.exists(), "{} is missing: these tests need ../shared/data next to the repository", p.display());
+    p
+}
+
+fn tiny_cases() -> &'static Vec<Case> {
+    static CASES: OnceLock<Vec<Case>> = OnceLock::new();
+    CASES.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("bitnet-crossval-{}", std::process::id()));
+        synth_cases(&dir, SynthShape::tiny(), "tiny").unwrap()
+    })
+}
+
+#[test]
+fn stories_greedy_tokens_are_identical() {
+    let prompt = [1, 403, 407, 261, 378];
+    let theirs = Llama::load(&stories(), 2).unwrap().greedy(&prompt, 20).unwrap();
+    let mut s = Session::load(&stories(), &LoadOptions { threads: 2, context: None }).unwrap();
+    let opts = GenerateOptions { n_predict: 20, ignore_eos: true, sampler: SamplerConfig::greedy(), dump_logits: false };
+    let ours = s.generate(&prompt, &opts, |_| {}).unwrap().generated_ids;
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn stories_logits_agree() {
+    let r = check(&stories_case(&stories()), 2).unwrap();
+    eprintln!("stories260K: {} | same math: {}", r.model, r.same_math);
+    assert!(r.model.min_cosine >= SAME_MATH_MIN_COSINE, "{}", r.model);
+    assert_eq!(r.model.top1_agree, r.model.positions);
+}
+
+#[test]
+fn synthetic_ternary_models_agree() {
+    for case in tiny_cases() {
+        let r = check(case, 2).unwrap();
+        eprintln!("{}: model numerics {} | same math {}", case.name, r.model, r.same_math);
+        assert!(r.model.min_cosine >= MODEL_NUMERICS_MIN_COSINE, "{}: {}", case.name, r.model);
+        assert!(r.same_math.min_cosine >= SAME_MATH_MIN_COSINE, "{}: {}", case.name, r.same_math);
+    }
+}
+
+#[test]
+fn a_wrong_model_fails_the_check() {
+    // The right weights with the wrong RoPE pairing must not pass.
+    let case = &tiny_cases()[0];
+    let llama = Llama::load(&case.llama_path, 2).unwrap();
+    let theirs = llama.logits(&case.tokens).unwrap();
+    for mode in [ActivationMode::Model, ActivationMode::LlamaCpp] {
+        let ours = bitnet_logits(&case.path, &case.tokens, mode, Some(RopeMode::Interleaved), 2).unwrap();
+        let r = compare(&ours, &theirs, llama.n_vocab()).unwrap();
+        eprintln!("flipped RoPE ({mode:?}): {r}");
+        assert!(r.min_cosine < MODEL_NUMERICS_MIN_COSINE, "a flipped RoPE passed: {r}");
+    }
+}
