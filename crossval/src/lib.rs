@@ -207,7 +207,7 @@ fn top5(row: &[f32]) -> Vec<usize> {
 }
 
 pub fn compare(a: &[f32], b: &[f32], vocab: usize) -> anyhow::Result<Agreement> {
-    if a.len() != b.len() || vocab == 0 || a.len() % vocab != 0 {
+    if a.len() != b.len() || vocab == 0 || !a.len().is_multiple_of(vocab) {
         bail!("logit shapes differ: {} vs {} values (vocab {vocab})", a.len(), b.len());
     }
     let mut r = Agreement { positions: a.len() / vocab, min_cosine: 1.0, max_abs_diff: 0.0, top1_agree: 0, top5_overlap: 0.0 };
