@@ -25,6 +25,8 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Write a random-weight BitNet model for tests and benchmarks.
     Synth(commands::synth::SynthArgs),
+    /// Convert a GGUF file or Hugging Face folder to GGUF for bitnet.cpp or llama.cpp.
+    Convert(commands::convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => commands::inspect::tokenize(a),
         Command::Inspect(a) => commands::inspect::inspect(a),
         Command::Synth(a) => commands::synth::synth(a),
+        Command::Convert(a) => commands::convert::convert(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -302,7 +302,7 @@ pub fn synth_cases(dir: &Path, shape: bitnet_frontends::synth::SynthShape, label
     };
     let tq2 = write(DType::TQ2_0)?;
     let model = Model::open(&tq2)?;
-    let tok = bitnet_frontends::tokenizer::Tokenizer::from_gguf(&model.file)?;
+    let tok = model.tokenizer()?;
     let tokens = tok.encode("The quick brown fox jumps over the lazy dog.", true, false)?;
     let mut cases = Vec::new();
     for t in [DType::TQ2_0, DType::TQ1_0, DType::F16] {

@@ -7,7 +7,9 @@
 
 pub mod arch;
 pub mod chat;
+pub mod convert;
 pub mod gguf;
+pub mod hf;
 pub mod model;
 pub mod synth;
 pub mod tokenizer;

@@ -3,6 +3,9 @@
 
 use crate::arch::{self, Activation, Arch, GraphOptions};
 use crate::gguf::{GgufError, GgufFile, MetaValue};
+use crate::hf::{self, HfFolder};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use bitnet_ir::DType;
 use bitnet_ir::interp::{WeightSource, WeightView};
 use bitnet_ir::{Graph, RopeMode};
 use std::collections::HashMap;
@@ -42,9 +45,34 @@ pub struct ModelConfig {
     pub tied_head: bool,
 }
 
+/// Where a model came from.
+pub enum ModelSource {
+    Gguf(GgufFile),
+    Hf(HfFolder),
+}
+
+/// Where a tensor's bytes are.
+pub(crate) enum TensorData {
+    /// Tensor `i` of the GGUF file.
+    Gguf(usize),
+    /// A byte range of an HF shard.
+    Hf { shard: usize, start: usize, end: usize },
+    /// Converted at load (HF ternary projections).
+    Owned(Vec<u8>),
+}
+
+/// A tensor of the model under its GGUF name, row-major shape.
+pub struct ModelTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub(crate) data: TensorData,
+}
+
 pub struct Model {
-    pub file: GgufFile,
+    pub source: ModelSource,
     pub config: ModelConfig,
+    pub tensors: Vec<ModelTensor>,
     index: HashMap<String, usize>,
 }
 
@@ -66,7 +94,14 @@ fn get_f32(f: &GgufFile, key: &str) -> Result<Option<f32>, ModelError> {
 }
 
 impl Model {
+    /// Opens a GGUF file or a Hugging Face model folder.
     pub fn open(path: &Path) -> Result<Model, ModelError> {
+        if path.is_dir() {
+            let hf = HfFolder::open(path)?;
+            let config = hf::read_config(&hf)?;
+            let tensors = hf::tensors(&hf, &config)?;
+            return Ok(Self::with_tensors(ModelSource::Hf(hf), config, tensors));
+        }
         let file = GgufFile::open(path).map_err(|e| match e {
             GgufError::Io(io) => ModelError::Invalid(format!("cannot read {}: {io}", path.display())),
             other => ModelError::Gguf(other),
@@ -76,8 +111,43 @@ impl Model {
 
     pub fn from_file(file: GgufFile) -> Result<Model, ModelError> {
         let config = read_config(&file)?;
-        let index = file.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(Model { file, config, index })
+        let tensors = file.tensors.iter().enumerate().map(|(i, t)| ModelTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), data: TensorData::Gguf(i) }).collect();
+        Ok(Self::with_tensors(ModelSource::Gguf(file), config, tensors))
+    }
+
+    fn with_tensors(source: ModelSource, config: ModelConfig, tensors: Vec<ModelTensor>) -> Model {
+        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Model { source, config, tensors, index }
+    }
+
+    /// The GGUF file, for a model read from one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            ModelSource::Gguf(f) => Some(f),
+            ModelSource::Hf(_) => None,
+        }
+    }
+
+    /// The model's tokenizer: from GGUF metadata or `tokenizer.json`.
+    pub fn tokenizer(&self) -> Result<Tokenizer, TokenizerError> {
+        match &self.source {
+            ModelSource::Gguf(f) => Tokenizer::from_gguf(f),
+            ModelSource::Hf(hf) => Tokenizer::from_hf_file(&hf.dir.join("tokenizer.json")),
+        }
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&ModelTensor> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The bytes of a tensor.
+    pub fn data<'a>(&'a self, t: &'a ModelTensor) -> &'a [u8] {
+        match (&t.data, &self.source) {
+            (TensorData::Gguf(i), ModelSource::Gguf(f)) => f.data(&f.tensors[*i]),
+            (TensorData::Hf { shard, start, end }, ModelSource::Hf(hf)) => &hf.shards[*shard][*start..*end],
+            (TensorData::Owned(v), _) => v,
+            _ => unreachable!("tensor data and model source always match"),
+        }
     }
 
     /// The IR graph: logits for every position (`all_logits`) or only the last.
@@ -89,18 +159,15 @@ impl Model {
         arch::build_graph(self, opts)
     }
 
-    pub(crate) fn tensor_shape(&self, name: &str) -> Option<(bitnet_ir::DType, &[usize])> {
-        self.index.get(name).map(|&i| {
-            let t = &self.file.tensors[i];
-            (t.dtype, t.shape.as_slice())
-        })
+    pub(crate) fn tensor_shape(&self, name: &str) -> Option<(DType, &[usize])> {
+        self.tensor(name).map(|t| (t.dtype, t.shape.as_slice()))
     }
 }
 
 impl WeightSource for Model {
     fn weight(&self, name: &str) -> Option<WeightView<'_>> {
-        let t = &self.file.tensors[*self.index.get(name)?];
-        Some(WeightView { dtype: t.dtype, shape: t.shape.clone(), data: self.file.data(t) })
+        let t = self.tensor(name)?;
+        Some(WeightView { dtype: t.dtype, shape: t.shape.clone(), data: self.data(t) })
     }
 }
 

@@ -8,8 +8,8 @@
 
 use crate::arch::Activation;
 use crate::chat::LLAMA3_TEMPLATE;
-use crate::gguf::{GgufError, GgufFile, GgufWriter, MetaType, MetaValue};
-use crate::tokenizer::bytelevel;
+use crate::gguf::{GgufError, GgufFile, GgufWriter, MetaValue};
+use crate::tokenizer::{bytelevel, VocabParts};
 use bitnet_ir::{quant, DType};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -139,55 +139,48 @@ fn tensor_plan(s: &SynthShape) -> Vec<(String, Gen)> {
     t
 }
 
-fn strings(items: impl IntoIterator<Item = String>) -> MetaValue {
-    MetaValue::Array(MetaType::String, items.into_iter().map(MetaValue::String).collect())
-}
-
-/// Tokenizer metadata: copied from `vocab_from`, or a built-in byte-level
-/// vocabulary (256 byte tokens, LLaMA-3's special tokens, then filler
-/// tokens ` tok<N>`), padded to `vocab` entries either way.
-fn tokenizer_metadata(w: &mut GgufWriter, vocab: usize, vocab_from: Option<&GgufFile>) -> Result<usize, String> {
-    if let Some(f) = vocab_from {
-        let Some(MetaValue::Array(_, tokens)) = f.get("tokenizer.ggml.tokens") else {
-            return Err("--vocab-from: the file has no tokenizer.ggml.tokens".into());
-        };
-        let n = tokens.len().max(vocab);
-        for (k, v) in &f.metadata {
-            if !k.starts_with("tokenizer.") {
-                continue;
+/// The vocabulary: `vocab_from`'s, or a built-in byte-level one (256 byte
+/// tokens, LLaMA-3's special tokens, then filler tokens ` tok<N>`), padded
+/// to `vocab` entries either way.
+pub fn synth_vocab(vocab: usize, vocab_from: Option<&GgufFile>) -> Result<VocabParts, String> {
+    let mut parts = match vocab_from {
+        Some(f) => {
+            let p = VocabParts::from_gguf(f).map_err(|e| format!("--vocab-from: {e}"))?;
+            if p.tokens.is_empty() {
+                return Err("--vocab-from: the file has no tokenizer.ggml.tokens".into());
             }
-            let mut v = v.clone();
-            if let MetaValue::Array(t, items) = &mut v {
-                let pad = n - items.len().min(n);
-                match k.as_str() {
-                    "tokenizer.ggml.tokens" => items.extend((0..pad).map(|i| MetaValue::String(format!("<|synth_pad_{i}|>")))),
-                    "tokenizer.ggml.token_type" => items.extend((0..pad).map(|_| if *t == MetaType::I32 { MetaValue::I32(3) } else { MetaValue::U32(3) })),
-                    "tokenizer.ggml.scores" => items.extend((0..pad).map(|_| MetaValue::F32(0.0))),
-                    _ => {}
-                }
-            }
-            w.set(k, v);
+            p
         }
-        return Ok(n);
+        None => {
+            let specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
+            let mut tokens: Vec<String> = (0..=255u8).map(|b| bytelevel::encode(&[b])).collect();
+            tokens.extend(specials.iter().map(|s| s.to_string()));
+            let filler = vocab.saturating_sub(tokens.len());
+            tokens.extend((0..filler).map(|i| format!("\u{120}tok{i}")));
+            let types = (0..tokens.len()).map(|i| if (256..256 + specials.len()).contains(&i) { 3 } else { 1 }).collect();
+            VocabParts {
+                model: "gpt2".into(),
+                pre: "gpt-2".into(),
+                tokens,
+                types,
+                bos: Some(256),
+                eos: Some(257),
+                eot: Some(260),
+                add_bos: true,
+                chat_template: Some(LLAMA3_TEMPLATE.into()),
+                ..Default::default()
+            }
+        }
+    };
+    let n = parts.tokens.len();
+    for i in n..vocab {
+        parts.tokens.push(format!("<|synth_pad_{}|>", i - n));
+        parts.types.push(3);
+        if !parts.scores.is_empty() {
+            parts.scores.push(0.0);
+        }
     }
-    let specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
-    let n = vocab.max(256 + specials.len());
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| bytelevel::encode(&[b])).collect();
-    tokens.extend(specials.iter().map(|s| s.to_string()));
-    let filler = n - tokens.len();
-    tokens.extend((0..filler).map(|i| format!("\u{120}tok{i}")));
-    let types = (0..n).map(|i| MetaValue::I32(if (256..256 + specials.len()).contains(&i) { 3 } else { 1 })).collect();
-    w.set("tokenizer.ggml.model", MetaValue::String("gpt2".into()));
-    w.set("tokenizer.ggml.pre", MetaValue::String("gpt-2".into()));
-    w.set("tokenizer.ggml.tokens", strings(tokens));
-    w.set("tokenizer.ggml.token_type", MetaValue::Array(MetaType::I32, types));
-    w.set("tokenizer.ggml.merges", strings(Vec::new()));
-    w.set("tokenizer.ggml.bos_token_id", MetaValue::U32(256));
-    w.set("tokenizer.ggml.eos_token_id", MetaValue::U32(257));
-    w.set("tokenizer.ggml.eot_token_id", MetaValue::U32(260));
-    w.set("tokenizer.ggml.add_bos_token", MetaValue::Bool(true));
-    w.set("tokenizer.chat_template", MetaValue::String(LLAMA3_TEMPLATE.into()));
-    Ok(n)
+    Ok(parts)
 }
 
 /// Bytes of one weight in the file's type. Ternary projections are written
@@ -225,7 +218,11 @@ pub fn write(spec: &SynthSpec, vocab_from: Option<&GgufFile>, path: &Path, mut p
     let arch = spec.arch_name();
     w.set("general.architecture", MetaValue::String(arch.into()));
     w.set("general.name", MetaValue::String(format!("bitnet-rs synthetic {}", spec.weight_type)));
-    spec.shape.vocab = tokenizer_metadata(&mut w, spec.shape.vocab, vocab_from)?;
+    let parts = synth_vocab(spec.shape.vocab, vocab_from)?;
+    spec.shape.vocab = parts.tokens.len();
+    for (k, v) in parts.to_gguf() {
+        w.set(&k, v);
+    }
     let s = &spec.shape;
     let key = |k: &str| format!("{arch}.{k}");
     for (k, v) in [
@@ -259,4 +256,120 @@ pub fn write(spec: &SynthSpec, vocab_from: Option<&GgufFile>, path: &Path, mut p
     .map_err(|e: GgufError| format!("writing {}: {e}", path.display()))?;
     progress(total, total);
     Ok(())
+}
+
+/// How a synthetic HF folder stores each projection's scale.
+pub use crate::hf::ScaleDirection;
+
+/// Writes a random-weight Hugging Face folder in BitNet b1.58 2B4T's
+/// layout (`BitNetForCausalLM`: packed uint8 `[out/4, in]` projections with
+/// a bf16 `weight_scale` each, bf16 norms and embedding), with the same
+/// ternary codes as [`write`] for the same spec.
+pub fn write_hf(spec: &SynthSpec, vocab_from: Option<&GgufFile>, dir: &Path, direction: ScaleDirection, mut progress: impl FnMut(usize, usize)) -> Result<(), String> {
+    use safetensors::{tensor::TensorView, Dtype};
+    spec.validate()?;
+    let s = &spec.shape;
+    if !s.hidden.is_multiple_of(4) || !s.ffn.is_multiple_of(4) || !(s.kv_heads * (s.hidden / s.heads)).is_multiple_of(4) {
+        return Err("packed HF weights need every projection's output size to be a multiple of 4".into());
+    }
+    let parts = synth_vocab(s.vocab, vocab_from)?;
+    let vocab = parts.tokens.len();
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let result = (|| -> Result<(), String> {
+        let plan = tensor_plan(&SynthShape { vocab, ..s.clone() });
+        let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let bf16 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect() };
+        for (i, (name, gen)) in plan.iter().enumerate() {
+            progress(i, plan.len());
+            let hf = hf_name(name);
+            match *gen {
+                Gen::Ternary { n, k } => {
+                    let (codes, beta) = ternary_weights(spec.seed, name, n, k);
+                    data.push((hf.clone(), Dtype::U8, vec![n / 4, k], crate::hf::pack_ternary(&codes, n, k)));
+                    let ws = match direction {
+                        ScaleDirection::Divide => 1.0 / beta,
+                        ScaleDirection::Multiply => beta,
+                    };
+                    data.push((hf.replace(".weight", ".weight_scale"), Dtype::BF16, vec![1], bf16(&[ws])));
+                }
+                Gen::Norm(n) => {
+                    let mut rng = rng_for(spec.seed, name);
+                    let v: Vec<f32> = (0..n).map(|_| rng.random_range(0.8..1.2)).collect();
+                    data.push((hf, Dtype::BF16, vec![n], bf16(&v)));
+                }
+                Gen::Embedding { vocab, hidden } => {
+                    let mut rng = rng_for(spec.seed, name);
+                    let v: Vec<f32> = (0..vocab * hidden).map(|_| normal(&mut rng)).collect();
+                    data.push((hf, Dtype::BF16, vec![vocab, hidden], bf16(&v)));
+                }
+            }
+        }
+        let views = data.iter().map(|(n, d, shape, bytes)| Ok((n.clone(), TensorView::new(*d, shape.clone(), bytes).map_err(|e| format!("{n}: {e:?}"))?))).collect::<Result<Vec<_>, String>>()?;
+        safetensors::serialize_to_file(views, None, &tmp.join("model.safetensors")).map_err(|e| format!("writing safetensors: {e:?}"))?;
+        let linear_class = match direction {
+            ScaleDirection::Divide => "bitlinear",
+            ScaleDirection::Multiply => "autobitlinear",
+        };
+        let config = serde_json::json!({
+            "architectures": ["BitNetForCausalLM"],
+            "model_type": "bitnet",
+            "hidden_size": s.hidden,
+            "num_hidden_layers": s.layers,
+            "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads,
+            "intermediate_size": s.ffn,
+            "vocab_size": vocab,
+            "max_position_embeddings": spec.context,
+            "rope_theta": spec.rope_theta,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": spec.activation.name(),
+            "tie_word_embeddings": true,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": parts.bos,
+            "eos_token_id": parts.eos,
+            "quantization_config": {"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline"},
+        });
+        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).map_err(|e| e.to_string())?;
+        parts.write_hf(&tmp).map_err(|e| e.to_string())?;
+        progress(plan.len(), plan.len());
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::rename(&tmp, dir).map_err(|e| format!("{}: {e}", dir.display()))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// The HF name of a GGUF tensor name (the inverse of the reader's map).
+fn hf_name(gguf: &str) -> String {
+    match gguf {
+        "token_embd.weight" => return "model.embed_tokens.weight".into(),
+        "output_norm.weight" => return "model.norm.weight".into(),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.").unwrap();
+    let (layer, part) = rest.split_once('.').unwrap();
+    let hf = match part.trim_end_matches(".weight") {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_sub_norm" => "self_attn.attn_sub_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "ffn_sub_norm" => "mlp.ffn_sub_norm",
+        other => unreachable!("no HF name for {other}"),
+    };
+    format!("model.layers.{layer}.{hf}.weight")
 }

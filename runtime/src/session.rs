@@ -45,7 +45,7 @@ impl Session {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Session, RuntimeError> {
         let t0 = Instant::now();
         let model = Model::open(path)?;
-        let tokenizer = Arc::new(Tokenizer::from_gguf(&model.file)?);
+        let tokenizer = Arc::new(model.tokenizer()?);
         let graph_last = model.graph(false)?;
         let graph_all = model.graph(true)?;
         Interpreter::new(&model, 1).check_weights(&graph_all)?;

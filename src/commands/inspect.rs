@@ -3,14 +3,15 @@
 
 use anyhow::Context;
 use bitnet_frontends::gguf::{GgufFile, MetaValue};
-use bitnet_frontends::model::Model;
+use bitnet_frontends::model::{Model, ModelSource};
+use bitnet_ir::DType;
 use bitnet_frontends::tokenizer::Tokenizer;
 use std::fmt::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// Model or vocabulary file (GGUF).
+    /// Model or vocabulary file (GGUF), or a Hugging Face folder.
     pub model: PathBuf,
     /// Also print every metadata key.
     #[arg(long)]
@@ -58,37 +59,80 @@ fn human(bytes: usize) -> String {
     }
 }
 
+fn describe_model(m: &Model, out: &mut String) -> anyhow::Result<()> {
+    let c = &m.config;
+    writeln!(out, "architecture: {} ({:?})", c.arch_name, c.arch)?;
+    writeln!(
+        out,
+        "  hidden {} | layers {} | heads {} (kv {}) head dim {} | ffn {} | vocab {} | context {}",
+        c.hidden, c.layers, c.heads, c.kv_heads, c.head_dim, c.ffn, c.vocab, c.context
+    )?;
+    writeln!(
+        out,
+        "  activation {} | rope {} θ {} | rms eps {} | head {}",
+        c.activation.name(),
+        c.rope_mode.name(),
+        c.rope_theta,
+        c.norm_eps,
+        if c.tied_head { "tied to token_embd" } else { "output.weight" }
+    )?;
+    if let Err(e) = m.graph(false) {
+        writeln!(out, "  cannot run: {e}")?;
+    }
+    Ok(())
+}
+
+fn describe_tokenizer(t: Result<Tokenizer, impl std::fmt::Display>, out: &mut String) -> anyhow::Result<()> {
+    match t {
+        Ok(t) => {
+            let name = |id: Option<u32>| id.map_or("none".to_string(), |i| format!("{i} {:?}", t.piece(i).unwrap_or("")));
+            writeln!(out, "tokenizer: {}", t.kind)?;
+            writeln!(out, "  bos {} | eos {} | eot {} | add bos {}", name(t.bos), name(t.eos), name(t.eot), t.add_bos)?;
+            writeln!(out, "  chat template: {}", if t.chat_template.is_some() { "yes" } else { "no" })?;
+        }
+        Err(e) => writeln!(out, "tokenizer: {e}")?,
+    }
+    Ok(())
+}
+
+fn tensor_table<'a>(rows: impl Iterator<Item = (&'a str, DType, &'a [usize], usize)>, out: &mut String) -> anyhow::Result<()> {
+    let rows: Vec<_> = rows.collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let total: usize = rows.iter().map(|r| r.3).sum();
+    writeln!(out, "tensors ({}, {}):", rows.len(), human(total))?;
+    writeln!(out, "  {:<32} {:<6} {:<16} {:>12}", "name", "type", "shape", "bytes")?;
+    for (name, dtype, shape, size) in rows {
+        writeln!(out, "  {:<32} {:<6} {:<16} {:>12}", name, dtype.name(), format!("{shape:?}"), size)?;
+    }
+    Ok(())
+}
+
 pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     let mut out = String::new();
+    if a.model.is_dir() {
+        let m = Model::open(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+        writeln!(out, "folder: {} (Hugging Face)", a.model.display())?;
+        describe_model(&m, &mut out)?;
+        describe_tokenizer(m.tokenizer(), &mut out)?;
+        writeln!(out, "(tensors under their GGUF names; ternary projections are converted to I2_S at load)")?;
+        tensor_table(m.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), m.data(t).len())), &mut out)?;
+        return super::print(&out);
+    }
     let f = open(&a.model)?;
     writeln!(out, "file: {} ({}, GGUF v{}, alignment {})", a.model.display(), human(f.file_size()), f.version, f.alignment)?;
     if let Some(name) = f.get("general.name").and_then(MetaValue::as_str) {
         writeln!(out, "name: {name}")?;
     }
-    let n_tensors = f.tensors.len();
-    let model = if n_tensors > 0 { Some(Model::from_file(f)) } else { None };
+    let model = if f.tensors.is_empty() { None } else { Some(Model::from_file(f)) };
     let f = match model {
         Some(Ok(m)) => {
-            let c = &m.config;
-            writeln!(out, "architecture: {} ({:?})", c.arch_name, c.arch)?;
-            writeln!(
-                out,
-                "  hidden {} | layers {} | heads {} (kv {}) head dim {} | ffn {} | vocab {} | context {}",
-                c.hidden, c.layers, c.heads, c.kv_heads, c.head_dim, c.ffn, c.vocab, c.context
-            )?;
-            writeln!(
-                out,
-                "  activation {} | rope {} θ {} | rms eps {} | head {}",
-                c.activation.name(),
-                c.rope_mode.name(),
-                c.rope_theta,
-                c.norm_eps,
-                if c.tied_head { "tied to token_embd" } else { "output.weight" }
-            )?;
-            if let Err(e) = m.graph(false) {
-                writeln!(out, "  cannot run: {e}")?;
+            describe_model(&m, &mut out)?;
+            match m.source {
+                ModelSource::Gguf(f) => f,
+                ModelSource::Hf(_) => unreachable!(),
             }
-            m.file
         }
         Some(Err(e)) => {
             writeln!(out, "architecture: cannot be run: {e}")?;
@@ -99,28 +143,13 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             open(&a.model)?
         }
     };
-    match Tokenizer::from_gguf(&f) {
-        Ok(t) => {
-            let name = |id: Option<u32>| id.map_or("none".to_string(), |i| format!("{i} {:?}", t.piece(i).unwrap_or("")));
-            writeln!(out, "tokenizer: {}", t.kind)?;
-            writeln!(out, "  bos {} | eos {} | eot {} | add bos {}", name(t.bos), name(t.eos), name(t.eot), t.add_bos)?;
-            writeln!(out, "  chat template: {}", if t.chat_template.is_some() { "yes" } else { "no" })?;
-        }
-        Err(e) => writeln!(out, "tokenizer: {e}")?,
-    }
+    describe_tokenizer(Tokenizer::from_gguf(&f), &mut out)?;
     if a.metadata {
         writeln!(out, "metadata ({} keys):", f.metadata.len())?;
         for (k, v) in &f.metadata {
             writeln!(out, "  {k} = {v}")?;
         }
     }
-    if !f.tensors.is_empty() {
-        let total: usize = f.tensors.iter().map(|t| t.size).sum();
-        writeln!(out, "tensors ({}, {}):", f.tensors.len(), human(total))?;
-        writeln!(out, "  {:<32} {:<6} {:<16} {:>12}", "name", "type", "shape", "bytes")?;
-        for t in &f.tensors {
-            writeln!(out, "  {:<32} {:<6} {:<16} {:>12}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.size)?;
-        }
-    }
+    tensor_table(f.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), t.size)), &mut out)?;
     super::print(&out)
 }

@@ -1,4 +1,5 @@
 pub mod chat;
+pub mod convert;
 pub mod inspect;
 pub mod run;
 pub mod synth;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// Options shared by `run` and `chat`.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// Model file (GGUF).
+    /// Model: a GGUF file or a Hugging Face folder.
     #[arg(short, long)]
     pub model: PathBuf,
     /// Context size in tokens [default: the model's].
@@ -79,6 +80,21 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             seed,
         })
+    }
+}
+
+/// A progress line on stderr, redrawn in place; only on a terminal.
+pub fn progress(what: &str) -> impl FnMut(usize, usize) + '_ {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    move |done, total| {
+        if tty {
+            eprint!("\r{what}: tensor {done}/{total}");
+            let _ = std::io::stderr().flush();
+            if done == total {
+                eprintln!();
+            }
+        }
     }
 }
 

@@ -5,7 +5,6 @@ use bitnet_frontends::arch::Activation;
 use bitnet_frontends::gguf::GgufFile;
 use bitnet_frontends::synth::{self, SynthShape, SynthSpec};
 use bitnet_ir::DType;
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -46,6 +45,12 @@ pub struct SynthArgs {
     /// Training context written into the file.
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
+    /// gguf, or hf: a Hugging Face folder in BitNet b1.58 2B4T's packed layout.
+    #[arg(long, default_value = "gguf")]
+    pub format: String,
+    /// For --format hf: how weight_scale is stored: bitlinear (1/β, transformers' BitLinear) or autobitlinear (β).
+    #[arg(long, default_value = "bitlinear")]
+    pub linear_class: String,
     #[arg(short, long)]
     pub output: PathBuf,
 }
@@ -86,12 +91,27 @@ pub fn synth(a: SynthArgs) -> anyhow::Result<()> {
         None => None,
     };
     let started = std::time::Instant::now();
-    synth::write(&spec, vocab.as_ref(), &a.output, |done, total| {
-        eprint!("\rwriting {}: tensor {done}/{total}", a.output.display());
-        let _ = std::io::stderr().flush();
-    })
+    let what = format!("writing {}", a.output.display());
+    let progress = super::progress(&what);
+    match a.format.as_str() {
+        "gguf" => synth::write(&spec, vocab.as_ref(), &a.output, progress),
+        "hf" => {
+            let direction = match a.linear_class.as_str() {
+                "bitlinear" => synth::ScaleDirection::Divide,
+                "autobitlinear" => synth::ScaleDirection::Multiply,
+                other => anyhow::bail!("--linear-class {other}: expected bitlinear or autobitlinear"),
+            };
+            synth::write_hf(&spec, vocab.as_ref(), &a.output, direction, progress)
+        }
+        other => anyhow::bail!("--format {other}: expected gguf or hf"),
+    }
     .map_err(anyhow::Error::msg)?;
-    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
-    eprintln!("\nwrote {} ({}, {} weights, {} head, {:.1} MB) in {:.1} s", a.output.display(), spec.arch_name(), weight_type, head_type, size as f64 / 1e6, started.elapsed().as_secs_f64());
+    let size = if a.output.is_dir() {
+        std::fs::read_dir(&a.output)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()
+    } else {
+        std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0)
+    };
+    let kind = if a.format == "hf" { "Hugging Face BitNetForCausalLM, packed ternary, bf16".to_string() } else { format!("{}, {weight_type} weights, {head_type} head", spec.arch_name()) };
+    eprintln!("wrote {} ({kind}, {:.1} MB) in {:.1} s", a.output.display(), size as f64 / 1e6, started.elapsed().as_secs_f64());
     Ok(())
 }

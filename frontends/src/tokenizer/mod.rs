@@ -219,18 +219,10 @@ impl Tokenizer {
                 *t = if tok.special { TokenType::Control } else { TokenType::UserDefined };
             }
         }
-        let config: serde_json::Value = std::fs::read_to_string(path.with_file_name("tokenizer_config.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(serde_json::Value::Null);
-        let token_of = |key: &str| -> Option<u32> {
-            let v = &config[key];
-            let s = v.as_str().or_else(|| v["content"].as_str())?;
-            full.token_to_id(s)
-        };
+        let json = read_json(path).unwrap_or(serde_json::Value::Null);
+        let config = read_json(&path.with_file_name("tokenizer_config.json")).unwrap_or(serde_json::Value::Null);
+        let (bos, eos, add_bos) = hf_specials(&json, &config, |s| full.token_to_id(s));
         let eot = full.token_to_id("<|eot_id|>").or_else(|| full.token_to_id("<|im_end|>"));
-        let bos = token_of("bos_token");
-        let eos = token_of("eos_token");
         let mut t = Tokenizer {
             kind: format!("Hugging Face tokenizer.json, {n} tokens"),
             engine: Engine::Hf { plain: Box::new(plain), full: Box::new(full) },
@@ -240,7 +232,7 @@ impl Tokenizer {
             bos,
             eos,
             eot,
-            add_bos: config["add_bos_token"].as_bool().unwrap_or(bos.is_some()),
+            add_bos,
             add_space_prefix: false,
             chat_template: config["chat_template"].as_str().map(String::from),
         };
@@ -409,6 +401,26 @@ impl Tokenizer {
     }
 }
 
+fn read_json(p: &Path) -> Result<serde_json::Value, TokenizerError> {
+    let s = std::fs::read_to_string(p).map_err(|e| TokenizerError(format!("{}: {e}", p.display())))?;
+    serde_json::from_str(&s).map_err(|e| TokenizerError(format!("{}: {e}", p.display())))
+}
+
+/// BOS, EOS and whether to add BOS, for a Hugging Face tokenizer:
+/// `tokenizer_config.json` when it says, else the special token that the
+/// `tokenizer.json` post-processor puts first, else the usual names.
+fn hf_specials(json: &serde_json::Value, config: &serde_json::Value, id: impl Fn(&str) -> Option<u32>) -> (Option<u32>, Option<u32>, bool) {
+    let named = |key: &str| {
+        let v = &config[key];
+        v.as_str().or_else(|| v["content"].as_str()).and_then(&id)
+    };
+    let template_bos = json["post_processor"]["single"][0]["SpecialToken"]["id"].as_str().and_then(&id);
+    let bos = named("bos_token").or(template_bos).or_else(|| id("<s>")).or_else(|| id("<|begin_of_text|>"));
+    let eos = named("eos_token").or_else(|| id("</s>")).or_else(|| id("<|end_of_text|>"));
+    let add_bos = config["add_bos_token"].as_bool().unwrap_or(template_bos.is_some());
+    (bos, eos, add_bos)
+}
+
 enum Fragment<'t> {
     Text(&'t str),
     Token(u32),
@@ -450,5 +462,192 @@ impl<'t> TextStream<'t> {
         let new = text.get(self.printed..).unwrap_or("").to_string();
         self.printed = text.len().max(self.printed);
         new
+    }
+}
+
+/// The pieces of a vocabulary in GGUF's terms, for moving tokenizers
+/// between formats.
+#[derive(Clone, Debug, Default)]
+pub struct VocabParts {
+    /// `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+    pub model: String,
+    /// Pre-tokenizer name (`llama-bpe`, `gpt-2`), for `gpt2`.
+    pub pre: String,
+    pub tokens: Vec<String>,
+    /// GGUF token types (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte).
+    pub types: Vec<i32>,
+    pub scores: Vec<f32>,
+    pub merges: Vec<String>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub eot: Option<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+impl VocabParts {
+    /// Reads a Hugging Face `tokenizer.json` (and `tokenizer_config.json`
+    /// beside it): byte-level BPE becomes `gpt2`; BPE with byte fallback and
+    /// `▁` spaces (SentencePiece converted by transformers) becomes `llama`,
+    /// scored by id (SentencePiece vocabularies are ordered by score).
+    pub fn from_hf(path: &Path) -> Result<VocabParts, TokenizerError> {
+        let j = read_json(path)?;
+        let model = &j["model"];
+        if model["type"].as_str() != Some("BPE") {
+            return terr(format!("tokenizer.json model {:?} is not supported (BPE is)", model["type"]));
+        }
+        let vocab = model["vocab"].as_object().ok_or_else(|| TokenizerError("tokenizer.json has no model.vocab".into()))?;
+        let mut by_id: Vec<(u32, String, i32)> = vocab.iter().filter_map(|(k, v)| Some((v.as_u64()? as u32, k.clone(), 1))).collect();
+        let added: Vec<(u32, String, bool)> = j["added_tokens"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| Some((t["id"].as_u64()? as u32, t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false)))).collect())
+            .unwrap_or_default();
+        for (id, content, special) in &added {
+            let ty = if *special { 3 } else { 4 };
+            match by_id.iter_mut().find(|e| e.0 == *id) {
+                Some(e) => e.2 = ty,
+                None => by_id.push((*id, content.clone(), ty)),
+            }
+        }
+        by_id.sort();
+        let n = by_id.last().map_or(0, |e| e.0 as usize + 1);
+        let mut tokens = vec![String::new(); n];
+        let mut types = vec![5; n]; // unused, for holes
+        for (id, piece, ty) in by_id {
+            tokens[id as usize] = piece;
+            types[id as usize] = ty;
+        }
+        let merges: Vec<String> = model["merges"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|x| match x {
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        serde_json::Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let spm = model["byte_fallback"].as_bool() == Some(true);
+        let config = read_json(&path.with_file_name("tokenizer_config.json")).unwrap_or(serde_json::Value::Null);
+        let (bos, eos, add_bos) = hf_specials(&j, &config, |s| tokens.iter().position(|t| t == s).map(|i| i as u32));
+        let mut parts = VocabParts {
+            bos,
+            eos,
+            add_bos,
+            eot: tokens.iter().position(|t| t == "<|eot_id|>").map(|i| i as u32),
+            chat_template: config["chat_template"].as_str().map(String::from),
+            ..Default::default()
+        };
+        if spm {
+            for (i, t) in tokens.iter().enumerate() {
+                if t.starts_with("<0x") && t.len() == 6 && types[i] == 1 {
+                    types[i] = 6;
+                }
+            }
+            if let Some(u) = model["unk_token"].as_str().and_then(|u| tokens.iter().position(|t| t == u)) {
+                types[u] = 2;
+            }
+            for id in [parts.bos, parts.eos].into_iter().flatten() {
+                types[id as usize] = 3;
+            }
+            parts.model = "llama".into();
+            parts.scores = (0..n).map(|i| -(i as f32)).collect();
+        } else {
+            let regex = j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].as_str();
+            parts.model = "gpt2".into();
+            parts.pre = if regex == Some(LLAMA3_PATTERN) { "llama-bpe" } else { "gpt-2" }.into();
+        }
+        parts.tokens = tokens;
+        parts.types = types;
+        parts.merges = merges;
+        Ok(parts)
+    }
+
+    /// Reads the `tokenizer.*` keys of a GGUF file.
+    pub fn from_gguf(f: &GgufFile) -> Result<VocabParts, TokenizerError> {
+        let s = |k: &str| f.get(k).and_then(MetaValue::as_str).map(String::from);
+        let id = |k: &str| f.get(k).and_then(MetaValue::as_u64).map(|v| v as u32);
+        Ok(VocabParts {
+            model: s("tokenizer.ggml.model").ok_or_else(|| TokenizerError("no tokenizer.ggml.model".into()))?,
+            pre: s("tokenizer.ggml.pre").unwrap_or_default(),
+            tokens: str_array(f, "tokenizer.ggml.tokens")?.unwrap_or_default().into_iter().map(String::from).collect(),
+            types: num_array(f, "tokenizer.ggml.token_type")?.unwrap_or_default().into_iter().map(|v| v as i32).collect(),
+            scores: num_array(f, "tokenizer.ggml.scores")?.unwrap_or_default().into_iter().map(|v| v as f32).collect(),
+            merges: str_array(f, "tokenizer.ggml.merges")?.unwrap_or_default().into_iter().map(String::from).collect(),
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            eot: id("tokenizer.ggml.eot_token_id"),
+            add_bos: f.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(false),
+            chat_template: s("tokenizer.chat_template"),
+        })
+    }
+
+    /// The GGUF metadata entries for this vocabulary.
+    pub fn to_gguf(&self) -> Vec<(String, MetaValue)> {
+        use crate::gguf::MetaType;
+        let strings = |v: &[String]| MetaValue::Array(MetaType::String, v.iter().cloned().map(MetaValue::String).collect());
+        let mut m = vec![
+            ("tokenizer.ggml.model".to_string(), MetaValue::String(self.model.clone())),
+            ("tokenizer.ggml.tokens".into(), strings(&self.tokens)),
+            ("tokenizer.ggml.token_type".into(), MetaValue::Array(MetaType::I32, self.types.iter().map(|&t| MetaValue::I32(t)).collect())),
+        ];
+        if self.model == "gpt2" {
+            m.push(("tokenizer.ggml.pre".into(), MetaValue::String(self.pre.clone())));
+            m.push(("tokenizer.ggml.merges".into(), strings(&self.merges)));
+        } else {
+            m.push(("tokenizer.ggml.scores".into(), MetaValue::Array(MetaType::F32, self.scores.iter().map(|&s| MetaValue::F32(s)).collect())));
+            m.push(("tokenizer.ggml.add_space_prefix".into(), MetaValue::Bool(true)));
+        }
+        for (k, v) in [("bos", self.bos), ("eos", self.eos), ("eot", self.eot)] {
+            if let Some(v) = v {
+                m.push((format!("tokenizer.ggml.{k}_token_id"), MetaValue::U32(v)));
+            }
+        }
+        m.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(self.add_bos)));
+        if let Some(t) = &self.chat_template {
+            m.push(("tokenizer.chat_template".into(), MetaValue::String(t.clone())));
+        }
+        m
+    }
+
+    /// Writes a byte-level BPE vocabulary as `tokenizer.json` and
+    /// `tokenizer_config.json` into `dir`.
+    pub fn write_hf(&self, dir: &Path) -> Result<(), TokenizerError> {
+        if self.model != "gpt2" {
+            return terr("only byte-level BPE vocabularies can be written as tokenizer.json");
+        }
+        let mut vocab = serde_json::Map::new();
+        let mut added = Vec::new();
+        for (i, (t, ty)) in self.tokens.iter().zip(&self.types).enumerate() {
+            if *ty == 3 || *ty == 4 {
+                added.push(serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": *ty == 3}));
+            }
+            vocab.insert(t.clone(), serde_json::json!(i));
+        }
+        let split = if self.pre == "llama-bpe" {
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+        } else {
+            serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        };
+        let merges: Vec<serde_json::Value> = self.merges.iter().map(|m| serde_json::json!(m)).collect();
+        let j = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": split, "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": self.pre == "llama-bpe", "vocab": vocab, "merges": merges}
+        });
+        let piece = |id: Option<u32>| id.and_then(|i| self.tokens.get(i as usize)).cloned();
+        let config = serde_json::json!({
+            "bos_token": piece(self.bos), "eos_token": piece(self.eos), "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"
+        });
+        let write = |name: &str, v: &serde_json::Value| std::fs::write(dir.join(name), v.to_string()).map_err(|e| TokenizerError(format!("{}: {e}", dir.join(name).display())));
+        write("tokenizer.json", &j)?;
+        write("tokenizer_config.json", &config)
     }
 }
