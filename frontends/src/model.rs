@@ -132,7 +132,11 @@ impl Model {
     pub fn tokenizer(&self) -> Result<Tokenizer, TokenizerError> {
         match &self.source {
             ModelSource::Gguf(f) => Tokenizer::from_gguf(f),
-            ModelSource::Hf(hf) => Tokenizer::from_hf_file(&hf.dir.join("tokenizer.json")),
+            ModelSource::Hf(hf) => {
+                let mut t = Tokenizer::from_hf_file(&hf.dir.join("tokenizer.json"))?;
+                t.add_generation_config(&hf.dir.join("generation_config.json"));
+                Ok(t)
+            }
         }
     }
 

@@ -240,6 +240,24 @@ impl Tokenizer {
         Ok(t)
     }
 
+    /// Takes end-of-generation ids from a `generation_config.json`
+    /// (`eos_token_id`, a number or a list such as LLaMA-3's [128001, 128009]).
+    pub fn add_generation_config(&mut self, path: &Path) {
+        let Ok(j) = read_json(path) else { return };
+        let ids: Vec<u32> = match &j["eos_token_id"] {
+            serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32).into_iter().collect(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+            _ => Vec::new(),
+        };
+        for id in ids.into_iter().filter(|&i| (i as usize) < self.pieces.len()) {
+            if self.eos.is_none() {
+                self.eos = Some(id);
+            } else if self.eos != Some(id) && self.eot.is_none() {
+                self.eot = Some(id);
+            }
+        }
+    }
+
     fn collect_specials(&mut self) {
         self.specials = (0..self.pieces.len())
             .filter(|&i| matches!(self.types[i], TokenType::Control | TokenType::UserDefined | TokenType::Unknown))
