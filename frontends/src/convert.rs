@@ -173,21 +173,10 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
         ModelSource::Hf(hf) => hf.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
     };
     w.set("general.name", MetaValue::String(name.unwrap_or_else(|| "converted by bitnet-rs".into())));
-    let key = |k: &str| format!("{arch}.{k}");
-    for (k, v) in [
-        ("vocab_size", c.vocab),
-        ("context_length", c.context),
-        ("embedding_length", c.hidden),
-        ("block_count", c.layers),
-        ("feed_forward_length", c.ffn),
-        ("attention.head_count", c.heads),
-        ("attention.head_count_kv", c.kv_heads),
-        ("rope.dimension_count", c.head_dim),
-    ] {
-        w.set(&key(k), MetaValue::U32(v as u32));
+    for (k, v) in c.gguf_metadata(arch) {
+        w.set(&k, v);
     }
-    w.set(&key("rope.freq_base"), MetaValue::F32(c.rope_theta));
-    w.set(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(c.norm_eps));
+    let key = |k: &str| format!("{arch}.{k}");
     if c.activation != c.arch.default_activation() || (arch == "bitnet" && c.activation == Activation::Relu2) {
         w.set(&key("hidden_activation"), MetaValue::String(c.activation.name().into()));
     }

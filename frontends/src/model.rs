@@ -69,6 +69,28 @@ pub struct ModelTensor {
     pub(crate) data: TensorData,
 }
 
+impl ModelConfig {
+    /// The `<arch>.*` hyper-parameter keys that llama.cpp and this reader use.
+    pub fn gguf_metadata(&self, arch: &str) -> Vec<(String, MetaValue)> {
+        let mut m: Vec<(String, MetaValue)> = [
+            ("vocab_size", self.vocab),
+            ("context_length", self.context),
+            ("embedding_length", self.hidden),
+            ("block_count", self.layers),
+            ("feed_forward_length", self.ffn),
+            ("attention.head_count", self.heads),
+            ("attention.head_count_kv", self.kv_heads),
+            ("rope.dimension_count", self.head_dim),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{arch}.{k}"), MetaValue::U32(v as u32)))
+        .collect();
+        m.push((format!("{arch}.rope.freq_base"), MetaValue::F32(self.rope_theta)));
+        m.push((format!("{arch}.attention.layer_norm_rms_epsilon"), MetaValue::F32(self.norm_eps)));
+        m
+    }
+}
+
 pub struct Model {
     pub source: ModelSource,
     pub config: ModelConfig,

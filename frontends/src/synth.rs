@@ -6,11 +6,12 @@
 //! and f32 holds bit-identical ternary values. Tensors are generated and
 //! written one at a time: a 2B4T-shaped file never sits in memory whole.
 
-use crate::arch::Activation;
+use crate::arch::{Activation, Arch};
+use crate::model::ModelConfig;
 use crate::chat::LLAMA3_TEMPLATE;
 use crate::gguf::{GgufError, GgufFile, GgufWriter, MetaValue};
 use crate::tokenizer::{bytelevel, VocabParts};
-use bitnet_ir::{quant, DType};
+use bitnet_ir::{quant, DType, RopeMode};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
@@ -224,21 +225,26 @@ pub fn write(spec: &SynthSpec, vocab_from: Option<&GgufFile>, path: &Path, mut p
         w.set(&k, v);
     }
     let s = &spec.shape;
-    let key = |k: &str| format!("{arch}.{k}");
-    for (k, v) in [
-        ("vocab_size", s.vocab),
-        ("context_length", spec.context),
-        ("embedding_length", s.hidden),
-        ("block_count", s.layers),
-        ("feed_forward_length", s.ffn),
-        ("attention.head_count", s.heads),
-        ("attention.head_count_kv", s.kv_heads),
-        ("rope.dimension_count", s.hidden / s.heads),
-    ] {
-        w.set(&key(k), MetaValue::U32(v as u32));
+    let config = ModelConfig {
+        arch: Arch::from_name(arch).expect("synth writes known architectures"),
+        arch_name: arch.into(),
+        hidden: s.hidden,
+        layers: s.layers,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        head_dim: s.hidden / s.heads,
+        ffn: s.ffn,
+        vocab: s.vocab,
+        context: spec.context,
+        rope_theta: spec.rope_theta,
+        rope_mode: RopeMode::Neox,
+        norm_eps: 1e-5,
+        activation: spec.activation,
+        tied_head: true,
+    };
+    for (k, v) in config.gguf_metadata(arch) {
+        w.set(&k, v);
     }
-    w.set(&key("rope.freq_base"), MetaValue::F32(spec.rope_theta));
-    w.set(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
     let plan = tensor_plan(s);
     for (name, gen) in &plan {
         let (dtype, shape) = match *gen {
