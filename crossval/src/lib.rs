@@ -193,7 +193,7 @@ impl std::fmt::Display for Agreement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "min cosine {:.6}, max |Δ| {:.4}, top-1 {}/{}, top-5 overlap {:.2}",
+            "min cosine {:.6}, max abs diff {:.4}, top-1 {}/{}, top-5 overlap {:.2}",
             self.min_cosine, self.max_abs_diff, self.top1_agree, self.positions, self.top5_overlap
         )
     }

@@ -29,6 +29,23 @@ enum Command {
         dir: PathBuf,
         #[arg(short, long, default_value_t = 2)]
         threads: usize,
+        /// Compare only the first N positions of the synthetic models' prompt
+        /// (the reference interpreter is slow at the 2B4T shape).
+        #[arg(long)]
+        max_tokens: Option<usize>,
+    },
+    /// Teacher-forced logits of one GGUF file in both engines.
+    Logits {
+        #[arg(short, long)]
+        model: PathBuf,
+        /// The file bitnet-rs runs, if not the same.
+        #[arg(long)]
+        bitnet_model: Option<PathBuf>,
+        /// Token ids [default: the model's tokenization of a fixed sentence].
+        #[arg(long, value_delimiter = ',')]
+        prompt_ids: Option<Vec<u32>>,
+        #[arg(short, long, default_value_t = 2)]
+        threads: usize,
     },
     /// Prefill and decode tokens/s of both engines on one file, runs alternating.
     Bench {
@@ -62,7 +79,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<bool> {
     println!("{LLAMA_CPP}\nllama.cpp system info: {}", llama_system_info().trim());
     match cli.command {
-        Command::Check { shape, stories, dir, threads } => {
+        Command::Check { shape, stories, dir, threads, max_tokens } => {
             let mut cases = Vec::new();
             if let Some(s) = stories {
                 cases.push(stories_case(&s));
@@ -74,7 +91,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     other => anyhow::bail!("unknown shape {other}"),
                 };
                 eprintln!("writing {s} models into {} ...", dir.display());
-                cases.extend(synth_cases(&dir, sh, s)?);
+                let mut more = synth_cases(&dir, sh, s)?;
+                if let Some(n) = max_tokens {
+                    more.iter_mut().for_each(|c| c.tokens.truncate(n.max(1)));
+                }
+                cases.extend(more);
             }
             println!("\n| model | positions | bitnet-rs numerics vs llama.cpp | threshold | llama.cpp's activation handling vs llama.cpp | threshold | |");
             println!("|---|---|---|---|---|---|---|");
@@ -97,6 +118,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("squared-ReLU models are checked against the test suite's own reference implementation instead (tests/formats.rs).");
             println!("I2_S cannot be read by upstream llama.cpp: bitnet-rs runs the I2_S file, llama.cpp the same weights as TQ2_0.");
             Ok(ok)
+        }
+        Command::Logits { model, bitnet_model, prompt_ids, threads } => {
+            let tokens = match prompt_ids {
+                Some(t) => t,
+                None => bitnet_frontends::model::Model::open(&model)?.tokenizer()?.encode("The quick brown fox jumps over the lazy dog.", true, false)?,
+            };
+            let case = Case { name: model.display().to_string(), path: bitnet_model.unwrap_or_else(|| model.clone()), llama_path: model, tokens };
+            let r = check(&case, threads)?;
+            println!("{}: {} positions", case.name, r.model.positions);
+            println!("  bitnet-rs numerics:              {} (threshold {})", r.model, r.model_threshold());
+            println!("  llama.cpp's activation handling: {} (threshold {SAME_MATH_MIN_COSINE})", r.same_math);
+            Ok(r.passed())
         }
         Command::Bench { model, bitnet_model, n_prompt, n_gen, threads, reps } => {
             let ours = bitnet_model.unwrap_or_else(|| model.clone());
