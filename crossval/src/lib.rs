@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 /// The llama.cpp this crate links: the vendoring crate's version.
-pub const LLAMA_CPP: &str = "llama.cpp vendored by llama-cpp-sys-2 0.1.160";
+pub const LLAMA_CPP: &str = "llama.cpp vendored by llama-cpp-sys-2 0.1.160 (ggml 0.26.0; the crate tarball carries no llama.cpp build number)";
 
 fn backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
