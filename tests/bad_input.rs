@@ -144,8 +144,14 @@ fn synth_refuses_impossible_shapes() {
     let dir = tmp_dir("synth-bad");
     let out = dir.join("x.gguf");
     let o = out.to_str().unwrap();
-    expect_failure(&["synth", "--shape", "custom", "--hidden", "320", "--layers", "1", "--heads", "4", "--ffn", "512", "--vocab", "100", "--type", "tq2_0", "-o", o], "not a multiple of 256");
-    expect_failure(&["synth", "--shape", "custom", "--hidden", "256", "--layers", "1", "--heads", "4", "--ffn", "200", "--vocab", "100", "--type", "i2_s", "-o", o], "not a multiple of 128");
+    expect_failure(
+        &["synth", "--shape", "custom", "--hidden", "320", "--layers", "1", "--heads", "4", "--ffn", "512", "--vocab", "100", "--type", "tq2_0", "-o", o],
+        "not a multiple of 256",
+    );
+    expect_failure(
+        &["synth", "--shape", "custom", "--hidden", "256", "--layers", "1", "--heads", "4", "--ffn", "200", "--vocab", "100", "--type", "i2_s", "-o", o],
+        "not a multiple of 128",
+    );
     expect_failure(&["synth", "--type", "q4_0", "-o", o], "unknown type");
     expect_failure(&["synth", "--type", "q8_0", "-o", o], "not a BitLinear weight type");
     assert!(!out.exists(), "a failed synth leaves no file");

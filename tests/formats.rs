@@ -88,7 +88,8 @@ fn reference_logits(spec: &SynthSpec, model: &Model) -> Vec<f32> {
             for head in 0..s.heads {
                 let kh = head / (s.heads / s.kv_heads);
                 let qv = &q[i * s.heads * hd + head * hd..][..hd];
-                let scores: Vec<f64> = (0..=i).map(|j| qv.iter().zip(&k[j * kvd + kh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()).collect();
+                let scores: Vec<f64> =
+                    (0..=i).map(|j| qv.iter().zip(&k[j * kvd + kh * hd..][..hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()).collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -145,7 +146,13 @@ fn codes_of(model: &Model, name: &str) -> (Vec<i8>, Vec<f32>) {
             let mut f = vec![0f32; k];
             w.row(r).dequantize(&mut f);
             for (c, v) in codes.iter_mut().zip(&f) {
-                *c = if *v > 0.0 { 1 } else if *v < 0.0 { -1 } else { 0 };
+                *c = if *v > 0.0 {
+                    1
+                } else if *v < 0.0 {
+                    -1
+                } else {
+                    0
+                };
                 scales.push(v.abs());
             }
         }
@@ -174,7 +181,10 @@ fn check_activation(act: Activation) {
         }
         let logits = interp_logits(model);
         let (cos, diff) = (cosine(&logits, &base), max_abs_diff(&logits, &base));
-        eprintln!("{act:?} {t}: vs i2_s cosine {cos:.9}, max diff {diff:e}; vs reference min cosine {:.9}", logits.chunks(spec.shape.vocab).zip(reference.chunks(spec.shape.vocab)).map(|(a, b)| cosine(a, b)).fold(1.0, f64::min));
+        eprintln!(
+            "{act:?} {t}: vs i2_s cosine {cos:.9}, max diff {diff:e}; vs reference min cosine {:.9}",
+            logits.chunks(spec.shape.vocab).zip(reference.chunks(spec.shape.vocab)).map(|(a, b)| cosine(a, b)).fold(1.0, f64::min)
+        );
         assert!(cos > 0.99999 && diff < 2e-3, "{t} vs i2_s: cosine {cos}, max diff {diff}");
         let reference_here = reference_logits(spec, model);
         assert_eq!(reference_here, reference, "the reference depends only on the codes");

@@ -45,7 +45,8 @@ fn cli_json_contract() {
 fn dumped_logits_cover_every_evaluated_position() {
     let dir = tmp_dir("dump");
     let npy = dir.join("logits.npy");
-    let o = bitnet(&["run", "-m", stories().to_str().unwrap(), "--prompt-ids", "1,403,407,261,378", "-n", "4", "--greedy", "--dump-logits", npy.to_str().unwrap()]);
+    let o =
+        bitnet(&["run", "-m", stories().to_str().unwrap(), "--prompt-ids", "1,403,407,261,378", "-n", "4", "--greedy", "--dump-logits", npy.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&npy).unwrap();
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;

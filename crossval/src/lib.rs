@@ -295,7 +295,15 @@ pub fn synth_cases(dir: &Path, shape: bitnet_frontends::synth::SynthShape, label
     let write = |t: DType| -> anyhow::Result<std::path::PathBuf> {
         let path = dir.join(format!("{label}-{}-silu.gguf", t.name()));
         if !path.exists() {
-            let spec = SynthSpec { shape: shape.clone(), weight_type: t, head_type: DType::F16, activation: Activation::Silu, seed: 7, context: 4096, rope_theta: 500000.0 };
+            let spec = SynthSpec {
+                shape: shape.clone(),
+                weight_type: t,
+                head_type: DType::F16,
+                activation: Activation::Silu,
+                seed: 7,
+                context: 4096,
+                rope_theta: 500000.0,
+            };
             synth::write(&spec, None, &path, |_, _| {}).map_err(anyhow::Error::msg)?;
         }
         Ok(path)
@@ -315,5 +323,10 @@ pub fn synth_cases(dir: &Path, shape: bitnet_frontends::synth::SynthShape, label
 
 /// stories260K, the real trained model.
 pub fn stories_case(path: &Path) -> Case {
-    Case { name: "stories260K f32".into(), path: path.to_path_buf(), llama_path: path.to_path_buf(), tokens: vec![1, 403, 407, 261, 378, 432, 383, 286, 261, 376] }
+    Case {
+        name: "stories260K f32".into(),
+        path: path.to_path_buf(),
+        llama_path: path.to_path_buf(),
+        tokens: vec![1, 403, 407, 261, 378, 432, 383, 286, 261, 376],
+    }
 }

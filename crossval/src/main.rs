@@ -138,7 +138,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             for r in 0..reps {
                 let l = llama.bench(n_prompt, n_gen)?;
                 let b = bitnet_bench(&ours, n_prompt, n_gen, threads)?;
-                eprintln!("run {}/{reps}: llama.cpp {:.2}/{:.2} tok/s, bitnet-rs {:.2}/{:.2} tok/s", r + 1, l.prefill_tok_s, l.decode_tok_s, b.prefill_tok_s, b.decode_tok_s);
+                eprintln!(
+                    "run {}/{reps}: llama.cpp {:.2}/{:.2} tok/s, bitnet-rs {:.2}/{:.2} tok/s",
+                    r + 1,
+                    l.prefill_tok_s,
+                    l.decode_tok_s,
+                    b.prefill_tok_s,
+                    b.decode_tok_s
+                );
                 lp.push(l.prefill_tok_s);
                 ld.push(l.decode_tok_s);
                 bp.push(b.prefill_tok_s);

@@ -74,11 +74,20 @@ fn a_converted_hf_checkpoint_runs_in_llama_cpp() {
     use bitnet_ir::DType;
     let dir = std::env::temp_dir().join(format!("bitnet-crossval-hf-{}", std::process::id()));
     let folder = dir.join("hf");
-    let spec = SynthSpec { shape: SynthShape::tiny(), weight_type: DType::I2S, head_type: DType::F16, activation: Activation::Silu, seed: 3, context: 4096, rope_theta: 500000.0 };
+    let spec = SynthSpec {
+        shape: SynthShape::tiny(),
+        weight_type: DType::I2S,
+        head_type: DType::F16,
+        activation: Activation::Silu,
+        seed: 3,
+        context: 4096,
+        rope_theta: 500000.0,
+    };
     write_hf(&spec, None, &folder, ScaleDirection::Divide, |_, _| {}).unwrap();
     let gguf = dir.join("tq2_0.gguf");
     convert(&Model::open(&folder).unwrap(), &ConvertOptions { weight_type: DType::TQ2_0, head_type: None }, &gguf, |_, _| {}).unwrap();
-    let case = Case { name: "hf → tq2_0".into(), path: gguf.clone(), llama_path: gguf, tokens: vec![256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100] };
+    let case =
+        Case { name: "hf → tq2_0".into(), path: gguf.clone(), llama_path: gguf, tokens: vec![256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100] };
     let r = check(&case, 2).unwrap();
     eprintln!("converted HF checkpoint: model numerics {} | same math {}", r.model, r.same_math);
     assert!(r.passed(), "{} | {}", r.model, r.same_math);

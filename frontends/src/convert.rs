@@ -247,7 +247,9 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
                 last_scale = tern.uniform_scale().map_or(tern.extra, |d| d * tern.extra);
                 match (dtype, tern.uniform_scale()) {
                     (DType::I2S, Some(d)) => quant::pack_i2s(&tern.codes, d * tern.extra),
-                    (DType::I2S, None) => return Err(std::io::Error::other(format!("{name}: its blocks have different scales, which I2_S (one scale per tensor) cannot hold"))),
+                    (DType::I2S, None) => {
+                        return Err(std::io::Error::other(format!("{name}: its blocks have different scales, which I2_S (one scale per tensor) cannot hold")))
+                    }
                     (t, Some(_)) if t.is_ternary() => quant::pack_ternary(*t, &tern.codes, &vec![1.0; tern.codes.len() / t.block_elems()]),
                     (t, None) if t.is_ternary() => {
                         let per = t.block_elems();

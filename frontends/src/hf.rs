@@ -48,7 +48,8 @@ impl HfFolder {
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| ModelError::Invalid(format!("{}: {e}", dir.join(name).display())));
         let config: serde_json::Value = serde_json::from_str(&read("config.json")?).map_err(|e| ModelError::Invalid(format!("config.json: {e}")))?;
         let files: Vec<String> = if dir.join("model.safetensors.index.json").exists() {
-            let index: serde_json::Value = serde_json::from_str(&read("model.safetensors.index.json")?).map_err(|e| ModelError::Invalid(format!("model.safetensors.index.json: {e}")))?;
+            let index: serde_json::Value =
+                serde_json::from_str(&read("model.safetensors.index.json")?).map_err(|e| ModelError::Invalid(format!("model.safetensors.index.json: {e}")))?;
             let map = index["weight_map"].as_object().ok_or_else(|| ModelError::Invalid("model.safetensors.index.json has no weight_map".into()))?;
             map.values().filter_map(|v| v.as_str().map(String::from)).collect::<BTreeSet<_>>().into_iter().collect()
         } else {
@@ -255,7 +256,10 @@ pub(crate) fn tensors(hf: &HfFolder, config: &ModelConfig) -> Result<Vec<ModelTe
             let (codes, beta, n, k) = match (t.dtype, t.shape.as_slice()) {
                 (Dtype::U8, &[q, k]) => {
                     let scale_name = name.replace(".weight", ".weight_scale");
-                    let ws = hf.get(&scale_name).and_then(|s| scalar(hf, s)).ok_or_else(|| ModelError::Invalid(format!("{scale_name} is missing or not a float")))?;
+                    let ws = hf
+                        .get(&scale_name)
+                        .and_then(|s| scalar(hf, s))
+                        .ok_or_else(|| ModelError::Invalid(format!("{scale_name} is missing or not a float")))?;
                     if !(ws.is_finite() && ws > 0.0) {
                         return invalid(format!("{scale_name} = {ws} is not a positive scale"));
                     }

@@ -5,8 +5,8 @@ use crate::arch::{self, Activation, Arch, GraphOptions};
 use crate::gguf::{GgufError, GgufFile, MetaValue};
 use crate::hf::{self, HfFolder};
 use crate::tokenizer::{Tokenizer, TokenizerError};
-use bitnet_ir::DType;
 use bitnet_ir::interp::{WeightSource, WeightView};
+use bitnet_ir::DType;
 use bitnet_ir::{Graph, RopeMode};
 use std::collections::HashMap;
 use std::path::Path;
@@ -133,7 +133,12 @@ impl Model {
 
     pub fn from_file(file: GgufFile) -> Result<Model, ModelError> {
         let config = read_config(&file)?;
-        let tensors = file.tensors.iter().enumerate().map(|(i, t)| ModelTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), data: TensorData::Gguf(i) }).collect();
+        let tensors = file
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ModelTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), data: TensorData::Gguf(i) })
+            .collect();
         Ok(Self::with_tensors(ModelSource::Gguf(file), config, tensors))
     }
 
@@ -209,9 +214,7 @@ fn read_config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
         return invalid(format!("architecture {arch_name:?} is not supported (supported: llama, bitnet, bitnet-b1.58, bitnet-25)"));
     };
     let key = |k: &str| format!("{arch_name}.{k}");
-    let need = |k: &str| -> Result<usize, ModelError> {
-        get_usize(f, &key(k))?.ok_or_else(|| ModelError::Invalid(format!("metadata {} is missing", key(k))))
-    };
+    let need = |k: &str| -> Result<usize, ModelError> { get_usize(f, &key(k))?.ok_or_else(|| ModelError::Invalid(format!("metadata {} is missing", key(k)))) };
     let hidden = need("embedding_length")?;
     let layers = need("block_count")?;
     let heads = need("attention.head_count")?;

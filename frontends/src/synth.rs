@@ -7,9 +7,9 @@
 //! written one at a time: a 2B4T-shaped file never sits in memory whole.
 
 use crate::arch::{Activation, Arch};
-use crate::model::ModelConfig;
 use crate::chat::LLAMA3_TEMPLATE;
 use crate::gguf::{GgufError, GgufFile, GgufWriter, MetaValue};
+use crate::model::ModelConfig;
 use crate::tokenizer::{bytelevel, VocabParts};
 use bitnet_ir::{quant, DType, RopeMode};
 use rand::{Rng, SeedableRng};
@@ -74,7 +74,10 @@ impl SynthSpec {
             }
         }
         if !s.hidden.is_multiple_of(s.heads) || !s.heads.is_multiple_of(s.kv_heads) || !(s.hidden / s.heads).is_multiple_of(2) {
-            return Err(format!("hidden {} / heads {} / kv-heads {}: heads must divide hidden into even head dims, kv-heads must divide heads", s.hidden, s.heads, s.kv_heads));
+            return Err(format!(
+                "hidden {} / heads {} / kv-heads {}: heads must divide hidden into even head dims, kv-heads must divide heads",
+                s.hidden, s.heads, s.kv_heads
+            ));
         }
         let block = self.weight_type.block_elems();
         for (what, k) in [("hidden", s.hidden), ("ffn", s.ffn)] {
@@ -271,7 +274,13 @@ pub use crate::hf::ScaleDirection;
 /// layout (`BitNetForCausalLM`: packed uint8 `[out/4, in]` projections with
 /// a bf16 `weight_scale` each, bf16 norms and embedding), with the same
 /// ternary codes as [`write`] for the same spec.
-pub fn write_hf(spec: &SynthSpec, vocab_from: Option<&GgufFile>, dir: &Path, direction: ScaleDirection, mut progress: impl FnMut(usize, usize)) -> Result<(), String> {
+pub fn write_hf(
+    spec: &SynthSpec,
+    vocab_from: Option<&GgufFile>,
+    dir: &Path,
+    direction: ScaleDirection,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(), String> {
     use safetensors::{tensor::TensorView, Dtype};
     spec.validate()?;
     let s = &spec.shape;
@@ -312,7 +321,10 @@ pub fn write_hf(spec: &SynthSpec, vocab_from: Option<&GgufFile>, dir: &Path, dir
                 }
             }
         }
-        let views = data.iter().map(|(n, d, shape, bytes)| Ok((n.clone(), TensorView::new(*d, shape.clone(), bytes).map_err(|e| format!("{n}: {e:?}"))?))).collect::<Result<Vec<_>, String>>()?;
+        let views = data
+            .iter()
+            .map(|(n, d, shape, bytes)| Ok((n.clone(), TensorView::new(*d, shape.clone(), bytes).map_err(|e| format!("{n}: {e:?}"))?)))
+            .collect::<Result<Vec<_>, String>>()?;
         safetensors::serialize_to_file(views, None, &tmp.join("model.safetensors")).map_err(|e| format!("writing safetensors: {e:?}"))?;
         let linear_class = match direction {
             ScaleDirection::Divide => "bitlinear",

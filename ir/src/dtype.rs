@@ -30,20 +30,8 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 12] = [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::I8,
-        DType::I32,
-        DType::Q8_0,
-        DType::Q4K,
-        DType::Q6K,
-        DType::TQ1_0,
-        DType::TQ2_0,
-        DType::I2S,
-        DType::Q8Row,
-    ];
+    pub const ALL: [DType; 12] =
+        [DType::F32, DType::F16, DType::BF16, DType::I8, DType::I32, DType::Q8_0, DType::Q4K, DType::Q6K, DType::TQ1_0, DType::TQ2_0, DType::I2S, DType::Q8Row];
 
     /// The name used by the text form and the CLI.
     pub fn name(self) -> &'static str {

@@ -72,16 +72,24 @@ pub enum BinaryOp {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// A graph input, bound by name at evaluation (`tokens`, `positions`).
-    Input { name: String },
+    Input {
+        name: String,
+    },
     /// A stored tensor, looked up by name in the weight source.
-    Weight { name: String },
+    Weight {
+        name: String,
+    },
     /// `(table [V, H], ids i32[S]) -> f32[S, H]`: rows of the table.
     Embed,
     /// `(x f32[.., H], w [H]) -> f32`: `x / sqrt(mean(x²) + eps) * w` per row.
-    RmsNorm { eps: f32 },
+    RmsNorm {
+        eps: f32,
+    },
     /// `x f32[S, K] -> q8_row[S, K]`: int8 values with scales, per row
     /// (BitNet's activations) or per block of 256 (llama.cpp's `Q8_K`).
-    QuantizeAct { scheme: ActQuant },
+    QuantizeAct {
+        scheme: ActQuant,
+    },
     /// `(x f32|f16|bf16|q8_row [S, K], w [N, K]) -> f32[S, N]`: `x · wᵀ`, weights
     /// dequantized; f16/bf16 activations are f32 values rounded to that type.
     MatMul,
@@ -89,11 +97,20 @@ pub enum Op {
     /// of codes and int8 activations, times the weight scale, over γ.
     TernaryMatMul,
     /// `(x f32[S, H*D], positions i32[S]) -> f32[S, H*D]`.
-    Rope { mode: RopeMode, theta: f32, head_dim: usize },
+    Rope {
+        mode: RopeMode,
+        theta: f32,
+        head_dim: usize,
+    },
     /// `(q f32[S, H*D], k f32[S, KV*D], v f32[S, KV*D], positions i32[S]) -> f32[S, H*D]`.
     /// Stores k and v into layer `layer`'s cache at `positions`, then each
     /// query attends causally to every cached position up to its own.
-    Attention { layer: usize, heads: usize, kv_heads: usize, head_dim: usize },
+    Attention {
+        layer: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
     Unary(UnaryOp),
     /// Elementwise; the right operand may also be a row `[N]` or a scalar `[1]`.
     Binary(BinaryOp),
@@ -102,7 +119,9 @@ pub enum Op {
     /// `f32[S, N] -> f32[1, N]`: the last row only.
     LastRow,
     /// Converts between float types.
-    Cast { to: DType },
+    Cast {
+        to: DType,
+    },
 }
 
 impl UnaryOp {

@@ -25,12 +25,9 @@ impl Op {
             Op::Rope { mode, theta, head_dim } => {
                 vec![("mode", mode.name().into()), ("theta", format!("{theta:?}")), ("head_dim", head_dim.to_string())]
             }
-            Op::Attention { layer, heads, kv_heads, head_dim } => vec![
-                ("layer", layer.to_string()),
-                ("heads", heads.to_string()),
-                ("kv_heads", kv_heads.to_string()),
-                ("head_dim", head_dim.to_string()),
-            ],
+            Op::Attention { layer, heads, kv_heads, head_dim } => {
+                vec![("layer", layer.to_string()), ("heads", heads.to_string()), ("kv_heads", kv_heads.to_string()), ("head_dim", head_dim.to_string())]
+            }
             Op::Cast { to } => vec![("to", to.name().into())],
             Op::QuantizeAct { scheme } => vec![("scheme", scheme.name().into())],
             _ => Vec::new(),
@@ -308,12 +305,9 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
                 head_dim: take(attrs, "head_dim")?,
             }
         }
-        "attention" => Op::Attention {
-            layer: take(attrs, "layer")?,
-            heads: take(attrs, "heads")?,
-            kv_heads: take(attrs, "kv_heads")?,
-            head_dim: take(attrs, "head_dim")?,
-        },
+        "attention" => {
+            Op::Attention { layer: take(attrs, "layer")?, heads: take(attrs, "heads")?, kv_heads: take(attrs, "kv_heads")?, head_dim: take(attrs, "head_dim")? }
+        }
         "softmax" => Op::Softmax,
         "last_row" => Op::LastRow,
         "cast" => {

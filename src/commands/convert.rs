@@ -27,7 +27,8 @@ fn dtype(s: &str, flag: &str) -> anyhow::Result<DType> {
 
 pub fn convert(a: ConvertArgs) -> anyhow::Result<()> {
     let model = Model::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-    let opts = ConvertOptions { weight_type: dtype(&a.weight_type, "--type")?, head_type: a.head_type.as_deref().map(|h| dtype(h, "--head-type")).transpose()? };
+    let opts =
+        ConvertOptions { weight_type: dtype(&a.weight_type, "--type")?, head_type: a.head_type.as_deref().map(|h| dtype(h, "--head-type")).transpose()? };
     let started = std::time::Instant::now();
     let what = format!("converting {} → {}", a.input.display(), a.output.display());
     let warnings = convert::convert(&model, &opts, &a.output, super::progress(&what)).map_err(anyhow::Error::msg)?;

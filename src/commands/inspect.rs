@@ -4,8 +4,8 @@
 use anyhow::Context;
 use bitnet_frontends::gguf::{GgufFile, MetaValue};
 use bitnet_frontends::model::{Model, ModelSource};
-use bitnet_ir::DType;
 use bitnet_frontends::tokenizer::Tokenizer;
+use bitnet_ir::DType;
 use std::fmt::Write;
 use std::path::PathBuf;
 

@@ -66,7 +66,13 @@ pub fn synth(a: SynthArgs) -> anyhow::Result<()> {
         "custom" => SynthShape { hidden: 0, layers: 0, heads: 0, kv_heads: 0, ffn: 0, vocab: 0 },
         other => anyhow::bail!("--shape {other}: expected tiny, 2b4t or custom"),
     };
-    let custom = [(&mut shape.hidden, a.hidden, "hidden"), (&mut shape.layers, a.layers, "layers"), (&mut shape.heads, a.heads, "heads"), (&mut shape.ffn, a.ffn, "ffn"), (&mut shape.vocab, a.vocab, "vocab")];
+    let custom = [
+        (&mut shape.hidden, a.hidden, "hidden"),
+        (&mut shape.layers, a.layers, "layers"),
+        (&mut shape.heads, a.heads, "heads"),
+        (&mut shape.ffn, a.ffn, "ffn"),
+        (&mut shape.vocab, a.vocab, "vocab"),
+    ];
     for (slot, value, name) in custom {
         if let Some(v) = value {
             *slot = v;
@@ -111,7 +117,11 @@ pub fn synth(a: SynthArgs) -> anyhow::Result<()> {
     } else {
         std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0)
     };
-    let kind = if a.format == "hf" { "Hugging Face BitNetForCausalLM, packed ternary, bf16".to_string() } else { format!("{}, {weight_type} weights, {head_type} head", spec.arch_name()) };
+    let kind = if a.format == "hf" {
+        "Hugging Face BitNetForCausalLM, packed ternary, bf16".to_string()
+    } else {
+        format!("{}, {weight_type} weights, {head_type} head", spec.arch_name())
+    };
     eprintln!("wrote {} ({kind}, {:.1} MB) in {:.1} s", a.output.display(), size as f64 / 1e6, started.elapsed().as_secs_f64());
     Ok(())
 }

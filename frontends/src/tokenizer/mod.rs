@@ -60,7 +60,10 @@ enum Engine {
     Spm(Spm),
     /// A `tokenizer.json`: `plain` has no added tokens (for encoding text),
     /// `full` decodes.
-    Hf { plain: Box<tokenizers::Tokenizer>, full: Box<tokenizers::Tokenizer> },
+    Hf {
+        plain: Box<tokenizers::Tokenizer>,
+        full: Box<tokenizers::Tokenizer>,
+    },
 }
 
 pub struct Tokenizer {
@@ -81,28 +84,24 @@ pub struct Tokenizer {
     pub kind: String,
 }
 
-fn str_array<'a>(f: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>, TokenizerError> {
+/// A metadata array whose every element `get` can read, or `None` if the
+/// key is absent.
+fn meta_array<'a, T>(f: &'a GgufFile, key: &str, kind: &str, get: impl Fn(&'a MetaValue) -> Option<T>) -> Result<Option<Vec<T>>, TokenizerError> {
     match f.get(key) {
         None => Ok(None),
-        Some(MetaValue::Array(_, items)) => items
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| TokenizerError(format!("{key} holds a non-string"))))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
+        Some(MetaValue::Array(_, items)) => {
+            items.iter().map(|v| get(v).ok_or_else(|| TokenizerError(format!("{key} holds a non-{kind}")))).collect::<Result<Vec<_>, _>>().map(Some)
+        }
         Some(_) => terr(format!("{key} is not an array")),
     }
 }
 
+fn str_array<'a>(f: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>, TokenizerError> {
+    meta_array(f, key, "string", MetaValue::as_str)
+}
+
 fn num_array(f: &GgufFile, key: &str) -> Result<Option<Vec<f64>>, TokenizerError> {
-    match f.get(key) {
-        None => Ok(None),
-        Some(MetaValue::Array(_, items)) => items
-            .iter()
-            .map(|v| v.as_f64().ok_or_else(|| TokenizerError(format!("{key} holds a non-number"))))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        Some(_) => terr(format!("{key} is not an array")),
-    }
+    meta_array(f, key, "number", MetaValue::as_f64)
 }
 
 fn byte_level_bpe(pieces: &[String], merges: &[&str], pattern: Option<&str>) -> Result<tokenizers::Tokenizer, TokenizerError> {
@@ -114,11 +113,8 @@ fn byte_level_bpe(pieces: &[String], merges: &[&str], pattern: Option<&str>) -> 
             None => terr(format!("merge {m:?} is not two tokens")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(pattern.is_some())
-        .build()
-        .map_err(|e| TokenizerError(format!("building BPE: {e}")))?;
+    let bpe =
+        BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(pattern.is_some()).build().map_err(|e| TokenizerError(format!("building BPE: {e}")))?;
     let mut t = tokenizers::Tokenizer::new(bpe);
     match pattern {
         Some(p) => {
@@ -518,7 +514,9 @@ impl VocabParts {
         let mut by_id: Vec<(u32, String, i32)> = vocab.iter().filter_map(|(k, v)| Some((v.as_u64()? as u32, k.clone(), 1))).collect();
         let added: Vec<(u32, String, bool)> = j["added_tokens"]
             .as_array()
-            .map(|a| a.iter().filter_map(|t| Some((t["id"].as_u64()? as u32, t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false)))).collect())
+            .map(|a| {
+                a.iter().filter_map(|t| Some((t["id"].as_u64()? as u32, t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false)))).collect()
+            })
             .unwrap_or_default();
         for (id, content, special) in &added {
             let ty = if *special { 3 } else { 4 };
@@ -664,7 +662,9 @@ impl VocabParts {
             "bos_token": piece(self.bos), "eos_token": piece(self.eos), "add_bos_token": self.add_bos,
             "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"
         });
-        let write = |name: &str, v: &serde_json::Value| std::fs::write(dir.join(name), v.to_string()).map_err(|e| TokenizerError(format!("{}: {e}", dir.join(name).display())));
+        let write = |name: &str, v: &serde_json::Value| {
+            std::fs::write(dir.join(name), v.to_string()).map_err(|e| TokenizerError(format!("{}: {e}", dir.join(name).display())))
+        };
         write("tokenizer.json", &j)?;
         write("tokenizer_config.json", &config)
     }

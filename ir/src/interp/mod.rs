@@ -62,10 +62,21 @@ impl WeightSource for HashMap<String, (DType, Vec<usize>, Vec<u8>)> {
 /// A value computed by the interpreter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Tensor {
-    F32 { shape: Vec<usize>, data: Vec<f32> },
-    I32 { shape: Vec<usize>, data: Vec<i32> },
+    F32 {
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    },
+    I32 {
+        shape: Vec<usize>,
+        data: Vec<i32>,
+    },
     /// int8 values with one scale γ per `block` values of a row: `x ≈ q / γ`.
-    Q8Row { shape: Vec<usize>, q: Vec<i8>, gamma: Vec<f32>, block: usize },
+    Q8Row {
+        shape: Vec<usize>,
+        q: Vec<i8>,
+        gamma: Vec<f32>,
+        block: usize,
+    },
 }
 
 impl Tensor {

@@ -47,12 +47,7 @@ impl QuantBlock for BlockQ4K {
     const ELEMS: usize = QK_K;
     const BYTES: usize = 144;
     fn read(b: &[u8]) -> Self {
-        BlockQ4K {
-            d: f16::from_f32(f16_at(b, 0)),
-            dmin: f16::from_f32(f16_at(b, 2)),
-            scales: b[4..16].try_into().unwrap(),
-            qs: b[16..144].try_into().unwrap(),
-        }
+        BlockQ4K { d: f16::from_f32(f16_at(b, 0)), dmin: f16::from_f32(f16_at(b, 2)), scales: b[4..16].try_into().unwrap(), qs: b[16..144].try_into().unwrap() }
     }
     fn write(&self, out: &mut [u8]) {
         put_f16(out, 0, self.d.to_f32());
@@ -132,12 +127,7 @@ impl QuantBlock for BlockQ6K {
         for (s, &v) in scales.iter_mut().zip(&b[192..208]) {
             *s = v as i8;
         }
-        BlockQ6K {
-            ql: b[0..128].try_into().unwrap(),
-            qh: b[128..192].try_into().unwrap(),
-            scales,
-            d: f16::from_f32(f16_at(b, 208)),
-        }
+        BlockQ6K { ql: b[0..128].try_into().unwrap(), qh: b[128..192].try_into().unwrap(), scales, d: f16::from_f32(f16_at(b, 208)) }
     }
     fn write(&self, out: &mut [u8]) {
         out[0..128].copy_from_slice(&self.ql);
