@@ -21,24 +21,14 @@ pub enum MetaType {
 }
 
 impl MetaType {
-    pub fn from_id(id: u32) -> Option<MetaType> {
+    /// Every type, in id order (checked by a test below).
+    const ALL: [MetaType; 13] = {
         use MetaType::*;
-        Some(match id {
-            0 => U8,
-            1 => I8,
-            2 => U16,
-            3 => I16,
-            4 => U32,
-            5 => I32,
-            6 => F32,
-            7 => Bool,
-            8 => String,
-            9 => Array,
-            10 => U64,
-            11 => I64,
-            12 => F64,
-            _ => return None,
-        })
+        [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64]
+    };
+
+    pub fn from_id(id: u32) -> Option<MetaType> {
+        Self::ALL.get(id as usize).copied()
     }
 
     /// The fewest bytes a value of this type takes on disk (for bounding
@@ -168,5 +158,17 @@ impl fmt::Display for MetaValue {
             MetaValue::F64(v) => write!(f, "{v}"),
             MetaValue::Bool(v) => write!(f, "{v}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_are_positions() {
+        for (i, t) in super::MetaType::ALL.iter().enumerate() {
+            assert_eq!(*t as usize, i);
+            assert_eq!(super::MetaType::from_id(i as u32), Some(*t));
+        }
+        assert_eq!(super::MetaType::from_id(13), None);
     }
 }
