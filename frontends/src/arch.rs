@@ -12,7 +12,7 @@
 //! tensors multiply the projection's output, as llama.cpp applies them.
 
 use crate::model::{invalid, Model, ModelError};
-use bitnet_ir::{ActQuant, BinaryOp, DType, Dim, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
+use bitnet_ir::{ActQuant, BinaryOp, DType, Dim, Epilogue, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,7 +158,7 @@ impl Builder<'_> {
         if ternary && !x_int8 {
             return invalid(format!("blk.{layer}.{proj}.weight is ternary, which only BitNet architectures use"));
         }
-        let y = self.op(if ternary { Op::TernaryMatMul } else { Op::MatMul }, &[x, w])?;
+        let y = self.op(if ternary { Op::TernaryMatMul(Epilogue::NONE) } else { Op::MatMul }, &[x, w])?;
         match self.optional_weight(&format!("blk.{layer}.{proj}.scale"), &[1])? {
             Some(s) => self.op(Op::Binary(BinaryOp::Mul), &[y, s]),
             None => Ok(y),

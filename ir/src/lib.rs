@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod graph;
 pub mod interp;
 pub mod op;
+pub mod passes;
 pub mod quant;
 pub mod shape;
 pub mod text;
@@ -17,7 +18,7 @@ mod verify;
 
 pub use dtype::DType;
 pub use graph::{Graph, GraphError, Node, Value};
-pub use op::{ActQuant, BinaryOp, Op, RopeMode, UnaryOp};
+pub use op::{ActQuant, BinaryOp, Epilogue, GateAct, Op, RopeMode, UnaryOp};
 pub use shape::{Dim, TensorType};
 pub use text::parse;
 pub use verify::verify;

@@ -52,6 +52,64 @@ impl ActQuant {
     }
 }
 
+/// What a ternary matmul does to its result before storing it, in order:
+/// times a stored scalar (`blk.N.<proj>.scale`), plus a residual. Each
+/// present part adds one operand after the weight, in that order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Epilogue {
+    pub scale: bool,
+    pub residual: bool,
+}
+
+impl Epilogue {
+    pub const NONE: Epilogue = Epilogue { scale: false, residual: false };
+
+    /// `scale+residual`, `scale`, `residual`, or `none`.
+    pub fn name(self) -> String {
+        let parts: Vec<&str> = [(self.scale, "scale"), (self.residual, "residual")].iter().filter(|p| p.0).map(|p| p.1).collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join("+")
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        let mut e = Epilogue::NONE;
+        for part in s.split('+') {
+            match part {
+                "scale" if !e.scale => e.scale = true,
+                "residual" if !e.residual => e.residual = true,
+                "none" if s == "none" => {}
+                _ => return None,
+            }
+        }
+        Some(e)
+    }
+    fn operands(self) -> usize {
+        self.scale as usize + self.residual as usize
+    }
+}
+
+/// The activation of a gated unit: `act(gate) * up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum GateAct {
+    Silu,
+    /// Squared ReLU, BitNet b1.58's.
+    Relu2,
+}
+
+impl GateAct {
+    pub fn name(self) -> &'static str {
+        match self {
+            GateAct::Silu => "silu",
+            GateAct::Relu2 => "relu2",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        [GateAct::Silu, GateAct::Relu2].into_iter().find(|m| m.name() == s)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum UnaryOp {
     Silu,
@@ -93,9 +151,21 @@ pub enum Op {
     /// `(x f32|f16|bf16|q8_row [S, K], w [N, K]) -> f32[S, N]`: `x · wᵀ`, weights
     /// dequantized; f16/bf16 activations are f32 values rounded to that type.
     MatMul,
-    /// `(x q8_row[S, K], w ternary[N, K]) -> f32[S, N]`: integer dot products
-    /// of codes and int8 activations, times the weight scale, over γ.
-    TernaryMatMul,
+    /// `(x q8_row[S, K], w ternary[N, K], [scale [1]], [residual f32[S, N]]) -> f32[S, N]`:
+    /// integer dot products of codes and int8 activations, times the weight
+    /// scale, over γ; then the [`Epilogue`].
+    TernaryMatMul(Epilogue),
+    /// `(x f32[S, K], w [K]) -> q8_row[S, K]`: `rms_norm` then `quantize_act`,
+    /// one pass over each row (made by the fuse pass).
+    RmsNormQuant {
+        eps: f32,
+        scheme: ActQuant,
+    },
+    /// `(gate f32, up f32) -> f32`: `act(gate) * up`, elementwise (made by
+    /// the fuse pass).
+    Glu {
+        act: GateAct,
+    },
     /// `(x f32[S, H*D], positions i32[S]) -> f32[S, H*D]`.
     Rope {
         mode: RopeMode,
@@ -159,7 +229,9 @@ impl Op {
             Op::RmsNorm { .. } => "rms_norm",
             Op::QuantizeAct { .. } => "quantize_act",
             Op::MatMul => "matmul",
-            Op::TernaryMatMul => "ternary_matmul",
+            Op::TernaryMatMul(_) => "ternary_matmul",
+            Op::RmsNormQuant { .. } => "rms_norm_quant",
+            Op::Glu { .. } => "glu",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
             Op::Unary(u) => u.name(),
@@ -180,7 +252,8 @@ impl Op {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
             Op::QuantizeAct { .. } | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } => 1,
-            Op::Embed | Op::RmsNorm { .. } | Op::MatMul | Op::TernaryMatMul | Op::Rope { .. } | Op::Binary(_) => 2,
+            Op::Embed | Op::RmsNorm { .. } | Op::RmsNormQuant { .. } | Op::MatMul | Op::Rope { .. } | Op::Binary(_) | Op::Glu { .. } => 2,
+            Op::TernaryMatMul(e) => 2 + e.operands(),
             Op::Attention { .. } => 4,
         }
     }
@@ -214,7 +287,7 @@ impl Op {
                 }
                 Ok(TensorType::new(DType::F32, [ids.shape[0], table.shape[1]]))
             }
-            Op::RmsNorm { .. } => {
+            Op::RmsNorm { .. } | Op::RmsNormQuant { .. } => {
                 let (x, w) = (args[0], args[1]);
                 if x.dtype != DType::F32 || x.rank() == 0 {
                     return Err(format!("rms_norm input must be f32, got {x}"));
@@ -222,7 +295,10 @@ impl Op {
                 if !w.dtype.is_float() || w.shape != [x.last().unwrap()] {
                     return Err(format!("rms_norm weight must be a float [{}], got {w}", x.last().unwrap()));
                 }
-                Ok(x.clone())
+                match self {
+                    Op::RmsNormQuant { scheme, .. } => Op::QuantizeAct { scheme: *scheme }.infer(&[x]),
+                    _ => Ok(x.clone()),
+                }
             }
             Op::QuantizeAct { scheme } => {
                 f32_rows(args[0], "quantize_act input")?;
@@ -231,9 +307,9 @@ impl Op {
                 }
                 Ok(TensorType::new(DType::Q8Row, args[0].shape.clone()))
             }
-            Op::MatMul | Op::TernaryMatMul => {
+            Op::MatMul | Op::TernaryMatMul(_) => {
                 let (x, w) = (args[0], args[1]);
-                let ternary = matches!(self, Op::TernaryMatMul);
+                let ternary = matches!(self, Op::TernaryMatMul(_));
                 let x_ok = if ternary { x.dtype == DType::Q8Row } else { matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::Q8Row) };
                 if !x_ok || x.rank() != 2 {
                     return Err(format!("{} activations have the wrong type {x}", self.mnemonic()));
@@ -245,7 +321,23 @@ impl Op {
                 if x.shape[1] != w.shape[1] {
                     return Err(format!("{}: inner dims differ: {x} · {w}ᵀ", self.mnemonic()));
                 }
-                Ok(TensorType::new(DType::F32, [x.shape[0], w.shape[0]]))
+                let y = TensorType::new(DType::F32, [x.shape[0], w.shape[0]]);
+                if let Op::TernaryMatMul(e) = self {
+                    let mut extra = args[2..].iter();
+                    if e.scale {
+                        let s = extra.next().unwrap();
+                        if !s.dtype.is_float() || s.shape != [Dim::Const(1)] {
+                            return Err(format!("ternary_matmul scale must be a float [1], got {s}"));
+                        }
+                    }
+                    if e.residual {
+                        let r = extra.next().unwrap();
+                        if **r != y {
+                            return Err(format!("ternary_matmul residual must be {y}, got {r}"));
+                        }
+                    }
+                }
+                Ok(y)
             }
             Op::Rope { head_dim, .. } => {
                 let x = args[0];
@@ -294,6 +386,13 @@ impl Op {
                     return Err(format!("{}: {b} does not broadcast to {a}", self.mnemonic()));
                 }
                 Ok(a.clone())
+            }
+            Op::Glu { .. } => {
+                let (gate, up) = (args[0], args[1]);
+                if gate.dtype != DType::F32 || gate != up {
+                    return Err(format!("glu needs two f32 operands of one shape, got {gate} and {up}"));
+                }
+                Ok(gate.clone())
             }
             Op::LastRow => {
                 f32_rows(args[0], "last_row input")?;

@@ -13,6 +13,7 @@
 //!
 //! Floats print in Rust's shortest round-trip form, so `parse(print(g)) == g`.
 
+use crate::op::{Epilogue, GateAct};
 use crate::{verify, ActQuant, BinaryOp, DType, Dim, Graph, GraphError, Node, Op, RopeMode, TensorType, UnaryOp, Value};
 use std::collections::HashMap;
 use std::fmt;
@@ -30,6 +31,9 @@ impl Op {
             }
             Op::Cast { to } => vec![("to", to.name().into())],
             Op::QuantizeAct { scheme } => vec![("scheme", scheme.name().into())],
+            Op::RmsNormQuant { eps, scheme } => vec![("eps", format!("{eps:?}")), ("scheme", scheme.name().into())],
+            Op::TernaryMatMul(e) if *e != Epilogue::NONE => vec![("epilogue", e.name())],
+            Op::Glu { act } => vec![("act", act.name().into())],
             _ => Vec::new(),
         }
     }
@@ -129,7 +133,8 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, GraphError> {
             let mut w = String::new();
             while let Some(&c) = chars.peek() {
                 let exp_sign = (c == '-' || c == '+') && w.ends_with(['e', 'E']) && w.starts_with(|c: char| c.is_ascii_digit() || c == '-');
-                if c.is_alphanumeric() || "_.".contains(c) || exp_sign || (w.is_empty() && (c == '-' || c == '+')) {
+                let joiner = c == '+' && w.starts_with(char::is_alphabetic); // scale+residual
+                if c.is_alphanumeric() || "_.".contains(c) || exp_sign || joiner || (w.is_empty() && (c == '-' || c == '+')) {
                     w.push(c);
                     chars.next();
                 } else {
@@ -296,7 +301,18 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
             Op::QuantizeAct { scheme: ActQuant::from_name(&s).ok_or(format!("unknown quantization scheme {s}"))? }
         }
         "matmul" => Op::MatMul,
-        "ternary_matmul" => Op::TernaryMatMul,
+        "ternary_matmul" => match attrs.remove("epilogue") {
+            None => Op::TernaryMatMul(Epilogue::NONE),
+            Some(e) => Op::TernaryMatMul(Epilogue::from_name(&e).ok_or(format!("unknown epilogue {e}"))?),
+        },
+        "rms_norm_quant" => {
+            let s: String = take(attrs, "scheme")?;
+            Op::RmsNormQuant { eps: take(attrs, "eps")?, scheme: ActQuant::from_name(&s).ok_or(format!("unknown quantization scheme {s}"))? }
+        }
+        "glu" => {
+            let a: String = take(attrs, "act")?;
+            Op::Glu { act: GateAct::from_name(&a).ok_or(format!("unknown gate activation {a}"))? }
+        }
         "rope" => {
             let mode: String = take(attrs, "mode")?;
             Op::Rope {

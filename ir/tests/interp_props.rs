@@ -2,7 +2,7 @@
 //! here directly (in f64 where that is simpler), on random shapes.
 
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
-use bitnet_ir::{quant, ActQuant, BinaryOp, DType, Dim, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
+use bitnet_ir::{quant, ActQuant, BinaryOp, DType, Dim, Epilogue, Graph, Op, RopeMode, TensorType, UnaryOp, Value};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -71,7 +71,7 @@ proptest! {
         let xi = input(&mut g, "x", DType::F32, Some(k));
         let q = g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[xi]).unwrap();
         let wv = weight(&mut g, &mut ws, "w", dtype, &[n, k], &values);
-        let y = g.add(Op::TernaryMatMul, &[q, wv]).unwrap();
+        let y = g.add(Op::TernaryMatMul(Epilogue::NONE), &[q, wv]).unwrap();
         g.outputs.push(y);
         let got = run(&g, &ws, &[("x", Tensor::f32(vec![s, k], x.clone()))]);
         for r in 0..s {
@@ -131,7 +131,7 @@ proptest! {
         let xi = input(&mut g, "x", DType::F32, Some(k));
         let q = g.add(Op::QuantizeAct { scheme: ActQuant::Q8K }, &[xi]).unwrap();
         let wv = weight(&mut g, &mut ws, "w", DType::TQ2_0, &[n, k], &values);
-        let y = g.add(Op::TernaryMatMul, &[q, wv]).unwrap();
+        let y = g.add(Op::TernaryMatMul(Epilogue::NONE), &[q, wv]).unwrap();
         g.outputs.push(y);
         let got = run(&g, &ws, &[("x", Tensor::f32(vec![2, k], x.clone()))]);
         for r in 0..2 {

@@ -1,7 +1,7 @@
 //! The text form: hand-written graphs parse, print back identically, and
 //! malformed text or ill-typed graphs are rejected with a reason.
 
-use bitnet_ir::{parse, verify, DType, Dim, Graph, Op, TensorType, UnaryOp};
+use bitnet_ir::{parse, verify, DType, Dim, Epilogue, Graph, Op, TensorType, UnaryOp};
 
 const SMALL: &str = r#"graph "small" {
     v0 = input "tokens" : i32[seq]
@@ -67,7 +67,7 @@ fn builder_infers_types_and_rejects_bad_operands() {
     let x = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(4)]));
     let y = g.add(Op::Unary(UnaryOp::Square), &[x]).unwrap();
     assert_eq!(g.ty(y), &TensorType::new(DType::F32, [Dim::Seq, Dim::Const(4)]));
-    assert!(g.add(Op::TernaryMatMul, &[x, y]).is_err());
+    assert!(g.add(Op::TernaryMatMul(Epilogue::NONE), &[x, y]).is_err());
     assert!(g.add(Op::Embed, &[x]).is_err(), "arity is checked");
     g.outputs.push(y);
     verify(&g).unwrap();

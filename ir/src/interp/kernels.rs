@@ -1,7 +1,7 @@
 //! The meaning of each op, one plain function per op.
 
 use super::{eval_err, EvalError, KvCache, Slot, Tensor, WeightView};
-use crate::{ActQuant, BinaryOp, Op, RopeMode, UnaryOp};
+use crate::{ActQuant, BinaryOp, GateAct, Op, RopeMode, UnaryOp};
 
 pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> Result<Tensor, EvalError> {
     match op {
@@ -13,20 +13,32 @@ pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> 
         }
         Op::QuantizeAct { scheme } => {
             let (shape, x) = f32s(args[0])?;
-            let (q, gamma, block) = match scheme {
-                ActQuant::PerToken => {
-                    let (q, g) = quantize_act(x, shape[1]);
-                    (q, g, shape[1])
-                }
-                ActQuant::Q8K => {
-                    let (q, g) = quantize_q8k(x);
-                    (q, g, 256)
-                }
-            };
-            Ok(Tensor::Q8Row { shape: shape.to_vec(), q, gamma, block })
+            Ok(quantize(shape, x, *scheme))
+        }
+        Op::RmsNormQuant { eps, scheme } => {
+            let (shape, x) = f32s(args[0])?;
+            Ok(quantize(shape, &rms_norm(x, &floats(args[1])?, *eps), *scheme))
         }
         Op::MatMul => matmul(args[0], weight(args[1])?, threads),
-        Op::TernaryMatMul => ternary_matmul(args[0], weight(args[1])?, threads),
+        Op::TernaryMatMul(e) => {
+            let mut y = ternary_matmul(args[0], weight(args[1])?, threads)?;
+            let Tensor::F32 { data, .. } = &mut y else { unreachable!() };
+            let mut extra = args[2..].iter();
+            if e.scale {
+                let s = floats(extra.next().unwrap())?[0];
+                data.iter_mut().for_each(|v| *v = binary(BinaryOp::Mul, *v, s));
+            }
+            if e.residual {
+                let (_, r) = f32s(extra.next().unwrap())?;
+                data.iter_mut().zip(r).for_each(|(v, &r)| *v = binary(BinaryOp::Add, r, *v));
+            }
+            Ok(y)
+        }
+        Op::Glu { act } => {
+            let (shape, gate) = f32s(args[0])?;
+            let (_, up) = f32s(args[1])?;
+            Ok(Tensor::f32(shape.to_vec(), gate.iter().zip(up).map(|(&g, &u)| glu(*act, g, u)).collect()))
+        }
         Op::Rope { mode, theta, head_dim } => {
             let (shape, x) = f32s(args[0])?;
             let mut y = x.to_vec();
@@ -75,6 +87,20 @@ pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> 
             Ok(Tensor::f32(shape.to_vec(), y))
         }
     }
+}
+
+fn quantize(shape: &[usize], x: &[f32], scheme: ActQuant) -> Tensor {
+    let (q, gamma, block) = match scheme {
+        ActQuant::PerToken => {
+            let (q, g) = quantize_act(x, shape[1]);
+            (q, g, shape[1])
+        }
+        ActQuant::Q8K => {
+            let (q, g) = quantize_q8k(x);
+            (q, g, 256)
+        }
+    };
+    Tensor::Q8Row { shape: shape.to_vec(), q, gamma, block }
 }
 
 fn weight<'a, 'w>(s: &'a Slot<'w>) -> Result<&'a WeightView<'w>, EvalError> {
@@ -353,6 +379,15 @@ pub fn unary(u: UnaryOp, x: f32) -> f32 {
         UnaryOp::Exp => x.exp(),
         UnaryOp::Neg => -x,
     }
+}
+
+/// `act(gate) * up`, computed exactly as the unfused ops would.
+pub fn glu(act: GateAct, gate: f32, up: f32) -> f32 {
+    let a = match act {
+        GateAct::Silu => unary(UnaryOp::Silu, gate),
+        GateAct::Relu2 => unary(UnaryOp::Square, unary(UnaryOp::Relu, gate)),
+    };
+    a * up
 }
 
 pub fn binary(b: BinaryOp, x: f32, y: f32) -> f32 {
