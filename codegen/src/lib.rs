@@ -1,73 +1,14 @@
-//! bitnet-codegen: code generation targets.
+//! bitnet-codegen: from an optimized graph to code for a machine.
 //!
-//! Today this crate describes the machine code will be generated for: the
-//! host's architecture and the ISA features detected at run time (never
-//! chosen at build time). The schedule pass, the tile-source trait and the
-//! Cranelift and CUDA lowerings land here with the CPU compiler.
+//! - [`target`]: the machine: architecture and ISA features detected at run
+//!   time (never chosen at build time).
+//! - [`schedule`]: the schedule pass: cuts the graph into kernels, gives
+//!   each a workload key and its tiles (pinned → a [`schedule::TileSource`]
+//!   such as the tuning database → heuristic).
+//! - [`cpu`]: the native kernels and the thread pool they run on.
 
-use std::fmt;
+pub mod cpu;
+pub mod schedule;
+pub mod target;
 
-/// What the host CPU offers, detected when the program runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostCpu {
-    pub arch: &'static str,
-    pub model: String,
-    pub cores: usize,
-    /// ISA extensions that matter to int8 and ternary kernels.
-    pub features: Vec<&'static str>,
-}
-
-impl HostCpu {
-    pub fn detect() -> HostCpu {
-        HostCpu {
-            arch: std::env::consts::ARCH,
-            model: cpu_model().unwrap_or_else(|| "unknown".into()),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            features: features(),
-        }
-    }
-}
-
-impl fmt::Display for HostCpu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}, {} threads available): {}", self.model, self.arch, self.cores, self.features.join(" "))
-    }
-}
-
-fn cpu_model() -> Option<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string())
-}
-
-#[cfg(target_arch = "x86_64")]
-fn features() -> Vec<&'static str> {
-    let mut f = Vec::new();
-    macro_rules! probe {
-        ($($name:tt),*) => { $( if std::is_x86_feature_detected!($name) { f.push($name); } )* };
-    }
-    probe!("sse4.1", "ssse3", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni");
-    f
-}
-
-#[cfg(target_arch = "aarch64")]
-fn features() -> Vec<&'static str> {
-    let mut f = Vec::new();
-    macro_rules! probe {
-        ($($name:tt),*) => { $( if std::arch::is_aarch64_feature_detected!($name) { f.push($name); } )* };
-    }
-    probe!("neon", "dotprod", "i8mm", "fp16");
-    f
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn features() -> Vec<&'static str> {
-    Vec::new()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn detection_is_stable() {
-        assert_eq!(super::HostCpu::detect(), super::HostCpu::detect());
-    }
-}
+pub use target::HostCpu;

@@ -329,21 +329,8 @@ fn attention(
     d: usize,
 ) -> Result<Vec<f32>, EvalError> {
     let kv_row = kv_heads * d;
-    let cache = kv.layer(layer, kv_row);
-    for ((kr, vr), &p) in k.chunks_exact(kv_row).zip(v.chunks_exact(kv_row)).zip(positions) {
-        let held = cache.k.len() / kv_row;
-        let p = p as usize;
-        if p > held {
-            return eval_err(format!("position {p} skips past the {held} cached positions"));
-        }
-        if p == held {
-            cache.k.extend_from_slice(kr);
-            cache.v.extend_from_slice(vr);
-        } else {
-            cache.k[p * kv_row..(p + 1) * kv_row].copy_from_slice(kr);
-            cache.v[p * kv_row..(p + 1) * kv_row].copy_from_slice(vr);
-        }
-    }
+    kv.store(layer, kv_row, positions, k, v)?;
+    let (keys, values) = kv.layer_rows(layer);
     let scale = 1.0 / (d as f32).sqrt();
     let group = heads / kv_heads;
     let mut out = vec![0f32; q.len()];
@@ -354,14 +341,14 @@ fn attention(
             let qh = &q[i * heads * d + h * d..][..d];
             let mut scores: Vec<f32> = (0..n_keys)
                 .map(|t| {
-                    let kt = &cache.k[t * kv_row + kvh * d..][..d];
+                    let kt = &keys[t * kv_row + kvh * d..][..d];
                     qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
                 })
                 .collect();
             softmax(&mut scores);
             let o = &mut out[i * heads * d + h * d..][..d];
             for (t, &w) in scores.iter().enumerate() {
-                let vt = &cache.v[t * kv_row + kvh * d..][..d];
+                let vt = &values[t * kv_row + kvh * d..][..d];
                 for (oj, &vj) in o.iter_mut().zip(vt) {
                     *oj += w * vj;
                 }

@@ -146,6 +146,36 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()
     }
+    /// Writes the keys and values of `positions` (rows of `row` floats)
+    /// into layer `layer`. A position may overwrite a cached one or follow
+    /// the last, never skip ahead.
+    pub fn store(&mut self, layer: usize, row: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError> {
+        let cache = self.layer(layer, row);
+        if cache.row != row {
+            return eval_err(format!("layer {layer} caches rows of {}, got {row}", cache.row));
+        }
+        for ((kr, vr), &p) in k.chunks_exact(row).zip(v.chunks_exact(row)).zip(positions) {
+            let held = cache.k.len() / row;
+            let p = p as usize;
+            if p > held {
+                return eval_err(format!("position {p} skips past the {held} cached positions"));
+            }
+            if p == held {
+                cache.k.extend_from_slice(kr);
+                cache.v.extend_from_slice(vr);
+            } else {
+                cache.k[p * row..(p + 1) * row].copy_from_slice(kr);
+                cache.v[p * row..(p + 1) * row].copy_from_slice(vr);
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer `layer`'s keys and values, one row per cached position.
+    pub fn layer_rows(&self, layer: usize) -> (&[f32], &[f32]) {
+        self.layers.get(layer).map_or((&[][..], &[][..]), |l| (&l.k[..], &l.v[..]))
+    }
+
     fn layer(&mut self, i: usize, row: usize) -> &mut LayerCache {
         if self.layers.len() <= i {
             self.layers.resize_with(i + 1, LayerCache::default);

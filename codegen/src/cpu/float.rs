@@ -1,0 +1,163 @@
+//! Float matrix products `x · wᵀ` with f32 activations: the output head
+//! (f16 as stored, or f32) and the projections of non-ternary models.
+//! Other stored types are dequantized a row at a time.
+
+use super::pool::{share, Pool, SharedMut};
+use super::Isa;
+use bitnet_ir::interp::WeightView;
+use bitnet_ir::DType;
+
+/// `out[t, n] = x[t] · w[n]` for `s` tokens, rows split over the workers.
+pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32]) {
+    let (n, k) = (w.rows(), w.row_len());
+    let s = x.len() / k.max(1);
+    assert!(out.len() == s * n && x.len() == s * k, "float matmul: mismatched operands");
+    let dst = SharedMut(out.as_mut_ptr());
+    let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
+    pool.run(&|me, workers| {
+        let dst = dst;
+        let mut scratch = vec![0f32; k];
+        for r in share(n, me, workers) {
+            let direct = match w.dtype {
+                DType::F16 if s == 1 => Some(&w.data[r * row_bytes..(r + 1) * row_bytes]),
+                _ => None,
+            };
+            if direct.is_none() {
+                row_f32(isa, w, r, &mut scratch);
+            }
+            for t in 0..s {
+                let xt = &x[t * k..(t + 1) * k];
+                let v = match direct {
+                    Some(bytes) => dot_f16(isa, xt, bytes),
+                    None => dot(isa, xt, &scratch),
+                };
+                // SAFETY: row r belongs to this worker alone.
+                unsafe { *dst.0.add(t * n + r) = v };
+            }
+        }
+    });
+}
+
+/// Row `r` of `w` as f32.
+fn row_f32(isa: Isa, w: &WeightView, r: usize, out: &mut [f32]) {
+    let k = out.len();
+    match w.dtype {
+        DType::F16 => f16_to_f32(isa, &w.data[r * 2 * k..(r + 1) * 2 * k], out),
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(w.data[r * 4 * k..(r + 1) * 4 * k].chunks_exact(4)) {
+                *o = f32::from_le_bytes(b.try_into().unwrap());
+            }
+        }
+        _ => w.row(r).dequantize(out),
+    }
+}
+
+/// `Σ a·b`.
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        _ => reference_dot(a, b),
+    }
+}
+
+/// `Σ a·b` with `b` stored as f16 bytes.
+pub fn dot_f16(isa: Isa, a: &[f32], b: &[u8]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::dot_f16(a, b) },
+        _ => a.iter().zip(b.chunks_exact(2)).map(|(&x, h)| x * half::f16::from_le_bytes([h[0], h[1]]).to_f32()).sum(),
+    }
+}
+
+pub fn f16_to_f32(isa: Isa, src: &[u8], out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::f16_to_f32(src, out) },
+        _ => {
+            for (o, h) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
+            }
+        }
+    }
+}
+
+/// The plain dot product, in order (the interpreter's).
+pub fn reference_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// Four independent accumulators of eight lanes, then the tail in order.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * j)), _mm256_loadu_ps(pb.add(i + 8 * j)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(a: &[f32], b: &[u8]) -> f32 {
+        let n = a.len().min(b.len() / 2);
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let load = |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(pb.add(2 * i) as *const __m128i));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * j)), load(i + 8 * j), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load(i), acc[0]);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        while i < n {
+            s += a[i] * half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn f16_to_f32(src: &[u8], out: &mut [f32]) {
+        let n = out.len().min(src.len() / 2);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i)));
+            i += 8;
+        }
+        for j in i..n {
+            out[j] = half::f16::from_le_bytes([src[2 * j], src[2 * j + 1]]).to_f32();
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The graph's other kernels: norms with activation quantization,
+//! attention over the KV cache, RoPE and elementwise ops, all writing into
+//! buffers the caller owns. Their arithmetic is the interpreter's, in the
+//! same order, so their results are identical to it; only the work is
+//! spread over threads and fused passes.
+
+use super::pool::{share, Pool, SharedMut};
+use super::ternary::QuantActs;
+use bitnet_ir::interp::{kernels, EvalError, KvCache};
+use bitnet_ir::{GateAct, RopeMode};
+
+/// `1 / sqrt(mean(x²) + eps)`, as the interpreter's `rms_norm` computes it.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let mean_sq = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
+    1.0 / ((mean_sq as f32) + eps).sqrt()
+}
+
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let k = w.len();
+    for (o, xr) in out.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+        let s = inv_rms(xr, eps);
+        for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w) {
+            *o = v * s * g;
+        }
+    }
+}
+
+/// BitNet's per-token quantization of rows of `k` into `out`, with each
+/// row's `Σ q`; normalized first by `norm = (w, eps)` when given.
+pub fn quantize_rows(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut QuantActs) {
+    let s = x.len() / k.max(1);
+    out.resize(s, k);
+    let mut row = vec![0f32; k];
+    for t in 0..s {
+        let xr = &x[t * k..(t + 1) * k];
+        match norm {
+            Some((w, eps)) => {
+                let scale = inv_rms(xr, eps);
+                for ((o, &v), &g) in row.iter_mut().zip(xr).zip(w) {
+                    *o = v * scale * g;
+                }
+            }
+            None => row.copy_from_slice(xr),
+        }
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+        let g = 127.0 / amax;
+        let q = &mut out.q[t * out.kp..t * out.kp + k];
+        let mut sum = 0i32;
+        for (o, &v) in q.iter_mut().zip(&row) {
+            *o = (v * g).round().clamp(-128.0, 127.0) as i8;
+            sum += *o as i32;
+        }
+        out.gamma[t] = g;
+        out.sum[t] = sum;
+    }
+}
+
+pub fn rope(x: &[f32], out: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, head_dim: usize) {
+    out.copy_from_slice(x);
+    kernels::rope(out, row, positions, mode, theta, head_dim);
+}
+
+pub fn glu(act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = kernels::glu(act, g, u);
+    }
+}
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub layer: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Stores `k` and `v` at `positions`, then each query attends causally to
+/// the cache; the (token, head) pairs are split over the workers.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(pool: &Pool, a: AttentionShape, q: &[f32], k: &[f32], v: &[f32], positions: &[i32], kv: &mut KvCache, out: &mut [f32]) -> Result<(), EvalError> {
+    let d = a.head_dim;
+    let kv_row = a.kv_heads * d;
+    kv.store(a.layer, kv_row, positions, k, v)?;
+    let (keys, values) = kv.layer_rows(a.layer);
+    let scale = 1.0 / (d as f32).sqrt();
+    let group = a.heads / a.kv_heads;
+    let pairs = positions.len() * a.heads;
+    let dst = SharedMut(out.as_mut_ptr());
+    pool.run(&|me, workers| {
+        let dst = dst;
+        let mut scores = Vec::new();
+        for pair in share(pairs, me, workers) {
+            let (i, h) = (pair / a.heads, pair % a.heads);
+            let n_keys = positions[i] as usize + 1;
+            let kvh = h / group;
+            let qh = &q[(i * a.heads + h) * d..][..d];
+            scores.clear();
+            scores.extend((0..n_keys).map(|t| {
+                let kt = &keys[t * kv_row + kvh * d..][..d];
+                qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
+            }));
+            kernels::softmax(&mut scores);
+            // SAFETY: each (token, head) pair's output belongs to one worker.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((i * a.heads + h) * d), d) };
+            o.fill(0.0);
+            for (t, &w) in scores.iter().enumerate() {
+                let vt = &values[t * kv_row + kvh * d..][..d];
+                for (oj, &vj) in o.iter_mut().zip(vt) {
+                    *oj += w * vj;
+                }
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! A persistent thread pool with cheap dispatch.
+//!
+//! Decode runs a few hundred kernels per token, so starting a job must cost
+//! far less than the job. Workers spin on an epoch counter for a while
+//! after each job (the next one usually comes within microseconds), then
+//! sleep on a condition variable. The calling thread is worker 0, so a
+//! pool of one thread never switches threads at all.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// A job: called once per worker with `(worker, workers)`.
+type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// How long an idle worker spins before it sleeps.
+const SPIN_ROUNDS: u32 = 1 << 16;
+
+struct Shared {
+    epoch: AtomicU64,
+    /// The current job, its lifetime erased; valid while `pending > 0`.
+    job: Mutex<Option<Job<'static>>>,
+    pending: AtomicUsize,
+    sleepers: AtomicUsize,
+    panicked: AtomicBool,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    threads: usize,
+}
+
+impl Pool {
+    /// A pool of `threads` workers, counting the caller.
+    pub fn new(threads: usize) -> Pool {
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: Mutex::new(None),
+            pending: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let workers = (1..threads)
+            .map(|w| {
+                let shared = shared.clone();
+                std::thread::Builder::new().name(format!("bitnet-worker-{w}")).spawn(move || worker(&shared, w, threads)).expect("spawning a worker thread")
+            })
+            .collect();
+        Pool { shared, workers, threads }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f(worker, workers)` on every worker and returns when all are done.
+    pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+        if self.threads == 1 {
+            return f(0, 1);
+        }
+        let s = &*self.shared;
+        // SAFETY: the job is only reached through `s.job` while `pending`
+        // is above zero, and this function does not return before it is 0.
+        let erased: Job<'static> = unsafe { std::mem::transmute::<Job<'_>, Job<'static>>(f) };
+        *s.job.lock().unwrap() = Some(erased);
+        s.pending.store(self.threads - 1, Ordering::SeqCst);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = s.lock.lock().unwrap();
+            s.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| f(0, self.threads)));
+        let mut spins = 0u32;
+        while s.pending.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < SPIN_ROUNDS {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        *s.job.lock().unwrap() = None;
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a worker thread panicked in a kernel");
+        }
+    }
+}
+
+fn worker(s: &Shared, me: usize, workers: usize) {
+    let mut seen = 0u64;
+    loop {
+        let mut spins = 0u32;
+        let epoch = loop {
+            let e = s.epoch.load(Ordering::Acquire);
+            if e != seen || s.stop.load(Ordering::Acquire) {
+                break e;
+            }
+            spins += 1;
+            if spins < SPIN_ROUNDS {
+                std::hint::spin_loop();
+                continue;
+            }
+            s.sleepers.fetch_add(1, Ordering::SeqCst);
+            let mut guard = s.lock.lock().unwrap();
+            while s.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
+                guard = s.wake.wait(guard).unwrap();
+            }
+            drop(guard);
+            s.sleepers.fetch_sub(1, Ordering::SeqCst);
+            spins = 0;
+        };
+        if s.stop.load(Ordering::Acquire) {
+            return;
+        }
+        seen = epoch;
+        let job = *s.job.lock().unwrap();
+        if let Some(job) = job {
+            if catch_unwind(AssertUnwindSafe(|| job(me, workers))).is_err() {
+                s.panicked.store(true, Ordering::SeqCst);
+            }
+        }
+        s.pending.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        {
+            let _guard = self.shared.lock.lock().unwrap();
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The share `[start, end)` of `n` items that worker `w` of `workers` takes:
+/// contiguous, so each worker streams one stretch of the weights.
+pub fn share(n: usize, w: usize, workers: usize) -> std::ops::Range<usize> {
+    (n * w / workers)..(n * (w + 1) / workers)
+}
+
+/// A pointer that workers write disjoint parts of.
+#[derive(Clone, Copy)]
+pub struct SharedMut<T>(pub *mut T);
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_runs_every_job_once() {
+        for threads in [1, 2, 3] {
+            let pool = Pool::new(threads);
+            let count = AtomicUsize::new(0);
+            for _ in 0..1000 {
+                pool.run(&|_, n| {
+                    assert_eq!(n, threads);
+                    count.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            assert_eq!(count.load(Ordering::Relaxed), 1000 * threads);
+        }
+    }
+
+    #[test]
+    fn workers_wake_after_sleeping() {
+        let pool = Pool::new(2);
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn shares_cover_everything_once() {
+        for n in [0, 1, 7, 100] {
+            for workers in 1..5 {
+                let total: usize = (0..workers).map(|w| share(n, w, workers).len()).sum();
+                assert_eq!(total, n);
+            }
+        }
+    }
+}

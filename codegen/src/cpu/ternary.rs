@@ -1,0 +1,305 @@
+//! Ternary matrix products over int8 activations: the packed weight
+//! layout, a scalar reference kernel, and native AVX2 micro-kernels.
+//!
+//! Layout. Each weight is stored as its code `value + 1` (0, 1 or 2) in
+//! two bits. A row of `k` weights is padded with zeros to `kp`, a multiple
+//! of 128, and cut into chunks of 128 weights in 32 bytes: byte `j` of a
+//! chunk holds weights `j`, `j + 32`, `j + 64`, `j + 96` in bits 7:6, 5:4,
+//! 3:2 and 1:0 (bitnet.cpp's I2_S order, so one shift and one mask give 32
+//! consecutive codes). Rows go in tiles of `rows`: for each chunk, the
+//! tile's rows follow each other, so a multi-row kernel reads one stream.
+//!
+//! Arithmetic. With codes `c = w + 1`, `Σ w·x = Σ c·x − Σ x`: the kernels
+//! multiply unsigned codes by signed activations (`pmaddubsw`) and subtract
+//! each token's `Σ x` once. The result, `((dot as f32) · β) / γ`, then the
+//! epilogue, is the interpreter's arithmetic for one scale per tensor.
+
+use super::pool::{share, Pool, SharedMut};
+use super::Isa;
+use bitnet_ir::interp::WeightView;
+
+/// Weights per chunk, and its bytes.
+pub const CHUNK: usize = 128;
+const CHUNK_BYTES: usize = 32;
+
+/// Tile parameters of the ternary kernels. Rows per step fix the weight
+/// layout; tokens per step only how prefill walks the activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct TernaryTiles {
+    pub isa: Isa,
+    /// Output rows computed together (1, 2 or 4).
+    pub rows: usize,
+    /// Tokens computed together in prefill (1, 2 or 4).
+    pub tokens: usize,
+}
+
+impl TernaryTiles {
+    pub const ROWS: [usize; 3] = [1, 2, 4];
+    pub const TOKENS: [usize; 3] = [1, 2, 4];
+
+    pub fn is_valid(&self) -> bool {
+        Self::ROWS.contains(&self.rows) && Self::TOKENS.contains(&self.tokens) && self.isa.available()
+    }
+}
+
+impl std::fmt::Display for TernaryTiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "isa={} rows={} tokens={}", self.isa.name(), self.rows, self.tokens)
+    }
+}
+
+/// A ternary weight matrix `[n, k]` in the kernels' layout.
+pub struct PackedTernary {
+    pub n: usize,
+    pub k: usize,
+    /// `k` rounded up to a whole chunk.
+    pub kp: usize,
+    /// Rows per tile.
+    pub rows: usize,
+    /// β: the one weight scale.
+    pub scale: f32,
+    data: Vec<u8>,
+}
+
+impl PackedTernary {
+    /// Packs rows given as values −1, 0, 1, `codes(r, out)` filling row `r`.
+    pub fn from_rows(n: usize, k: usize, rows: usize, scale: f32, mut codes: impl FnMut(usize, &mut [i8])) -> PackedTernary {
+        let kp = k.div_ceil(CHUNK) * CHUNK;
+        let tiles = n.div_ceil(rows);
+        let chunks = kp / CHUNK;
+        // Padding (rows past n, weights past k) holds code 1, the value 0.
+        let mut data = vec![0x55u8; tiles * rows * chunks * CHUNK_BYTES];
+        let mut row = vec![0i8; kp];
+        for r in 0..n {
+            row.fill(0);
+            codes(r, &mut row[..k]);
+            let (tile, in_tile) = (r / rows, r % rows);
+            for c in 0..chunks {
+                let at = ((tile * chunks + c) * rows + in_tile) * CHUNK_BYTES;
+                let w = &row[c * CHUNK..(c + 1) * CHUNK];
+                for (j, byte) in data[at..at + CHUNK_BYTES].iter_mut().enumerate() {
+                    let code = |i: usize| (w[j + 32 * i] + 1) as u8;
+                    *byte = code(0) << 6 | code(1) << 4 | code(2) << 2 | code(3);
+                }
+            }
+        }
+        PackedTernary { n, k, kp, rows, scale, data }
+    }
+
+    /// Repacks a stored ternary tensor (I2_S, TQ2_0, TQ1_0). The kernels
+    /// apply one scale per tensor: blocks of a TQ tensor must share theirs
+    /// (all-zero blocks, whose scale does not matter, excepted).
+    pub fn from_weight(w: &WeightView, rows: usize) -> Result<PackedTernary, String> {
+        let (n, k) = (w.rows(), w.row_len());
+        let mut scale: Option<f32> = None;
+        let mut scales = Vec::new();
+        let mut err = None;
+        let packed = PackedTernary::from_rows(n, k, rows, 0.0, |r, out| {
+            let block = w.row(r).ternary(out, &mut scales);
+            for (b, &d) in scales.iter().enumerate() {
+                let zero = out[b * block..((b + 1) * block).min(k)].iter().all(|&c| c == 0);
+                match scale {
+                    _ if zero => {}
+                    None => scale = Some(d),
+                    Some(s) if s.to_bits() == d.to_bits() => {}
+                    Some(s) if err.is_none() => err = Some(format!("row {r}, block {b} has scale {d} where earlier blocks have {s}")),
+                    Some(_) => {}
+                }
+            }
+        });
+        match err {
+            Some(e) => Err(format!("per-block scales differ ({e}); the compiled kernels need one scale per tensor (run it with --backend interp)")),
+            None => Ok(PackedTernary { scale: scale.unwrap_or(0.0), ..packed }),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn chunks(&self) -> usize {
+        self.kp / CHUNK
+    }
+
+    fn tile(&self, t: usize) -> &[u8] {
+        let len = self.rows * self.chunks() * CHUNK_BYTES;
+        &self.data[t * len..(t + 1) * len]
+    }
+}
+
+/// Activations quantized to int8 per token, padded with zeros to `kp`,
+/// with each token's γ and `Σ q`.
+#[derive(Clone, Debug, Default)]
+pub struct QuantActs {
+    pub k: usize,
+    pub kp: usize,
+    pub q: Vec<i8>,
+    pub gamma: Vec<f32>,
+    pub sum: Vec<i32>,
+}
+
+impl QuantActs {
+    pub fn tokens(&self) -> usize {
+        self.gamma.len()
+    }
+    /// Sizes the buffers for `s` tokens of `k` values.
+    pub fn resize(&mut self, s: usize, k: usize) {
+        self.k = k;
+        self.kp = k.div_ceil(CHUNK) * CHUNK;
+        self.q.clear();
+        self.q.resize(s * self.kp, 0);
+        self.gamma.resize(s, 0.0);
+        self.sum.resize(s, 0);
+    }
+    pub fn row(&self, t: usize) -> &[i8] {
+        &self.q[t * self.kp..(t + 1) * self.kp]
+    }
+}
+
+/// What happens to each result: `((dot · β) / γ) · scale + residual`.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub scale: Option<f32>,
+    /// `[tokens, n]`, added last.
+    pub residual: Option<&'a [f32]>,
+}
+
+#[inline(always)]
+fn finish(dot: i32, x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> f32 {
+    let mut v = ((dot - x.sum[t]) as f32 * w.scale) / x.gamma[t];
+    if let Some(s) = ep.scale {
+        v *= s;
+    }
+    if let Some(r) = ep.residual {
+        v = r[t * w.n + n] + v;
+    }
+    v
+}
+
+/// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, the row
+/// tiles split over the pool's workers.
+pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
+    assert!(tiles.rows == w.rows && x.kp == w.kp && out.len() == x.tokens() * w.n, "ternary matmul: mismatched operands");
+    assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
+    let dst = SharedMut(out.as_mut_ptr());
+    let n_tiles = w.n.div_ceil(w.rows);
+    pool.run(&|me, workers| {
+        let dst = dst;
+        let mut dots = [[0i32; 4]; 4];
+        for t in share(n_tiles, me, workers) {
+            let mut tok = 0;
+            while tok < x.tokens() {
+                let step = if x.tokens() - tok >= tiles.tokens { tiles.tokens } else { 1 };
+                tile_dots(tiles.isa, w, t, x, tok, step, &mut dots);
+                for r in 0..w.rows {
+                    let n = t * w.rows + r;
+                    if n >= w.n {
+                        break;
+                    }
+                    for (j, &dot) in dots[r][..step].iter().enumerate() {
+                        // SAFETY: rows of tile `t` belong to this worker alone.
+                        unsafe { *dst.0.add((tok + j) * w.n + n) = finish(dot, x, tok + j, w, &ep, n) };
+                    }
+                }
+                tok += step;
+            }
+        }
+    });
+}
+
+/// The code-times-activation sums of tile `t` against tokens `tok..tok+step`.
+fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
+    match isa {
+        Isa::Scalar => reference_dots(w, t, x, tok, step, dots),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("checked by matmul"),
+    }
+}
+
+/// The plain kernel: unpack each code and multiply.
+fn reference_dots(w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
+    let tile = w.tile(t);
+    for r in 0..w.rows {
+        for j in 0..step {
+            let xs = x.row(tok + j);
+            let mut dot = 0i32;
+            for c in 0..w.chunks() {
+                let bytes = &tile[(c * w.rows + r) * CHUNK_BYTES..][..CHUNK_BYTES];
+                for (b, &byte) in bytes.iter().enumerate() {
+                    for i in 0..4 {
+                        let code = (byte >> (6 - 2 * i)) & 3;
+                        dot += code as i32 * xs[c * CHUNK + 32 * i + b] as i32;
+                    }
+                }
+            }
+            dots[r][j] = dot;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{QuantActs, CHUNK, CHUNK_BYTES};
+    use std::arch::x86_64::*;
+
+    pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
+        let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+        // SAFETY: `matmul` checked that AVX2 is present; `tile` holds
+        // `chunks` chunks of `rows` rows and every activation row `kp` values.
+        unsafe {
+            match (rows, step) {
+                (1, 1) => run::<1, 1>(tile, chunks, &xs, out),
+                (1, 2) => run::<1, 2>(tile, chunks, &xs, out),
+                (1, 4) => run::<1, 4>(tile, chunks, &xs, out),
+                (2, 1) => run::<2, 1>(tile, chunks, &xs, out),
+                (2, 2) => run::<2, 2>(tile, chunks, &xs, out),
+                (2, 4) => run::<2, 4>(tile, chunks, &xs, out),
+                (4, 1) => run::<4, 1>(tile, chunks, &xs, out),
+                (4, 2) => run::<4, 2>(tile, chunks, &xs, out),
+                (4, 4) => run::<4, 4>(tile, chunks, &xs, out),
+                _ => unreachable!("tiles are validated"),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn run<const R: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); T]; R];
+        let w = tile.as_ptr();
+        for c in 0..chunks {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let b = _mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i);
+                let w0 = _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask);
+                let w1 = _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask);
+                let w2 = _mm256_and_si256(_mm256_srli_epi16::<2>(b), mask);
+                let w3 = _mm256_and_si256(b, mask);
+                for (j, a) in acc_r.iter_mut().enumerate() {
+                    let xp = xs[j].add(c * CHUNK) as *const __m256i;
+                    let p0 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256(xp));
+                    let p1 = _mm256_maddubs_epi16(w1, _mm256_loadu_si256(xp.add(1)));
+                    let p2 = _mm256_maddubs_epi16(w2, _mm256_loadu_si256(xp.add(2)));
+                    let p3 = _mm256_maddubs_epi16(w3, _mm256_loadu_si256(xp.add(3)));
+                    // |each| ≤ 2·2·128 = 512, their sum ≤ 2048: no i16 overflow.
+                    let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(s, ones));
+                }
+            }
+        }
+        for r in 0..R {
+            for j in 0..T {
+                out[r][j] = hsum(acc[r][j]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_hadd_epi32(s, s);
+        _mm_cvtsi128_si32(_mm_hadd_epi32(s, s))
+    }
+}

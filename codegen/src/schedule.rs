@@ -1,0 +1,154 @@
+//! The schedule pass: which kernel computes each node of an optimized
+//! graph, and with which tiles.
+//!
+//! A kernel with tile knobs (today the matrix products) gets a workload key,
+//! the canonical description of its work (op, weight type, dims), and tiles
+//! from the first of: the user's pinned choice, a [`TileSource`] (the tuning
+//! database), the heuristic. The step records where its tiles came from.
+//! Ops the native kernels do not cover are refused here, with the reason,
+//! before any weight is touched.
+
+use crate::cpu::ternary::TernaryTiles;
+use crate::cpu::Isa;
+use bitnet_ir::{ActQuant, DType, Graph, Op, Value};
+use std::fmt;
+
+/// The canonical description of a kernel's work: equal keys, same best tiles.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadKey(pub String);
+
+impl fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Tiles {
+    Ternary(TernaryTiles),
+    Float { isa: Isa },
+}
+
+impl fmt::Display for Tiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tiles::Ternary(t) => write!(f, "{t}"),
+            Tiles::Float { isa } => write!(f, "isa={}", isa.name()),
+        }
+    }
+}
+
+/// Where a step's tiles came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TileOrigin {
+    Pinned,
+    Database,
+    Heuristic,
+}
+
+impl TileOrigin {
+    pub fn name(self) -> &'static str {
+        match self {
+            TileOrigin::Pinned => "pinned",
+            TileOrigin::Database => "database",
+            TileOrigin::Heuristic => "heuristic",
+        }
+    }
+}
+
+/// Tiles measured elsewhere, e.g. the autotuner's database.
+pub trait TileSource {
+    fn tiles(&self, key: &WorkloadKey) -> Option<Tiles>;
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Step {
+    pub value: Value,
+    pub key: WorkloadKey,
+    pub tiles: Tiles,
+    pub origin: TileOrigin,
+}
+
+/// The tiled steps of a graph, in graph order. Nodes without tile knobs
+/// run their one kernel and have no step.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Schedule {
+    pub steps: Vec<Step>,
+}
+
+impl Schedule {
+    pub fn tiles(&self, v: Value) -> Option<Tiles> {
+        self.steps.iter().find(|s| s.value == v).map(|s| s.tiles)
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "schedule {{")?;
+        for s in &self.steps {
+            writeln!(f, "    {} {}: {} ({})", s.value, s.key, s.tiles, s.origin.name())?;
+        }
+        writeln!(f, "}}")
+    }
+}
+
+/// Choices fixed by the user; they win over everything else.
+#[derive(Clone, Debug, Default)]
+pub struct Pinned {
+    pub ternary: Option<TernaryTiles>,
+    pub isa: Option<Isa>,
+}
+
+/// The tiles a step gets when nothing else decides: the widest ISA, four
+/// rows per step and four tokens per step in prefill.
+pub fn heuristic(key: &WorkloadKey, isa: Isa) -> Tiles {
+    if key.0.starts_with("ternary_matmul") {
+        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens: 4 })
+    } else {
+        Tiles::Float { isa }
+    }
+}
+
+/// Schedules every node of `g` for the host CPU.
+pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> Result<Schedule, String> {
+    let isa = pinned.isa.unwrap_or_else(Isa::best);
+    if !isa.available() {
+        return Err(format!("this CPU cannot run {} kernels", isa.name()));
+    }
+    let mut steps = Vec::new();
+    for (v, node) in g.iter() {
+        let refuse = |why: &str| Err(format!("{v} = {}: the compiled backend {why}; run it with --backend interp", node.op.mnemonic()));
+        let key = match &node.op {
+            Op::QuantizeAct { scheme: ActQuant::Q8K } | Op::RmsNormQuant { scheme: ActQuant::Q8K, .. } => {
+                return refuse("quantizes activations per token only (not llama.cpp's q8_k blocks)")
+            }
+            Op::TernaryMatMul(_) | Op::MatMul => {
+                let w = g.ty(node.args[1]);
+                if matches!(node.op, Op::MatMul) && g.ty(node.args[0]).dtype == DType::Q8Row {
+                    return refuse("multiplies float weights by float activations only");
+                }
+                WorkloadKey(format!("{} n={} k={} w={}", node.op.mnemonic(), w.shape[0], w.shape[1], w.dtype))
+            }
+            _ => continue,
+        };
+        let (tiles, origin) = match (&node.op, pinned.ternary) {
+            (Op::TernaryMatMul(_), Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
+            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key)) {
+                Some(t) => (t, TileOrigin::Database),
+                None => (heuristic(&key, isa), TileOrigin::Heuristic),
+            },
+        };
+        if !valid(&tiles, &key) {
+            return Err(format!("{v}: tiles {tiles} cannot run {key} on this CPU"));
+        }
+        steps.push(Step { value: v, key, tiles, origin });
+    }
+    Ok(Schedule { steps })
+}
+
+fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
+    match t {
+        Tiles::Ternary(t) => key.0.starts_with("ternary_matmul") && t.is_valid(),
+        Tiles::Float { isa } => !key.0.starts_with("ternary_matmul") && isa.available(),
+    }
+}

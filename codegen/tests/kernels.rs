@@ -1,0 +1,165 @@
+//! Every native kernel against its plain reference and the interpreter, on
+//! awkward sizes, random tiles, one and two threads. Integer accumulations
+//! must agree exactly; float results within the budgets stated here.
+
+use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, TernaryTiles};
+use bitnet_codegen::cpu::{float, ops, Isa, Pool};
+use bitnet_ir::interp::{Interpreter, KvCache, Tensor, WeightSource};
+use bitnet_ir::{quant, ActQuant, DType, Dim, Graph, Op, TensorType};
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+type Weights = HashMap<String, (DType, Vec<usize>, Vec<u8>)>;
+
+/// Float budget: |a − b| ≤ REL · Σ|terms| + ABS, for sums reordered by SIMD.
+const REL: f32 = 1e-5;
+const ABS: f32 = 1e-6;
+
+fn isas() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|i| i.available()).collect()
+}
+
+fn tiles() -> impl Strategy<Value = TernaryTiles> {
+    (prop::sample::select(isas()), prop::sample::select(TernaryTiles::ROWS.to_vec()), prop::sample::select(TernaryTiles::TOKENS.to_vec()))
+        .prop_map(|(isa, rows, tokens)| TernaryTiles { isa, rows, tokens })
+}
+
+fn acts(s: usize, k: usize, x: &[i8]) -> QuantActs {
+    let mut a = QuantActs::default();
+    a.resize(s, k);
+    for t in 0..s {
+        a.q[t * a.kp..t * a.kp + k].copy_from_slice(&x[t * k..(t + 1) * k]);
+        a.sum[t] = x[t * k..(t + 1) * k].iter().map(|&v| v as i32).sum();
+        a.gamma[t] = 1.0;
+    }
+    a
+}
+
+fn awkward() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), Just(3), Just(783), Just(2592), 1usize..300]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// With β = γ = 1 the kernel's result is the integer dot product exactly.
+    #[test]
+    fn ternary_dots_are_exact(
+        (n, k, s) in (awkward(), awkward(), 1usize..7),
+        t in tiles(),
+        threads in 1usize..3,
+        seed in any::<u64>(),
+    ) {
+        let n = n.min(300);
+        let mut rng = seed;
+        let mut next = move || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
+        let w: Vec<i8> = (0..n * k).map(|_| (next() % 3) as i8 - 1).collect();
+        let x: Vec<i8> = (0..s * k).map(|_| (next() % 256) as i32 as i8).collect();
+        let packed = PackedTernary::from_rows(n, k, t.rows, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+        let a = acts(s, k, &x);
+        let mut out = vec![0f32; s * n];
+        ternary::matmul(&Pool::new(threads), t, &packed, &a, &mut out, Epilogue::default());
+        for tok in 0..s {
+            for r in 0..n {
+                let want: i32 = (0..k).map(|i| w[r * k + i] as i32 * x[tok * k + i] as i32).sum();
+                prop_assert_eq!(out[tok * n + r], want as f32, "token {} row {}", tok, r);
+            }
+        }
+    }
+
+    /// Stored ternary formats, repacked, against the interpreter's
+    /// `ternary_matmul` with its scale and a residual epilogue.
+    #[test]
+    fn ternary_matmul_matches_the_interpreter(
+        (n, kb, s) in (prop_oneof![Just(1usize), Just(3), Just(37)], 1usize..4, 1usize..6),
+        dtype in prop::sample::select(vec![DType::I2S, DType::TQ2_0, DType::TQ1_0]),
+        t in tiles(),
+        threads in 1usize..3,
+        seed in any::<u32>(),
+    ) {
+        let k = kb * 256;
+        let beta = 0.03125 + (seed % 7) as f32 * 0.25;
+        let values: Vec<f32> = (0..n * k).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 30) as f32 % 3.0 - 1.0).map(|c| c * beta).collect();
+        let x: Vec<f32> = (0..s * k).map(|i| (((i as u32).wrapping_mul(40503).wrapping_add(seed) % 2001) as f32 - 1000.0) / 250.0).collect();
+        let residual: Vec<f32> = (0..s * n).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let mut ws = Weights::new();
+        ws.insert("w".into(), (dtype, vec![n, k], quant::quantize(dtype, &values)));
+        let mut g = Graph::new("t");
+        let xi = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+        let ri = g.leaf(Op::Input { name: "r".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(n)]));
+        let q = g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[xi]).unwrap();
+        let wv = g.leaf(Op::Weight { name: "w".into() }, TensorType::fixed(dtype, &[n, k]));
+        let y = g.add(Op::TernaryMatMul(bitnet_ir::Epilogue { scale: false, residual: true }), &[q, wv, ri]).unwrap();
+        g.outputs.push(y);
+        let inputs = [("x", Tensor::f32(vec![s, k], x.clone())), ("r", Tensor::f32(vec![s, n], residual.clone()))];
+        let want = Interpreter::new(&ws, 1).eval(&g, &inputs, &mut KvCache::new()).unwrap().pop().unwrap();
+        let want = want.as_f32().unwrap();
+
+        let packed = PackedTernary::from_weight(&ws.weight("w").unwrap(), t.rows).unwrap();
+        let mut a = QuantActs::default();
+        ops::quantize_rows(&x, k, None, &mut a);
+        let mut out = vec![0f32; s * n];
+        ternary::matmul(&Pool::new(threads), t, &packed, &a, &mut out, Epilogue { scale: None, residual: Some(&residual) });
+        for (i, (&got, &want)) in out.iter().zip(want).enumerate() {
+            // TQ blocks each multiply by β before summing; the kernel once.
+            let budget = REL * (want - residual[i]).abs().max(1.0) * kb as f32 + ABS;
+            prop_assert!((got - want).abs() <= budget, "{}: {} vs {}", i, got, want);
+        }
+    }
+
+    #[test]
+    fn float_dots_match_the_plain_sum(k in awkward(), seed in any::<u32>()) {
+        let a: Vec<f32> = (0..k).map(|i| ((i as u32 ^ seed) % 97) as f32 / 13.0 - 3.0).collect();
+        let b: Vec<f32> = (0..k).map(|i| ((i as u32).wrapping_mul(31).wrapping_add(seed) % 89) as f32 / 11.0 - 4.0).collect();
+        let bytes: Vec<u8> = b.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let bh: Vec<f32> = b.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let mass: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+        let want = float::reference_dot(&a, &b);
+        let want_h = float::reference_dot(&a, &bh);
+        for isa in isas() {
+            prop_assert!((float::dot(isa, &a, &b) - want).abs() <= REL * mass + ABS);
+            prop_assert!((float::dot_f16(isa, &a, &bytes) - want_h).abs() <= REL * mass + ABS);
+            let mut conv = vec![0f32; k];
+            float::f16_to_f32(isa, &bytes, &mut conv);
+            prop_assert_eq!(&conv, &bh);
+        }
+    }
+
+    /// The head and float projections against the interpreter's matmul.
+    #[test]
+    fn float_matmul_matches_the_interpreter(
+        (n, k, s) in (prop_oneof![Just(1usize), Just(3), Just(61)], prop_oneof![Just(32usize), Just(256), Just(2592)], 1usize..4),
+        dtype in prop::sample::select(vec![DType::F16, DType::F32, DType::Q8_0]),
+        threads in 1usize..3,
+    ) {
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
+        let x: Vec<f32> = (0..s * k).map(|i| ((i * 104729) % 173) as f32 / 40.0 - 2.0).collect();
+        let mut ws = Weights::new();
+        ws.insert("w".into(), (dtype, vec![n, k], quant::quantize(dtype, &values)));
+        let mut g = Graph::new("t");
+        let xi = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+        let wv = g.leaf(Op::Weight { name: "w".into() }, TensorType::fixed(dtype, &[n, k]));
+        let y = g.add(Op::MatMul, &[xi, wv]).unwrap();
+        g.outputs.push(y);
+        let want = Interpreter::new(&ws, 1).eval(&g, &[("x", Tensor::f32(vec![s, k], x.clone()))], &mut KvCache::new()).unwrap().pop().unwrap();
+        let want = want.as_f32().unwrap();
+        let w = ws.weight("w").unwrap();
+        let mass: Vec<f32> = (0..s * n).map(|i| { let (t, r) = (i / n, i % n); (0..k).map(|j| (x[t * k + j] * values[r * k + j]).abs()).sum::<f32>() * 1.01 }).collect();
+        for isa in isas() {
+            let mut out = vec![0f32; s * n];
+            float::matmul(&Pool::new(threads), isa, &w, &x, &mut out);
+            for i in 0..s * n {
+                prop_assert!((out[i] - want[i]).abs() <= REL * mass[i] + ABS, "{} {}: {} vs {}", isa.name(), i, out[i], want[i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn differing_block_scales_are_refused_with_a_reason() {
+    let mut values = vec![1.0f32; 512];
+    values[300] = 2.0; // second block's scale is 2
+    let ws: Weights = [("w".to_string(), (DType::TQ2_0, vec![1, 512], quant::quantize(DType::TQ2_0, &values)))].into();
+    let err = PackedTernary::from_weight(&ws.weight("w").unwrap(), 1).err().unwrap();
+    assert!(err.contains("--backend interp"), "{err}");
+}
