@@ -112,7 +112,7 @@ fn stories_hf_folder_runs_and_converts() {
     let hf = data("models/stories260K/hf");
     let expected = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292];
     let greedy = |p: &Path| {
-        let mut s = Session::load(p, &LoadOptions { threads: 2, context: None }).unwrap();
+        let mut s = Session::load(p, &LoadOptions { threads: 2, ..Default::default() }).unwrap();
         let opts = GenerateOptions { n_predict: 20, ignore_eos: true, sampler: SamplerConfig::greedy(), dump_logits: false };
         s.generate(&[1, 403, 407, 261, 378], &opts, |_| {}).unwrap().generated_ids
     };
@@ -120,8 +120,8 @@ fn stories_hf_folder_runs_and_converts() {
     let dir = tmp_dir("convert-stories");
     let gguf = to(&hf, dir.join("stories-f32.gguf"), DType::F32);
     assert_eq!(greedy(&gguf), expected, "the converted GGUF (q/k rows permuted for interleaved RoPE)");
-    let original = Session::load(&stories(), &LoadOptions { threads: 1, context: None }).unwrap();
-    let converted = Session::load(&gguf, &LoadOptions { threads: 1, context: None }).unwrap();
+    let original = Session::load(&stories(), &LoadOptions { threads: 1, ..Default::default() }).unwrap();
+    let converted = Session::load(&gguf, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
     for text in ["Once upon a time, Lily", "  spaces  and\nnewlines", "unknown: 漢字"] {
         let a = original.tokenizer.encode(text, true, false).unwrap();
         assert_eq!(converted.tokenizer.encode(text, true, false).unwrap(), a, "{text:?}");

@@ -8,7 +8,7 @@ const PROMPT: [u32; 5] = [1, 403, 407, 261, 378];
 const EXPECTED: [u32; 20] = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292];
 
 fn greedy(threads: usize) -> Vec<u32> {
-    let mut s = Session::load(&stories(), &LoadOptions { threads, context: None }).unwrap();
+    let mut s = Session::load(&stories(), &LoadOptions { threads, ..Default::default() }).unwrap();
     let opts = GenerateOptions { n_predict: 20, ignore_eos: false, sampler: SamplerConfig::greedy(), dump_logits: false };
     s.generate(&PROMPT, &opts, |_| {}).unwrap().generated_ids
 }

@@ -165,7 +165,7 @@ pub fn bitnet_logits(path: &Path, tokens: &[u32], activations: ActivationMode, r
 /// bitnet-rs prefill and decode speed through its runtime.
 pub fn bitnet_bench(path: &Path, n_prompt: usize, n_gen: usize, threads: usize) -> anyhow::Result<Speed> {
     use bitnet_runtime::{GenerateOptions, LoadOptions, SamplerConfig, Session};
-    let mut s = Session::load(path, &LoadOptions { threads, context: Some(n_prompt + n_gen + 1) })?;
+    let mut s = Session::load(path, &LoadOptions { threads, context: Some(n_prompt + n_gen + 1), ..Default::default() })?;
     let tokens = bench_tokens(n_prompt, s.vocab());
     let opts = GenerateOptions { n_predict: n_gen + 1, ignore_eos: true, sampler: SamplerConfig::greedy(), dump_logits: false };
     let g = s.generate(&tokens, &opts, |_| {})?;

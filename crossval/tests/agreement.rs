@@ -27,7 +27,7 @@ fn tiny_cases() -> &'static Vec<Case> {
 fn stories_greedy_tokens_are_identical() {
     let prompt = [1, 403, 407, 261, 378];
     let theirs = Llama::load(&stories(), 2).unwrap().greedy(&prompt, 20).unwrap();
-    let mut s = Session::load(&stories(), &LoadOptions { threads: 2, context: None }).unwrap();
+    let mut s = Session::load(&stories(), &LoadOptions { threads: 2, ..Default::default() }).unwrap();
     let opts = GenerateOptions { n_predict: 20, ignore_eos: true, sampler: SamplerConfig::greedy(), dump_logits: false };
     let ours = s.generate(&prompt, &opts, |_| {}).unwrap().generated_ids;
     assert_eq!(ours, theirs);

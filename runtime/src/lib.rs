@@ -1,11 +1,12 @@
 //! bitnet-runtime: runs a model. A [`Session`] holds the memory-mapped
 //! weights, the tokenizer, the model's graphs and the KV cache, evaluates
-//! tokens with an executor (today the reference interpreter) and drives
+//! tokens with an executor (the compiled one, or the reference interpreter) and drives
 //! generation with a [`Sampler`].
 
+pub mod compiled;
 pub mod npy;
 pub mod sampler;
 pub mod session;
 
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};
+pub use session::{Backend, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};

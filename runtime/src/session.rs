@@ -1,6 +1,9 @@
 //! A loaded model ready to generate: weights, tokenizer, graphs, KV cache.
 
+use crate::compiled::CompiledModel;
 use crate::sampler::{Sampler, SamplerConfig};
+use bitnet_codegen::schedule::{schedule, Pinned, Schedule};
+use bitnet_ir::passes;
 use bitnet_frontends::model::{Model, ModelError};
 use bitnet_frontends::tokenizer::{Tokenizer, TokenizerError};
 use bitnet_ir::interp::{EvalError, Interpreter, KvCache, Tensor};
@@ -19,10 +22,35 @@ pub enum RuntimeError {
     Eval(#[from] EvalError),
     #[error("{0}")]
     Input(String),
+    #[error("compiling: {0}")]
+    Compile(String),
 }
 
+/// What evaluates the graphs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The reference interpreter, on the graphs as the frontend built them.
+    Interp,
+    /// Optimized, scheduled graphs on the native kernels.
+    #[default]
+    Compiled,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Interp => "interp",
+            Backend::Compiled => "compiled",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub threads: usize,
+    pub backend: Backend,
+    /// Tiles fixed by the user for every ternary matmul.
+    pub pinned: Pinned,
     /// Context size; the model's training context when `None`.
     pub context: Option<usize>,
 }
@@ -33,6 +61,7 @@ pub struct Session {
     pub tokenizer: Arc<Tokenizer>,
     graph_last: Graph,
     graph_all: Graph,
+    compiled: Option<CompiledModel>,
     kv: KvCache,
     /// Tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
@@ -50,11 +79,16 @@ impl Session {
         let graph_all = model.graph(true)?;
         Interpreter::new(&model, 1).check_weights(&graph_all)?;
         let context = opts.context.unwrap_or(model.config.context).max(1);
+        let compiled = match opts.backend {
+            Backend::Interp => None,
+            Backend::Compiled => Some(compile(&model, &graph_last, &graph_all, opts)?),
+        };
         Ok(Session {
             model,
             tokenizer,
             graph_last,
             graph_all,
+            compiled,
             kv: KvCache::new(),
             tokens: Vec::new(),
             threads: opts.threads.max(1),
@@ -110,21 +144,43 @@ impl Session {
         }
         let ids = Tensor::ids(tokens.iter().map(|&t| t as i32).collect());
         let positions = Tensor::ids((start..start + tokens.len()).map(|p| p as i32).collect());
-        let graph = if all_logits { &self.graph_all } else { &self.graph_last };
-        let interp = Interpreter::new(&self.model, self.threads);
-        let out = interp.eval(graph, &[("tokens", ids), ("positions", positions)], &mut self.kv);
-        let mut out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                self.kv.truncate(start);
-                return Err(e.into());
+        let out = match &mut self.compiled {
+            Some(c) => {
+                let (Tensor::I32 { data: ids, .. }, Tensor::I32 { data: pos, .. }) = (&ids, &positions) else { unreachable!() };
+                c.eval(&self.model, ids, pos, all_logits, &mut self.kv)
+            }
+            None => {
+                let graph = if all_logits { &self.graph_all } else { &self.graph_last };
+                let interp = Interpreter::new(&self.model, self.threads);
+                interp.eval(graph, &[("tokens", ids), ("positions", positions)], &mut self.kv).and_then(|mut out| match out.pop() {
+                    Some(Tensor::F32 { data, .. }) => Ok(data),
+                    _ => Err(EvalError("the graph did not produce logits".into())),
+                })
             }
         };
-        self.tokens.extend_from_slice(tokens);
-        match out.pop() {
-            Some(Tensor::F32 { data, .. }) => Ok(data),
-            _ => Err(RuntimeError::Input("the graph did not produce logits".into())),
+        match out {
+            Ok(logits) => {
+                self.tokens.extend_from_slice(tokens);
+                Ok(logits)
+            }
+            Err(e) => {
+                self.kv.truncate(start);
+                Err(e.into())
+            }
         }
+    }
+
+    pub fn backend(&self) -> Backend {
+        if self.compiled.is_some() {
+            Backend::Compiled
+        } else {
+            Backend::Interp
+        }
+    }
+
+    /// The compiled graphs and schedules, when the backend is compiled.
+    pub fn compiled(&self) -> Option<&CompiledModel> {
+        self.compiled.as_ref()
     }
 
     /// Generates up to `opts.n_predict` tokens after `prompt`, calling
@@ -173,6 +229,17 @@ impl Session {
         gen.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok(gen)
     }
+}
+
+/// Runs the graph passes and the schedule on both graphs, then prepares
+/// the weights for the native kernels.
+fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions) -> Result<CompiledModel, RuntimeError> {
+    let lower = |g: &Graph| -> Result<(Graph, Schedule), RuntimeError> {
+        let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+        let s = schedule(&g, &opts.pinned, None).map_err(RuntimeError::Compile)?;
+        Ok((g, s))
+    };
+    Ok(CompiledModel::new(model, lower(last)?, lower(all)?, opts.threads.max(1))?)
 }
 
 #[derive(Clone, Debug)]

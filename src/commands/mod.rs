@@ -5,7 +5,7 @@ pub mod run;
 pub mod synth;
 
 use anyhow::Context;
-use bitnet_runtime::{LoadOptions, SamplerConfig, Session};
+use bitnet_runtime::{Backend, LoadOptions, SamplerConfig, Session};
 use std::path::{Path, PathBuf};
 
 /// Options shared by `run` and `chat`.
@@ -20,6 +20,40 @@ pub struct ModelArgs {
     /// Threads [default: all cores].
     #[arg(short, long)]
     pub threads: Option<usize>,
+    /// What runs the graph: the compiled native kernels or the reference interpreter.
+    #[arg(long, value_enum, default_value_t = BackendArg::Compiled)]
+    pub backend: BackendArg,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    Interp,
+    Compiled,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// The target device.
+#[derive(clap::Args, Clone)]
+pub struct DeviceArgs {
+    /// Device to run on.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+}
+
+impl DeviceArgs {
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self.device {
+            Device::Cpu => Ok(()),
+            Device::Cuda => anyhow::bail!("--device cuda: the CUDA backend is not built yet; this build runs on the CPU only (--device cpu)"),
+        }
+    }
 }
 
 impl ModelArgs {
@@ -28,7 +62,12 @@ impl ModelArgs {
         if threads == 0 {
             anyhow::bail!("-t must be at least 1");
         }
-        load(&self.model, &LoadOptions { threads, context: self.ctx_size })
+        self.device.check()?;
+        let backend = match self.backend {
+            BackendArg::Interp => Backend::Interp,
+            BackendArg::Compiled => Backend::Compiled,
+        };
+        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, ..Default::default() })
     }
 }
 

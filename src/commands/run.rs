@@ -129,12 +129,13 @@ pub fn print_timings(session: &Session, gen: &Generation, seed: u64) {
         StopReason::ContextFull => "context full",
     };
     eprintln!(
-        "\nload {:.1} ms | prompt {} tokens, {:.2} tok/s | generated {} tokens, {:.2} tok/s | stop: {stop} | seed {seed} | {} threads, interpreter",
+        "\nload {:.1} ms | prompt {} tokens, {:.2} tok/s | generated {} tokens, {:.2} tok/s | stop: {stop} | seed {seed} | {} threads, {}",
         session.load_ms,
         gen.prompt_ids.len(),
         gen.prefill_tok_s(),
         gen.generated_ids.len(),
         gen.decode_tok_s(),
         session.threads,
+        session.backend().name(),
     );
 }

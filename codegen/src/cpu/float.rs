@@ -39,7 +39,7 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
 }
 
 /// Row `r` of `w` as f32.
-fn row_f32(isa: Isa, w: &WeightView, r: usize, out: &mut [f32]) {
+pub fn row_f32(isa: Isa, w: &WeightView, r: usize, out: &mut [f32]) {
     let k = out.len();
     match w.dtype {
         DType::F16 => f16_to_f32(isa, &w.data[r * 2 * k..(r + 1) * 2 * k], out),

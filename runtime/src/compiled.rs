@@ -1,0 +1,360 @@
+//! The compiled CPU executor: runs an optimized, scheduled graph with the
+//! native kernels of `bitnet-codegen`.
+//!
+//! Loading prepares each weight once for the kernels that read it
+//! (ternary ones repacked into the layout their tiles imply, small float
+//! ones expanded to f32, the rest read in place from the mapped file) and
+//! plans memory: every computed value gets a buffer, reused once the value
+//! is dead, so prefill of a long prompt holds a handful of activations,
+//! not one per node. Evaluation walks the nodes in order and calls each
+//! node's kernel; matrix products and attention fan out over the pool.
+
+use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
+use bitnet_codegen::cpu::{float, ops, Isa, Pool};
+use bitnet_codegen::schedule::{Schedule, Tiles};
+use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
+use bitnet_ir::{ActQuant, DType, Graph, Op, Value};
+use std::collections::HashMap;
+
+fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
+    Err(EvalError(msg.into()))
+}
+
+/// A weight made ready for its kernels.
+enum Prepared {
+    Packed(PackedTernary),
+    Floats(Vec<f32>),
+    /// Read in place through the weight source.
+    Stored,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    F32,
+    I32,
+    Q8,
+}
+
+enum Buf {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    Q8(QuantActs),
+}
+
+/// One graph, its schedule and its memory plan.
+struct Plan {
+    graph: Graph,
+    schedule: Schedule,
+    /// The buffer each computed value lives in (`usize::MAX` for weights).
+    slot: Vec<usize>,
+    bufs: Vec<Buf>,
+}
+
+const NO_SLOT: usize = usize::MAX;
+
+impl Plan {
+    fn new(graph: Graph, schedule: Schedule) -> Plan {
+        let n = graph.nodes.len();
+        let mut last_use = vec![0usize; n];
+        for (v, node) in graph.iter() {
+            for a in &node.args {
+                last_use[a.index()] = v.index();
+            }
+        }
+        for o in &graph.outputs {
+            last_use[o.index()] = usize::MAX;
+        }
+        let mut slot = vec![NO_SLOT; n];
+        let mut kinds: Vec<Kind> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        for (v, node) in graph.iter() {
+            if matches!(node.op, Op::Weight { .. }) {
+                continue;
+            }
+            let kind = match node.ty.dtype {
+                DType::Q8Row => Kind::Q8,
+                DType::I32 => Kind::I32,
+                _ => Kind::F32,
+            };
+            slot[v.index()] = match free.iter().position(|&s| kinds[s] == kind) {
+                Some(i) => free.swap_remove(i),
+                None => {
+                    kinds.push(kind);
+                    kinds.len() - 1
+                }
+            };
+            for a in &node.args {
+                let s = slot[a.index()];
+                if s != NO_SLOT && last_use[a.index()] == v.index() && !free.contains(&s) {
+                    free.push(s);
+                }
+            }
+        }
+        let bufs = kinds
+            .iter()
+            .map(|k| match k {
+                Kind::F32 => Buf::F32(Vec::new()),
+                Kind::I32 => Buf::I32(Vec::new()),
+                Kind::Q8 => Buf::Q8(QuantActs::default()),
+            })
+            .collect();
+        Plan { graph, schedule, slot, bufs }
+    }
+}
+
+/// A value as a kernel reads it.
+enum Arg<'a> {
+    F32(&'a [f32]),
+    I32(&'a [i32]),
+    Q8(&'a QuantActs),
+    Weight(&'a str, &'a Prepared),
+}
+
+pub struct CompiledModel {
+    pool: Pool,
+    weights: HashMap<String, Prepared>,
+    last: Plan,
+    all: Plan,
+    /// Bytes of repacked and expanded weights held in memory.
+    pub prepared_bytes: usize,
+}
+
+impl CompiledModel {
+    /// Prepares the weights of two optimized, scheduled graphs: one that
+    /// computes the last position's logits and one that computes all.
+    pub fn new(weights: &dyn WeightSource, last: (Graph, Schedule), all: (Graph, Schedule), threads: usize) -> Result<CompiledModel, EvalError> {
+        let mut prepared: HashMap<String, Prepared> = HashMap::new();
+        for (g, sched) in [&last, &all] {
+            prepare(g, sched, weights, &mut prepared)?;
+        }
+        let prepared_bytes = prepared
+            .values()
+            .map(|p| match p {
+                Prepared::Packed(p) => p.bytes(),
+                Prepared::Floats(f) => f.len() * 4,
+                Prepared::Stored => 0,
+            })
+            .sum();
+        Ok(CompiledModel { pool: Pool::new(threads), weights: prepared, last: Plan::new(last.0, last.1), all: Plan::new(all.0, all.1), prepared_bytes })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    pub fn graph(&self, all_logits: bool) -> &Graph {
+        &self.plan(all_logits).graph
+    }
+
+    pub fn schedule(&self, all_logits: bool) -> &Schedule {
+        &self.plan(all_logits).schedule
+    }
+
+    fn plan(&self, all_logits: bool) -> &Plan {
+        if all_logits {
+            &self.all
+        } else {
+            &self.last
+        }
+    }
+
+    /// Evaluates `tokens` at `positions`; returns the graph's last output
+    /// (the logits), row-major.
+    pub fn eval(&mut self, weights: &dyn WeightSource, tokens: &[i32], positions: &[i32], all_logits: bool, kv: &mut KvCache) -> Result<Vec<f32>, EvalError> {
+        let plan = if all_logits { &mut self.all } else { &mut self.last };
+        run(plan, &self.pool, &self.weights, weights, &[("tokens", tokens), ("positions", positions)], kv)
+    }
+}
+
+fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut HashMap<String, Prepared>) -> Result<(), EvalError> {
+    for (v, node) in g.iter() {
+        for (i, a) in node.args.iter().enumerate() {
+            let Op::Weight { name } = &g.node(*a).op else { continue };
+            let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
+            let want = match (&node.op, i) {
+                (Op::TernaryMatMul(_), 1) => {
+                    let Some(Tiles::Ternary(t)) = sched.tiles(v) else { return err(format!("{v}: no ternary tiles scheduled")) };
+                    match out.get(name) {
+                        Some(Prepared::Packed(p)) if p.rows == t.rows => continue,
+                        Some(_) => return err(format!("tensor {name} is read by kernels that want different layouts")),
+                        None => Prepared::Packed(PackedTernary::from_weight(&view, t.rows).map_err(|e| EvalError(format!("{name}: {e}")))?),
+                    }
+                }
+                (Op::MatMul, 1) | (Op::Embed, 0) => Prepared::Stored,
+                _ if out.contains_key(name) => continue,
+                _ => Prepared::Floats(view.to_f32()),
+            };
+            // A tensor read in place by one kernel may be expanded for another.
+            if !matches!((out.get(name), &want), (Some(Prepared::Stored), Prepared::Floats(_))) {
+                out.insert(name.clone(), want);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(plan: &mut Plan, pool: &Pool, prepared: &HashMap<String, Prepared>, weights: &dyn WeightSource, inputs: &[(&str, &[i32])], kv: &mut KvCache) -> Result<Vec<f32>, EvalError> {
+    let seq = inputs.first().map_or(0, |i| i.1.len());
+    for v in 0..plan.graph.nodes.len() {
+        let node = &plan.graph.nodes[v];
+        let s = plan.slot[v];
+        if s == NO_SLOT {
+            continue;
+        }
+        let mut out = std::mem::replace(&mut plan.bufs[s], Buf::I32(Vec::new()));
+        let shape = node.ty.resolve(seq);
+        let args: Vec<Arg> = node
+            .args
+            .iter()
+            .map(|a| match &plan.graph.node(*a).op {
+                Op::Weight { name } => Arg::Weight(name, &prepared[name]),
+                _ => match &plan.bufs[plan.slot[a.index()]] {
+                    Buf::F32(x) => Arg::F32(x),
+                    Buf::I32(x) => Arg::I32(x),
+                    Buf::Q8(x) => Arg::Q8(x),
+                },
+            })
+            .collect();
+        let tiles = plan.schedule.tiles(Value(v as u32));
+        let result = kernel(&node.op, &shape, &args, tiles, &mut out, pool, weights, inputs, kv);
+        drop(args);
+        plan.bufs[s] = out;
+        result.map_err(|e| EvalError(format!("v{v} = {}: {}", node.op.mnemonic(), e.0)))?;
+    }
+    let o = plan.graph.outputs.last().expect("verified graphs have outputs");
+    match &plan.bufs[plan.slot[o.index()]] {
+        Buf::F32(x) => Ok(x.clone()),
+        _ => err("the graph's output is not f32"),
+    }
+}
+
+fn f32_buf(out: &mut Buf, len: usize) -> &mut Vec<f32> {
+    if !matches!(out, Buf::F32(_)) {
+        *out = Buf::F32(Vec::new());
+    }
+    let Buf::F32(v) = out else { unreachable!() };
+    v.resize(len, 0.0);
+    v
+}
+
+fn q8_buf(out: &mut Buf) -> &mut QuantActs {
+    if !matches!(out, Buf::Q8(_)) {
+        *out = Buf::Q8(QuantActs::default());
+    }
+    let Buf::Q8(q) = out else { unreachable!() };
+    q
+}
+
+fn floats<'a>(a: &Arg<'a>) -> Result<&'a [f32], EvalError> {
+    match a {
+        Arg::F32(x) => Ok(x),
+        Arg::Weight(_, Prepared::Floats(x)) => Ok(x),
+        _ => err("operand must be f32"),
+    }
+}
+
+fn ids<'a>(a: &Arg<'a>) -> Result<&'a [i32], EvalError> {
+    match a {
+        Arg::I32(x) => Ok(x),
+        _ => err("operand must be i32"),
+    }
+}
+
+fn stored<'w>(a: &Arg, weights: &'w dyn WeightSource) -> Result<bitnet_ir::interp::WeightView<'w>, EvalError> {
+    match a {
+        Arg::Weight(name, _) => weights.weight(name).ok_or_else(|| EvalError(format!("missing tensor {name}"))),
+        _ => err("operand must be a stored weight"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kernel(
+    op: &Op,
+    shape: &[usize],
+    args: &[Arg],
+    tiles: Option<Tiles>,
+    out: &mut Buf,
+    pool: &Pool,
+    weights: &dyn WeightSource,
+    inputs: &[(&str, &[i32])],
+    kv: &mut KvCache,
+) -> Result<(), EvalError> {
+    let len: usize = shape.iter().product();
+    let cols = shape.last().copied().unwrap_or(1);
+    match op {
+        Op::Input { name } => {
+            let Some((_, data)) = inputs.iter().find(|(n, _)| n == name) else { return err(format!("input \"{name}\" was not given")) };
+            if !matches!(out, Buf::I32(_)) {
+                *out = Buf::I32(Vec::new());
+            }
+            let Buf::I32(v) = out else { unreachable!() };
+            v.clear();
+            v.extend_from_slice(data);
+        }
+        Op::Weight { .. } => unreachable!("weights have no buffer"),
+        Op::Embed => {
+            let table = stored(&args[0], weights)?;
+            let o = f32_buf(out, len);
+            for (row, &id) in o.chunks_exact_mut(cols).zip(ids(&args[1])?) {
+                if id < 0 || id as usize >= table.rows() {
+                    return err(format!("token id {id} is outside the vocabulary of {}", table.rows()));
+                }
+                float::row_f32(Isa::best(), &table, id as usize, row);
+            }
+        }
+        Op::RmsNorm { eps } => ops::rms_norm(floats(&args[0])?, floats(&args[1])?, *eps, f32_buf(out, len)),
+        Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => ops::quantize_rows(floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out)),
+        Op::QuantizeAct { scheme: ActQuant::PerToken } => ops::quantize_rows(floats(&args[0])?, cols, None, q8_buf(out)),
+        Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return err("q8_k activations are not compiled"),
+        Op::MatMul => {
+            let Some(Tiles::Float { isa }) = tiles else { return err("no float tiles scheduled") };
+            float::matmul(pool, isa, &stored(&args[1], weights)?, floats(&args[0])?, f32_buf(out, len));
+        }
+        Op::TernaryMatMul(e) => {
+            let Some(Tiles::Ternary(t)) = tiles else { return err("no ternary tiles scheduled") };
+            let (Arg::Q8(x), Arg::Weight(_, Prepared::Packed(w))) = (&args[0], &args[1]) else { return err("operands must be q8_row and a packed weight") };
+            let mut extra = args[2..].iter();
+            let scale = if e.scale { Some(floats(extra.next().unwrap())?[0]) } else { None };
+            let residual = if e.residual { Some(floats(extra.next().unwrap())?) } else { None };
+            ternary::matmul(pool, t, w, x, f32_buf(out, len), ternary::Epilogue { scale, residual });
+        }
+        Op::Rope { mode, theta, head_dim } => ops::rope(floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
+        Op::Attention { layer, heads, kv_heads, head_dim } => {
+            let a = ops::AttentionShape { layer: *layer, heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };
+            ops::attention(pool, a, floats(&args[0])?, floats(&args[1])?, floats(&args[2])?, ids(&args[3])?, kv, f32_buf(out, len))?;
+        }
+        Op::Unary(u) => {
+            let x = floats(&args[0])?;
+            f32_buf(out, len).iter_mut().zip(x).for_each(|(o, &x)| *o = kernels::unary(*u, x));
+        }
+        Op::Binary(b) => {
+            let (x, y) = (floats(&args[0])?, floats(&args[1])?);
+            f32_buf(out, len).iter_mut().zip(x).enumerate().for_each(|(i, (o, &x))| *o = kernels::binary(*b, x, y[i % y.len()]));
+        }
+        Op::Glu { act } => ops::glu(*act, floats(&args[0])?, floats(&args[1])?, f32_buf(out, len)),
+        Op::Softmax => {
+            let o = f32_buf(out, len);
+            o.copy_from_slice(floats(&args[0])?);
+            o.chunks_exact_mut(cols).for_each(kernels::softmax);
+        }
+        Op::LastRow => {
+            let x = floats(&args[0])?;
+            if x.len() < cols {
+                return err("last_row of an empty tensor");
+            }
+            f32_buf(out, len).copy_from_slice(&x[x.len() - cols..]);
+        }
+        Op::Cast { to } => {
+            let x = floats(&args[0])?;
+            let o = f32_buf(out, len);
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = match to {
+                    DType::F16 => half::f16::from_f32(v).to_f32(),
+                    DType::BF16 => half::bf16::from_f32(v).to_f32(),
+                    _ => v,
+                };
+            }
+        }
+    }
+    Ok(())
+}
