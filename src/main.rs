@@ -25,11 +25,14 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Write a random-weight BitNet model for tests and benchmarks.
     Synth(commands::synth::SynthArgs),
+    /// Measure prefill and decode speed (like llama-bench).
+    Bench(commands::bench::BenchArgs),
     /// Convert a GGUF file or Hugging Face folder to GGUF for bitnet.cpp or llama.cpp.
     Convert(commands::convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
+    let start = std::time::Instant::now();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a),
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::inspect(a),
         Command::Synth(a) => commands::synth::synth(a),
         Command::Convert(a) => commands::convert::convert(a),
+        Command::Bench(a) => commands::bench::bench(a, start),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,7 @@
 use super::pool::{share, Pool, SharedMut};
 use super::Isa;
 use bitnet_ir::interp::WeightView;
+use bitnet_ir::DType;
 
 /// Weights per chunk, and its bytes.
 pub const CHUNK: usize = 128;
@@ -64,23 +65,33 @@ pub struct PackedTernary {
 impl PackedTernary {
     /// Packs rows given as values −1, 0, 1, `codes(r, out)` filling row `r`.
     pub fn from_rows(n: usize, k: usize, rows: usize, scale: f32, mut codes: impl FnMut(usize, &mut [i8])) -> PackedTernary {
+        let mut values = vec![0i8; k];
+        PackedTernary::from_chunks(n, k, rows, scale, |r, out| {
+            values.fill(0);
+            codes(r, &mut values);
+            for (c, chunk) in out.chunks_exact_mut(CHUNK_BYTES).enumerate() {
+                let code = |i: usize| values.get(c * CHUNK + i).map_or(1, |&v| (v + 1) as u8);
+                for (j, byte) in chunk.iter_mut().enumerate() {
+                    *byte = code(j) << 6 | code(j + 32) << 4 | code(j + 64) << 2 | code(j + 96);
+                }
+            }
+        })
+    }
+
+    /// Packs rows given already in the chunk layout: `fill(r, out)` writes
+    /// row `r`'s `kp / 4` bytes.
+    fn from_chunks(n: usize, k: usize, rows: usize, scale: f32, mut fill: impl FnMut(usize, &mut [u8])) -> PackedTernary {
         let kp = k.div_ceil(CHUNK) * CHUNK;
-        let tiles = n.div_ceil(rows);
         let chunks = kp / CHUNK;
         // Padding (rows past n, weights past k) holds code 1, the value 0.
-        let mut data = vec![0x55u8; tiles * rows * chunks * CHUNK_BYTES];
-        let mut row = vec![0i8; kp];
+        let mut data = vec![0x55u8; n.div_ceil(rows) * rows * chunks * CHUNK_BYTES];
+        let mut row = vec![0x55u8; kp / 4];
         for r in 0..n {
-            row.fill(0);
-            codes(r, &mut row[..k]);
+            fill(r, &mut row);
             let (tile, in_tile) = (r / rows, r % rows);
-            for c in 0..chunks {
+            for (c, chunk) in row.chunks_exact(CHUNK_BYTES).enumerate() {
                 let at = ((tile * chunks + c) * rows + in_tile) * CHUNK_BYTES;
-                let w = &row[c * CHUNK..(c + 1) * CHUNK];
-                for (j, byte) in data[at..at + CHUNK_BYTES].iter_mut().enumerate() {
-                    let code = |i: usize| (w[j + 32 * i] + 1) as u8;
-                    *byte = code(0) << 6 | code(1) << 4 | code(2) << 2 | code(3);
-                }
+                data[at..at + CHUNK_BYTES].copy_from_slice(chunk);
             }
         }
         PackedTernary { n, k, kp, rows, scale, data }
@@ -90,6 +101,52 @@ impl PackedTernary {
     /// apply one scale per tensor: blocks of a TQ tensor must share theirs
     /// (all-zero blocks, whose scale does not matter, excepted).
     pub fn from_weight(w: &WeightView, rows: usize) -> Result<PackedTernary, String> {
+        match w.dtype {
+            DType::I2S => Ok(PackedTernary::from_i2s(w, rows)),
+            DType::TQ2_0 => PackedTernary::from_tq2(w, rows).map_or_else(|| PackedTernary::from_blocks(w, rows), Ok),
+            _ => PackedTernary::from_blocks(w, rows),
+        }
+    }
+
+    /// I2_S is this layout already, byte for byte, except that its unused
+    /// code 3 means 0.
+    fn from_i2s(w: &WeightView, rows: usize) -> PackedTernary {
+        let lut = byte_lut(false);
+        let scale = w.row(0).tensor_scale;
+        PackedTernary::from_chunks(w.rows(), w.row_len(), rows, scale, |r, out| {
+            for (o, &b) in out.iter_mut().zip(w.row(r).bytes) {
+                *o = lut[b as usize];
+            }
+        })
+    }
+
+    /// TQ2_0 holds the same four weights per byte in the opposite bit
+    /// order. `None` when the fast path does not apply (a code 3, or block
+    /// scales that differ, which [`PackedTernary::from_blocks`] explains).
+    fn from_tq2(w: &WeightView, rows: usize) -> Option<PackedTernary> {
+        let lut = byte_lut(true);
+        let mut scale: Option<u16> = None;
+        let mut ok = true;
+        let packed = PackedTernary::from_chunks(w.rows(), w.row_len(), rows, 0.0, |r, out| {
+            for (blk, o) in w.row(r).bytes.chunks_exact(66).zip(out.chunks_exact_mut(64)) {
+                let d = u16::from_le_bytes([blk[64], blk[65]]);
+                if blk[..64].iter().any(|&b| b & 0x03 == 3 || b & 0x0c == 0x0c || b & 0x30 == 0x30 || b & 0xc0 == 0xc0) {
+                    ok = false;
+                }
+                if blk[..64].iter().any(|&b| b != 0x55) {
+                    ok &= *scale.get_or_insert(d) == d;
+                }
+                for (o, &b) in o.iter_mut().zip(&blk[..64]) {
+                    *o = lut[b as usize];
+                }
+            }
+        });
+        let scale = half::f16::from_bits(scale.unwrap_or(0)).to_f32();
+        ok.then_some(PackedTernary { scale, ..packed })
+    }
+
+    /// Any ternary type, one row of values at a time.
+    fn from_blocks(w: &WeightView, rows: usize) -> Result<PackedTernary, String> {
         let (n, k) = (w.rows(), w.row_len());
         let mut scale: Option<f32> = None;
         let mut scales = Vec::new();
@@ -162,6 +219,23 @@ pub struct Epilogue<'a> {
     pub scale: Option<f32>,
     /// `[tokens, n]`, added last.
     pub residual: Option<&'a [f32]>,
+}
+
+/// Byte translation into this layout: each 2-bit field's code 3 becomes
+/// 1 (the value 0), and with `reverse` the four fields swap end for end.
+fn byte_lut(reverse: bool) -> [u8; 256] {
+    std::array::from_fn(|b| {
+        let field = |i: usize| match (b >> (2 * i)) & 3 {
+            3 => 1,
+            c => c as u8,
+        };
+        let f: [u8; 4] = std::array::from_fn(field); // f[i] at bits 2i+1:2i
+        if reverse {
+            f[0] << 6 | f[1] << 4 | f[2] << 2 | f[3]
+        } else {
+            f[3] << 6 | f[2] << 4 | f[1] << 2 | f[0]
+        }
+    })
 }
 
 #[inline(always)]
@@ -301,5 +375,28 @@ mod avx2 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
         let s = _mm_hadd_epi32(s, s);
         _mm_cvtsi128_si32(_mm_hadd_epi32(s, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnet_ir::quant;
+
+    /// The byte-translating fast paths give the same packing as decoding
+    /// every value.
+    #[test]
+    fn fast_repacking_equals_the_generic_one() {
+        let (n, k) = (5, 512);
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7 + i / 3) % 3) as f32 - 1.0).collect();
+        for dtype in [DType::I2S, DType::TQ2_0] {
+            let bytes = quant::quantize(dtype, &values);
+            let w = WeightView { dtype, shape: vec![n, k], data: &bytes };
+            for rows in TernaryTiles::ROWS {
+                let fast = PackedTernary::from_weight(&w, rows).unwrap();
+                let slow = PackedTernary::from_blocks(&w, rows).unwrap();
+                assert_eq!((fast.data, fast.scale), (slow.data, slow.scale), "{dtype} rows {rows}");
+            }
+        }
     }
 }

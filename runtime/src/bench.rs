@@ -1,0 +1,101 @@
+//! `bitnet bench`: llama-bench's two numbers for a loaded session.
+//!
+//! Prefill evaluates a prompt of `n_prompt` tokens and computes only the
+//! last position's logits; decode then evaluates `n_gen` tokens one at a
+//! time, each the previous step's argmax, never stopping at end of text.
+//! Each is repeated and the median reported.
+
+use crate::sampler::argmax;
+use crate::session::{RuntimeError, Session};
+use std::time::Instant;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub load_ms: f64,
+    /// Process start to the first generated token (the first repetition's).
+    pub cold_start_ms: f64,
+    pub peak_rss_bytes: u64,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub threads: usize,
+    pub reps: usize,
+}
+
+/// A prompt of ordinary token ids spread over the vocabulary.
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
+}
+
+/// Runs `reps` repetitions; `since_start` is the time from process start to
+/// now, before loading, `on_rep` hears each finished repetition.
+pub fn bench(s: &mut Session, n_prompt: usize, n_gen: usize, reps: usize, process_start: Instant, mut on_rep: impl FnMut(usize)) -> Result<BenchReport, RuntimeError> {
+    if n_prompt + n_gen > s.context {
+        return Err(RuntimeError::Input(format!("-p {n_prompt} plus -n {n_gen} tokens do not fit in the context of {} (raise it with -c)", s.context)));
+    }
+    let reps = reps.max(1);
+    let ids = prompt(n_prompt.max(1), s.vocab());
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let mut cold_start_ms = 0.0;
+    for rep in 0..reps {
+        s.reset();
+        let t0 = Instant::now();
+        let logits = s.eval(&ids, false)?;
+        if n_prompt > 0 {
+            prefill.push(n_prompt as f64 / t0.elapsed().as_secs_f64());
+        }
+        let mut next = argmax(&logits);
+        if rep == 0 {
+            cold_start_ms = process_start.elapsed().as_secs_f64() * 1e3;
+        }
+        let t1 = Instant::now();
+        for _ in 0..n_gen {
+            next = argmax(&s.eval(&[next], false)?);
+        }
+        if n_gen > 0 {
+            decode.push(n_gen as f64 / t1.elapsed().as_secs_f64());
+        }
+        on_rep(rep + 1);
+    }
+    Ok(BenchReport {
+        prefill_tok_s: median(&mut prefill),
+        decode_tok_s: median(&mut decode),
+        load_ms: s.load_ms,
+        cold_start_ms,
+        peak_rss_bytes: peak_rss(),
+        n_prompt,
+        n_gen,
+        threads: s.threads,
+        reps,
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// The process's peak resident set (Linux `VmHWM`); 0 where unknown.
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(super::median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(super::median(&mut []), 0.0);
+    }
+}

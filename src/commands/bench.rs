@@ -1,0 +1,57 @@
+//! `bitnet bench`: prefill and decode speed, like llama-bench.
+
+use super::ModelArgs;
+use bitnet_runtime::bench;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens to prefill (only the last position's logits are computed).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+    pub n_prompt: usize,
+    /// Tokens to decode one at a time (end of text is ignored).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
+    pub n_gen: usize,
+    /// Repetitions; the median is reported.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    pub reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<()> {
+    let mut session = a.model.load()?;
+    let reps = a.reps.max(1);
+    let r = bench::bench(&mut session, a.n_prompt, a.n_gen, reps, process_start, |done| {
+        if !a.json {
+            eprint!("\rrepetition {done}/{reps}");
+            if done == reps {
+                eprintln!();
+            }
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let name = a.model.model.file_name().map_or_else(|| a.model.model.display().to_string(), |n| n.to_string_lossy().into_owned());
+    println!("| model | backend | threads | test | t/s |");
+    println!("|---|---|---|---|---|");
+    let backend = session.backend().name();
+    if r.n_prompt > 0 {
+        println!("| {name} | {backend} | {} | pp{} | {:.2} |", r.threads, r.n_prompt, r.prefill_tok_s);
+    }
+    if r.n_gen > 0 {
+        println!("| {name} | {backend} | {} | tg{} | {:.2} |", r.threads, r.n_gen, r.decode_tok_s);
+    }
+    println!(
+        "\nload {:.0} ms, cold start to first token {:.0} ms, peak RSS {:.1} MiB, median of {} repetitions",
+        r.load_ms,
+        r.cold_start_ms,
+        r.peak_rss_bytes as f64 / (1 << 20) as f64,
+        r.reps
+    );
+    Ok(())
+}
