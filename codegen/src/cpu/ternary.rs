@@ -318,6 +318,9 @@ mod avx2 {
     use super::{QuantActs, CHUNK, CHUNK_BYTES};
     use std::arch::x86_64::*;
 
+    /// How far ahead of the loads to prefetch weights, in bytes.
+    const PREFETCH: usize = 1024;
+
     pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
         let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
         // SAFETY: `matmul` checked that AVX2 is present; `tile` holds
@@ -345,6 +348,11 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_si256(); T]; R];
         let w = tile.as_ptr();
         for c in 0..chunks {
+            // The hardware prefetcher alone leaves the loads waiting on DRAM.
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH) as *const i8);
+            if R > 2 {
+                _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH + 64) as *const i8);
+            }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let b = _mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i);
                 let w0 = _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask);

@@ -1,0 +1,114 @@
+//! Kernel benchmarks at the BitNet b1.58 2B4T shapes, reported as GB/s of
+//! weights streamed (criterion's bytes throughput), next to the machine's
+//! read bandwidth measured the same way (`read_bandwidth`).
+//!
+//! `cargo bench -p bitnet-codegen --bench kernels` (set `BITNET_BENCH_THREADS`, default 2).
+//! Each matrix is larger than the last-level cache several times over in
+//! total, and the benchmark cycles through several copies, so decode GEMVs
+//! read their weights from DRAM as they do in a model.
+
+use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, TernaryTiles};
+use bitnet_codegen::cpu::{float, ops, Isa, Pool};
+use bitnet_ir::interp::WeightView;
+use bitnet_ir::DType;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const SHAPES: [(usize, usize); 4] = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)];
+/// Copies cycled through, to keep the weights out of cache.
+const COPIES: usize = 8;
+
+fn threads() -> usize {
+    std::env::var("BITNET_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+}
+
+fn acts(s: usize, k: usize) -> QuantActs {
+    let x: Vec<f32> = (0..s * k).map(|i| ((i * 7919) % 255) as f32 - 127.0).collect();
+    let mut a = QuantActs::default();
+    ops::quantize_rows(&x, k, None, &mut a);
+    a
+}
+
+fn packed(n: usize, k: usize, rows: usize, seed: usize) -> PackedTernary {
+    PackedTernary::from_rows(n, k, rows, 1.0, |r, out| out.iter_mut().enumerate().for_each(|(i, c)| *c = ((r * 31 + i * 7 + seed) % 3) as i8 - 1))
+}
+
+fn read_bandwidth(c: &mut Criterion) {
+    let pool = Pool::new(threads());
+    let data: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
+    let mut g = c.benchmark_group("read_bandwidth");
+    g.throughput(Throughput::Bytes((data.len() * 8) as u64));
+    g.sample_size(10);
+    g.bench_function("sum_512MiB", |b| {
+        b.iter(|| {
+            let total = std::sync::atomic::AtomicU64::new(0);
+            pool.run(&|me, n| {
+                let part = &data[bitnet_codegen::cpu::pool::share(data.len(), me, n)];
+                let s = part.chunks_exact(8).fold([0u64; 8], |mut acc, c| {
+                    for i in 0..8 {
+                        acc[i] = acc[i].wrapping_add(c[i]);
+                    }
+                    acc
+                });
+                total.fetch_add(s.iter().fold(0, |a, &b| a.wrapping_add(b)), std::sync::atomic::Ordering::Relaxed);
+            });
+            total.into_inner()
+        })
+    });
+}
+
+fn ternary_gemv(c: &mut Criterion) {
+    let pool = Pool::new(threads());
+    let isa = Isa::best();
+    let mut g = c.benchmark_group("ternary_gemv");
+    g.sample_size(20);
+    for (n, k) in SHAPES {
+        for rows in TernaryTiles::ROWS {
+            let ws: Vec<PackedTernary> = (0..COPIES).map(|s| packed(n, k, rows, s)).collect();
+            let x = acts(1, k);
+            let mut out = vec![0f32; n];
+            let tiles = TernaryTiles { isa, rows, tokens: 1 };
+            g.throughput(Throughput::Bytes(ws[0].bytes() as u64));
+            let mut i = 0;
+            g.bench_function(BenchmarkId::new(format!("{n}x{k}"), tiles), |b| {
+                b.iter(|| {
+                    i = (i + 1) % COPIES;
+                    ternary::matmul(&pool, tiles, &ws[i], &x, &mut out, Epilogue::default());
+                })
+            });
+        }
+    }
+}
+
+fn ternary_gemm(c: &mut Criterion) {
+    let pool = Pool::new(threads());
+    let isa = Isa::best();
+    let mut g = c.benchmark_group("ternary_gemm_128_tokens");
+    g.sample_size(10);
+    for (n, k) in SHAPES {
+        for (rows, tokens) in [(1, 4), (2, 4), (4, 4), (4, 2), (2, 2)] {
+            let w = packed(n, k, rows, 0);
+            let x = acts(128, k);
+            let mut out = vec![0f32; 128 * n];
+            let tiles = TernaryTiles { isa, rows, tokens };
+            // Work, not bytes: 128 tokens times the weights.
+            g.throughput(Throughput::Elements((128 * n * k) as u64));
+            g.bench_function(BenchmarkId::new(format!("{n}x{k}"), tiles), |b| b.iter(|| ternary::matmul(&pool, tiles, &w, &x, &mut out, Epilogue::default())));
+        }
+    }
+}
+
+fn head_gemv(c: &mut Criterion) {
+    let pool = Pool::new(threads());
+    let (n, k) = (128256, 2560);
+    let bytes: Vec<u8> = (0..n * k).flat_map(|i| half::f16::from_f32(((i % 17) as f32 - 8.0) / 64.0).to_le_bytes()).collect();
+    let w = WeightView { dtype: DType::F16, shape: vec![n, k], data: &bytes };
+    let x: Vec<f32> = (0..k).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; n];
+    let mut g = c.benchmark_group("head_gemv");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.bench_function("f16_128256x2560", |b| b.iter(|| float::matmul(&pool, Isa::best(), &w, &x, &mut out)));
+}
+
+criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv);
+criterion_main!(benches);
