@@ -25,6 +25,8 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Write a random-weight BitNet model for tests and benchmarks.
     Synth(commands::synth::SynthArgs),
+    /// Lower a model for this machine; --dump-after PASS shows the graph after a pass.
+    Compile(commands::compile::CompileArgs),
     /// Measure prefill and decode speed (like llama-bench).
     Bench(commands::bench::BenchArgs),
     /// Convert a GGUF file or Hugging Face folder to GGUF for bitnet.cpp or llama.cpp.
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::inspect(a),
         Command::Synth(a) => commands::synth::synth(a),
         Command::Convert(a) => commands::convert::convert(a),
+        Command::Compile(a) => commands::compile::compile(a),
         Command::Bench(a) => commands::bench::bench(a, start),
     };
     match result {

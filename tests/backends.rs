@@ -76,3 +76,26 @@ fn the_compiled_graph_is_fused_and_scheduled() {
     assert_eq!(c.schedule(false).steps.len(), 3 * 7 + 1, "{}", c.schedule(false));
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn compile_dumps_the_graph_after_each_pass() {
+    let dir = tmp_dir("backends-dump");
+    let path = dir.join("m.gguf");
+    write_synth(&small_spec(DType::TQ2_0, Activation::Relu2), &path);
+    let m = path.to_str().unwrap();
+    let mut sizes = Vec::new();
+    for pass in bitnet_ir::passes::names() {
+        let o = bitnet(&["compile", "-m", m, "--dump-after", pass]);
+        assert!(o.status.success(), "{pass}: {}", stderr(&o));
+        let g = bitnet_ir::parse(&stdout(&o)).unwrap_or_else(|e| panic!("{pass}: the dump does not parse: {e}"));
+        sizes.push(g.nodes.len());
+    }
+    assert!(sizes.windows(2).all(|w| w[1] <= w[0]) && sizes[2] < sizes[0], "fusing shrinks this graph: {sizes:?}");
+    let o = bitnet(&["compile", "-m", m, "--dump-after", "schedule"]);
+    assert!(stdout(&o).contains("(heuristic)"), "{}", stdout(&o));
+    let o = bitnet(&["compile", "-m", m, "--dump-after", "nope"]);
+    assert!(!o.status.success() && stderr(&o).contains("canonicalize, specialize-ternary, fuse"), "{}", stderr(&o));
+    let o = bitnet(&["run", "-m", m, "-p", "hi", "--device", "cuda"]);
+    assert!(!o.status.success() && stderr(&o).contains("CUDA backend is not built yet"), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).ok();
+}

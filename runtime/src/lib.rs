@@ -10,4 +10,4 @@ pub mod sampler;
 pub mod session;
 
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{Backend, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};
+pub use session::{lower, Backend, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};

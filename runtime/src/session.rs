@@ -231,15 +231,16 @@ impl Session {
     }
 }
 
-/// Runs the graph passes and the schedule on both graphs, then prepares
-/// the weights for the native kernels.
+/// The graph passes then the schedule: what `compile` does to a graph.
+pub fn lower(g: &Graph, pinned: &Pinned) -> Result<(Graph, Schedule), RuntimeError> {
+    let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+    let s = schedule(&g, pinned, None).map_err(RuntimeError::Compile)?;
+    Ok((g, s))
+}
+
+/// Lowers both graphs, then prepares the weights for the native kernels.
 fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions) -> Result<CompiledModel, RuntimeError> {
-    let lower = |g: &Graph| -> Result<(Graph, Schedule), RuntimeError> {
-        let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
-        let s = schedule(&g, &opts.pinned, None).map_err(RuntimeError::Compile)?;
-        Ok((g, s))
-    };
-    Ok(CompiledModel::new(model, lower(last)?, lower(all)?, opts.threads.max(1))?)
+    Ok(CompiledModel::new(model, lower(last, &opts.pinned)?, lower(all, &opts.pinned)?, opts.threads.max(1))?)
 }
 
 #[derive(Clone, Debug)]

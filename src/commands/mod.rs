@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod chat;
+pub mod compile;
 pub mod convert;
 pub mod inspect;
 pub mod run;
