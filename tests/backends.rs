@@ -99,3 +99,26 @@ fn compile_dumps_the_graph_after_each_pass() {
     assert!(!o.status.success() && stderr(&o).contains("CUDA backend is not built yet"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `--head q8`: the head quantized to int8 per row at load. Lossy, so the
+/// check is agreement, not equality: cosine ≥ 0.999 at every position.
+#[test]
+fn the_int8_head_agrees_with_the_stored_one() {
+    let dir = tmp_dir("backends-q8");
+    let path = dir.join("m.gguf");
+    write_synth(&small_spec(DType::I2S, Activation::Relu2), &path);
+    for p in [path.as_path(), stories().as_path()] {
+        let opts = LoadOptions { threads: 2, pinned: bitnet_codegen::schedule::Pinned { head_q8: true, ..Default::default() }, ..Default::default() };
+        let mut q8 = Session::load(p, &opts).unwrap();
+        assert!(q8.compiled().unwrap().schedule(true).to_string().contains("weights=int8"));
+        let mut stored = load(p, Backend::Compiled, 2);
+        let prompt = [1u32, 203, 207, 261, 278, 17, 42];
+        let (a, b) = (q8.eval(&prompt, true).unwrap(), stored.eval(&prompt, true).unwrap());
+        let v = stored.vocab();
+        for (i, (ra, rb)) in a.chunks(v).zip(b.chunks(v)).enumerate() {
+            let c = cosine(ra, rb);
+            assert!(c >= 0.999, "{}: position {i}: cosine {c}", p.display());
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

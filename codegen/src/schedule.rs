@@ -27,6 +27,8 @@ impl fmt::Display for WorkloadKey {
 pub enum Tiles {
     Ternary(TernaryTiles),
     Float { isa: Isa },
+    /// A float weight quantized to int8 per row at load (`--head q8`): lossy.
+    Int8 { isa: Isa },
 }
 
 impl fmt::Display for Tiles {
@@ -34,6 +36,7 @@ impl fmt::Display for Tiles {
         match self {
             Tiles::Ternary(t) => write!(f, "{t}"),
             Tiles::Float { isa } => write!(f, "isa={}", isa.name()),
+            Tiles::Int8 { isa } => write!(f, "isa={} weights=int8", isa.name()),
         }
     }
 }
@@ -97,6 +100,8 @@ impl fmt::Display for Schedule {
 pub struct Pinned {
     pub ternary: Option<TernaryTiles>,
     pub isa: Option<Isa>,
+    /// Quantize the output head to int8 per row (lossy; `--head q8`).
+    pub head_q8: bool,
 }
 
 /// The tiles a step gets when nothing else decides: the widest ISA, four
@@ -131,8 +136,10 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             }
             _ => continue,
         };
+        let head = g.outputs.contains(&v) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32);
         let (tiles, origin) = match (&node.op, pinned.ternary) {
             (Op::TernaryMatMul(_), Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
+            (Op::MatMul, _) if head && pinned.head_q8 => (Tiles::Int8 { isa }, TileOrigin::Pinned),
             _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key)) {
                 Some(t) => (t, TileOrigin::Database),
                 None => (heuristic(&key, isa), TileOrigin::Heuristic),
@@ -149,6 +156,6 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
 fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
     match t {
         Tiles::Ternary(t) => key.0.starts_with("ternary_matmul") && t.is_valid(),
-        Tiles::Float { isa } => !key.0.starts_with("ternary_matmul") && isa.available(),
+        Tiles::Float { isa } | Tiles::Int8 { isa } => !key.0.starts_with("ternary_matmul") && isa.available(),
     }
 }

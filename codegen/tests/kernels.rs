@@ -3,7 +3,7 @@
 //! must agree exactly; float results within the budgets stated here.
 
 use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, TernaryTiles};
-use bitnet_codegen::cpu::{float, ops, Isa, Pool};
+use bitnet_codegen::cpu::{float, int8, ops, Isa, Pool};
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor, WeightSource};
 use bitnet_ir::{quant, ActQuant, DType, Dim, Graph, Op, TensorType};
 use proptest::prelude::*;
@@ -104,6 +104,45 @@ proptest! {
             // TQ blocks each multiply by β before summing; the kernel once.
             let budget = REL * (want - residual[i]).abs().max(1.0) * kb as f32 + ABS;
             prop_assert!((got - want).abs() <= budget, "{}: {} vs {}", i, got, want);
+        }
+    }
+
+    #[test]
+    fn int8_dots_are_exact(chunks in 1usize..30, seed in any::<u32>()) {
+        let n = chunks * 128;
+        let a: Vec<i8> = (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 255) as i32 as i8).map(|v| v.max(-127)).collect();
+        let b: Vec<i8> = (0..n).map(|i| ((i as u32).wrapping_mul(40503) ^ seed) as i8).map(|v| v.max(-127)).collect();
+        for isa in isas() {
+            prop_assert_eq!(int8::dot(isa, &a, &b), int8::reference_dot(&a, &b));
+        }
+    }
+
+    /// The int8 head is lossy, but close: cosine with the f16 product.
+    #[test]
+    fn int8_head_is_close_to_the_float_one((n, k) in (prop_oneof![Just(1usize), Just(3), Just(61)], prop_oneof![Just(32usize), Just(783), Just(2592)]), threads in 1usize..3) {
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
+        let x: Vec<f32> = (0..k).map(|i| ((i * 104729) % 173) as f32 / 40.0 - 2.0).collect();
+        let bytes = quant::quantize(DType::F16, &values);
+        let w = bitnet_ir::interp::WeightView { dtype: DType::F16, shape: vec![n, k], data: &bytes };
+        let pool = Pool::new(threads);
+        let mut want = vec![0f32; n];
+        float::matmul(&pool, Isa::Scalar, &w, &x, &mut want);
+        let q = int8::Int8Rows::quantize(&w);
+        let mut a = QuantActs::default();
+        ops::quantize_rows(&x, k, None, &mut a);
+        for isa in isas() {
+            let mut got = vec![0f32; n];
+            int8::matmul(&pool, isa, &q, &a, &mut got);
+            // Worst case: every weight and activation off by half a step.
+            let amax_x = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let sum_x: f32 = x.iter().map(|v| v.abs()).sum();
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                let row = &values[r * k..(r + 1) * k];
+                let amax_w = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let sum_w: f32 = row.iter().map(|v| v.abs()).sum();
+                let budget = (sum_x * amax_w + sum_w * amax_x) / 254.0 * 1.01 + 1e-3;
+                prop_assert!((g - w).abs() <= budget, "{} vs {} (budget {})", g, w, budget);
+            }
         }
     }
 

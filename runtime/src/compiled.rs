@@ -10,6 +10,7 @@
 //! node's kernel; matrix products and attention fan out over the pool.
 
 use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
+use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::{float, ops, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
@@ -23,6 +24,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
 /// A weight made ready for its kernels.
 enum Prepared {
     Packed(PackedTernary),
+    /// Quantized to int8 rows for `Tiles::Int8`, under `name#int8`.
+    Int8(Int8Rows),
     Floats(Vec<f32>),
     /// Read in place through the weight source.
     Stored,
@@ -131,6 +134,7 @@ impl CompiledModel {
             .values()
             .map(|p| match p {
                 Prepared::Packed(p) => p.bytes(),
+                Prepared::Int8(q) => q.bytes(),
                 Prepared::Floats(f) => f.len() * 4,
                 Prepared::Stored => 0,
             })
@@ -166,6 +170,10 @@ impl CompiledModel {
     }
 }
 
+fn int8_key(name: &str) -> String {
+    format!("{name}#int8")
+}
+
 fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut HashMap<String, Prepared>) -> Result<(), EvalError> {
     for (v, node) in g.iter() {
         for (i, a) in node.args.iter().enumerate() {
@@ -179,6 +187,13 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
                         Some(_) => return err(format!("tensor {name} is read by kernels that want different layouts")),
                         None => Prepared::Packed(PackedTernary::from_weight(&view, t.rows).map_err(|e| EvalError(format!("{name}: {e}")))?),
                     }
+                }
+                (Op::MatMul, 1) if matches!(sched.tiles(v), Some(Tiles::Int8 { .. })) => {
+                    let key = int8_key(name);
+                    if !out.contains_key(&key) {
+                        out.insert(key, Prepared::Int8(Int8Rows::quantize(&view)));
+                    }
+                    continue;
                 }
                 (Op::MatMul, 1) | (Op::Embed, 0) => Prepared::Stored,
                 _ if out.contains_key(name) => continue,
@@ -203,10 +218,13 @@ fn run(plan: &mut Plan, pool: &Pool, prepared: &HashMap<String, Prepared>, weigh
         }
         let mut out = std::mem::replace(&mut plan.bufs[s], Buf::I32(Vec::new()));
         let shape = node.ty.resolve(seq);
+        let tiles = plan.schedule.tiles(Value(v as u32));
+        let int8 = matches!(tiles, Some(Tiles::Int8 { .. }));
         let args: Vec<Arg> = node
             .args
             .iter()
             .map(|a| match &plan.graph.node(*a).op {
+                Op::Weight { name } if int8 => Arg::Weight(name, &prepared[&int8_key(name)]),
                 Op::Weight { name } => Arg::Weight(name, &prepared[name]),
                 _ => match &plan.bufs[plan.slot[a.index()]] {
                     Buf::F32(x) => Arg::F32(x),
@@ -215,7 +233,6 @@ fn run(plan: &mut Plan, pool: &Pool, prepared: &HashMap<String, Prepared>, weigh
                 },
             })
             .collect();
-        let tiles = plan.schedule.tiles(Value(v as u32));
         let result = kernel(&node.op, &shape, &args, tiles, &mut out, pool, weights, inputs, kv);
         drop(args);
         plan.bufs[s] = out;
@@ -306,10 +323,15 @@ fn kernel(
         Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => ops::quantize_rows(floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out)),
         Op::QuantizeAct { scheme: ActQuant::PerToken } => ops::quantize_rows(floats(&args[0])?, cols, None, q8_buf(out)),
         Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return err("q8_k activations are not compiled"),
-        Op::MatMul => {
-            let Some(Tiles::Float { isa }) = tiles else { return err("no float tiles scheduled") };
-            float::matmul(pool, isa, &stored(&args[1], weights)?, floats(&args[0])?, f32_buf(out, len));
-        }
+        Op::MatMul => match (tiles, &args[1]) {
+            (Some(Tiles::Float { isa }), _) => float::matmul(pool, isa, &stored(&args[1], weights)?, floats(&args[0])?, f32_buf(out, len)),
+            (Some(Tiles::Int8 { isa }), Arg::Weight(_, Prepared::Int8(w))) => {
+                let mut x = QuantActs::default();
+                ops::quantize_rows(floats(&args[0])?, w.k, None, &mut x);
+                int8::matmul(pool, isa, w, &x, f32_buf(out, len));
+            }
+            _ => return err("no float tiles scheduled"),
+        },
         Op::TernaryMatMul(e) => {
             let Some(Tiles::Ternary(t)) = tiles else { return err("no ternary tiles scheduled") };
             let (Arg::Q8(x), Arg::Weight(_, Prepared::Packed(w))) = (&args[0], &args[1]) else { return err("operands must be q8_row and a packed weight") };

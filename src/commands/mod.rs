@@ -7,6 +7,7 @@ pub mod run;
 pub mod synth;
 
 use anyhow::Context;
+use bitnet_codegen::schedule::Pinned;
 use bitnet_runtime::{Backend, LoadOptions, SamplerConfig, Session};
 use std::path::{Path, PathBuf};
 
@@ -25,8 +26,18 @@ pub struct ModelArgs {
     /// What runs the graph: the compiled native kernels or the reference interpreter.
     #[arg(long, value_enum, default_value_t = BackendArg::Compiled)]
     pub backend: BackendArg,
+    /// Output head: as stored, or quantized to int8 per row when loading
+    /// (half the bytes of an f16 head; lossy, compiled backend only).
+    #[arg(long, value_enum, default_value_t = HeadArg::Stored)]
+    pub head: HeadArg,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadArg {
+    Stored,
+    Q8,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +80,11 @@ impl ModelArgs {
             BackendArg::Interp => Backend::Interp,
             BackendArg::Compiled => Backend::Compiled,
         };
-        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, ..Default::default() })
+        if self.head == HeadArg::Q8 && backend == Backend::Interp {
+            anyhow::bail!("--head q8 is a compile option: it needs --backend compiled");
+        }
+        let pinned = Pinned { head_q8: self.head == HeadArg::Q8, ..Default::default() };
+        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, pinned })
     }
 }
 

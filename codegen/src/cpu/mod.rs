@@ -5,6 +5,7 @@
 //! The instruction set is chosen when the program runs, never at build time.
 
 pub mod float;
+pub mod int8;
 pub mod ops;
 pub mod pool;
 pub mod ternary;
