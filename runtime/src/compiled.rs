@@ -189,10 +189,7 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
                     }
                 }
                 (Op::MatMul, 1) if matches!(sched.tiles(v), Some(Tiles::Int8 { .. })) => {
-                    let key = int8_key(name);
-                    if !out.contains_key(&key) {
-                        out.insert(key, Prepared::Int8(Int8Rows::quantize(&view)));
-                    }
+                    out.entry(int8_key(name)).or_insert_with(|| Prepared::Int8(Int8Rows::quantize(&view)));
                     continue;
                 }
                 (Op::MatMul, 1) | (Op::Embed, 0) => Prepared::Stored,

@@ -15,7 +15,6 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     let dst = SharedMut(out.as_mut_ptr());
     let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
     pool.run(&|me, workers| {
-        let dst = dst;
         let mut scratch = vec![0f32; k];
         for r in share(n, me, workers) {
             let direct = match w.dtype {
@@ -32,7 +31,7 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
                     None => dot(isa, xt, &scratch),
                 };
                 // SAFETY: row r belongs to this worker alone.
-                unsafe { *dst.0.add(t * n + r) = v };
+                unsafe { *dst.ptr().add(t * n + r) = v };
             }
         }
     });

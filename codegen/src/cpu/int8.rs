@@ -48,13 +48,12 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &Int8Rows, x: &QuantActs, out: &mut [f32
     assert!(x.kp == w.kp && out.len() == x.tokens() * w.n, "int8 matmul: mismatched operands");
     let dst = SharedMut(out.as_mut_ptr());
     pool.run(&|me, workers| {
-        let dst = dst;
         for r in share(w.n, me, workers) {
             let wr = &w.q[r * w.kp..(r + 1) * w.kp];
             for t in 0..x.tokens() {
                 let d = dot(isa, wr, x.row(t));
                 // SAFETY: row r belongs to this worker alone.
-                unsafe { *dst.0.add(t * w.n + r) = d as f32 * w.scale[r] / x.gamma[t] };
+                unsafe { *dst.ptr().add(t * w.n + r) = d as f32 * w.scale[r] / x.gamma[t] };
             }
         }
     });

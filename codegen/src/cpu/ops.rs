@@ -88,7 +88,6 @@ pub fn attention(pool: &Pool, a: AttentionShape, q: &[f32], k: &[f32], v: &[f32]
     let pairs = positions.len() * a.heads;
     let dst = SharedMut(out.as_mut_ptr());
     pool.run(&|me, workers| {
-        let dst = dst;
         let mut scores = Vec::new();
         for pair in share(pairs, me, workers) {
             let (i, h) = (pair / a.heads, pair % a.heads);
@@ -102,7 +101,7 @@ pub fn attention(pool: &Pool, a: AttentionShape, q: &[f32], k: &[f32], v: &[f32]
             }));
             kernels::softmax(&mut scores);
             // SAFETY: each (token, head) pair's output belongs to one worker.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((i * a.heads + h) * d), d) };
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((i * a.heads + h) * d), d) };
             o.fill(0.0);
             for (t, &w) in scores.iter().enumerate() {
                 let vt = &values[t * kv_row + kvh * d..][..d];

@@ -160,6 +160,14 @@ pub struct SharedMut<T>(pub *mut T);
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
+impl<T> SharedMut<T> {
+    /// The pointer. (A method, so that closures capture the whole `Sync`
+    /// wrapper rather than its raw-pointer field.)
+    pub fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -245,7 +245,7 @@ fn finish(dot: i32, x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n
         v *= s;
     }
     if let Some(r) = ep.residual {
-        v = r[t * w.n + n] + v;
+        v += r[t * w.n + n];
     }
     v
 }
@@ -258,7 +258,6 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
     let dst = SharedMut(out.as_mut_ptr());
     let n_tiles = w.n.div_ceil(w.rows);
     pool.run(&|me, workers| {
-        let dst = dst;
         let mut dots = [[0i32; 4]; 4];
         for t in share(n_tiles, me, workers) {
             let mut tok = 0;
@@ -272,7 +271,7 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
                     }
                     for (j, &dot) in dots[r][..step].iter().enumerate() {
                         // SAFETY: rows of tile `t` belong to this worker alone.
-                        unsafe { *dst.0.add((tok + j) * w.n + n) = finish(dot, x, tok + j, w, &ep, n) };
+                        unsafe { *dst.ptr().add((tok + j) * w.n + n) = finish(dot, x, tok + j, w, &ep, n) };
                     }
                 }
                 tok += step;
