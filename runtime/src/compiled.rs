@@ -14,7 +14,7 @@ use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::{float, ops, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
-use bitnet_ir::{ActQuant, DType, Graph, Op, Value};
+use bitnet_ir::{ActQuant, DType, Graph, Op};
 use std::collections::HashMap;
 
 fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
@@ -48,6 +48,8 @@ enum Buf {
 struct Plan {
     graph: Graph,
     schedule: Schedule,
+    /// Each node's tiles, looked up once rather than per evaluation.
+    tiles: Vec<Option<Tiles>>,
     /// The buffer each computed value lives in (`usize::MAX` for weights).
     slot: Vec<usize>,
     bufs: Vec<Buf>,
@@ -101,7 +103,11 @@ impl Plan {
                 Kind::Q8 => Buf::Q8(QuantActs::default()),
             })
             .collect();
-        Plan { graph, schedule, slot, bufs }
+        let mut tiles = vec![None; n];
+        for step in &schedule.steps {
+            tiles[step.value.index()] = Some(step.tiles);
+        }
+        Plan { graph, schedule, tiles, slot, bufs }
     }
 }
 
@@ -215,7 +221,7 @@ fn run(plan: &mut Plan, pool: &Pool, prepared: &HashMap<String, Prepared>, weigh
         }
         let mut out = std::mem::replace(&mut plan.bufs[s], Buf::I32(Vec::new()));
         let shape = node.ty.resolve(seq);
-        let tiles = plan.schedule.tiles(Value(v as u32));
+        let tiles = plan.tiles[v];
         let int8 = matches!(tiles, Some(Tiles::Int8 { .. }));
         let args: Vec<Arg> = node
             .args
