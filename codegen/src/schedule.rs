@@ -26,9 +26,13 @@ impl fmt::Display for WorkloadKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Tiles {
     Ternary(TernaryTiles),
-    Float { isa: Isa },
+    Float {
+        isa: Isa,
+    },
     /// A float weight quantized to int8 per row at load (`--head q8`): lossy.
-    Int8 { isa: Isa },
+    Int8 {
+        isa: Isa,
+    },
 }
 
 impl fmt::Display for Tiles {

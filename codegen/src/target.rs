@@ -10,6 +10,8 @@ pub struct HostCpu {
     pub cores: usize,
     /// ISA extensions that matter to int8 and ternary kernels.
     pub features: Vec<&'static str>,
+    /// Data and unified cache sizes, innermost first (e.g. `L1d 32K`).
+    pub caches: Vec<String>,
 }
 
 impl HostCpu {
@@ -19,13 +21,45 @@ impl HostCpu {
             model: cpu_model().unwrap_or_else(|| "unknown".into()),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             features: features(),
+            caches: caches(),
         }
     }
+
+    /// A short stable name for this CPU's tuning-relevant facts: equal
+    /// fingerprints, interchangeable tiles and artifacts.
+    pub fn fingerprint(&self) -> String {
+        let text = format!("{}|{}|{}|{}|{}", self.arch, self.model, self.cores, self.features.join(","), self.caches.join(","));
+        format!("cpu-{:016x}", fnv1a(text.as_bytes()))
+    }
+}
+
+/// FNV-1a, 64-bit: a hash that stays the same across builds and releases.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+fn caches() -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+        let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok().map(|s| s.trim().to_string());
+        let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size")) else { break };
+        match kind.as_str() {
+            "Data" => out.push(format!("L{level}d {size}")),
+            "Unified" => out.push(format!("L{level} {size}")),
+            _ => {}
+        }
+    }
+    out
 }
 
 impl fmt::Display for HostCpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}, {} threads available): {}", self.model, self.arch, self.cores, self.features.join(" "))
+        write!(f, "{} ({}, {} threads available): {}", self.model, self.arch, self.cores, self.features.join(" "))?;
+        if !self.caches.is_empty() {
+            write!(f, "; caches {}", self.caches.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -64,5 +98,12 @@ mod tests {
     #[test]
     fn detection_is_stable() {
         assert_eq!(super::HostCpu::detect(), super::HostCpu::detect());
+        assert_eq!(super::HostCpu::detect().fingerprint(), super::HostCpu::detect().fingerprint());
+    }
+
+    #[test]
+    fn fnv1a_is_the_published_function() {
+        assert_eq!(super::fnv1a(b""), 0xcbf29ce484222325);
+        assert_eq!(super::fnv1a(b"a"), 0xaf63dc4c8601ec8c);
     }
 }

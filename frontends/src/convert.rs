@@ -120,6 +120,41 @@ enum Plan {
     Float { source: String, permute_heads: Option<usize> },
 }
 
+/// The metadata of a GGUF file holding `model` under the architecture name
+/// `arch`: its hyper-parameters, FFN activation and tokenizer (padded to the
+/// embedding's rows).
+pub fn metadata(model: &Model, arch: &str) -> Result<Vec<(String, MetaValue)>, String> {
+    let c = &model.config;
+    let mut vocab = match &model.source {
+        ModelSource::Gguf(f) => VocabParts::from_gguf(f),
+        ModelSource::Hf(hf) => VocabParts::from_hf(&hf.dir.join("tokenizer.json")),
+    }
+    .map_err(|e| e.to_string())?;
+    if vocab.tokens.len() > c.vocab {
+        return Err(format!("the tokenizer has {} tokens but the embedding only {} rows", vocab.tokens.len(), c.vocab));
+    }
+    while vocab.tokens.len() < c.vocab {
+        vocab.tokens.push(format!("<|pad_{}|>", vocab.tokens.len()));
+        vocab.types.push(3);
+        if !vocab.scores.is_empty() {
+            vocab.scores.push(0.0);
+        }
+    }
+    let mut m = vec![("general.architecture".to_string(), MetaValue::String(arch.into()))];
+    let name = match &model.source {
+        ModelSource::Gguf(f) => f.get("general.name").and_then(MetaValue::as_str).map(String::from),
+        ModelSource::Hf(hf) => hf.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+    };
+    m.push(("general.name".into(), MetaValue::String(name.unwrap_or_else(|| "converted by bitnet-rs".into()))));
+    m.extend(c.gguf_metadata(arch));
+    let default = Arch::from_name(arch).map_or(c.activation, Arch::default_activation);
+    if c.activation != default || (arch == "bitnet" && c.activation == Activation::Relu2) {
+        m.push((format!("{arch}.hidden_activation"), MetaValue::String(c.activation.name().into())));
+    }
+    m.extend(vocab.to_gguf());
+    Ok(m)
+}
+
 /// Converts `model` to a GGUF file at `out`; returns warnings.
 pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Vec<String>, String> {
     let c = &model.config;
@@ -150,37 +185,8 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
         _ => "bitnet",
     };
     let permute = c.arch == Arch::Llama && c.rope_mode == RopeMode::Neox;
-    let mut vocab = match &model.source {
-        ModelSource::Gguf(f) => VocabParts::from_gguf(f),
-        ModelSource::Hf(hf) => VocabParts::from_hf(&hf.dir.join("tokenizer.json")),
-    }
-    .map_err(|e| e.to_string())?;
-    if vocab.tokens.len() > c.vocab {
-        return Err(format!("the tokenizer has {} tokens but the embedding only {} rows", vocab.tokens.len(), c.vocab));
-    }
-    while vocab.tokens.len() < c.vocab {
-        vocab.tokens.push(format!("<|pad_{}|>", vocab.tokens.len()));
-        vocab.types.push(3);
-        if !vocab.scores.is_empty() {
-            vocab.scores.push(0.0);
-        }
-    }
-
     let mut w = GgufWriter::new();
-    w.set("general.architecture", MetaValue::String(arch.into()));
-    let name = match &model.source {
-        ModelSource::Gguf(f) => f.get("general.name").and_then(MetaValue::as_str).map(String::from),
-        ModelSource::Hf(hf) => hf.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
-    };
-    w.set("general.name", MetaValue::String(name.unwrap_or_else(|| "converted by bitnet-rs".into())));
-    for (k, v) in c.gguf_metadata(arch) {
-        w.set(&k, v);
-    }
-    let key = |k: &str| format!("{arch}.{k}");
-    if c.activation != c.arch.default_activation() || (arch == "bitnet" && c.activation == Activation::Relu2) {
-        w.set(&key("hidden_activation"), MetaValue::String(c.activation.name().into()));
-    }
-    for (k, v) in vocab.to_gguf() {
+    for (k, v) in metadata(model, arch)? {
         w.set(&k, v);
     }
 

@@ -30,7 +30,14 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
 
 /// Runs `reps` repetitions; `since_start` is the time from process start to
 /// now, before loading, `on_rep` hears each finished repetition.
-pub fn bench(s: &mut Session, n_prompt: usize, n_gen: usize, reps: usize, process_start: Instant, mut on_rep: impl FnMut(usize)) -> Result<BenchReport, RuntimeError> {
+pub fn bench(
+    s: &mut Session,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+    process_start: Instant,
+    mut on_rep: impl FnMut(usize),
+) -> Result<BenchReport, RuntimeError> {
     if n_prompt + n_gen > s.context {
         return Err(RuntimeError::Input(format!("-p {n_prompt} plus -n {n_gen} tokens do not fit in the context of {} (raise it with -c)", s.context)));
     }

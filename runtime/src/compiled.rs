@@ -9,8 +9,8 @@
 //! not one per node. Evaluation walks the nodes in order and calls each
 //! node's kernel; matrix products and attention fan out over the pool.
 
-use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
 use bitnet_codegen::cpu::int8::{self, Int8Rows};
+use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
 use bitnet_codegen::cpu::{float, ops, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
@@ -22,7 +22,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
 }
 
 /// A weight made ready for its kernels.
-enum Prepared {
+pub(crate) enum Prepared {
     Packed(PackedTernary),
     /// Quantized to int8 rows for `Tiles::Int8`, under `name#int8`.
     Int8(Int8Rows),
@@ -136,6 +136,21 @@ impl CompiledModel {
         for (g, sched) in [&last, &all] {
             prepare(g, sched, weights, &mut prepared)?;
         }
+        Self::from_prepared(weights, prepared, last, all, threads)
+    }
+
+    /// Weights prepared earlier (read from an artifact), checked against
+    /// what each graph's kernels will read.
+    pub(crate) fn from_prepared(
+        weights: &dyn WeightSource,
+        prepared: HashMap<String, Prepared>,
+        last: (Graph, Schedule),
+        all: (Graph, Schedule),
+        threads: usize,
+    ) -> Result<CompiledModel, EvalError> {
+        for (g, sched) in [&last, &all] {
+            check(g, sched, weights, &prepared)?;
+        }
         let prepared_bytes = prepared
             .values()
             .map(|p| match p {
@@ -146,6 +161,12 @@ impl CompiledModel {
             })
             .sum();
         Ok(CompiledModel { pool: Pool::new(threads), weights: prepared, last: Plan::new(last.0, last.1), all: Plan::new(all.0, all.1), prepared_bytes })
+    }
+
+    /// Each prepared weight under the name the graphs use (`name#int8` for
+    /// an int8 copy of a float weight).
+    pub(crate) fn prepared(&self) -> &HashMap<String, Prepared> {
+        &self.weights
     }
 
     pub fn threads(&self) -> usize {
@@ -176,7 +197,7 @@ impl CompiledModel {
     }
 }
 
-fn int8_key(name: &str) -> String {
+pub(crate) fn int8_key(name: &str) -> String {
     format!("{name}#int8")
 }
 
@@ -211,7 +232,43 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
     Ok(())
 }
 
-fn run(plan: &mut Plan, pool: &Pool, prepared: &HashMap<String, Prepared>, weights: &dyn WeightSource, inputs: &[(&str, &[i32])], kv: &mut KvCache) -> Result<Vec<f32>, EvalError> {
+/// That every weight a kernel will read is there, prepared as that kernel
+/// needs it and of the graph's shape: kernels index without bounds checks.
+fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &HashMap<String, Prepared>) -> Result<(), EvalError> {
+    for (v, node) in g.iter() {
+        for (i, a) in node.args.iter().enumerate() {
+            let Op::Weight { name } = &g.node(*a).op else { continue };
+            let ty = &g.node(*a).ty;
+            let dims = ty.resolve(0);
+            let nk = |n: usize, k: usize| dims.len() == 2 && dims[0] == n && dims[1] == k;
+            let tiles = sched.tiles(v);
+            let ok = match (&node.op, i, tiles) {
+                (Op::TernaryMatMul(_), 1, Some(Tiles::Ternary(t))) => {
+                    matches!(prepared.get(name), Some(Prepared::Packed(p)) if p.rows == t.rows && nk(p.n, p.k))
+                }
+                (Op::MatMul, 1, Some(Tiles::Int8 { .. })) => matches!(prepared.get(&int8_key(name)), Some(Prepared::Int8(q)) if nk(q.n, q.k)),
+                (Op::MatMul, 1, _) | (Op::Embed, 0, _) => {
+                    prepared.contains_key(name)
+                        && matches!(weights.weight(name), Some(w) if w.dtype == ty.dtype && w.shape == dims && w.dtype.bytes_for(w.elems()).is_some_and(|b| b <= w.data.len()) && w.row_len() % w.dtype.block_elems() == 0)
+                }
+                _ => matches!(prepared.get(name), Some(Prepared::Floats(f)) if f.len() == dims.iter().product::<usize>()),
+            };
+            if !ok {
+                return err(format!("{v} = {}: weight {name} is missing or not prepared as {ty} for its kernel", node.op.mnemonic()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(
+    plan: &mut Plan,
+    pool: &Pool,
+    prepared: &HashMap<String, Prepared>,
+    weights: &dyn WeightSource,
+    inputs: &[(&str, &[i32])],
+    kv: &mut KvCache,
+) -> Result<Vec<f32>, EvalError> {
     let seq = inputs.first().map_or(0, |i| i.1.len());
     for v in 0..plan.graph.nodes.len() {
         let node = &plan.graph.nodes[v];

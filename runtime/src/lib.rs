@@ -3,6 +3,7 @@
 //! tokens with an executor (the compiled one, or the reference interpreter) and drives
 //! generation with a [`Sampler`].
 
+pub mod artifact;
 pub mod bench;
 pub mod compiled;
 pub mod npy;

@@ -1,12 +1,13 @@
 //! A loaded model ready to generate: weights, tokenizer, graphs, KV cache.
 
+use crate::artifact::{self, Artifact, Header};
 use crate::compiled::CompiledModel;
 use crate::sampler::{Sampler, SamplerConfig};
 use bitnet_codegen::schedule::{schedule, Pinned, Schedule};
-use bitnet_ir::passes;
 use bitnet_frontends::model::{Model, ModelError};
 use bitnet_frontends::tokenizer::{Tokenizer, TokenizerError};
 use bitnet_ir::interp::{EvalError, Interpreter, KvCache, Tensor};
+use bitnet_ir::passes;
 use bitnet_ir::Graph;
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ pub enum RuntimeError {
     Input(String),
     #[error("compiling: {0}")]
     Compile(String),
+    #[error("{0}")]
+    Artifact(String),
 }
 
 /// What evaluates the graphs.
@@ -68,10 +71,20 @@ pub struct Session {
     pub threads: usize,
     pub context: usize,
     pub load_ms: f64,
+    /// Things the user should know about what was loaded (e.g. an artifact
+    /// compiled on another CPU).
+    pub warnings: Vec<String>,
+    /// The header of the artifact this session runs, if it runs one.
+    pub artifact: Option<Header>,
 }
 
 impl Session {
+    /// Loads a model file or folder (compiled in memory for the compiled
+    /// backend) or a `.bnx` artifact (mapped, ready to run).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Session, RuntimeError> {
+        if artifact::is_artifact(path) {
+            return Self::load_artifact(path, opts);
+        }
         let t0 = Instant::now();
         let model = Model::open(path)?;
         let tokenizer = Arc::new(model.tokenizer()?);
@@ -94,6 +107,47 @@ impl Session {
             threads: opts.threads.max(1),
             context,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            warnings: Vec::new(),
+            artifact: None,
+        })
+    }
+
+    fn load_artifact(path: &Path, opts: &LoadOptions) -> Result<Session, RuntimeError> {
+        let t0 = Instant::now();
+        let a = Artifact::open(path)?;
+        let fixed = |what: &str| {
+            RuntimeError::Artifact(format!("{}: {what} is fixed when the artifact is compiled (bitnet compile {what} ...); run it without", path.display()))
+        };
+        if opts.backend == Backend::Interp {
+            return Err(RuntimeError::Artifact(format!(
+                "{}: an artifact holds compiled code only; run the interpreter on its source model ({})",
+                path.display(),
+                a.header.source.path
+            )));
+        }
+        if opts.pinned.head_q8 && a.header.head != "q8" {
+            return Err(fixed("--head"));
+        }
+        if opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
+            return Err(fixed("the tile choice"));
+        }
+        let warnings = a.check_target(path)?;
+        let compiled = a.compiled(path, opts.threads)?;
+        let tokenizer = Arc::new(a.model.tokenizer()?);
+        let context = opts.context.unwrap_or(a.model.config.context).max(1);
+        Ok(Session {
+            graph_last: compiled.graph(false).clone(),
+            graph_all: compiled.graph(true).clone(),
+            compiled: Some(compiled),
+            model: a.model,
+            tokenizer,
+            kv: KvCache::new(),
+            tokens: Vec::new(),
+            threads: opts.threads.max(1),
+            context,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            warnings,
+            artifact: Some(a.header),
         })
     }
 

@@ -1,26 +1,32 @@
-//! `bitnet compile`: lower a model's graph for this machine.
+//! `bitnet compile`: lower a model for this machine and write an artifact.
 
-use super::DeviceArgs;
+use super::{DeviceArgs, HeadArg};
 use anyhow::Context;
 use bitnet_codegen::schedule::Pinned;
 use bitnet_frontends::model::Model;
 use bitnet_ir::passes;
+use bitnet_runtime::{artifact, Backend, LoadOptions, Session};
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct CompileArgs {
     /// Model: a GGUF file or a Hugging Face folder.
     #[arg(short, long)]
     pub model: PathBuf,
-    /// Artifact to write (.bnx).
+    /// Artifact to write (conventionally .bnx); run it with `bitnet run -m`.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// Output head: as stored, or quantized to int8 per row (half the
+    /// bytes of an f16 head; lossy).
+    #[arg(long, value_enum, default_value_t = HeadArg::Stored)]
+    pub head: HeadArg,
     /// Print the graph in its text form after this pass (canonicalize,
     /// specialize-ternary, fuse) or, with `schedule`, the final graph and
     /// its schedule; then stop.
     #[arg(long, value_name = "PASS")]
     pub dump_after: Option<String>,
-    /// Lower the graph that computes logits at every position.
+    /// Lower the graph that computes logits at every position (for --dump-after).
     #[arg(long)]
     pub all_logits: bool,
     #[command(flatten)]
@@ -29,31 +35,38 @@ pub struct CompileArgs {
 
 pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
     a.device.check()?;
-    let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-    let graph = model.graph(a.all_logits)?;
-    match a.dump_after.as_deref() {
-        Some("schedule") => {
-            let (g, s) = bitnet_runtime::lower(&graph, &Pinned::default())?;
+    if artifact::is_artifact(&a.model) {
+        anyhow::bail!("{} is already a compiled artifact; compile its source model instead", a.model.display());
+    }
+    let pinned = Pinned { head_q8: a.head == HeadArg::Q8, ..Default::default() };
+    if let Some(pass) = a.dump_after.as_deref() {
+        let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+        let graph = model.graph(a.all_logits)?;
+        if pass == "schedule" {
+            let (g, s) = bitnet_runtime::lower(&graph, &pinned)?;
             return super::print(&format!("{g}{s}"));
         }
-        Some(pass) => {
-            let g = passes::optimize(graph, Some(pass)).map_err(|e| anyhow::anyhow!("{e} (or schedule)"))?;
-            return super::print(&g.to_string());
-        }
-        None => {}
+        let g = passes::optimize(graph, Some(pass)).map_err(|e| anyhow::anyhow!("{e} (or schedule)"))?;
+        return super::print(&g.to_string());
     }
-    let (g, s) = bitnet_runtime::lower(&graph, &Pinned::default())?;
-    match a.output {
-        Some(out) => anyhow::bail!(
-            "writing {}: .bnx artifacts are not implemented yet; `bitnet run -m {}` compiles in memory ({} nodes, {} scheduled kernels here)",
-            out.display(),
-            a.model.display(),
-            g.nodes.len(),
-            s.steps.len()
-        ),
-        None => {
-            eprintln!("compiled {}: {} nodes, {} scheduled kernels (nothing written: give -o FILE.bnx, or --dump-after PASS to look)", a.model.display(), g.nodes.len(), s.steps.len());
-            Ok(())
-        }
-    }
+    let Some(out) = a.output else {
+        anyhow::bail!("nothing to do: give -o FILE.bnx to write an artifact, or --dump-after PASS to look at the graph");
+    };
+    let t0 = Instant::now();
+    eprintln!("compiling {} ...", a.model.display());
+    let opts = LoadOptions { threads: 1, backend: Backend::Compiled, pinned, context: None };
+    let session = Session::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    let compiled = session.compiled().expect("the compiled backend was asked for");
+    let kernels = compiled.schedule(false).steps.len();
+    eprintln!("writing {} ...", out.display());
+    let report = artifact::write(&out, &a.model, &session.model, compiled, opts.pinned.head_q8)?;
+    eprintln!(
+        "wrote {}: {:.1} MB, {} tensors, {} scheduled kernels, in {:.1} s",
+        out.display(),
+        report.bytes as f64 / 1e6,
+        report.tensors,
+        kernels,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -6,6 +6,7 @@ use bitnet_frontends::gguf::{GgufFile, MetaValue};
 use bitnet_frontends::model::{Model, ModelSource};
 use bitnet_frontends::tokenizer::Tokenizer;
 use bitnet_ir::DType;
+use bitnet_runtime::artifact;
 use std::fmt::Write;
 use std::path::PathBuf;
 
@@ -111,6 +112,10 @@ fn tensor_table<'a>(rows: impl Iterator<Item = (&'a str, DType, &'a [usize], usi
 
 pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     let mut out = String::new();
+    if artifact::is_artifact(&a.model) {
+        describe_artifact(&a.model, &mut out)?;
+        return super::print(&out);
+    }
     if a.model.is_dir() {
         let m = Model::open(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
         writeln!(out, "folder: {} (Hugging Face)", a.model.display())?;
@@ -152,4 +157,31 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     }
     tensor_table(f.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), t.size)), &mut out)?;
     super::print(&out)
+}
+
+/// A compiled artifact: where it came from, what it was compiled for, its
+/// kernels with their tiles and where the tiles came from, its weights.
+fn describe_artifact(path: &std::path::Path, out: &mut String) -> anyhow::Result<()> {
+    let a = artifact::Artifact::open(path)?;
+    let h = &a.header;
+    let size = std::fs::metadata(path)?.len() as usize;
+    writeln!(out, "artifact: {} ({}, format v{}, by {})", path.display(), human(size), h.format, h.compiler)?;
+    writeln!(out, "source: {} ({}, content hash {})", h.source.path, human(h.source.bytes as usize), h.source.hash)?;
+    writeln!(out, "target: {}, fingerprint {}: {}", h.target.device, h.target.fingerprint, h.target.description)?;
+    match a.check_target(path) {
+        Ok(w) if w.is_empty() => writeln!(out, "runs here: yes")?,
+        Ok(w) => writeln!(out, "runs here: yes, but {}", w.join("; "))?,
+        Err(e) => writeln!(out, "runs here: no: {e}")?,
+    }
+    writeln!(out, "head: {}", h.head)?;
+    describe_model(&a.model, out)?;
+    describe_tokenizer(a.model.tokenizer(), out)?;
+    let steps = &h.all.schedule.steps;
+    writeln!(out, "kernels ({} in the all-positions graph, {} in the last-position one):", steps.len(), h.last.schedule.steps.len())?;
+    writeln!(out, "  {:<6} {:<44} {:<32} from", "value", "workload", "tiles")?;
+    for s in steps {
+        writeln!(out, "  {:<6} {:<44} {:<32} {}", s.value.to_string(), s.key.to_string(), s.tiles.to_string(), s.origin.name())?;
+    }
+    let f = a.model.gguf().expect("an artifact's weights section is GGUF");
+    tensor_table(f.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), t.size)), out)
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// Options shared by `run` and `chat`.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// Model: a GGUF file or a Hugging Face folder.
+    /// Model: a GGUF file, a Hugging Face folder, or an artifact from `bitnet compile`.
     #[arg(short, long)]
     pub model: PathBuf,
     /// Context size in tokens [default: the model's].
@@ -89,7 +89,11 @@ impl ModelArgs {
 }
 
 fn load(path: &Path, opts: &LoadOptions) -> anyhow::Result<Session> {
-    Session::load(path, opts).with_context(|| format!("loading {}", path.display()))
+    let session = Session::load(path, opts).with_context(|| format!("loading {}", path.display()))?;
+    for w in &session.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(session)
 }
 
 /// Sampling flags, in llama.cpp's spelling and with its defaults.

@@ -4,6 +4,7 @@
 //! and outweighs all ternary layers of a 2B model together. Lossy: its
 //! logits are compared with the stored head's in the tests and docs.
 
+use super::blob::Blob;
 use super::pool::{share, Pool, SharedMut};
 use super::ternary::{QuantActs, CHUNK};
 use super::{float, Isa};
@@ -14,8 +15,8 @@ pub struct Int8Rows {
     pub n: usize,
     pub k: usize,
     pub kp: usize,
-    pub q: Vec<i8>,
-    pub scale: Vec<f32>,
+    pub q: Blob<i8>,
+    pub scale: Blob<f32>,
 }
 
 impl Int8Rows {
@@ -35,7 +36,16 @@ impl Int8Rows {
             }
             scale[r] = s;
         }
-        Int8Rows { n, k, kp, q, scale }
+        Int8Rows { n, k, kp, q: q.into(), scale: scale.into() }
+    }
+
+    /// Rows stored earlier (an artifact), checked against the shape.
+    pub fn from_parts(n: usize, k: usize, q: Blob<i8>, scale: Blob<f32>) -> Result<Int8Rows, String> {
+        let kp = k.div_ceil(CHUNK) * CHUNK;
+        if n == 0 || k == 0 || q.len() != n * kp || scale.len() != n {
+            return Err(format!("int8 rows [{n}, {k}] need {} values and {n} scales, got {} and {}", n * kp, q.len(), scale.len()));
+        }
+        Ok(Int8Rows { n, k, kp, q, scale })
     }
 
     pub fn bytes(&self) -> usize {

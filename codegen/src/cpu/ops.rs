@@ -78,7 +78,16 @@ pub struct AttentionShape {
 /// Stores `k` and `v` at `positions`, then each query attends causally to
 /// the cache; the (token, head) pairs are split over the workers.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(pool: &Pool, a: AttentionShape, q: &[f32], k: &[f32], v: &[f32], positions: &[i32], kv: &mut KvCache, out: &mut [f32]) -> Result<(), EvalError> {
+pub fn attention(
+    pool: &Pool,
+    a: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    positions: &[i32],
+    kv: &mut KvCache,
+    out: &mut [f32],
+) -> Result<(), EvalError> {
     let d = a.head_dim;
     let kv_row = a.kv_heads * d;
     kv.store(a.layer, kv_row, positions, k, v)?;

@@ -14,6 +14,7 @@
 //! each token's `Σ x` once. The result, `((dot as f32) · β) / γ`, then the
 //! epilogue, is the interpreter's arithmetic for one scale per tensor.
 
+use super::blob::Blob;
 use super::pool::{share, Pool, SharedMut};
 use super::Isa;
 use bitnet_ir::interp::WeightView;
@@ -59,7 +60,7 @@ pub struct PackedTernary {
     pub rows: usize,
     /// β: the one weight scale.
     pub scale: f32,
-    data: Vec<u8>,
+    data: Blob<u8>,
 }
 
 impl PackedTernary {
@@ -94,7 +95,7 @@ impl PackedTernary {
                 data[at..at + CHUNK_BYTES].copy_from_slice(chunk);
             }
         }
-        PackedTernary { n, k, kp, rows, scale, data }
+        PackedTernary { n, k, kp, rows, scale, data: data.into() }
     }
 
     /// Repacks a stored ternary tensor (I2_S, TQ2_0, TQ1_0). The kernels
@@ -170,8 +171,27 @@ impl PackedTernary {
         }
     }
 
+    /// A packed matrix whose bytes were stored earlier (an artifact),
+    /// checked to be the size the layout implies.
+    pub fn from_parts(n: usize, k: usize, rows: usize, scale: f32, data: Blob<u8>) -> Result<PackedTernary, String> {
+        if !TernaryTiles::ROWS.contains(&rows) || n == 0 || k == 0 {
+            return Err(format!("packed ternary [{n}, {k}] with {rows} rows per tile is not a layout the kernels know"));
+        }
+        let kp = k.div_ceil(CHUNK) * CHUNK;
+        let want = n.div_ceil(rows) * rows * (kp / CHUNK) * CHUNK_BYTES;
+        if data.len() != want {
+            return Err(format!("packed ternary [{n}, {k}] needs {want} bytes, got {}", data.len()));
+        }
+        Ok(PackedTernary { n, k, kp, rows, scale, data })
+    }
+
     pub fn bytes(&self) -> usize {
         self.data.len()
+    }
+
+    /// The packed bytes, tile after tile.
+    pub fn data(&self) -> &Blob<u8> {
+        &self.data
     }
 
     fn chunks(&self) -> usize {
@@ -402,7 +422,7 @@ mod tests {
             for rows in TernaryTiles::ROWS {
                 let fast = PackedTernary::from_weight(&w, rows).unwrap();
                 let slow = PackedTernary::from_blocks(&w, rows).unwrap();
-                assert_eq!((fast.data, fast.scale), (slow.data, slow.scale), "{dtype} rows {rows}");
+                assert_eq!((&*fast.data, fast.scale), (&*slow.data, slow.scale), "{dtype} rows {rows}");
             }
         }
     }

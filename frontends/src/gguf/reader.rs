@@ -5,6 +5,7 @@
 use super::{dtype_from_id, format_err, GgufError, MetaType, MetaValue, DEFAULT_ALIGNMENT, MAGIC};
 use bitnet_ir::DType;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A tensor's entry in the header. `shape` is row-major (outermost
 /// first), the reverse of GGUF's `ne` order.
@@ -27,6 +28,19 @@ impl TensorInfo {
 enum Bytes {
     Mapped(memmap2::Mmap),
     Owned(Vec<u8>),
+    /// A GGUF that starts at an offset into a map shared with others
+    /// (the weights section of a compiled artifact).
+    Shared(Arc<memmap2::Mmap>, usize),
+}
+
+impl Bytes {
+    fn get(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+            Bytes::Shared(m, at) => m.get(*at..).unwrap_or_default(),
+        }
+    }
 }
 
 /// A parsed GGUF file whose tensor data stays where it was (mapped).
@@ -54,11 +68,13 @@ impl GgufFile {
         Self::parse(Bytes::Owned(bytes))
     }
 
+    /// Parses the GGUF that starts `offset` bytes into a shared map.
+    pub fn from_shared(map: Arc<memmap2::Mmap>, offset: usize) -> Result<GgufFile, GgufError> {
+        Self::parse(Bytes::Shared(map, offset))
+    }
+
     fn parse(bytes: Bytes) -> Result<GgufFile, GgufError> {
-        let buf: &[u8] = match &bytes {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        };
+        let buf: &[u8] = bytes.get();
         let mut r = Reader { buf, pos: 0 };
         if r.take(4).map_err(|_| GgufError::Format("file is shorter than the 4-byte magic".into()))? != MAGIC {
             return format_err("bad magic (expected \"GGUF\")");
@@ -116,10 +132,7 @@ impl GgufFile {
     }
 
     fn buf(&self) -> &[u8] {
-        match &self.bytes {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
+        self.bytes.get()
     }
 
     pub fn get(&self, key: &str) -> Option<&MetaValue> {

@@ -79,7 +79,7 @@ impl GgufWriter {
     }
 
     /// Writes the file to `w`; `data(i)` gives the bytes of tensor `i`.
-    pub fn write<W: Write>(&self, mut w: W, mut data: impl FnMut(usize) -> io::Result<Vec<u8>>) -> Result<(), GgufError> {
+    pub fn write<W: Write, B: AsRef<[u8]>>(&self, mut w: W, mut data: impl FnMut(usize) -> io::Result<B>) -> Result<(), GgufError> {
         let sizes = self.sizes()?;
         let mut head = Vec::new();
         head.extend_from_slice(MAGIC);
@@ -111,10 +111,11 @@ impl GgufWriter {
         w.write_all(&head)?;
         for (i, size) in sizes.iter().enumerate() {
             let bytes = data(i)?;
+            let bytes = bytes.as_ref();
             if bytes.len() != *size {
                 return Err(GgufError::Format(format!("tensor {}: got {} bytes, expected {size}", self.tensors[i].0, bytes.len())));
             }
-            w.write_all(&bytes)?;
+            w.write_all(bytes)?;
             w.write_all(&vec![0u8; size.next_multiple_of(self.alignment) - size])?;
         }
         w.flush()?;

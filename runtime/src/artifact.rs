@@ -1,0 +1,405 @@
+//! Compiled artifacts (`.bnx`): what `bitnet compile -o` writes and
+//! `bitnet run -m X.bnx` maps and runs.
+//!
+//! ```text
+//! "BITNETRS"         8 bytes, magic
+//! format version     u32 LE
+//! reserved           u32 LE, zero
+//! header length      u64 LE
+//! header             JSON: compiler, source, target, graphs, schedules, weights
+//! zero padding       to a page boundary
+//! weights            a GGUF file aligned to pages: the model's metadata
+//!                    (hyper-parameters, tokenizer, chat template), weights
+//!                    the kernels read as stored, and each prepared weight
+//!                    in the layout its kernel reads
+//! ```
+//!
+//! The weights section reuses the GGUF container (and its checked parser)
+//! rather than inventing another: everything in it is page-aligned, so the
+//! runtime maps the file and hands the kernels slices of it. Nothing is
+//! copied, and processes running the same artifact share its pages.
+//!
+//! The header names its format version; an artifact of another version,
+//! or one whose kernels this CPU cannot run, is refused with a message
+//! that says how to compile it again. One whose tiles were chosen on
+//! another CPU runs, with a warning.
+
+use crate::compiled::{int8_key, CompiledModel, Prepared};
+use crate::session::RuntimeError;
+use bitnet_codegen::cpu::blob::{Blob, SharedBytes};
+use bitnet_codegen::cpu::int8::Int8Rows;
+use bitnet_codegen::cpu::ternary::PackedTernary;
+use bitnet_codegen::schedule::{Schedule, Tiles};
+use bitnet_codegen::target::HostCpu;
+use bitnet_frontends::arch::Arch;
+use bitnet_frontends::convert;
+use bitnet_frontends::gguf::{GgufFile, GgufWriter};
+use bitnet_frontends::model::{Model, ModelSource};
+use bitnet_ir::interp::WeightSource;
+use bitnet_ir::{DType, Graph};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+pub const MAGIC: &[u8; 8] = b"BITNETRS";
+/// Bumped whenever the header or a prepared layout changes meaning.
+pub const FORMAT_VERSION: u32 = 1;
+const PREFIX: usize = 24;
+const PAGE: usize = 4096;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Header {
+    pub format: u32,
+    /// `bitnet-rs <version>` of the compiler that wrote it.
+    pub compiler: String,
+    pub source: SourceInfo,
+    pub target: TargetInfo,
+    /// `stored` or `q8`.
+    pub head: String,
+    /// The graph that computes the last position's logits.
+    pub last: CompiledGraph,
+    /// The graph that computes every position's logits.
+    pub all: CompiledGraph,
+    pub weights: Vec<WeightEntry>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SourceInfo {
+    pub path: String,
+    pub bytes: u64,
+    /// A fast 64-bit content hash (not cryptographic) of the source files.
+    pub hash: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TargetInfo {
+    pub device: String,
+    pub fingerprint: String,
+    /// The CPU, in words.
+    pub description: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CompiledGraph {
+    /// The optimized graph in its text form.
+    pub graph: String,
+    pub schedule: Schedule,
+}
+
+/// A prepared weight and the GGUF tensors that hold it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WeightEntry {
+    /// The name the graph's kernels look it up by.
+    pub name: String,
+    pub layout: Layout,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "layout", rename_all = "snake_case")]
+pub enum Layout {
+    /// Tensor `<name>#packed`: i8 bytes in the ternary kernels' layout.
+    PackedTernary { n: usize, k: usize, rows: usize, scale: f32 },
+    /// Tensors `<name>` (i8 `[n, kp]`) and `<name>.scale` (f32 `[n]`).
+    Int8Rows { n: usize, k: usize },
+    /// Tensor `<name>` as stored, expanded to f32 at load (norms, scales).
+    Floats,
+    /// Tensor `<name>` as stored, read in place (embedding, float head).
+    Stored,
+}
+
+fn packed_name(name: &str) -> String {
+    format!("{name}#packed")
+}
+
+fn scale_name(name: &str) -> String {
+    format!("{name}.scale")
+}
+
+fn artifact_err<T>(path: &Path, msg: impl std::fmt::Display) -> Result<T, RuntimeError> {
+    Err(RuntimeError::Artifact(format!("{}: {msg}", path.display())))
+}
+
+/// Whether `path` starts like an artifact (and is not a folder).
+pub fn is_artifact(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    path.is_file() && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == MAGIC
+}
+
+/// What `write` did.
+pub struct WriteReport {
+    pub bytes: u64,
+    pub tensors: usize,
+}
+
+/// Writes the compiled `model` (loaded from `source`) to `out`: to a
+/// temporary file first, renamed into place when complete.
+pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel, head_q8: bool) -> Result<WriteReport, RuntimeError> {
+    let io = |e: std::io::Error| RuntimeError::Artifact(format!("writing {}: {e}", out.display()));
+    let (bytes, hash) = content_hash(source).map_err(|e| RuntimeError::Artifact(format!("reading {}: {e}", source.display())))?;
+    let cpu = HostCpu::detect();
+    let mut gguf = GgufWriter::new();
+    gguf.alignment = PAGE;
+    match &model.source {
+        ModelSource::Gguf(f) => f.metadata.iter().filter(|(k, _)| k != "general.alignment").for_each(|(k, v)| gguf.set(k, v.clone())),
+        ModelSource::Hf(_) => {
+            let arch = if model.config.arch == Arch::Llama { "llama" } else { "bitnet" };
+            convert::metadata(model, arch).map_err(RuntimeError::Artifact)?.into_iter().for_each(|(k, v)| gguf.set(&k, v));
+        }
+    }
+    let mut names: Vec<&String> = compiled.prepared().keys().collect();
+    names.sort();
+    let mut entries = Vec::new();
+    let mut data: Vec<&[u8]> = Vec::new();
+    for name in names {
+        let layout = match &compiled.prepared()[name] {
+            Prepared::Packed(p) => {
+                gguf.add_tensor(&packed_name(name), DType::I8, &[p.bytes()]);
+                data.push(p.data().as_bytes());
+                Layout::PackedTernary { n: p.n, k: p.k, rows: p.rows, scale: p.scale }
+            }
+            Prepared::Int8(q) => {
+                gguf.add_tensor(name, DType::I8, &[q.n, q.kp]);
+                gguf.add_tensor(&scale_name(name), DType::F32, &[q.n]);
+                data.push(q.q.as_bytes());
+                data.push(q.scale.as_bytes());
+                Layout::Int8Rows { n: q.n, k: q.k }
+            }
+            p @ (Prepared::Floats(_) | Prepared::Stored) => {
+                let Some(t) = model.tensor(name) else { return artifact_err(source, format!("tensor {name} is prepared but not in the model")) };
+                gguf.add_tensor(name, t.dtype, &t.shape);
+                data.push(model.data(t));
+                if matches!(p, Prepared::Stored) {
+                    Layout::Stored
+                } else {
+                    Layout::Floats
+                }
+            }
+        };
+        entries.push(WeightEntry { name: name.clone(), layout });
+    }
+    let graph = |all: bool| CompiledGraph { graph: compiled.graph(all).to_string(), schedule: compiled.schedule(all).clone() };
+    let header = Header {
+        format: FORMAT_VERSION,
+        compiler: compiler(),
+        source: SourceInfo { path: source.display().to_string(), bytes, hash },
+        target: TargetInfo { device: "cpu".into(), fingerprint: cpu.fingerprint(), description: cpu.to_string() },
+        head: if head_q8 { "q8" } else { "stored" }.into(),
+        last: graph(false),
+        all: graph(true),
+        weights: entries,
+    };
+    let json = serde_json::to_vec(&header).map_err(|e| RuntimeError::Artifact(e.to_string()))?;
+    let mut prefix = Vec::with_capacity(PREFIX + json.len() + PAGE);
+    prefix.extend_from_slice(MAGIC);
+    prefix.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    prefix.extend_from_slice(&0u32.to_le_bytes());
+    prefix.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    prefix.extend_from_slice(&json);
+    prefix.resize(prefix.len().next_multiple_of(PAGE), 0);
+
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let result = (|| -> Result<(), RuntimeError> {
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
+        f.write_all(&prefix).map_err(io)?;
+        gguf.write(&mut f, |i| Ok(data[i])).map_err(|e| RuntimeError::Artifact(format!("writing {}: {e}", out.display())))?;
+        f.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, out).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    let bytes = std::fs::metadata(out).map_err(io)?.len();
+    Ok(WriteReport { bytes, tensors: gguf.tensors.len() })
+}
+
+pub fn compiler() -> String {
+    format!("bitnet-rs {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A mapped artifact: its header and its weights section as a model.
+pub struct Artifact {
+    pub header: Header,
+    /// The weights section: metadata, tokenizer and stored tensors.
+    pub model: Model,
+    map: Arc<memmap2::Mmap>,
+}
+
+impl Artifact {
+    pub fn open(path: &Path) -> Result<Artifact, RuntimeError> {
+        let file = std::fs::File::open(path).or_else(|e| artifact_err(path, e))?;
+        // SAFETY: mapped read-only; see GgufFile::open.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.or_else(|e| artifact_err(path, e))?);
+        let header = read_header(path, &map)?;
+        let start = (PREFIX + header.1).next_multiple_of(PAGE);
+        if start > map.len() {
+            return artifact_err(path, "truncated: the weights section is missing");
+        }
+        let gguf = GgufFile::from_shared(map.clone(), start).or_else(|e| artifact_err(path, format!("weights section: {e}")))?;
+        let model = Model::from_file(gguf).or_else(|e| artifact_err(path, format!("weights section: {e}")))?;
+        Ok(Artifact { header: header.0, model, map })
+    }
+
+    /// Problems that make it unusable here, as errors, and ones worth a
+    /// warning. `path` is for the messages.
+    pub fn check_target(&self, path: &Path) -> Result<Vec<String>, RuntimeError> {
+        let h = &self.header;
+        let again = format!("compile it again here: bitnet compile -m {} -o {}", h.source.path, path.display());
+        if h.target.device != "cpu" {
+            return artifact_err(path, format!("compiled for {}, which this build cannot run; {again}", h.target.device));
+        }
+        for step in h.last.schedule.steps.iter().chain(&h.all.schedule.steps) {
+            let isa = match step.tiles {
+                Tiles::Ternary(t) => t.isa,
+                Tiles::Float { isa } | Tiles::Int8 { isa } => isa,
+            };
+            if !isa.available() {
+                return artifact_err(
+                    path,
+                    format!("its kernels use {} instructions, which this CPU lacks (it was compiled on {}); {again}", isa.name(), h.target.description),
+                );
+            }
+        }
+        let mut warnings = Vec::new();
+        let here = HostCpu::detect();
+        if h.target.fingerprint != here.fingerprint() {
+            warnings.push(format!(
+                "{} was compiled for another CPU ({}); its tiles may not be the best here: run `bitnet autotune`, then {again}",
+                path.display(),
+                h.target.description
+            ));
+        }
+        if let Ok(meta) = std::fs::metadata(&h.source.path) {
+            if meta.is_file() && meta.len() != h.source.bytes {
+                warnings.push(format!("{} has changed since {} was compiled from it; {again}", h.source.path, path.display()));
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// The graphs, checked, and the weights prepared from the mapped file.
+    pub fn compiled(&self, path: &Path, threads: usize) -> Result<CompiledModel, RuntimeError> {
+        let graph = |c: &CompiledGraph| -> Result<(Graph, Schedule), RuntimeError> {
+            let g = bitnet_ir::text::parse(&c.graph).or_else(|e| artifact_err(path, format!("graph: {e}")))?;
+            for step in &c.schedule.steps {
+                if step.value.index() >= g.nodes.len() {
+                    return artifact_err(path, format!("the schedule names {}, which the graph does not have", step.value));
+                }
+                if let Tiles::Ternary(t) = step.tiles {
+                    if !t.is_valid() {
+                        return artifact_err(path, format!("{}: tiles {t} are not valid here", step.value));
+                    }
+                }
+            }
+            Ok((g, c.schedule.clone()))
+        };
+        let (last, all) = (graph(&self.header.last)?, graph(&self.header.all)?);
+        let shared: SharedBytes = self.map.clone();
+        let base = self.map.as_ptr() as usize;
+        let tensor = |name: &str, dtype: DType| -> Result<(usize, usize), RuntimeError> {
+            let Some(w) = self.model.weight(name) else { return artifact_err(path, format!("tensor {name} is missing")) };
+            if w.dtype != dtype {
+                return artifact_err(path, format!("tensor {name} is {}, expected {dtype}", w.dtype));
+            }
+            Ok((w.data.as_ptr() as usize - base, w.data.len()))
+        };
+        let mut prepared = HashMap::new();
+        for e in &self.header.weights {
+            let bad = |m: String| RuntimeError::Artifact(format!("{}: weight {}: {m}", path.display(), e.name));
+            let p = match &e.layout {
+                Layout::PackedTernary { n, k, rows, scale } => {
+                    let (at, len) = tensor(&packed_name(&e.name), DType::I8)?;
+                    Prepared::Packed(PackedTernary::from_parts(*n, *k, *rows, *scale, Blob::mapped(shared.clone(), at, len).map_err(bad)?).map_err(bad)?)
+                }
+                Layout::Int8Rows { n, k } => {
+                    let (qa, ql) = tensor(&e.name, DType::I8)?;
+                    let (sa, sl) = tensor(&scale_name(&e.name), DType::F32)?;
+                    let q = Blob::mapped(shared.clone(), qa, ql).map_err(bad)?;
+                    let s = Blob::mapped(shared.clone(), sa, sl / 4).map_err(bad)?;
+                    Prepared::Int8(Int8Rows::from_parts(*n, *k, q, s).map_err(bad)?)
+                }
+                Layout::Floats => match self.model.weight(&e.name) {
+                    Some(w) if w.dtype.bytes_for(w.elems()).is_some_and(|b| b <= w.data.len()) => Prepared::Floats(w.to_f32()),
+                    _ => return Err(bad("missing or truncated".into())),
+                },
+                Layout::Stored => Prepared::Stored,
+            };
+            if matches!(p, Prepared::Int8(_)) && !e.name.ends_with(&int8_key("")) {
+                return Err(bad("int8 rows under a name the kernels do not look up".into()));
+            }
+            prepared.insert(e.name.clone(), p);
+        }
+        CompiledModel::from_prepared(&self.model, prepared, last, all, threads.max(1)).or_else(|e| artifact_err(path, e))
+    }
+}
+
+/// The header and its length, or why the file is not a usable artifact.
+fn read_header(path: &Path, map: &[u8]) -> Result<(Header, usize), RuntimeError> {
+    if map.len() < PREFIX || &map[..8] != MAGIC {
+        return artifact_err(path, "not a bitnet-rs artifact (bad magic)");
+    }
+    let version = u32::from_le_bytes(map[8..12].try_into().unwrap());
+    let len = u64::from_le_bytes(map[16..24].try_into().unwrap());
+    let Some(json) = usize::try_from(len).ok().and_then(|l| map.get(PREFIX..PREFIX.checked_add(l)?)) else {
+        return artifact_err(path, format!("truncated: the header says {len} bytes, the file has {}", map.len()));
+    };
+    if version != FORMAT_VERSION {
+        let by = serde_json::from_slice::<serde_json::Value>(json).ok().and_then(|v| v["compiler"].as_str().map(String::from));
+        return artifact_err(
+            path,
+            format!(
+                "artifact format v{version}{}; this {} reads v{FORMAT_VERSION}: compile it again with `bitnet compile -m SOURCE -o {}`",
+                by.map(|b| format!(" (written by {b})")).unwrap_or_default(),
+                compiler(),
+                path.display()
+            ),
+        );
+    }
+    let header: Header = serde_json::from_slice(json).or_else(|e| artifact_err(path, format!("corrupt header: {e}")))?;
+    if header.format != version {
+        return artifact_err(path, format!("corrupt header: it says format {} inside a v{version} file", header.format));
+    }
+    Ok((header, json.len()))
+}
+
+/// Size and a fast content hash of a model file, or of a model folder's
+/// files in name order.
+fn content_hash(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut files = vec![path.to_path_buf()];
+    if path.is_dir() {
+        files = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+        files.sort();
+    }
+    let (mut bytes, mut h) = (0u64, 0x243f_6a88_85a3_08d3u64);
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut r = std::fs::File::open(f)?;
+        loop {
+            let n = read_full(&mut r, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            let (words, tail) = buf[..n].split_at(n / 8 * 8);
+            for w in words.chunks_exact(8) {
+                h = (h.rotate_left(23) ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            }
+            for &b in tail {
+                h = (h.rotate_left(23) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            }
+        }
+    }
+    Ok((bytes, format!("{:016x}", h ^ bytes)))
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            m => n += m,
+        }
+    }
+    Ok(n)
+}

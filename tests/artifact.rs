@@ -1,0 +1,157 @@
+//! `.bnx` artifacts: compile → write → map → run gives exactly what
+//! compiling in memory gives (a serialize-then-reload test over every
+//! ternary format, both heads, GGUF and Hugging Face sources), and a
+//! damaged, foreign or misused artifact is a clear error, never a panic.
+
+mod common;
+
+use bitnet_codegen::schedule::Pinned;
+use bitnet_frontends::arch::Activation;
+use bitnet_ir::DType;
+use bitnet_runtime::artifact::{self, FORMAT_VERSION};
+use bitnet_runtime::{GenerateOptions, LoadOptions, SamplerConfig, Session};
+use common::*;
+use proptest::prelude::*;
+use std::path::{Path, PathBuf};
+
+fn opts(head_q8: bool, threads: usize) -> LoadOptions {
+    LoadOptions { threads, pinned: Pinned { head_q8, ..Default::default() }, ..Default::default() }
+}
+
+/// Compiles `src` in memory and writes it to `out`.
+fn compile(src: &Path, out: &Path, head_q8: bool) -> Session {
+    let s = Session::load(src, &opts(head_q8, 1)).unwrap();
+    artifact::write(out, src, &s.model, s.compiled().unwrap(), head_q8).unwrap();
+    s
+}
+
+fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
+    s.reset();
+    let opts = GenerateOptions { n_predict: n, ignore_eos: true, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, dump_logits: false };
+    s.generate(prompt, &opts, |_| {}).unwrap().generated_ids
+}
+
+fn round_trip(src: &Path, out: &Path, head_q8: bool, prompt: &[u32]) {
+    let mut mem = compile(src, out, head_q8);
+    let mut bnx = Session::load(out, &opts(false, 2)).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+    assert!(bnx.warnings.is_empty(), "{:?}", bnx.warnings);
+    assert_eq!(bnx.artifact.as_ref().unwrap().head, if head_q8 { "q8" } else { "stored" });
+    assert_eq!(bnx.compiled().unwrap().graph(true).to_string(), mem.compiled().unwrap().graph(true).to_string());
+    let (a, b) = (mem.eval(prompt, true).unwrap(), bnx.eval(prompt, true).unwrap());
+    assert_eq!(a, b, "{}: the artifact's logits differ from compiling in memory", src.display());
+    assert_eq!(mem.eval(&[5], false).unwrap(), bnx.eval(&[5], false).unwrap(), "{}: decode step", src.display());
+    assert_eq!(greedy(&mut mem, prompt, 10), greedy(&mut bnx, prompt, 10));
+    assert_eq!(mem.tokenizer.encode("Once upon a time", true, false).unwrap(), bnx.tokenizer.encode("Once upon a time", true, false).unwrap());
+    assert_eq!(mem.model.config.vocab, bnx.model.config.vocab);
+}
+
+#[test]
+fn artifacts_run_exactly_like_compiling_in_memory() {
+    let dir = tmp_dir("artifact-round-trip");
+    for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
+        let src = dir.join(format!("{dtype}.gguf"));
+        write_synth(&small_spec(dtype, Activation::Relu2), &src);
+        for head_q8 in [false, true] {
+            round_trip(&src, &dir.join(format!("{dtype}-{head_q8}.bnx")), head_q8, &[1, 17, 42, 99, 3, 250, 8]);
+        }
+    }
+    round_trip(&stories(), &dir.join("stories.bnx"), false, &[1, 403, 407, 261, 378]);
+    round_trip(&data("models/stories260K/hf"), &dir.join("stories-hf.bnx"), false, &[1, 403, 407, 261, 378]);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn the_cli_compiles_runs_and_inspects_artifacts() {
+    let dir = tmp_dir("artifact-cli");
+    let out = dir.join("s.bnx");
+    let (src, o) = (stories(), out.to_str().unwrap());
+    let c = bitnet(&["compile", "-m", src.to_str().unwrap(), "-o", o]);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let run = |m: &str| {
+        let r = bitnet(&["run", "-m", m, "-p", "Once upon a time", "-n", "12", "--temp", "0", "--json"]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let j: serde_json::Value = serde_json::from_str(&stdout(&r)).unwrap();
+        j["generated_ids"].clone()
+    };
+    assert_eq!(run(o), run(src.to_str().unwrap()));
+    let i = bitnet(&["inspect", o]);
+    assert!(i.status.success(), "{}", stderr(&i));
+    for want in ["format", "heuristic", "fingerprint", "stories260K.gguf"] {
+        assert!(stdout(&i).contains(want), "inspect lacks {want}: {}", stdout(&i));
+    }
+    let fail = |args: &[&str], want: &str| {
+        let r = bitnet(args);
+        assert!(!r.status.success() && stderr(&r).contains(want), "{args:?}: {}", stderr(&r));
+    };
+    fail(&["run", "-m", o, "-p", "hi", "--backend", "interp"], "compiled code only");
+    fail(&["run", "-m", o, "-p", "hi", "--head", "q8"], "fixed when the artifact is compiled");
+    fail(&["compile", "-m", o, "-o", dir.join("t.bnx").to_str().unwrap()], "already a compiled artifact");
+    fail(&["compile", "-m", src.to_str().unwrap()], "nothing to do");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn damaged(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn load_err(p: &Path) -> String {
+    match Session::load(p, &opts(false, 1)) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn damaged_and_foreign_artifacts_are_clear_errors() {
+    let dir = tmp_dir("artifact-damage");
+    let good = dir.join("good.bnx");
+    compile(&stories(), &good, false);
+    let bytes = std::fs::read(&good).unwrap();
+    // Another format version.
+    let mut v = bytes.clone();
+    v[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    let e = load_err(&damaged(&dir, "version.bnx", &v));
+    assert!(e.contains(&format!("format v{}", FORMAT_VERSION + 1)) && e.contains("bitnet compile"), "{e}");
+    // Cut anywhere: inside the prefix, the header, the weights section.
+    for cut in [9, 30, 500, 4096 + 10, bytes.len() / 2, bytes.len() - 1] {
+        let e = load_err(&damaged(&dir, "cut.bnx", &bytes[..cut]));
+        assert!(e.contains("cut.bnx"), "cut at {cut}: {e}");
+    }
+    // A header that is not JSON.
+    let mut h = bytes.clone();
+    h[24..40].fill(b'#');
+    assert!(load_err(&damaged(&dir, "header.bnx", &h)).contains("corrupt header"));
+    // Kernels this CPU cannot run: no CPU lacks scalar code, so fake a device.
+    let text = String::from_utf8_lossy(&bytes[..8192]).replace("\"device\":\"cpu\"", "\"device\":\"tpu\"");
+    let mut d = bytes.clone();
+    d[..8192].copy_from_slice(&text.as_bytes()[..8192]);
+    assert!(load_err(&damaged(&dir, "device.bnx", &d)).contains("compiled for tpu"));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Bytes flipped anywhere (often in the header and graph text): an
+    /// error, or a model that runs; never a panic.
+    #[test]
+    fn flipped_bytes_never_panic(flips in prop::collection::vec((prop_oneof![0usize..48 << 10, 0usize..2 << 20], any::<u8>()), 1..6)) {
+        let dir = tmp_dir("artifact-fuzz");
+        let good = dir.join("good.bnx");
+        if !good.exists() {
+            compile(&stories(), &good, false);
+        }
+        let mut bytes = std::fs::read(&good).unwrap();
+        for (at, x) in flips {
+            let i = at % bytes.len();
+            bytes[i] ^= x | 1;
+        }
+        let p = dir.join(format!("f{}.bnx", std::process::id()));
+        std::fs::write(&p, &bytes).unwrap();
+        if let Ok(mut s) = Session::load(&p, &opts(false, 1)) {
+            let _ = s.eval(&[1, 2, 3], true);
+        }
+    }
+}
