@@ -200,6 +200,12 @@ impl WeightSource for Model {
         let t = self.tensor(name)?;
         Some(WeightView { dtype: t.dtype, shape: t.shape.clone(), data: self.data(t) })
     }
+
+    fn release(&self, name: &str) {
+        if let (Some(ModelTensor { data: TensorData::Gguf(i), .. }), ModelSource::Gguf(f)) = (self.tensor(name), &self.source) {
+            f.release(&f.tensors[*i]);
+        }
+    }
 }
 
 fn read_config(f: &GgufFile) -> Result<ModelConfig, ModelError> {

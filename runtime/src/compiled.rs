@@ -212,11 +212,19 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
                     match out.get(name) {
                         Some(Prepared::Packed(p)) if p.rows == t.rows => continue,
                         Some(_) => return err(format!("tensor {name} is read by kernels that want different layouts")),
-                        None => Prepared::Packed(PackedTernary::from_weight(&view, t.rows).map_err(|e| EvalError(format!("{name}: {e}")))?),
+                        None => {
+                            let p = PackedTernary::from_weight(&view, t.rows).map_err(|e| EvalError(format!("{name}: {e}")))?;
+                            weights.release(name);
+                            Prepared::Packed(p)
+                        }
                     }
                 }
                 (Op::MatMul, 1) if matches!(sched.tiles(v), Some(Tiles::Int8 { .. })) => {
-                    out.entry(int8_key(name)).or_insert_with(|| Prepared::Int8(Int8Rows::quantize(&view)));
+                    out.entry(int8_key(name)).or_insert_with(|| {
+                        let q = Int8Rows::quantize(&view);
+                        weights.release(name);
+                        Prepared::Int8(q)
+                    });
                     continue;
                 }
                 (Op::MatMul, 1) | (Op::Embed, 0) => Prepared::Stored,

@@ -148,6 +148,20 @@ impl GgufFile {
         &self.buf()[self.data_start + t.offset..][..t.size]
     }
 
+    /// Drops a tensor's pages from this process's memory when the file is
+    /// mapped; they are read from the file again if the tensor is used.
+    pub fn release(&self, t: &TensorInfo) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(m) = &self.bytes {
+            // SAFETY: the map is read-only and file-backed: dropped pages
+            // fault back in with the same contents, so slices that borrow
+            // them stay valid.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.data_start + t.offset, t.size) };
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
+
     pub fn file_size(&self) -> usize {
         self.buf().len()
     }

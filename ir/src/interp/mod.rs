@@ -51,6 +51,11 @@ impl<'a> WeightView<'a> {
 /// Where the interpreter finds weights by name.
 pub trait WeightSource {
     fn weight(&self, name: &str) -> Option<WeightView<'_>>;
+
+    /// Says the caller is done with a tensor's stored bytes for now (it
+    /// made its own copy in another layout). A memory-mapped source may
+    /// drop those pages; reading the tensor again brings them back.
+    fn release(&self, _name: &str) {}
 }
 
 impl WeightSource for HashMap<String, (DType, Vec<usize>, Vec<u8>)> {
