@@ -29,6 +29,8 @@ enum Command {
     Compile(commands::compile::CompileArgs),
     /// Measure prefill and decode speed (like llama-bench).
     Bench(commands::bench::BenchArgs),
+    /// Measure tile candidates on this machine; compile and run use the winners.
+    Autotune(commands::autotune::AutotuneArgs),
     /// Convert a GGUF file or Hugging Face folder to GGUF for bitnet.cpp or llama.cpp.
     Convert(commands::convert::ConvertArgs),
 }
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => commands::convert::convert(a),
         Command::Compile(a) => commands::compile::compile(a),
         Command::Bench(a) => commands::bench::bench(a, start),
+        Command::Autotune(a) => commands::autotune::autotune(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,45 @@ impl fmt::Display for WorkloadKey {
     }
 }
 
+/// A kernel with tile knobs and the dims of its work. Every ternary type
+/// is repacked into one layout, so the weight's stored type is not part
+/// of a ternary workload; a float weight's type is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Workload {
+    /// `[s, k]` int8 activations times a packed ternary `[n, k]`.
+    Ternary { n: usize, k: usize },
+    /// `[s, k]` f32 activations times a float `[n, k]` weight.
+    Float { n: usize, k: usize, dtype: DType },
+}
+
+impl Workload {
+    pub fn key(&self) -> WorkloadKey {
+        WorkloadKey(match self {
+            Workload::Ternary { n, k } => format!("ternary_matmul n={n} k={k}"),
+            Workload::Float { n, k, dtype } => format!("matmul n={n} k={k} w={dtype}"),
+        })
+    }
+
+    /// The workload a key describes; `None` for a key this build does not know.
+    pub fn parse(key: &WorkloadKey) -> Option<Workload> {
+        let mut words = key.0.split(' ');
+        let op = words.next()?;
+        let mut field = |name: &str| words.next()?.strip_prefix(name)?.strip_prefix('=').map(String::from);
+        let n = field("n")?.parse().ok()?;
+        let k = field("k")?.parse().ok()?;
+        let w = match op {
+            "ternary_matmul" => Workload::Ternary { n, k },
+            "matmul" => Workload::Float { n, k, dtype: DType::from_name(&field("w")?)? },
+            _ => return None,
+        };
+        (words.next().is_none() && n > 0 && k > 0 && w.key() == *key).then_some(w)
+    }
+
+    pub fn is_ternary(&self) -> bool {
+        matches!(self, Workload::Ternary { .. })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Tiles {
     Ternary(TernaryTiles),
@@ -136,7 +175,11 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
                 if matches!(node.op, Op::MatMul) && g.ty(node.args[0]).dtype == DType::Q8Row {
                     return refuse("multiplies float weights by float activations only");
                 }
-                WorkloadKey(format!("{} n={} k={} w={}", node.op.mnemonic(), w.shape[0], w.shape[1], w.dtype))
+                let (n, k) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                match node.op {
+                    Op::TernaryMatMul(_) => Workload::Ternary { n, k }.key(),
+                    _ => Workload::Float { n, k, dtype: w.dtype }.key(),
+                }
             }
             _ => continue,
         };
@@ -161,5 +204,22 @@ fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
     match t {
         Tiles::Ternary(t) => key.0.starts_with("ternary_matmul") && t.is_valid(),
         Tiles::Float { isa } | Tiles::Int8 { isa } => !key.0.starts_with("ternary_matmul") && isa.available(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_keys_parse_back() {
+        for w in [Workload::Ternary { n: 2560, k: 6912 }, Workload::Float { n: 128256, k: 2560, dtype: DType::F16 }] {
+            assert_eq!(Workload::parse(&w.key()), Some(w));
+        }
+        for bad in
+            ["", "ternary_matmul", "ternary_matmul n=0 k=3", "ternary_matmul n=1 k=2 w=f16", "matmul n=1 k=2 w=nope", "matmul k=2 n=1 w=f16", "conv n=1 k=1"]
+        {
+            assert_eq!(Workload::parse(&WorkloadKey(bad.into())), None, "{bad}");
+        }
     }
 }

@@ -11,4 +11,4 @@ pub mod sampler;
 pub mod session;
 
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{lower, Backend, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};
+pub use session::{lower, tuned_tiles, workloads, Backend, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};

@@ -3,7 +3,9 @@
 use crate::artifact::{self, Artifact, Header};
 use crate::compiled::CompiledModel;
 use crate::sampler::{Sampler, SamplerConfig};
-use bitnet_codegen::schedule::{schedule, Pinned, Schedule};
+use bitnet_autotune::{Database, Tuned};
+use bitnet_codegen::schedule::{schedule, Pinned, Schedule, TileSource, Workload};
+use bitnet_codegen::target::HostCpu;
 use bitnet_frontends::model::{Model, ModelError};
 use bitnet_frontends::tokenizer::{Tokenizer, TokenizerError};
 use bitnet_ir::interp::{EvalError, Interpreter, KvCache, Tensor};
@@ -56,6 +58,9 @@ pub struct LoadOptions {
     pub pinned: Pinned,
     /// Context size; the model's training context when `None`.
     pub context: Option<usize>,
+    /// Take tiles from the tuning database (measured by `bitnet autotune`
+    /// on this machine for this thread count) where it has them.
+    pub tuning: bool,
 }
 
 pub struct Session {
@@ -92,9 +97,10 @@ impl Session {
         let graph_all = model.graph(true)?;
         Interpreter::new(&model, 1).check_weights(&graph_all)?;
         let context = opts.context.unwrap_or(model.config.context).max(1);
+        let mut warnings = Vec::new();
         let compiled = match opts.backend {
             Backend::Interp => None,
-            Backend::Compiled => Some(compile(&model, &graph_last, &graph_all, opts)?),
+            Backend::Compiled => Some(compile(&model, &graph_last, &graph_all, opts, &mut warnings)?),
         };
         Ok(Session {
             model,
@@ -107,7 +113,7 @@ impl Session {
             threads: opts.threads.max(1),
             context,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
-            warnings: Vec::new(),
+            warnings,
             artifact: None,
         })
     }
@@ -286,15 +292,50 @@ impl Session {
 }
 
 /// The graph passes then the schedule: what `compile` does to a graph.
-pub fn lower(g: &Graph, pinned: &Pinned) -> Result<(Graph, Schedule), RuntimeError> {
+/// Tiles come from `pinned`, then `source`, then the heuristic.
+pub fn lower(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> Result<(Graph, Schedule), RuntimeError> {
     let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
-    let s = schedule(&g, pinned, None).map_err(RuntimeError::Compile)?;
+    let s = schedule(&g, pinned, source).map_err(RuntimeError::Compile)?;
     Ok((g, s))
 }
 
+/// The tuning database's tiles for this machine and `threads`; problems
+/// reading it become warnings, never errors.
+pub fn tuned_tiles(threads: usize, warnings: &mut Vec<String>) -> Option<Tuned> {
+    match Database::open_default() {
+        Ok(db) => {
+            let (tuned, problems) = db.source(&HostCpu::detect().fingerprint(), threads);
+            warnings.extend(problems);
+            Some(tuned)
+        }
+        Err(e) => {
+            warnings.push(format!("tuning database: {e}; using default tiles"));
+            None
+        }
+    }
+}
+
+/// Every distinct kernel workload with tile knobs in a model's graphs.
+pub fn workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
+    let mut out = Vec::new();
+    for all in [false, true] {
+        let (_, s) = lower(&model.graph(all)?, &Pinned::default(), None)?;
+        for step in s.steps {
+            match Workload::parse(&step.key) {
+                Some(w) if !out.contains(&w) => out.push(w),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Lowers both graphs, then prepares the weights for the native kernels.
-fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions) -> Result<CompiledModel, RuntimeError> {
-    Ok(CompiledModel::new(model, lower(last, &opts.pinned)?, lower(all, &opts.pinned)?, opts.threads.max(1))?)
+fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, warnings: &mut Vec<String>) -> Result<CompiledModel, RuntimeError> {
+    let threads = opts.threads.max(1);
+    let tuned = if opts.tuning { tuned_tiles(threads, warnings) } else { None };
+    let source = tuned.as_ref().map(|t| t as &dyn TileSource);
+    Ok(CompiledModel::new(model, lower(last, &opts.pinned, source)?, lower(all, &opts.pinned, source)?, threads)?)
 }
 
 #[derive(Clone, Debug)]

@@ -2,12 +2,18 @@
 
 use super::{DeviceArgs, HeadArg};
 use anyhow::Context;
-use bitnet_codegen::schedule::Pinned;
+use bitnet_autotune::{tune, Database};
+use bitnet_codegen::schedule::{Pinned, TileOrigin};
 use bitnet_frontends::model::Model;
 use bitnet_ir::passes;
 use bitnet_runtime::{artifact, Backend, LoadOptions, Session};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TuneArg {
+    Quick,
+}
 
 #[derive(clap::Args)]
 pub struct CompileArgs {
@@ -29,6 +35,16 @@ pub struct CompileArgs {
     /// Lower the graph that computes logits at every position (for --dump-after).
     #[arg(long)]
     pub all_logits: bool,
+    /// Threads the artifact will run with: tiles are tuned per thread count
+    /// [default: all cores].
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// Use the default tiles, not those in the tuning database.
+    #[arg(long, conflicts_with = "tune")]
+    pub no_tune: bool,
+    /// First tune the workloads the database lacks (`quick`: a 20 s sweep).
+    #[arg(long, value_enum)]
+    pub tune: Option<TuneArg>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -39,11 +55,15 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} is already a compiled artifact; compile its source model instead", a.model.display());
     }
     let pinned = Pinned { head_q8: a.head == HeadArg::Q8, ..Default::default() };
+    let threads = super::threads(a.threads)?;
     if let Some(pass) = a.dump_after.as_deref() {
         let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
         let graph = model.graph(a.all_logits)?;
         if pass == "schedule" {
-            let (g, s) = bitnet_runtime::lower(&graph, &pinned)?;
+            let mut warnings = Vec::new();
+            let tuned = if a.no_tune { None } else { bitnet_runtime::tuned_tiles(threads, &mut warnings) };
+            warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+            let (g, s) = bitnet_runtime::lower(&graph, &pinned, tuned.as_ref().map(|t| t as _))?;
             return super::print(&format!("{g}{s}"));
         }
         let g = passes::optimize(graph, Some(pass)).map_err(|e| anyhow::anyhow!("{e} (or schedule)"))?;
@@ -53,19 +73,32 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
         anyhow::bail!("nothing to do: give -o FILE.bnx to write an artifact, or --dump-after PASS to look at the graph");
     };
     let t0 = Instant::now();
+    if a.tune == Some(TuneArg::Quick) {
+        let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+        let db = Database::open_default().map_err(anyhow::Error::msg)?;
+        let todo = tune::missing(&bitnet_runtime::workloads(&model)?, &db, threads);
+        if todo.is_empty() {
+            eprintln!("tuning: the database has every workload of this model for {threads} threads");
+        } else {
+            super::autotune::sweep(&todo, threads, Duration::from_secs(20), &db)?;
+        }
+    }
     eprintln!("compiling {} ...", a.model.display());
-    let opts = LoadOptions { threads: 1, backend: Backend::Compiled, pinned, context: None };
+    let opts = LoadOptions { threads, backend: Backend::Compiled, pinned, context: None, tuning: !a.no_tune };
     let session = Session::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    session.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     let compiled = session.compiled().expect("the compiled backend was asked for");
     let kernels = compiled.schedule(false).steps.len();
+    let tuned = compiled.schedule(false).steps.iter().filter(|s| s.origin == TileOrigin::Database).count();
     eprintln!("writing {} ...", out.display());
     let report = artifact::write(&out, &a.model, &session.model, compiled, opts.pinned.head_q8)?;
     eprintln!(
-        "wrote {}: {:.1} MB, {} tensors, {} scheduled kernels, in {:.1} s",
+        "wrote {}: {:.1} MB, {} tensors, {} scheduled kernels ({} with tuned tiles), in {:.1} s",
         out.display(),
         report.bytes as f64 / 1e6,
         report.tensors,
         kernels,
+        tuned,
         t0.elapsed().as_secs_f64()
     );
     Ok(())

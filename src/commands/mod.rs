@@ -1,3 +1,4 @@
+pub mod autotune;
 pub mod bench;
 pub mod chat;
 pub mod compile;
@@ -30,6 +31,9 @@ pub struct ModelArgs {
     /// (half the bytes of an f16 head; lossy, compiled backend only).
     #[arg(long, value_enum, default_value_t = HeadArg::Stored)]
     pub head: HeadArg,
+    /// Use the default tiles, not those `bitnet autotune` measured.
+    #[arg(long)]
+    pub no_tune: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -69,12 +73,18 @@ impl DeviceArgs {
     }
 }
 
+/// `-t`, or every core.
+pub fn threads(t: Option<usize>) -> anyhow::Result<usize> {
+    match t {
+        Some(0) => anyhow::bail!("-t must be at least 1"),
+        Some(t) => Ok(t),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Session> {
-        let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if threads == 0 {
-            anyhow::bail!("-t must be at least 1");
-        }
+        let threads = threads(self.threads)?;
         self.device.check()?;
         let backend = match self.backend {
             BackendArg::Interp => Backend::Interp,
@@ -84,7 +94,7 @@ impl ModelArgs {
             anyhow::bail!("--head q8 is a compile option: it needs --backend compiled");
         }
         let pinned = Pinned { head_q8: self.head == HeadArg::Q8, ..Default::default() };
-        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, pinned })
+        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, pinned, tuning: !self.no_tune })
     }
 }
 

@@ -45,6 +45,11 @@ pub fn bitnet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bitnet")).args(args).output().expect("running bitnet")
 }
 
+/// `bitnet` with its tuning database in `cache` (not the user's).
+pub fn bitnet_cached(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitnet")).env("BITNET_CACHE_DIR", cache).args(args).output().expect("running bitnet")
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -284,12 +284,12 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
             while tok < x.tokens() {
                 let step = if x.tokens() - tok >= tiles.tokens { tiles.tokens } else { 1 };
                 tile_dots(tiles.isa, w, t, x, tok, step, &mut dots);
-                for r in 0..w.rows {
+                for (r, row) in dots.iter().enumerate().take(w.rows) {
                     let n = t * w.rows + r;
                     if n >= w.n {
                         break;
                     }
-                    for (j, &dot) in dots[r][..step].iter().enumerate() {
+                    for (j, &dot) in row[..step].iter().enumerate() {
                         // SAFETY: rows of tile `t` belong to this worker alone.
                         unsafe { *dst.ptr().add((tok + j) * w.n + n) = finish(dot, x, tok + j, w, &ep, n) };
                     }
@@ -314,8 +314,8 @@ fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, s
 /// The plain kernel: unpack each code and multiply.
 fn reference_dots(w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
     let tile = w.tile(t);
-    for r in 0..w.rows {
-        for j in 0..step {
+    for (r, row) in dots.iter_mut().enumerate().take(w.rows) {
+        for (j, out) in row.iter_mut().enumerate().take(step) {
             let xs = x.row(tok + j);
             let mut dot = 0i32;
             for c in 0..w.chunks() {
@@ -327,7 +327,7 @@ fn reference_dots(w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: 
                     }
                 }
             }
-            dots[r][j] = dot;
+            *out = dot;
         }
     }
 }

@@ -1,0 +1,106 @@
+//! Search spaces: the tile candidates of each kernel family, with the
+//! validity rules of each knob. The heuristic's choice is always the first
+//! candidate, so a sweep can only keep it or find something faster.
+
+use bitnet_codegen::cpu::ternary::TernaryTiles;
+use bitnet_codegen::cpu::Isa;
+use bitnet_codegen::schedule::{heuristic, Tiles, Workload};
+
+/// Bumped whenever the knobs or their meaning change: records measured
+/// under another version are not used.
+pub const SPACE_VERSION: u32 = 1;
+
+/// Tokens per call in the prefill phase: llama-bench's pp128 runs the
+/// ternary matmuls on 128 tokens at a time, as `bitnet run` does a prompt.
+pub const PREFILL_TOKENS: usize = 128;
+
+/// Which use of a kernel is measured. A ternary matmul's weight layout
+/// (rows per tile) serves both phases; tokens per step matter to prefill only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// One token: streams the weights, memory-bound.
+    Decode,
+    /// [`PREFILL_TOKENS`] tokens: reuses each weight tile, compute-bound.
+    Prefill,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Decode => "decode",
+            Phase::Prefill => "prefill",
+        }
+    }
+
+    pub fn tokens(self) -> usize {
+        match self {
+            Phase::Decode => 1,
+            Phase::Prefill => PREFILL_TOKENS,
+        }
+    }
+
+    /// The phases worth tuning for a workload: the float head runs on one
+    /// row in both (prefill computes the last position's logits only).
+    pub fn of(w: &Workload) -> &'static [Phase] {
+        if w.is_ternary() {
+            &[Phase::Decode, Phase::Prefill]
+        } else {
+            &[Phase::Decode]
+        }
+    }
+}
+
+/// The instruction sets this CPU runs, widest last.
+fn isas() -> impl Iterator<Item = Isa> {
+    Isa::ALL.into_iter().filter(|i| i.available())
+}
+
+/// Every valid candidate for `w` in `phase`, the heuristic's first.
+pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
+    let default = heuristic(&w.key(), Isa::best());
+    let mut out = vec![default];
+    let mut push = |t: Tiles| {
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    };
+    match (w, default) {
+        (Workload::Ternary { .. }, Tiles::Ternary(d)) => {
+            for isa in isas() {
+                for rows in TernaryTiles::ROWS {
+                    match phase {
+                        // Tokens per step do nothing for one token.
+                        Phase::Decode => push(Tiles::Ternary(TernaryTiles { isa, rows, tokens: d.tokens })),
+                        Phase::Prefill => TernaryTiles::TOKENS.iter().for_each(|&tokens| push(Tiles::Ternary(TernaryTiles { isa, rows, tokens }))),
+                    }
+                }
+            }
+        }
+        _ => isas().for_each(|isa| push(Tiles::Float { isa })),
+    }
+    out.retain(|t| match t {
+        Tiles::Ternary(t) => t.is_valid(),
+        Tiles::Float { isa } | Tiles::Int8 { isa } => isa.available(),
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heuristic_comes_first_and_nothing_twice() {
+        for w in [Workload::Ternary { n: 640, k: 2560 }, Workload::Float { n: 300, k: 256, dtype: bitnet_ir::DType::F16 }] {
+            for &phase in Phase::of(&w) {
+                let c = candidates(&w, phase);
+                assert_eq!(c[0], heuristic(&w.key(), Isa::best()));
+                assert!(c.iter().enumerate().all(|(i, t)| !c[..i].contains(t)));
+            }
+        }
+        let isas = isas().count();
+        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Decode).len(), isas * 3);
+        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Prefill).len(), isas * 9);
+    }
+}
