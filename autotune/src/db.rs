@@ -317,7 +317,7 @@ mod tests {
             fingerprint: "cpu-test".into(),
             threads: 2,
             space: SPACE_VERSION,
-            tiles: Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens }),
+            tiles: Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens, split: Default::default() }),
             ns: Some(ns),
             status: "ok".into(),
             at: 1,
@@ -400,7 +400,7 @@ mod tests {
             Record { status: "wrong: row 0".into(), ..rec("k", Phase::Decode, 1, 4, 1) },
         ];
         let t = Tuned::new(records, "cpu-test", 2);
-        assert_eq!(t.tiles(&WorkloadKey("k".into())), Some(Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows: 2, tokens: 2 })));
+        assert_eq!(t.tiles(&WorkloadKey("k".into())), Some(Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows: 2, tokens: 2, split: Default::default() })));
         assert_eq!(t.tiles(&WorkloadKey("other".into())), None);
     }
 

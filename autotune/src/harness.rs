@@ -145,7 +145,7 @@ mod tests {
     use bitnet_codegen::cpu::Isa;
 
     fn tiles(rows: usize) -> Tiles {
-        Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1 })
+        Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Default::default() })
     }
 
     /// Candidate `rows` sleeps `rows` × 100 µs; rows 1 (the fastest) computes wrong results.

@@ -2,13 +2,13 @@
 //! validity rules of each knob. The heuristic's choice is always the first
 //! candidate, so a sweep can only keep it or find something faster.
 
-use bitnet_codegen::cpu::ternary::TernaryTiles;
+use bitnet_codegen::cpu::ternary::{Split, TernaryTiles};
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{heuristic, Tiles, Workload};
 
 /// Bumped whenever the knobs or their meaning change: records measured
 /// under another version are not used.
-pub const SPACE_VERSION: u32 = 1;
+pub const SPACE_VERSION: u32 = 2;
 
 /// Tokens per call in the prefill phase: llama-bench's pp128 runs the
 /// ternary matmuls on 128 tokens at a time, as `bitnet run` does a prompt.
@@ -70,9 +70,13 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
             for isa in isas() {
                 for rows in TernaryTiles::ROWS {
                     match phase {
-                        // Tokens per step do nothing for one token.
-                        Phase::Decode => push(Tiles::Ternary(TernaryTiles { isa, rows, tokens: d.tokens })),
-                        Phase::Prefill => TernaryTiles::TOKENS.iter().for_each(|&tokens| push(Tiles::Ternary(TernaryTiles { isa, rows, tokens }))),
+                        // Tokens per step and the split do nothing for one token.
+                        Phase::Decode => push(Tiles::Ternary(TernaryTiles { isa, rows, tokens: d.tokens, split: Split::Rows })),
+                        Phase::Prefill => {
+                            for tokens in TernaryTiles::TOKENS {
+                                Split::ALL.iter().for_each(|&split| push(Tiles::Ternary(TernaryTiles { isa, rows, tokens, split })));
+                            }
+                        }
                     }
                 }
             }
@@ -101,6 +105,6 @@ mod tests {
         }
         let isas = isas().count();
         assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Decode).len(), isas * 3);
-        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Prefill).len(), isas * 9);
+        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Prefill).len(), isas * 18);
     }
 }

@@ -66,7 +66,7 @@ fn ternary_gemv(c: &mut Criterion) {
             let ws: Vec<PackedTernary> = (0..COPIES).map(|s| packed(n, k, rows, s)).collect();
             let x = acts(1, k);
             let mut out = vec![0f32; n];
-            let tiles = TernaryTiles { isa, rows, tokens: 1 };
+            let tiles = TernaryTiles { isa, rows, tokens: 1, split: Default::default() };
             g.throughput(Throughput::Bytes(ws[0].bytes() as u64));
             let mut i = 0;
             g.bench_function(BenchmarkId::new(format!("{n}x{k}"), tiles), |b| {
@@ -89,7 +89,7 @@ fn ternary_gemm(c: &mut Criterion) {
             let w = packed(n, k, rows, 0);
             let x = acts(128, k);
             let mut out = vec![0f32; 128 * n];
-            let tiles = TernaryTiles { isa, rows, tokens };
+            let tiles = TernaryTiles { isa, rows, tokens, split: Default::default() };
             // Work, not bytes: 128 tokens times the weights.
             g.throughput(Throughput::Elements((128 * n * k) as u64));
             g.bench_function(BenchmarkId::new(format!("{n}x{k}"), tiles), |b| b.iter(|| ternary::matmul(&pool, tiles, &w, &x, &mut out, Epilogue::default())));

@@ -2,7 +2,7 @@
 //! awkward sizes, random tiles, one and two threads. Integer accumulations
 //! must agree exactly; float results within the budgets stated here.
 
-use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, TernaryTiles};
+use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, Split, TernaryTiles};
 use bitnet_codegen::cpu::{float, int8, ops, Isa, Pool};
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor, WeightSource};
 use bitnet_ir::{quant, ActQuant, DType, Dim, Graph, Op, TensorType};
@@ -20,8 +20,13 @@ fn isas() -> Vec<Isa> {
 }
 
 fn tiles() -> impl Strategy<Value = TernaryTiles> {
-    (prop::sample::select(isas()), prop::sample::select(TernaryTiles::ROWS.to_vec()), prop::sample::select(TernaryTiles::TOKENS.to_vec()))
-        .prop_map(|(isa, rows, tokens)| TernaryTiles { isa, rows, tokens })
+    (
+        prop::sample::select(isas()),
+        prop::sample::select(TernaryTiles::ROWS.to_vec()),
+        prop::sample::select(TernaryTiles::TOKENS.to_vec()),
+        prop::sample::select(Split::ALL.to_vec()),
+    )
+        .prop_map(|(isa, rows, tokens, split)| TernaryTiles { isa, rows, tokens, split })
 }
 
 fn acts(s: usize, k: usize, x: &[i8]) -> QuantActs {

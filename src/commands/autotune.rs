@@ -109,7 +109,7 @@ fn micros(ns: Option<u64>) -> String {
 /// Kernel, phase, default time, tuned time and tiles, speed-up.
 fn table(reports: &[JobReport]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<32} {:<8} {:>12} {:>12} {:<30} {:>8}  checked", "kernel", "phase", "default", "tuned", "tuned tiles", "speed-up");
+    let _ = writeln!(out, "{:<32} {:<8} {:>12} {:>12} {:<42} {:>8}  checked", "kernel", "phase", "default", "tuned", "tuned tiles", "speed-up");
     for r in reports {
         if let Some(why) = &r.skipped {
             let _ = writeln!(out, "{:<32} {:<8} skipped: {why}", r.key.to_string(), r.phase.name());
@@ -119,7 +119,7 @@ fn table(reports: &[JobReport]) -> String {
         let speedup = r.speedup().map_or("-".into(), |s| format!("{s:.2}×"));
         let _ = writeln!(
             out,
-            "{:<32} {:<8} {:>12} {:>12} {:<30} {:>8}  {} timed of {}{}",
+            "{:<32} {:<8} {:>12} {:>12} {:<42} {:>8}  {} timed of {}{}",
             r.key.to_string(),
             r.phase.name(),
             micros(r.default_ns),

@@ -25,7 +25,8 @@ pub const CHUNK: usize = 128;
 const CHUNK_BYTES: usize = 32;
 
 /// Tile parameters of the ternary kernels. Rows per step fix the weight
-/// layout; tokens per step only how prefill walks the activations.
+/// layout; tokens per step and the split only how prefill walks the
+/// activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TernaryTiles {
     pub isa: Isa,
@@ -33,6 +34,33 @@ pub struct TernaryTiles {
     pub rows: usize,
     /// Tokens computed together in prefill (1, 2 or 4).
     pub tokens: usize,
+    #[serde(default)]
+    pub split: Split,
+}
+
+/// How the workers share a matrix product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    /// Each worker computes some row tiles for every token (row-parallel):
+    /// the weights are read once in all.
+    #[default]
+    Rows,
+    /// Each worker computes every row for some tokens (activation-parallel):
+    /// each worker reads all the weights, from a cache it does not share.
+    /// Used only when there are at least as many tokens as workers.
+    Tokens,
+}
+
+impl Split {
+    pub const ALL: [Split; 2] = [Split::Rows, Split::Tokens];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Rows => "rows",
+            Split::Tokens => "tokens",
+        }
+    }
 }
 
 impl TernaryTiles {
@@ -46,7 +74,7 @@ impl TernaryTiles {
 
 impl std::fmt::Display for TernaryTiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "isa={} rows={} tokens={}", self.isa.name(), self.rows, self.tokens)
+        write!(f, "isa={} rows={} tokens={} split={}", self.isa.name(), self.rows, self.tokens, self.split.name())
     }
 }
 
@@ -270,19 +298,24 @@ fn finish(dot: i32, x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n
     v
 }
 
-/// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, the row
-/// tiles split over the pool's workers.
+/// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
+/// over the pool's workers by row tiles or by tokens (`tiles.split`).
 pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
     assert!(tiles.rows == w.rows && x.kp == w.kp && out.len() == x.tokens() * w.n, "ternary matmul: mismatched operands");
     assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
     let dst = SharedMut(out.as_mut_ptr());
     let n_tiles = w.n.div_ceil(w.rows);
+    let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
     pool.run(&|me, workers| {
         let mut dots = [[0i32; 4]; 4];
-        for t in share(n_tiles, me, workers) {
-            let mut tok = 0;
-            while tok < x.tokens() {
-                let step = if x.tokens() - tok >= tiles.tokens { tiles.tokens } else { 1 };
+        let (tile_range, tokens) = match by_tokens {
+            true => (0..n_tiles, share(x.tokens(), me, workers)),
+            false => (share(n_tiles, me, workers), 0..x.tokens()),
+        };
+        for t in tile_range {
+            let mut tok = tokens.start;
+            while tok < tokens.end {
+                let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
                 tile_dots(tiles.isa, w, t, x, tok, step, &mut dots);
                 for (r, row) in dots.iter().enumerate().take(w.rows) {
                     let n = t * w.rows + r;
@@ -290,7 +323,7 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
                         break;
                     }
                     for (j, &dot) in row[..step].iter().enumerate() {
-                        // SAFETY: rows of tile `t` belong to this worker alone.
+                        // SAFETY: each (token, row) pair belongs to one worker alone.
                         unsafe { *dst.ptr().add((tok + j) * w.n + n) = finish(dot, x, tok + j, w, &ep, n) };
                     }
                 }
