@@ -203,7 +203,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
 fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
     match t {
         Tiles::Ternary(t) => key.0.starts_with("ternary_matmul") && t.is_valid(),
-        Tiles::Float { isa } | Tiles::Int8 { isa } => !key.0.starts_with("ternary_matmul") && isa.available(),
+        Tiles::Float { isa } | Tiles::Int8 { isa } => !key.0.starts_with("ternary_matmul") && isa.has_float_kernels() && isa.available(),
     }
 }
 

@@ -19,6 +19,11 @@ fn isas() -> Vec<Isa> {
     Isa::ALL.into_iter().filter(|i| i.available()).collect()
 }
 
+/// Those with float and int8 kernels (Cranelift's are ternary only).
+fn float_isas() -> Vec<Isa> {
+    isas().into_iter().filter(|i| i.has_float_kernels()).collect()
+}
+
 fn tiles() -> impl Strategy<Value = TernaryTiles> {
     (
         prop::sample::select(isas()),
@@ -117,7 +122,7 @@ proptest! {
         let n = chunks * 128;
         let a: Vec<i8> = (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 255) as i32 as i8).map(|v| v.max(-127)).collect();
         let b: Vec<i8> = (0..n).map(|i| ((i as u32).wrapping_mul(40503) ^ seed) as i8).map(|v| v.max(-127)).collect();
-        for isa in isas() {
+        for isa in float_isas() {
             prop_assert_eq!(int8::dot(isa, &a, &b), int8::reference_dot(&a, &b));
         }
     }
@@ -135,7 +140,7 @@ proptest! {
         let q = int8::Int8Rows::quantize(&w);
         let mut a = QuantActs::default();
         ops::quantize_rows(&x, k, None, &mut a);
-        for isa in isas() {
+        for isa in float_isas() {
             let mut got = vec![0f32; n];
             int8::matmul(&pool, isa, &q, &a, &mut got);
             // Worst case: every weight and activation off by half a step.
@@ -160,7 +165,7 @@ proptest! {
         let mass: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
         let want = float::reference_dot(&a, &b);
         let want_h = float::reference_dot(&a, &bh);
-        for isa in isas() {
+        for isa in float_isas() {
             prop_assert!((float::dot(isa, &a, &b) - want).abs() <= REL * mass + ABS);
             prop_assert!((float::dot_f16(isa, &a, &bytes) - want_h).abs() <= REL * mass + ABS);
             let mut conv = vec![0f32; k];
@@ -189,7 +194,7 @@ proptest! {
         let want = want.as_f32().unwrap();
         let w = ws.weight("w").unwrap();
         let mass: Vec<f32> = (0..s * n).map(|i| { let (t, r) = (i / n, i % n); (0..k).map(|j| (x[t * k + j] * values[r * k + j]).abs()).sum::<f32>() * 1.01 }).collect();
-        for isa in isas() {
+        for isa in float_isas() {
             let mut out = vec![0f32; s * n];
             float::matmul(&Pool::new(threads), isa, &w, &x, &mut out);
             for i in 0..s * n {

@@ -339,9 +339,20 @@ fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, s
         Isa::Scalar => reference_dots(w, t, x, tok, step, dots),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
+        Isa::Cranelift => jit_dots(w, t, x, tok, step, dots),
         #[allow(unreachable_patterns)]
         _ => unreachable!("checked by matmul"),
     }
+}
+
+/// The Cranelift-generated kernel of this tile shape.
+fn jit_dots(w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
+    let jit = super::jit::TernaryJit::get().expect("checked by matmul: Isa::Cranelift is available");
+    let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+    let tile = w.tile(t);
+    // SAFETY: the tile holds `rows × chunks` chunks and each activation
+    // row `kp = chunks × 128` bytes, as the generated code reads them.
+    unsafe { jit.dots(w.rows, step)(tile.as_ptr(), w.chunks(), xs.as_ptr(), dots.as_mut_ptr() as *mut i32) };
 }
 
 /// The plain kernel: unpack each code and multiply.

@@ -1,0 +1,240 @@
+//! Ternary kernels generated with Cranelift when the program runs, for the
+//! host as `cranelift-native` sees it.
+//!
+//! One function per tile shape (rows × tokens), with the tile's loops
+//! unrolled. Each takes a tile of packed codes (the layout of
+//! [`super::ternary`]) and `tokens` activation rows, and writes the
+//! `rows × tokens` integer dot products of codes and activations, as
+//! [`super::ternary`]'s other kernels do; the caller subtracts `Σx`.
+//!
+//! Per chunk of 128 weights and each of its four 2-bit fields, the codes
+//! are shifted down and masked (`psrlw`, `pand`), multiplied with the
+//! activations as unsigned × signed bytes (`pmaddubsw`), summed in 16 bits
+//! (at most 8 × 2 × 2 × 127, so no overflow), then widened once per chunk
+//! (`pmaddwd` with ones) into 32-bit accumulators. Cranelift's x86-64
+//! vectors are 128 bits wide, so this is a candidate the autotuner weighs
+//! against the 256-bit native kernels, not a replacement for them.
+
+use cranelift_codegen::ir;
+use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName, Value};
+use cranelift_codegen::isa::OwnedTargetIsa;
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, Linkage, Module};
+use std::sync::OnceLock;
+
+/// `dots(tile, chunks, xs, out)`: `xs` points at `tokens` activation row
+/// pointers; `out[r * 4 + j]` receives row `r` · token `j`.
+pub type DotsFn = unsafe extern "C" fn(tile: *const u8, chunks: usize, xs: *const *const i8, out: *mut i32);
+
+/// The generated kernels, one per (rows, tokens) in 1, 2, 4.
+pub struct TernaryJit {
+    fns: [[DotsFn; 3]; 3],
+    /// Keeps the code alive.
+    _module: ModuleBox,
+}
+
+struct ModuleBox(#[allow(dead_code)] JITModule);
+// SAFETY: the module is only kept so that its code stays mapped; nothing
+// calls into it except through the plain function pointers above.
+unsafe impl Send for ModuleBox {}
+unsafe impl Sync for ModuleBox {}
+
+fn slot(n: usize) -> usize {
+    match n {
+        1 => 0,
+        2 => 1,
+        _ => 2,
+    }
+}
+
+impl TernaryJit {
+    /// The kernels, compiled on first use; an error says why this host
+    /// cannot have them.
+    pub fn get() -> Result<&'static TernaryJit, String> {
+        static JIT: OnceLock<Result<TernaryJit, String>> = OnceLock::new();
+        JIT.get_or_init(TernaryJit::compile).as_ref().map_err(Clone::clone)
+    }
+
+    pub fn dots(&self, rows: usize, tokens: usize) -> DotsFn {
+        self.fns[slot(rows)][slot(tokens)]
+    }
+
+    fn compile() -> Result<TernaryJit, String> {
+        let isa = host_isa()?;
+        if !isa.has_x86_pmaddubsw_lowering() {
+            return Err(format!("Cranelift has no pmaddubsw lowering for {}", isa.triple()));
+        }
+        let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+        let mut ctx = module.make_context();
+        let mut fbc = FunctionBuilderContext::new();
+        let mut ids = Vec::new();
+        for rows in [1, 2, 4] {
+            for tokens in [1, 2, 4] {
+                let ptr = module.target_config().pointer_type();
+                let mut sig = Signature::new(module.target_config().default_call_conv);
+                sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr)]);
+                let name = format!("ternary_dots_r{rows}_t{tokens}");
+                let id = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+                ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig);
+                build_dots(&mut ctx.func, &mut fbc, module.target_config(), rows, tokens);
+                module.define_function(id, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
+                module.clear_context(&mut ctx);
+                ids.push(id);
+            }
+        }
+        module.finalize_definitions().map_err(|e| e.to_string())?;
+        let f = |i: usize| -> DotsFn {
+            // SAFETY: the function was built with exactly this signature.
+            unsafe { std::mem::transmute::<*const u8, DotsFn>(module.get_finalized_function(ids[i])) }
+        };
+        let fns = [[f(0), f(1), f(2)], [f(3), f(4), f(5)], [f(6), f(7), f(8)]];
+        Ok(TernaryJit { fns, _module: ModuleBox(module) })
+    }
+}
+
+/// The host as Cranelift sees it, optimizing for speed.
+fn host_isa() -> Result<OwnedTargetIsa, String> {
+    let mut flags = settings::builder();
+    for (k, v) in [("opt_level", "speed"), ("is_pic", "false"), ("use_colocated_libcalls", "false")] {
+        flags.set(k, v).map_err(|e| format!("cranelift flag {k}: {e}"))?;
+    }
+    let builder = cranelift_native::builder().map_err(|e| format!("Cranelift does not support this host: {e}"))?;
+    builder.finish(settings::Flags::new(flags)).map_err(|e| format!("Cranelift: {e}"))
+}
+
+/// Emits the body of one (rows, tokens) kernel.
+fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, rows: usize, tokens: usize) {
+    let ptr = config.pointer_type();
+    let mut b = FunctionBuilder::new(func, fbc);
+    let entry = b.create_block();
+    let header = b.create_block();
+    let body = b.create_block();
+    let exit = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let params = b.block_params(entry).to_vec();
+    let (tile, chunks, xs, out) = (params[0], params[1], params[2], params[3]);
+    // Weights are read-only and never trap here, so Cranelift may move
+    // their loads; nothing is assumed aligned.
+    let plain = MemFlagsData::new().with_notrap();
+    let weights = plain.with_readonly().with_can_move();
+    let little = MemFlagsData::new().with_endianness(ir::Endianness::Little);
+    let x: Vec<Value> = (0..tokens).map(|j| b.ins().load(ptr, plain, xs, (8 * j) as i32)).collect();
+    let zero = b.ins().iconst(types::I32, 0);
+    let zero4 = b.ins().splat(types::I32X4, zero);
+    let acc: Vec<Variable> = (0..rows * tokens)
+        .map(|_| {
+            let v = b.declare_var(types::I32X4);
+            b.def_var(v, zero4);
+            v
+        })
+        .collect();
+    let c_var = b.declare_var(ptr);
+    let c0 = b.ins().iconst(ptr, 0);
+    b.def_var(c_var, c0);
+    b.ins().jump(header, &[]);
+
+    b.switch_to_block(header);
+    let c = b.use_var(c_var);
+    let more = b.ins().icmp(ir::condcodes::IntCC::UnsignedLessThan, c, chunks);
+    b.ins().brif(more, body, &[], exit, &[]);
+
+    b.switch_to_block(body);
+    let c = b.use_var(c_var);
+    let mask_byte = b.ins().iconst(types::I16, 0x0303);
+    let mask = b.ins().splat(types::I16X8, mask_byte);
+    // This chunk's rows start at tile + c · rows · 32.
+    let row_bytes = b.ins().imul_imm_u(c, (rows * 32) as i64);
+    let chunk_base = b.ins().iadd(tile, row_bytes);
+    let x_off = b.ins().imul_imm_u(c, 128);
+    let x_base: Vec<Value> = x.iter().map(|&p| b.ins().iadd(p, x_off)).collect();
+    for r in 0..rows {
+        let packed: Vec<Value> = (0..2).map(|h| b.ins().load(types::I8X16, weights, chunk_base, (r * 32 + 16 * h) as i32)).collect();
+        let mut sums: Vec<Option<Value>> = vec![None; tokens];
+        for field in 0..4 {
+            for (h, &p) in packed.iter().enumerate() {
+                let wide = b.ins().bitcast(types::I16X8, little, p);
+                let shift = b.ins().iconst(types::I32, (6 - 2 * field) as i64);
+                let shifted = b.ins().ushr(wide, shift);
+                let masked = b.ins().band(shifted, mask);
+                let codes = b.ins().bitcast(types::I8X16, little, masked);
+                for (j, sum) in sums.iter_mut().enumerate() {
+                    let xv = b.ins().load(types::I8X16, plain, x_base[j], (32 * field + 16 * h) as i32);
+                    let prod = b.ins().x86_pmaddubsw(xv, codes);
+                    *sum = Some(match *sum {
+                        Some(s) => b.ins().iadd(s, prod),
+                        None => prod,
+                    });
+                }
+            }
+        }
+        for (j, sum) in sums.into_iter().enumerate() {
+            let sum = sum.expect("four fields");
+            let (lo, hi) = (b.ins().swiden_low(sum), b.ins().swiden_high(sum));
+            let widened = b.ins().iadd_pairwise(lo, hi);
+            let a = b.use_var(acc[r * tokens + j]);
+            let a = b.ins().iadd(a, widened);
+            b.def_var(acc[r * tokens + j], a);
+        }
+    }
+    let next = b.ins().iadd_imm_u(c, 1);
+    b.def_var(c_var, next);
+    b.ins().jump(header, &[]);
+
+    b.switch_to_block(exit);
+    for r in 0..rows {
+        for j in 0..tokens {
+            let a = b.use_var(acc[r * tokens + j]);
+            let lanes: Vec<Value> = (0..4).map(|l| b.ins().extractlane(a, l as u8)).collect();
+            let s01 = b.ins().iadd(lanes[0], lanes[1]);
+            let s23 = b.ins().iadd(lanes[2], lanes[3]);
+            let s = b.ins().iadd(s01, s23);
+            b.ins().store(plain, s, out, ((r * 4 + j) * 4) as i32);
+        }
+    }
+    b.ins().return_(&[]);
+    b.seal_all_blocks();
+    b.finalize(config);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against a plain sum over the same layout, every tile shape.
+    #[test]
+    fn generated_kernels_compute_exact_dots() {
+        let Ok(jit) = TernaryJit::get() else {
+            eprintln!("skipped: {}", TernaryJit::get().err().unwrap_or_default());
+            return;
+        };
+        let chunks = 3;
+        for rows in [1, 2, 4] {
+            for tokens in [1, 2, 4] {
+                let tile: Vec<u8> = (0..rows * chunks * 32).map(|i| (0..4).fold(0u8, |byte, f| byte << 2 | ((i * 7 + f * 5 + i / 3) % 3) as u8)).collect();
+                let xs: Vec<Vec<i8>> =
+                    (0..tokens).map(|j| (0..chunks * 128).map(|i| ((i * 37 + j * 11) % 255) as i32 as i8).map(|v| v.max(-127)).collect()).collect();
+                let ptrs: Vec<*const i8> = xs.iter().map(|x| x.as_ptr()).collect();
+                let mut out = [0i32; 16];
+                unsafe { jit.dots(rows, tokens)(tile.as_ptr(), chunks, ptrs.as_ptr(), out.as_mut_ptr()) };
+                for r in 0..rows {
+                    for (j, x) in xs.iter().enumerate() {
+                        let mut want = 0i32;
+                        for c in 0..chunks {
+                            for b in 0..32 {
+                                let byte = tile[(c * rows + r) * 32 + b];
+                                for f in 0..4 {
+                                    want += ((byte >> (6 - 2 * f)) & 3) as i32 * x[c * 128 + 32 * f + b] as i32;
+                                }
+                            }
+                        }
+                        assert_eq!(out[r * 4 + j], want, "rows {rows} tokens {tokens}: row {r} token {j}");
+                    }
+                }
+            }
+        }
+    }
+}
