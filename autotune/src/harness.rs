@@ -54,8 +54,8 @@ fn median(v: &mut [u64]) -> u64 {
 }
 
 /// Checks then times `candidates` (the first is the default) until
-/// `deadline`. Rounds of successive halving: each survivor is timed `reps`
-/// more times, the slower half is dropped, `reps` doubles. A candidate
+/// `deadline`. Rounds of successive halving: the survivors take `reps`
+/// turns each, the slower half is dropped, `reps` doubles. A candidate
 /// whose first run is 4× slower than the best so far is dropped at once.
 pub fn sweep(kernel: &mut dyn Kernel, candidates: &[Tiles], deadline: Instant) -> Vec<Measured> {
     let mut out: Vec<Measured> = candidates.iter().map(|&tiles| Measured { tiles, outcome: Outcome::NotTimed }).collect();
@@ -71,18 +71,25 @@ pub fn sweep(kernel: &mut dyn Kernel, candidates: &[Tiles], deadline: Instant) -
     }
     let mut reps = 2;
     while !alive.is_empty() {
-        let mut best_first = u64::MAX;
-        for &i in &alive {
-            for r in 0..reps {
+        // Candidates take turns, one run each, so that a machine whose
+        // speed drifts favours none of them.
+        let mut dropped = vec![false; out.len()];
+        'rounds: for r in 0..reps {
+            let mut best_first = u64::MAX;
+            for &i in &alive {
+                if dropped[i] {
+                    continue;
+                }
                 if Instant::now() >= deadline && !(i == alive[0] && times[i].is_empty()) {
-                    break;
+                    break 'rounds;
                 }
                 let t0 = Instant::now();
                 kernel.run(&out[i].tiles);
                 let ns = t0.elapsed().as_nanos() as u64;
                 times[i].push(ns);
+                // A candidate 4× slower than the best on the first turn goes now.
                 if r == 0 && ns > best_first.saturating_mul(4) {
-                    break;
+                    dropped[i] = true;
                 }
                 best_first = best_first.min(ns);
             }
