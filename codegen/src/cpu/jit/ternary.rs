@@ -1,7 +1,4 @@
-//! Ternary kernels generated with Cranelift when the program runs, for the
-//! host as `cranelift-native` sees it.
-//!
-//! One function per tile shape (rows × tokens), with the tile's loops
+//! Ternary dot kernels. One function per tile shape (rows × tokens), with the tile's loops
 //! unrolled. Each takes a tile of packed codes (the layout of
 //! [`super::ternary`]) and `tokens` activation rows, and writes the
 //! `rows × tokens` integer dot products of codes and activations, as
@@ -15,11 +12,10 @@
 //! vectors are 128 bits wide, so this is a candidate the autotuner weighs
 //! against the 256-bit native kernels, not a replacement for them.
 
+use super::{host_isa, ModuleBox};
 use cranelift_codegen::ir;
 use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName, Value};
-use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::isa::TargetFrontendConfig;
-use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
@@ -35,12 +31,6 @@ pub struct TernaryJit {
     /// Keeps the code alive.
     _module: ModuleBox,
 }
-
-struct ModuleBox(#[allow(dead_code)] JITModule);
-// SAFETY: the module is only kept so that its code stays mapped; nothing
-// calls into it except through the plain function pointers above.
-unsafe impl Send for ModuleBox {}
-unsafe impl Sync for ModuleBox {}
 
 fn slot(n: usize) -> usize {
     match n {
@@ -93,16 +83,6 @@ impl TernaryJit {
         let fns = [[f(0), f(1), f(2)], [f(3), f(4), f(5)], [f(6), f(7), f(8)]];
         Ok(TernaryJit { fns, _module: ModuleBox(module) })
     }
-}
-
-/// The host as Cranelift sees it, optimizing for speed.
-fn host_isa() -> Result<OwnedTargetIsa, String> {
-    let mut flags = settings::builder();
-    for (k, v) in [("opt_level", "speed"), ("is_pic", "false"), ("use_colocated_libcalls", "false")] {
-        flags.set(k, v).map_err(|e| format!("cranelift flag {k}: {e}"))?;
-    }
-    let builder = cranelift_native::builder().map_err(|e| format!("Cranelift does not support this host: {e}"))?;
-    builder.finish(settings::Flags::new(flags)).map_err(|e| format!("Cranelift: {e}"))
 }
 
 /// Emits the body of one (rows, tokens) kernel.
