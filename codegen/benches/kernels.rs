@@ -110,5 +110,31 @@ fn head_gemv(c: &mut Criterion) {
     g.bench_function("f16_128256x2560", |b| b.iter(|| float::matmul(&pool, Isa::best(), &w, &x, &mut out)));
 }
 
-criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv);
+/// The elementwise families on one decode token's rows, native against
+/// Cranelift-generated (the same bits; which is faster).
+fn elementwise(c: &mut Criterion) {
+    use bitnet_codegen::cpu::jit::{GluJit, NormQuantJit};
+    use bitnet_ir::GateAct;
+    let mut g = c.benchmark_group("elementwise");
+    for k in [2560usize, 6912] {
+        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let w: Vec<f32> = (0..k).map(|i| 1.0 + (i % 5) as f32 * 0.1).collect();
+        g.throughput(Throughput::Bytes((k * 4) as u64));
+        let mut acts = QuantActs::default();
+        g.bench_function(BenchmarkId::new("rms_norm_quant/native", k), |b| b.iter(|| ops::quantize_rows(&x, k, Some((&w, 1e-5)), &mut acts)));
+        if let Ok(jit) = NormQuantJit::get() {
+            let (mut scratch, mut q) = (vec![0f32; k], vec![0i8; k]);
+            g.bench_function(BenchmarkId::new("rms_norm_quant/cranelift", k), |b| b.iter(|| jit.row(&x, Some((&w, 1e-5)), &mut scratch, &mut q)));
+        }
+        let mut out = vec![0f32; k];
+        g.bench_function(BenchmarkId::new("glu_silu/native", k), |b| b.iter(|| ops::glu(GateAct::Silu, &x, &w, &mut out)));
+        g.bench_function(BenchmarkId::new("glu_relu2/native", k), |b| b.iter(|| ops::glu(GateAct::Relu2, &x, &w, &mut out)));
+        if let Ok(jit) = GluJit::get() {
+            g.bench_function(BenchmarkId::new("glu_silu/cranelift", k), |b| b.iter(|| jit.run(GateAct::Silu, &x, &w, &mut out)));
+            g.bench_function(BenchmarkId::new("glu_relu2/cranelift", k), |b| b.iter(|| jit.run(GateAct::Relu2, &x, &w, &mut out)));
+        }
+    }
+}
+
+criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv, elementwise);
 criterion_main!(benches);

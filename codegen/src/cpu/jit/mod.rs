@@ -1,16 +1,22 @@
 //! Kernels generated with Cranelift when the program runs, for the host as
 //! `cranelift-native` sees it: the ternary dot products ([`ternary`], an
-//! autotuner candidate beside the native ones) and elementwise chains
-//! ([`elementwise`], what the compiled executor runs when the host has them).
+//! autotuner candidate beside the native ones), the FFN's gated activation
+//! ([`elementwise`]) and RMSNorm with activation quantization
+//! ([`norm_quant`]). The last two give the interpreter's bits exactly but
+//! run 2–3.6× slower than the native kernels here (scalar f64 sums, a call
+//! per `exp`, 128-bit vectors; `cargo bench -p bitnet-codegen --bench
+//! kernels -- elementwise`), so the executor keeps the native ones.
 //!
 //! Each kernel family is compiled once per process, on first use, into a
 //! module that lives as long as the program. A host Cranelift cannot
 //! target gets a clear error, and the callers fall back to native code.
 
 pub mod elementwise;
+pub mod norm_quant;
 pub mod ternary;
 
 pub use elementwise::GluJit;
+pub use norm_quant::NormQuantJit;
 pub use ternary::TernaryJit;
 
 use cranelift_codegen::isa::OwnedTargetIsa;

@@ -1,0 +1,245 @@
+//! RMSNorm fused with BitNet's per-token activation quantization, one row
+//! per call: the interpreter's arithmetic step for step, so the int8
+//! values, γ and `Σ q` are bit-identical to it.
+//!
+//! - `Σ x²` in f64, in order; `s = 1 / sqrt((Σ x² / k) as f32 + eps)`;
+//!   `y = x · s · w` (skipped without a norm);
+//! - `γ = 127 / max(max|y|, 1e-5)`, the maximum taken with comparisons so
+//!   a NaN is passed over as `f32::max` passes it over;
+//! - `q = clamp(round(γ·y), −128, 127)` with Rust's rounding (halves away
+//!   from zero; Cranelift's `nearest` rounds them to even, so halves are
+//!   found and fixed), and NaN → 0 as `as i8` does.
+
+use super::{host_isa, ModuleBox};
+use cranelift_codegen::ir::{condcodes::FloatCC, condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName, Value};
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, Linkage, Module};
+use std::sync::OnceLock;
+
+/// `row(x, w, k, eps, y, q, out)`: `y` is scratch for `k` floats; `out`
+/// receives γ (as f32 bits) then `Σ q`.
+type RowFn = unsafe extern "C" fn(x: *const f32, w: *const f32, k: usize, eps: f32, y: *mut f32, q: *mut i8, out: *mut i32);
+
+pub struct NormQuantJit {
+    with_norm: RowFn,
+    plain: RowFn,
+    _module: ModuleBox,
+}
+
+impl NormQuantJit {
+    pub fn get() -> Result<&'static NormQuantJit, String> {
+        static JIT: OnceLock<Result<NormQuantJit, String>> = OnceLock::new();
+        JIT.get_or_init(NormQuantJit::compile).as_ref().map_err(Clone::clone)
+    }
+
+    /// Quantizes row `x` (normalized by `norm = (w, eps)` first, if given)
+    /// into `q`; returns (γ, Σ q). `scratch` holds `x.len()` floats.
+    pub fn row(&self, x: &[f32], norm: Option<(&[f32], f32)>, scratch: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+        let k = x.len();
+        assert!(scratch.len() >= k && q.len() >= k && norm.is_none_or(|(w, _)| w.len() == k), "norm_quant: mismatched rows");
+        let mut out = [0i32; 2];
+        let (f, w, eps) = match norm {
+            Some((w, eps)) => (self.with_norm, w.as_ptr(), eps),
+            None => (self.plain, std::ptr::null(), 0.0),
+        };
+        // SAFETY: every pointer is valid for `k` elements (checked above).
+        unsafe { f(x.as_ptr(), w, k, eps, scratch.as_mut_ptr(), q.as_mut_ptr(), out.as_mut_ptr()) };
+        (f32::from_bits(out[0] as u32), out[1])
+    }
+
+    fn compile() -> Result<NormQuantJit, String> {
+        let mut module = JITModule::new(JITBuilder::with_isa(host_isa()?, default_libcall_names()));
+        let config = module.target_config();
+        let ptr = config.pointer_type();
+        let mut ctx = module.make_context();
+        let mut fbc = FunctionBuilderContext::new();
+        let mut ids = Vec::new();
+        for norm in [true, false] {
+            let mut sig = Signature::new(config.default_call_conv);
+            sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(types::F32)]);
+            sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr)]);
+            let name = if norm { "rms_norm_quant_row" } else { "quantize_row" };
+            let id = module.declare_function(name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+            ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig);
+            build(&mut ctx.func, &mut fbc, config, norm);
+            module.define_function(id, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
+            module.clear_context(&mut ctx);
+            ids.push(id);
+        }
+        module.finalize_definitions().map_err(|e| e.to_string())?;
+        // SAFETY: both were built with the RowFn signature.
+        let f = |i: usize| unsafe { std::mem::transmute::<*const u8, RowFn>(module.get_finalized_function(ids[i])) };
+        Ok(NormQuantJit { with_norm: f(0), plain: f(1), _module: ModuleBox(module) })
+    }
+}
+
+/// A counted loop `for i in 0..n { body(i) }` over loop-carried variables.
+fn counted(b: &mut FunctionBuilder, ptr: types::Type, n: Value, mut body: impl FnMut(&mut FunctionBuilder, Value)) {
+    let header = b.create_block();
+    let block = b.create_block();
+    let exit = b.create_block();
+    let i = b.declare_var(ptr);
+    let zero = b.ins().iconst(ptr, 0);
+    b.def_var(i, zero);
+    b.ins().jump(header, &[]);
+    b.switch_to_block(header);
+    let iv = b.use_var(i);
+    let more = b.ins().icmp(IntCC::UnsignedLessThan, iv, n);
+    b.ins().brif(more, block, &[], exit, &[]);
+    b.switch_to_block(block);
+    let iv = b.use_var(i);
+    body(b, iv);
+    let next = b.ins().iadd_imm_u(iv, 1);
+    b.def_var(i, next);
+    b.ins().jump(header, &[]);
+    b.switch_to_block(exit);
+}
+
+fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, norm: bool) {
+    let ptr = config.pointer_type();
+    let mut b = FunctionBuilder::new(func, fbc);
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let p = b.block_params(entry).to_vec();
+    let (x, w, k, eps, y, q, out) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
+    let flags = MemFlagsData::new().with_notrap();
+    let at = |b: &mut FunctionBuilder, base: Value, i: Value, shift: i64| {
+        let off = b.ins().ishl_imm_u(i, shift);
+        b.ins().iadd(base, off)
+    };
+
+    // y = x · s · w, or y = x.
+    let src = if norm {
+        let acc = b.declare_var(types::F64);
+        let z = b.ins().f64const(0.0);
+        b.def_var(acc, z);
+        counted(&mut b, ptr, k, |b, i| {
+            let a = at(b, x, i, 2);
+            let v = b.ins().load(types::F32, flags, a, 0);
+            let v = b.ins().fpromote(types::F64, v);
+            let sq = b.ins().fmul(v, v);
+            let s = b.use_var(acc);
+            let s = b.ins().fadd(s, sq);
+            b.def_var(acc, s);
+        });
+        let s = b.use_var(acc);
+        let kf = b.ins().fcvt_from_uint(types::F64, k);
+        let mean = b.ins().fdiv(s, kf);
+        let mean = b.ins().fdemote(types::F32, mean);
+        let m = b.ins().fadd(mean, eps);
+        let root = b.ins().sqrt(m);
+        let one = b.ins().f32const(1.0);
+        let scale = b.ins().fdiv(one, root);
+        counted(&mut b, ptr, k, |b, i| {
+            let (xa, wa, ya) = (at(b, x, i, 2), at(b, w, i, 2), at(b, y, i, 2));
+            let v = b.ins().load(types::F32, flags, xa, 0);
+            let g = b.ins().load(types::F32, flags, wa, 0);
+            let vs = b.ins().fmul(v, scale);
+            let r = b.ins().fmul(vs, g);
+            b.ins().store(flags, r, ya, 0);
+        });
+        y
+    } else {
+        x
+    };
+
+    // γ = 127 / max(max|y|, 1e-5).
+    let amax = b.declare_var(types::F32);
+    let z = b.ins().f32const(0.0);
+    b.def_var(amax, z);
+    counted(&mut b, ptr, k, |b, i| {
+        let a = at(b, src, i, 2);
+        let v = b.ins().load(types::F32, flags, a, 0);
+        let v = b.ins().fabs(v);
+        let m = b.use_var(amax);
+        let gt = b.ins().fcmp(FloatCC::GreaterThan, v, m);
+        let m = b.ins().select(gt, v, m);
+        b.def_var(amax, m);
+    });
+    let m = b.use_var(amax);
+    let floor = b.ins().f32const(1e-5);
+    let gt = b.ins().fcmp(FloatCC::GreaterThan, m, floor);
+    let m = b.ins().select(gt, m, floor);
+    let c127 = b.ins().f32const(127.0);
+    let gamma = b.ins().fdiv(c127, m);
+
+    // q = clamp(round(γ·y), −128, 127); Σ q.
+    let sum = b.declare_var(types::I32);
+    let zi = b.ins().iconst(types::I32, 0);
+    b.def_var(sum, zi);
+    counted(&mut b, ptr, k, |b, i| {
+        let a = at(b, src, i, 2);
+        let v = b.ins().load(types::F32, flags, a, 0);
+        let t = b.ins().fmul(v, gamma);
+        // Halves away from zero: trunc(t) ± 1 where |t − trunc(t)| = ½.
+        let tr = b.ins().trunc(t);
+        let frac = b.ins().fsub(t, tr);
+        let frac = b.ins().fabs(frac);
+        let half = b.ins().f32const(0.5);
+        let is_half = b.ins().fcmp(FloatCC::Equal, frac, half);
+        let one = b.ins().f32const(1.0);
+        let step = b.ins().fcopysign(one, t);
+        let away = b.ins().fadd(tr, step);
+        let even = b.ins().nearest(t);
+        let r = b.ins().select(is_half, away, even);
+        let n = b.ins().fcvt_to_sint_sat(types::I32, r);
+        let lo = b.ins().iconst(types::I32, -128);
+        let hi = b.ins().iconst(types::I32, 127);
+        let n = b.ins().smax(n, lo);
+        let n = b.ins().smin(n, hi);
+        let byte = b.ins().ireduce(types::I8, n);
+        let qa = b.ins().iadd(q, i);
+        b.ins().store(flags, byte, qa, 0);
+        let s = b.use_var(sum);
+        let s = b.ins().iadd(s, n);
+        b.def_var(sum, s);
+    });
+    let gbits = b.ins().bitcast(types::I32, MemFlagsData::new(), gamma);
+    b.ins().store(flags, gbits, out, 0);
+    let s = b.use_var(sum);
+    b.ins().store(flags, s, out, 4);
+    b.ins().return_(&[]);
+    b.seal_all_blocks();
+    b.finalize(config);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnet_ir::interp::kernels;
+
+    /// Against the interpreter's `rms_norm` + `quantize_act`, bit for bit,
+    /// on awkward lengths and values: halves, ties, zeros, NaN, ±∞.
+    #[test]
+    fn generated_norm_quant_is_the_interpreter_s_bit_for_bit() {
+        let jit = NormQuantJit::get().expect("Cranelift supports the hosts CI runs on");
+        let special = [0.5f32, -0.5, 2.5, -1.5, 0.0, -0.0, f32::NAN, 1e-30];
+        for k in [1usize, 3, 128, 783, 2560 + 32] {
+            for case in 0..3 {
+                let x: Vec<f32> = (0..k)
+                    .map(|i| match case {
+                        0 => (i as f32 * 0.731).sin() * 5.0,
+                        // γ = 1 exactly, so without a norm every x.5 is a tie to round.
+                        1 if i == 0 => 127.0,
+                        1 => (i % 40) as f32 / 2.0 - 10.0,
+                        _ if i % 5 == 0 => special[i / 5 % special.len()],
+                        _ => (i as f32).cos(),
+                    })
+                    .collect();
+                let w: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+                for norm in [false, true] {
+                    let want_in = if norm { kernels::rms_norm(&x, &w, 1e-5) } else { x.clone() };
+                    let (want_q, want_g) = kernels::quantize_act(&want_in, k);
+                    let (mut scratch, mut q) = (vec![0f32; k], vec![0i8; k]);
+                    let (g, sum) = jit.row(&x, norm.then_some((&w[..], 1e-5)), &mut scratch, &mut q);
+                    assert_eq!(q, want_q, "k {k} case {case} norm {norm}");
+                    assert_eq!(g.to_bits(), want_g[0].to_bits(), "k {k} case {case} norm {norm}");
+                    assert_eq!(sum, want_q.iter().map(|&v| v as i32).sum::<i32>());
+                }
+            }
+        }
+    }
+}
