@@ -6,9 +6,9 @@
 //! - relu²: `(g > 0 ? g : 0)²· u` (a comparison, so NaN gives 0 as `f32::max` does);
 //! - SiLU: `(g / (1 + exp(−g))) · u`.
 
-use super::{host_isa, ModuleBox};
+use super::{begin, define_all, end, host_isa, ModuleBox};
 use bitnet_ir::GateAct;
-use cranelift_codegen::ir::{condcodes::FloatCC, condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName};
+use cranelift_codegen::ir::{condcodes::FloatCC, condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -56,24 +56,16 @@ impl GluJit {
         exp_sig.params.push(AbiParam::new(types::F32));
         exp_sig.returns.push(AbiParam::new(types::F32));
         let expf = module.declare_function("bitnet_expf", Linkage::Import, &exp_sig).map_err(|e| e.to_string())?;
-        let mut ctx = module.make_context();
-        let mut fbc = FunctionBuilderContext::new();
-        let mut ids = Vec::new();
-        for act in [GateAct::Relu2, GateAct::Silu] {
-            let mut sig = Signature::new(config.default_call_conv);
-            sig.params.extend([AbiParam::new(ptr); 4]);
-            let name = format!("glu_{}", act.name());
-            let id = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
-            ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig);
-            let exp_ref = module.declare_func_in_func(expf, &mut ctx.func);
-            build(&mut ctx.func, &mut fbc, config, act, exp_ref);
-            module.define_function(id, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
-            module.clear_context(&mut ctx);
-            ids.push(id);
-        }
-        module.finalize_definitions().map_err(|e| e.to_string())?;
+        let mut sig = Signature::new(config.default_call_conv);
+        sig.params.extend([AbiParam::new(ptr); 4]);
+        let acts = [GateAct::Relu2, GateAct::Silu];
+        let fns: Vec<_> = acts.iter().map(|a| (format!("glu_{}", a.name()), sig.clone())).collect();
+        let code = define_all(&mut module, &fns, |i, module, func, fbc| {
+            let exp_ref = module.declare_func_in_func(expf, func);
+            build(func, fbc, config, acts[i], exp_ref);
+        })?;
         // SAFETY: both functions were built with the GluFn signature.
-        let f = |i: usize| unsafe { std::mem::transmute::<*const u8, GluFn>(module.get_finalized_function(ids[i])) };
+        let f = |i: usize| unsafe { std::mem::transmute::<*const u8, GluFn>(code[i]) };
         Ok(GluJit { relu2: f(0), silu: f(1), _module: ModuleBox(module) })
     }
 }
@@ -82,10 +74,7 @@ impl GluJit {
 fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, act: GateAct, expf: cranelift_codegen::ir::FuncRef) {
     let ptr = config.pointer_type();
     let mut b = FunctionBuilder::new(func, fbc);
-    let entry = b.create_block();
-    b.append_block_params_for_function_params(entry);
-    b.switch_to_block(entry);
-    let p = b.block_params(entry).to_vec();
+    let p = begin(&mut b);
     let (gate, up, out, n) = (p[0], p[1], p[2], p[3]);
     let flags = MemFlagsData::new().with_notrap();
     let zero = b.ins().f32const(0.0);
@@ -142,9 +131,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
         b.switch_to_block(exit);
         start = b.block_params(exit)[0];
     }
-    b.ins().return_(&[]);
-    b.seal_all_blocks();
-    b.finalize(config);
+    end(b, config);
 }
 
 #[cfg(test)]

@@ -19,9 +19,12 @@ pub use elementwise::GluJit;
 pub use norm_quant::NormQuantJit;
 pub use ternary::TernaryJit;
 
-use cranelift_codegen::isa::OwnedTargetIsa;
+use cranelift_codegen::ir::{Function, InstBuilder, Signature, UserFuncName, Value};
+use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig};
 use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::JITModule;
+use cranelift_module::{Linkage, Module};
 
 /// Keeps a module's code mapped for the life of the program.
 pub(crate) struct ModuleBox(#[allow(dead_code)] pub(crate) JITModule);
@@ -38,4 +41,42 @@ pub(crate) fn host_isa() -> Result<OwnedTargetIsa, String> {
     }
     let builder = cranelift_native::builder().map_err(|e| format!("Cranelift does not support this host: {e}"))?;
     builder.finish(settings::Flags::new(flags)).map_err(|e| format!("Cranelift: {e}"))
+}
+
+/// Defines one function per `(name, signature)`, `build(i, module, func,
+/// context)` writing the body of the `i`th, then finalizes the module.
+/// Returns the code addresses in order.
+pub(crate) fn define_all(
+    module: &mut JITModule,
+    fns: &[(String, Signature)],
+    mut build: impl FnMut(usize, &mut JITModule, &mut Function, &mut FunctionBuilderContext),
+) -> Result<Vec<*const u8>, String> {
+    let mut ctx = module.make_context();
+    let mut fbc = FunctionBuilderContext::new();
+    let mut ids = Vec::new();
+    for (i, (name, sig)) in fns.iter().enumerate() {
+        let id = module.declare_function(name, Linkage::Local, sig).map_err(|e| e.to_string())?;
+        ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig.clone());
+        build(i, module, &mut ctx.func, &mut fbc);
+        module.define_function(id, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
+        module.clear_context(&mut ctx);
+        ids.push(id);
+    }
+    module.finalize_definitions().map_err(|e| e.to_string())?;
+    Ok(ids.into_iter().map(|id| module.get_finalized_function(id)).collect())
+}
+
+/// Starts a body: the entry block, holding the function's parameters.
+pub(crate) fn begin(b: &mut FunctionBuilder) -> Vec<Value> {
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    b.block_params(entry).to_vec()
+}
+
+/// Ends a body: return nothing, seal every block, finish.
+pub(crate) fn end(mut b: FunctionBuilder, config: TargetFrontendConfig) {
+    b.ins().return_(&[]);
+    b.seal_all_blocks();
+    b.finalize(config);
 }

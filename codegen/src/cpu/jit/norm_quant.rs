@@ -10,12 +10,12 @@
 //!   from zero; Cranelift's `nearest` rounds them to even, so halves are
 //!   found and fixed), and NaN → 0 as `as i8` does.
 
-use super::{host_isa, ModuleBox};
-use cranelift_codegen::ir::{condcodes::FloatCC, condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName, Value};
+use super::{begin, define_all, end, host_isa, ModuleBox};
+use cranelift_codegen::ir::{condcodes::FloatCC, condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{default_libcall_names, Linkage, Module};
+use cranelift_module::{default_libcall_names, Module};
 use std::sync::OnceLock;
 
 /// `row(x, w, k, eps, y, q, out)`: `y` is scratch for `k` floats; `out`
@@ -53,24 +53,13 @@ impl NormQuantJit {
         let mut module = JITModule::new(JITBuilder::with_isa(host_isa()?, default_libcall_names()));
         let config = module.target_config();
         let ptr = config.pointer_type();
-        let mut ctx = module.make_context();
-        let mut fbc = FunctionBuilderContext::new();
-        let mut ids = Vec::new();
-        for norm in [true, false] {
-            let mut sig = Signature::new(config.default_call_conv);
-            sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(types::F32)]);
-            sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr)]);
-            let name = if norm { "rms_norm_quant_row" } else { "quantize_row" };
-            let id = module.declare_function(name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
-            ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig);
-            build(&mut ctx.func, &mut fbc, config, norm);
-            module.define_function(id, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
-            module.clear_context(&mut ctx);
-            ids.push(id);
-        }
-        module.finalize_definitions().map_err(|e| e.to_string())?;
+        let mut sig = Signature::new(config.default_call_conv);
+        sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(types::F32)]);
+        sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr)]);
+        let fns = [("rms_norm_quant_row".to_string(), sig.clone()), ("quantize_row".to_string(), sig)];
+        let code = define_all(&mut module, &fns, |i, _, func, fbc| build(func, fbc, config, i == 0))?;
         // SAFETY: both were built with the RowFn signature.
-        let f = |i: usize| unsafe { std::mem::transmute::<*const u8, RowFn>(module.get_finalized_function(ids[i])) };
+        let f = |i: usize| unsafe { std::mem::transmute::<*const u8, RowFn>(code[i]) };
         Ok(NormQuantJit { with_norm: f(0), plain: f(1), _module: ModuleBox(module) })
     }
 }
@@ -100,10 +89,7 @@ fn counted(b: &mut FunctionBuilder, ptr: types::Type, n: Value, mut body: impl F
 fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, norm: bool) {
     let ptr = config.pointer_type();
     let mut b = FunctionBuilder::new(func, fbc);
-    let entry = b.create_block();
-    b.append_block_params_for_function_params(entry);
-    b.switch_to_block(entry);
-    let p = b.block_params(entry).to_vec();
+    let p = begin(&mut b);
     let (x, w, k, eps, y, q, out) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let flags = MemFlagsData::new().with_notrap();
     let at = |b: &mut FunctionBuilder, base: Value, i: Value, shift: i64| {
@@ -201,9 +187,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     b.ins().store(flags, gbits, out, 0);
     let s = b.use_var(sum);
     b.ins().store(flags, s, out, 4);
-    b.ins().return_(&[]);
-    b.seal_all_blocks();
-    b.finalize(config);
+    end(b, config);
 }
 
 #[cfg(test)]

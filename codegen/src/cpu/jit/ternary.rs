@@ -12,13 +12,13 @@
 //! vectors are 128 bits wide, so this is a candidate the autotuner weighs
 //! against the 256-bit native kernels, not a replacement for them.
 
-use super::{host_isa, ModuleBox};
+use super::{begin, define_all, end, host_isa, ModuleBox};
 use cranelift_codegen::ir;
-use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, UserFuncName, Value};
+use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{default_libcall_names, Linkage, Module};
+use cranelift_module::{default_libcall_names, Module};
 use std::sync::OnceLock;
 
 /// `dots(tile, chunks, xs, out)`: `xs` points at `tokens` activation row
@@ -58,28 +58,15 @@ impl TernaryJit {
             return Err(format!("Cranelift has no pmaddubsw lowering for {}", isa.triple()));
         }
         let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
-        let mut ctx = module.make_context();
-        let mut fbc = FunctionBuilderContext::new();
-        let mut ids = Vec::new();
-        for rows in [1, 2, 4] {
-            for tokens in [1, 2, 4] {
-                let ptr = module.target_config().pointer_type();
-                let mut sig = Signature::new(module.target_config().default_call_conv);
-                sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr)]);
-                let name = format!("ternary_dots_r{rows}_t{tokens}");
-                let id = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
-                ctx.func = Function::with_name_signature(UserFuncName::user(0, id.as_u32()), sig);
-                build_dots(&mut ctx.func, &mut fbc, module.target_config(), rows, tokens);
-                module.define_function(id, &mut ctx).map_err(|e| format!("{name}: {e:?}"))?;
-                module.clear_context(&mut ctx);
-                ids.push(id);
-            }
-        }
-        module.finalize_definitions().map_err(|e| e.to_string())?;
-        let f = |i: usize| -> DotsFn {
-            // SAFETY: the function was built with exactly this signature.
-            unsafe { std::mem::transmute::<*const u8, DotsFn>(module.get_finalized_function(ids[i])) }
-        };
+        let config = module.target_config();
+        let ptr = config.pointer_type();
+        let mut sig = Signature::new(config.default_call_conv);
+        sig.params.extend([AbiParam::new(ptr); 4]);
+        let shapes: Vec<(usize, usize)> = [1, 2, 4].into_iter().flat_map(|r| [1, 2, 4].map(|t| (r, t))).collect();
+        let fns: Vec<_> = shapes.iter().map(|(r, t)| (format!("ternary_dots_r{r}_t{t}"), sig.clone())).collect();
+        let code = define_all(&mut module, &fns, |i, _, func, fbc| build_dots(func, fbc, config, shapes[i].0, shapes[i].1))?;
+        // SAFETY: every function was built with exactly this signature.
+        let f = |i: usize| unsafe { std::mem::transmute::<*const u8, DotsFn>(code[i]) };
         let fns = [[f(0), f(1), f(2)], [f(3), f(4), f(5)], [f(6), f(7), f(8)]];
         Ok(TernaryJit { fns, _module: ModuleBox(module) })
     }
@@ -89,13 +76,10 @@ impl TernaryJit {
 fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, rows: usize, tokens: usize) {
     let ptr = config.pointer_type();
     let mut b = FunctionBuilder::new(func, fbc);
-    let entry = b.create_block();
+    let params = begin(&mut b);
     let header = b.create_block();
     let body = b.create_block();
     let exit = b.create_block();
-    b.append_block_params_for_function_params(entry);
-    b.switch_to_block(entry);
-    let params = b.block_params(entry).to_vec();
     let (tile, chunks, xs, out) = (params[0], params[1], params[2], params[3]);
     // Weights are read-only and never trap here, so Cranelift may move
     // their loads; nothing is assumed aligned.
@@ -175,9 +159,7 @@ fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: Tar
             b.ins().store(plain, s, out, ((r * 4 + j) * 4) as i32);
         }
     }
-    b.ins().return_(&[]);
-    b.seal_all_blocks();
-    b.finalize(config);
+    end(b, config);
 }
 
 #[cfg(test)]
