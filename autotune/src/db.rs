@@ -15,7 +15,7 @@
 //! aside (never deleted) the next time the database is written.
 
 use crate::space::{Phase, SPACE_VERSION};
-use bitnet_codegen::schedule::{heuristic, TileSource, Tiles, WorkloadKey};
+use bitnet_codegen::schedule::{TileSource, Tiles, WorkloadKey};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -273,14 +273,6 @@ impl Tuned {
         Tuned { best }
     }
 
-    pub fn len(&self) -> usize {
-        self.best.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.best.is_empty()
-    }
-
     pub fn contains(&self, key: &WorkloadKey) -> bool {
         self.best.contains_key(key)
     }
@@ -290,11 +282,6 @@ impl TileSource for Tuned {
     fn tiles(&self, key: &WorkloadKey) -> Option<Tiles> {
         self.best.get(key).copied()
     }
-}
-
-/// The default tiles of a key, for tables that compare against them.
-pub fn default_tiles(key: &WorkloadKey) -> Tiles {
-    heuristic(key, bitnet_codegen::cpu::Isa::best())
 }
 
 #[cfg(test)]

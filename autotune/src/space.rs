@@ -83,10 +83,7 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
         }
         _ => isas().filter(|i| i.has_float_kernels()).for_each(|isa| push(Tiles::Float { isa })),
     }
-    out.retain(|t| match t {
-        Tiles::Ternary(t) => t.is_valid(),
-        Tiles::Float { isa } | Tiles::Int8 { isa } => isa.has_float_kernels() && isa.available(),
-    });
+    out.retain(Tiles::runs_here);
     out
 }
 

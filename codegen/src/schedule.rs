@@ -74,6 +74,24 @@ pub enum Tiles {
     },
 }
 
+impl Tiles {
+    /// The instruction set the tiles' kernel is written for.
+    pub fn isa(&self) -> Isa {
+        match *self {
+            Tiles::Ternary(t) => t.isa,
+            Tiles::Float { isa } | Tiles::Int8 { isa } => isa,
+        }
+    }
+
+    /// Whether this CPU has a kernel for these tiles.
+    pub fn runs_here(&self) -> bool {
+        match self {
+            Tiles::Ternary(t) => t.is_valid(),
+            Tiles::Float { isa } | Tiles::Int8 { isa } => isa.has_float_kernels() && isa.available(),
+        }
+    }
+}
+
 impl fmt::Display for Tiles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -201,10 +219,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
 }
 
 fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
-    match t {
-        Tiles::Ternary(t) => key.0.starts_with("ternary_matmul") && t.is_valid(),
-        Tiles::Float { isa } | Tiles::Int8 { isa } => !key.0.starts_with("ternary_matmul") && isa.has_float_kernels() && isa.available(),
-    }
+    matches!(t, Tiles::Ternary(_)) == key.0.starts_with("ternary_matmul") && t.runs_here()
 }
 
 #[cfg(test)]

@@ -250,10 +250,7 @@ impl Artifact {
             return artifact_err(path, format!("compiled for {}, which this build cannot run; {again}", h.target.device));
         }
         for step in h.last.schedule.steps.iter().chain(&h.all.schedule.steps) {
-            let isa = match step.tiles {
-                Tiles::Ternary(t) => t.isa,
-                Tiles::Float { isa } | Tiles::Int8 { isa } => isa,
-            };
+            let isa = step.tiles.isa();
             if !isa.available() {
                 return artifact_err(
                     path,
