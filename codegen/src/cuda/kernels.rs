@@ -1,0 +1,488 @@
+//! CUDA C for each kernel family, specialized to its shapes and tiles.
+//!
+//! Every dimension known at compile time (rows, inner size, head layout,
+//! the ternary weight scale) is written into the source as a constant, so
+//! NVRTC unrolls and strength-reduces; only the token count `S` is a
+//! run-time argument. Floats are written as their bits
+//! (`__int_as_float(0x…)`), so a constant means exactly what the
+//! interpreter's does. The sources use no CUDA headers: f16 and bf16 are
+//! converted by hand (PTX `cvt`), so NVRTC needs nothing but itself.
+//!
+//! The arithmetic follows the interpreter's, operation for operation, and
+//! the module is compiled with `--fmad=false` so that no multiply-add is
+//! contracted: what differs from the CPU is the order of long sums
+//! (reductions over warps), which the tests' float budgets cover.
+//!
+//! Calling convention, shared with the runtime: a kernel's parameters are
+//! its operands in the node's order (an int8 activation operand is three
+//! pointers: codes, γ, Σq), then any cache pointers, then its outputs
+//! (again three for int8 activations), then `int S`.
+
+use bitnet_ir::{GateAct, RopeMode, UnaryOp};
+use std::fmt::Write;
+
+/// Helpers every module starts with.
+pub const PRELUDE: &str = r#"typedef unsigned int u32;
+typedef signed char i8;
+typedef unsigned short u16;
+__device__ __forceinline__ float ld_f32(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld_f16(const u16* p, size_t i) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i])); return f; }
+__device__ __forceinline__ float ld_bf16(const u16* p, size_t i) { return __uint_as_float(((u32)p[i]) << 16); }
+__device__ __forceinline__ float round_f16(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return ld_f16(&h, 0); }
+__device__ __forceinline__ float round_bf16(float x) {
+    u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return __uint_as_float(b | 0x00400000u);
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return __uint_as_float(b & 0xffff0000u);
+}
+__device__ __forceinline__ float warp_sum(float v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o); return v; }
+__device__ __forceinline__ int warp_sum_i(int v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o); return v; }
+__device__ __forceinline__ double warp_sum_d(double v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o); return v; }
+__device__ __forceinline__ float warp_max(float v) { for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o)); return v; }
+// Block-wide reductions for blocks of whole warps (at most 32 of them);
+// every thread gets the result.
+__device__ double block_sum_d(double v) {
+    __shared__ double part[32];
+    v = warp_sum_d(v);
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    v = lane < nw ? part[lane] : 0.0;
+    return warp_sum_d(v);
+}
+__device__ int block_sum_i(int v) {
+    __shared__ int part[32];
+    v = warp_sum_i(v);
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    v = lane < nw ? part[lane] : 0;
+    return warp_sum_i(v);
+}
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    v = warp_max(v);
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    v = lane < nw ? part[lane] : -__int_as_float(0x7f800000);
+    return warp_max(v);
+}
+"#;
+
+/// Threads per block of the row-wise kernels (norms, attention).
+pub const ROW_BLOCK: u32 = 256;
+/// Threads per block of elementwise kernels.
+pub const ELEMENT_BLOCK: u32 = 256;
+
+/// A float weight's element type as the kernels load it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FloatType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatType {
+    fn c_type(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float",
+            FloatType::F16 | FloatType::BF16 => "u16",
+        }
+    }
+    fn load(self) -> &'static str {
+        match self {
+            FloatType::F32 => "ld_f32",
+            FloatType::F16 => "ld_f16",
+            FloatType::BF16 => "ld_bf16",
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "f32",
+            FloatType::F16 => "f16",
+            FloatType::BF16 => "bf16",
+        }
+    }
+}
+
+/// An `f32` constant as CUDA C, bit for bit.
+fn float(x: f32) -> String {
+    format!("__int_as_float(0x{:08x})", x.to_bits())
+}
+
+/// `out[s, :] = table[ids[s], :]`. Grid: `S` blocks.
+pub fn embed(ty: FloatType, vocab: usize, hidden: usize) -> String {
+    let (t, ld) = (ty.c_type(), ty.load());
+    format!(
+        r#"(const {t}* table, const int* ids, float* out, int S) {{
+    int id = ids[blockIdx.x];
+    if (id < 0 || id >= {vocab}) return;
+    for (int j = threadIdx.x; j < {hidden}; j += blockDim.x) out[(size_t)blockIdx.x * {hidden} + j] = {ld}(table, (size_t)id * {hidden} + j);
+}}"#
+    )
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of the block's row `xr` of `k`, summed in
+/// f64 as the interpreter does.
+fn inv_rms(k: usize, eps: f32) -> String {
+    format!(
+        r#"double acc = 0.0;
+    for (int j = threadIdx.x; j < {k}; j += blockDim.x) acc += (double)xr[j] * (double)xr[j];
+    acc = block_sum_d(acc);
+    float s = 1.0f / sqrtf((float)(acc / {k}.0) + {eps});"#,
+        eps = float(eps)
+    )
+}
+
+/// `out = x / rms(x) * w` per row of `k`. Grid: `S` blocks of [`ROW_BLOCK`].
+pub fn rms_norm(k: usize, eps: f32) -> String {
+    format!(
+        r#"(const float* x, const float* w, float* out, int S) {{
+    const float* xr = x + (size_t)blockIdx.x * {k};
+    {inv}
+    for (int j = threadIdx.x; j < {k}; j += blockDim.x) out[(size_t)blockIdx.x * {k} + j] = xr[j] * s * w[j];
+}}"#,
+        inv = inv_rms(k, eps)
+    )
+}
+
+/// BitNet's per-token int8 quantization of rows of `k` (padded with zero
+/// codes to `kp`), normalized first when `norm` gives the RMSNorm's eps:
+/// codes, γ = 127 / max|x|, and Σ codes per row. Grid: `S` blocks.
+pub fn quantize_rows(k: usize, kp: usize, norm: Option<f32>) -> String {
+    let (params, value, scale) = match norm {
+        Some(eps) => ("const float* x, const float* w, ", "xr[j] * s * w[j]", inv_rms(k, eps)),
+        None => ("const float* x, ", "xr[j]", String::new()),
+    };
+    format!(
+        r#"({params}i8* q, float* gamma, int* qsum, int S) {{
+    const float* xr = x + (size_t)blockIdx.x * {k};
+    {scale}
+    float amax = 0.0f;
+    for (int j = threadIdx.x; j < {k}; j += blockDim.x) amax = fmaxf(amax, fabsf({value}));
+    amax = fmaxf(block_max(amax), {tiny});
+    float g = 127.0f / amax;
+    int sum = 0;
+    for (int j = threadIdx.x; j < {kp}; j += blockDim.x) {{
+        int c = 0;
+        if (j < {k}) c = (int)fminf(fmaxf(roundf({value} * g), -128.0f), 127.0f);
+        q[(size_t)blockIdx.x * {kp} + j] = (i8)c;
+        sum += c;
+    }}
+    sum = block_sum_i(sum);
+    if (threadIdx.x == 0) {{ gamma[blockIdx.x] = g; qsum[blockIdx.x] = sum; }}
+}}"#,
+        tiny = float(1e-5)
+    )
+}
+
+/// Tiles of the CUDA matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct CudaTiles {
+    /// Warps per block; each warp computes one output row.
+    pub warps: usize,
+    /// Tokens computed per pass over a row's weights (prefill).
+    pub tokens: usize,
+}
+
+impl CudaTiles {
+    pub const WARPS: [usize; 4] = [1, 2, 4, 8];
+    pub const TOKENS: [usize; 4] = [1, 2, 4, 8];
+    pub const DEFAULT: CudaTiles = CudaTiles { warps: 4, tokens: 4 };
+
+    pub fn is_valid(&self) -> bool {
+        Self::WARPS.contains(&self.warps) && Self::TOKENS.contains(&self.tokens)
+    }
+
+    pub fn block(&self) -> u32 {
+        32 * self.warps as u32
+    }
+}
+
+impl std::fmt::Display for CudaTiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "isa=cuda warps={} tokens={}", self.warps, self.tokens)
+    }
+}
+
+/// The loop shared by both matrix products: warp `w` of the block takes
+/// row `n`, its lanes stride over the row's `words`, and every `tokens`
+/// tokens are reduced across the warp and finished by lane 0 (`finish`
+/// sees `t`, `n` and the sum `acc`).
+fn row_per_warp(n: usize, words: usize, tiles: CudaTiles, acc_ty: &str, body: &str, reduce: &str, finish: &str) -> String {
+    let tok = tiles.tokens;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * {warps} + (threadIdx.x >> 5);
+    if (n >= {n}) return;
+    for (int t0 = 0; t0 < S; t0 += {tok}) {{
+        {acc_ty} acc[{tok}];
+        #pragma unroll
+        for (int u = 0; u < {tok}; u++) acc[u] = 0;
+        for (int i = lane; i < {words}; i += 32) {{
+{body}
+        }}
+        #pragma unroll
+        for (int u = 0; u < {tok}; u++) {{
+            {acc_ty} sum = {reduce}(acc[u]);
+            int t = t0 + u;
+            if (lane == 0 && t < S) {{
+{finish}
+            }}
+        }}
+    }}"#,
+        warps = tiles.warps
+    );
+    s
+}
+
+/// The epilogue of a ternary product, as in [`crate::cpu::ternary`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TernaryEpilogue {
+    pub scale: bool,
+    pub residual: bool,
+}
+
+/// `out[t, n] = ((Σ c·q − Σq) · β) / γ` (β, the weight's scale, follows the
+/// weight pointer), then the epilogue, over the packed
+/// ternary layout of `crate::cpu::ternary` with one row per tile: each
+/// 32-bit word of a row holds 16 codes, and one shift and mask give four
+/// consecutive codes as the int8 lanes `__dp4a` multiplies with four
+/// activations. Grid: `ceil(n / warps)` blocks of `32 · warps`.
+pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles) -> String {
+    let words = kp / 16;
+    let body = format!(
+        r#"            u32 wv = w[(size_t)n * {words} + i];
+            int base = (i >> 3) * 32 + (i & 7);
+            int c0 = (int)((wv >> 6) & 0x03030303u), c1 = (int)((wv >> 4) & 0x03030303u);
+            int c2 = (int)((wv >> 2) & 0x03030303u), c3 = (int)(wv & 0x03030303u);
+            #pragma unroll
+            for (int u = 0; u < {tok}; u++) {{
+                if (t0 + u < S) {{
+                    const int* xr = q + (size_t)(t0 + u) * {xw} + base;
+                    acc[u] = __dp4a(c0, xr[0], acc[u]);
+                    acc[u] = __dp4a(c1, xr[8], acc[u]);
+                    acc[u] = __dp4a(c2, xr[16], acc[u]);
+                    acc[u] = __dp4a(c3, xr[24], acc[u]);
+                }}
+            }}"#,
+        tok = tiles.tokens,
+        xw = kp / 4
+    );
+    let mut finish = String::from("                float v = ((float)(sum - qsum[t]) * beta) / gamma[t];\n");
+    if ep.scale {
+        finish += "                v *= scale[0];\n";
+    }
+    if ep.residual {
+        finish += &format!("                v += residual[(size_t)t * {n} + n];\n");
+    }
+    finish += &format!("                out[(size_t)t * {n} + n] = v;");
+    let mut params = String::from("const u32* w, float beta, const int* q, const float* gamma, const int* qsum, ");
+    if ep.scale {
+        params += "const float* scale, ";
+    }
+    if ep.residual {
+        params += "const float* residual, ";
+    }
+    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, words, tiles, "int", &body, "warp_sum_i", &finish))
+}
+
+/// `out[t, n] = x[t] · w[n]` for a float weight `[n, k]`, summed in f32.
+/// Grid: `ceil(n / warps)` blocks of `32 · warps`.
+pub fn matmul(ty: FloatType, n: usize, k: usize, tiles: CudaTiles) -> String {
+    let body = format!(
+        r#"            float wv = {ld}(w, (size_t)n * {k} + i);
+            #pragma unroll
+            for (int u = 0; u < {tok}; u++) if (t0 + u < S) acc[u] += wv * x[(size_t)(t0 + u) * {k} + i];"#,
+        ld = ty.load(),
+        tok = tiles.tokens
+    );
+    let finish = format!("                out[(size_t)t * {n} + n] = sum;");
+    format!("(const {}* w, const float* x, float* out, int S) {{\n{}\n}}", ty.c_type(), row_per_warp(n, k, tiles, "float", &body, "warp_sum", &finish))
+}
+
+/// RoPE on rows of `row` floats (heads of `d`), angles `p · θ_scale^i`
+/// built by repeated multiplication as the interpreter builds them.
+/// Grid: `S` blocks; one thread per (head, pair).
+pub fn rope(row: usize, d: usize, mode: RopeMode, theta: f32) -> String {
+    let theta_scale = theta.powf(-2.0 / d as f32);
+    let (a, b) = match mode {
+        RopeMode::Interleaved => ("2 * i", "2 * i + 1"),
+        RopeMode::Neox => ("i", "i + {half}"),
+    };
+    let half = d / 2;
+    let (a, b) = (a.replace("{half}", &half.to_string()), b.replace("{half}", &half.to_string()));
+    format!(
+        r#"(const float* x, const int* pos, float* out, int S) {{
+    const float* xr = x + (size_t)blockIdx.x * {row};
+    float* o = out + (size_t)blockIdx.x * {row};
+    for (int p = threadIdx.x; p < {pairs}; p += blockDim.x) {{
+        int head = p / {half}, i = p % {half};
+        float angle = (float)pos[blockIdx.x];
+        for (int j = 0; j < i; j++) angle *= {ts};
+        float sn, cs;
+        sincosf(angle, &sn, &cs);
+        int a = head * {d} + {a}, b = head * {d} + {b};
+        float x0 = xr[a], x1 = xr[b];
+        o[a] = x0 * cs - x1 * sn;
+        o[b] = x0 * sn + x1 * cs;
+    }}
+}}"#,
+        pairs = row / 2,
+        ts = float(theta_scale)
+    )
+}
+
+/// Writes the keys and values of the `S` tokens into one layer's caches
+/// (`[context, kv_row]` each) at their positions. Grid: `S` blocks.
+pub fn kv_store(kv_row: usize) -> String {
+    format!(
+        r#"(const float* k, const float* v, const int* pos, float* kc, float* vc, int S) {{
+    size_t at = (size_t)pos[blockIdx.x] * {kv_row};
+    for (int j = threadIdx.x; j < {kv_row}; j += blockDim.x) {{
+        kc[at + j] = k[(size_t)blockIdx.x * {kv_row} + j];
+        vc[at + j] = v[(size_t)blockIdx.x * {kv_row} + j];
+    }}
+}}"#
+    )
+}
+
+/// Causal grouped-query attention of each (head, token) over the cached
+/// positions `0..=pos`: scores, softmax (as the interpreter's), the
+/// weighted sum of values. Grid: `(heads, S)` blocks of [`ROW_BLOCK`];
+/// dynamic shared memory holds one score per position (`4 · context` bytes).
+pub fn attention(heads: usize, kv_heads: usize, d: usize) -> String {
+    let kv_row = kv_heads * d;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    format!(
+        r#"(const float* q, const float* k, const float* v, const int* pos, const float* kc, const float* vc, float* out, int S) {{
+    extern __shared__ float score[];
+    int h = blockIdx.x, s = blockIdx.y;
+    int keys = pos[s] + 1;
+    const float* qh = q + ((size_t)s * {heads} + h) * {d};
+    const float* kh = kc + (h / {group}) * {d};
+    const float* vh = vc + (h / {group}) * {d};
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int t = warp; t < keys; t += nw) {{
+        float dot = 0.0f;
+        for (int j = lane; j < {d}; j += 32) dot += qh[j] * kh[(size_t)t * {kv_row} + j];
+        dot = warp_sum(dot);
+        if (lane == 0) score[t] = dot * {scale};
+    }}
+    __syncthreads();
+    float m = -__int_as_float(0x7f800000);
+    for (int t = threadIdx.x; t < keys; t += blockDim.x) m = fmaxf(m, score[t]);
+    m = block_max(m);
+    double total = 0.0;
+    for (int t = threadIdx.x; t < keys; t += blockDim.x) {{
+        float e = expf(score[t] - m);
+        score[t] = e;
+        total += e;
+    }}
+    float sum = (float)block_sum_d(total);
+    for (int t = threadIdx.x; t < keys; t += blockDim.x) score[t] = score[t] / sum;
+    __syncthreads();
+    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
+        float o = 0.0f;
+        for (int t = 0; t < keys; t++) o += score[t] * vh[(size_t)t * {kv_row} + j];
+        out[((size_t)s * {heads} + h) * {d} + j] = o;
+    }}
+}}"#,
+        scale = float(scale)
+    )
+}
+
+fn unary_expr(u: UnaryOp, x: &str) -> String {
+    match u {
+        UnaryOp::Silu => format!("({x} / (1.0f + expf(-{x})))"),
+        UnaryOp::Relu => format!("fmaxf({x}, 0.0f)"),
+        UnaryOp::Square => format!("({x} * {x})"),
+        UnaryOp::Exp => format!("expf({x})"),
+        UnaryOp::Neg => format!("(-{x})"),
+    }
+}
+
+/// An elementwise kernel over `S · row` values: `expr` reads `a[i]` (and
+/// `b[…]`). Grid: `ceil(S · row / ELEMENT_BLOCK)` blocks.
+fn elementwise(params: &str, row: usize, expr: &str) -> String {
+    format!(
+        r#"({params}float* out, int S) {{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)S * {row}) return;
+    out[i] = {expr};
+}}"#
+    )
+}
+
+/// `act(gate) * up`.
+pub fn glu(act: GateAct, row: usize) -> String {
+    let a = match act {
+        GateAct::Silu => unary_expr(UnaryOp::Silu, "a[i]"),
+        GateAct::Relu2 => unary_expr(UnaryOp::Square, &unary_expr(UnaryOp::Relu, "a[i]")),
+    };
+    elementwise("const float* a, const float* b, ", row, &format!("{a} * b[i]"))
+}
+
+pub fn unary(u: UnaryOp, row: usize) -> String {
+    elementwise("const float* a, ", row, &unary_expr(u, "a[i]"))
+}
+
+/// `a op b` with `b` of `b_len` values repeated (the same shape, a row or
+/// a scalar).
+pub fn binary(op: bitnet_ir::BinaryOp, row: usize, b_len: Option<usize>) -> String {
+    let sym = match op {
+        bitnet_ir::BinaryOp::Add => "+",
+        bitnet_ir::BinaryOp::Sub => "-",
+        bitnet_ir::BinaryOp::Mul => "*",
+        bitnet_ir::BinaryOp::Div => "/",
+    };
+    let bi = match b_len {
+        Some(len) => format!("b[i % {len}]"),
+        None => "b[i]".into(),
+    };
+    elementwise("const float* a, const float* b, ", row, &format!("a[i] {sym} {bi}"))
+}
+
+/// Rounds to `to` and back, as `Op::Cast` does.
+pub fn cast(to: FloatType, row: usize) -> String {
+    let expr = match to {
+        FloatType::F32 => "a[i]",
+        FloatType::F16 => "round_f16(a[i])",
+        FloatType::BF16 => "round_bf16(a[i])",
+    };
+    elementwise("const float* a, ", row, expr)
+}
+
+/// The last of `S` rows. Grid: `ceil(row / ELEMENT_BLOCK)` blocks.
+pub fn last_row(row: usize) -> String {
+    format!(
+        r#"(const float* a, float* out, int S) {{
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < {row}) out[j] = a[(size_t)(S - 1) * {row} + j];
+}}"#
+    )
+}
+
+/// Softmax of each row, as the interpreter's. Grid: `S` blocks.
+pub fn softmax(row: usize) -> String {
+    format!(
+        r#"(const float* a, float* out, int S) {{
+    const float* x = a + (size_t)blockIdx.x * {row};
+    float* o = out + (size_t)blockIdx.x * {row};
+    float m = -__int_as_float(0x7f800000);
+    for (int j = threadIdx.x; j < {row}; j += blockDim.x) m = fmaxf(m, x[j]);
+    m = block_max(m);
+    double total = 0.0;
+    for (int j = threadIdx.x; j < {row}; j += blockDim.x) {{ float e = expf(x[j] - m); o[j] = e; total += e; }}
+    float sum = (float)block_sum_d(total);
+    for (int j = threadIdx.x; j < {row}; j += blockDim.x) o[j] = o[j] / sum;
+}}"#
+    )
+}

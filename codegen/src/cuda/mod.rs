@@ -1,0 +1,240 @@
+//! The CUDA target: an optimized graph lowered to one CUDA C module (its
+//! kernels specialized to the graph's shapes and tiles) and the list of
+//! launches that runs it, compiled to PTX by NVRTC.
+//!
+//! Lowering needs neither a GPU nor NVRTC: [`lower`] only writes source
+//! and launch records. [`nvrtc`] compiles the source (a machine with the
+//! NVRTC library and no GPU can do it, so `bitnet compile --device cuda`
+//! and the CI checks work without one); the runtime loads the PTX on the
+//! device and makes the launches.
+//!
+//! Kernels are named after their family and a hash of their source, so
+//! equal work (the same shapes in thirty layers) is one kernel, and a
+//! kernel's name changes whenever its code does.
+
+pub mod kernels;
+pub mod nvrtc;
+
+use crate::target::fnv1a;
+use bitnet_ir::{ActQuant, DType, Graph, Op, Value};
+pub use kernels::{CudaTiles, FloatType};
+use std::collections::BTreeMap;
+
+/// What a kernel parameter is bound to at launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Arg {
+    /// The node's operand `i`: one pointer, or three (codes, γ, Σq) for
+    /// int8 activations.
+    Operand(usize),
+    /// β, the scale of the packed ternary weight that is operand `i` (f32).
+    Beta(usize),
+    /// Layer `l`'s key cache, `[context, kv_row]` f32.
+    KeyCache(usize),
+    /// Layer `l`'s value cache.
+    ValueCache(usize),
+    /// The node's result (three pointers for int8 activations).
+    Output,
+    /// The rows (tokens) of operand `i`, or of the result when `None` (i32).
+    Rows(Option<usize>),
+}
+
+/// How many blocks a launch has, from the rows `s` of its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Grid {
+    /// One block per row of the result.
+    PerRow,
+    /// A fixed number of blocks.
+    Fixed(u32),
+    /// `ceil(s · row / block)` blocks, one thread per value.
+    Elements { row: usize },
+    /// `(heads, s)` blocks.
+    HeadsByRows { heads: usize },
+}
+
+/// Dynamic shared memory of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Shared {
+    None,
+    /// One f32 per position of the context (attention scores).
+    PerPosition,
+}
+
+/// One kernel launch of a node (attention has two: store, then attend).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Launch {
+    pub value: Value,
+    pub entry: String,
+    pub grid: Grid,
+    pub block: u32,
+    pub shared: Shared,
+    pub args: Vec<Arg>,
+}
+
+/// A lowered graph: one module's source and the launches that run it, in
+/// graph order.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Program {
+    pub source: String,
+    pub launches: Vec<Launch>,
+    /// Each matrix product's tiles, for display (`value`, key, tiles).
+    pub tiles: Vec<(Value, String, String)>,
+}
+
+impl Program {
+    /// The distinct kernel entry points, in order of first use.
+    pub fn entries(&self) -> Vec<&str> {
+        let mut seen = Vec::new();
+        for l in &self.launches {
+            if !seen.contains(&l.entry.as_str()) {
+                seen.push(l.entry.as_str());
+            }
+        }
+        seen
+    }
+}
+
+/// The element type a float weight has on the device: f16 and bf16 as
+/// stored, everything else (f32 and block-quantized float types)
+/// expanded to f32 when uploaded.
+pub fn device_float_type(dtype: DType) -> FloatType {
+    match dtype {
+        DType::F16 => FloatType::F16,
+        DType::BF16 => FloatType::BF16,
+        _ => FloatType::F32,
+    }
+}
+
+/// Rounds `k` up to the packed ternary layout's chunk (128 weights).
+pub fn padded(k: usize) -> usize {
+    k.div_ceil(crate::cpu::ternary::CHUNK) * crate::cpu::ternary::CHUNK
+}
+
+struct Builder {
+    kernels: BTreeMap<String, String>,
+    order: Vec<String>,
+    launches: Vec<Launch>,
+}
+
+impl Builder {
+    /// Adds a kernel of `family` with this parameter list and body (from
+    /// [`kernels`]); returns its entry name.
+    fn kernel(&mut self, family: &str, block: u32, code: String) -> String {
+        let name = format!("{family}_{:08x}", fnv1a(code.as_bytes()) as u32);
+        if !self.kernels.contains_key(&name) {
+            let text = format!("extern \"C\" __global__ void __launch_bounds__({block}) {name}{code}\n");
+            self.kernels.insert(name.clone(), text);
+            self.order.push(name.clone());
+        }
+        name
+    }
+
+    fn launch(&mut self, value: Value, family: &str, code: String, grid: Grid, block: u32, args: Vec<Arg>) {
+        let entry = self.kernel(family, block, code);
+        self.launches.push(Launch { value, entry, grid, block, shared: Shared::None, args });
+    }
+}
+
+/// Lowers an optimized graph for CUDA. `tiles` gives each matrix
+/// product's tiles from its workload key.
+pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTiles) -> Result<Program, String> {
+    use kernels as k;
+    use Arg::*;
+    let mut b = Builder { kernels: BTreeMap::new(), order: Vec::new(), launches: Vec::new() };
+    let mut chosen = Vec::new();
+    let (rb, eb) = (k::ROW_BLOCK, k::ELEMENT_BLOCK);
+    for (v, node) in g.iter() {
+        let refuse = |why: &str| Err(format!("{v} = {}: the CUDA backend {why}", node.op.mnemonic()));
+        let ty = &node.ty;
+        let cols = ty.shape.last().map_or(1, |d| d.resolve(0));
+        let arg_ty = |i: usize| g.ty(node.args[i]);
+        let ops: Vec<Arg> = (0..node.args.len()).map(Operand).collect();
+        let with = |extra: &[Arg]| -> Vec<Arg> { ops.iter().chain(extra).copied().collect() };
+        match &node.op {
+            Op::Input { .. } | Op::Weight { .. } => {}
+            Op::Embed => {
+                let t = arg_ty(0);
+                let (vocab, hidden) = (t.shape[0].resolve(0), t.shape[1].resolve(0));
+                b.launch(v, "embed", k::embed(device_float_type(t.dtype), vocab, hidden), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+            }
+            Op::RmsNorm { eps } => {
+                if ty.rank() != 2 {
+                    return refuse("normalizes rows of rank-2 tensors only");
+                }
+                b.launch(v, "rms_norm", k::rms_norm(cols, *eps), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+            }
+            Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => {
+                b.launch(v, "rms_norm_quant", k::quantize_rows(cols, padded(cols), Some(*eps)), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+            }
+            Op::QuantizeAct { scheme: ActQuant::PerToken } => {
+                b.launch(v, "quantize_act", k::quantize_rows(cols, padded(cols), None), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+            }
+            Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return refuse("quantizes activations per token only (not llama.cpp's q8_k blocks)"),
+            Op::TernaryMatMul(e) => {
+                let w = arg_ty(1);
+                let (n, kk) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                let key = crate::schedule::Workload::Ternary { n, k: kk }.key();
+                let t = tiles(&key);
+                chosen.push((v, key.0.clone(), t.to_string()));
+                let ep = k::TernaryEpilogue { scale: e.scale, residual: e.residual };
+                let mut args = vec![Operand(1), Beta(1), Operand(0)];
+                args.extend((2..node.args.len()).map(Operand));
+                args.extend([Output, Rows(None)]);
+                let grid = Grid::Fixed(n.div_ceil(t.warps) as u32);
+                b.launch(v, "ternary_matmul", k::ternary_matmul(n, padded(kk), ep, t), grid, t.block(), args);
+            }
+            Op::MatMul => {
+                let (x, w) = (arg_ty(0), arg_ty(1));
+                if x.dtype != DType::F32 {
+                    return refuse("multiplies float weights by f32 activations only");
+                }
+                let (n, kk) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                let key = crate::schedule::Workload::Float { n, k: kk, dtype: w.dtype }.key();
+                let t = tiles(&key);
+                chosen.push((v, key.0.clone(), t.to_string()));
+                let grid = Grid::Fixed(n.div_ceil(t.warps) as u32);
+                b.launch(v, "matmul", k::matmul(device_float_type(w.dtype), n, kk, t), grid, t.block(), vec![Operand(1), Operand(0), Output, Rows(None)]);
+            }
+            Op::Rope { mode, theta, head_dim } => {
+                b.launch(v, "rope", k::rope(cols, *head_dim, *mode, *theta), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+            }
+            Op::Attention { layer, heads, kv_heads, head_dim } => {
+                let kv_row = kv_heads * head_dim;
+                b.launch(v, "kv_store", k::kv_store(kv_row), Grid::PerRow, rb, vec![Operand(1), Operand(2), Operand(3), KeyCache(*layer), ValueCache(*layer), Rows(None)]);
+                let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim));
+                b.launches.push(Launch {
+                    value: v,
+                    entry,
+                    grid: Grid::HeadsByRows { heads: *heads },
+                    block: rb,
+                    shared: Shared::PerPosition,
+                    args: with(&[KeyCache(*layer), ValueCache(*layer), Output, Rows(None)]),
+                });
+            }
+            Op::Unary(u) => b.launch(v, "unary", k::unary(*u, cols), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)])),
+            Op::Binary(op) => {
+                let (a, y) = (arg_ty(0), arg_ty(1));
+                let b_len = if y.shape == a.shape { None } else { Some(y.shape.iter().map(|d| d.resolve(0)).product()) };
+                b.launch(v, "binary", k::binary(*op, cols, b_len), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)]));
+            }
+            Op::Glu { act } => b.launch(v, "glu", k::glu(*act, cols), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)])),
+            Op::Softmax => b.launch(v, "softmax", k::softmax(cols), Grid::PerRow, rb, with(&[Output, Rows(None)])),
+            Op::LastRow => {
+                let grid = Grid::Fixed(cols.div_ceil(eb as usize) as u32);
+                b.launch(v, "last_row", k::last_row(cols), grid, eb, vec![Operand(0), Output, Rows(Some(0))]);
+            }
+            Op::Cast { to } => {
+                let to = match to {
+                    DType::F16 => FloatType::F16,
+                    DType::BF16 => FloatType::BF16,
+                    _ => FloatType::F32,
+                };
+                b.launch(v, "cast", k::cast(to, cols), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)]));
+            }
+        }
+    }
+    let mut source = String::from(kernels::PRELUDE);
+    for name in &b.order {
+        source += &b.kernels[name];
+    }
+    Ok(Program { source, launches: b.launches, tiles: chosen })
+}
