@@ -95,8 +95,6 @@ fn compile_dumps_the_graph_after_each_pass() {
     assert!(stdout(&o).contains("(heuristic)"), "{}", stdout(&o));
     let o = bitnet(&["compile", "-m", m, "--dump-after", "nope"]);
     assert!(!o.status.success() && stderr(&o).contains("canonicalize, specialize-ternary, fuse"), "{}", stderr(&o));
-    let o = bitnet(&["run", "-m", m, "-p", "hi", "--device", "cuda"]);
-    assert!(!o.status.success() && stderr(&o).contains("CUDA backend is not built yet"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).ok();
 }
 

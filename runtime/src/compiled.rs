@@ -32,7 +32,7 @@ pub(crate) enum Prepared {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     F32,
     I32,
     Q8,
@@ -55,46 +55,55 @@ struct Plan {
     bufs: Vec<Buf>,
 }
 
-const NO_SLOT: usize = usize::MAX;
+pub(crate) const NO_SLOT: usize = usize::MAX;
+
+/// The buffer each computed value lives in (`NO_SLOT` for weights) and
+/// each buffer's kind: a value's buffer is reused once the value is dead.
+/// A result never shares a buffer with its own operands.
+pub(crate) fn assign_slots(graph: &Graph) -> (Vec<usize>, Vec<Kind>) {
+    let n = graph.nodes.len();
+    let mut last_use = vec![0usize; n];
+    for (v, node) in graph.iter() {
+        for a in &node.args {
+            last_use[a.index()] = v.index();
+        }
+    }
+    for o in &graph.outputs {
+        last_use[o.index()] = usize::MAX;
+    }
+    let mut slot = vec![NO_SLOT; n];
+    let mut kinds: Vec<Kind> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    for (v, node) in graph.iter() {
+        if matches!(node.op, Op::Weight { .. }) {
+            continue;
+        }
+        let kind = match node.ty.dtype {
+            DType::Q8Row => Kind::Q8,
+            DType::I32 => Kind::I32,
+            _ => Kind::F32,
+        };
+        slot[v.index()] = match free.iter().position(|&s| kinds[s] == kind) {
+            Some(i) => free.swap_remove(i),
+            None => {
+                kinds.push(kind);
+                kinds.len() - 1
+            }
+        };
+        for a in &node.args {
+            let s = slot[a.index()];
+            if s != NO_SLOT && last_use[a.index()] == v.index() && !free.contains(&s) {
+                free.push(s);
+            }
+        }
+    }
+    (slot, kinds)
+}
 
 impl Plan {
     fn new(graph: Graph, schedule: Schedule) -> Plan {
         let n = graph.nodes.len();
-        let mut last_use = vec![0usize; n];
-        for (v, node) in graph.iter() {
-            for a in &node.args {
-                last_use[a.index()] = v.index();
-            }
-        }
-        for o in &graph.outputs {
-            last_use[o.index()] = usize::MAX;
-        }
-        let mut slot = vec![NO_SLOT; n];
-        let mut kinds: Vec<Kind> = Vec::new();
-        let mut free: Vec<usize> = Vec::new();
-        for (v, node) in graph.iter() {
-            if matches!(node.op, Op::Weight { .. }) {
-                continue;
-            }
-            let kind = match node.ty.dtype {
-                DType::Q8Row => Kind::Q8,
-                DType::I32 => Kind::I32,
-                _ => Kind::F32,
-            };
-            slot[v.index()] = match free.iter().position(|&s| kinds[s] == kind) {
-                Some(i) => free.swap_remove(i),
-                None => {
-                    kinds.push(kind);
-                    kinds.len() - 1
-                }
-            };
-            for a in &node.args {
-                let s = slot[a.index()];
-                if s != NO_SLOT && last_use[a.index()] == v.index() && !free.contains(&s) {
-                    free.push(s);
-                }
-            }
-        }
+        let (slot, kinds) = assign_slots(&graph);
         let bufs = kinds
             .iter()
             .map(|k| match k {

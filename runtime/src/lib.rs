@@ -1,14 +1,16 @@
 //! bitnet-runtime: runs a model. A [`Session`] holds the memory-mapped
 //! weights, the tokenizer, the model's graphs and the KV cache, evaluates
-//! tokens with an executor (the compiled one, or the reference interpreter) and drives
+//! tokens with an executor (compiled for the CPU or an NVIDIA GPU, or the
+//! reference interpreter) and drives
 //! generation with a [`Sampler`].
 
 pub mod artifact;
 pub mod bench;
 pub mod compiled;
+pub mod cuda;
 pub mod npy;
 pub mod sampler;
 pub mod session;
 
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{lower, tuned_tiles, workloads, Backend, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};
+pub use session::{lower, lower_cuda, tuned_tiles, workloads, Backend, Device, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};

@@ -2,6 +2,7 @@
 
 use crate::artifact::{self, Artifact, Header};
 use crate::compiled::CompiledModel;
+use crate::cuda::CudaModel;
 use crate::sampler::{Sampler, SamplerConfig};
 use bitnet_autotune::{Database, Tuned};
 use bitnet_codegen::schedule::{schedule, Pinned, Schedule, TileSource, Workload};
@@ -50,10 +51,20 @@ impl Backend {
     }
 }
 
+/// Where the compiled graphs run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The first NVIDIA GPU, through the CUDA driver.
+    Cuda,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub threads: usize,
     pub backend: Backend,
+    pub device: Device,
     /// Tiles fixed by the user for every ternary matmul.
     pub pinned: Pinned,
     /// Context size; the model's training context when `None`.
@@ -70,6 +81,7 @@ pub struct Session {
     graph_last: Graph,
     graph_all: Graph,
     compiled: Option<CompiledModel>,
+    cuda: Option<CudaModel>,
     kv: KvCache,
     /// Tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
@@ -98,9 +110,11 @@ impl Session {
         Interpreter::new(&model, 1).check_weights(&graph_all)?;
         let context = opts.context.unwrap_or(model.config.context).max(1);
         let mut warnings = Vec::new();
-        let compiled = match opts.backend {
-            Backend::Interp => None,
-            Backend::Compiled => Some(compile(&model, &graph_last, &graph_all, opts, &mut warnings)?),
+        let (compiled, cuda) = match (opts.backend, opts.device) {
+            (Backend::Interp, Device::Cpu) => (None, None),
+            (Backend::Interp, Device::Cuda) => return Err(RuntimeError::Input("--backend interp runs on the CPU only; drop it to run compiled code on the GPU".into())),
+            (Backend::Compiled, Device::Cpu) => (Some(compile(&model, &graph_last, &graph_all, opts, &mut warnings)?), None),
+            (Backend::Compiled, Device::Cuda) => (None, Some(compile_cuda(&model, &graph_last, &graph_all, opts, context)?)),
         };
         Ok(Session {
             model,
@@ -108,6 +122,7 @@ impl Session {
             graph_last,
             graph_all,
             compiled,
+            cuda,
             kv: KvCache::new(),
             tokens: Vec::new(),
             threads: opts.threads.max(1),
@@ -124,6 +139,13 @@ impl Session {
         let fixed = |what: &str| {
             RuntimeError::Artifact(format!("{}: {what} is fixed when the artifact is compiled (bitnet compile {what} ...); run it without", path.display()))
         };
+        if opts.device == Device::Cuda {
+            return Err(RuntimeError::Artifact(format!(
+                "{}: this artifact holds CPU code; run its source model ({}) with --device cuda",
+                path.display(),
+                a.header.source.path
+            )));
+        }
         if opts.backend == Backend::Interp {
             return Err(RuntimeError::Artifact(format!(
                 "{}: an artifact holds compiled code only; run the interpreter on its source model ({})",
@@ -145,6 +167,7 @@ impl Session {
             graph_last: compiled.graph(false).clone(),
             graph_all: compiled.graph(true).clone(),
             compiled: Some(compiled),
+            cuda: None,
             model: a.model,
             tokenizer,
             kv: KvCache::new(),
@@ -204,12 +227,16 @@ impl Session {
         }
         let ids = Tensor::ids(tokens.iter().map(|&t| t as i32).collect());
         let positions = Tensor::ids((start..start + tokens.len()).map(|p| p as i32).collect());
-        let out = match &mut self.compiled {
-            Some(c) => {
+        let out = match (&mut self.compiled, &mut self.cuda) {
+            (_, Some(c)) => {
+                let (Tensor::I32 { data: ids, .. }, Tensor::I32 { data: pos, .. }) = (&ids, &positions) else { unreachable!() };
+                c.eval(ids, pos, all_logits)
+            }
+            (Some(c), None) => {
                 let (Tensor::I32 { data: ids, .. }, Tensor::I32 { data: pos, .. }) = (&ids, &positions) else { unreachable!() };
                 c.eval(&self.model, ids, pos, all_logits, &mut self.kv)
             }
-            None => {
+            (None, None) => {
                 let graph = if all_logits { &self.graph_all } else { &self.graph_last };
                 let interp = Interpreter::new(&self.model, self.threads);
                 interp.eval(graph, &[("tokens", ids), ("positions", positions)], &mut self.kv).and_then(|mut out| match out.pop() {
@@ -231,11 +258,20 @@ impl Session {
     }
 
     pub fn backend(&self) -> Backend {
-        if self.compiled.is_some() {
+        if self.compiled.is_some() || self.cuda.is_some() {
             Backend::Compiled
         } else {
             Backend::Interp
         }
+    }
+
+    /// The model on the GPU, when it runs there.
+    pub fn cuda(&self) -> Option<&CudaModel> {
+        self.cuda.as_ref()
+    }
+
+    pub fn cuda_mut(&mut self) -> Option<&mut CudaModel> {
+        self.cuda.as_mut()
     }
 
     /// The compiled graphs and schedules, when the backend is compiled.
@@ -336,6 +372,20 @@ fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, warning
     let tuned = if opts.tuning { tuned_tiles(threads, warnings) } else { None };
     let source = tuned.as_ref().map(|t| t as &dyn TileSource);
     Ok(CompiledModel::new(model, lower(last, &opts.pinned, source)?, lower(all, &opts.pinned, source)?, threads)?)
+}
+
+/// The graph passes, then lowering to CUDA kernels and launches.
+pub fn lower_cuda(g: &Graph) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
+    let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+    let p = bitnet_codegen::cuda::lower(&g, &|_| bitnet_codegen::cuda::CudaTiles::DEFAULT).map_err(RuntimeError::Compile)?;
+    Ok((g, p))
+}
+
+fn compile_cuda(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, context: usize) -> Result<CudaModel, RuntimeError> {
+    if opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
+        return Err(RuntimeError::Input("--head q8 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head".into()));
+    }
+    Ok(CudaModel::new(model, lower_cuda(last)?, lower_cuda(all)?, None, context)?)
 }
 
 #[derive(Clone, Debug)]

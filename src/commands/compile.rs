@@ -1,6 +1,6 @@
 //! `bitnet compile`: lower a model for this machine and write an artifact.
 
-use super::{DeviceArgs, HeadArg};
+use super::{Device, DeviceArgs, HeadArg};
 use anyhow::Context;
 use bitnet_autotune::{tune, Database};
 use bitnet_codegen::schedule::{Pinned, TileOrigin};
@@ -47,12 +47,18 @@ pub struct CompileArgs {
     pub tune: Option<TuneArg>,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// GPU architecture the PTX targets (with --device cuda): 80 runs on
+    /// Ampere and later.
+    #[arg(long, default_value_t = bitnet_codegen::cuda::nvrtc::DEFAULT_SM, value_parser = clap::value_parser!(u32).range(50..))]
+    pub sm: u32,
 }
 
 pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
-    a.device.check()?;
     if artifact::is_artifact(&a.model) {
         anyhow::bail!("{} is already a compiled artifact; compile its source model instead", a.model.display());
+    }
+    if a.device.device == Device::Cuda {
+        return compile_cuda(&a);
     }
     let pinned = Pinned { head_q8: a.head == HeadArg::Q8, ..Default::default() };
     let threads = super::threads(a.threads)?;
@@ -84,7 +90,7 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!("compiling {} ...", a.model.display());
-    let opts = LoadOptions { threads, backend: Backend::Compiled, pinned, context: None, tuning: !a.no_tune };
+    let opts = LoadOptions { threads, backend: Backend::Compiled, pinned, context: None, tuning: !a.no_tune, ..Default::default() };
     let session = Session::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
     session.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     let compiled = session.compiled().expect("the compiled backend was asked for");
@@ -102,4 +108,53 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `compile --device cuda`: lowers the model to CUDA kernels and compiles
+/// them with NVRTC (no GPU needed). With `--dump-after schedule` it prints
+/// the final graph and its launches.
+fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
+    if a.head == HeadArg::Q8 {
+        anyhow::bail!("--head q8 is a CPU option; the CUDA backend runs the stored head");
+    }
+    let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let graph = model.graph(a.all_logits)?;
+    match a.dump_after.as_deref() {
+        Some("schedule") => {}
+        Some(pass) => {
+            let g = passes::optimize(graph, Some(pass)).map_err(|e| anyhow::anyhow!("{e} (or schedule)"))?;
+            return super::print(&g.to_string());
+        }
+        None if a.output.is_some() => anyhow::bail!(
+            "CUDA artifacts are not built yet: run the model file itself with `bitnet run -m {} --device cuda` (it compiles in memory), \
+             or check its kernels with `bitnet compile -m {} --device cuda --dump-after schedule`",
+            a.model.display(),
+            a.model.display()
+        ),
+        None => anyhow::bail!("nothing to do: give --dump-after schedule to see the CUDA kernels"),
+    }
+    let (g, program) = bitnet_runtime::lower_cuda(&graph)?;
+    let t0 = Instant::now();
+    let source = bitnet_codegen::cuda::module_source(&[&program]);
+    let ptx = bitnet_codegen::cuda::nvrtc::compile(&source, a.sm).map_err(anyhow::Error::msg)?;
+    let mut out = format!("{g}launches {{\n");
+    for l in &program.launches {
+        out += &format!("    {} {} grid={:?} block={}\n", l.value, l.entry, l.grid, l.block);
+    }
+    out += "}\ntiles {\n";
+    for (v, key, tiles) in &program.tiles {
+        out += &format!("    {v} {key}: {tiles}\n");
+    }
+    out += "}\n";
+    eprintln!(
+        "{} kernels, {} launches: {} bytes of CUDA C compiled by NVRTC ({}) to {} bytes of PTX for sm_{} in {:.1} s",
+        program.kernels.len(),
+        program.launches.len(),
+        source.len(),
+        bitnet_codegen::cuda::nvrtc::library().map(|p| p.display().to_string()).unwrap_or_default(),
+        ptx.len(),
+        a.sm,
+        t0.elapsed().as_secs_f64()
+    );
+    super::print(&out)
 }

@@ -65,10 +65,10 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn runtime(&self) -> bitnet_runtime::Device {
         match self.device {
-            Device::Cpu => Ok(()),
-            Device::Cuda => anyhow::bail!("--device cuda: the CUDA backend is not built yet; this build runs on the CPU only (--device cpu)"),
+            Device::Cpu => bitnet_runtime::Device::Cpu,
+            Device::Cuda => bitnet_runtime::Device::Cuda,
         }
     }
 }
@@ -85,7 +85,6 @@ pub fn threads(t: Option<usize>) -> anyhow::Result<usize> {
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Session> {
         let threads = threads(self.threads)?;
-        self.device.check()?;
         let backend = match self.backend {
             BackendArg::Interp => Backend::Interp,
             BackendArg::Compiled => Backend::Compiled,
@@ -94,7 +93,7 @@ impl ModelArgs {
             anyhow::bail!("--head q8 is a compile option: it needs --backend compiled");
         }
         let pinned = Pinned { head_q8: self.head == HeadArg::Q8, ..Default::default() };
-        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, pinned, tuning: !self.no_tune })
+        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, device: self.device.runtime(), pinned, tuning: !self.no_tune })
     }
 }
 

@@ -18,7 +18,6 @@ pub mod nvrtc;
 use crate::target::fnv1a;
 use bitnet_ir::{ActQuant, DType, Graph, Op, Value};
 pub use kernels::{CudaTiles, FloatType};
-use std::collections::BTreeMap;
 
 /// What a kernel parameter is bound to at launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -70,27 +69,33 @@ pub struct Launch {
     pub args: Vec<Arg>,
 }
 
-/// A lowered graph: one module's source and the launches that run it, in
-/// graph order.
+/// One generated kernel: its entry name and its CUDA C.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Kernel {
+    pub name: String,
+    pub source: String,
+}
+
+/// A lowered graph: its kernels and the launches that run them, in graph
+/// order.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Program {
-    pub source: String,
+    pub kernels: Vec<Kernel>,
     pub launches: Vec<Launch>,
     /// Each matrix product's tiles, for display (`value`, key, tiles).
     pub tiles: Vec<(Value, String, String)>,
 }
 
-impl Program {
-    /// The distinct kernel entry points, in order of first use.
-    pub fn entries(&self) -> Vec<&str> {
-        let mut seen = Vec::new();
-        for l in &self.launches {
-            if !seen.contains(&l.entry.as_str()) {
-                seen.push(l.entry.as_str());
-            }
+/// One CUDA C module with every kernel of `programs`, each once.
+pub fn module_source(programs: &[&Program]) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = String::from(kernels::PRELUDE);
+    for k in programs.iter().flat_map(|p| &p.kernels) {
+        if seen.insert(k.name.as_str()) {
+            out += &k.source;
         }
-        seen
     }
+    out
 }
 
 /// The element type a float weight has on the device: f16 and bf16 as
@@ -110,8 +115,7 @@ pub fn padded(k: usize) -> usize {
 }
 
 struct Builder {
-    kernels: BTreeMap<String, String>,
-    order: Vec<String>,
+    kernels: Vec<Kernel>,
     launches: Vec<Launch>,
 }
 
@@ -120,10 +124,9 @@ impl Builder {
     /// [`kernels`]); returns its entry name.
     fn kernel(&mut self, family: &str, block: u32, code: String) -> String {
         let name = format!("{family}_{:08x}", fnv1a(code.as_bytes()) as u32);
-        if !self.kernels.contains_key(&name) {
-            let text = format!("extern \"C\" __global__ void __launch_bounds__({block}) {name}{code}\n");
-            self.kernels.insert(name.clone(), text);
-            self.order.push(name.clone());
+        if !self.kernels.iter().any(|k| k.name == name) {
+            let source = format!("extern \"C\" __global__ void __launch_bounds__({block}) {name}{code}\n");
+            self.kernels.push(Kernel { name: name.clone(), source });
         }
         name
     }
@@ -139,7 +142,7 @@ impl Builder {
 pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTiles) -> Result<Program, String> {
     use kernels as k;
     use Arg::*;
-    let mut b = Builder { kernels: BTreeMap::new(), order: Vec::new(), launches: Vec::new() };
+    let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
     let mut chosen = Vec::new();
     let (rb, eb) = (k::ROW_BLOCK, k::ELEMENT_BLOCK);
     for (v, node) in g.iter() {
@@ -232,9 +235,5 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
             }
         }
     }
-    let mut source = String::from(kernels::PRELUDE);
-    for name in &b.order {
-        source += &b.kernels[name];
-    }
-    Ok(Program { source, launches: b.launches, tiles: chosen })
+    Ok(Program { kernels: b.kernels, launches: b.launches, tiles: chosen })
 }

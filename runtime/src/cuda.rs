@@ -1,0 +1,400 @@
+//! The CUDA executor: runs the launches of a lowered graph
+//! ([`bitnet_codegen::cuda::Program`]) on an NVIDIA GPU through the driver
+//! API (cudarc, loaded at run time).
+//!
+//! Loading finds the driver (clear errors when there is no libcuda, no
+//! device, or too little memory), compiles the module with NVRTC (or takes
+//! PTX compiled earlier), and uploads each weight once in the layout its
+//! kernel reads: ternary weights packed as the CPU's one-row tiles, f16 and
+//! bf16 matrices as stored, everything else as f32. Activations live in
+//! one buffer per slot of the same plan the CPU executor uses, grown when a
+//! longer prompt needs more; the KV cache is one `[context, kv_row]` pair
+//! per layer, on the device. An evaluation uploads the token ids and
+//! positions, makes every launch on one stream, and copies the logits back.
+
+use crate::compiled::{assign_slots, Kind, NO_SLOT};
+use bitnet_codegen::cpu::ternary::PackedTernary;
+use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Grid, Launch, Program, Shared};
+use bitnet_ir::interp::{EvalError, WeightSource};
+use bitnet_ir::{DType, Graph, Op};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
+    Err(EvalError(msg.into()))
+}
+
+fn driver<T>(what: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<T, EvalError> {
+    r.map_err(|e| EvalError(format!("CUDA {what}: {e:?}")))
+}
+
+/// The GPU to run on, or why there is none: no driver library, no device.
+pub fn device() -> Result<(Arc<CudaContext>, String), String> {
+    // SAFETY: probing loads libcuda if it is there; it has no preconditions.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver: libcuda.so (libcuda.so.1) was not found on the library path (LD_LIBRARY_PATH, /etc/ld.so.cache); \
+                    --device cuda needs an NVIDIA GPU and its driver"
+            .into());
+    }
+    let count = CudaContext::device_count().map_err(|e| format!("the NVIDIA driver is there but cannot start: {e:?}"))?;
+    if count < 1 {
+        return Err("the NVIDIA driver found no CUDA device".into());
+    }
+    let ctx = CudaContext::new(0).map_err(|e| format!("cannot open CUDA device 0: {e:?}"))?;
+    // One stream: the launches are ordered already.
+    // SAFETY: nothing here uses a second stream.
+    unsafe { ctx.disable_event_tracking() };
+    let name = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
+    let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
+    Ok((ctx.clone(), format!("{name} (sm_{major}{minor})")))
+}
+
+/// A weight on the device.
+enum DevWeight {
+    Packed { data: CudaSlice<u8>, scale: f32 },
+    Bytes(CudaSlice<u8>),
+    F32(CudaSlice<f32>),
+}
+
+enum DevBuf {
+    F32(CudaSlice<f32>),
+    I32(CudaSlice<i32>),
+    Q8 { q: CudaSlice<i8>, gamma: CudaSlice<f32>, sum: CudaSlice<i32> },
+}
+
+struct DevPlan {
+    graph: Graph,
+    program: Program,
+    slot: Vec<usize>,
+    kinds: Vec<Kind>,
+    bufs: Vec<Option<DevBuf>>,
+    /// Elements each buffer holds now (codes for int8 buffers).
+    capacity: Vec<usize>,
+    /// Rows each buffer holds now (γ and Σq of int8 buffers).
+    rows: Vec<usize>,
+}
+
+pub struct CudaModel {
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+    weights: HashMap<String, DevWeight>,
+    last: DevPlan,
+    all: DevPlan,
+    keys: Vec<CudaSlice<f32>>,
+    values: Vec<CudaSlice<f32>>,
+    context: usize,
+    pub device: String,
+    /// Bytes of weights on the device.
+    pub weight_bytes: usize,
+}
+
+impl CudaModel {
+    /// Uploads the weights of two lowered graphs (last position's logits,
+    /// all logits) and loads their module: `ptx` compiled earlier, or the
+    /// programs' source compiled now with NVRTC for this device.
+    pub fn new(weights: &dyn WeightSource, last: (Graph, Program), all: (Graph, Program), ptx: Option<String>, context: usize) -> Result<CudaModel, EvalError> {
+        let (ctx, device) = self::device().map_err(EvalError)?;
+        let ptx = match ptx {
+            Some(p) => p,
+            None => {
+                let (major, minor) = driver("compute capability", ctx.compute_capability())?;
+                let source = cuda::module_source(&[&last.1, &all.1]);
+                cuda::nvrtc::compile(&source, (major * 10 + minor) as u32).map_err(EvalError)?
+            }
+        };
+        let stream = ctx.default_stream();
+        let module = driver("loading the PTX", ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
+        let mut functions = HashMap::new();
+        for l in last.1.launches.iter().chain(&all.1.launches) {
+            if !functions.contains_key(&l.entry) {
+                let f = driver(&format!("kernel {}", l.entry), module.load_function(&l.entry))?;
+                if l.shared == Shared::PerPosition {
+                    let bytes = (context * 4) as i32;
+                    if bytes > 48 * 1024 {
+                        let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                        f.set_attribute(attr, bytes).map_err(|e| EvalError(format!("a context of {context} needs {bytes} bytes of shared memory per block, more than this GPU gives ({e:?}); lower it with -c")))?;
+                    }
+                }
+                functions.insert(l.entry.clone(), f);
+            }
+        }
+        let mut up = Uploader { stream: &stream, out: HashMap::new(), bytes: 0 };
+        for g in [&last.0, &all.0] {
+            up.graph(g, weights)?;
+        }
+        let (weights, weight_bytes) = (up.out, up.bytes);
+        let mut layers: Vec<usize> = Vec::new();
+        for (_, node) in last.0.iter().chain(all.0.iter()) {
+            if let Op::Attention { layer, kv_heads, head_dim, .. } = node.op {
+                if layers.len() <= layer {
+                    layers.resize(layer + 1, 0);
+                }
+                layers[layer] = kv_heads * head_dim;
+            }
+        }
+        let cache_bytes: usize = layers.iter().map(|r| 2 * r * context * 4).sum();
+        if let Ok((free, _)) = ctx.mem_get_info() {
+            if cache_bytes > free {
+                return err(format!("the KV cache for a context of {context} needs {:.2} GiB, the GPU has {:.2} GiB free; lower it with -c", gib(cache_bytes), gib(free)));
+            }
+        }
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for &row in &layers {
+            keys.push(driver("allocating the KV cache", stream.alloc_zeros::<f32>((row * context).max(1)))?);
+            values.push(driver("allocating the KV cache", stream.alloc_zeros::<f32>((row * context).max(1)))?);
+        }
+        Ok(CudaModel { stream, _module: module, functions, weights, last: DevPlan::new(last), all: DevPlan::new(all), keys, values, context, device, weight_bytes })
+    }
+
+    pub fn program(&self, all_logits: bool) -> &Program {
+        &if all_logits { &self.all } else { &self.last }.program
+    }
+
+    pub fn graph(&self, all_logits: bool) -> &Graph {
+        &if all_logits { &self.all } else { &self.last }.graph
+    }
+
+    /// Evaluates `tokens` at `positions`; returns the logits, row-major.
+    pub fn eval(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<Vec<f32>, EvalError> {
+        self.run(tokens, positions, all_logits, None)
+    }
+
+    /// Evaluates as [`CudaModel::eval`] does and also copies back every
+    /// f32 value as soon as its node has run (before its buffer is reused),
+    /// to find the first kernel that disagrees with the interpreter.
+    pub fn trace(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<(Vec<f32>, Vec<(bitnet_ir::Value, Vec<f32>)>), EvalError> {
+        let mut values = Vec::new();
+        let logits = self.run(tokens, positions, all_logits, Some(&mut values))?;
+        Ok((logits, values))
+    }
+
+    fn run(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool, mut trace: Option<&mut Vec<(bitnet_ir::Value, Vec<f32>)>>) -> Result<Vec<f32>, EvalError> {
+        if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= self.context) {
+            return err(format!("position {p} is outside the context of {}", self.context));
+        }
+        let plan = if all_logits { &mut self.all } else { &mut self.last };
+        let seq = tokens.len();
+        plan.reserve(&self.stream, seq)?;
+        for (v, node) in plan.graph.iter() {
+            if let Op::Input { name } = &node.op {
+                let data = match name.as_str() {
+                    "tokens" => tokens,
+                    "positions" => positions,
+                    _ => return err(format!("input \"{name}\" was not given")),
+                };
+                let Some(DevBuf::I32(buf)) = &mut plan.bufs[plan.slot[v.index()]] else { return err("an i32 input has no i32 buffer") };
+                driver("uploading inputs", self.stream.memcpy_htod(data, &mut buf.slice_mut(..data.len())))?;
+            }
+        }
+        let launches = plan.program.launches.clone();
+        for (i, l) in launches.iter().enumerate() {
+            self.launch(all_logits, l, seq)?;
+            let done = launches.get(i + 1).is_none_or(|next| next.value != l.value);
+            if let (Some(values), true) = (trace.as_deref_mut(), done) {
+                if let Some(x) = self.download(all_logits, l.value, seq)? {
+                    values.push((l.value, x));
+                }
+            }
+        }
+        let plan = if all_logits { &self.all } else { &self.last };
+        let o = *plan.graph.outputs.last().expect("verified graphs have outputs");
+        self.download(all_logits, o, seq)?.ok_or_else(|| EvalError("the graph's output is not f32".into()))
+    }
+
+    /// The f32 value `v` as it is now on the device.
+    fn download(&self, all_logits: bool, v: bitnet_ir::Value, seq: usize) -> Result<Option<Vec<f32>>, EvalError> {
+        let plan = if all_logits { &self.all } else { &self.last };
+        let len: usize = plan.graph.ty(v).resolve(seq).iter().product();
+        let Some(DevBuf::F32(buf)) = &plan.bufs[plan.slot[v.index()]] else { return Ok(None) };
+        let mut out = vec![0f32; len];
+        driver("copying a result back", self.stream.memcpy_dtoh(&buf.slice(..len), &mut out))?;
+        Ok(Some(out))
+    }
+
+    fn launch(&self, all_logits: bool, l: &Launch, seq: usize) -> Result<(), EvalError> {
+        let plan = if all_logits { &self.all } else { &self.last };
+        let node = plan.graph.node(l.value);
+        let rows_of = |v: bitnet_ir::Value| plan.graph.ty(v).resolve(seq).first().copied().unwrap_or(1);
+        let mut ptrs: Vec<u64> = Vec::new();
+        let mut floats: Vec<f32> = Vec::new();
+        let mut ints: Vec<i32> = Vec::new();
+        enum P {
+            Ptr(usize),
+            F(usize),
+            I(usize),
+        }
+        let mut order = Vec::new();
+        let push_value = |v: bitnet_ir::Value, ptrs: &mut Vec<u64>, order: &mut Vec<P>| -> Result<(), EvalError> {
+            if let Op::Weight { name } = &plan.graph.node(v).op {
+                let Some(w) = self.weights.get(name) else { return err(format!("weight {name} is not on the device")) };
+                ptrs.push(match w {
+                    DevWeight::Packed { data, .. } | DevWeight::Bytes(data) => ptr(data, &self.stream),
+                    DevWeight::F32(data) => ptr(data, &self.stream),
+                });
+                order.push(P::Ptr(ptrs.len() - 1));
+                return Ok(());
+            }
+            match &plan.bufs[plan.slot[v.index()]] {
+                Some(DevBuf::F32(b)) => ptrs.push(ptr(b, &self.stream)),
+                Some(DevBuf::I32(b)) => ptrs.push(ptr(b, &self.stream)),
+                Some(DevBuf::Q8 { q, gamma, sum }) => {
+                    for p in [ptr(q, &self.stream), ptr(gamma, &self.stream), ptr(sum, &self.stream)] {
+                        ptrs.push(p);
+                        order.push(P::Ptr(ptrs.len() - 1));
+                    }
+                    return Ok(());
+                }
+                None => return err(format!("{v} has no buffer")),
+            }
+            order.push(P::Ptr(ptrs.len() - 1));
+            Ok(())
+        };
+        for a in &l.args {
+            match *a {
+                Arg::Operand(i) => push_value(node.args[i], &mut ptrs, &mut order)?,
+                Arg::Output => push_value(l.value, &mut ptrs, &mut order)?,
+                Arg::Beta(i) => {
+                    let Op::Weight { name } = &plan.graph.node(node.args[i]).op else { return err("β of a computed value") };
+                    let Some(DevWeight::Packed { scale, .. }) = self.weights.get(name) else { return err(format!("{name} is not a packed ternary weight")) };
+                    floats.push(*scale);
+                    order.push(P::F(floats.len() - 1));
+                }
+                Arg::KeyCache(layer) | Arg::ValueCache(layer) => {
+                    let cache = if matches!(a, Arg::KeyCache(_)) { &self.keys } else { &self.values };
+                    let Some(c) = cache.get(layer) else { return err(format!("no KV cache for layer {layer}")) };
+                    ptrs.push(ptr(c, &self.stream));
+                    order.push(P::Ptr(ptrs.len() - 1));
+                }
+                Arg::Rows(i) => {
+                    ints.push(rows_of(i.map_or(l.value, |i| node.args[i])) as i32);
+                    order.push(P::I(ints.len() - 1));
+                }
+            }
+        }
+        let rows = rows_of(l.value);
+        let grid = match l.grid {
+            Grid::PerRow => (rows as u32, 1, 1),
+            Grid::Fixed(n) => (n, 1, 1),
+            Grid::Elements { row } => ((rows * row).div_ceil(l.block as usize) as u32, 1, 1),
+            Grid::HeadsByRows { heads } => (heads as u32, rows as u32, 1),
+        };
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        let shared = match l.shared {
+            Shared::None => 0,
+            Shared::PerPosition => (self.context * 4) as u32,
+        };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (l.block, 1, 1), shared_mem_bytes: shared };
+        let f = &self.functions[&l.entry];
+        let mut b = self.stream.launch_builder(f);
+        for p in &order {
+            match *p {
+                P::Ptr(i) => b.arg(&ptrs[i]),
+                P::F(i) => b.arg(&floats[i]),
+                P::I(i) => b.arg(&ints[i]),
+            };
+        }
+        // SAFETY: the arguments follow the kernel's parameter list (the
+        // launch's `args`, written with it by the lowering), and every
+        // buffer holds the rows `seq` tokens need (`DevPlan::reserve`).
+        driver(&format!("launching {}", l.entry), unsafe { b.launch(cfg) })?;
+        Ok(())
+    }
+}
+
+fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+fn gib(b: usize) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+impl DevPlan {
+    fn new((graph, program): (Graph, Program)) -> DevPlan {
+        let (slot, kinds) = assign_slots(&graph);
+        let n = kinds.len();
+        DevPlan { graph, program, slot, kinds, bufs: (0..n).map(|_| None).collect(), capacity: vec![0; n], rows: vec![0; n] }
+    }
+
+    /// Grows the buffers to what `seq` tokens need.
+    fn reserve(&mut self, stream: &Arc<CudaStream>, seq: usize) -> Result<(), EvalError> {
+        let mut need = vec![0usize; self.kinds.len()];
+        let mut need_rows = vec![0usize; self.kinds.len()];
+        for (v, node) in self.graph.iter() {
+            let s = self.slot[v.index()];
+            if s == NO_SLOT {
+                continue;
+            }
+            let shape = node.ty.resolve(seq);
+            let rows = if shape.len() >= 2 { shape[0] } else { 1 };
+            let elems = match self.kinds[s] {
+                Kind::Q8 => rows * cuda::padded(*shape.last().unwrap_or(&1)),
+                _ => shape.iter().product(),
+            };
+            need[s] = need[s].max(elems);
+            need_rows[s] = need_rows[s].max(rows);
+        }
+        for s in 0..self.kinds.len() {
+            if need[s] <= self.capacity[s] && need_rows[s] <= self.rows[s] && self.bufs[s].is_some() {
+                continue;
+            }
+            let (e, r) = (need[s].max(1), need_rows[s].max(1));
+            let alloc = "allocating activations";
+            self.bufs[s] = Some(match self.kinds[s] {
+                Kind::F32 => DevBuf::F32(driver(alloc, stream.alloc_zeros(e))?),
+                Kind::I32 => DevBuf::I32(driver(alloc, stream.alloc_zeros(e))?),
+                Kind::Q8 => DevBuf::Q8 { q: driver(alloc, stream.alloc_zeros(e))?, gamma: driver(alloc, stream.alloc_zeros(r))?, sum: driver(alloc, stream.alloc_zeros(r))? },
+            });
+            self.capacity[s] = e;
+            self.rows[s] = r;
+        }
+        Ok(())
+    }
+}
+
+/// Puts each weight on the device once, in its kernel's layout.
+struct Uploader<'a> {
+    stream: &'a Arc<CudaStream>,
+    out: HashMap<String, DevWeight>,
+    bytes: usize,
+}
+
+impl Uploader<'_> {
+    fn graph(&mut self, g: &Graph, weights: &dyn WeightSource) -> Result<(), EvalError> {
+        for (_, node) in g.iter() {
+            for (i, a) in node.args.iter().enumerate() {
+                let Op::Weight { name } = &g.node(*a).op else { continue };
+                if self.out.contains_key(name) {
+                    continue;
+                }
+                let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
+                let up = "uploading weights";
+                let w = match (&node.op, i) {
+                    (Op::TernaryMatMul(_), 1) => {
+                        let p = PackedTernary::from_weight(&view, 1).map_err(|e| EvalError(format!("{name}: {e}")))?;
+                        weights.release(name);
+                        DevWeight::Packed { data: driver(up, self.stream.clone_htod(p.data().as_bytes()))?, scale: p.scale }
+                    }
+                    (Op::MatMul, 1) | (Op::Embed, 0) => match device_float_type(view.dtype) {
+                        FloatType::F16 | FloatType::BF16 => DevWeight::Bytes(driver(up, self.stream.clone_htod(view.data))?),
+                        FloatType::F32 => DevWeight::F32(driver(up, self.stream.clone_htod(&view.to_f32()))?),
+                    },
+                    _ if view.dtype == DType::F32 || view.dtype.is_float() => DevWeight::F32(driver(up, self.stream.clone_htod(&view.to_f32()))?),
+                    _ => return err(format!("{name}: a {} tensor cannot be an operand of {} on the GPU", view.dtype, node.op.mnemonic())),
+                };
+                self.bytes += match &w {
+                    DevWeight::Packed { data, .. } | DevWeight::Bytes(data) => data.len(),
+                    DevWeight::F32(d) => d.len() * 4,
+                };
+                self.out.insert(name.clone(), w);
+            }
+        }
+        Ok(())
+    }
+}

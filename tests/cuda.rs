@@ -1,0 +1,179 @@
+//! The CUDA backend. On a machine with an NVIDIA GPU: logits within a
+//! float budget of the CPU backend's and greedy tokens equal to them, for
+//! synthetic models in every ternary format and stories260K; when they
+//! differ, every intermediate value is compared with the interpreter's to
+//! name the first kernel that is off. Without a GPU those tests say so and
+//! skip, and the CLI must say what is missing. Compiling the kernels with
+//! NVRTC needs no GPU: CI runs those checks (`BITNET_REQUIRE_NVRTC=1`).
+
+mod common;
+
+use bitnet_frontends::arch::Activation;
+use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
+use bitnet_ir::DType;
+use bitnet_runtime::{Backend, Device, GenerateOptions, LoadOptions, SamplerConfig, Session};
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn gpu_or_skip(test: &str) -> bool {
+    match bitnet_runtime::cuda::device() {
+        Ok((_, name)) => {
+            eprintln!("{test}: running on {name}");
+            true
+        }
+        Err(e) => {
+            eprintln!("{test}: skipped, no GPU: {e}");
+            false
+        }
+    }
+}
+
+fn nvrtc_or_skip(test: &str) -> bool {
+    match bitnet_codegen::cuda::nvrtc::library() {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("{test}: BITNET_REQUIRE_NVRTC is set but {e}"),
+        Err(e) => {
+            eprintln!("{test}: skipped: {e}");
+            false
+        }
+    }
+}
+
+fn load(path: &Path, device: Device) -> Session {
+    Session::load(path, &LoadOptions { threads: 2, backend: Backend::Compiled, device, ..Default::default() }).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
+    s.reset();
+    let opts = GenerateOptions { n_predict: n, ignore_eos: true, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, dump_logits: false };
+    s.generate(prompt, &opts, |_| {}).unwrap().generated_ids
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Every f32 value of the GPU's run of `prompt` against the interpreter's
+/// run of the same optimized graph: the first that is off names the kernel.
+fn first_disagreement(path: &Path, prompt: &[u32]) -> String {
+    let mut gpu = load(path, Device::Cuda);
+    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let pos: Vec<i32> = (0..prompt.len() as i32).collect();
+    let (_, traced) = gpu.cuda_mut().expect("a CUDA session").trace(&ids, &pos, true).unwrap();
+    let mut g = gpu.cuda().unwrap().graph(true).clone();
+    let interp = Interpreter::new(&gpu.model, 2);
+    g.outputs = traced.iter().map(|(v, _)| *v).collect();
+    let want = interp.eval(&g, &[("tokens", Tensor::ids(ids.clone())), ("positions", Tensor::ids(pos.clone()))], &mut KvCache::new()).unwrap();
+    let mut report = String::new();
+    for ((v, got), w) in traced.iter().zip(&want) {
+        let w = w.as_f32().unwrap();
+        let d = rel_diff(got, w);
+        if d > 2e-3 || got.iter().any(|x| x.is_nan()) {
+            report += &format!("{v} = {}: max rel diff {d}\n", g.node(*v).op.mnemonic());
+            if report.lines().count() >= 8 {
+                break;
+            }
+        }
+    }
+    report
+}
+
+fn compare(path: &Path, prompt: &[u32]) {
+    let mut cpu = load(path, Device::Cpu);
+    let mut gpu = load(path, Device::Cuda);
+    let want = cpu.eval(prompt, true).unwrap();
+    let got = gpu.eval(prompt, true).unwrap();
+    let (d, c) = (rel_diff(&got, &want), cosine(&got, &want));
+    if !(d < 2e-3 && c > 0.9999) {
+        panic!("{}: logits differ from the CPU's: max rel diff {d}, cosine {c}; first values off:\n{}", path.display(), first_disagreement(path, prompt));
+    }
+    let next = [7u32];
+    let (want, got) = (cpu.eval(&next, false).unwrap(), gpu.eval(&next, false).unwrap());
+    assert!(rel_diff(&got, &want) < 2e-3, "{}: the decode step differs: {}", path.display(), rel_diff(&got, &want));
+    assert_eq!(greedy(&mut gpu, prompt, 12), greedy(&mut cpu, prompt, 12), "{}: greedy tokens differ", path.display());
+}
+
+#[test]
+fn cuda_agrees_with_the_cpu_on_synthetic_models() {
+    if !gpu_or_skip("cuda_agrees_with_the_cpu_on_synthetic_models") {
+        return;
+    }
+    let dir = tmp_dir("cuda");
+    for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
+        for act in [Activation::Relu2, Activation::Silu] {
+            let path = dir.join(format!("{dtype}-{act:?}.gguf"));
+            write_synth(&small_spec(dtype, act), &path);
+            compare(&path, &[1, 17, 42, 99, 3, 250, 8]);
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn cuda_agrees_with_the_cpu_on_stories260k() {
+    if !gpu_or_skip("cuda_agrees_with_the_cpu_on_stories260k") {
+        return;
+    }
+    compare(&stories(), &[1, 403, 407, 261, 378]);
+    // The known greedy continuation, through the CLI.
+    let o = bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "24", "--temp", "0", "--device", "cuda"]);
+    let cpu = bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "24", "--temp", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), stdout(&cpu));
+}
+
+#[test]
+fn without_a_gpu_the_cli_says_what_is_missing() {
+    if bitnet_runtime::cuda::device().is_ok() {
+        eprintln!("without_a_gpu_the_cli_says_what_is_missing: skipped, this machine has a GPU");
+        return;
+    }
+    let m = stories();
+    for cmd in ["run", "bench"] {
+        let prompt = if cmd == "run" { "hi" } else { "4" };
+        let o = bitnet(&[cmd, "-m", m.to_str().unwrap(), "-p", prompt, "-n", "2", "--device", "cuda"]);
+        let e = stderr(&o);
+        assert!(!o.status.success() && (e.contains("libcuda") || e.contains("no CUDA device")), "{cmd}: {e}");
+        assert!(!e.contains("panicked"), "{cmd}: {e}");
+    }
+    let o = bitnet(&["run", "-m", m.to_str().unwrap(), "-p", "hi", "--device", "cuda", "--backend", "interp"]);
+    assert!(!o.status.success() && stderr(&o).contains("CPU only"), "{}", stderr(&o));
+}
+
+/// `bitnet compile --device cuda` lowers real models and compiles their
+/// kernels with NVRTC, for sm_80 and sm_90, with no GPU.
+#[test]
+fn compile_device_cuda_compiles_every_model_kernel_without_a_gpu() {
+    if !nvrtc_or_skip("compile_device_cuda_compiles_every_model_kernel_without_a_gpu") {
+        return;
+    }
+    let dir = tmp_dir("cuda-compile");
+    let mut models: Vec<PathBuf> = vec![stories()];
+    for dtype in [DType::I2S, DType::TQ1_0] {
+        let path = dir.join(format!("{dtype}.gguf"));
+        write_synth(&small_spec(dtype, Activation::Silu), &path);
+        models.push(path);
+    }
+    for m in &models {
+        for sm in ["80", "90"] {
+            for all in [false, true] {
+                let mut args = vec!["compile", "-m", m.to_str().unwrap(), "--device", "cuda", "--dump-after", "schedule", "--sm", sm];
+                if all {
+                    args.push("--all-logits");
+                }
+                let o = bitnet(&args);
+                assert!(o.status.success(), "{}: {}", m.display(), stderr(&o));
+                assert!(stderr(&o).contains("compiled by NVRTC") && stderr(&o).contains(&format!("sm_{sm}")), "{}", stderr(&o));
+                assert!(stdout(&o).contains("ternary_matmul_") || m == &stories(), "{}", stdout(&o));
+                assert!(stdout(&o).contains("attention_"), "{}", stdout(&o));
+            }
+        }
+    }
+    let m = models[1].to_str().unwrap();
+    let o = bitnet(&["compile", "-m", m, "--device", "cuda", "-o", dir.join("x.bnx").to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("CUDA artifacts are not built yet"), "{}", stderr(&o));
+    let o = bitnet(&["autotune", "--shapes", "2b4t", "--device", "cuda"]);
+    assert!(!o.status.success() && stderr(&o).contains("not built yet"), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
