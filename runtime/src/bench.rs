@@ -21,6 +21,19 @@ pub struct BenchReport {
     pub n_gen: usize,
     pub threads: usize,
     pub reps: usize,
+    /// On a GPU: its name, the weight bytes on it (read once per decoded
+    /// token), its copy bandwidth measured here, and decode as a fraction
+    /// of the roofline those two give.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuReport>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GpuReport {
+    pub device: String,
+    pub weight_bytes: usize,
+    pub bandwidth_gb_s: f64,
+    pub decode_roofline: f64,
 }
 
 /// A prompt of ordinary token ids spread over the vocabulary.
@@ -65,9 +78,18 @@ pub fn bench(
         }
         on_rep(rep + 1);
     }
+    let decode_tok_s = median(&mut decode);
+    let gpu = match s.cuda() {
+        Some(c) => {
+            let bw = c.copy_bandwidth()?;
+            Some(GpuReport { device: c.device.clone(), weight_bytes: c.weight_bytes, bandwidth_gb_s: bw / 1e9, decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw })
+        }
+        None => None,
+    };
     Ok(BenchReport {
+        gpu,
         prefill_tok_s: median(&mut prefill),
-        decode_tok_s: median(&mut decode),
+        decode_tok_s,
         load_ms: s.load_ms,
         cold_start_ms,
         peak_rss_bytes: peak_rss(),

@@ -50,6 +50,9 @@ pub fn device() -> Result<(Arc<CudaContext>, String), String> {
     Ok((ctx.clone(), format!("{name} (sm_{major}{minor})")))
 }
 
+/// Each f32 value copied back by [`CudaModel::trace`], in graph order.
+pub type Traced = Vec<(bitnet_ir::Value, Vec<f32>)>;
+
 /// A weight on the device.
 enum DevWeight {
     Packed { data: CudaSlice<u8>, scale: f32 },
@@ -149,6 +152,40 @@ impl CudaModel {
         Ok(CudaModel { stream, _module: module, functions, weights, last: DevPlan::new(last), all: DevPlan::new(all), keys, values, context, device, weight_bytes })
     }
 
+    /// The device's copy bandwidth in bytes/s (bytes read plus bytes
+    /// written), the median of several copies of 512 MiB (less when memory
+    /// is short): the roofline decode is measured against.
+    pub fn copy_bandwidth(&self) -> Result<f64, EvalError> {
+        const SRC: &str = r#"extern "C" __global__ void copy(const float4* a, float4* b, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) b[i] = a[i];
+}
+"#;
+        let (major, minor) = driver("compute capability", self.stream.context().compute_capability())?;
+        let ptx = cuda::nvrtc::compile(SRC, (major * 10 + minor) as u32).map_err(EvalError)?;
+        let module = driver("loading the copy kernel", self.stream.context().load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
+        let f = driver("the copy kernel", module.load_function("copy"))?;
+        let free = self.stream.context().mem_get_info().map(|m| m.0).unwrap_or(0);
+        let bytes = (512usize << 20).min(free / 4).max(16 << 20) & !15;
+        let n = (bytes / 16) as u64;
+        let a = driver("allocating", self.stream.alloc_zeros::<u8>(bytes))?;
+        let mut b = driver("allocating", self.stream.alloc_zeros::<u8>(bytes))?;
+        let cfg = LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        let mut times = Vec::new();
+        for i in 0..8 {
+            let t0 = std::time::Instant::now();
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(&a).arg(&mut b).arg(&n);
+            // SAFETY: both buffers hold n float4s.
+            driver("copying", unsafe { l.launch(cfg) })?;
+            driver("copying", self.stream.synchronize())?;
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(|x, y| x.total_cmp(y));
+        Ok(2.0 * bytes as f64 / times[times.len() / 2])
+    }
+
     pub fn program(&self, all_logits: bool) -> &Program {
         &if all_logits { &self.all } else { &self.last }.program
     }
@@ -165,13 +202,13 @@ impl CudaModel {
     /// Evaluates as [`CudaModel::eval`] does and also copies back every
     /// f32 value as soon as its node has run (before its buffer is reused),
     /// to find the first kernel that disagrees with the interpreter.
-    pub fn trace(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<(Vec<f32>, Vec<(bitnet_ir::Value, Vec<f32>)>), EvalError> {
+    pub fn trace(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<(Vec<f32>, Traced), EvalError> {
         let mut values = Vec::new();
         let logits = self.run(tokens, positions, all_logits, Some(&mut values))?;
         Ok((logits, values))
     }
 
-    fn run(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool, mut trace: Option<&mut Vec<(bitnet_ir::Value, Vec<f32>)>>) -> Result<Vec<f32>, EvalError> {
+    fn run(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool, mut trace: Option<&mut Traced>) -> Result<Vec<f32>, EvalError> {
         if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= self.context) {
             return err(format!("position {p} is outside the context of {}", self.context));
         }

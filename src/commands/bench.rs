@@ -39,7 +39,7 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
     let name = a.model.model.file_name().map_or_else(|| a.model.model.display().to_string(), |n| n.to_string_lossy().into_owned());
     println!("| model | backend | threads | test | t/s |");
     println!("|---|---|---|---|---|");
-    let backend = session.backend().name();
+    let backend = if session.cuda().is_some() { "cuda" } else { session.backend().name() };
     if r.n_prompt > 0 {
         println!("| {name} | {backend} | {} | pp{} | {:.2} |", r.threads, r.n_prompt, r.prefill_tok_s);
     }
@@ -53,5 +53,14 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
         r.peak_rss_bytes as f64 / (1 << 20) as f64,
         r.reps
     );
+    if let Some(g) = &r.gpu {
+        println!(
+            "{}: {:.2} GB of weights read per token, copy bandwidth {:.0} GB/s: decode at {:.0}% of that roofline",
+            g.device,
+            g.weight_bytes as f64 / 1e9,
+            g.bandwidth_gb_s,
+            100.0 * g.decode_roofline
+        );
+    }
     Ok(())
 }

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// A file under `../shared/data`; tests that need it fail when it is missing.
+/// `BITNET_DATA` replaces that folder where the tests run away from the
+/// repository (scripts/gpu-check.sh).
 pub fn data(rel: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel);
+    let root = std::env::var_os("BITNET_DATA").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"), PathBuf::from);
+    let p = root.join(rel);
     assert!(p.exists(), "test data {} is missing: these tests need ../shared/data next to the repository", p.display());
     p
 }
@@ -41,13 +44,18 @@ pub fn write_synth(spec: &SynthSpec, path: &Path) {
     synth::write(spec, None, path, |_, _| {}).unwrap();
 }
 
+/// The `bitnet` binary: the one cargo built, or `BITNET_BIN`.
+pub fn bitnet_bin() -> PathBuf {
+    std::env::var_os("BITNET_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bitnet")), PathBuf::from)
+}
+
 pub fn bitnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bitnet")).args(args).output().expect("running bitnet")
+    Command::new(bitnet_bin()).args(args).output().expect("running bitnet")
 }
 
 /// `bitnet` with its tuning database in `cache` (not the user's).
 pub fn bitnet_cached(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bitnet")).env("BITNET_CACHE_DIR", cache).args(args).output().expect("running bitnet")
+    Command::new(bitnet_bin()).env("BITNET_CACHE_DIR", cache).args(args).output().expect("running bitnet")
 }
 
 pub fn stdout(o: &Output) -> String {

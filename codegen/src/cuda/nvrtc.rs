@@ -3,10 +3,11 @@
 //! cudarc loads NVRTC by name and panics when it cannot, so the library is
 //! found here first, at a full path when need be: `BITNET_NVRTC_LIB`, the
 //! loader's own search (`LD_LIBRARY_PATH`, the system folders), the CUDA
-//! toolkit folders, then the folders of the pip wheel
-//! `nvidia-cuda-nvrtc-cu12` in the usual Python environments. A library
+//! toolkit folders, then the folders of the pip wheels
+//! `nvidia-cuda-nvrtc-cu12` and `nvidia-cuda-nvrtc` (CUDA 13) in the usual
+//! Python environments. A library
 //! loaded at a full path stays loaded, and the dynamic loader then answers
-//! cudarc's load by its soname (`libnvrtc.so.12`) with it.
+//! cudarc's load by its soname (`libnvrtc.so.12` or `.13`) with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -51,7 +52,7 @@ fn probe() -> &'static Result<PathBuf, String> {
             }
         }
         Err(format!(
-            "NVRTC (libnvrtc.so, CUDA 12) was not found. Install it with `pip install nvidia-cuda-nvrtc-cu12` or the CUDA toolkit, \
+            "NVRTC (libnvrtc.so, CUDA 12 or 13) was not found. Install it with `pip install nvidia-cuda-nvrtc-cu12` or the CUDA toolkit, \
              or point BITNET_NVRTC_LIB at the library. Looked for: {}",
             tried.join(", ")
         ))
@@ -113,6 +114,10 @@ fn wheel_dirs() -> Vec<PathBuf> {
         if let Ok(versions) = std::fs::read_dir(h.join(".pyenv/versions")) {
             prefixes.extend(versions.flatten().map(|e| e.path()));
         }
+    }
+    // The environment of each `python3` on the PATH (`<prefix>/bin/python3`).
+    if let Some(path) = std::env::var_os("PATH") {
+        prefixes.extend(std::env::split_paths(&path).filter(|d| d.join("python3").exists()).filter_map(|d| d.parent().map(Path::to_path_buf)));
     }
     prefixes.extend(["/usr/local", "/usr", "/opt/conda"].map(PathBuf::from));
     let mut out = Vec::new();

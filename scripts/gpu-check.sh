@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The CUDA backend's device check, for a machine with an NVIDIA GPU and no
+# network. Two steps:
+#
+#   scripts/gpu-check.sh --prepare DIR   # on an ordinary x86-64 build machine:
+#                                        # builds the release `bitnet` and the
+#                                        # CUDA test binary, copies them and
+#                                        # stories260K into DIR (under 64 MiB)
+#   scripts/gpu-check.sh DIR             # on the GPU machine, in one go
+#
+# The second step generates its models with `bitnet synth`, runs the GPU
+# tests (the CUDA backend against the CPU backend on synthetic ternary
+# models and stories260K, naming the first kernel that disagrees with the
+# interpreter when they differ), then benchmarks the 2B4T-shaped model and
+# prints a summary. It needs NVRTC there (the CUDA toolkit or a pip wheel;
+# see codegen/src/cuda/nvrtc.rs for where it looks). Each step has a time
+# limit so that the whole run stays within about 5 minutes.
+set -uo pipefail
+
+if [ "${1:-}" = "--prepare" ]; then
+  dir=${2:?usage: scripts/gpu-check.sh --prepare DIR}
+  set -e
+  cd "$(dirname "$0")/.."
+  cargo build --release
+  test_bin=$(cargo test --test cuda --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"): print(m["executable"])' | tail -1)
+  mkdir -p "$dir/data/models/stories260K"
+  cp target/release/bitnet "$dir/bitnet"
+  cp "$test_bin" "$dir/cuda-tests"
+  cp ../shared/data/models/stories260K/stories260K.gguf "$dir/data/models/stories260K/"
+  strip "$dir/bitnet" "$dir/cuda-tests" 2>/dev/null || true
+  du -sh "$dir"
+  exit 0
+fi
+
+dir=$(cd "${1:?usage: scripts/gpu-check.sh DIR (made by --prepare)}" && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+bitnet="$dir/bitnet"
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+
+echo "== GPU"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
+
+echo "== tests: the CUDA backend against the CPU backend and the interpreter"
+if BITNET_BIN="$bitnet" BITNET_DATA="$dir/data" timeout 150 "$dir/cuda-tests" --test-threads 1 --nocapture 2>&1 | tee "$work/tests.log"; then
+  note "tests: $(grep -E '^test result' "$work/tests.log" | tail -1)"
+else
+  note "tests: FAILED ($(grep -E '^test .* FAILED|^test result' "$work/tests.log" | tr '\n' ' '))"
+fi
+
+for t in i2_s tq2_0; do
+  m="$work/2b4t-$t.gguf"
+  echo "== synth 2B4T shape, $t"
+  if ! timeout 60 "$bitnet" synth --shape 2b4t --type "$t" -o "$m" >/dev/null 2>&1; then
+    note "synth $t: failed"
+    continue
+  fi
+  echo "== bench 2B4T $t on the GPU"
+  if out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda -p 128 -n 64 -r 3 --json 2>"$work/bench.err"); then
+    note "bench 2b4t $t cuda: $out"
+  else
+    note "bench 2b4t $t cuda: FAILED: $(tail -3 "$work/bench.err")"
+  fi
+  echo "== greedy tokens, GPU against CPU, 2B4T $t"
+  gpu=$(timeout 40 "$bitnet" run -m "$m" --prompt-ids 1,2,3,4 -n 8 --temp 0 --ignore-eos --json --device cuda 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["generated_ids"])' 2>&1)
+  cpu=$(timeout 60 "$bitnet" run -m "$m" --prompt-ids 1,2,3,4 -n 8 --temp 0 --ignore-eos --json -t 16 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["generated_ids"])' 2>&1)
+  [ "$gpu" = "$cpu" ] && note "greedy 2b4t $t: same tokens $gpu" || note "greedy 2b4t $t: DIFFER gpu=$gpu cpu=$cpu"
+  rm -f "$m"
+done
+
+echo
+echo "== summary"
+printf '%s\n' "${summary[@]}"
