@@ -170,10 +170,57 @@ fn compile_device_cuda_compiles_every_model_kernel_without_a_gpu() {
             }
         }
     }
-    let m = models[1].to_str().unwrap();
-    let o = bitnet(&["compile", "-m", m, "--device", "cuda", "-o", dir.join("x.bnx").to_str().unwrap()]);
-    assert!(!o.status.success() && stderr(&o).contains("CUDA artifacts are not built yet"), "{}", stderr(&o));
+    let o = bitnet(&["compile", "-m", models[1].to_str().unwrap(), "--device", "cuda", "--head", "q8", "-o", dir.join("y.bnx").to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("CPU option"), "{}", stderr(&o));
     let o = bitnet(&["autotune", "--shapes", "2b4t", "--device", "cuda"]);
     assert!(!o.status.success() && stderr(&o).contains("not built yet"), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A CUDA artifact: written with no GPU, described by `inspect`, refused
+/// on the CPU with a clear message, and never a panic when damaged.
+#[test]
+fn cuda_artifacts_are_written_without_a_gpu_and_refused_clearly() {
+    if !nvrtc_or_skip("cuda_artifacts_are_written_without_a_gpu_and_refused_clearly") {
+        return;
+    }
+    let dir = tmp_dir("cuda-artifact");
+    let src = dir.join("m.gguf");
+    write_synth(&small_spec(DType::TQ2_0, Activation::Relu2), &src);
+    let bnx = dir.join("m.bnx");
+    let o = bitnet(&["compile", "-m", src.to_str().unwrap(), "--device", "cuda", "--sm", "80", "-o", bnx.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = bitnet(&["inspect", bnx.to_str().unwrap()]);
+    let text = stdout(&o);
+    assert!(text.contains("target: cuda") && text.contains("CUDA kernels:") && text.contains("ternary_matmul n=256 k=256"), "{text}");
+    let o = bitnet(&["run", "-m", bnx.to_str().unwrap(), "-p", "hi", "-n", "2"]);
+    assert!(!o.status.success() && stderr(&o).contains("holds CUDA kernels"), "{}", stderr(&o));
+    let bytes = std::fs::read(&bnx).unwrap();
+    let damaged = dir.join("damaged.bnx");
+    let header_end = 24 + u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    for cut in [30, header_end / 2, header_end + 10, bytes.len() / 2, bytes.len() - 100] {
+        std::fs::write(&damaged, &bytes[..cut]).unwrap();
+        let o = bitnet(&["run", "-m", damaged.to_str().unwrap(), "-p", "hi", "-n", "2", "--device", "cuda"]);
+        assert!(!o.status.success() && !stderr(&o).contains("panicked"), "cut at {cut}: {}", stderr(&o));
+    }
+    // A launch that names an operand its node does not have.
+    let text = String::from_utf8_lossy(&bytes[24..header_end]).replacen("{\"Operand\":1}", "{\"Operand\":9}", 1);
+    let mut fixed = bytes[..16].to_vec();
+    fixed.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    fixed.extend_from_slice(text.as_bytes());
+    fixed.extend_from_slice(&bytes[header_end..]);
+    std::fs::write(&damaged, &fixed).unwrap();
+    let o = bitnet(&["run", "-m", damaged.to_str().unwrap(), "-p", "hi", "-n", "2", "--device", "cuda"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && !e.contains("panicked") && (e.contains("does not fit its node") || e.contains("libcuda")), "{e}");
+    if bitnet_runtime::cuda::device().is_ok() {
+        assert!(e.contains("does not fit its node"), "{e}");
+        // Serialize, then reload: the artifact's tokens are the in-memory ones.
+        let run = |m: &Path| bitnet(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", "1,17,42", "-n", "12", "--temp", "0", "--ignore-eos", "--device", "cuda", "--json"]);
+        let (a, b) = (run(&bnx), run(&src));
+        assert!(a.status.success(), "{}", stderr(&a));
+        let ids = |o: &std::process::Output| serde_json::from_str::<serde_json::Value>(&stdout(o)).unwrap()["generated_ids"].clone();
+        assert_eq!(ids(&a), ids(&b));
+    }
     std::fs::remove_dir_all(dir).ok();
 }

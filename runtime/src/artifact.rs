@@ -29,6 +29,7 @@ use crate::session::RuntimeError;
 use bitnet_codegen::cpu::blob::{Blob, SharedBytes};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
+use bitnet_codegen::cuda;
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_codegen::target::HostCpu;
 use bitnet_frontends::arch::Arch;
@@ -62,6 +63,21 @@ pub struct Header {
     /// The graph that computes every position's logits.
     pub all: CompiledGraph,
     pub weights: Vec<WeightEntry>,
+    /// For a CUDA artifact (`target.device` is `cuda`): the kernels'
+    /// launches and their PTX.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda: Option<CudaSection>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CudaSection {
+    /// The architecture the PTX targets (`compute_<sm>`).
+    pub sm: u32,
+    /// NVRTC's version, `major.minor`.
+    pub nvrtc: String,
+    pub ptx: String,
+    pub last: bitnet_codegen::cuda::Program,
+    pub all: bitnet_codegen::cuda::Program,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -135,9 +151,50 @@ pub struct WriteReport {
 /// Writes the compiled `model` (loaded from `source`) to `out`: to a
 /// temporary file first, renamed into place when complete.
 pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel, head_q8: bool) -> Result<WriteReport, RuntimeError> {
+    let cpu = HostCpu::detect();
+    let mut names: Vec<&String> = compiled.prepared().keys().collect();
+    names.sort();
+    let items = names
+        .into_iter()
+        .map(|name| {
+            let item = match &compiled.prepared()[name] {
+                Prepared::Packed(p) => Item::Packed(p),
+                Prepared::Int8(q) => Item::Int8(q),
+                Prepared::Floats(_) => Item::Model { floats: true },
+                Prepared::Stored => Item::Model { floats: false },
+            };
+            (name.clone(), item)
+        })
+        .collect();
+    let graph = |all: bool| CompiledGraph { graph: compiled.graph(all).to_string(), schedule: compiled.schedule(all).clone() };
+    let target = TargetInfo { device: "cpu".into(), fingerprint: cpu.fingerprint(), description: cpu.to_string() };
+    let parts = Parts { target, head: if head_q8 { "q8" } else { "stored" }.into(), last: graph(false), all: graph(true), cuda: None };
+    write_parts(out, source, model, parts, items)
+}
+
+/// A weight as it goes into an artifact.
+pub(crate) enum Item<'a> {
+    Packed(&'a PackedTernary),
+    Int8(&'a Int8Rows),
+    /// The model's tensor as stored; expanded to f32 at load (`floats`) or
+    /// read in place.
+    Model { floats: bool },
+}
+
+/// The header's parts that differ between targets.
+pub(crate) struct Parts {
+    pub target: TargetInfo,
+    pub head: String,
+    pub last: CompiledGraph,
+    pub all: CompiledGraph,
+    pub cuda: Option<CudaSection>,
+}
+
+/// Writes an artifact of `parts` and the weights `items` to `out`: to a
+/// temporary file first, renamed into place when complete.
+pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts, items: Vec<(String, Item)>) -> Result<WriteReport, RuntimeError> {
     let io = |e: std::io::Error| RuntimeError::Artifact(format!("writing {}: {e}", out.display()));
     let (bytes, hash) = content_hash(source).map_err(|e| RuntimeError::Artifact(format!("reading {}: {e}", source.display())))?;
-    let cpu = HostCpu::detect();
     let mut gguf = GgufWriter::new();
     gguf.alignment = PAGE;
     match &model.source {
@@ -147,47 +204,45 @@ pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel,
             convert::metadata(model, arch).map_err(RuntimeError::Artifact)?.into_iter().for_each(|(k, v)| gguf.set(&k, v));
         }
     }
-    let mut names: Vec<&String> = compiled.prepared().keys().collect();
-    names.sort();
     let mut entries = Vec::new();
     let mut data: Vec<&[u8]> = Vec::new();
-    for name in names {
-        let layout = match &compiled.prepared()[name] {
-            Prepared::Packed(p) => {
+    for (name, item) in &items {
+        let layout = match item {
+            Item::Packed(p) => {
                 gguf.add_tensor(&packed_name(name), DType::I8, &[p.bytes()]);
                 data.push(p.data().as_bytes());
                 Layout::PackedTernary { n: p.n, k: p.k, rows: p.rows, scale: p.scale }
             }
-            Prepared::Int8(q) => {
+            Item::Int8(q) => {
                 gguf.add_tensor(name, DType::I8, &[q.n, q.kp]);
                 gguf.add_tensor(&scale_name(name), DType::F32, &[q.n]);
                 data.push(q.q.as_bytes());
                 data.push(q.scale.as_bytes());
                 Layout::Int8Rows { n: q.n, k: q.k }
             }
-            p @ (Prepared::Floats(_) | Prepared::Stored) => {
+            Item::Model { floats } => {
                 let Some(t) = model.tensor(name) else { return artifact_err(source, format!("tensor {name} is prepared but not in the model")) };
                 gguf.add_tensor(name, t.dtype, &t.shape);
                 data.push(model.data(t));
-                if matches!(p, Prepared::Stored) {
-                    Layout::Stored
-                } else {
+                if *floats {
                     Layout::Floats
+                } else {
+                    Layout::Stored
                 }
             }
         };
         entries.push(WeightEntry { name: name.clone(), layout });
     }
-    let graph = |all: bool| CompiledGraph { graph: compiled.graph(all).to_string(), schedule: compiled.schedule(all).clone() };
     let header = Header {
         format: FORMAT_VERSION,
         compiler: compiler(),
         source: SourceInfo { path: source.display().to_string(), bytes, hash },
-        target: TargetInfo { device: "cpu".into(), fingerprint: cpu.fingerprint(), description: cpu.to_string() },
-        head: if head_q8 { "q8" } else { "stored" }.into(),
-        last: graph(false),
-        all: graph(true),
+        target: parts.target,
+        head: parts.head,
+        last: parts.last,
+        all: parts.all,
         weights: entries,
+        cuda: parts.cuda,
     };
     let json = serde_json::to_vec(&header).map_err(|e| RuntimeError::Artifact(e.to_string()))?;
     let mut prefix = Vec::with_capacity(PREFIX + json.len() + PAGE);
@@ -212,6 +267,41 @@ pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel,
     result?;
     let bytes = std::fs::metadata(out).map_err(io)?.len();
     Ok(WriteReport { bytes, tensors: gguf.tensors.len() })
+}
+
+/// Writes a CUDA artifact of `model`: both graphs lowered to CUDA
+/// kernels, compiled by NVRTC to PTX for `compute_<sm>`, and the ternary
+/// weights packed as the kernels read them. Needs NVRTC, not a GPU.
+pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32) -> Result<WriteReport, RuntimeError> {
+    use crate::cuda::{layouts, Layout as DevLayout};
+    let (last, all) = (crate::session::lower_cuda(&model.graph(false)?)?, crate::session::lower_cuda(&model.graph(true)?)?);
+    let nvrtc = |e: String| RuntimeError::Compile(e);
+    let ptx = bitnet_codegen::cuda::nvrtc::compile(&bitnet_codegen::cuda::module_source(&[&last.1, &all.1]), sm).map_err(nvrtc)?;
+    let (major, minor) = bitnet_codegen::cuda::nvrtc::version().map_err(nvrtc)?;
+    let list = layouts(&[&last.0, &all.0], model, &HashMap::new())?;
+    let mut packed = Vec::new();
+    for (name, layout, _) in &list {
+        if *layout == DevLayout::Packed {
+            let view = model.weight(name).ok_or_else(|| RuntimeError::Artifact(format!("tensor {name} is missing")))?;
+            packed.push((name.clone(), PackedTernary::from_weight(&view, 1).map_err(|e| RuntimeError::Artifact(format!("{name}: {e}")))?));
+        }
+    }
+    let items = list
+        .iter()
+        .map(|(name, layout, _)| {
+            let item = match layout {
+                DevLayout::Packed => Item::Packed(&packed.iter().find(|p| &p.0 == name).expect("packed above").1),
+                DevLayout::Stored => Item::Model { floats: false },
+                DevLayout::F32 => Item::Model { floats: true },
+            };
+            (name.clone(), item)
+        })
+        .collect();
+    let graph = |g: &Graph| CompiledGraph { graph: g.to_string(), schedule: Schedule::default() };
+    let target = TargetInfo { device: "cuda".into(), fingerprint: format!("sm_{sm}"), description: format!("PTX for compute_{sm} and later GPUs, from NVRTC {major}.{minor}") };
+    let cuda = CudaSection { sm, nvrtc: format!("{major}.{minor}"), ptx, last: last.1.clone(), all: all.1.clone() };
+    let parts = Parts { target, head: "stored".into(), last: graph(&last.0), all: graph(&all.0), cuda: Some(cuda) };
+    write_parts(out, source, model, parts, items)
 }
 
 pub fn compiler() -> String {
@@ -246,6 +336,9 @@ impl Artifact {
     pub fn check_target(&self, path: &Path) -> Result<Vec<String>, RuntimeError> {
         let h = &self.header;
         let again = format!("compile it again here: bitnet compile -m {} -o {}", h.source.path, path.display());
+        if h.target.device == "cuda" {
+            return Ok(Vec::new());
+        }
         if h.target.device != "cpu" {
             return artifact_err(path, format!("compiled for {}, which this build cannot run; {again}", h.target.device));
         }
@@ -275,6 +368,34 @@ impl Artifact {
         Ok(warnings)
     }
 
+    /// A CUDA artifact's graphs and launches, its PTX and the architecture
+    /// it targets, and its packed weights over the mapped file.
+    #[allow(clippy::type_complexity)]
+    pub fn cuda(&self, path: &Path) -> Result<((Graph, cuda::Program), (Graph, cuda::Program), (String, u32), HashMap<String, PackedTernary>), RuntimeError> {
+        let Some(c) = &self.header.cuda else { return artifact_err(path, "it says it is for CUDA but holds no CUDA kernels") };
+        let graph = |text: &str| bitnet_ir::text::parse(text).or_else(|e| artifact_err(path, format!("graph: {e}")));
+        let (last, all) = ((graph(&self.header.last.graph)?, c.last.clone()), (graph(&self.header.all.graph)?, c.all.clone()));
+        let mut packed = HashMap::new();
+        for e in &self.header.weights {
+            if let Layout::PackedTernary { n, k, rows, scale } = e.layout {
+                let bad = |m: String| RuntimeError::Artifact(format!("{}: weight {}: {m}", path.display(), e.name));
+                let (at, len) = self.tensor(path, &packed_name(&e.name), DType::I8)?;
+                let blob = Blob::mapped(self.map.clone() as SharedBytes, at, len).map_err(bad)?;
+                packed.insert(e.name.clone(), PackedTernary::from_parts(n, k, rows, scale, blob).map_err(bad)?);
+            }
+        }
+        Ok((last, all, (c.ptx.clone(), c.sm), packed))
+    }
+
+    /// Where tensor `name` of type `dtype` lies in the mapped file.
+    fn tensor(&self, path: &Path, name: &str, dtype: DType) -> Result<(usize, usize), RuntimeError> {
+        let Some(w) = self.model.weight(name) else { return artifact_err(path, format!("tensor {name} is missing")) };
+        if w.dtype != dtype {
+            return artifact_err(path, format!("tensor {name} is {}, expected {dtype}", w.dtype));
+        }
+        Ok((w.data.as_ptr() as usize - self.map.as_ptr() as usize, w.data.len()))
+    }
+
     /// The graphs, checked, and the weights prepared from the mapped file.
     pub fn compiled(&self, path: &Path, threads: usize) -> Result<CompiledModel, RuntimeError> {
         let graph = |c: &CompiledGraph| -> Result<(Graph, Schedule), RuntimeError> {
@@ -293,14 +414,7 @@ impl Artifact {
         };
         let (last, all) = (graph(&self.header.last)?, graph(&self.header.all)?);
         let shared: SharedBytes = self.map.clone();
-        let base = self.map.as_ptr() as usize;
-        let tensor = |name: &str, dtype: DType| -> Result<(usize, usize), RuntimeError> {
-            let Some(w) = self.model.weight(name) else { return artifact_err(path, format!("tensor {name} is missing")) };
-            if w.dtype != dtype {
-                return artifact_err(path, format!("tensor {name} is {}, expected {dtype}", w.dtype));
-            }
-            Ok((w.data.as_ptr() as usize - base, w.data.len()))
-        };
+        let tensor = |name: &str, dtype: DType| self.tensor(path, name, dtype);
         let mut prepared = HashMap::new();
         for e in &self.header.weights {
             let bad = |m: String| RuntimeError::Artifact(format!("{}: weight {}: {m}", path.display(), e.name));

@@ -34,6 +34,10 @@ pub struct GpuReport {
     pub weight_bytes: usize,
     pub bandwidth_gb_s: f64,
     pub decode_roofline: f64,
+    /// Whether decode replayed a captured CUDA graph, and if not why.
+    pub cuda_graphs: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_error: Option<String>,
 }
 
 /// A prompt of ordinary token ids spread over the vocabulary.
@@ -82,7 +86,7 @@ pub fn bench(
     let gpu = match s.cuda() {
         Some(c) => {
             let bw = c.copy_bandwidth()?;
-            Some(GpuReport { device: c.device.clone(), weight_bytes: c.weight_bytes, bandwidth_gb_s: bw / 1e9, decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw })
+            Some(GpuReport { device: c.device.clone(), weight_bytes: c.weight_bytes, bandwidth_gb_s: bw / 1e9, decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw, cuda_graphs: c.graphs, cuda_graph_error: c.graph_error.clone() })
         }
         None => None,
     };

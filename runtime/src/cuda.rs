@@ -16,8 +16,8 @@ use crate::compiled::{assign_slots, Kind, NO_SLOT};
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Grid, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
-use bitnet_ir::{DType, Graph, Op};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use bitnet_ir::{Graph, Op};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -76,6 +76,11 @@ struct DevPlan {
     capacity: Vec<usize>,
     /// Rows each buffer holds now (γ and Σq of int8 buffers).
     rows: Vec<usize>,
+    /// Bumped whenever a buffer moves: a captured graph holds pointers.
+    generation: u64,
+    /// The one-token step captured as a CUDA graph, and the buffers'
+    /// generation it was captured with.
+    decode: Option<(u64, CudaGraph)>,
 }
 
 pub struct CudaModel {
@@ -91,23 +96,42 @@ pub struct CudaModel {
     pub device: String,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
+    /// Whether one-token steps replay a captured CUDA graph (one launch a
+    /// token instead of one a kernel); turned off, with the reason in
+    /// `graph_error`, if capturing fails.
+    pub graphs: bool,
+    pub graph_error: Option<String>,
 }
 
 impl CudaModel {
     /// Uploads the weights of two lowered graphs (last position's logits,
     /// all logits) and loads their module: `ptx` compiled earlier, or the
     /// programs' source compiled now with NVRTC for this device.
-    pub fn new(weights: &dyn WeightSource, last: (Graph, Program), all: (Graph, Program), ptx: Option<String>, context: usize) -> Result<CudaModel, EvalError> {
+    ///
+    /// `prepacked` holds ternary weights packed already (from an artifact);
+    /// the rest are packed from `weights` as they are uploaded.
+    pub fn new(
+        weights: &dyn WeightSource,
+        prepacked: HashMap<String, PackedTernary>,
+        last: (Graph, Program),
+        all: (Graph, Program),
+        ptx: Option<(String, u32)>,
+        context: usize,
+    ) -> Result<CudaModel, EvalError> {
+        for (g, p) in [&last, &all] {
+            check(g, p)?;
+        }
         let (ctx, device) = self::device().map_err(EvalError)?;
+        let (major, minor) = driver("compute capability", ctx.compute_capability())?;
+        let here = (major * 10 + minor) as u32;
         let ptx = match ptx {
-            Some(p) => p,
-            None => {
-                let (major, minor) = driver("compute capability", ctx.compute_capability())?;
-                let source = cuda::module_source(&[&last.1, &all.1]);
-                cuda::nvrtc::compile(&source, (major * 10 + minor) as u32).map_err(EvalError)?
-            }
+            Some((_, sm)) if sm > here => return err(format!("its PTX is for sm_{sm} and later; {device} is sm_{here}: compile it again with --sm {here}")),
+            Some((p, _)) => p,
+            None => cuda::nvrtc::compile(&cuda::module_source(&[&last.1, &all.1]), here).map_err(EvalError)?,
         };
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured
+        // into a CUDA graph.
+        let stream = driver("creating a stream", ctx.new_stream())?;
         let module = driver("loading the PTX", ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
         let mut functions = HashMap::new();
         for l in last.1.launches.iter().chain(&all.1.launches) {
@@ -123,11 +147,6 @@ impl CudaModel {
                 functions.insert(l.entry.clone(), f);
             }
         }
-        let mut up = Uploader { stream: &stream, out: HashMap::new(), bytes: 0 };
-        for g in [&last.0, &all.0] {
-            up.graph(g, weights)?;
-        }
-        let (weights, weight_bytes) = (up.out, up.bytes);
         let mut layers: Vec<usize> = Vec::new();
         for (_, node) in last.0.iter().chain(all.0.iter()) {
             if let Op::Attention { layer, kv_heads, head_dim, .. } = node.op {
@@ -138,18 +157,42 @@ impl CudaModel {
             }
         }
         let cache_bytes: usize = layers.iter().map(|r| 2 * r * context * 4).sum();
+        let layouts = layouts(&[&last.0, &all.0], weights, &prepacked)?;
+        let weight_bytes: usize = layouts.iter().map(|l| l.2).sum();
         if let Ok((free, _)) = ctx.mem_get_info() {
-            if cache_bytes > free {
-                return err(format!("the KV cache for a context of {context} needs {:.2} GiB, the GPU has {:.2} GiB free; lower it with -c", gib(cache_bytes), gib(free)));
+            if weight_bytes + cache_bytes > free {
+                return err(format!(
+                    "the model needs {:.2} GiB on the GPU ({:.2} GiB of weights, {:.2} GiB of KV cache for a context of {context}) and {:.2} GiB are free; \
+                     a smaller context (-c) shrinks the cache",
+                    gib(weight_bytes + cache_bytes),
+                    gib(weight_bytes),
+                    gib(cache_bytes),
+                    gib(free)
+                ));
             }
         }
+        let weights = upload(&stream, &layouts, weights, &prepacked)?;
         let mut keys = Vec::new();
         let mut values = Vec::new();
         for &row in &layers {
             keys.push(driver("allocating the KV cache", stream.alloc_zeros::<f32>((row * context).max(1)))?);
             values.push(driver("allocating the KV cache", stream.alloc_zeros::<f32>((row * context).max(1)))?);
         }
-        Ok(CudaModel { stream, _module: module, functions, weights, last: DevPlan::new(last), all: DevPlan::new(all), keys, values, context, device, weight_bytes })
+        Ok(CudaModel {
+            stream,
+            _module: module,
+            functions,
+            weights,
+            last: DevPlan::new(last),
+            all: DevPlan::new(all),
+            keys,
+            values,
+            context,
+            device,
+            weight_bytes,
+            graphs: true,
+            graph_error: None,
+        })
     }
 
     /// The device's copy bandwidth in bytes/s (bytes read plus bytes
@@ -226,6 +269,12 @@ impl CudaModel {
                 driver("uploading inputs", self.stream.memcpy_htod(data, &mut buf.slice_mut(..data.len())))?;
             }
         }
+        if trace.is_none() && seq == 1 && self.graphs && self.replay(all_logits)? {
+            let plan = if all_logits { &self.all } else { &self.last };
+            let o = *plan.graph.outputs.last().expect("verified graphs have outputs");
+            return self.download(all_logits, o, seq)?.ok_or_else(|| EvalError("the graph's output is not f32".into()));
+        }
+        let plan = if all_logits { &self.all } else { &self.last };
         let launches = plan.program.launches.clone();
         for (i, l) in launches.iter().enumerate() {
             self.launch(all_logits, l, seq)?;
@@ -239,6 +288,43 @@ impl CudaModel {
         let plan = if all_logits { &self.all } else { &self.last };
         let o = *plan.graph.outputs.last().expect("verified graphs have outputs");
         self.download(all_logits, o, seq)?.ok_or_else(|| EvalError("the graph's output is not f32".into()))
+    }
+
+    /// Runs the one-token step as a CUDA graph, capturing it first if the
+    /// buffers moved since the last capture. `false` (and graphs off) if
+    /// capturing failed: the caller then launches each kernel itself.
+    fn replay(&mut self, all_logits: bool) -> Result<bool, EvalError> {
+        let plan = if all_logits { &self.all } else { &self.last };
+        if let Some((generation, g)) = &plan.decode {
+            if *generation == plan.generation {
+                driver("replaying the decode graph", g.launch())?;
+                return Ok(true);
+            }
+        }
+        let generation = plan.generation;
+        let launches = plan.program.launches.clone();
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        driver("starting a graph capture", self.stream.begin_capture(mode))?;
+        let recorded = launches.iter().try_for_each(|l| self.launch(all_logits, l, 1));
+        let captured = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        match (recorded, captured) {
+            (Ok(()), Ok(Some(g))) => {
+                driver("replaying the decode graph", g.launch())?;
+                let plan = if all_logits { &mut self.all } else { &mut self.last };
+                plan.decode = Some((generation, g));
+                Ok(true)
+            }
+            (recorded, captured) => {
+                let why = match (recorded, captured) {
+                    (Err(e), _) => e.0,
+                    (_, Err(e)) => format!("{e:?}"),
+                    _ => "the capture was empty".into(),
+                };
+                self.graphs = false;
+                self.graph_error = Some(format!("capturing the decode step as a CUDA graph failed ({why}); launching each kernel instead"));
+                Ok(false)
+            }
+        }
     }
 
     /// The f32 value `v` as it is now on the device.
@@ -356,7 +442,7 @@ impl DevPlan {
     fn new((graph, program): (Graph, Program)) -> DevPlan {
         let (slot, kinds) = assign_slots(&graph);
         let n = kinds.len();
-        DevPlan { graph, program, slot, kinds, bufs: (0..n).map(|_| None).collect(), capacity: vec![0; n], rows: vec![0; n] }
+        DevPlan { graph, program, slot, kinds, bufs: (0..n).map(|_| None).collect(), capacity: vec![0; n], rows: vec![0; n], generation: 0, decode: None }
     }
 
     /// Grows the buffers to what `seq` tokens need.
@@ -390,48 +476,112 @@ impl DevPlan {
             });
             self.capacity[s] = e;
             self.rows[s] = r;
+            self.generation += 1;
         }
         Ok(())
     }
 }
 
-/// Puts each weight on the device once, in its kernel's layout.
-struct Uploader<'a> {
-    stream: &'a Arc<CudaStream>,
-    out: HashMap<String, DevWeight>,
-    bytes: usize,
+/// How a weight is laid out on the device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Layout {
+    /// Packed ternary, one row per tile (`crate::cpu::ternary`'s layout).
+    Packed,
+    /// f16 or bf16, as stored.
+    Stored,
+    /// Expanded to f32.
+    F32,
 }
 
-impl Uploader<'_> {
-    fn graph(&mut self, g: &Graph, weights: &dyn WeightSource) -> Result<(), EvalError> {
+/// That every launch's arguments exist in its graph: the executor
+/// indexes operands by them (a damaged artifact must not crash it).
+fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
+    for l in &p.launches {
+        let Some(node) = g.nodes.get(l.value.index()) else { return err(format!("a launch names {}, which the graph does not have", l.value)) };
+        let operand_ok = |i: usize| i < node.args.len();
+        let ok = l.block > 0
+            && l.block <= 1024
+            && l.args.iter().all(|a| match *a {
+                Arg::Operand(i) | Arg::Beta(i) | Arg::Rows(Some(i)) => operand_ok(i),
+                Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::Output | Arg::Rows(None) => true,
+            });
+        if !ok {
+            return err(format!("the launch of {} for {} does not fit its node", l.entry, l.value));
+        }
+        if let Some(Arg::Beta(i)) = l.args.iter().find(|a| matches!(a, Arg::Beta(_))) {
+            if !matches!(g.node(node.args[*i]).op, Op::Weight { .. }) {
+                return err(format!("{}: β of a computed value", l.value));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each weight the graphs read, its layout and its bytes on the device.
+pub(crate) fn layouts(graphs: &[&Graph], weights: &dyn WeightSource, prepacked: &HashMap<String, PackedTernary>) -> Result<Vec<(String, Layout, usize)>, EvalError> {
+    let mut out: Vec<(String, Layout, usize)> = Vec::new();
+    for g in graphs {
         for (_, node) in g.iter() {
             for (i, a) in node.args.iter().enumerate() {
                 let Op::Weight { name } = &g.node(*a).op else { continue };
-                if self.out.contains_key(name) {
+                if out.iter().any(|w| &w.0 == name) {
+                    continue;
+                }
+                if let (Op::TernaryMatMul(_), 1, Some(p)) = (&node.op, i, prepacked.get(name)) {
+                    let dims = g.node(*a).ty.resolve(0);
+                    if p.rows != 1 || dims != [p.n, p.k] {
+                        return err(format!("packed weight {name} is not the graph's {} in one-row tiles", g.node(*a).ty));
+                    }
+                    out.push((name.clone(), Layout::Packed, p.bytes()));
                     continue;
                 }
                 let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
-                let up = "uploading weights";
-                let w = match (&node.op, i) {
-                    (Op::TernaryMatMul(_), 1) => {
-                        let p = PackedTernary::from_weight(&view, 1).map_err(|e| EvalError(format!("{name}: {e}")))?;
-                        weights.release(name);
-                        DevWeight::Packed { data: driver(up, self.stream.clone_htod(p.data().as_bytes()))?, scale: p.scale }
-                    }
-                    (Op::MatMul, 1) | (Op::Embed, 0) => match device_float_type(view.dtype) {
-                        FloatType::F16 | FloatType::BF16 => DevWeight::Bytes(driver(up, self.stream.clone_htod(view.data))?),
-                        FloatType::F32 => DevWeight::F32(driver(up, self.stream.clone_htod(&view.to_f32()))?),
-                    },
-                    _ if view.dtype == DType::F32 || view.dtype.is_float() => DevWeight::F32(driver(up, self.stream.clone_htod(&view.to_f32()))?),
+                let elems = view.elems();
+                let layout = match (&node.op, i) {
+                    (Op::TernaryMatMul(_), 1) => Layout::Packed,
+                    (Op::MatMul, 1) | (Op::Embed, 0) if device_float_type(view.dtype) != FloatType::F32 => Layout::Stored,
+                    (Op::MatMul, 1) | (Op::Embed, 0) => Layout::F32,
+                    _ if view.dtype.is_float() => Layout::F32,
                     _ => return err(format!("{name}: a {} tensor cannot be an operand of {} on the GPU", view.dtype, node.op.mnemonic())),
                 };
-                self.bytes += match &w {
-                    DevWeight::Packed { data, .. } | DevWeight::Bytes(data) => data.len(),
-                    DevWeight::F32(d) => d.len() * 4,
+                let bytes = match layout {
+                    Layout::Packed => view.rows() * cuda::padded(view.row_len()) / 4,
+                    Layout::Stored => elems * 2,
+                    Layout::F32 => elems * 4,
                 };
-                self.out.insert(name.clone(), w);
+                out.push((name.clone(), layout, bytes));
             }
         }
-        Ok(())
     }
+    Ok(out)
+}
+
+/// Puts each weight on the device once, in its layout; drops the mapped
+/// source pages of each ternary weight once it is packed.
+fn upload(
+    stream: &Arc<CudaStream>,
+    layouts: &[(String, Layout, usize)],
+    weights: &dyn WeightSource,
+    prepacked: &HashMap<String, PackedTernary>,
+) -> Result<HashMap<String, DevWeight>, EvalError> {
+    let mut out = HashMap::new();
+    let up = "uploading weights";
+    for (name, layout, _) in layouts {
+        if let (Layout::Packed, Some(p)) = (layout, prepacked.get(name)) {
+            out.insert(name.clone(), DevWeight::Packed { data: driver(up, stream.clone_htod(p.data().as_bytes()))?, scale: p.scale });
+            continue;
+        }
+        let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
+        let w = match layout {
+            Layout::Packed => {
+                let p = PackedTernary::from_weight(&view, 1).map_err(|e| EvalError(format!("{name}: {e}")))?;
+                weights.release(name);
+                DevWeight::Packed { data: driver(up, stream.clone_htod(p.data().as_bytes()))?, scale: p.scale }
+            }
+            Layout::Stored => DevWeight::Bytes(driver(up, stream.clone_htod(view.data))?),
+            Layout::F32 => DevWeight::F32(driver(up, stream.clone_htod(&view.to_f32()))?),
+        };
+        out.insert(name.clone(), w);
+    }
+    Ok(out)
 }

@@ -139,12 +139,25 @@ impl Session {
         let fixed = |what: &str| {
             RuntimeError::Artifact(format!("{}: {what} is fixed when the artifact is compiled (bitnet compile {what} ...); run it without", path.display()))
         };
-        if opts.device == Device::Cuda {
-            return Err(RuntimeError::Artifact(format!(
-                "{}: this artifact holds CPU code; run its source model ({}) with --device cuda",
-                path.display(),
-                a.header.source.path
-            )));
+        match (a.header.target.device.as_str(), opts.device) {
+            ("cuda", Device::Cuda) => return Self::load_cuda_artifact(path, a, opts, t0),
+            ("cuda", Device::Cpu) => {
+                return Err(RuntimeError::Artifact(format!(
+                    "{}: this artifact holds CUDA kernels ({}); run it with --device cuda, or compile {} for the CPU (bitnet compile -m {} -o FILE.bnx)",
+                    path.display(),
+                    a.header.target.description,
+                    a.header.source.path,
+                    a.header.source.path
+                )))
+            }
+            (_, Device::Cuda) => {
+                return Err(RuntimeError::Artifact(format!(
+                    "{}: this artifact holds CPU code; compile {} with --device cuda, or run that model with --device cuda",
+                    path.display(),
+                    a.header.source.path
+                )))
+            }
+            _ => {}
         }
         if opts.backend == Backend::Interp {
             return Err(RuntimeError::Artifact(format!(
@@ -170,6 +183,32 @@ impl Session {
             cuda: None,
             model: a.model,
             tokenizer,
+            kv: KvCache::new(),
+            tokens: Vec::new(),
+            threads: opts.threads.max(1),
+            context,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            warnings,
+            artifact: Some(a.header),
+        })
+    }
+
+    fn load_cuda_artifact(path: &Path, a: Artifact, opts: &LoadOptions, t0: Instant) -> Result<Session, RuntimeError> {
+        if opts.backend == Backend::Interp || opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
+            return Err(RuntimeError::Artifact(format!("{}: a CUDA artifact runs its compiled kernels as they are; drop --backend, --head and tile options", path.display())));
+        }
+        let warnings = a.check_target(path)?;
+        let (last, all, ptx, packed) = a.cuda(path)?;
+        let (graph_last, graph_all) = (last.0.clone(), all.0.clone());
+        let context = opts.context.unwrap_or(a.model.config.context).max(1);
+        let cuda = CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
+        Ok(Session {
+            tokenizer: Arc::new(a.model.tokenizer()?),
+            graph_last,
+            graph_all,
+            compiled: None,
+            cuda: Some(cuda),
+            model: a.model,
             kv: KvCache::new(),
             tokens: Vec::new(),
             threads: opts.threads.max(1),
@@ -385,7 +424,7 @@ fn compile_cuda(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, co
     if opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
         return Err(RuntimeError::Input("--head q8 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head".into()));
     }
-    Ok(CudaModel::new(model, lower_cuda(last)?, lower_cuda(all)?, None, context)?)
+    Ok(CudaModel::new(model, Default::default(), lower_cuda(last)?, lower_cuda(all)?, None, context)?)
 }
 
 #[derive(Clone, Debug)]

@@ -125,13 +125,16 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
             let g = passes::optimize(graph, Some(pass)).map_err(|e| anyhow::anyhow!("{e} (or schedule)"))?;
             return super::print(&g.to_string());
         }
-        None if a.output.is_some() => anyhow::bail!(
-            "CUDA artifacts are not built yet: run the model file itself with `bitnet run -m {} --device cuda` (it compiles in memory), \
-             or check its kernels with `bitnet compile -m {} --device cuda --dump-after schedule`",
-            a.model.display(),
-            a.model.display()
-        ),
-        None => anyhow::bail!("nothing to do: give --dump-after schedule to see the CUDA kernels"),
+        None => {
+            let Some(out) = &a.output else {
+                anyhow::bail!("nothing to do: give -o FILE.bnx to write a CUDA artifact, or --dump-after PASS to look at the graph and its kernels");
+            };
+            let t0 = Instant::now();
+            eprintln!("compiling {} for CUDA (PTX for sm_{}) ...", a.model.display(), a.sm);
+            let report = artifact::write_cuda(out, &a.model, &model, a.sm)?;
+            eprintln!("wrote {}: {:.1} MB, {} tensors, in {:.1} s", out.display(), report.bytes as f64 / 1e6, report.tensors, t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
     }
     let (g, program) = bitnet_runtime::lower_cuda(&graph)?;
     let t0 = Instant::now();

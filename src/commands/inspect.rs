@@ -60,7 +60,9 @@ fn human(bytes: usize) -> String {
     }
 }
 
-fn describe_model(m: &Model, out: &mut String) -> anyhow::Result<()> {
+/// `check_graph`: say whether the graph can be built from these tensors
+/// (an artifact's ternary weights are stored packed, under other names).
+fn describe_model(m: &Model, check_graph: bool, out: &mut String) -> anyhow::Result<()> {
     let c = &m.config;
     writeln!(out, "architecture: {} ({:?})", c.arch_name, c.arch)?;
     writeln!(
@@ -77,7 +79,7 @@ fn describe_model(m: &Model, out: &mut String) -> anyhow::Result<()> {
         c.norm_eps,
         if c.tied_head { "tied to token_embd" } else { "output.weight" }
     )?;
-    if let Err(e) = m.graph(false) {
+    if let (true, Err(e)) = (check_graph, m.graph(false)) {
         writeln!(out, "  cannot run: {e}")?;
     }
     Ok(())
@@ -119,7 +121,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     if a.model.is_dir() {
         let m = Model::open(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
         writeln!(out, "folder: {} (Hugging Face)", a.model.display())?;
-        describe_model(&m, &mut out)?;
+        describe_model(&m, true, &mut out)?;
         describe_tokenizer(m.tokenizer(), &mut out)?;
         writeln!(out, "(tensors under their GGUF names; ternary projections are converted to I2_S at load)")?;
         tensor_table(m.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), m.data(t).len())), &mut out)?;
@@ -133,7 +135,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     let model = if f.tensors.is_empty() { None } else { Some(Model::from_file(f)) };
     let f = match model {
         Some(Ok(m)) => {
-            describe_model(&m, &mut out)?;
+            describe_model(&m, true, &mut out)?;
             match m.source {
                 ModelSource::Gguf(f) => f,
                 ModelSource::Hf(_) => unreachable!(),
@@ -168,14 +170,36 @@ fn describe_artifact(path: &std::path::Path, out: &mut String) -> anyhow::Result
     writeln!(out, "artifact: {} ({}, format v{}, by {})", path.display(), human(size), h.format, h.compiler)?;
     writeln!(out, "source: {} ({}, content hash {})", h.source.path, human(h.source.bytes as usize), h.source.hash)?;
     writeln!(out, "target: {}, fingerprint {}: {}", h.target.device, h.target.fingerprint, h.target.description)?;
-    match a.check_target(path) {
-        Ok(w) if w.is_empty() => writeln!(out, "runs here: yes")?,
-        Ok(w) => writeln!(out, "runs here: yes, but {}", w.join("; "))?,
-        Err(e) => writeln!(out, "runs here: no: {e}")?,
+    let gpu = bitnet_runtime::cuda::device();
+    match (a.check_target(path), h.target.device.as_str(), &gpu) {
+        (_, "cuda", Err(e)) => writeln!(out, "runs here: no: {e}")?,
+        (_, "cuda", Ok((_, name))) => writeln!(out, "runs here: on {name}, if it is sm_{} or later", h.cuda.as_ref().map_or(0, |c| c.sm))?,
+        (Ok(w), _, _) if w.is_empty() => writeln!(out, "runs here: yes")?,
+        (Ok(w), _, _) => writeln!(out, "runs here: yes, but {}", w.join("; "))?,
+        (Err(e), _, _) => writeln!(out, "runs here: no: {e}")?,
     }
     writeln!(out, "head: {}", h.head)?;
-    describe_model(&a.model, out)?;
+    describe_model(&a.model, false, out)?;
     describe_tokenizer(a.model.tokenizer(), out)?;
+    if let Some(c) = &h.cuda {
+        let entries: std::collections::BTreeSet<&str> = c.all.launches.iter().chain(&c.last.launches).map(|l| l.entry.as_str()).collect();
+        writeln!(
+            out,
+            "CUDA kernels: {} ({} launches in the all-positions graph, {} in the last-position one), {} of PTX for sm_{} from NVRTC {}",
+            entries.len(),
+            c.all.launches.len(),
+            c.last.launches.len(),
+            human(c.ptx.len()),
+            c.sm,
+            c.nvrtc
+        )?;
+        writeln!(out, "  {:<6} {:<44} tiles", "value", "workload")?;
+        for (v, key, tiles) in &c.all.tiles {
+            writeln!(out, "  {:<6} {:<44} {tiles}", v.to_string(), key)?;
+        }
+        let f = a.model.gguf().expect("an artifact's weights section is GGUF");
+        return tensor_table(f.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), t.size)), out);
+    }
     let steps = &h.all.schedule.steps;
     writeln!(out, "kernels ({} in the all-positions graph, {} in the last-position one):", steps.len(), h.last.schedule.steps.len())?;
     writeln!(out, "  {:<6} {:<44} {:<32} from", "value", "workload", "tiles")?;
