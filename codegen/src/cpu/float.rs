@@ -2,7 +2,7 @@
 //! (f16 as stored, or f32) and the projections of non-ternary models.
 //! Other stored types are dequantized a row at a time.
 
-use super::pool::{share, Pool, SharedMut};
+use super::pool::{Chunks, Pool, SharedMut};
 use super::Isa;
 use bitnet_ir::interp::WeightView;
 use bitnet_ir::DType;
@@ -14,9 +14,10 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     assert!(out.len() == s * n && x.len() == s * k, "float matmul: mismatched operands");
     let dst = SharedMut(out.as_mut_ptr());
     let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
-    pool.run(&|me, workers| {
+    let chunks = Chunks::new(n, pool.threads());
+    pool.run(&|_, _| {
         let mut scratch = vec![0f32; k];
-        for r in share(n, me, workers) {
+        for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let direct = match w.dtype {
                 DType::F16 if s == 1 => Some(&w.data[r * row_bytes..(r + 1) * row_bytes]),
                 _ => None,

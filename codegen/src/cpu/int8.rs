@@ -5,7 +5,7 @@
 //! logits are compared with the stored head's in the tests and docs.
 
 use super::blob::Blob;
-use super::pool::{share, Pool, SharedMut};
+use super::pool::{Chunks, Pool, SharedMut};
 use super::ternary::{QuantActs, CHUNK};
 use super::{float, Isa};
 use bitnet_ir::interp::WeightView;
@@ -57,8 +57,9 @@ impl Int8Rows {
 pub fn matmul(pool: &Pool, isa: Isa, w: &Int8Rows, x: &QuantActs, out: &mut [f32]) {
     assert!(x.kp == w.kp && out.len() == x.tokens() * w.n, "int8 matmul: mismatched operands");
     let dst = SharedMut(out.as_mut_ptr());
-    pool.run(&|me, workers| {
-        for r in share(w.n, me, workers) {
+    let chunks = Chunks::new(w.n, pool.threads());
+    pool.run(&|_, _| {
+        for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let wr = &w.q[r * w.kp..(r + 1) * w.kp];
             for t in 0..x.tokens() {
                 let d = dot(isa, wr, x.row(t));

@@ -15,7 +15,7 @@
 //! epilogue, is the interpreter's arithmetic for one scale per tensor.
 
 use super::blob::Blob;
-use super::pool::{share, Pool, SharedMut};
+use super::pool::{share, Chunks, Pool, SharedMut};
 use super::Isa;
 use bitnet_ir::interp::WeightView;
 use bitnet_ir::DType;
@@ -306,13 +306,10 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
     let dst = SharedMut(out.as_mut_ptr());
     let n_tiles = w.n.div_ceil(w.rows);
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
+    let chunks = Chunks::new(n_tiles, pool.threads());
     pool.run(&|me, workers| {
         let mut dots = [[0i32; 4]; 4];
-        let (tile_range, tokens) = match by_tokens {
-            true => (0..n_tiles, share(x.tokens(), me, workers)),
-            false => (share(n_tiles, me, workers), 0..x.tokens()),
-        };
-        for t in tile_range {
+        let mut tile = |t: usize, tokens: std::ops::Range<usize>| {
             let mut tok = tokens.start;
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
@@ -328,6 +325,14 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
                     }
                 }
                 tok += step;
+            }
+        };
+        if by_tokens {
+            let tokens = share(x.tokens(), me, workers);
+            (0..n_tiles).for_each(|t| tile(t, tokens.clone()));
+        } else {
+            while let Some(range) = chunks.next() {
+                range.for_each(|t| tile(t, 0..x.tokens()));
             }
         }
     });
