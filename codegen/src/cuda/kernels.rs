@@ -26,8 +26,10 @@ pub const PRELUDE: &str = r#"typedef unsigned int u32;
 typedef signed char i8;
 typedef unsigned short u16;
 __device__ __forceinline__ float ld_f32(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float ld_f16(const u16* p, size_t i) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i])); return f; }
-__device__ __forceinline__ float ld_bf16(const u16* p, size_t i) { return __uint_as_float(((u32)p[i]) << 16); }
+__device__ __forceinline__ float f16_bits(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float bf16_bits(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ float ld_f16(const u16* p, size_t i) { return f16_bits(p[i]); }
+__device__ __forceinline__ float ld_bf16(const u16* p, size_t i) { return bf16_bits(p[i]); }
 __device__ __forceinline__ float round_f16(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return ld_f16(&h, 0); }
 __device__ __forceinline__ float round_bf16(float x) {
     u32 b = __float_as_uint(x);
@@ -250,26 +252,39 @@ pub struct TernaryEpilogue {
 }
 
 /// `out[t, n] = ((Σ c·q − Σq) · β) / γ` (β, the weight's scale, follows the
-/// weight pointer), then the epilogue, over the packed
-/// ternary layout of `crate::cpu::ternary` with one row per tile: each
-/// 32-bit word of a row holds 16 codes, and one shift and mask give four
-/// consecutive codes as the int8 lanes `__dp4a` multiplies with four
-/// activations. Grid: `ceil(n / warps)` blocks of `32 · warps`.
+/// weight pointer), then the epilogue, over the packed ternary layout of
+/// `crate::cpu::ternary` with one row per tile. Each lane loads 16 bytes
+/// of a row at a time (64 codes, four 32-bit words): in word `j` one shift
+/// and mask give four consecutive codes, the int8 lanes `__dp4a`
+/// multiplies with four activations, which sit at `base + j`, `+ 8`, `+ 16`
+/// and `+ 24` (in 32-bit words) for the four shifts. Rows are padded to
+/// 128 codes, so a row is always whole 16-byte pieces, and aligned.
+/// Grid: `ceil(n / warps)` blocks of `32 · warps`.
 pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles) -> String {
-    let words = kp / 16;
+    let pieces = kp / 64;
     let body = format!(
-        r#"            u32 wv = w[(size_t)n * {words} + i];
-            int base = (i >> 3) * 32 + (i & 7);
-            int c0 = (int)((wv >> 6) & 0x03030303u), c1 = (int)((wv >> 4) & 0x03030303u);
-            int c2 = (int)((wv >> 2) & 0x03030303u), c3 = (int)(wv & 0x03030303u);
+        r#"            uint4 w4 = ((const uint4*)w)[(size_t)n * {pieces} + i];
+            int base = (i >> 1) * 32 + (i & 1) * 4;
+            u32 wv[4] = {{w4.x, w4.y, w4.z, w4.w}};
+            int c[4][4];
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {{
+                c[j][0] = (int)((wv[j] >> 6) & 0x03030303u);
+                c[j][1] = (int)((wv[j] >> 4) & 0x03030303u);
+                c[j][2] = (int)((wv[j] >> 2) & 0x03030303u);
+                c[j][3] = (int)(wv[j] & 0x03030303u);
+            }}
             #pragma unroll
             for (int u = 0; u < {tok}; u++) {{
                 if (t0 + u < S) {{
-                    const int* xr = q + (size_t)(t0 + u) * {xw} + base;
-                    acc[u] = __dp4a(c0, xr[0], acc[u]);
-                    acc[u] = __dp4a(c1, xr[8], acc[u]);
-                    acc[u] = __dp4a(c2, xr[16], acc[u]);
-                    acc[u] = __dp4a(c3, xr[24], acc[u]);
+                    const int4* xr = (const int4*)(q + (size_t)(t0 + u) * {xw} + base);
+                    int4 x0 = xr[0], x1 = xr[2], x2 = xr[4], x3 = xr[6];
+                    int xs[4][4] = {{{{x0.x, x1.x, x2.x, x3.x}}, {{x0.y, x1.y, x2.y, x3.y}}, {{x0.z, x1.z, x2.z, x3.z}}, {{x0.w, x1.w, x2.w, x3.w}}}};
+                    #pragma unroll
+                    for (int j = 0; j < 4; j++) {{
+                        #pragma unroll
+                        for (int h = 0; h < 4; h++) acc[u] = __dp4a(c[j][h], xs[j][h], acc[u]);
+                    }}
                 }}
             }}"#,
         tok = tiles.tokens,
@@ -290,21 +305,57 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
     if ep.residual {
         params += "const float* residual, ";
     }
-    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, words, tiles, "int", &body, "warp_sum_i", &finish))
+    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, "int", &body, "warp_sum_i", &finish))
 }
 
 /// `out[t, n] = x[t] · w[n]` for a float weight `[n, k]`, summed in f32.
+/// Lanes load 16 bytes of the row at a time (8 f16/bf16 or 4 f32 values)
+/// where the row length allows, else one value.
 /// Grid: `ceil(n / warps)` blocks of `32 · warps`.
 pub fn matmul(ty: FloatType, n: usize, k: usize, tiles: CudaTiles) -> String {
-    let body = format!(
-        r#"            float wv = {ld}(w, (size_t)n * {k} + i);
+    let vw = match ty {
+        FloatType::F16 | FloatType::BF16 if k % 8 == 0 => 8,
+        FloatType::F32 if k % 4 == 0 => 4,
+        _ => 1,
+    };
+    let tok = tiles.tokens;
+    let body = if vw == 1 {
+        format!(
+            r#"            float wv = {ld}(w, (size_t)n * {k} + i);
             #pragma unroll
             for (int u = 0; u < {tok}; u++) if (t0 + u < S) acc[u] += wv * x[(size_t)(t0 + u) * {k} + i];"#,
-        ld = ty.load(),
-        tok = tiles.tokens
-    );
+            ld = ty.load()
+        )
+    } else {
+        let unpack = match ty {
+            FloatType::F32 => "float4 w4 = ((const float4*)w)[(size_t)n * PIECES + i];\n            float wv[4] = {w4.x, w4.y, w4.z, w4.w};".to_string(),
+            _ => format!(
+                "uint4 w4 = ((const uint4*)w)[(size_t)n * PIECES + i];\n            u32 hw[4] = {{w4.x, w4.y, w4.z, w4.w}};\n            float wv[8];\n            #pragma unroll\n            for (int j = 0; j < 4; j++) {{ wv[2 * j] = {cvt}((u16)(hw[j] & 0xffffu)); wv[2 * j + 1] = {cvt}((u16)(hw[j] >> 16)); }}",
+                cvt = if ty == FloatType::F16 { "f16_bits" } else { "bf16_bits" }
+            ),
+        }
+        .replace("PIECES", &(k / vw).to_string());
+        format!(
+            r#"            {unpack}
+            #pragma unroll
+            for (int u = 0; u < {tok}; u++) {{
+                if (t0 + u < S) {{
+                    const float4* xr = (const float4*)(x + (size_t)(t0 + u) * {k}) + i * {halves};
+                    #pragma unroll
+                    for (int h = 0; h < {halves}; h++) {{
+                        float4 xv = xr[h];
+                        acc[u] += wv[4 * h] * xv.x;
+                        acc[u] += wv[4 * h + 1] * xv.y;
+                        acc[u] += wv[4 * h + 2] * xv.z;
+                        acc[u] += wv[4 * h + 3] * xv.w;
+                    }}
+                }}
+            }}"#,
+            halves = vw / 4
+        )
+    };
     let finish = format!("                out[(size_t)t * {n} + n] = sum;");
-    format!("(const {}* w, const float* x, float* out, int S) {{\n{}\n}}", ty.c_type(), row_per_warp(n, k, tiles, "float", &body, "warp_sum", &finish))
+    format!("(const {}* w, const float* x, float* out, int S) {{\n{}\n}}", ty.c_type(), row_per_warp(n, k / vw, tiles, "float", &body, "warp_sum", &finish))
 }
 
 /// RoPE on rows of `row` floats (heads of `d`), angles `p · θ_scale^i`
