@@ -1,9 +1,12 @@
 //! The compiled backend against the reference interpreter, end to end:
 //! every ternary format and both FFN activations, stories260K, one and two
-//! threads. Logits agree within a float budget (the head's dot products
-//! are summed in another order; TQ blocks scale once per row instead of
-//! once per block); greedy tokens agree exactly; thread count changes
-//! nothing at all.
+//! threads. Logits agree within a float budget: the head's and
+//! attention's dot products are summed in another order, and TQ blocks
+//! scale once per row instead of once per block. Each activation is then
+//! quantized to int8, where a last-bit difference can move a value across
+//! a rounding boundary: one code in 127 changes, which the next layers
+//! carry to about 1e-3 of the largest logit. A wrong kernel misses by far
+//! more. Greedy tokens agree exactly; thread count changes nothing at all.
 
 mod common;
 
@@ -29,6 +32,10 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+/// Largest difference of any logit from the interpreter's, relative to the
+/// largest logit (see the module's note).
+const LOGIT_BUDGET: f32 = 3e-3;
+
 fn compare(path: &Path, prompt: &[u32]) {
     let mut interp = load(path, Backend::Interp, 2);
     let mut one = load(path, Backend::Compiled, 1);
@@ -37,11 +44,11 @@ fn compare(path: &Path, prompt: &[u32]) {
     let got = one.eval(prompt, true).unwrap();
     assert_eq!(got, two.eval(prompt, true).unwrap(), "{}: results depend on the thread count", path.display());
     let (d, c) = (rel_diff(&got, &want), cosine(&got, &want));
-    assert!(d < 1e-4 && c > 0.999999, "{}: logits differ: max rel diff {d}, cosine {c}", path.display());
+    assert!(d < LOGIT_BUDGET && c > 0.99999, "{}: logits differ: max rel diff {d}, cosine {c}", path.display());
     // Decode after prefill, through the KV cache.
     let next = [7u32];
     let (want, got) = (interp.eval(&next, false).unwrap(), one.eval(&next, false).unwrap());
-    assert!(rel_diff(&got, &want) < 1e-4, "{}: decode step differs", path.display());
+    assert!(rel_diff(&got, &want) < LOGIT_BUDGET, "{}: decode step differs", path.display());
     assert_eq!(greedy(&mut one, prompt, 12), greedy(&mut interp, prompt, 12), "{}: greedy tokens differ", path.display());
 }
 

@@ -397,14 +397,14 @@ fn kernel(
             }
         }
         Op::RmsNorm { eps } => ops::rms_norm(floats(&args[0])?, floats(&args[1])?, *eps, f32_buf(out, len)),
-        Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => ops::quantize_rows(floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out)),
-        Op::QuantizeAct { scheme: ActQuant::PerToken } => ops::quantize_rows(floats(&args[0])?, cols, None, q8_buf(out)),
+        Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => ops::quantize_rows_on(pool, floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out)),
+        Op::QuantizeAct { scheme: ActQuant::PerToken } => ops::quantize_rows_on(pool, floats(&args[0])?, cols, None, q8_buf(out)),
         Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return err("q8_k activations are not compiled"),
         Op::MatMul => match (tiles, &args[1]) {
             (Some(Tiles::Float { isa }), _) => float::matmul(pool, isa, &stored(&args[1], weights)?, floats(&args[0])?, f32_buf(out, len)),
             (Some(Tiles::Int8 { isa }), Arg::Weight(_, Prepared::Int8(w))) => {
                 let mut x = QuantActs::default();
-                ops::quantize_rows(floats(&args[0])?, w.k, None, &mut x);
+                ops::quantize_rows_on(pool, floats(&args[0])?, w.k, None, &mut x);
                 int8::matmul(pool, isa, w, &x, f32_buf(out, len));
             }
             _ => return err("no float tiles scheduled"),

@@ -1,10 +1,12 @@
 //! The graph's other kernels: norms with activation quantization,
 //! attention over the KV cache, RoPE and elementwise ops, all writing into
 //! buffers the caller owns. Their arithmetic is the interpreter's, in the
-//! same order, so their results are identical to it; only the work is
-//! spread over threads and fused passes.
+//! same order, so their results are identical to it (attention's dot
+//! products excepted: they are vectorized, so summed in another order);
+//! only the work is spread over threads and fused passes.
 
 use super::pool::{share, Pool, SharedMut};
+use super::float;
 use super::ternary::QuantActs;
 use bitnet_ir::interp::{kernels, EvalError, KvCache};
 use bitnet_ir::{GateAct, RopeMode};
@@ -30,8 +32,39 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn quantize_rows(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut QuantActs) {
     let s = x.len() / k.max(1);
     out.resize(s, k);
+    quantize_tokens(x, k, norm, RowsOut::of(out), 0..s);
+}
+
+/// [`quantize_rows`] with the tokens shared among the pool's workers
+/// (prefill); each row's arithmetic is the same whoever does it.
+pub fn quantize_rows_on(pool: &Pool, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut QuantActs) {
+    let s = x.len() / k.max(1);
+    if s < 2 {
+        return quantize_rows(x, k, norm, out);
+    }
+    out.resize(s, k);
+    let rows = RowsOut::of(out);
+    pool.run(&|me, workers| quantize_tokens(x, k, norm, rows, share(s, me, workers)));
+}
+
+/// Where the rows of a [`QuantActs`] go, for workers writing disjoint rows.
+#[derive(Clone, Copy)]
+struct RowsOut {
+    q: SharedMut<i8>,
+    gamma: SharedMut<f32>,
+    sum: SharedMut<i32>,
+    kp: usize,
+}
+
+impl RowsOut {
+    fn of(a: &mut QuantActs) -> RowsOut {
+        RowsOut { q: SharedMut(a.q.as_mut_ptr()), gamma: SharedMut(a.gamma.as_mut_ptr()), sum: SharedMut(a.sum.as_mut_ptr()), kp: a.kp }
+    }
+}
+
+fn quantize_tokens(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: RowsOut, tokens: std::ops::Range<usize>) {
     let mut row = vec![0f32; k];
-    for t in 0..s {
+    for t in tokens {
         let xr = &x[t * k..(t + 1) * k];
         match norm {
             Some((w, eps)) => {
@@ -44,14 +77,18 @@ pub fn quantize_rows(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut
         }
         let amax = row.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
         let g = 127.0 / amax;
-        let q = &mut out.q[t * out.kp..t * out.kp + k];
+        // SAFETY: `out` was sized for every token, and row t belongs to
+        // this caller alone.
+        let q = unsafe { std::slice::from_raw_parts_mut(out.q.ptr().add(t * out.kp), k) };
         let mut sum = 0i32;
         for (o, &v) in q.iter_mut().zip(&row) {
             *o = (v * g).round().clamp(-128.0, 127.0) as i8;
             sum += *o as i32;
         }
-        out.gamma[t] = g;
-        out.sum[t] = sum;
+        unsafe {
+            *out.gamma.ptr().add(t) = g;
+            *out.sum.ptr().add(t) = sum;
+        }
     }
 }
 
@@ -96,6 +133,7 @@ pub fn attention(
     let group = a.heads / a.kv_heads;
     let pairs = positions.len() * a.heads;
     let dst = SharedMut(out.as_mut_ptr());
+    let isa = super::Isa::best();
     pool.run(&|me, workers| {
         let mut scores = Vec::new();
         for pair in share(pairs, me, workers) {
@@ -104,10 +142,7 @@ pub fn attention(
             let kvh = h / group;
             let qh = &q[(i * a.heads + h) * d..][..d];
             scores.clear();
-            scores.extend((0..n_keys).map(|t| {
-                let kt = &keys[t * kv_row + kvh * d..][..d];
-                qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
-            }));
+            scores.extend((0..n_keys).map(|t| float::dot(isa, qh, &keys[t * kv_row + kvh * d..][..d]) * scale));
             kernels::softmax(&mut scores);
             // SAFETY: each (token, head) pair's output belongs to one worker.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((i * a.heads + h) * d), d) };
