@@ -138,10 +138,22 @@ impl CudaModel {
             if !functions.contains_key(&l.entry) {
                 let f = driver(&format!("kernel {}", l.entry), module.load_function(&l.entry))?;
                 if l.shared == Shared::PerPosition {
-                    let bytes = (context * 4) as i32;
-                    if bytes > 48 * 1024 {
+                    // Scores for every position sit in shared memory beside the
+                    // kernel's own; past 48 KiB in all a kernel must opt in.
+                    let bytes = context * 4;
+                    let fixed = f.shared_size_bytes().unwrap_or(1024).max(0) as usize;
+                    let most = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap_or(48 * 1024) as usize;
+                    if bytes + fixed > most {
+                        return err(format!(
+                            "attention keeps a score per position in shared memory: a context of {context} needs {} KiB, {device} gives {} KiB; lower it with -c {}",
+                            (bytes + fixed).div_ceil(1024),
+                            most / 1024,
+                            most.saturating_sub(fixed) / 4
+                        ));
+                    }
+                    if bytes + fixed > 48 * 1024 {
                         let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                        f.set_attribute(attr, bytes).map_err(|e| EvalError(format!("a context of {context} needs {bytes} bytes of shared memory per block, more than this GPU gives ({e:?}); lower it with -c")))?;
+                        driver("allowing attention its shared memory", f.set_attribute(attr, bytes as i32))?;
                     }
                 }
                 functions.insert(l.entry.clone(), f);
@@ -252,6 +264,17 @@ impl CudaModel {
     }
 
     fn run(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool, mut trace: Option<&mut Traced>) -> Result<Vec<f32>, EvalError> {
+        if tokens.is_empty() || positions.len() != tokens.len() {
+            return err(format!("{} tokens at {} positions: need one position per token, and at least one", tokens.len(), positions.len()));
+        }
+        // The embedding kernel skips an id outside its table; say so here.
+        let plan = if all_logits { &self.all } else { &self.last };
+        for (_, node) in plan.graph.iter().filter(|(_, n)| n.op == Op::Embed) {
+            let vocab = plan.graph.ty(node.args[0]).shape[0].resolve(0);
+            if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+                return err(format!("token id {bad} is outside the vocabulary of {vocab}"));
+            }
+        }
         if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= self.context) {
             return err(format!("position {p} is outside the context of {}", self.context));
         }
@@ -304,7 +327,11 @@ impl CudaModel {
         let generation = plan.generation;
         let launches = plan.program.launches.clone();
         let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        driver("starting a graph capture", self.stream.begin_capture(mode))?;
+        if let Err(e) = self.stream.begin_capture(mode) {
+            self.graphs = false;
+            self.graph_error = Some(format!("starting a CUDA graph capture failed ({e:?}); launching each kernel instead"));
+            return Ok(false);
+        }
         let recorded = launches.iter().try_for_each(|l| self.launch(all_logits, l, 1));
         let captured = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         match (recorded, captured) {
@@ -440,7 +467,16 @@ fn gib(b: usize) -> f64 {
 
 impl DevPlan {
     fn new((graph, program): (Graph, Program)) -> DevPlan {
-        let (slot, kinds) = assign_slots(&graph);
+        let (mut slot, mut kinds) = assign_slots(&graph);
+        // Inputs are uploaded before the first launch (and outside a
+        // captured graph), so none may share its buffer with another value.
+        for (v, node) in graph.iter() {
+            let s = slot[v.index()];
+            if matches!(node.op, Op::Input { .. }) && slot.iter().enumerate().any(|(i, &o)| o == s && i != v.index()) {
+                kinds.push(kinds[s]);
+                slot[v.index()] = kinds.len() - 1;
+            }
+        }
         let n = kinds.len();
         DevPlan { graph, program, slot, kinds, bufs: (0..n).map(|_| None).collect(), capacity: vec![0; n], rows: vec![0; n], generation: 0, decode: None }
     }
@@ -524,7 +560,15 @@ pub(crate) fn layouts(graphs: &[&Graph], weights: &dyn WeightSource, prepacked: 
         for (_, node) in g.iter() {
             for (i, a) in node.args.iter().enumerate() {
                 let Op::Weight { name } = &g.node(*a).op else { continue };
-                if out.iter().any(|w| &w.0 == name) {
+                let want = match (&node.op, i) {
+                    (Op::TernaryMatMul(_), 1) => Some(Layout::Packed),
+                    (Op::MatMul, 1) | (Op::Embed, 0) => None,
+                    _ => Some(Layout::F32),
+                };
+                if let Some(seen) = out.iter().find(|w| &w.0 == name) {
+                    if want.is_some_and(|l| l != seen.1) || (want.is_none() && seen.1 == Layout::Packed) {
+                        return err(format!("tensor {name} is read by kernels that want different layouts"));
+                    }
                     continue;
                 }
                 if let (Op::TernaryMatMul(_), 1, Some(p)) = (&node.op, i, prepacked.get(name)) {

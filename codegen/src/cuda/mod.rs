@@ -123,11 +123,17 @@ impl Builder {
     /// Adds a kernel of `family` with this parameter list and body (from
     /// [`kernels`]); returns its entry name.
     fn kernel(&mut self, family: &str, block: u32, code: String) -> String {
-        let name = format!("{family}_{:08x}", fnv1a(code.as_bytes()) as u32);
-        if !self.kernels.iter().any(|k| k.name == name) {
-            let source = format!("extern \"C\" __global__ void __launch_bounds__({block}) {name}{code}\n");
-            self.kernels.push(Kernel { name: name.clone(), source });
+        let text = format!("__launch_bounds__({block}) {code}");
+        let mut name = format!("{family}_{:016x}", fnv1a(text.as_bytes()));
+        let source = |name: &str| format!("extern \"C\" __global__ void __launch_bounds__({block}) {name}{code}\n");
+        // Equal source, one kernel; a hash collision (never seen) gets a suffix.
+        while let Some(k) = self.kernels.iter().find(|k| k.name == name) {
+            if k.source == source(&name) {
+                return name;
+            }
+            name.push('x');
         }
+        self.kernels.push(Kernel { name: name.clone(), source: source(&name) });
         name
     }
 
@@ -148,6 +154,9 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
     for (v, node) in g.iter() {
         let refuse = |why: &str| Err(format!("{v} = {}: the CUDA backend {why}", node.op.mnemonic()));
         let ty = &node.ty;
+        if !node.op.is_leaf() && ty.rank() != 2 {
+            return refuse(&format!("computes rank-2 values (rows of tokens) only, not {ty}"));
+        }
         let cols = ty.shape.last().map_or(1, |d| d.resolve(0));
         let arg_ty = |i: usize| g.ty(node.args[i]);
         let ops: Vec<Arg> = (0..node.args.len()).map(Operand).collect();
@@ -160,9 +169,6 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                 b.launch(v, "embed", k::embed(device_float_type(t.dtype), vocab, hidden), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::RmsNorm { eps } => {
-                if ty.rank() != 2 {
-                    return refuse("normalizes rows of rank-2 tensors only");
-                }
                 b.launch(v, "rms_norm", k::rms_norm(cols, *eps), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => {
