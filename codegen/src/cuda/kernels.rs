@@ -314,8 +314,8 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
 /// Grid: `ceil(n / warps)` blocks of `32 · warps`.
 pub fn matmul(ty: FloatType, n: usize, k: usize, tiles: CudaTiles) -> String {
     let vw = match ty {
-        FloatType::F16 | FloatType::BF16 if k % 8 == 0 => 8,
-        FloatType::F32 if k % 4 == 0 => 4,
+        FloatType::F16 | FloatType::BF16 if k.is_multiple_of(8) => 8,
+        FloatType::F32 if k.is_multiple_of(4) => 4,
         _ => 1,
     };
     let tok = tiles.tokens;
