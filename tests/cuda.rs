@@ -100,13 +100,7 @@ fn cuda_agrees_with_the_cpu_on_synthetic_models() {
         return;
     }
     let dir = tmp_dir("cuda");
-    for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
-        for act in [Activation::Relu2, Activation::Silu] {
-            let path = dir.join(format!("{dtype}-{act:?}.gguf"));
-            write_synth(&small_spec(dtype, act), &path);
-            compare(&path, &[1, 17, 42, 99, 3, 250, 8]);
-        }
-    }
+    each_small_ternary_model(&dir, |path| compare(path, &[1, 17, 42, 99, 3, 250, 8]));
     std::fs::remove_dir_all(dir).ok();
 }
 

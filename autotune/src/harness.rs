@@ -155,7 +155,9 @@ mod tests {
         Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Default::default() })
     }
 
-    /// Candidate `rows` sleeps `rows` × 100 µs; rows 1 (the fastest) computes wrong results.
+    /// Candidate `rows` sleeps `rows²` × 200 µs (far apart, so that a
+    /// loaded machine's hiccups cannot reorder them); rows 1 (the fastest)
+    /// computes wrong results.
     struct Fake;
     impl Kernel for Fake {
         fn check(&mut self, t: &Tiles) -> Result<(), String> {
@@ -166,7 +168,7 @@ mod tests {
         }
         fn run(&mut self, t: &Tiles) {
             let Tiles::Ternary(t) = t else { return };
-            std::thread::sleep(Duration::from_micros(100 * t.rows as u64));
+            std::thread::sleep(Duration::from_micros(200 * (t.rows * t.rows) as u64));
         }
     }
 

@@ -212,3 +212,47 @@ fn differing_block_scales_are_refused_with_a_reason() {
     let err = PackedTernary::from_weight(&ws.weight("w").unwrap(), 1).err().unwrap();
     assert!(err.contains("--backend interp"), "{err}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The token-parallel forms of the row kernels give the serial ones'
+    /// bits, whatever the thread count.
+    #[test]
+    fn parallel_row_kernels_equal_the_serial_ones(
+        tokens in prop_oneof![Just(1usize), Just(3), Just(7)],
+        k in prop_oneof![Just(8usize), Just(32), Just(784), Just(2592)],
+        threads in 1usize..4,
+        seed in any::<u32>(),
+    ) {
+        let pool = Pool::new(threads);
+        let mut state = seed as u64 | 1;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
+        };
+        let x: Vec<f32> = (0..tokens * k).map(|_| next()).collect();
+        let y: Vec<f32> = (0..tokens * k).map(|_| next()).collect();
+        let w: Vec<f32> = (0..k).map(|_| next()).collect();
+        let (mut a, mut b) = (QuantActs::default(), QuantActs::default());
+        ops::quantize_rows(&x, k, Some((&w, 1e-5)), &mut a);
+        ops::quantize_rows_on(&pool, &x, k, Some((&w, 1e-5)), &mut b);
+        prop_assert!(a.q == b.q && a.gamma == b.gamma && a.sum == b.sum);
+        for act in [bitnet_ir::GateAct::Silu, bitnet_ir::GateAct::Relu2] {
+            // Enough values for the parallel path: repeat the rows.
+            let (g, u): (Vec<f32>, Vec<f32>) = (x.iter().cycle().take(1 << 15).copied().collect(), y.iter().cycle().take(1 << 15).copied().collect());
+            let (mut o1, mut o2) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+            ops::glu(act, &g, &u, &mut o1);
+            ops::glu_on(&pool, act, &g, &u, &mut o2);
+            prop_assert_eq!(&o1, &o2);
+        }
+        let positions: Vec<i32> = (0..tokens as i32).map(|p| p * 3 + 1).collect();
+        let d = if k % 16 == 0 { 16 } else { 8 };
+        for mode in [bitnet_ir::RopeMode::Interleaved, bitnet_ir::RopeMode::Neox] {
+            let (mut o1, mut o2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            ops::rope(&x, &mut o1, k, &positions, mode, 10000.0, d);
+            ops::rope_on(&pool, &x, &mut o2, k, &positions, mode, 10000.0, d);
+            prop_assert_eq!(&o1, &o2);
+        }
+    }
+}

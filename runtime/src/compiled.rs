@@ -417,7 +417,7 @@ fn kernel(
             let residual = if e.residual { Some(floats(extra.next().unwrap())?) } else { None };
             ternary::matmul(pool, t, w, x, f32_buf(out, len), ternary::Epilogue { scale, residual });
         }
-        Op::Rope { mode, theta, head_dim } => ops::rope(floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
+        Op::Rope { mode, theta, head_dim } => ops::rope_on(pool, floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
         Op::Attention { layer, heads, kv_heads, head_dim } => {
             let a = ops::AttentionShape { layer: *layer, heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };
             ops::attention(pool, a, floats(&args[0])?, floats(&args[1])?, floats(&args[2])?, ids(&args[3])?, kv, f32_buf(out, len))?;
@@ -431,7 +431,7 @@ fn kernel(
             f32_buf(out, len).iter_mut().zip(x).enumerate().for_each(|(i, (o, &x))| *o = kernels::binary(*b, x, y[i % y.len()]));
         }
         // Native: the Cranelift-generated glu is the same bits, 2.6–3.6× slower (codegen/benches).
-        Op::Glu { act } => ops::glu(*act, floats(&args[0])?, floats(&args[1])?, f32_buf(out, len)),
+        Op::Glu { act } => ops::glu_on(pool, *act, floats(&args[0])?, floats(&args[1])?, f32_buf(out, len)),
         Op::Softmax => {
             let o = f32_buf(out, len);
             o.copy_from_slice(floats(&args[0])?);

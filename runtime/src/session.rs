@@ -104,7 +104,6 @@ impl Session {
         }
         let t0 = Instant::now();
         let model = Model::open(path)?;
-        let tokenizer = Arc::new(model.tokenizer()?);
         let graph_last = model.graph(false)?;
         let graph_all = model.graph(true)?;
         Interpreter::new(&model, 1).check_weights(&graph_all)?;
@@ -116,21 +115,7 @@ impl Session {
             (Backend::Compiled, Device::Cpu) => (Some(compile(&model, &graph_last, &graph_all, opts, &mut warnings)?), None),
             (Backend::Compiled, Device::Cuda) => (None, Some(compile_cuda(&model, &graph_last, &graph_all, opts, context)?)),
         };
-        Ok(Session {
-            model,
-            tokenizer,
-            graph_last,
-            graph_all,
-            compiled,
-            cuda,
-            kv: KvCache::new(),
-            tokens: Vec::new(),
-            threads: opts.threads.max(1),
-            context,
-            load_ms: t0.elapsed().as_secs_f64() * 1e3,
-            warnings,
-            artifact: None,
-        })
+        Self::assemble(model, (graph_last, graph_all), (compiled, cuda), opts, t0, warnings, None)
     }
 
     fn load_artifact(path: &Path, opts: &LoadOptions) -> Result<Session, RuntimeError> {
@@ -174,23 +159,9 @@ impl Session {
         }
         let warnings = a.check_target(path)?;
         let compiled = a.compiled(path, opts.threads)?;
-        let tokenizer = Arc::new(a.model.tokenizer()?);
-        let context = opts.context.unwrap_or(a.model.config.context).max(1);
-        Ok(Session {
-            graph_last: compiled.graph(false).clone(),
-            graph_all: compiled.graph(true).clone(),
-            compiled: Some(compiled),
-            cuda: None,
-            model: a.model,
-            tokenizer,
-            kv: KvCache::new(),
-            tokens: Vec::new(),
-            threads: opts.threads.max(1),
-            context,
-            load_ms: t0.elapsed().as_secs_f64() * 1e3,
-            warnings,
-            artifact: Some(a.header),
-        })
+        let graphs = (compiled.graph(false).clone(), compiled.graph(true).clone());
+        let header = a.header.clone();
+        Self::assemble(a.model, graphs, (Some(compiled), None), opts, t0, warnings, Some(header))
     }
 
     fn load_cuda_artifact(path: &Path, a: Artifact, opts: &LoadOptions, t0: Instant) -> Result<Session, RuntimeError> {
@@ -199,23 +170,38 @@ impl Session {
         }
         let warnings = a.check_target(path)?;
         let (last, all, ptx, packed) = a.cuda(path)?;
-        let (graph_last, graph_all) = (last.0.clone(), all.0.clone());
+        let graphs = (last.0.clone(), all.0.clone());
         let context = opts.context.unwrap_or(a.model.config.context).max(1);
         let cuda = CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
+        let header = a.header.clone();
+        Self::assemble(a.model, graphs, (None, Some(cuda)), opts, t0, warnings, Some(header))
+    }
+
+    /// A session over a loaded model, its graphs (last position's logits,
+    /// all logits) and the engine that runs them (none: the interpreter).
+    fn assemble(
+        model: Model,
+        (graph_last, graph_all): (Graph, Graph),
+        (compiled, cuda): (Option<CompiledModel>, Option<CudaModel>),
+        opts: &LoadOptions,
+        t0: Instant,
+        warnings: Vec<String>,
+        artifact: Option<Header>,
+    ) -> Result<Session, RuntimeError> {
         Ok(Session {
-            tokenizer: Arc::new(a.model.tokenizer()?),
+            tokenizer: Arc::new(model.tokenizer()?),
+            context: opts.context.unwrap_or(model.config.context).max(1),
+            model,
             graph_last,
             graph_all,
-            compiled: None,
-            cuda: Some(cuda),
-            model: a.model,
+            compiled,
+            cuda,
             kv: KvCache::new(),
             tokens: Vec::new(),
             threads: opts.threads.max(1),
-            context,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             warnings,
-            artifact: Some(a.header),
+            artifact,
         })
     }
 

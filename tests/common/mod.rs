@@ -76,3 +76,15 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
+
+/// Writes the small model in every ternary format with both FFN
+/// activations into `dir`, calling `check` on each.
+pub fn each_small_ternary_model(dir: &Path, mut check: impl FnMut(&Path)) {
+    for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
+        for act in [Activation::Relu2, Activation::Silu] {
+            let path = dir.join(format!("{dtype}-{act:?}.gguf"));
+            write_synth(&small_spec(dtype, act), &path);
+            check(&path);
+        }
+    }
+}

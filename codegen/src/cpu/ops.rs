@@ -97,10 +97,41 @@ pub fn rope(x: &[f32], out: &mut [f32], row: usize, positions: &[i32], mode: Rop
     kernels::rope(out, row, positions, mode, theta, head_dim);
 }
 
+/// [`rope`] with the tokens shared among the pool's workers.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_on(pool: &Pool, x: &[f32], out: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, head_dim: usize) {
+    if positions.len() < 2 {
+        return rope(x, out, row, positions, mode, theta, head_dim);
+    }
+    let dst = SharedMut(out.as_mut_ptr());
+    pool.run(&|me, workers| {
+        let tokens = share(positions.len(), me, workers);
+        // SAFETY: each worker writes the rows of its own tokens.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(tokens.start * row), tokens.len() * row) };
+        rope(&x[tokens.start * row..tokens.end * row], o, row, &positions[tokens], mode, theta, head_dim);
+    });
+}
+
 pub fn glu(act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = kernels::glu(act, g, u);
     }
+}
+
+/// [`glu`] with the values shared among the pool's workers when there are
+/// enough of them to be worth it (prefill).
+pub fn glu_on(pool: &Pool, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    if out.len() < 1 << 12 {
+        return glu(act, gate, up, out);
+    }
+    let n = out.len();
+    let dst = SharedMut(out.as_mut_ptr());
+    pool.run(&|me, workers| {
+        let r = share(n, me, workers);
+        // SAFETY: each worker writes its own stretch of the output.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(r.start), r.len()) };
+        glu(act, &gate[r.clone()], &up[r], o);
+    });
 }
 
 /// Shape of one attention call.

@@ -42,37 +42,20 @@ __device__ __forceinline__ int warp_sum_i(int v) { for (int o = 16; o > 0; o >>=
 __device__ __forceinline__ double warp_sum_d(double v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o); return v; }
 __device__ __forceinline__ float warp_max(float v) { for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o)); return v; }
 // Block-wide reductions for blocks of whole warps (at most 32 of them);
-// every thread gets the result.
-__device__ double block_sum_d(double v) {
-    __shared__ double part[32];
-    v = warp_sum_d(v);
+// every thread gets the result. `idle` is the reduction's neutral value.
+template <typename T, typename W> __device__ __forceinline__ T block_reduce(T v, T idle, W warp) {
+    __shared__ T part[32];
+    v = warp(v);
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     __syncthreads();
     if (lane == 0) part[w] = v;
     __syncthreads();
-    v = lane < nw ? part[lane] : 0.0;
-    return warp_sum_d(v);
+    v = lane < nw ? part[lane] : idle;
+    return warp(v);
 }
-__device__ int block_sum_i(int v) {
-    __shared__ int part[32];
-    v = warp_sum_i(v);
-    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    __syncthreads();
-    if (lane == 0) part[w] = v;
-    __syncthreads();
-    v = lane < nw ? part[lane] : 0;
-    return warp_sum_i(v);
-}
-__device__ float block_max(float v) {
-    __shared__ float part[32];
-    v = warp_max(v);
-    int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    __syncthreads();
-    if (lane == 0) part[w] = v;
-    __syncthreads();
-    v = lane < nw ? part[lane] : -__int_as_float(0x7f800000);
-    return warp_max(v);
-}
+__device__ double block_sum_d(double v) { return block_reduce(v, 0.0, warp_sum_d); }
+__device__ int block_sum_i(int v) { return block_reduce(v, 0, warp_sum_i); }
+__device__ float block_max(float v) { return block_reduce(v, -__int_as_float(0x7f800000), warp_max); }
 "#;
 
 /// Threads per block of the row-wise kernels (norms, attention).
