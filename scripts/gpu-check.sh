@@ -42,6 +42,16 @@ trap 'rm -rf "$work"' EXIT
 bitnet="$dir/bitnet"
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
+# The first 8 greedy token ids of a model, or the error.
+greedy() {
+  local m=$1; shift
+  local out
+  if out=$(timeout 60 "$bitnet" run -m "$m" --prompt-ids 1,2,3,4 -n 8 --temp 0 --ignore-eos --json "$@" 2>"$work/run.err"); then
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["generated_ids"])' <<<"$out" 2>/dev/null || echo "(unreadable output)"
+  else
+    echo "(failed: $(tail -1 "$work/run.err"))"
+  fi
+}
 
 echo "== GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
@@ -66,11 +76,13 @@ for t in i2_s tq2_0; do
   else
     note "bench 2b4t $t cuda: FAILED: $(tail -3 "$work/bench.err")"
   fi
-  echo "== greedy tokens, GPU against CPU, 2B4T $t"
-  gpu=$(timeout 40 "$bitnet" run -m "$m" --prompt-ids 1,2,3,4 -n 8 --temp 0 --ignore-eos --json --device cuda 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["generated_ids"])' 2>&1)
-  cpu=$(timeout 60 "$bitnet" run -m "$m" --prompt-ids 1,2,3,4 -n 8 --temp 0 --ignore-eos --json -t 16 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["generated_ids"])' 2>&1)
-  [ "$gpu" = "$cpu" ] && note "greedy 2b4t $t: same tokens $gpu" || note "greedy 2b4t $t: DIFFER gpu=$gpu cpu=$cpu"
-  rm -f "$m"
+  echo "== greedy tokens, GPU (in memory and from a CUDA artifact) against CPU, 2B4T $t"
+  timeout 60 "$bitnet" compile -m "$m" --device cuda -o "$work/2b4t-$t.bnx" 2>"$work/compile.err" || note "compile 2b4t $t --device cuda: FAILED: $(tail -3 "$work/compile.err")"
+  gpu=$(greedy "$m" --device cuda)
+  bnx=$(greedy "$work/2b4t-$t.bnx" --device cuda)
+  cpu=$(greedy "$m" -t "$(nproc)")
+  [ "$gpu" = "$cpu" ] && [ "$bnx" = "$cpu" ] && note "greedy 2b4t $t: same tokens $gpu" || note "greedy 2b4t $t: DIFFER gpu=$gpu artifact=$bnx cpu=$cpu"
+  rm -f "$m" "$work/2b4t-$t.bnx"
 done
 
 echo
