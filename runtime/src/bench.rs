@@ -36,6 +36,10 @@ pub struct GpuReport {
     pub decode_roofline: f64,
     /// Whether decode replayed a captured CUDA graph, and if not why.
     pub cuda_graphs: bool,
+    /// One decode step, kernel by kernel: milliseconds per kernel family,
+    /// slowest first (`"ternary_matmul 0.412, matmul 0.210, ..."`: a
+    /// string, so that the JSON stays flat).
+    pub decode_kernel_ms: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cuda_graph_error: Option<String>,
 }
@@ -83,10 +87,20 @@ pub fn bench(
         on_rep(rep + 1);
     }
     let decode_tok_s = median(&mut decode);
-    let gpu = match s.cuda() {
+    let at = (n_prompt.max(1) + n_gen).min(s.context - 1) as i32;
+    let gpu = match s.cuda_mut() {
         Some(c) => {
             let bw = c.copy_bandwidth()?;
-            Some(GpuReport { device: c.device.clone(), weight_bytes: c.weight_bytes, bandwidth_gb_s: bw / 1e9, decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw, cuda_graphs: c.graphs, cuda_graph_error: c.graph_error.clone() })
+            let kernels = c.profile(&[ids[0] as i32], &[at], false)?;
+            Some(GpuReport {
+                device: c.device.clone(),
+                weight_bytes: c.weight_bytes,
+                bandwidth_gb_s: bw / 1e9,
+                decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw,
+                cuda_graphs: c.graphs,
+                decode_kernel_ms: kernels.iter().map(|(f, ms, n)| format!("{f} {ms:.3} ({n} launches)")).collect::<Vec<_>>().join(", "),
+                cuda_graph_error: c.graph_error.clone(),
+            })
         }
         None => None,
     };

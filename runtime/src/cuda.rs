@@ -313,6 +313,38 @@ impl CudaModel {
         self.download(all_logits, o, seq)?.ok_or_else(|| EvalError("the graph's output is not f32".into()))
     }
 
+    /// Evaluates as [`CudaModel::eval`] does (kernel by kernel, no graph)
+    /// and times each launch with CUDA events: milliseconds and launches
+    /// per kernel family, slowest first. For finding what to speed up.
+    pub fn profile(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<Vec<(String, f64, usize)>, EvalError> {
+        let ctx = self.stream.context().clone();
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (graphs, mut by_family) = (std::mem::replace(&mut self.graphs, false), Vec::<(String, f64, usize)>::new());
+        // The first run sizes the buffers and uploads the inputs; the second is timed.
+        let first = self.run(tokens, positions, all_logits, None);
+        self.graphs = graphs;
+        first?;
+        let plan = if all_logits { &self.all } else { &self.last };
+        let launches = plan.program.launches.clone();
+        for l in &launches {
+            let (start, end) = (driver("an event", ctx.new_event(timing))?, driver("an event", ctx.new_event(timing))?);
+            driver("recording an event", start.record(&self.stream))?;
+            self.launch(all_logits, l, tokens.len())?;
+            driver("recording an event", end.record(&self.stream))?;
+            let ms = driver("timing a kernel", start.elapsed_ms(&end))? as f64;
+            let family = l.entry.rsplit_once('_').map_or(l.entry.as_str(), |(f, _)| f).to_string();
+            match by_family.iter_mut().find(|f| f.0 == family) {
+                Some(f) => {
+                    f.1 += ms;
+                    f.2 += 1;
+                }
+                None => by_family.push((family, ms, 1)),
+            }
+        }
+        by_family.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(by_family)
+    }
+
     /// Runs the one-token step as a CUDA graph, capturing it first if the
     /// buffers moved since the last capture. `false` (and graphs off) if
     /// capturing failed: the caller then launches each kernel itself.

@@ -61,6 +61,10 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
             g.bandwidth_gb_s,
             100.0 * g.decode_roofline
         );
+        println!("one decode step, kernel by kernel, ms: {}", g.decode_kernel_ms);
+        if let Some(e) = &g.cuda_graph_error {
+            println!("{e}");
+        }
     }
     Ok(())
 }
