@@ -661,3 +661,81 @@ fn upload(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The host side of the executor, which needs no GPU: launch checks,
+    //! weight layouts and the buffer plan, on a small synthetic model.
+    use super::*;
+    use bitnet_frontends::arch::Activation;
+    use bitnet_frontends::model::Model;
+    use bitnet_frontends::synth::{self, SynthShape, SynthSpec};
+    use bitnet_ir::DType;
+
+    fn model(weight_type: DType) -> (Model, std::path::PathBuf) {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("bitnet-cuda-host-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.gguf");
+        let spec = SynthSpec {
+            shape: SynthShape { hidden: 256, layers: 2, heads: 4, kv_heads: 2, ffn: 512, vocab: 100 },
+            weight_type,
+            head_type: DType::F16,
+            activation: Activation::Relu2,
+            seed: 3,
+            context: 64,
+            rope_theta: 10000.0,
+        };
+        synth::write(&spec, None, &path, |_, _| {}).unwrap();
+        (Model::open(&path).unwrap(), dir)
+    }
+
+    #[test]
+    fn launches_are_checked_against_their_graph() {
+        let (m, dir) = model(DType::TQ2_0);
+        let (g, p) = crate::session::lower_cuda(&m.graph(true).unwrap()).unwrap();
+        check(&g, &p).unwrap();
+        let mut bad = p.clone();
+        let l = bad.launches.iter_mut().find(|l| l.args.contains(&Arg::Operand(1))).unwrap();
+        l.args.push(Arg::Operand(7));
+        assert!(check(&g, &bad).unwrap_err().0.contains("does not fit its node"));
+        let mut bad = p.clone();
+        bad.launches[0].value = bitnet_ir::Value(100_000);
+        assert!(check(&g, &bad).is_err());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn weights_get_one_layout_each_with_its_device_bytes() {
+        for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
+            let (m, dir) = model(dtype);
+            let (last, all) = (crate::session::lower_cuda(&m.graph(false).unwrap()).unwrap(), crate::session::lower_cuda(&m.graph(true).unwrap()).unwrap());
+            let list = layouts(&[&last.0, &all.0], &m, &HashMap::new()).unwrap();
+            let get = |name: &str| list.iter().find(|w| w.0 == name).unwrap_or_else(|| panic!("{name} missing"));
+            // A ternary matrix: rows of 128 codes in 32 bytes; the f16 table as stored.
+            assert_eq!(get("blk.0.ffn_down.weight").1, Layout::Packed);
+            assert_eq!(get("blk.0.ffn_down.weight").2, 256 * 512 / 4);
+            assert_eq!(get("token_embd.weight").1, Layout::Stored);
+            assert_eq!(get("token_embd.weight").2, 100 * 256 * 2);
+            assert_eq!(get("blk.1.attn_norm.weight").1, Layout::F32);
+            assert_eq!(list.iter().filter(|w| w.0 == "token_embd.weight").count(), 1);
+            std::fs::remove_dir_all(dir).ok();
+        }
+    }
+
+    #[test]
+    fn inputs_have_buffers_of_their_own() {
+        let (m, dir) = model(DType::I2S);
+        for all in [false, true] {
+            let plan = DevPlan::new(crate::session::lower_cuda(&m.graph(all).unwrap()).unwrap());
+            for (v, node) in plan.graph.iter() {
+                if matches!(node.op, Op::Input { .. }) {
+                    let s = plan.slot[v.index()];
+                    assert_eq!(plan.slot.iter().filter(|&&o| o == s).count(), 1, "{v} shares its buffer");
+                }
+            }
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
