@@ -717,7 +717,7 @@ mod tests {
             assert_eq!(get("blk.0.ffn_down.weight").1, Layout::Packed);
             assert_eq!(get("blk.0.ffn_down.weight").2, 256 * 512 / 4);
             assert_eq!(get("token_embd.weight").1, Layout::Stored);
-            assert_eq!(get("token_embd.weight").2, 100 * 256 * 2);
+            assert_eq!(get("token_embd.weight").2, m.config.vocab * 256 * 2);
             assert_eq!(get("blk.1.attn_norm.weight").1, Layout::F32);
             assert_eq!(list.iter().filter(|w| w.0 == "token_embd.weight").count(), 1);
             std::fs::remove_dir_all(dir).ok();
