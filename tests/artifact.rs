@@ -9,7 +9,7 @@ use bitnet_codegen::schedule::Pinned;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
 use bitnet_runtime::artifact::{self, FORMAT_VERSION};
-use bitnet_runtime::{GenerateOptions, LoadOptions, SamplerConfig, Session};
+use bitnet_runtime::{LoadOptions, Session};
 use common::*;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
@@ -23,12 +23,6 @@ fn compile(src: &Path, out: &Path, head_q8: bool) -> Session {
     let s = Session::load(src, &opts(head_q8, 1)).unwrap();
     artifact::write(out, src, &s.model, s.compiled().unwrap(), head_q8).unwrap();
     s
-}
-
-fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
-    s.reset();
-    let opts = GenerateOptions { n_predict: n, ignore_eos: true, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, dump_logits: false };
-    s.generate(prompt, &opts, |_| {}).unwrap().generated_ids
 }
 
 fn round_trip(src: &Path, out: &Path, head_q8: bool, prompt: &[u32]) {

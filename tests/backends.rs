@@ -12,24 +12,12 @@ mod common;
 
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
-use bitnet_runtime::{Backend, GenerateOptions, LoadOptions, SamplerConfig, Session};
+use bitnet_runtime::{Backend, LoadOptions, Session};
 use common::*;
 use std::path::Path;
 
 fn load(path: &Path, backend: Backend, threads: usize) -> Session {
     Session::load(path, &LoadOptions { threads, backend, ..Default::default() }).unwrap()
-}
-
-fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
-    s.reset();
-    let opts = GenerateOptions { n_predict: n, ignore_eos: true, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, dump_logits: false };
-    s.generate(prompt, &opts, |_| {}).unwrap().generated_ids
-}
-
-/// Largest |a − b| relative to the largest |b|.
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 /// Largest difference of any logit from the interpreter's, relative to the

@@ -11,7 +11,7 @@ mod common;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
 use bitnet_ir::DType;
-use bitnet_runtime::{Backend, Device, GenerateOptions, LoadOptions, SamplerConfig, Session};
+use bitnet_runtime::{Backend, Device, LoadOptions, Session};
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -41,17 +41,6 @@ fn nvrtc_or_skip(test: &str) -> bool {
 
 fn load(path: &Path, device: Device) -> Session {
     Session::load(path, &LoadOptions { threads: 2, backend: Backend::Compiled, device, ..Default::default() }).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
-    s.reset();
-    let opts = GenerateOptions { n_predict: n, ignore_eos: true, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, dump_logits: false };
-    s.generate(prompt, &opts, |_| {}).unwrap().generated_ids
-}
-
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 /// Every f32 value of the GPU's run of `prompt` against the interpreter's

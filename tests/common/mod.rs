@@ -88,3 +88,17 @@ pub fn each_small_ternary_model(dir: &Path, mut check: impl FnMut(&Path)) {
         }
     }
 }
+
+/// The first `n` greedy tokens after `prompt`, from an empty cache.
+pub fn greedy(s: &mut bitnet_runtime::Session, prompt: &[u32], n: usize) -> Vec<u32> {
+    use bitnet_runtime::{GenerateOptions, SamplerConfig};
+    s.reset();
+    let opts = GenerateOptions { n_predict: n, ignore_eos: true, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, dump_logits: false };
+    s.generate(prompt, &opts, |_| {}).unwrap().generated_ids
+}
+
+/// Largest |a − b| relative to the largest |b|.
+pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
