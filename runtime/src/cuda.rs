@@ -208,30 +208,18 @@ impl CudaModel {
     }
 
     /// The device's copy bandwidth in bytes/s (bytes read plus bytes
-    /// written), the median of several copies of 512 MiB (less when memory
-    /// is short): the roofline decode is measured against.
+    /// written), the median of several device-to-device copies of 512 MiB
+    /// (less when memory is short): the roofline decode is measured
+    /// against. A driver copy, so it needs no NVRTC.
     pub fn copy_bandwidth(&self) -> Result<f64, EvalError> {
-        const SRC: &str = r#"extern "C" __global__ void copy(const float4* a, float4* b, unsigned long long n) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) b[i] = a[i];
-}
-"#;
-        let (major, minor) = driver("compute capability", self.stream.context().compute_capability())?;
-        let ptx = cuda::nvrtc::compile(SRC, (major * 10 + minor) as u32).map_err(EvalError)?;
-        let module = driver("loading the copy kernel", self.stream.context().load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
-        let f = driver("the copy kernel", module.load_function("copy"))?;
         let free = self.stream.context().mem_get_info().map(|m| m.0).unwrap_or(0);
-        let bytes = (512usize << 20).min(free / 4).max(16 << 20) & !15;
-        let n = (bytes / 16) as u64;
+        let bytes = (512usize << 20).min(free / 4).max(16 << 20);
         let a = driver("allocating", self.stream.alloc_zeros::<u8>(bytes))?;
         let mut b = driver("allocating", self.stream.alloc_zeros::<u8>(bytes))?;
-        let cfg = LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
         let mut times = Vec::new();
         for i in 0..8 {
             let t0 = std::time::Instant::now();
-            let mut l = self.stream.launch_builder(&f);
-            l.arg(&a).arg(&mut b).arg(&n);
-            // SAFETY: both buffers hold n float4s.
-            driver("copying", unsafe { l.launch(cfg) })?;
+            driver("copying", self.stream.memcpy_dtod(&a, &mut b))?;
             driver("copying", self.stream.synchronize())?;
             if i > 0 {
                 times.push(t0.elapsed().as_secs_f64());
