@@ -6,9 +6,9 @@
 //! - relu²: `(g > 0 ? g : 0)²· u` (a comparison, so NaN gives 0 as `f32::max` does);
 //! - SiLU: `(g / (1 + exp(−g))) · u`.
 
-use super::{begin, define_all, end, host_isa, ModuleBox};
+use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
 use bitnet_ir::GateAct;
-use cranelift_codegen::ir::{condcodes::FloatCC, condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature};
+use cranelift_codegen::ir::{condcodes::FloatCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -87,49 +87,34 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     let lanes = [(4usize, types::F32X4), (1, types::F32)];
     for &(width, ty) in if step == 4 { &lanes[..] } else { &lanes[1..] } {
         let end = if width == 4 { vec_end } else { n };
-        let header = b.create_block();
-        let body = b.create_block();
-        let exit = b.create_block();
-        b.append_block_param(header, ptr);
-        b.ins().jump(header, &[start.into()]);
-        b.switch_to_block(header);
-        let i = b.block_params(header)[0];
-        let more = b.ins().icmp(IntCC::UnsignedLessThan, i, end);
-        b.ins().brif(more, body, &[], exit, &[i.into()]);
-        b.append_block_param(exit, ptr);
-
-        b.switch_to_block(body);
-        let off = b.ins().ishl_imm_u(i, 2);
-        let (gp, upp, op) = (b.ins().iadd(gate, off), b.ins().iadd(up, off), b.ins().iadd(out, off));
-        let g = b.ins().load(ty, flags, gp, 0);
-        let u = b.ins().load(ty, flags, upp, 0);
-        let a = match act {
-            GateAct::Relu2 => {
-                let z = if width == 4 { b.ins().splat(ty, zero) } else { zero };
-                let pos = b.ins().fcmp(FloatCC::GreaterThan, g, z);
-                let r = if width == 4 {
-                    let mask = b.ins().bitcast(ty, MemFlagsData::new(), pos);
-                    b.ins().bitselect(mask, g, z)
-                } else {
-                    b.ins().select(pos, g, z)
-                };
-                b.ins().fmul(r, r)
-            }
-            GateAct::Silu => {
-                let neg = b.ins().fneg(g);
-                let call = b.ins().call(expf, &[neg]);
-                let e = b.inst_results(call)[0];
-                let d = b.ins().fadd(one, e);
-                b.ins().fdiv(g, d)
-            }
-        };
-        let v = b.ins().fmul(a, u);
-        b.ins().store(flags, v, op, 0);
-        let next = b.ins().iadd_imm_u(i, width as i64);
-        b.ins().jump(header, &[next.into()]);
-
-        b.switch_to_block(exit);
-        start = b.block_params(exit)[0];
+        start = emit_loop(&mut b, ptr, start, end, width as i64, |b, i| {
+            let off = b.ins().ishl_imm_u(i, 2);
+            let (gp, upp, op) = (b.ins().iadd(gate, off), b.ins().iadd(up, off), b.ins().iadd(out, off));
+            let g = b.ins().load(ty, flags, gp, 0);
+            let u = b.ins().load(ty, flags, upp, 0);
+            let a = match act {
+                GateAct::Relu2 => {
+                    let z = if width == 4 { b.ins().splat(ty, zero) } else { zero };
+                    let pos = b.ins().fcmp(FloatCC::GreaterThan, g, z);
+                    let r = if width == 4 {
+                        let mask = b.ins().bitcast(ty, MemFlagsData::new(), pos);
+                        b.ins().bitselect(mask, g, z)
+                    } else {
+                        b.ins().select(pos, g, z)
+                    };
+                    b.ins().fmul(r, r)
+                }
+                GateAct::Silu => {
+                    let neg = b.ins().fneg(g);
+                    let call = b.ins().call(expf, &[neg]);
+                    let e = b.inst_results(call)[0];
+                    let d = b.ins().fadd(one, e);
+                    b.ins().fdiv(g, d)
+                }
+            };
+            let v = b.ins().fmul(a, u);
+            b.ins().store(flags, v, op, 0);
+        });
     }
     end(b, config);
 }

@@ -19,7 +19,7 @@ pub use elementwise::GluJit;
 pub use norm_quant::NormQuantJit;
 pub use ternary::TernaryJit;
 
-use cranelift_codegen::ir::{Function, InstBuilder, Signature, UserFuncName, Value};
+use cranelift_codegen::ir::{condcodes::IntCC, types::Type, Function, InstBuilder, Signature, UserFuncName, Value};
 use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -75,6 +75,25 @@ pub(crate) fn begin(b: &mut FunctionBuilder) -> Vec<Value> {
 }
 
 /// Ends a body: return nothing, seal every block, finish.
+/// Emits `i = start; while i < end (unsigned) { body(i); i += step }` and
+/// returns `i` as the loop leaves it.
+pub(crate) fn emit_loop(b: &mut FunctionBuilder, ptr: Type, start: Value, end: Value, step: i64, mut body: impl FnMut(&mut FunctionBuilder, Value)) -> Value {
+    let (header, block, exit) = (b.create_block(), b.create_block(), b.create_block());
+    b.append_block_param(header, ptr);
+    b.append_block_param(exit, ptr);
+    b.ins().jump(header, &[start.into()]);
+    b.switch_to_block(header);
+    let i = b.block_params(header)[0];
+    let more = b.ins().icmp(IntCC::UnsignedLessThan, i, end);
+    b.ins().brif(more, block, &[], exit, &[i.into()]);
+    b.switch_to_block(block);
+    body(b, i);
+    let next = b.ins().iadd_imm_u(i, step);
+    b.ins().jump(header, &[next.into()]);
+    b.switch_to_block(exit);
+    b.block_params(exit)[0]
+}
+
 pub(crate) fn end(mut b: FunctionBuilder, config: TargetFrontendConfig) {
     b.ins().return_(&[]);
     b.seal_all_blocks();

@@ -10,8 +10,8 @@
 //!   from zero; Cranelift's `nearest` rounds them to even, so halves are
 //!   found and fixed), and NaN → 0 as `as i8` does.
 
-use super::{begin, define_all, end, host_isa, ModuleBox};
-use cranelift_codegen::ir::{condcodes::FloatCC, condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value};
+use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
+use cranelift_codegen::ir::{condcodes::FloatCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -64,34 +64,13 @@ impl NormQuantJit {
     }
 }
 
-/// A counted loop `for i in 0..n { body(i) }` over loop-carried variables.
-fn counted(b: &mut FunctionBuilder, ptr: types::Type, n: Value, mut body: impl FnMut(&mut FunctionBuilder, Value)) {
-    let header = b.create_block();
-    let block = b.create_block();
-    let exit = b.create_block();
-    let i = b.declare_var(ptr);
-    let zero = b.ins().iconst(ptr, 0);
-    b.def_var(i, zero);
-    b.ins().jump(header, &[]);
-    b.switch_to_block(header);
-    let iv = b.use_var(i);
-    let more = b.ins().icmp(IntCC::UnsignedLessThan, iv, n);
-    b.ins().brif(more, block, &[], exit, &[]);
-    b.switch_to_block(block);
-    let iv = b.use_var(i);
-    body(b, iv);
-    let next = b.ins().iadd_imm_u(iv, 1);
-    b.def_var(i, next);
-    b.ins().jump(header, &[]);
-    b.switch_to_block(exit);
-}
-
 fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, norm: bool) {
     let ptr = config.pointer_type();
     let mut b = FunctionBuilder::new(func, fbc);
     let p = begin(&mut b);
     let (x, w, k, eps, y, q, out) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let flags = MemFlagsData::new().with_notrap();
+    let i0 = b.ins().iconst(ptr, 0);
     let at = |b: &mut FunctionBuilder, base: Value, i: Value, shift: i64| {
         let off = b.ins().ishl_imm_u(i, shift);
         b.ins().iadd(base, off)
@@ -102,7 +81,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
         let acc = b.declare_var(types::F64);
         let z = b.ins().f64const(0.0);
         b.def_var(acc, z);
-        counted(&mut b, ptr, k, |b, i| {
+        emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
             let a = at(b, x, i, 2);
             let v = b.ins().load(types::F32, flags, a, 0);
             let v = b.ins().fpromote(types::F64, v);
@@ -119,7 +98,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
         let root = b.ins().sqrt(m);
         let one = b.ins().f32const(1.0);
         let scale = b.ins().fdiv(one, root);
-        counted(&mut b, ptr, k, |b, i| {
+        emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
             let (xa, wa, ya) = (at(b, x, i, 2), at(b, w, i, 2), at(b, y, i, 2));
             let v = b.ins().load(types::F32, flags, xa, 0);
             let g = b.ins().load(types::F32, flags, wa, 0);
@@ -136,7 +115,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     let amax = b.declare_var(types::F32);
     let z = b.ins().f32const(0.0);
     b.def_var(amax, z);
-    counted(&mut b, ptr, k, |b, i| {
+    emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
         let a = at(b, src, i, 2);
         let v = b.ins().load(types::F32, flags, a, 0);
         let v = b.ins().fabs(v);
@@ -156,7 +135,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     let sum = b.declare_var(types::I32);
     let zi = b.ins().iconst(types::I32, 0);
     b.def_var(sum, zi);
-    counted(&mut b, ptr, k, |b, i| {
+    emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
         let a = at(b, src, i, 2);
         let v = b.ins().load(types::F32, flags, a, 0);
         let t = b.ins().fmul(v, gamma);

@@ -12,7 +12,7 @@
 //! vectors are 128 bits wide, so this is a candidate the autotuner weighs
 //! against the 256-bit native kernels, not a replacement for them.
 
-use super::{begin, define_all, end, host_isa, ModuleBox};
+use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
 use cranelift_codegen::ir;
 use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
@@ -77,9 +77,6 @@ fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: Tar
     let ptr = config.pointer_type();
     let mut b = FunctionBuilder::new(func, fbc);
     let params = begin(&mut b);
-    let header = b.create_block();
-    let body = b.create_block();
-    let exit = b.create_block();
     let (tile, chunks, xs, out) = (params[0], params[1], params[2], params[3]);
     // Weights are read-only and never trap here, so Cranelift may move
     // their loads; nothing is assumed aligned.
@@ -96,59 +93,45 @@ fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: Tar
             v
         })
         .collect();
-    let c_var = b.declare_var(ptr);
     let c0 = b.ins().iconst(ptr, 0);
-    b.def_var(c_var, c0);
-    b.ins().jump(header, &[]);
-
-    b.switch_to_block(header);
-    let c = b.use_var(c_var);
-    let more = b.ins().icmp(ir::condcodes::IntCC::UnsignedLessThan, c, chunks);
-    b.ins().brif(more, body, &[], exit, &[]);
-
-    b.switch_to_block(body);
-    let c = b.use_var(c_var);
-    let mask_byte = b.ins().iconst(types::I16, 0x0303);
-    let mask = b.ins().splat(types::I16X8, mask_byte);
-    // This chunk's rows start at tile + c · rows · 32.
-    let row_bytes = b.ins().imul_imm_u(c, (rows * 32) as i64);
-    let chunk_base = b.ins().iadd(tile, row_bytes);
-    let x_off = b.ins().imul_imm_u(c, 128);
-    let x_base: Vec<Value> = x.iter().map(|&p| b.ins().iadd(p, x_off)).collect();
-    for r in 0..rows {
-        let packed: Vec<Value> = (0..2).map(|h| b.ins().load(types::I8X16, weights, chunk_base, (r * 32 + 16 * h) as i32)).collect();
-        let mut sums: Vec<Option<Value>> = vec![None; tokens];
-        for field in 0..4 {
-            for (h, &p) in packed.iter().enumerate() {
-                let wide = b.ins().bitcast(types::I16X8, little, p);
-                let shift = b.ins().iconst(types::I32, (6 - 2 * field) as i64);
-                let shifted = b.ins().ushr(wide, shift);
-                let masked = b.ins().band(shifted, mask);
-                let codes = b.ins().bitcast(types::I8X16, little, masked);
-                for (j, sum) in sums.iter_mut().enumerate() {
-                    let xv = b.ins().load(types::I8X16, plain, x_base[j], (32 * field + 16 * h) as i32);
-                    let prod = b.ins().x86_pmaddubsw(xv, codes);
-                    *sum = Some(match *sum {
-                        Some(s) => b.ins().iadd(s, prod),
-                        None => prod,
-                    });
+    emit_loop(&mut b, ptr, c0, chunks, 1, |b, c| {
+        let mask_byte = b.ins().iconst(types::I16, 0x0303);
+        let mask = b.ins().splat(types::I16X8, mask_byte);
+        // This chunk's rows start at tile + c · rows · 32.
+        let row_bytes = b.ins().imul_imm_u(c, (rows * 32) as i64);
+        let chunk_base = b.ins().iadd(tile, row_bytes);
+        let x_off = b.ins().imul_imm_u(c, 128);
+        let x_base: Vec<Value> = x.iter().map(|&p| b.ins().iadd(p, x_off)).collect();
+        for r in 0..rows {
+            let packed: Vec<Value> = (0..2).map(|h| b.ins().load(types::I8X16, weights, chunk_base, (r * 32 + 16 * h) as i32)).collect();
+            let mut sums: Vec<Option<Value>> = vec![None; tokens];
+            for field in 0..4 {
+                for (h, &p) in packed.iter().enumerate() {
+                    let wide = b.ins().bitcast(types::I16X8, little, p);
+                    let shift = b.ins().iconst(types::I32, (6 - 2 * field) as i64);
+                    let shifted = b.ins().ushr(wide, shift);
+                    let masked = b.ins().band(shifted, mask);
+                    let codes = b.ins().bitcast(types::I8X16, little, masked);
+                    for (j, sum) in sums.iter_mut().enumerate() {
+                        let xv = b.ins().load(types::I8X16, plain, x_base[j], (32 * field + 16 * h) as i32);
+                        let prod = b.ins().x86_pmaddubsw(xv, codes);
+                        *sum = Some(match *sum {
+                            Some(s) => b.ins().iadd(s, prod),
+                            None => prod,
+                        });
+                    }
                 }
             }
+            for (j, sum) in sums.into_iter().enumerate() {
+                let sum = sum.expect("four fields");
+                let (lo, hi) = (b.ins().swiden_low(sum), b.ins().swiden_high(sum));
+                let widened = b.ins().iadd_pairwise(lo, hi);
+                let a = b.use_var(acc[r * tokens + j]);
+                let a = b.ins().iadd(a, widened);
+                b.def_var(acc[r * tokens + j], a);
+            }
         }
-        for (j, sum) in sums.into_iter().enumerate() {
-            let sum = sum.expect("four fields");
-            let (lo, hi) = (b.ins().swiden_low(sum), b.ins().swiden_high(sum));
-            let widened = b.ins().iadd_pairwise(lo, hi);
-            let a = b.use_var(acc[r * tokens + j]);
-            let a = b.ins().iadd(a, widened);
-            b.def_var(acc[r * tokens + j], a);
-        }
-    }
-    let next = b.ins().iadd_imm_u(c, 1);
-    b.def_var(c_var, next);
-    b.ins().jump(header, &[]);
-
-    b.switch_to_block(exit);
+    });
     for r in 0..rows {
         for j in 0..tokens {
             let a = b.use_var(acc[r * tokens + j]);
