@@ -40,7 +40,8 @@ fn nvrtc_or_skip(test: &str) -> bool {
 }
 
 fn load(path: &Path, device: Device) -> Session {
-    Session::load(path, &LoadOptions { threads: 2, backend: Backend::Compiled, device, ..Default::default() }).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    Session::load(path, &LoadOptions { threads: 2, backend: Backend::Compiled, device, ..Default::default() })
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Every f32 value of the GPU's run of `prompt` against the interpreter's
@@ -199,7 +200,9 @@ fn cuda_artifacts_are_written_without_a_gpu_and_refused_clearly() {
     if bitnet_runtime::cuda::device().is_ok() {
         assert!(e.contains("does not fit its node"), "{e}");
         // Serialize, then reload: the artifact's tokens are the in-memory ones.
-        let run = |m: &Path| bitnet(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", "1,17,42", "-n", "12", "--temp", "0", "--ignore-eos", "--device", "cuda", "--json"]);
+        let run = |m: &Path| {
+            bitnet(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", "1,17,42", "-n", "12", "--temp", "0", "--ignore-eos", "--device", "cuda", "--json"])
+        };
         let (a, b) = (run(&bnx), run(&src));
         assert!(a.status.success(), "{}", stderr(&a));
         let ids = |o: &std::process::Output| serde_json::from_str::<serde_json::Value>(&stdout(o)).unwrap()["generated_ids"].clone();

@@ -178,7 +178,9 @@ pub(crate) enum Item<'a> {
     Int8(&'a Int8Rows),
     /// The model's tensor as stored; expanded to f32 at load (`floats`) or
     /// read in place.
-    Model { floats: bool },
+    Model {
+        floats: bool,
+    },
 }
 
 /// The header's parts that differ between targets.
@@ -298,7 +300,11 @@ pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32) -> Result<W
         })
         .collect();
     let graph = |g: &Graph| CompiledGraph { graph: g.to_string(), schedule: Schedule::default() };
-    let target = TargetInfo { device: "cuda".into(), fingerprint: format!("sm_{sm}"), description: format!("PTX for compute_{sm} and later GPUs, from NVRTC {major}.{minor}") };
+    let target = TargetInfo {
+        device: "cuda".into(),
+        fingerprint: format!("sm_{sm}"),
+        description: format!("PTX for compute_{sm} and later GPUs, from NVRTC {major}.{minor}"),
+    };
     let cuda = CudaSection { sm, nvrtc: format!("{major}.{minor}"), ptx, last: last.1.clone(), all: all.1.clone() };
     let parts = Parts { target, head: "stored".into(), last: graph(&last.0), all: graph(&all.0), cuda: Some(cuda) };
     write_parts(out, source, model, parts, items)

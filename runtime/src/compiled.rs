@@ -397,7 +397,9 @@ fn kernel(
             }
         }
         Op::RmsNorm { eps } => ops::rms_norm(floats(&args[0])?, floats(&args[1])?, *eps, f32_buf(out, len)),
-        Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => ops::quantize_rows_on(pool, floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out)),
+        Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => {
+            ops::quantize_rows_on(pool, floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out))
+        }
         Op::QuantizeAct { scheme: ActQuant::PerToken } => ops::quantize_rows_on(pool, floats(&args[0])?, cols, None, q8_buf(out)),
         Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return err("q8_k activations are not compiled"),
         Op::MatMul => match (tiles, &args[1]) {

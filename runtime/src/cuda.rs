@@ -142,7 +142,9 @@ impl CudaModel {
                     // kernel's own; past 48 KiB in all a kernel must opt in.
                     let bytes = context * 4;
                     let fixed = f.shared_size_bytes().unwrap_or(1024).max(0) as usize;
-                    let most = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap_or(48 * 1024) as usize;
+                    let most = ctx
+                        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                        .unwrap_or(48 * 1024) as usize;
                     if bytes + fixed > most {
                         return err(format!(
                             "attention keeps a score per position in shared memory: a context of {context} needs {} KiB, {device} gives {} KiB; lower it with -c {}",
@@ -528,7 +530,11 @@ impl DevPlan {
             self.bufs[s] = Some(match self.kinds[s] {
                 Kind::F32 => DevBuf::F32(driver(alloc, stream.alloc_zeros(e))?),
                 Kind::I32 => DevBuf::I32(driver(alloc, stream.alloc_zeros(e))?),
-                Kind::Q8 => DevBuf::Q8 { q: driver(alloc, stream.alloc_zeros(e))?, gamma: driver(alloc, stream.alloc_zeros(r))?, sum: driver(alloc, stream.alloc_zeros(r))? },
+                Kind::Q8 => DevBuf::Q8 {
+                    q: driver(alloc, stream.alloc_zeros(e))?,
+                    gamma: driver(alloc, stream.alloc_zeros(r))?,
+                    sum: driver(alloc, stream.alloc_zeros(r))?,
+                },
             });
             self.capacity[s] = e;
             self.rows[s] = r;
@@ -574,7 +580,11 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
 }
 
 /// Each weight the graphs read, its layout and its bytes on the device.
-pub(crate) fn layouts(graphs: &[&Graph], weights: &dyn WeightSource, prepacked: &HashMap<String, PackedTernary>) -> Result<Vec<(String, Layout, usize)>, EvalError> {
+pub(crate) fn layouts(
+    graphs: &[&Graph],
+    weights: &dyn WeightSource,
+    prepacked: &HashMap<String, PackedTernary>,
+) -> Result<Vec<(String, Layout, usize)>, EvalError> {
     let mut out: Vec<(String, Layout, usize)> = Vec::new();
     for g in graphs {
         for (_, node) in g.iter() {

@@ -111,7 +111,9 @@ impl Session {
         let mut warnings = Vec::new();
         let (compiled, cuda) = match (opts.backend, opts.device) {
             (Backend::Interp, Device::Cpu) => (None, None),
-            (Backend::Interp, Device::Cuda) => return Err(RuntimeError::Input("--backend interp runs on the CPU only; drop it to run compiled code on the GPU".into())),
+            (Backend::Interp, Device::Cuda) => {
+                return Err(RuntimeError::Input("--backend interp runs on the CPU only; drop it to run compiled code on the GPU".into()))
+            }
             (Backend::Compiled, Device::Cpu) => (Some(compile(&model, &graph_last, &graph_all, opts, &mut warnings)?), None),
             (Backend::Compiled, Device::Cuda) => (None, Some(compile_cuda(&model, &graph_last, &graph_all, opts, context)?)),
         };
@@ -166,13 +168,17 @@ impl Session {
 
     fn load_cuda_artifact(path: &Path, a: Artifact, opts: &LoadOptions, t0: Instant) -> Result<Session, RuntimeError> {
         if opts.backend == Backend::Interp || opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
-            return Err(RuntimeError::Artifact(format!("{}: a CUDA artifact runs its compiled kernels as they are; drop --backend, --head and tile options", path.display())));
+            return Err(RuntimeError::Artifact(format!(
+                "{}: a CUDA artifact runs its compiled kernels as they are; drop --backend, --head and tile options",
+                path.display()
+            )));
         }
         let warnings = a.check_target(path)?;
         let (last, all, ptx, packed) = a.cuda(path)?;
         let graphs = (last.0.clone(), all.0.clone());
         let context = opts.context.unwrap_or(a.model.config.context).max(1);
-        let cuda = CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
+        let cuda =
+            CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
         let header = a.header.clone();
         Self::assemble(a.model, graphs, (None, Some(cuda)), opts, t0, warnings, Some(header))
     }

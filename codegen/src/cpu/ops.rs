@@ -5,8 +5,8 @@
 //! products excepted: they are vectorized, so summed in another order);
 //! only the work is spread over threads and fused passes.
 
-use super::pool::{share, Pool, SharedMut};
 use super::float;
+use super::pool::{share, Pool, SharedMut};
 use super::ternary::QuantActs;
 use bitnet_ir::interp::{kernels, EvalError, KvCache};
 use bitnet_ir::{GateAct, RopeMode};

@@ -208,7 +208,14 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
             }
             Op::Attention { layer, heads, kv_heads, head_dim } => {
                 let kv_row = kv_heads * head_dim;
-                b.launch(v, "kv_store", k::kv_store(kv_row), Grid::PerRow, rb, vec![Operand(1), Operand(2), Operand(3), KeyCache(*layer), ValueCache(*layer), Rows(None)]);
+                b.launch(
+                    v,
+                    "kv_store",
+                    k::kv_store(kv_row),
+                    Grid::PerRow,
+                    rb,
+                    vec![Operand(1), Operand(2), Operand(3), KeyCache(*layer), ValueCache(*layer), Rows(None)],
+                );
                 let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim));
                 b.launches.push(Launch {
                     value: v,

@@ -27,7 +27,8 @@ fn probe() -> &'static Result<PathBuf, String> {
         } else {
             candidates.extend(["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"].map(PathBuf::from));
             candidates.extend(toolkit_dirs().into_iter().map(|d| d.join("lib64/libnvrtc.so")));
-            candidates.extend(wheel_dirs().into_iter().flat_map(|d| [d.join("nvidia/cuda_nvrtc/lib/libnvrtc.so.12"), d.join("nvidia/cu13/lib/libnvrtc.so.13")]));
+            candidates
+                .extend(wheel_dirs().into_iter().flat_map(|d| [d.join("nvidia/cuda_nvrtc/lib/libnvrtc.so.12"), d.join("nvidia/cu13/lib/libnvrtc.so.13")]));
         }
         for c in candidates {
             let by_name = c.components().count() == 1;
@@ -123,7 +124,8 @@ fn wheel_dirs() -> Vec<PathBuf> {
     let mut out = Vec::new();
     for p in prefixes {
         let Ok(entries) = std::fs::read_dir(p.join("lib")) else { continue };
-        let mut pythons: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|e| e.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3"))).collect();
+        let mut pythons: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|e| e.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3"))).collect();
         pythons.sort();
         for py in pythons {
             out.extend([py.join("site-packages"), py.join("dist-packages")].into_iter().filter(|d| d.is_dir()));
