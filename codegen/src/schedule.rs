@@ -169,7 +169,7 @@ pub struct Pinned {
 /// rows per step and four tokens per step in prefill.
 pub fn heuristic(key: &WorkloadKey, isa: Isa) -> Tiles {
     if key.0.starts_with("ternary_matmul") {
-        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens: 4, split: Default::default() })
+        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens: 2, split: Default::default() })
     } else {
         Tiles::Float { isa }
     }

@@ -309,11 +309,13 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
     let chunks = Chunks::new(n_tiles, pool.threads());
     pool.run(&|me, workers| {
         let mut dots = [[0i32; 4]; 4];
+        let mut codes = Vec::new();
         let mut tile = |t: usize, tokens: std::ops::Range<usize>| {
+            let unpacked = tiles.tokens > 1 && tokens.len() >= tiles.tokens && unpack_tile(tiles.isa, w, t, &mut codes);
             let mut tok = tokens.start;
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
-                tile_dots(tiles.isa, w, t, x, tok, step, &mut dots);
+                tile_dots(tiles.isa, w, t, unpacked.then_some(&codes[..]), x, tok, step, &mut dots);
                 for (r, row) in dots.iter().enumerate().take(w.rows) {
                     let n = t * w.rows + r;
                     if n >= w.n {
@@ -338,12 +340,31 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
     });
 }
 
-/// The code-times-activation sums of tile `t` against tokens `tok..tok+step`.
-fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
+/// Prefill on AVX2 first unpacks a tile's codes to one byte each
+/// ([`avx2::unpack`]), once for all its tokens, so that the inner loop is
+/// only multiplies and adds. `false` where the ISA reads packed codes.
+fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut Vec<u8>) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            avx2::unpack(w.rows, w.tile(t), w.chunks(), codes);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The code-times-activation sums of tile `t` against tokens `tok..tok+step`,
+/// from the tile's `codes` when [`unpack_tile`] made them.
+#[allow(clippy::too_many_arguments)]
+fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, codes: Option<&[u8]>, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
     match isa {
         Isa::Scalar => reference_dots(w, t, x, tok, step, dots),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
+        Isa::Avx2 => match codes {
+            Some(codes) if step > 1 => avx2::unpacked_dots(w.rows, step, codes, w.chunks(), x, tok, dots),
+            _ => avx2::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
+        },
         Isa::Cranelift => jit_dots(w, t, x, tok, step, dots),
         #[allow(unreachable_patterns)]
         _ => unreachable!("checked by matmul"),
@@ -442,6 +463,98 @@ mod avx2 {
         for r in 0..R {
             for j in 0..T {
                 out[r][j] = hsum(acc[r][j]);
+            }
+        }
+    }
+
+    /// Writes a tile's codes one per byte: for each chunk, its four code
+    /// groups (bits 7:6, 5:4, 3:2, 1:0 of the packed bytes) in turn, each
+    /// group's rows one after the other, 32 bytes each.
+    pub(super) fn unpack(rows: usize, tile: &[u8], chunks: usize, codes: &mut Vec<u8>) {
+        assert_eq!(tile.len(), chunks * rows * CHUNK_BYTES);
+        codes.resize(4 * tile.len(), 0);
+        // SAFETY: `matmul` checked that AVX2 is present; both lengths are set above.
+        unsafe { unpack_avx2(rows, tile, chunks, codes) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn unpack_avx2(rows: usize, tile: &[u8], chunks: usize, codes: &mut [u8]) {
+        let mask = _mm256_set1_epi8(3);
+        let (src, dst) = (tile.as_ptr(), codes.as_mut_ptr());
+        for c in 0..chunks {
+            for r in 0..rows {
+                let b = _mm256_loadu_si256(src.add((c * rows + r) * CHUNK_BYTES) as *const __m256i);
+                let groups = [_mm256_srli_epi16::<6>(b), _mm256_srli_epi16::<4>(b), _mm256_srli_epi16::<2>(b), b];
+                for (g, v) in groups.into_iter().enumerate() {
+                    _mm256_storeu_si256(dst.add(((c * 4 + g) * rows + r) * CHUNK_BYTES) as *mut __m256i, _mm256_and_si256(v, mask));
+                }
+            }
+        }
+    }
+
+    /// Prefill from unpacked codes (see [`unpack`]).
+    pub(super) fn unpacked_dots(rows: usize, step: usize, codes: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
+        assert!(codes.len() == chunks * 4 * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens());
+        let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+        // SAFETY: `matmul` checked that AVX2 is present; lengths are checked above.
+        unsafe {
+            match (rows, step) {
+                (1, 2) => gemm::<1, 1, 2>(codes, 0, chunks, &xs, out),
+                (1, 4) => gemm::<1, 1, 4>(codes, 0, chunks, &xs, out),
+                (2, 2) => gemm::<2, 2, 2>(codes, 0, chunks, &xs, out),
+                (2, 4) => gemm::<2, 2, 4>(codes, 0, chunks, &xs, out),
+                (4, 2) => gemm::<4, 4, 2>(codes, 0, chunks, &xs, out),
+                (4, 4) => {
+                    // Sixteen accumulators would not fit in 16 registers:
+                    // two passes of two rows, the second with the
+                    // activations in L1 still.
+                    gemm::<4, 2, 4>(codes, 0, chunks, &xs, out);
+                    gemm::<4, 2, 4>(codes, 2, chunks, &xs, out);
+                }
+                _ => unreachable!("tiles are validated; one token reads packed codes"),
+            }
+        }
+    }
+
+    /// Chunks whose 16-bit sums may add up before they could overflow: one
+    /// chunk adds between 4 · 2 · 2 · (−128) = −2048 and 2032 to a lane,
+    /// 16 of them between −32768 and 32512, which i16 holds.
+    const I16_CHUNKS: usize = 16;
+
+    /// Rows `r0..r0 + RS` of a tile of `RL` rows, against `T` tokens, from
+    /// unpacked codes. Written for the 16 registers: `RS · T` ≤ 8 16-bit
+    /// accumulators, `RS` code vectors and one activation vector live, so
+    /// nothing spills and each 32 products cost one `pmaddubsw` and one
+    /// add. Sums widen to 32 bits (`pmaddwd`) every [`I16_CHUNKS`] chunks.
+    #[target_feature(enable = "avx2")]
+    unsafe fn gemm<const RL: usize, const RS: usize, const T: usize>(codes: &[u8], r0: usize, chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
+        let ones = _mm256_set1_epi16(1);
+        let mut wide = [[_mm256_setzero_si256(); T]; RS];
+        let w = codes.as_ptr().add(r0 * CHUNK_BYTES);
+        let mut c0 = 0;
+        while c0 < chunks {
+            let c1 = (c0 + I16_CHUNKS).min(chunks);
+            let mut acc = [[_mm256_setzero_si256(); T]; RS];
+            for g in c0 * 4..c1 * 4 {
+                let at = w.add(g * RL * CHUNK_BYTES);
+                let cv: [__m256i; RS] = std::array::from_fn(|r| _mm256_loadu_si256(at.add(r * CHUNK_BYTES) as *const __m256i));
+                for j in 0..T {
+                    let x = _mm256_loadu_si256(xs[j].add(g * 32) as *const __m256i);
+                    for r in 0..RS {
+                        acc[r][j] = _mm256_add_epi16(acc[r][j], _mm256_maddubs_epi16(cv[r], x));
+                    }
+                }
+            }
+            for r in 0..RS {
+                for j in 0..T {
+                    wide[r][j] = _mm256_add_epi32(wide[r][j], _mm256_madd_epi16(acc[r][j], ones));
+                }
+            }
+            c0 = c1;
+        }
+        for r in 0..RS {
+            for j in 0..T {
+                out[r0 + r][j] = hsum(wide[r][j]);
             }
         }
     }
