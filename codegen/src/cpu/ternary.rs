@@ -286,16 +286,32 @@ fn byte_lut(reverse: bool) -> [u8; 256] {
     })
 }
 
+/// The epilogue of one token `t`'s results for the rows `n..n + len` of a
+/// tile (`len` ≤ 4, `dots[r]` for row `n + r`), written to `out`. Four
+/// lanes at a time, so that the compiler keeps them in one vector (a
+/// scalar loop waited on each division in turn); each lane is the
+/// interpreter's arithmetic, IEEE division included.
 #[inline(always)]
-fn finish(dot: i32, x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> f32 {
-    let mut v = ((dot - x.sum[t]) as f32 * w.scale) / x.gamma[t];
+fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n: usize, out: &mut [f32]) {
+    let len = out.len();
+    let (sum, gamma) = (x.sum[t], x.gamma[t]);
+    let mut v = [0f32; 4];
+    for r in 0..4 {
+        v[r] = ((dots[r] - sum) as f32 * w.scale) / gamma;
+    }
     if let Some(s) = ep.scale {
-        v *= s;
+        for v in &mut v {
+            *v *= s;
+        }
     }
-    if let Some(r) = ep.residual {
-        v += r[t * w.n + n];
+    if let Some(res) = ep.residual {
+        let mut add = [0f32; 4];
+        add[..len].copy_from_slice(&res[t * w.n + n..][..len]);
+        for r in 0..4 {
+            v[r] += add[r];
+        }
     }
-    v
+    out.copy_from_slice(&v[..len]);
 }
 
 /// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
@@ -316,15 +332,12 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
                 tile_dots(tiles.isa, w, t, unpacked.then_some(&codes[..]), x, tok, step, &mut dots);
-                for (r, row) in dots.iter().enumerate().take(w.rows) {
-                    let n = t * w.rows + r;
-                    if n >= w.n {
-                        break;
-                    }
-                    for (j, &dot) in row[..step].iter().enumerate() {
-                        // SAFETY: each (token, row) pair belongs to one worker alone.
-                        unsafe { *dst.ptr().add((tok + j) * w.n + n) = finish(dot, x, tok + j, w, &ep, n) };
-                    }
+                let n = t * w.rows;
+                let len = w.rows.min(w.n - n);
+                for j in 0..step {
+                    // SAFETY: each (token, row) pair belongs to one worker alone.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((tok + j) * w.n + n), len) };
+                    finish(dots.map(|row| row[j]), x, tok + j, w, &ep, n, out);
                 }
                 tok += step;
             }
