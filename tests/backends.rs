@@ -60,9 +60,9 @@ fn the_compiled_graph_is_fused_and_scheduled() {
     let s = load(&path, Backend::Compiled, 1);
     let c = s.compiled().unwrap();
     let text = c.graph(false).to_string();
-    assert!(text.contains("rms_norm_quant") && text.contains("glu") && text.contains("epilogue=residual"), "{text}");
-    // Seven projections per layer, and the head.
-    assert_eq!(c.schedule(false).steps.len(), 3 * 7 + 1, "{}", c.schedule(false));
+    assert!(text.contains("rms_norm_quant") && text.contains("ternary_glu") && text.contains("epilogue=residual"), "{text}");
+    // Seven projections per layer, gate and up as one product, and the head.
+    assert_eq!(c.schedule(false).steps.len(), 3 * 6 + 1, "{}", c.schedule(false));
     std::fs::remove_dir_all(dir).ok();
 }
 

@@ -188,14 +188,14 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             Op::QuantizeAct { scheme: ActQuant::Q8K } | Op::RmsNormQuant { scheme: ActQuant::Q8K, .. } => {
                 return refuse("quantizes activations per token only (not llama.cpp's q8_k blocks)")
             }
-            Op::TernaryMatMul(_) | Op::MatMul => {
+            Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::MatMul => {
                 let w = g.ty(node.args[1]);
                 if matches!(node.op, Op::MatMul) && g.ty(node.args[0]).dtype == DType::Q8Row {
                     return refuse("multiplies float weights by float activations only");
                 }
                 let (n, k) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
                 match node.op {
-                    Op::TernaryMatMul(_) => Workload::Ternary { n, k }.key(),
+                    Op::TernaryMatMul(_) | Op::TernaryGlu { .. } => Workload::Ternary { n, k }.key(),
                     _ => Workload::Float { n, k, dtype: w.dtype }.key(),
                 }
             }
@@ -203,7 +203,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
         };
         let head = g.outputs.contains(&v) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32);
         let (tiles, origin) = match (&node.op, pinned.ternary) {
-            (Op::TernaryMatMul(_), Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
+            (Op::TernaryMatMul(_) | Op::TernaryGlu { .. }, Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _) if head && pinned.head_q8 => (Tiles::Int8 { isa }, TileOrigin::Pinned),
             _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key)) {
                 Some(t) => (t, TileOrigin::Database),

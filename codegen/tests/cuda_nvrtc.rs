@@ -33,6 +33,9 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
             for (scale, residual) in [(false, false), (true, false), (false, true), (true, true)] {
                 add(k::ternary_matmul(n, padded(kk), TernaryEpilogue { scale, residual }, t));
             }
+            for (act, scale) in [(GateAct::Silu, false), (GateAct::Relu2, true)] {
+                add(k::ternary_glu(n, padded(kk), act, scale, t));
+            }
             for ty in [FloatType::F32, FloatType::F16, FloatType::BF16] {
                 add(k::matmul(ty, n, kk, t));
             }

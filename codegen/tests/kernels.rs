@@ -5,7 +5,7 @@
 use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, Split, TernaryTiles};
 use bitnet_codegen::cpu::{float, int8, ops, Isa, Pool};
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor, WeightSource};
-use bitnet_ir::{quant, ActQuant, DType, Dim, Graph, Op, TensorType};
+use bitnet_ir::{quant, ActQuant, DType, Dim, GateAct, Graph, Op, TensorType};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -114,6 +114,58 @@ proptest! {
             // TQ blocks each multiply by β before summing; the kernel once.
             let budget = REL * (want - residual[i]).abs().max(1.0) * kb as f32 + ABS;
             prop_assert!((got - want).abs() <= budget, "{}: {} vs {}", i, got, want);
+        }
+    }
+
+    /// The gate and up products with their gated unit, against the
+    /// interpreter's `ternary_glu` (two `ternary_matmul`s, then `glu`).
+    /// I2_S applies one β per tensor as the kernel does, so every bit
+    /// must agree.
+    #[test]
+    fn ternary_glu_matches_the_interpreter(
+        (n, kb, s) in (prop_oneof![Just(1usize), Just(3), Just(37)], 1usize..4, 1usize..6),
+        act in prop::sample::select(vec![GateAct::Silu, GateAct::Relu2]),
+        scaled in any::<bool>(),
+        t in tiles(),
+        threads in 1usize..3,
+        seed in any::<u32>(),
+    ) {
+        let k = kb * 256;
+        let values = |salt: u32, beta: f32| -> Vec<f32> {
+            (0..n * k).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed ^ salt) >> 30) as f32 % 3.0 - 1.0).map(|c| c * beta).collect()
+        };
+        let x: Vec<f32> = (0..s * k).map(|i| (((i as u32).wrapping_mul(40503).wrapping_add(seed) % 2001) as f32 - 1000.0) / 250.0).collect();
+        let mut ws = Weights::new();
+        ws.insert("g".into(), (DType::I2S, vec![n, k], quant::quantize(DType::I2S, &values(1, 0.5))));
+        ws.insert("u".into(), (DType::I2S, vec![n, k], quant::quantize(DType::I2S, &values(2, 0.375))));
+        ws.insert("gs".into(), (DType::F32, vec![1], quant::quantize(DType::F32, &[1.25])));
+        ws.insert("us".into(), (DType::F32, vec![1], quant::quantize(DType::F32, &[0.8])));
+        let mut g = Graph::new("t");
+        let xi = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+        let q = g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[xi]).unwrap();
+        let mut args = vec![q];
+        for (w, sc) in [("g", "gs"), ("u", "us")] {
+            args.push(g.leaf(Op::Weight { name: w.into() }, TensorType::fixed(DType::I2S, &[n, k])));
+            if scaled {
+                args.push(g.leaf(Op::Weight { name: sc.into() }, TensorType::fixed(DType::F32, &[1])));
+            }
+        }
+        let epilogue = bitnet_ir::Epilogue { scale: scaled, residual: false };
+        let y = g.add(Op::TernaryGlu { act, epilogue }, &args).unwrap();
+        g.outputs.push(y);
+        let inputs = [("x", Tensor::f32(vec![s, k], x.clone()))];
+        let want = Interpreter::new(&ws, 1).eval(&g, &inputs, &mut KvCache::new()).unwrap().pop().unwrap();
+        let want = want.as_f32().unwrap();
+
+        let wg = PackedTernary::from_weight(&ws.weight("g").unwrap(), t.rows).unwrap();
+        let wu = PackedTernary::from_weight(&ws.weight("u").unwrap(), t.rows).unwrap();
+        let mut a = QuantActs::default();
+        ops::quantize_rows(&x, k, None, &mut a);
+        let mut out = vec![0f32; s * n];
+        let (sg, su) = if scaled { (Some(1.25), Some(0.8)) } else { (None, None) };
+        ternary::matmul_glu(&Pool::new(threads), t, act, (&wg, sg), (&wu, su), &a, &mut out);
+        for (i, (&got, &want)) in out.iter().zip(want).enumerate() {
+            prop_assert_eq!(got.to_bits(), want.to_bits(), "{}: {} vs {}", i, got, want);
         }
     }
 

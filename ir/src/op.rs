@@ -85,7 +85,8 @@ impl Epilogue {
         }
         Some(e)
     }
-    fn operands(self) -> usize {
+    /// The operands the epilogue adds after the weight.
+    pub fn operands(self) -> usize {
         self.scale as usize + self.residual as usize
     }
 }
@@ -155,6 +156,15 @@ pub enum Op {
     /// integer dot products of codes and int8 activations, times the weight
     /// scale, over γ; then the [`Epilogue`].
     TernaryMatMul(Epilogue),
+    /// `(x q8_row[S, K], gate ternary[N, K], [gate scale [1]], up ternary[N, K],
+    /// [up scale [1]]) -> f32[S, N]`: `glu(act, ternary_matmul(x, gate),
+    /// ternary_matmul(x, up))`, the gate and up projections as one product
+    /// over one activation, with the gated unit in its epilogue (made by the
+    /// fuse pass). The epilogue (scale only) applies to both products.
+    TernaryGlu {
+        act: GateAct,
+        epilogue: Epilogue,
+    },
     /// `(x f32[S, K], w [K]) -> q8_row[S, K]`: `rms_norm` then `quantize_act`,
     /// one pass over each row (made by the fuse pass).
     RmsNormQuant {
@@ -230,6 +240,7 @@ impl Op {
             Op::QuantizeAct { .. } => "quantize_act",
             Op::MatMul => "matmul",
             Op::TernaryMatMul(_) => "ternary_matmul",
+            Op::TernaryGlu { .. } => "ternary_glu",
             Op::RmsNormQuant { .. } => "rms_norm_quant",
             Op::Glu { .. } => "glu",
             Op::Rope { .. } => "rope",
@@ -247,6 +258,16 @@ impl Op {
         matches!(self, Op::Input { .. } | Op::Weight { .. })
     }
 
+    /// Whether operand `i` is a ternary weight that the kernels read in
+    /// their packed layout.
+    pub fn reads_packed(&self, i: usize) -> bool {
+        match self {
+            Op::TernaryMatMul(_) => i == 1,
+            Op::TernaryGlu { epilogue, .. } => i == 1 || i == 2 + epilogue.operands(),
+            _ => false,
+        }
+    }
+
     /// The number of operands the op takes.
     pub fn arity(&self) -> usize {
         match self {
@@ -254,6 +275,7 @@ impl Op {
             Op::QuantizeAct { .. } | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } => 1,
             Op::Embed | Op::RmsNorm { .. } | Op::RmsNormQuant { .. } | Op::MatMul | Op::Rope { .. } | Op::Binary(_) | Op::Glu { .. } => 2,
             Op::TernaryMatMul(e) => 2 + e.operands(),
+            Op::TernaryGlu { epilogue, .. } => 1 + 2 * (1 + epilogue.operands()),
             Op::Attention { .. } => 4,
         }
     }
@@ -306,6 +328,19 @@ impl Op {
                     return Err(format!("quantize_act q8_k needs rows of a multiple of 256, got {}", args[0]));
                 }
                 Ok(TensorType::new(DType::Q8Row, args[0].shape.clone()))
+            }
+            Op::TernaryGlu { act: _, epilogue } => {
+                if epilogue.residual {
+                    return Err("ternary_glu has no residual epilogue".into());
+                }
+                let per = 1 + epilogue.operands();
+                let (gate, up) = (&args[..1 + per], [&args[..1], &args[1 + per..]].concat());
+                let g = Op::TernaryMatMul(*epilogue).infer(gate).map_err(|e| format!("ternary_glu gate: {e}"))?;
+                let u = Op::TernaryMatMul(*epilogue).infer(&up).map_err(|e| format!("ternary_glu up: {e}"))?;
+                if g != u {
+                    return Err(format!("ternary_glu: gate gives {g}, up {u}"));
+                }
+                Ok(g)
             }
             Op::MatMul | Op::TernaryMatMul(_) => {
                 let (x, w) = (args[0], args[1]);

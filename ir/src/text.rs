@@ -34,6 +34,8 @@ impl Op {
             Op::RmsNormQuant { eps, scheme } => vec![("eps", format!("{eps:?}")), ("scheme", scheme.name().into())],
             Op::TernaryMatMul(e) if *e != Epilogue::NONE => vec![("epilogue", e.name())],
             Op::Glu { act } => vec![("act", act.name().into())],
+            Op::TernaryGlu { act, epilogue } if *epilogue == Epilogue::NONE => vec![("act", act.name().into())],
+            Op::TernaryGlu { act, epilogue } => vec![("act", act.name().into()), ("epilogue", epilogue.name())],
             _ => Vec::new(),
         }
     }
@@ -312,6 +314,15 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
         "glu" => {
             let a: String = take(attrs, "act")?;
             Op::Glu { act: GateAct::from_name(&a).ok_or(format!("unknown gate activation {a}"))? }
+        }
+        "ternary_glu" => {
+            let a: String = take(attrs, "act")?;
+            let act = GateAct::from_name(&a).ok_or(format!("unknown gate activation {a}"))?;
+            let epilogue = match attrs.remove("epilogue") {
+                None => Epilogue::NONE,
+                Some(e) => Epilogue::from_name(&e).ok_or(format!("unknown epilogue {e}"))?,
+            };
+            Op::TernaryGlu { act, epilogue }
         }
         "rope" => {
             let mode: String = take(attrs, "mode")?;

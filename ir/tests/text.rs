@@ -72,3 +72,29 @@ fn builder_infers_types_and_rejects_bad_operands() {
     g.outputs.push(y);
     verify(&g).unwrap();
 }
+
+const GATED: &str = r#"graph "gated" {
+    v0 = input "x" : f32[seq, 256]
+    v1 = quantize_act v0 scheme=per_token : q8_row[seq, 256]
+    v2 = weight "gate" : i2_s[5, 256]
+    v3 = weight "gate.scale" : f32[1]
+    v4 = weight "up" : i2_s[5, 256]
+    v5 = weight "up.scale" : f32[1]
+    v6 = ternary_glu v1, v2, v3, v4, v5 act=relu2 epilogue=scale : f32[seq, 5]
+    v7 = ternary_glu v1, v2, v4 act=silu : f32[seq, 5]
+    output v6
+    output v7
+}
+"#;
+
+#[test]
+fn ternary_glu_round_trips_and_checks_both_products() {
+    let g = parse(GATED).unwrap();
+    assert_eq!(g.to_string(), GATED);
+    let e = parse_err(&GATED.replace("v4 = weight \"up\" : i2_s[5, 256]", "v4 = weight \"up\" : i2_s[6, 256]"));
+    assert!(e.contains("ternary_glu: gate gives f32[seq, 5], up f32[seq, 6]"), "{e}");
+    let e = parse_err(&GATED.replace("v1, v2, v4 act=silu", "v1, v2, v0, v4, v0 act=silu epilogue=residual"));
+    assert!(e.contains("no residual"), "{e}");
+    let e = parse_err(&GATED.replace("v1, v2, v4 act=silu", "v1, v2, v3 act=silu"));
+    assert!(e.contains("up"), "{e}");
+}

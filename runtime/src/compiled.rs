@@ -216,7 +216,7 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
             let Op::Weight { name } = &g.node(*a).op else { continue };
             let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
             let want = match (&node.op, i) {
-                (Op::TernaryMatMul(_), 1) => {
+                _ if node.op.reads_packed(i) => {
                     let Some(Tiles::Ternary(t)) = sched.tiles(v) else { return err(format!("{v}: no ternary tiles scheduled")) };
                     match out.get(name) {
                         Some(Prepared::Packed(p)) if p.rows == t.rows => continue,
@@ -260,7 +260,7 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
             let nk = |n: usize, k: usize| dims.len() == 2 && dims[0] == n && dims[1] == k;
             let tiles = sched.tiles(v);
             let ok = match (&node.op, i, tiles) {
-                (Op::TernaryMatMul(_), 1, Some(Tiles::Ternary(t))) => {
+                (op, i, Some(Tiles::Ternary(t))) if op.reads_packed(i) => {
                     matches!(prepared.get(name), Some(Prepared::Packed(p)) if p.rows == t.rows && nk(p.n, p.k))
                 }
                 (Op::MatMul, 1, Some(Tiles::Int8 { .. })) => matches!(prepared.get(&int8_key(name)), Some(Prepared::Int8(q)) if nk(q.n, q.k)),
@@ -418,6 +418,15 @@ fn kernel(
             let scale = if e.scale { Some(floats(extra.next().unwrap())?[0]) } else { None };
             let residual = if e.residual { Some(floats(extra.next().unwrap())?) } else { None };
             ternary::matmul(pool, t, w, x, f32_buf(out, len), ternary::Epilogue { scale, residual });
+        }
+        Op::TernaryGlu { act, epilogue } => {
+            let Some(Tiles::Ternary(t)) = tiles else { return err("no ternary tiles scheduled") };
+            let up = 2 + epilogue.operands();
+            let (Arg::Q8(x), Arg::Weight(_, Prepared::Packed(wg)), Arg::Weight(_, Prepared::Packed(wu))) = (&args[0], &args[1], &args[up]) else {
+                return err("operands must be q8_row and two packed weights");
+            };
+            let (sg, su) = if epilogue.scale { (Some(floats(&args[2])?[0]), Some(floats(&args[up + 1])?[0])) } else { (None, None) };
+            ternary::matmul_glu(pool, t, *act, (wg, sg), (wu, su), x, f32_buf(out, len));
         }
         Op::Rope { mode, theta, head_dim } => ops::rope_on(pool, floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
         Op::Attention { layer, heads, kv_heads, head_dim } => {

@@ -591,7 +591,7 @@ pub(crate) fn layouts(
             for (i, a) in node.args.iter().enumerate() {
                 let Op::Weight { name } = &g.node(*a).op else { continue };
                 let want = match (&node.op, i) {
-                    (Op::TernaryMatMul(_), 1) => Some(Layout::Packed),
+                    _ if node.op.reads_packed(i) => Some(Layout::Packed),
                     (Op::MatMul, 1) | (Op::Embed, 0) => None,
                     _ => Some(Layout::F32),
                 };
@@ -601,7 +601,7 @@ pub(crate) fn layouts(
                     }
                     continue;
                 }
-                if let (Op::TernaryMatMul(_), 1, Some(p)) = (&node.op, i, prepacked.get(name)) {
+                if let (true, Some(p)) = (node.op.reads_packed(i), prepacked.get(name)) {
                     let dims = g.node(*a).ty.resolve(0);
                     if p.rows != 1 || dims != [p.n, p.k] {
                         return err(format!("packed weight {name} is not the graph's {} in one-row tiles", g.node(*a).ty));
@@ -612,7 +612,7 @@ pub(crate) fn layouts(
                 let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
                 let elems = view.elems();
                 let layout = match (&node.op, i) {
-                    (Op::TernaryMatMul(_), 1) => Layout::Packed,
+                    _ if node.op.reads_packed(i) => Layout::Packed,
                     (Op::MatMul, 1) | (Op::Embed, 0) if device_float_type(view.dtype) != FloatType::F32 => Layout::Stored,
                     (Op::MatMul, 1) | (Op::Embed, 0) => Layout::F32,
                     _ if view.dtype.is_float() => Layout::F32,

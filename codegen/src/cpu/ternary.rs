@@ -17,8 +17,9 @@
 use super::blob::Blob;
 use super::pool::{share, Chunks, Pool, SharedMut};
 use super::Isa;
-use bitnet_ir::interp::WeightView;
+use bitnet_ir::interp::{kernels, WeightView};
 use bitnet_ir::DType;
+use bitnet_ir::GateAct;
 
 /// Weights per chunk, and its bytes.
 pub const CHUNK: usize = 128;
@@ -286,14 +287,13 @@ fn byte_lut(reverse: bool) -> [u8; 256] {
     })
 }
 
-/// The epilogue of one token `t`'s results for the rows `n..n + len` of a
-/// tile (`len` ≤ 4, `dots[r]` for row `n + r`), written to `out`. Four
-/// lanes at a time, so that the compiler keeps them in one vector (a
-/// scalar loop waited on each division in turn); each lane is the
-/// interpreter's arithmetic, IEEE division included.
+/// The epilogue of one token `t`'s results for the rows `n..n + 4` of a
+/// tile (`dots[r]` for row `n + r`; rows past the matrix are computed and
+/// dropped). Four lanes at a time, so that the compiler keeps them in one
+/// vector (a scalar loop waited on each division in turn); each lane is
+/// the interpreter's arithmetic, IEEE division included.
 #[inline(always)]
-fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n: usize, out: &mut [f32]) {
-    let len = out.len();
+fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> [f32; 4] {
     let (sum, gamma) = (x.sum[t], x.gamma[t]);
     let mut v = [0f32; 4];
     for r in 0..4 {
@@ -305,39 +305,85 @@ fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilo
         }
     }
     if let Some(res) = ep.residual {
+        let len = 4.min(w.n - n);
         let mut add = [0f32; 4];
         add[..len].copy_from_slice(&res[t * w.n + n..][..len]);
         for r in 0..4 {
             v[r] += add[r];
         }
     }
-    out.copy_from_slice(&v[..len]);
+    v
 }
 
 /// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
 /// over the pool's workers by row tiles or by tokens (`tiles.split`).
 pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
-    assert!(tiles.rows == w.rows && x.kp == w.kp && out.len() == x.tokens() * w.n, "ternary matmul: mismatched operands");
+    products(pool, tiles, [w], x, out, |t, n, [dots], out| out.copy_from_slice(&finish(dots, x, t, w, &ep, n)[..out.len()]));
+}
+
+/// `out[t, n] = act(x[t] · gate[n] · β_g · s_g) · (x[t] · up[n] · β_u · s_u)`:
+/// the gate and up products of a gated unit in one pass over the
+/// activations, `(weight, s)` each, with the unit applied as each tile's
+/// results leave the registers. The same arithmetic as [`matmul`] twice and
+/// then `glu`.
+pub fn matmul_glu(
+    pool: &Pool,
+    tiles: TernaryTiles,
+    act: GateAct,
+    gate: (&PackedTernary, Option<f32>),
+    up: (&PackedTernary, Option<f32>),
+    x: &QuantActs,
+    out: &mut [f32],
+) {
+    let (wg, wu) = (gate.0, up.0);
+    assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
+    let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
+    products(pool, tiles, [wg, wu], x, out, |t, n, [g, u], out| {
+        let (g, u) = (finish(g, x, t, wg, &eg, n), finish(u, x, t, wu, &eu, n));
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = kernels::glu(act, g[r], u[r]);
+        }
+    });
+}
+
+/// The loop shared by the products: every row tile of the `M` matrices
+/// (same shape and layout) against every token, split over the workers;
+/// `write(t, n, dots, out)` turns token `t`'s dots for rows `n..n + 4` of
+/// each matrix into `out`, its results for the rows that exist.
+fn products<const M: usize>(
+    pool: &Pool,
+    tiles: TernaryTiles,
+    ws: [&PackedTernary; M],
+    x: &QuantActs,
+    out: &mut [f32],
+    write: impl Fn(usize, usize, [[i32; 4]; M], &mut [f32]) + Sync,
+) {
+    let w = ws[0];
+    let same = ws.iter().all(|v| v.n == w.n && v.rows == w.rows && v.kp == w.kp);
+    assert!(same && tiles.rows == w.rows && x.kp == w.kp && out.len() == x.tokens() * w.n, "ternary matmul: mismatched operands");
     assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
     let dst = SharedMut(out.as_mut_ptr());
     let n_tiles = w.n.div_ceil(w.rows);
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
     let chunks = Chunks::new(n_tiles, pool.threads());
     pool.run(&|me, workers| {
-        let mut dots = [[0i32; 4]; 4];
-        let mut codes = Vec::new();
+        let mut dots = [[[0i32; 4]; 4]; M];
+        let mut codes: [Vec<u8>; M] = std::array::from_fn(|_| Vec::new());
         let mut tile = |t: usize, tokens: std::ops::Range<usize>| {
-            let unpacked = tiles.tokens > 1 && tokens.len() >= tiles.tokens && unpack_tile(tiles.isa, w, t, &mut codes);
+            let unpack = tiles.tokens > 1 && tokens.len() >= tiles.tokens;
+            let unpacked: [bool; M] = std::array::from_fn(|m| unpack && unpack_tile(tiles.isa, ws[m], t, &mut codes[m]));
+            let n = t * w.rows;
+            let len = w.rows.min(w.n - n);
             let mut tok = tokens.start;
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
-                tile_dots(tiles.isa, w, t, unpacked.then_some(&codes[..]), x, tok, step, &mut dots);
-                let n = t * w.rows;
-                let len = w.rows.min(w.n - n);
+                for m in 0..M {
+                    tile_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, tok, step, &mut dots[m]);
+                }
                 for j in 0..step {
                     // SAFETY: each (token, row) pair belongs to one worker alone.
                     let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((tok + j) * w.n + n), len) };
-                    finish(dots.map(|row| row[j]), x, tok + j, w, &ep, n, out);
+                    write(tok + j, n, dots.map(|d| d.map(|row| row[j])), out);
                 }
                 tok += step;
             }

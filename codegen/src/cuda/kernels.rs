@@ -198,8 +198,13 @@ impl std::fmt::Display for CudaTiles {
 /// row `n`, its lanes stride over the row's `words`, and every `tokens`
 /// tokens are reduced across the warp and finished by lane 0 (`finish`
 /// sees `t`, `n` and the sum `acc`).
-fn row_per_warp(n: usize, words: usize, tiles: CudaTiles, acc_ty: &str, body: &str, reduce: &str, finish: &str) -> String {
+fn row_per_warp(n: usize, words: usize, tiles: CudaTiles, acc_ty: &str, accs: &[&str], body: &str, reduce: &str, finish: &str) -> String {
     let tok = tiles.tokens;
+    let (mut declare, mut reduced) = (String::new(), String::new());
+    for a in accs {
+        let _ = write!(declare, "        {acc_ty} {a}[{tok}];\n        #pragma unroll\n        for (int u = 0; u < {tok}; u++) {a}[u] = 0;\n");
+        let _ = write!(reduced, "            {acc_ty} {} = {reduce}({a}[u]);\n", a.replace("acc", "sum"));
+    }
     let mut s = String::new();
     let _ = write!(
         s,
@@ -207,16 +212,12 @@ fn row_per_warp(n: usize, words: usize, tiles: CudaTiles, acc_ty: &str, body: &s
     int n = blockIdx.x * {warps} + (threadIdx.x >> 5);
     if (n >= {n}) return;
     for (int t0 = 0; t0 < S; t0 += {tok}) {{
-        {acc_ty} acc[{tok}];
-        #pragma unroll
-        for (int u = 0; u < {tok}; u++) acc[u] = 0;
-        for (int i = lane; i < {words}; i += 32) {{
+{declare}        for (int i = lane; i < {words}; i += 32) {{
 {body}
         }}
         #pragma unroll
         for (int u = 0; u < {tok}; u++) {{
-            {acc_ty} sum = {reduce}(acc[u]);
-            int t = t0 + u;
+{reduced}            int t = t0 + u;
             if (lane == 0 && t < S) {{
 {finish}
             }}
@@ -245,8 +246,55 @@ pub struct TernaryEpilogue {
 /// Grid: `ceil(n / warps)` blocks of `32 · warps`.
 pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles) -> String {
     let pieces = kp / 64;
-    let body = format!(
-        r#"            uint4 w4 = ((const uint4*)w)[(size_t)n * {pieces} + i];
+    let body = ternary_body("w", "acc", kp, tiles);
+    let mut finish = String::from("                float v = ((float)(sum - qsum[t]) * beta) / gamma[t];\n");
+    if ep.scale {
+        finish += "                v *= scale[0];\n";
+    }
+    if ep.residual {
+        finish += &format!("                v += residual[(size_t)t * {n} + n];\n");
+    }
+    finish += &format!("                out[(size_t)t * {n} + n] = v;");
+    let mut params = String::from("const u32* w, float beta, const int* q, const float* gamma, const int* qsum, ");
+    if ep.scale {
+        params += "const float* scale, ";
+    }
+    if ep.residual {
+        params += "const float* residual, ";
+    }
+    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, "int", &["acc"], &body, "warp_sum_i", &finish))
+}
+
+/// `out[t, n] = act(gate[t, n]) · up[t, n]` where gate and up are two
+/// ternary products of the same activations, as [`ternary_matmul`] makes
+/// them (each with its β, and its scale when `scale`): one warp computes
+/// both rows `n`, so the two products never leave the registers.
+pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, tiles: CudaTiles) -> String {
+    let pieces = kp / 64;
+    let body =
+        format!("{{\n{}\n            }}\n            {{\n{}\n            }}", ternary_body("w", "acc", kp, tiles), ternary_body("wu", "acc_up", kp, tiles));
+    let mut finish = String::from("                float g = ((float)(sum - qsum[t]) * beta) / gamma[t];\n");
+    finish += "                float u = ((float)(sum_up - qsum[t]) * beta_up) / gamma[t];\n";
+    if scale {
+        finish += "                g *= scale[0];\n                u *= scale_up[0];\n";
+    }
+    let a = match act {
+        GateAct::Silu => unary_expr(UnaryOp::Silu, "g"),
+        GateAct::Relu2 => unary_expr(UnaryOp::Square, &unary_expr(UnaryOp::Relu, "g")),
+    };
+    finish += &format!("                out[(size_t)t * {n} + n] = {a} * u;");
+    let scales = |suffix: &str| if scale { format!("const float* scale{suffix}, ") } else { String::new() };
+    let params =
+        format!("const u32* w, float beta, {}const u32* wu, float beta_up, {}const int* q, const float* gamma, const int* qsum, ", scales(""), scales("_up"));
+    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, "int", &["acc", "acc_up"], &body, "warp_sum_i", &finish))
+}
+
+/// One lane's step of a ternary row product: 16 bytes of weight row `n`
+/// from `w` (64 codes) against the same codes' activations of each token,
+/// into `acc[u]`.
+fn ternary_body(w: &str, acc: &str, kp: usize, tiles: CudaTiles) -> String {
+    format!(
+        r#"            uint4 w4 = ((const uint4*){w})[(size_t)n * {pieces} + i];
             int base = (i >> 1) * 32 + (i & 1) * 4;
             u32 wv[4] = {{w4.x, w4.y, w4.z, w4.w}};
             int c[4][4];
@@ -266,29 +314,14 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
                     #pragma unroll
                     for (int j = 0; j < 4; j++) {{
                         #pragma unroll
-                        for (int h = 0; h < 4; h++) acc[u] = __dp4a(c[j][h], xs[j][h], acc[u]);
+                        for (int h = 0; h < 4; h++) {acc}[u] = __dp4a(c[j][h], xs[j][h], {acc}[u]);
                     }}
                 }}
             }}"#,
+        pieces = kp / 64,
         tok = tiles.tokens,
         xw = kp / 4
-    );
-    let mut finish = String::from("                float v = ((float)(sum - qsum[t]) * beta) / gamma[t];\n");
-    if ep.scale {
-        finish += "                v *= scale[0];\n";
-    }
-    if ep.residual {
-        finish += &format!("                v += residual[(size_t)t * {n} + n];\n");
-    }
-    finish += &format!("                out[(size_t)t * {n} + n] = v;");
-    let mut params = String::from("const u32* w, float beta, const int* q, const float* gamma, const int* qsum, ");
-    if ep.scale {
-        params += "const float* scale, ";
-    }
-    if ep.residual {
-        params += "const float* residual, ";
-    }
-    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, "int", &body, "warp_sum_i", &finish))
+    )
 }
 
 /// `out[t, n] = x[t] · w[n]` for a float weight `[n, k]`, summed in f32.
@@ -338,7 +371,11 @@ pub fn matmul(ty: FloatType, n: usize, k: usize, tiles: CudaTiles) -> String {
         )
     };
     let finish = format!("                out[(size_t)t * {n} + n] = sum;");
-    format!("(const {}* w, const float* x, float* out, int S) {{\n{}\n}}", ty.c_type(), row_per_warp(n, k / vw, tiles, "float", &body, "warp_sum", &finish))
+    format!(
+        "(const {}* w, const float* x, float* out, int S) {{\n{}\n}}",
+        ty.c_type(),
+        row_per_warp(n, k / vw, tiles, "float", &["acc"], &body, "warp_sum", &finish)
+    )
 }
 
 /// RoPE on rows of `row` floats (heads of `d`), angles `p · θ_scale^i`

@@ -191,6 +191,21 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                 let grid = Grid::Fixed(n.div_ceil(t.warps) as u32);
                 b.launch(v, "ternary_matmul", k::ternary_matmul(n, padded(kk), ep, t), grid, t.block(), args);
             }
+            Op::TernaryGlu { act, epilogue } => {
+                let w = arg_ty(1);
+                let (n, kk) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                let key = crate::schedule::Workload::Ternary { n, k: kk }.key();
+                let t = tiles(&key);
+                chosen.push((v, key.0.clone(), t.to_string()));
+                let up = 2 + epilogue.operands();
+                let mut args = vec![Operand(1), Beta(1)];
+                args.extend((2..up).map(Operand));
+                args.extend([Operand(up), Beta(up)]);
+                args.extend((up + 1..node.args.len()).map(Operand));
+                args.extend([Operand(0), Output, Rows(None)]);
+                let grid = Grid::Fixed(n.div_ceil(t.warps) as u32);
+                b.launch(v, "ternary_glu", k::ternary_glu(n, padded(kk), *act, epilogue.scale, t), grid, t.block(), args);
+            }
             Op::MatMul => {
                 let (x, w) = (arg_ty(0), arg_ty(1));
                 if x.dtype != DType::F32 {

@@ -34,6 +34,13 @@ pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> 
             }
             Ok(y)
         }
+        Op::TernaryGlu { act, epilogue } => {
+            // Exactly the two products it replaces, then the gated unit.
+            let per = 1 + epilogue.operands();
+            let gate = run(&Op::TernaryMatMul(*epilogue), &args[..1 + per], kv, threads)?;
+            let up = run(&Op::TernaryMatMul(*epilogue), &[&args[..1], &args[1 + per..]].concat(), kv, threads)?;
+            run(&Op::Glu { act: *act }, &[&Slot::Tensor(gate), &Slot::Tensor(up)], kv, threads)
+        }
         Op::Glu { act } => {
             let (shape, gate) = f32s(args[0])?;
             let (_, up) = f32s(args[1])?;

@@ -2,7 +2,11 @@
 //! the value never goes to memory in between:
 //! - `rms_norm` then `quantize_act` → `rms_norm_quant`;
 //! - `silu(g) * u` and `square(relu(g)) * u` → `glu`;
-//! - `x + ternary_matmul(..)` → the matmul with a residual epilogue.
+//! - `x + ternary_matmul(..)` → the matmul with a residual epilogue;
+//! - `glu(ternary_matmul(x, gate), ternary_matmul(x, up))` → `ternary_glu`:
+//!   the gate and up projections as one product over one activation, the
+//!   gated unit applied while both results are in registers (a second
+//!   sweep, once the first has made the `glu`).
 //!
 //! A producer is fused only when its result has no other reader.
 
@@ -17,7 +21,29 @@ pub(super) fn run(g: &mut Graph) {
             g.nodes[i].args = args;
         }
     }
+    remove_dead(g); // the first sweep's leftovers still read the products
+    let uses = use_counts(g);
+    for i in 0..g.nodes.len() {
+        if let Some((op, args)) = gated_product(g, &g.nodes[i], &uses) {
+            g.nodes[i].op = op;
+            g.nodes[i].args = args;
+        }
+    }
     remove_dead(g);
+}
+
+/// `glu` of two ternary products of one activation → `ternary_glu`.
+fn gated_product(g: &Graph, node: &Node, uses: &[usize]) -> Option<(Op, Vec<Value>)> {
+    let Op::Glu { act } = node.op else { return None };
+    let only = |v: Value| (uses[v.index()] == 1).then(|| g.node(v));
+    let (gate, up) = (only(node.args[0])?, only(node.args[1])?);
+    match (&gate.op, &up.op) {
+        (Op::TernaryMatMul(e), Op::TernaryMatMul(f)) if e == f && !e.residual && gate.args[0] == up.args[0] => {
+            let args = gate.args.iter().chain(&up.args[1..]).copied().collect();
+            Some((Op::TernaryGlu { act, epilogue: *e }, args))
+        }
+        _ => None,
+    }
 }
 
 /// The fused replacement for `node`, if one applies.

@@ -26,7 +26,11 @@ pub struct Pass {
 pub const PIPELINE: &[Pass] = &[
     Pass { name: "canonicalize", about: "remove dead nodes, merge duplicate nodes", run: canonicalize::run },
     Pass { name: "specialize-ternary", about: "move each projection's scale into its ternary matmul's epilogue", run: specialize::run },
-    Pass { name: "fuse", about: "rms_norm + quantize_act; act(gate) * up; residual adds into the matmul epilogue", run: fuse::run },
+    Pass {
+        name: "fuse",
+        about: "rms_norm + quantize_act; act(gate) * up; residual adds into the matmul epilogue; gate and up products with their glu",
+        run: fuse::run,
+    },
 ];
 
 /// The names of the passes, in order.

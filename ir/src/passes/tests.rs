@@ -77,7 +77,8 @@ fn the_pipeline_fuses_a_bitnet_block_and_keeps_its_results_bit_for_bit() {
     let opt = optimize(g.clone(), None).unwrap();
     assert_eq!(count(&opt, |o| matches!(o, Op::RmsNorm { .. } | Op::QuantizeAct { .. })), 2, "{opt}"); // no norm before these two
     assert_eq!(count(&opt, |o| matches!(o, Op::RmsNormQuant { .. })), 2, "{opt}");
-    assert_eq!(count(&opt, |o| *o == Op::Glu { act: GateAct::Relu2 }), 1, "{opt}");
+    assert_eq!(count(&opt, |o| *o == Op::TernaryGlu { act: GateAct::Relu2, epilogue: Epilogue::NONE }), 1, "{opt}");
+    assert_eq!(count(&opt, |o| matches!(o, Op::Glu { .. })), 0, "{opt}");
     assert_eq!(count(&opt, |o| matches!(o, Op::Binary(_) | Op::Unary(_))), 0, "{opt}");
     assert_eq!(count(&opt, |o| *o == Op::TernaryMatMul(Epilogue { scale: true, residual: true })), 1, "{opt}");
     assert_eq!(count(&opt, |o| *o == Op::TernaryMatMul(Epilogue { scale: false, residual: true })), 1, "{opt}");
@@ -112,4 +113,48 @@ fn a_shared_producer_is_not_fused() {
     g.outputs.push(both);
     let opt = optimize(g.clone(), None).unwrap();
     assert_eq!(opt, g);
+}
+
+/// Gate and up products become one `ternary_glu` only when they read the
+/// same activation with the same epilogue; either way the results keep
+/// every bit.
+#[test]
+fn gate_and_up_merge_only_when_they_match() {
+    let (k, n) = (256, 96);
+    for (gate_scaled, up_scaled, same_x) in [(true, true, true), (false, false, true), (true, false, true), (false, false, false)] {
+        let mut g = Graph::new("t");
+        let mut w = Weights::new();
+        let x = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+        let xq = g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[x]).unwrap();
+        let xq2 = if same_x {
+            xq
+        } else {
+            let x2 = g.leaf(Op::Input { name: "x2".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+            g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[x2]).unwrap()
+        };
+        let mut proj = |g: &mut Graph, name: &str, xq: Value, scaled: bool| {
+            let v: Vec<f32> = pseudo(name.len() as u32, n * k).iter().map(|x| x.round() * 0.25).collect();
+            w.insert(name.into(), (DType::TQ2_0, vec![n, k], quant::quantize(DType::TQ2_0, &v)));
+            let wv = g.leaf(Op::Weight { name: name.into() }, TensorType::fixed(DType::TQ2_0, &[n, k]));
+            let y = g.add(Op::TernaryMatMul(Epilogue::NONE), &[xq, wv]).unwrap();
+            if !scaled {
+                return y;
+            }
+            w.insert(format!("{name}.s"), (DType::F32, vec![1], quant::quantize(DType::F32, &[0.75 + name.len() as f32])));
+            let s = g.leaf(Op::Weight { name: format!("{name}.s") }, TensorType::fixed(DType::F32, &[1]));
+            g.add(Op::Binary(BinaryOp::Mul), &[y, s]).unwrap()
+        };
+        let gate = proj(&mut g, "gate", xq, gate_scaled);
+        let up = proj(&mut g, "up", xq2, up_scaled);
+        let a = g.add(Op::Unary(UnaryOp::Silu), &[gate]).unwrap();
+        let y = g.add(Op::Binary(BinaryOp::Mul), &[a, up]).unwrap();
+        g.outputs.push(y);
+        let opt = optimize(g.clone(), None).unwrap();
+        let merged = count(&opt, |o| matches!(o, Op::TernaryGlu { act: GateAct::Silu, epilogue } if epilogue.scale == gate_scaled));
+        assert_eq!(merged, (gate_scaled == up_scaled && same_x) as usize, "{opt}");
+        let inputs = [("x", Tensor::f32(vec![3, k], pseudo(5, 3 * k))), ("x2", Tensor::f32(vec![3, k], pseudo(6, 3 * k)))];
+        let run = |g: &Graph| Interpreter::new(&w, 1).eval(g, &inputs, &mut KvCache::new()).unwrap().pop().unwrap().as_f32().unwrap().to_vec();
+        assert_eq!(run(&g), run(&opt));
+        assert_eq!(crate::parse(&opt.to_string()).unwrap(), opt);
+    }
 }
