@@ -198,12 +198,22 @@ impl std::fmt::Display for CudaTiles {
 /// row `n`, its lanes stride over the row's `words`, and every `tokens`
 /// tokens are reduced across the warp and finished by lane 0 (`finish`
 /// sees `t`, `n` and the sum `acc`).
-fn row_per_warp(n: usize, words: usize, tiles: CudaTiles, acc_ty: &str, accs: &[&str], body: &str, reduce: &str, finish: &str) -> String {
+/// The per-token sums a warp keeps: their C type, their names (`acc`
+/// becomes `sum` once reduced: `acc_up` → `sum_up`), and the warp
+/// reduction that totals them.
+struct Sums<'a> {
+    ty: &'a str,
+    names: &'a [&'a str],
+    reduce: &'a str,
+}
+
+fn row_per_warp(n: usize, words: usize, tiles: CudaTiles, sums: Sums, body: &str, finish: &str) -> String {
     let tok = tiles.tokens;
     let (mut declare, mut reduced) = (String::new(), String::new());
-    for a in accs {
-        let _ = write!(declare, "        {acc_ty} {a}[{tok}];\n        #pragma unroll\n        for (int u = 0; u < {tok}; u++) {a}[u] = 0;\n");
-        let _ = write!(reduced, "            {acc_ty} {} = {reduce}({a}[u]);\n", a.replace("acc", "sum"));
+    let Sums { ty, names, reduce } = sums;
+    for a in names {
+        let _ = writeln!(declare, "        {ty} {a}[{tok}];\n        #pragma unroll\n        for (int u = 0; u < {tok}; u++) {a}[u] = 0;");
+        let _ = writeln!(reduced, "            {ty} {} = {reduce}({a}[u]);", a.replace("acc", "sum"));
     }
     let mut s = String::new();
     let _ = write!(
@@ -262,7 +272,7 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
     if ep.residual {
         params += "const float* residual, ";
     }
-    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, "int", &["acc"], &body, "warp_sum_i", &finish))
+    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish))
 }
 
 /// `out[t, n] = act(gate[t, n]) · up[t, n]` where gate and up are two
@@ -286,7 +296,10 @@ pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, tiles: CudaTi
     let scales = |suffix: &str| if scale { format!("const float* scale{suffix}, ") } else { String::new() };
     let params =
         format!("const u32* w, float beta, {}const u32* wu, float beta_up, {}const int* q, const float* gamma, const int* qsum, ", scales(""), scales("_up"));
-    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, "int", &["acc", "acc_up"], &body, "warp_sum_i", &finish))
+    format!(
+        "({params}float* out, int S) {{\n{}\n}}",
+        row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc", "acc_up"], reduce: "warp_sum_i" }, &body, &finish)
+    )
 }
 
 /// One lane's step of a ternary row product: 16 bytes of weight row `n`
@@ -374,7 +387,7 @@ pub fn matmul(ty: FloatType, n: usize, k: usize, tiles: CudaTiles) -> String {
     format!(
         "(const {}* w, const float* x, float* out, int S) {{\n{}\n}}",
         ty.c_type(),
-        row_per_warp(n, k / vw, tiles, "float", &["acc"], &body, "warp_sum", &finish)
+        row_per_warp(n, k / vw, tiles, Sums { ty: "float", names: &["acc"], reduce: "warp_sum" }, &body, &finish)
     )
 }
 
