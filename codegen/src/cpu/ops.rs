@@ -8,6 +8,7 @@
 use super::float;
 use super::pool::{share, Pool, SharedMut};
 use super::ternary::QuantActs;
+use super::Isa;
 use bitnet_ir::interp::{kernels, EvalError, KvCache};
 use bitnet_ir::{GateAct, RopeMode};
 
@@ -64,31 +65,79 @@ impl RowsOut {
 
 fn quantize_tokens(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: RowsOut, tokens: std::ops::Range<usize>) {
     let mut row = vec![0f32; k];
+    let avx2 = Isa::Avx2.available();
     for t in tokens {
         let xr = &x[t * k..(t + 1) * k];
-        match norm {
-            Some((w, eps)) => {
-                let scale = inv_rms(xr, eps);
-                for ((o, &v), &g) in row.iter_mut().zip(xr).zip(w) {
-                    *o = v * scale * g;
-                }
-            }
-            None => row.copy_from_slice(xr),
-        }
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
-        let g = 127.0 / amax;
         // SAFETY: `out` was sized for every token, and row t belongs to
         // this caller alone.
         let q = unsafe { std::slice::from_raw_parts_mut(out.q.ptr().add(t * out.kp), k) };
-        let mut sum = 0i32;
-        for (o, &v) in q.iter_mut().zip(&row) {
-            *o = (v * g).round().clamp(-128.0, 127.0) as i8;
-            sum += *o as i32;
-        }
+        let (g, sum) = quantize_token(xr, norm, &mut row, q, avx2);
         unsafe {
             *out.gamma.ptr().add(t) = g;
             *out.sum.ptr().add(t) = sum;
         }
+    }
+}
+
+/// One token: the norm when there is one, then γ = 127 / max|x| (the max
+/// at least 1e-5), q = clamp(round(γx), −128, 127), and Σq. With `avx2`
+/// the same code is compiled for AVX2, where the compiler vectorizes it.
+fn quantize_token(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8], avx2: bool) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+            quantize_plain(x, norm, row, q)
+        }
+        // SAFETY: the caller checked that this CPU has AVX2.
+        return unsafe { wide(x, norm, row, q) };
+    }
+    let _ = avx2;
+    quantize_plain(x, norm, row, q)
+}
+
+#[inline(always)]
+fn quantize_plain(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+    let row = match norm {
+        Some((w, eps)) => {
+            let scale = inv_rms(x, eps);
+            for ((o, &v), &g) in row.iter_mut().zip(x).zip(w) {
+                *o = v * scale * g;
+            }
+            &*row
+        }
+        None => x,
+    };
+    // max is exact in any order: eight lanes, so that it vectorizes.
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    for (m, v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *m = m.max(v.abs());
+    }
+    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v)).max(1e-5);
+    let g = 127.0 / amax;
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(row) {
+        *o = round_half_away(v * g).clamp(-128.0, 127.0) as i8;
+        sum += *o as i32;
+    }
+    (g, sum)
+}
+
+/// `f32::round` (halves away from zero) without the libm call, so that it
+/// vectorizes: the fraction `y − trunc(y)` is exact.
+#[inline(always)]
+fn round_half_away(y: f32) -> f32 {
+    let t = y.trunc();
+    if (y - t).abs() >= 0.5 {
+        t + 1f32.copysign(y)
+    } else {
+        t
     }
 }
 
@@ -187,4 +236,57 @@ pub fn attention(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnet_ir::interp::{Interpreter, Tensor};
+    use bitnet_ir::{ActQuant, DType, Dim, Graph, Op, TensorType};
+    use std::collections::HashMap;
+
+    #[test]
+    fn rounding_without_libm_is_f32_round() {
+        let mut values =
+            vec![0.5f32, -0.5, 1.5, -1.5, 2.5, 0.49999997, -0.49999997, 126.5, -127.5, 8388607.5, 8388609.0, 1e30, -0.0, f32::INFINITY, f32::NEG_INFINITY];
+        values.extend((0..100_000).map(|i| (i as f32 - 50_000.0) * 0.013_7));
+        values.extend((0..1000).map(|i| i as f32 * 0.5 - 250.0));
+        for v in values {
+            assert_eq!(round_half_away(v).to_bits(), v.round().to_bits(), "{v}");
+        }
+        assert!(round_half_away(f32::NAN).is_nan());
+    }
+
+    /// Both compilations of the per-token quantization give the
+    /// interpreter's `rms_norm` + `quantize_act`, bit for bit, on awkward
+    /// row lengths.
+    #[test]
+    fn token_quantization_matches_the_interpreter() {
+        for k in [1usize, 3, 7, 8, 9, 783, 2592] {
+            let x: Vec<f32> = (0..2 * k)
+                .map(|i| ((i as u32).wrapping_mul(2654435761) >> 20) as f32 / 97.0 - 21.0)
+                .map(|v| if v.fract() == 0.0 { v + 0.5 } else { v })
+                .collect();
+            let w: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+            let mut g = Graph::new("q");
+            let xi = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+            let wi = g.leaf(Op::Weight { name: "w".into() }, TensorType::fixed(DType::F32, &[k]));
+            let y = g.add(Op::RmsNormQuant { eps: 1e-5, scheme: ActQuant::PerToken }, &[xi, wi]).unwrap();
+            g.outputs.push(y);
+            let ws: HashMap<String, (DType, Vec<usize>, Vec<u8>)> =
+                [("w".to_string(), (DType::F32, vec![k], w.iter().flat_map(|v| v.to_le_bytes()).collect()))].into();
+            let want = Interpreter::new(&ws, 1).eval(&g, &[("x", Tensor::f32(vec![2, k], x.clone()))], &mut KvCache::new()).unwrap().pop().unwrap();
+            let Tensor::Q8Row { q: want_q, gamma: want_g, .. } = want else { panic!("q8_row expected") };
+            for avx2 in [false, Isa::Avx2.available()] {
+                let mut row = vec![0f32; k];
+                for t in 0..2 {
+                    let mut q = vec![0i8; k];
+                    let (gamma, sum) = quantize_token(&x[t * k..(t + 1) * k], Some((&w, 1e-5)), &mut row, &mut q, avx2);
+                    assert_eq!(q, want_q[t * k..(t + 1) * k], "k {k} token {t} avx2 {avx2}");
+                    assert_eq!(gamma.to_bits(), want_g[t].to_bits(), "k {k} token {t} avx2 {avx2}");
+                    assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
+                }
+            }
+        }
+    }
 }
