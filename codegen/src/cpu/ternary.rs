@@ -369,11 +369,16 @@ fn products<const M: usize>(
     pool.run(&|me, workers| {
         let mut dots = [[[0i32; 4]; 4]; M];
         let mut codes: [Vec<u8>; M] = std::array::from_fn(|_| Vec::new());
+        // A tile's dots for all its tokens: the epilogues then run back to
+        // back, their divisions overlapping, instead of each waiting
+        // between two kernel calls.
+        let mut held: Vec<[[i32; 4]; M]> = Vec::new();
         let mut tile = |t: usize, tokens: std::ops::Range<usize>| {
             let unpack = tiles.tokens > 1 && tokens.len() >= tiles.tokens;
             let unpacked: [bool; M] = std::array::from_fn(|m| unpack && unpack_tile(tiles.isa, ws[m], t, &mut codes[m]));
             let n = t * w.rows;
             let len = w.rows.min(w.n - n);
+            held.resize(tokens.len(), [[0; 4]; M]);
             let mut tok = tokens.start;
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
@@ -381,11 +386,14 @@ fn products<const M: usize>(
                     tile_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, tok, step, &mut dots[m]);
                 }
                 for j in 0..step {
-                    // SAFETY: each (token, row) pair belongs to one worker alone.
-                    let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((tok + j) * w.n + n), len) };
-                    write(tok + j, n, dots.map(|d| d.map(|row| row[j])), out);
+                    held[tok - tokens.start + j] = dots.map(|d| d.map(|row| row[j]));
                 }
                 tok += step;
+            }
+            for (tok, &d) in tokens.zip(&held) {
+                // SAFETY: each (token, row) pair belongs to one worker alone.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(tok * w.n + n), len) };
+                write(tok, n, d, out);
             }
         };
         if by_tokens {
