@@ -166,7 +166,9 @@ pub struct Pinned {
 }
 
 /// The tiles a step gets when nothing else decides: the widest ISA, four
-/// rows per step and four tokens per step in prefill.
+/// rows per step and two tokens per step in prefill (the AVX2 prefill
+/// kernel's fastest at every 2B4T shape here: `cargo bench -p
+/// bitnet-codegen --bench kernels -- ternary_gemm`).
 pub fn heuristic(key: &WorkloadKey, isa: Isa) -> Tiles {
     if key.0.starts_with("ternary_matmul") {
         Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens: 2, split: Default::default() })
