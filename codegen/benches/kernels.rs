@@ -136,5 +136,38 @@ fn elementwise(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv, elementwise);
+/// The ceiling of the prefill kernel: how many `pmaddubsw` + `paddw`
+/// pairs (32 products each, the AVX2 prefill kernel's whole inner loop)
+/// one core issues per second, from registers, with six independent
+/// chains. Elements are pairs; times 32 it is products per second.
+#[cfg(target_arch = "x86_64")]
+fn avx2_issue_rate(c: &mut Criterion) {
+    use std::arch::x86_64::*;
+    if !Isa::Avx2.available() {
+        return;
+    }
+    const STEPS: usize = 1 << 16;
+    #[target_feature(enable = "avx2")]
+    unsafe fn pairs(w: __m256i, x: __m256i) -> [__m256i; 6] {
+        let mut acc = [_mm256_setzero_si256(); 6];
+        // Six different operands, so that no product is computed once for all.
+        let xs: [__m256i; 6] = std::array::from_fn(|i| _mm256_add_epi8(x, _mm256_set1_epi8(i as i8)));
+        for _ in 0..STEPS {
+            let w = std::hint::black_box(w);
+            for (a, &x) in acc.iter_mut().zip(&xs) {
+                *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(w, x));
+            }
+        }
+        acc
+    }
+    let mut g = c.benchmark_group("avx2_issue_rate");
+    g.throughput(Throughput::Elements((STEPS * 6) as u64));
+    // SAFETY: AVX2 was checked above.
+    g.bench_function("pmaddubsw+paddw", |b| b.iter(|| unsafe { pairs(_mm256_set1_epi8(2), _mm256_set1_epi8(-3)) }));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_issue_rate(_: &mut Criterion) {}
+
+criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv, elementwise, avx2_issue_rate);
 criterion_main!(benches);
