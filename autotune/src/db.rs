@@ -290,11 +290,22 @@ mod tests {
     use bitnet_codegen::cpu::ternary::TernaryTiles;
     use bitnet_codegen::cpu::Isa;
 
-    fn tmp(name: &str) -> PathBuf {
+    /// A scratch folder, removed when the guard drops, and the database
+    /// path inside it.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp(name: &str) -> (Scratch, PathBuf) {
         let d = std::env::temp_dir().join(format!("bitnet-db-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d.join("tuning.jsonl")
+        let file = d.join("tuning.jsonl");
+        (Scratch(d), file)
     }
 
     fn rec(key: &str, phase: Phase, rows: usize, tokens: usize, ns: u64) -> Record {
@@ -313,7 +324,7 @@ mod tests {
 
     #[test]
     fn concurrent_writers_lose_nothing() {
-        let path = tmp("concurrent");
+        let (_scratch, path) = tmp("concurrent");
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let path = path.clone();
@@ -332,7 +343,8 @@ mod tests {
 
     #[test]
     fn newer_measurements_replace_older_ones() {
-        let db = Database::at(tmp("replace"));
+        let (_scratch, path) = tmp("replace");
+        let db = Database::at(path);
         db.merge(&[rec("k", Phase::Decode, 1, 4, 10), rec("k", Phase::Decode, 2, 4, 20)]).unwrap();
         db.merge(&[rec("k", Phase::Decode, 1, 4, 30)]).unwrap();
         let r = db.load().records;
@@ -342,7 +354,7 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_reported_not_fatal() {
-        let path = tmp("garbage");
+        let (_scratch, path) = tmp("garbage");
         let db = Database::at(&path);
         db.merge(&[rec("a", Phase::Decode, 1, 4, 10), rec("b", Phase::Decode, 2, 4, 20)]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -359,7 +371,7 @@ mod tests {
 
     #[test]
     fn a_foreign_file_is_ignored_and_moved_aside() {
-        let path = tmp("foreign");
+        let (_scratch, path) = tmp("foreign");
         std::fs::write(&path, "{\"format\":\"bitnet-tuning\",\"version\":99}\n").unwrap();
         let db = Database::at(&path);
         let loaded = db.load();
@@ -393,11 +405,13 @@ mod tests {
 
     #[test]
     fn export_then_import_round_trips() {
-        let a = Database::at(tmp("export-a"));
+        let (_a, path_a) = tmp("export-a");
+        let a = Database::at(path_a);
         a.merge(&[rec("k", Phase::Decode, 1, 4, 10)]).unwrap();
-        let file = tmp("export-file");
+        let (_f, file) = tmp("export-file");
         assert_eq!(a.export(&file).unwrap(), 1);
-        let b = Database::at(tmp("export-b"));
+        let (_b, path_b) = tmp("export-b");
+        let b = Database::at(path_b);
         assert_eq!(b.import(&file).unwrap().0, 1);
         assert_eq!(a.load().records, b.load().records);
         assert_eq!(b.clear().unwrap(), 1);
