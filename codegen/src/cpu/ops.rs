@@ -214,6 +214,7 @@ pub fn attention(
     let pairs = positions.len() * a.heads;
     let dst = SharedMut(out.as_mut_ptr());
     let isa = super::Isa::best();
+    let avx2 = Isa::Avx2.available();
     pool.run(&|me, workers| {
         let mut scores = Vec::new();
         for pair in share(pairs, me, workers) {
@@ -226,16 +227,37 @@ pub fn attention(
             kernels::softmax(&mut scores);
             // SAFETY: each (token, head) pair's output belongs to one worker.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((i * a.heads + h) * d), d) };
-            o.fill(0.0);
-            for (t, &w) in scores.iter().enumerate() {
-                let vt = &values[t * kv_row + kvh * d..][..d];
-                for (oj, &vj) in o.iter_mut().zip(vt) {
-                    *oj += w * vj;
-                }
-            }
+            weighted_sum(&scores, values, kv_row, kvh * d, o, avx2);
         }
     });
     Ok(())
+}
+
+/// `o = Σ_t scores[t] · values[t]`, each value row `d` wide at `at` in rows
+/// of `kv_row`, summed over `t` in order. With `avx2` the same code is
+/// compiled for AVX2 (eight lanes of `o` at a time, no reordering).
+fn weighted_sum(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mut [f32], avx2: bool) {
+    #[inline(always)]
+    fn plain(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mut [f32]) {
+        o.fill(0.0);
+        for (t, &w) in scores.iter().enumerate() {
+            let vt = &values[t * kv_row + at..][..o.len()];
+            for (oj, &vj) in o.iter_mut().zip(vt) {
+                *oj += w * vj;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mut [f32]) {
+            plain(scores, values, kv_row, at, o)
+        }
+        // SAFETY: the caller checked that this CPU has AVX2.
+        return unsafe { wide(scores, values, kv_row, at, o) };
+    }
+    let _ = avx2;
+    plain(scores, values, kv_row, at, o)
 }
 
 #[cfg(test)]
