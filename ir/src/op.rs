@@ -89,6 +89,20 @@ impl Epilogue {
     pub fn operands(self) -> usize {
         self.scale as usize + self.residual as usize
     }
+
+    /// In a `ternary_glu` with this epilogue, the index of the up weight:
+    /// after the activations, the gate weight and the gate's epilogue
+    /// operands.
+    pub fn glu_up(self) -> usize {
+        2 + self.operands()
+    }
+
+    /// A `ternary_glu`'s operands as those of its two `ternary_matmul`s:
+    /// `(x, gate, ..)` and `(x, up, ..)`.
+    pub fn glu_products<T: Copy>(self, args: &[T]) -> (Vec<T>, Vec<T>) {
+        let up = self.glu_up();
+        (args[..up].to_vec(), [&args[..1], &args[up..]].concat())
+    }
 }
 
 /// The activation of a gated unit: `act(gate) * up`.
@@ -263,7 +277,7 @@ impl Op {
     pub fn reads_packed(&self, i: usize) -> bool {
         match self {
             Op::TernaryMatMul(_) => i == 1,
-            Op::TernaryGlu { epilogue, .. } => i == 1 || i == 2 + epilogue.operands(),
+            Op::TernaryGlu { epilogue, .. } => i == 1 || i == epilogue.glu_up(),
             _ => false,
         }
     }
@@ -275,7 +289,7 @@ impl Op {
             Op::QuantizeAct { .. } | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } => 1,
             Op::Embed | Op::RmsNorm { .. } | Op::RmsNormQuant { .. } | Op::MatMul | Op::Rope { .. } | Op::Binary(_) | Op::Glu { .. } => 2,
             Op::TernaryMatMul(e) => 2 + e.operands(),
-            Op::TernaryGlu { epilogue, .. } => 1 + 2 * (1 + epilogue.operands()),
+            Op::TernaryGlu { epilogue, .. } => 2 * epilogue.glu_up() - 1,
             Op::Attention { .. } => 4,
         }
     }
@@ -333,9 +347,8 @@ impl Op {
                 if epilogue.residual {
                     return Err("ternary_glu has no residual epilogue".into());
                 }
-                let per = 1 + epilogue.operands();
-                let (gate, up) = (&args[..1 + per], [&args[..1], &args[1 + per..]].concat());
-                let g = Op::TernaryMatMul(*epilogue).infer(gate).map_err(|e| format!("ternary_glu gate: {e}"))?;
+                let (gate, up) = epilogue.glu_products(args);
+                let g = Op::TernaryMatMul(*epilogue).infer(&gate).map_err(|e| format!("ternary_glu gate: {e}"))?;
                 let u = Op::TernaryMatMul(*epilogue).infer(&up).map_err(|e| format!("ternary_glu up: {e}"))?;
                 if g != u {
                     return Err(format!("ternary_glu: gate gives {g}, up {u}"));

@@ -34,8 +34,13 @@ impl Op {
             Op::RmsNormQuant { eps, scheme } => vec![("eps", format!("{eps:?}")), ("scheme", scheme.name().into())],
             Op::TernaryMatMul(e) if *e != Epilogue::NONE => vec![("epilogue", e.name())],
             Op::Glu { act } => vec![("act", act.name().into())],
-            Op::TernaryGlu { act, epilogue } if *epilogue == Epilogue::NONE => vec![("act", act.name().into())],
-            Op::TernaryGlu { act, epilogue } => vec![("act", act.name().into()), ("epilogue", epilogue.name())],
+            Op::TernaryGlu { act, epilogue } => {
+                let mut a = vec![("act", act.name().into())];
+                if *epilogue != Epilogue::NONE {
+                    a.push(("epilogue", epilogue.name()));
+                }
+                a
+            }
             _ => Vec::new(),
         }
     }
@@ -287,6 +292,13 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
         let v = attrs.remove(k).ok_or_else(|| format!("missing attribute {k}"))?;
         v.parse().map_err(|_| format!("bad value {v} for {k}"))
     }
+    /// The optional `epilogue=` of the ternary products (none when absent).
+    fn epilogue(attrs: &mut HashMap<String, String>) -> Result<Epilogue, String> {
+        match attrs.remove("epilogue") {
+            None => Ok(Epilogue::NONE),
+            Some(e) => Epilogue::from_name(&e).ok_or(format!("unknown epilogue {e}")),
+        }
+    }
     if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == mnemonic) {
         return Ok(Op::Unary(u));
     }
@@ -303,10 +315,7 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
             Op::QuantizeAct { scheme: ActQuant::from_name(&s).ok_or(format!("unknown quantization scheme {s}"))? }
         }
         "matmul" => Op::MatMul,
-        "ternary_matmul" => match attrs.remove("epilogue") {
-            None => Op::TernaryMatMul(Epilogue::NONE),
-            Some(e) => Op::TernaryMatMul(Epilogue::from_name(&e).ok_or(format!("unknown epilogue {e}"))?),
-        },
+        "ternary_matmul" => Op::TernaryMatMul(epilogue(attrs)?),
         "rms_norm_quant" => {
             let s: String = take(attrs, "scheme")?;
             Op::RmsNormQuant { eps: take(attrs, "eps")?, scheme: ActQuant::from_name(&s).ok_or(format!("unknown quantization scheme {s}"))? }
@@ -317,12 +326,7 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
         }
         "ternary_glu" => {
             let a: String = take(attrs, "act")?;
-            let act = GateAct::from_name(&a).ok_or(format!("unknown gate activation {a}"))?;
-            let epilogue = match attrs.remove("epilogue") {
-                None => Epilogue::NONE,
-                Some(e) => Epilogue::from_name(&e).ok_or(format!("unknown epilogue {e}"))?,
-            };
-            Op::TernaryGlu { act, epilogue }
+            Op::TernaryGlu { act: GateAct::from_name(&a).ok_or(format!("unknown gate activation {a}"))?, epilogue: epilogue(attrs)? }
         }
         "rope" => {
             let mode: String = take(attrs, "mode")?;

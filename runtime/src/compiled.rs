@@ -421,7 +421,7 @@ fn kernel(
         }
         Op::TernaryGlu { act, epilogue } => {
             let Some(Tiles::Ternary(t)) = tiles else { return err("no ternary tiles scheduled") };
-            let up = 2 + epilogue.operands();
+            let up = epilogue.glu_up();
             let (Arg::Q8(x), Arg::Weight(_, Prepared::Packed(wg)), Arg::Weight(_, Prepared::Packed(wu))) = (&args[0], &args[1], &args[up]) else {
                 return err("operands must be q8_row and two packed weights");
             };

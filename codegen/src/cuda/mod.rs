@@ -197,7 +197,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                 let key = crate::schedule::Workload::Ternary { n, k: kk }.key();
                 let t = tiles(&key);
                 chosen.push((v, key.0.clone(), t.to_string()));
-                let up = 2 + epilogue.operands();
+                let up = epilogue.glu_up();
                 let mut args = vec![Operand(1), Beta(1)];
                 args.extend((2..up).map(Operand));
                 args.extend([Operand(up), Beta(up)]);

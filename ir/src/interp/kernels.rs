@@ -36,9 +36,9 @@ pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> 
         }
         Op::TernaryGlu { act, epilogue } => {
             // Exactly the two products it replaces, then the gated unit.
-            let per = 1 + epilogue.operands();
-            let gate = run(&Op::TernaryMatMul(*epilogue), &args[..1 + per], kv, threads)?;
-            let up = run(&Op::TernaryMatMul(*epilogue), &[&args[..1], &args[1 + per..]].concat(), kv, threads)?;
+            let (gate, up) = epilogue.glu_products(args);
+            let gate = run(&Op::TernaryMatMul(*epilogue), &gate, kv, threads)?;
+            let up = run(&Op::TernaryMatMul(*epilogue), &up, kv, threads)?;
             run(&Op::Glu { act: *act }, &[&Slot::Tensor(gate), &Slot::Tensor(up)], kv, threads)
         }
         Op::Glu { act } => {
