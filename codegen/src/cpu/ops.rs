@@ -83,17 +83,26 @@ fn quantize_tokens(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: RowsOu
 /// at least 1e-5), q = clamp(round(γx), −128, 127), and Σq. With `avx2`
 /// the same code is compiled for AVX2, where the compiler vectorizes it.
 fn quantize_token(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8], avx2: bool) -> (f32, i32) {
+    compiled_for(avx2, || quantize_plain(x, norm, row, q))
+}
+
+/// Runs `f`, compiled for AVX2 when `avx2` (the caller has checked that
+/// this CPU has it): the same code, which the compiler then vectorizes
+/// eight lanes wide. `f` is inlined into the AVX2 function, so its
+/// arithmetic, and the order of it, do not change.
+#[inline(always)]
+fn compiled_for<R>(avx2: bool, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         #[target_feature(enable = "avx2")]
-        unsafe fn wide(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8]) -> (f32, i32) {
-            quantize_plain(x, norm, row, q)
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
         }
         // SAFETY: the caller checked that this CPU has AVX2.
-        return unsafe { wide(x, norm, row, q) };
+        return unsafe { wide(f) };
     }
     let _ = avx2;
-    quantize_plain(x, norm, row, q)
+    f()
 }
 
 #[inline(always)]
@@ -213,8 +222,8 @@ pub fn attention(
     let group = a.heads / a.kv_heads;
     let pairs = positions.len() * a.heads;
     let dst = SharedMut(out.as_mut_ptr());
-    let isa = super::Isa::best();
-    let avx2 = Isa::Avx2.available();
+    let isa = Isa::best();
+    let avx2 = isa == Isa::Avx2;
     pool.run(&|me, workers| {
         let mut scores = Vec::new();
         for pair in share(pairs, me, workers) {
@@ -237,8 +246,7 @@ pub fn attention(
 /// of `kv_row`, summed over `t` in order. With `avx2` the same code is
 /// compiled for AVX2 (eight lanes of `o` at a time, no reordering).
 fn weighted_sum(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mut [f32], avx2: bool) {
-    #[inline(always)]
-    fn plain(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mut [f32]) {
+    compiled_for(avx2, || {
         o.fill(0.0);
         for (t, &w) in scores.iter().enumerate() {
             let vt = &values[t * kv_row + at..][..o.len()];
@@ -246,18 +254,7 @@ fn weighted_sum(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mu
                 *oj += w * vj;
             }
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mut [f32]) {
-            plain(scores, values, kv_row, at, o)
-        }
-        // SAFETY: the caller checked that this CPU has AVX2.
-        return unsafe { wide(scores, values, kv_row, at, o) };
-    }
-    let _ = avx2;
-    plain(scores, values, kv_row, at, o)
+    })
 }
 
 #[cfg(test)]
