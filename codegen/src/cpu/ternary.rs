@@ -305,9 +305,11 @@ fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilo
         }
     }
     if let Some(res) = ep.residual {
-        let len = 4.min(w.n - n);
-        let mut add = [0f32; 4];
-        add[..len].copy_from_slice(&res[t * w.n + n..][..len]);
+        let at = t * w.n + n;
+        let add: [f32; 4] = match res.get(at..at + 4) {
+            Some(four) if w.n - n >= 4 => four.try_into().expect("four values"),
+            _ => std::array::from_fn(|r| if n + r < w.n { res[at + r] } else { 0.0 }),
+        };
         for r in 0..4 {
             v[r] += add[r];
         }
@@ -318,7 +320,18 @@ fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilo
 /// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
 /// over the pool's workers by row tiles or by tokens (`tiles.split`).
 pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
-    products(pool, tiles, [w], x, out, |t, n, [dots], out| out.copy_from_slice(&finish(dots, x, t, w, &ep, n)[..out.len()]));
+    products(pool, tiles, [w], x, out, |t, n, [dots], out| store(out, finish(dots, x, t, w, &ep, n)));
+}
+
+/// Writes a tile's four results, or those of its rows that exist: a
+/// fixed-size store where all four do (a slice of run-time length would
+/// be a call to `memcpy` per tile and token).
+#[inline(always)]
+fn store(out: &mut [f32], v: [f32; 4]) {
+    match <&mut [f32; 4]>::try_from(&mut *out) {
+        Ok(four) => *four = v,
+        Err(_) => out.copy_from_slice(&v[..out.len()]),
+    }
 }
 
 /// `out[t, n] = act(x[t] · gate[n] · β_g · s_g) · (x[t] · up[n] · β_u · s_u)`:
