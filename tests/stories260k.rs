@@ -71,3 +71,22 @@ fn sampling_is_reproducible_with_a_seed() {
     let many: std::collections::HashSet<String> = (0..6).map(|s| run(&s.to_string()).to_string()).collect();
     assert!(many.len() > 1, "different seeds should not all sample the same text");
 }
+
+#[test]
+fn bench_json_times_each_kernel_family() {
+    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "8", "-n", "2", "-r", "1", "-t", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    for k in ["prefill_tok_s", "decode_tok_s", "load_ms", "cold_start_ms", "peak_rss_bytes"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    // stories260K has 5 layers: one attention call each, per evaluation.
+    for k in ["prefill_kernel_ms", "decode_kernel_ms"] {
+        let s = v[k].as_str().unwrap_or_else(|| panic!("{k} missing"));
+        assert!(s.contains("attention ") && s.contains(" (5)") && s.contains("matmul "), "{k}: {s}");
+    }
+    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--backend", "interp", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v.get("prefill_kernel_ms").is_none(), "the interpreter has no kernels to time: {v}");
+}

@@ -6,7 +6,7 @@
 //! Each is repeated and the median reported.
 
 use crate::sampler::argmax;
-use crate::session::{RuntimeError, Session};
+use crate::session::{Backend, RuntimeError, Session};
 use std::time::Instant;
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -21,6 +21,15 @@ pub struct BenchReport {
     pub n_gen: usize,
     pub threads: usize,
     pub reps: usize,
+    /// One prefill of the prompt and then one decode step, evaluated again
+    /// kernel by kernel and timed: milliseconds and calls per kernel
+    /// family, slowest first (`"ternary_glu 812.400 (30), attention
+    /// 95.100 (30), ..."`: strings, so that the JSON stays flat). Compiled
+    /// backends only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_kernel_ms: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_kernel_ms: Option<String>,
     /// On a GPU: its name, the weight bytes on it (read once per decoded
     /// token), its copy bandwidth measured here, and decode as a fraction
     /// of the roofline those two give.
@@ -36,10 +45,6 @@ pub struct GpuReport {
     pub decode_roofline: f64,
     /// Whether decode replayed a captured CUDA graph, and if not why.
     pub cuda_graphs: bool,
-    /// One decode step, kernel by kernel: milliseconds per kernel family,
-    /// slowest first (`"ternary_matmul 0.412, matmul 0.210, ..."`: a
-    /// string, so that the JSON stays flat).
-    pub decode_kernel_ms: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cuda_graph_error: Option<String>,
 }
@@ -87,24 +92,32 @@ pub fn bench(
         on_rep(rep + 1);
     }
     let decode_tok_s = median(&mut decode);
-    let at = (n_prompt.max(1) + n_gen).min(s.context - 1) as i32;
+    let (mut prefill_kernel_ms, mut decode_kernel_ms) = (None, None);
+    if s.backend() == Backend::Compiled {
+        s.reset();
+        let (logits, times) = s.profile(&ids, false)?;
+        prefill_kernel_ms = Some(times.summary());
+        if n_prompt + 1 <= s.context {
+            decode_kernel_ms = Some(s.profile(&[argmax(&logits)], false)?.1.summary());
+        }
+    }
     let gpu = match s.cuda_mut() {
         Some(c) => {
             let bw = c.copy_bandwidth()?;
-            let kernels = c.profile(&[ids[0] as i32], &[at], false)?;
             Some(GpuReport {
                 device: c.device.clone(),
                 weight_bytes: c.weight_bytes,
                 bandwidth_gb_s: bw / 1e9,
                 decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw,
                 cuda_graphs: c.graphs,
-                decode_kernel_ms: kernels.iter().map(|(f, ms, n)| format!("{f} {ms:.3} ({n} launches)")).collect::<Vec<_>>().join(", "),
                 cuda_graph_error: c.graph_error.clone(),
             })
         }
         None => None,
     };
     Ok(BenchReport {
+        prefill_kernel_ms,
+        decode_kernel_ms,
         gpu,
         prefill_tok_s: median(&mut prefill),
         decode_tok_s,

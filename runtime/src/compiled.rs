@@ -202,7 +202,47 @@ impl CompiledModel {
     /// (the logits), row-major.
     pub fn eval(&mut self, weights: &dyn WeightSource, tokens: &[i32], positions: &[i32], all_logits: bool, kv: &mut KvCache) -> Result<Vec<f32>, EvalError> {
         let plan = if all_logits { &mut self.all } else { &mut self.last };
-        run(plan, &self.pool, &self.weights, weights, &[("tokens", tokens), ("positions", positions)], kv)
+        run(plan, &self.pool, &self.weights, weights, &[("tokens", tokens), ("positions", positions)], kv, None)
+    }
+
+    /// Evaluates as [`CompiledModel::eval`] does, timing each node's
+    /// kernel: the logits, and milliseconds and calls per kernel family
+    /// (the op's mnemonic), slowest first. For finding what to speed up.
+    pub fn profile(
+        &mut self,
+        weights: &dyn WeightSource,
+        tokens: &[i32],
+        positions: &[i32],
+        all_logits: bool,
+        kv: &mut KvCache,
+    ) -> Result<(Vec<f32>, KernelTimes), EvalError> {
+        let plan = if all_logits { &mut self.all } else { &mut self.last };
+        let mut times = KernelTimes::default();
+        let logits = run(plan, &self.pool, &self.weights, weights, &[("tokens", tokens), ("positions", positions)], kv, Some(&mut times))?;
+        times.0.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok((logits, times))
+    }
+}
+
+/// Milliseconds and calls per kernel family, in the order found.
+#[derive(Clone, Debug, Default)]
+pub struct KernelTimes(pub Vec<(String, f64, usize)>);
+
+impl KernelTimes {
+    pub fn add(&mut self, family: &str, ms: f64) {
+        match self.0.iter_mut().find(|f| f.0 == family) {
+            Some(f) => {
+                f.1 += ms;
+                f.2 += 1;
+            }
+            None => self.0.push((family.to_string(), ms, 1)),
+        }
+    }
+
+    /// `"ternary_glu 812.40 (30), attention 95.10 (30), ..."`: a string, so
+    /// that `bitnet bench --json` stays one flat object.
+    pub fn summary(&self) -> String {
+        self.0.iter().map(|(f, ms, n)| format!("{f} {ms:.3} ({n})")).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -285,6 +325,7 @@ fn run(
     weights: &dyn WeightSource,
     inputs: &[(&str, &[i32])],
     kv: &mut KvCache,
+    mut times: Option<&mut KernelTimes>,
 ) -> Result<Vec<f32>, EvalError> {
     let seq = inputs.first().map_or(0, |i| i.1.len());
     for v in 0..plan.graph.nodes.len() {
@@ -310,7 +351,11 @@ fn run(
                 },
             })
             .collect();
+        let started = times.is_some().then(std::time::Instant::now);
         let result = kernel(&node.op, &shape, &args, tiles, &mut out, pool, weights, inputs, kv);
+        if let (Some(times), Some(t0)) = (times.as_deref_mut(), started) {
+            times.add(node.op.mnemonic(), t0.elapsed().as_secs_f64() * 1e3);
+        }
         drop(args);
         plan.bufs[s] = out;
         result.map_err(|e| EvalError(format!("v{v} = {}: {}", node.op.mnemonic(), e.0)))?;

@@ -12,7 +12,7 @@
 //! per layer, on the device. An evaluation uploads the token ids and
 //! positions, makes every launch on one stream, and copies the logits back.
 
-use crate::compiled::{assign_slots, Kind, NO_SLOT};
+use crate::compiled::{assign_slots, KernelTimes, Kind, NO_SLOT};
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Grid, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
@@ -306,10 +306,10 @@ impl CudaModel {
     /// Evaluates as [`CudaModel::eval`] does (kernel by kernel, no graph)
     /// and times each launch with CUDA events: milliseconds and launches
     /// per kernel family, slowest first. For finding what to speed up.
-    pub fn profile(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<Vec<(String, f64, usize)>, EvalError> {
+    pub fn profile(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<KernelTimes, EvalError> {
         let ctx = self.stream.context().clone();
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let (graphs, mut by_family) = (std::mem::replace(&mut self.graphs, false), Vec::<(String, f64, usize)>::new());
+        let (graphs, mut by_family) = (std::mem::replace(&mut self.graphs, false), KernelTimes::default());
         // The first run sizes the buffers and uploads the inputs; the second is timed.
         let first = self.run(tokens, positions, all_logits, None);
         self.graphs = graphs;
@@ -322,16 +322,9 @@ impl CudaModel {
             self.launch(all_logits, l, tokens.len())?;
             driver("recording an event", end.record(&self.stream))?;
             let ms = driver("timing a kernel", start.elapsed_ms(&end))? as f64;
-            let family = l.entry.rsplit_once('_').map_or(l.entry.as_str(), |(f, _)| f).to_string();
-            match by_family.iter_mut().find(|f| f.0 == family) {
-                Some(f) => {
-                    f.1 += ms;
-                    f.2 += 1;
-                }
-                None => by_family.push((family, ms, 1)),
-            }
+            by_family.add(l.entry.rsplit_once('_').map_or(l.entry.as_str(), |(f, _)| f), ms);
         }
-        by_family.sort_by(|a, b| b.1.total_cmp(&a.1));
+        by_family.0.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(by_family)
     }
 

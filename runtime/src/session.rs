@@ -1,7 +1,7 @@
 //! A loaded model ready to generate: weights, tokenizer, graphs, KV cache.
 
 use crate::artifact::{self, Artifact, Header};
-use crate::compiled::CompiledModel;
+use crate::compiled::{CompiledModel, KernelTimes};
 use crate::cuda::CudaModel;
 use crate::sampler::{Sampler, SamplerConfig};
 use bitnet_autotune::{Database, Tuned};
@@ -242,6 +242,22 @@ impl Session {
     /// Evaluates `tokens` after those already cached. Returns logits, one
     /// row of `vocab` per token (`all_logits`) or for the last token only.
     pub fn eval(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RuntimeError> {
+        self.eval_timed(tokens, all_logits, None)
+    }
+
+    /// Evaluates as [`Session::eval`] does, timing each kernel: the
+    /// logits, and milliseconds and calls per kernel family, slowest first.
+    /// Compiled backends only (the interpreter has no kernels to time).
+    pub fn profile(&mut self, tokens: &[u32], all_logits: bool) -> Result<(Vec<f32>, KernelTimes), RuntimeError> {
+        if self.backend() != Backend::Compiled {
+            return Err(RuntimeError::Input("kernel timings need the compiled backend (--backend compiled)".into()));
+        }
+        let mut times = KernelTimes::default();
+        let logits = self.eval_timed(tokens, all_logits, Some(&mut times))?;
+        Ok((logits, times))
+    }
+
+    fn eval_timed(&mut self, tokens: &[u32], all_logits: bool, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Input("nothing to evaluate: the prompt is empty".into()));
         }
@@ -261,11 +277,22 @@ impl Session {
         let out = match (&mut self.compiled, &mut self.cuda) {
             (_, Some(c)) => {
                 let (Tensor::I32 { data: ids, .. }, Tensor::I32 { data: pos, .. }) = (&ids, &positions) else { unreachable!() };
-                c.eval(ids, pos, all_logits)
+                // Timing launches one kernel at a time again, at the same
+                // positions: the cache entries it writes are the same.
+                c.eval(ids, pos, all_logits).and_then(|logits| match times {
+                    Some(times) => c.profile(ids, pos, all_logits).map(|t| *times = t).map(|_| logits),
+                    None => Ok(logits),
+                })
             }
             (Some(c), None) => {
                 let (Tensor::I32 { data: ids, .. }, Tensor::I32 { data: pos, .. }) = (&ids, &positions) else { unreachable!() };
-                c.eval(&self.model, ids, pos, all_logits, &mut self.kv)
+                match times {
+                    Some(times) => c.profile(&self.model, ids, pos, all_logits, &mut self.kv).map(|(logits, t)| {
+                        *times = t;
+                        logits
+                    }),
+                    None => c.eval(&self.model, ids, pos, all_logits, &mut self.kv),
+                }
             }
             (None, None) => {
                 let graph = if all_logits { &self.graph_all } else { &self.graph_last };

@@ -53,6 +53,12 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
         r.peak_rss_bytes as f64 / (1 << 20) as f64,
         r.reps
     );
+    if let Some(k) = &r.prefill_kernel_ms {
+        println!("one prefill of {}, kernel by kernel, ms (calls): {k}", r.n_prompt.max(1));
+    }
+    if let Some(k) = &r.decode_kernel_ms {
+        println!("one decode step, kernel by kernel, ms (calls): {k}");
+    }
     if let Some(g) = &r.gpu {
         println!(
             "{}: {:.2} GB of weights read per token, copy bandwidth {:.0} GB/s: decode at {:.0}% of that roofline",
@@ -61,7 +67,6 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
             g.bandwidth_gb_s,
             100.0 * g.decode_roofline
         );
-        println!("one decode step, kernel by kernel, ms: {}", g.decode_kernel_ms);
         if let Some(e) = &g.cuda_graph_error {
             println!("{e}");
         }
