@@ -97,7 +97,7 @@ pub fn bench(
         s.reset();
         let (logits, times) = s.profile(&ids, false)?;
         prefill_kernel_ms = Some(times.summary());
-        if n_prompt + 1 <= s.context {
+        if ids.len() < s.context {
             decode_kernel_ms = Some(s.profile(&[argmax(&logits)], false)?.1.summary());
         }
     }
