@@ -11,7 +11,7 @@
 
 use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
-use bitnet_codegen::cpu::{float, ops, Isa, Pool};
+use bitnet_codegen::cpu::{attention, float, ops, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
 use bitnet_ir::{ActQuant, DType, Graph, Op};
@@ -475,8 +475,8 @@ fn kernel(
         }
         Op::Rope { mode, theta, head_dim } => ops::rope_on(pool, floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
         Op::Attention { layer, heads, kv_heads, head_dim } => {
-            let a = ops::AttentionShape { layer: *layer, heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };
-            ops::attention(pool, a, floats(&args[0])?, floats(&args[1])?, floats(&args[2])?, ids(&args[3])?, kv, f32_buf(out, len))?;
+            let a = attention::AttentionShape { layer: *layer, heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };
+            attention::attention(pool, Isa::best(), a, floats(&args[0])?, floats(&args[1])?, floats(&args[2])?, ids(&args[3])?, kv, f32_buf(out, len))?;
         }
         Op::Unary(u) => {
             let x = floats(&args[0])?;

@@ -4,6 +4,7 @@
 //! `reference_*` function) that the tests compare it with on awkward sizes.
 //! The instruction set is chosen when the program runs, never at build time.
 
+pub mod attention;
 pub mod blob;
 pub mod float;
 pub mod int8;

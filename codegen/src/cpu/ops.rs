@@ -1,15 +1,13 @@
-//! The graph's other kernels: norms with activation quantization,
-//! attention over the KV cache, RoPE and elementwise ops, all writing into
-//! buffers the caller owns. Their arithmetic is the interpreter's, in the
-//! same order, so their results are identical to it (attention's dot
-//! products excepted: they are vectorized, so summed in another order);
-//! only the work is spread over threads and fused passes.
+//! The graph's other kernels: norms with activation quantization, RoPE
+//! and elementwise ops, all writing into buffers the caller owns (attention
+//! has its own module). Their arithmetic is the interpreter's, in the same
+//! order, so their results are identical to it; only the work is spread
+//! over threads and fused passes.
 
-use super::float;
 use super::pool::{share, Pool, SharedMut};
 use super::ternary::QuantActs;
 use super::Isa;
-use bitnet_ir::interp::{kernels, EvalError, KvCache};
+use bitnet_ir::interp::kernels;
 use bitnet_ir::{GateAct, RopeMode};
 
 /// `1 / sqrt(mean(x²) + eps)`, as the interpreter's `rms_norm` computes it.
@@ -192,75 +190,10 @@ pub fn glu_on(pool: &Pool, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f3
     });
 }
 
-/// Shape of one attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
-    pub layer: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
-/// Stores `k` and `v` at `positions`, then each query attends causally to
-/// the cache; the (token, head) pairs are split over the workers.
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    pool: &Pool,
-    a: AttentionShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    positions: &[i32],
-    kv: &mut KvCache,
-    out: &mut [f32],
-) -> Result<(), EvalError> {
-    let d = a.head_dim;
-    let kv_row = a.kv_heads * d;
-    kv.store(a.layer, kv_row, positions, k, v)?;
-    let (keys, values) = kv.layer_rows(a.layer);
-    let scale = 1.0 / (d as f32).sqrt();
-    let group = a.heads / a.kv_heads;
-    let pairs = positions.len() * a.heads;
-    let dst = SharedMut(out.as_mut_ptr());
-    let isa = Isa::best();
-    let avx2 = isa == Isa::Avx2;
-    pool.run(&|me, workers| {
-        let mut scores = Vec::new();
-        for pair in share(pairs, me, workers) {
-            let (i, h) = (pair / a.heads, pair % a.heads);
-            let n_keys = positions[i] as usize + 1;
-            let kvh = h / group;
-            let qh = &q[(i * a.heads + h) * d..][..d];
-            scores.clear();
-            scores.extend((0..n_keys).map(|t| float::dot(isa, qh, &keys[t * kv_row + kvh * d..][..d]) * scale));
-            kernels::softmax(&mut scores);
-            // SAFETY: each (token, head) pair's output belongs to one worker.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((i * a.heads + h) * d), d) };
-            weighted_sum(&scores, values, kv_row, kvh * d, o, avx2);
-        }
-    });
-    Ok(())
-}
-
-/// `o = Σ_t scores[t] · values[t]`, each value row `d` wide at `at` in rows
-/// of `kv_row`, summed over `t` in order. With `avx2` the same code is
-/// compiled for AVX2 (eight lanes of `o` at a time, no reordering).
-fn weighted_sum(scores: &[f32], values: &[f32], kv_row: usize, at: usize, o: &mut [f32], avx2: bool) {
-    compiled_for(avx2, || {
-        o.fill(0.0);
-        for (t, &w) in scores.iter().enumerate() {
-            let vt = &values[t * kv_row + at..][..o.len()];
-            for (oj, &vj) in o.iter_mut().zip(vt) {
-                *oj += w * vj;
-            }
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitnet_ir::interp::{Interpreter, Tensor};
+    use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
     use bitnet_ir::{ActQuant, DType, Dim, Graph, Op, TensorType};
     use std::collections::HashMap;
 
