@@ -46,7 +46,7 @@ pub fn attention(
     out: &mut [f32],
 ) -> Result<(), EvalError> {
     let d = a.head_dim;
-    if a.kv_heads == 0 || a.heads % a.kv_heads != 0 || q.len() != positions.len() * a.heads * d || out.len() != q.len() {
+    if a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) || q.len() != positions.len() * a.heads * d || out.len() != q.len() {
         return Err(EvalError(format!("attention: {} heads over {} KV heads of {d} do not fit the operands", a.heads, a.kv_heads)));
     }
     let kv_row = a.kv_heads * d;
@@ -130,6 +130,7 @@ fn reference_heads(h: &Heads, scores: &mut Vec<f32>, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // rows and lanes index several arrays in step
 mod avx2 {
     use super::{Heads, MAX_GROUP};
     use bitnet_ir::interp::kernels;
