@@ -133,7 +133,7 @@ fn reference_heads(h: &Heads, scores: &mut Vec<f32>, out: &mut [f32]) {
 #[allow(clippy::needless_range_loop)] // rows and lanes index several arrays in step
 mod avx2 {
     use super::{Heads, MAX_GROUP};
-    use bitnet_ir::interp::kernels;
+    use crate::cpu::vmath;
     use std::arch::x86_64::*;
 
     /// Up to four heads at once; see the module's notes.
@@ -204,7 +204,7 @@ mod avx2 {
             score(h, &q, t, a0, scores);
         }
         for r in 0..R {
-            kernels::softmax(&mut scores[r * n..(r + 1) * n]);
+            vmath::avx2::softmax(&mut scores[r * n..(r + 1) * n]);
         }
         // Σ_t p[r][t] · v[t], a block of columns of all R outputs held in registers.
         let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r * n..(r + 1) * n]);

@@ -12,6 +12,7 @@ pub mod jit;
 pub mod ops;
 pub mod pool;
 pub mod ternary;
+pub mod vmath;
 
 pub use pool::Pool;
 

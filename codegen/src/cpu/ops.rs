@@ -6,7 +6,7 @@
 
 use super::pool::{share, Pool, SharedMut};
 use super::ternary::QuantActs;
-use super::Isa;
+use super::{vmath, Isa};
 use bitnet_ir::interp::kernels;
 use bitnet_ir::{GateAct, RopeMode};
 
@@ -169,9 +169,7 @@ pub fn rope_on(pool: &Pool, x: &[f32], out: &mut [f32], row: usize, positions: &
 }
 
 pub fn glu(act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = kernels::glu(act, g, u);
-    }
+    vmath::glu(Isa::best(), act, gate, up, out)
 }
 
 /// [`glu`] with the values shared among the pool's workers when there are

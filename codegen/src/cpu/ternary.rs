@@ -16,8 +16,8 @@
 
 use super::blob::Blob;
 use super::pool::{share, Chunks, Pool, SharedMut};
-use super::Isa;
-use bitnet_ir::interp::{kernels, WeightView};
+use super::{vmath, Isa};
+use bitnet_ir::interp::WeightView;
 use bitnet_ir::DType;
 use bitnet_ir::GateAct;
 
@@ -352,10 +352,7 @@ pub fn matmul_glu(
     assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
     products(pool, tiles, [wg, wu], x, out, |t, n, [g, u], out| {
-        let (g, u) = (finish(g, x, t, wg, &eg, n), finish(u, x, t, wu, &eu, n));
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = kernels::glu(act, g[r], u[r]);
-        }
+        store(out, vmath::glu4(tiles.isa, act, finish(g, x, t, wg, &eg, n), finish(u, x, t, wu, &eu, n)));
     });
 }
 

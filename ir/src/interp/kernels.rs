@@ -1,5 +1,6 @@
 //! The meaning of each op, one plain function per op.
 
+pub use super::math::exp;
 use super::{eval_err, EvalError, KvCache, Slot, Tensor, WeightView};
 use crate::{ActQuant, BinaryOp, GateAct, Op, RopeMode, UnaryOp};
 
@@ -315,7 +316,7 @@ pub fn softmax(row: &mut [f32]) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0f32;
     for v in row.iter_mut() {
-        *v = (*v - max).exp();
+        *v = exp(*v - max);
         sum += *v;
     }
     for v in row.iter_mut() {
@@ -367,10 +368,10 @@ fn attention(
 
 pub fn unary(u: UnaryOp, x: f32) -> f32 {
     match u {
-        UnaryOp::Silu => x / (1.0 + (-x).exp()),
+        UnaryOp::Silu => x / (1.0 + exp(-x)),
         UnaryOp::Relu => x.max(0.0),
         UnaryOp::Square => x * x,
-        UnaryOp::Exp => x.exp(),
+        UnaryOp::Exp => exp(x),
         UnaryOp::Neg => -x,
     }
 }

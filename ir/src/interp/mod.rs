@@ -6,6 +6,7 @@
 //! over threads, which does not change any result.
 
 pub mod kernels;
+pub mod math;
 
 use crate::quant::{i2s_scale, RowView};
 use crate::{DType, Graph, Op, TensorType};
