@@ -16,7 +16,7 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 pub const LN2_HI: f32 = 0.693_359_4;
 pub const LN2_LO: f32 = -2.121_944_4e-4;
 /// `eʳ ≈ 1 + r + r²·P(r)`, highest power first.
-pub const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+pub const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 /// Inputs are clamped to this range: below it the result rounds to 0,
 /// above it to +∞, and the scalings stay within the exponent range.
 pub const CLAMP: (f32, f32) = (-104.0, 89.0);
