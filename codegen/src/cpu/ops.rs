@@ -7,14 +7,8 @@
 use super::pool::{share, Pool, SharedMut};
 use super::ternary::QuantActs;
 use super::{vmath, Isa};
-use bitnet_ir::interp::kernels;
+use bitnet_ir::interp::kernels::{self, inv_rms};
 use bitnet_ir::{GateAct, RopeMode};
-
-/// `1 / sqrt(mean(x²) + eps)`, as the interpreter's `rms_norm` computes it.
-fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let mean_sq = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
-    1.0 / ((mean_sq as f32) + eps).sqrt()
-}
 
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let k = w.len();
@@ -130,8 +124,13 @@ fn quantize_plain(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &m
     let g = 127.0 / amax;
     let mut sum = 0i32;
     for (o, &v) in q.iter_mut().zip(row) {
-        *o = round_half_away(v * g).clamp(-128.0, 127.0) as i8;
-        sum += *o as i32;
+        let y = round_half_away(v * g).clamp(-128.0, 127.0);
+        // `y as i8` (NaN to 0), in steps that vectorize: an integer-valued
+        // |y| ≤ 2²² plus 1.5·2²³ holds y in its low mantissa bits.
+        let y = if y.is_nan() { 0.0 } else { y };
+        let qi = (y + 12_582_912.0).to_bits() as i32 - 0x4b40_0000;
+        *o = qi as i8;
+        sum += qi;
     }
     (g, sum)
 }
@@ -212,10 +211,13 @@ mod tests {
     /// row lengths.
     #[test]
     fn token_quantization_matches_the_interpreter() {
-        for k in [1usize, 3, 7, 8, 9, 783, 2592] {
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5, -0.5];
+        for (k, with_special) in [1usize, 3, 7, 8, 9, 783, 2592].into_iter().flat_map(|k| [(k, false), (k, true)]) {
             let x: Vec<f32> = (0..2 * k)
                 .map(|i| ((i as u32).wrapping_mul(2654435761) >> 20) as f32 / 97.0 - 21.0)
                 .map(|v| if v.fract() == 0.0 { v + 0.5 } else { v })
+                .enumerate()
+                .map(|(i, v)| if with_special && i % 5 == 2 { special[i / 5 % special.len()] } else { v })
                 .collect();
             let w: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
             let mut g = Graph::new("q");
@@ -232,8 +234,8 @@ mod tests {
                 for t in 0..2 {
                     let mut q = vec![0i8; k];
                     let (gamma, sum) = quantize_token(&x[t * k..(t + 1) * k], Some((&w, 1e-5)), &mut row, &mut q, avx2);
-                    assert_eq!(q, want_q[t * k..(t + 1) * k], "k {k} token {t} avx2 {avx2}");
-                    assert_eq!(gamma.to_bits(), want_g[t].to_bits(), "k {k} token {t} avx2 {avx2}");
+                    assert_eq!(q, want_q[t * k..(t + 1) * k], "k {k} token {t} avx2 {avx2} special {with_special}");
+                    assert_eq!(gamma.to_bits(), want_g[t].to_bits(), "k {k} token {t} avx2 {avx2} special {with_special}");
                     assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
                 }
             }

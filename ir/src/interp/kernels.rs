@@ -153,12 +153,37 @@ fn embed(table: &WeightView, ids: &[i32]) -> Result<Tensor, EvalError> {
 }
 
 /// `x / sqrt(mean(x²) + eps) * w`, per row.
+/// `Σ x²` in f64 (each square exact), in eight interleaved partial sums
+/// (element i into sum i mod 8, in order), then those eight in order: an
+/// order that vector code follows exactly, where one running sum would
+/// wait on each addition in turn.
+#[inline(always)]
+pub fn sum_squares(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += (v as f64) * (v as f64);
+        }
+    }
+    for (l, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l += (v as f64) * (v as f64);
+    }
+    lanes.iter().fold(0.0, |s, &l| s + l)
+}
+
+/// `1 / sqrt(mean(x²) + eps)`, RMSNorm's scale for one row.
+#[inline(always)]
+pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let mean_sq = sum_squares(x) / x.len() as f64;
+    1.0 / ((mean_sq as f32) + eps).sqrt()
+}
+
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
     let mut y = vec![0f32; x.len()];
     for (yr, xr) in y.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-        let mean_sq = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
-        let scale = 1.0 / ((mean_sq as f32) + eps).sqrt();
+        let scale = inv_rms(xr, eps);
         for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
             *o = v * scale * g;
         }
@@ -294,19 +319,24 @@ fn ternary_matmul(x: &Slot, w: &WeightView, threads: usize) -> Result<Tensor, Ev
 /// by repeated multiplication, as ggml computes it.
 pub fn rope(x: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, d: usize) {
     let theta_scale = theta.powf(-2.0 / d as f32);
+    let mut rotations = Vec::with_capacity(d / 2);
     for (r, &p) in x.chunks_exact_mut(row).zip(positions) {
+        // Pair i turns by p·θ^(−2i/d), the same in every head of the token.
+        rotations.clear();
+        let mut angle = p as f32;
+        for _ in 0..d / 2 {
+            rotations.push(angle.sin_cos());
+            angle *= theta_scale;
+        }
         for head in r.chunks_exact_mut(d) {
-            let mut angle = p as f32;
-            for i in 0..d / 2 {
+            for (i, &(sin, cos)) in rotations.iter().enumerate() {
                 let (a, b) = match mode {
                     RopeMode::Interleaved => (2 * i, 2 * i + 1),
                     RopeMode::Neox => (i, i + d / 2),
                 };
-                let (sin, cos) = angle.sin_cos();
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * cos - x1 * sin;
                 head[b] = x0 * sin + x1 * cos;
-                angle *= theta_scale;
             }
         }
     }

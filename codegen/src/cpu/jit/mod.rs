@@ -74,7 +74,6 @@ pub(crate) fn begin(b: &mut FunctionBuilder) -> Vec<Value> {
     b.block_params(entry).to_vec()
 }
 
-/// Ends a body: return nothing, seal every block, finish.
 /// Emits `i = start; while i < end (unsigned) { body(i); i += step }` and
 /// returns `i` as the loop leaves it.
 pub(crate) fn emit_loop(b: &mut FunctionBuilder, ptr: Type, start: Value, end: Value, step: i64, mut body: impl FnMut(&mut FunctionBuilder, Value)) -> Value {
@@ -94,6 +93,7 @@ pub(crate) fn emit_loop(b: &mut FunctionBuilder, ptr: Type, start: Value, end: V
     b.block_params(exit)[0]
 }
 
+/// Ends a body: return nothing, seal every block, finish.
 pub(crate) fn end(mut b: FunctionBuilder, config: TargetFrontendConfig) {
     b.ins().return_(&[]);
     b.seal_all_blocks();

@@ -2,7 +2,8 @@
 //! per call: the interpreter's arithmetic step for step, so the int8
 //! values, γ and `Σ q` are bit-identical to it.
 //!
-//! - `Σ x²` in f64, in order; `s = 1 / sqrt((Σ x² / k) as f32 + eps)`;
+//! - `Σ x²` in f64, in the interpreter's order (`kernels::sum_squares`:
+//!   eight partial sums, then those in order); `s = 1 / sqrt((Σ x² / k) as f32 + eps)`;
 //!   `y = x · s · w` (skipped without a norm);
 //! - `γ = 127 / max(max|y|, 1e-5)`, the maximum taken with comparisons so
 //!   a NaN is passed over as `f32::max` passes it over;
@@ -11,9 +12,12 @@
 //!   found and fixed), and NaN → 0 as `as i8` does.
 
 use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
-use cranelift_codegen::ir::{condcodes::FloatCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value};
+use cranelift_codegen::ir::{
+    condcodes::{FloatCC, IntCC},
+    types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value,
+};
 use cranelift_codegen::isa::TargetFrontendConfig;
-use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Module};
 use std::sync::OnceLock;
@@ -78,19 +82,45 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
 
     // y = x · s · w, or y = x.
     let src = if norm {
-        let acc = b.declare_var(types::F64);
+        // Σ x² in eight partial sums, element i into sum i mod 8, then those in order.
         let z = b.ins().f64const(0.0);
-        b.def_var(acc, z);
-        emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
+        let lanes: [Variable; 8] = std::array::from_fn(|_| {
+            let l = b.declare_var(types::F64);
+            b.def_var(l, z);
+            l
+        });
+        let add_square = |b: &mut FunctionBuilder, lane: Variable, i: Value| {
             let a = at(b, x, i, 2);
             let v = b.ins().load(types::F32, flags, a, 0);
             let v = b.ins().fpromote(types::F64, v);
             let sq = b.ins().fmul(v, v);
-            let s = b.use_var(acc);
+            let s = b.use_var(lane);
             let s = b.ins().fadd(s, sq);
-            b.def_var(acc, s);
+            b.def_var(lane, s);
+        };
+        let k8 = b.ins().band_imm_s(k, !7);
+        emit_loop(&mut b, ptr, i0, k8, 8, |b, i| {
+            for (j, &lane) in lanes.iter().enumerate() {
+                let ij = b.ins().iadd_imm_u(i, j as i64);
+                add_square(b, lane, ij);
+            }
         });
-        let s = b.use_var(acc);
+        // The last k mod 8 elements, into sums 0, 1, ... in turn.
+        for (tail, &lane) in lanes[..7].iter().enumerate() {
+            let (body, next) = (b.create_block(), b.create_block());
+            let j = b.ins().iadd_imm_u(k8, tail as i64);
+            let more = b.ins().icmp(IntCC::UnsignedLessThan, j, k);
+            b.ins().brif(more, body, &[], next, &[]);
+            b.switch_to_block(body);
+            add_square(&mut b, lane, j);
+            b.ins().jump(next, &[]);
+            b.switch_to_block(next);
+        }
+        let mut s = z;
+        for &lane in &lanes {
+            let l = b.use_var(lane);
+            s = b.ins().fadd(s, l);
+        }
         let kf = b.ins().fcvt_from_uint(types::F64, k);
         let mean = b.ins().fdiv(s, kf);
         let mean = b.ins().fdemote(types::F32, mean);
