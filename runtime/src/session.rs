@@ -194,15 +194,16 @@ impl Session {
         warnings: Vec<String>,
         artifact: Option<Header>,
     ) -> Result<Session, RuntimeError> {
+        let context = opts.context.unwrap_or(model.config.context).max(1);
         Ok(Session {
             tokenizer: Arc::new(model.tokenizer()?),
-            context: opts.context.unwrap_or(model.config.context).max(1),
+            context,
             model,
             graph_last,
             graph_all,
             compiled,
             cuda,
-            kv: KvCache::new(),
+            kv: KvCache::with_capacity(context),
             tokens: Vec::new(),
             threads: opts.threads.max(1),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,

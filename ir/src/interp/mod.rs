@@ -117,6 +117,8 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
+    /// Positions each layer reserves room for when first written.
+    reserve: usize,
 }
 
 #[derive(Default, Debug)]
@@ -131,6 +133,12 @@ impl KvCache {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A cache whose layers reserve room for `positions` when first
+    /// written, so that growing never copies them (the room is only
+    /// address space until it is written).
+    pub fn with_capacity(positions: usize) -> Self {
+        KvCache { layers: Vec::new(), reserve: positions }
+    }
     /// Positions held (those of layer 0).
     pub fn len(&self) -> usize {
         self.layers.first().and_then(|l| l.k.len().checked_div(l.row)).unwrap_or(0)
@@ -138,8 +146,9 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Forgets every position, keeping the memory for the next ones.
     pub fn clear(&mut self) {
-        self.layers.clear();
+        self.truncate(0);
     }
     /// Keeps positions `0..len`.
     pub fn truncate(&mut self, len: usize) {
@@ -189,6 +198,8 @@ impl KvCache {
         let l = &mut self.layers[i];
         if l.row == 0 {
             l.row = row;
+            l.k.reserve_exact(self.reserve * row);
+            l.v.reserve_exact(self.reserve * row);
         }
         l
     }
