@@ -136,6 +136,42 @@ fn elementwise(c: &mut Criterion) {
     }
 }
 
+/// Attention at the 2B4T shape (20 query heads, 5 KV heads of 128), all
+/// 30 layers in turn as a model runs them (so that the cache comes from
+/// memory, not from L3): one decode step after `cached` positions, and a
+/// 128-token prefill. Elements are bytes of keys and values read.
+fn attention(c: &mut Criterion) {
+    use bitnet_codegen::cpu::attention::{attention, AttentionShape};
+    use bitnet_ir::interp::KvCache;
+    const LAYERS: usize = 30;
+    let pool = Pool::new(threads());
+    let shape = |layer| AttentionShape { layer, heads: 20, kv_heads: 5, head_dim: 128 };
+    let mut g = c.benchmark_group("attention_30_layers");
+    g.sample_size(10);
+    for (cached, tokens) in [(512usize, 1usize), (128, 1), (0, 128)] {
+        let n = cached + tokens;
+        let f = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7 + seed) % 13) as f32 / 13.0 - 0.5).collect() };
+        let mut kv = KvCache::with_capacity(n);
+        let positions: Vec<i32> = (0..n as i32).collect();
+        let mut out = vec![0f32; n * 20 * 128];
+        let (q, k, v) = (f(n * 2560, 1), f(n * 640, 2), f(n * 640, 3));
+        for layer in 0..LAYERS {
+            attention(&pool, Isa::best(), shape(layer), &q, &k, &v, &positions, &mut kv, &mut out).unwrap();
+        }
+        let (q, k, v) = (f(tokens * 2560, 4), f(tokens * 640, 5), f(tokens * 640, 6));
+        let mut out = vec![0f32; tokens * 2560];
+        g.throughput(Throughput::Bytes((LAYERS * n * 640 * 4 * 2) as u64));
+        g.bench_function(format!("{cached}_cached_{tokens}_tokens"), |b| {
+            b.iter(|| {
+                kv.truncate(cached);
+                for layer in 0..LAYERS {
+                    attention(&pool, Isa::best(), shape(layer), &q, &k, &v, &positions[cached..], &mut kv, &mut out).unwrap()
+                }
+            })
+        });
+    }
+}
+
 /// The ceiling of the prefill kernel: how many `pmaddubsw` + `paddw`
 /// pairs (32 products each, the AVX2 prefill kernel's whole inner loop)
 /// one core issues per second, from registers, with six independent
@@ -169,5 +205,5 @@ fn avx2_issue_rate(c: &mut Criterion) {
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_issue_rate(_: &mut Criterion) {}
 
-criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv, elementwise, avx2_issue_rate);
+criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv, elementwise, attention, avx2_issue_rate);
 criterion_main!(benches);

@@ -49,12 +49,12 @@ pub fn attention(
     if a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) || q.len() != positions.len() * a.heads * d || out.len() != q.len() {
         return Err(EvalError(format!("attention: {} heads over {} KV heads of {d} do not fit the operands", a.heads, a.kv_heads)));
     }
-    let kv_row = a.kv_heads * d;
-    kv.store(a.layer, kv_row, positions, k, v)?;
-    let (keys, values) = kv.layer_rows(a.layer);
-    if let Some(&p) = positions.iter().find(|&&p| p < 0 || (p as usize + 1) * kv_row > keys.len()) {
+    kv.store(a.layer, a.kv_heads, d, positions, k, v)?;
+    let held = kv.head(a.layer, 0).0.len() / d.max(1);
+    if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= held) {
         return Err(EvalError(format!("attention: position {p} is not in the cache")));
     }
+    let kv = &*kv;
     let group = a.heads / a.kv_heads;
     // Smaller blocks when there are too few units to keep every worker busy (decode).
     let mut block = MAX_GROUP.min(group);
@@ -77,7 +77,8 @@ pub fn attention(
                 let rows = (i * a.heads + heads.start) * d..(i * a.heads + heads.end) * d;
                 // SAFETY: each unit's heads of one token belong to it alone.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(rows.start), rows.len()) };
-                let head = Heads { q: &q[rows], keys: &keys[..n_keys * kv_row], values: &values[..n_keys * kv_row], kv_row, at: kvh * d, d, scale };
+                let (keys, values) = kv.head(a.layer, kvh);
+                let head = Heads { q: &q[rows], keys: &keys[..n_keys * d], values: &values[..n_keys * d], d, scale };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe { avx2::heads(&head, &mut scores, o) },
@@ -90,27 +91,24 @@ pub fn attention(
 }
 
 /// Consecutive query heads of one token (`q` and the output: `d` values
-/// each) and the key and value rows they attend to: `d` values at `at`
-/// in each row of `kv_row`.
+/// each) and the keys and values of their KV head, `d` values a position.
 struct Heads<'a> {
     q: &'a [f32],
     keys: &'a [f32],
     values: &'a [f32],
-    kv_row: usize,
-    at: usize,
     d: usize,
     scale: f32,
 }
 
 impl Heads<'_> {
     fn n_keys(&self) -> usize {
-        self.keys.len() / self.kv_row
+        self.keys.len() / self.d
     }
     fn key(&self, t: usize) -> &[f32] {
-        &self.keys[t * self.kv_row + self.at..][..self.d]
+        &self.keys[t * self.d..][..self.d]
     }
     fn value(&self, t: usize) -> &[f32] {
-        &self.values[t * self.kv_row + self.at..][..self.d]
+        &self.values[t * self.d..][..self.d]
     }
 }
 
@@ -206,42 +204,25 @@ mod avx2 {
         for r in 0..R {
             vmath::avx2::softmax(&mut scores[r * n..(r + 1) * n]);
         }
-        // Σ_t p[r][t] · v[t], a block of columns of all R outputs held in registers.
+        // Σ_t p[r][t] · v[t], each value row read once, whole, as it comes
+        // (a column block at a time would walk the rows once per block).
         let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r * n..(r + 1) * n]);
-        let mut j = 0;
-        while j + 16 <= d {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for t in 0..n {
-                let v = h.value(t).as_ptr().add(j);
-                let (v0, v1) = (_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8)));
+        out.fill(0.0);
+        let o = out.as_mut_ptr();
+        for t in 0..n {
+            let v = h.value(t);
+            let w: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(p[r][t]));
+            for j in (0..full).step_by(8) {
+                let vj = _mm256_loadu_ps(v.as_ptr().add(j));
                 for r in 0..R {
-                    let w = _mm256_set1_ps(p[r][t]);
-                    acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+                    let at = o.add(r * d + j);
+                    _mm256_storeu_ps(at, _mm256_fmadd_ps(w[r], vj, _mm256_loadu_ps(at)));
                 }
             }
-            for r in 0..R {
-                _mm256_storeu_ps(out.as_mut_ptr().add(r * d + j), acc[r][0]);
-                _mm256_storeu_ps(out.as_mut_ptr().add(r * d + j + 8), acc[r][1]);
-            }
-            j += 16;
-        }
-        if j + 8 <= d {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for t in 0..n {
-                let v0 = _mm256_loadu_ps(h.value(t).as_ptr().add(j));
+            for c in full..d {
                 for r in 0..R {
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p[r][t]), v0, acc[r]);
+                    out[r * d + c] = p[r][t].mul_add(v[c], out[r * d + c]);
                 }
-            }
-            for r in 0..R {
-                _mm256_storeu_ps(out.as_mut_ptr().add(r * d + j), acc[r]);
-            }
-            j += 8;
-        }
-        for c in j..d {
-            for r in 0..R {
-                out[r * d + c] = (0..n).fold(0.0, |s, t| p[r][t].mul_add(h.value(t)[c], s));
             }
         }
     }

@@ -366,27 +366,25 @@ fn attention(
     kv_heads: usize,
     d: usize,
 ) -> Result<Vec<f32>, EvalError> {
-    let kv_row = kv_heads * d;
-    kv.store(layer, kv_row, positions, k, v)?;
-    let (keys, values) = kv.layer_rows(layer);
+    kv.store(layer, kv_heads, d, positions, k, v)?;
     let scale = 1.0 / (d as f32).sqrt();
     let group = heads / kv_heads;
     let mut out = vec![0f32; q.len()];
     for (i, &p) in positions.iter().enumerate() {
         let n_keys = p as usize + 1;
         for h in 0..heads {
-            let kvh = h / group;
+            let (keys, values) = kv.head(layer, h / group);
             let qh = &q[i * heads * d + h * d..][..d];
             let mut scores: Vec<f32> = (0..n_keys)
                 .map(|t| {
-                    let kt = &keys[t * kv_row + kvh * d..][..d];
+                    let kt = &keys[t * d..][..d];
                     qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
                 })
                 .collect();
             softmax(&mut scores);
             let o = &mut out[i * heads * d + h * d..][..d];
             for (t, &w) in scores.iter().enumerate() {
-                let vt = &values[t * kv_row + kvh * d..][..d];
+                let vt = &values[t * d..][..d];
                 for (oj, &vj) in o.iter_mut().zip(vt) {
                     *oj += w * vj;
                 }

@@ -114,34 +114,57 @@ impl Tensor {
 }
 
 /// Keys and values of every layer at every evaluated position.
+///
+/// Each KV head's keys (and values) are kept together, position after
+/// position (`[head][position][head_dim]`), so that attention reads them
+/// as one sequential stretch; room for more positions is made by doubling
+/// (or, with [`KvCache::with_capacity`], reserved at the start: address
+/// space only, until written).
 #[derive(Default, Debug)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
-    /// Positions each layer reserves room for when first written.
+    /// Positions each layer makes room for when first written.
     reserve: usize,
 }
 
 #[derive(Default, Debug)]
 struct LayerCache {
-    /// Floats per position (kv heads × head dim).
-    row: usize,
+    heads: usize,
+    head_dim: usize,
+    /// Positions there is room for, and positions held.
+    cap: usize,
+    len: usize,
     k: Vec<f32>,
     v: Vec<f32>,
+}
+
+impl LayerCache {
+    /// Room for `cap` positions, keeping those held.
+    fn grow(&mut self, cap: usize) {
+        let (d, len) = (self.head_dim, self.len);
+        for data in [&mut self.k, &mut self.v] {
+            let mut more = vec![0f32; self.heads * cap * d];
+            for h in 0..self.heads {
+                more[h * cap * d..][..len * d].copy_from_slice(&data[h * self.cap * d..][..len * d]);
+            }
+            *data = more;
+        }
+        self.cap = cap;
+    }
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
     }
-    /// A cache whose layers reserve room for `positions` when first
-    /// written, so that growing never copies them (the room is only
-    /// address space until it is written).
+    /// A cache whose layers make room for `positions` when first written,
+    /// so that growing never copies them.
     pub fn with_capacity(positions: usize) -> Self {
         KvCache { layers: Vec::new(), reserve: positions }
     }
     /// Positions held (those of layer 0).
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.k.len().checked_div(l.row)).unwrap_or(0)
+        self.layers.first().map_or(0, |l| l.len)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -153,55 +176,57 @@ impl KvCache {
     /// Keeps positions `0..len`.
     pub fn truncate(&mut self, len: usize) {
         for l in &mut self.layers {
-            l.k.truncate(len * l.row);
-            l.v.truncate(len * l.row);
+            l.len = l.len.min(len);
         }
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()
+        self.layers.iter().map(|l| 2 * l.heads * l.len * l.head_dim * 4).sum()
     }
-    /// Writes the keys and values of `positions` (rows of `row` floats)
-    /// into layer `layer`. A position may overwrite a cached one or follow
-    /// the last, never skip ahead.
-    pub fn store(&mut self, layer: usize, row: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError> {
-        let cache = self.layer(layer, row);
-        if cache.row != row {
-            return eval_err(format!("layer {layer} caches rows of {}, got {row}", cache.row));
+    /// Writes the keys and values of `positions` (rows of `heads` heads of
+    /// `head_dim`) into layer `layer`. A position may overwrite a cached
+    /// one or follow the last, never skip ahead.
+    pub fn store(&mut self, layer: usize, heads: usize, head_dim: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError> {
+        if self.layers.len() <= layer {
+            self.layers.resize_with(layer + 1, LayerCache::default);
         }
+        let reserve = self.reserve;
+        let cache = &mut self.layers[layer];
+        if cache.heads == 0 {
+            (cache.heads, cache.head_dim) = (heads, head_dim);
+        }
+        if (cache.heads, cache.head_dim) != (heads, head_dim) {
+            return eval_err(format!("layer {layer} caches {} heads of {}, got {heads} of {head_dim}", cache.heads, cache.head_dim));
+        }
+        let row = heads * head_dim;
         for ((kr, vr), &p) in k.chunks_exact(row).zip(v.chunks_exact(row)).zip(positions) {
-            let held = cache.k.len() / row;
             let p = p as usize;
-            if p > held {
-                return eval_err(format!("position {p} skips past the {held} cached positions"));
+            if p > cache.len {
+                return eval_err(format!("position {p} skips past the {} cached positions", cache.len));
             }
-            if p == held {
-                cache.k.extend_from_slice(kr);
-                cache.v.extend_from_slice(vr);
-            } else {
-                cache.k[p * row..(p + 1) * row].copy_from_slice(kr);
-                cache.v[p * row..(p + 1) * row].copy_from_slice(vr);
+            if p == cache.cap {
+                cache.grow((2 * cache.cap).max(reserve).max(16));
             }
+            let (cap, d) = (cache.cap, head_dim);
+            for h in 0..heads {
+                cache.k[(h * cap + p) * d..][..d].copy_from_slice(&kr[h * d..][..d]);
+                cache.v[(h * cap + p) * d..][..d].copy_from_slice(&vr[h * d..][..d]);
+            }
+            cache.len = cache.len.max(p + 1);
         }
         Ok(())
     }
 
-    /// Layer `layer`'s keys and values, one row per cached position.
-    pub fn layer_rows(&self, layer: usize) -> (&[f32], &[f32]) {
-        self.layers.get(layer).map_or((&[][..], &[][..]), |l| (&l.k[..], &l.v[..]))
-    }
-
-    fn layer(&mut self, i: usize, row: usize) -> &mut LayerCache {
-        if self.layers.len() <= i {
-            self.layers.resize_with(i + 1, LayerCache::default);
+    /// The keys and values of KV head `head` of layer `layer`, position
+    /// after position (`head_dim` values each), for every cached position.
+    pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32]) {
+        match self.layers.get(layer) {
+            Some(l) if head < l.heads => {
+                let at = head * l.cap * l.head_dim;
+                (&l.k[at..][..l.len * l.head_dim], &l.v[at..][..l.len * l.head_dim])
+            }
+            _ => (&[], &[]),
         }
-        let l = &mut self.layers[i];
-        if l.row == 0 {
-            l.row = row;
-            l.k.reserve_exact(self.reserve * row);
-            l.v.reserve_exact(self.reserve * row);
-        }
-        l
     }
 }
 
