@@ -395,8 +395,13 @@ fn products<const M: usize>(
                 for m in 0..M {
                     tile_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, tok, step, &mut dots[m]);
                 }
-                for j in 0..step {
-                    held[tok - tokens.start + j] = dots.map(|d| d.map(|row| row[j]));
+                // Plain loops: `array::map` here was a call (`try_map`) per token.
+                for (j, h) in held[tok - tokens.start..][..step].iter_mut().enumerate() {
+                    for (hm, dm) in h.iter_mut().zip(&dots) {
+                        for (r, v) in hm.iter_mut().enumerate() {
+                            *v = dm[r][j];
+                        }
+                    }
                 }
                 tok += step;
             }
