@@ -1,6 +1,7 @@
 //! The interpreter's scalar math (`bitnet_ir::interp::math`) eight lanes
 //! at a time, bit for bit: the same IEEE steps in the same order, so
-//! SiLU and softmax on AVX2 give exactly what the interpreter gives.
+//! the gated units (SiLU, relu²) and softmax on AVX2 give exactly what
+//! the interpreter gives.
 
 use super::Isa;
 use bitnet_ir::interp::kernels;
@@ -9,10 +10,10 @@ use bitnet_ir::GateAct;
 /// `act(gate) · up` for four values, as [`kernels::glu`] computes each.
 #[inline]
 pub fn glu4(isa: Isa, act: GateAct, gate: [f32; 4], up: [f32; 4]) -> [f32; 4] {
-    match (isa, act) {
+    match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller runs AVX2 kernels only where the CPU has AVX2.
-        (Isa::Avx2, GateAct::Silu) => unsafe { avx2::silu_glu4(gate, up) },
+        Isa::Avx2 => unsafe { avx2::glu4(act, gate, up) },
         _ => std::array::from_fn(|i| kernels::glu(act, gate[i], up[i])),
     }
 }
@@ -20,10 +21,10 @@ pub fn glu4(isa: Isa, act: GateAct, gate: [f32; 4], up: [f32; 4]) -> [f32; 4] {
 /// `out = act(gate) · up`, as [`kernels::glu`] computes each value.
 pub fn glu(isa: Isa, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len(), "glu: operands differ in length");
-    match (isa, act) {
+    match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above; the lengths are checked.
-        (Isa::Avx2, GateAct::Silu) => unsafe { avx2::silu_glu(gate, up, out) },
+        Isa::Avx2 => unsafe { avx2::glu(act, gate, up, out) },
         _ => out.iter_mut().zip(gate).zip(up).for_each(|((o, &g), &u)| *o = kernels::glu(act, g, u)),
     }
 }
@@ -41,6 +42,7 @@ pub fn softmax(isa: Isa, row: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use bitnet_ir::interp::{kernels, math};
+    use bitnet_ir::GateAct;
     use std::arch::x86_64::*;
 
     /// [`math::exp`] in eight lanes.
@@ -63,30 +65,41 @@ pub(crate) mod avx2 {
         _mm256_blendv_ps(e, x, nan)
     }
 
-    /// `x / (1 + exp(−x)) · u`: SiLU's gated unit, as the interpreter has it.
+    /// `act(x) · u` as the interpreter has it: SiLU `x / (1 + exp(−x))`;
+    /// relu² `(x > 0 ? x : 0)²` (a comparison, so NaN gives 0 as
+    /// `f32::max` does; the square makes the sign of a zero moot).
     #[target_feature(enable = "avx2")]
-    unsafe fn silu_glu8(x: __m256, u: __m256) -> __m256 {
-        let neg = _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
-        _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), exp8(neg))), u)
+    unsafe fn glu8(act: GateAct, x: __m256, u: __m256) -> __m256 {
+        let a = match act {
+            GateAct::Silu => {
+                let neg = _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
+                _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), exp8(neg)))
+            }
+            GateAct::Relu2 => {
+                let r = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_setzero_ps()), x);
+                _mm256_mul_ps(r, r)
+            }
+        };
+        _mm256_mul_ps(a, u)
     }
 
     #[target_feature(enable = "avx2")]
-    pub unsafe fn silu_glu4(g: [f32; 4], u: [f32; 4]) -> [f32; 4] {
+    pub unsafe fn glu4(act: GateAct, g: [f32; 4], u: [f32; 4]) -> [f32; 4] {
         let wide = |v: [f32; 4]| _mm256_castps128_ps256(_mm_loadu_ps(v.as_ptr()));
         let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), _mm256_castps256_ps128(silu_glu8(wide(g), wide(u))));
+        _mm_storeu_ps(out.as_mut_ptr(), _mm256_castps256_ps128(glu8(act, wide(g), wide(u))));
         out
     }
 
     #[target_feature(enable = "avx2")]
-    pub unsafe fn silu_glu(g: &[f32], u: &[f32], out: &mut [f32]) {
+    pub unsafe fn glu(act: GateAct, g: &[f32], u: &[f32], out: &mut [f32]) {
         let n = out.len() / 8 * 8;
         for i in (0..n).step_by(8) {
-            let v = silu_glu8(_mm256_loadu_ps(g.as_ptr().add(i)), _mm256_loadu_ps(u.as_ptr().add(i)));
+            let v = glu8(act, _mm256_loadu_ps(g.as_ptr().add(i)), _mm256_loadu_ps(u.as_ptr().add(i)));
             _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
         }
         for i in n..out.len() {
-            out[i] = kernels::glu(bitnet_ir::GateAct::Silu, g[i], u[i]);
+            out[i] = kernels::glu(act, g[i], u[i]);
         }
     }
 
