@@ -7,9 +7,13 @@
 //! a rounding boundary: one code in 127 changes, which the next layers
 //! carry to about 1e-3 of the largest logit. A wrong kernel misses by far
 //! more. Greedy tokens agree exactly; thread count changes nothing at all.
+//! All of it holds for each CPU instruction set: the native AVX2 kernels,
+//! the scalar ones, and the kernels Cranelift generates (`--isa cranelift`).
 
 mod common;
 
+use bitnet_codegen::cpu::Isa;
+use bitnet_codegen::schedule::Pinned;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
 use bitnet_runtime::{Backend, LoadOptions, Session};
@@ -20,24 +24,38 @@ fn load(path: &Path, backend: Backend, threads: usize) -> Session {
     Session::load(path, &LoadOptions { threads, backend, ..Default::default() }).unwrap()
 }
 
+fn load_isa(path: &Path, isa: Isa, threads: usize) -> Session {
+    let pinned = Pinned { isa: Some(isa), ..Default::default() };
+    Session::load(path, &LoadOptions { threads, backend: Backend::Compiled, pinned, ..Default::default() }).unwrap()
+}
+
+fn isas() -> impl Iterator<Item = Isa> {
+    Isa::ALL.into_iter().filter(|i| i.available())
+}
+
 /// Largest difference of any logit from the interpreter's, relative to the
 /// largest logit (see the module's note).
 const LOGIT_BUDGET: f32 = 3e-3;
 
 fn compare(path: &Path, prompt: &[u32]) {
     let mut interp = load(path, Backend::Interp, 2);
-    let mut one = load(path, Backend::Compiled, 1);
-    let mut two = load(path, Backend::Compiled, 2);
     let want = interp.eval(prompt, true).unwrap();
-    let got = one.eval(prompt, true).unwrap();
-    assert_eq!(got, two.eval(prompt, true).unwrap(), "{}: results depend on the thread count", path.display());
-    let (d, c) = (rel_diff(&got, &want), cosine(&got, &want));
-    assert!(d < LOGIT_BUDGET && c > 0.99999, "{}: logits differ: max rel diff {d}, cosine {c}", path.display());
-    // Decode after prefill, through the KV cache.
     let next = [7u32];
-    let (want, got) = (interp.eval(&next, false).unwrap(), one.eval(&next, false).unwrap());
-    assert!(rel_diff(&got, &want) < LOGIT_BUDGET, "{}: decode step differs", path.display());
-    assert_eq!(greedy(&mut one, prompt, 12), greedy(&mut interp, prompt, 12), "{}: greedy tokens differ", path.display());
+    let want_next = interp.eval(&next, false).unwrap();
+    let want_tokens = greedy(&mut interp, prompt, 12);
+    for isa in isas() {
+        let at = format!("{} ({})", path.display(), isa.name());
+        let mut one = load_isa(path, isa, 1);
+        let mut two = load_isa(path, isa, 2);
+        assert!(one.compiled().unwrap().schedule(false).to_string().contains(&format!("isa={}", isa.name())), "{at}");
+        let got = one.eval(prompt, true).unwrap();
+        assert_eq!(got, two.eval(prompt, true).unwrap(), "{at}: results depend on the thread count");
+        let (d, c) = (rel_diff(&got, &want), cosine(&got, &want));
+        assert!(d < LOGIT_BUDGET && c > 0.99999, "{at}: logits differ: max rel diff {d}, cosine {c}");
+        // Decode after prefill, through the KV cache.
+        assert!(rel_diff(&one.eval(&next, false).unwrap(), &want_next) < LOGIT_BUDGET, "{at}: decode step differs");
+        assert_eq!(greedy(&mut one, prompt, 12), want_tokens, "{at}: greedy tokens differ");
+    }
 }
 
 #[test]
@@ -94,8 +112,8 @@ fn the_int8_head_agrees_with_the_stored_one() {
     let dir = tmp_dir("backends-q8");
     let path = dir.join("m.gguf");
     write_synth(&small_spec(DType::I2S, Activation::Relu2), &path);
-    for p in [path.as_path(), stories().as_path()] {
-        let opts = LoadOptions { threads: 2, pinned: bitnet_codegen::schedule::Pinned { head_q8: true, ..Default::default() }, ..Default::default() };
+    for (p, isa) in [path.as_path(), stories().as_path()].into_iter().flat_map(|p| isas().map(move |i| (p, i))) {
+        let opts = LoadOptions { threads: 2, pinned: Pinned { head_q8: true, isa: Some(isa), ..Default::default() }, ..Default::default() };
         let mut q8 = Session::load(p, &opts).unwrap();
         assert!(q8.compiled().unwrap().schedule(true).to_string().contains("weights=int8"));
         let mut stored = load(p, Backend::Compiled, 2);

@@ -81,7 +81,7 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
                 }
             }
         }
-        _ => isas().filter(|i| i.has_float_kernels()).for_each(|isa| push(Tiles::Float { isa })),
+        _ => isas().for_each(|isa| push(Tiles::Float { isa })),
     }
     out.retain(Tiles::runs_here);
     out

@@ -113,7 +113,7 @@ fn head_gemv(c: &mut Criterion) {
 /// The elementwise families on one decode token's rows, native against
 /// Cranelift-generated (the same bits; which is faster).
 fn elementwise(c: &mut Criterion) {
-    use bitnet_codegen::cpu::jit::{GluJit, NormQuantJit};
+    use bitnet_codegen::cpu::jit::{ElementwiseJit, NormQuantJit};
     use bitnet_ir::GateAct;
     let mut g = c.benchmark_group("elementwise");
     for k in [2560usize, 6912] {
@@ -129,9 +129,9 @@ fn elementwise(c: &mut Criterion) {
         let mut out = vec![0f32; k];
         g.bench_function(BenchmarkId::new("glu_silu/native", k), |b| b.iter(|| ops::glu(GateAct::Silu, &x, &w, &mut out)));
         g.bench_function(BenchmarkId::new("glu_relu2/native", k), |b| b.iter(|| ops::glu(GateAct::Relu2, &x, &w, &mut out)));
-        if let Ok(jit) = GluJit::get() {
-            g.bench_function(BenchmarkId::new("glu_silu/cranelift", k), |b| b.iter(|| jit.run(GateAct::Silu, &x, &w, &mut out)));
-            g.bench_function(BenchmarkId::new("glu_relu2/cranelift", k), |b| b.iter(|| jit.run(GateAct::Relu2, &x, &w, &mut out)));
+        if let Ok(jit) = ElementwiseJit::get() {
+            g.bench_function(BenchmarkId::new("glu_silu/cranelift", k), |b| b.iter(|| jit.glu(GateAct::Silu, &x, &w, &mut out)));
+            g.bench_function(BenchmarkId::new("glu_relu2/cranelift", k), |b| b.iter(|| jit.glu(GateAct::Relu2, &x, &w, &mut out)));
         }
     }
 }

@@ -87,7 +87,7 @@ impl Tiles {
     pub fn runs_here(&self) -> bool {
         match self {
             Tiles::Ternary(t) => t.is_valid(),
-            Tiles::Float { isa } | Tiles::Int8 { isa } => isa.has_float_kernels() && isa.available(),
+            Tiles::Float { isa } | Tiles::Int8 { isa } => isa.available(),
         }
     }
 }
@@ -133,11 +133,19 @@ pub struct Step {
     pub origin: TileOrigin,
 }
 
-/// The tiled steps of a graph, in graph order. Nodes without tile knobs
-/// run their one kernel and have no step.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+/// The tiled steps of a graph, in graph order, and the instruction set of
+/// the kernels without tile knobs (norms, RoPE, attention, elementwise
+/// ops, the embedding lookup), which have no step.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     pub steps: Vec<Step>,
+    pub isa: Isa,
+}
+
+impl Default for Schedule {
+    fn default() -> Schedule {
+        Schedule { steps: Vec::new(), isa: Isa::best() }
+    }
 }
 
 impl Schedule {
@@ -148,7 +156,7 @@ impl Schedule {
 
 impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "schedule {{")?;
+        writeln!(f, "schedule isa={} {{", self.isa.name())?;
         for s in &self.steps {
             writeln!(f, "    {} {}: {} ({})", s.value, s.key, s.tiles, s.origin.name())?;
         }
@@ -207,7 +215,8 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
         let (tiles, origin) = match (&node.op, pinned.ternary) {
             (Op::TernaryMatMul(_) | Op::TernaryGlu { .. }, Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _) if head && pinned.head_q8 => (Tiles::Int8 { isa }, TileOrigin::Pinned),
-            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key)) {
+            // A pinned ISA takes the database's tiles only where they are of that ISA.
+            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == i)) {
                 Some(t) => (t, TileOrigin::Database),
                 None => (heuristic(&key, isa), TileOrigin::Heuristic),
             },
@@ -217,7 +226,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
         }
         steps.push(Step { value: v, key, tiles, origin });
     }
-    Ok(Schedule { steps })
+    Ok(Schedule { steps, isa })
 }
 
 fn valid(t: &Tiles, key: &WorkloadKey) -> bool {

@@ -19,11 +19,6 @@ fn isas() -> Vec<Isa> {
     Isa::ALL.into_iter().filter(|i| i.available()).collect()
 }
 
-/// Those with float and int8 kernels (Cranelift's are ternary only).
-fn float_isas() -> Vec<Isa> {
-    isas().into_iter().filter(|i| i.has_float_kernels()).collect()
-}
-
 fn tiles() -> impl Strategy<Value = TernaryTiles> {
     (
         prop::sample::select(isas()),
@@ -174,7 +169,7 @@ proptest! {
         let n = chunks * 128;
         let a: Vec<i8> = (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 255) as i32 as i8).map(|v| v.max(-127)).collect();
         let b: Vec<i8> = (0..n).map(|i| ((i as u32).wrapping_mul(40503) ^ seed) as i8).map(|v| v.max(-127)).collect();
-        for isa in float_isas() {
+        for isa in isas() {
             prop_assert_eq!(int8::dot(isa, &a, &b), int8::reference_dot(&a, &b));
         }
     }
@@ -192,7 +187,7 @@ proptest! {
         let q = int8::Int8Rows::quantize(&w);
         let mut a = QuantActs::default();
         ops::quantize_rows(&x, k, None, &mut a);
-        for isa in float_isas() {
+        for isa in isas() {
             let mut got = vec![0f32; n];
             int8::matmul(&pool, isa, &q, &a, &mut got);
             // Worst case: every weight and activation off by half a step.
@@ -217,7 +212,7 @@ proptest! {
         let mass: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
         let want = float::reference_dot(&a, &b);
         let want_h = float::reference_dot(&a, &bh);
-        for isa in float_isas() {
+        for isa in isas() {
             prop_assert!((float::dot(isa, &a, &b) - want).abs() <= REL * mass + ABS);
             prop_assert!((float::dot_f16(isa, &a, &bytes) - want_h).abs() <= REL * mass + ABS);
             let mut conv = vec![0f32; k];
@@ -246,7 +241,7 @@ proptest! {
         let want = want.as_f32().unwrap();
         let w = ws.weight("w").unwrap();
         let mass: Vec<f32> = (0..s * n).map(|i| { let (t, r) = (i / n, i % n); (0..k).map(|j| (x[t * k + j] * values[r * k + j]).abs()).sum::<f32>() * 1.01 }).collect();
-        for isa in float_isas() {
+        for isa in isas() {
             let mut out = vec![0f32; s * n];
             float::matmul(&Pool::new(threads), isa, &w, &x, &mut out);
             for i in 0..s * n {
@@ -268,8 +263,8 @@ fn differing_block_scales_are_refused_with_a_reason() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// The token-parallel forms of the row kernels give the serial ones'
-    /// bits, whatever the thread count.
+    /// The row kernels of every ISA, token-parallel or not, give the
+    /// interpreter's bits, whatever the thread count.
     #[test]
     fn parallel_row_kernels_equal_the_serial_ones(
         tokens in prop_oneof![Just(1usize), Just(3), Just(7)],
@@ -286,25 +281,36 @@ proptest! {
         let x: Vec<f32> = (0..tokens * k).map(|_| next()).collect();
         let y: Vec<f32> = (0..tokens * k).map(|_| next()).collect();
         let w: Vec<f32> = (0..k).map(|_| next()).collect();
-        let (mut a, mut b) = (QuantActs::default(), QuantActs::default());
+        // Every ISA gives the interpreter's bits, on one thread or several.
+        let mut a = QuantActs::default();
         ops::quantize_rows(&x, k, Some((&w, 1e-5)), &mut a);
-        ops::quantize_rows_on(&pool, &x, k, Some((&w, 1e-5)), &mut b);
-        prop_assert!(a.q == b.q && a.gamma == b.gamma && a.sum == b.sum);
-        for act in [bitnet_ir::GateAct::Silu, bitnet_ir::GateAct::Relu2] {
-            // Enough values for the parallel path: repeat the rows.
-            let (g, u): (Vec<f32>, Vec<f32>) = (x.iter().cycle().take(1 << 15).copied().collect(), y.iter().cycle().take(1 << 15).copied().collect());
-            let (mut o1, mut o2) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-            ops::glu(act, &g, &u, &mut o1);
-            ops::glu_on(&pool, act, &g, &u, &mut o2);
-            prop_assert_eq!(&o1, &o2);
-        }
+        // Enough values for the parallel path: repeat the rows.
+        let (g, u): (Vec<f32>, Vec<f32>) = (x.iter().cycle().take(1 << 15).copied().collect(), y.iter().cycle().take(1 << 15).copied().collect());
         let positions: Vec<i32> = (0..tokens as i32).map(|p| p * 3 + 1).collect();
         let d = if k % 16 == 0 { 16 } else { 8 };
-        for mode in [bitnet_ir::RopeMode::Interleaved, bitnet_ir::RopeMode::Neox] {
-            let (mut o1, mut o2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-            ops::rope(&x, &mut o1, k, &positions, mode, 10000.0, d);
-            ops::rope_on(&pool, &x, &mut o2, k, &positions, mode, 10000.0, d);
-            prop_assert_eq!(&o1, &o2);
+        for isa in isas() {
+            let mut b = QuantActs::default();
+            ops::quantize_rows_on(&pool, isa, &x, k, Some((&w, 1e-5)), &mut b);
+            prop_assert!(a.q == b.q && a.gamma == b.gamma && a.sum == b.sum, "{:?}", isa);
+            for act in [bitnet_ir::GateAct::Silu, bitnet_ir::GateAct::Relu2] {
+                let (mut o1, mut o2) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+                ops::glu(act, &g, &u, &mut o1);
+                ops::glu_on(&pool, isa, act, &g, &u, &mut o2);
+                prop_assert_eq!(&o1, &o2, "{:?}", isa);
+            }
+            for op in bitnet_ir::BinaryOp::ALL {
+                let mut o = vec![0f32; g.len()];
+                ops::binary_on(&pool, isa, op, &g, &u, &mut o);
+                let want: Vec<f32> = g.iter().zip(&u).map(|(&a, &b)| bitnet_ir::interp::kernels::binary(op, a, b)).collect();
+                prop_assert_eq!(&o, &want, "{:?} {:?}", isa, op);
+            }
+            for mode in [bitnet_ir::RopeMode::Interleaved, bitnet_ir::RopeMode::Neox] {
+                let mut o1 = x.clone();
+                bitnet_ir::interp::kernels::rope(&mut o1, k, &positions, mode, 10000.0, d);
+                let mut o2 = vec![0f32; x.len()];
+                ops::rope_on(&pool, isa, &x, &mut o2, k, &positions, mode, 10000.0, d);
+                prop_assert_eq!(&o1, &o2, "{:?}", isa);
+            }
         }
     }
 }

@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 pub const MAGIC: &[u8; 8] = b"BITNETRS";
 /// Bumped whenever the header or a prepared layout changes meaning.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const PREFIX: usize = 24;
 const PAGE: usize = 4096;
 
@@ -348,8 +348,8 @@ impl Artifact {
         if h.target.device != "cpu" {
             return artifact_err(path, format!("compiled for {}, which this build cannot run; {again}", h.target.device));
         }
-        for step in h.last.schedule.steps.iter().chain(&h.all.schedule.steps) {
-            let isa = step.tiles.isa();
+        let isas = [&h.last.schedule, &h.all.schedule].into_iter().flat_map(|s| s.steps.iter().map(|step| step.tiles.isa()).chain([s.isa]));
+        for isa in isas {
             if !isa.available() {
                 return artifact_err(
                     path,

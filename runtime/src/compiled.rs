@@ -11,7 +11,7 @@
 
 use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
-use bitnet_codegen::cpu::{attention, float, ops, Isa, Pool};
+use bitnet_codegen::cpu::{attention, float, ops, vmath, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
 use bitnet_ir::{ActQuant, DType, Graph, Op};
@@ -368,7 +368,7 @@ fn run(
             })
             .collect();
         let started = times.is_some().then(std::time::Instant::now);
-        let result = kernel(&node.op, &shape, &args, tiles, &mut out, pool, weights, inputs, kv);
+        let result = kernel(&node.op, &shape, &args, (tiles, plan.schedule.isa), &mut out, pool, weights, inputs, kv);
         if let (Some(times), Some(t0)) = (times.as_deref_mut(), started) {
             times.add(node.op.mnemonic(), t0.elapsed().as_secs_f64() * 1e3);
         }
@@ -427,7 +427,7 @@ fn kernel(
     op: &Op,
     shape: &[usize],
     args: &[Arg],
-    tiles: Option<Tiles>,
+    (tiles, isa): (Option<Tiles>, Isa),
     out: &mut Buf,
     pool: &Pool,
     weights: &dyn WeightSource,
@@ -454,20 +454,20 @@ fn kernel(
                 if id < 0 || id as usize >= table.rows() {
                     return err(format!("token id {id} is outside the vocabulary of {}", table.rows()));
                 }
-                float::row_f32(Isa::best(), &table, id as usize, row);
+                float::row_f32(isa, &table, id as usize, row);
             }
         }
-        Op::RmsNorm { eps } => ops::rms_norm(floats(&args[0])?, floats(&args[1])?, *eps, f32_buf(out, len)),
+        Op::RmsNorm { eps } => ops::rms_norm(isa, floats(&args[0])?, floats(&args[1])?, *eps, f32_buf(out, len)),
         Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => {
-            ops::quantize_rows_on(pool, floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out))
+            ops::quantize_rows_on(pool, isa, floats(&args[0])?, cols, Some((floats(&args[1])?, *eps)), q8_buf(out))
         }
-        Op::QuantizeAct { scheme: ActQuant::PerToken } => ops::quantize_rows_on(pool, floats(&args[0])?, cols, None, q8_buf(out)),
+        Op::QuantizeAct { scheme: ActQuant::PerToken } => ops::quantize_rows_on(pool, isa, floats(&args[0])?, cols, None, q8_buf(out)),
         Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return err("q8_k activations are not compiled"),
         Op::MatMul => match (tiles, &args[1]) {
             (Some(Tiles::Float { isa }), _) => float::matmul(pool, isa, &stored(&args[1], weights)?, floats(&args[0])?, f32_buf(out, len)),
             (Some(Tiles::Int8 { isa }), Arg::Weight(_, Prepared::Int8(w))) => {
                 let mut x = QuantActs::default();
-                ops::quantize_rows_on(pool, floats(&args[0])?, w.k, None, &mut x);
+                ops::quantize_rows_on(pool, isa, floats(&args[0])?, w.k, None, &mut x);
                 int8::matmul(pool, isa, w, &x, f32_buf(out, len));
             }
             _ => return err("no float tiles scheduled"),
@@ -489,25 +489,21 @@ fn kernel(
             let (sg, su) = if epilogue.scale { (Some(floats(&args[2])?[0]), Some(floats(&args[up + 1])?[0])) } else { (None, None) };
             ternary::matmul_glu(pool, t, *act, (wg, sg), (wu, su), x, f32_buf(out, len));
         }
-        Op::Rope { mode, theta, head_dim } => ops::rope_on(pool, floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
+        Op::Rope { mode, theta, head_dim } => ops::rope_on(pool, isa, floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
         Op::Attention { layer, heads, kv_heads, head_dim } => {
             let a = attention::AttentionShape { layer: *layer, heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };
-            attention::attention(pool, Isa::best(), a, floats(&args[0])?, floats(&args[1])?, floats(&args[2])?, ids(&args[3])?, kv, f32_buf(out, len))?;
+            attention::attention(pool, isa, a, floats(&args[0])?, floats(&args[1])?, floats(&args[2])?, ids(&args[3])?, kv, f32_buf(out, len))?;
         }
         Op::Unary(u) => {
             let x = floats(&args[0])?;
             f32_buf(out, len).iter_mut().zip(x).for_each(|(o, &x)| *o = kernels::unary(*u, x));
         }
-        Op::Binary(b) => {
-            let (x, y) = (floats(&args[0])?, floats(&args[1])?);
-            f32_buf(out, len).iter_mut().zip(x).enumerate().for_each(|(i, (o, &x))| *o = kernels::binary(*b, x, y[i % y.len()]));
-        }
-        // Native: the Cranelift-generated glu is the same bits, 2.6–3.6× slower (codegen/benches).
-        Op::Glu { act } => ops::glu_on(pool, *act, floats(&args[0])?, floats(&args[1])?, f32_buf(out, len)),
+        Op::Binary(b) => ops::binary_on(pool, isa, *b, floats(&args[0])?, floats(&args[1])?, f32_buf(out, len)),
+        Op::Glu { act } => ops::glu_on(pool, isa, *act, floats(&args[0])?, floats(&args[1])?, f32_buf(out, len)),
         Op::Softmax => {
             let o = f32_buf(out, len);
             o.copy_from_slice(floats(&args[0])?);
-            o.chunks_exact_mut(cols).for_each(kernels::softmax);
+            o.chunks_exact_mut(cols).for_each(|row| vmath::softmax(isa, row));
         }
         Op::LastRow => {
             let x = floats(&args[0])?;

@@ -46,6 +46,8 @@ pub struct CompileArgs {
     #[arg(long, value_enum)]
     pub tune: Option<TuneArg>,
     #[command(flatten)]
+    pub isa: super::IsaArgs,
+    #[command(flatten)]
     pub device: DeviceArgs,
     /// GPU architecture the PTX targets (with --device cuda): 80 runs on
     /// Ampere and later.
@@ -60,7 +62,7 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
     if a.device.device == Device::Cuda {
         return compile_cuda(&a);
     }
-    let pinned = Pinned { head_q8: a.head == HeadArg::Q8, ..Default::default() };
+    let pinned = Pinned { head_q8: a.head == HeadArg::Q8, isa: a.isa.isa, ..Default::default() };
     let threads = super::threads(a.threads)?;
     if let Some(pass) = a.dump_after.as_deref() {
         let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;

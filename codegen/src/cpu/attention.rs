@@ -11,6 +11,8 @@
 //! [`Isa::Scalar`] is the interpreter's loop, bit for bit. The AVX2 kernel
 //! sums each dot product in eight lanes and then across, and uses fused
 //! multiply-adds: the same values within the float budget of the tests.
+//! [`Isa::Cranelift`] runs the generated kernel (`jit::attention`) a head
+//! at a time.
 
 use super::float;
 use super::pool::{Chunks, Pool, SharedMut};
@@ -82,6 +84,7 @@ pub fn attention(
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe { avx2::heads(&head, &mut scores, o) },
+                    Isa::Cranelift => generated_heads(&head, &mut scores, o),
                     _ => reference_heads(&head, &mut scores, o),
                 }
             }
@@ -124,6 +127,14 @@ fn reference_heads(h: &Heads, scores: &mut Vec<f32>, out: &mut [f32]) {
                 *oj += w * vj;
             }
         }
+    }
+}
+
+/// The generated kernel, one head at a time.
+fn generated_heads(h: &Heads, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let jit = super::jit::AttentionJit::get().expect("Isa::Cranelift is available");
+    for (qh, o) in h.q.chunks_exact(h.d).zip(out.chunks_exact_mut(h.d)) {
+        jit.head(qh, h.keys, h.values, h.scale, scores, o);
     }
 }
 
@@ -284,9 +295,9 @@ mod tests {
     }
 
     /// Awkward head sizes and groups, a prompt then one decode step: the
-    /// scalar kernel is the interpreter bit for bit; AVX2 is within 1e-5
-    /// of it (relative to the output's scale) and the same bits for 1, 2
-    /// and 3 threads.
+    /// scalar kernel is the interpreter bit for bit; AVX2 and the generated
+    /// kernel are within 1e-5 of it (relative to the output's scale) and
+    /// the same bits for 1, 2 and 3 threads.
     #[test]
     fn attention_matches_the_interpreter() {
         let pools: Vec<Pool> = [1, 2, 3].into_iter().map(Pool::new).collect();
@@ -299,17 +310,16 @@ mod tests {
             for (w, g) in want.iter().zip(&scalar) {
                 assert!(w.iter().zip(g).all(|(x, y)| x.to_bits() == y.to_bits()), "scalar, heads {heads}/{kv_heads} d {d}");
             }
-            if !Isa::Avx2.available() {
-                continue;
-            }
-            let first = compiled(&pools[0], Isa::Avx2, a, tokens, &q, &k, &v);
-            for (w, g) in want.iter().zip(&first) {
-                for (j, (x, y)) in w.iter().zip(g).enumerate() {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "avx2, heads {heads}/{kv_heads} d {d}: [{j}] {y} vs {x}");
+            for isa in [Isa::Avx2, Isa::Cranelift].into_iter().filter(|i| i.available()) {
+                let first = compiled(&pools[0], isa, a, tokens, &q, &k, &v);
+                for (w, g) in want.iter().zip(&first) {
+                    for (j, (x, y)) in w.iter().zip(g).enumerate() {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{isa:?}, heads {heads}/{kv_heads} d {d}: [{j}] {y} vs {x}");
+                    }
                 }
-            }
-            for pool in &pools[1..] {
-                assert_eq!(compiled(pool, Isa::Avx2, a, tokens, &q, &k, &v), first, "{} threads, heads {heads}/{kv_heads} d {d}", pool.threads());
+                for pool in &pools[1..] {
+                    assert_eq!(compiled(pool, isa, a, tokens, &q, &k, &v), first, "{isa:?}, {} threads, heads {heads}/{kv_heads} d {d}", pool.threads());
+                }
             }
         }
     }

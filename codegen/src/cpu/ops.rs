@@ -2,16 +2,21 @@
 //! and elementwise ops, all writing into buffers the caller owns (attention
 //! has its own module). Their arithmetic is the interpreter's, in the same
 //! order, so their results are identical to it; only the work is spread
-//! over threads and fused passes.
+//! over threads and fused passes. Each takes the [`Isa`] to run: native
+//! code, or with [`Isa::Cranelift`] the kernels generated in [`super::jit`].
 
 use super::pool::{share, Pool, SharedMut};
 use super::ternary::QuantActs;
-use super::{vmath, Isa};
+use super::{jit, vmath, Isa};
 use bitnet_ir::interp::kernels::{self, inv_rms};
-use bitnet_ir::{GateAct, RopeMode};
+use bitnet_ir::{BinaryOp, GateAct, RopeMode};
 
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let k = w.len();
+    if isa == Isa::Cranelift {
+        let jit = jit::NormQuantJit::get().expect("Isa::Cranelift is available");
+        return out.chunks_exact_mut(k).zip(x.chunks_exact(k)).for_each(|(o, xr)| jit.norm(xr, w, eps, o));
+    }
     for (o, xr) in out.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
         let s = inv_rms(xr, eps);
         for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w) {
@@ -25,19 +30,20 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn quantize_rows(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut QuantActs) {
     let s = x.len() / k.max(1);
     out.resize(s, k);
-    quantize_tokens(x, k, norm, RowsOut::of(out), 0..s);
+    quantize_tokens(Isa::best(), x, k, norm, RowsOut::of(out), 0..s);
 }
 
-/// [`quantize_rows`] with the tokens shared among the pool's workers
-/// (prefill); each row's arithmetic is the same whoever does it.
-pub fn quantize_rows_on(pool: &Pool, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut QuantActs) {
+/// [`quantize_rows`] in `isa`'s code, with the tokens shared among the
+/// pool's workers (prefill); each row's arithmetic is the same whoever
+/// does it.
+pub fn quantize_rows_on(pool: &Pool, isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut QuantActs) {
     let s = x.len() / k.max(1);
-    if s < 2 {
-        return quantize_rows(x, k, norm, out);
-    }
     out.resize(s, k);
     let rows = RowsOut::of(out);
-    pool.run(&|me, workers| quantize_tokens(x, k, norm, rows, share(s, me, workers)));
+    if s < 2 {
+        return quantize_tokens(isa, x, k, norm, rows, 0..s);
+    }
+    pool.run(&|me, workers| quantize_tokens(isa, x, k, norm, rows, share(s, me, workers)));
 }
 
 /// Where the rows of a [`QuantActs`] go, for workers writing disjoint rows.
@@ -55,15 +61,19 @@ impl RowsOut {
     }
 }
 
-fn quantize_tokens(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: RowsOut, tokens: std::ops::Range<usize>) {
+fn quantize_tokens(isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: RowsOut, tokens: std::ops::Range<usize>) {
     let mut row = vec![0f32; k];
-    let avx2 = Isa::Avx2.available();
+    let avx2 = isa == Isa::Avx2;
+    let generated = (isa == Isa::Cranelift).then(|| jit::NormQuantJit::get().expect("Isa::Cranelift is available"));
     for t in tokens {
         let xr = &x[t * k..(t + 1) * k];
         // SAFETY: `out` was sized for every token, and row t belongs to
         // this caller alone.
         let q = unsafe { std::slice::from_raw_parts_mut(out.q.ptr().add(t * out.kp), k) };
-        let (g, sum) = quantize_token(xr, norm, &mut row, q, avx2);
+        let (g, sum) = match generated {
+            Some(jit) => jit.row(xr, norm, &mut row, q),
+            None => quantize_token(xr, norm, &mut row, q, avx2),
+        };
         unsafe {
             *out.gamma.ptr().add(t) = g;
             *out.sum.ptr().add(t) = sum;
@@ -147,23 +157,33 @@ fn round_half_away(y: f32) -> f32 {
     }
 }
 
-pub fn rope(x: &[f32], out: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, head_dim: usize) {
+#[allow(clippy::too_many_arguments)]
+pub fn rope(isa: Isa, x: &[f32], out: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, head_dim: usize) {
+    if isa == Isa::Cranelift {
+        let jit = jit::RopeJit::get().expect("Isa::Cranelift is available");
+        let mut tables = jit::RopeTables::default();
+        for ((o, xr), &p) in out.chunks_exact_mut(row).zip(x.chunks_exact(row)).zip(positions) {
+            tables.fill(p, theta, head_dim, mode);
+            jit.token(mode, xr, o, head_dim, &tables);
+        }
+        return;
+    }
     out.copy_from_slice(x);
     kernels::rope(out, row, positions, mode, theta, head_dim);
 }
 
 /// [`rope`] with the tokens shared among the pool's workers.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_on(pool: &Pool, x: &[f32], out: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, head_dim: usize) {
+pub fn rope_on(pool: &Pool, isa: Isa, x: &[f32], out: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, head_dim: usize) {
     if positions.len() < 2 {
-        return rope(x, out, row, positions, mode, theta, head_dim);
+        return rope(isa, x, out, row, positions, mode, theta, head_dim);
     }
     let dst = SharedMut(out.as_mut_ptr());
     pool.run(&|me, workers| {
         let tokens = share(positions.len(), me, workers);
         // SAFETY: each worker writes the rows of its own tokens.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(tokens.start * row), tokens.len() * row) };
-        rope(&x[tokens.start * row..tokens.end * row], o, row, &positions[tokens], mode, theta, head_dim);
+        rope(isa, &x[tokens.start * row..tokens.end * row], o, row, &positions[tokens], mode, theta, head_dim);
     });
 }
 
@@ -171,19 +191,35 @@ pub fn glu(act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
     vmath::glu(Isa::best(), act, gate, up, out)
 }
 
-/// [`glu`] with the values shared among the pool's workers when there are
-/// enough of them to be worth it (prefill).
-pub fn glu_on(pool: &Pool, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    if out.len() < 1 << 12 {
-        return glu(act, gate, up, out);
+/// [`glu`] in `isa`'s code, with the values shared among the pool's
+/// workers when there are enough of them to be worth it (prefill).
+pub fn glu_on(pool: &Pool, isa: Isa, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    split_on(pool, out, |r, o| vmath::glu(isa, act, &gate[r.clone()], &up[r], o));
+}
+
+/// `out = x ∘ y`, `y` repeated along `x` when shorter (a row, a scalar).
+pub fn binary_on(pool: &Pool, isa: Isa, op: BinaryOp, x: &[f32], y: &[f32], out: &mut [f32]) {
+    assert!(x.len() == out.len() && !y.is_empty() && x.len().is_multiple_of(y.len()), "{}: operands do not fit", op.name());
+    if isa == Isa::Cranelift && y.len() == x.len() {
+        let jit = jit::ElementwiseJit::get().expect("Isa::Cranelift is available");
+        return split_on(pool, out, |r, o| jit.binary(op, &x[r.clone()], &y[r], o));
     }
+    out.iter_mut().zip(x).enumerate().for_each(|(i, (o, &a))| *o = kernels::binary(op, a, y[i % y.len()]));
+}
+
+/// `f(range, out[range])` over all of `out`, in stretches shared among the
+/// pool's workers when there are enough values to be worth it.
+fn split_on(pool: &Pool, out: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
     let n = out.len();
+    if n < 1 << 12 {
+        return f(0..n, out);
+    }
     let dst = SharedMut(out.as_mut_ptr());
     pool.run(&|me, workers| {
         let r = share(n, me, workers);
         // SAFETY: each worker writes its own stretch of the output.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(r.start), r.len()) };
-        glu(act, &gate[r.clone()], &up[r], o);
+        f(r, o);
     });
 }
 

@@ -1,5 +1,5 @@
 //! The interpreter's scalar math (`bitnet_ir::interp::math`) eight lanes
-//! at a time, bit for bit: the same IEEE steps in the same order, so
+//! at a time (with [`Isa::Cranelift`], the generated four-lane kernels), bit for bit: the same IEEE steps in the same order, so
 //! the gated units (SiLU, relu²) and softmax on AVX2 give exactly what
 //! the interpreter gives.
 
@@ -14,6 +14,11 @@ pub fn glu4(isa: Isa, act: GateAct, gate: [f32; 4], up: [f32; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller runs AVX2 kernels only where the CPU has AVX2.
         Isa::Avx2 => unsafe { avx2::glu4(act, gate, up) },
+        Isa::Cranelift => {
+            let mut out = [0f32; 4];
+            elementwise().glu(act, &gate, &up, &mut out);
+            out
+        }
         _ => std::array::from_fn(|i| kernels::glu(act, gate[i], up[i])),
     }
 }
@@ -25,6 +30,7 @@ pub fn glu(isa: Isa, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above; the lengths are checked.
         Isa::Avx2 => unsafe { avx2::glu(act, gate, up, out) },
+        Isa::Cranelift => elementwise().glu(act, gate, up, out),
         _ => out.iter_mut().zip(gate).zip(up).for_each(|((o, &g), &u)| *o = kernels::glu(act, g, u)),
     }
 }
@@ -35,8 +41,14 @@ pub fn softmax(isa: Isa, row: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { avx2::softmax(row) },
+        Isa::Cranelift => elementwise().softmax(row),
         _ => kernels::softmax(row),
     }
+}
+
+/// The generated kernels, the same bits as the ones here.
+fn elementwise() -> &'static super::jit::ElementwiseJit {
+    super::jit::ElementwiseJit::get().expect("Isa::Cranelift is available")
 }
 
 #[cfg(target_arch = "x86_64")]

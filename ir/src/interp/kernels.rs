@@ -318,16 +318,9 @@ fn ternary_matmul(x: &Slot, w: &WeightView, threads: usize) -> Result<Tensor, Ev
 /// Rotates each head's pairs by `position × θ^(-2i/d)`. The angle advances
 /// by repeated multiplication, as ggml computes it.
 pub fn rope(x: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta: f32, d: usize) {
-    let theta_scale = theta.powf(-2.0 / d as f32);
     let mut rotations = Vec::with_capacity(d / 2);
     for (r, &p) in x.chunks_exact_mut(row).zip(positions) {
-        // Pair i turns by p·θ^(−2i/d), the same in every head of the token.
-        rotations.clear();
-        let mut angle = p as f32;
-        for _ in 0..d / 2 {
-            rotations.push(angle.sin_cos());
-            angle *= theta_scale;
-        }
+        rope_rotations(p, theta, d, &mut rotations);
         for head in r.chunks_exact_mut(d) {
             for (i, &(sin, cos)) in rotations.iter().enumerate() {
                 let (a, b) = match mode {
@@ -339,6 +332,18 @@ pub fn rope(x: &mut [f32], row: usize, positions: &[i32], mode: RopeMode, theta:
                 head[b] = x0 * sin + x1 * cos;
             }
         }
+    }
+}
+
+/// `(sin, cos)` of each pair's angle at position `p`: pair i turns by
+/// p·θ^(−2i/d), the same in every head of the token.
+pub fn rope_rotations(p: i32, theta: f32, d: usize, out: &mut Vec<(f32, f32)>) {
+    let theta_scale = theta.powf(-2.0 / d as f32);
+    out.clear();
+    let mut angle = p as f32;
+    for _ in 0..d / 2 {
+        out.push(angle.sin_cos());
+        angle *= theta_scale;
     }
 }
 

@@ -11,13 +11,31 @@
 //! module that lives as long as the program. A host Cranelift cannot
 //! target gets a clear error, and the callers fall back to native code.
 
+pub mod attention;
+pub mod dot;
 pub mod elementwise;
 pub mod norm_quant;
+pub mod rope;
 pub mod ternary;
 
-pub use elementwise::GluJit;
+pub use attention::AttentionJit;
+pub use dot::DotJit;
+pub use elementwise::ElementwiseJit;
 pub use norm_quant::NormQuantJit;
+pub use rope::{RopeJit, RopeTables};
 pub use ternary::TernaryJit;
+
+/// Whether every generated kernel family compiles for this host (each is
+/// compiled here once, on first use).
+pub fn all_available() -> Result<(), String> {
+    TernaryJit::get()?;
+    ElementwiseJit::get()?;
+    NormQuantJit::get()?;
+    DotJit::get()?;
+    RopeJit::get()?;
+    AttentionJit::get()?;
+    Ok(())
+}
 
 use cranelift_codegen::ir::{condcodes::IntCC, types::Type, Function, InstBuilder, Signature, UserFuncName, Value};
 use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig};

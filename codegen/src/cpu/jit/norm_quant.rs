@@ -29,6 +29,7 @@ type RowFn = unsafe extern "C" fn(x: *const f32, w: *const f32, k: usize, eps: f
 pub struct NormQuantJit {
     with_norm: RowFn,
     plain: RowFn,
+    norm_only: RowFn,
     _module: ModuleBox,
 }
 
@@ -53,6 +54,15 @@ impl NormQuantJit {
         (f32::from_bits(out[0] as u32), out[1])
     }
 
+    /// The interpreter's `rms_norm` of row `x` into `out`, without quantizing.
+    pub fn norm(&self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let k = x.len();
+        assert!(w.len() == k && out.len() == k, "rms_norm: mismatched rows");
+        let mut unused = [0i32; 2];
+        // SAFETY: x, w and out hold `k` values; q is not written.
+        unsafe { (self.norm_only)(x.as_ptr(), w.as_ptr(), k, eps, out.as_mut_ptr(), std::ptr::null_mut(), unused.as_mut_ptr()) };
+    }
+
     fn compile() -> Result<NormQuantJit, String> {
         let mut module = JITModule::new(JITBuilder::with_isa(host_isa()?, default_libcall_names()));
         let config = module.target_config();
@@ -60,15 +70,16 @@ impl NormQuantJit {
         let mut sig = Signature::new(config.default_call_conv);
         sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(types::F32)]);
         sig.params.extend([AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(ptr)]);
-        let fns = [("rms_norm_quant_row".to_string(), sig.clone()), ("quantize_row".to_string(), sig)];
-        let code = define_all(&mut module, &fns, |i, _, func, fbc| build(func, fbc, config, i == 0))?;
-        // SAFETY: both were built with the RowFn signature.
+        let fns = [("rms_norm_quant_row".to_string(), sig.clone()), ("quantize_row".to_string(), sig.clone()), ("rms_norm_row".to_string(), sig)];
+        let code = define_all(&mut module, &fns, |i, _, func, fbc| build(func, fbc, config, i != 1, i != 2))?;
+        // SAFETY: all three were built with the RowFn signature.
         let f = |i: usize| unsafe { std::mem::transmute::<*const u8, RowFn>(code[i]) };
-        Ok(NormQuantJit { with_norm: f(0), plain: f(1), _module: ModuleBox(module) })
+        Ok(NormQuantJit { with_norm: f(0), plain: f(1), norm_only: f(2), _module: ModuleBox(module) })
     }
 }
 
-fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, norm: bool) {
+/// The row function: normalize into `y` when `norm`, then quantize when `quantize`.
+fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, norm: bool, quantize: bool) {
     let ptr = config.pointer_type();
     let mut b = FunctionBuilder::new(func, fbc);
     let p = begin(&mut b);
@@ -140,6 +151,9 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     } else {
         x
     };
+    if !quantize {
+        return end(b, config);
+    }
 
     // γ = 127 / max(max|y|, 1e-5).
     let amax = b.declare_var(types::F32);
@@ -232,6 +246,10 @@ mod tests {
                     assert_eq!(g.to_bits(), want_g[0].to_bits(), "k {k} case {case} norm {norm}");
                     assert_eq!(sum, want_q.iter().map(|&v| v as i32).sum::<i32>());
                 }
+                let mut y = vec![0f32; k];
+                jit.norm(&x, &w, 1e-5, &mut y);
+                let want = kernels::rms_norm(&x, &w, 1e-5);
+                assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())), "rms_norm k {k} case {case}");
             }
         }
     }
