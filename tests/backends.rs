@@ -79,8 +79,10 @@ fn the_compiled_graph_is_fused_and_scheduled() {
     let c = s.compiled().unwrap();
     let text = c.graph(false).to_string();
     assert!(text.contains("rms_norm_quant") && text.contains("ternary_glu") && text.contains("epilogue=residual"), "{text}");
-    // Seven projections per layer, gate and up as one product, and the head.
-    assert_eq!(c.schedule(false).steps.len(), 3 * 6 + 1, "{}", c.schedule(false));
+    assert!(text.contains("ternary_cat") && text.contains("slice"), "{text}");
+    // Seven projections per layer: q, k and v as one product, gate and up
+    // as one, o, down; and the head.
+    assert_eq!(c.schedule(false).steps.len(), 3 * 4 + 1, "{}", c.schedule(false));
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -97,11 +99,14 @@ fn compile_dumps_the_graph_after_each_pass() {
         let g = bitnet_ir::parse(&stdout(&o)).unwrap_or_else(|e| panic!("{pass}: the dump does not parse: {e}"));
         sizes.push(g.nodes.len());
     }
-    assert!(sizes.windows(2).all(|w| w[1] <= w[0]) && sizes[2] < sizes[0], "fusing shrinks this graph: {sizes:?}");
+    // Fusing shrinks this graph; fuse-projections then adds, per layer, a
+    // ternary_cat and three slices in place of three products.
+    assert!(sizes[..3].windows(2).all(|w| w[1] <= w[0]) && sizes[2] < sizes[0], "fusing shrinks this graph: {sizes:?}");
+    assert_eq!(sizes[3], sizes[2] + 3, "{sizes:?}");
     let o = bitnet(&["compile", "-m", m, "--dump-after", "schedule"]);
     assert!(stdout(&o).contains("(heuristic)"), "{}", stdout(&o));
     let o = bitnet(&["compile", "-m", m, "--dump-after", "nope"]);
-    assert!(!o.status.success() && stderr(&o).contains("canonicalize, specialize-ternary, fuse"), "{}", stderr(&o));
+    assert!(!o.status.success() && stderr(&o).contains("canonicalize, specialize-ternary, fuse, fuse-projections"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).ok();
 }
 

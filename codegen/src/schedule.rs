@@ -198,22 +198,23 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             Op::QuantizeAct { scheme: ActQuant::Q8K } | Op::RmsNormQuant { scheme: ActQuant::Q8K, .. } => {
                 return refuse("quantizes activations per token only (not llama.cpp's q8_k blocks)")
             }
-            Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::MatMul => {
+            Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. } | Op::MatMul => {
                 let w = g.ty(node.args[1]);
                 if matches!(node.op, Op::MatMul) && g.ty(node.args[0]).dtype == DType::Q8Row {
                     return refuse("multiplies float weights by float activations only");
                 }
-                let (n, k) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                // The rows of all of a ternary_cat's matrices are its work.
+                let (n, k) = (node.ty.shape[1].resolve(0), w.shape[1].resolve(0));
                 match node.op {
-                    Op::TernaryMatMul(_) | Op::TernaryGlu { .. } => Workload::Ternary { n, k }.key(),
-                    _ => Workload::Float { n, k, dtype: w.dtype }.key(),
+                    Op::MatMul => Workload::Float { n, k, dtype: w.dtype }.key(),
+                    _ => Workload::Ternary { n, k }.key(),
                 }
             }
             _ => continue,
         };
         let head = g.outputs.contains(&v) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32);
         let (tiles, origin) = match (&node.op, pinned.ternary) {
-            (Op::TernaryMatMul(_) | Op::TernaryGlu { .. }, Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
+            (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _) if head && pinned.head_q8 => (Tiles::Int8 { isa }, TileOrigin::Pinned),
             // A pinned ISA takes the database's tiles only where they are of that ISA.
             _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == i)) {

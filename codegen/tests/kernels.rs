@@ -72,6 +72,44 @@ proptest! {
         }
     }
 
+    /// Matrices side by side (`ternary_cat`: q, k and v) give each one's
+    /// product with its scale, bit for bit, in its own columns.
+    #[test]
+    fn side_by_side_products_are_each_product(
+        ns in prop::collection::vec(awkward(), 1..4),
+        (k, s) in (awkward(), 1usize..6),
+        t in tiles(),
+        threads in 1usize..3,
+        seed in any::<u64>(),
+    ) {
+        let ns: Vec<usize> = ns.into_iter().map(|n| n.min(300)).collect();
+        let mut rng = seed;
+        let mut next = move || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
+        let x: Vec<i8> = (0..s * k).map(|_| (next() % 256) as i32 as i8).collect();
+        let a = acts(s, k, &x);
+        let packed: Vec<PackedTernary> = ns
+            .iter()
+            .map(|&n| {
+                let w: Vec<i8> = (0..n * k).map(|_| (next() % 3) as i8 - 1).collect();
+                PackedTernary::from_rows(n, k, t.rows, 0.5 + (next() % 4) as f32, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]))
+            })
+            .collect();
+        let pool = Pool::new(threads);
+        let parts: Vec<(&PackedTernary, Option<f32>)> = packed.iter().enumerate().map(|(i, p)| (p, (i % 2 == 0).then_some(1.5))).collect();
+        let width: usize = ns.iter().sum();
+        let mut out = vec![0f32; s * width];
+        ternary::matmul_cat(&pool, t, &parts, &a, &mut out);
+        let mut col = 0;
+        for &(p, scale) in &parts {
+            let mut one = vec![0f32; s * p.n];
+            ternary::matmul(&pool, t, p, &a, &mut one, Epilogue { scale, residual: None });
+            for tok in 0..s {
+                prop_assert_eq!(&out[tok * width + col..][..p.n], &one[tok * p.n..][..p.n], "token {} columns from {}", tok, col);
+            }
+            col += p.n;
+        }
+    }
+
     /// Stored ternary formats, repacked, against the interpreter's
     /// `ternary_matmul` with its scale and a residual epilogue.
     #[test]

@@ -97,6 +97,12 @@ impl Epilogue {
         2 + self.operands()
     }
 
+    /// A `ternary_cat`'s operands as those of its `ternary_matmul`s:
+    /// `(x, w₁, ..)`, `(x, w₂, ..)`, ….
+    pub fn cat_products<T: Copy>(self, args: &[T]) -> Vec<Vec<T>> {
+        args[1..].chunks(1 + self.operands()).map(|part| [&args[..1], part].concat()).collect()
+    }
+
     /// A `ternary_glu`'s operands as those of its two `ternary_matmul`s:
     /// `(x, gate, ..)` and `(x, up, ..)`.
     pub fn glu_products<T: Copy>(self, args: &[T]) -> (Vec<T>, Vec<T>) {
@@ -170,6 +176,20 @@ pub enum Op {
     /// integer dot products of codes and int8 activations, times the weight
     /// scale, over γ; then the [`Epilogue`].
     TernaryMatMul(Epilogue),
+    /// `(x q8_row[S, K], w₁ ternary[N₁, K], [s₁ [1]], w₂, [s₂], …) -> f32[S, N₁ + N₂ + …]`:
+    /// the products of one activation with `parts` weights, their results
+    /// side by side in each row: `ternary_matmul(x, wᵢ, sᵢ)` for each, as
+    /// one product (q, k and v; made by the fuse pass, read back through
+    /// `slice`). The epilogue (scale only) applies to every part.
+    TernaryCat {
+        parts: usize,
+        epilogue: Epilogue,
+    },
+    /// `(x f32[S, N]) -> f32[S, len]`: the columns `start..start + len`.
+    Slice {
+        start: usize,
+        len: usize,
+    },
     /// `(x q8_row[S, K], gate ternary[N, K], [gate scale [1]], up ternary[N, K],
     /// [up scale [1]]) -> f32[S, N]`: `glu(act, ternary_matmul(x, gate),
     /// ternary_matmul(x, up))`, the gate and up projections as one product
@@ -255,6 +275,8 @@ impl Op {
             Op::MatMul => "matmul",
             Op::TernaryMatMul(_) => "ternary_matmul",
             Op::TernaryGlu { .. } => "ternary_glu",
+            Op::TernaryCat { .. } => "ternary_cat",
+            Op::Slice { .. } => "slice",
             Op::RmsNormQuant { .. } => "rms_norm_quant",
             Op::Glu { .. } => "glu",
             Op::Rope { .. } => "rope",
@@ -278,6 +300,7 @@ impl Op {
         match self {
             Op::TernaryMatMul(_) => i == 1,
             Op::TernaryGlu { epilogue, .. } => i == 1 || i == epilogue.glu_up(),
+            Op::TernaryCat { epilogue, .. } => i >= 1 && (i - 1).is_multiple_of(1 + epilogue.operands()),
             _ => false,
         }
     }
@@ -286,10 +309,11 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
-            Op::QuantizeAct { .. } | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } => 1,
+            Op::QuantizeAct { .. } | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } | Op::Slice { .. } => 1,
             Op::Embed | Op::RmsNorm { .. } | Op::RmsNormQuant { .. } | Op::MatMul | Op::Rope { .. } | Op::Binary(_) | Op::Glu { .. } => 2,
             Op::TernaryMatMul(e) => 2 + e.operands(),
             Op::TernaryGlu { epilogue, .. } => 2 * epilogue.glu_up() - 1,
+            Op::TernaryCat { parts, epilogue } => 1 + parts * (1 + epilogue.operands()),
             Op::Attention { .. } => 4,
         }
     }
@@ -354,6 +378,25 @@ impl Op {
                     return Err(format!("ternary_glu: gate gives {g}, up {u}"));
                 }
                 Ok(g)
+            }
+            Op::TernaryCat { parts, epilogue } => {
+                if epilogue.residual || *parts == 0 {
+                    return Err("ternary_cat takes one or more parts and has no residual epilogue".into());
+                }
+                let mut n = 0;
+                for (i, part) in epilogue.cat_products(args).iter().enumerate() {
+                    let y = Op::TernaryMatMul(*epilogue).infer(part).map_err(|e| format!("ternary_cat part {i}: {e}"))?;
+                    let Dim::Const(c) = y.shape[1] else { return Err(format!("ternary_cat part {i} has no fixed width: {y}")) };
+                    n += c;
+                }
+                Ok(TensorType::new(DType::F32, [args[0].shape[0], Dim::Const(n)]))
+            }
+            Op::Slice { start, len } => {
+                f32_rows(args[0], "slice input")?;
+                match args[0].shape[1] {
+                    Dim::Const(n) if *len > 0 && start + len <= n => Ok(TensorType::new(DType::F32, [args[0].shape[0], Dim::Const(*len)])),
+                    w => Err(format!("slice {start}..{} is not within a row of {w}", start + len)),
+                }
             }
             Op::MatMul | Op::TernaryMatMul(_) => {
                 let (x, w) = (args[0], args[1]);

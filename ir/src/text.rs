@@ -34,6 +34,14 @@ impl Op {
             Op::RmsNormQuant { eps, scheme } => vec![("eps", format!("{eps:?}")), ("scheme", scheme.name().into())],
             Op::TernaryMatMul(e) if *e != Epilogue::NONE => vec![("epilogue", e.name())],
             Op::Glu { act } => vec![("act", act.name().into())],
+            Op::TernaryCat { parts, epilogue } => {
+                let mut a = vec![("parts", parts.to_string())];
+                if *epilogue != Epilogue::NONE {
+                    a.push(("epilogue", epilogue.name()));
+                }
+                a
+            }
+            Op::Slice { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
             Op::TernaryGlu { act, epilogue } => {
                 let mut a = vec![("act", act.name().into())];
                 if *epilogue != Epilogue::NONE {
@@ -316,6 +324,8 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
         }
         "matmul" => Op::MatMul,
         "ternary_matmul" => Op::TernaryMatMul(epilogue(attrs)?),
+        "ternary_cat" => Op::TernaryCat { parts: take(attrs, "parts")?, epilogue: epilogue(attrs)? },
+        "slice" => Op::Slice { start: take(attrs, "start")?, len: take(attrs, "len")? },
         "rms_norm_quant" => {
             let s: String = take(attrs, "scheme")?;
             Op::RmsNormQuant { eps: take(attrs, "eps")?, scheme: ActQuant::from_name(&s).ok_or(format!("unknown quantization scheme {s}"))? }

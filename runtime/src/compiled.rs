@@ -489,6 +489,24 @@ fn kernel(
             let (sg, su) = if epilogue.scale { (Some(floats(&args[2])?[0]), Some(floats(&args[up + 1])?[0])) } else { (None, None) };
             ternary::matmul_glu(pool, t, *act, (wg, sg), (wu, su), x, f32_buf(out, len));
         }
+        Op::TernaryCat { epilogue, .. } => {
+            let Some(Tiles::Ternary(t)) = tiles else { return err("no ternary tiles scheduled") };
+            let Arg::Q8(x) = &args[0] else { return err("operand 0 must be q8_row") };
+            let mut parts = Vec::new();
+            for part in args[1..].chunks(1 + epilogue.operands()) {
+                let Arg::Weight(_, Prepared::Packed(w)) = &part[0] else { return err("ternary_cat parts must be packed weights") };
+                parts.push((w, if epilogue.scale { Some(floats(&part[1])?[0]) } else { None }));
+            }
+            ternary::matmul_cat(pool, t, &parts, x, f32_buf(out, len));
+        }
+        Op::Slice { start, len: n } => {
+            let x = floats(&args[0])?;
+            let o = f32_buf(out, len);
+            let width = x.len() / (len / n).max(1);
+            for (o, x) in o.chunks_exact_mut(*n).zip(x.chunks_exact(width)) {
+                o.copy_from_slice(&x[*start..start + n]);
+            }
+        }
         Op::Rope { mode, theta, head_dim } => ops::rope_on(pool, isa, floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),
         Op::Attention { layer, heads, kv_heads, head_dim } => {
             let a = attention::AttentionShape { layer: *layer, heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };

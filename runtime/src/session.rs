@@ -435,7 +435,7 @@ fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, warning
 
 /// The graph passes, then lowering to CUDA kernels and launches.
 pub fn lower_cuda(g: &Graph) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
-    let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+    let g = passes::optimize_cuda(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
     let p = bitnet_codegen::cuda::lower(&g, &|_| bitnet_codegen::cuda::CudaTiles::DEFAULT).map_err(RuntimeError::Compile)?;
     Ok((g, p))
 }

@@ -320,7 +320,16 @@ fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilo
 /// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
 /// over the pool's workers by row tiles or by tokens (`tiles.split`).
 pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
-    products(pool, tiles, [w], x, out, |t, n, [dots], out| store(out, finish(dots, x, t, w, &ep, n)));
+    products(pool, tiles, &[[w]], x, out, |_, t, n, [dots], out| store(out, finish(dots, x, t, w, &ep, n)));
+}
+
+/// The products of one activation with several matrices (`(weight, s)`
+/// each: q, k and v), their results side by side in each row of `out`:
+/// [`matmul`] of each with scale `s`, as one pass handed out to the workers.
+pub fn matmul_cat(pool: &Pool, tiles: TernaryTiles, parts: &[(&PackedTernary, Option<f32>)], x: &QuantActs, out: &mut [f32]) {
+    let groups: Vec<[&PackedTernary; 1]> = parts.iter().map(|p| [p.0]).collect();
+    let eps: Vec<Epilogue> = parts.iter().map(|p| Epilogue { scale: p.1, residual: None }).collect();
+    products(pool, tiles, &groups, x, out, |g, t, n, [dots], out| store(out, finish(dots, x, t, parts[g].0, &eps[g], n)));
 }
 
 /// Writes a tile's four results, or those of its rows that exist: a
@@ -351,29 +360,37 @@ pub fn matmul_glu(
     let (wg, wu) = (gate.0, up.0);
     assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
-    products(pool, tiles, [wg, wu], x, out, |t, n, [g, u], out| {
+    products(pool, tiles, &[[wg, wu]], x, out, |_, t, n, [g, u], out| {
         store(out, vmath::glu4(tiles.isa, act, finish(g, x, t, wg, &eg, n), finish(u, x, t, wu, &eu, n)));
     });
 }
 
-/// The loop shared by the products: every row tile of the `M` matrices
-/// (same shape and layout) against every token, split over the workers;
-/// `write(t, n, dots, out)` turns token `t`'s dots for rows `n..n + 4` of
-/// each matrix into `out`, its results for the rows that exist.
+/// The loop shared by the products: every row tile of each group of `M`
+/// matrices (same shape within a group, one layout for all) against every
+/// token, split over the workers. Each group's results take the next
+/// columns of `out`'s rows. `write(group, t, n, dots, out)` turns token
+/// `t`'s dots for rows `n..n + 4` of the group's matrices into `out`, its
+/// results for the rows that exist.
 fn products<const M: usize>(
     pool: &Pool,
     tiles: TernaryTiles,
-    ws: [&PackedTernary; M],
+    groups: &[[&PackedTernary; M]],
     x: &QuantActs,
     out: &mut [f32],
-    write: impl Fn(usize, usize, [[i32; 4]; M], &mut [f32]) + Sync,
+    write: impl Fn(usize, usize, usize, [[i32; 4]; M], &mut [f32]) + Sync,
 ) {
-    let w = ws[0];
-    let same = ws.iter().all(|v| v.n == w.n && v.rows == w.rows && v.kp == w.kp);
-    assert!(same && tiles.rows == w.rows && x.kp == w.kp && out.len() == x.tokens() * w.n, "ternary matmul: mismatched operands");
+    let w = groups[0][0];
+    let same = groups.iter().all(|g| g.iter().all(|v| v.n == g[0].n && v.rows == w.rows && v.kp == w.kp));
+    // Per group: its first tile and its first column.
+    let mut first = vec![(0usize, 0usize)];
+    for g in groups {
+        let &(t, c) = first.last().unwrap();
+        first.push((t + g[0].n.div_ceil(w.rows), c + g[0].n));
+    }
+    let (n_tiles, width) = *first.last().unwrap();
+    assert!(same && tiles.rows == w.rows && x.kp == w.kp && out.len() == x.tokens() * width, "ternary matmul: mismatched operands");
     assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
     let dst = SharedMut(out.as_mut_ptr());
-    let n_tiles = w.n.div_ceil(w.rows);
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
     let chunks = Chunks::new(n_tiles, pool.threads());
     pool.run(&|me, workers| {
@@ -383,11 +400,13 @@ fn products<const M: usize>(
         // back, their divisions overlapping, instead of each waiting
         // between two kernel calls.
         let mut held: Vec<[[i32; 4]; M]> = Vec::new();
-        let mut tile = |t: usize, tokens: std::ops::Range<usize>| {
+        let mut tile = |global: usize, tokens: std::ops::Range<usize>| {
+            let g = first.partition_point(|f| f.0 <= global) - 1;
+            let (ws, t) = (&groups[g], global - first[g].0);
             let unpack = tiles.tokens > 1 && tokens.len() >= tiles.tokens;
             let unpacked: [bool; M] = std::array::from_fn(|m| unpack && unpack_tile(tiles.isa, ws[m], t, &mut codes[m]));
             let n = t * w.rows;
-            let len = w.rows.min(w.n - n);
+            let len = w.rows.min(ws[0].n - n);
             held.resize(tokens.len(), [[0; 4]; M]);
             let mut tok = tokens.start;
             while tok < tokens.end {
@@ -407,8 +426,8 @@ fn products<const M: usize>(
             }
             for (tok, &d) in tokens.zip(&held) {
                 // SAFETY: each (token, row) pair belongs to one worker alone.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(tok * w.n + n), len) };
-                write(tok, n, d, out);
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(tok * width + first[g].1 + n), len) };
+                write(g, tok, n, d, out);
             }
         };
         if by_tokens {

@@ -163,6 +163,9 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
         let with = |extra: &[Arg]| -> Vec<Arg> { ops.iter().chain(extra).copied().collect() };
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } => {}
+            Op::TernaryCat { .. } | Op::Slice { .. } => {
+                return refuse("has no such kernel: it is made by fuse-projections, which the CUDA pipeline (passes::optimize_cuda) skips")
+            }
             Op::Embed => {
                 let t = arg_ty(0);
                 let (vocab, hidden) = (t.shape[0].resolve(0), t.shape[1].resolve(0));

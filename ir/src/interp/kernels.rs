@@ -42,6 +42,26 @@ pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> 
             let up = run(&Op::TernaryMatMul(*epilogue), &up, kv, threads)?;
             run(&Op::Glu { act: *act }, &[&Slot::Tensor(gate), &Slot::Tensor(up)], kv, threads)
         }
+        Op::TernaryCat { epilogue, .. } => {
+            // Exactly the products it replaces, side by side.
+            let mut parts = Vec::new();
+            for part in epilogue.cat_products(args) {
+                let Tensor::F32 { shape, data } = run(&Op::TernaryMatMul(*epilogue), &part, kv, threads)? else { unreachable!() };
+                parts.push((shape[1], data));
+            }
+            let (s, n) = (parts[0].1.len() / parts[0].0.max(1), parts.iter().map(|p| p.0).sum::<usize>());
+            let mut y = Vec::with_capacity(s * n);
+            for t in 0..s {
+                for (w, data) in &parts {
+                    y.extend_from_slice(&data[t * w..(t + 1) * w]);
+                }
+            }
+            Ok(Tensor::f32(vec![s, n], y))
+        }
+        Op::Slice { start, len } => {
+            let (shape, x) = f32s(args[0])?;
+            Ok(Tensor::f32(vec![shape[0], *len], x.chunks_exact(shape[1]).flat_map(|r| &r[*start..start + len]).copied().collect()))
+        }
         Op::Glu { act } => {
             let (shape, gate) = f32s(args[0])?;
             let (_, up) = f32s(args[1])?;

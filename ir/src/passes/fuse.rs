@@ -9,9 +9,13 @@
 //!   sweep, once the first has made the `glu`).
 //!
 //! A producer is fused only when its result has no other reader.
+//!
+//! `fuse-projections` (after `fuse`, CPU only) puts the products of one
+//! activation side by side: see [`projections`].
 
 use super::{remove_dead, use_counts};
-use crate::{BinaryOp, Epilogue, GateAct, Graph, Node, Op, UnaryOp, Value};
+use crate::{BinaryOp, DType, Dim, Epilogue, GateAct, Graph, Node, Op, TensorType, UnaryOp, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub(super) fn run(g: &mut Graph) {
     let uses = use_counts(g);
@@ -92,4 +96,69 @@ fn fused(g: &Graph, node: &Node, uses: &[usize]) -> Option<(Op, Vec<Value>)> {
         }
         _ => None,
     }
+}
+
+/// `fuse-projections`: the ternary products of one activation that are
+/// not already joined (q, k and v) → one `ternary_cat`, each product read
+/// back through a `slice` of it. The cat takes the place of the last
+/// product, so a product read before that place stays alone; the products
+/// must share an epilogue (a residual one excludes them: o and down are
+/// alone anyway).
+pub(super) fn projections(g: &mut Graph) {
+    let n = g.nodes.len();
+    let mut first_read = vec![usize::MAX; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        for a in &node.args {
+            first_read[a.index()] = first_read[a.index()].min(i);
+        }
+    }
+    // By activation and epilogue: the products that may join.
+    let mut groups: BTreeMap<(Value, bool), Vec<usize>> = BTreeMap::new();
+    for (i, node) in g.nodes.iter().enumerate() {
+        match (&node.op, node.ty.shape.get(1)) {
+            (Op::TernaryMatMul(e), Some(Dim::Const(_))) if !e.residual => groups.entry((node.args[0], e.scale)).or_default().push(i),
+            _ => {}
+        }
+    }
+    let groups: Vec<Vec<usize>> = groups
+        .into_values()
+        .map(|mut m| {
+            let last = *m.last().unwrap();
+            m.retain(|&i| i == last || first_read[i] > last);
+            m
+        })
+        .filter(|m| m.len() >= 2)
+        .collect();
+    if groups.is_empty() {
+        return;
+    }
+    let old = std::mem::take(&mut g.nodes);
+    let last: HashMap<usize, &Vec<usize>> = groups.iter().map(|m| (*m.last().unwrap(), m)).collect();
+    let fused: HashSet<usize> = groups.iter().flatten().copied().collect();
+    let mut map = vec![Value(u32::MAX); n];
+    for (i, node) in old.iter().enumerate() {
+        if let Some(members) = last.get(&i) {
+            let Op::TernaryMatMul(epilogue) = node.op else { unreachable!("members are ternary products") };
+            let width = |m: usize| match old[m].ty.shape[1] {
+                Dim::Const(w) => w,
+                _ => unreachable!("members have fixed widths"),
+            };
+            let mut args = vec![map[node.args[0].index()]];
+            args.extend(members.iter().flat_map(|&m| old[m].args[1..].iter().map(|a| map[a.index()])));
+            let ty = TensorType::new(DType::F32, [node.ty.shape[0], Dim::Const(members.iter().map(|&m| width(m)).sum())]);
+            g.nodes.push(Node { op: Op::TernaryCat { parts: members.len(), epilogue }, args, ty });
+            let cat = Value(g.nodes.len() as u32 - 1);
+            let mut start = 0;
+            for &m in members.iter() {
+                g.nodes.push(Node { op: Op::Slice { start, len: width(m) }, args: vec![cat], ty: old[m].ty.clone() });
+                map[m] = Value(g.nodes.len() as u32 - 1);
+                start += width(m);
+            }
+        } else if !fused.contains(&i) {
+            let args = node.args.iter().map(|a| map[a.index()]).collect();
+            g.nodes.push(Node { args, ..node.clone() });
+            map[i] = Value(g.nodes.len() as u32 - 1);
+        }
+    }
+    g.outputs = g.outputs.iter().map(|o| map[o.index()]).collect();
 }

@@ -100,7 +100,7 @@ fn stopping_after_a_pass_leaves_the_later_ones_undone() {
     assert_eq!(count(&spec, |o| matches!(o, Op::TernaryMatMul(e) if e.scale)), 3);
     assert_eq!(count(&spec, |o| matches!(o, Op::Glu { .. })), 0);
     let err = optimize(g, Some("fusion")).unwrap_err().to_string();
-    assert!(err.contains("canonicalize, specialize-ternary, fuse"), "{err}");
+    assert!(err.contains("canonicalize, specialize-ternary, fuse, fuse-projections"), "{err}");
 }
 
 #[test]
@@ -156,5 +156,47 @@ fn gate_and_up_merge_only_when_they_match() {
         let run = |g: &Graph| Interpreter::new(&w, 1).eval(g, &inputs, &mut KvCache::new()).unwrap().pop().unwrap().as_f32().unwrap().to_vec();
         assert_eq!(run(&g), run(&opt));
         assert_eq!(crate::parse(&opt.to_string()).unwrap(), opt);
+    }
+}
+
+/// Products of one activation with one epilogue (q, k and v) become one
+/// `ternary_cat` read back through slices, every bit kept; a product read
+/// before the last of them stays alone; the CUDA pipeline leaves them.
+#[test]
+fn projections_of_one_activation_are_put_side_by_side() {
+    let k = 256;
+    for read_early in [false, true] {
+        let mut g = Graph::new("t");
+        let mut w = Weights::new();
+        let x = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+        let xq = g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[x]).unwrap();
+        let mut outputs = Vec::new();
+        for (i, n) in [96usize, 32, 36].into_iter().enumerate() {
+            let name = format!("p{i}");
+            let v: Vec<f32> = pseudo(i as u32 + 3, n * k).iter().map(|x| x.round() * 0.25).collect();
+            w.insert(name.clone(), (DType::TQ2_0, vec![n, k], quant::quantize(DType::TQ2_0, &v)));
+            w.insert(format!("{name}.s"), (DType::F32, vec![1], quant::quantize(DType::F32, &[0.5 + i as f32])));
+            let wv = g.leaf(Op::Weight { name: name.clone() }, TensorType::fixed(DType::TQ2_0, &[n, k]));
+            let s = g.leaf(Op::Weight { name: format!("{name}.s") }, TensorType::fixed(DType::F32, &[1]));
+            let y = g.add(Op::TernaryMatMul(Epilogue::NONE), &[xq, wv]).unwrap();
+            let y = g.add(Op::Binary(BinaryOp::Mul), &[y, s]).unwrap();
+            outputs.push(if read_early && i == 0 { g.add(Op::Unary(UnaryOp::Neg), &[y]).unwrap() } else { y });
+        }
+        g.outputs = outputs;
+        let opt = optimize(g.clone(), None).unwrap();
+        let parts = if read_early { 2 } else { 3 };
+        let cat = Op::TernaryCat { parts, epilogue: Epilogue { scale: true, residual: false } };
+        assert_eq!(count(&opt, |o| *o == cat), 1, "{opt}");
+        assert_eq!(count(&opt, |o| matches!(o, Op::Slice { .. })), parts, "{opt}");
+        assert_eq!(count(&opt, |o| matches!(o, Op::TernaryMatMul(_))), 3 - parts, "{opt}");
+        let inputs = [("x", Tensor::f32(vec![3, k], pseudo(5, 3 * k)))];
+        let run = |g: &Graph| -> Vec<Vec<f32>> {
+            let out = Interpreter::new(&w, 1).eval(g, &inputs, &mut KvCache::new()).unwrap();
+            out.iter().map(|t| t.as_f32().unwrap().to_vec()).collect()
+        };
+        assert_eq!(run(&g), run(&opt));
+        assert_eq!(crate::parse(&opt.to_string()).unwrap(), opt);
+        let cuda = crate::passes::optimize_cuda(g.clone(), None).unwrap();
+        assert_eq!(count(&cuda, |o| matches!(o, Op::TernaryCat { .. } | Op::Slice { .. })), 0, "{cuda}");
     }
 }
