@@ -11,6 +11,10 @@
 //! (`pmaddwd` with ones) into 32-bit accumulators. Cranelift's x86-64
 //! vectors are 128 bits wide, so this is a candidate the autotuner weighs
 //! against the 256-bit native kernels, not a replacement for them.
+//!
+//! Hosts without a `pmaddubsw` lowering (aarch64) get the [`Lowering::Widening`]
+//! form: bytes widened to 16 bits, multiplied, summed in two 16-bit halves
+//! and widened per chunk. The same integers; the tests run both forms here.
 
 use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
 use cranelift_codegen::ir;
@@ -54,9 +58,12 @@ impl TernaryJit {
 
     fn compile() -> Result<TernaryJit, String> {
         let isa = host_isa()?;
-        if !isa.has_x86_pmaddubsw_lowering() {
-            return Err(format!("Cranelift has no pmaddubsw lowering for {}", isa.triple()));
-        }
+        let lowering = if isa.has_x86_pmaddubsw_lowering() { Lowering::Pmaddubsw } else { Lowering::Widening };
+        Self::compile_as(lowering)
+    }
+
+    fn compile_as(lowering: Lowering) -> Result<TernaryJit, String> {
+        let isa = host_isa()?;
         let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
         let config = module.target_config();
         let ptr = config.pointer_type();
@@ -64,7 +71,7 @@ impl TernaryJit {
         sig.params.extend([AbiParam::new(ptr); 4]);
         let shapes: Vec<(usize, usize)> = [1, 2, 4].into_iter().flat_map(|r| [1, 2, 4].map(|t| (r, t))).collect();
         let fns: Vec<_> = shapes.iter().map(|(r, t)| (format!("ternary_dots_r{r}_t{t}"), sig.clone())).collect();
-        let code = define_all(&mut module, &fns, |i, _, func, fbc| build_dots(func, fbc, config, shapes[i].0, shapes[i].1))?;
+        let code = define_all(&mut module, &fns, |i, _, func, fbc| build_dots(func, fbc, config, shapes[i], lowering))?;
         // SAFETY: every function was built with exactly this signature.
         let f = |i: usize| unsafe { std::mem::transmute::<*const u8, DotsFn>(code[i]) };
         let fns = [[f(0), f(1), f(2)], [f(3), f(4), f(5)], [f(6), f(7), f(8)]];
@@ -72,8 +79,18 @@ impl TernaryJit {
     }
 }
 
+/// How codes times activations become 16-bit sums.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Lowering {
+    /// x86's `pmaddubsw`: sixteen products, summed in adjacent pairs.
+    Pmaddubsw,
+    /// Any host: both widened to 16 bits and multiplied, low and high
+    /// halves summed apart.
+    Widening,
+}
+
 /// Emits the body of one (rows, tokens) kernel.
-fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, rows: usize, tokens: usize) {
+fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFrontendConfig, (rows, tokens): (usize, usize), lowering: Lowering) {
     let ptr = config.pointer_type();
     let mut b = FunctionBuilder::new(func, fbc);
     let params = begin(&mut b);
@@ -104,7 +121,8 @@ fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: Tar
         let x_base: Vec<Value> = x.iter().map(|&p| b.ins().iadd(p, x_off)).collect();
         for r in 0..rows {
             let packed: Vec<Value> = (0..2).map(|h| b.ins().load(types::I8X16, weights, chunk_base, (r * 32 + 16 * h) as i32)).collect();
-            let mut sums: Vec<Option<Value>> = vec![None; tokens];
+            // Per token, its 16-bit sums: one vector (pmaddubsw) or two (widening).
+            let mut sums: Vec<Vec<Value>> = vec![Vec::new(); tokens];
             for field in 0..4 {
                 for (h, &p) in packed.iter().enumerate() {
                     let wide = b.ins().bitcast(types::I16X8, little, p);
@@ -114,20 +132,34 @@ fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: Tar
                     let codes = b.ins().bitcast(types::I8X16, little, masked);
                     for (j, sum) in sums.iter_mut().enumerate() {
                         let xv = b.ins().load(types::I8X16, plain, x_base[j], (32 * field + 16 * h) as i32);
-                        let prod = b.ins().x86_pmaddubsw(xv, codes);
-                        *sum = Some(match *sum {
-                            Some(s) => b.ins().iadd(s, prod),
-                            None => prod,
-                        });
+                        let prods = match lowering {
+                            Lowering::Pmaddubsw => vec![b.ins().x86_pmaddubsw(xv, codes)],
+                            Lowering::Widening => {
+                                let (xl, xh) = (b.ins().swiden_low(xv), b.ins().swiden_high(xv));
+                                let (cl, ch) = (b.ins().uwiden_low(codes), b.ins().uwiden_high(codes));
+                                vec![b.ins().imul(xl, cl), b.ins().imul(xh, ch)]
+                            }
+                        };
+                        if sum.is_empty() {
+                            *sum = prods;
+                        } else {
+                            for (s, p) in sum.iter_mut().zip(prods) {
+                                *s = b.ins().iadd(*s, p);
+                            }
+                        }
                     }
                 }
             }
             for (j, sum) in sums.into_iter().enumerate() {
-                let sum = sum.expect("four fields");
-                let (lo, hi) = (b.ins().swiden_low(sum), b.ins().swiden_high(sum));
-                let widened = b.ins().iadd_pairwise(lo, hi);
-                let a = b.use_var(acc[r * tokens + j]);
-                let a = b.ins().iadd(a, widened);
+                let mut a = b.use_var(acc[r * tokens + j]);
+                for s in sum {
+                    let (lo, hi) = (b.ins().swiden_low(s), b.ins().swiden_high(s));
+                    let widened = match lowering {
+                        Lowering::Pmaddubsw => b.ins().iadd_pairwise(lo, hi),
+                        Lowering::Widening => b.ins().iadd(lo, hi),
+                    };
+                    a = b.ins().iadd(a, widened);
+                }
                 b.def_var(acc[r * tokens + j], a);
             }
         }
@@ -149,13 +181,18 @@ fn build_dots(func: &mut Function, fbc: &mut FunctionBuilderContext, config: Tar
 mod tests {
     use super::*;
 
-    /// Against a plain sum over the same layout, every tile shape.
+    /// Against a plain sum over the same layout, every tile shape, both
+    /// lowerings (the widening one is what hosts without `pmaddubsw` get).
     #[test]
     fn generated_kernels_compute_exact_dots() {
-        let Ok(jit) = TernaryJit::get() else {
-            eprintln!("skipped: {}", TernaryJit::get().err().unwrap_or_default());
-            return;
-        };
+        let native = host_isa().expect("Cranelift supports the hosts CI runs on").has_x86_pmaddubsw_lowering();
+        for lowering in [Lowering::Pmaddubsw, Lowering::Widening].into_iter().filter(|&l| native || l == Lowering::Widening) {
+            let jit = TernaryJit::compile_as(lowering).expect("generated");
+            exact_dots(&jit, lowering);
+        }
+    }
+
+    fn exact_dots(jit: &TernaryJit, lowering: Lowering) {
         let chunks = 3;
         for rows in [1, 2, 4] {
             for tokens in [1, 2, 4] {
@@ -176,7 +213,7 @@ mod tests {
                                 }
                             }
                         }
-                        assert_eq!(out[r * 4 + j], want, "rows {rows} tokens {tokens}: row {r} token {j}");
+                        assert_eq!(out[r * 4 + j], want, "{lowering:?} rows {rows} tokens {tokens}: row {r} token {j}");
                     }
                 }
             }
