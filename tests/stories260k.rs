@@ -83,7 +83,7 @@ fn bench_json_times_each_kernel_family() {
     // stories260K has 5 layers: one attention call each, per evaluation.
     for k in ["prefill_kernel_ms", "decode_kernel_ms"] {
         let s = v[k].as_str().unwrap_or_else(|| panic!("{k} missing"));
-        assert!(s.contains("attention ") && s.contains(" (5)") && s.contains("matmul "), "{k}: {s}");
+        assert!(s.contains("attention ") && s.contains(" (5)") && s.contains("matmul ") && s.contains("executor "), "{k}: {s}");
     }
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--backend", "interp", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));

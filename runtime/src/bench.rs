@@ -22,7 +22,7 @@ pub struct BenchReport {
     pub threads: usize,
     pub reps: usize,
     /// One prefill of the prompt and then one decode step, evaluated again
-    /// kernel by kernel and timed: milliseconds and calls per kernel
+    /// kernel by kernel and timed ("executor": the time outside the kernels): milliseconds and calls per kernel
     /// family, slowest first (`"ternary_glu 812.400 (30), attention
     /// 95.100 (30), ..."`: strings, so that the JSON stays flat). Compiled
     /// backends only.

@@ -223,7 +223,11 @@ impl CompiledModel {
     ) -> Result<(Vec<f32>, KernelTimes), EvalError> {
         let plan = if all_logits { &mut self.all } else { &mut self.last };
         let mut times = KernelTimes::default();
+        let t0 = std::time::Instant::now();
         let logits = run(plan, &self.pool, &self.weights, weights, &[("tokens", tokens), ("positions", positions)], kv, Some(&mut times))?;
+        // The walk over the graph itself: everything outside the kernels.
+        let kernels: f64 = times.0.iter().map(|f| f.1).sum();
+        times.add("executor", (t0.elapsed().as_secs_f64() * 1e3 - kernels).max(0.0));
         times.0.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok((logits, times))
     }
