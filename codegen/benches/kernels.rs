@@ -108,6 +108,9 @@ fn head_gemv(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Bytes(bytes.len() as u64));
     g.bench_function("f16_128256x2560", |b| b.iter(|| float::matmul(&pool, Isa::best(), &w, &x, &mut out)));
+    if Isa::Cranelift.available() {
+        g.bench_function("cranelift/f16_128256x2560", |b| b.iter(|| float::matmul(&pool, Isa::Cranelift, &w, &x, &mut out)));
+    }
 }
 
 /// The elementwise families on one decode token's rows, native against
@@ -161,14 +164,17 @@ fn attention(c: &mut Criterion) {
         let (q, k, v) = (f(tokens * 2560, 4), f(tokens * 640, 5), f(tokens * 640, 6));
         let mut out = vec![0f32; tokens * 2560];
         g.throughput(Throughput::Bytes((LAYERS * n * 640 * 4 * 2) as u64));
-        g.bench_function(format!("{cached}_cached_{tokens}_tokens"), |b| {
-            b.iter(|| {
-                kv.truncate(cached);
-                for layer in 0..LAYERS {
-                    attention(&pool, Isa::best(), shape(layer), &q, &k, &v, &positions[cached..], &mut kv, &mut out).unwrap()
-                }
-            })
-        });
+        // The native kernel, and the Cranelift-generated one (a head at a time).
+        for (isa, prefix) in [(Isa::best(), ""), (Isa::Cranelift, "cranelift/")].into_iter().filter(|(i, _)| i.available()) {
+            g.bench_function(format!("{prefix}{cached}_cached_{tokens}_tokens"), |b| {
+                b.iter(|| {
+                    kv.truncate(cached);
+                    for layer in 0..LAYERS {
+                        attention(&pool, isa, shape(layer), &q, &k, &v, &positions[cached..], &mut kv, &mut out).unwrap()
+                    }
+                })
+            });
+        }
     }
 }
 

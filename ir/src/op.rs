@@ -313,7 +313,7 @@ impl Op {
             Op::Embed | Op::RmsNorm { .. } | Op::RmsNormQuant { .. } | Op::MatMul | Op::Rope { .. } | Op::Binary(_) | Op::Glu { .. } => 2,
             Op::TernaryMatMul(e) => 2 + e.operands(),
             Op::TernaryGlu { epilogue, .. } => 2 * epilogue.glu_up() - 1,
-            Op::TernaryCat { parts, epilogue } => 1 + parts * (1 + epilogue.operands()),
+            Op::TernaryCat { parts, epilogue } => parts.saturating_mul(1 + epilogue.operands()).saturating_add(1),
             Op::Attention { .. } => 4,
         }
     }
@@ -394,8 +394,10 @@ impl Op {
             Op::Slice { start, len } => {
                 f32_rows(args[0], "slice input")?;
                 match args[0].shape[1] {
-                    Dim::Const(n) if *len > 0 && start + len <= n => Ok(TensorType::new(DType::F32, [args[0].shape[0], Dim::Const(*len)])),
-                    w => Err(format!("slice {start}..{} is not within a row of {w}", start + len)),
+                    Dim::Const(n) if *len > 0 && start.checked_add(*len).is_some_and(|end| end <= n) => {
+                        Ok(TensorType::new(DType::F32, [args[0].shape[0], Dim::Const(*len)]))
+                    }
+                    w => Err(format!("slice of {len} from {start} is not within a row of {w}")),
                 }
             }
             Op::MatMul | Op::TernaryMatMul(_) => {

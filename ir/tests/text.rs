@@ -98,3 +98,34 @@ fn ternary_glu_round_trips_and_checks_both_products() {
     let e = parse_err(&GATED.replace("v1, v2, v4 act=silu", "v1, v2, v3 act=silu"));
     assert!(e.contains("up"), "{e}");
 }
+
+const SIDE_BY_SIDE: &str = r#"graph "qkv" {
+    v0 = input "x" : f32[seq, 256]
+    v1 = quantize_act v0 scheme=per_token : q8_row[seq, 256]
+    v2 = weight "q" : tq2_0[8, 256]
+    v3 = weight "q.scale" : f32[1]
+    v4 = weight "k" : tq2_0[4, 256]
+    v5 = weight "k.scale" : f32[1]
+    v6 = ternary_cat v1, v2, v3, v4, v5 parts=2 epilogue=scale : f32[seq, 12]
+    v7 = slice v6 start=0 len=8 : f32[seq, 8]
+    v8 = slice v6 start=8 len=4 : f32[seq, 4]
+    output v7
+    output v8
+}
+"#;
+
+#[test]
+fn ternary_cat_and_slice_round_trip_and_check_their_operands() {
+    let g = parse(SIDE_BY_SIDE).unwrap();
+    assert_eq!(g.to_string(), SIDE_BY_SIDE);
+    let e = parse_err(&SIDE_BY_SIDE.replace("start=8 len=4", "start=9 len=4"));
+    assert!(e.contains("not within a row"), "{e}");
+    let e = parse_err(&SIDE_BY_SIDE.replace("start=8 len=4", "start=18446744073709551615 len=4"));
+    assert!(e.contains("not within a row"), "{e}");
+    let e = parse_err(&SIDE_BY_SIDE.replace("parts=2", "parts=3"));
+    assert!(e.contains("operands"), "{e}");
+    let e = parse_err(&SIDE_BY_SIDE.replace("parts=2", "parts=18446744073709551615"));
+    assert!(e.contains("operands"), "{e}");
+    let e = parse_err(&SIDE_BY_SIDE.replace("v1, v2, v3, v4, v5 parts=2", "v1, v2, v3, v0, v5 parts=2"));
+    assert!(e.contains("ternary_cat part 1"), "{e}");
+}

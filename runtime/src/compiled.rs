@@ -505,10 +505,12 @@ fn kernel(
         }
         Op::Slice { start, len: n } => {
             let x = floats(&args[0])?;
+            let rows = len / n;
             let o = f32_buf(out, len);
-            let width = x.len() / (len / n).max(1);
-            for (o, x) in o.chunks_exact_mut(*n).zip(x.chunks_exact(width)) {
-                o.copy_from_slice(&x[*start..start + n]);
+            if rows > 0 {
+                for (o, x) in o.chunks_exact_mut(*n).zip(x.chunks_exact(x.len() / rows)) {
+                    o.copy_from_slice(&x[*start..start + n]);
+                }
             }
         }
         Op::Rope { mode, theta, head_dim } => ops::rope_on(pool, isa, floats(&args[0])?, f32_buf(out, len), cols, ids(&args[1])?, *mode, *theta, *head_dim),

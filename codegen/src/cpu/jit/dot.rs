@@ -11,7 +11,8 @@
 //!   int8 fits), widened to 32 and summed: exact, whatever the order.
 //! - f16 → f32 without F16C: the 15 magnitude bits shifted into an f32's
 //!   place and multiplied by 2¹¹² (exact for normal and subnormal halves),
-//!   infinities and NaNs given the all-ones exponent, the sign put back:
+//!   infinities and NaNs given the all-ones exponent (an OR, the scaling
+//!   having kept their mantissa), the sign put back:
 //!   the same bits as `half::f16::to_f32` for every finite and infinite
 //!   value.
 
@@ -177,11 +178,19 @@ pub(super) fn emit_f16(b: &mut FunctionBuilder, ty: Type, src: Value) -> Value {
     let c = if ty.is_vector() { b.ins().splat(ty, c) } else { c };
     let scaled = b.ins().fmul(scaled, c);
     let scaled = b.ins().bitcast(int, MemFlagsData::new(), scaled);
-    let inf = splat_i32(b, int, 0x7c00);
-    let special = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, mag, inf);
+    // Infinities and NaNs: the scaling left their mantissa in place (a
+    // normal number times a power of two); set the exponent to all ones.
+    // `mag` is at most 0x7fff, so a signed comparison does.
+    let below_inf = splat_i32(b, int, 0x7bff);
+    let special = b.ins().icmp(IntCC::SignedGreaterThan, mag, below_inf);
     let exp_ones = splat_i32(b, int, 0x7f80_0000);
-    let special_bits = b.ins().bor(bits, exp_ones);
-    let v = if ty.is_vector() { b.ins().bitselect(special, special_bits, scaled) } else { b.ins().select(special, special_bits, scaled) };
+    let ones = if ty.is_vector() {
+        b.ins().band(special, exp_ones)
+    } else {
+        let none = b.ins().iconst(types::I32, 0);
+        b.ins().select(special, exp_ones, none)
+    };
+    let v = b.ins().bor(scaled, ones);
     let v = b.ins().bor(v, sign);
     b.ins().bitcast(ty, MemFlagsData::new(), v)
 }
