@@ -507,8 +507,8 @@ fn kernel(
             let x = floats(&args[0])?;
             let rows = len / n;
             let o = f32_buf(out, len);
-            if rows > 0 {
-                for (o, x) in o.chunks_exact_mut(*n).zip(x.chunks_exact(x.len() / rows)) {
+            if let Some(width) = x.len().checked_div(rows) {
+                for (o, x) in o.chunks_exact_mut(*n).zip(x.chunks_exact(width)) {
                     o.copy_from_slice(&x[*start..start + n]);
                 }
             }

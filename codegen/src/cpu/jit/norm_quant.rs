@@ -1,6 +1,8 @@
 //! RMSNorm fused with BitNet's per-token activation quantization, one row
 //! per call: the interpreter's arithmetic step for step, so the int8
-//! values, γ and `Σ q` are bit-identical to it.
+//! values, γ and `Σ q` are bit-identical to it. Four f32 lanes at a time
+//! (the sum of squares: its eight f64 partial sums as four pairs of
+//! lanes), the last values one at a time.
 //!
 //! - `Σ x²` in f64, in the interpreter's order (`kernels::sum_squares`:
 //!   eight partial sums, then those in order); `s = 1 / sqrt((Σ x² / k) as f32 + eps)`;
@@ -14,7 +16,7 @@
 use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
 use cranelift_codegen::ir::{
     condcodes::{FloatCC, IntCC},
-    types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value,
+    types, AbiParam, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, Value,
 };
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -109,13 +111,37 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
             let s = b.ins().fadd(s, sq);
             b.def_var(lane, s);
         };
+        // Eight at a time: the eight sums as four pairs of f64 lanes.
+        let zv = b.ins().splat(types::F64X2, z);
+        let pairs: [Variable; 4] = std::array::from_fn(|_| {
+            let l = b.declare_var(types::F64X2);
+            b.def_var(l, zv);
+            l
+        });
+        let upper = b.func.dfg.immediates.push(ConstantData::from((8u8..16).chain(8..16).collect::<Vec<u8>>()));
         let k8 = b.ins().band_imm_s(k, !7);
         emit_loop(&mut b, ptr, i0, k8, 8, |b, i| {
-            for (j, &lane) in lanes.iter().enumerate() {
-                let ij = b.ins().iadd_imm_u(i, j as i64);
-                add_square(b, lane, ij);
+            let a = at(b, x, i, 2);
+            for half in 0..2 {
+                let v = b.ins().load(types::F32X4, flags, a, 16 * half);
+                let bytes = b.ins().bitcast(types::I8X16, little(), v);
+                let hi = b.ins().shuffle(bytes, bytes, upper);
+                let hi = b.ins().bitcast(types::F32X4, little(), hi);
+                for (j, part) in [v, hi].into_iter().enumerate() {
+                    let d = b.ins().fvpromote_low(part);
+                    let sq = b.ins().fmul(d, d);
+                    let pair = pairs[2 * half as usize + j];
+                    let s = b.use_var(pair);
+                    let s = b.ins().fadd(s, sq);
+                    b.def_var(pair, s);
+                }
             }
         });
+        for (j, &lane) in lanes.iter().enumerate() {
+            let pair = b.use_var(pairs[j / 2]);
+            let v = b.ins().extractlane(pair, (j % 2) as u8);
+            b.def_var(lane, v);
+        }
         // The last k mod 8 elements, into sums 0, 1, ... in turn.
         for (tail, &lane) in lanes[..7].iter().enumerate() {
             let (body, next) = (b.create_block(), b.create_block());
@@ -139,14 +165,20 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
         let root = b.ins().sqrt(m);
         let one = b.ins().f32const(1.0);
         let scale = b.ins().fdiv(one, root);
-        emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
-            let (xa, wa, ya) = (at(b, x, i, 2), at(b, w, i, 2), at(b, y, i, 2));
-            let v = b.ins().load(types::F32, flags, xa, 0);
-            let g = b.ins().load(types::F32, flags, wa, 0);
-            let vs = b.ins().fmul(v, scale);
-            let r = b.ins().fmul(vs, g);
-            b.ins().store(flags, r, ya, 0);
-        });
+        let k4 = b.ins().band_imm_s(k, !3);
+        let mut from = i0;
+        for ty in [types::F32X4, types::F32] {
+            let (to, step) = if ty.is_vector() { (k4, 4) } else { (k, 1) };
+            let sv = if ty.is_vector() { b.ins().splat(ty, scale) } else { scale };
+            from = emit_loop(&mut b, ptr, from, to, step, |b, i| {
+                let (xa, wa, ya) = (at(b, x, i, 2), at(b, w, i, 2), at(b, y, i, 2));
+                let v = b.ins().load(ty, flags, xa, 0);
+                let g = b.ins().load(ty, flags, wa, 0);
+                let vs = b.ins().fmul(v, sv);
+                let r = b.ins().fmul(vs, g);
+                b.ins().store(flags, r, ya, 0);
+            });
+        }
         y
     } else {
         x
@@ -155,18 +187,41 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
         return end(b, config);
     }
 
-    // γ = 127 / max(max|y|, 1e-5).
-    let amax = b.declare_var(types::F32);
+    // γ = 127 / max(max|y|, 1e-5). A maximum by comparisons is the same
+    // in any order (NaN never wins one), so four lanes, then across them.
+    let k4 = b.ins().band_imm_s(k, !3);
     let z = b.ins().f32const(0.0);
-    b.def_var(amax, z);
-    emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
+    let zv = b.ins().splat(types::F32X4, z);
+    let lane_max = b.declare_var(types::F32X4);
+    b.def_var(lane_max, zv);
+    let after = emit_loop(&mut b, ptr, i0, k4, 4, |b, i| {
         let a = at(b, src, i, 2);
-        let v = b.ins().load(types::F32, flags, a, 0);
+        let v = b.ins().load(types::F32X4, flags, a, 0);
         let v = b.ins().fabs(v);
+        let m = b.use_var(lane_max);
+        let gt = b.ins().fcmp(FloatCC::GreaterThan, v, m);
+        let gt = b.ins().bitcast(types::F32X4, MemFlagsData::new(), gt);
+        let m = b.ins().bitselect(gt, v, m);
+        b.def_var(lane_max, m);
+    });
+    let amax = b.declare_var(types::F32);
+    b.def_var(amax, z);
+    let keep_larger = |b: &mut FunctionBuilder, v: Value| {
         let m = b.use_var(amax);
         let gt = b.ins().fcmp(FloatCC::GreaterThan, v, m);
         let m = b.ins().select(gt, v, m);
         b.def_var(amax, m);
+    };
+    let lanes = b.use_var(lane_max);
+    for l in 0..4 {
+        let v = b.ins().extractlane(lanes, l);
+        keep_larger(&mut b, v);
+    }
+    emit_loop(&mut b, ptr, after, k, 1, |b, i| {
+        let a = at(b, src, i, 2);
+        let v = b.ins().load(types::F32, flags, a, 0);
+        let v = b.ins().fabs(v);
+        keep_larger(b, v);
     });
     let m = b.use_var(amax);
     let floor = b.ins().f32const(1e-5);
@@ -175,42 +230,102 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     let c127 = b.ins().f32const(127.0);
     let gamma = b.ins().fdiv(c127, m);
 
-    // q = clamp(round(γ·y), −128, 127); Σ q.
+    // q = clamp(round(γ·y), −128, 127); Σ q: four lanes, then the tail.
     let sum = b.declare_var(types::I32);
     let zi = b.ins().iconst(types::I32, 0);
     b.def_var(sum, zi);
-    emit_loop(&mut b, ptr, i0, k, 1, |b, i| {
-        let a = at(b, src, i, 2);
-        let v = b.ins().load(types::F32, flags, a, 0);
-        let t = b.ins().fmul(v, gamma);
-        // Halves away from zero: trunc(t) ± 1 where |t − trunc(t)| = ½.
-        let tr = b.ins().trunc(t);
-        let frac = b.ins().fsub(t, tr);
-        let frac = b.ins().fabs(frac);
-        let half = b.ins().f32const(0.5);
-        let is_half = b.ins().fcmp(FloatCC::Equal, frac, half);
-        let one = b.ins().f32const(1.0);
-        let step = b.ins().fcopysign(one, t);
-        let away = b.ins().fadd(tr, step);
-        let even = b.ins().nearest(t);
-        let r = b.ins().select(is_half, away, even);
-        let n = b.ins().fcvt_to_sint_sat(types::I32, r);
-        let lo = b.ins().iconst(types::I32, -128);
-        let hi = b.ins().iconst(types::I32, 127);
-        let n = b.ins().smax(n, lo);
-        let n = b.ins().smin(n, hi);
-        let byte = b.ins().ireduce(types::I8, n);
-        let qa = b.ins().iadd(q, i);
-        b.ins().store(flags, byte, qa, 0);
-        let s = b.use_var(sum);
-        let s = b.ins().iadd(s, n);
-        b.def_var(sum, s);
-    });
+    let lane_sum = b.declare_var(types::I32X4);
+    let ziv = b.ins().splat(types::I32X4, zi);
+    b.def_var(lane_sum, ziv);
+    let mut from = i0;
+    for ty in [types::F32X4, types::F32] {
+        let (to, step) = if ty.is_vector() { (k4, 4) } else { (k, 1) };
+        let int = if ty.is_vector() { types::I32X4 } else { types::I32 };
+        let gv = if ty.is_vector() { b.ins().splat(ty, gamma) } else { gamma };
+        from = emit_loop(&mut b, ptr, from, to, step, |b, i| {
+            let a = at(b, src, i, 2);
+            let v = b.ins().load(ty, flags, a, 0);
+            let n = emit_quantize(b, ty, int, v, gv);
+            let qa = b.ins().iadd(q, i);
+            if ty.is_vector() {
+                // Narrowed twice (the values fit), the low four bytes stored.
+                let n16 = b.ins().snarrow(n, n);
+                let n8 = b.ins().snarrow(n16, n16);
+                let words = b.ins().bitcast(types::I32X4, little(), n8);
+                let four = b.ins().extractlane(words, 0);
+                b.ins().store(flags, four, qa, 0);
+                let s = b.use_var(lane_sum);
+                let s = b.ins().iadd(s, n);
+                b.def_var(lane_sum, s);
+            } else {
+                let byte = b.ins().ireduce(types::I8, n);
+                b.ins().store(flags, byte, qa, 0);
+                let s = b.use_var(sum);
+                let s = b.ins().iadd(s, n);
+                b.def_var(sum, s);
+            }
+        });
+    }
+    let lanes = b.use_var(lane_sum);
+    let mut total = b.use_var(sum);
+    for l in 0..4 {
+        let v = b.ins().extractlane(lanes, l);
+        total = b.ins().iadd(total, v);
+    }
+    b.def_var(sum, total);
     let gbits = b.ins().bitcast(types::I32, MemFlagsData::new(), gamma);
     b.ins().store(flags, gbits, out, 0);
     let s = b.use_var(sum);
     b.ins().store(flags, s, out, 4);
     end(b, config);
+}
+
+/// `clamp(round(γ·v), −128, 127)` as `int` lanes: Rust's rounding (halves
+/// away from zero; Cranelift's `nearest` rounds them to even, so halves
+/// are found and fixed), NaN to 0 as `as i8` does.
+fn emit_quantize(b: &mut FunctionBuilder, ty: Type, int: Type, v: Value, gamma: Value) -> Value {
+    let splat = |b: &mut FunctionBuilder, x: Value, t: Type| if t.is_vector() { b.ins().splat(t, x) } else { x };
+    let t = b.ins().fmul(v, gamma);
+    let tr = b.ins().trunc(t);
+    let frac = b.ins().fsub(t, tr);
+    let frac = b.ins().fabs(frac);
+    let half = b.ins().f32const(0.5);
+    let half = splat(b, half, ty);
+    let is_half = b.ins().fcmp(FloatCC::Equal, frac, half);
+    let one = b.ins().f32const(1.0);
+    let one = splat(b, one, ty);
+    // ±1 with t's sign (x86 lowers no vector `fcopysign`: the sign bit, or'd in).
+    let step = if ty.is_vector() {
+        let bits = b.ins().bitcast(int, MemFlagsData::new(), t);
+        let sign = b.ins().iconst(types::I32, i32::MIN as i64);
+        let sign = b.ins().splat(int, sign);
+        let sign = b.ins().band(bits, sign);
+        let one_bits = b.ins().bitcast(int, MemFlagsData::new(), one);
+        let step = b.ins().bor(sign, one_bits);
+        b.ins().bitcast(ty, MemFlagsData::new(), step)
+    } else {
+        b.ins().fcopysign(one, t)
+    };
+    let away = b.ins().fadd(tr, step);
+    let even = b.ins().nearest(t);
+    let r = if ty.is_vector() {
+        let mask = b.ins().bitcast(ty, MemFlagsData::new(), is_half);
+        b.ins().bitselect(mask, away, even)
+    } else {
+        b.ins().select(is_half, away, even)
+    };
+    let n = b.ins().fcvt_to_sint_sat(int, r);
+    let lo = b.ins().iconst(types::I32, -128);
+    let lo = splat(b, lo, int);
+    let hi = b.ins().iconst(types::I32, 127);
+    let hi = splat(b, hi, int);
+    let n = b.ins().smax(n, lo);
+    b.ins().smin(n, hi)
+}
+
+/// Flags for bitcasts between vectors of different lanes.
+fn little() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
 }
 
 #[cfg(test)]
