@@ -8,8 +8,8 @@
 
 use super::dot::emit_dot_f32;
 use super::elementwise::emit_softmax;
-use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
-use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Value};
+use super::{at, begin, define_all, emit_loop, end, host_isa, ModuleBox};
+use cranelift_codegen::ir::{types, AbiParam, Function, InstBuilder, MemFlagsData, Signature};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -70,7 +70,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
         let key = b.ins().iadd(keys, off);
         let dot = emit_dot_f32(b, ptr, q, key, d, false);
         let score = b.ins().fmul(dot, scale);
-        let sa = at(b, scores, t);
+        let sa = at(b, scores, t, 2);
         b.ins().store(flags, score, sa, 0);
     });
     emit_softmax(&mut b, ptr, scores, n_keys);
@@ -86,7 +86,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
             let col = b.ins().ishl_imm_u(j, 2);
             let col = b.ins().iadd(values, col);
             emit_loop(b, ptr, zero, n_keys, 1, |b, t| {
-                let sa = at(b, scores, t);
+                let sa = at(b, scores, t, 2);
                 let w = b.ins().load(types::F32, flags, sa, 0);
                 let w = if ty.is_vector() { b.ins().splat(ty, w) } else { w };
                 let off = b.ins().imul(t, row_bytes);
@@ -97,18 +97,12 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
                 let s = b.ins().fadd(s, wv);
                 b.def_var(acc, s);
             });
-            let oa = at(b, out, j);
+            let oa = at(b, out, j, 2);
             let s = b.use_var(acc);
             b.ins().store(flags, s, oa, 0);
         });
     }
     end(b, config);
-}
-
-/// The address of f32 number `i` from `base`.
-fn at(b: &mut FunctionBuilder, base: Value, i: Value) -> Value {
-    let off = b.ins().ishl_imm_u(i, 2);
-    b.ins().iadd(base, off)
 }
 
 #[cfg(test)]

@@ -16,8 +16,7 @@
 //!   the same bits as `half::f16::to_f32` for every finite and infinite
 //!   value.
 
-use super::{begin, define_all, emit_loop, ModuleBox};
-use super::host_isa;
+use super::{at, begin, define_all, emit_loop, host_isa, ModuleBox};
 use cranelift_codegen::ir::{condcodes::IntCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Type, Value};
 use cranelift_codegen::isa::TargetFrontendConfig;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -144,12 +143,6 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     }
     b.seal_all_blocks();
     b.finalize(config);
-}
-
-/// `base + (i << shift)`.
-fn at(b: &mut FunctionBuilder, base: Value, i: Value, shift: i64) -> Value {
-    let off = b.ins().ishl_imm_u(i, shift);
-    b.ins().iadd(base, off)
 }
 
 fn splat_i32(b: &mut FunctionBuilder, ty: Type, v: i64) -> Value {

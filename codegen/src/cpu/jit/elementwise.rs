@@ -10,7 +10,7 @@
 //!   `f32::max` does), `exp(x − max)` four lanes at a time but summed one
 //!   lane after another in the interpreter's order, then the division.
 
-use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
+use super::{at, begin, define_all, emit_loop, end, host_isa, ModuleBox};
 use bitnet_ir::interp::math;
 use bitnet_ir::{BinaryOp, GateAct};
 use cranelift_codegen::ir::{condcodes::FloatCC, types, AbiParam, Function, InstBuilder, MemFlagsData, Signature, Type, Value};
@@ -160,10 +160,6 @@ fn build_softmax(func: &mut Function, fbc: &mut FunctionBuilderContext, config: 
 /// Softmax of the `n` floats at `row`, in place, as the module's notes say.
 pub(super) fn emit_softmax(b: &mut FunctionBuilder, ptr: Type, row: Value, n: Value) {
     let flags = MemFlagsData::new().with_notrap();
-    let at = |b: &mut FunctionBuilder, i: Value| {
-        let off = b.ins().ishl_imm_u(i, 2);
-        b.ins().iadd(row, off)
-    };
     let zero = b.ins().iconst(ptr, 0);
     let vec_end = b.ins().band_imm_s(n, !3);
     let var = |b: &mut FunctionBuilder, v: f32| -> Variable {
@@ -174,7 +170,7 @@ pub(super) fn emit_softmax(b: &mut FunctionBuilder, ptr: Type, row: Value, n: Va
     };
     let max = var(b, f32::NEG_INFINITY);
     emit_loop(b, ptr, zero, n, 1, |b, i| {
-        let a = at(b, i);
+        let a = at(b, row, i, 2);
         let v = b.ins().load(types::F32, flags, a, 0);
         let m = b.use_var(max);
         let gt = b.ins().fcmp(FloatCC::GreaterThan, v, m);
@@ -188,7 +184,7 @@ pub(super) fn emit_softmax(b: &mut FunctionBuilder, ptr: Type, row: Value, n: Va
         let end = if width == 4 { vec_end } else { n };
         let mv = if ty.is_vector() { b.ins().splat(ty, m) } else { m };
         start = emit_loop(b, ptr, start, end, width, |b, i| {
-            let a = at(b, i);
+            let a = at(b, row, i, 2);
             let v = b.ins().load(ty, flags, a, 0);
             let d = b.ins().fsub(v, mv);
             let e = emit_exp(b, ty, d);
@@ -207,7 +203,7 @@ pub(super) fn emit_softmax(b: &mut FunctionBuilder, ptr: Type, row: Value, n: Va
         let end = if width == 4 { vec_end } else { n };
         let sv = if ty.is_vector() { b.ins().splat(ty, s) } else { s };
         start = emit_loop(b, ptr, start, end, width, |b, i| {
-            let a = at(b, i);
+            let a = at(b, row, i, 2);
             let v = b.ins().load(ty, flags, a, 0);
             let q = b.ins().fdiv(v, sv);
             b.ins().store(flags, q, a, 0);

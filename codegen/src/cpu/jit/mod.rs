@@ -84,6 +84,13 @@ pub(crate) fn define_all(
     Ok(ids.into_iter().map(|id| module.get_finalized_function(id)).collect())
 }
 
+/// `base + (i << shift)`: the address of element `i` when elements are
+/// `1 << shift` bytes.
+pub(crate) fn at(b: &mut FunctionBuilder, base: Value, i: Value, shift: i64) -> Value {
+    let off = b.ins().ishl_imm_u(i, shift);
+    b.ins().iadd(base, off)
+}
+
 /// Starts a body: the entry block, holding the function's parameters.
 pub(crate) fn begin(b: &mut FunctionBuilder) -> Vec<Value> {
     let entry = b.create_block();

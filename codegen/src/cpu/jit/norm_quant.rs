@@ -13,7 +13,7 @@
 //!   from zero; Cranelift's `nearest` rounds them to even, so halves are
 //!   found and fixed), and NaN → 0 as `as i8` does.
 
-use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
+use super::{at, begin, define_all, emit_loop, end, host_isa, ModuleBox};
 use cranelift_codegen::ir::{
     condcodes::{FloatCC, IntCC},
     types, AbiParam, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, Value,
@@ -88,10 +88,6 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     let (x, w, k, eps, y, q, out) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     let flags = MemFlagsData::new().with_notrap();
     let i0 = b.ins().iconst(ptr, 0);
-    let at = |b: &mut FunctionBuilder, base: Value, i: Value, shift: i64| {
-        let off = b.ins().ishl_imm_u(i, shift);
-        b.ins().iadd(base, off)
-    };
 
     // y = x · s · w, or y = x.
     let src = if norm {

@@ -10,7 +10,7 @@
 //! `a + b·(−s)` is `a − b·s` exactly and addition commutes, this is the
 //! interpreter's `x₀cos − x₁sin`, `x₀sin + x₁cos` bit for bit.
 
-use super::{begin, define_all, emit_loop, end, host_isa, ModuleBox};
+use super::{at, begin, define_all, emit_loop, end, host_isa, ModuleBox};
 use bitnet_ir::interp::kernels;
 use bitnet_ir::RopeMode;
 use cranelift_codegen::ir::{types, AbiParam, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature, Value};
@@ -110,7 +110,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
     let swap = b.func.dfg.immediates.push(ConstantData::from(swap));
     emit_loop(&mut b, ptr, zero, heads, 1, |b, h| {
         let base = b.ins().imul(h, d);
-        let (xh, oh) = (at(b, x, base), at(b, out, base));
+        let (xh, oh) = (at(b, x, base, 2), at(b, out, base, 2));
         let stretches = match mode {
             RopeMode::Interleaved => vec![(zero, d, Partner::Neighbour)],
             RopeMode::Neox => vec![(zero, half, Partner::Later), (half, d, Partner::Earlier)],
@@ -123,7 +123,7 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
             for ty in [types::F32X4, types::F32] {
                 let (to, step) = if ty.is_vector() { (vec_end, 4) } else { (stop, 1) };
                 from = emit_loop(b, ptr, from, to, step, |b, j| {
-                    let xa = at(b, xh, j);
+                    let xa = at(b, xh, j, 2);
                     let v = b.ins().load(ty, flags, xa, 0);
                     let other = match partner {
                         Partner::Neighbour if ty.is_vector() => {
@@ -138,15 +138,15 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
                                 Partner::Later => b.ins().iadd(j, half),
                                 Partner::Earlier => b.ins().isub(j, half),
                             };
-                            let pa = at(b, xh, k);
+                            let pa = at(b, xh, k, 2);
                             b.ins().load(ty, flags, pa, 0)
                         }
                     };
-                    let (ca, sa) = (at(b, c, j), at(b, s, j));
+                    let (ca, sa) = (at(b, c, j, 2), at(b, s, j, 2));
                     let cv = b.ins().load(ty, flags, ca, 0);
                     let sv = b.ins().load(ty, flags, sa, 0);
                     let r = rotate(b, v, cv, other, sv);
-                    let oa = at(b, oh, j);
+                    let oa = at(b, oh, j, 2);
                     b.ins().store(flags, r, oa, 0);
                 });
             }
@@ -160,12 +160,6 @@ fn rotate(b: &mut FunctionBuilder, x: Value, c: Value, other: Value, s: Value) -
     let xc = b.ins().fmul(x, c);
     let os = b.ins().fmul(other, s);
     b.ins().fadd(xc, os)
-}
-
-/// The address of f32 number `i` from `base`.
-fn at(b: &mut FunctionBuilder, base: Value, i: Value) -> Value {
-    let off = b.ins().ishl_imm_u(i, 2);
-    b.ins().iadd(base, off)
 }
 
 #[cfg(test)]
