@@ -3,16 +3,19 @@
 # network. Two steps:
 #
 #   scripts/gpu-check.sh --prepare DIR   # on an ordinary x86-64 build machine:
-#                                        # builds the release `bitnet` and the
-#                                        # CUDA test binary, copies them and
-#                                        # stories260K into DIR (under 64 MiB)
+#                                        # builds the release `bitnet`, the
+#                                        # CUDA test binary and the CPU kernel
+#                                        # tests, copies them and stories260K
+#                                        # into DIR (under 64 MiB)
 #   scripts/gpu-check.sh DIR             # on the GPU machine, in one go
 #
 # The second step generates its models with `bitnet synth`, runs the GPU
 # tests (the CUDA backend against the CPU backend on synthetic ternary
 # models and stories260K, naming the first kernel that disagrees with the
 # interpreter when they differ), then benchmarks the 2B4T-shaped model and
-# prints a summary. It needs NVRTC there (the CUDA toolkit or a pip wheel;
+# prints a summary. The GPU machine's own CPU likely has AVX-512 VNNI, which
+# the development machine lacks: the CPU kernel tests run there too. It
+# needs NVRTC there (the CUDA toolkit or a pip wheel;
 # see codegen/src/cuda/nvrtc.rs for where it looks). Each step has a time
 # limit so that the whole run stays within about 5 minutes.
 set -uo pipefail
@@ -22,16 +25,20 @@ if [ "${1:-}" = "--prepare" ]; then
   set -e
   cd "$(dirname "$0")/.."
   cargo build --release
-  test_bin=$(cargo test --test cuda --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
+  # The executable cargo built for test target $2 of package $1.
+  test_bin() {
+    cargo test -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null |
+      python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"): print(m["executable"])' | tail -1)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"): print(m["executable"])' "$2" | tail -1
+  }
   mkdir -p "$dir/data/models/stories260K"
   cp target/release/bitnet "$dir/bitnet"
-  cp "$test_bin" "$dir/cuda-tests"
+  cp "$(test_bin bitnet cuda)" "$dir/cuda-tests"
+  cp "$(test_bin bitnet-codegen kernels)" "$dir/cpu-kernel-tests"
   cp ../shared/data/models/stories260K/stories260K.gguf "$dir/data/models/stories260K/"
-  strip "$dir/bitnet" "$dir/cuda-tests" 2>/dev/null || true
+  strip "$dir/bitnet" "$dir/cuda-tests" "$dir/cpu-kernel-tests" 2>/dev/null || true
   du -sh "$dir"
   exit 0
 fi
@@ -63,6 +70,13 @@ else
   note "tests: FAILED ($(grep -E '^test .* FAILED|^test result' "$work/tests.log" | tr '\n' ' '))"
 fi
 
+echo "== CPU kernel tests on this machine's CPU (AVX-512 VNNI, if it has it)"
+if timeout 120 "$dir/cpu-kernel-tests" --nocapture 2>&1 | tee "$work/cpu.log"; then
+  note "cpu kernels: $(grep -E '^test result' "$work/cpu.log" | tail -1) $(grep -o 'skipped: .*' "$work/cpu.log" | head -1)"
+else
+  note "cpu kernels: FAILED ($(grep -E '^test .* FAILED' "$work/cpu.log" | tr '\n' ' '))"
+fi
+
 for t in i2_s tq2_0; do
   m="$work/2b4t-$t.gguf"
   echo "== synth 2B4T shape, $t"
@@ -81,6 +95,10 @@ for t in i2_s tq2_0; do
   gpu=$(greedy "$m" --device cuda)
   bnx=$(greedy "$work/2b4t-$t.bnx" --device cuda)
   cpu=$(greedy "$m" -t "$(nproc)")
+  for isa in avx2 avx512vnni; do
+    out=$(timeout 60 "$bitnet" bench -m "$m" -p 128 -n 16 -r 1 -t "$(nproc)" --isa "$isa" --no-tune --json 2>&1 | tail -1)
+    note "bench 2b4t $t cpu $isa: $out"
+  done
   [ "$gpu" = "$cpu" ] && [ "$bnx" = "$cpu" ] && note "greedy 2b4t $t: same tokens $gpu" || note "greedy 2b4t $t: DIFFER gpu=$gpu artifact=$bnx cpu=$cpu"
   rm -f "$m" "$work/2b4t-$t.bnx"
 done

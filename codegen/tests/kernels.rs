@@ -352,3 +352,34 @@ proptest! {
         }
     }
 }
+
+/// The AVX-512 VNNI ternary kernels (written on a machine without AVX-512)
+/// against the scalar ones, every tile shape, awkward sizes; the proptests
+/// above include them too wherever the CPU has them.
+#[test]
+fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
+    if !Isa::Avx512Vnni.available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let pool = Pool::new(2);
+    for (n, k, s) in [(1usize, 1usize, 1usize), (3, 783, 3), (37, 2592, 7), (300, 256, 5)] {
+        let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 3) as i8 - 1).collect();
+        let x: Vec<i8> = (0..s * k).map(|i| (i * 37 % 256) as i32 as i8).collect();
+        let a = acts(s, k, &x);
+        for rows in TernaryTiles::ROWS {
+            let packed = PackedTernary::from_rows(n, k, rows, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+            let mut want = vec![0f32; s * n];
+            let scalar = TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Split::Rows };
+            ternary::matmul(&pool, scalar, &packed, &a, &mut want, Epilogue::default());
+            for tokens in TernaryTiles::TOKENS {
+                for split in Split::ALL {
+                    let t = TernaryTiles { isa: Isa::Avx512Vnni, rows, tokens, split };
+                    let mut got = vec![0f32; s * n];
+                    ternary::matmul(&pool, t, &packed, &a, &mut got, Epilogue::default());
+                    assert_eq!(got, want, "{t} n {n} k {k} tokens {s}");
+                }
+            }
+        }
+    }
+}

@@ -83,7 +83,7 @@ pub fn attention(
                 let head = Heads { q: &q[rows], keys: &keys[..n_keys * d], values: &values[..n_keys * d], d, scale };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { avx2::heads(&head, &mut scores, o) },
+                    Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::heads(&head, &mut scores, o) },
                     Isa::Cranelift => generated_heads(&head, &mut scores, o),
                     _ => reference_heads(&head, &mut scores, o),
                 }

@@ -74,7 +74,7 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &Int8Rows, x: &QuantActs, out: &mut [f32
 pub fn dot(isa: Isa, a: &[i8], b: &[i8]) -> i32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot(a, b) },
         Isa::Cranelift => super::jit::DotJit::get().expect("Isa::Cranelift is available").dot_i8(a, b),
         _ => reference_dot(a, b),
     }

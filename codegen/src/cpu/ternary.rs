@@ -23,7 +23,7 @@ use bitnet_ir::GateAct;
 
 /// Weights per chunk, and its bytes.
 pub const CHUNK: usize = 128;
-const CHUNK_BYTES: usize = 32;
+pub(crate) const CHUNK_BYTES: usize = 32;
 
 /// Tile parameters of the ternary kernels. Rows per step fix the weight
 /// layout; tokens per step and the split only how prefill walks the
@@ -466,6 +466,8 @@ fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, codes: Option<&[u8]>, x: &Qu
             Some(codes) if step > 1 => avx2::unpacked_dots(w.rows, step, codes, w.chunks(), x, tok, dots),
             _ => avx2::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
         },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => super::vnni::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
         Isa::Cranelift => jit_dots(w, t, x, tok, step, dots),
         #[allow(unreachable_patterns)]
         _ => unreachable!("checked by matmul"),

@@ -1,0 +1,74 @@
+//! Ternary dot kernels for AVX-512 VNNI. `vpdpbusd` multiplies unsigned
+//! bytes by signed bytes and adds each four products into a 32-bit lane:
+//! one instruction for what AVX2 does with `pmaddubsw`, `paddw` and
+//! `pmaddwd`, on twice the width. A row's 32 packed bytes (one chunk of
+//! 128 weights, four 2-bit fields per byte; the layout of [`super::ternary`])
+//! go into both halves of a 512-bit register, shifted by 6 in the low half
+//! and 4 in the high one (fields 0 and 1: weights 0–63), then by 2 and 0
+//! (weights 64–127), and masked to one code per byte: each register then
+//! meets 64 consecutive activations. The sums are of codes (0, 1, 2) times
+//! activations, as every ternary kernel's are; the caller subtracts `Σx`.
+//!
+//! Written on a machine without AVX-512, so it has not run there: it is a
+//! tuning candidate only, never the default tiles. The autotuner checks
+//! every candidate against the interpreter before it may choose one, and
+//! the kernel tests run it on every CPU that has it.
+
+use super::ternary::{QuantActs, CHUNK, CHUNK_BYTES};
+use std::arch::x86_64::*;
+
+/// How far ahead of the loads to prefetch weights, in bytes.
+const PREFETCH: usize = 1024;
+
+/// `out[r][j]` = row `r` of the tile · token `tok + j`, for `rows × step`.
+pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
+    assert!(tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(), "vnni dots: mismatched operands");
+    let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+    // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
+    // the lengths are checked above.
+    unsafe {
+        match (rows, step) {
+            (1, 1) => run::<1, 1>(tile, chunks, &xs, out),
+            (1, 2) => run::<1, 2>(tile, chunks, &xs, out),
+            (1, 4) => run::<1, 4>(tile, chunks, &xs, out),
+            (2, 1) => run::<2, 1>(tile, chunks, &xs, out),
+            (2, 2) => run::<2, 2>(tile, chunks, &xs, out),
+            (2, 4) => run::<2, 4>(tile, chunks, &xs, out),
+            (4, 1) => run::<4, 1>(tile, chunks, &xs, out),
+            (4, 2) => run::<4, 2>(tile, chunks, &xs, out),
+            (4, 4) => run::<4, 4>(tile, chunks, &xs, out),
+            _ => unreachable!("tiles are validated"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn run<const R: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
+    let mask = _mm512_set1_epi8(3);
+    // Shift counts per 16-bit lane: fields 0 | 1, then fields 2 | 3.
+    let low_fields = _mm512_inserti64x4::<1>(_mm512_set1_epi16(6), _mm256_set1_epi16(4));
+    let high_fields = _mm512_inserti64x4::<1>(_mm512_set1_epi16(2), _mm256_set1_epi16(0));
+    let mut acc = [[_mm512_setzero_si512(); T]; R];
+    let w = tile.as_ptr();
+    for c in 0..chunks {
+        _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH) as *const i8);
+        if R > 2 {
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH + 64) as *const i8);
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i));
+            let codes_lo = _mm512_and_si512(_mm512_srlv_epi16(packed, low_fields), mask);
+            let codes_hi = _mm512_and_si512(_mm512_srlv_epi16(packed, high_fields), mask);
+            for (j, a) in acc_r.iter_mut().enumerate() {
+                let xp = xs[j].add(c * CHUNK);
+                *a = _mm512_dpbusd_epi32(*a, codes_lo, _mm512_loadu_si512(xp as *const __m512i));
+                *a = _mm512_dpbusd_epi32(*a, codes_hi, _mm512_loadu_si512(xp.add(64) as *const __m512i));
+            }
+        }
+    }
+    for r in 0..R {
+        for j in 0..T {
+            out[r][j] = _mm512_reduce_add_epi32(acc[r][j]);
+        }
+    }
+}
