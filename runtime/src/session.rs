@@ -157,7 +157,11 @@ impl Session {
             return Err(fixed("--head"));
         }
         if opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
-            return Err(fixed("the tile choice"));
+            return Err(RuntimeError::Artifact(format!(
+                "{}: its kernels and tiles were chosen when it was compiled; run it without --isa, or compile it again with it (bitnet compile -m {} --isa ISA -o FILE.bnx)",
+                path.display(),
+                a.header.source.path
+            )));
         }
         let warnings = a.check_target(path)?;
         let compiled = a.compiled(path, opts.threads)?;
