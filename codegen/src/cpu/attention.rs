@@ -68,7 +68,8 @@ pub fn attention(
     let chunks = Chunks::new(units, pool.threads());
     let dst = SharedMut(out.as_mut_ptr());
     let scale = 1.0 / (d as f32).sqrt();
-    pool.run(&|_, _| {
+    let work = positions.iter().map(|&p| p as usize + 1).sum::<usize>() * a.heads * d * 2;
+    pool.run_sized(work, &|_, _| {
         let mut scores = Vec::new();
         while let Some(range) = chunks.next() {
             for u in range.map(|u| units - 1 - u) {

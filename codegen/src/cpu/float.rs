@@ -15,7 +15,7 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     let dst = SharedMut(out.as_mut_ptr());
     let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
     let chunks = Chunks::new(n, pool.threads());
-    pool.run(&|_, _| {
+    pool.run_sized(s * n * k, &|_, _| {
         let mut scratch = vec![0f32; k];
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let direct = match w.dtype {

@@ -58,7 +58,7 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &Int8Rows, x: &QuantActs, out: &mut [f32
     assert!(x.kp == w.kp && out.len() == x.tokens() * w.n, "int8 matmul: mismatched operands");
     let dst = SharedMut(out.as_mut_ptr());
     let chunks = Chunks::new(w.n, pool.threads());
-    pool.run(&|_, _| {
+    pool.run_sized(x.tokens() * w.n * w.kp, &|_, _| {
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let wr = &w.q[r * w.kp..(r + 1) * w.kp];
             for t in 0..x.tokens() {

@@ -14,6 +14,10 @@ use std::thread::JoinHandle;
 /// A job: called once per worker with `(worker, workers)`.
 type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
+/// Below this many multiply-adds a job runs on the calling thread alone
+/// ([`Pool::run_sized`]): a dispatch costs a few microseconds.
+pub const SMALL_WORK: usize = 1 << 15;
+
 /// How long an idle worker spins before it sleeps.
 const SPIN_ROUNDS: u32 = 1 << 16;
 
@@ -60,6 +64,17 @@ impl Pool {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// [`Pool::run`], or for less than [`SMALL_WORK`] operations of `work`
+    /// only `f(0, 1)` on the calling thread: waking the workers would cost
+    /// more than they save (a tiny model's matrices). Kernels split their
+    /// work by `(worker, workers)`, so the result is the same.
+    pub fn run_sized(&self, work: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+        if work < SMALL_WORK {
+            return f(0, 1);
+        }
+        self.run(f)
     }
 
     /// Runs `f(worker, workers)` on every worker and returns when all are done.

@@ -393,7 +393,7 @@ fn products<const M: usize>(
     let dst = SharedMut(out.as_mut_ptr());
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
     let chunks = Chunks::new(n_tiles, pool.threads());
-    pool.run(&|me, workers| {
+    pool.run_sized(x.tokens() * width * w.kp * M, &|me, workers| {
         let mut dots = [[[0i32; 4]; 4]; M];
         let mut codes: [Vec<u8>; M] = std::array::from_fn(|_| Vec::new());
         // A tile's dots for all its tokens: the epilogues then run back to
