@@ -1,15 +1,24 @@
 //! Kernels generated with Cranelift when the program runs, for the host as
-//! `cranelift-native` sees it: the ternary dot products ([`ternary`], an
-//! autotuner candidate beside the native ones), the FFN's gated activation
-//! ([`elementwise`]) and RMSNorm with activation quantization
-//! ([`norm_quant`]). The last two give the interpreter's bits exactly but
-//! run 2–3.6× slower than the native kernels here (scalar f64 sums, a call
-//! per `exp`, 128-bit vectors; `cargo bench -p bitnet-codegen --bench
-//! kernels -- elementwise`), so the executor keeps the native ones.
+//! `cranelift-native` sees it: every kernel family the graphs need, which
+//! `Isa::Cranelift` (`--isa cranelift`) runs instead of the native ones:
+//! - [`ternary`]: the ternary dot products, one function per tile shape
+//!   (also an autotuner candidate beside the native kernels);
+//! - [`norm_quant`]: RMSNorm, alone or with activation quantization;
+//! - [`rope`]: the rotation of a token's heads;
+//! - [`attention`]: one query head over its KV head's cache, softmax included;
+//! - [`dot`]: f32, f16 and int8 dot products (the head, float models) and f16 rows (the embedding);
+//! - [`elementwise`]: the gated units, the binary ops, softmax.
+//!
+//! Each says how its results compare with the interpreter's (most are
+//! bit for bit). They are 128-bit vector loops; on x86-64 the native AVX2
+//! kernels are 2–5× faster (`docs/performance.md`), so they stay the
+//! default there. What the generated code leaves to Rust: the driver (the
+//! executor walks the scheduled graph), RoPE's angles, splitting work over
+//! threads, and dequantizing block-quantized float weights.
 //!
 //! Each kernel family is compiled once per process, on first use, into a
 //! module that lives as long as the program. A host Cranelift cannot
-//! target gets a clear error, and the callers fall back to native code.
+//! target gets a clear error, and `Isa::Cranelift` is then unavailable.
 
 pub mod attention;
 pub mod dot;
