@@ -505,6 +505,28 @@ fn reference_dots(w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: 
     }
 }
 
+/// `run::<R, T>(args)` for the tile shape `(rows, step)`, each of 1, 2 or 4:
+/// the packed-code kernels are generic over both.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_tile_shape {
+    ($rows:expr, $step:expr, $run:ident($($arg:expr),*)) => {
+        match ($rows, $step) {
+            (1, 1) => $run::<1, 1>($($arg),*),
+            (1, 2) => $run::<1, 2>($($arg),*),
+            (1, 4) => $run::<1, 4>($($arg),*),
+            (2, 1) => $run::<2, 1>($($arg),*),
+            (2, 2) => $run::<2, 2>($($arg),*),
+            (2, 4) => $run::<2, 4>($($arg),*),
+            (4, 1) => $run::<4, 1>($($arg),*),
+            (4, 2) => $run::<4, 2>($($arg),*),
+            (4, 4) => $run::<4, 4>($($arg),*),
+            _ => unreachable!("tiles are validated"),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use for_tile_shape;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{QuantActs, CHUNK, CHUNK_BYTES};
@@ -518,18 +540,7 @@ mod avx2 {
         // SAFETY: `matmul` checked that AVX2 is present; `tile` holds
         // `chunks` chunks of `rows` rows and every activation row `kp` values.
         unsafe {
-            match (rows, step) {
-                (1, 1) => run::<1, 1>(tile, chunks, &xs, out),
-                (1, 2) => run::<1, 2>(tile, chunks, &xs, out),
-                (1, 4) => run::<1, 4>(tile, chunks, &xs, out),
-                (2, 1) => run::<2, 1>(tile, chunks, &xs, out),
-                (2, 2) => run::<2, 2>(tile, chunks, &xs, out),
-                (2, 4) => run::<2, 4>(tile, chunks, &xs, out),
-                (4, 1) => run::<4, 1>(tile, chunks, &xs, out),
-                (4, 2) => run::<4, 2>(tile, chunks, &xs, out),
-                (4, 4) => run::<4, 4>(tile, chunks, &xs, out),
-                _ => unreachable!("tiles are validated"),
-            }
+            for_tile_shape!(rows, step, run(tile, chunks, &xs, out))
         }
     }
 

@@ -14,7 +14,7 @@
 //! every candidate against the interpreter before it may choose one, and
 //! the kernel tests run it on every CPU that has it.
 
-use super::ternary::{QuantActs, CHUNK, CHUNK_BYTES};
+use super::ternary::{for_tile_shape, QuantActs, CHUNK, CHUNK_BYTES};
 use std::arch::x86_64::*;
 
 /// How far ahead of the loads to prefetch weights, in bytes.
@@ -27,18 +27,7 @@ pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &Qua
     // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
     // the lengths are checked above.
     unsafe {
-        match (rows, step) {
-            (1, 1) => run::<1, 1>(tile, chunks, &xs, out),
-            (1, 2) => run::<1, 2>(tile, chunks, &xs, out),
-            (1, 4) => run::<1, 4>(tile, chunks, &xs, out),
-            (2, 1) => run::<2, 1>(tile, chunks, &xs, out),
-            (2, 2) => run::<2, 2>(tile, chunks, &xs, out),
-            (2, 4) => run::<2, 4>(tile, chunks, &xs, out),
-            (4, 1) => run::<4, 1>(tile, chunks, &xs, out),
-            (4, 2) => run::<4, 2>(tile, chunks, &xs, out),
-            (4, 4) => run::<4, 4>(tile, chunks, &xs, out),
-            _ => unreachable!("tiles are validated"),
-        }
+        for_tile_shape!(rows, step, run(tile, chunks, &xs, out))
     }
 }
 
