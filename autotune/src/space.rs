@@ -81,7 +81,8 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
                 }
             }
         }
-        _ => isas().for_each(|isa| push(Tiles::Float { isa })),
+        // AVX-512 VNNI runs the AVX2 float kernels: one candidate for both.
+        _ => isas().filter(|&isa| isa.float_kernels() == isa).for_each(|isa| push(Tiles::Float { isa })),
     }
     out.retain(Tiles::runs_here);
     out

@@ -82,9 +82,9 @@ pub fn attention(
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(rows.start), rows.len()) };
                 let (keys, values) = kv.head(a.layer, kvh);
                 let head = Heads { q: &q[rows], keys: &keys[..n_keys * d], values: &values[..n_keys * d], d, scale };
-                match isa {
+                match isa.float_kernels() {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::heads(&head, &mut scores, o) },
+                    Isa::Avx2 => unsafe { avx2::heads(&head, &mut scores, o) },
                     Isa::Cranelift => generated_heads(&head, &mut scores, o),
                     _ => reference_heads(&head, &mut scores, o),
                 }

@@ -54,9 +54,9 @@ pub fn row_f32(isa: Isa, w: &WeightView, r: usize, out: &mut [f32]) {
 
 /// `Σ a·b`.
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
-    match isa {
+    match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot(a, b) },
+        Isa::Avx2 => unsafe { avx2::dot(a, b) },
         Isa::Cranelift => generated().dot(a, b),
         _ => reference_dot(a, b),
     }
@@ -64,18 +64,18 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 
 /// `Σ a·b` with `b` stored as f16 bytes.
 pub fn dot_f16(isa: Isa, a: &[f32], b: &[u8]) -> f32 {
-    match isa {
+    match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_f16(a, b) },
+        Isa::Avx2 => unsafe { avx2::dot_f16(a, b) },
         Isa::Cranelift => generated().dot_f16(a, b),
         _ => a.iter().zip(b.chunks_exact(2)).map(|(&x, h)| x * half::f16::from_le_bytes([h[0], h[1]]).to_f32()).sum(),
     }
 }
 
 pub fn f16_to_f32(isa: Isa, src: &[u8], out: &mut [f32]) {
-    match isa {
+    match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::f16_to_f32(src, out) },
+        Isa::Avx2 => unsafe { avx2::f16_to_f32(src, out) },
         Isa::Cranelift => generated().f16_to_f32(src, out),
         _ => {
             for (o, h) in out.iter_mut().zip(src.chunks_exact(2)) {

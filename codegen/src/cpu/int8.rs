@@ -72,9 +72,9 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &Int8Rows, x: &QuantActs, out: &mut [f32
 
 /// `Σ a·b` of int8 vectors whose length is a multiple of 128, exactly.
 pub fn dot(isa: Isa, a: &[i8], b: &[i8]) -> i32 {
-    match isa {
+    match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot(a, b) },
+        Isa::Avx2 => unsafe { avx2::dot(a, b) },
         Isa::Cranelift => super::jit::DotJit::get().expect("Isa::Cranelift is available").dot_i8(a, b),
         _ => reference_dot(a, b),
     }

@@ -46,6 +46,15 @@ impl Isa {
         }
     }
 
+    /// The ISA whose kernels run everything but the ternary products:
+    /// AVX-512 VNNI has ternary kernels of its own and runs AVX2's for the rest.
+    pub fn float_kernels(self) -> Isa {
+        match self {
+            Isa::Avx512Vnni => Isa::Avx2,
+            isa => isa,
+        }
+    }
+
     pub fn from_name(s: &str) -> Option<Isa> {
         Isa::ALL.into_iter().find(|i| i.name() == s)
     }

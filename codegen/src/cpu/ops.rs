@@ -63,7 +63,7 @@ impl RowsOut {
 
 fn quantize_tokens(isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: RowsOut, tokens: std::ops::Range<usize>) {
     let mut row = vec![0f32; k];
-    let avx2 = matches!(isa, Isa::Avx2 | Isa::Avx512Vnni);
+    let avx2 = isa.float_kernels() == Isa::Avx2;
     let generated = (isa == Isa::Cranelift).then(|| jit::NormQuantJit::get().expect("Isa::Cranelift is available"));
     for t in tokens {
         let xr = &x[t * k..(t + 1) * k];

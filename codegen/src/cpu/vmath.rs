@@ -10,10 +10,10 @@ use bitnet_ir::GateAct;
 /// `act(gate) · up` for four values, as [`kernels::glu`] computes each.
 #[inline]
 pub fn glu4(isa: Isa, act: GateAct, gate: [f32; 4], up: [f32; 4]) -> [f32; 4] {
-    match isa {
+    match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller runs AVX2 kernels only where the CPU has AVX2.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::glu4(act, gate, up) },
+        Isa::Avx2 => unsafe { avx2::glu4(act, gate, up) },
         Isa::Cranelift => {
             let mut out = [0f32; 4];
             elementwise().glu(act, &gate, &up, &mut out);
@@ -26,10 +26,10 @@ pub fn glu4(isa: Isa, act: GateAct, gate: [f32; 4], up: [f32; 4]) -> [f32; 4] {
 /// `out = act(gate) · up`, as [`kernels::glu`] computes each value.
 pub fn glu(isa: Isa, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len(), "glu: operands differ in length");
-    match isa {
+    match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above; the lengths are checked.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::glu(act, gate, up, out) },
+        Isa::Avx2 => unsafe { avx2::glu(act, gate, up, out) },
         Isa::Cranelift => elementwise().glu(act, gate, up, out),
         _ => out.iter_mut().zip(gate).zip(up).for_each(|((o, &g), &u)| *o = kernels::glu(act, g, u)),
     }
@@ -37,10 +37,10 @@ pub fn glu(isa: Isa, act: GateAct, gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// [`kernels::softmax`] of one row, in place.
 pub fn softmax(isa: Isa, row: &mut [f32]) {
-    match isa {
+    match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::softmax(row) },
+        Isa::Avx2 => unsafe { avx2::softmax(row) },
         Isa::Cranelift => elementwise().softmax(row),
         _ => kernels::softmax(row),
     }
