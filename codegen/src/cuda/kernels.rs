@@ -111,56 +111,89 @@ pub fn embed(ty: FloatType, vocab: usize, hidden: usize) -> String {
     )
 }
 
-/// `1 / sqrt(mean(x²) + eps)` of the block's row `xr` of `k`, summed in
-/// f64 as the interpreter does.
-fn inv_rms(k: usize, eps: f32) -> String {
+/// Threads per block of the norms: a row of the 2B4T shape (2560) is
+/// then under three values a thread, kept in registers between passes.
+pub const NORM_BLOCK: u32 = 1024;
+
+/// Loads the block's row `xr` of `k` into the registers `v[]` (zeros past
+/// `k`, `per` slots a thread) and computes `s = 1 / sqrt(mean(x²) + eps)`,
+/// the squares summed in f64 as the interpreter sums them.
+fn load_inv_rms(k: usize, per: usize, eps: f32) -> String {
     format!(
-        r#"double acc = 0.0;
-    for (int j = threadIdx.x; j < {k}; j += blockDim.x) acc += (double)xr[j] * (double)xr[j];
+        r#"float v[{per}];
+    double acc = 0.0;
+    #pragma unroll
+    for (int u = 0; u < {per}; u++) {{
+        int j = threadIdx.x + u * {nb};
+        v[u] = j < {k} ? xr[j] : 0.0f;
+        acc += (double)v[u] * (double)v[u];
+    }}
     acc = block_sum_d(acc);
     float s = 1.0f / sqrtf((float)(acc / {k}.0) + {eps});"#,
+        nb = NORM_BLOCK,
         eps = float(eps)
     )
 }
 
-/// `out = x / rms(x) * w` per row of `k`. Grid: `S` blocks of [`ROW_BLOCK`].
+/// `out = x / rms(x) * w` per row of `k`. Grid: `S` blocks of [`NORM_BLOCK`].
 pub fn rms_norm(k: usize, eps: f32) -> String {
+    let per = k.div_ceil(NORM_BLOCK as usize);
     format!(
         r#"(const float* x, const float* w, float* out, int S) {{
     const float* xr = x + (size_t)blockIdx.x * {k};
-    {inv}
-    for (int j = threadIdx.x; j < {k}; j += blockDim.x) out[(size_t)blockIdx.x * {k} + j] = xr[j] * s * w[j];
+    {load}
+    #pragma unroll
+    for (int u = 0; u < {per}; u++) {{
+        int j = threadIdx.x + u * {nb};
+        if (j < {k}) out[(size_t)blockIdx.x * {k} + j] = v[u] * s * w[j];
+    }}
 }}"#,
-        inv = inv_rms(k, eps)
+        load = load_inv_rms(k, per, eps),
+        nb = NORM_BLOCK
     )
 }
 
 /// BitNet's per-token int8 quantization of rows of `k` (padded with zero
 /// codes to `kp`), normalized first when `norm` gives the RMSNorm's eps:
-/// codes, γ = 127 / max|x|, and Σ codes per row. Grid: `S` blocks.
+/// codes, γ = 127 / max|x|, and Σ codes per row. The row is read once,
+/// into registers. Grid: `S` blocks of [`NORM_BLOCK`].
 pub fn quantize_rows(k: usize, kp: usize, norm: Option<f32>) -> String {
-    let (params, value, scale) = match norm {
-        Some(eps) => ("const float* x, const float* w, ", "xr[j] * s * w[j]", inv_rms(k, eps)),
-        None => ("const float* x, ", "xr[j]", String::new()),
+    let per = kp.div_ceil(NORM_BLOCK as usize);
+    let (params, load, value) = match norm {
+        Some(eps) => ("const float* x, const float* w, ", load_inv_rms(k, per, eps), "v[u] * s * w[j]"),
+        None => (
+            "const float* x, ",
+            format!("float v[{per}];\n    #pragma unroll\n    for (int u = 0; u < {per}; u++) {{ int j = threadIdx.x + u * {NORM_BLOCK}; v[u] = j < {k} ? xr[j] : 0.0f; }}"),
+            "v[u]",
+        ),
     };
     format!(
         r#"({params}i8* q, float* gamma, int* qsum, int S) {{
     const float* xr = x + (size_t)blockIdx.x * {k};
-    {scale}
+    {load}
     float amax = 0.0f;
-    for (int j = threadIdx.x; j < {k}; j += blockDim.x) amax = fmaxf(amax, fabsf({value}));
+    #pragma unroll
+    for (int u = 0; u < {per}; u++) {{
+        int j = threadIdx.x + u * {nb};
+        if (j < {k}) {{ v[u] = {value}; amax = fmaxf(amax, fabsf(v[u])); }}
+    }}
     amax = fmaxf(block_max(amax), {tiny});
     float g = 127.0f / amax;
     int sum = 0;
-    for (int j = threadIdx.x; j < {kp}; j += blockDim.x) {{
-        int c = 0;
-        if (j < {k}) c = (int)fminf(fmaxf(roundf({value} * g), -128.0f), 127.0f);
-        q[(size_t)blockIdx.x * {kp} + j] = (i8)c;
-        sum += c;
+    #pragma unroll
+    for (int u = 0; u < {per}; u++) {{
+        int j = threadIdx.x + u * {nb};
+        if (j < {kp}) {{
+            int c = 0;
+            if (j < {k}) c = (int)fminf(fmaxf(roundf(v[u] * g), -128.0f), 127.0f);
+            q[(size_t)blockIdx.x * {kp} + j] = (i8)c;
+            sum += c;
+        }}
     }}
     sum = block_sum_i(sum);
     if (threadIdx.x == 0) {{ gamma[blockIdx.x] = g; qsum[blockIdx.x] = sum; }}
 }}"#,
+        nb = NORM_BLOCK,
         tiny = float(1e-5)
     )
 }
@@ -441,24 +474,44 @@ pub fn kv_store(kv_row: usize) -> String {
 /// positions `0..=pos`: scores, softmax (as the interpreter's), the
 /// weighted sum of values. Grid: `(heads, S)` blocks of [`ROW_BLOCK`];
 /// dynamic shared memory holds one score per position (`4 · context` bytes).
+///
+/// Eight lanes make one score (each a strided eighth of the head), so a
+/// warp scores four positions at a time with its loads in flight together;
+/// for the weighted sum each warp takes every eighth position and its
+/// lanes the head's dimensions, and the warps' partial sums are added in
+/// shared memory. Only the order of these sums differs from the
+/// interpreter's.
 pub fn attention(heads: usize, kv_heads: usize, d: usize) -> String {
     let kv_row = kv_heads * d;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
+    let warps = ROW_BLOCK / 32;
     format!(
         r#"(const float* q, const float* k, const float* v, const int* pos, const float* kc, const float* vc, float* out, int S) {{
     extern __shared__ float score[];
+    __shared__ float part[{warps}][{d}];
     int h = blockIdx.x, s = blockIdx.y;
     int keys = pos[s] + 1;
     const float* qh = q + ((size_t)s * {heads} + h) * {d};
     const float* kh = kc + (h / {group}) * {d};
     const float* vh = vc + (h / {group}) * {d};
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int t = warp; t < keys; t += nw) {{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int sub = lane & 7;
+    float qv[{per8}];
+    #pragma unroll
+    for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; qv[i] = j < {d} ? qh[j] : 0.0f; }}
+    for (int t0 = 0; t0 < keys; t0 += {warps} * 4) {{
+        int t = t0 + warp * 4 + (lane >> 3);
         float dot = 0.0f;
-        for (int j = lane; j < {d}; j += 32) dot += qh[j] * kh[(size_t)t * {kv_row} + j];
-        dot = warp_sum(dot);
-        if (lane == 0) score[t] = dot * {scale};
+        if (t < keys) {{
+            const float* kr = kh + (size_t)t * {kv_row};
+            #pragma unroll
+            for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; if (j < {d}) dot += qv[i] * kr[j]; }}
+        }}
+        dot += __shfl_xor_sync(0xffffffffu, dot, 4);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        if (sub == 0 && t < keys) score[t] = dot * {scale};
     }}
     __syncthreads();
     float m = -__int_as_float(0x7f800000);
@@ -473,13 +526,29 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize) -> String {
     float sum = (float)block_sum_d(total);
     for (int t = threadIdx.x; t < keys; t += blockDim.x) score[t] = score[t] / sum;
     __syncthreads();
+    float o[{per32}];
+    #pragma unroll
+    for (int i = 0; i < {per32}; i++) o[i] = 0.0f;
+    #pragma unroll 4
+    for (int t = warp; t < keys; t += {warps}) {{
+        float p = score[t];
+        const float* vr = vh + (size_t)t * {kv_row};
+        #pragma unroll
+        for (int i = 0; i < {per32}; i++) {{ int j = lane + 32 * i; if (j < {d}) o[i] += p * vr[j]; }}
+    }}
+    #pragma unroll
+    for (int i = 0; i < {per32}; i++) {{ int j = lane + 32 * i; if (j < {d}) part[warp][j] = o[i]; }}
+    __syncthreads();
     for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
-        float o = 0.0f;
-        for (int t = 0; t < keys; t++) o += score[t] * vh[(size_t)t * {kv_row} + j];
-        out[((size_t)s * {heads} + h) * {d} + j] = o;
+        float r = 0.0f;
+        #pragma unroll
+        for (int w = 0; w < {warps}; w++) r += part[w][j];
+        out[((size_t)s * {heads} + h) * {d} + j] = r;
     }}
 }}"#,
-        scale = float(scale)
+        scale = float(scale),
+        per8 = d.div_ceil(8),
+        per32 = d.div_ceil(32)
     )
 }
 

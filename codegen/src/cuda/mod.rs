@@ -150,7 +150,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
     use Arg::*;
     let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
     let mut chosen = Vec::new();
-    let (rb, eb) = (k::ROW_BLOCK, k::ELEMENT_BLOCK);
+    let (rb, eb, nb) = (k::ROW_BLOCK, k::ELEMENT_BLOCK, k::NORM_BLOCK);
     for (v, node) in g.iter() {
         let refuse = |why: &str| Err(format!("{v} = {}: the CUDA backend {why}", node.op.mnemonic()));
         let ty = &node.ty;
@@ -172,13 +172,13 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                 b.launch(v, "embed", k::embed(device_float_type(t.dtype), vocab, hidden), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::RmsNorm { eps } => {
-                b.launch(v, "rms_norm", k::rms_norm(cols, *eps), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+                b.launch(v, "rms_norm", k::rms_norm(cols, *eps), Grid::PerRow, nb, with(&[Output, Rows(None)]));
             }
             Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => {
-                b.launch(v, "rms_norm_quant", k::quantize_rows(cols, padded(cols), Some(*eps)), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+                b.launch(v, "rms_norm_quant", k::quantize_rows(cols, padded(cols), Some(*eps)), Grid::PerRow, nb, with(&[Output, Rows(None)]));
             }
             Op::QuantizeAct { scheme: ActQuant::PerToken } => {
-                b.launch(v, "quantize_act", k::quantize_rows(cols, padded(cols), None), Grid::PerRow, rb, with(&[Output, Rows(None)]));
+                b.launch(v, "quantize_act", k::quantize_rows(cols, padded(cols), None), Grid::PerRow, nb, with(&[Output, Rows(None)]));
             }
             Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return refuse("quantizes activations per token only (not llama.cpp's q8_k blocks)"),
             Op::TernaryMatMul(e) => {
