@@ -71,6 +71,8 @@ else
   note "tests: FAILED ($(grep -E '^test .* FAILED|^test result' "$work/tests.log" | tr '\n' ' '))"
 fi
 
+# A tuning database of this run's own.
+export BITNET_CACHE_DIR="$work/cache"
 for t in i2_s tq2_0; do
   m="$work/2b4t-$t.gguf"
   echo "== synth 2B4T shape, $t"
@@ -78,15 +80,28 @@ for t in i2_s tq2_0; do
     note "synth $t: failed"
     continue
   fi
-  echo "== bench 2B4T $t on the GPU"
-  if out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda -p 128 -n 64 -r 3 --json 2>"$work/bench.err"); then
-    note "bench 2b4t $t cuda: $out"
+  echo "== bench 2B4T $t on the GPU, default tiles"
+  if out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda -p 128 -n 64 -r 3 --no-tune --json 2>"$work/bench.err"); then
+    note "bench 2b4t $t cuda default tiles: $out"
   else
     note "bench 2b4t $t cuda: FAILED: $(tail -3 "$work/bench.err")"
   fi
+  if [ "$t" = i2_s ]; then
+    # The shapes are the same for every weight type: one sweep serves both.
+    echo "== autotune the 2B4T shapes on the GPU"
+    if timeout 90 "$bitnet" autotune -m "$m" --device cuda >"$work/tune.out" 2>"$work/tune.err"; then
+      cat "$work/tune.out"
+      note "autotune --device cuda: $(grep -c 'isa=cuda' "$work/tune.out") jobs tuned"
+    else
+      note "autotune --device cuda: FAILED: $(tail -3 "$work/tune.err")"
+    fi
+  fi
+  echo "== bench 2B4T $t on the GPU, tuned tiles"
+  out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda -p 128 -n 64 -r 3 --json 2>&1 | tail -1)
+  note "bench 2b4t $t cuda tuned: $out"
   # bitnet.cpp's published GPU figure is for a 64-token prompt and 64 tokens out.
   out=$(timeout 30 "$bitnet" bench -m "$m" --device cuda -p 64 -n 64 -r 3 --json 2>&1 | tail -1)
-  note "bench 2b4t $t cuda p64 n64: $out"
+  note "bench 2b4t $t cuda tuned p64 n64: $out"
   echo "== greedy tokens, GPU (in memory and from a CUDA artifact) against CPU, 2B4T $t"
   timeout 60 "$bitnet" compile -m "$m" --device cuda -o "$work/2b4t-$t.bnx" 2>"$work/compile.err" || note "compile 2b4t $t --device cuda: FAILED: $(tail -3 "$work/compile.err")"
   gpu=$(greedy "$m" --device cuda)

@@ -123,6 +123,42 @@ fn without_a_gpu_the_cli_says_what_is_missing() {
     }
     let o = bitnet(&["run", "-m", m.to_str().unwrap(), "-p", "hi", "--device", "cuda", "--backend", "interp"]);
     assert!(!o.status.success() && stderr(&o).contains("CPU only"), "{}", stderr(&o));
+    let o = bitnet(&["autotune", "--shapes", "2b4t", "--device", "cuda"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("autotune --device cuda") && (e.contains("libcuda") || e.contains("no CUDA device")), "{e}");
+}
+
+/// `autotune --device cuda` measures every candidate of a model's matrix
+/// products on the GPU and keeps them under the GPU's name; `run` and
+/// `compile` then lower with them (one kernel for prefill, another for
+/// decode where those differ) and still give the CPU's greedy tokens.
+#[test]
+fn cuda_autotune_stores_tiles_that_run_and_compile_use() {
+    if !gpu_or_skip("cuda_autotune_stores_tiles_that_run_and_compile_use") {
+        return;
+    }
+    let dir = tmp_dir("cuda-tune");
+    let m = dir.join("m.gguf");
+    write_synth(&small_spec(DType::I2S, Activation::Relu2), &m);
+    let cache = dir.join("cache");
+    let with_cache = |args: &[&str]| {
+        let o = bitnet_cached(&cache, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        o
+    };
+    let o = with_cache(&["autotune", "-m", m.to_str().unwrap(), "--device", "cuda"]);
+    let table = stdout(&o);
+    eprintln!("{table}");
+    assert!(table.contains("ternary_matmul n=256 k=256") && table.contains("decode") && table.contains("prefill"), "{table}");
+    assert!(!table.contains("wrong") && !table.contains("skipped"), "{table}");
+    let list = stdout(&with_cache(&["autotune", "list"]));
+    assert!(list.contains("GPU ") && list.contains("isa=cuda"), "{list}");
+    let lowered = stderr(&with_cache(&["compile", "-m", m.to_str().unwrap(), "--device", "cuda", "--dump-after", "schedule"]));
+    assert!(!lowered.contains("warning"), "{lowered}");
+    let ids = |o: std::process::Output| serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["generated_ids"].clone();
+    let run = |device: &str| with_cache(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", "1,17,42,99,3", "-n", "12", "--temp", "0", "--ignore-eos", "--json", "--device", device]);
+    assert_eq!(ids(run("cuda")), ids(run("cpu")));
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// `bitnet compile --device cuda` lowers real models and compiles their
@@ -156,8 +192,6 @@ fn compile_device_cuda_compiles_every_model_kernel_without_a_gpu() {
     }
     let o = bitnet(&["compile", "-m", models[1].to_str().unwrap(), "--device", "cuda", "--head", "q8", "-o", dir.join("y.bnx").to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("CPU option"), "{}", stderr(&o));
-    let o = bitnet(&["autotune", "--shapes", "2b4t", "--device", "cuda"]);
-    assert!(!o.status.success() && stderr(&o).contains("not built yet"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).ok();
 }
 

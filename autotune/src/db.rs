@@ -15,6 +15,7 @@
 //! aside (never deleted) the next time the database is written.
 
 use crate::space::{Phase, SPACE_VERSION};
+use bitnet_codegen::cuda::{CudaTiles, PhaseTiles};
 use bitnet_codegen::schedule::{TileSource, Tiles, WorkloadKey};
 use std::collections::HashMap;
 use std::fs::File;
@@ -171,6 +172,12 @@ impl Database {
         let loaded = self.load();
         (Tuned::new(loaded.records, fingerprint, threads), loaded.problems)
     }
+
+    /// The measurements of the GPU with this fingerprint.
+    pub fn cuda_source(&self, fingerprint: &str) -> (CudaTuned, Vec<String>) {
+        let loaded = self.load();
+        (CudaTuned::new(&loaded.records, fingerprint), loaded.problems)
+    }
 }
 
 pub fn now() -> u64 {
@@ -275,6 +282,36 @@ impl Tuned {
 
     pub fn contains(&self, key: &WorkloadKey) -> bool {
         self.best.contains_key(key)
+    }
+}
+
+/// The fastest measured CUDA tiles of each workload and phase, for one GPU.
+pub struct CudaTuned {
+    best: HashMap<(WorkloadKey, Phase), (CudaTiles, u64)>,
+}
+
+impl CudaTuned {
+    pub fn new(records: &[Record], fingerprint: &str) -> CudaTuned {
+        let mut best: HashMap<(WorkloadKey, Phase), (CudaTiles, u64)> = HashMap::new();
+        for r in records.iter().filter(|r| r.fingerprint == fingerprint && r.space == SPACE_VERSION && r.is_ok()) {
+            let (Tiles::Cuda(t), Some(ns)) = (r.tiles, r.ns) else { continue };
+            let slot = best.entry((r.key.clone(), r.phase)).or_insert((t, ns));
+            if ns < slot.1 {
+                *slot = (t, ns);
+            }
+        }
+        CudaTuned { best }
+    }
+
+    /// Tiles for both phases; the default where a phase was not measured.
+    pub fn tiles(&self, key: &WorkloadKey) -> PhaseTiles {
+        let get = |phase| self.best.get(&(key.clone(), phase)).map(|b| b.0);
+        let prefill = get(Phase::Prefill).unwrap_or(CudaTiles::DEFAULT);
+        PhaseTiles { prefill, decode: get(Phase::Decode).unwrap_or(prefill) }
+    }
+
+    pub fn contains(&self, key: &WorkloadKey) -> bool {
+        self.best.keys().any(|(k, _)| k == key)
     }
 }
 
@@ -416,5 +453,34 @@ mod tests {
         assert_eq!(a.load().records, b.load().records);
         assert_eq!(b.clear().unwrap(), 1);
         assert!(b.load().records.is_empty());
+    }
+
+    #[test]
+    fn cuda_tiles_are_the_fastest_right_ones_of_that_gpu_per_phase() {
+        let cuda = |phase, warps, tokens, ns: u64, fingerprint: &str, status: &str| Record {
+            fingerprint: fingerprint.into(),
+            tiles: Tiles::Cuda(CudaTiles { warps, tokens }),
+            status: status.into(),
+            threads: 1,
+            ..rec("k", phase, 1, 1, ns)
+        };
+        let records = vec![
+            cuda(Phase::Decode, 4, 4, 50, "cuda A", "ok"),
+            cuda(Phase::Decode, 2, 1, 30, "cuda A", "ok"),
+            cuda(Phase::Decode, 1, 1, 10, "cuda A", "wrong: differs"),
+            cuda(Phase::Decode, 8, 1, 5, "cuda B", "ok"),
+            cuda(Phase::Prefill, 4, 8, 90, "cuda A", "ok"),
+            cuda(Phase::Prefill, 4, 4, 99, "cuda A", "ok"),
+            // A CPU record of the same key is not a CUDA measurement.
+            rec("k", Phase::Prefill, 1, 1, 1),
+        ];
+        let t = CudaTuned::new(&records, "cuda A");
+        let key = WorkloadKey("k".into());
+        assert_eq!(t.tiles(&key), PhaseTiles { prefill: CudaTiles { warps: 4, tokens: 8 }, decode: CudaTiles { warps: 2, tokens: 1 } });
+        // Decode only: prefill keeps the default; nothing: the defaults.
+        let t = CudaTuned::new(&records[..2], "cuda A");
+        assert_eq!(t.tiles(&key), PhaseTiles { prefill: CudaTiles::DEFAULT, decode: CudaTiles { warps: 2, tokens: 1 } });
+        assert!(!CudaTuned::new(&records, "cuda C").contains(&key));
+        assert_eq!(CudaTuned::new(&records, "cuda C").tiles(&key), PhaseTiles::DEFAULT);
     }
 }

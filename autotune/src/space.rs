@@ -4,6 +4,7 @@
 
 use bitnet_codegen::cpu::ternary::{Split, TernaryTiles};
 use bitnet_codegen::cpu::Isa;
+use bitnet_codegen::cuda::CudaTiles;
 use bitnet_codegen::schedule::{heuristic, Tiles, Workload};
 
 /// Bumped whenever the knobs or their meaning change: records measured
@@ -88,6 +89,26 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
     out
 }
 
+/// Every CUDA candidate of a matrix product in `phase`, the default first. One token
+/// gains nothing from more tokens per pass, so decode varies the warps
+/// (rows) per block only.
+pub fn cuda_candidates(phase: Phase) -> Vec<CudaTiles> {
+    let mut out = vec![CudaTiles::DEFAULT];
+    let tokens: &[usize] = match phase {
+        Phase::Decode => &[1],
+        Phase::Prefill => &CudaTiles::TOKENS,
+    };
+    for &warps in &CudaTiles::WARPS {
+        for &tokens in tokens {
+            let t = CudaTiles { warps, tokens };
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +125,16 @@ mod tests {
         let isas = isas().count();
         assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Decode).len(), isas * 3);
         assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Prefill).len(), isas * 18);
+    }
+
+    #[test]
+    fn cuda_candidates_start_with_the_default_and_are_all_valid() {
+        for phase in [Phase::Decode, Phase::Prefill] {
+            let c = cuda_candidates(phase);
+            assert_eq!(c[0], CudaTiles::DEFAULT);
+            assert!(c.iter().all(CudaTiles::is_valid) && c.iter().enumerate().all(|(i, t)| !c[..i].contains(t)));
+        }
+        assert_eq!(cuda_candidates(Phase::Decode).len(), 5);
+        assert_eq!(cuda_candidates(Phase::Prefill).len(), 16);
     }
 }

@@ -72,14 +72,18 @@ pub enum Tiles {
     Int8 {
         isa: Isa,
     },
+    /// A matrix product on an NVIDIA GPU.
+    Cuda(crate::cuda::CudaTiles),
 }
 
 impl Tiles {
-    /// The instruction set the tiles' kernel is written for.
-    pub fn isa(&self) -> Isa {
+    /// The CPU instruction set the tiles' kernel is written for (none for
+    /// a GPU's).
+    pub fn isa(&self) -> Option<Isa> {
         match *self {
-            Tiles::Ternary(t) => t.isa,
-            Tiles::Float { isa } | Tiles::Int8 { isa } => isa,
+            Tiles::Ternary(t) => Some(t.isa),
+            Tiles::Float { isa } | Tiles::Int8 { isa } => Some(isa),
+            Tiles::Cuda(_) => None,
         }
     }
 
@@ -88,6 +92,7 @@ impl Tiles {
         match self {
             Tiles::Ternary(t) => t.is_valid(),
             Tiles::Float { isa } | Tiles::Int8 { isa } => isa.available(),
+            Tiles::Cuda(_) => false,
         }
     }
 }
@@ -98,6 +103,7 @@ impl fmt::Display for Tiles {
             Tiles::Ternary(t) => write!(f, "{t}"),
             Tiles::Float { isa } => write!(f, "isa={}", isa.name()),
             Tiles::Int8 { isa } => write!(f, "isa={} weights=int8", isa.name()),
+            Tiles::Cuda(t) => write!(f, "{t}"),
         }
     }
 }
@@ -217,7 +223,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _) if head && pinned.head_q8 => (Tiles::Int8 { isa }, TileOrigin::Pinned),
             // A pinned ISA takes the database's tiles only where they are of that ISA.
-            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == i)) {
+            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i))) {
                 Some(t) => (t, TileOrigin::Database),
                 None => (heuristic(&key, isa), TileOrigin::Heuristic),
             },

@@ -26,6 +26,7 @@
 
 use crate::compiled::{int8_key, CompiledModel, Prepared};
 use crate::session::RuntimeError;
+use bitnet_autotune::db::CudaTuned;
 use bitnet_codegen::cpu::blob::{Blob, SharedBytes};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
@@ -272,11 +273,13 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
 }
 
 /// Writes a CUDA artifact of `model`: both graphs lowered to CUDA
-/// kernels, compiled by NVRTC to PTX for `compute_<sm>`, and the ternary
-/// weights packed as the kernels read them. Needs NVRTC, not a GPU.
-pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32) -> Result<WriteReport, RuntimeError> {
+/// kernels (with the `tuned` tiles, if any), compiled by NVRTC to PTX for
+/// `compute_<sm>`, and the ternary weights packed as the kernels read
+/// them. Needs NVRTC, not a GPU.
+pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Option<&CudaTuned>) -> Result<WriteReport, RuntimeError> {
     use crate::cuda::{layouts, Layout as DevLayout};
-    let (last, all) = (crate::session::lower_cuda(&model.graph(false)?)?, crate::session::lower_cuda(&model.graph(true)?)?);
+    let lower = |all: bool| crate::session::lower_cuda(&model.graph(all)?, tuned);
+    let (last, all) = (lower(false)?, lower(true)?);
     let nvrtc = |e: String| RuntimeError::Compile(e);
     let ptx = bitnet_codegen::cuda::nvrtc::compile(&bitnet_codegen::cuda::module_source(&[&last.1, &all.1]), sm).map_err(nvrtc)?;
     let (major, minor) = bitnet_codegen::cuda::nvrtc::version().map_err(nvrtc)?;
@@ -348,7 +351,7 @@ impl Artifact {
         if h.target.device != "cpu" {
             return artifact_err(path, format!("compiled for {}, which this build cannot run; {again}", h.target.device));
         }
-        let isas = [&h.last.schedule, &h.all.schedule].into_iter().flat_map(|s| s.steps.iter().map(|step| step.tiles.isa()).chain([s.isa]));
+        let isas = [&h.last.schedule, &h.all.schedule].into_iter().flat_map(|s| s.steps.iter().filter_map(|step| step.tiles.isa()).chain([s.isa]));
         for isa in isas {
             if !isa.available() {
                 return artifact_err(

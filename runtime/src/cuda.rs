@@ -50,6 +50,11 @@ pub fn device() -> Result<(Arc<CudaContext>, String), String> {
     Ok((ctx.clone(), format!("{name} (sm_{major}{minor})")))
 }
 
+/// The tuning database's name for a GPU, from [`device`]'s description.
+pub fn fingerprint(device: &str) -> String {
+    format!("cuda {device}")
+}
+
 /// Each f32 value copied back by [`CudaModel::trace`], in graph order.
 pub type Traced = Vec<(bitnet_ir::Value, Vec<f32>)>;
 
@@ -134,9 +139,9 @@ impl CudaModel {
         let stream = driver("creating a stream", ctx.new_stream())?;
         let module = driver("loading the PTX", ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
         let mut functions = HashMap::new();
-        for l in last.1.launches.iter().chain(&all.1.launches) {
-            if !functions.contains_key(&l.entry) {
-                let f = driver(&format!("kernel {}", l.entry), module.load_function(&l.entry))?;
+        for (l, entry) in last.1.launches.iter().chain(&all.1.launches).flat_map(|l| l.entries().map(move |e| (l, e))) {
+            if !functions.contains_key(entry) {
+                let f = driver(&format!("kernel {entry}"), module.load_function(entry))?;
                 if l.shared == Shared::PerPosition {
                     // Scores for every position sit in shared memory beside the
                     // kernel's own; past 48 KiB in all a kernel must opt in.
@@ -158,7 +163,7 @@ impl CudaModel {
                         driver("allowing attention its shared memory", f.set_attribute(attr, bytes as i32))?;
                     }
                 }
-                functions.insert(l.entry.clone(), f);
+                functions.insert(entry.to_string(), f);
             }
         }
         let mut layers: Vec<usize> = Vec::new();
@@ -440,10 +445,11 @@ impl CudaModel {
             }
         }
         let rows = rows_of(l.value);
-        let grid = match l.grid {
+        let (entry, grid, block) = l.for_rows(rows);
+        let grid = match grid {
             Grid::PerRow => (rows as u32, 1, 1),
             Grid::Fixed(n) => (n, 1, 1),
-            Grid::Elements { row } => ((rows * row).div_ceil(l.block as usize) as u32, 1, 1),
+            Grid::Elements { row } => ((rows * row).div_ceil(block as usize) as u32, 1, 1),
             Grid::HeadsByRows { heads } => (heads as u32, rows as u32, 1),
         };
         if grid.0 == 0 || grid.1 == 0 {
@@ -453,8 +459,8 @@ impl CudaModel {
             Shared::None => 0,
             Shared::PerPosition => (self.context * 4) as u32,
         };
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (l.block, 1, 1), shared_mem_bytes: shared };
-        let f = &self.functions[&l.entry];
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared };
+        let Some(f) = self.functions.get(entry) else { return err(format!("kernel {entry} is not in the module")) };
         let mut b = self.stream.launch_builder(f);
         for p in &order {
             match *p {
@@ -466,12 +472,12 @@ impl CudaModel {
         // SAFETY: the arguments follow the kernel's parameter list (the
         // launch's `args`, written with it by the lowering), and every
         // buffer holds the rows `seq` tokens need (`DevPlan::reserve`).
-        driver(&format!("launching {}", l.entry), unsafe { b.launch(cfg) })?;
+        driver(&format!("launching {entry}"), unsafe { b.launch(cfg) })?;
         Ok(())
     }
 }
 
-fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _sync) = s.device_ptr(stream);
     p
 }
@@ -554,8 +560,7 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
     for l in &p.launches {
         let Some(node) = g.nodes.get(l.value.index()) else { return err(format!("a launch names {}, which the graph does not have", l.value)) };
         let operand_ok = |i: usize| i < node.args.len();
-        let ok = l.block > 0
-            && l.block <= 1024
+        let ok = [l.block].into_iter().chain(l.one_token.as_ref().map(|v| v.block)).all(|b| b > 0 && b <= 1024)
             && l.args.iter().all(|a| match *a {
                 Arg::Operand(i) | Arg::Beta(i) | Arg::Rows(Some(i)) => operand_ok(i),
                 Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::Output | Arg::Rows(None) => true,
@@ -685,7 +690,7 @@ mod tests {
     #[test]
     fn launches_are_checked_against_their_graph() {
         let (m, dir) = model(DType::TQ2_0);
-        let (g, p) = crate::session::lower_cuda(&m.graph(true).unwrap()).unwrap();
+        let (g, p) = crate::session::lower_cuda(&m.graph(true).unwrap(), None).unwrap();
         check(&g, &p).unwrap();
         let mut bad = p.clone();
         let l = bad.launches.iter_mut().find(|l| l.args.contains(&Arg::Operand(1))).unwrap();
@@ -701,7 +706,7 @@ mod tests {
     fn weights_get_one_layout_each_with_its_device_bytes() {
         for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
             let (m, dir) = model(dtype);
-            let (last, all) = (crate::session::lower_cuda(&m.graph(false).unwrap()).unwrap(), crate::session::lower_cuda(&m.graph(true).unwrap()).unwrap());
+            let (last, all) = (crate::session::lower_cuda(&m.graph(false).unwrap(), None).unwrap(), crate::session::lower_cuda(&m.graph(true).unwrap(), None).unwrap());
             let list = layouts(&[&last.0, &all.0], &m, &HashMap::new()).unwrap();
             let get = |name: &str| list.iter().find(|w| w.0 == name).unwrap_or_else(|| panic!("{name} missing"));
             // A ternary matrix: rows of 128 codes in 32 bytes; the f16 table as stored.
@@ -719,7 +724,7 @@ mod tests {
     fn inputs_have_buffers_of_their_own() {
         let (m, dir) = model(DType::I2S);
         for all in [false, true] {
-            let plan = DevPlan::new(crate::session::lower_cuda(&m.graph(all).unwrap()).unwrap());
+            let plan = DevPlan::new(crate::session::lower_cuda(&m.graph(all).unwrap(), None).unwrap());
             for (v, node) in plan.graph.iter() {
                 if matches!(node.op, Op::Input { .. }) {
                     let s = plan.slot[v.index()];
@@ -727,6 +732,45 @@ mod tests {
                 }
             }
         }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// Tuned decode tiles that differ from the prefill ones give a second
+    /// kernel, which a one-token launch runs with its own grid and block.
+    #[test]
+    fn tuned_decode_tiles_get_a_kernel_of_their_own() {
+        use bitnet_autotune::db::{CudaTuned, Record};
+        use bitnet_autotune::{Phase, SPACE_VERSION};
+        use bitnet_codegen::cuda::CudaTiles;
+        use bitnet_codegen::schedule::{Tiles, Workload};
+        let (m, dir) = model(DType::I2S);
+        let record = |n, k, phase, tiles| Record {
+            key: Workload::Ternary { n, k }.key(),
+            phase,
+            fingerprint: "cuda test".into(),
+            threads: 1,
+            space: SPACE_VERSION,
+            tiles: Tiles::Cuda(tiles),
+            ns: Some(1),
+            status: "ok".into(),
+            at: 0,
+        };
+        let (decode, prefill) = (CudaTiles { warps: 8, tokens: 1 }, CudaTiles { warps: 2, tokens: 8 });
+        let tuned = CudaTuned::new(&[record(256, 512, Phase::Decode, decode), record(256, 512, Phase::Prefill, prefill)], "cuda test");
+        let (g, p) = crate::session::lower_cuda(&m.graph(false).unwrap(), Some(&tuned)).unwrap();
+        check(&g, &p).unwrap();
+        let down: Vec<&Launch> = p.launches.iter().filter(|l| l.one_token.is_some()).collect();
+        assert_eq!(down.len(), 2, "one ffn_down product a layer");
+        for l in down {
+            assert_eq!(l.for_rows(5), (l.entry.as_str(), Grid::Fixed(128), 64));
+            let (entry, grid, block) = l.for_rows(1);
+            assert!(entry != l.entry && grid == Grid::Fixed(32) && block == 256);
+            assert_eq!(l.entries().count(), 2);
+        }
+        // Every other product keeps one kernel with the default tiles.
+        let (_, untuned) = crate::session::lower_cuda(&m.graph(false).unwrap(), None).unwrap();
+        assert!(untuned.launches.iter().all(|l| l.one_token.is_none()));
+        assert_eq!(p.kernels.len(), untuned.kernels.len() + 1);
         std::fs::remove_dir_all(dir).ok();
     }
 }

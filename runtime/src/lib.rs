@@ -8,9 +8,10 @@ pub mod artifact;
 pub mod bench;
 pub mod compiled;
 pub mod cuda;
+pub mod cuda_tune;
 pub mod npy;
 pub mod sampler;
 pub mod session;
 
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{lower, lower_cuda, tuned_tiles, workloads, Backend, Device, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};
+pub use session::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads, Backend, Device, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};

@@ -4,7 +4,9 @@ use crate::artifact::{self, Artifact, Header};
 use crate::compiled::{CompiledModel, KernelTimes};
 use crate::cuda::CudaModel;
 use crate::sampler::{Sampler, SamplerConfig};
+use bitnet_autotune::db::CudaTuned;
 use bitnet_autotune::{Database, Tuned};
+use bitnet_codegen::cuda::PhaseTiles;
 use bitnet_codegen::schedule::{schedule, Pinned, Schedule, TileSource, Workload};
 use bitnet_codegen::target::HostCpu;
 use bitnet_frontends::model::{Model, ModelError};
@@ -115,7 +117,7 @@ impl Session {
                 return Err(RuntimeError::Input("--backend interp runs on the CPU only; drop it to run compiled code on the GPU".into()))
             }
             (Backend::Compiled, Device::Cpu) => (Some(compile(&model, &graph_last, &graph_all, opts, &mut warnings)?), None),
-            (Backend::Compiled, Device::Cuda) => (None, Some(compile_cuda(&model, &graph_last, &graph_all, opts, context)?)),
+            (Backend::Compiled, Device::Cuda) => (None, Some(compile_cuda(&model, &graph_last, &graph_all, opts, context, &mut warnings)?)),
         };
         Self::assemble(model, (graph_last, graph_all), (compiled, cuda), opts, t0, warnings, None)
     }
@@ -429,6 +431,21 @@ pub fn workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
     Ok(out)
 }
 
+/// Every distinct matrix-product workload of a model's CUDA kernels.
+pub fn cuda_workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
+    let mut out = Vec::new();
+    for all in [false, true] {
+        let (_, p) = lower_cuda(&model.graph(all)?, None)?;
+        for (_, key, _) in p.tiles {
+            match Workload::parse(&bitnet_codegen::schedule::WorkloadKey(key)) {
+                Some(w) if !out.contains(&w) => out.push(w),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Lowers both graphs, then prepares the weights for the native kernels.
 fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, warnings: &mut Vec<String>) -> Result<CompiledModel, RuntimeError> {
     let threads = opts.threads.max(1);
@@ -437,18 +454,38 @@ fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, warning
     Ok(CompiledModel::new(model, lower(last, &opts.pinned, source)?, lower(all, &opts.pinned, source)?, threads)?)
 }
 
-/// The graph passes, then lowering to CUDA kernels and launches.
-pub fn lower_cuda(g: &Graph) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
+/// The graph passes, then lowering to CUDA kernels and launches, with
+/// the tiles `tuned` measured for each matrix product (else the defaults).
+pub fn lower_cuda(g: &Graph, tuned: Option<&CudaTuned>) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
     let g = passes::optimize_cuda(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
-    let p = bitnet_codegen::cuda::lower(&g, &|_| bitnet_codegen::cuda::CudaTiles::DEFAULT).map_err(RuntimeError::Compile)?;
+    let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| tuned.map_or(PhaseTiles::DEFAULT, |t| t.tiles(key));
+    let p = bitnet_codegen::cuda::lower(&g, &tiles).map_err(RuntimeError::Compile)?;
     Ok((g, p))
 }
 
-fn compile_cuda(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, context: usize) -> Result<CudaModel, RuntimeError> {
+/// The tuning database's tiles for this machine's GPU, when it has one
+/// (`bitnet autotune --device cuda` measures them).
+pub fn cuda_tuned_tiles(warnings: &mut Vec<String>) -> Option<CudaTuned> {
+    let (_, name) = crate::cuda::device().ok()?;
+    match Database::open_default() {
+        Ok(db) => {
+            let (tuned, problems) = db.cuda_source(&crate::cuda::fingerprint(&name));
+            warnings.extend(problems);
+            Some(tuned)
+        }
+        Err(e) => {
+            warnings.push(format!("tuning database: {e}; using default tiles"));
+            None
+        }
+    }
+}
+
+fn compile_cuda(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, context: usize, warnings: &mut Vec<String>) -> Result<CudaModel, RuntimeError> {
     if opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
         return Err(RuntimeError::Input("--head q8 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head".into()));
     }
-    Ok(CudaModel::new(model, Default::default(), lower_cuda(last)?, lower_cuda(all)?, None, context)?)
+    let tuned = if opts.tuning { cuda_tuned_tiles(warnings) } else { None };
+    Ok(CudaModel::new(model, Default::default(), lower_cuda(last, tuned.as_ref())?, lower_cuda(all, tuned.as_ref())?, None, context)?)
 }
 
 #[derive(Clone, Debug)]

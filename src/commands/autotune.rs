@@ -48,9 +48,6 @@ pub enum Action {
 }
 
 pub fn autotune(a: AutotuneArgs) -> anyhow::Result<()> {
-    if a.device.device == super::Device::Cuda {
-        anyhow::bail!("autotune --device cuda: not built yet; the CUDA kernels use fixed tiles ({}) for now", bitnet_codegen::cuda::CudaTiles::DEFAULT);
-    }
     let db = Database::open_default().map_err(anyhow::Error::msg)?;
     match a.action {
         Some(Action::List) => return list(&db),
@@ -75,11 +72,18 @@ pub fn autotune(a: AutotuneArgs) -> anyhow::Result<()> {
     let workloads = match (&a.model, &a.shapes) {
         (Some(m), _) => {
             let model = Model::open(m).with_context(|| format!("loading {}", m.display()))?;
-            bitnet_runtime::workloads(&model)?
+            if a.device.device == super::Device::Cuda {
+                bitnet_runtime::cuda_workloads(&model)?
+            } else {
+                bitnet_runtime::workloads(&model)?
+            }
         }
         (None, Some(s)) => tune::shapes(s).map_err(anyhow::Error::msg)?,
         (None, None) => anyhow::bail!("give -m MODEL or --shapes 2b4t (or list, export, import, clear)"),
     };
+    if a.device.device == super::Device::Cuda {
+        return sweep_cuda(&workloads, &db);
+    }
     let threads = super::threads(a.threads)?;
     let reports = sweep(&workloads, threads, a.budget, &db)?;
     super::print(&table(&reports))?;
@@ -102,6 +106,24 @@ pub fn sweep(workloads: &[Workload], threads: usize, budget: Duration, db: &Data
     .map_err(anyhow::Error::msg)?;
     bar.finish_and_clear();
     Ok(reports)
+}
+
+/// Tunes the CUDA matrix products of `workloads` on this machine's GPU.
+fn sweep_cuda(workloads: &[Workload], db: &Database) -> anyhow::Result<()> {
+    let (fingerprint, _) = bitnet_runtime::cuda_tune::gpu().map_err(|e| anyhow::anyhow!("autotune --device cuda: {e}"))?;
+    eprintln!("tuning {} workloads on {fingerprint}", workloads.len());
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}").expect("a valid template"));
+    let reports = bitnet_runtime::cuda_tune::tune(workloads, db, |done, total, what| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_string());
+    })
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    super::print(&table(&reports))?;
+    eprintln!("{} records in {}; `bitnet run --device cuda` and `bitnet compile --device cuda` use them on this GPU", db.load().records.len(), db.path.display());
+    Ok(())
 }
 
 fn micros(ns: Option<u64>) -> String {
@@ -163,6 +185,16 @@ fn list(db: &Database) -> anyhow::Result<()> {
         }
     }
     for (fp, n) in other {
+        if fp.starts_with("cuda ") {
+            // GPUs: the tiles `--device cuda` takes on a machine with that GPU.
+            let tuned = bitnet_autotune::db::CudaTuned::new(&loaded.records, fp);
+            let keys: std::collections::BTreeSet<_> = loaded.records.iter().filter(|r| r.fingerprint == fp).map(|r| r.key.clone()).collect();
+            writeln!(out, "GPU {}:", &fp["cuda ".len()..])?;
+            for key in keys.iter().filter(|k| tuned.contains(k)) {
+                writeln!(out, "  {:<32} {}", key.to_string(), tuned.tiles(key))?;
+            }
+            continue;
+        }
         writeln!(out, "other machine {fp}: {n} records (not used here)")?;
     }
     super::print(&out)

@@ -121,6 +121,10 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
     }
     let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let graph = model.graph(a.all_logits)?;
+    // Tiles measured on this machine's GPU, if it has one.
+    let mut warnings = Vec::new();
+    let tuned = if a.no_tune { None } else { bitnet_runtime::cuda_tuned_tiles(&mut warnings) };
+    warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     match a.dump_after.as_deref() {
         Some("schedule") => {}
         Some(pass) => {
@@ -133,18 +137,22 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
             };
             let t0 = Instant::now();
             eprintln!("compiling {} for CUDA (PTX for sm_{}) ...", a.model.display(), a.sm);
-            let report = artifact::write_cuda(out, &a.model, &model, a.sm)?;
+            let report = artifact::write_cuda(out, &a.model, &model, a.sm, tuned.as_ref())?;
             eprintln!("wrote {}: {:.1} MB, {} tensors, in {:.1} s", out.display(), report.bytes as f64 / 1e6, report.tensors, t0.elapsed().as_secs_f64());
             return Ok(());
         }
     }
-    let (g, program) = bitnet_runtime::lower_cuda(&graph)?;
+    let (g, program) = bitnet_runtime::lower_cuda(&graph, tuned.as_ref())?;
     let t0 = Instant::now();
     let source = bitnet_codegen::cuda::module_source(&[&program]);
     let ptx = bitnet_codegen::cuda::nvrtc::compile(&source, a.sm).map_err(anyhow::Error::msg)?;
     let mut out = format!("{g}launches {{\n");
     for l in &program.launches {
-        out += &format!("    {} {} grid={:?} block={}\n", l.value, l.entry, l.grid, l.block);
+        out += &format!("    {} {} grid={:?} block={}", l.value, l.entry, l.grid, l.block);
+        if let Some(v) = &l.one_token {
+            out += &format!(" one_token={} grid={:?} block={}", v.entry, v.grid, v.block);
+        }
+        out += "\n";
     }
     out += "}\ntiles {\n";
     for (v, key, tiles) in &program.tiles {

@@ -67,6 +67,55 @@ pub struct Launch {
     pub block: u32,
     pub shared: Shared,
     pub args: Vec<Arg>,
+    /// A kernel of the same parameters tuned for one token (decode), run
+    /// instead when the launch has one row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_token: Option<Variant>,
+}
+
+/// Another kernel for a launch: its entry and its own grid and block.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Variant {
+    pub entry: String,
+    pub grid: Grid,
+    pub block: u32,
+}
+
+impl Launch {
+    /// The kernel, grid and block that run `rows` tokens.
+    pub fn for_rows(&self, rows: usize) -> (&str, Grid, u32) {
+        match &self.one_token {
+            Some(v) if rows == 1 => (&v.entry, v.grid, v.block),
+            _ => (&self.entry, self.grid, self.block),
+        }
+    }
+
+    /// Every kernel entry the launch may run.
+    pub fn entries(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.entry.as_str()).chain(self.one_token.as_ref().map(|v| v.entry.as_str()))
+    }
+}
+
+/// The tiles of one matrix product: for many tokens (prefill) and for one
+/// (decode). The autotuner measures each phase on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhaseTiles {
+    pub prefill: CudaTiles,
+    pub decode: CudaTiles,
+}
+
+impl PhaseTiles {
+    pub const DEFAULT: PhaseTiles = PhaseTiles { prefill: CudaTiles::DEFAULT, decode: CudaTiles::DEFAULT };
+}
+
+impl std::fmt::Display for PhaseTiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefill == self.decode {
+            write!(f, "{}", self.prefill)
+        } else {
+            write!(f, "prefill {}, decode {}", self.prefill, self.decode)
+        }
+    }
 }
 
 /// One generated kernel: its entry name and its CUDA C.
@@ -139,13 +188,27 @@ impl Builder {
 
     fn launch(&mut self, value: Value, family: &str, code: String, grid: Grid, block: u32, args: Vec<Arg>) {
         let entry = self.kernel(family, block, code);
-        self.launches.push(Launch { value, entry, grid, block, shared: Shared::None, args });
+        self.launches.push(Launch { value, entry, grid, block, shared: Shared::None, args, one_token: None });
+    }
+
+    /// A matrix product's launch of `n` rows, one warp a row: `code(t)` is
+    /// its kernel for tiles `t`, and a second kernel runs one token when
+    /// the decode tiles differ.
+    fn product(&mut self, value: Value, family: &str, n: usize, tiles: PhaseTiles, code: impl Fn(CudaTiles) -> String, args: Vec<Arg>) {
+        let grid = |t: CudaTiles| Grid::Fixed(n.div_ceil(t.warps) as u32);
+        let p = tiles.prefill;
+        self.launch(value, family, code(p), grid(p), p.block(), args);
+        if tiles.decode != p {
+            let d = tiles.decode;
+            let entry = self.kernel(family, d.block(), code(d));
+            self.launches.last_mut().expect("just pushed").one_token = Some(Variant { entry, grid: grid(d), block: d.block() });
+        }
     }
 }
 
 /// Lowers an optimized graph for CUDA. `tiles` gives each matrix
 /// product's tiles from its workload key.
-pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTiles) -> Result<Program, String> {
+pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles) -> Result<Program, String> {
     use kernels as k;
     use Arg::*;
     let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
@@ -191,8 +254,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                 let mut args = vec![Operand(1), Beta(1), Operand(0)];
                 args.extend((2..node.args.len()).map(Operand));
                 args.extend([Output, Rows(None)]);
-                let grid = Grid::Fixed(n.div_ceil(t.warps) as u32);
-                b.launch(v, "ternary_matmul", k::ternary_matmul(n, padded(kk), ep, t), grid, t.block(), args);
+                b.product(v, "ternary_matmul", n, t, |t| k::ternary_matmul(n, padded(kk), ep, t), args);
             }
             Op::TernaryGlu { act, epilogue } => {
                 let w = arg_ty(1);
@@ -206,8 +268,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                 args.extend([Operand(up), Beta(up)]);
                 args.extend((up + 1..node.args.len()).map(Operand));
                 args.extend([Operand(0), Output, Rows(None)]);
-                let grid = Grid::Fixed(n.div_ceil(t.warps) as u32);
-                b.launch(v, "ternary_glu", k::ternary_glu(n, padded(kk), *act, epilogue.scale, t), grid, t.block(), args);
+                b.product(v, "ternary_glu", n, t, |t| k::ternary_glu(n, padded(kk), *act, epilogue.scale, t), args);
             }
             Op::MatMul => {
                 let (x, w) = (arg_ty(0), arg_ty(1));
@@ -218,8 +279,8 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                 let key = crate::schedule::Workload::Float { n, k: kk, dtype: w.dtype }.key();
                 let t = tiles(&key);
                 chosen.push((v, key.0.clone(), t.to_string()));
-                let grid = Grid::Fixed(n.div_ceil(t.warps) as u32);
-                b.launch(v, "matmul", k::matmul(device_float_type(w.dtype), n, kk, t), grid, t.block(), vec![Operand(1), Operand(0), Output, Rows(None)]);
+                let ty = device_float_type(w.dtype);
+                b.product(v, "matmul", n, t, |t| k::matmul(ty, n, kk, t), vec![Operand(1), Operand(0), Output, Rows(None)]);
             }
             Op::Rope { mode, theta, head_dim } => {
                 b.launch(v, "rope", k::rope(cols, *head_dim, *mode, *theta), Grid::PerRow, rb, with(&[Output, Rows(None)]));
@@ -242,6 +303,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> CudaTil
                     block: rb,
                     shared: Shared::PerPosition,
                     args: with(&[KeyCache(*layer), ValueCache(*layer), Output, Rows(None)]),
+                    one_token: None,
                 });
             }
             Op::Unary(u) => b.launch(v, "unary", k::unary(*u, cols), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)])),
