@@ -295,6 +295,9 @@ impl CudaTuned {
         let mut best: HashMap<(WorkloadKey, Phase), (CudaTiles, u64)> = HashMap::new();
         for r in records.iter().filter(|r| r.fingerprint == fingerprint && r.space == SPACE_VERSION && r.is_ok()) {
             let (Tiles::Cuda(t), Some(ns)) = (r.tiles, r.ns) else { continue };
+            if !t.is_valid() {
+                continue;
+            }
             let slot = best.entry((r.key.clone(), r.phase)).or_insert((t, ns));
             if ns < slot.1 {
                 *slot = (t, ns);
@@ -303,11 +306,12 @@ impl CudaTuned {
         CudaTuned { best }
     }
 
-    /// Tiles for both phases; the default where a phase was not measured.
-    pub fn tiles(&self, key: &WorkloadKey) -> PhaseTiles {
+    /// Tiles for both phases; the heuristic's for a GPU of compute
+    /// capability `sm` where a phase was not measured.
+    pub fn tiles(&self, key: &WorkloadKey, sm: u32) -> PhaseTiles {
         let get = |phase| self.best.get(&(key.clone(), phase)).map(|b| b.0);
-        let prefill = get(Phase::Prefill).unwrap_or(CudaTiles::DEFAULT);
-        PhaseTiles { prefill, decode: get(Phase::Decode).unwrap_or(prefill) }
+        let h = PhaseTiles::heuristic(key, sm);
+        PhaseTiles { prefill: get(Phase::Prefill).unwrap_or(h.prefill), decode: get(Phase::Decode).unwrap_or(h.decode) }
     }
 
     pub fn contains(&self, key: &WorkloadKey) -> bool {
@@ -459,10 +463,10 @@ mod tests {
     fn cuda_tiles_are_the_fastest_right_ones_of_that_gpu_per_phase() {
         let cuda = |phase, warps, tokens, ns: u64, fingerprint: &str, status: &str| Record {
             fingerprint: fingerprint.into(),
-            tiles: Tiles::Cuda(CudaTiles { warps, tokens }),
+            tiles: Tiles::Cuda(CudaTiles { warps, tokens, mma: false }),
             status: status.into(),
             threads: 1,
-            ..rec("k", phase, 1, 1, ns)
+            ..rec("ternary_matmul n=1 k=1", phase, 1, 1, ns)
         };
         let records = vec![
             cuda(Phase::Decode, 4, 4, 50, "cuda A", "ok"),
@@ -472,15 +476,17 @@ mod tests {
             cuda(Phase::Prefill, 4, 8, 90, "cuda A", "ok"),
             cuda(Phase::Prefill, 4, 4, 99, "cuda A", "ok"),
             // A CPU record of the same key is not a CUDA measurement.
-            rec("k", Phase::Prefill, 1, 1, 1),
+            rec("ternary_matmul n=1 k=1", Phase::Prefill, 1, 1, 1),
         ];
         let t = CudaTuned::new(&records, "cuda A");
-        let key = WorkloadKey("k".into());
-        assert_eq!(t.tiles(&key), PhaseTiles { prefill: CudaTiles { warps: 4, tokens: 8 }, decode: CudaTiles { warps: 2, tokens: 1 } });
-        // Decode only: prefill keeps the default; nothing: the defaults.
+        let key = WorkloadKey("ternary_matmul n=1 k=1".into());
+        let dp4a = |warps, tokens| CudaTiles { warps, tokens, mma: false };
+        assert_eq!(t.tiles(&key, 90), PhaseTiles { prefill: dp4a(4, 8), decode: dp4a(2, 1) });
+        // Decode only: prefill takes the heuristic's (tensor cores from sm_80).
         let t = CudaTuned::new(&records[..2], "cuda A");
-        assert_eq!(t.tiles(&key), PhaseTiles { prefill: CudaTiles::DEFAULT, decode: CudaTiles { warps: 2, tokens: 1 } });
+        assert_eq!(t.tiles(&key, 90), PhaseTiles { prefill: CudaTiles::MMA_DEFAULT, decode: dp4a(2, 1) });
+        assert_eq!(t.tiles(&key, 75).prefill, CudaTiles::DEFAULT);
         assert!(!CudaTuned::new(&records, "cuda C").contains(&key));
-        assert_eq!(CudaTuned::new(&records, "cuda C").tiles(&key), PhaseTiles::DEFAULT);
+        assert_eq!(CudaTuned::new(&records, "cuda C").tiles(&key, 90), PhaseTiles::heuristic(&key, 90));
     }
 }

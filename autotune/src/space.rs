@@ -4,7 +4,7 @@
 
 use bitnet_codegen::cpu::ternary::{Split, TernaryTiles};
 use bitnet_codegen::cpu::Isa;
-use bitnet_codegen::cuda::CudaTiles;
+use bitnet_codegen::cuda::{CudaTiles, PhaseTiles};
 use bitnet_codegen::schedule::{heuristic, Tiles, Workload};
 
 /// Bumped whenever the knobs or their meaning change: records measured
@@ -89,20 +89,26 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
     out
 }
 
-/// Every CUDA candidate of a matrix product in `phase`, the default first. One token
-/// gains nothing from more tokens per pass, so decode varies the warps
-/// (rows) per block only.
-pub fn cuda_candidates(phase: Phase) -> Vec<CudaTiles> {
-    let mut out = vec![CudaTiles::DEFAULT];
-    let tokens: &[usize] = match phase {
-        Phase::Decode => &[1],
-        Phase::Prefill => &CudaTiles::TOKENS,
+/// Every CUDA candidate of a matrix product in `phase` on a GPU of compute
+/// capability `sm`, the heuristic's first. One token gains nothing from
+/// more tokens per pass, so decode varies the warps (rows) per block only;
+/// prefill of a ternary product also tries the tensor cores (sm_80+).
+pub fn cuda_candidates(w: &Workload, phase: Phase, sm: u32) -> Vec<CudaTiles> {
+    let h = PhaseTiles::heuristic(&w.key(), sm);
+    let mut out = vec![if phase == Phase::Decode { h.decode } else { h.prefill }];
+    let mut push = |t: CudaTiles| {
+        if !out.contains(&t) {
+            out.push(t);
+        }
     };
     for &warps in &CudaTiles::WARPS {
-        for &tokens in tokens {
-            let t = CudaTiles { warps, tokens };
-            if !out.contains(&t) {
-                out.push(t);
+        match phase {
+            Phase::Decode => push(CudaTiles { warps, tokens: 1, mma: false }),
+            Phase::Prefill => {
+                CudaTiles::TOKENS.iter().for_each(|&tokens| push(CudaTiles { warps, tokens, mma: false }));
+                if w.is_ternary() && sm >= 80 {
+                    CudaTiles::MMA_TOKENS.iter().for_each(|&tokens| push(CudaTiles { warps, tokens, mma: true }));
+                }
             }
         }
     }
@@ -128,13 +134,19 @@ mod tests {
     }
 
     #[test]
-    fn cuda_candidates_start_with_the_default_and_are_all_valid() {
+    fn cuda_candidates_start_with_the_heuristic_and_are_all_valid() {
+        let (w, head) = (Workload::Ternary { n: 2560, k: 6912 }, Workload::Float { n: 300, k: 256, dtype: bitnet_ir::DType::F16 });
         for phase in [Phase::Decode, Phase::Prefill] {
-            let c = cuda_candidates(phase);
-            assert_eq!(c[0], CudaTiles::DEFAULT);
-            assert!(c.iter().all(CudaTiles::is_valid) && c.iter().enumerate().all(|(i, t)| !c[..i].contains(t)));
+            for sm in [75, 90] {
+                let c = cuda_candidates(&w, phase, sm);
+                let h = PhaseTiles::heuristic(&w.key(), sm);
+                assert_eq!(c[0], if phase == Phase::Decode { h.decode } else { h.prefill });
+                assert!(c.iter().all(CudaTiles::is_valid) && c.iter().enumerate().all(|(i, t)| !c[..i].contains(t)));
+            }
         }
-        assert_eq!(cuda_candidates(Phase::Decode).len(), 5);
-        assert_eq!(cuda_candidates(Phase::Prefill).len(), 16);
+        assert_eq!(cuda_candidates(&w, Phase::Decode, 90).len(), 5);
+        assert_eq!(cuda_candidates(&w, Phase::Prefill, 90).len(), 16 + 12);
+        assert_eq!(cuda_candidates(&w, Phase::Prefill, 75).len(), 16);
+        assert!(cuda_candidates(&head, Phase::Prefill, 90).iter().all(|t| !t.mma));
     }
 }

@@ -36,7 +36,8 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
             for (act, scale) in [(GateAct::Silu, false), (GateAct::Relu2, true)] {
                 add(k::ternary_glu(n, padded(kk), act, scale, t));
             }
-            for ty in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+            // The tensor cores run ternary products only.
+            for ty in [FloatType::F32, FloatType::F16, FloatType::BF16].into_iter().filter(|_| !t.mma) {
                 add(k::matmul(ty, n, kk, t));
             }
         }
@@ -99,7 +100,7 @@ fn kernels_at_2b4t_shapes_compile() {
         return;
     }
     let products = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912), (128256, 2560)];
-    check("2b4t", &module(&products, &[2560, 6912, 128256], &[CudaTiles::DEFAULT]));
+    check("2b4t", &module(&products, &[2560, 6912, 128256], &[CudaTiles::DEFAULT, CudaTiles::MMA_DEFAULT]));
 }
 
 #[test]
@@ -107,7 +108,10 @@ fn kernels_at_awkward_shapes_and_every_tile_compile() {
     if !nvrtc_or_skip("kernels_at_awkward_shapes_and_every_tile_compile") {
         return;
     }
-    let tiles: Vec<CudaTiles> = CudaTiles::WARPS.iter().flat_map(|&warps| CudaTiles::TOKENS.map(|tokens| CudaTiles { warps, tokens })).collect();
+    let dp4a = CudaTiles::WARPS.iter().flat_map(|&warps| CudaTiles::TOKENS.map(|tokens| CudaTiles { warps, tokens, mma: false }));
+    let mma = CudaTiles::WARPS.iter().flat_map(|&warps| CudaTiles::MMA_TOKENS.map(|tokens| CudaTiles { warps, tokens, mma: true }));
+    let tiles: Vec<CudaTiles> = dp4a.chain(mma).collect();
+    assert!(tiles.iter().all(CudaTiles::is_valid));
     let mut src = module(&[(1, 1), (3, 3), (2592, 2592)], &[1, 3, 783, 2592], &[CudaTiles::DEFAULT]);
     src += &module(&[(783, 783)], &[], &tiles)[k::PRELUDE.len()..].replace("kernel_", "tiled_");
     check("awkward", &src);

@@ -278,7 +278,7 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
 /// them. Needs NVRTC, not a GPU.
 pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Option<&CudaTuned>) -> Result<WriteReport, RuntimeError> {
     use crate::cuda::{layouts, Layout as DevLayout};
-    let lower = |all: bool| crate::session::lower_cuda(&model.graph(all)?, tuned);
+    let lower = |all: bool| crate::session::lower_cuda(&model.graph(all)?, sm, tuned);
     let (last, all) = (lower(false)?, lower(true)?);
     let nvrtc = |e: String| RuntimeError::Compile(e);
     let ptx = bitnet_codegen::cuda::nvrtc::compile(&bitnet_codegen::cuda::module_source(&[&last.1, &all.1]), sm).map_err(nvrtc)?;

@@ -2,7 +2,7 @@
 //!
 //! Every candidate tile of a workload becomes a kernel of one NVRTC
 //! module. Each runs on the same random weights and activations; its
-//! result must equal the default tiles' bit for bit (the sums are over
+//! result must equal the default dot-product tiles' bit for bit (the sums are over
 //! integers, or in the same order for float weights), else it is recorded
 //! as wrong and never chosen. The right ones are timed with CUDA events:
 //! decode (one token) cycles through enough copies of the weights that
@@ -59,7 +59,7 @@ pub fn tune(workloads: &[Workload], db: &Database, mut progress: impl FnMut(usiz
     for (i, &(w, phase)) in jobs.iter().enumerate() {
         let key = w.key();
         progress(i, jobs.len(), &format!("{key} ({})", phase.name()));
-        let cands = cuda_candidates(phase);
+        let cands = cuda_candidates(&w, phase, sm);
         let mut report = JobReport {
             key: key.clone(),
             phase,
@@ -136,18 +136,21 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
             (n, k, Box::new(move |t| kernels::matmul(ty, n, k, t)))
         }
     };
+    // The reference: dot products with the default tiles, last.
+    let all: Vec<CudaTiles> = cands.iter().copied().chain([CudaTiles::DEFAULT]).collect();
     let mut module = String::from(kernels::PRELUDE);
-    for (i, t) in cands.iter().enumerate() {
+    for (i, t) in all.iter().enumerate() {
         module += &format!("extern \"C\" __global__ void __launch_bounds__({}) candidate_{i}{}\n", t.block(), source(*t));
     }
     let ptx = nvrtc::compile(&module, sm)?;
     let ctx = stream.context();
     let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cuda_err("loading the candidates"))?;
     let functions: Vec<CudaFunction> =
-        (0..cands.len()).map(|i| m.load_function(&format!("candidate_{i}")).map_err(cuda_err("loading a candidate"))).collect::<Result<_, _>>()?;
+        (0..all.len()).map(|i| m.load_function(&format!("candidate_{i}")).map_err(cuda_err("loading a candidate"))).collect::<Result<_, _>>()?;
     let inputs = inputs(stream, w, n, k, tokens, phase)?;
     let run = |f: &CudaFunction, t: CudaTiles, copy: usize| -> Result<(), String> {
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(t.warps) as u32, 1, 1), block_dim: (t.block(), 1, 1), shared_mem_bytes: 0 };
+        let tiles_of_tokens = if t.mma { inputs.tokens.div_ceil(t.tokens) as u32 } else { 1 };
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(t.rows()) as u32, tiles_of_tokens, 1), block_dim: (t.block(), 1, 1), shared_mem_bytes: 0 };
         let (wp, xp, gp, sp, op) =
             (ptr(&inputs.weights[copy], stream), ptr(&inputs.x, stream), ptr(&inputs.gamma, stream), ptr(&inputs.qsum, stream), ptr(&inputs.out, stream));
         let (beta, s) = (1.0f32, inputs.tokens as i32);
@@ -168,7 +171,7 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
         run(f, t, 0)?;
         stream.clone_dtoh(&inputs.out).map_err(cuda_err("copying a result back"))
     };
-    let want = result(&functions[0], cands[0])?;
+    let want = result(&functions[cands.len()], CudaTiles::DEFAULT)?;
     let event = || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err("an event"));
     // Launches per round: about a millisecond of work for decode.
     let launches = if phase == Phase::Decode { 64 } else { 8 };
@@ -176,7 +179,7 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
     for (f, &t) in functions.iter().zip(cands) {
         let got = result(f, t)?;
         if got.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()) {
-            out.push((t, Err(format!("differs from the default tiles' result ({})", cands[0]))));
+            out.push((t, Err(format!("differs from the result of {}", CudaTiles::DEFAULT))));
             continue;
         }
         let mut times = Vec::new();

@@ -435,7 +435,7 @@ pub fn workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
 pub fn cuda_workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
     let mut out = Vec::new();
     for all in [false, true] {
-        let (_, p) = lower_cuda(&model.graph(all)?, None)?;
+        let (_, p) = lower_cuda(&model.graph(all)?, bitnet_codegen::cuda::nvrtc::DEFAULT_SM, None)?;
         for (_, key, _) in p.tiles {
             match Workload::parse(&bitnet_codegen::schedule::WorkloadKey(key)) {
                 Some(w) if !out.contains(&w) => out.push(w),
@@ -454,11 +454,12 @@ fn compile(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, warning
     Ok(CompiledModel::new(model, lower(last, &opts.pinned, source)?, lower(all, &opts.pinned, source)?, threads)?)
 }
 
-/// The graph passes, then lowering to CUDA kernels and launches, with
-/// the tiles `tuned` measured for each matrix product (else the defaults).
-pub fn lower_cuda(g: &Graph, tuned: Option<&CudaTuned>) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
+/// The graph passes, then lowering to CUDA kernels and launches for GPUs
+/// of compute capability `sm`, with the tiles `tuned` measured for each
+/// matrix product (else the heuristic's).
+pub fn lower_cuda(g: &Graph, sm: u32, tuned: Option<&CudaTuned>) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
     let g = passes::optimize_cuda(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
-    let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| tuned.map_or(PhaseTiles::DEFAULT, |t| t.tiles(key));
+    let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| tuned.map_or(PhaseTiles::heuristic(key, sm), |t| t.tiles(key, sm));
     let p = bitnet_codegen::cuda::lower(&g, &tiles).map_err(RuntimeError::Compile)?;
     Ok((g, p))
 }
@@ -485,7 +486,10 @@ fn compile_cuda(model: &Model, last: &Graph, all: &Graph, opts: &LoadOptions, co
         return Err(RuntimeError::Input("--head q8 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head".into()));
     }
     let tuned = if opts.tuning { cuda_tuned_tiles(warnings) } else { None };
-    Ok(CudaModel::new(model, Default::default(), lower_cuda(last, tuned.as_ref())?, lower_cuda(all, tuned.as_ref())?, None, context)?)
+    // Without a device CudaModel::new says so; the lowering then is moot.
+    let sm = crate::cuda::device_sm().unwrap_or(bitnet_codegen::cuda::nvrtc::DEFAULT_SM);
+    let lower = |g| lower_cuda(g, sm, tuned.as_ref());
+    Ok(CudaModel::new(model, Default::default(), lower(last)?, lower(all)?, None, context)?)
 }
 
 #[derive(Clone, Debug)]

@@ -142,7 +142,7 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let (g, program) = bitnet_runtime::lower_cuda(&graph, tuned.as_ref())?;
+    let (g, program) = bitnet_runtime::lower_cuda(&graph, a.sm, tuned.as_ref())?;
     let t0 = Instant::now();
     let source = bitnet_codegen::cuda::module_source(&[&program]);
     let ptx = bitnet_codegen::cuda::nvrtc::compile(&source, a.sm).map_err(anyhow::Error::msg)?;

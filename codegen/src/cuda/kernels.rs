@@ -53,6 +53,15 @@ template <typename T, typename W> __device__ __forceinline__ T block_reduce(T v,
     v = lane < nw ? part[lane] : idle;
     return warp(v);
 }
+// D += A·B on the integer tensor cores (m16n8k32, s8 in, s32 out); sm_80+.
+__device__ __forceinline__ void mma_s8(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
 __device__ double block_sum_d(double v) { return block_reduce(v, 0.0, warp_sum_d); }
 __device__ int block_sum_i(int v) { return block_reduce(v, 0, warp_sum_i); }
 __device__ float block_max(float v) { return block_reduce(v, -__int_as_float(0x7f800000), warp_max); }
@@ -201,30 +210,121 @@ pub fn quantize_rows(k: usize, kp: usize, norm: Option<f32>) -> String {
 /// Tiles of the CUDA matrix products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct CudaTiles {
-    /// Warps per block; each warp computes one output row.
+    /// Warps per block. Each computes one output row, or with `mma` a
+    /// slice of 16 rows.
     pub warps: usize,
-    /// Tokens computed per pass over a row's weights (prefill).
+    /// Tokens computed per pass over the weights: per warp, or with `mma`
+    /// per block (a multiple of 8).
     pub tokens: usize,
+    /// Ternary products on the integer tensor cores (`mma.sync` s8,
+    /// sm_80 and later), for prefill; else `dp4a` dot products.
+    #[serde(default)]
+    pub mma: bool,
 }
 
 impl CudaTiles {
     pub const WARPS: [usize; 4] = [1, 2, 4, 8];
     pub const TOKENS: [usize; 4] = [1, 2, 4, 8];
-    pub const DEFAULT: CudaTiles = CudaTiles { warps: 4, tokens: 4 };
+    pub const MMA_TOKENS: [usize; 3] = [16, 32, 64];
+    pub const DEFAULT: CudaTiles = CudaTiles { warps: 4, tokens: 4, mma: false };
+    /// Prefill's default on tensor-core GPUs.
+    pub const MMA_DEFAULT: CudaTiles = CudaTiles { warps: 4, tokens: 32, mma: true };
 
     pub fn is_valid(&self) -> bool {
-        Self::WARPS.contains(&self.warps) && Self::TOKENS.contains(&self.tokens)
+        let tokens: &[usize] = if self.mma { &Self::MMA_TOKENS } else { &Self::TOKENS };
+        Self::WARPS.contains(&self.warps) && tokens.contains(&self.tokens)
     }
 
     pub fn block(&self) -> u32 {
         32 * self.warps as u32
     }
+
+    /// Output rows per block.
+    pub fn rows(&self) -> usize {
+        if self.mma {
+            16 * self.warps
+        } else {
+            self.warps
+        }
+    }
 }
 
 impl std::fmt::Display for CudaTiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "isa=cuda warps={} tokens={}", self.warps, self.tokens)
+        let isa = if self.mma { "cuda-mma" } else { "cuda" };
+        write!(f, "isa={isa} warps={} tokens={}", self.warps, self.tokens)
     }
+}
+
+/// Ternary products on the tensor cores: `mma.sync.m16n8k32` with the
+/// weights' codes (0, 1, 2 as s8) as A and the int8 activations as B.
+/// Warp `w` of block `(x, y)` computes rows `16 · (x · warps + w) ..+16`
+/// for tokens `y · tokens ..+tokens`, one 16×8 accumulator per 8 tokens
+/// and weight (`weights` names each packed weight pointer; `acc` of the
+/// second becomes `sum_up`). In a packed 128-code chunk, byte `b` holds
+/// the codes of `k = b, b+32, b+64, b+96` (bits 7:6 down to 1:0), so the
+/// fragment of a 32-wide step is one shift and mask of two words per row:
+/// words `t` and `t+4` give `k = 4t..4t+3` and `16+4t..` of that step,
+/// as A's registers and B's both want them. The accumulators are exact
+/// integers, so the result is the `dp4a` kernel's bit for bit; `finish`
+/// sees `t`, `n`, `sum` (and `sum_up`).
+/// Grid: `(ceil(n / (16 · warps)), ceil(S / tokens))` blocks of `32 · warps`.
+fn mma_tiles(n: usize, kp: usize, tiles: CudaTiles, weights: &[&str], finish: &str) -> String {
+    let nt = tiles.tokens / 8;
+    let (mut declare, mut load, mut step, mut sums) = (String::new(), String::new(), String::new(), String::new());
+    for (i, w) in weights.iter().enumerate() {
+        let _ = writeln!(declare, "    int acc{i}[{nt}][4];\n    #pragma unroll\n    for (int j = 0; j < {nt}; j++) acc{i}[j][0] = acc{i}[j][1] = acc{i}[j][2] = acc{i}[j][3] = 0;");
+        let _ = writeln!(
+            load,
+            "        const u32* ra{i} = (const u32*){w} + (size_t)ra * {rw} + c * 8;\n        const u32* rb{i} = (const u32*){w} + (size_t)rb * {rw} + c * 8;\n        \
+             u32 wa{i}0 = oka ? ra{i}[t4] : 0u, wa{i}1 = oka ? ra{i}[t4 + 4] : 0u, wb{i}0 = okb ? rb{i}[t4] : 0u, wb{i}1 = okb ? rb{i}[t4 + 4] : 0u;",
+            rw = kp / 16
+        );
+        let _ = writeln!(
+            step,
+            "                mma_s8(acc{i}[j], (wa{i}0 >> sh) & 0x03030303u, (wb{i}0 >> sh) & 0x03030303u, (wa{i}1 >> sh) & 0x03030303u, (wb{i}1 >> sh) & 0x03030303u, b0, b1);"
+        );
+        let _ = writeln!(sums, "                int {} = acc{i}[j][r];", if i == 0 { "sum" } else { "sum_up" });
+    }
+    format!(
+        r#"    int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    int row0 = (blockIdx.x * {warps} + (threadIdx.x >> 5)) * 16;
+    int tok0 = blockIdx.y * {tokens};
+    if (row0 >= {n}) return;
+    int ra = row0 + g, rb = row0 + g + 8;
+    bool oka = ra < {n}, okb = rb < {n};
+{declare}    for (int c = 0; c < {chunks}; c++) {{
+{load}        #pragma unroll
+        for (int qq = 0; qq < 4; qq++) {{
+            int sh = 6 - 2 * qq;
+            #pragma unroll
+            for (int j = 0; j < {nt}; j++) {{
+                int tok = tok0 + j * 8 + g;
+                u32 b0 = 0u, b1 = 0u;
+                if (tok < S) {{
+                    const u32* xr = (const u32*)q + (size_t)tok * {xw} + c * 32 + qq * 8;
+                    b0 = xr[t4];
+                    b1 = xr[t4 + 4];
+                }}
+{step}            }}
+        }}
+    }}
+    #pragma unroll
+    for (int j = 0; j < {nt}; j++) {{
+        #pragma unroll
+        for (int r = 0; r < 4; r++) {{
+            int n = row0 + g + (r >> 1) * 8;
+            int t = tok0 + j * 8 + 2 * t4 + (r & 1);
+            if (n < {n} && t < S) {{
+{sums}{finish}
+            }}
+        }}
+    }}"#,
+        warps = tiles.warps,
+        tokens = tiles.tokens,
+        chunks = kp / 128,
+        xw = kp / 4
+    )
 }
 
 /// The loop shared by both matrix products: warp `w` of the block takes
@@ -305,7 +405,12 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
     if ep.residual {
         params += "const float* residual, ";
     }
-    format!("({params}float* out, int S) {{\n{}\n}}", row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish))
+    let code = if tiles.mma {
+        mma_tiles(n, kp, tiles, &["w"], &finish)
+    } else {
+        row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish)
+    };
+    format!("({params}float* out, int S) {{\n{code}\n}}")
 }
 
 /// `out[t, n] = act(gate[t, n]) · up[t, n]` where gate and up are two
@@ -329,10 +434,12 @@ pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, tiles: CudaTi
     let scales = |suffix: &str| if scale { format!("const float* scale{suffix}, ") } else { String::new() };
     let params =
         format!("const u32* w, float beta, {}const u32* wu, float beta_up, {}const int* q, const float* gamma, const int* qsum, ", scales(""), scales("_up"));
-    format!(
-        "({params}float* out, int S) {{\n{}\n}}",
+    let code = if tiles.mma {
+        mma_tiles(n, kp, tiles, &["w", "wu"], &finish)
+    } else {
         row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc", "acc_up"], reduce: "warp_sum_i" }, &body, &finish)
-    )
+    };
+    format!("({params}float* out, int S) {{\n{code}\n}}")
 }
 
 /// One lane's step of a ternary row product: 16 bytes of weight row `n`

@@ -48,6 +48,8 @@ pub enum Grid {
     Elements { row: usize },
     /// `(heads, s)` blocks.
     HeadsByRows { heads: usize },
+    /// `(blocks, ceil(s / tokens))` blocks: tiles of rows by tokens.
+    RowsByTokens { blocks: u32, tokens: usize },
 }
 
 /// Dynamic shared memory of a launch.
@@ -105,7 +107,13 @@ pub struct PhaseTiles {
 }
 
 impl PhaseTiles {
-    pub const DEFAULT: PhaseTiles = PhaseTiles { prefill: CudaTiles::DEFAULT, decode: CudaTiles::DEFAULT };
+    /// The tiles before any tuning: dot products (`dp4a`) for one token;
+    /// for many, the tensor cores where the GPU has integer `mma`
+    /// (`sm` 80 and later) and the product is ternary.
+    pub fn heuristic(key: &crate::schedule::WorkloadKey, sm: u32) -> PhaseTiles {
+        let mma = sm >= 80 && key.0.starts_with("ternary_matmul");
+        PhaseTiles { prefill: if mma { CudaTiles::MMA_DEFAULT } else { CudaTiles::DEFAULT }, decode: CudaTiles::DEFAULT }
+    }
 }
 
 impl std::fmt::Display for PhaseTiles {
@@ -195,7 +203,14 @@ impl Builder {
     /// its kernel for tiles `t`, and a second kernel runs one token when
     /// the decode tiles differ.
     fn product(&mut self, value: Value, family: &str, n: usize, tiles: PhaseTiles, code: impl Fn(CudaTiles) -> String, args: Vec<Arg>) {
-        let grid = |t: CudaTiles| Grid::Fixed(n.div_ceil(t.warps) as u32);
+        let grid = |t: CudaTiles| {
+            let blocks = n.div_ceil(t.rows()) as u32;
+            if t.mma {
+                Grid::RowsByTokens { blocks, tokens: t.tokens }
+            } else {
+                Grid::Fixed(blocks)
+            }
+        };
         let p = tiles.prefill;
         self.launch(value, family, code(p), grid(p), p.block(), args);
         if tiles.decode != p {
