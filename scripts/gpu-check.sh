@@ -104,6 +104,11 @@ for t in i2_s tq2_0; do
   note "bench 2b4t $t cuda tuned p64 n64: $out"
   echo "== greedy tokens, GPU (in memory and from a CUDA artifact) against CPU, 2B4T $t"
   timeout 60 "$bitnet" compile -m "$m" --device cuda -o "$work/2b4t-$t.bnx" 2>"$work/compile.err" || note "compile 2b4t $t --device cuda: FAILED: $(tail -3 "$work/compile.err")"
+  if [ "$t" = i2_s ]; then
+    # The artifact: PTX for sm_80, JIT-compiled by the driver at load.
+    out=$(timeout 60 "$bitnet" bench -m "$work/2b4t-$t.bnx" --device cuda -p 128 -n 64 -r 3 --json 2>&1 | tail -1)
+    note "bench 2b4t $t cuda artifact (sm_80 PTX): $out"
+  fi
   gpu=$(greedy "$m" --device cuda)
   bnx=$(greedy "$work/2b4t-$t.bnx" --device cuda)
   cpu=$(greedy "$m" -t "$(nproc)")

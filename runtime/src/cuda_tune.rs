@@ -234,7 +234,7 @@ fn inputs(stream: &Arc<CudaStream>, w: &Workload, n: usize, k: usize, tokens: us
     let copies = if phase == Phase::Decode { COLD_BYTES.div_ceil(bytes.max(1)).clamp(1, 64) } else { 1 };
     let free = stream.context().mem_get_info().map(|m| m.0).unwrap_or(usize::MAX);
     if bytes.saturating_mul(copies) > free / 2 {
-        return Err(format!("{} MB of weights do not fit in the GPU's free memory ({} MB)", bytes * copies >> 20, free >> 20));
+        return Err(format!("{} MB of weights do not fit in the GPU's free memory ({} MB)", (bytes * copies) >> 20, free >> 20));
     }
     let up = cuda_err("uploading inputs");
     let mut weights = Vec::new();

@@ -185,11 +185,11 @@ fn list(db: &Database) -> anyhow::Result<()> {
         }
     }
     for (fp, n) in other {
-        if fp.starts_with("cuda ") {
+        if let Some(gpu) = fp.strip_prefix("cuda ") {
             // GPUs: the tiles `--device cuda` takes on a machine with that GPU.
             let tuned = bitnet_autotune::db::CudaTuned::new(&loaded.records, fp);
             let keys: std::collections::BTreeSet<_> = loaded.records.iter().filter(|r| r.fingerprint == fp).map(|r| r.key.clone()).collect();
-            writeln!(out, "GPU {}:", &fp["cuda ".len()..])?;
+            writeln!(out, "GPU {gpu}:")?;
             // The fingerprint ends in the compute capability: "… (sm_90)".
             let sm = fp.rsplit_once("(sm_").and_then(|(_, s)| s.trim_end_matches(')').parse().ok()).unwrap_or(bitnet_codegen::cuda::nvrtc::DEFAULT_SM);
             for key in keys.iter().filter(|k| tuned.contains(k)) {
