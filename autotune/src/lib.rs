@@ -11,6 +11,11 @@
 //!   safe with concurrent tuners; read back as a [`db::Tuned`] tile source
 //!   that the scheduler consults after pinned tiles and before its heuristic.
 //! - [`tune`]: a whole sweep within one budget.
+//!
+//! The CUDA matrix products are tuned the same way, with candidates from
+//! [`space::cuda_candidates`] and records kept under the GPU's fingerprint
+//! (read back as a [`db::CudaTuned`]); the runtime's `cuda_tune` runs
+//! them on the GPU, as this crate has no driver.
 
 pub mod db;
 pub mod harness;

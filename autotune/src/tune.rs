@@ -3,7 +3,7 @@
 //! the database as soon as it finishes (an interrupted sweep keeps them).
 
 use crate::db::{now, Database, Record};
-use crate::harness::{best, sweep, Outcome};
+use crate::harness::{best, sweep, Measured, Outcome};
 use crate::kernels::kernel;
 use crate::space::{candidates, Phase, SPACE_VERSION};
 use bitnet_codegen::schedule::{Tiles, Workload, WorkloadKey};
@@ -53,6 +53,64 @@ impl JobReport {
     }
 }
 
+/// One (workload, phase) job of a sweep, on one machine.
+pub struct Job<'a> {
+    pub key: WorkloadKey,
+    pub phase: Phase,
+    pub fingerprint: &'a str,
+    pub threads: usize,
+}
+
+/// A job's report and database records from its candidates' measurements
+/// (`candidates[0]` is the default), or from why it could not run.
+pub fn conclude(job: &Job, candidates: &[Tiles], measured: Result<Vec<Measured>, String>) -> (JobReport, Vec<Record>) {
+    let mut report = JobReport {
+        key: job.key.clone(),
+        phase: job.phase,
+        default: candidates[0],
+        default_ns: None,
+        tuned: None,
+        tuned_ns: None,
+        timed: 0,
+        wrong: 0,
+        candidates: candidates.len(),
+        skipped: None,
+    };
+    let measured = match measured {
+        Ok(m) => m,
+        Err(e) => {
+            report.skipped = Some(e);
+            return (report, Vec::new());
+        }
+    };
+    report.default_ns = measured.first().and_then(Measured::ns);
+    if let Some(b) = best(&measured) {
+        report.tuned = Some(b.tiles);
+        report.tuned_ns = b.ns();
+    }
+    report.timed = measured.iter().filter(|m| m.ns().is_some()).count();
+    report.wrong = measured.iter().filter(|m| matches!(m.outcome, Outcome::Wrong(_))).count();
+    let records = measured
+        .iter()
+        .map(|m| Record {
+            key: job.key.clone(),
+            phase: job.phase,
+            fingerprint: job.fingerprint.to_string(),
+            threads: job.threads,
+            space: SPACE_VERSION,
+            tiles: m.tiles,
+            ns: m.ns(),
+            status: match &m.outcome {
+                Outcome::Timed { .. } => "ok".into(),
+                Outcome::Wrong(e) => format!("wrong: {e}"),
+                Outcome::NotTimed => "not timed".into(),
+            },
+            at: now(),
+        })
+        .collect();
+    (report, records)
+}
+
 pub struct TuneOptions {
     pub threads: usize,
     pub budget: Duration,
@@ -78,55 +136,10 @@ pub fn tune(workloads: &[Workload], opts: &TuneOptions, db: &Database, mut progr
         let key = w.key();
         progress(i, jobs.len(), &format!("{key} ({})", phase.name()));
         let cands = candidates(w, *phase);
-        let mut report = JobReport {
-            key: key.clone(),
-            phase: *phase,
-            default: cands[0],
-            default_ns: None,
-            tuned: None,
-            tuned_ns: None,
-            timed: 0,
-            wrong: 0,
-            candidates: cands.len(),
-            skipped: None,
-        };
         let left: f64 = jobs[i..].iter().map(weight).sum();
         let share = end.saturating_duration_since(Instant::now()).mul_f64(weight(job) / left.max(1.0));
-        let mut k = match kernel(w, *phase, opts.threads) {
-            Ok(k) => k,
-            Err(e) => {
-                report.skipped = Some(e);
-                reports.push(report);
-                continue;
-            }
-        };
-        let measured = sweep(k.as_mut(), &cands, Instant::now() + share);
-        drop(k);
-        report.default_ns = measured[0].ns();
-        if let Some(b) = best(&measured) {
-            report.tuned = Some(b.tiles);
-            report.tuned_ns = b.ns();
-        }
-        report.timed = measured.iter().filter(|m| m.ns().is_some()).count();
-        report.wrong = measured.iter().filter(|m| matches!(m.outcome, Outcome::Wrong(_))).count();
-        let records: Vec<Record> = measured
-            .iter()
-            .map(|m| Record {
-                key: key.clone(),
-                phase: *phase,
-                fingerprint: fingerprint.clone(),
-                threads: opts.threads,
-                space: SPACE_VERSION,
-                tiles: m.tiles,
-                ns: m.ns(),
-                status: match &m.outcome {
-                    Outcome::Timed { .. } => "ok".into(),
-                    Outcome::Wrong(e) => format!("wrong: {e}"),
-                    Outcome::NotTimed => "not timed".into(),
-                },
-                at: now(),
-            })
-            .collect();
+        let measured = kernel(w, *phase, opts.threads).map(|mut k| sweep(k.as_mut(), &cands, Instant::now() + share));
+        let (report, records) = conclude(&Job { key, phase: *phase, fingerprint: &fingerprint, threads: opts.threads }, &cands, measured);
         db.merge(&records)?;
         reports.push(report);
     }

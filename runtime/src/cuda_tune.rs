@@ -11,9 +11,10 @@
 //! database under the GPU's fingerprint, phase by phase, as each job ends.
 
 use crate::cuda::{device, fingerprint, ptr};
-use bitnet_autotune::db::{now, Database, Record};
-use bitnet_autotune::space::{cuda_candidates, Phase, SPACE_VERSION};
-use bitnet_autotune::tune::JobReport;
+use bitnet_autotune::db::Database;
+use bitnet_autotune::harness::{Measured, Outcome};
+use bitnet_autotune::space::{cuda_candidates, Phase};
+use bitnet_autotune::tune::{conclude, Job, JobReport};
 use bitnet_codegen::cuda::kernels::{self, CudaTiles, TernaryEpilogue};
 use bitnet_codegen::cuda::{device_float_type, nvrtc, padded, FloatType};
 use bitnet_codegen::schedule::{Tiles, Workload};
@@ -60,50 +61,9 @@ pub fn tune(workloads: &[Workload], db: &Database, mut progress: impl FnMut(usiz
         let key = w.key();
         progress(i, jobs.len(), &format!("{key} ({})", phase.name()));
         let cands = cuda_candidates(&w, phase, sm);
-        let mut report = JobReport {
-            key: key.clone(),
-            phase,
-            default: Tiles::Cuda(cands[0]),
-            default_ns: None,
-            tuned: None,
-            tuned_ns: None,
-            timed: 0,
-            wrong: 0,
-            candidates: cands.len(),
-            skipped: None,
-        };
-        let measured = match measure(&stream, sm, &w, phase, &cands) {
-            Ok(m) => m,
-            Err(e) => {
-                report.skipped = Some(e);
-                reports.push(report);
-                continue;
-            }
-        };
-        report.default_ns = measured[0].1.as_ref().ok().copied();
-        if let Some((t, ns)) = measured.iter().filter_map(|(t, r)| r.as_ref().ok().map(|ns| (*t, *ns))).min_by_key(|m| m.1) {
-            report.tuned = Some(Tiles::Cuda(t));
-            report.tuned_ns = Some(ns);
-        }
-        report.timed = measured.iter().filter(|m| m.1.is_ok()).count();
-        report.wrong = measured.len() - report.timed;
-        let records: Vec<Record> = measured
-            .iter()
-            .map(|(t, r)| Record {
-                key: key.clone(),
-                phase,
-                fingerprint: fp.clone(),
-                threads: 1,
-                space: SPACE_VERSION,
-                tiles: Tiles::Cuda(*t),
-                ns: r.as_ref().ok().copied(),
-                status: match r {
-                    Ok(_) => "ok".into(),
-                    Err(e) => format!("wrong: {e}"),
-                },
-                at: now(),
-            })
-            .collect();
+        let measured = measure(&stream, sm, &w, phase, &cands);
+        let tiles: Vec<Tiles> = cands.iter().map(|&t| Tiles::Cuda(t)).collect();
+        let (report, records) = conclude(&Job { key, phase, fingerprint: &fp, threads: 1 }, &tiles, measured);
         db.merge(&records)?;
         reports.push(report);
     }
@@ -122,9 +82,8 @@ struct Inputs {
     tokens: usize,
 }
 
-/// Each candidate's median time in ns, or why it is wrong.
-#[allow(clippy::type_complexity)]
-fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands: &[CudaTiles]) -> Result<Vec<(CudaTiles, Result<u64, String>)>, String> {
+/// Each candidate's median time, or why it is wrong.
+fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands: &[CudaTiles]) -> Result<Vec<Measured>, String> {
     let tokens = phase.tokens();
     let (n, k, source): (usize, usize, Box<dyn Fn(CudaTiles) -> String>) = match *w {
         Workload::Ternary { n, k } => {
@@ -179,7 +138,7 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
     for (f, &t) in functions.iter().zip(cands) {
         let got = result(f, t)?;
         if got.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()) {
-            out.push((t, Err(format!("differs from the result of {}", CudaTiles::DEFAULT))));
+            out.push(Measured { tiles: Tiles::Cuda(t), outcome: Outcome::Wrong(format!("differs from the result of {}", CudaTiles::DEFAULT)) });
             continue;
         }
         let mut times = Vec::new();
@@ -194,7 +153,7 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
             times.push((ms * 1e6 / launches as f64) as u64);
         }
         times.sort_unstable();
-        out.push((t, Ok(times[ROUNDS / 2])));
+        out.push(Measured { tiles: Tiles::Cuda(t), outcome: Outcome::Timed { ns: times[ROUNDS / 2], runs: ROUNDS } });
     }
     Ok(out)
 }

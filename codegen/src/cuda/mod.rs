@@ -11,6 +11,12 @@
 //! Kernels are named after their family and a hash of their source, so
 //! equal work (the same shapes in thirty layers) is one kernel, and a
 //! kernel's name changes whenever its code does.
+//!
+//! A matrix product has tiles for each phase ([`PhaseTiles`]): prefill's
+//! (many tokens, on the integer tensor cores where the GPU has them) make
+//! its kernel, and decode's, where they differ, a second kernel that a
+//! one-token launch runs instead ([`Launch::one_token`]). The autotuner
+//! measures both on the GPU (`bitnet autotune --device cuda`).
 
 pub mod kernels;
 pub mod nvrtc;
