@@ -260,7 +260,17 @@ impl QuantActs {
     pub fn row(&self, t: usize) -> &[i8] {
         &self.q[t * self.kp..(t + 1) * self.kp]
     }
+    /// The rows of tokens `tok..tok + step` as the tile kernels read them:
+    /// four pointers, the last row repeated past `step`.
+    pub(super) fn step_rows(&self, tok: usize, step: usize) -> [*const i8; 4] {
+        std::array::from_fn(|j| self.row(tok + j.min(step - 1)).as_ptr())
+    }
 }
+
+/// How far ahead of its loads a native tile kernel prefetches weights, in
+/// bytes: the hardware prefetcher alone leaves the loads waiting on DRAM.
+#[cfg(target_arch = "x86_64")]
+pub(super) const PREFETCH: usize = 1024;
 
 /// What happens to each result: `((dot · β) / γ) · scale + residual`.
 #[derive(Clone, Copy, Default)]
@@ -477,7 +487,7 @@ fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, codes: Option<&[u8]>, x: &Qu
 /// The Cranelift-generated kernel of this tile shape.
 fn jit_dots(w: &PackedTernary, t: usize, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
     let jit = super::jit::TernaryJit::get().expect("checked by matmul: Isa::Cranelift is available");
-    let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+    let xs = x.step_rows(tok, step);
     let tile = w.tile(t);
     // SAFETY: the tile holds `rows × chunks` chunks and each activation
     // row `kp = chunks × 128` bytes, as the generated code reads them.
@@ -529,14 +539,11 @@ pub(super) use for_tile_shape;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QuantActs, CHUNK, CHUNK_BYTES};
+    use super::{QuantActs, CHUNK, CHUNK_BYTES, PREFETCH};
     use std::arch::x86_64::*;
 
-    /// How far ahead of the loads to prefetch weights, in bytes.
-    const PREFETCH: usize = 1024;
-
     pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
-        let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+        let xs = x.step_rows(tok, step);
         // SAFETY: `matmul` checked that AVX2 is present; `tile` holds
         // `chunks` chunks of `rows` rows and every activation row `kp` values.
         unsafe {
@@ -551,7 +558,6 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_si256(); T]; R];
         let w = tile.as_ptr();
         for c in 0..chunks {
-            // The hardware prefetcher alone leaves the loads waiting on DRAM.
             _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH) as *const i8);
             if R > 2 {
                 _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH + 64) as *const i8);
@@ -609,7 +615,7 @@ mod avx2 {
     /// Prefill from unpacked codes (see [`unpack`]).
     pub(super) fn unpacked_dots(rows: usize, step: usize, codes: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
         assert!(codes.len() == chunks * 4 * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens());
-        let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+        let xs = x.step_rows(tok, step);
         // SAFETY: `matmul` checked that AVX2 is present; lengths are checked above.
         unsafe {
             match (rows, step) {

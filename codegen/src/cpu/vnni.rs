@@ -14,16 +14,13 @@
 //! every candidate against the interpreter before it may choose one, and
 //! the kernel tests run it on every CPU that has it.
 
-use super::ternary::{for_tile_shape, QuantActs, CHUNK, CHUNK_BYTES};
+use super::ternary::{for_tile_shape, QuantActs, CHUNK, CHUNK_BYTES, PREFETCH};
 use std::arch::x86_64::*;
-
-/// How far ahead of the loads to prefetch weights, in bytes.
-const PREFETCH: usize = 1024;
 
 /// `out[r][j]` = row `r` of the tile · token `tok + j`, for `rows × step`.
 pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
     assert!(tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(), "vnni dots: mismatched operands");
-    let xs: [*const i8; 4] = std::array::from_fn(|j| x.row(tok + j.min(step - 1)).as_ptr());
+    let xs = x.step_rows(tok, step);
     // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
     // the lengths are checked above.
     unsafe {
