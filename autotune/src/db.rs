@@ -295,7 +295,7 @@ impl CudaTuned {
         let mut best: HashMap<(WorkloadKey, Phase), (CudaTiles, u64)> = HashMap::new();
         for r in records.iter().filter(|r| r.fingerprint == fingerprint && r.space == SPACE_VERSION && r.is_ok()) {
             let (Tiles::Cuda(t), Some(ns)) = (r.tiles, r.ns) else { continue };
-            if !t.is_valid() {
+            if !t.fits(&r.key) {
                 continue;
             }
             let slot = best.entry((r.key.clone(), r.phase)).or_insert((t, ns));
@@ -487,6 +487,9 @@ mod tests {
         assert_eq!(t.tiles(&key, 90), PhaseTiles { prefill: CudaTiles::MMA_DEFAULT, decode: dp4a(2, 1) });
         assert_eq!(t.tiles(&key, 75).prefill, CudaTiles::DEFAULT);
         assert!(!CudaTuned::new(&records, "cuda C").contains(&key));
+        // Tensor-core tiles for a float product (a damaged database) are ignored.
+        let head = Record { key: WorkloadKey("matmul n=1 k=1 w=f16".into()), tiles: Tiles::Cuda(CudaTiles::MMA_DEFAULT), ..records[0].clone() };
+        assert!(!CudaTuned::new(&[head], "cuda A").contains(&WorkloadKey("matmul n=1 k=1 w=f16".into())));
         assert_eq!(CudaTuned::new(&records, "cuda C").tiles(&key, 90), PhaseTiles::heuristic(&key, 90));
     }
 }

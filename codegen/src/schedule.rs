@@ -17,6 +17,13 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct WorkloadKey(pub String);
 
+impl WorkloadKey {
+    /// Whether the work is a ternary product (else a float one).
+    pub fn is_ternary(&self) -> bool {
+        self.0.starts_with("ternary_matmul")
+    }
+}
+
 impl fmt::Display for WorkloadKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -184,7 +191,7 @@ pub struct Pinned {
 /// kernel's fastest at every 2B4T shape here: `cargo bench -p
 /// bitnet-codegen --bench kernels -- ternary_gemm`).
 pub fn heuristic(key: &WorkloadKey, isa: Isa) -> Tiles {
-    if key.0.starts_with("ternary_matmul") {
+    if key.is_ternary() {
         Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens: 2, split: Default::default() })
     } else {
         Tiles::Float { isa }
@@ -237,7 +244,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
 }
 
 fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
-    matches!(t, Tiles::Ternary(_)) == key.0.starts_with("ternary_matmul") && t.runs_here()
+    matches!(t, Tiles::Ternary(_)) == key.is_ternary() && t.runs_here()
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 
 use crate::compiled::{assign_slots, KernelTimes, Kind, NO_SLOT};
 use bitnet_codegen::cpu::ternary::PackedTernary;
-use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Grid, Launch, Program, Shared};
+use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
 use bitnet_ir::{Graph, Op};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -453,13 +453,7 @@ impl CudaModel {
         }
         let rows = rows_of(l.value);
         let (entry, grid, block) = l.for_rows(rows);
-        let grid = match grid {
-            Grid::PerRow => (rows as u32, 1, 1),
-            Grid::Fixed(n) => (n, 1, 1),
-            Grid::Elements { row } => ((rows * row).div_ceil(block as usize) as u32, 1, 1),
-            Grid::HeadsByRows { heads } => (heads as u32, rows as u32, 1),
-            Grid::RowsByTokens { blocks, tokens } => (blocks, rows.div_ceil(tokens.max(1)) as u32, 1),
-        };
+        let grid = grid.dims(rows, block);
         if grid.0 == 0 || grid.1 == 0 {
             return Ok(());
         }
@@ -749,7 +743,7 @@ mod tests {
     fn tuned_decode_tiles_get_a_kernel_of_their_own() {
         use bitnet_autotune::db::{CudaTuned, Record};
         use bitnet_autotune::{Phase, SPACE_VERSION};
-        use bitnet_codegen::cuda::CudaTiles;
+        use bitnet_codegen::cuda::{CudaTiles, Grid};
         use bitnet_codegen::schedule::{Tiles, Workload};
         let (m, dir) = model(DType::I2S);
         let record = |n, k, phase, tiles| Record {

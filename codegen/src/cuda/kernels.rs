@@ -239,12 +239,28 @@ impl CudaTiles {
         32 * self.warps as u32
     }
 
+    /// Whether these tiles can run the product `key`: the tensor cores
+    /// run ternary products only.
+    pub fn fits(&self, key: &crate::schedule::WorkloadKey) -> bool {
+        self.is_valid() && (!self.mma || key.is_ternary())
+    }
+
     /// Output rows per block.
     pub fn rows(&self) -> usize {
         if self.mma {
             16 * self.warps
         } else {
             self.warps
+        }
+    }
+
+    /// The blocks of a product of `n` output rows.
+    pub fn grid(&self, n: usize) -> super::Grid {
+        let blocks = n.div_ceil(self.rows()) as u32;
+        if self.mma {
+            super::Grid::RowsByTokens { blocks, tokens: self.tokens }
+        } else {
+            super::Grid::Fixed(blocks)
         }
     }
 }

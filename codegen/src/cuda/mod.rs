@@ -58,6 +58,20 @@ pub enum Grid {
     RowsByTokens { blocks: u32, tokens: usize },
 }
 
+impl Grid {
+    /// The blocks of a launch whose result has `rows` rows, with `block`
+    /// threads a block.
+    pub fn dims(self, rows: usize, block: u32) -> (u32, u32, u32) {
+        match self {
+            Grid::PerRow => (rows as u32, 1, 1),
+            Grid::Fixed(n) => (n, 1, 1),
+            Grid::Elements { row } => ((rows * row).div_ceil(block as usize) as u32, 1, 1),
+            Grid::HeadsByRows { heads } => (heads as u32, rows as u32, 1),
+            Grid::RowsByTokens { blocks, tokens } => (blocks, rows.div_ceil(tokens.max(1)) as u32, 1),
+        }
+    }
+}
+
 /// Dynamic shared memory of a launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Shared {
@@ -117,7 +131,7 @@ impl PhaseTiles {
     /// for many, the tensor cores where the GPU has integer `mma`
     /// (`sm` 80 and later) and the product is ternary.
     pub fn heuristic(key: &crate::schedule::WorkloadKey, sm: u32) -> PhaseTiles {
-        let mma = sm >= 80 && key.0.starts_with("ternary_matmul");
+        let mma = sm >= 80 && key.is_ternary();
         PhaseTiles { prefill: if mma { CudaTiles::MMA_DEFAULT } else { CudaTiles::DEFAULT }, decode: CudaTiles::DEFAULT }
     }
 }
@@ -209,20 +223,12 @@ impl Builder {
     /// its kernel for tiles `t`, and a second kernel runs one token when
     /// the decode tiles differ.
     fn product(&mut self, value: Value, family: &str, n: usize, tiles: PhaseTiles, code: impl Fn(CudaTiles) -> String, args: Vec<Arg>) {
-        let grid = |t: CudaTiles| {
-            let blocks = n.div_ceil(t.rows()) as u32;
-            if t.mma {
-                Grid::RowsByTokens { blocks, tokens: t.tokens }
-            } else {
-                Grid::Fixed(blocks)
-            }
-        };
         let p = tiles.prefill;
-        self.launch(value, family, code(p), grid(p), p.block(), args);
+        self.launch(value, family, code(p), p.grid(n), p.block(), args);
         if tiles.decode != p {
             let d = tiles.decode;
             let entry = self.kernel(family, d.block(), code(d));
-            self.launches.last_mut().expect("just pushed").one_token = Some(Variant { entry, grid: grid(d), block: d.block() });
+            self.launches.last_mut().expect("just pushed").one_token = Some(Variant { entry, grid: d.grid(n), block: d.block() });
         }
     }
 }
