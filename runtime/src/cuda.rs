@@ -57,9 +57,15 @@ pub fn device_sm() -> Result<u32, String> {
     Ok((major * 10 + minor) as u32)
 }
 
-/// The tuning database's name for a GPU, from [`device`]'s description.
+/// The tuning database's name for a GPU, from [`device`]'s description
+/// ("cuda NVIDIA H200 (sm_90)").
 pub fn fingerprint(device: &str) -> String {
     format!("cuda {device}")
+}
+
+/// The compute capability at the end of a [`fingerprint`].
+pub fn fingerprint_sm(fingerprint: &str) -> Option<u32> {
+    fingerprint.strip_suffix(')')?.rsplit_once("(sm_")?.1.parse().ok()
 }
 
 /// Each f32 value copied back by [`CudaModel::trace`], in graph order.
@@ -735,6 +741,12 @@ mod tests {
             }
         }
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn fingerprints_give_back_their_compute_capability() {
+        assert_eq!(fingerprint_sm(&fingerprint("NVIDIA H200 (sm_90)")), Some(90));
+        assert_eq!(fingerprint_sm("cuda an NVIDIA GPU"), None);
     }
 
     /// Tuned decode tiles that differ from the prefill ones give a second

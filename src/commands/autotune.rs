@@ -95,32 +95,29 @@ pub fn autotune(a: AutotuneArgs) -> anyhow::Result<()> {
 pub fn sweep(workloads: &[Workload], threads: usize, budget: Duration, db: &Database) -> anyhow::Result<Vec<JobReport>> {
     let cpu = HostCpu::detect();
     eprintln!("tuning {} workloads for {threads} threads on {} ({}), within {:.0} s", workloads.len(), cpu.model, cpu.fingerprint(), budget.as_secs_f64());
+    let opts = TuneOptions { threads, budget };
+    with_progress(|progress| tune::tune(workloads, &opts, db, progress)).map_err(anyhow::Error::msg)
+}
+
+/// Runs a sweep with a progress bar on stderr, fed by the sweep's
+/// `progress(done, total, what)` calls.
+fn with_progress<T>(sweep: impl FnOnce(&mut dyn FnMut(usize, usize, &str)) -> T) -> T {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}").expect("a valid template"));
-    let opts = TuneOptions { threads, budget };
-    let reports = tune::tune(workloads, &opts, db, |done, total, what| {
+    let out = sweep(&mut |done, total, what| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
-    })
-    .map_err(anyhow::Error::msg)?;
+    });
     bar.finish_and_clear();
-    Ok(reports)
+    out
 }
 
 /// Tunes the CUDA matrix products of `workloads` on this machine's GPU.
 fn sweep_cuda(workloads: &[Workload], db: &Database) -> anyhow::Result<()> {
     let (fingerprint, _) = bitnet_runtime::cuda_tune::gpu().map_err(|e| anyhow::anyhow!("autotune --device cuda: {e}"))?;
     eprintln!("tuning {} workloads on {fingerprint}", workloads.len());
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}").expect("a valid template"));
-    let reports = bitnet_runtime::cuda_tune::tune(workloads, db, |done, total, what| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
-    })
-    .map_err(anyhow::Error::msg)?;
-    bar.finish_and_clear();
+    let reports = with_progress(|progress| bitnet_runtime::cuda_tune::tune(workloads, db, progress)).map_err(anyhow::Error::msg)?;
     super::print(&table(&reports))?;
     eprintln!("{} records in {}; `bitnet run --device cuda` and `bitnet compile --device cuda` use them on this GPU", db.load().records.len(), db.path.display());
     Ok(())
@@ -190,8 +187,7 @@ fn list(db: &Database) -> anyhow::Result<()> {
             let tuned = bitnet_autotune::db::CudaTuned::new(&loaded.records, fp);
             let keys: std::collections::BTreeSet<_> = loaded.records.iter().filter(|r| r.fingerprint == fp).map(|r| r.key.clone()).collect();
             writeln!(out, "GPU {gpu}:")?;
-            // The fingerprint ends in the compute capability: "… (sm_90)".
-            let sm = fp.rsplit_once("(sm_").and_then(|(_, s)| s.trim_end_matches(')').parse().ok()).unwrap_or(bitnet_codegen::cuda::nvrtc::DEFAULT_SM);
+            let sm = bitnet_runtime::cuda::fingerprint_sm(fp).unwrap_or(bitnet_codegen::cuda::nvrtc::DEFAULT_SM);
             for key in keys.iter().filter(|k| tuned.contains(k)) {
                 writeln!(out, "  {:<32} {}", key.to_string(), tuned.tiles(key, sm))?;
             }
