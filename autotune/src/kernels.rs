@@ -23,15 +23,15 @@ const REL: f32 = 1e-4;
 
 type Weights = HashMap<String, (DType, Vec<usize>, Vec<u8>)>;
 
-/// A deterministic stream of pseudo-random numbers.
-struct Lcg(u64);
+/// A deterministic stream of pseudo-random numbers, for tuning inputs.
+pub struct Lcg(pub u64);
 impl Lcg {
-    fn next(&mut self) -> u32 {
+    pub fn next_u32(&mut self) -> u32 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 33) as u32
     }
     fn unit(&mut self) -> f32 {
-        self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+        self.next_u32() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
     }
 }
 
@@ -102,7 +102,7 @@ impl TernaryKernel {
             return Err(format!("k = {k} is not a whole number of I2_S blocks, so the reference cannot be built"));
         }
         let mut rng = Lcg(0x5eed ^ (n * 31 + k) as u64);
-        let codes: Vec<i8> = (0..n * k).map(|_| (rng.next() % 3) as i8 - 1).collect();
+        let codes: Vec<i8> = (0..n * k).map(|_| (rng.next_u32() % 3) as i8 - 1).collect();
         let mut weights = Weights::new();
         weights.insert("w".into(), (DType::I2S, vec![n, k], quant::pack_i2s(&codes, 0.5)));
         let check_x: Vec<f32> = (0..CHECK_TOKENS * k).map(|_| rng.unit() * 4.0).collect();

@@ -13,6 +13,7 @@
 use crate::cuda::{device, fingerprint, ptr};
 use bitnet_autotune::db::Database;
 use bitnet_autotune::harness::{Measured, Outcome};
+use bitnet_autotune::kernels::Lcg;
 use bitnet_autotune::space::{cuda_candidates, Phase};
 use bitnet_autotune::tune::{conclude, Job, JobReport};
 use bitnet_codegen::cuda::kernels::{self, CudaTiles, TernaryEpilogue};
@@ -29,16 +30,6 @@ const ROUNDS: usize = 5;
 
 fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> String + '_ {
     move |e| format!("CUDA {what}: {e:?}")
-}
-
-/// A small deterministic generator for the random inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
-    }
 }
 
 /// The GPU's description and tuning fingerprint, or why there is none.
@@ -161,7 +152,7 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
 /// as stored for float types), copied until decode reads from memory, and
 /// random activations.
 fn inputs(stream: &Arc<CudaStream>, w: &Workload, n: usize, k: usize, tokens: usize, phase: Phase) -> Result<Inputs, String> {
-    let mut rng = Rng(0x5eed ^ (n * 31 + k) as u64);
+    let mut rng = Lcg(0x5eed ^ (n * 31 + k) as u64);
     let (bytes, x_bytes) = match *w {
         // Four codes a byte, each 0, 1 or 2 (−1, 0, +1); int8 activations.
         Workload::Ternary { .. } => (n * padded(k) / 4, tokens * padded(k)),
@@ -174,20 +165,20 @@ fn inputs(stream: &Arc<CudaStream>, w: &Workload, n: usize, k: usize, tokens: us
         }
     };
     let weight: Vec<u8> = match *w {
-        Workload::Ternary { .. } => (0..bytes).map(|_| (0..4).fold(0u8, |b, i| b | (((rng.next() % 3) as u8) << (2 * i)))).collect(),
+        Workload::Ternary { .. } => (0..bytes).map(|_| (0..4).fold(0u8, |b, i| b | (((rng.next_u32() % 3) as u8) << (2 * i)))).collect(),
         Workload::Float { dtype, .. } => match device_float_type(dtype) {
             // Small finite values: 2^-4 .. 2^-1 with random sign and mantissa.
-            FloatType::F16 => (0..bytes / 2).flat_map(|_| ((rng.next() as u16 & 0x83ff) | 0x2c00).to_le_bytes()).collect(),
-            FloatType::BF16 => (0..bytes / 2).flat_map(|_| ((rng.next() as u16 & 0x807f) | 0x3d80).to_le_bytes()).collect(),
-            FloatType::F32 => (0..bytes / 4).flat_map(|_| (rng.next() as f32 / u32::MAX as f32 - 0.5).to_le_bytes()).collect(),
+            FloatType::F16 => (0..bytes / 2).flat_map(|_| ((rng.next_u32() as u16 & 0x83ff) | 0x2c00).to_le_bytes()).collect(),
+            FloatType::BF16 => (0..bytes / 2).flat_map(|_| ((rng.next_u32() as u16 & 0x807f) | 0x3d80).to_le_bytes()).collect(),
+            FloatType::F32 => (0..bytes / 4).flat_map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5).to_le_bytes()).collect(),
         },
     };
     let x: Vec<u8> = match *w {
         Workload::Ternary { .. } => {
             let kp = padded(k);
-            (0..x_bytes).map(|i| if i % kp < k { (rng.next() % 255) as u8 ^ 0x80 } else { 0 }).collect()
+            (0..x_bytes).map(|i| if i % kp < k { (rng.next_u32() % 255) as u8 ^ 0x80 } else { 0 }).collect()
         }
-        Workload::Float { .. } => (0..x_bytes / 4).flat_map(|_| (rng.next() as f32 / u32::MAX as f32 - 0.5).to_le_bytes()).collect(),
+        Workload::Float { .. } => (0..x_bytes / 4).flat_map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5).to_le_bytes()).collect(),
     };
     let copies = if phase == Phase::Decode { COLD_BYTES.div_ceil(bytes.max(1)).clamp(1, 64) } else { 1 };
     let free = stream.context().mem_get_info().map(|m| m.0).unwrap_or(usize::MAX);
