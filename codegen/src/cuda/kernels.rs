@@ -125,21 +125,27 @@ pub fn embed(ty: FloatType, vocab: usize, hidden: usize) -> String {
 pub const NORM_BLOCK: u32 = 1024;
 
 /// Loads the block's row `xr` of `k` into the registers `v[]` (zeros past
-/// `k`, `per` slots a thread) and computes `s = 1 / sqrt(mean(x²) + eps)`,
-/// the squares summed in f64 as the interpreter sums them.
-fn load_inv_rms(k: usize, per: usize, eps: f32) -> String {
+/// `k`, `per` slots a thread); with `squares`, also sums their squares
+/// into `acc`, in f64 as the interpreter sums them.
+fn load_row(k: usize, per: usize, squares: bool) -> String {
+    let (declare, add) = if squares { ("\n    double acc = 0.0;", "\n        acc += (double)v[u] * (double)v[u];") } else { ("", "") };
     format!(
-        r#"float v[{per}];
-    double acc = 0.0;
+        r#"float v[{per}];{declare}
     #pragma unroll
     for (int u = 0; u < {per}; u++) {{
-        int j = threadIdx.x + u * {nb};
-        v[u] = j < {k} ? xr[j] : 0.0f;
-        acc += (double)v[u] * (double)v[u];
-    }}
+        int j = threadIdx.x + u * {NORM_BLOCK};
+        v[u] = j < {k} ? xr[j] : 0.0f;{add}
+    }}"#
+    )
+}
+
+/// [`load_row`], then `s = 1 / sqrt(mean(x²) + eps)`.
+fn load_inv_rms(k: usize, per: usize, eps: f32) -> String {
+    format!(
+        r#"{load}
     acc = block_sum_d(acc);
     float s = 1.0f / sqrtf((float)(acc / {k}.0) + {eps});"#,
-        nb = NORM_BLOCK,
+        load = load_row(k, per, true),
         eps = float(eps)
     )
 }
@@ -170,11 +176,7 @@ pub fn quantize_rows(k: usize, kp: usize, norm: Option<f32>) -> String {
     let per = kp.div_ceil(NORM_BLOCK as usize);
     let (params, load, value) = match norm {
         Some(eps) => ("const float* x, const float* w, ", load_inv_rms(k, per, eps), "v[u] * s * w[j]"),
-        None => (
-            "const float* x, ",
-            format!("float v[{per}];\n    #pragma unroll\n    for (int u = 0; u < {per}; u++) {{ int j = threadIdx.x + u * {NORM_BLOCK}; v[u] = j < {k} ? xr[j] : 0.0f; }}"),
-            "v[u]",
-        ),
+        None => ("const float* x, ", load_row(k, per, false), "v[u]"),
     };
     format!(
         r#"({params}i8* q, float* gamma, int* qsum, int S) {{
