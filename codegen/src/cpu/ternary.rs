@@ -270,7 +270,23 @@ impl QuantActs {
 /// How far ahead of its loads a native tile kernel prefetches weights, in
 /// bytes: the hardware prefetcher alone leaves the loads waiting on DRAM.
 #[cfg(target_arch = "x86_64")]
-pub(super) const PREFETCH: usize = 1024;
+const PREFETCH: usize = 1024;
+
+/// Prefetches the weights [`PREFETCH`] bytes past chunk `c` of a tile of
+/// `rows` rows (two cache lines for tiles of more than two rows).
+///
+/// # Safety
+/// `w` points into the tile; a prefetch past its end is harmless.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn prefetch_ahead(w: *const u8, c: usize, rows: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let at = w.wrapping_add(c * rows * CHUNK_BYTES + PREFETCH) as *const i8;
+    _mm_prefetch::<_MM_HINT_T0>(at);
+    if rows > 2 {
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64));
+    }
+}
 
 /// What happens to each result: `((dot · β) / γ) · scale + residual`.
 #[derive(Clone, Copy, Default)]
@@ -539,7 +555,7 @@ pub(super) use for_tile_shape;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QuantActs, CHUNK, CHUNK_BYTES, PREFETCH};
+    use super::{QuantActs, CHUNK, CHUNK_BYTES};
     use std::arch::x86_64::*;
 
     pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
@@ -558,10 +574,7 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_si256(); T]; R];
         let w = tile.as_ptr();
         for c in 0..chunks {
-            _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH) as *const i8);
-            if R > 2 {
-                _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH + 64) as *const i8);
-            }
+            super::prefetch_ahead(w, c, R);
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let b = _mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i);
                 let w0 = _mm256_and_si256(_mm256_srli_epi16::<6>(b), mask);

@@ -14,7 +14,7 @@
 //! every candidate against the interpreter before it may choose one, and
 //! the kernel tests run it on every CPU that has it.
 
-use super::ternary::{for_tile_shape, QuantActs, CHUNK, CHUNK_BYTES, PREFETCH};
+use super::ternary::{for_tile_shape, prefetch_ahead, QuantActs, CHUNK, CHUNK_BYTES};
 use std::arch::x86_64::*;
 
 /// `out[r][j]` = row `r` of the tile · token `tok + j`, for `rows × step`.
@@ -37,10 +37,7 @@ unsafe fn run<const R: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[
     let mut acc = [[_mm512_setzero_si512(); T]; R];
     let w = tile.as_ptr();
     for c in 0..chunks {
-        _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH) as *const i8);
-        if R > 2 {
-            _mm_prefetch::<_MM_HINT_T0>(w.add(c * R * CHUNK_BYTES + PREFETCH + 64) as *const i8);
-        }
+        prefetch_ahead(w, c, R);
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i));
             let codes_lo = _mm512_and_si512(_mm512_srlv_epi16(packed, low_fields), mask);
