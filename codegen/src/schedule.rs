@@ -10,7 +10,7 @@
 
 use crate::cpu::ternary::TernaryTiles;
 use crate::cpu::Isa;
-use bitnet_ir::{ActQuant, DType, Graph, Op, Value};
+use bitnet_ir::{ActQuant, DType, Extent, Graph, Op, Value};
 use std::fmt;
 
 /// The canonical description of a kernel's work: equal keys, same best tiles.
@@ -217,7 +217,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
                     return refuse("multiplies float weights by float activations only");
                 }
                 // The rows of all of a ternary_cat's matrices are its work.
-                let (n, k) = (node.ty.shape[1].resolve(0), w.shape[1].resolve(0));
+                let (n, k) = (node.ty.shape[1].resolve(Extent::FIXED), w.shape[1].resolve(Extent::FIXED));
                 match node.op {
                     Op::MatMul => Workload::Float { n, k, dtype: w.dtype }.key(),
                     _ => Workload::Ternary { n, k }.key(),

@@ -14,7 +14,7 @@
 //!   with the same thread count, runs alternating.
 
 use anyhow::{anyhow, bail, Context};
-use bitnet_frontends::arch::{ActivationMode, GraphOptions};
+use bitnet_frontends::arch::{ActivationMode, GraphOptions, Logits};
 use bitnet_frontends::model::Model;
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
 use bitnet_ir::RopeMode;
@@ -152,7 +152,7 @@ fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
 /// bitnet-rs's logits at every position, from its reference interpreter.
 pub fn bitnet_logits(path: &Path, tokens: &[u32], activations: ActivationMode, rope_mode: Option<RopeMode>, threads: usize) -> anyhow::Result<Vec<f32>> {
     let model = Model::open(path)?;
-    let g = model.graph_with(&GraphOptions { all_logits: true, activations, rope_mode })?;
+    let g = model.graph_with(&GraphOptions { logits: Logits::All, activations, rope_mode })?;
     let ids = Tensor::ids(tokens.iter().map(|&t| t as i32).collect());
     let pos = Tensor::ids((0..tokens.len() as i32).collect());
     let mut out = Interpreter::new(&model, threads).eval(&g, &[("tokens", ids), ("positions", pos)], &mut KvCache::new())?;

@@ -90,10 +90,22 @@ pub enum ActivationMode {
     LlamaCpp,
 }
 
+/// Which rows of the final hidden state the head turns into logits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Logits {
+    /// The last row only (`last_row`).
+    #[default]
+    Last,
+    /// Every row.
+    All,
+    /// The rows the input `out_rows` names (`select_rows`): the graph a
+    /// batched step runs, rows of several sequences side by side.
+    Picked,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GraphOptions {
-    /// Logits for every position, not only the last.
-    pub all_logits: bool,
+    pub logits: Logits,
     pub activations: ActivationMode,
     /// Overrides the architecture's RoPE mode (for experiments, such as
     /// proving that a comparison notices the wrong one).
@@ -221,8 +233,13 @@ pub(crate) fn build_graph(model: &Model, opts: &GraphOptions) -> Result<Graph, M
         x = b.op(Op::Binary(BinaryOp::Add), &[h, down])?;
     }
     let mut y = b.norm(x, "output_norm.weight", c.hidden)?;
-    if !opts.all_logits {
-        y = b.op(Op::LastRow, &[y])?;
+    match opts.logits {
+        Logits::Last => y = b.op(Op::LastRow, &[y])?,
+        Logits::All => {}
+        Logits::Picked => {
+            let rows = b.g.leaf(Op::Input { name: "out_rows".into() }, TensorType::new(DType::I32, [Dim::Out]));
+            y = b.op(Op::SelectRows, &[y, rows])?;
+        }
     }
     let head_name = if c.tied_head { "token_embd.weight" } else { "output.weight" };
     let head = if c.tied_head { embd } else { b.weight(head_name, &[c.vocab, c.hidden])? };

@@ -1,7 +1,7 @@
 //! A model file opened for running: its hyper-parameters, its weights
 //! (memory-mapped, served to the interpreter by name) and its IR graph.
 
-use crate::arch::{self, Activation, Arch, GraphOptions};
+use crate::arch::{self, Activation, Arch, GraphOptions, Logits};
 use crate::gguf::{GgufError, GgufFile, MetaValue};
 use crate::hf::{self, HfFolder};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -183,7 +183,15 @@ impl Model {
 
     /// The IR graph: logits for every position (`all_logits`) or only the last.
     pub fn graph(&self, all_logits: bool) -> Result<Graph, ModelError> {
-        self.graph_with(&GraphOptions { all_logits, ..Default::default() })
+        let logits = if all_logits { Logits::All } else { Logits::Last };
+        self.graph_with(&GraphOptions { logits, ..Default::default() })
+    }
+
+    /// The graph of a batched step: the rows of several sequences side by
+    /// side (inputs `tokens` and `positions`), logits for the rows that
+    /// `out_rows` names.
+    pub fn step_graph(&self) -> Result<Graph, ModelError> {
+        self.graph_with(&GraphOptions { logits: Logits::Picked, ..Default::default() })
     }
 
     pub fn graph_with(&self, opts: &GraphOptions) -> Result<Graph, ModelError> {

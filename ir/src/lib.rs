@@ -19,6 +19,6 @@ mod verify;
 pub use dtype::DType;
 pub use graph::{Graph, GraphError, Node, Value};
 pub use op::{ActQuant, BinaryOp, Epilogue, GateAct, Op, RopeMode, UnaryOp};
-pub use shape::{Dim, TensorType};
+pub use shape::{Dim, Extent, TensorType};
 pub use text::parse;
 pub use verify::verify;

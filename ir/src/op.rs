@@ -232,6 +232,9 @@ pub enum Op {
     Softmax,
     /// `f32[S, N] -> f32[1, N]`: the last row only.
     LastRow,
+    /// `f32[S, N], i32[O] -> f32[O, N]`: the rows named by the indices, in
+    /// their order (the rows of a batch whose logits are wanted).
+    SelectRows,
     /// Converts between float types.
     Cast {
         to: DType,
@@ -285,6 +288,7 @@ impl Op {
             Op::Binary(b) => b.name(),
             Op::Softmax => "softmax",
             Op::LastRow => "last_row",
+            Op::SelectRows => "select_rows",
             Op::Cast { .. } => "cast",
         }
     }
@@ -310,7 +314,7 @@ impl Op {
         match self {
             Op::Input { .. } | Op::Weight { .. } => 0,
             Op::QuantizeAct { .. } | Op::Unary(_) | Op::Softmax | Op::LastRow | Op::Cast { .. } | Op::Slice { .. } => 1,
-            Op::Embed | Op::RmsNorm { .. } | Op::RmsNormQuant { .. } | Op::MatMul | Op::Rope { .. } | Op::Binary(_) | Op::Glu { .. } => 2,
+            Op::Embed | Op::SelectRows | Op::RmsNorm { .. } | Op::RmsNormQuant { .. } | Op::MatMul | Op::Rope { .. } | Op::Binary(_) | Op::Glu { .. } => 2,
             Op::TernaryMatMul(e) => 2 + e.operands(),
             Op::TernaryGlu { epilogue, .. } => 2 * epilogue.glu_up() - 1,
             Op::TernaryCat { parts, epilogue } => parts.saturating_mul(1 + epilogue.operands()).saturating_add(1),
@@ -490,6 +494,13 @@ impl Op {
             Op::LastRow => {
                 f32_rows(args[0], "last_row input")?;
                 Ok(TensorType::new(DType::F32, [Dim::Const(1), args[0].shape[1]]))
+            }
+            Op::SelectRows => {
+                f32_rows(args[0], "select_rows input")?;
+                if args[1].dtype != DType::I32 || args[1].rank() != 1 {
+                    return Err(format!("select_rows takes i32 row indices, got {}", args[1]));
+                }
+                Ok(TensorType::new(DType::F32, [args[1].shape[0], args[0].shape[1]]))
             }
             Op::Cast { to } => {
                 if !args[0].dtype.is_float() || !to.is_float() {

@@ -7,16 +7,36 @@ use std::fmt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Dim {
-    /// The number of tokens evaluated in one call.
+    /// The number of tokens (rows) evaluated in one call.
     Seq,
+    /// The number of rows picked for the output (`select_rows`): the rows
+    /// whose logits a step wants.
+    Out,
     Const(usize),
 }
 
+/// The sizes of the symbolic dims in one evaluation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extent {
+    pub seq: usize,
+    pub out: usize,
+}
+
+impl Extent {
+    /// For types with no symbolic dims (weights).
+    pub const FIXED: Extent = Extent { seq: 0, out: 0 };
+
+    pub fn new(seq: usize, out: usize) -> Extent {
+        Extent { seq, out }
+    }
+}
+
 impl Dim {
-    /// The concrete size, given the sequence length of this evaluation.
-    pub fn resolve(self, seq: usize) -> usize {
+    /// The concrete size in an evaluation of extent `e`.
+    pub fn resolve(self, e: Extent) -> usize {
         match self {
-            Dim::Seq => seq,
+            Dim::Seq => e.seq,
+            Dim::Out => e.out,
             Dim::Const(n) => n,
         }
     }
@@ -26,6 +46,7 @@ impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Dim::Seq => f.write_str("seq"),
+            Dim::Out => f.write_str("out"),
             Dim::Const(n) => write!(f, "{n}"),
         }
     }
@@ -56,8 +77,8 @@ impl TensorType {
         self.shape.last().copied()
     }
 
-    pub fn resolve(&self, seq: usize) -> Vec<usize> {
-        self.shape.iter().map(|d| d.resolve(seq)).collect()
+    pub fn resolve(&self, e: Extent) -> Vec<usize> {
+        self.shape.iter().map(|d| d.resolve(e)).collect()
     }
 }
 

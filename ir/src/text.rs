@@ -285,6 +285,7 @@ fn parse_type(lx: &mut Lexer) -> Result<TensorType, GraphError> {
         let w = lx.word()?;
         shape.push(match w.as_str() {
             "seq" => Dim::Seq,
+            "out" => Dim::Out,
             n => match n.parse() {
                 Ok(n) => Dim::Const(n),
                 Err(_) => return lx.err(format!("bad dim {n}")),
@@ -351,6 +352,7 @@ fn make_op(mnemonic: &str, leaf_name: Option<String>, attrs: &mut HashMap<String
         }
         "softmax" => Op::Softmax,
         "last_row" => Op::LastRow,
+        "select_rows" => Op::SelectRows,
         "cast" => {
             let to: String = take(attrs, "to")?;
             Op::Cast { to: DType::from_name(&to).ok_or(format!("unknown dtype {to}"))? }

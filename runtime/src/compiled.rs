@@ -14,7 +14,7 @@ use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
 use bitnet_codegen::cpu::{attention, float, ops, vmath, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
-use bitnet_ir::{ActQuant, DType, Graph, Op};
+use bitnet_ir::{ActQuant, DType, Extent, Graph, Op};
 use std::collections::HashMap;
 
 fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
@@ -316,7 +316,7 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
         for (i, a) in node.args.iter().enumerate() {
             let Op::Weight { name } = &g.node(*a).op else { continue };
             let ty = &g.node(*a).ty;
-            let dims = ty.resolve(0);
+            let dims = ty.resolve(Extent::FIXED);
             let nk = |n: usize, k: usize| dims.len() == 2 && dims[0] == n && dims[1] == k;
             let tiles = sched.tiles(v);
             let ok = match (&node.op, i, tiles) {
@@ -355,7 +355,7 @@ fn run(
             continue;
         }
         let mut out = std::mem::replace(&mut plan.bufs[s], Buf::I32(Vec::new()));
-        let shape = node.ty.resolve(seq);
+        let shape = node.ty.resolve(Extent::new(seq, seq));
         let tiles = plan.tiles[v];
         let int8 = matches!(tiles, Some(Tiles::Int8 { .. }));
         let args: Vec<Arg> = node
@@ -529,6 +529,7 @@ fn kernel(
             o.copy_from_slice(floats(&args[0])?);
             o.chunks_exact_mut(cols).for_each(|row| vmath::softmax(isa, row));
         }
+        Op::SelectRows => return err("select_rows runs on the interpreter only so far"),
         Op::LastRow => {
             let x = floats(&args[0])?;
             if x.len() < cols {

@@ -16,7 +16,7 @@ use crate::compiled::{assign_slots, KernelTimes, Kind, NO_SLOT};
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
-use bitnet_ir::{Graph, Op};
+use bitnet_ir::{Extent, Graph, Op};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -278,7 +278,7 @@ impl CudaModel {
         // The embedding kernel skips an id outside its table; say so here.
         let plan = if all_logits { &self.all } else { &self.last };
         for (_, node) in plan.graph.iter().filter(|(_, n)| n.op == Op::Embed) {
-            let vocab = plan.graph.ty(node.args[0]).shape[0].resolve(0);
+            let vocab = plan.graph.ty(node.args[0]).shape[0].resolve(Extent::FIXED);
             if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
                 return err(format!("token id {bad} is outside the vocabulary of {vocab}"));
             }
@@ -390,7 +390,7 @@ impl CudaModel {
     /// The f32 value `v` as it is now on the device.
     fn download(&self, all_logits: bool, v: bitnet_ir::Value, seq: usize) -> Result<Option<Vec<f32>>, EvalError> {
         let plan = if all_logits { &self.all } else { &self.last };
-        let len: usize = plan.graph.ty(v).resolve(seq).iter().product();
+        let len: usize = plan.graph.ty(v).resolve(Extent::new(seq, seq)).iter().product();
         let Some(DevBuf::F32(buf)) = &plan.bufs[plan.slot[v.index()]] else { return Ok(None) };
         let mut out = vec![0f32; len];
         driver("copying a result back", self.stream.memcpy_dtoh(&buf.slice(..len), &mut out))?;
@@ -400,7 +400,7 @@ impl CudaModel {
     fn launch(&self, all_logits: bool, l: &Launch, seq: usize) -> Result<(), EvalError> {
         let plan = if all_logits { &self.all } else { &self.last };
         let node = plan.graph.node(l.value);
-        let rows_of = |v: bitnet_ir::Value| plan.graph.ty(v).resolve(seq).first().copied().unwrap_or(1);
+        let rows_of = |v: bitnet_ir::Value| plan.graph.ty(v).resolve(Extent::new(seq, seq)).first().copied().unwrap_or(1);
         let mut ptrs: Vec<u64> = Vec::new();
         let mut floats: Vec<f32> = Vec::new();
         let mut ints: Vec<i32> = Vec::new();
@@ -519,7 +519,7 @@ impl DevPlan {
             if s == NO_SLOT {
                 continue;
             }
-            let shape = node.ty.resolve(seq);
+            let shape = node.ty.resolve(Extent::new(seq, seq));
             let rows = if shape.len() >= 2 { shape[0] } else { 1 };
             let elems = match self.kinds[s] {
                 Kind::Q8 => rows * cuda::padded(*shape.last().unwrap_or(&1)),
@@ -608,7 +608,7 @@ pub(crate) fn layouts(
                     continue;
                 }
                 if let (true, Some(p)) = (node.op.reads_packed(i), prepacked.get(name)) {
-                    let dims = g.node(*a).ty.resolve(0);
+                    let dims = g.node(*a).ty.resolve(Extent::FIXED);
                     if p.rows != 1 || dims != [p.n, p.k] {
                         return err(format!("packed weight {name} is not the graph's {} in one-row tiles", g.node(*a).ty));
                     }

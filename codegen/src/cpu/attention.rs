@@ -17,7 +17,7 @@
 use super::float;
 use super::pool::{Chunks, Pool, SharedMut};
 use super::Isa;
-use bitnet_ir::interp::{kernels, EvalError, KvCache};
+use bitnet_ir::interp::{kernels, EvalError, KvHead, KvStore};
 
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -44,7 +44,7 @@ pub fn attention(
     k: &[f32],
     v: &[f32],
     positions: &[i32],
-    kv: &mut KvCache,
+    kv: &mut dyn KvStore,
     out: &mut [f32],
 ) -> Result<(), EvalError> {
     let d = a.head_dim;
@@ -52,8 +52,7 @@ pub fn attention(
         return Err(EvalError(format!("attention: {} heads over {} KV heads of {d} do not fit the operands", a.heads, a.kv_heads)));
     }
     kv.store(a.layer, a.kv_heads, d, positions, k, v)?;
-    let held = kv.head(a.layer, 0).0.len() / d.max(1);
-    if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= held) {
+    if let Some((_, &p)) = positions.iter().enumerate().find(|&(i, &p)| p < 0 || p as usize >= kv.head(a.layer, i, 0).held) {
         return Err(EvalError(format!("attention: position {p} is not in the cache")));
     }
     let kv = &*kv;
@@ -80,8 +79,7 @@ pub fn attention(
                 let rows = (i * a.heads + heads.start) * d..(i * a.heads + heads.end) * d;
                 // SAFETY: each unit's heads of one token belong to it alone.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(rows.start), rows.len()) };
-                let (keys, values) = kv.head(a.layer, kvh);
-                let head = Heads { q: &q[rows], keys: &keys[..n_keys * d], values: &values[..n_keys * d], d, scale };
+                let head = Heads { q: &q[rows], kv: kv.head(a.layer, i, kvh), n: n_keys, d, scale };
                 match isa.float_kernels() {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe { avx2::heads(&head, &mut scores, o) },
@@ -95,24 +93,26 @@ pub fn attention(
 }
 
 /// Consecutive query heads of one token (`q` and the output: `d` values
-/// each) and the keys and values of their KV head, `d` values a position.
+/// each) and the first `n` keys and values of their KV head.
 struct Heads<'a> {
     q: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
+    kv: KvHead<'a>,
+    n: usize,
     d: usize,
     scale: f32,
 }
 
-impl Heads<'_> {
+impl<'a> Heads<'a> {
     fn n_keys(&self) -> usize {
-        self.keys.len() / self.d
+        self.n
     }
-    fn key(&self, t: usize) -> &[f32] {
-        &self.keys[t * self.d..][..self.d]
+    #[inline(always)]
+    fn key(&self, t: usize) -> &'a [f32] {
+        self.kv.key(t)
     }
-    fn value(&self, t: usize) -> &[f32] {
-        &self.values[t * self.d..][..self.d]
+    #[inline(always)]
+    fn value(&self, t: usize) -> &'a [f32] {
+        self.kv.value(t)
     }
 }
 
@@ -131,11 +131,20 @@ fn reference_heads(h: &Heads, scores: &mut Vec<f32>, out: &mut [f32]) {
     }
 }
 
-/// The generated kernel, one head at a time.
+/// The generated kernel, one head at a time. It reads keys and values in
+/// one stretch: those of a paged cache are gathered first.
 fn generated_heads(h: &Heads, scores: &mut Vec<f32>, out: &mut [f32]) {
     let jit = super::jit::AttentionJit::get().expect("Isa::Cranelift is available");
+    let gathered: (Vec<f32>, Vec<f32>);
+    let (keys, values) = match h.kv.contiguous_prefix(h.n) {
+        Some(kv) => kv,
+        None => {
+            gathered = ((0..h.n).flat_map(|t| h.key(t)).copied().collect(), (0..h.n).flat_map(|t| h.value(t)).copied().collect());
+            (&gathered.0[..], &gathered.1[..])
+        }
+    };
     for (qh, o) in h.q.chunks_exact(h.d).zip(out.chunks_exact_mut(h.d)) {
-        jit.head(qh, h.keys, h.values, h.scale, scores, o);
+        jit.head(qh, keys, values, h.scale, scores, o);
     }
 }
 
@@ -243,7 +252,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitnet_ir::interp::{Interpreter, Tensor};
+    use bitnet_ir::interp::{Interpreter, KvCache, KvPages, Tensor};
     use bitnet_ir::{DType, Dim, Graph, Op, TensorType};
     use std::collections::HashMap;
 
@@ -321,6 +330,44 @@ mod tests {
                 for pool in &pools[1..] {
                     assert_eq!(compiled(pool, isa, a, tokens, &q, &k, &v), first, "{isa:?}, {} threads, heads {heads}/{kv_heads} d {d}", pool.threads());
                 }
+            }
+        }
+    }
+
+    /// The same attention with the cache in blocks of four positions, the
+    /// blocks out of order, beside a second sequence's rows in the same
+    /// call: the same bits as the contiguous cache, on every ISA.
+    #[test]
+    fn paged_cache_gives_the_contiguous_bits() {
+        let pool = Pool::new(2);
+        for (heads, kv_heads, d, tokens) in [(1, 1, 1, 1), (3, 1, 3, 5), (8, 2, 17, 9), (20, 5, 128, 33)] {
+            let a = AttentionShape { layer: 0, heads, kv_heads, head_dim: d };
+            let (hd, kvd) = (heads * d, kv_heads * d);
+            let s = tokens + 1;
+            let (q, k, v) = (values(s * hd, 1), values(s * kvd, 2), values(s * kvd, 3));
+            let blocks = s.div_ceil(4);
+            let table: Vec<u32> = (0..blocks as u32).rev().map(|b| 2 * b + 1).collect();
+            let other: Vec<u32> = vec![0];
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Cranelift].into_iter().filter(|i| i.available()) {
+                let want = compiled(&pool, isa, a, tokens, &q, &k, &v);
+                let mut pages = KvPages::new(1, kv_heads, d, 4, 2 * blocks + 1);
+                let got: Vec<Vec<f32>> = [0..tokens, tokens..tokens + 1]
+                    .into_iter()
+                    .map(|r| {
+                        // The other sequence's one row goes first.
+                        let mut positions = vec![0];
+                        positions.extend(r.clone().map(|p| p as i32));
+                        let n = positions.len();
+                        let tables: Vec<&[u32]> = (0..n).map(|i| if i == 0 { &other[..] } else { &table[..] }).collect();
+                        let held: Vec<usize> = (0..n).map(|i| if i == 0 { 1 } else { r.end }).collect();
+                        let cat = |x: &[f32], w: usize| [&x[..w], &x[r.start * w..r.end * w]].concat();
+                        let mut out = vec![0f32; n * hd];
+                        let mut rows = pages.rows(&tables, &held);
+                        attention(&pool, isa, a, &cat(&q, hd), &cat(&k, kvd), &cat(&v, kvd), &positions, &mut rows, &mut out).unwrap();
+                        out[hd..].to_vec()
+                    })
+                    .collect();
+                assert_eq!(got, want, "{isa:?}, heads {heads}/{kv_heads} d {d}");
             }
         }
     }

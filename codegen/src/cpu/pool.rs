@@ -5,6 +5,12 @@
 //! after each job (the next one usually comes within microseconds), then
 //! sleep on a condition variable. The calling thread is worker 0, so a
 //! pool of one thread never switches threads at all.
+//!
+//! Callers on several threads take turns: a job holds the pool from its
+//! start to its end (the `caller` lock), so the job slot only ever holds
+//! one job and the lifetime it erases outlives every worker's use of it.
+//! [`Pool::shared`] hands out one pool per thread count for the whole
+//! process, so engines side by side do not each keep cores spinning.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -37,9 +43,26 @@ pub struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     threads: usize,
+    /// Held by the thread whose job the pool is running.
+    caller: Mutex<()>,
 }
 
 impl Pool {
+    /// The process's pool of `threads` workers, made on first use and kept
+    /// while anyone holds it.
+    pub fn shared(threads: usize) -> Arc<Pool> {
+        static POOLS: Mutex<Vec<std::sync::Weak<Pool>>> = Mutex::new(Vec::new());
+        let threads = threads.max(1);
+        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        if let Some(p) = pools.iter().filter_map(|p| p.upgrade()).find(|p| p.threads == threads) {
+            return p;
+        }
+        let p = Arc::new(Pool::new(threads));
+        pools.push(Arc::downgrade(&p));
+        p
+    }
+
     /// A pool of `threads` workers, counting the caller.
     pub fn new(threads: usize) -> Pool {
         let threads = threads.max(1);
@@ -59,7 +82,7 @@ impl Pool {
                 std::thread::Builder::new().name(format!("bitnet-worker-{w}")).spawn(move || worker(&shared, w, threads)).expect("spawning a worker thread")
             })
             .collect();
-        Pool { shared, workers, threads }
+        Pool { shared, workers, threads, caller: Mutex::new(()) }
     }
 
     pub fn threads(&self) -> usize {
@@ -82,9 +105,13 @@ impl Pool {
         if self.threads == 1 {
             return f(0, 1);
         }
+        // A job running `f` on this pool from inside another job of it would
+        // wait for itself: kernels never do that.
+        let _turn = self.caller.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
         // SAFETY: the job is only reached through `s.job` while `pending`
-        // is above zero, and this function does not return before it is 0.
+        // is above zero, and this function does not return before it is 0;
+        // `_turn` keeps any other caller from replacing it meanwhile.
         let erased: Job<'static> = unsafe { std::mem::transmute::<Job<'_>, Job<'static>>(f) };
         *s.job.lock().unwrap() = Some(erased);
         s.pending.store(self.threads - 1, Ordering::SeqCst);
@@ -223,6 +250,30 @@ mod tests {
             }
             assert_eq!(count.load(Ordering::Relaxed), 1000 * threads);
         }
+    }
+
+    /// Four threads share one pool, each running its own jobs: every job
+    /// runs on every worker exactly once, and none sees another's.
+    #[test]
+    fn concurrent_callers_take_turns() {
+        let pool = Pool::shared(2);
+        assert!(Arc::ptr_eq(&pool, &Pool::shared(2)));
+        std::thread::scope(|scope| {
+            for t in 0..4usize {
+                let pool = &pool;
+                scope.spawn(move || {
+                    for i in 0..500usize {
+                        let tag = t * 1000 + i;
+                        let seen = AtomicUsize::new(0);
+                        pool.run(&|_, _| {
+                            std::hint::black_box(tag);
+                            seen.fetch_add(tag + 1, Ordering::Relaxed);
+                        });
+                        assert_eq!(seen.load(Ordering::Relaxed), 2 * (tag + 1));
+                    }
+                });
+            }
+        });
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod kernels;
 pub mod nvrtc;
 
 use crate::target::fnv1a;
-use bitnet_ir::{ActQuant, DType, Graph, Op, Value};
+use bitnet_ir::{ActQuant, DType, Extent, Graph, Op, Value};
 pub use kernels::{CudaTiles, FloatType};
 
 /// What a kernel parameter is bound to at launch.
@@ -247,7 +247,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
         if !node.op.is_leaf() && ty.rank() != 2 {
             return refuse(&format!("computes rank-2 values (rows of tokens) only, not {ty}"));
         }
-        let cols = ty.shape.last().map_or(1, |d| d.resolve(0));
+        let cols = ty.shape.last().map_or(1, |d| d.resolve(Extent::FIXED));
         let arg_ty = |i: usize| g.ty(node.args[i]);
         let ops: Vec<Arg> = (0..node.args.len()).map(Operand).collect();
         let with = |extra: &[Arg]| -> Vec<Arg> { ops.iter().chain(extra).copied().collect() };
@@ -258,7 +258,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             }
             Op::Embed => {
                 let t = arg_ty(0);
-                let (vocab, hidden) = (t.shape[0].resolve(0), t.shape[1].resolve(0));
+                let (vocab, hidden) = (t.shape[0].resolve(Extent::FIXED), t.shape[1].resolve(Extent::FIXED));
                 b.launch(v, "embed", k::embed(device_float_type(t.dtype), vocab, hidden), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::RmsNorm { eps } => {
@@ -273,7 +273,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return refuse("quantizes activations per token only (not llama.cpp's q8_k blocks)"),
             Op::TernaryMatMul(e) => {
                 let w = arg_ty(1);
-                let (n, kk) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                let (n, kk) = (w.shape[0].resolve(Extent::FIXED), w.shape[1].resolve(Extent::FIXED));
                 let key = crate::schedule::Workload::Ternary { n, k: kk }.key();
                 let t = tiles(&key);
                 chosen.push((v, key.0.clone(), t.to_string()));
@@ -285,7 +285,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             }
             Op::TernaryGlu { act, epilogue } => {
                 let w = arg_ty(1);
-                let (n, kk) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                let (n, kk) = (w.shape[0].resolve(Extent::FIXED), w.shape[1].resolve(Extent::FIXED));
                 let key = crate::schedule::Workload::Ternary { n, k: kk }.key();
                 let t = tiles(&key);
                 chosen.push((v, key.0.clone(), t.to_string()));
@@ -302,7 +302,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 if x.dtype != DType::F32 {
                     return refuse("multiplies float weights by f32 activations only");
                 }
-                let (n, kk) = (w.shape[0].resolve(0), w.shape[1].resolve(0));
+                let (n, kk) = (w.shape[0].resolve(Extent::FIXED), w.shape[1].resolve(Extent::FIXED));
                 let key = crate::schedule::Workload::Float { n, k: kk, dtype: w.dtype }.key();
                 let t = tiles(&key);
                 chosen.push((v, key.0.clone(), t.to_string()));
@@ -336,7 +336,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             Op::Unary(u) => b.launch(v, "unary", k::unary(*u, cols), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)])),
             Op::Binary(op) => {
                 let (a, y) = (arg_ty(0), arg_ty(1));
-                let b_len = if y.shape == a.shape { None } else { Some(y.shape.iter().map(|d| d.resolve(0)).product()) };
+                let b_len = if y.shape == a.shape { None } else { Some(y.shape.iter().map(|d| d.resolve(Extent::FIXED)).product()) };
                 b.launch(v, "binary", k::binary(*op, cols, b_len), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)]));
             }
             Op::Glu { act } => b.launch(v, "glu", k::glu(*act, cols), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)])),
@@ -345,6 +345,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 let grid = Grid::Fixed(cols.div_ceil(eb as usize) as u32);
                 b.launch(v, "last_row", k::last_row(cols), grid, eb, vec![Operand(0), Output, Rows(Some(0))]);
             }
+            Op::SelectRows => return refuse("has no select_rows kernel: it runs the graphs that end in last_row"),
             Op::Cast { to } => {
                 let to = match to {
                     DType::F16 => FloatType::F16,

@@ -1,10 +1,10 @@
 //! The meaning of each op, one plain function per op.
 
 pub use super::math::exp;
-use super::{eval_err, EvalError, KvCache, Slot, Tensor, WeightView};
+use super::{eval_err, EvalError, KvStore, Slot, Tensor, WeightView};
 use crate::{ActQuant, BinaryOp, GateAct, Op, RopeMode, UnaryOp};
 
-pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> Result<Tensor, EvalError> {
+pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut dyn KvStore, threads: usize) -> Result<Tensor, EvalError> {
     match op {
         Op::Input { .. } | Op::Weight { .. } => unreachable!("leaves are bound by the interpreter"),
         Op::Embed => embed(weight(args[0])?, ids(args[1])?),
@@ -104,6 +104,18 @@ pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut KvCache, threads: usize) -> 
                 return eval_err("last_row of an empty tensor");
             }
             Ok(Tensor::f32(vec![1, shape[1]], x[(shape[0] - 1) * shape[1]..].to_vec()))
+        }
+        Op::SelectRows => {
+            let (shape, x) = f32s(args[0])?;
+            let Slot::Tensor(Tensor::I32 { data: rows, .. }) = args[1] else { return eval_err("select_rows indices must be i32") };
+            let mut y = Vec::with_capacity(rows.len() * shape[1]);
+            for &r in rows {
+                if r < 0 || r as usize >= shape[0] {
+                    return eval_err(format!("select_rows: row {r} of {}", shape[0]));
+                }
+                y.extend_from_slice(&x[r as usize * shape[1]..][..shape[1]]);
+            }
+            Ok(Tensor::f32(vec![rows.len(), shape[1]], y))
         }
         Op::Cast { to } => {
             let (shape, x) = f32s(args[0])?;
@@ -385,7 +397,7 @@ fn attention(
     k: &[f32],
     v: &[f32],
     positions: &[i32],
-    kv: &mut KvCache,
+    kv: &mut dyn KvStore,
     layer: usize,
     heads: usize,
     kv_heads: usize,
@@ -398,18 +410,21 @@ fn attention(
     for (i, &p) in positions.iter().enumerate() {
         let n_keys = p as usize + 1;
         for h in 0..heads {
-            let (keys, values) = kv.head(layer, h / group);
+            let head = kv.head(layer, i, h / group);
+            if head.held < n_keys {
+                return eval_err(format!("attention: position {p} is not in the cache"));
+            }
             let qh = &q[i * heads * d + h * d..][..d];
             let mut scores: Vec<f32> = (0..n_keys)
                 .map(|t| {
-                    let kt = &keys[t * d..][..d];
+                    let kt = head.key(t);
                     qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
                 })
                 .collect();
             softmax(&mut scores);
             let o = &mut out[i * heads * d + h * d..][..d];
             for (t, &w) in scores.iter().enumerate() {
-                let vt = &values[t * d..][..d];
+                let vt = head.value(t);
                 for (oj, &vj) in o.iter_mut().zip(vt) {
                     *oj += w * vj;
                 }

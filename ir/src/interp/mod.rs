@@ -6,7 +6,10 @@
 //! over threads, which does not change any result.
 
 pub mod kernels;
+pub mod kv;
 pub mod math;
+
+pub use kv::{KvCache, KvHead, KvPages, KvStore, PagedRows};
 
 use crate::quant::{i2s_scale, RowView};
 use crate::{DType, Graph, Op, TensorType};
@@ -113,123 +116,6 @@ impl Tensor {
     }
 }
 
-/// Keys and values of every layer at every evaluated position.
-///
-/// Each KV head's keys (and values) are kept together, position after
-/// position (`[head][position][head_dim]`), so that attention reads them
-/// as one sequential stretch; room for more positions is made by doubling
-/// (or, with [`KvCache::with_capacity`], reserved at the start: address
-/// space only, until written).
-#[derive(Default, Debug)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    /// Positions each layer makes room for when first written.
-    reserve: usize,
-}
-
-#[derive(Default, Debug)]
-struct LayerCache {
-    heads: usize,
-    head_dim: usize,
-    /// Positions there is room for, and positions held.
-    cap: usize,
-    len: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl LayerCache {
-    /// Room for `cap` positions, keeping those held.
-    fn grow(&mut self, cap: usize) {
-        let (d, len) = (self.head_dim, self.len);
-        for data in [&mut self.k, &mut self.v] {
-            let mut more = vec![0f32; self.heads * cap * d];
-            for h in 0..self.heads {
-                more[h * cap * d..][..len * d].copy_from_slice(&data[h * self.cap * d..][..len * d]);
-            }
-            *data = more;
-        }
-        self.cap = cap;
-    }
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// A cache whose layers make room for `positions` when first written,
-    /// so that growing never copies them.
-    pub fn with_capacity(positions: usize) -> Self {
-        KvCache { layers: Vec::new(), reserve: positions }
-    }
-    /// Positions held (those of layer 0).
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Forgets every position, keeping the memory for the next ones.
-    pub fn clear(&mut self) {
-        self.truncate(0);
-    }
-    /// Keeps positions `0..len`.
-    pub fn truncate(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.len = l.len.min(len);
-        }
-    }
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| 2 * l.heads * l.len * l.head_dim * 4).sum()
-    }
-    /// Writes the keys and values of `positions` (rows of `heads` heads of
-    /// `head_dim`) into layer `layer`. A position may overwrite a cached
-    /// one or follow the last, never skip ahead.
-    pub fn store(&mut self, layer: usize, heads: usize, head_dim: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError> {
-        if self.layers.len() <= layer {
-            self.layers.resize_with(layer + 1, LayerCache::default);
-        }
-        let reserve = self.reserve;
-        let cache = &mut self.layers[layer];
-        if cache.heads == 0 {
-            (cache.heads, cache.head_dim) = (heads, head_dim);
-        }
-        if (cache.heads, cache.head_dim) != (heads, head_dim) {
-            return eval_err(format!("layer {layer} caches {} heads of {}, got {heads} of {head_dim}", cache.heads, cache.head_dim));
-        }
-        let row = heads * head_dim;
-        for ((kr, vr), &p) in k.chunks_exact(row).zip(v.chunks_exact(row)).zip(positions) {
-            let p = p as usize;
-            if p > cache.len {
-                return eval_err(format!("position {p} skips past the {} cached positions", cache.len));
-            }
-            if p == cache.cap {
-                cache.grow((2 * cache.cap).max(reserve).max(16));
-            }
-            let (cap, d) = (cache.cap, head_dim);
-            for h in 0..heads {
-                cache.k[(h * cap + p) * d..][..d].copy_from_slice(&kr[h * d..][..d]);
-                cache.v[(h * cap + p) * d..][..d].copy_from_slice(&vr[h * d..][..d]);
-            }
-            cache.len = cache.len.max(p + 1);
-        }
-        Ok(())
-    }
-
-    /// The keys and values of KV head `head` of layer `layer`, position
-    /// after position (`head_dim` values each), for every cached position.
-    pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32]) {
-        match self.layers.get(layer) {
-            Some(l) if head < l.heads => {
-                let at = head * l.cap * l.head_dim;
-                (&l.k[at..][..l.len * l.head_dim], &l.v[at..][..l.len * l.head_dim])
-            }
-            _ => (&[], &[]),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct EvalError(pub String);
@@ -268,7 +154,7 @@ impl<'w> Interpreter<'w> {
 
     fn lookup(&self, name: &str, ty: &TensorType) -> Result<WeightView<'w>, EvalError> {
         let Some(w) = self.weights.weight(name) else { return eval_err(format!("missing tensor {name}")) };
-        let want = ty.resolve(0);
+        let want = ty.resolve(crate::shape::Extent::FIXED);
         if w.dtype != ty.dtype || w.shape != want {
             return eval_err(format!("tensor {name} is {}{:?}, the graph expects {ty}", w.dtype, w.shape));
         }
@@ -279,8 +165,8 @@ impl<'w> Interpreter<'w> {
     }
 
     /// Evaluates the graph on named inputs; returns its outputs in order.
-    pub fn eval(&self, g: &Graph, inputs: &[(&str, Tensor)], kv: &mut KvCache) -> Result<Vec<Tensor>, EvalError> {
-        let seq = inputs.first().map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(0));
+    pub fn eval(&self, g: &Graph, inputs: &[(&str, Tensor)], kv: &mut dyn KvStore) -> Result<Vec<Tensor>, EvalError> {
+        let extent = input_extent(g, inputs.iter().map(|(n, t)| (*n, t.shape().first().copied().unwrap_or(0))));
         let mut slots: Vec<Slot<'w>> = Vec::with_capacity(g.nodes.len());
         let mut uses = vec![0usize; g.nodes.len()];
         for n in &g.nodes {
@@ -298,7 +184,7 @@ impl<'w> Interpreter<'w> {
                     let Some((_, t)) = inputs.iter().find(|(n, _)| n == name) else {
                         return eval_err(format!("input \"{name}\" was not given"));
                     };
-                    if t.dtype() != node.ty.dtype || t.shape() != node.ty.resolve(seq) {
+                    if t.dtype() != node.ty.dtype || t.shape() != node.ty.resolve(extent) {
                         return eval_err(format!("input \"{name}\" is {:?} {:?}, expected {}", t.dtype(), t.shape(), node.ty));
                     }
                     Slot::Tensor(t.clone())
@@ -327,4 +213,19 @@ impl<'w> Interpreter<'w> {
         }
         Ok(out)
     }
+}
+
+/// The sizes of a graph's symbolic dims, read off its inputs' lengths:
+/// the rows of an input typed `[seq, ..]` and of one typed `[out, ..]`.
+pub fn input_extent<'a>(g: &Graph, lens: impl Iterator<Item = (&'a str, usize)>) -> crate::shape::Extent {
+    let mut e = crate::shape::Extent::FIXED;
+    for (name, len) in lens {
+        let dim = g.nodes.iter().find(|n| matches!(&n.op, Op::Input { name: m } if m == name)).and_then(|n| n.ty.shape.first().copied());
+        match dim {
+            Some(crate::Dim::Seq) => e.seq = len,
+            Some(crate::Dim::Out) => e.out = len,
+            _ => {}
+        }
+    }
+    e
 }

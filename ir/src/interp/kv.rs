@@ -1,0 +1,389 @@
+//! Where attention keeps keys and values: the [`KvStore`] interface that
+//! the attention op (interpreted or compiled) writes and reads, the view of
+//! one KV head's positions it reads through ([`KvHead`]), and [`KvCache`],
+//! a store for one sequence in one contiguous stretch per head.
+//!
+//! The runtime's paged cache for many sequences implements the same
+//! interface: each row of an evaluation belongs to a sequence, and a
+//! sequence's positions live in fixed-size blocks named by its block
+//! table. A position's key is found as `table[p / block]`, then `p % block`
+//! within that block; the contiguous cache is the case of one block.
+
+use super::{eval_err, EvalError};
+
+/// Keys and values per layer for the rows of one evaluation.
+pub trait KvStore: Sync {
+    /// Writes the keys and values of every row of this evaluation (row `i`
+    /// at `positions[i]` of its own sequence) into layer `layer`; `k` and
+    /// `v` hold `heads` heads of `head_dim` a row. A position may overwrite
+    /// a held one or follow the last, never skip ahead.
+    fn store(&mut self, layer: usize, heads: usize, head_dim: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError>;
+
+    /// The keys and values of KV head `head` of layer `layer` that row
+    /// `row` reads: its sequence's positions, `held` of them.
+    fn head(&self, layer: usize, row: usize, head: usize) -> KvHead<'_>;
+}
+
+/// One KV head's keys and values for one sequence, position by position
+/// (`d` values each), in blocks of `1 << shift` positions.
+#[derive(Clone, Copy, Debug)]
+pub struct KvHead<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// Where this head starts within a block.
+    base: usize,
+    /// The sequence's blocks, in position order.
+    table: &'a [u32],
+    shift: u32,
+    /// Floats from one block to the next.
+    stride: usize,
+    d: usize,
+    /// Positions held.
+    pub held: usize,
+}
+
+const ONE_BLOCK: &[u32] = &[0];
+
+impl<'a> KvHead<'a> {
+    /// A view of paged storage: `table` names the blocks, each of
+    /// `1 << shift` positions and `stride` floats, this head `base` floats
+    /// into each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged(keys: &'a [f32], values: &'a [f32], base: usize, table: &'a [u32], shift: u32, stride: usize, d: usize, held: usize) -> Self {
+        KvHead { keys, values, base, table, shift, stride, d, held }
+    }
+
+    /// A view of `keys` and `values` held in one stretch.
+    pub fn contiguous(keys: &'a [f32], values: &'a [f32], d: usize) -> Self {
+        let held = keys.len() / d.max(1);
+        KvHead { keys, values, base: 0, table: ONE_BLOCK, shift: usize::BITS - 1, stride: 0, d, held }
+    }
+
+    pub fn empty() -> Self {
+        Self::contiguous(&[], &[], 1)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d
+    }
+
+    #[inline(always)]
+    fn at(&self, t: usize) -> usize {
+        let mask = (1usize << self.shift) - 1;
+        self.base + self.table[t >> self.shift] as usize * self.stride + (t & mask) * self.d
+    }
+
+    /// The key at position `t`.
+    #[inline(always)]
+    pub fn key(&self, t: usize) -> &'a [f32] {
+        &self.keys[self.at(t)..][..self.d]
+    }
+
+    /// The value at position `t`.
+    #[inline(always)]
+    pub fn value(&self, t: usize) -> &'a [f32] {
+        &self.values[self.at(t)..][..self.d]
+    }
+
+    /// The first `n` keys and values as two slices, when they are stored in
+    /// one stretch (one block).
+    pub fn contiguous_prefix(&self, n: usize) -> Option<(&'a [f32], &'a [f32])> {
+        if n == 0 {
+            return Some((&[], &[]));
+        }
+        ((n - 1) >> self.shift == 0).then(|| {
+            let at = self.at(0);
+            (&self.keys[at..][..n * self.d], &self.values[at..][..n * self.d])
+        })
+    }
+}
+
+/// Keys and values of every layer at every evaluated position of one
+/// sequence.
+///
+/// Each KV head's keys (and values) are kept together, position after
+/// position (`[head][position][head_dim]`), so that attention reads them
+/// as one sequential stretch; room for more positions is made by doubling
+/// (or, with [`KvCache::with_capacity`], reserved at the start: address
+/// space only, until written).
+#[derive(Default, Debug)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// Positions each layer makes room for when first written.
+    reserve: usize,
+}
+
+#[derive(Default, Debug)]
+struct LayerCache {
+    heads: usize,
+    head_dim: usize,
+    /// Positions there is room for, and positions held.
+    cap: usize,
+    len: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl LayerCache {
+    /// Room for `cap` positions, keeping those held.
+    fn grow(&mut self, cap: usize) {
+        let (d, len) = (self.head_dim, self.len);
+        for data in [&mut self.k, &mut self.v] {
+            let mut more = vec![0f32; self.heads * cap * d];
+            for h in 0..self.heads {
+                more[h * cap * d..][..len * d].copy_from_slice(&data[h * self.cap * d..][..len * d]);
+            }
+            *data = more;
+        }
+        self.cap = cap;
+    }
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// A cache whose layers make room for `positions` when first written,
+    /// so that growing never copies them.
+    pub fn with_capacity(positions: usize) -> Self {
+        KvCache { layers: Vec::new(), reserve: positions }
+    }
+    /// Positions held (those of layer 0).
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Forgets every position, keeping the memory for the next ones.
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+    /// Keeps positions `0..len`.
+    pub fn truncate(&mut self, len: usize) {
+        for l in &mut self.layers {
+            l.len = l.len.min(len);
+        }
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| 2 * l.heads * l.len * l.head_dim * 4).sum()
+    }
+}
+
+impl KvStore for KvCache {
+    fn store(&mut self, layer: usize, heads: usize, head_dim: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError> {
+        if self.layers.len() <= layer {
+            self.layers.resize_with(layer + 1, LayerCache::default);
+        }
+        let reserve = self.reserve;
+        let cache = &mut self.layers[layer];
+        if cache.heads == 0 {
+            (cache.heads, cache.head_dim) = (heads, head_dim);
+        }
+        if (cache.heads, cache.head_dim) != (heads, head_dim) {
+            return eval_err(format!("layer {layer} caches {} heads of {}, got {heads} of {head_dim}", cache.heads, cache.head_dim));
+        }
+        let row = heads * head_dim;
+        for ((kr, vr), &p) in k.chunks_exact(row).zip(v.chunks_exact(row)).zip(positions) {
+            if p < 0 || p as usize > cache.len {
+                return eval_err(format!("position {p} skips past the {} cached positions", cache.len));
+            }
+            let p = p as usize;
+            if p == cache.cap {
+                cache.grow((2 * cache.cap).max(reserve).max(16));
+            }
+            let (cap, d) = (cache.cap, head_dim);
+            for h in 0..heads {
+                cache.k[(h * cap + p) * d..][..d].copy_from_slice(&kr[h * d..][..d]);
+                cache.v[(h * cap + p) * d..][..d].copy_from_slice(&vr[h * d..][..d]);
+            }
+            cache.len = cache.len.max(p + 1);
+        }
+        Ok(())
+    }
+
+    fn head(&self, layer: usize, _row: usize, head: usize) -> KvHead<'_> {
+        match self.layers.get(layer) {
+            Some(l) if head < l.heads => {
+                let at = head * l.cap * l.head_dim;
+                KvHead::contiguous(&l.k[at..][..l.len * l.head_dim], &l.v[at..][..l.len * l.head_dim], l.head_dim)
+            }
+            _ => KvHead::empty(),
+        }
+    }
+}
+
+/// Paged storage for many sequences: per layer, `blocks` blocks of
+/// `1 << shift` positions, each `[kv_heads][positions][head_dim]` keys
+/// (and values). Allocated zeroed, so pages are only mapped once written.
+/// Which sequence owns which block is the runtime's business; an
+/// evaluation reads and writes through [`PagedRows`].
+#[derive(Debug)]
+pub struct KvPages {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    kv_heads: usize,
+    head_dim: usize,
+    shift: u32,
+    blocks: usize,
+}
+
+impl KvPages {
+    /// `positions` a block (a power of two).
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, positions: usize, blocks: usize) -> KvPages {
+        assert!(positions.is_power_of_two(), "a KV block holds a power of two positions");
+        let floats = blocks * kv_heads * positions * head_dim;
+        KvPages { layers: (0..layers).map(|_| (vec![0f32; floats], vec![0f32; floats])).collect(), kv_heads, head_dim, shift: positions.trailing_zeros(), blocks }
+    }
+
+    /// Positions a block holds.
+    pub fn block_positions(&self) -> usize {
+        1 << self.shift
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Bytes of one block over every layer, keys and values.
+    pub fn block_bytes(&self) -> usize {
+        Self::bytes_per_block(self.layers.len(), self.kv_heads, self.head_dim, self.block_positions())
+    }
+
+    pub fn bytes_per_block(layers: usize, kv_heads: usize, head_dim: usize, positions: usize) -> usize {
+        2 * layers * kv_heads * positions * head_dim * std::mem::size_of::<f32>()
+    }
+
+    fn stride(&self) -> usize {
+        self.kv_heads * self.head_dim << self.shift
+    }
+
+    /// Copies positions `0..n` of block `from` into block `to`, in every
+    /// layer (a block that becomes private before it is written).
+    pub fn copy_block(&mut self, from: u32, to: u32, n: usize) {
+        let (stride, d, shift) = (self.stride(), self.head_dim, self.shift);
+        for (k, v) in &mut self.layers {
+            for data in [k, v] {
+                for h in 0..self.kv_heads {
+                    let at = |b: u32| b as usize * stride + (h << shift) * d;
+                    data.copy_within(at(from)..at(from) + n * d, at(to));
+                }
+            }
+        }
+    }
+
+    /// The store for one evaluation: row `i` belongs to the sequence whose
+    /// block table is `tables[i]` and that holds `held[i]` positions once
+    /// this evaluation has stored its rows.
+    pub fn rows<'a>(&'a mut self, tables: &'a [&'a [u32]], held: &'a [usize]) -> PagedRows<'a> {
+        PagedRows { pages: self, tables, held }
+    }
+}
+
+/// [`KvPages`] seen by the rows of one evaluation.
+pub struct PagedRows<'a> {
+    pages: &'a mut KvPages,
+    tables: &'a [&'a [u32]],
+    held: &'a [usize],
+}
+
+impl KvStore for PagedRows<'_> {
+    fn store(&mut self, layer: usize, heads: usize, head_dim: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError> {
+        let p = &mut *self.pages;
+        if (heads, head_dim) != (p.kv_heads, p.head_dim) || layer >= p.layers.len() {
+            return eval_err(format!("the KV cache holds {} layers of {} heads of {}, got layer {layer} with {heads} of {head_dim}", p.layers.len(), p.kv_heads, p.head_dim));
+        }
+        if positions.len() != self.tables.len() {
+            return eval_err(format!("{} rows for a KV store of {}", positions.len(), self.tables.len()));
+        }
+        let (stride, d, shift) = (p.stride(), head_dim, p.shift);
+        let (keys, values) = &mut p.layers[layer];
+        let row = heads * d;
+        for (i, ((kr, vr), &pos)) in k.chunks_exact(row).zip(v.chunks_exact(row)).zip(positions).enumerate() {
+            let table = self.tables[i];
+            let Some(&block) = usize::try_from(pos).ok().and_then(|pos| table.get(pos >> shift)) else {
+                return eval_err(format!("position {pos} has no KV block ({} blocks of {} positions)", table.len(), 1 << shift));
+            };
+            if block as usize >= p.blocks || pos as usize >= self.held[i] {
+                return eval_err(format!("position {pos}: block {block} of {}, {} positions held", p.blocks, self.held[i]));
+            }
+            let at = block as usize * stride + (pos as usize & ((1 << shift) - 1)) * d;
+            for h in 0..heads {
+                let o = at + (h << shift) * d;
+                keys[o..][..d].copy_from_slice(&kr[h * d..][..d]);
+                values[o..][..d].copy_from_slice(&vr[h * d..][..d]);
+            }
+        }
+        Ok(())
+    }
+
+    fn head(&self, layer: usize, row: usize, head: usize) -> KvHead<'_> {
+        let p = &*self.pages;
+        match (p.layers.get(layer), self.tables.get(row)) {
+            (Some((k, v)), Some(table)) if head < p.kv_heads => {
+                let held = self.held[row].min(table.len() << p.shift);
+                KvHead::paged(k, v, (head << p.shift) * p.head_dim, table, p.shift, p.stride(), p.head_dim, held)
+            }
+            _ => KvHead::empty(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A paged view finds each position in its block, whatever order the
+    /// blocks are in; one block in one stretch is a contiguous prefix.
+    #[test]
+    fn paged_views_find_positions_through_the_table() {
+        let (d, heads, shift) = (3usize, 2usize, 2u32);
+        let block = 1usize << shift;
+        let stride = heads * block * d;
+        let blocks = 5;
+        // keys[b][h][t][j] = 1000 b + 100 h + 10 t + j
+        let keys: Vec<f32> = (0..blocks * stride).map(|i| (i / stride * 1000 + i % stride / (block * d) * 100 + i % (block * d) / d * 10 + i % d) as f32).collect();
+        let table = [3u32, 0, 4];
+        let h = KvHead::paged(&keys, &keys, block * d, &table, shift, stride, d, 10);
+        for t in 0..10 {
+            let b = table[t / block] as usize;
+            let want: Vec<f32> = (0..d).map(|j| (b * 1000 + 100 + t % block * 10 + j) as f32).collect();
+            assert_eq!(h.key(t), want, "position {t}");
+        }
+        assert!(h.contiguous_prefix(5).is_none());
+        assert_eq!(h.contiguous_prefix(4).unwrap().0.len(), 4 * d);
+        let c = KvHead::contiguous(&keys[..9], &keys[..9], 3);
+        assert_eq!((c.held, c.key(2)), (3, &keys[6..9]));
+        assert!(c.contiguous_prefix(3).is_some());
+    }
+
+    /// Two sequences' rows side by side in one store, their blocks
+    /// interleaved: each reads back its own keys, and a copied block holds
+    /// the copied positions.
+    #[test]
+    fn paged_rows_keep_sequences_apart() {
+        let (heads, d) = (2, 3);
+        let mut pages = KvPages::new(2, heads, d, 2, 6);
+        let (a, b): (&[u32], &[u32]) = (&[4, 1], &[0, 5]);
+        let tables = [a, a, a, b, b];
+        let held = [3, 3, 3, 2, 2];
+        let positions = [0, 1, 2, 0, 1];
+        let k: Vec<f32> = (0..5 * heads * d).map(|i| i as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let mut rows = pages.rows(&tables, &held);
+        rows.store(1, heads, d, &positions, &k, &v).unwrap();
+        for (i, &p) in positions.iter().enumerate() {
+            for h in 0..heads {
+                let view = rows.head(1, i, h);
+                assert_eq!(view.key(p as usize), &k[(i * heads + h) * d..][..d]);
+                assert_eq!(view.value(p as usize), &v[(i * heads + h) * d..][..d]);
+            }
+        }
+        assert!(rows.store(1, heads, d, &[0, 1, 3, 0, 1], &k, &v).is_err(), "position past held");
+        pages.copy_block(4, 2, 2);
+        let c: &[u32] = &[2];
+        let tables = [c];
+        let rows = pages.rows(&tables, &[2]);
+        assert_eq!(rows.head(1, 0, 1).key(1), &k[(heads + 1) * d..][..d]);
+    }
+}
