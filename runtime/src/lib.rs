@@ -9,6 +9,7 @@ pub mod bench;
 pub mod compiled;
 pub mod cuda;
 pub mod cuda_tune;
+pub mod kv;
 pub mod npy;
 pub mod sampler;
 pub mod session;
