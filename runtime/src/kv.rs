@@ -247,8 +247,8 @@ impl KvBlocks {
         full
     }
 
-    /// Takes a block a sequence is about to write past its `keep` first
-    /// positions out of the prefix index (the caller holds it alone).
+    /// Takes a block out of the prefix index before its holder (the only
+    /// one) writes into it again.
     pub fn unregister(&self, b: u32) {
         self.lock().forget(b);
     }
