@@ -125,10 +125,13 @@ fn damaged_and_foreign_artifacts_are_clear_errors() {
     h[24..40].fill(b'#');
     assert!(load_err(&damaged(&dir, "header.bnx", &h)).contains("corrupt header"));
     // Kernels this CPU cannot run: no CPU lacks scalar code, so fake a device.
-    let text = String::from_utf8_lossy(&bytes[..8192]).replace("\"device\":\"cpu\"", "\"device\":\"tpu\"");
+    // Edited in place, byte for byte: the prefix holds binary lengths.
+    let (from, to) = (b"\"device\":\"cpu\"", b"\"device\":\"tpu\"");
+    let at = bytes.windows(from.len()).position(|w| w == from).expect("the header names its device");
     let mut d = bytes.clone();
-    d[..8192].copy_from_slice(&text.as_bytes()[..8192]);
-    assert!(load_err(&damaged(&dir, "device.bnx", &d)).contains("compiled for tpu"));
+    d[at..at + to.len()].copy_from_slice(to);
+    let e = load_err(&damaged(&dir, "device.bnx", &d));
+    assert!(e.contains("compiled for tpu"), "{e}");
     std::fs::remove_dir_all(dir).ok();
 }
 
