@@ -8,7 +8,7 @@ mod common;
 use bitnet_codegen::schedule::Pinned;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
-use bitnet_runtime::artifact::{self, FORMAT_VERSION};
+use bitnet_runtime::artifact::FORMAT_VERSION;
 use bitnet_runtime::{LoadOptions, Session};
 use common::*;
 use proptest::prelude::*;
@@ -21,7 +21,7 @@ fn opts(head_q8: bool, threads: usize) -> LoadOptions {
 /// Compiles `src` in memory and writes it to `out`.
 fn compile(src: &Path, out: &Path, head_q8: bool) -> Session {
     let s = Session::load(src, &opts(head_q8, 1)).unwrap();
-    artifact::write(out, src, &s.model, s.compiled().unwrap(), head_q8).unwrap();
+    s.write_artifact(out, src, head_q8).unwrap();
     s
 }
 
@@ -30,7 +30,8 @@ fn round_trip(src: &Path, out: &Path, head_q8: bool, prompt: &[u32]) {
     let mut bnx = Session::load(out, &opts(false, 2)).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
     assert!(bnx.warnings.is_empty(), "{:?}", bnx.warnings);
     assert_eq!(bnx.artifact.as_ref().unwrap().head, if head_q8 { "q8" } else { "stored" });
-    assert_eq!(bnx.compiled().unwrap().graph(true).to_string(), mem.compiled().unwrap().graph(true).to_string());
+    assert_eq!(bnx.graph_text(), mem.graph_text());
+    assert_eq!(bnx.schedule().unwrap().to_string(), mem.schedule().unwrap().to_string());
     let (a, b) = (mem.eval(prompt, true).unwrap(), bnx.eval(prompt, true).unwrap());
     assert_eq!(a, b, "{}: the artifact's logits differ from compiling in memory", src.display());
     assert_eq!(mem.eval(&[5], false).unwrap(), bnx.eval(&[5], false).unwrap(), "{}: decode step", src.display());

@@ -16,7 +16,7 @@ use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::Pinned;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
-use bitnet_runtime::{Backend, LoadOptions, Session};
+use bitnet_runtime::{BackendKind as Backend, LoadOptions, Session};
 use common::*;
 use std::path::Path;
 
@@ -47,7 +47,7 @@ fn compare(path: &Path, prompt: &[u32]) {
         let at = format!("{} ({})", path.display(), isa.name());
         let mut one = load_isa(path, isa, 1);
         let mut two = load_isa(path, isa, 2);
-        assert!(one.compiled().unwrap().schedule(false).to_string().contains(&format!("isa={}", isa.name())), "{at}");
+        assert!(one.schedule().unwrap().to_string().contains(&format!("isa={}", isa.name())), "{at}");
         let got = one.eval(prompt, true).unwrap();
         assert_eq!(got, two.eval(prompt, true).unwrap(), "{at}: results depend on the thread count");
         let (d, c) = (rel_diff(&got, &want), cosine(&got, &want));
@@ -76,13 +76,13 @@ fn the_compiled_graph_is_fused_and_scheduled() {
     let path = dir.join("m.gguf");
     write_synth(&small_spec(DType::I2S, Activation::Relu2), &path);
     let s = load(&path, Backend::Compiled, 1);
-    let c = s.compiled().unwrap();
-    let text = c.graph(false).to_string();
+    let text = s.graph_text();
     assert!(text.contains("rms_norm_quant") && text.contains("ternary_glu") && text.contains("epilogue=residual"), "{text}");
     assert!(text.contains("ternary_cat") && text.contains("slice"), "{text}");
     // Seven projections per layer: q, k and v as one product, gate and up
     // as one, o, down; and the head.
-    assert_eq!(c.schedule(false).steps.len(), 3 * 4 + 1, "{}", c.schedule(false));
+    let schedule = s.schedule().unwrap();
+    assert_eq!(schedule.steps.len(), 3 * 4 + 1, "{schedule}");
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -120,7 +120,7 @@ fn the_int8_head_agrees_with_the_stored_one() {
     for (p, isa) in [path.as_path(), stories().as_path()].into_iter().flat_map(|p| isas().map(move |i| (p, i))) {
         let opts = LoadOptions { threads: 2, pinned: Pinned { head_q8: true, isa: Some(isa), ..Default::default() }, ..Default::default() };
         let mut q8 = Session::load(p, &opts).unwrap();
-        assert!(q8.compiled().unwrap().schedule(true).to_string().contains("weights=int8"));
+        assert!(q8.schedule().unwrap().to_string().contains("weights=int8"));
         let mut stored = load(p, Backend::Compiled, 2);
         let prompt = [1u32, 203, 207, 261, 278, 17, 42];
         let (a, b) = (q8.eval(&prompt, true).unwrap(), stored.eval(&prompt, true).unwrap());

@@ -11,7 +11,7 @@ mod common;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
 use bitnet_ir::DType;
-use bitnet_runtime::{Backend, Device, LoadOptions, Session};
+use bitnet_runtime::{BackendKind, Device, LoadOptions, Session};
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -40,18 +40,20 @@ fn nvrtc_or_skip(test: &str) -> bool {
 }
 
 fn load(path: &Path, device: Device) -> Session {
-    Session::load(path, &LoadOptions { threads: 2, backend: Backend::Compiled, device, ..Default::default() })
+    Session::load(path, &LoadOptions { threads: 2, backend: BackendKind::Compiled, device, ..Default::default() })
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Every f32 value of the GPU's run of `prompt` against the interpreter's
 /// run of the same optimized graph: the first that is off names the kernel.
 fn first_disagreement(path: &Path, prompt: &[u32]) -> String {
-    let mut gpu = load(path, Device::Cuda);
+    let gpu = load(path, Device::Cuda);
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let pos: Vec<i32> = (0..prompt.len() as i32).collect();
-    let (_, traced) = gpu.cuda_mut().expect("a CUDA session").trace(&ids, &pos, true).unwrap();
-    let mut g = gpu.cuda().unwrap().graph(true).clone();
+    let (traced, mut g) = gpu.with_backend(|b| {
+        let c = b.as_cuda().expect("a CUDA session");
+        (c.trace(&ids, &pos, true).unwrap().1, c.graph(true).clone())
+    });
     let interp = Interpreter::new(&gpu.model, 2);
     g.outputs = traced.iter().map(|(v, _)| *v).collect();
     let want = interp.eval(&g, &[("tokens", Tensor::ids(ids.clone())), ("positions", Tensor::ids(pos.clone()))], &mut KvCache::new()).unwrap();

@@ -25,7 +25,7 @@
 //! another CPU runs, with a warning.
 
 use crate::compiled::{int8_key, CompiledModel, Prepared};
-use crate::session::RuntimeError;
+use crate::error::RuntimeError;
 use bitnet_autotune::db::CudaTuned;
 use bitnet_codegen::cpu::blob::{Blob, SharedBytes};
 use bitnet_codegen::cpu::int8::Int8Rows;
@@ -46,7 +46,7 @@ use std::sync::Arc;
 
 pub const MAGIC: &[u8; 8] = b"BITNETRS";
 /// Bumped whenever the header or a prepared layout changes meaning.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const PREFIX: usize = 24;
 const PAGE: usize = 4096;
 
@@ -59,10 +59,10 @@ pub struct Header {
     pub target: TargetInfo,
     /// `stored` or `q8`.
     pub head: String,
-    /// The graph that computes the last position's logits.
-    pub last: CompiledGraph,
-    /// The graph that computes every position's logits.
-    pub all: CompiledGraph,
+    /// The optimized graphs: for the CPU, the step graph (the logits of
+    /// the rows asked for); for CUDA, the last position's logits and every
+    /// position's.
+    pub graphs: Vec<CompiledGraph>,
     pub weights: Vec<WeightEntry>,
     /// For a CUDA artifact (`target.device` is `cuda`): the kernels'
     /// launches and their PTX.
@@ -167,9 +167,9 @@ pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel,
             (name.clone(), item)
         })
         .collect();
-    let graph = |all: bool| CompiledGraph { graph: compiled.graph(all).to_string(), schedule: compiled.schedule(all).clone() };
+    let graph = CompiledGraph { graph: compiled.graph().to_string(), schedule: compiled.schedule().clone() };
     let target = TargetInfo { device: "cpu".into(), fingerprint: cpu.fingerprint(), description: cpu.to_string() };
-    let parts = Parts { target, head: if head_q8 { "q8" } else { "stored" }.into(), last: graph(false), all: graph(true), cuda: None };
+    let parts = Parts { target, head: if head_q8 { "q8" } else { "stored" }.into(), graphs: vec![graph], cuda: None };
     write_parts(out, source, model, parts, items)
 }
 
@@ -188,8 +188,7 @@ pub(crate) enum Item<'a> {
 pub(crate) struct Parts {
     pub target: TargetInfo,
     pub head: String,
-    pub last: CompiledGraph,
-    pub all: CompiledGraph,
+    pub graphs: Vec<CompiledGraph>,
     pub cuda: Option<CudaSection>,
 }
 
@@ -242,8 +241,7 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
         source: SourceInfo { path: source.display().to_string(), bytes, hash },
         target: parts.target,
         head: parts.head,
-        last: parts.last,
-        all: parts.all,
+        graphs: parts.graphs,
         weights: entries,
         cuda: parts.cuda,
     };
@@ -278,7 +276,7 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
 /// them. Needs NVRTC, not a GPU.
 pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Option<&CudaTuned>) -> Result<WriteReport, RuntimeError> {
     use crate::cuda::{layouts, Layout as DevLayout};
-    let lower = |all: bool| crate::session::lower_cuda(&model.graph(all)?, sm, tuned);
+    let lower = |all: bool| crate::lowering::lower_cuda(&model.graph(all)?, sm, tuned);
     let (last, all) = (lower(false)?, lower(true)?);
     let nvrtc = |e: String| RuntimeError::Compile(e);
     let ptx = bitnet_codegen::cuda::nvrtc::compile(&bitnet_codegen::cuda::module_source(&[&last.1, &all.1]), sm).map_err(nvrtc)?;
@@ -309,7 +307,7 @@ pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Opti
         description: format!("PTX for compute_{sm} and later GPUs, from NVRTC {major}.{minor}"),
     };
     let cuda = CudaSection { sm, nvrtc: format!("{major}.{minor}"), ptx, last: last.1.clone(), all: all.1.clone() };
-    let parts = Parts { target, head: "stored".into(), last: graph(&last.0), all: graph(&all.0), cuda: Some(cuda) };
+    let parts = Parts { target, head: "stored".into(), graphs: vec![graph(&last.0), graph(&all.0)], cuda: Some(cuda) };
     write_parts(out, source, model, parts, items)
 }
 
@@ -351,7 +349,7 @@ impl Artifact {
         if h.target.device != "cpu" {
             return artifact_err(path, format!("compiled for {}, which this build cannot run; {again}", h.target.device));
         }
-        let isas = [&h.last.schedule, &h.all.schedule].into_iter().flat_map(|s| s.steps.iter().filter_map(|step| step.tiles.isa()).chain([s.isa]));
+        let isas = h.graphs.iter().map(|g| &g.schedule).flat_map(|s| s.steps.iter().filter_map(|step| step.tiles.isa()).chain([s.isa]));
         for isa in isas {
             if !isa.available() {
                 return artifact_err(
@@ -383,7 +381,8 @@ impl Artifact {
     pub fn cuda(&self, path: &Path) -> Result<((Graph, cuda::Program), (Graph, cuda::Program), (String, u32), HashMap<String, PackedTernary>), RuntimeError> {
         let Some(c) = &self.header.cuda else { return artifact_err(path, "it says it is for CUDA but holds no CUDA kernels") };
         let graph = |text: &str| bitnet_ir::text::parse(text).or_else(|e| artifact_err(path, format!("graph: {e}")));
-        let (last, all) = ((graph(&self.header.last.graph)?, c.last.clone()), (graph(&self.header.all.graph)?, c.all.clone()));
+        let [last, all] = &self.header.graphs[..] else { return artifact_err(path, format!("a CUDA artifact holds 2 graphs, this one {}", self.header.graphs.len())) };
+        let (last, all) = ((graph(&last.graph)?, c.last.clone()), (graph(&all.graph)?, c.all.clone()));
         let mut packed = HashMap::new();
         for e in &self.header.weights {
             if let Layout::PackedTernary { n, k, rows, scale } = e.layout {
@@ -421,7 +420,8 @@ impl Artifact {
             }
             Ok((g, c.schedule.clone()))
         };
-        let (last, all) = (graph(&self.header.last)?, graph(&self.header.all)?);
+        let [step] = &self.header.graphs[..] else { return artifact_err(path, format!("a CPU artifact holds 1 graph, this one {}", self.header.graphs.len())) };
+        let step = graph(step)?;
         let shared: SharedBytes = self.map.clone();
         let tensor = |name: &str, dtype: DType| self.tensor(path, name, dtype);
         let mut prepared = HashMap::new();
@@ -450,7 +450,7 @@ impl Artifact {
             }
             prepared.insert(e.name.clone(), p);
         }
-        CompiledModel::from_prepared(&self.model, prepared, last, all, threads.max(1)).or_else(|e| artifact_err(path, e))
+        CompiledModel::from_prepared(&self.model, prepared, step, threads.max(1)).or_else(|e| artifact_err(path, e))
     }
 }
 

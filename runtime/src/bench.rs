@@ -6,7 +6,11 @@
 //! Each is repeated and the median reported.
 
 use crate::sampler::argmax;
-use crate::session::{Backend, RuntimeError, Session};
+use crate::backend::BackendKind;
+use crate::engine::Engine;
+use crate::error::RuntimeError;
+use crate::sampler::SamplerConfig;
+use crate::session::Session;
 use std::time::Instant;
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -35,6 +39,12 @@ pub struct BenchReport {
     /// of the roofline those two give.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuReport>,
+    /// With `--parallel N`: N sequences decoding together, and their
+    /// tokens per second all together (`bench_parallel`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregate_decode_tok_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -93,7 +103,7 @@ pub fn bench(
     }
     let decode_tok_s = median(&mut decode);
     let (mut prefill_kernel_ms, mut decode_kernel_ms) = (None, None);
-    if s.backend() == Backend::Compiled {
+    if s.backend() == BackendKind::Compiled {
         s.reset();
         let (logits, times) = s.profile(&ids, false)?;
         prefill_kernel_ms = Some(times.summary());
@@ -101,20 +111,20 @@ pub fn bench(
             decode_kernel_ms = Some(s.profile(&[argmax(&logits)], false)?.1.summary());
         }
     }
-    let gpu = match s.cuda_mut() {
-        Some(c) => {
-            let bw = c.copy_bandwidth()?;
-            Some(GpuReport {
-                device: c.device.clone(),
-                weight_bytes: c.weight_bytes,
-                bandwidth_gb_s: bw / 1e9,
-                decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw,
-                cuda_graphs: c.graphs,
-                cuda_graph_error: c.graph_error.clone(),
+    let gpu = s
+        .with_backend(|b| {
+            b.as_cuda().map(|c| {
+                c.copy_bandwidth().map(|bw| GpuReport {
+                    device: c.device.clone(),
+                    weight_bytes: c.weight_bytes,
+                    bandwidth_gb_s: bw / 1e9,
+                    decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw,
+                    cuda_graphs: c.graphs,
+                    cuda_graph_error: c.graph_error.clone(),
+                })
             })
-        }
-        None => None,
-    };
+        })
+        .transpose()?;
     Ok(BenchReport {
         prefill_kernel_ms,
         decode_kernel_ms,
@@ -128,7 +138,48 @@ pub fn bench(
         n_gen,
         threads: s.threads,
         reps,
+        parallel: None,
+        aggregate_decode_tok_s: None,
     })
+}
+
+/// Decode of `parallel` sequences at once: each prefills its own prompt
+/// of `n_prompt` tokens, then all decode `n_gen` tokens in lockstep, one
+/// step a token for every sequence. Returns the median over `reps` of the
+/// tokens decoded per second, all sequences together.
+pub fn bench_parallel(engine: &Engine, n_prompt: usize, n_gen: usize, parallel: usize, reps: usize) -> Result<f64, RuntimeError> {
+    if n_prompt + n_gen > engine.context {
+        return Err(RuntimeError::Input(format!("-p {n_prompt} plus -n {n_gen} tokens do not fit in the context of {} (raise it with -c)", engine.context)));
+    }
+    let mut rates = Vec::new();
+    for _ in 0..reps.max(1) {
+        let mut seqs: Vec<_> = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            // Prompts that differ from the first token: no prefix is shared.
+            let mut ids = prompt(n_prompt.max(1) + 1, engine.vocab());
+            let len = ids.len();
+            ids.rotate_left(i % len);
+            s.feed(&ids[..n_prompt.max(1)]);
+        }
+        step_all(engine, &mut seqs)?;
+        let t0 = Instant::now();
+        for _ in 0..n_gen {
+            for s in seqs.iter_mut() {
+                let next = argmax(s.last_logits().expect("stepped"));
+                s.feed(&[next]);
+            }
+            step_all(engine, &mut seqs)?;
+        }
+        if n_gen > 0 {
+            rates.push((parallel * n_gen) as f64 / t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(&mut rates))
+}
+
+fn step_all(engine: &Engine, seqs: &mut [crate::engine::Sequence]) -> Result<(), RuntimeError> {
+    let mut refs: Vec<_> = seqs.iter_mut().collect();
+    engine.step(&mut refs).into_iter().collect()
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -13,8 +13,10 @@ use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
 use bitnet_codegen::cpu::{attention, float, ops, vmath, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
-use bitnet_ir::interp::{kernels, EvalError, KvCache, WeightSource};
+use crate::backend::StepRows;
+use bitnet_ir::interp::{kernels, EvalError, KvStore, WeightSource};
 use bitnet_ir::{ActQuant, DType, Extent, Graph, Op};
+use std::sync::Arc;
 use std::collections::HashMap;
 
 fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
@@ -129,37 +131,30 @@ enum Arg<'a> {
 }
 
 pub struct CompiledModel {
-    pool: Pool,
+    pool: Arc<Pool>,
     weights: HashMap<String, Prepared>,
-    last: Plan,
-    all: Plan,
+    plan: Plan,
     /// Bytes of repacked and expanded weights held in memory.
     pub prepared_bytes: usize,
 }
 
 impl CompiledModel {
-    /// Prepares the weights of two optimized, scheduled graphs: one that
-    /// computes the last position's logits and one that computes all.
-    pub fn new(weights: &dyn WeightSource, last: (Graph, Schedule), all: (Graph, Schedule), threads: usize) -> Result<CompiledModel, EvalError> {
+    /// Prepares the weights of an optimized, scheduled graph.
+    pub fn new(weights: &dyn WeightSource, lowered: (Graph, Schedule), threads: usize) -> Result<CompiledModel, EvalError> {
         let mut prepared: HashMap<String, Prepared> = HashMap::new();
-        for (g, sched) in [&last, &all] {
-            prepare(g, sched, weights, &mut prepared)?;
-        }
-        Self::from_prepared(weights, prepared, last, all, threads)
+        prepare(&lowered.0, &lowered.1, weights, &mut prepared)?;
+        Self::from_prepared(weights, prepared, lowered, threads)
     }
 
     /// Weights prepared earlier (read from an artifact), checked against
-    /// what each graph's kernels will read.
+    /// what the graph's kernels will read.
     pub(crate) fn from_prepared(
         weights: &dyn WeightSource,
         prepared: HashMap<String, Prepared>,
-        last: (Graph, Schedule),
-        all: (Graph, Schedule),
+        (graph, schedule): (Graph, Schedule),
         threads: usize,
     ) -> Result<CompiledModel, EvalError> {
-        for (g, sched) in [&last, &all] {
-            check(g, sched, weights, &prepared)?;
-        }
+        check(&graph, &schedule, weights, &prepared)?;
         for name in prepared.iter().filter(|(_, p)| matches!(p, Prepared::Stored)).map(|(n, _)| n) {
             if let Some(view) = weights.weight(name) {
                 prefault(view.data);
@@ -174,10 +169,10 @@ impl CompiledModel {
                 Prepared::Stored => 0,
             })
             .sum();
-        Ok(CompiledModel { pool: Pool::new(threads), weights: prepared, last: Plan::new(last.0, last.1), all: Plan::new(all.0, all.1), prepared_bytes })
+        Ok(CompiledModel { pool: Pool::shared(threads), weights: prepared, plan: Plan::new(graph, schedule), prepared_bytes })
     }
 
-    /// Each prepared weight under the name the graphs use (`name#int8` for
+    /// Each prepared weight under the name the graph uses (`name#int8` for
     /// an int8 copy of a float weight).
     pub(crate) fn prepared(&self) -> &HashMap<String, Prepared> {
         &self.weights
@@ -187,49 +182,30 @@ impl CompiledModel {
         self.pool.threads()
     }
 
-    pub fn graph(&self, all_logits: bool) -> &Graph {
-        &self.plan(all_logits).graph
+    pub fn graph(&self) -> &Graph {
+        &self.plan.graph
     }
 
-    pub fn schedule(&self, all_logits: bool) -> &Schedule {
-        &self.plan(all_logits).schedule
+    pub fn schedule(&self) -> &Schedule {
+        &self.plan.schedule
     }
 
-    fn plan(&self, all_logits: bool) -> &Plan {
-        if all_logits {
-            &self.all
-        } else {
-            &self.last
-        }
-    }
-
-    /// Evaluates `tokens` at `positions`; returns the graph's last output
-    /// (the logits), row-major.
-    pub fn eval(&mut self, weights: &dyn WeightSource, tokens: &[i32], positions: &[i32], all_logits: bool, kv: &mut KvCache) -> Result<Vec<f32>, EvalError> {
-        let plan = if all_logits { &mut self.all } else { &mut self.last };
-        run(plan, &self.pool, &self.weights, weights, &[("tokens", tokens), ("positions", positions)], kv, None)
-    }
-
-    /// Evaluates as [`CompiledModel::eval`] does, timing each node's
-    /// kernel: the logits, and milliseconds and calls per kernel family
-    /// (the op's mnemonic), slowest first. For finding what to speed up.
-    pub fn profile(
-        &mut self,
-        weights: &dyn WeightSource,
-        tokens: &[i32],
-        positions: &[i32],
-        all_logits: bool,
-        kv: &mut KvCache,
-    ) -> Result<(Vec<f32>, KernelTimes), EvalError> {
-        let plan = if all_logits { &mut self.all } else { &mut self.last };
-        let mut times = KernelTimes::default();
+    /// Evaluates one step's rows; returns the graph's last output (the
+    /// logits of the picked rows), row-major. With `times`, each node's
+    /// kernel is timed: milliseconds and calls per kernel family (the op's
+    /// mnemonic), slowest first, with "executor" for the time outside the
+    /// kernels. For finding what to speed up.
+    pub fn eval(&mut self, weights: &dyn WeightSource, rows: &StepRows, kv: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, EvalError> {
+        let inputs: [(&str, &[i32]); 3] = [("tokens", rows.tokens), ("positions", rows.positions), ("out_rows", rows.out_rows)];
+        let extent = Extent::new(rows.tokens.len(), rows.out_rows.len());
+        let Some(times) = times else { return run(&mut self.plan, &self.pool, &self.weights, weights, &inputs, extent, kv, None) };
         let t0 = std::time::Instant::now();
-        let logits = run(plan, &self.pool, &self.weights, weights, &[("tokens", tokens), ("positions", positions)], kv, Some(&mut times))?;
+        let logits = run(&mut self.plan, &self.pool, &self.weights, weights, &inputs, extent, kv, Some(times))?;
         // The walk over the graph itself: everything outside the kernels.
         let kernels: f64 = times.0.iter().map(|f| f.1).sum();
         times.add("executor", (t0.elapsed().as_secs_f64() * 1e3 - kernels).max(0.0));
         times.0.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Ok((logits, times))
+        Ok(logits)
     }
 }
 
@@ -338,16 +314,17 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     plan: &mut Plan,
     pool: &Pool,
     prepared: &HashMap<String, Prepared>,
     weights: &dyn WeightSource,
     inputs: &[(&str, &[i32])],
-    kv: &mut KvCache,
+    extent: Extent,
+    kv: &mut dyn KvStore,
     mut times: Option<&mut KernelTimes>,
 ) -> Result<Vec<f32>, EvalError> {
-    let seq = inputs.first().map_or(0, |i| i.1.len());
     for v in 0..plan.graph.nodes.len() {
         let node = &plan.graph.nodes[v];
         let s = plan.slot[v];
@@ -355,7 +332,7 @@ fn run(
             continue;
         }
         let mut out = std::mem::replace(&mut plan.bufs[s], Buf::I32(Vec::new()));
-        let shape = node.ty.resolve(Extent::new(seq, seq));
+        let shape = node.ty.resolve(extent);
         let tiles = plan.tiles[v];
         let int8 = matches!(tiles, Some(Tiles::Int8 { .. }));
         let args: Vec<Arg> = node
@@ -436,7 +413,7 @@ fn kernel(
     pool: &Pool,
     weights: &dyn WeightSource,
     inputs: &[(&str, &[i32])],
-    kv: &mut KvCache,
+    kv: &mut dyn KvStore,
 ) -> Result<(), EvalError> {
     let len: usize = shape.iter().product();
     let cols = shape.last().copied().unwrap_or(1);
@@ -529,13 +506,22 @@ fn kernel(
             o.copy_from_slice(floats(&args[0])?);
             o.chunks_exact_mut(cols).for_each(|row| vmath::softmax(isa, row));
         }
-        Op::SelectRows => return err("select_rows runs on the interpreter only so far"),
         Op::LastRow => {
             let x = floats(&args[0])?;
             if x.len() < cols {
                 return err("last_row of an empty tensor");
             }
             f32_buf(out, len).copy_from_slice(&x[x.len() - cols..]);
+        }
+        Op::SelectRows => {
+            let x = floats(&args[0])?;
+            let o = f32_buf(out, len);
+            for (o, &r) in o.chunks_exact_mut(cols).zip(ids(&args[1])?) {
+                match x.get(r.max(0) as usize * cols..).and_then(|x| x.get(..cols)) {
+                    Some(row) if r >= 0 => o.copy_from_slice(row),
+                    _ => return err(format!("select_rows: row {r} of {}", x.len() / cols.max(1))),
+                }
+            }
         }
         Op::Cast { to } => {
             let x = floats(&args[0])?;

@@ -698,7 +698,7 @@ mod tests {
     #[test]
     fn launches_are_checked_against_their_graph() {
         let (m, dir) = model(DType::TQ2_0);
-        let (g, p) = crate::session::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap();
         check(&g, &p).unwrap();
         let mut bad = p.clone();
         let l = bad.launches.iter_mut().find(|l| l.args.contains(&Arg::Operand(1))).unwrap();
@@ -714,7 +714,7 @@ mod tests {
     fn weights_get_one_layout_each_with_its_device_bytes() {
         for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
             let (m, dir) = model(dtype);
-            let (last, all) = (crate::session::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap(), crate::session::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap());
+            let (last, all) = (crate::lowering::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap(), crate::lowering::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap());
             let list = layouts(&[&last.0, &all.0], &m, &HashMap::new()).unwrap();
             let get = |name: &str| list.iter().find(|w| w.0 == name).unwrap_or_else(|| panic!("{name} missing"));
             // A ternary matrix: rows of 128 codes in 32 bytes; the f16 table as stored.
@@ -732,7 +732,7 @@ mod tests {
     fn inputs_have_buffers_of_their_own() {
         let (m, dir) = model(DType::I2S);
         for all in [false, true] {
-            let plan = DevPlan::new(crate::session::lower_cuda(&m.graph(all).unwrap(), 80, None).unwrap());
+            let plan = DevPlan::new(crate::lowering::lower_cuda(&m.graph(all).unwrap(), 80, None).unwrap());
             for (v, node) in plan.graph.iter() {
                 if matches!(node.op, Op::Input { .. }) {
                     let s = plan.slot[v.index()];
@@ -772,7 +772,7 @@ mod tests {
         let (decode, prefill) = (CudaTiles { warps: 8, tokens: 1, mma: false }, CudaTiles { warps: 2, tokens: 8, mma: false });
         let tuned = CudaTuned::new(&[record(256, 512, Phase::Decode, decode), record(256, 512, Phase::Prefill, prefill)], "cuda test");
         // sm_75: no integer mma, so the heuristic's tiles are one kernel a product.
-        let (g, p) = crate::session::lower_cuda(&m.graph(false).unwrap(), 75, Some(&tuned)).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.graph(false).unwrap(), 75, Some(&tuned)).unwrap();
         check(&g, &p).unwrap();
         let down: Vec<&Launch> = p.launches.iter().filter(|l| l.one_token.is_some()).collect();
         assert_eq!(down.len(), 2, "one ffn_down product a layer");
@@ -783,12 +783,12 @@ mod tests {
             assert_eq!(l.entries().count(), 2);
         }
         // Every other product keeps one kernel with the default tiles.
-        let (_, untuned) = crate::session::lower_cuda(&m.graph(false).unwrap(), 75, None).unwrap();
+        let (_, untuned) = crate::lowering::lower_cuda(&m.graph(false).unwrap(), 75, None).unwrap();
         assert!(untuned.launches.iter().all(|l| l.one_token.is_none()));
         assert_eq!(p.kernels.len(), untuned.kernels.len() + 1);
         // From sm_80 every ternary product prefills on the tensor cores and
         // decodes with dot products; the float head has one kernel.
-        let (g, p) = crate::session::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap();
         check(&g, &p).unwrap();
         for l in &p.launches {
             let ternary = matches!(g.node(l.value).op, Op::TernaryMatMul(_) | Op::TernaryGlu { .. });

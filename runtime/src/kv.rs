@@ -203,6 +203,11 @@ impl KvBlocks {
         s.refs[b as usize] > 1 || s.key_of[b as usize].is_some()
     }
 
+    /// How many sequences hold `b`.
+    pub fn holders(&self, b: u32) -> u32 {
+        self.lock().refs[b as usize]
+    }
+
     /// The blocks holding the longest run of whole blocks of `tokens` that
     /// the cache has, each retained for the caller.
     pub fn lookup(&self, tokens: &[u32]) -> Vec<u32> {

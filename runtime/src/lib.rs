@@ -1,18 +1,29 @@
-//! bitnet-runtime: runs a model. A [`Session`] holds the memory-mapped
-//! weights, the tokenizer, the model's graphs and the KV cache, evaluates
-//! tokens with an executor (compiled for the CPU or an NVIDIA GPU, or the
-//! reference interpreter) and drives
-//! generation with a [`Sampler`].
+//! bitnet-runtime: runs a model. An [`Engine`] holds the memory-mapped
+//! weights, the tokenizer, the backend that evaluates the model's graph
+//! (compiled for the CPU or an NVIDIA GPU, or the reference interpreter)
+//! and a paged KV cache; many [`Sequence`]s (conversations) step through
+//! it together. [`Session`] is one sequence on an engine of its own.
 
 pub mod artifact;
+pub mod backend;
 pub mod bench;
 pub mod compiled;
 pub mod cuda;
 pub mod cuda_tune;
+pub mod engine;
+pub mod error;
+pub mod generate;
 pub mod kv;
+pub mod lowering;
 pub mod npy;
 pub mod sampler;
 pub mod session;
 
+pub use backend::{Backend, BackendKind, Device, LoadOptions, StepRows};
+pub use engine::{Engine, EngineOptions, Sequence};
+pub use error::RuntimeError;
+pub use generate::{GenerateOptions, Generation, StopReason};
+pub use kv::KvUsage;
+pub use lowering::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads};
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads, Backend, Device, GenerateOptions, Generation, LoadOptions, RuntimeError, Session, StopReason};
+pub use session::Session;

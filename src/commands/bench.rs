@@ -1,7 +1,7 @@
 //! `bitnet bench`: prefill and decode speed, like llama-bench.
 
 use super::ModelArgs;
-use bitnet_runtime::bench;
+use bitnet_runtime::{bench, Device, Session};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -16,15 +16,20 @@ pub struct BenchArgs {
     /// Repetitions; the median is reported.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub reps: usize,
+    /// Also decode this many sequences at once and report their tokens per
+    /// second all together.
+    #[arg(long)]
+    pub parallel: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<()> {
-    let mut session = a.model.load()?;
+    let engine = a.model.open(a.parallel.unwrap_or(1), None)?;
+    let mut session = Session::new(engine.clone());
     let reps = a.reps.max(1);
-    let r = bench::bench(&mut session, a.n_prompt, a.n_gen, reps, process_start, |done| {
+    let mut r = bench::bench(&mut session, a.n_prompt, a.n_gen, reps, process_start, |done| {
         if !a.json {
             eprint!("\rrepetition {done}/{reps}");
             if done == reps {
@@ -32,6 +37,14 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
             }
         }
     })?;
+    if let Some(n) = a.parallel {
+        drop(session);
+        if !a.json {
+            eprintln!("{n} sequences at once ...");
+        }
+        r.parallel = Some(n);
+        r.aggregate_decode_tok_s = Some(bench::bench_parallel(&engine, a.n_prompt, a.n_gen, n, reps)?);
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -39,12 +52,15 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
     let name = a.model.model.file_name().map_or_else(|| a.model.model.display().to_string(), |n| n.to_string_lossy().into_owned());
     println!("| model | backend | threads | test | t/s |");
     println!("|---|---|---|---|---|");
-    let backend = if session.cuda().is_some() { "cuda" } else { session.backend().name() };
+    let backend = if engine.device() == Device::Cuda { "cuda" } else { engine.backend_kind().name() };
     if r.n_prompt > 0 {
         println!("| {name} | {backend} | {} | pp{} | {:.2} |", r.threads, r.n_prompt, r.prefill_tok_s);
     }
     if r.n_gen > 0 {
         println!("| {name} | {backend} | {} | tg{} | {:.2} |", r.threads, r.n_gen, r.decode_tok_s);
+    }
+    if let (Some(n), Some(agg)) = (r.parallel, r.aggregate_decode_tok_s) {
+        println!("| {name} | {backend} | {} | tg{} x{n} sequences | {agg:.2} |", r.threads, r.n_gen);
     }
     println!(
         "\nload {:.0} ms, cold start to first token {:.0} ms, peak RSS {:.1} MiB, median of {} repetitions",

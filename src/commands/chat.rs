@@ -2,7 +2,7 @@
 //! conversation with the chat template and evaluates only what the KV
 //! cache does not already hold.
 
-use super::run::{chat_ids, print_timings};
+use super::run::print_timings;
 use super::{ModelArgs, SamplingArgs};
 use bitnet_frontends::chat::Message;
 use bitnet_frontends::tokenizer::TextStream;
@@ -46,10 +46,9 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             continue;
         }
         messages.push(Message::new("user", &line));
-        let ids = chat_ids(&session, &messages)?;
+        let ids = session.chat_ids(&messages)?;
         // Reuse the cached prefix; evaluate the rest.
-        let common = session.tokens().iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
-        session.rewind(common);
+        let common = session.sequence().keep_common_prefix(&ids);
         let room = session.context.saturating_sub(ids.len());
         if room == 0 {
             anyhow::bail!("the conversation no longer fits in the context of {} tokens (raise it with -c)", session.context);

@@ -6,7 +6,7 @@ use bitnet_autotune::{tune, Database};
 use bitnet_codegen::schedule::{Pinned, TileOrigin};
 use bitnet_frontends::model::Model;
 use bitnet_ir::passes;
-use bitnet_runtime::{artifact, Backend, LoadOptions, Session};
+use bitnet_runtime::{artifact, BackendKind, Engine, EngineOptions, LoadOptions};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,10 @@ pub struct CompileArgs {
     /// its schedule; then stop.
     #[arg(long, value_name = "PASS")]
     pub dump_after: Option<String>,
-    /// Lower the graph that computes logits at every position (for --dump-after).
+    /// Lower the graph that computes logits at every position (for
+    /// --dump-after) instead of the one the runtime runs: on the CPU, the
+    /// step graph (the logits of the rows each step asks for); for CUDA,
+    /// the last position's.
     #[arg(long)]
     pub all_logits: bool,
     /// Threads the artifact will run with: tiles are tuned per thread count
@@ -66,7 +69,7 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
     let threads = super::threads(a.threads)?;
     if let Some(pass) = a.dump_after.as_deref() {
         let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-        let graph = model.graph(a.all_logits)?;
+        let graph = if a.all_logits { model.graph(true)? } else { model.step_graph()? };
         if pass == "schedule" {
             let mut warnings = Vec::new();
             let tuned = if a.no_tune { None } else { bitnet_runtime::tuned_tiles(threads, &mut warnings) };
@@ -92,14 +95,16 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!("compiling {} ...", a.model.display());
-    let opts = LoadOptions { threads, backend: Backend::Compiled, pinned, context: None, tuning: !a.no_tune, ..Default::default() };
-    let session = Session::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
-    session.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
-    let compiled = session.compiled().expect("the compiled backend was asked for");
-    let kernels = compiled.schedule(false).steps.len();
-    let tuned = compiled.schedule(false).steps.iter().filter(|s| s.origin == TileOrigin::Database).count();
+    let load = LoadOptions { threads, backend: BackendKind::Compiled, pinned, context: None, tuning: !a.no_tune, ..Default::default() };
+    let opts = EngineOptions { load, ..Default::default() };
+    let engine = Engine::open(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    engine.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    let (kernels, tuned) = engine.with_backend(|b| {
+        let steps = b.as_compiled().map_or(&[][..], |c| &c.schedule().steps[..]);
+        (steps.len(), steps.iter().filter(|s| s.origin == TileOrigin::Database).count())
+    });
     eprintln!("writing {} ...", out.display());
-    let report = artifact::write(&out, &a.model, &session.model, compiled, opts.pinned.head_q8)?;
+    let report = engine.write_artifact(&out, &a.model, opts.load.pinned.head_q8)?;
     eprintln!(
         "wrote {}: {:.1} MB, {} tensors, {} scheduled kernels ({} with tuned tiles), in {:.1} s",
         out.display(),

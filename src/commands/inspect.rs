@@ -200,8 +200,8 @@ fn describe_artifact(path: &std::path::Path, out: &mut String) -> anyhow::Result
         let f = a.model.gguf().expect("an artifact's weights section is GGUF");
         return tensor_table(f.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), t.size)), out);
     }
-    let steps = &h.all.schedule.steps;
-    writeln!(out, "kernels ({} in the all-positions graph, {} in the last-position one):", steps.len(), h.last.schedule.steps.len())?;
+    let steps: Vec<_> = h.graphs.iter().flat_map(|g| &g.schedule.steps).collect();
+    writeln!(out, "kernels ({} in the step graph):", steps.len())?;
     writeln!(out, "  {:<6} {:<44} {:<32} from", "value", "workload", "tiles")?;
     for s in steps {
         writeln!(out, "  {:<6} {:<44} {:<32} {}", s.value.to_string(), s.key.to_string(), s.tiles.to_string(), s.origin.name())?;

@@ -10,8 +10,9 @@ pub mod synth;
 use anyhow::Context;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::Pinned;
-use bitnet_runtime::{Backend, LoadOptions, SamplerConfig, Session};
-use std::path::{Path, PathBuf};
+use bitnet_runtime::{BackendKind, Engine, EngineOptions, LoadOptions, SamplerConfig, Session};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Options shared by `run` and `chat`.
 #[derive(clap::Args, Clone)]
@@ -106,29 +107,40 @@ pub fn threads(t: Option<usize>) -> anyhow::Result<usize> {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<Session> {
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
         let threads = threads(self.threads)?;
         let backend = match self.backend {
-            BackendArg::Interp => Backend::Interp,
-            BackendArg::Compiled => Backend::Compiled,
+            BackendArg::Interp => BackendKind::Interp,
+            BackendArg::Compiled => BackendKind::Compiled,
         };
-        if self.head == HeadArg::Q8 && backend == Backend::Interp {
+        if self.head == HeadArg::Q8 && backend == BackendKind::Interp {
             anyhow::bail!("--head q8 is a compile option: it needs --backend compiled");
         }
-        if self.isa.isa.is_some() && backend == Backend::Interp {
+        if self.isa.isa.is_some() && backend == BackendKind::Interp {
             anyhow::bail!("--isa picks the compiled kernels: it needs --backend compiled");
         }
         let pinned = Pinned { head_q8: self.head == HeadArg::Q8, isa: self.isa.isa, ..Default::default() };
-        load(&self.model, &LoadOptions { threads, context: self.ctx_size, backend, device: self.device.runtime(), pinned, tuning: !self.no_tune })
+        Ok(LoadOptions { threads, context: self.ctx_size, backend, device: self.device.runtime(), pinned, tuning: !self.no_tune })
     }
-}
 
-fn load(path: &Path, opts: &LoadOptions) -> anyhow::Result<Session> {
-    let session = Session::load(path, opts).with_context(|| format!("loading {}", path.display()))?;
-    for w in &session.warnings {
-        eprintln!("warning: {w}");
+    /// The engine, with a KV budget for `parallel` sequences of the
+    /// context size (or `kv_budget` bytes); warnings go to stderr.
+    pub fn open(&self, parallel: usize, kv_budget: Option<usize>) -> anyhow::Result<Arc<Engine>> {
+        if parallel == 0 {
+            anyhow::bail!("--parallel must be at least 1");
+        }
+        let opts = EngineOptions { load: self.load_options()?, parallel, kv_budget };
+        let engine = Engine::open(&self.model, &opts).with_context(|| format!("loading {}", self.model.display()))?;
+        for w in &engine.warnings {
+            eprintln!("warning: {w}");
+        }
+        Ok(Arc::new(engine))
     }
-    Ok(session)
+
+    /// One conversation on the engine.
+    pub fn load(&self) -> anyhow::Result<Session> {
+        Ok(Session::new(self.open(1, None)?))
+    }
 }
 
 /// Sampling flags, in llama.cpp's spelling and with its defaults.

@@ -1,15 +1,16 @@
-//! `bitnet run`: one prompt, one generation.
+//! `bitnet run`: one prompt, one generation; or, with a prompts file, many
+//! prompts batched together.
 
 use super::{ModelArgs, SamplingArgs};
 use anyhow::Context;
-use bitnet_frontends::chat::{self, Message};
+use bitnet_frontends::chat::Message;
 use bitnet_frontends::tokenizer::TextStream;
-use bitnet_runtime::{GenerateOptions, Generation, Session, StopReason};
+use bitnet_runtime::{Engine, GenerateOptions, Generation, Session};
 use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file", "prompt_ids"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file", "prompt_ids", "prompts_file", "prompt_ids_file"])))]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -22,6 +23,22 @@ pub struct RunArgs {
     /// Prompt as token ids, used exactly as given (no BOS added).
     #[arg(long, value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
+    /// Many prompts, one per line, generated together (up to --parallel
+    /// at once); prints one JSON line per prompt, in the file's order.
+    #[arg(long, value_name = "FILE")]
+    pub prompts_file: Option<PathBuf>,
+    /// Many prompts as token ids, one comma-separated list per line, used
+    /// exactly as given; like --prompts-file.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_ids_file: Option<PathBuf>,
+    /// Sequences generated at once with a prompts file. Prompt i samples
+    /// with seed + i.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// Bytes of KV cache for all sequences together [default: --parallel
+    /// full contexts].
+    #[arg(long)]
+    pub kv_budget: Option<usize>,
     /// Tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     pub n_predict: usize,
@@ -40,23 +57,29 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Write the logits of every evaluated position to an .npy file.
-    #[arg(long, value_name = "FILE.npy")]
+    #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["prompts_file", "prompt_ids_file"])]
     pub dump_logits: Option<PathBuf>,
 }
 
-/// The ids of a conversation rendered with the model's chat template,
-/// special-token text parsed as special tokens.
-pub fn chat_ids(session: &Session, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
-    let tok = &session.tokenizer;
-    let template = tok.chat_template.as_deref().context("this model has no chat template (tokenizer.chat_template)")?;
-    let text_of = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
-    let (bos, eos) = (text_of(tok.bos), text_of(tok.eos));
-    let rendered = chat::render(template, messages, true, &bos, &eos)?;
-    let add_bos = tok.add_bos && (bos.is_empty() || !rendered.starts_with(&bos));
-    Ok(tok.encode(&rendered, add_bos, true)?)
+/// A prompt's text as ids: through the chat template with --chat, else
+/// encoded with the tokenizer's BOS rule.
+fn encode(engine: &Engine, a: &RunArgs, text: &str) -> anyhow::Result<Vec<u32>> {
+    if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", text));
+        return Ok(engine.chat_ids(&msgs)?);
+    }
+    let tok = &engine.tokenizer;
+    Ok(tok.encode(text, tok.add_bos, false)?)
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    if a.prompts_file.is_some() || a.prompt_ids_file.is_some() {
+        return run_batch(a);
+    }
     let mut session = a.model.load()?;
     let sampler = a.sampling.config()?;
     let seed = sampler.seed;
@@ -68,17 +91,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))?,
             _ => unreachable!("clap requires a prompt"),
         };
-        if a.chat {
-            let mut msgs = Vec::new();
-            if let Some(s) = &a.system {
-                msgs.push(Message::new("system", s));
-            }
-            msgs.push(Message::new("user", &text));
-            (chat_ids(&session, &msgs)?, String::new())
-        } else {
-            let tok = &session.tokenizer;
-            (tok.encode(&text, tok.add_bos, false)?, text)
-        }
+        let ids = encode(&session, &a, &text)?;
+        (ids, if a.chat { String::new() } else { text })
     };
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty: nothing to generate from");
@@ -122,19 +136,107 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn print_timings(session: &Session, gen: &Generation, seed: u64) {
-    let stop = match gen.stop {
-        StopReason::Length => "length",
-        StopReason::EndOfGeneration => "end of text",
-        StopReason::ContextFull => "context full",
+/// `run --prompts-file` / `--prompt-ids-file`: every prompt through one
+/// engine, up to --parallel sequences a step; one JSON line per prompt in
+/// input order, as soon as it and those before it are done.
+fn run_batch(a: RunArgs) -> anyhow::Result<()> {
+    let engine = a.model.open(a.parallel, a.kv_budget)?;
+    let sampler = a.sampling.config()?;
+    let (path, ids) = match (&a.prompts_file, &a.prompt_ids_file) {
+        (Some(p), _) => (p, false),
+        (None, Some(p)) => (p, true),
+        _ => unreachable!("checked by the caller"),
     };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        anyhow::bail!("{} holds no prompts", path.display());
+    }
+    // A line that does not parse fails that prompt only.
+    let mut prompts = Vec::with_capacity(lines.len());
+    let mut bad: Vec<Option<String>> = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let parsed: anyhow::Result<Vec<u32>> = if ids {
+            line.split(',').map(|t| t.trim().parse::<u32>().with_context(|| format!("line {}: {t:?} is not a token id", i + 1))).collect()
+        } else {
+            encode(&engine, &a, line)
+        };
+        let mut s = sampler.clone();
+        s.seed = s.seed.wrapping_add(i as u64);
+        let opts = GenerateOptions { n_predict: a.n_predict, ignore_eos: a.ignore_eos, sampler: s, dump_logits: false };
+        match parsed {
+            Ok(p) => {
+                prompts.push((p, opts));
+                bad.push(None);
+            }
+            Err(e) => {
+                prompts.push((Vec::new(), opts));
+                bad.push(Some(format!("{e:#}")));
+            }
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let mut done: Vec<Option<String>> = vec![None; prompts.len()];
+    let (mut printed, mut generated, mut failed) = (0, 0usize, 0usize);
+    let mut stdout = std::io::stdout().lock();
+    let mut result = Ok(());
+    engine.generate_batch(&prompts, a.parallel, |i, r| {
+        let line = match (r, &bad[i]) {
+            (_, Some(e)) => {
+                failed += 1;
+                serde_json::json!({ "index": i, "error": e })
+            }
+            (Err(e), None) => {
+                failed += 1;
+                serde_json::json!({ "index": i, "error": e.to_string() })
+            }
+            (Ok(g), None) => {
+                generated += g.generated_ids.len();
+                serde_json::json!({
+                    "index": i,
+                    "prompt_ids": g.prompt_ids,
+                    "generated_ids": g.generated_ids,
+                    "text": engine.tokenizer.decode(g.prompt_ids.last().copied(), &g.generated_ids),
+                    "stop": g.stop.name(),
+                    "cached_tokens": g.cached_tokens,
+                })
+            }
+        };
+        done[i] = Some(line.to_string());
+        while let Some(Some(l)) = done.get(printed) {
+            if result.is_ok() {
+                result = writeln!(stdout, "{l}");
+            }
+            printed += 1;
+        }
+    });
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
+    }
+    let secs = t0.elapsed().as_secs_f64();
     eprintln!(
-        "\nload {:.1} ms | prompt {} tokens, {:.2} tok/s | generated {} tokens, {:.2} tok/s | stop: {stop} | seed {seed} | {} threads, {}",
+        "\nload {:.1} ms | {} prompts ({failed} failed), {} at once | generated {generated} tokens in {secs:.2} s, {:.2} tok/s | seeds {}.. | {} threads, {}",
+        engine.load_ms,
+        prompts.len(),
+        a.parallel,
+        generated as f64 / secs.max(1e-9),
+        sampler.seed,
+        engine.threads,
+        engine.backend_kind().name(),
+    );
+    Ok(())
+}
+
+pub fn print_timings(session: &Session, gen: &Generation, seed: u64) {
+    eprintln!(
+        "\nload {:.1} ms | prompt {} tokens, {:.2} tok/s | generated {} tokens, {:.2} tok/s | stop: {} | seed {seed} | {} threads, {}",
         session.load_ms,
         gen.prompt_ids.len(),
         gen.prefill_tok_s(),
         gen.generated_ids.len(),
         gen.decode_tok_s(),
+        gen.stop.name(),
         session.threads,
         session.backend().name(),
     );

@@ -98,7 +98,11 @@ pub fn greedy(s: &mut bitnet_runtime::Session, prompt: &[u32], n: usize) -> Vec<
 }
 
 /// Largest |a − b| relative to the largest |b|.
+/// Results of different lengths (or none) are an infinite difference.
 pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() || a.is_empty() {
+        return f32::INFINITY;
+    }
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }

@@ -1,0 +1,206 @@
+//! One interface over what evaluates a step: the reference interpreter,
+//! the compiled CPU plan, and the CUDA kernels.
+//!
+//! A step is a batch of rows, each a token at a position of some
+//! sequence; the backend writes their keys and values to the KV store it
+//! is given (a row's sequence is the store's business) and returns the
+//! logits of the rows asked for. The engine builds steps and owns the
+//! cache; a backend only computes.
+
+use crate::compiled::{CompiledModel, KernelTimes};
+use crate::cuda::CudaModel;
+use crate::error::RuntimeError;
+use bitnet_codegen::schedule::Pinned;
+use bitnet_frontends::model::Model;
+use bitnet_ir::interp::{EvalError, Interpreter, KvStore, Tensor};
+use bitnet_ir::Graph;
+
+/// What evaluates the graph.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The reference interpreter, on the graph as the frontend built it.
+    Interp,
+    /// The optimized, scheduled graph on the native kernels (CPU or GPU).
+    #[default]
+    Compiled,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Interp => "interp",
+            BackendKind::Compiled => "compiled",
+        }
+    }
+}
+
+/// Where the compiled graph runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The first NVIDIA GPU, through the CUDA driver.
+    Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub threads: usize,
+    pub backend: BackendKind,
+    pub device: Device,
+    /// Tiles fixed by the user for every ternary matmul.
+    pub pinned: Pinned,
+    /// Context size per sequence; the model's training context when `None`.
+    pub context: Option<usize>,
+    /// Take tiles from the tuning database (measured by `bitnet autotune`
+    /// on this machine for this thread count) where it has them.
+    pub tuning: bool,
+}
+
+/// The rows of one step: `tokens[i]` at `positions[i]` of its sequence;
+/// the logits wanted are those of rows `out_rows`, in that order.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRows<'a> {
+    pub tokens: &'a [i32],
+    pub positions: &'a [i32],
+    pub out_rows: &'a [i32],
+}
+
+pub trait Backend: Send {
+    fn kind(&self) -> BackendKind;
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    /// The graph it evaluates.
+    fn graph(&self) -> &Graph;
+
+    /// Whether it keeps keys and values in the store each step is given
+    /// (any number of sequences), rather than in its own cache (one).
+    fn paged(&self) -> bool {
+        true
+    }
+
+    /// Evaluates one step: the logits of `rows.out_rows`, row-major. With
+    /// `times`, each kernel is timed (compiled backends only).
+    fn step(&mut self, model: &Model, rows: &StepRows, kv: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError>;
+
+    fn as_compiled(&self) -> Option<&CompiledModel> {
+        None
+    }
+
+    fn as_cuda(&mut self) -> Option<&mut CudaModel> {
+        None
+    }
+}
+
+/// The reference interpreter on the frontend's step graph.
+pub struct InterpBackend {
+    pub graph: Graph,
+    pub threads: usize,
+}
+
+impl Backend for InterpBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Interp
+    }
+
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn step(&mut self, model: &Model, rows: &StepRows, kv: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError> {
+        if times.is_some() {
+            return RuntimeError::input("kernel timings need the compiled backend (--backend compiled)");
+        }
+        let inputs = [("tokens", Tensor::ids(rows.tokens.to_vec())), ("positions", Tensor::ids(rows.positions.to_vec())), ("out_rows", Tensor::ids(rows.out_rows.to_vec()))];
+        match Interpreter::new(model, self.threads).eval(&self.graph, &inputs, kv)?.pop() {
+            Some(Tensor::F32 { data, .. }) => Ok(data),
+            _ => Err(EvalError("the graph did not produce logits".into()).into()),
+        }
+    }
+}
+
+impl Backend for CompiledModel {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Compiled
+    }
+
+    fn graph(&self) -> &Graph {
+        CompiledModel::graph(self)
+    }
+
+    fn step(&mut self, model: &Model, rows: &StepRows, kv: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError> {
+        Ok(self.eval(model, rows, kv, times)?)
+    }
+
+    fn as_compiled(&self) -> Option<&CompiledModel> {
+        Some(self)
+    }
+}
+
+/// The CUDA kernels, which keep one sequence's keys and values on the
+/// GPU: a step's rows all belong to that sequence.
+pub struct CudaBackend(pub CudaModel);
+
+// SAFETY: the one field that is not `Send` is the captured CUDA graph
+// (raw driver handles, which belong to the context, not to a thread);
+// the engine uses its backend from one thread at a time (under its step
+// lock), and cudarc makes the context current before each call.
+unsafe impl Send for CudaBackend {}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Compiled
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda
+    }
+
+    fn graph(&self) -> &Graph {
+        self.0.graph(true)
+    }
+
+    fn paged(&self) -> bool {
+        false
+    }
+
+    fn step(&mut self, _: &Model, rows: &StepRows, _: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError> {
+        let n = rows.tokens.len();
+        // The last-position graph computes one head row; any other choice
+        // runs the all-positions graph and picks.
+        let last_only = rows.out_rows == [n as i32 - 1];
+        let c = &mut self.0;
+        let logits = c.eval(rows.tokens, rows.positions, !last_only)?;
+        if let Some(times) = times {
+            // The same rows again, kernel by kernel: the cache entries it
+            // writes are the same.
+            *times = c.profile(rows.tokens, rows.positions, !last_only)?;
+        }
+        if last_only {
+            return Ok(logits);
+        }
+        let vocab = logits.len() / n.max(1);
+        let mut out = Vec::with_capacity(rows.out_rows.len() * vocab);
+        for &r in rows.out_rows {
+            let row = usize::try_from(r).ok().filter(|&r| r < n).ok_or_else(|| EvalError(format!("out row {r} of {n}")))?;
+            out.extend_from_slice(&logits[row * vocab..][..vocab]);
+        }
+        Ok(out)
+    }
+
+    fn as_cuda(&mut self) -> Option<&mut CudaModel> {
+        Some(&mut self.0)
+    }
+}

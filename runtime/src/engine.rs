@@ -1,0 +1,534 @@
+//! The engine: one loaded model serving many sequences.
+//!
+//! An [`Engine`] holds what every conversation shares (the mapped weights,
+//! the tokenizer and chat template, the backend and the paged KV cache)
+//! and is `Send + Sync`, meant to live behind an `Arc`. A [`Sequence`] is
+//! one conversation: its tokens, its block table in the cache and its
+//! sampler. [`Engine::step`] evaluates what each of a batch of sequences
+//! has pending in one pass over the weights: every row is a token of some
+//! sequence, and attention reads each row's own blocks.
+//!
+//! Blocks come from a budget ([`KvBlocks`]); a sequence that starts with
+//! tokens another has computed (a shared system prompt, the earlier turns
+//! of a conversation sent again) takes those blocks instead of computing
+//! them. Dropping a sequence gives its blocks back.
+
+use crate::artifact::{self, Artifact, Header};
+use crate::backend::{Backend, BackendKind, CudaBackend, Device, InterpBackend, LoadOptions, StepRows};
+use crate::compiled::KernelTimes;
+use crate::cuda::CudaModel;
+use crate::error::RuntimeError;
+use crate::kv::{KvBlocks, KvUsage, BLOCK_POSITIONS};
+use crate::lowering;
+use crate::sampler::{Sampler, SamplerConfig};
+use bitnet_codegen::schedule::Schedule;
+use bitnet_frontends::chat::{self, Message};
+use bitnet_frontends::model::Model;
+use bitnet_frontends::tokenizer::Tokenizer;
+use bitnet_ir::interp::{EvalError, Interpreter, KvPages};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub load: LoadOptions,
+    /// Sequences expected at once: with the context, it sizes the default
+    /// KV budget.
+    pub parallel: usize,
+    /// Bytes of KV cache for all sequences together [default: room for
+    /// `parallel` full contexts].
+    pub kv_budget: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { load: LoadOptions::default(), parallel: 1, kv_budget: None }
+    }
+}
+
+/// What a step changes: taken under one lock, so that steps run one at a
+/// time while sequences are made, fed and dropped concurrently.
+struct Stepper {
+    backend: Box<dyn Backend>,
+    pages: KvPages,
+    /// For a backend with its own cache: the sequence whose tokens it holds.
+    owner: Option<u64>,
+}
+
+pub struct Engine {
+    pub model: Model,
+    /// Shared so that text can be decoded while the engine generates.
+    pub tokenizer: Arc<Tokenizer>,
+    /// Positions each sequence may hold.
+    pub context: usize,
+    pub threads: usize,
+    pub load_ms: f64,
+    /// Things the user should know about what was loaded (e.g. an artifact
+    /// compiled on another CPU).
+    pub warnings: Vec<String>,
+    /// The header of the artifact this engine runs, if it runs one.
+    pub artifact: Option<Header>,
+    kind: BackendKind,
+    device: Device,
+    paged: bool,
+    stepper: Mutex<Stepper>,
+    blocks: Arc<KvBlocks>,
+}
+
+// An engine is shared between threads; a sequence moves between them.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    const fn movable<T: Send>() {}
+    shared::<Engine>();
+    movable::<Sequence>();
+};
+
+static NEXT_SEQUENCE: AtomicU64 = AtomicU64::new(1);
+
+impl Engine {
+    /// Loads a model file or folder (compiled in memory for the compiled
+    /// backend) or a `.bnx` artifact (mapped, ready to run).
+    pub fn open(path: &Path, opts: &EngineOptions) -> Result<Engine, RuntimeError> {
+        let t0 = Instant::now();
+        let (model, backend, warnings, header) = if artifact::is_artifact(path) { open_artifact(path, &opts.load)? } else { open_model(path, &opts.load)? };
+        let context = opts.load.context.unwrap_or(model.config.context).max(1);
+        if !backend.paged() && opts.parallel > 1 {
+            return RuntimeError::input(format!("the {} backend runs one sequence at a time so far; use --parallel 1", backend.device().name()));
+        }
+        let c = &model.config;
+        let block_bytes = KvPages::bytes_per_block(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS);
+        let blocks = match opts.kv_budget {
+            Some(bytes) if bytes < block_bytes => {
+                return RuntimeError::input(format!("a KV budget of {bytes} bytes holds no block of {BLOCK_POSITIONS} positions ({block_bytes} bytes for this model)"))
+            }
+            Some(bytes) => bytes / block_bytes,
+            None => opts.parallel.max(1) * context.div_ceil(BLOCK_POSITIONS),
+        };
+        let pages = KvPages::new(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, if backend.paged() { blocks } else { 0 });
+        Ok(Engine {
+            tokenizer: Arc::new(model.tokenizer()?),
+            context,
+            threads: opts.load.threads.max(1),
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            warnings,
+            artifact: header,
+            kind: backend.kind(),
+            device: backend.device(),
+            paged: backend.paged(),
+            stepper: Mutex::new(Stepper { backend, pages, owner: None }),
+            blocks: Arc::new(KvBlocks::new(blocks, block_bytes)),
+            model,
+        })
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.model.config.vocab
+    }
+
+    pub fn backend_kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The backend, for inspection (its graph, schedule, GPU): waits for
+    /// any step in flight.
+    pub fn with_backend<R>(&self, f: impl FnOnce(&mut dyn Backend) -> R) -> R {
+        f(&mut *self.lock().backend)
+    }
+
+    /// The graph the backend evaluates, in its text form.
+    pub fn graph_text(&self) -> String {
+        self.with_backend(|b| b.graph().to_string())
+    }
+
+    /// The compiled CPU plan's schedule (tiles and ISA per kernel); `None`
+    /// for other backends.
+    pub fn schedule(&self) -> Option<Schedule> {
+        self.with_backend(|b| b.as_compiled().map(|c| c.schedule().clone()))
+    }
+
+    /// Writes the compiled CPU plan and its prepared weights to a `.bnx`
+    /// artifact (see [`artifact::write`]); `source` is the model's path.
+    pub fn write_artifact(&self, out: &Path, source: &Path, head_q8: bool) -> Result<artifact::WriteReport, RuntimeError> {
+        self.with_backend(|b| match b.as_compiled() {
+            Some(c) => artifact::write(out, source, &self.model, c, head_q8),
+            None => RuntimeError::input("only the compiled CPU backend writes artifacts this way"),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Stepper> {
+        self.stepper.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How much of the KV budget is in use.
+    pub fn kv_usage(&self) -> KvUsage {
+        self.blocks.usage()
+    }
+
+    /// Forgets every cached prefix no sequence holds.
+    pub fn clear_prefix_cache(&self) {
+        self.blocks.clear_cache();
+    }
+
+    pub fn new_sequence(&self, sampler: SamplerConfig) -> Sequence {
+        Sequence {
+            id: NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
+            blocks: self.blocks.clone(),
+            vocab: self.vocab(),
+            table: Vec::new(),
+            tokens: Vec::new(),
+            pending: Vec::new(),
+            logits: Vec::new(),
+            registered: 0,
+            cached: 0,
+            sampler: Sampler::new(sampler),
+            keep_all_logits: false,
+            wait_for_kv: false,
+        }
+    }
+
+    /// The ids of a conversation rendered with the model's chat template,
+    /// special-token text parsed as special tokens. BOS is added when the
+    /// tokenizer asks for it and the template did not write it.
+    pub fn chat_ids(&self, messages: &[Message]) -> Result<Vec<u32>, RuntimeError> {
+        let tok = &self.tokenizer;
+        let Some(template) = tok.chat_template.as_deref() else { return RuntimeError::input("this model has no chat template (tokenizer.chat_template)") };
+        let text_of = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
+        let (bos, eos) = (text_of(tok.bos), text_of(tok.eos));
+        let rendered = chat::render(template, messages, true, &bos, &eos)?;
+        let add_bos = tok.add_bos && (bos.is_empty() || !rendered.starts_with(&bos));
+        Ok(tok.encode(&rendered, add_bos, true)?)
+    }
+
+    /// Evaluates what each sequence has pending, all in one step; each
+    /// gets the logits it asked for, or its own error. A sequence with
+    /// nothing pending is left as it is. One sequence's bad tokens or full
+    /// budget fail that sequence only.
+    pub fn step(&self, seqs: &mut [&mut Sequence]) -> Vec<Result<(), RuntimeError>> {
+        self.step_timed(seqs, None)
+    }
+
+    /// Steps one sequence.
+    pub fn step_one(&self, seq: &mut Sequence) -> Result<(), RuntimeError> {
+        self.step(&mut [seq]).pop().expect("one result a sequence")
+    }
+
+    /// Steps one sequence and times each kernel: milliseconds and calls
+    /// per kernel family, slowest first. Compiled backends only.
+    pub fn profile(&self, seq: &mut Sequence) -> Result<KernelTimes, RuntimeError> {
+        if self.kind != BackendKind::Compiled {
+            return RuntimeError::input("kernel timings need the compiled backend (--backend compiled)");
+        }
+        let mut times = KernelTimes::default();
+        self.step_timed(&mut [seq], Some(&mut times)).pop().expect("one result a sequence")?;
+        Ok(times)
+    }
+
+    fn step_timed(&self, seqs: &mut [&mut Sequence], mut times: Option<&mut KernelTimes>) -> Vec<Result<(), RuntimeError>> {
+        let mut results: Vec<Result<(), RuntimeError>> = seqs.iter().map(|_| Ok(())).collect();
+        let mut ready = Vec::new();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if s.pending.is_empty() {
+                continue;
+            }
+            match self.admit(s) {
+                Ok(()) => ready.push(i),
+                Err(e) => {
+                    s.pending.clear();
+                    results[i] = Err(e);
+                }
+            }
+        }
+        if self.paged {
+            if !ready.is_empty() {
+                self.run(seqs, &ready, &mut results, times);
+            }
+        } else {
+            // A backend with its own cache runs one sequence a step.
+            for &i in &ready {
+                self.run(seqs, &[i], &mut results, times.as_deref_mut());
+            }
+        }
+        results
+    }
+
+    /// Checks a sequence's pending tokens and gives it the blocks they
+    /// need: from the prefix cache first, then from the budget.
+    fn admit(&self, s: &mut Sequence) -> Result<(), RuntimeError> {
+        if !Arc::ptr_eq(&s.blocks, &self.blocks) {
+            return RuntimeError::input("this sequence belongs to another engine");
+        }
+        if let Some(&bad) = s.pending.iter().find(|&&t| t as usize >= self.vocab()) {
+            return RuntimeError::input(format!("token id {bad} is outside the model's vocabulary of {}", self.vocab()));
+        }
+        let (held, more) = (s.tokens.len(), s.pending.len());
+        if held + more > self.context {
+            return RuntimeError::input(format!(
+                "{more} tokens do not fit in the context: {held} already used of {} (raise it with -c)",
+                self.context
+            ));
+        }
+        if !self.paged {
+            return Ok(());
+        }
+        if s.table.is_empty() {
+            // At least one token is computed, for its logits.
+            let found = self.blocks.lookup(&s.pending[..more - 1]);
+            let n = found.len() * BLOCK_POSITIONS;
+            s.tokens.extend(s.pending.drain(..n));
+            (s.table, s.registered, s.cached) = (found, n / BLOCK_POSITIONS, n);
+        }
+        let need = (s.tokens.len() + s.pending.len()).div_ceil(BLOCK_POSITIONS).saturating_sub(s.table.len());
+        if need > 0 {
+            s.table.extend(self.blocks.allocate(need, s.wait_for_kv)?);
+        }
+        Ok(())
+    }
+
+    /// One backend step over the pending rows of `seqs[ready]`.
+    fn run(&self, seqs: &mut [&mut Sequence], ready: &[usize], results: &mut [Result<(), RuntimeError>], times: Option<&mut KernelTimes>) {
+        let mut st = self.lock();
+        let Stepper { backend, pages, owner } = &mut *st;
+        if !self.paged {
+            let s = &seqs[ready[0]];
+            if !s.tokens.is_empty() && *owner != Some(s.id) {
+                results[ready[0]] = RuntimeError::input("the GPU holds one sequence's cache at a time, and another sequence has run since this one; start it again");
+                seqs[ready[0]].pending.clear();
+                return;
+            }
+            *owner = Some(s.id);
+        }
+        let (mut tokens, mut positions, mut out_rows, mut tables, mut held, mut outs) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for &i in ready {
+            let s = &seqs[i];
+            let (start, n, base) = (s.tokens.len(), s.pending.len(), tokens.len() as i32);
+            tokens.extend(s.pending.iter().map(|&t| t as i32));
+            positions.extend((start..start + n).map(|p| p as i32));
+            tables.extend(std::iter::repeat_n(s.table.as_slice(), n));
+            held.extend(std::iter::repeat_n(start + n, n));
+            let picked = if s.keep_all_logits { n } else { 1 };
+            out_rows.extend(base + (n - picked) as i32..base + n as i32);
+            outs.push(picked);
+        }
+        let rows = StepRows { tokens: &tokens, positions: &positions, out_rows: &out_rows };
+        let out = backend.step(&self.model, &rows, &mut pages.rows(&tables, &held), times);
+        drop(tables);
+        drop(st);
+        let vocab = self.vocab();
+        match out {
+            Ok(logits) if logits.len() == out_rows.len() * vocab => {
+                let mut at = 0;
+                for (&i, picked) in ready.iter().zip(outs) {
+                    let s = &mut *seqs[i];
+                    s.logits.clear();
+                    s.logits.extend_from_slice(&logits[at..at + picked * vocab]);
+                    at += picked * vocab;
+                    s.tokens.append(&mut s.pending);
+                    if self.paged {
+                        s.registered = self.blocks.register(&s.table, &s.tokens, s.registered);
+                    }
+                }
+            }
+            other => {
+                let msg = match other {
+                    Err(e) => e.to_string(),
+                    Ok(l) => format!("the backend returned {} logits for {} rows of {vocab}", l.len(), out_rows.len()),
+                };
+                for &i in ready {
+                    seqs[i].pending.clear();
+                    results[i] = Err(EvalError(msg.clone()).into());
+                }
+            }
+        }
+    }
+}
+
+/// A model file or folder and the backend `opts` ask for.
+type Opened = (Model, Box<dyn Backend>, Vec<String>, Option<Header>);
+
+fn open_model(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError> {
+    let model = Model::open(path)?;
+    let step = model.step_graph()?;
+    Interpreter::new(&model, 1).check_weights(&step)?;
+    let context = opts.context.unwrap_or(model.config.context).max(1);
+    let mut warnings = Vec::new();
+    let backend: Box<dyn Backend> = match (opts.backend, opts.device) {
+        (BackendKind::Interp, Device::Cpu) => Box::new(InterpBackend { graph: step, threads: opts.threads.max(1) }),
+        (BackendKind::Interp, Device::Cuda) => return RuntimeError::input("--backend interp runs on the CPU only; drop it to run compiled code on the GPU"),
+        (BackendKind::Compiled, Device::Cpu) => Box::new(lowering::compile_cpu(&model, &step, opts, &mut warnings)?),
+        (BackendKind::Compiled, Device::Cuda) => Box::new(CudaBackend(lowering::compile_cuda(&model, opts, context, &mut warnings)?)),
+    };
+    Ok((model, backend, warnings, None))
+}
+
+fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError> {
+    let a = Artifact::open(path)?;
+    let h = &a.header;
+    let artifact_err = |msg: String| Err(RuntimeError::Artifact(format!("{}: {msg}", path.display())));
+    match (h.target.device.as_str(), opts.device) {
+        ("cuda", Device::Cpu) => {
+            return artifact_err(format!(
+                "this artifact holds CUDA kernels ({}); run it with --device cuda, or compile {} for the CPU (bitnet compile -m {} -o FILE.bnx)",
+                h.target.description, h.source.path, h.source.path
+            ))
+        }
+        ("cuda", Device::Cuda) => {}
+        (_, Device::Cuda) => return artifact_err(format!("this artifact holds CPU code; compile {} with --device cuda, or run that model with --device cuda", h.source.path)),
+        _ => {}
+    }
+    if opts.backend == BackendKind::Interp {
+        return artifact_err(format!("an artifact holds compiled code only; run the interpreter on its source model ({})", h.source.path));
+    }
+    if opts.device == Device::Cuda && (opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some()) {
+        return artifact_err("a CUDA artifact runs its compiled kernels as they are; drop --head and tile options".into());
+    }
+    if opts.pinned.head_q8 && h.head != "q8" {
+        return artifact_err("--head is fixed when the artifact is compiled (bitnet compile --head ...); run it without".into());
+    }
+    if opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
+        return artifact_err(format!(
+            "its kernels and tiles were chosen when it was compiled; run it without --isa, or compile it again with it (bitnet compile -m {} --isa ISA -o FILE.bnx)",
+            h.source.path
+        ));
+    }
+    let warnings = a.check_target(path)?;
+    let header = a.header.clone();
+    let backend: Box<dyn Backend> = if opts.device == Device::Cuda {
+        let (last, all, ptx, packed) = a.cuda(path)?;
+        let context = opts.context.unwrap_or(a.model.config.context).max(1);
+        let cuda = CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
+        Box::new(CudaBackend(cuda))
+    } else {
+        Box::new(a.compiled(path, opts.threads)?)
+    };
+    Ok((a.model, backend, warnings, Some(header)))
+}
+
+/// One conversation: its tokens, its blocks in the engine's KV cache, the
+/// logits of its last step and its sampler. Made by
+/// [`Engine::new_sequence`]; dropping it gives its blocks back.
+pub struct Sequence {
+    id: u64,
+    blocks: Arc<KvBlocks>,
+    vocab: usize,
+    /// Its blocks, in position order.
+    table: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    tokens: Vec<u32>,
+    /// Tokens fed and not yet evaluated.
+    pending: Vec<u32>,
+    logits: Vec<f32>,
+    /// Leading full blocks registered in the prefix cache.
+    registered: usize,
+    /// Tokens taken from the prefix cache rather than computed.
+    cached: usize,
+    pub sampler: Sampler,
+    /// Keep every evaluated position's logits, not just the last.
+    pub keep_all_logits: bool,
+    /// When the KV budget is full, wait for other sequences to give blocks
+    /// back instead of failing.
+    pub wait_for_kv: bool,
+}
+
+impl Sequence {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Tokens whose keys and values are in the cache, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Tokens fed and not yet evaluated.
+    pub fn pending(&self) -> &[u32] {
+        &self.pending
+    }
+
+    /// Tokens the last steps took from the prefix cache instead of computing.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
+    /// The logits of the last step: one row of `vocab` per token it
+    /// evaluated (with `keep_all_logits`), else the last token's.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// The last evaluated token's logits.
+    pub fn last_logits(&self) -> Option<&[f32]> {
+        self.logits.len().checked_sub(self.vocab).map(|at| &self.logits[at..])
+    }
+
+    /// Adds tokens to evaluate in the next step.
+    pub fn feed(&mut self, ids: &[u32]) {
+        self.pending.extend_from_slice(ids);
+    }
+
+    /// Makes `ids` this sequence's whole prompt: keeps the cached tokens it
+    /// starts with, forgets the rest, and feeds what is left (at least one
+    /// token, whose logits the next step gives).
+    pub fn prompt(&mut self, ids: &[u32]) {
+        let held = self.keep_common_prefix(ids);
+        self.feed(&ids[held..]);
+    }
+
+    /// Keeps the cached tokens `ids` starts with (leaving at least one of
+    /// `ids` to evaluate) and forgets the rest: a conversation's next turn
+    /// evaluates only what it adds. Returns the tokens kept.
+    pub fn keep_common_prefix(&mut self, ids: &[u32]) -> usize {
+        let common = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count().min(ids.len().saturating_sub(1));
+        self.truncate(common);
+        self.tokens.len()
+    }
+
+    /// Forgets every position after the first `n` (and anything pending).
+    /// A block shared with another sequence is never written again: if
+    /// position `n` falls inside one, the positions of that block before
+    /// `n` are forgotten too and computed again.
+    pub fn truncate(&mut self, n: usize) {
+        self.pending.clear();
+        let mut n = n.min(self.tokens.len());
+        let keep = n.div_ceil(BLOCK_POSITIONS).min(self.table.len());
+        self.blocks.release(&self.table[keep..]);
+        self.table.truncate(keep);
+        self.registered = self.registered.min(n / BLOCK_POSITIONS);
+        if n % BLOCK_POSITIONS != 0 && keep > 0 {
+            let b = self.table[keep - 1];
+            if self.blocks.holders(b) > 1 {
+                self.blocks.release(&[b]);
+                self.table.truncate(keep - 1);
+                n = (keep - 1) * BLOCK_POSITIONS;
+            } else {
+                self.blocks.unregister(b);
+            }
+        }
+        self.tokens.truncate(n);
+        self.cached = self.cached.min(n);
+    }
+
+    /// Forgets everything, giving every block back.
+    pub fn clear(&mut self) {
+        self.truncate(0);
+        self.logits.clear();
+    }
+
+    /// A token drawn from the last step's logits, the history being the
+    /// tokens evaluated so far; `None` before any step.
+    pub fn sample(&mut self) -> Option<u32> {
+        let at = self.logits.len().checked_sub(self.vocab)?;
+        Some(self.sampler.sample(&self.logits[at..], &self.tokens))
+    }
+}
+
+impl Drop for Sequence {
+    fn drop(&mut self) {
+        self.blocks.release(&self.table);
+    }
+}

@@ -1,0 +1,115 @@
+//! From a model's graph to what a backend runs: the graph passes, the
+//! schedule and tiles (from the user, the tuning database or the
+//! heuristic), and the prepared weights.
+
+use crate::compiled::CompiledModel;
+use crate::cuda::CudaModel;
+use crate::error::RuntimeError;
+use crate::LoadOptions;
+use bitnet_autotune::db::CudaTuned;
+use bitnet_autotune::{Database, Tuned};
+use bitnet_codegen::cuda::PhaseTiles;
+use bitnet_codegen::schedule::{schedule, Pinned, Schedule, TileSource, Workload};
+use bitnet_codegen::target::HostCpu;
+use bitnet_frontends::model::Model;
+use bitnet_ir::passes;
+use bitnet_ir::Graph;
+
+/// The graph passes then the schedule: what `compile` does to a graph.
+/// Tiles come from `pinned`, then `source`, then the heuristic.
+pub fn lower(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> Result<(Graph, Schedule), RuntimeError> {
+    let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+    let s = schedule(&g, pinned, source).map_err(RuntimeError::Compile)?;
+    Ok((g, s))
+}
+
+/// The tuning database's tiles for this machine and `threads`; problems
+/// reading it become warnings, never errors.
+pub fn tuned_tiles(threads: usize, warnings: &mut Vec<String>) -> Option<Tuned> {
+    match Database::open_default() {
+        Ok(db) => {
+            let (tuned, problems) = db.source(&HostCpu::detect().fingerprint(), threads);
+            warnings.extend(problems);
+            Some(tuned)
+        }
+        Err(e) => {
+            warnings.push(format!("tuning database: {e}; using default tiles"));
+            None
+        }
+    }
+}
+
+/// Every distinct kernel workload with tile knobs in a model's step graph.
+pub fn workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
+    let mut out = Vec::new();
+    let (_, s) = lower(&model.step_graph()?, &Pinned::default(), None)?;
+    for step in s.steps {
+        match Workload::parse(&step.key) {
+            Some(w) if !out.contains(&w) => out.push(w),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Every distinct matrix-product workload of a model's CUDA kernels.
+pub fn cuda_workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
+    let mut out = Vec::new();
+    for all in [false, true] {
+        let (_, p) = lower_cuda(&model.graph(all)?, bitnet_codegen::cuda::nvrtc::DEFAULT_SM, None)?;
+        for (_, key, _) in p.tiles {
+            match Workload::parse(&bitnet_codegen::schedule::WorkloadKey(key)) {
+                Some(w) if !out.contains(&w) => out.push(w),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Lowers the step graph, then prepares the weights for the native kernels.
+pub(crate) fn compile_cpu(model: &Model, step: &Graph, opts: &LoadOptions, warnings: &mut Vec<String>) -> Result<CompiledModel, RuntimeError> {
+    let threads = opts.threads.max(1);
+    let tuned = if opts.tuning { tuned_tiles(threads, warnings) } else { None };
+    let source = tuned.as_ref().map(|t| t as &dyn TileSource);
+    Ok(CompiledModel::new(model, lower(step, &opts.pinned, source)?, threads)?)
+}
+
+/// The graph passes, then lowering to CUDA kernels and launches for GPUs
+/// of compute capability `sm`, with the tiles `tuned` measured for each
+/// matrix product (else the heuristic's).
+pub fn lower_cuda(g: &Graph, sm: u32, tuned: Option<&CudaTuned>) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
+    let g = passes::optimize_cuda(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+    let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| tuned.map_or(PhaseTiles::heuristic(key, sm), |t| t.tiles(key, sm));
+    let p = bitnet_codegen::cuda::lower(&g, &tiles).map_err(RuntimeError::Compile)?;
+    Ok((g, p))
+}
+
+/// The tuning database's tiles for this machine's GPU, when it has one
+/// (`bitnet autotune --device cuda` measures them).
+pub fn cuda_tuned_tiles(warnings: &mut Vec<String>) -> Option<CudaTuned> {
+    let (_, name) = crate::cuda::device().ok()?;
+    match Database::open_default() {
+        Ok(db) => {
+            let (tuned, problems) = db.cuda_source(&crate::cuda::fingerprint(&name));
+            warnings.extend(problems);
+            Some(tuned)
+        }
+        Err(e) => {
+            warnings.push(format!("tuning database: {e}; using default tiles"));
+            None
+        }
+    }
+}
+
+/// The CUDA kernels of the last-position and all-positions graphs.
+pub(crate) fn compile_cuda(model: &Model, opts: &LoadOptions, context: usize, warnings: &mut Vec<String>) -> Result<CudaModel, RuntimeError> {
+    if opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
+        return RuntimeError::input("--head q8 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head");
+    }
+    let tuned = if opts.tuning { cuda_tuned_tiles(warnings) } else { None };
+    // Without a device CudaModel::new says so; the lowering then is moot.
+    let sm = crate::cuda::device_sm().unwrap_or(bitnet_codegen::cuda::nvrtc::DEFAULT_SM);
+    let lower = |all| lower_cuda(&model.graph(all)?, sm, tuned.as_ref());
+    Ok(CudaModel::new(model, Default::default(), lower(false)?, lower(true)?, None, context)?)
+}
