@@ -33,6 +33,8 @@ enum Command {
     Autotune(commands::autotune::AutotuneArgs),
     /// Convert a GGUF file or Hugging Face folder to GGUF for bitnet.cpp or llama.cpp.
     Convert(commands::convert::ConvertArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Compile(a) => commands::compile::compile(a),
         Command::Bench(a) => commands::bench::bench(a, start),
         Command::Autotune(a) => commands::autotune::autotune(a),
+        Command::Serve(a) => commands::serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -44,6 +44,7 @@ fn run_chat_parses_template_special_tokens() {
     assert_eq!(ids.iter().filter(|&&i| i == 256).count(), 1, "BOS must not be doubled");
     // Without --chat the same text is plain bytes.
     let o = bitnet(&["run", "-m", model.to_str().unwrap(), "-p", "<|eot_id|>", "-n", "1", "--greedy", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["prompt_ids"].as_array().unwrap().len(), 1 + "<|eot_id|>".len());
 }

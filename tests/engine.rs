@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 fn engine(path: &Path, backend: BackendKind, parallel: usize, kv_budget: Option<usize>) -> Arc<Engine> {
     let load = LoadOptions { threads: 2, backend, ..Default::default() };
-    Arc::new(Engine::open(path, &EngineOptions { load, parallel, kv_budget }).unwrap())
+    Arc::new(Engine::open(path, &EngineOptions { load, parallel, kv_budget, ..Default::default() }).unwrap())
 }
 
 fn greedy_opts(n: usize) -> GenerateOptions {
@@ -182,7 +182,7 @@ fn a_full_budget_fails_that_sequence_only() {
     assert!(e.step_one(&mut bad).unwrap_err().to_string().contains("outside the model's vocabulary"));
     // A budget smaller than one block is refused when the engine opens.
     let load = LoadOptions { threads: 1, ..Default::default() };
-    let err = Engine::open(&stories(), &EngineOptions { load, parallel: 1, kv_budget: Some(block - 1) }).err().unwrap();
+    let err = Engine::open(&stories(), &EngineOptions { load, parallel: 1, kv_budget: Some(block - 1), ..Default::default() }).err().unwrap();
     assert!(err.to_string().contains("holds no block"), "{err}");
 }
 
@@ -207,5 +207,16 @@ fn run_batches_a_prompts_file_in_input_order() {
         assert_eq!(lines[i]["generated_ids"], j["generated_ids"], "prompt {i}");
         assert_eq!(lines[i]["generated_ids"].as_array().unwrap().len(), 6);
     }
+    // Text prompts, one a line, with -f and --parallel.
+    let text = dir.join("prompts.txt");
+    std::fs::write(&text, "Once upon a time\nThe little dog\n").unwrap();
+    let o = bitnet(&["run", "-m", m, "-f", text.to_str().unwrap(), "--parallel", "2", "-n", "5", "--temp", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    let one = bitnet(&["run", "-m", m, "-p", "The little dog", "-n", "5", "--temp", "0", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&one)).unwrap();
+    assert_eq!(lines[1]["generated_ids"], j["generated_ids"]);
+    assert_eq!(lines[1]["text"], j["text"]);
     std::fs::remove_dir_all(dir).ok();
 }

@@ -36,8 +36,10 @@ fn cli_json_contract() {
     assert_eq!(v["prompt_ids"], serde_json::json!(PROMPT));
     assert_eq!(v["generated_ids"], serde_json::json!(EXPECTED));
     assert!(v["text"].as_str().unwrap().starts_with(", there was a little girl named Lily"));
+    // Loading, a 5-token prefill and 19 decode steps all take time.
     for k in ["load_ms", "prefill_tok_s", "decode_tok_s"] {
-        assert!(v[k].as_f64().unwrap() >= 0.0, "{k}");
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+        assert!(x > 0.0 && x.is_finite(), "{k}: {x}");
     }
 }
 
@@ -85,6 +87,13 @@ fn bench_json_times_each_kernel_family() {
         let s = v[k].as_str().unwrap_or_else(|| panic!("{k} missing"));
         assert!(s.contains("attention ") && s.contains(" (5)") && s.contains("matmul ") && s.contains("executor "), "{k}: {s}");
     }
+    assert!(v.get("parallel").is_none(), "{v}");
+    // N sequences at once: their decode rate all together, beside the single one.
+    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "8", "-n", "4", "-r", "1", "--parallel", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["parallel"], 3);
+    assert!(v["aggregate_decode_tok_s"].as_f64().unwrap() > 0.0 && v["decode_tok_s"].as_f64().unwrap() > 0.0, "{v}");
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--backend", "interp", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();

@@ -67,9 +67,15 @@ impl Llama {
     }
 
     fn context(&self, n_ctx: usize) -> anyhow::Result<llama_cpp_2::context::LlamaContext<'_>> {
+        self.context_seqs(n_ctx, 1)
+    }
+
+    /// A context for `n_seq` sequences of `n_ctx / n_seq` positions each.
+    fn context_seqs(&self, n_ctx: usize, n_seq: usize) -> anyhow::Result<llama_cpp_2::context::LlamaContext<'_>> {
         // f32 KV cache and no flash attention: the closest llama.cpp gets
         // to plain f32 attention.
         let params = LlamaContextParams::default()
+            .with_n_seq_max(n_seq as u32)
             .with_n_ctx(NonZeroU32::new(n_ctx.max(16) as u32))
             .with_n_batch(n_ctx.max(16) as u32)
             .with_n_ubatch(n_ctx.max(16) as u32)
@@ -142,6 +148,40 @@ impl Llama {
         }
         Ok(Speed { prefill_tok_s: n_prompt as f64 / prefill, decode_tok_s: n_gen as f64 / t1.elapsed().as_secs_f64() })
     }
+
+    /// `n` sequences in one context: each prefills its own prompt of
+    /// `n_prompt` tokens (all in one batch), then `n_gen` steps decode one
+    /// token of every sequence in one `llama_batch`. Tokens per second of
+    /// the decode, all sequences together (llama-batched-bench's S_TG).
+    pub fn bench_parallel(&self, n_prompt: usize, n_gen: usize, n: usize) -> anyhow::Result<f64> {
+        let (n_prompt, n) = (n_prompt.max(1), n.max(1));
+        let mut ctx = self.context_seqs((n_prompt + n_gen + 1) * n, n)?;
+        let tokens = bench_tokens(n_prompt + 1, self.n_vocab());
+        let mut batch = LlamaBatch::new(n_prompt * n, 1);
+        for s in 0..n {
+            let mut t = tokens.clone();
+            let len = t.len();
+            t.rotate_left(s % len);
+            for (i, &tok) in t[..n_prompt].iter().enumerate() {
+                batch.add(LlamaToken(tok as i32), i as i32, &[s as i32], i + 1 == n_prompt)?;
+            }
+        }
+        ctx.decode(&mut batch)?;
+        let argmax = bitnet_runtime::sampler::argmax;
+        let mut next: Vec<u32> = (0..n).map(|s| argmax(ctx.get_logits_ith((s * n_prompt + n_prompt - 1) as i32))).collect();
+        let t1 = Instant::now();
+        for pos in n_prompt..n_prompt + n_gen {
+            batch.clear();
+            for (s, &tok) in next.iter().enumerate() {
+                batch.add(LlamaToken(tok as i32), pos as i32, &[s as i32], true)?;
+            }
+            ctx.decode(&mut batch)?;
+            for (s, t) in next.iter_mut().enumerate() {
+                *t = argmax(ctx.get_logits_ith(s as i32));
+            }
+        }
+        Ok((n * n_gen) as f64 / t1.elapsed().as_secs_f64())
+    }
 }
 
 /// Deterministic token ids for benchmarks (not BOS-dependent).
@@ -170,6 +210,15 @@ pub fn bitnet_bench(path: &Path, n_prompt: usize, n_gen: usize, threads: usize) 
     let opts = GenerateOptions { n_predict: n_gen + 1, ignore_eos: true, sampler: SamplerConfig::greedy(), dump_logits: false };
     let g = s.generate(&tokens, &opts, |_| {})?;
     Ok(Speed { prefill_tok_s: g.prefill_tok_s(), decode_tok_s: g.decode_tok_s() })
+}
+
+/// bitnet-rs's decode of `n` sequences at once (`bitnet bench
+/// --parallel`): tokens per second, all sequences together.
+pub fn bitnet_bench_parallel(path: &Path, n_prompt: usize, n_gen: usize, threads: usize, n: usize) -> anyhow::Result<f64> {
+    use bitnet_runtime::{Engine, EngineOptions, LoadOptions};
+    let load = LoadOptions { threads, context: Some(n_prompt + n_gen + 1), ..Default::default() };
+    let engine = Engine::open(path, &EngineOptions { load, parallel: n, ..Default::default() })?;
+    Ok(bitnet_runtime::bench::bench_parallel(&engine, n_prompt, n_gen, n, 1)?)
 }
 
 #[derive(Clone, Copy, Debug, Default)]

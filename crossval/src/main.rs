@@ -62,6 +62,10 @@ enum Command {
         threads: usize,
         #[arg(short, long, default_value_t = 3)]
         reps: usize,
+        /// Also decode this many sequences at once in each engine (one
+        /// llama_batch a step in llama.cpp) and compare the totals.
+        #[arg(long)]
+        parallel: Option<usize>,
     },
 }
 
@@ -131,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("  llama.cpp's activation handling: {} (threshold {SAME_MATH_MIN_COSINE})", r.same_math);
             Ok(r.passed())
         }
-        Command::Bench { model, bitnet_model, n_prompt, n_gen, threads, reps } => {
+        Command::Bench { model, bitnet_model, n_prompt, n_gen, threads, reps, parallel } => {
             let ours = bitnet_model.unwrap_or_else(|| model.clone());
             let llama = Llama::load(&model, threads)?;
             let (mut lp, mut ld, mut bp, mut bd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -158,6 +162,22 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("| llama.cpp | {} | {lp:.2} | {ld:.2} |", model.display());
             println!("| bitnet-rs | {} | {bp:.2} | {bd:.2} |", ours.display());
             println!("| ratio bitnet-rs / llama.cpp | | {:.3} | {:.3} |", bp / lp, bd / ld);
+            if let Some(n) = parallel {
+                let (mut l, mut b) = (Vec::new(), Vec::new());
+                for r in 0..reps {
+                    l.push(llama.bench_parallel(n_prompt, n_gen, n)?);
+                    b.push(bitnet_bench_parallel(&ours, n_prompt, n_gen, threads, n)?);
+                    eprintln!("run {}/{reps}, {n} sequences: llama.cpp {:.2} tok/s, bitnet-rs {:.2} tok/s", r + 1, l[r], b[r]);
+                }
+                let (l, b) = (median(l), median(b));
+                println!("
+{n} sequences decoding together, tokens/s of all of them, median of {reps} alternating runs");
+                println!("| engine | aggregate decode tg{n_gen} x{n} | vs its single-sequence decode |");
+                println!("|---|---|---|");
+                println!("| llama.cpp | {l:.2} | {:.2}x |", l / ld);
+                println!("| bitnet-rs | {b:.2} | {:.2}x |", b / bd);
+                println!("| ratio bitnet-rs / llama.cpp | {:.3} | |", b / l);
+            }
             Ok(true)
         }
     }

@@ -23,6 +23,27 @@ pub struct ChatError(pub String);
 /// A template used when the model file has none: LLaMA-3's format.
 pub const LLAMA3_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
 
+/// ChatML (`<|im_start|>role ... <|im_end|>`), as Qwen and many fine-tunes use it.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// BitNet b1.58 2B4T's turns (`Role: text<|eot_id|>`, as llama.cpp's
+/// `bitnet` chat format writes them), after BOS.
+pub const BITNET_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}";
+
+/// The built-in templates `--chat-template` names.
+pub const BUILTIN_TEMPLATES: [(&str, &str); 3] = [("chatml", CHATML_TEMPLATE), ("llama3", LLAMA3_TEMPLATE), ("bitnet", BITNET_TEMPLATE)];
+
+/// A built-in template by name, or the text of a Jinja file.
+pub fn template_named(name_or_file: &str) -> Result<String, ChatError> {
+    if let Some((_, t)) = BUILTIN_TEMPLATES.iter().find(|(n, _)| *n == name_or_file) {
+        return Ok(t.to_string());
+    }
+    std::fs::read_to_string(name_or_file).map_err(|e| {
+        let names: Vec<&str> = BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect();
+        ChatError(format!("{name_or_file:?} is neither a built-in template ({}) nor a readable file: {e}", names.join(", ")))
+    })
+}
+
 /// Renders `messages`; `add_generation_prompt` opens the assistant's turn.
 pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, bos_token: &str, eos_token: &str) -> Result<String, ChatError> {
     let mut env = minijinja::Environment::new();
@@ -45,6 +66,17 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builtin_templates_render_and_unknown_names_say_so() {
+        let msgs = [Message::new("system", "Be brief."), Message::new("user", " Hi ")];
+        let b = render(&template_named("bitnet").unwrap(), &msgs, true, "<s>", "</s>").unwrap();
+        assert_eq!(b, "<s>System: Be brief.<|eot_id|>User: Hi<|eot_id|>Assistant: ");
+        let c = render(&template_named("chatml").unwrap(), &msgs[1..], true, "", "").unwrap();
+        assert_eq!(c, "<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\n");
+        let e = template_named("nope").unwrap_err().to_string();
+        assert!(e.contains("chatml, llama3, bitnet"), "{e}");
+    }
 
     #[test]
     fn llama3_template_renders_turns() {

@@ -40,11 +40,14 @@ pub struct EngineOptions {
     /// Bytes of KV cache for all sequences together [default: room for
     /// `parallel` full contexts].
     pub kv_budget: Option<usize>,
+    /// A chat template (Jinja) to use instead of the model's own, or for a
+    /// model without one.
+    pub chat_template: Option<String>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { load: LoadOptions::default(), parallel: 1, kv_budget: None }
+        EngineOptions { load: LoadOptions::default(), parallel: 1, kv_budget: None, chat_template: None }
     }
 }
 
@@ -70,6 +73,8 @@ pub struct Engine {
     pub warnings: Vec<String>,
     /// The header of the artifact this engine runs, if it runs one.
     pub artifact: Option<Header>,
+    /// The chat template: `EngineOptions::chat_template`, else the model's.
+    pub chat_template: Option<String>,
     kind: BackendKind,
     device: Device,
     paged: bool,
@@ -107,8 +112,10 @@ impl Engine {
             None => opts.parallel.max(1) * context.div_ceil(BLOCK_POSITIONS),
         };
         let pages = KvPages::new(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, if backend.paged() { blocks } else { 0 });
+        let tokenizer = model.tokenizer()?;
         Ok(Engine {
-            tokenizer: Arc::new(model.tokenizer()?),
+            chat_template: opts.chat_template.clone().or_else(|| tokenizer.chat_template.clone()),
+            tokenizer: Arc::new(tokenizer),
             context,
             threads: opts.load.threads.max(1),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -197,7 +204,9 @@ impl Engine {
     /// tokenizer asks for it and the template did not write it.
     pub fn chat_ids(&self, messages: &[Message]) -> Result<Vec<u32>, RuntimeError> {
         let tok = &self.tokenizer;
-        let Some(template) = tok.chat_template.as_deref() else { return RuntimeError::input("this model has no chat template (tokenizer.chat_template)") };
+        let Some(template) = self.chat_template.as_deref() else {
+            return RuntimeError::input("this model has no chat template (tokenizer.chat_template); name one with --chat-template (chatml, llama3, bitnet or a Jinja file)");
+        };
         let text_of = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
         let (bos, eos) = (text_of(tok.bos), text_of(tok.eos));
         let rendered = chat::render(template, messages, true, &bos, &eos)?;
@@ -278,16 +287,33 @@ impl Engine {
         }
         if s.table.is_empty() {
             // At least one token is computed, for its logits.
-            let found = self.blocks.lookup(&s.pending[..more - 1]);
-            let n = found.len() * BLOCK_POSITIONS;
-            s.tokens.extend(s.pending.drain(..n));
-            (s.table, s.registered, s.cached) = (found, n / BLOCK_POSITIONS, n);
+            let n = self.take_prefix(s, &s.pending[..more - 1].to_vec());
+            s.pending.drain(..n);
         }
         let need = (s.tokens.len() + s.pending.len()).div_ceil(BLOCK_POSITIONS).saturating_sub(s.table.len());
         if need > 0 {
             s.table.extend(self.blocks.allocate(need, s.wait_for_kv)?);
         }
         Ok(())
+    }
+
+    /// Gives an empty sequence the cached blocks that hold the longest run
+    /// of whole blocks `prompt` starts with; returns the tokens they hold
+    /// (now the sequence's tokens). The caller feeds the rest: a scheduler
+    /// that feeds a long prompt in chunks calls this first with all of it.
+    pub fn reuse_prefix(&self, seq: &mut Sequence, prompt: &[u32]) -> usize {
+        if !self.paged || !seq.table.is_empty() || !seq.tokens.is_empty() || !Arc::ptr_eq(&seq.blocks, &self.blocks) {
+            return 0;
+        }
+        self.take_prefix(seq, &prompt[..prompt.len().saturating_sub(1)])
+    }
+
+    fn take_prefix(&self, s: &mut Sequence, tokens: &[u32]) -> usize {
+        let found = self.blocks.lookup(tokens);
+        let n = found.len() * BLOCK_POSITIONS;
+        s.tokens.extend_from_slice(&tokens[..n]);
+        (s.table, s.registered, s.cached) = (found, n / BLOCK_POSITIONS, n);
+        n
     }
 
     /// One backend step over the pending rows of `seqs[ready]`.

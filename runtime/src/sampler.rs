@@ -1,5 +1,5 @@
-//! Choosing the next token from logits, in llama.cpp's order: repeat
-//! penalty over the last N tokens, then top-k, top-p, min-p, temperature,
+//! Choosing the next token from logits, in llama.cpp's order: repeat,
+//! presence and frequency penalties over the last N tokens, then top-k, top-p, min-p, temperature,
 //! and a draw from the seeded generator. Temperature 0 is greedy.
 
 use rand::{Rng, SeedableRng};
@@ -12,13 +12,19 @@ pub struct SamplerConfig {
     pub min_p: f32,
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// Subtracted once from the logit of every token in the window
+    /// (OpenAI's `presence_penalty`).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it is in the window
+    /// (OpenAI's `frequency_penalty`).
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
 impl Default for SamplerConfig {
     /// llama.cpp's defaults.
     fn default() -> Self {
-        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, presence_penalty: 0.0, frequency_penalty: 0.0, seed: 0 }
     }
 }
 
@@ -43,14 +49,17 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = &self.config;
         let mut logits = logits.to_vec();
-        if c.repeat_penalty != 1.0 && c.repeat_last_n > 0 {
+        let penalized = c.repeat_penalty != 1.0 || c.presence_penalty != 0.0 || c.frequency_penalty != 0.0;
+        if penalized && c.repeat_last_n > 0 {
             let from = history.len().saturating_sub(c.repeat_last_n);
-            let mut seen = std::collections::HashSet::new();
+            let mut counts = std::collections::HashMap::new();
             for &t in &history[from..] {
+                *counts.entry(t).or_insert(0u32) += 1;
+            }
+            for (t, n) in counts {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    if seen.insert(t) {
-                        *l = if *l <= 0.0 { *l * c.repeat_penalty } else { *l / c.repeat_penalty };
-                    }
+                    *l = if *l <= 0.0 { *l * c.repeat_penalty } else { *l / c.repeat_penalty };
+                    *l -= c.presence_penalty + n as f32 * c.frequency_penalty;
                 }
             }
         }
@@ -94,6 +103,26 @@ impl Sampler {
     }
 }
 
+/// The log-probability of token `id` under `logits`, and the `top` most
+/// likely tokens with theirs (highest first; ties: lower id first).
+pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let log_sum = max + logits.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let lp = |i: u32| logits.get(i as usize).map_or(f32::NEG_INFINITY, |&x| x - log_sum);
+    let mut best: Vec<u32> = Vec::with_capacity(top + 1);
+    for i in 0..logits.len() as u32 {
+        if top == 0 {
+            break;
+        }
+        let at = best.partition_point(|&b| logits[b as usize] >= logits[i as usize]);
+        if at < top {
+            best.insert(at, i);
+            best.truncate(top);
+        }
+    }
+    (lp(id), best.into_iter().map(|i| (i, lp(i))).collect())
+}
+
 /// The index of the largest logit (the first one on a tie).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -132,6 +161,26 @@ mod tests {
         // Outside the window it is not.
         let mut s = Sampler::new(SamplerConfig { repeat_last_n: 1, ..s.config.clone() });
         assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[1, 0]), 1);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_subtract() {
+        // Token 1 appears twice: 3.0 - 0.5 - 2 * 0.4 = 1.7 < 2.0.
+        let cfg = SamplerConfig { presence_penalty: 0.5, frequency_penalty: 0.4, ..SamplerConfig::greedy() };
+        assert_eq!(Sampler::new(cfg.clone()).sample(&[0.1, 3.0, 2.0], &[1, 1]), 2);
+        // Once: 3.0 - 0.9 = 2.1 > 2.0.
+        assert_eq!(Sampler::new(cfg).sample(&[0.1, 3.0, 2.0], &[1]), 1);
+    }
+
+    #[test]
+    fn logprobs_are_normalized_and_ranked() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let (lp, top) = logprobs(&logits, 2, 3);
+        let total: f32 = logits.iter().map(|&l| (l - logits[1]).exp()).sum();
+        assert!((lp - (-1.0 - total.ln())).abs() < 1e-5, "{lp}");
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let sum: f32 = (0..4).map(|i| logprobs(&logits, i, 0).0.exp()).sum();
+        assert!((sum - 1.0).abs() < 1e-5);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod compile;
 pub mod convert;
 pub mod inspect;
 pub mod run;
+pub mod serve;
 pub mod synth;
 
 use anyhow::Context;
@@ -36,6 +37,10 @@ pub struct ModelArgs {
     /// Use the default tiles, not those `bitnet autotune` measured.
     #[arg(long)]
     pub no_tune: bool,
+    /// Chat template instead of the model's (or for a model without one):
+    /// chatml, llama3, bitnet (BitNet b1.58 2B4T's), or a Jinja file.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub chat_template: Option<String>,
     #[command(flatten)]
     pub isa: IsaArgs,
     #[command(flatten)]
@@ -129,7 +134,8 @@ impl ModelArgs {
         if parallel == 0 {
             anyhow::bail!("--parallel must be at least 1");
         }
-        let opts = EngineOptions { load: self.load_options()?, parallel, kv_budget };
+        let chat_template = self.chat_template.as_deref().map(bitnet_frontends::chat::template_named).transpose()?;
+        let opts = EngineOptions { load: self.load_options()?, parallel, kv_budget, chat_template };
         let engine = Engine::open(&self.model, &opts).with_context(|| format!("loading {}", self.model.display()))?;
         for w in &engine.warnings {
             eprintln!("warning: {w}");
@@ -185,6 +191,8 @@ impl SamplingArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed,
         })
     }

@@ -10,31 +10,30 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file", "prompt_ids", "prompts_file", "prompt_ids_file"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file", "prompt_ids", "prompt_ids_file"])))]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt text.
     #[arg(short, long)]
     pub prompt: Option<String>,
-    /// Read the prompt from a file.
+    /// Read the prompt from a file; with --parallel, many prompts, one a
+    /// line, generated together (see --prompt-ids-file).
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
     /// Prompt as token ids, used exactly as given (no BOS added).
     #[arg(long, value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
-    /// Many prompts, one per line, generated together (up to --parallel
-    /// at once); prints one JSON line per prompt, in the file's order.
-    #[arg(long, value_name = "FILE")]
-    pub prompts_file: Option<PathBuf>,
-    /// Many prompts as token ids, one comma-separated list per line, used
-    /// exactly as given; like --prompts-file.
+    /// Many prompts as token ids, one comma-separated list a line, used
+    /// exactly as given, generated together (up to --parallel at once).
+    /// Prints one JSON line per prompt, in the file's order, with `index`
+    /// (the line number from 0); prompt i samples with seed + i, and one
+    /// that fails gets a line with `index` and `error`.
     #[arg(long, value_name = "FILE")]
     pub prompt_ids_file: Option<PathBuf>,
-    /// Sequences generated at once with a prompts file. Prompt i samples
-    /// with seed + i.
-    #[arg(long, default_value_t = 8)]
-    pub parallel: usize,
+    /// Sequences generated at once from a prompts file [default: 8].
+    #[arg(long)]
+    pub parallel: Option<usize>,
     /// Bytes of KV cache for all sequences together [default: --parallel
     /// full contexts].
     #[arg(long)]
@@ -57,7 +56,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Write the logits of every evaluated position to an .npy file.
-    #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["prompts_file", "prompt_ids_file"])]
+    #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["parallel", "prompt_ids_file"])]
     pub dump_logits: Option<PathBuf>,
 }
 
@@ -77,8 +76,11 @@ fn encode(engine: &Engine, a: &RunArgs, text: &str) -> anyhow::Result<Vec<u32>> 
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    if a.prompts_file.is_some() || a.prompt_ids_file.is_some() {
+    if a.prompt_ids_file.is_some() || (a.file.is_some() && a.parallel.is_some()) {
         return run_batch(a);
+    }
+    if a.parallel.is_some() {
+        anyhow::bail!("--parallel runs many prompts: give them with -f FILE (text, one a line) or --prompt-ids-file FILE");
     }
     let mut session = a.model.load()?;
     let sampler = a.sampling.config()?;
@@ -140,11 +142,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 /// engine, up to --parallel sequences a step; one JSON line per prompt in
 /// input order, as soon as it and those before it are done.
 fn run_batch(a: RunArgs) -> anyhow::Result<()> {
-    let engine = a.model.open(a.parallel, a.kv_budget)?;
+    let parallel = a.parallel.unwrap_or(8);
+    let engine = a.model.open(parallel, a.kv_budget)?;
     let sampler = a.sampling.config()?;
-    let (path, ids) = match (&a.prompts_file, &a.prompt_ids_file) {
-        (Some(p), _) => (p, false),
-        (None, Some(p)) => (p, true),
+    let (path, ids) = match (&a.prompt_ids_file, &a.file) {
+        (Some(p), _) => (p, true),
+        (None, Some(p)) => (p, false),
         _ => unreachable!("checked by the caller"),
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -180,7 +183,7 @@ fn run_batch(a: RunArgs) -> anyhow::Result<()> {
     let (mut printed, mut generated, mut failed) = (0, 0usize, 0usize);
     let mut stdout = std::io::stdout().lock();
     let mut result = Ok(());
-    engine.generate_batch(&prompts, a.parallel, |i, r| {
+    engine.generate_batch(&prompts, parallel, |i, r| {
         let line = match (r, &bad[i]) {
             (_, Some(e)) => {
                 failed += 1;
@@ -197,6 +200,9 @@ fn run_batch(a: RunArgs) -> anyhow::Result<()> {
                     "prompt_ids": g.prompt_ids,
                     "generated_ids": g.generated_ids,
                     "text": engine.tokenizer.decode(g.prompt_ids.last().copied(), &g.generated_ids),
+                    "load_ms": engine.load_ms,
+                    "prefill_tok_s": g.prefill_tok_s(),
+                    "decode_tok_s": g.decode_tok_s(),
                     "stop": g.stop.name(),
                     "cached_tokens": g.cached_tokens,
                 })
@@ -219,7 +225,7 @@ fn run_batch(a: RunArgs) -> anyhow::Result<()> {
         "\nload {:.1} ms | {} prompts ({failed} failed), {} at once | generated {generated} tokens in {secs:.2} s, {:.2} tok/s | seeds {}.. | {} threads, {}",
         engine.load_ms,
         prompts.len(),
-        a.parallel,
+        parallel,
         generated as f64 / secs.max(1e-9),
         sampler.seed,
         engine.threads,
