@@ -218,7 +218,7 @@ pub fn bitnet_bench_parallel(path: &Path, n_prompt: usize, n_gen: usize, threads
     use bitnet_runtime::{Engine, EngineOptions, LoadOptions};
     let load = LoadOptions { threads, context: Some(n_prompt + n_gen + 1), ..Default::default() };
     let engine = Engine::open(path, &EngineOptions { load, parallel: n, ..Default::default() })?;
-    Ok(bitnet_runtime::bench::bench_parallel(&engine, n_prompt, n_gen, n, 1)?)
+    Ok(bitnet_runtime::bench::bench_parallel(&engine, n_prompt, n_gen, n, 1)?.0)
 }
 
 #[derive(Clone, Copy, Debug, Default)]

@@ -45,6 +45,9 @@ pub struct BenchReport {
     pub parallel: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aggregate_decode_tok_s: Option<f64>,
+    /// One decode step of the `parallel` sequences together, kernel by kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel_kernel_ms: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -83,6 +86,8 @@ pub fn bench(
     let mut cold_start_ms = 0.0;
     for rep in 0..reps {
         s.reset();
+        // Each repetition computes the whole prompt: no prefix from the last.
+        s.clear_prefix_cache();
         let t0 = Instant::now();
         let logits = s.eval(&ids, false)?;
         if n_prompt > 0 {
@@ -105,6 +110,8 @@ pub fn bench(
     let (mut prefill_kernel_ms, mut decode_kernel_ms) = (None, None);
     if s.backend() == BackendKind::Compiled {
         s.reset();
+        // Each repetition computes the whole prompt: no prefix from the last.
+        s.clear_prefix_cache();
         let (logits, times) = s.profile(&ids, false)?;
         prefill_kernel_ms = Some(times.summary());
         if ids.len() < s.context {
@@ -140,6 +147,7 @@ pub fn bench(
         reps,
         parallel: None,
         aggregate_decode_tok_s: None,
+        parallel_kernel_ms: None,
     })
 }
 
@@ -147,12 +155,13 @@ pub fn bench(
 /// of `n_prompt` tokens, then all decode `n_gen` tokens in lockstep, one
 /// step a token for every sequence. Returns the median over `reps` of the
 /// tokens decoded per second, all sequences together.
-pub fn bench_parallel(engine: &Engine, n_prompt: usize, n_gen: usize, parallel: usize, reps: usize) -> Result<f64, RuntimeError> {
+pub fn bench_parallel(engine: &Engine, n_prompt: usize, n_gen: usize, parallel: usize, reps: usize) -> Result<(f64, Option<String>), RuntimeError> {
     if n_prompt + n_gen > engine.context {
         return Err(RuntimeError::Input(format!("-p {n_prompt} plus -n {n_gen} tokens do not fit in the context of {} (raise it with -c)", engine.context)));
     }
     let mut rates = Vec::new();
     for _ in 0..reps.max(1) {
+        engine.clear_prefix_cache();
         let mut seqs: Vec<_> = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect();
         for (i, s) in seqs.iter_mut().enumerate() {
             // Prompts that differ from the first token: no prefix is shared.
@@ -174,7 +183,23 @@ pub fn bench_parallel(engine: &Engine, n_prompt: usize, n_gen: usize, parallel: 
             rates.push((parallel * n_gen) as f64 / t0.elapsed().as_secs_f64());
         }
     }
-    Ok(median(&mut rates))
+    // One more batched decode step, kernel by kernel.
+    let mut seqs: Vec<_> = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        s.feed(&prompt(n_prompt.max(1), engine.vocab())[..]);
+        s.feed(&[i as u32 % engine.vocab() as u32]);
+    }
+    let times = if engine.backend_kind() == BackendKind::Compiled {
+        step_all(engine, &mut seqs)?;
+        for s in seqs.iter_mut() {
+            s.feed(&[1]);
+        }
+        let mut refs: Vec<_> = seqs.iter_mut().collect();
+        Some(engine.profile_step(&mut refs)?.summary())
+    } else {
+        None
+    };
+    Ok((median(&mut rates), times))
 }
 
 fn step_all(engine: &Engine, seqs: &mut [crate::engine::Sequence]) -> Result<(), RuntimeError> {

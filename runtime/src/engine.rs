@@ -230,11 +230,17 @@ impl Engine {
     /// Steps one sequence and times each kernel: milliseconds and calls
     /// per kernel family, slowest first. Compiled backends only.
     pub fn profile(&self, seq: &mut Sequence) -> Result<KernelTimes, RuntimeError> {
+        self.profile_step(&mut [seq])
+    }
+
+    /// Steps a batch of sequences and times each kernel; the first
+    /// sequence's error, if any.
+    pub fn profile_step(&self, seqs: &mut [&mut Sequence]) -> Result<KernelTimes, RuntimeError> {
         if self.kind != BackendKind::Compiled {
             return RuntimeError::input("kernel timings need the compiled backend (--backend compiled)");
         }
         let mut times = KernelTimes::default();
-        self.step_timed(&mut [seq], Some(&mut times)).pop().expect("one result a sequence")?;
+        self.step_timed(seqs, Some(&mut times)).into_iter().collect::<Result<Vec<()>, _>>()?;
         Ok(times)
     }
 

@@ -43,7 +43,8 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
             eprintln!("{n} sequences at once ...");
         }
         r.parallel = Some(n);
-        r.aggregate_decode_tok_s = Some(bench::bench_parallel(&engine, a.n_prompt, a.n_gen, n, reps)?);
+        let (agg, times) = bench::bench_parallel(&engine, a.n_prompt, a.n_gen, n, reps)?;
+        (r.aggregate_decode_tok_s, r.parallel_kernel_ms) = (Some(agg), times);
     }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -74,6 +75,9 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
     }
     if let Some(k) = &r.decode_kernel_ms {
         println!("one decode step, kernel by kernel, ms (calls): {k}");
+    }
+    if let (Some(n), Some(k)) = (r.parallel, &r.parallel_kernel_ms) {
+        println!("one decode step of {n} sequences, kernel by kernel, ms (calls): {k}");
     }
     if let Some(g) = &r.gpu {
         println!(

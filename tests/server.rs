@@ -1,0 +1,100 @@
+//! `bitnet serve` end to end: the official `openai` Python client against
+//! it, greedy output equal to `bitnet run`'s, 32 concurrent streaming
+//! clients (some hanging up mid-stream), bad input, and a clean stop on
+//! SIGTERM. The clients are tests/server_client.py (needs `pip install
+//! openai`, which `.ci/run` does).
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+const KEY: &str = "sk-test-0123";
+
+struct Server {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(bitnet_bin())
+            .args(["serve", "--port", "0", "--api-key", KEY])
+            .args(args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting bitnet serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+                l.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let url = rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap_or_else(|_| panic!("the server did not start: {}", log.lock().unwrap()));
+        Server { child, url, log }
+    }
+
+    fn client(&self, check: &str, extra: &[&str]) {
+        let o = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server_client.py"))
+            .args([check, &self.url, KEY])
+            .args(extra)
+            .output()
+            .expect("running python3");
+        assert!(o.status.success(), "{check}: {}\n{}\nserver log:\n{}", stdout(&o), stderr(&o), self.log.lock().unwrap());
+    }
+
+    /// SIGTERM: running requests finish, then the server exits 0.
+    fn stop(mut self) {
+        let kill = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "exit {status:?}: {}", self.log.lock().unwrap());
+        assert!(self.log.lock().unwrap().contains("stopping"));
+    }
+}
+
+/// `bitnet run --greedy`'s text for each prompt, as the clients expect it.
+fn expected(model: &str, prompts: &[&str]) -> String {
+    let mut map = serde_json::Map::new();
+    for p in prompts {
+        let o = bitnet(&["run", "-m", model, "-p", p, "-n", "20", "--temp", "0", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        map.insert(p.to_string(), j["text"].clone());
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+const PROMPTS: [&str; 5] = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a big", "Hi", "One day, a girl named Sue found a shiny red ball in the garden. She"];
+
+#[test]
+fn the_openai_client_gets_what_run_gives() {
+    let m = stories();
+    let m = m.to_str().unwrap();
+    let want = expected(m, &PROMPTS[..3]);
+    let s = Server::start(&["-m", m, "--chat-template", "llama3", "--parallel", "4", "-t", "2"]);
+    s.client("openai", &[&want]);
+    s.stop();
+}
+
+#[test]
+fn many_streaming_clients_get_their_serial_tokens() {
+    let m = stories();
+    let m = m.to_str().unwrap();
+    let want = expected(m, &PROMPTS);
+    let s = Server::start(&["-m", m, "--parallel", "8", "-t", "2"]);
+    s.client("load", &[&want]);
+    s.client("bad", &[]);
+    s.stop();
+}

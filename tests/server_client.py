@@ -1,0 +1,213 @@
+"""Clients for `bitnet serve`, run by tests/server.rs against a live server.
+
+    python3 tests/server_client.py openai URL KEY EXPECTED_JSON
+    python3 tests/server_client.py load URL KEY EXPECTED_JSON
+    python3 tests/server_client.py bad URL KEY
+
+EXPECTED_JSON maps each prompt to the greedy text `bitnet run --json`
+printed for it. Each check raises (exit status 1) on the first thing wrong.
+"""
+
+import json
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+
+def metrics(url):
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def check_openai(url, key, expected):
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    models = client.models.list()
+    assert len(models.data) == 1 and models.data[0].id, models
+    for prompt, text in expected.items():
+        # Text completions, greedy: exactly `bitnet run --greedy`'s text.
+        c = client.completions.create(model="anything", prompt=prompt, max_tokens=20, temperature=0)
+        assert c.choices[0].text == text, (prompt, c.choices[0].text, text)
+        assert (c.usage.completion_tokens == 20) == (c.choices[0].finish_reason == "length"), c
+        # Streamed: the pieces join to the same text.
+        pieces = []
+        for chunk in client.completions.create(model="x", prompt=prompt, max_tokens=20, temperature=0, stream=True):
+            pieces.extend(ch.text for ch in chunk.choices)
+        assert "".join(pieces) == text, (pieces, text)
+    # Chat, whole and streamed, agree; usage comes last when asked for.
+    msgs = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "Once upon a time"}]
+    whole = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, seed=1)
+    content = whole.choices[0].message.content
+    assert whole.choices[0].message.role == "assistant" and content, whole
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    parts, usage = [], None
+    stream = client.chat.completions.create(
+        model="m", messages=msgs, max_tokens=12, temperature=0, seed=1, stream=True, stream_options={"include_usage": True}
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            parts.append(ch.delta.content or "")
+    assert "".join(parts) == content, (parts, content)
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens, usage
+    # Stop strings never reach the client.
+    first = next(iter(expected))
+    word = expected[first].split()[2]
+    c = client.completions.create(model="m", prompt=first, max_tokens=20, temperature=0, stop=[word])
+    assert word not in c.choices[0].text and c.choices[0].finish_reason == "stop", c
+    assert expected[first].startswith(c.choices[0].text), c
+    # Logprobs: the greedy token is the most likely one.
+    c = client.chat.completions.create(model="m", messages=msgs, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    for entry in c.choices[0].logprobs.content:
+        assert entry.logprob <= 0 and abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4, entry
+    # An error case, in OpenAI's shape.
+    try:
+        client.chat.completions.create(model="m", messages=msgs, n=2)
+        raise AssertionError("n=2 was accepted")
+    except openai.BadRequestError as e:
+        assert "n = 2" in e.message and e.body["param"] == "n", e.body
+    try:
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        raise AssertionError("a wrong key was accepted")
+    except openai.AuthenticationError:
+        pass
+
+
+def stream_completion(url, key, prompt, max_tokens, cancel_after=None):
+    """Streams a completion over a raw socket; returns its text, or None when
+    it hung up after `cancel_after` chunks."""
+    host, port = url.split("//")[1].split(":")
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    s = socket.create_connection((host, int(port)), timeout=60)
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    f = s.makefile("rb")
+    status = f.readline()
+    assert b" 200 " in status, status
+    text, chunks = "", 0
+    for raw in f:
+        line = raw.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            s.close()
+            return text
+        chunk = json.loads(data)
+        assert "error" not in chunk, chunk
+        text += "".join(c["text"] for c in chunk["choices"])
+        chunks += 1
+        if cancel_after is not None and chunks >= cancel_after:
+            s.close()
+            return None
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def check_load(url, key, expected):
+    before = metrics(url)
+    prompts = list(expected.items())
+    results, errors = [], []
+
+    def client(i):
+        try:
+            for r in range(3):
+                prompt, text = prompts[(i + r) % len(prompts)]
+                cancel = 2 if (i + r) % 5 == 0 else None
+                got = stream_completion(url, key, prompt, 20, cancel)
+                results.append((prompt, got, text, cancel))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(results) == 96, len(results)
+    done = 0
+    for prompt, got, text, cancel in results:
+        if cancel is None:
+            assert got == text, (prompt, got, text)
+            done += 1
+    # Cancelled ones have given their blocks back, and the counters add up.
+    import time
+
+    for _ in range(100):
+        after = metrics(url)
+        if after["bitnet_kv_blocks_used"] == 0 and after["bitnet_running_sequences"] == 0:
+            break
+        time.sleep(0.1)
+    assert after["bitnet_kv_blocks_used"] == 0, after
+    ok = 'bitnet_requests_total{endpoint="/v1/completions",status="200"}'
+    assert after[ok] - before.get(ok, 0) == 96, (after[ok], before.get(ok))
+    generated = after["bitnet_generated_tokens_total"] - before["bitnet_generated_tokens_total"]
+    assert generated >= done * 20, (generated, done)
+
+
+def request(url, path, body=None, key=None, headers=None):
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", "Bearer " + key)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw) if raw else None
+
+
+def check_bad(url, key):
+    def error(status, path, body=None, k=key, want=None):
+        got, j = request(url, path, body, k)
+        assert got == status, (path, body if not isinstance(body, bytes) else body[:40], got, j)
+        assert set(j["error"]) >= {"message", "type", "param", "code"}, j
+        if want:
+            assert want in j["error"]["message"], j
+
+    error(400, "/v1/completions", b"{not json", want="not valid JSON")
+    error(400, "/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, want="expected")
+    error(400, "/v1/completions", {"prompt": "hi", "temperature": 9}, want="temperature")
+    error(400, "/v1/completions", {"prompt": list(range(1, 400)) * 10}, want="context")
+    error(400, "/v1/completions", {"prompt": [1, 99999]}, want="vocabulary")
+    error(400, "/v1/chat/completions", {"messages": []}, want="empty")
+    error(401, "/v1/models", k=None)
+    error(401, "/v1/models", k="nope")
+    error(404, "/v2/nothing", {"a": 1})
+    error(413, "/v1/completions", b'{"prompt": "' + b"x" * (5 << 20) + b'"}')
+    # A client that vanishes mid-stream, then the server still serves.
+    assert stream_completion(url, key, "Once upon a time", 50, cancel_after=1) is None
+    status, j = request(url, "/tokenize", {"content": "Once upon a time", "add_special": True}, key)
+    assert status == 200 and j["tokens"][0] == 1, j
+    status, j = request(url, "/detokenize", {"tokens": j["tokens"][1:]}, key)
+    assert status == 200 and j["content"].strip() == "Once upon a time", j
+    assert request(url, "/health")[0] == 200
+
+
+if __name__ == "__main__":
+    what, url, key = sys.argv[1], sys.argv[2], sys.argv[3]
+    if what == "openai":
+        check_openai(url, key, json.loads(sys.argv[4]))
+    elif what == "load":
+        check_load(url, key, json.loads(sys.argv[4]))
+    elif what == "bad":
+        check_bad(url, key)
+    else:
+        raise SystemExit("unknown check " + what)
+    print("ok")
