@@ -15,6 +15,39 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     let dst = SharedMut(out.as_mut_ptr());
     let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
     let chunks = Chunks::new(n, pool.threads());
+    // A batch of f16 rows (many sequences' heads): each weight is read
+    // once for several rows and four tokens at a time, in registers.
+    #[cfg(target_arch = "x86_64")]
+    if w.dtype == DType::F16 && s >= BLOCK_TOKENS && isa.float_kernels() == Isa::Avx2 {
+        let wide = isa == Isa::Avx512Vnni;
+        let per = if wide { 4 } else { 2 };
+        let blocks = s / BLOCK_TOKENS * BLOCK_TOKENS;
+        pool.run_sized(s * n * k, &|_, _| {
+            while let Some(rows) = chunks.next() {
+                let row = |r: usize| &w.data[r * row_bytes..(r + 1) * row_bytes];
+                for r in rows.clone().step_by(per) {
+                    let m = per.min(rows.end - r);
+                    let ws: Vec<&[u8]> = (r..r + m).map(row).collect();
+                    for t in (0..blocks).step_by(BLOCK_TOKENS) {
+                        let xs: [&[f32]; BLOCK_TOKENS] = std::array::from_fn(|j| &x[(t + j) * k..(t + j + 1) * k]);
+                        for (j, per_row) in block_f16(wide, &ws, xs).iter().enumerate() {
+                            for (i, &value) in per_row.iter().enumerate() {
+                                // SAFETY: rows r..r + m belong to this worker alone.
+                                unsafe { *dst.ptr().add((t + i) * n + r + j) = value };
+                            }
+                        }
+                    }
+                    for t in blocks..s {
+                        for (j, wr) in ws.iter().enumerate() {
+                            // SAFETY: as above.
+                            unsafe { *dst.ptr().add(t * n + r + j) = dot_f16(isa, &x[t * k..(t + 1) * k], wr) };
+                        }
+                    }
+                }
+            }
+        });
+        return;
+    }
     pool.run_sized(s * n * k, &|_, _| {
         let mut scratch = vec![0f32; k];
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
@@ -36,6 +69,26 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
             }
         }
     });
+}
+
+/// Tokens the batched f16 kernel takes at once.
+const BLOCK_TOKENS: usize = 4;
+
+/// `x[i] · w[j]` for up to four f16 rows `w` (two on AVX2) and four tokens.
+#[cfg(target_arch = "x86_64")]
+fn block_f16(wide: bool, w: &[&[u8]], x: [&[f32]; BLOCK_TOKENS]) -> Vec<[f32; BLOCK_TOKENS]> {
+    // SAFETY: the caller checked AVX2 (and, with `wide`, AVX-512F: part of
+    // Isa::Avx512Vnni's check).
+    unsafe {
+        match (wide, w.len()) {
+            (true, 4) => avx512::dot_f16_block::<4>([w[0], w[1], w[2], w[3]], x).to_vec(),
+            (true, 3) => avx512::dot_f16_block::<3>([w[0], w[1], w[2]], x).to_vec(),
+            (true, 2) => avx512::dot_f16_block::<2>([w[0], w[1]], x).to_vec(),
+            (true, _) => avx512::dot_f16_block::<1>([w[0]], x).to_vec(),
+            (false, 2) => avx2::dot_f16_block::<2>([w[0], w[1]], x).to_vec(),
+            (false, _) => avx2::dot_f16_block::<1>([w[0]], x).to_vec(),
+        }
+    }
 }
 
 /// Row `r` of `w` as f32.
@@ -92,6 +145,40 @@ fn generated() -> &'static super::jit::DotJit {
 /// The plain dot product, in order (the interpreter's).
 pub fn reference_dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::avx2::dot_f16_block`] sixteen lanes wide: `4R`
+    /// accumulators of the 32 registers.
+    #[target_feature(enable = "avx512f,f16c,fma,avx2")]
+    pub unsafe fn dot_f16_block<const R: usize>(w: [&[u8]; R], x: [&[f32]; 4]) -> [[f32; 4]; R] {
+        let n = x.iter().map(|x| x.len()).chain(w.iter().map(|w| w.len() / 2)).min().unwrap_or(0);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut i = 0;
+        while i + 16 <= n {
+            let xs: [__m512; 4] = std::array::from_fn(|t| _mm512_loadu_ps(x[t].as_ptr().add(i)));
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(2 * i) as *const __m256i));
+                for (a, xv) in acc.iter_mut().zip(&xs) {
+                    *a = _mm512_fmadd_ps(*xv, wv, *a);
+                }
+            }
+            i += 16;
+        }
+        let mut out = [[0f32; 4]; R];
+        for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
+            for (t, (o, &a)) in o.iter_mut().zip(acc).enumerate() {
+                *o = _mm512_reduce_add_ps(a);
+                for j in i..n {
+                    *o += x[t][j] * half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32();
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -153,6 +240,36 @@ mod avx2 {
             i += 1;
         }
         s
+    }
+
+    /// `out[j][i] = x[i] · w[j]` for `R` rows of f16 bytes and four
+    /// tokens: each eight weights are converted once and used four times,
+    /// `4R` accumulators in registers; the tail in order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16_block<const R: usize>(w: [&[u8]; R], x: [&[f32]; 4]) -> [[f32; 4]; R] {
+        let n = x.iter().map(|x| x.len()).chain(w.iter().map(|w| w.len() / 2)).min().unwrap_or(0);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut i = 0;
+        while i + 8 <= n {
+            let xs: [__m256; 4] = std::array::from_fn(|t| _mm256_loadu_ps(x[t].as_ptr().add(i)));
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i));
+                for (a, xv) in acc.iter_mut().zip(&xs) {
+                    *a = _mm256_fmadd_ps(*xv, wv, *a);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [[0f32; 4]; R];
+        for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
+            for (t, (o, &a)) in o.iter_mut().zip(acc).enumerate() {
+                *o = hsum(a);
+                for j in i..n {
+                    *o += x[t][j] * half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32();
+                }
+            }
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,f16c")]
