@@ -158,7 +158,9 @@ fn cuda_autotune_stores_tiles_that_run_and_compile_use() {
     let lowered = stderr(&with_cache(&["compile", "-m", m.to_str().unwrap(), "--device", "cuda", "--dump-after", "schedule"]));
     assert!(!lowered.contains("warning"), "{lowered}");
     let ids = |o: std::process::Output| serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["generated_ids"].clone();
-    let run = |device: &str| with_cache(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", "1,17,42,99,3", "-n", "12", "--temp", "0", "--ignore-eos", "--json", "--device", device]);
+    let run = |device: &str| {
+        with_cache(&["run", "-m", m.to_str().unwrap(), "--prompt-ids", "1,17,42,99,3", "-n", "12", "--temp", "0", "--ignore-eos", "--json", "--device", device])
+    };
     assert_eq!(ids(run("cuda")), ids(run("cpu")));
     std::fs::remove_dir_all(dir).ok();
 }

@@ -76,7 +76,13 @@ fn expected(model: &str, prompts: &[&str]) -> String {
     serde_json::Value::Object(map).to_string()
 }
 
-const PROMPTS: [&str; 5] = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a big", "Hi", "One day, a girl named Sue found a shiny red ball in the garden. She"];
+const PROMPTS: [&str; 5] = [
+    "Once upon a time",
+    "The little dog",
+    "Lily and Tom went to the park. They saw a big",
+    "Hi",
+    "One day, a girl named Sue found a shiny red ball in the garden. She",
+];
 
 #[test]
 fn the_openai_client_gets_what_run_gives() {

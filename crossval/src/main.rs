@@ -170,8 +170,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     eprintln!("run {}/{reps}, {n} sequences: llama.cpp {:.2} tok/s, bitnet-rs {:.2} tok/s", r + 1, l[r], b[r]);
                 }
                 let (l, b) = (median(l), median(b));
-                println!("
-{n} sequences decoding together, tokens/s of all of them, median of {reps} alternating runs");
+                println!(
+                    "
+{n} sequences decoding together, tokens/s of all of them, median of {reps} alternating runs"
+                );
                 println!("| engine | aggregate decode tg{n_gen} x{n} | vs its single-sequence decode |");
                 println!("|---|---|---|");
                 println!("| llama.cpp | {l:.2} | {:.2}x |", l / ld);

@@ -381,7 +381,9 @@ impl Artifact {
     pub fn cuda(&self, path: &Path) -> Result<((Graph, cuda::Program), (Graph, cuda::Program), (String, u32), HashMap<String, PackedTernary>), RuntimeError> {
         let Some(c) = &self.header.cuda else { return artifact_err(path, "it says it is for CUDA but holds no CUDA kernels") };
         let graph = |text: &str| bitnet_ir::text::parse(text).or_else(|e| artifact_err(path, format!("graph: {e}")));
-        let [last, all] = &self.header.graphs[..] else { return artifact_err(path, format!("a CUDA artifact holds 2 graphs, this one {}", self.header.graphs.len())) };
+        let [last, all] = &self.header.graphs[..] else {
+            return artifact_err(path, format!("a CUDA artifact holds 2 graphs, this one {}", self.header.graphs.len()));
+        };
         let (last, all) = ((graph(&last.graph)?, c.last.clone()), (graph(&all.graph)?, c.all.clone()));
         let mut packed = HashMap::new();
         for e in &self.header.weights {

@@ -123,7 +123,11 @@ impl Backend for InterpBackend {
         if times.is_some() {
             return RuntimeError::input("kernel timings need the compiled backend (--backend compiled)");
         }
-        let inputs = [("tokens", Tensor::ids(rows.tokens.to_vec())), ("positions", Tensor::ids(rows.positions.to_vec())), ("out_rows", Tensor::ids(rows.out_rows.to_vec()))];
+        let inputs = [
+            ("tokens", Tensor::ids(rows.tokens.to_vec())),
+            ("positions", Tensor::ids(rows.positions.to_vec())),
+            ("out_rows", Tensor::ids(rows.out_rows.to_vec())),
+        ];
         match Interpreter::new(model, self.threads).eval(&self.graph, &inputs, kv)?.pop() {
             Some(Tensor::F32 { data, .. }) => Ok(data),
             _ => Err(EvalError("the graph did not produce logits".into()).into()),

@@ -5,10 +5,10 @@
 //! time, each the previous step's argmax, never stopping at end of text.
 //! Each is repeated and the median reported.
 
-use crate::sampler::argmax;
 use crate::backend::BackendKind;
 use crate::engine::Engine;
 use crate::error::RuntimeError;
+use crate::sampler::argmax;
 use crate::sampler::SamplerConfig;
 use crate::session::Session;
 use std::time::Instant;

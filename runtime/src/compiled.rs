@@ -9,15 +9,15 @@
 //! not one per node. Evaluation walks the nodes in order and calls each
 //! node's kernel; matrix products and attention fan out over the pool.
 
+use crate::backend::StepRows;
 use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
 use bitnet_codegen::cpu::{attention, float, ops, vmath, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
-use crate::backend::StepRows;
 use bitnet_ir::interp::{kernels, EvalError, KvStore, WeightSource};
 use bitnet_ir::{ActQuant, DType, Extent, Graph, Op};
-use std::sync::Arc;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
     Err(EvalError(msg.into()))

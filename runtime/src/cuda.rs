@@ -714,7 +714,10 @@ mod tests {
     fn weights_get_one_layout_each_with_its_device_bytes() {
         for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
             let (m, dir) = model(dtype);
-            let (last, all) = (crate::lowering::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap(), crate::lowering::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap());
+            let (last, all) = (
+                crate::lowering::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap(),
+                crate::lowering::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap(),
+            );
             let list = layouts(&[&last.0, &all.0], &m, &HashMap::new()).unwrap();
             let get = |name: &str| list.iter().find(|w| w.0 == name).unwrap_or_else(|| panic!("{name} missing"));
             // A ternary matrix: rows of 128 codes in 32 bytes; the f16 table as stored.

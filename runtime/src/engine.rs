@@ -106,7 +106,9 @@ impl Engine {
         let block_bytes = KvPages::bytes_per_block(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS);
         let blocks = match opts.kv_budget {
             Some(bytes) if bytes < block_bytes => {
-                return RuntimeError::input(format!("a KV budget of {bytes} bytes holds no block of {BLOCK_POSITIONS} positions ({block_bytes} bytes for this model)"))
+                return RuntimeError::input(format!(
+                    "a KV budget of {bytes} bytes holds no block of {BLOCK_POSITIONS} positions ({block_bytes} bytes for this model)"
+                ))
             }
             Some(bytes) => bytes / block_bytes,
             None => opts.parallel.max(1) * context.div_ceil(BLOCK_POSITIONS),
@@ -205,7 +207,9 @@ impl Engine {
     pub fn chat_ids(&self, messages: &[Message]) -> Result<Vec<u32>, RuntimeError> {
         let tok = &self.tokenizer;
         let Some(template) = self.chat_template.as_deref() else {
-            return RuntimeError::input("this model has no chat template (tokenizer.chat_template); name one with --chat-template (chatml, llama3, bitnet or a Jinja file)");
+            return RuntimeError::input(
+                "this model has no chat template (tokenizer.chat_template); name one with --chat-template (chatml, llama3, bitnet or a Jinja file)",
+            );
         };
         let text_of = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
         let (bos, eos) = (text_of(tok.bos), text_of(tok.eos));
@@ -283,10 +287,7 @@ impl Engine {
         }
         let (held, more) = (s.tokens.len(), s.pending.len());
         if held + more > self.context {
-            return RuntimeError::input(format!(
-                "{more} tokens do not fit in the context: {held} already used of {} (raise it with -c)",
-                self.context
-            ));
+            return RuntimeError::input(format!("{more} tokens do not fit in the context: {held} already used of {} (raise it with -c)", self.context));
         }
         if !self.paged {
             return Ok(());
@@ -329,7 +330,8 @@ impl Engine {
         if !self.paged {
             let s = &seqs[ready[0]];
             if !s.tokens.is_empty() && *owner != Some(s.id) {
-                results[ready[0]] = RuntimeError::input("the GPU holds one sequence's cache at a time, and another sequence has run since this one; start it again");
+                results[ready[0]] =
+                    RuntimeError::input("the GPU holds one sequence's cache at a time, and another sequence has run since this one; start it again");
                 seqs[ready[0]].pending.clear();
                 return;
             }
@@ -410,7 +412,9 @@ fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError
             ))
         }
         ("cuda", Device::Cuda) => {}
-        (_, Device::Cuda) => return artifact_err(format!("this artifact holds CPU code; compile {} with --device cuda, or run that model with --device cuda", h.source.path)),
+        (_, Device::Cuda) => {
+            return artifact_err(format!("this artifact holds CPU code; compile {} with --device cuda, or run that model with --device cuda", h.source.path))
+        }
         _ => {}
     }
     if opts.backend == BackendKind::Interp {
@@ -433,7 +437,8 @@ fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError
     let backend: Box<dyn Backend> = if opts.device == Device::Cuda {
         let (last, all, ptx, packed) = a.cuda(path)?;
         let context = opts.context.unwrap_or(a.model.config.context).max(1);
-        let cuda = CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
+        let cuda =
+            CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
         Box::new(CudaBackend(cuda))
     } else {
         Box::new(a.compiled(path, opts.threads)?)

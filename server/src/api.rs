@@ -107,7 +107,9 @@ impl Content {
                 .iter()
                 .map(|p| match (p.kind.as_str(), &p.text) {
                     ("text", Some(t)) => Ok(t.as_str()),
-                    (kind, _) => Err(ApiError::bad_request(format!("content parts of type {kind:?} are not supported; this model reads text")).param("messages")),
+                    (kind, _) => {
+                        Err(ApiError::bad_request(format!("content parts of type {kind:?} are not supported; this model reads text")).param("messages"))
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(|v| v.concat()),

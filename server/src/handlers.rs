@@ -87,7 +87,10 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
     }
     if prompt_len >= context {
-        return Err(ApiError::bad_request(format!("the prompt is {prompt_len} tokens; the context holds {context}, with room for at least one generated token")).param("messages"));
+        return Err(ApiError::bad_request(format!(
+            "the prompt is {prompt_len} tokens; the context holds {context}, with room for at least one generated token"
+        ))
+        .param("messages"));
     }
     let check = |ok: bool, name: &str, what: &str| if ok { Ok(()) } else { Err(ApiError::bad_request(format!("{name} must be {what}")).param(name)) };
     let t = s.temperature.unwrap_or(SamplerConfig::default().temperature);

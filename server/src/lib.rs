@@ -21,7 +21,7 @@ use axum::Router;
 use bitnet_runtime::Engine;
 use metrics::Metrics;
 use scheduler::{Scheduler, SchedulerConfig};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use api::ApiError;
@@ -101,7 +101,11 @@ pub fn app(engine: Arc<Engine>, config: ServerConfig) -> (Router, Arc<AppStateHa
         let layer = tower_http::cors::CorsLayer::new()
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]);
-        let layer = if origin == "*" { layer.allow_origin(tower_http::cors::Any) } else { layer.allow_origin(origin.parse::<HeaderValue>().unwrap_or(HeaderValue::from_static("null"))) };
+        let layer = if origin == "*" {
+            layer.allow_origin(tower_http::cors::Any)
+        } else {
+            layer.allow_origin(origin.parse::<HeaderValue>().unwrap_or(HeaderValue::from_static("null")))
+        };
         router = router.layer(layer);
     }
     (router, Arc::new(AppStateHandle(state)))
@@ -152,18 +156,41 @@ fn key_matches(req: &Request<Body>, key: &str) -> bool {
     given.as_bytes().ct_eq(key.as_bytes()).into()
 }
 
-/// Serves `router` on `listener` until SIGTERM or SIGINT, then takes no
+/// Serves `front` on `listener` until SIGTERM or SIGINT, then takes no
 /// new connections, lets running requests finish within `grace`, stops
-/// the scheduler and returns.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router, handle: Arc<AppStateHandle>, grace: Duration) -> std::io::Result<()> {
+/// the scheduler and returns. `ready` resolves once the model is loaded
+/// (until then `front` answers 503); a failed load stops the server with
+/// that error.
+pub async fn serve<R>(listener: tokio::net::TcpListener, front: Router, ready: R, grace: Duration) -> std::io::Result<()>
+where
+    R: std::future::Future<Output = Result<Arc<AppStateHandle>, String>>,
+{
     let (stop, mut stopping) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let server = axum::serve(listener, front).with_graceful_shutdown(async move {
         let _ = stopping.wait_for(|s| *s).await;
     });
     let mut task = tokio::spawn(std::future::IntoFuture::into_future(server));
+    let mut signalled = std::pin::pin!(signal());
+    let joined = |r: Result<std::io::Result<()>, tokio::task::JoinError>| r.map_err(std::io::Error::other).and_then(|r| r);
+    let handle = tokio::select! {
+        r = ready => match r {
+            Ok(handle) => handle,
+            Err(message) => {
+                let _ = stop.send(true);
+                let _ = task.await;
+                return Err(std::io::Error::other(message));
+            }
+        },
+        _ = &mut signalled => {
+            eprintln!("stopping before the model finished loading");
+            let _ = stop.send(true);
+            return joined(task.await);
+        }
+        r = &mut task => return joined(r),
+    };
     let result = tokio::select! {
-        r = &mut task => r.map_err(std::io::Error::other).and_then(|r| r),
-        _ = signal() => {
+        r = &mut task => joined(r),
+        _ = &mut signalled => {
             eprintln!("stopping: no new connections; running requests have {:.0} s to finish", grace.as_secs_f64());
             let _ = stop.send(true);
             if tokio::time::timeout(grace, &mut task).await.is_err() {
@@ -175,6 +202,28 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, handle: Ar
     };
     let _ = tokio::task::spawn_blocking(move || handle.shutdown()).await;
     result
+}
+
+/// The router in front of the model: 503 (and `/health` says `loading`)
+/// until the model's router is in `slot`, then that router.
+fn front(slot: Arc<OnceLock<Router>>) -> Router {
+    async fn dispatch(State(slot): State<Arc<OnceLock<Router>>>, req: Request) -> Response {
+        match slot.get() {
+            Some(router) => match tower::ServiceExt::oneshot(router.clone(), req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            },
+            None if req.uri().path() == "/health" => {
+                let mut r = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "loading" }))).into_response();
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            None => {
+                ApiError { code: Some("model_loading"), ..ApiError::status(503, "the model is still loading; /health says when it is ready") }.into_response()
+            }
+        }
+    }
+    Router::new().fallback(dispatch).with_state(slot)
 }
 
 async fn signal() {
@@ -191,16 +240,64 @@ async fn signal() {
     let _ = ctrl_c.await;
 }
 
-/// Binds `host:port`, prints the address, and serves `engine` until
-/// SIGTERM or SIGINT (on a runtime of its own, for callers without one).
-pub fn run_blocking(engine: Arc<Engine>, config: ServerConfig, host: &str, port: u16) -> std::io::Result<()> {
+/// Binds `host:port` at once (so `/health` can answer 503 while the model
+/// loads), loads the model with `load` on a thread of its own, prints the
+/// address once it is ready, and serves it until SIGTERM or SIGINT (on a
+/// runtime of its own, for callers without one).
+pub fn run_blocking<F>(load: F, config: ServerConfig, host: &str, port: u16) -> std::io::Result<()>
+where
+    F: FnOnce() -> Result<Arc<Engine>, String> + Send + 'static,
+{
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("bitnet-http").build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((host, port)).await.map_err(|e| std::io::Error::new(e.kind(), format!("listening on {host}:{port}: {e}")))?;
+        let listener =
+            tokio::net::TcpListener::bind((host, port)).await.map_err(|e| std::io::Error::new(e.kind(), format!("listening on {host}:{port}: {e}")))?;
         let addr = listener.local_addr()?;
+        eprintln!("loading the model; http://{addr}/health answers 503 until it is ready");
         let grace = config.grace;
-        let (router, handle) = app(engine, config);
-        eprintln!("listening on http://{addr}");
-        serve(listener, router, handle, grace).await
+        let slot = Arc::new(OnceLock::new());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // A plain thread: a signal during the load may end the process
+        // without waiting for it.
+        std::thread::Builder::new().name("bitnet-load".into()).spawn(move || {
+            let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|_| Err("loading the model panicked".into())));
+        })?;
+        let ready = {
+            let slot = slot.clone();
+            async move {
+                let engine = rx.await.map_err(|_| "the loading thread stopped".to_string())??;
+                let (router, handle) = app(engine, config);
+                let _ = slot.set(router);
+                eprintln!("listening on http://{addr}");
+                Ok(handle)
+            }
+        };
+        serve(listener, front(slot), ready, grace).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn fetch(router: &Router, path: &str) -> (u16, serde_json::Value) {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let r = router.clone().oneshot(req).await.unwrap();
+        let status = r.status().as_u16();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn health_is_503_until_the_model_is_loaded_then_the_model_answers() {
+        let slot = Arc::new(OnceLock::new());
+        let f = front(slot.clone());
+        assert_eq!(fetch(&f, "/health").await, (503, serde_json::json!({ "status": "loading" })));
+        let (status, body) = fetch(&f, "/v1/models").await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"]["code"], "model_loading");
+        let _ = slot.set(Router::new().route("/health", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) })));
+        assert_eq!(fetch(&f, "/health").await, (200, serde_json::json!({ "status": "ok" })));
+    }
 }

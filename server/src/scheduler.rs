@@ -59,13 +59,25 @@ pub struct TokenLogprob {
 #[derive(Debug)]
 pub enum Event {
     /// A generated token and the text it made printable (possibly none).
-    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     /// Text held back until the end (an incomplete character or a tail
     /// that might have started a stop string).
     Text(String),
-    Done { finish: Finish, prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize },
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        cached_tokens: usize,
+    },
     /// The request failed; `status` is the HTTP status to answer with.
-    Error { status: u16, message: String },
+    Error {
+        status: u16,
+        message: String,
+    },
 }
 
 /// The handle the HTTP side submits jobs through.
@@ -92,7 +104,10 @@ impl Scheduler {
         let (tx, rx) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let q = queued.clone();
-        let thread = std::thread::Builder::new().name("bitnet-scheduler".into()).spawn(move || run(&engine, rx, cfg, &metrics, &q)).expect("spawning the scheduler thread");
+        let thread = std::thread::Builder::new()
+            .name("bitnet-scheduler".into())
+            .spawn(move || run(&engine, rx, cfg, &metrics, &q))
+            .expect("spawning the scheduler thread");
         Scheduler { tx: std::sync::Mutex::new(Some(tx)), queued, max_queue: cfg.max_queue, thread: std::sync::Mutex::new(Some(thread)) }
     }
 
@@ -139,7 +154,10 @@ struct Running<'t> {
 enum Outcome {
     Going,
     /// Done; `flush`: send the text held back (not after a stop string).
-    Finished { finish: Finish, flush: bool },
+    Finished {
+        finish: Finish,
+        flush: bool,
+    },
     Failed(u16, String),
     Gone,
 }

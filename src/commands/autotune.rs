@@ -119,7 +119,11 @@ fn sweep_cuda(workloads: &[Workload], db: &Database) -> anyhow::Result<()> {
     eprintln!("tuning {} workloads on {fingerprint}", workloads.len());
     let reports = with_progress(|progress| bitnet_runtime::cuda_tune::tune(workloads, db, progress)).map_err(anyhow::Error::msg)?;
     super::print(&table(&reports))?;
-    eprintln!("{} records in {}; `bitnet run --device cuda` and `bitnet compile --device cuda` use them on this GPU", db.load().records.len(), db.path.display());
+    eprintln!(
+        "{} records in {}; `bitnet run --device cuda` and `bitnet compile --device cuda` use them on this GPU",
+        db.load().records.len(),
+        db.path.display()
+    );
     Ok(())
 }
 

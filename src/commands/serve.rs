@@ -54,14 +54,26 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if a.api_key_file.is_some() && api_key.is_none() {
         anyhow::bail!("the API key file is empty");
     }
-    let engine = a.model.open(a.parallel, a.kv_budget)?;
-    let alias = a.alias.clone().unwrap_or_else(|| a.model.model.file_name().map_or_else(|| a.model.model.display().to_string(), |n| n.to_string_lossy().into_owned()));
+    let alias =
+        a.alias.clone().unwrap_or_else(|| a.model.model.file_name().map_or_else(|| a.model.model.display().to_string(), |n| n.to_string_lossy().into_owned()));
     let mut config = ServerConfig::new(&alias);
     config.api_key = api_key;
     config.cors = a.cors.clone();
     config.scheduler.parallel = a.parallel;
     config.scheduler.max_queue = a.max_queue;
     config.timeout = a.timeout.map(Duration::from_secs);
-    eprintln!("loaded {} in {:.0} ms: context {}, {} sequences at once, KV budget {:.1} MiB", alias, engine.load_ms, engine.context, a.parallel, engine.kv_usage().bytes_total() as f64 / (1 << 20) as f64);
-    bitnet_server::run_blocking(engine, config, &a.host, a.port).context("serving")
+    let (host, port) = (a.host.clone(), a.port);
+    let load = move || {
+        let engine = a.model.open(a.parallel, a.kv_budget).map_err(|e| format!("{e:#}"))?;
+        eprintln!(
+            "loaded {} in {:.0} ms: context {}, {} sequences at once, KV budget {:.1} MiB",
+            alias,
+            engine.load_ms,
+            engine.context,
+            a.parallel,
+            engine.kv_usage().bytes_total() as f64 / (1 << 20) as f64
+        );
+        Ok(engine)
+    };
+    bitnet_server::run_blocking(load, config, &host, port).context("serving")
 }

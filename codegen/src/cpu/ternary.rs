@@ -562,9 +562,7 @@ mod avx2 {
         let xs = x.step_rows(tok, step);
         // SAFETY: `matmul` checked that AVX2 is present; `tile` holds
         // `chunks` chunks of `rows` rows and every activation row `kp` values.
-        unsafe {
-            for_tile_shape!(rows, step, run(tile, chunks, &xs, out))
-        }
+        unsafe { for_tile_shape!(rows, step, run(tile, chunks, &xs, out)) }
     }
 
     #[target_feature(enable = "avx2")]

@@ -23,9 +23,7 @@ pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &Qua
     let xs = x.step_rows(tok, step);
     // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
     // the lengths are checked above.
-    unsafe {
-        for_tile_shape!(rows, step, run(tile, chunks, &xs, out))
-    }
+    unsafe { for_tile_shape!(rows, step, run(tile, chunks, &xs, out)) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]

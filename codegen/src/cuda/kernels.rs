@@ -291,7 +291,10 @@ fn mma_tiles(n: usize, kp: usize, tiles: CudaTiles, weights: &[&str], finish: &s
     let nt = tiles.tokens / 8;
     let (mut declare, mut load, mut step, mut sums) = (String::new(), String::new(), String::new(), String::new());
     for (i, w) in weights.iter().enumerate() {
-        let _ = writeln!(declare, "    int acc{i}[{nt}][4];\n    #pragma unroll\n    for (int j = 0; j < {nt}; j++) acc{i}[j][0] = acc{i}[j][1] = acc{i}[j][2] = acc{i}[j][3] = 0;");
+        let _ = writeln!(
+            declare,
+            "    int acc{i}[{nt}][4];\n    #pragma unroll\n    for (int j = 0; j < {nt}; j++) acc{i}[j][0] = acc{i}[j][1] = acc{i}[j][2] = acc{i}[j][3] = 0;"
+        );
         let _ = writeln!(
             load,
             "        const u32* ra{i} = (const u32*){w} + (size_t)ra * {rw} + c * 8;\n        const u32* rb{i} = (const u32*){w} + (size_t)rb * {rw} + c * 8;\n        \

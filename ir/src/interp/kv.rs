@@ -233,7 +233,13 @@ impl KvPages {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, positions: usize, blocks: usize) -> KvPages {
         assert!(positions.is_power_of_two(), "a KV block holds a power of two positions");
         let floats = blocks * kv_heads * positions * head_dim;
-        KvPages { layers: (0..layers).map(|_| (vec![0f32; floats], vec![0f32; floats])).collect(), kv_heads, head_dim, shift: positions.trailing_zeros(), blocks }
+        KvPages {
+            layers: (0..layers).map(|_| (vec![0f32; floats], vec![0f32; floats])).collect(),
+            kv_heads,
+            head_dim,
+            shift: positions.trailing_zeros(),
+            blocks,
+        }
     }
 
     /// Positions a block holds.
@@ -291,7 +297,12 @@ impl KvStore for PagedRows<'_> {
     fn store(&mut self, layer: usize, heads: usize, head_dim: usize, positions: &[i32], k: &[f32], v: &[f32]) -> Result<(), EvalError> {
         let p = &mut *self.pages;
         if (heads, head_dim) != (p.kv_heads, p.head_dim) || layer >= p.layers.len() {
-            return eval_err(format!("the KV cache holds {} layers of {} heads of {}, got layer {layer} with {heads} of {head_dim}", p.layers.len(), p.kv_heads, p.head_dim));
+            return eval_err(format!(
+                "the KV cache holds {} layers of {} heads of {}, got layer {layer} with {heads} of {head_dim}",
+                p.layers.len(),
+                p.kv_heads,
+                p.head_dim
+            ));
         }
         if positions.len() != self.tables.len() {
             return eval_err(format!("{} rows for a KV store of {}", positions.len(), self.tables.len()));
@@ -342,7 +353,8 @@ mod tests {
         let stride = heads * block * d;
         let blocks = 5;
         // keys[b][h][t][j] = 1000 b + 100 h + 10 t + j
-        let keys: Vec<f32> = (0..blocks * stride).map(|i| (i / stride * 1000 + i % stride / (block * d) * 100 + i % (block * d) / d * 10 + i % d) as f32).collect();
+        let keys: Vec<f32> =
+            (0..blocks * stride).map(|i| (i / stride * 1000 + i % stride / (block * d) * 100 + i % (block * d) / d * 10 + i % d) as f32).collect();
         let table = [3u32, 0, 4];
         let h = KvHead::paged(&keys, &keys, block * d, &table, shift, stride, d, 10);
         for t in 0..10 {

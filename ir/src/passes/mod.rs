@@ -27,12 +27,7 @@ pub struct Pass {
 /// The graph passes, in the order they run.
 pub const PIPELINE: &[Pass] = &[
     Pass { name: "canonicalize", about: "remove dead nodes, merge duplicate nodes", run: canonicalize::run, cpu_only: false },
-    Pass {
-        name: "specialize-ternary",
-        about: "move each projection's scale into its ternary matmul's epilogue",
-        run: specialize::run,
-        cpu_only: false,
-    },
+    Pass { name: "specialize-ternary", about: "move each projection's scale into its ternary matmul's epilogue", run: specialize::run, cpu_only: false },
     Pass {
         name: "fuse",
         about: "rms_norm + quantize_act; act(gate) * up; residual adds into the matmul epilogue; gate and up products with their glu",

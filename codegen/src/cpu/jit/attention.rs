@@ -17,8 +17,7 @@ use cranelift_module::{default_libcall_names, Module};
 use std::sync::OnceLock;
 
 /// `head(q, keys, values, n_keys, d, scale, scores, out)`.
-type HeadFn =
-    unsafe extern "C" fn(q: *const f32, keys: *const f32, values: *const f32, n_keys: usize, d: usize, scale: f32, scores: *mut f32, out: *mut f32);
+type HeadFn = unsafe extern "C" fn(q: *const f32, keys: *const f32, values: *const f32, n_keys: usize, d: usize, scale: f32, scores: *mut f32, out: *mut f32);
 
 pub struct AttentionJit {
     head: HeadFn,
@@ -121,8 +120,7 @@ mod tests {
                 let f = |len: usize, seed: f32| -> Vec<f32> { (0..len).map(|i| (i as f32 * seed).sin()).collect() };
                 let (q, keys, values) = (f(d, 0.37), f(n * d, 0.11), f(n * d, 0.23));
                 let scale = 1.0 / (d as f32).sqrt();
-                let mut want_scores: Vec<f32> =
-                    keys.chunks_exact(d).map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+                let mut want_scores: Vec<f32> = keys.chunks_exact(d).map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
                 kernels::softmax(&mut want_scores);
                 let mut want = vec![0f32; d];
                 for (w, v) in want_scores.iter().zip(values.chunks_exact(d)) {

@@ -26,8 +26,14 @@ pub type PairFn = unsafe extern "C" fn(a: *const f32, b: *const f32, out: *mut f
 pub type RowFn = unsafe extern "C" fn(row: *mut f32, n: usize);
 
 /// The operations, in the order their functions are defined.
-const PAIRS: [Pair; 6] =
-    [Pair::Glu(GateAct::Relu2), Pair::Glu(GateAct::Silu), Pair::Binary(BinaryOp::Add), Pair::Binary(BinaryOp::Sub), Pair::Binary(BinaryOp::Mul), Pair::Binary(BinaryOp::Div)];
+const PAIRS: [Pair; 6] = [
+    Pair::Glu(GateAct::Relu2),
+    Pair::Glu(GateAct::Silu),
+    Pair::Binary(BinaryOp::Add),
+    Pair::Binary(BinaryOp::Sub),
+    Pair::Binary(BinaryOp::Mul),
+    Pair::Binary(BinaryOp::Div),
+];
 
 #[derive(Clone, Copy, PartialEq)]
 enum Pair {
