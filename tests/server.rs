@@ -104,3 +104,36 @@ fn many_streaming_clients_get_their_serial_tokens() {
     s.client("bad", &[]);
     s.stop();
 }
+
+/// Looks a tool up on PATH; without it the test is skipped with a message,
+/// unless `BITNET_REQUIRE_TOOLS` is set (as `.ci/run` does).
+fn tool(name: &str, install: &str) -> Option<()> {
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var_os("BITNET_REQUIRE_TOOLS").is_none(), "{name} is not installed ({install})");
+        eprintln!("skipped: {name} is not installed ({install})");
+        return None;
+    }
+    Some(())
+}
+
+/// schemathesis generates requests from `/openapi.json` (valid ones and
+/// broken ones) for a bounded time: no 5xx, every status documented,
+/// every response (streamed events included) as the spec says.
+#[test]
+fn schemathesis_finds_the_server_as_its_spec_says() {
+    if tool("st", "pip install schemathesis").is_none() {
+        return;
+    }
+    let m = stories();
+    let s = Server::start(&["-m", m.to_str().unwrap(), "--chat-template", "chatml", "--parallel", "4", "-t", "2"]);
+    let checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance";
+    let o = Command::new("st")
+        .args(["run", &format!("{}/openapi.json", s.url), "--seed", "1", "-n", "10", "--max-time", "60", "--request-timeout", "30", "-c", checks])
+        .args(["-H", &format!("Authorization: Bearer {KEY}")])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running schemathesis");
+    assert!(o.status.success(), "schemathesis found failures:\n{}\n{}", stdout(&o), stderr(&o));
+    s.stop();
+}

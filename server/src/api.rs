@@ -2,7 +2,9 @@
 //! it does not know are ignored (SDKs send extras); fields of the wrong
 //! type are a 400 that names them.
 
+use crate::responses::{ErrorBody, ErrorResponse};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -27,6 +29,7 @@ impl ApiError {
         let (kind, code) = match status {
             401 => ("authentication_error", Some("invalid_api_key")),
             404 => ("invalid_request_error", Some("not_found")),
+            405 => ("invalid_request_error", Some("method_not_allowed")),
             413 => ("invalid_request_error", Some("request_too_large")),
             503 => ("server_error", Some("server_overloaded")),
             504 => ("server_error", Some("timeout")),
@@ -36,13 +39,13 @@ impl ApiError {
         ApiError { status, message: message.into(), kind, param: None, code }
     }
 
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse { error: ErrorBody { message: self.message.clone(), kind: self.kind.into(), param: self.param.clone(), code: self.code.map(Into::into) } }
     }
 }
 
 /// A string or a list of strings (`stop`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -58,25 +61,40 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// What chat and text completions share.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct Sampling {
+    /// Tokens to generate at most; capped to what the context leaves
+    /// (`finish_reason: length`). Default: the whole context for chat, 16
+    /// for text completions.
     pub max_tokens: Option<u64>,
+    /// The newer name of `max_tokens`; wins over it.
     pub max_completion_tokens: Option<u64>,
+    /// 0 is greedy.
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
+    /// 0 keeps every token.
     pub top_k: Option<usize>,
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
     pub seed: Option<u64>,
+    /// Up to 16 strings; the text ends before the first that appears, and
+    /// the stop string is not part of it.
     pub stop: Option<OneOrMany>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
+    /// Choices per request: only 1.
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u64>,
     #[serde(default)]
     pub stream: bool,
@@ -84,14 +102,14 @@ pub struct Sampling {
 }
 
 /// A message's content: text, or a list of parts of which the text ones count.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -117,25 +135,49 @@ impl Content {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Who says a message; `developer` (OpenAI's newer name) is read as `system`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The role's name in chat templates.
+    pub fn template_name(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatMessage {
-    pub role: String,
+    pub role: Role,
     #[serde(default)]
     pub content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
     #[serde(flatten)]
     pub sampling: Sampling,
     #[serde(default)]
     pub logprobs: bool,
+    /// With `logprobs`: alternatives per token.
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<usize>,
 }
 
 /// A prompt: text, token ids, or a one-element list of either.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -144,25 +186,26 @@ pub enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
     #[serde(flatten)]
     pub sampling: Sampling,
     /// The legacy API's logprobs: how many alternatives per token.
+    #[schema(maximum = 20)]
     pub logprobs: Option<usize>,
     #[serde(default)]
     pub echo: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     pub content: String,
     #[serde(default)]
     pub add_special: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
     pub tokens: Vec<u32>,
 }

@@ -3,6 +3,7 @@
 //! health, the metrics and the chat page.
 
 use crate::api::{self, ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, Sampling, TokenizeRequest};
+use crate::responses::*;
 use crate::scheduler::{Event, Finish, GenParams, Job, TokenLogprob};
 use crate::AppState;
 use axum::body::Bytes;
@@ -14,7 +15,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use bitnet_frontends::chat::Message;
 use bitnet_runtime::SamplerConfig;
-use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,44 +36,77 @@ fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+/// The chat page.
+#[utoipa::path(get, path = "/", responses((status = 200, description = "The chat page: one self-contained HTML file", content_type = "text/html")))]
 pub async fn page() -> impl IntoResponse {
     Html(include_str!("page.html"))
 }
 
+/// Whether the model is loaded; needs no key.
+#[utoipa::path(get, path = "/health", responses(
+    (status = 200, description = "The model is ready", body = Health),
+    (status = 503, description = "The model is still loading", body = Health),
+))]
 pub async fn health() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
+    Json(Health { status: "ok".into() })
 }
 
+/// The server's metrics in Prometheus' text format; needs no key.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain")))]
 pub async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     st.metrics.set_load(st.scheduler.queued(), st.metrics.running.get() as usize, &st.engine.kv_usage());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.encode())
 }
 
+/// This description of the API (OpenAPI 3.1); needs no key.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "The OpenAPI 3.1 description of this server", content_type = "application/json")))]
+pub async fn openapi() -> impl IntoResponse {
+    static SPEC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| crate::openapi::spec().to_string());
+    ([(header::CONTENT_TYPE, "application/json")], spec.as_str())
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::status(405, "this endpoint does not take that method (the API's endpoints take POST, the others GET)")
+}
+
 pub async fn not_found() -> ApiError {
-    ApiError::status(404, "no such endpoint; this server has /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health and /metrics")
+    ApiError::status(
+        404,
+        "no such endpoint; this server has /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics and /openapi.json",
+    )
 }
 
+/// The one model this server serves.
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
 pub async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(json!({
-        "object": "list",
-        "data": [{ "id": st.config.alias, "object": "model", "created": st.created, "owned_by": "bitnet-rs",
-                   "meta": { "n_ctx": st.engine.context, "n_vocab": st.engine.vocab() } }],
-    }))
+    let card = ModelCard {
+        id: st.config.alias.clone(),
+        object: "model".into(),
+        created: st.created,
+        owned_by: "bitnet-rs".into(),
+        meta: ModelMeta { n_ctx: st.engine.context, n_vocab: st.engine.vocab() },
+    };
+    Json(ModelList { object: "list".into(), data: vec![card] })
 }
 
+/// Text to token ids, as llama-server's `/tokenize`.
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse)))]
 pub async fn tokenize(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> ApiResult {
     let req: TokenizeRequest = api::parse(&body(b)?)?;
     let tok = &st.engine.tokenizer;
     let ids = tok.encode(&req.content, req.add_special && tok.add_bos, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Json(json!({ "tokens": ids })).into_response())
+    Ok(Json(TokenizeResponse { tokens: ids }).into_response())
 }
 
+/// Token ids to text, as llama-server's `/detokenize`.
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse)))]
 pub async fn detokenize(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> ApiResult {
     let req: DetokenizeRequest = api::parse(&body(b)?)?;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= st.engine.vocab()) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", st.engine.vocab())).param("tokens"));
     }
-    Ok(Json(json!({ "content": st.engine.tokenizer.decode_text(&req.tokens) })).into_response())
+    Ok(Json(DetokenizeResponse { content: st.engine.tokenizer.decode_text(&req.tokens) }).into_response())
 }
 
 /// Sampling settings and the token budget of a request whose prompt is
@@ -138,27 +171,24 @@ fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams) -> Result<mpsc::Un
 }
 
 /// One completion as the scheduler reports it.
-#[derive(Default)]
 struct Collected {
     text: String,
     tokens: Vec<(u32, String, Option<TokenLogprob>)>,
-    finish: Option<Finish>,
+    finish: Finish,
     usage: (usize, usize, usize),
 }
 
 async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
-    let mut c = Collected::default();
+    let (mut text, mut tokens) = (String::new(), Vec::new());
     while let Some(e) = rx.recv().await {
         match e {
-            Event::Token { id, text, logprob } => {
-                c.text += &text;
-                c.tokens.push((id, text, logprob));
+            Event::Token { id, text: piece, logprob } => {
+                text += &piece;
+                tokens.push((id, piece, logprob));
             }
-            Event::Text(t) => c.text += &t,
+            Event::Text(t) => text += &t,
             Event::Done { finish, prompt_tokens, completion_tokens, cached_tokens } => {
-                c.finish = Some(finish);
-                c.usage = (prompt_tokens, completion_tokens, cached_tokens);
-                return Ok(c);
+                return Ok(Collected { text, tokens, finish, usage: (prompt_tokens, completion_tokens, cached_tokens) });
             }
             Event::Error { status, message } => return Err(ApiError::status(status, message)),
         }
@@ -166,9 +196,8 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Ap
     Err(ApiError::status(500, "the scheduler stopped before the request finished"))
 }
 
-fn usage((prompt, completion, cached): (usize, usize, usize)) -> Value {
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": { "cached_tokens": cached } })
+fn usage((prompt, completion, cached): (usize, usize, usize)) -> Usage {
+    Usage::new(prompt, completion, cached)
 }
 
 fn token_text(st: &AppState, id: u32) -> String {
@@ -176,14 +205,13 @@ fn token_text(st: &AppState, id: u32) -> String {
 }
 
 /// OpenAI's chat logprobs entry for one token.
-fn chat_logprob(st: &AppState, id: u32, lp: &TokenLogprob) -> Value {
-    let entry = |id: u32, logprob: f32| {
-        let t = token_text(st, id);
-        json!({ "token": t, "logprob": logprob, "bytes": t.as_bytes() })
+fn chat_logprob(st: &AppState, id: u32, lp: &TokenLogprob) -> LogprobEntry {
+    let top = |&(id, logprob): &(u32, f32)| {
+        let token = token_text(st, id);
+        TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
     };
-    let mut e = entry(id, lp.logprob);
-    e["top_logprobs"] = lp.top.iter().map(|&(i, l)| entry(i, l)).collect();
-    e
+    let token = token_text(st, id);
+    LogprobEntry { bytes: token.as_bytes().to_vec(), token, logprob: lp.logprob, top_logprobs: lp.top.iter().map(top).collect() }
 }
 
 fn tokens_header(mut r: Response, n: usize) -> Response {
@@ -193,6 +221,12 @@ fn tokens_header(mut r: Response, n: usize) -> Response {
     r
 }
 
+/// OpenAI's chat completions: the messages rendered with the chat
+/// template, whole or streamed as Server-Sent Events (`stream: true`).
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest, responses(
+    (status = 200, description = "The completion; with `stream: true`, `chat.completion.chunk` objects as Server-Sent Events, then `data: [DONE]`",
+     content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+))]
 pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> ApiResult {
     let req: ChatRequest = api::parse(&body(b)?)?;
     if req.messages.is_empty() {
@@ -200,33 +234,39 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
-            return Err(ApiError::bad_request(format!("role {:?}: messages are system, user or assistant", m.role)).param("messages"));
-        }
-        let role = if m.role == "developer" { "system" } else { m.role.as_str() };
         let text = m.content.as_ref().map(|c| c.text()).transpose()?.unwrap_or_default();
-        messages.push(Message::new(role, &text));
+        messages.push(Message::new(m.role.template_name(), &text));
     }
     let prompt = st.engine.chat_ids(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let params = gen_params(&st, &req.sampling, prompt.len(), None, logprobs)?;
     let rx = submit(&st, prompt, params)?;
     let id = format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let head = json!({ "id": id, "created": st.created_now(), "model": st.config.alias });
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let head = StreamHead { id, created: st.created_now(), model: st.config.alias.clone() };
         return Ok(stream(st, rx, head, Kind::Chat { logprobs: logprobs.is_some() }, include_usage));
     }
     let c = collect(rx).await?;
-    let lp = logprobs.map(|_| json!({ "content": c.tokens.iter().filter_map(|(i, _, l)| l.as_ref().map(|l| chat_logprob(&st, *i, l))).collect::<Vec<_>>() }));
-    let mut out = head;
-    out["object"] = "chat.completion".into();
-    out["choices"] = json!([{ "index": 0, "message": { "role": "assistant", "content": c.text }, "logprobs": lp,
-                              "finish_reason": c.finish.map(|f| f.name()) }]);
-    out["usage"] = usage(c.usage);
+    let logprobs = logprobs.map(|_| ChatLogprobs { content: c.tokens.iter().filter_map(|(i, _, l)| l.as_ref().map(|l| chat_logprob(&st, *i, l))).collect() });
+    let choice = ChatChoice { index: 0, message: AssistantMessage { role: "assistant".into(), content: c.text }, logprobs, finish_reason: c.finish };
+    let out = ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created: st.created_now(),
+        model: st.config.alias.clone(),
+        choices: vec![choice],
+        usage: usage(c.usage),
+    };
     Ok(tokens_header(Json(out).into_response(), c.usage.0 + c.usage.1))
 }
 
+/// OpenAI's (legacy) text completions: a text prompt (BOS added as the
+/// model asks) or token ids (used verbatim), whole or streamed.
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest, responses(
+    (status = 200, description = "The completion; with `stream: true`, `text_completion` objects as Server-Sent Events, then `data: [DONE]`",
+     content((TextCompletion = "application/json"), (TextCompletionChunk = "text/event-stream"))),
+))]
 pub async fn completions(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> ApiResult {
     let req: CompletionRequest = api::parse(&body(b)?)?;
     let tok = &st.engine.tokenizer;
@@ -251,31 +291,38 @@ pub async fn completions(State(st): State<Arc<AppState>>, b: Result<Bytes, Bytes
     let params = gen_params(&st, &req.sampling, prompt.len(), Some(16), req.logprobs)?;
     let rx = submit(&st, prompt, params)?;
     let id = format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let head = json!({ "id": id, "created": st.created_now(), "model": st.config.alias });
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let head = StreamHead { id, created: st.created_now(), model: st.config.alias.clone() };
         return Ok(stream(st, rx, head, Kind::Text { echo, logprobs: req.logprobs.is_some() }, include_usage));
     }
     let c = collect(rx).await?;
-    let lp = req.logprobs.map(|_| text_logprobs(&st, &c.tokens, echo.len()));
-    let mut out = head;
-    out["object"] = "text_completion".into();
-    out["choices"] = json!([{ "index": 0, "text": echo + &c.text, "logprobs": lp, "finish_reason": c.finish.map(|f| f.name()) }]);
-    out["usage"] = usage(c.usage);
+    let logprobs = req.logprobs.map(|_| text_logprobs(&st, &c.tokens, echo.len()));
+    let choice = TextChoice { index: 0, text: echo + &c.text, logprobs, finish_reason: c.finish };
+    let out = TextCompletion {
+        id,
+        object: "text_completion".into(),
+        created: st.created_now(),
+        model: st.config.alias.clone(),
+        choices: vec![choice],
+        usage: usage(c.usage),
+    };
     Ok(tokens_header(Json(out).into_response(), c.usage.0 + c.usage.1))
 }
 
 /// The legacy completions API's logprobs object.
-fn text_logprobs(st: &AppState, tokens: &[(u32, String, Option<TokenLogprob>)], mut offset: usize) -> Value {
-    let (mut toks, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+fn text_logprobs(st: &AppState, tokens: &[(u32, String, Option<TokenLogprob>)], mut offset: usize) -> TextLogprobs {
+    let mut out = TextLogprobs::default();
     for (id, text, lp) in tokens {
-        toks.push(token_text(st, *id));
-        lps.push(lp.as_ref().map(|l| l.logprob));
-        tops.push(lp.as_ref().map(|l| l.top.iter().map(|&(i, p)| (token_text(st, i), json!(p))).collect::<serde_json::Map<_, _>>()));
-        offsets.push(offset);
+        if let Some(lp) = lp {
+            out.tokens.push(token_text(st, *id));
+            out.token_logprobs.push(lp.logprob);
+            out.top_logprobs.push(lp.top.iter().map(|&(i, p)| (token_text(st, i), p)).collect());
+            out.text_offset.push(offset);
+        }
         offset += text.len();
     }
-    json!({ "tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets })
+    out
 }
 
 enum Kind {
@@ -289,68 +336,88 @@ impl AppState {
     }
 }
 
+/// What every chunk of one streamed completion shares.
+struct StreamHead {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl StreamHead {
+    fn chat(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
+        ChatCompletionChunk { id: self.id.clone(), object: "chat.completion.chunk".into(), created: self.created, model: self.model.clone(), choices, usage }
+    }
+
+    fn text(&self, choices: Vec<TextChunkChoice>, usage: Option<Usage>) -> TextCompletionChunk {
+        TextCompletionChunk { id: self.id.clone(), object: "text_completion".into(), created: self.created, model: self.model.clone(), choices, usage }
+    }
+}
+
+fn sse<T: serde::Serialize>(value: &T) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(value).unwrap_or_default())
+}
+
 /// Relays the scheduler's events as Server-Sent Events: OpenAI's chunks,
 /// then `data: [DONE]`. A client that goes away drops the stream, which
 /// ends the relay and with it the request.
-fn stream(st: Arc<AppState>, mut rx: mpsc::UnboundedReceiver<Event>, head: Value, kind: Kind, include_usage: bool) -> Response {
+fn stream(st: Arc<AppState>, mut rx: mpsc::UnboundedReceiver<Event>, head: StreamHead, kind: Kind, include_usage: bool) -> Response {
     let (tx, out) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
-        let chunk = |choice: Value, usage: Option<Value>| {
-            let mut c = head.clone();
-            c["object"] = match kind {
-                Kind::Chat { .. } => "chat.completion.chunk",
-                Kind::Text { .. } => "text_completion",
+        // One piece of the answer (with its token's logprobs), or its end.
+        let piece = |text: String, token: Option<(u32, &TokenLogprob)>, offset: usize, finish: Option<Finish>| match &kind {
+            Kind::Chat { logprobs } => {
+                let logprobs = token.filter(|_| *logprobs).map(|(id, l)| ChatLogprobs { content: vec![chat_logprob(&st, id, l)] });
+                let delta = if finish.is_some() && text.is_empty() { Delta::default() } else { Delta { role: None, content: Some(text) } };
+                sse(&head.chat(vec![ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish }], None))
             }
-            .into();
-            c["choices"] = if choice.is_null() { json!([]) } else { json!([choice]) };
-            if let Some(u) = usage {
-                c["usage"] = u;
-            } else if include_usage {
-                c["usage"] = Value::Null;
+            Kind::Text { logprobs, .. } => {
+                let logprobs = token.filter(|_| *logprobs).map(|(id, l)| text_logprobs(&st, &[(id, text.clone(), Some(l.clone()))], offset));
+                sse(&head.text(vec![TextChunkChoice { index: 0, text, logprobs, finish_reason: finish }], None))
             }
-            SseEvent::default().data(c.to_string())
-        };
-        let piece = |text: &str, lp: Option<Value>, finish: Option<&str>| match &kind {
-            Kind::Chat { .. } => {
-                let delta = if finish.is_some() && text.is_empty() { json!({}) } else { json!({ "content": text }) };
-                json!({ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish })
-            }
-            Kind::Text { .. } => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }),
         };
         let first = match &kind {
-            Kind::Chat { .. } => json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }),
-            Kind::Text { echo, .. } => json!({ "index": 0, "text": echo, "logprobs": null, "finish_reason": null }),
+            Kind::Chat { .. } => {
+                let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
+                sse(&head.chat(vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason: None }], None))
+            }
+            Kind::Text { echo, .. } => sse(&head.text(vec![TextChunkChoice { index: 0, text: echo.clone(), logprobs: None, finish_reason: None }], None)),
         };
-        if tx.send(Ok(chunk(first, None))).await.is_err() {
+        if tx.send(Ok(first)).await.is_err() {
             return;
         }
         let mut offset = match &kind {
             Kind::Text { echo, .. } => echo.len(),
             _ => 0,
         };
+        let wants_logprobs = matches!(kind, Kind::Chat { logprobs: true } | Kind::Text { logprobs: true, .. });
         while let Some(e) = rx.recv().await {
             let event = match e {
                 Event::Token { id, text, logprob } => {
-                    let lp = match (&kind, &logprob) {
-                        (Kind::Chat { logprobs: true }, Some(l)) => Some(json!({ "content": [chat_logprob(&st, id, l)] })),
-                        (Kind::Text { logprobs: true, .. }, Some(_)) => Some(text_logprobs(&st, &[(id, text.clone(), logprob.clone())], offset)),
-                        _ => None,
-                    };
+                    let start = offset;
                     offset += text.len();
-                    if text.is_empty() && lp.is_none() {
+                    let token = logprob.as_ref().filter(|_| wants_logprobs).map(|l| (id, l));
+                    if text.is_empty() && token.is_none() {
                         continue;
                     }
-                    chunk(piece(&text, lp, None), None)
+                    piece(text, token, start, None)
                 }
-                Event::Text(text) => chunk(piece(&text, None, None), None),
+                Event::Text(text) => {
+                    offset += text.len();
+                    piece(text, None, offset, None)
+                }
                 Event::Done { finish, prompt_tokens, completion_tokens, cached_tokens } => {
-                    let _ = tx.send(Ok(chunk(piece("", None, Some(finish.name())), None))).await;
+                    let _ = tx.send(Ok(piece(String::new(), None, offset, Some(finish)))).await;
                     if include_usage {
-                        let _ = tx.send(Ok(chunk(Value::Null, Some(usage((prompt_tokens, completion_tokens, cached_tokens)))))).await;
+                        let u = Some(usage((prompt_tokens, completion_tokens, cached_tokens)));
+                        let last = match &kind {
+                            Kind::Chat { .. } => sse(&head.chat(vec![], u)),
+                            Kind::Text { .. } => sse(&head.text(vec![], u)),
+                        };
+                        let _ = tx.send(Ok(last)).await;
                     }
                     break;
                 }
-                Event::Error { status, message } => SseEvent::default().data(ApiError::status(status, message).body().to_string()),
+                Event::Error { status, message } => sse(&ApiError::status(status, message).body()),
             };
             if tx.send(Ok(event)).await.is_err() {
                 return;

@@ -8,6 +8,8 @@
 pub mod api;
 mod handlers;
 pub mod metrics;
+pub mod openapi;
+pub mod responses;
 pub mod scheduler;
 pub mod stops;
 
@@ -71,9 +73,14 @@ impl IntoResponse for ApiError {
         if self.status == 503 {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        r.extensions_mut().insert(ErrorNote(self.message));
         r
     }
 }
+
+/// An error response's message, for the request log line.
+#[derive(Clone)]
+struct ErrorNote(String);
 
 /// The router over an engine; the scheduler thread starts here.
 pub fn app(engine: Arc<Engine>, config: ServerConfig) -> (Router, Arc<AppStateHandle>) {
@@ -87,12 +94,14 @@ pub fn app(engine: Arc<Engine>, config: ServerConfig) -> (Router, Arc<AppStateHa
         .route("/", get(handlers::page))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
+        .route("/openapi.json", get(handlers::openapi))
         .route("/v1/models", get(handlers::models))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| ApiError::status(500, "internal error while serving this request").into_response()))
@@ -125,9 +134,8 @@ impl AppStateHandle {
     }
 }
 
-/// The paths that need no key: the page, health and metrics.
 fn public(path: &str) -> bool {
-    matches!(path, "/" | "/health" | "/metrics")
+    openapi::PUBLIC.contains(&path)
 }
 
 /// The API key check, the request log line and the request counters.
@@ -141,11 +149,15 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
         _ => next.run(req).await,
     };
     let status = response.status().as_u16();
-    let known = ["/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"];
+    let known = ["/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"];
     let endpoint = if known.contains(&path.as_str()) { path.as_str() } else { "other" };
     state.metrics.request(endpoint, status);
     let tokens = response.headers().get("x-bitnet-tokens").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
-    eprintln!("{method} {path} {status} tokens={tokens} {:.1}ms", t0.elapsed().as_secs_f64() * 1e3);
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    match response.extensions().get::<ErrorNote>() {
+        Some(ErrorNote(e)) => eprintln!("{method} {path} {status} tokens={tokens} {ms:.1}ms error: {e}"),
+        None => eprintln!("{method} {path} {status} tokens={tokens} {ms:.1}ms"),
+    }
     response
 }
 

@@ -35,7 +35,10 @@ pub struct Job {
     pub deadline: Option<Instant>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a completion ended: a stop string or the end-of-generation token
+/// (`stop`), or the token budget (`length`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Finish {
     Stop,
     Length,
