@@ -102,7 +102,29 @@ fn many_streaming_clients_get_their_serial_tokens() {
     let s = Server::start(&["-m", m, "--parallel", "8", "-t", "2"]);
     s.client("load", &[&want]);
     s.client("bad", &[]);
+    bench_serve_reports_what_it_drove(&s);
     s.stop();
+}
+
+/// scripts/bench_serve.py against the server: every request completes and
+/// generates exactly `-n` tokens (`ignore_eos`), and the figures are there.
+fn bench_serve_reports_what_it_drove(s: &Server) {
+    let o = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench_serve.py"))
+        .args([&s.url, "--api-key", KEY, "-c", "1,3", "-r", "2", "-p", "40", "-n", "9", "--json"])
+        .output()
+        .expect("running python3");
+    assert!(o.status.success(), "bench_serve: {}\n{}", stdout(&o), stderr(&o));
+    let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    for (row, clients) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["clients"], clients);
+        assert_eq!(row["completed"], clients * 2, "{row}");
+        assert_eq!(row["failed"], 0);
+        assert_eq!(row["generated_tokens"], clients * 2 * 9, "{row}");
+        assert!(row["aggregate_tok_s"].as_f64().unwrap() > 0.0 && row["ttft_ms_p50"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["itl_ms_p99"].as_f64().unwrap() >= row["itl_ms_p50"].as_f64().unwrap(), "{row}");
+    }
 }
 
 /// Looks a tool up on PATH; without it the test is skipped with a message,
@@ -136,4 +158,32 @@ fn schemathesis_finds_the_server_as_its_spec_says() {
         .expect("running schemathesis");
     assert!(o.status.success(), "schemathesis found failures:\n{}\n{}", stdout(&o), stderr(&o));
     s.stop();
+}
+
+/// The chat page in a real headless Chromium, driven by playwright-core
+/// (tests/browser/chat_page.mjs; `npm ci --prefix tests/browser` and
+/// Debian's `chromium`): a prompt's answer streams in and equals the
+/// API's; the Stop button stops a long answer and the server cancels it.
+#[test]
+fn the_chat_page_streams_and_stops_in_a_real_browser() {
+    let browser_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    if tool("node", "Node.js").is_none() || tool("chromium", "apt-get install chromium").is_none() {
+        return;
+    }
+    if !std::path::Path::new(browser_dir).join("node_modules/playwright-core").exists() {
+        assert!(std::env::var_os("BITNET_REQUIRE_TOOLS").is_none(), "playwright-core is not installed (npm ci --prefix tests/browser)");
+        eprintln!("skipped: playwright-core is not installed (npm ci --prefix tests/browser)");
+        return;
+    }
+    // A small synthetic model with a long context: a long answer takes
+    // long enough to be stopped.
+    let dir = tmp_dir("browser");
+    let model = dir.join("tiny.gguf");
+    let o = bitnet(&["synth", "--shape", "tiny", "-o", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = Server::start(&["-m", model.to_str().unwrap(), "--chat-template", "chatml", "-t", "2"]);
+    let o = Command::new("node").current_dir(browser_dir).args(["chat_page.mjs", &s.url, KEY]).output().expect("running node");
+    assert!(o.status.success(), "the chat page test failed:\n{}\n{}\nserver log:\n{}", stdout(&o), stderr(&o), s.log.lock().unwrap());
+    s.stop();
+    let _ = std::fs::remove_dir_all(dir);
 }

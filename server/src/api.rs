@@ -96,6 +96,10 @@ pub struct Sampling {
     /// Choices per request: only 1.
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u64>,
+    /// Go on past the end-of-generation token, as llama-server's
+    /// `ignore_eos` (for benchmarks: every request generates `max_tokens`).
+    #[serde(default)]
+    pub ignore_eos: bool,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,

@@ -157,7 +157,7 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         seed,
         ..SamplerConfig::default()
     };
-    Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs })
+    Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
 }
 
 /// Queues a job; its events arrive on the receiver.

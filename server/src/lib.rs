@@ -134,8 +134,13 @@ impl AppStateHandle {
     }
 }
 
-fn public(path: &str) -> bool {
-    openapi::PUBLIC.contains(&path)
+/// Every path the server has, for the request counters.
+const ENDPOINTS: [&str; 9] = ["/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"];
+
+/// The API's endpoints need the key; the public ones and unknown paths
+/// (a 404 either way, such as a browser's `/favicon.ico`) do not.
+fn needs_key(path: &str) -> bool {
+    ENDPOINTS.contains(&path) && !openapi::PUBLIC.contains(&path)
 }
 
 /// The API key check, the request log line and the request counters.
@@ -143,14 +148,13 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
     let t0 = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let response = match &state.config.api_key {
-        Some(key) if !public(&path) && method != Method::OPTIONS && !key_matches(&req, key) => {
+        Some(key) if needs_key(&path) && method != Method::OPTIONS && !key_matches(&req, key) => {
             ApiError::status(401, "missing or wrong API key: send it as `Authorization: Bearer KEY`").into_response()
         }
         _ => next.run(req).await,
     };
     let status = response.status().as_u16();
-    let known = ["/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"];
-    let endpoint = if known.contains(&path.as_str()) { path.as_str() } else { "other" };
+    let endpoint = if ENDPOINTS.contains(&path.as_str()) { path.as_str() } else { "other" };
     state.metrics.request(endpoint, status);
     let tokens = response.headers().get("x-bitnet-tokens").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
     let ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -26,6 +26,8 @@ pub struct GenParams {
     pub stop: Vec<String>,
     /// With logprobs: how many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Go on past the end-of-generation token (for benchmarks).
+    pub ignore_eos: bool,
 }
 
 pub struct Job {
@@ -301,7 +303,7 @@ fn next_token(engine: &Engine, tokenizer: &Tokenizer, r: &mut Running, metrics: 
     if r.job.events.send(Event::Token { id, text, logprob }).is_err() {
         return Outcome::Gone;
     }
-    if stopped || tokenizer.is_eog(id) {
+    if stopped || (!r.job.params.ignore_eos && tokenizer.is_eog(id)) {
         return Outcome::Finished { finish: Finish::Stop, flush: !stopped };
     }
     if r.generated >= r.job.params.max_tokens || r.seq.tokens().len() >= engine.context {
