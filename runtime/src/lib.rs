@@ -18,6 +18,7 @@ pub mod lowering;
 pub mod npy;
 pub mod sampler;
 pub mod session;
+pub mod stops;
 
 pub use backend::{Backend, BackendKind, Device, LoadOptions, StepRows};
 pub use engine::{Engine, EngineOptions, Sequence};
@@ -27,3 +28,4 @@ pub use kv::KvUsage;
 pub use lowering::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads};
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::Session;
+pub use stops::StopFilter;

@@ -11,7 +11,6 @@ pub mod metrics;
 pub mod openapi;
 pub mod responses;
 pub mod scheduler;
-pub mod stops;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};

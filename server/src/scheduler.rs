@@ -6,10 +6,9 @@
 //! step, freeing its cache.
 
 use crate::metrics::Metrics;
-use crate::stops::StopFilter;
 use bitnet_frontends::tokenizer::{TextStream, Tokenizer};
 use bitnet_runtime::sampler::logprobs;
-use bitnet_runtime::{Engine, RuntimeError, SamplerConfig, Sequence};
+use bitnet_runtime::{Engine, RuntimeError, SamplerConfig, Sequence, StopFilter};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -144,12 +143,12 @@ impl Scheduler {
 }
 
 /// A request being served.
-struct Running<'t> {
+struct Running {
     job: Job,
     seq: Sequence,
     /// Prompt tokens not fed yet.
     rest: Vec<u32>,
-    stream: TextStream<'t>,
+    stream: TextStream,
     stops: StopFilter,
     generated: usize,
     started: Instant,
@@ -200,7 +199,7 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
             let mut seq = engine.new_sequence(job.params.sampler.clone());
             let reused = engine.reuse_prefix(&mut seq, &job.prompt);
             metrics.prefix_cache_tokens.inc_by(reused as u64);
-            let stream = TextStream::new(&tokenizer, job.prompt.last().copied());
+            let stream = TextStream::new(tokenizer.clone(), job.prompt.last().copied());
             let stops = StopFilter::new(job.params.stop.clone());
             let rest = job.prompt[reused..].to_vec();
             running.push(Running { job, seq, rest, stream, stops, generated: 0, started: Instant::now(), last_token: None });

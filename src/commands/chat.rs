@@ -54,7 +54,7 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             anyhow::bail!("the conversation no longer fits in the context of {} tokens (raise it with -c)", session.context);
         }
         let opts = GenerateOptions { n_predict: a.n_predict.min(room), ignore_eos: false, sampler: sampler.clone(), dump_logits: false };
-        let mut stream = TextStream::new(&tokenizer, ids.last().copied());
+        let mut stream = TextStream::new(tokenizer.clone(), ids.last().copied());
         let mut out = std::io::stdout().lock();
         let gen = session.generate(&ids[common..], &opts, |id| {
             let _ = write!(out, "{}", stream.push(id));

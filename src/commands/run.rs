@@ -106,7 +106,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     let tokenizer = session.tokenizer.clone();
-    let mut stream = TextStream::new(&tokenizer, prompt_ids.last().copied());
+    let mut stream = TextStream::new(tokenizer.clone(), prompt_ids.last().copied());
     let json = a.json;
     let gen = session.generate(&prompt_ids, &opts, |id| {
         if !json {

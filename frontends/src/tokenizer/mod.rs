@@ -442,17 +442,17 @@ enum Fragment<'t> {
 
 /// Turns generated ids into text as they arrive, holding back bytes that
 /// do not yet form whole UTF-8 characters.
-pub struct TextStream<'t> {
-    tokenizer: &'t Tokenizer,
+pub struct TextStream {
+    tokenizer: std::sync::Arc<Tokenizer>,
     context: Option<u32>,
     ids: Vec<u32>,
     printed: usize,
 }
 
-impl<'t> TextStream<'t> {
+impl TextStream {
     /// `context` is the token before the first streamed one (the last
     /// prompt token), if any.
-    pub fn new(tokenizer: &'t Tokenizer, context: Option<u32>) -> Self {
+    pub fn new(tokenizer: std::sync::Arc<Tokenizer>, context: Option<u32>) -> Self {
         TextStream { tokenizer, context, ids: Vec::new(), printed: 0 }
     }
 

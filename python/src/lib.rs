@@ -1,0 +1,582 @@
+//! Python bindings (import name `bitnet`): `bitnet.Model` over the
+//! runtime's [`Engine`], one [`Sequence`] per call. The GIL is released
+//! while the engine computes, so several Python threads may use one model
+//! at once; signals are checked between tokens, so Ctrl-C stops a long
+//! generation (and dropping its sequence frees its cache).
+
+use bitnet_codegen::cpu::Isa;
+use bitnet_codegen::schedule::Pinned;
+use bitnet_frontends::chat::{template_named, Message};
+use bitnet_frontends::tokenizer::TextStream;
+use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, LoadOptions, RuntimeError, SamplerConfig, Sequence, StopFilter};
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray2};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyStopIteration};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+create_exception!(_bitnet, BitnetError, PyException, "Every error of bitnet-rs.");
+create_exception!(_bitnet, ModelLoadError, BitnetError, "A model file or folder that cannot be read, or a bad artifact.");
+create_exception!(_bitnet, InvalidArgumentError, BitnetError, "An argument out of range or of the wrong kind.");
+create_exception!(_bitnet, ContextFullError, BitnetError, "The prompt does not fit the context, or the KV budget is full.");
+
+fn runtime_error(e: RuntimeError) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        RuntimeError::Model(_) | RuntimeError::Tokenizer(_) | RuntimeError::Artifact(_) => ModelLoadError::new_err(msg),
+        RuntimeError::KvFull(_) => ContextFullError::new_err(msg),
+        RuntimeError::Input(_) | RuntimeError::Chat(_) => InvalidArgumentError::new_err(msg),
+        RuntimeError::Eval(_) | RuntimeError::Compile(_) => BitnetError::new_err(msg),
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> PyErr {
+    InvalidArgumentError::new_err(msg.into())
+}
+
+/// The engine options from `Model(...)`'s keywords, with the CLI's defaults.
+struct OpenArgs {
+    device: String,
+    threads: Option<usize>,
+    head: String,
+    tune: bool,
+    context: Option<usize>,
+    backend: String,
+    isa: Option<String>,
+    chat_template: Option<String>,
+    parallel: usize,
+    kv_budget: Option<usize>,
+}
+
+impl OpenArgs {
+    fn options(&self) -> PyResult<EngineOptions> {
+        let threads = match self.threads {
+            Some(0) => return Err(invalid("threads must be at least 1")),
+            Some(t) => t,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let backend = match self.backend.as_str() {
+            "compiled" => BackendKind::Compiled,
+            "interp" => BackendKind::Interp,
+            b => return Err(invalid(format!("backend {b:?}: one of \"compiled\", \"interp\""))),
+        };
+        let device = match self.device.as_str() {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda,
+            d => return Err(invalid(format!("device {d:?}: one of \"cpu\", \"cuda\""))),
+        };
+        let head_q8 = match self.head.as_str() {
+            "stored" => false,
+            "q8" => true,
+            h => return Err(invalid(format!("head {h:?}: one of \"stored\", \"q8\""))),
+        };
+        let isa = match &self.isa {
+            None => None,
+            Some(name) => {
+                let isa = Isa::from_name(name)
+                    .ok_or_else(|| invalid(format!("isa {name:?}: one of {}", Isa::ALL.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "))))?;
+                if !isa.available() {
+                    return Err(invalid(format!("this CPU cannot run {} kernels", isa.name())));
+                }
+                Some(isa)
+            }
+        };
+        if backend == BackendKind::Interp && (head_q8 || isa.is_some()) {
+            return Err(invalid("head=\"q8\" and isa pick compiled kernels: they need backend=\"compiled\""));
+        }
+        if self.parallel == 0 {
+            return Err(invalid("parallel must be at least 1"));
+        }
+        let chat_template = self.chat_template.as_deref().map(template_named).transpose().map_err(|e| invalid(e.to_string()))?;
+        let pinned = Pinned { head_q8, isa, ..Default::default() };
+        let load = LoadOptions { threads, context: self.context, backend, device, pinned, tuning: self.tune };
+        Ok(EngineOptions { load, parallel: self.parallel, kv_budget: self.kv_budget, chat_template })
+    }
+}
+
+fn open(py: Python<'_>, path: &std::path::Path, args: &OpenArgs) -> PyResult<Engine> {
+    let opts = args.options()?;
+    py.detach(|| Engine::open(path, &opts)).map_err(|e| ModelLoadError::new_err(format!("loading {}: {e}", path.display())))
+}
+
+/// Sampling settings, with the CLI's defaults (llama.cpp's).
+#[derive(Clone)]
+struct Sampling {
+    config: SamplerConfig,
+    max_tokens: usize,
+    stop: Vec<String>,
+    ignore_eos: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sampling(
+    max_tokens: usize,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    repeat_penalty: f32,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+    ignore_eos: bool,
+) -> PyResult<Sampling> {
+    let valid = temperature.is_finite() && temperature >= 0.0 && (0.0..=1.0).contains(&top_p) && (0.0..=1.0).contains(&min_p) && repeat_penalty > 0.0;
+    if !valid {
+        return Err(invalid("sampling values out of range: temperature ≥ 0, top_p and min_p in [0, 1], repeat_penalty > 0"));
+    }
+    let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, seed, ..SamplerConfig::default() };
+    Ok(Sampling { config, max_tokens, stop: stop.unwrap_or_default(), ignore_eos })
+}
+
+/// One generation in progress: its sequence, the ids it chose, the text
+/// so far (held back while it could still start a stop string).
+struct Run {
+    engine: Arc<Engine>,
+    seq: Sequence,
+    prompt_last: Option<u32>,
+    generated: Vec<u32>,
+    text: TextStream,
+    stops: StopFilter,
+    max_tokens: usize,
+    ignore_eos: bool,
+    stopped: bool,
+    done: bool,
+}
+
+impl Run {
+    fn start(engine: Arc<Engine>, prompt: Vec<u32>, s: &Sampling) -> PyResult<Run> {
+        if prompt.is_empty() {
+            return Err(invalid("the prompt is empty: nothing to generate from"));
+        }
+        if prompt.len() >= engine.context {
+            return Err(ContextFullError::new_err(format!(
+                "the prompt is {} tokens; the context holds {}, with room for at least one generated token",
+                prompt.len(),
+                engine.context
+            )));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= engine.vocab()) {
+            return Err(invalid(format!("token id {bad} is outside the vocabulary of {}", engine.vocab())));
+        }
+        let mut seq = engine.new_sequence(s.config.clone());
+        seq.feed(&prompt);
+        let text = TextStream::new(engine.tokenizer.clone(), prompt.last().copied());
+        Ok(Run {
+            engine,
+            seq,
+            prompt_last: prompt.last().copied(),
+            generated: Vec::new(),
+            text,
+            stops: StopFilter::new(s.stop.clone()),
+            max_tokens: s.max_tokens,
+            ignore_eos: s.ignore_eos,
+            stopped: false,
+            done: s.max_tokens == 0,
+        })
+    }
+
+    /// Evaluates what is pending (without the GIL), chooses the next token
+    /// and feeds it back, as `bitnet run` does; returns the text that
+    /// became printable, or `None` once the generation is over.
+    fn next_piece(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
+        if self.done {
+            return Ok(None);
+        }
+        let (engine, seq) = (&self.engine, &mut self.seq);
+        py.detach(|| engine.step_one(seq)).map_err(runtime_error)?;
+        py.check_signals()?;
+        let id = self.seq.sample().ok_or_else(|| BitnetError::new_err("the step gave no logits"))?;
+        self.generated.push(id);
+        let end =
+            (!self.ignore_eos && self.engine.tokenizer.is_eog(id)) || self.generated.len() >= self.max_tokens || self.seq.tokens().len() >= self.engine.context;
+        let (piece, stopped) = self.stops.push(&self.text.push(id));
+        self.stopped = stopped;
+        if end || stopped {
+            self.done = true;
+        } else {
+            self.seq.feed(&[id]);
+        }
+        Ok(Some(piece))
+    }
+
+    /// What is left once the generation is over (nothing after a stop).
+    fn rest(&mut self) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        let (piece, stopped) = self.stops.push(&self.text.finish());
+        self.stopped = stopped;
+        if stopped {
+            piece
+        } else {
+            piece + &self.stops.finish()
+        }
+    }
+
+    /// Runs to the end; the text, exactly `bitnet run --json`'s when no
+    /// stop string was met.
+    fn finish(mut self, py: Python<'_>) -> PyResult<(String, Vec<u32>)> {
+        let mut out = String::new();
+        while let Some(piece) = self.next_piece(py)? {
+            out += &piece;
+        }
+        out += &self.rest();
+        if !self.stopped {
+            out = self.engine.tokenizer.decode(self.prompt_last, &self.generated);
+        }
+        Ok((out, self.generated))
+    }
+}
+
+/// A loaded model: a GGUF file, a Hugging Face folder or a `.bnx` artifact
+/// from `bitnet compile`.
+#[pyclass(module = "bitnet", frozen)]
+struct Model {
+    engine: RwLock<Option<Arc<Engine>>>,
+    path: PathBuf,
+}
+
+impl Model {
+    fn engine(&self) -> PyResult<Arc<Engine>> {
+        self.engine.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| BitnetError::new_err("the model is closed"))
+    }
+
+    fn text_ids(&self, engine: &Engine, prompt: &str) -> PyResult<Vec<u32>> {
+        let tok = &engine.tokenizer;
+        tok.encode(prompt, tok.add_bos, false).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+fn messages(list: &Bound<'_, PyList>) -> PyResult<Vec<Message>> {
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let d = m.cast::<PyDict>().map_err(|_| invalid(format!("messages[{i}] is not a dict with role and content")))?;
+        let get = |k: &str| -> PyResult<String> {
+            d.get_item(k)?
+                .ok_or_else(|| invalid(format!("messages[{i}] has no {k:?}")))?
+                .extract::<String>()
+                .map_err(|_| invalid(format!("messages[{i}][{k:?}] is not a string")))
+        };
+        let role = get("role")?;
+        let role = match role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            r => return Err(invalid(format!("messages[{i}]: role {r:?}; one of system, user, assistant"))),
+        };
+        out.push(Message::new(role, &get("content")?));
+    }
+    if out.is_empty() {
+        return Err(invalid("messages is empty"));
+    }
+    Ok(out)
+}
+
+#[pymethods]
+impl Model {
+    #[new]
+    #[pyo3(signature = (path, *, device = "cpu".to_string(), threads = None, head = "stored".to_string(), tune = true, context = None, backend = "compiled".to_string(), isa = None, chat_template = None, parallel = 4, kv_budget = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        device: String,
+        threads: Option<usize>,
+        head: String,
+        tune: bool,
+        context: Option<usize>,
+        backend: String,
+        isa: Option<String>,
+        chat_template: Option<String>,
+        parallel: usize,
+        kv_budget: Option<usize>,
+    ) -> PyResult<Model> {
+        let args = OpenArgs { device, threads, head, tune, context, backend, isa, chat_template, parallel, kv_budget };
+        let engine = open(py, &path, &args)?;
+        Ok(Model { engine: RwLock::new(Some(Arc::new(engine))), path })
+    }
+
+    /// Frees the model (once running calls finish); later calls raise
+    /// `BitnetError`.
+    fn close(&self) {
+        self.engine.write().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        let state = if self.engine.read().map(|e| e.is_some()).unwrap_or(false) { "" } else { ", closed" };
+        format!("bitnet.Model({:?}{state})", self.path.display().to_string())
+    }
+
+    /// Generates text after `prompt` (BOS added as the model asks, as
+    /// `bitnet run -p`); the text is exactly `bitnet run --json`'s.
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+        ignore_eos: bool,
+    ) -> PyResult<String> {
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
+        let engine = self.engine()?;
+        let ids = self.text_ids(&engine, prompt)?;
+        Ok(Run::start(engine, ids, &s)?.finish(py)?.0)
+    }
+
+    /// Generates after `prompt_ids`, used verbatim (no BOS added, as
+    /// `bitnet run --prompt-ids`); returns the generated ids.
+    #[pyo3(signature = (prompt_ids, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_ids(
+        &self,
+        py: Python<'_>,
+        prompt_ids: Vec<u32>,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+        ignore_eos: bool,
+    ) -> PyResult<Vec<u32>> {
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
+        Ok(Run::start(self.engine()?, prompt_ids, &s)?.finish(py)?.1)
+    }
+
+    /// Like `generate`, as an iterator of text pieces as they are made.
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        prompt: &str,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+        ignore_eos: bool,
+    ) -> PyResult<Stream> {
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
+        let engine = self.engine()?;
+        let ids = self.text_ids(&engine, prompt)?;
+        Ok(Stream { run: Mutex::new(Some(Run::start(engine, ids, &s)?)) })
+    }
+
+    /// The assistant's answer to `messages` (dicts with `role` and
+    /// `content`), rendered with the chat template.
+    #[pyo3(signature = (messages, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyList>,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<String> {
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, false)?;
+        let msgs = self::messages(messages)?;
+        let engine = self.engine()?;
+        let ids = engine.chat_ids(&msgs).map_err(runtime_error)?;
+        Ok(Run::start(engine, ids, &s)?.finish(py)?.0)
+    }
+
+    /// Text to ids; BOS first when `add_bos` and the model asks for one.
+    #[pyo3(signature = (text, add_bos = true))]
+    fn tokenize(&self, text: &str, add_bos: bool) -> PyResult<Vec<u32>> {
+        let engine = self.engine()?;
+        let tok = &engine.tokenizer;
+        tok.encode(text, add_bos && tok.add_bos, false).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Ids to text.
+    fn detokenize(&self, ids: Vec<u32>) -> PyResult<String> {
+        let engine = self.engine()?;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= engine.vocab()) {
+            return Err(invalid(format!("token id {bad} is outside the vocabulary of {}", engine.vocab())));
+        }
+        Ok(engine.tokenizer.decode_text(&ids))
+    }
+
+    /// The logits at every position of `ids` (used verbatim), float32
+    /// `[len(ids), vocab]`, as `bitnet run --dump-logits` writes them.
+    fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let engine = self.engine()?;
+        let s = sampling(1, 0.0, 40, 0.95, 0.05, 1.0, Some(0), None, false)?;
+        // Validates the ids and the context as a generation would.
+        let mut run = Run::start(engine.clone(), ids.clone(), &s)?;
+        run.seq.keep_all_logits = true;
+        let seq = &mut run.seq;
+        py.detach(|| engine.step_one(seq)).map_err(runtime_error)?;
+        let rows = Array2::from_shape_vec((ids.len(), engine.vocab()), run.seq.logits().to_vec())
+            .map_err(|e| BitnetError::new_err(format!("logits of an unexpected shape: {e}")))?;
+        Ok(rows.into_pyarray(py))
+    }
+
+    /// The model: architecture, hyper-parameters, tensor types, and how it runs.
+    #[getter]
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let engine = self.engine()?;
+        let c = &engine.model.config;
+        let d = PyDict::new(py);
+        d.set_item("path", self.path.display().to_string())?;
+        d.set_item("architecture", &c.arch_name)?;
+        d.set_item("hidden", c.hidden)?;
+        d.set_item("layers", c.layers)?;
+        d.set_item("heads", c.heads)?;
+        d.set_item("kv_heads", c.kv_heads)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("ffn", c.ffn)?;
+        d.set_item("vocab", c.vocab)?;
+        d.set_item("context_train", c.context)?;
+        d.set_item("context", engine.context)?;
+        d.set_item("rope_theta", shortest(c.rope_theta))?;
+        d.set_item("norm_eps", shortest(c.norm_eps))?;
+        d.set_item("activation", format!("{:?}", c.activation).to_lowercase())?;
+        d.set_item("tied_head", c.tied_head)?;
+        let types = PyDict::new(py);
+        for t in &engine.model.tensors {
+            let name = t.dtype.name();
+            let n: usize = types.get_item(name)?.map(|v| v.extract()).transpose()?.unwrap_or(0);
+            types.set_item(name, n + 1)?;
+        }
+        d.set_item("tensor_types", types)?;
+        d.set_item("backend", format!("{:?}", engine.backend_kind()).to_lowercase())?;
+        d.set_item("device", engine.device().name())?;
+        d.set_item("threads", engine.threads)?;
+        d.set_item("has_chat_template", engine.chat_template.is_some())?;
+        Ok(d)
+    }
+
+    /// Vocabulary size.
+    #[getter]
+    fn n_vocab(&self) -> PyResult<usize> {
+        Ok(self.engine()?.vocab())
+    }
+
+    /// Positions a sequence may hold.
+    #[getter]
+    fn n_ctx(&self) -> PyResult<usize> {
+        Ok(self.engine()?.context)
+    }
+}
+
+/// Text pieces of one generation, as they are made. Dropping it (or
+/// breaking out of the loop) ends the generation and frees its cache.
+#[pyclass(module = "bitnet")]
+struct Stream {
+    run: Mutex<Option<Run>>,
+}
+
+#[pymethods]
+impl Stream {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<String> {
+        let mut guard = self.run.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(run) = guard.as_mut() else {
+            return Err(PyStopIteration::new_err(()));
+        };
+        loop {
+            match run.next_piece(py) {
+                Ok(Some(piece)) if piece.is_empty() => continue,
+                Ok(Some(piece)) => return Ok(piece),
+                Ok(None) => {
+                    let rest = run.rest();
+                    *guard = None;
+                    return if rest.is_empty() { Err(PyStopIteration::new_err(())) } else { Ok(rest) };
+                }
+                Err(e) => {
+                    *guard = None;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Ends the generation now.
+    fn close(&self) {
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Compiles `src` (a GGUF file or a Hugging Face folder) to a tuned `.bnx`
+/// artifact at `out`, as `bitnet compile`; returns its size and tensors.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (src, out, *, threads = None, head = "stored".to_string(), tune = true, context = None, isa = None))]
+fn compile<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    out: PathBuf,
+    threads: Option<usize>,
+    head: String,
+    tune: bool,
+    context: Option<usize>,
+    isa: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let args =
+        OpenArgs { device: "cpu".into(), threads, head, tune, context, backend: "compiled".into(), isa, chat_template: None, parallel: 1, kv_budget: None };
+    let head_q8 = args.head == "q8";
+    let engine = open(py, &src, &args)?;
+    let report = py.detach(|| engine.write_artifact(&out, &src, head_q8)).map_err(runtime_error)?;
+    let d = PyDict::new(py);
+    d.set_item("path", out.display().to_string())?;
+    d.set_item("bytes", report.bytes)?;
+    d.set_item("tensors", report.tensors)?;
+    Ok(d)
+}
+
+#[pymodule]
+fn _bitnet(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Model>()?;
+    m.add_class::<Stream>()?;
+    m.add_function(wrap_pyfunction!(compile, m)?)?;
+    m.add("BitnetError", py.get_type::<BitnetError>())?;
+    m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
+    m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
+    m.add("ContextFullError", py.get_type::<ContextFullError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
+
+/// An f32 as the f64 with the same shortest decimal form (1e-5, not
+/// 9.999999747378752e-06).
+fn shortest(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
