@@ -7,8 +7,7 @@
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::Pinned;
 use bitnet_frontends::chat::{template_named, Message};
-use bitnet_frontends::tokenizer::TextStream;
-use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, LoadOptions, RuntimeError, SamplerConfig, Sequence, StopFilter};
+use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::create_exception;
@@ -27,7 +26,7 @@ fn runtime_error(e: RuntimeError) -> PyErr {
     let msg = e.to_string();
     match e {
         RuntimeError::Model(_) | RuntimeError::Tokenizer(_) | RuntimeError::Artifact(_) => ModelLoadError::new_err(msg),
-        RuntimeError::KvFull(_) => ContextFullError::new_err(msg),
+        RuntimeError::KvFull(_) | RuntimeError::TooLong(_) => ContextFullError::new_err(msg),
         RuntimeError::Input(_) | RuntimeError::Chat(_) => InvalidArgumentError::new_err(msg),
         RuntimeError::Eval(_) | RuntimeError::Compile(_) => BitnetError::new_err(msg),
     }
@@ -132,104 +131,22 @@ fn sampling(
     Ok(Sampling { config, max_tokens, stop: stop.unwrap_or_default(), ignore_eos })
 }
 
-/// One generation in progress: its sequence, the ids it chose, the text
-/// so far (held back while it could still start a stop string).
-struct Run {
-    engine: Arc<Engine>,
-    seq: Sequence,
-    prompt_last: Option<u32>,
-    generated: Vec<u32>,
-    text: TextStream,
-    stops: StopFilter,
-    max_tokens: usize,
-    ignore_eos: bool,
-    stopped: bool,
-    done: bool,
+/// Starts a generation (the prompt used verbatim).
+fn start(engine: Arc<Engine>, prompt: &[u32], s: &Sampling) -> PyResult<TextGeneration> {
+    let opts = GenerateOptions { n_predict: s.max_tokens, ignore_eos: s.ignore_eos, sampler: s.config.clone(), dump_logits: false };
+    TextGeneration::start(engine, prompt, &opts, s.stop.clone()).map_err(runtime_error)
 }
 
-impl Run {
-    fn start(engine: Arc<Engine>, prompt: Vec<u32>, s: &Sampling) -> PyResult<Run> {
-        if prompt.is_empty() {
-            return Err(invalid("the prompt is empty: nothing to generate from"));
-        }
-        if prompt.len() >= engine.context {
-            return Err(ContextFullError::new_err(format!(
-                "the prompt is {} tokens; the context holds {}, with room for at least one generated token",
-                prompt.len(),
-                engine.context
-            )));
-        }
-        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= engine.vocab()) {
-            return Err(invalid(format!("token id {bad} is outside the vocabulary of {}", engine.vocab())));
-        }
-        let mut seq = engine.new_sequence(s.config.clone());
-        seq.feed(&prompt);
-        let text = TextStream::new(engine.tokenizer.clone(), prompt.last().copied());
-        Ok(Run {
-            engine,
-            seq,
-            prompt_last: prompt.last().copied(),
-            generated: Vec::new(),
-            text,
-            stops: StopFilter::new(s.stop.clone()),
-            max_tokens: s.max_tokens,
-            ignore_eos: s.ignore_eos,
-            stopped: false,
-            done: s.max_tokens == 0,
-        })
-    }
+/// One step without the GIL, then a check for Ctrl-C.
+fn step(py: Python<'_>, g: &mut TextGeneration) -> PyResult<Option<String>> {
+    let piece = py.detach(|| g.next_piece()).map_err(runtime_error)?;
+    py.check_signals()?;
+    Ok(piece)
+}
 
-    /// Evaluates what is pending (without the GIL), chooses the next token
-    /// and feeds it back, as `bitnet run` does; returns the text that
-    /// became printable, or `None` once the generation is over.
-    fn next_piece(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
-        if self.done {
-            return Ok(None);
-        }
-        let (engine, seq) = (&self.engine, &mut self.seq);
-        py.detach(|| engine.step_one(seq)).map_err(runtime_error)?;
-        py.check_signals()?;
-        let id = self.seq.sample().ok_or_else(|| BitnetError::new_err("the step gave no logits"))?;
-        self.generated.push(id);
-        let end =
-            (!self.ignore_eos && self.engine.tokenizer.is_eog(id)) || self.generated.len() >= self.max_tokens || self.seq.tokens().len() >= self.engine.context;
-        let (piece, stopped) = self.stops.push(&self.text.push(id));
-        self.stopped = stopped;
-        if end || stopped {
-            self.done = true;
-        } else {
-            self.seq.feed(&[id]);
-        }
-        Ok(Some(piece))
-    }
-
-    /// What is left once the generation is over (nothing after a stop).
-    fn rest(&mut self) -> String {
-        if self.stopped {
-            return String::new();
-        }
-        let (piece, stopped) = self.stops.push(&self.text.finish());
-        self.stopped = stopped;
-        if stopped {
-            piece
-        } else {
-            piece + &self.stops.finish()
-        }
-    }
-
-    /// Runs to the end; the text, exactly `bitnet run --json`'s when no
-    /// stop string was met.
-    fn finish(mut self, py: Python<'_>) -> PyResult<(String, Vec<u32>)> {
-        let mut out = String::new();
-        while let Some(piece) = self.next_piece(py)? {
-            out += &piece;
-        }
-        out += &self.rest();
-        if !self.stopped {
-            out = self.engine.tokenizer.decode(self.prompt_last, &self.generated);
-        }
-        Ok((out, self.generated))
-    }
+/// Runs a generation to the end: its text and ids.
+fn run(py: Python<'_>, g: TextGeneration) -> PyResult<(String, Vec<u32>)> {
+    g.finish(|g| step(py, g))
 }
 
 /// A loaded model: a GGUF file, a Hugging Face folder or a `.bnx` artifact
@@ -342,7 +259,7 @@ impl Model {
         let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
-        Ok(Run::start(engine, ids, &s)?.finish(py)?.0)
+        Ok(run(py, start(engine, &ids, &s)?)?.0)
     }
 
     /// Generates after `prompt_ids`, used verbatim (no BOS added, as
@@ -364,7 +281,7 @@ impl Model {
         ignore_eos: bool,
     ) -> PyResult<Vec<u32>> {
         let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
-        Ok(Run::start(self.engine()?, prompt_ids, &s)?.finish(py)?.1)
+        Ok(run(py, start(self.engine()?, &prompt_ids, &s)?)?.1)
     }
 
     /// Like `generate`, as an iterator of text pieces as they are made.
@@ -386,7 +303,7 @@ impl Model {
         let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
-        Ok(Stream { run: Mutex::new(Some(Run::start(engine, ids, &s)?)) })
+        Ok(Stream { run: Mutex::new(Some(start(engine, &ids, &s)?)) })
     }
 
     /// The assistant's answer to `messages` (dicts with `role` and
@@ -410,7 +327,7 @@ impl Model {
         let msgs = self::messages(messages)?;
         let engine = self.engine()?;
         let ids = engine.chat_ids(&msgs).map_err(runtime_error)?;
-        Ok(Run::start(engine, ids, &s)?.finish(py)?.0)
+        Ok(run(py, start(engine, &ids, &s)?)?.0)
     }
 
     /// Text to ids; BOS first when `add_bos` and the model asks for one.
@@ -434,13 +351,11 @@ impl Model {
     /// `[len(ids), vocab]`, as `bitnet run --dump-logits` writes them.
     fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let engine = self.engine()?;
-        let s = sampling(1, 0.0, 40, 0.95, 0.05, 1.0, Some(0), None, false)?;
-        // Validates the ids and the context as a generation would.
-        let mut run = Run::start(engine.clone(), ids.clone(), &s)?;
-        run.seq.keep_all_logits = true;
-        let seq = &mut run.seq;
-        py.detach(|| engine.step_one(seq)).map_err(runtime_error)?;
-        let rows = Array2::from_shape_vec((ids.len(), engine.vocab()), run.seq.logits().to_vec())
+        let opts = GenerateOptions { n_predict: 1, ignore_eos: false, sampler: SamplerConfig::greedy(), dump_logits: true };
+        // Checks the ids and the context as a generation would.
+        let mut g = TextGeneration::start(engine.clone(), &ids, &opts, Vec::new()).map_err(runtime_error)?;
+        py.detach(|| g.evaluate()).map_err(runtime_error)?;
+        let rows = Array2::from_shape_vec((ids.len(), engine.vocab()), g.sequence().logits().to_vec())
             .map_err(|e| BitnetError::new_err(format!("logits of an unexpected shape: {e}")))?;
         Ok(rows.into_pyarray(py))
     }
@@ -497,7 +412,7 @@ impl Model {
 /// breaking out of the loop) ends the generation and frees its cache.
 #[pyclass(module = "bitnet")]
 struct Stream {
-    run: Mutex<Option<Run>>,
+    run: Mutex<Option<TextGeneration>>,
 }
 
 #[pymethods]
@@ -512,7 +427,7 @@ impl Stream {
             return Err(PyStopIteration::new_err(()));
         };
         loop {
-            match run.next_piece(py) {
+            match step(py, run) {
                 Ok(Some(piece)) if piece.is_empty() => continue,
                 Ok(Some(piece)) => return Ok(piece),
                 Ok(None) => {

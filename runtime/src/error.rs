@@ -20,6 +20,9 @@ pub enum RuntimeError {
     KvFull(#[from] crate::kv::KvFull),
     #[error("{0}")]
     Input(String),
+    /// A prompt longer than the context leaves room for.
+    #[error("{0}")]
+    TooLong(String),
     #[error("compiling: {0}")]
     Compile(String),
     #[error("{0}")]

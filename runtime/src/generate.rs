@@ -5,6 +5,9 @@
 use crate::engine::{Engine, Sequence};
 use crate::error::RuntimeError;
 use crate::sampler::{Sampler, SamplerConfig};
+use crate::stops::StopFilter;
+use bitnet_frontends::tokenizer::TextStream;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -207,5 +210,130 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// One text generation pulled a token at a time, for callers that stream
+/// it and may stop between tokens (the language bindings): each
+/// [`next_piece`](TextGeneration::next_piece) evaluates one step, chooses
+/// the next token as [`Engine::generate`] does and returns the text that
+/// became printable; text that could still start a stop string is held
+/// back. Dropping it frees the sequence's cache.
+pub struct TextGeneration {
+    engine: Arc<Engine>,
+    seq: Sequence,
+    prompt_last: Option<u32>,
+    generated: Vec<u32>,
+    text: TextStream,
+    stops: StopFilter,
+    max_tokens: usize,
+    ignore_eos: bool,
+    stopped: bool,
+    done: bool,
+}
+
+impl TextGeneration {
+    /// Checks `prompt` (used verbatim) and queues it on a new sequence.
+    pub fn start(engine: Arc<Engine>, prompt: &[u32], opts: &GenerateOptions, stop: Vec<String>) -> Result<TextGeneration, RuntimeError> {
+        if prompt.is_empty() {
+            return RuntimeError::input("the prompt is empty: nothing to generate from");
+        }
+        if prompt.len() >= engine.context {
+            return Err(RuntimeError::TooLong(format!(
+                "the prompt is {} tokens; the context holds {}, with room for at least one generated token",
+                prompt.len(),
+                engine.context
+            )));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= engine.vocab()) {
+            return RuntimeError::input(format!("token id {bad} is outside the vocabulary of {}", engine.vocab()));
+        }
+        let mut seq = engine.new_sequence(opts.sampler.clone());
+        seq.keep_all_logits = opts.dump_logits;
+        seq.feed(prompt);
+        let text = TextStream::new(engine.tokenizer.clone(), prompt.last().copied());
+        Ok(TextGeneration {
+            engine,
+            seq,
+            prompt_last: prompt.last().copied(),
+            generated: Vec::new(),
+            text,
+            stops: StopFilter::new(stop),
+            max_tokens: opts.n_predict,
+            ignore_eos: opts.ignore_eos,
+            stopped: false,
+            done: opts.n_predict == 0,
+        })
+    }
+
+    /// One step: the text that became printable (maybe empty), or `None`
+    /// once the generation is over.
+    pub fn next_piece(&mut self) -> Result<Option<String>, RuntimeError> {
+        if self.done {
+            return Ok(None);
+        }
+        self.engine.step_one(&mut self.seq)?;
+        let id = self.seq.sample().ok_or_else(|| RuntimeError::Input("the step gave no logits".into()))?;
+        self.generated.push(id);
+        let end =
+            (!self.ignore_eos && self.engine.tokenizer.is_eog(id)) || self.generated.len() >= self.max_tokens || self.seq.tokens().len() >= self.engine.context;
+        let (piece, stopped) = self.stops.push(&self.text.push(id));
+        self.stopped = stopped;
+        if end || stopped {
+            self.done = true;
+        } else {
+            self.seq.feed(&[id]);
+        }
+        Ok(Some(piece))
+    }
+
+    /// What is left once [`next_piece`](Self::next_piece) has said the
+    /// generation is over (nothing after a stop string).
+    pub fn rest(&mut self) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        let (piece, stopped) = self.stops.push(&self.text.finish());
+        self.stopped = stopped;
+        if stopped {
+            piece
+        } else {
+            piece + &self.stops.finish()
+        }
+    }
+
+    /// Runs to the end, each step through `step` (which calls
+    /// [`next_piece`](Self::next_piece), and may do more around it: release
+    /// a lock, check for an interrupt); the text (exactly `bitnet run
+    /// --json`'s when no stop string was met) and the generated ids.
+    pub fn finish<E>(mut self, mut step: impl FnMut(&mut Self) -> Result<Option<String>, E>) -> Result<(String, Vec<u32>), E> {
+        let mut out = String::new();
+        while let Some(piece) = step(&mut self)? {
+            out += &piece;
+        }
+        out += &self.rest();
+        if !self.stopped {
+            out = self.engine.tokenizer.decode(self.prompt_last, &self.generated);
+        }
+        Ok((out, self.generated))
+    }
+
+    /// The sequence: its logits after a step (with `dump_logits`).
+    pub fn sequence(&self) -> &Sequence {
+        &self.seq
+    }
+
+    /// Evaluates what is pending without choosing a token (the prompt's
+    /// logits).
+    pub fn evaluate(&mut self) -> Result<(), RuntimeError> {
+        self.engine.step_one(&mut self.seq)
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
     }
 }

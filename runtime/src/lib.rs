@@ -23,7 +23,7 @@ pub mod stops;
 pub use backend::{Backend, BackendKind, Device, LoadOptions, StepRows};
 pub use engine::{Engine, EngineOptions, Sequence};
 pub use error::RuntimeError;
-pub use generate::{GenerateOptions, Generation, StopReason};
+pub use generate::{GenerateOptions, Generation, StopReason, TextGeneration};
 pub use kv::KvUsage;
 pub use lowering::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads};
 pub use sampler::{Sampler, SamplerConfig};

@@ -1,0 +1,407 @@
+//! The C API: opaque engine and sequence handles over the runtime's
+//! [`Engine`] and [`TextGeneration`]. Every function catches panics (none
+//! unwinds into C) and reports failure as a [`BitnetStatus`], with the
+//! message in a thread-local string that [`bitnet_last_error`] returns.
+
+// The functions are the C boundary: they check their pointers for null and
+// the header says what they need of the caller's; Rust calls them only in
+// tests. Marking them `unsafe` would change nothing for C.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+use bitnet_codegen::schedule::Pinned;
+use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What a call returns: 0 on success.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitnetStatus {
+    Ok = 0,
+    /// A null pointer, a bad option, text that is not UTF-8, an id outside
+    /// the vocabulary.
+    InvalidArgument = 1,
+    /// The model file or folder cannot be read, or is not a model.
+    ModelLoad = 2,
+    /// The prompt does not fit the context, or the KV budget is full.
+    ContextFull = 3,
+    /// A caller's buffer is too small; the size needed is reported.
+    BufferTooSmall = 4,
+    /// Anything else the engine reported.
+    Runtime = 5,
+    /// A bug: a panic inside the library, caught at the boundary.
+    Internal = 6,
+}
+
+/// How to open an engine. Fill it with `bitnet_engine_options_default`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BitnetEngineOptions {
+    /// Threads; 0: every core (as the CLI).
+    pub threads: u32,
+    /// Context size per sequence; 0: the model's.
+    pub context: u32,
+    /// Sequences expected at once: with the context, sizes the KV cache.
+    pub parallel: u32,
+    /// Quantize the output head to int8 at load (lossy, faster decode).
+    pub head_q8: bool,
+    /// Ignore the tuning database (default tiles).
+    pub no_tune: bool,
+    /// Run on the reference interpreter instead of compiled kernels.
+    pub interpreter: bool,
+}
+
+/// How a sequence samples. Fill it with `bitnet_sampling_default` (the
+/// CLI's defaults; temperature 0 is greedy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BitnetSampling {
+    pub temperature: f32,
+    /// 0: every token.
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// 1.0: off.
+    pub repeat_penalty: f32,
+    pub seed: u64,
+    /// Go on past the end-of-generation token.
+    pub ignore_eos: bool,
+}
+
+/// A loaded model. Opaque.
+pub struct BitnetEngine {
+    engine: Arc<Engine>,
+}
+
+/// One conversation's sampling settings (and, while a generation runs, its
+/// place in the KV cache). Opaque.
+pub struct BitnetSequence {
+    engine: Arc<Engine>,
+    sampling: BitnetSampling,
+}
+
+/// Called with each piece of generated text (UTF-8, `len` bytes, not
+/// NUL-terminated) and the caller's `user` pointer; return non-zero to stop.
+pub type BitnetPieceCallback = Option<extern "C" fn(piece: *const c_char, len: usize, user: *mut c_void) -> c_int>;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// A failure: its status and message.
+struct Failure(BitnetStatus, String);
+
+impl From<RuntimeError> for Failure {
+    fn from(e: RuntimeError) -> Failure {
+        let status = match &e {
+            RuntimeError::Model(_) | RuntimeError::Tokenizer(_) | RuntimeError::Artifact(_) => BitnetStatus::ModelLoad,
+            RuntimeError::KvFull(_) | RuntimeError::TooLong(_) => BitnetStatus::ContextFull,
+            RuntimeError::Input(_) | RuntimeError::Chat(_) => BitnetStatus::InvalidArgument,
+            RuntimeError::Eval(_) | RuntimeError::Compile(_) => BitnetStatus::Runtime,
+        };
+        Failure(status, e.to_string())
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Failure {
+    Failure(BitnetStatus::InvalidArgument, msg.into())
+}
+
+/// Runs `f`, turning an error or a panic into a status and the message.
+fn guard(f: impl FnOnce() -> Result<(), Failure>) -> BitnetStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => BitnetStatus::Ok,
+        Ok(Err(Failure(status, msg))) => {
+            set_error(&msg);
+            status
+        }
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            set_error(&format!("internal error (a bug in bitnet-rs): {what}"));
+            BitnetStatus::Internal
+        }
+    }
+}
+
+fn nonnull<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
+    // SAFETY: the caller passes a pointer from this library (or null).
+    unsafe { p.as_ref() }.ok_or_else(|| invalid(format!("{what} is null")))
+}
+
+fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
+    if p.is_null() {
+        return Err(invalid(format!("{what} is null")));
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| invalid(format!("{what} is not UTF-8")))
+}
+
+fn slice<'a, T>(p: *const T, n: usize, what: &str) -> Result<&'a [T], Failure> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(invalid(format!("{what} is null")));
+    }
+    // SAFETY: the caller passes `n` readable elements.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// Copies `src` into the caller's buffer, reporting the length in `*n`
+/// (also when the buffer is too small).
+fn copy_out<T: Copy>(src: &[T], out: *mut T, cap: usize, n: *mut usize, what: &str) -> Result<(), Failure> {
+    if !n.is_null() {
+        // SAFETY: the caller passes a writable size_t or null.
+        unsafe { *n = src.len() };
+    }
+    if src.len() > cap {
+        return Err(Failure(BitnetStatus::BufferTooSmall, format!("{what} needs room for {} elements; the buffer holds {cap}", src.len())));
+    }
+    if !src.is_empty() {
+        if out.is_null() {
+            return Err(invalid(format!("{what} buffer is null")));
+        }
+        // SAFETY: the caller passes `cap` >= `src.len()` writable elements.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out, src.len()) };
+    }
+    Ok(())
+}
+
+/// The library's version, e.g. "0.1.0" (static, never freed).
+#[no_mangle]
+pub extern "C" fn bitnet_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The message of this thread's last failed call ("" if none); valid
+/// until this thread's next call into the library.
+#[no_mangle]
+pub extern "C" fn bitnet_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// The defaults: every core, the model's context, 4 sequences, tuned.
+#[no_mangle]
+pub extern "C" fn bitnet_engine_options_default() -> BitnetEngineOptions {
+    BitnetEngineOptions { threads: 0, context: 0, parallel: 4, head_q8: false, no_tune: false, interpreter: false }
+}
+
+/// The CLI's sampling defaults (llama.cpp's), seed 0.
+#[no_mangle]
+pub extern "C" fn bitnet_sampling_default() -> BitnetSampling {
+    let d = SamplerConfig::default();
+    BitnetSampling {
+        temperature: d.temperature,
+        top_k: d.top_k as u32,
+        top_p: d.top_p,
+        min_p: d.min_p,
+        repeat_penalty: d.repeat_penalty,
+        seed: 0,
+        ignore_eos: false,
+    }
+}
+
+/// Opens a GGUF file, a Hugging Face folder or a `.bnx` artifact.
+/// `options` may be null (the defaults). On success `*out` holds the
+/// engine, to be closed with `bitnet_engine_close`.
+#[no_mangle]
+pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const BitnetEngineOptions, out: *mut *mut BitnetEngine) -> BitnetStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        // SAFETY: checked non-null; the caller passes a writable pointer.
+        unsafe { *out = std::ptr::null_mut() };
+        let path = PathBuf::from(text(path, "path")?);
+        let o = if options.is_null() { bitnet_engine_options_default() } else { *nonnull(options, "options")? };
+        let threads = if o.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { o.threads as usize };
+        let backend = if o.interpreter { BackendKind::Interp } else { BackendKind::Compiled };
+        if o.interpreter && o.head_q8 {
+            return Err(invalid("head_q8 needs the compiled backend"));
+        }
+        let pinned = Pinned { head_q8: o.head_q8, ..Default::default() };
+        let load = LoadOptions { threads, context: (o.context > 0).then_some(o.context as usize), backend, device: Device::Cpu, pinned, tuning: !o.no_tune };
+        let opts = EngineOptions { load, parallel: o.parallel.max(1) as usize, kv_budget: None, chat_template: None };
+        let engine = Engine::open(&path, &opts).map_err(|e| Failure(BitnetStatus::ModelLoad, format!("loading {}: {e}", path.display())))?;
+        let handle = Box::new(BitnetEngine { engine: Arc::new(engine) });
+        // SAFETY: as above.
+        unsafe { *out = Box::into_raw(handle) };
+        Ok(())
+    })
+}
+
+/// Closes an engine (null is ignored). Sequences still open keep the model
+/// until they are freed.
+#[no_mangle]
+pub extern "C" fn bitnet_engine_close(engine: *mut BitnetEngine) {
+    if !engine.is_null() {
+        // SAFETY: a pointer from bitnet_engine_open, closed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(engine) })));
+    }
+}
+
+/// Vocabulary size (0 for a null engine).
+#[no_mangle]
+pub extern "C" fn bitnet_vocab_size(engine: *const BitnetEngine) -> usize {
+    // SAFETY: a pointer from bitnet_engine_open or null.
+    unsafe { engine.as_ref() }.map_or(0, |e| e.engine.vocab())
+}
+
+/// Positions a sequence may hold (0 for a null engine).
+#[no_mangle]
+pub extern "C" fn bitnet_context_size(engine: *const BitnetEngine) -> usize {
+    // SAFETY: as above.
+    unsafe { engine.as_ref() }.map_or(0, |e| e.engine.context)
+}
+
+/// Text to token ids (BOS first when `add_bos` and the model asks for
+/// one). Writes up to `cap` ids to `ids` and their count to `*n_ids`; with
+/// too small a buffer, returns BUFFER_TOO_SMALL and the count needed.
+#[no_mangle]
+pub extern "C" fn bitnet_tokenize(
+    engine: *const BitnetEngine,
+    text_: *const c_char,
+    add_bos: bool,
+    ids: *mut u32,
+    cap: usize,
+    n_ids: *mut usize,
+) -> BitnetStatus {
+    guard(|| {
+        let e = &nonnull(engine, "engine")?.engine;
+        let tok = &e.tokenizer;
+        let v = tok.encode(text(text_, "text")?, add_bos && tok.add_bos, false).map_err(|e| invalid(e.to_string()))?;
+        copy_out(&v, ids, cap, n_ids, "the ids")
+    })
+}
+
+/// Token ids to text: writes up to `cap` bytes and a NUL to `out`
+/// (`cap` counts the NUL) and the text's length to `*len`; with too small
+/// a buffer, returns BUFFER_TOO_SMALL and the length needed (without NUL).
+#[no_mangle]
+pub extern "C" fn bitnet_detokenize(engine: *const BitnetEngine, ids: *const u32, n_ids: usize, out: *mut c_char, cap: usize, len: *mut usize) -> BitnetStatus {
+    guard(|| {
+        let e = &nonnull(engine, "engine")?.engine;
+        let ids = slice(ids, n_ids, "ids")?;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= e.vocab()) {
+            return Err(invalid(format!("token id {bad} is outside the vocabulary of {}", e.vocab())));
+        }
+        let mut bytes = e.tokenizer.decode_text(ids).into_bytes();
+        if !len.is_null() {
+            // SAFETY: the caller passes a writable size_t or null.
+            unsafe { *len = bytes.len() };
+        }
+        bytes.push(0);
+        copy_out(&bytes, out.cast::<u8>(), cap, std::ptr::null_mut(), "the text")
+    })
+}
+
+/// A new sequence on `engine` that samples as `sampling` says (null: the
+/// defaults). Free it with `bitnet_sequence_free`.
+#[no_mangle]
+pub extern "C" fn bitnet_sequence_new(engine: *const BitnetEngine, sampling: *const BitnetSampling, out: *mut *mut BitnetSequence) -> BitnetStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        let e = nonnull(engine, "engine")?.engine.clone();
+        let s = if sampling.is_null() { bitnet_sampling_default() } else { *nonnull(sampling, "sampling")? };
+        let valid =
+            s.temperature.is_finite() && s.temperature >= 0.0 && (0.0..=1.0).contains(&s.top_p) && (0.0..=1.0).contains(&s.min_p) && s.repeat_penalty > 0.0;
+        if !valid {
+            return Err(invalid("sampling values out of range: temperature >= 0, top_p and min_p in [0, 1], repeat_penalty > 0"));
+        }
+        // SAFETY: checked non-null; the caller passes a writable pointer.
+        unsafe { *out = Box::into_raw(Box::new(BitnetSequence { engine: e, sampling: s })) };
+        Ok(())
+    })
+}
+
+/// Frees a sequence (null is ignored).
+#[no_mangle]
+pub extern "C" fn bitnet_sequence_free(seq: *mut BitnetSequence) {
+    if !seq.is_null() {
+        // SAFETY: a pointer from bitnet_sequence_new, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(seq) })));
+    }
+}
+
+impl BitnetSequence {
+    fn options(&self, max_tokens: usize, dump_logits: bool) -> GenerateOptions {
+        let s = &self.sampling;
+        let sampler = SamplerConfig {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            seed: s.seed,
+            ..SamplerConfig::default()
+        };
+        GenerateOptions { n_predict: max_tokens, ignore_eos: s.ignore_eos, sampler, dump_logits }
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt` (ids used verbatim, as
+/// `bitnet run --prompt-ids`), calling `on_piece` with each piece of text
+/// as it becomes printable (null: no calls); a non-zero return stops the
+/// generation (still BITNET_STATUS_OK). The generated ids go to `ids`
+/// (null: not wanted; else room for `cap`, count in `*n_ids`).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn bitnet_generate(
+    seq: *mut BitnetSequence,
+    prompt: *const u32,
+    n_prompt: usize,
+    max_tokens: usize,
+    on_piece: BitnetPieceCallback,
+    user: *mut c_void,
+    ids: *mut u32,
+    cap: usize,
+    n_ids: *mut usize,
+) -> BitnetStatus {
+    guard(|| {
+        let seq = nonnull(seq.cast_const(), "sequence")?;
+        let prompt = slice(prompt, n_prompt, "prompt")?;
+        let mut g = TextGeneration::start(seq.engine.clone(), prompt, &seq.options(max_tokens, false), Vec::new())?;
+        let send = |piece: &str| on_piece.is_some_and(|f| !piece.is_empty() && f(piece.as_ptr().cast(), piece.len(), user) != 0);
+        let mut stopped = false;
+        while let Some(piece) = g.next_piece()? {
+            if send(&piece) {
+                stopped = true;
+                break;
+            }
+        }
+        if !stopped {
+            send(&g.rest());
+        }
+        if ids.is_null() {
+            if !n_ids.is_null() {
+                // SAFETY: the caller passes a writable size_t or null.
+                unsafe { *n_ids = g.generated().len() };
+            }
+            return Ok(());
+        }
+        copy_out(g.generated(), ids, cap, n_ids, "the generated ids")
+    })
+}
+
+/// The logits at every position of `ids` (used verbatim): `n_ids` rows of
+/// `bitnet_vocab_size` floats into `out`, which holds `cap` floats.
+#[no_mangle]
+pub extern "C" fn bitnet_logits(seq: *mut BitnetSequence, ids: *const u32, n_ids: usize, out: *mut f32, cap: usize) -> BitnetStatus {
+    guard(|| {
+        let seq = nonnull(seq.cast_const(), "sequence")?;
+        let ids = slice(ids, n_ids, "ids")?;
+        let mut g = TextGeneration::start(seq.engine.clone(), ids, &seq.options(1, true), Vec::new())?;
+        g.evaluate()?;
+        copy_out(g.sequence().logits(), out, cap, std::ptr::null_mut(), "the logits")
+    })
+}

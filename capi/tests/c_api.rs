@@ -1,0 +1,173 @@
+//! The C API from C and from Rust: the committed header is what cbindgen
+//! generates; examples/c/main.c, built with the system C compiler against
+//! the shared library, prints stories260K's known continuation, also under
+//! valgrind with no errors and no leaks; bad files, bad arguments and small
+//! buffers come back as status codes with messages.
+
+use bitnet_capi::*;
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const KNOWN: [u32; 20] = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292];
+
+fn manifest() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn stories() -> PathBuf {
+    manifest().join("../../shared/data/models/stories260K/stories260K.gguf")
+}
+
+/// The directory holding this profile's `libbitnet_capi.so`.
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+fn tool(name: &str) -> bool {
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var_os("BITNET_REQUIRE_TOOLS").is_none(), "{name} is not installed");
+        eprintln!("skipped: {name} is not installed");
+    }
+    found
+}
+
+#[test]
+fn the_committed_header_is_what_cbindgen_generates() {
+    let config = cbindgen::Config::from_file(manifest().join("cbindgen.toml")).unwrap();
+    let mut generated = Vec::new();
+    cbindgen::Builder::new().with_config(config).with_src(manifest().join("src/lib.rs")).generate().expect("cbindgen").write(&mut generated);
+    let path = manifest().join("include/bitnet.h");
+    if std::env::var_os("BITNET_UPDATE_HEADER").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read(&path).unwrap_or_default();
+    assert!(committed == generated, "capi/include/bitnet.h is out of date: run BITNET_UPDATE_HEADER=1 cargo test -p bitnet-capi and commit it");
+}
+
+/// Builds examples/c/main.c against the shared library.
+fn example() -> PathBuf {
+    let out = std::env::temp_dir().join(format!("bitnet-capi-example-{}", std::process::id()));
+    let lib = lib_dir();
+    // `cargo test` builds the crate as an rlib only; build the shared
+    // library (a no-op when it is up to date).
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--lib", "-p", "bitnet-capi"]);
+    if lib.file_name().is_some_and(|n| n == "release") {
+        cargo.arg("--release");
+    }
+    let o = cargo.output().expect("running cargo");
+    assert!(o.status.success(), "cargo build -p bitnet-capi: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(lib.join("libbitnet_capi.so").exists(), "no libbitnet_capi.so in {}", lib.display());
+    let o = Command::new("cc")
+        .arg(manifest().join("../examples/c/main.c"))
+        .arg("-I")
+        .arg(manifest().join("include"))
+        .arg("-L")
+        .arg(&lib)
+        .args(["-lbitnet_capi", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .output()
+        .expect("running cc");
+    assert!(o.status.success(), "cc: {}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn known_ids_line() -> String {
+    KNOWN.iter().map(|i| format!(" {i}")).collect()
+}
+
+#[test]
+fn the_c_example_prints_the_known_continuation() {
+    if !tool("cc") {
+        return;
+    }
+    let exe = example();
+    let o = Command::new(&exe).arg(stories()).arg("20").output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.starts_with("Once upon a time, there was a little girl named Lily"), "{out}");
+    assert!(err.contains("20 ids in") && err.contains(&known_ids_line()), "{err}");
+
+    // A garbage file: status 2 (model load) and a message that names it.
+    let bad = std::env::temp_dir().join(format!("bitnet-capi-bad-{}.gguf", std::process::id()));
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00not a model").unwrap();
+    let o = Command::new(&exe).arg(&bad).output().unwrap();
+    assert_eq!(o.status.code(), Some(BitnetStatus::ModelLoad as i32));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("error 2: loading"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    if tool("valgrind") {
+        let o = Command::new("valgrind")
+            .args(["--leak-check=full", "--errors-for-leak-kinds=definite,indirect", "--error-exitcode=99", "-q"])
+            .arg(&exe)
+            .arg(stories())
+            .arg("20")
+            .output()
+            .unwrap();
+        let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "valgrind found errors or leaks:\n{err}");
+        assert!(out.starts_with("Once upon a time, there was a little girl named Lily") && err.contains(&known_ids_line()), "{out}\n{err}");
+    }
+    let _ = std::fs::remove_file(bad);
+    let _ = std::fs::remove_file(exe);
+}
+
+fn last_error() -> String {
+    // SAFETY: the library returns a NUL-terminated string.
+    unsafe { CStr::from_ptr(bitnet_last_error()) }.to_string_lossy().into_owned()
+}
+
+#[test]
+fn bad_arguments_and_small_buffers_are_status_codes() {
+    let path = CString::new(stories().to_str().unwrap()).unwrap();
+    let mut engine = std::ptr::null_mut();
+    let mut opts = bitnet_engine_options_default();
+    opts.threads = 1;
+    assert_eq!(bitnet_engine_open(path.as_ptr(), &opts, &mut engine), BitnetStatus::Ok);
+    assert_eq!(bitnet_vocab_size(engine), 512);
+
+    let text = CString::new("Once upon a time").unwrap();
+    let (mut ids, mut n) = ([0u32; 2], 0usize);
+    assert_eq!(bitnet_tokenize(engine, text.as_ptr(), true, ids.as_mut_ptr(), ids.len(), &mut n), BitnetStatus::BufferTooSmall);
+    assert_eq!(n, 5);
+    assert!(last_error().contains("room for 5"), "{}", last_error());
+    let mut ids = [0u32; 8];
+    assert_eq!(bitnet_tokenize(engine, text.as_ptr(), true, ids.as_mut_ptr(), ids.len(), &mut n), BitnetStatus::Ok);
+    assert_eq!(&ids[..n], &[1, 403, 407, 261, 378]);
+
+    let (mut buf, mut len) = ([0u8; 64], 0usize);
+    assert_eq!(bitnet_detokenize(engine, [9999u32].as_ptr(), 1, buf.as_mut_ptr().cast(), buf.len(), &mut len), BitnetStatus::InvalidArgument);
+    assert!(last_error().contains("outside the vocabulary"));
+    assert_eq!(bitnet_detokenize(engine, ids.as_ptr(), 5, buf.as_mut_ptr().cast(), 4, &mut len), BitnetStatus::BufferTooSmall);
+    assert_eq!(bitnet_tokenize(std::ptr::null(), text.as_ptr(), true, ids.as_mut_ptr(), 8, &mut n), BitnetStatus::InvalidArgument);
+    assert!(last_error().contains("engine is null"));
+
+    let mut s = bitnet_sampling_default();
+    s.temperature = 0.0;
+    let mut seq = std::ptr::null_mut();
+    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
+    // The engine may close first: the sequence keeps the model.
+    bitnet_engine_close(engine);
+    let mut out = [0u32; 20];
+    let prompt = [1u32, 403, 407, 261, 378];
+    assert_eq!(bitnet_generate(seq, prompt.as_ptr(), 5, 20, None, std::ptr::null_mut(), out.as_mut_ptr(), 20, &mut n), BitnetStatus::Ok);
+    assert_eq!(&out[..n], &KNOWN);
+    let long = vec![1u32; 5000];
+    assert_eq!(bitnet_generate(seq, long.as_ptr(), long.len(), 4, None, std::ptr::null_mut(), std::ptr::null_mut(), 0, &mut n), BitnetStatus::ContextFull);
+    let mut logits = vec![0f32; 5 * 512];
+    assert_eq!(bitnet_logits(seq, prompt.as_ptr(), 5, logits.as_mut_ptr(), logits.len() - 1), BitnetStatus::BufferTooSmall);
+    assert_eq!(bitnet_logits(seq, prompt.as_ptr(), 5, logits.as_mut_ptr(), logits.len()), BitnetStatus::Ok);
+    let last = &logits[4 * 512..];
+    let argmax = (0..512).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap();
+    assert_eq!(argmax as u32, KNOWN[0]);
+    bitnet_sequence_free(seq);
+
+    let missing = CString::new("/no/such/model.gguf").unwrap();
+    assert_eq!(bitnet_engine_open(missing.as_ptr(), std::ptr::null(), &mut engine), BitnetStatus::ModelLoad);
+    assert!(engine.is_null() && last_error().contains("/no/such/model.gguf"));
+    // SAFETY: a static NUL-terminated string.
+    assert_eq!(unsafe { CStr::from_ptr(bitnet_version()) }.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}
