@@ -26,10 +26,11 @@ ap.add_argument("-r", type=int, default=3)
 ap.add_argument("-t", type=int, default=2)
 ap.add_argument("--bin", default="target/release/bitnet")
 ap.add_argument("--prompt", default="Once upon a time")
+ap.add_argument("--concurrent", type=int, default=0, help="also time this many Python threads generating at once on one model")
 a = ap.parse_args()
 
 py_rates, cli_rates = [], []
-with bitnet.Model(a.model, threads=a.t, parallel=1) as m:
+with bitnet.Model(a.model, threads=a.t, parallel=max(a.concurrent, 1)) as m:
     for rep in range(a.r):
         t0 = time.perf_counter()
         m.generate(a.prompt, max_tokens=1, temperature=0, ignore_eos=True)
@@ -45,5 +46,29 @@ with bitnet.Model(a.model, threads=a.t, parallel=1) as m:
         py_rates.append(py)
         cli_rates.append(cli)
         print(f"run {rep + 1}/{a.r}: python {py:.2f} tok/s, cli {cli:.2f} tok/s", flush=True)
+    together = []
+    if a.concurrent:
+        import threading
+
+        prompts = [f"{a.prompt} {i}" for i in range(a.concurrent)]
+        for rep in range(a.r):
+            # Tokens of every thread over the wall time, prefill included.
+            threads = [threading.Thread(target=m.generate, args=(p,), kwargs={"max_tokens": a.n, "temperature": 0, "ignore_eos": True}) for p in prompts]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            m.generate(prompts[0], max_tokens=a.n, temperature=0, ignore_eos=True)
+            one = a.n / (time.perf_counter() - t0)
+            together.append((a.concurrent * a.n / wall, one))
+            print(f"run {rep + 1}/{a.r}: {a.concurrent} threads {together[-1][0]:.2f} tok/s in all, one thread {one:.2f} tok/s", flush=True)
 p, c = statistics.median(py_rates), statistics.median(cli_rates)
-print(json.dumps({"python_decode_tok_s": round(p, 2), "cli_decode_tok_s": round(c, 2), "ratio": round(p / c, 3), "n": a.n, "runs": a.r}))
+report = {"python_decode_tok_s": round(p, 2), "cli_decode_tok_s": round(c, 2), "ratio": round(p / c, 3), "n": a.n, "runs": a.r}
+if together:
+    report["concurrent"] = a.concurrent
+    report["concurrent_tok_s"] = round(statistics.median(x for x, _ in together), 2)
+    report["one_thread_tok_s"] = round(statistics.median(y for _, y in together), 2)
+print(json.dumps(report))

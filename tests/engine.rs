@@ -7,7 +7,7 @@ mod common;
 
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
-use bitnet_runtime::{BackendKind, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, Sequence, Session};
+use bitnet_runtime::{BackendKind, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, Sequence, Session, TextGeneration};
 use common::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -149,6 +149,44 @@ fn threads_share_one_engine() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(got, want);
+    assert_eq!(e.kv_usage().blocks_used, 0);
+}
+
+/// Threads that each generate on their own sequence (as the language
+/// bindings do, through `TextGeneration` and `step_one`) share steps: the
+/// outputs are their serial ones, in fewer steps than the serial runs took.
+#[test]
+fn concurrent_step_one_callers_share_steps() {
+    let e = engine(&stories(), BackendKind::Compiled, 8, None);
+    let ps: Vec<Vec<u32>> = (0..8u32).map(|i| (0..(4 + 3 * i)).map(|j| 1 + (j * 13 + i * 31) % 500).collect()).collect();
+    let generate = |p: &Vec<u32>| {
+        let g = TextGeneration::start(e.clone(), p, &greedy_opts(12), Vec::new()).unwrap();
+        g.finish(|g| g.next_piece()).unwrap()
+    };
+    let before = e.steps_taken();
+    let want: Vec<(String, Vec<u32>)> = ps.iter().map(generate).collect();
+    let serial_steps = e.steps_taken() - before;
+    let start = std::sync::Barrier::new(ps.len());
+    let before = e.steps_taken();
+    let got: Vec<(String, Vec<u32>)> = std::thread::scope(|scope| {
+        let hs: Vec<_> = ps
+            .iter()
+            .map(|p| {
+                let start = &start;
+                let generate = &generate;
+                scope.spawn(move || {
+                    start.wait();
+                    generate(p)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let together_steps = e.steps_taken() - before;
+    assert_eq!(got, want);
+    // TextGeneration chooses what Engine::generate chooses.
+    assert_eq!(want[0].1, alone(&e, &ps[0], 12));
+    assert!(together_steps < serial_steps, "{together_steps} steps together, {serial_steps} one after another: no step was shared");
     assert_eq!(e.kv_usage().blocks_used, 0);
 }
 

@@ -4,7 +4,7 @@
  *
  * Threads: an engine may be used from many threads at once (bitnet_tokenize,
  * bitnet_detokenize, bitnet_generate and bitnet_logits on different
- * sequences run concurrently; their steps take turns). A sequence is used by
+ * sequences run concurrently; concurrent steps are batched into one). A sequence is used by
  * one thread at a time. bitnet_engine_close may be called while sequences
  * live: the engine is freed with the last of them. bitnet_last_error is per
  * thread. */

@@ -26,9 +26,11 @@ use bitnet_frontends::chat::{self, Message};
 use bitnet_frontends::model::Model;
 use bitnet_frontends::tokenizer::Tokenizer;
 use bitnet_ir::interp::{EvalError, Interpreter, KvPages};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -80,7 +82,29 @@ pub struct Engine {
     paged: bool,
     stepper: Mutex<Stepper>,
     blocks: Arc<KvBlocks>,
+    /// Sequences of concurrent [`Engine::step_one`] callers, stepped together.
+    combine: Mutex<Combine>,
+    combined: Condvar,
+    /// Steps evaluated (batches count once).
+    steps: AtomicU64,
 }
+
+/// The sequences waiting for the next combined step, and the results of
+/// the last ones until their callers take them.
+#[derive(Default)]
+struct Combine {
+    waiting: Vec<WaitingSequence>,
+    done: HashMap<u64, Result<(), RuntimeError>>,
+    stepping: bool,
+}
+
+/// A `&mut Sequence` whose caller is blocked in [`Engine::step_one`]
+/// until its result is posted.
+struct WaitingSequence(*mut Sequence);
+
+// SAFETY: the pointer is only dereferenced by the one thread stepping the
+// batch, while the sequence's owner waits for its result (see step_one).
+unsafe impl Send for WaitingSequence {}
 
 // An engine is shared between threads; a sequence moves between them.
 const _: () = {
@@ -128,6 +152,9 @@ impl Engine {
             paged: backend.paged(),
             stepper: Mutex::new(Stepper { backend, pages, owner: None }),
             blocks: Arc::new(KvBlocks::new(blocks, block_bytes)),
+            combine: Mutex::default(),
+            combined: Condvar::new(),
+            steps: AtomicU64::new(0),
             model,
         })
     }
@@ -226,9 +253,48 @@ impl Engine {
         self.step_timed(seqs, None)
     }
 
-    /// Steps one sequence.
+    /// Steps one sequence. Callers on other threads that step at the same
+    /// time are batched into one step: one of them (the first to find no
+    /// step running) steps every sequence waiting, the others wait for
+    /// their results. So many threads each generating on their own
+    /// sequence (the language bindings) share steps as the server does.
     pub fn step_one(&self, seq: &mut Sequence) -> Result<(), RuntimeError> {
-        self.step(&mut [seq]).pop().expect("one result a sequence")
+        let id = seq.id;
+        let lock = || self.combine.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = lock();
+        c.waiting.push(WaitingSequence(seq));
+        loop {
+            if let Some(r) = c.done.remove(&id) {
+                return r;
+            }
+            if c.stepping {
+                c = self.combined.wait(c).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            c.stepping = true;
+            let batch = std::mem::take(&mut c.waiting);
+            drop(c);
+            // SAFETY: each pointer comes from a `&mut Sequence` whose
+            // caller is blocked in this function until its result is in
+            // `done`, touching the sequence no more; ids are unique, so no
+            // sequence is in the batch twice.
+            let mut seqs: Vec<&mut Sequence> = batch.iter().map(|w| unsafe { &mut *w.0 }).collect();
+            let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
+            let results = catch_unwind(AssertUnwindSafe(|| self.step(&mut seqs)));
+            drop(seqs);
+            c = lock();
+            c.stepping = false;
+            match results {
+                Ok(results) => c.done.extend(ids.into_iter().zip(results)),
+                Err(_) => c.done.extend(ids.into_iter().map(|i| (i, RuntimeError::input("internal error: a step panicked")))),
+            }
+            self.combined.notify_all();
+        }
+    }
+
+    /// Steps evaluated so far (a batch counts once).
+    pub fn steps_taken(&self) -> u64 {
+        self.steps.load(Ordering::Relaxed)
     }
 
     /// Steps one sequence and times each kernel: milliseconds and calls
@@ -265,11 +331,13 @@ impl Engine {
         }
         if self.paged {
             if !ready.is_empty() {
+                self.steps.fetch_add(1, Ordering::Relaxed);
                 self.run(seqs, &ready, &mut results, times);
             }
         } else {
             // A backend with its own cache runs one sequence a step.
             for &i in &ready {
+                self.steps.fetch_add(1, Ordering::Relaxed);
                 self.run(seqs, &[i], &mut results, times.as_deref_mut());
             }
         }
