@@ -313,9 +313,7 @@ pub extern "C" fn bitnet_sequence_new(engine: *const BitnetEngine, sampling: *co
         }
         let e = nonnull(engine, "engine")?.engine.clone();
         let s = if sampling.is_null() { bitnet_sampling_default() } else { *nonnull(sampling, "sampling")? };
-        let valid =
-            s.temperature.is_finite() && s.temperature >= 0.0 && (0.0..=1.0).contains(&s.top_p) && (0.0..=1.0).contains(&s.min_p) && s.repeat_penalty > 0.0;
-        if !valid {
+        if !sampler(&s).in_range() {
             return Err(invalid("sampling values out of range: temperature >= 0, top_p and min_p in [0, 1], repeat_penalty > 0"));
         }
         // SAFETY: checked non-null; the caller passes a writable pointer.
@@ -335,17 +333,20 @@ pub extern "C" fn bitnet_sequence_free(seq: *mut BitnetSequence) {
 
 impl BitnetSequence {
     fn options(&self, max_tokens: usize, dump_logits: bool) -> GenerateOptions {
-        let s = &self.sampling;
-        let sampler = SamplerConfig {
-            temperature: s.temperature,
-            top_k: s.top_k as usize,
-            top_p: s.top_p,
-            min_p: s.min_p,
-            repeat_penalty: s.repeat_penalty,
-            seed: s.seed,
-            ..SamplerConfig::default()
-        };
-        GenerateOptions { n_predict: max_tokens, ignore_eos: s.ignore_eos, sampler, dump_logits }
+        GenerateOptions { n_predict: max_tokens, ignore_eos: self.sampling.ignore_eos, sampler: sampler(&self.sampling), dump_logits }
+    }
+}
+
+/// The runtime's sampler settings for a C caller's.
+fn sampler(s: &BitnetSampling) -> SamplerConfig {
+    SamplerConfig {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        seed: s.seed,
+        ..SamplerConfig::default()
     }
 }
 

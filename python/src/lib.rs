@@ -122,12 +122,11 @@ fn sampling(
     stop: Option<Vec<String>>,
     ignore_eos: bool,
 ) -> PyResult<Sampling> {
-    let valid = temperature.is_finite() && temperature >= 0.0 && (0.0..=1.0).contains(&top_p) && (0.0..=1.0).contains(&min_p) && repeat_penalty > 0.0;
-    if !valid {
+    let seed = seed.unwrap_or_else(SamplerConfig::clock_seed);
+    let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, seed, ..SamplerConfig::default() };
+    if !config.in_range() {
         return Err(invalid("sampling values out of range: temperature ≥ 0, top_p and min_p in [0, 1], repeat_penalty > 0"));
     }
-    let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
-    let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, seed, ..SamplerConfig::default() };
     Ok(Sampling { config, max_tokens, stop: stop.unwrap_or_default(), ignore_eos })
 }
 

@@ -42,6 +42,21 @@ impl SamplerConfig {
     pub fn greedy() -> Self {
         SamplerConfig { temperature: 0.0, ..Default::default() }
     }
+
+    /// Whether the settings make sense: a finite temperature ≥ 0, top-p and
+    /// min-p in [0, 1], a repeat penalty > 0.
+    pub fn in_range(&self) -> bool {
+        self.temperature.is_finite()
+            && self.temperature >= 0.0
+            && (0.0..=1.0).contains(&self.top_p)
+            && (0.0..=1.0).contains(&self.min_p)
+            && self.repeat_penalty > 0.0
+    }
+
+    /// A seed from the clock, for callers that name none.
+    pub fn clock_seed() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    }
 }
 
 pub struct Sampler {

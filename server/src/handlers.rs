@@ -146,7 +146,7 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
     });
     let stop = stop.unwrap_or_default();
     check(stop.len() <= 16, "stop", "at most 16 strings")?;
-    let seed = s.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let seed = s.seed.unwrap_or_else(SamplerConfig::clock_seed);
     let sampler = SamplerConfig {
         temperature: t,
         top_p,

@@ -179,13 +179,8 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn config(&self) -> anyhow::Result<SamplerConfig> {
-        let valid = self.temp >= 0.0 && (0.0..=1.0).contains(&self.top_p) && (0.0..=1.0).contains(&self.min_p) && self.repeat_penalty > 0.0;
-        if !valid {
-            anyhow::bail!("sampling values out of range: --temp ≥ 0, --top-p and --min-p in [0, 1], --repeat-penalty > 0");
-        }
-        let seed = self.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
-        Ok(SamplerConfig {
-            temperature: if self.greedy { 0.0 } else { self.temp },
+        let mut config = SamplerConfig {
+            temperature: self.temp,
             top_k: self.top_k,
             top_p: self.top_p,
             min_p: self.min_p,
@@ -193,8 +188,15 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
-            seed,
-        })
+            seed: self.seed.unwrap_or_else(SamplerConfig::clock_seed),
+        };
+        if !config.in_range() {
+            anyhow::bail!("sampling values out of range: --temp ≥ 0, --top-p and --min-p in [0, 1], --repeat-penalty > 0");
+        }
+        if self.greedy {
+            config.temperature = 0.0;
+        }
+        Ok(config)
     }
 }
 
