@@ -187,12 +187,14 @@ pub struct Pinned {
 }
 
 /// The tiles a step gets when nothing else decides: the widest ISA, four
-/// rows per step and two tokens per step in prefill (the AVX2 prefill
-/// kernel's fastest at every 2B4T shape here: `cargo bench -p
-/// bitnet-codegen --bench kernels -- ternary_gemm`).
+/// rows per step, and in prefill (or many sequences' decode) two tokens per
+/// step on AVX2, four on AVX-512 VNNI, whose 32 registers hold the sixteen
+/// accumulators (each ISA's fastest at the 2B4T shapes here: `cargo bench
+/// -p bitnet-codegen --bench kernels -- ternary_gemm`).
 pub fn heuristic(key: &WorkloadKey, isa: Isa) -> Tiles {
     if key.is_ternary() {
-        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens: 2, split: Default::default() })
+        let tokens = if isa == Isa::Avx512Vnni { 4 } else { 2 };
+        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens, split: Default::default() })
     } else {
         Tiles::Float { isa }
     }

@@ -262,7 +262,7 @@ proptest! {
     /// The head and float projections against the interpreter's matmul.
     #[test]
     fn float_matmul_matches_the_interpreter(
-        (n, k, s) in (prop_oneof![Just(1usize), Just(3), Just(61)], prop_oneof![Just(1usize), Just(3), Just(32), Just(783), Just(2592)], prop_oneof![1usize..4, 4usize..10]),
+        (n, k, s) in (prop_oneof![Just(1usize), Just(3), Just(61)], prop_oneof![Just(1usize), Just(3), Just(32), Just(783), Just(2592)], prop_oneof![1usize..4, 4usize..14]),
         dtype in prop::sample::select(vec![DType::F16, DType::F32, DType::Q8_0]),
         threads in 1usize..3,
     ) {

@@ -39,6 +39,9 @@ pub struct BenchReport {
     /// of the roofline those two give.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuReport>,
+    /// The CPU kernels' instruction set (compiled CPU backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isa: Option<String>,
     /// With `--parallel N`: N sequences decoding together, and their
     /// tokens per second all together (`bench_parallel`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,6 +148,7 @@ pub fn bench(
         n_gen,
         threads: s.threads,
         reps,
+        isa: None,
         parallel: None,
         aggregate_decode_tok_s: None,
         parallel_kernel_ms: None,

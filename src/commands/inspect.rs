@@ -123,6 +123,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         writeln!(out, "folder: {} (Hugging Face)", a.model.display())?;
         describe_model(&m, true, &mut out)?;
         describe_tokenizer(m.tokenizer(), &mut out)?;
+        writeln!(out, "{}", super::isa_line(None))?;
         writeln!(out, "(tensors under their GGUF names; ternary projections are converted to I2_S at load)")?;
         tensor_table(m.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), m.data(t).len())), &mut out)?;
         return super::print(&out);
@@ -151,6 +152,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         }
     };
     describe_tokenizer(Tokenizer::from_gguf(&f), &mut out)?;
+    writeln!(out, "{}", super::isa_line(None))?;
     if a.metadata {
         writeln!(out, "metadata ({} keys):", f.metadata.len())?;
         for (k, v) in &f.metadata {

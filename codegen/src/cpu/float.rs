@@ -16,31 +16,35 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
     let chunks = Chunks::new(n, pool.threads());
     // A batch of f16 rows (many sequences' heads): each weight is read
-    // once for several rows and four tokens at a time, in registers.
+    // once, converted once per block of tokens, and used for all of them
+    // in registers.
     #[cfg(target_arch = "x86_64")]
-    if w.dtype == DType::F16 && s >= BLOCK_TOKENS && isa.float_kernels() == Isa::Avx2 {
+    if w.dtype == DType::F16 && s >= 4 && isa.float_kernels() == Isa::Avx2 {
         let wide = isa == Isa::Avx512Vnni;
-        let per = if wide { 4 } else { 2 };
-        let blocks = s / BLOCK_TOKENS * BLOCK_TOKENS;
+        let per = if wide { 3 } else { 2 };
+        let xs = |t: usize| &x[t * k..(t + 1) * k];
         pool.run_sized(s * n * k, &|_, _| {
             while let Some(rows) = chunks.next() {
-                let row = |r: usize| &w.data[r * row_bytes..(r + 1) * row_bytes];
                 for r in rows.clone().step_by(per) {
                     let m = per.min(rows.end - r);
-                    let ws: Vec<&[u8]> = (r..r + m).map(row).collect();
-                    for t in (0..blocks).step_by(BLOCK_TOKENS) {
-                        let xs: [&[f32]; BLOCK_TOKENS] = std::array::from_fn(|j| &x[(t + j) * k..(t + j + 1) * k]);
-                        for (j, per_row) in block_f16(wide, &ws, xs).iter().enumerate() {
-                            for (i, &value) in per_row.iter().enumerate() {
-                                // SAFETY: rows r..r + m belong to this worker alone.
-                                unsafe { *dst.ptr().add((t + i) * n + r + j) = value };
-                            }
-                        }
+                    let ws: [&[u8]; 3] = std::array::from_fn(|j| &w.data[(r + j.min(m - 1)) * row_bytes..][..row_bytes]);
+                    let ws = &ws[..m];
+                    // SAFETY: rows r..r + m belong to this worker alone.
+                    let put = |t0: usize| move |j: usize, i: usize, v: f32| unsafe { *dst.ptr().add((t0 + i) * n + r + j) = v };
+                    let mut t = 0;
+                    // One pass over the rows for eight tokens where 32
+                    // registers hold their accumulators, else four.
+                    while wide && s - t >= 8 {
+                        block_f16::<8>(wide, ws, std::array::from_fn(|i| xs(t + i)), put(t));
+                        t += 8;
                     }
-                    for t in blocks..s {
+                    while s - t >= 4 {
+                        block_f16::<4>(wide, ws, std::array::from_fn(|i| xs(t + i)), put(t));
+                        t += 4;
+                    }
+                    for t in t..s {
                         for (j, wr) in ws.iter().enumerate() {
-                            // SAFETY: as above.
-                            unsafe { *dst.ptr().add(t * n + r + j) = dot_f16(isa, &x[t * k..(t + 1) * k], wr) };
+                            put(t)(j, 0, dot_f16(isa, xs(t), wr));
                         }
                     }
                 }
@@ -71,22 +75,26 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     });
 }
 
-/// Tokens the batched f16 kernel takes at once.
-const BLOCK_TOKENS: usize = 4;
-
-/// `x[i] · w[j]` for up to four f16 rows `w` (two on AVX2) and four tokens.
+/// `put(j, i, x[i] · w[j])` for up to three f16 rows `w` (two on AVX2)
+/// and `T` tokens: 4 or 8 (8 only with AVX-512's 32 registers).
 #[cfg(target_arch = "x86_64")]
-fn block_f16(wide: bool, w: &[&[u8]], x: [&[f32]; BLOCK_TOKENS]) -> Vec<[f32; BLOCK_TOKENS]> {
+fn block_f16<const T: usize>(wide: bool, w: &[&[u8]], x: [&[f32]; T], mut put: impl FnMut(usize, usize, f32)) {
+    let mut emit = |v: &[[f32; T]]| {
+        for (j, row) in v.iter().enumerate() {
+            for (i, &value) in row.iter().enumerate() {
+                put(j, i, value);
+            }
+        }
+    };
     // SAFETY: the caller checked AVX2 (and, with `wide`, AVX-512F: part of
     // Isa::Avx512Vnni's check).
     unsafe {
         match (wide, w.len()) {
-            (true, 4) => avx512::dot_f16_block::<4>([w[0], w[1], w[2], w[3]], x).to_vec(),
-            (true, 3) => avx512::dot_f16_block::<3>([w[0], w[1], w[2]], x).to_vec(),
-            (true, 2) => avx512::dot_f16_block::<2>([w[0], w[1]], x).to_vec(),
-            (true, _) => avx512::dot_f16_block::<1>([w[0]], x).to_vec(),
-            (false, 2) => avx2::dot_f16_block::<2>([w[0], w[1]], x).to_vec(),
-            (false, _) => avx2::dot_f16_block::<1>([w[0]], x).to_vec(),
+            (true, 3) => emit(&avx512::dot_f16_block::<3, T>([w[0], w[1], w[2]], x)),
+            (true, 2) => emit(&avx512::dot_f16_block::<2, T>([w[0], w[1]], x)),
+            (true, _) => emit(&avx512::dot_f16_block::<1, T>([w[0]], x)),
+            (false, 2) => emit(&avx2::dot_f16_block::<2, T>([w[0], w[1]], x)),
+            (false, _) => emit(&avx2::dot_f16_block::<1, T>([w[0]], x)),
         }
     }
 }
@@ -151,24 +159,33 @@ pub fn reference_dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// [`super::avx2::dot_f16_block`] sixteen lanes wide: `4R`
-    /// accumulators of the 32 registers.
+    /// How far ahead of its loads the batched kernel prefetches a row, in bytes.
+    const PREFETCH: usize = 1024;
+
+    /// [`super::avx2::dot_f16_block`] sixteen lanes wide: `R·T` of the 32
+    /// registers accumulate, each token's activations are loaded once per
+    /// 16 weights and used for all `R` rows.
     #[target_feature(enable = "avx512f,f16c,fma,avx2")]
-    pub unsafe fn dot_f16_block<const R: usize>(w: [&[u8]; R], x: [&[f32]; 4]) -> [[f32; 4]; R] {
+    pub unsafe fn dot_f16_block<const R: usize, const T: usize>(w: [&[u8]; R], x: [&[f32]; T]) -> [[f32; T]; R] {
         let n = x.iter().map(|x| x.len()).chain(w.iter().map(|w| w.len() / 2)).min().unwrap_or(0);
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
         let mut i = 0;
         while i + 16 <= n {
-            let xs: [__m512; 4] = std::array::from_fn(|t| _mm512_loadu_ps(x[t].as_ptr().add(i)));
-            for (acc, w) in acc.iter_mut().zip(&w) {
-                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(2 * i) as *const __m256i));
-                for (a, xv) in acc.iter_mut().zip(&xs) {
-                    *a = _mm512_fmadd_ps(*xv, wv, *a);
+            let wv: [__m512; R] = std::array::from_fn(|r| {
+                // Batched, the kernel computes long enough per byte that
+                // the hardware prefetcher alone leaves it waiting on DRAM.
+                _mm_prefetch::<_MM_HINT_T0>(w[r].as_ptr().wrapping_add(2 * i + PREFETCH) as *const i8);
+                _mm512_cvtph_ps(_mm256_loadu_si256(w[r].as_ptr().add(2 * i) as *const __m256i))
+            });
+            for (t, x) in x.iter().enumerate() {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    acc[t] = _mm512_fmadd_ps(xv, *wv, acc[t]);
                 }
             }
             i += 16;
         }
-        let mut out = [[0f32; 4]; R];
+        let mut out = [[0f32; T]; R];
         for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
             for (t, (o, &a)) in o.iter_mut().zip(acc).enumerate() {
                 *o = _mm512_reduce_add_ps(a);
@@ -242,16 +259,16 @@ mod avx2 {
         s
     }
 
-    /// `out[j][i] = x[i] · w[j]` for `R` rows of f16 bytes and four
-    /// tokens: each eight weights are converted once and used four times,
-    /// `4R` accumulators in registers; the tail in order.
+    /// `out[j][i] = x[i] · w[j]` for `R` rows of f16 bytes and `T`
+    /// tokens: each eight weights are converted once and used `T` times,
+    /// `R·T` accumulators in registers; the tail in order.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16_block<const R: usize>(w: [&[u8]; R], x: [&[f32]; 4]) -> [[f32; 4]; R] {
+    pub unsafe fn dot_f16_block<const R: usize, const T: usize>(w: [&[u8]; R], x: [&[f32]; T]) -> [[f32; T]; R] {
         let n = x.iter().map(|x| x.len()).chain(w.iter().map(|w| w.len() / 2)).min().unwrap_or(0);
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
         let mut i = 0;
         while i + 8 <= n {
-            let xs: [__m256; 4] = std::array::from_fn(|t| _mm256_loadu_ps(x[t].as_ptr().add(i)));
+            let xs: [__m256; T] = std::array::from_fn(|t| _mm256_loadu_ps(x[t].as_ptr().add(i)));
             for (acc, w) in acc.iter_mut().zip(&w) {
                 let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i));
                 for (a, xv) in acc.iter_mut().zip(&xs) {
@@ -260,7 +277,7 @@ mod avx2 {
             }
             i += 8;
         }
-        let mut out = [[0f32; 4]; R];
+        let mut out = [[0f32; T]; R];
         for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
             for (t, (o, &a)) in o.iter_mut().zip(acc).enumerate() {
                 *o = hsum(a);

@@ -9,10 +9,8 @@
 //! meets 64 consecutive activations. The sums are of codes (0, 1, 2) times
 //! activations, as every ternary kernel's are; the caller subtracts `Σx`.
 //!
-//! Written on a machine without AVX-512, so it has not run there: it is a
-//! tuning candidate only, never the default tiles. The autotuner checks
-//! every candidate against the interpreter before it may choose one, and
-//! the kernel tests run it on every CPU that has it.
+//! The default where the CPU has it ([`super::Isa::best`]); the kernel
+//! tests compare it with the reference on every CPU that has it.
 
 use super::ternary::{for_tile_shape, prefetch_ahead, QuantActs, CHUNK, CHUNK_BYTES};
 use std::arch::x86_64::*;
@@ -36,14 +34,18 @@ unsafe fn run<const R: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[
     let w = tile.as_ptr();
     for c in 0..chunks {
         prefetch_ahead(w, c, R);
+        // Each token's 128 activations, loaded once for all the tile's rows.
+        let x: [[__m512i; 2]; T] = std::array::from_fn(|j| {
+            let xp = xs[j].add(c * CHUNK);
+            [_mm512_loadu_si512(xp as *const __m512i), _mm512_loadu_si512(xp.add(64) as *const __m512i)]
+        });
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i));
             let codes_lo = _mm512_and_si512(_mm512_srlv_epi16(packed, low_fields), mask);
             let codes_hi = _mm512_and_si512(_mm512_srlv_epi16(packed, high_fields), mask);
-            for (j, a) in acc_r.iter_mut().enumerate() {
-                let xp = xs[j].add(c * CHUNK);
-                *a = _mm512_dpbusd_epi32(*a, codes_lo, _mm512_loadu_si512(xp as *const __m512i));
-                *a = _mm512_dpbusd_epi32(*a, codes_hi, _mm512_loadu_si512(xp.add(64) as *const __m512i));
+            for (a, x) in acc_r.iter_mut().zip(&x) {
+                *a = _mm512_dpbusd_epi32(*a, codes_lo, x[0]);
+                *a = _mm512_dpbusd_epi32(*a, codes_hi, x[1]);
             }
         }
     }
