@@ -38,7 +38,7 @@ for l in sys.stdin:
   cp target/release/bitnet "$dir/bitnet"
   cp "$(test_bin bitnet cuda)" "$dir/cuda-tests"
   cp "$(test_bin bitnet-codegen kernels)" "$dir/cpu-kernel-tests"
-  cp ../shared/data/models/stories260K/stories260K.gguf "$dir/data/models/stories260K/"
+  cp testdata/models/stories260K/stories260K.gguf "$dir/data/models/stories260K/"
   strip "$dir/bitnet" "$dir/cuda-tests" "$dir/cpu-kernel-tests" 2>/dev/null || true
   du -sh "$dir"
   exit 0

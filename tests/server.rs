@@ -154,6 +154,8 @@ fn schemathesis_finds_the_server_as_its_spec_says() {
         .args(["run", &format!("{}/openapi.json", s.url), "--seed", "1", "-n", "10", "--max-time", "60", "--request-timeout", "30", "-c", checks])
         .args(["-H", &format!("Authorization: Bearer {KEY}")])
         .env("NO_COLOR", "1")
+        // Its cache of found crashes goes to the working directory.
+        .current_dir(tmp_dir("schemathesis"))
         .output()
         .expect("running schemathesis");
     assert!(o.status.success(), "schemathesis found failures:\n{}\n{}", stdout(&o), stderr(&o));

@@ -16,7 +16,7 @@ fn manifest() -> &'static Path {
 }
 
 fn stories() -> PathBuf {
-    manifest().join("../../shared/data/models/stories260K/stories260K.gguf")
+    manifest().join("../testdata/models/stories260K/stories260K.gguf")
 }
 
 /// The directory holding this profile's `libbitnet_capi.so`.

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 fn stories() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/models/stories260K/stories260K.gguf");
-    assert!(p.exists(), "{} is missing: these tests need ../shared/data next to the repository", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/models/stories260K/stories260K.gguf");
+    assert!(p.exists(), "{} is missing (testdata/ is part of the repository)", p.display());
     p
 }
 

@@ -1,13 +1,13 @@
 //! llama.cpp's golden tokenizer cases, on the real vocabularies in
-//! `../shared/data` (these tests fail, not skip, when it is missing).
+//! `testdata/` (these tests fail, not skip, when it is missing).
 
 use bitnet_frontends::gguf::GgufFile;
 use bitnet_frontends::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 fn data(rel: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data").join(rel);
-    assert!(p.exists(), "test data {} is missing: these tests need ../shared/data next to the repository", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata").join(rel);
+    assert!(p.exists(), "test data {} is missing (testdata/ is part of the repository)", p.display());
     p
 }
 

@@ -1,4 +1,4 @@
-"""The Python bindings against the CLI, on stories260K (../shared/data).
+"""The Python bindings against the CLI, on stories260K (testdata/).
 
 BITNET_BIN names the `bitnet` CLI to compare with (default: the repository's
 target/release or target/debug build); BITNET_DATA the shared data folder.
@@ -17,10 +17,10 @@ import pytest
 import bitnet
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("BITNET_DATA", ROOT.parent / "shared" / "data"))
+DATA = Path(os.environ.get("BITNET_DATA", ROOT / "testdata"))
 STORIES = DATA / "models" / "stories260K" / "stories260K.gguf"
 PROMPT_IDS = [1, 403, 407, 261, 378]
-# ../shared/data/README.md: stories260K's greedy continuation of PROMPT_IDS.
+# testdata/README.md: stories260K's greedy continuation of PROMPT_IDS.
 KNOWN = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292]
 
 

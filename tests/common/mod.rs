@@ -7,13 +7,13 @@ use bitnet_ir::DType;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A file under `../shared/data`; tests that need it fail when it is missing.
+/// A file under `testdata/`; tests that need it fail when it is missing.
 /// `BITNET_DATA` replaces that folder where the tests run away from the
 /// repository (scripts/gpu-check.sh).
 pub fn data(rel: &str) -> PathBuf {
-    let root = std::env::var_os("BITNET_DATA").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"), PathBuf::from);
+    let root = std::env::var_os("BITNET_DATA").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata"), PathBuf::from);
     let p = root.join(rel);
-    assert!(p.exists(), "test data {} is missing: these tests need ../shared/data next to the repository", p.display());
+    assert!(p.exists(), "test data {} is missing (testdata/ is part of the repository)", p.display());
     p
 }
 
