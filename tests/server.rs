@@ -127,24 +127,12 @@ fn bench_serve_reports_what_it_drove(s: &Server) {
     }
 }
 
-/// Looks a tool up on PATH; without it the test is skipped with a message,
-/// unless `BITNET_REQUIRE_TOOLS` is set (as `.ci/run` does).
-fn tool(name: &str, install: &str) -> Option<()> {
-    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(std::env::var_os("BITNET_REQUIRE_TOOLS").is_none(), "{name} is not installed ({install})");
-        eprintln!("skipped: {name} is not installed ({install})");
-        return None;
-    }
-    Some(())
-}
-
 /// schemathesis generates requests from `/openapi.json` (valid ones and
 /// broken ones) for a bounded time: no 5xx, every status documented,
 /// every response (streamed events included) as the spec says.
 #[test]
 fn schemathesis_finds_the_server_as_its_spec_says() {
-    if tool("st", "pip install schemathesis").is_none() {
+    if !have_command("st", "pip install schemathesis") {
         return;
     }
     let m = stories();
@@ -169,7 +157,7 @@ fn schemathesis_finds_the_server_as_its_spec_says() {
 #[test]
 fn the_chat_page_streams_and_stops_in_a_real_browser() {
     let browser_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-    if tool("node", "Node.js").is_none() || tool("chromium", "apt-get install chromium").is_none() {
+    if !have_command("node", "Node.js") || !have_command("chromium", "apt-get install chromium") {
         return;
     }
     if !std::path::Path::new(browser_dir).join("node_modules/playwright-core").exists() {

@@ -84,6 +84,7 @@ struct ErrorNote(String);
 /// The router over an engine; the scheduler thread starts here.
 pub fn app(engine: Arc<Engine>, config: ServerConfig) -> (Router, Arc<AppStateHandle>) {
     let metrics = Arc::new(Metrics::new());
+    metrics.queue_capacity.set(config.scheduler.max_queue as i64);
     let scheduler = Scheduler::start(engine.clone(), config.scheduler, metrics.clone());
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let limit = config.body_limit;

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub itl_seconds: Histogram,
     pub request_seconds: Histogram,
     pub queued: Gauge,
+    /// `--max-queue`: the queue length at which requests get 503.
+    pub queue_capacity: Gauge,
     pub running: Gauge,
     pub kv_blocks_used: Gauge,
     pub kv_blocks_total: Gauge,
@@ -46,6 +48,7 @@ impl Metrics {
             itl_seconds: latency(),
             request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             queued: Gauge::default(),
+            queue_capacity: Gauge::default(),
             running: Gauge::default(),
             kv_blocks_used: Gauge::default(),
             kv_blocks_total: Gauge::default(),
@@ -61,6 +64,7 @@ impl Metrics {
         registry.register("inter_token_latency_seconds", "Between consecutive generated tokens of a request", m.itl_seconds.clone());
         registry.register("request_duration_seconds", "From admission to the last token", m.request_seconds.clone());
         registry.register("queue_length", "Requests waiting for a sequence slot", m.queued.clone());
+        registry.register("queue_capacity", "Requests that may wait (--max-queue); more get 503", m.queue_capacity.clone());
         registry.register("running_sequences", "Sequences in the running batch", m.running.clone());
         registry.register("kv_blocks_used", "KV cache blocks held by sequences", m.kv_blocks_used.clone());
         registry.register("kv_blocks_total", "KV cache blocks in the budget", m.kv_blocks_total.clone());

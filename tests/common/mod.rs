@@ -17,6 +17,28 @@ pub fn data(rel: &str) -> PathBuf {
     p
 }
 
+/// Whether an optional tool is here. Without it a test skips with a
+/// message, or fails where `BITNET_REQUIRE_TOOLS` is set (CI installs them all).
+pub fn have(found: bool, what: &str, install: &str) -> bool {
+    if !found {
+        assert!(std::env::var_os("BITNET_REQUIRE_TOOLS").is_none(), "{what} is not installed ({install})");
+        eprintln!("skipped: {what} is not installed ({install})");
+    }
+    found
+}
+
+/// [`have`] for a command on the `PATH`.
+pub fn have_command(name: &str, install: &str) -> bool {
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
+    have(found, name, install)
+}
+
+/// [`have`] for Python modules `python3` can import.
+pub fn have_python_modules(modules: &[&str], install: &str) -> bool {
+    let found = Command::new("python3").args(["-c", &format!("import {}", modules.join(", "))]).output().is_ok_and(|o| o.status.success());
+    have(found, &format!("the Python modules {}", modules.join(", ")), install)
+}
+
 pub fn stories() -> PathBuf {
     data("models/stories260K/stories260K.gguf")
 }
