@@ -16,8 +16,12 @@ ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || pkgs="$pkgs libclang-dev"
 command -v chromium >/dev/null || pkgs="$pkgs chromium"
 # valgrind runs the C API's example (capi/tests).
 command -v valgrind >/dev/null || pkgs="$pkgs valgrind"
-# Prometheus (with promtool) scrapes a live server in tests/deploy.rs.
+# Prometheus (with promtool) scrapes a live server in tests/deploy.rs, which
+# also builds and runs the Dockerfile's image on a Docker daemon of its own
+# (Debian's docker.io) from a base image made with debootstrap.
 command -v prometheus >/dev/null || pkgs="$pkgs prometheus"
+command -v dockerd >/dev/null || pkgs="$pkgs docker.io"
+command -v debootstrap >/dev/null || pkgs="$pkgs debootstrap"
 if [ -n "$pkgs" ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -1,8 +1,9 @@
 //! The deployment files, checked with the real tools: the Helm chart
 //! (`deploy/helm`) linted, rendered and validated offline by Helm's own
-//! library and the Kubernetes schemas, and the monitoring files
+//! library and the Kubernetes schemas, the monitoring files
 //! (`deploy/monitoring`) against a live `bitnet serve` scraped by a real
-//! Prometheus. Without the tools these tests skip with a message (`.ci/run`
+//! Prometheus, and the `Dockerfile`'s image built and run on a real Docker
+//! daemon. Without the tools these tests skip with a message (`.ci/run`
 //! installs them and requires them).
 
 mod common;
@@ -38,4 +39,23 @@ fn prometheus_scrapes_the_server_and_the_dashboard_and_rules_hold() {
         .expect("running python3");
     assert!(o.status.success(), "the monitoring check failed:\n{}\n{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("monitoring ok"), "{}", stdout(&o));
+}
+
+#[test]
+fn container_image_builds_becomes_healthy_serves_and_stops_on_sigterm() {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| stdout(&o).trim() == "0");
+    if !have(root, "root (the test starts its own Docker daemon)", "run the tests as root")
+        || !have_command("dockerd", "apt-get install docker.io")
+        || !have_command("debootstrap", "apt-get install debootstrap")
+    {
+        return;
+    }
+    let o = Command::new("python3")
+        .arg(script("deploy/docker/check_container.py"))
+        .arg(env!("CARGO_BIN_EXE_bitnet"))
+        .arg(stories())
+        .output()
+        .expect("running python3");
+    assert!(o.status.success(), "the container check failed:\n{}\n{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("container ok"), "{}", stdout(&o));
 }
