@@ -38,6 +38,8 @@ python3 -c "import openai" 2>/dev/null || python3 -m pip install -q openai
 command -v st >/dev/null || python3 -m pip install -q "schemathesis>=4.1,<5"
 # Helm's own library and the Kubernetes schemas check the chart offline (tests/deploy.rs).
 python3 -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null || python3 -m pip install -q helm-python-sdk kubernetes-validate pyyaml
+# cargo-deny checks the dependency policy in deny.toml (tests/deny.rs).
+command -v cargo-deny >/dev/null || cargo install -q cargo-deny --locked
 # playwright-core drives that Chromium (the browser itself comes from Debian).
 [ -d tests/browser/node_modules/playwright-core ] || npm ci --prefix tests/browser --no-audit --no-fund
 export BITNET_NVRTC_LIB="$nv/nvidia/cuda_nvrtc/lib/libnvrtc.so.12" PATH="$PATH:$nv/nvidia/cuda_nvcc/bin"
