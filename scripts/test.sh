@@ -14,6 +14,8 @@ pkgs=""
 command -v cmake >/dev/null || pkgs="$pkgs cmake"
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || pkgs="$pkgs libclang-dev"
 command -v chromium >/dev/null || pkgs="$pkgs chromium"
+# curl runs in the guide's runnable blocks (tests/docs.rs).
+command -v curl >/dev/null || pkgs="$pkgs curl"
 # valgrind runs the C API's example (capi/tests).
 command -v valgrind >/dev/null || pkgs="$pkgs valgrind"
 # Prometheus (with promtool) scrapes a live server in tests/deploy.rs, which
