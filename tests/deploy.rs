@@ -12,8 +12,15 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-fn script(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+/// Runs a check script with `args`; it must succeed and print `ok_line`.
+fn check(script: &str, args: &[&std::ffi::OsStr], ok_line: &str) {
+    let o = Command::new("python3").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script)).args(args).output().expect("running python3");
+    assert!(o.status.success() && stdout(&o).contains(ok_line), "{script} failed:\n{}\n{}", stdout(&o), stderr(&o));
+}
+
+/// The test build of the server and the model the checks run it on.
+fn server_args() -> [std::ffi::OsString; 2] {
+    [env!("CARGO_BIN_EXE_bitnet").into(), stories().into()]
 }
 
 #[test]
@@ -21,9 +28,7 @@ fn helm_chart_renders_valid_kubernetes_and_refuses_bad_values() {
     if !have_python_modules(&["helm_python", "kubernetes_validate"], "pip install helm-python-sdk kubernetes-validate") {
         return;
     }
-    let o = Command::new("python3").arg(script("deploy/helm/check_chart.py")).output().expect("running python3");
-    assert!(o.status.success(), "the chart check failed:\n{}\n{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).contains("chart ok"), "{}", stdout(&o));
+    check("deploy/helm/check_chart.py", &[], "chart ok");
 }
 
 #[test]
@@ -31,14 +36,8 @@ fn prometheus_scrapes_the_server_and_the_dashboard_and_rules_hold() {
     if !have_command("prometheus", "apt-get install prometheus") || !have_command("promtool", "apt-get install prometheus") || !have_python_modules(&["yaml"], "pip install pyyaml") {
         return;
     }
-    let o = Command::new("python3")
-        .arg(script("deploy/monitoring/check_monitoring.py"))
-        .arg(env!("CARGO_BIN_EXE_bitnet"))
-        .arg(stories())
-        .output()
-        .expect("running python3");
-    assert!(o.status.success(), "the monitoring check failed:\n{}\n{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).contains("monitoring ok"), "{}", stdout(&o));
+    let args = server_args();
+    check("deploy/monitoring/check_monitoring.py", &[args[0].as_os_str(), args[1].as_os_str()], "monitoring ok");
 }
 
 #[test]
@@ -50,12 +49,6 @@ fn container_image_builds_becomes_healthy_serves_and_stops_on_sigterm() {
     {
         return;
     }
-    let o = Command::new("python3")
-        .arg(script("deploy/docker/check_container.py"))
-        .arg(env!("CARGO_BIN_EXE_bitnet"))
-        .arg(stories())
-        .output()
-        .expect("running python3");
-    assert!(o.status.success(), "the container check failed:\n{}\n{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).contains("container ok"), "{}", stdout(&o));
+    let args = server_args();
+    check("deploy/docker/check_container.py", &[args[0].as_os_str(), args[1].as_os_str()], "container ok");
 }

@@ -17,31 +17,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checklib import failer, free_port, http  # noqa: E402
+
+fail = failer("container")
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "bitnet-rs:check"
 # Debian's client builds with BuildKit without buildx (a newer client elsewhere
 # on the PATH may insist on buildx).
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
-
-
-def fail(msg):
-    print(f"container check failed: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Daemon:
@@ -88,16 +79,6 @@ def base_image(d: Daemon, work: Path):
     tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     d.docker("import", "-", "debian:bookworm-slim", stdin=tar.stdout)
     tar.wait()
-
-
-def http(url, body=None, timeout=60):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def main():

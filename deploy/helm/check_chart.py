@@ -14,6 +14,9 @@ import copy
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checklib import failer  # noqa: E402
+
 import helm_python as helm
 import kubernetes_validate
 import yaml
@@ -24,9 +27,7 @@ VERSIONS = ["1.25", "1.30", "1.37"]
 HEALTH, METRICS = "/health", "/metrics"
 
 
-def fail(msg):
-    print(f"chart check failed: {msg}", file=sys.stderr)
-    sys.exit(1)
+fail = failer("chart")
 
 
 def render(values):

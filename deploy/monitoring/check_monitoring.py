@@ -14,41 +14,20 @@ non-zero with the first thing that is wrong.
 """
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checklib import failer, free_port, http  # noqa: E402
+
+fail = failer("monitoring")
 
 HERE = Path(__file__).resolve().parent
 RULES, CONFIG, DASHBOARD = HERE / "alerts.yml", HERE / "prometheus.yml", HERE / "grafana-dashboard.json"
-
-
-def fail(msg):
-    print(f"monitoring check failed: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url, body=None, timeout=60):
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, ConnectionError):
-        return None, b""
 
 
 def wait(what, cond, seconds=60):
