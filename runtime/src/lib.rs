@@ -3,6 +3,22 @@
 //! (compiled for the CPU or an NVIDIA GPU, or the reference interpreter)
 //! and a paged KV cache; many [`Sequence`]s (conversations) step through
 //! it together. [`Session`] is one sequence on an engine of its own.
+//!
+//! ```
+//! use bitnet_runtime::{Engine, EngineOptions, GenerateOptions, SamplerConfig};
+//!
+//! // stories260K, the small trained model the repository carries.
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/models/stories260K/stories260K.gguf");
+//! let engine = Engine::open(path.as_ref(), &EngineOptions::default())?;
+//! let greedy = SamplerConfig { temperature: 0.0, ..Default::default() };
+//! let mut seq = engine.new_sequence(greedy.clone());
+//! let prompt = engine.tokenizer.encode("Once upon a time", true, false)?;
+//! let opts = GenerateOptions { n_predict: 5, ignore_eos: true, sampler: greedy, dump_logits: false };
+//! let out = engine.generate(&mut seq, &prompt, &opts, |_| {})?;
+//! assert_eq!(out.generated_ids, [432, 383, 286, 261, 376]);
+//! assert_eq!(engine.tokenizer.decode_text(&out.generated_ids), ", there was a little");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod artifact;
 pub mod backend;
