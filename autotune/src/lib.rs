@@ -16,6 +16,33 @@
 //! [`space::cuda_candidates`] and records kept under the GPU's fingerprint
 //! (read back as a [`db::CudaTuned`]); the runtime's `cuda_tune` runs
 //! them on the GPU, as this crate has no driver.
+//!
+//! The database keeps every measurement; what the scheduler asks is the
+//! fastest correct tiles of each workload for this machine and thread
+//! count:
+//!
+//! ```
+//! use bitnet_autotune::{Database, Phase, Record, SPACE_VERSION};
+//! use bitnet_codegen::cpu::ternary::TernaryTiles;
+//! use bitnet_codegen::cpu::Isa;
+//! use bitnet_codegen::schedule::{TileSource, Tiles, Workload};
+//!
+//! let key = Workload::Ternary { n: 2560, k: 6912 }.key();
+//! let tiles = |rows| Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Default::default() });
+//! let measured = |rows, ns| Record {
+//!     key: key.clone(), phase: Phase::Decode, fingerprint: "this-machine".into(), threads: 2,
+//!     space: SPACE_VERSION, tiles: tiles(rows), ns: Some(ns), status: "ok".into(), at: 0,
+//! };
+//! let db = Database::at(std::env::temp_dir().join(format!("bitnet-doc-{}.jsonl", std::process::id())));
+//! db.merge(&[measured(1, 900), measured(4, 700), measured(2, 800)])?;
+//! let (tuned, warnings) = db.source("this-machine", 2);
+//! assert!(warnings.is_empty());
+//! assert_eq!(tuned.tiles(&key), Some(tiles(4)));
+//! // Another machine, or another thread count, has measured nothing.
+//! assert_eq!(db.source("another-machine", 2).0.tiles(&key), None);
+//! db.clear()?;
+//! # Ok::<(), String>(())
+//! ```
 
 pub mod db;
 pub mod harness;

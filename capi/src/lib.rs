@@ -2,6 +2,28 @@
 //! [`Engine`] and [`TextGeneration`]. Every function catches panics (none
 //! unwinds into C) and reports failure as a [`BitnetStatus`], with the
 //! message in a thread-local string that [`bitnet_last_error`] returns.
+//!
+//! From C, see `capi/include/bitnet.h` and `examples/c/main.c`. The same
+//! calls from Rust, through the `rlib` (open, tokenize, close; a bad call
+//! is a status, never a crash):
+//!
+//! ```
+//! use bitnet_capi::*;
+//! use std::ffi::CString;
+//!
+//! let path = CString::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/models/stories260K/stories260K.gguf")).unwrap();
+//! let options = bitnet_engine_options_default();
+//! let mut engine = std::ptr::null_mut();
+//! assert!(matches!(bitnet_engine_open(path.as_ptr(), &options, &mut engine), BitnetStatus::Ok));
+//! let text = CString::new("Once upon a time").unwrap();
+//! let (mut ids, mut n) = ([0u32; 16], 0usize);
+//! assert!(matches!(bitnet_tokenize(engine, text.as_ptr(), true, ids.as_mut_ptr(), ids.len(), &mut n), BitnetStatus::Ok));
+//! assert_eq!(&ids[..n], [1, 403, 407, 261, 378]);
+//! // Too small a buffer: a status and the size needed.
+//! assert!(matches!(bitnet_tokenize(engine, text.as_ptr(), true, ids.as_mut_ptr(), 2, &mut n), BitnetStatus::BufferTooSmall));
+//! assert_eq!(n, 5);
+//! bitnet_engine_close(engine);
+//! ```
 
 // The functions are the C boundary: they check their pointers for null and
 // the header says what they need of the caller's; Rust calls them only in

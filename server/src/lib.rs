@@ -4,6 +4,32 @@
 //! sequence together (continuous batching) and sends each request its
 //! tokens over a channel; dropping the receiver (a client that went away)
 //! cancels the request.
+//!
+//! The API without a socket: [`app`] gives the router, and a request goes
+//! through it as it would from a client (`run_blocking` is what `bitnet
+//! serve` calls to listen on a port):
+//!
+//! ```
+//! use axum::body::{to_bytes, Body};
+//! use axum::http::Request;
+//! use bitnet_runtime::{Engine, EngineOptions};
+//! use bitnet_server::{app, ServerConfig};
+//! use std::sync::Arc;
+//! use tower::ServiceExt;
+//!
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/models/stories260K/stories260K.gguf");
+//! let engine = Arc::new(Engine::open(path.as_ref(), &EngineOptions::default())?);
+//! let (router, _state) = app(engine, ServerConfig::new("stories"));
+//! let body = r#"{"model": "stories", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}"#;
+//! let request = Request::post("/v1/completions").header("content-type", "application/json").body(Body::from(body))?;
+//! let reply: serde_json::Value = tokio::runtime::Runtime::new()?.block_on(async {
+//!     let response = router.oneshot(request).await?;
+//!     assert_eq!(response.status(), 200);
+//!     Ok::<_, Box<dyn std::error::Error>>(serde_json::from_slice(&to_bytes(response.into_body(), 1 << 20).await?)?)
+//! })?;
+//! assert_eq!(reply["choices"][0]["text"], ", there was a little");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod api;
 mod handlers;
