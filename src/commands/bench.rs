@@ -1,7 +1,6 @@
 //! `bitnet bench`: prefill and decode speed, like llama-bench.
 
 use super::ModelArgs;
-use bitnet_codegen::cpu::Isa;
 use bitnet_runtime::{bench, Device, Session};
 
 #[derive(clap::Args)]
@@ -47,9 +46,9 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
         let (agg, times) = bench::bench_parallel(&engine, a.n_prompt, a.n_gen, n, reps)?;
         (r.aggregate_decode_tok_s, r.parallel_kernel_ms) = (Some(agg), times);
     }
-    if engine.device() == Device::Cpu && engine.backend_kind() == bitnet_runtime::BackendKind::Compiled {
-        r.isa = engine.schedule().map(|s| s.isa.name().to_string());
-    }
+    // The compiled CPU backend's kernels (none for the interpreter and CUDA).
+    let isa = engine.schedule().map(|s| s.isa);
+    r.isa = isa.map(|i| i.name().to_string());
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -74,13 +73,8 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
         r.peak_rss_bytes as f64 / (1 << 20) as f64,
         r.reps
     );
-    if let Some(isa) = engine.schedule().filter(|_| r.isa.is_some()).map(|s| s.isa) {
-        // An artifact's ISA was fixed when it was compiled.
-        let line = super::isa_line(a.model.isa.isa);
-        match isa == Isa::best() || a.model.isa.isa.is_some() {
-            true => println!("{line}"),
-            false => println!("CPU kernels: {} (as the artifact was compiled)", isa.name()),
-        }
+    if let Some(isa) = isa {
+        println!("{}", super::isa_line(isa, a.model.isa.isa.is_some()));
     }
     if let Some(k) = &r.prefill_kernel_ms {
         println!("one prefill of {}, kernel by kernel, ms (calls): {k}", r.n_prompt.max(1));

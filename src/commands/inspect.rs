@@ -6,6 +6,7 @@ use bitnet_frontends::gguf::{GgufFile, MetaValue};
 use bitnet_frontends::model::{Model, ModelSource};
 use bitnet_frontends::tokenizer::Tokenizer;
 use bitnet_ir::DType;
+use bitnet_codegen::cpu::Isa;
 use bitnet_runtime::artifact;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -123,7 +124,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         writeln!(out, "folder: {} (Hugging Face)", a.model.display())?;
         describe_model(&m, true, &mut out)?;
         describe_tokenizer(m.tokenizer(), &mut out)?;
-        writeln!(out, "{}", super::isa_line(None))?;
+        writeln!(out, "{}", super::isa_line(Isa::best(), false))?;
         writeln!(out, "(tensors under their GGUF names; ternary projections are converted to I2_S at load)")?;
         tensor_table(m.tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice(), m.data(t).len())), &mut out)?;
         return super::print(&out);
@@ -152,7 +153,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         }
     };
     describe_tokenizer(Tokenizer::from_gguf(&f), &mut out)?;
-    writeln!(out, "{}", super::isa_line(None))?;
+    writeln!(out, "{}", super::isa_line(Isa::best(), false))?;
     if a.metadata {
         writeln!(out, "metadata ({} keys):", f.metadata.len())?;
         for (k, v) in &f.metadata {

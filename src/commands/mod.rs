@@ -103,13 +103,17 @@ impl DeviceArgs {
     }
 }
 
-/// Which CPU kernels run a model here and why: `pinned` by `--isa`, or
-/// the best this CPU has.
-pub fn isa_line(pinned: Option<Isa>) -> String {
-    match pinned {
-        Some(isa) => format!("CPU kernels: {} (chosen with --isa)", isa.name()),
-        None => format!("CPU kernels: {} (the default here: {})", Isa::best().name(), Isa::best_reason()),
-    }
+/// Which CPU kernels run a model here and why: `pinned` by `--isa`, the
+/// best this CPU has, or else what an artifact was compiled with.
+pub fn isa_line(ran: Isa, pinned: bool) -> String {
+    let why = if pinned {
+        "chosen with --isa".to_string()
+    } else if ran == Isa::best() {
+        format!("the default here: {}", Isa::best_reason())
+    } else {
+        "as the artifact was compiled".to_string()
+    };
+    format!("CPU kernels: {} ({why})", ran.name())
 }
 
 /// `-t`, or every core.
