@@ -88,6 +88,10 @@ fn bench_json_times_each_kernel_family() {
         assert!(s.contains("attention ") && s.contains(" (5)") && s.contains("matmul ") && s.contains("executor "), "{k}: {s}");
     }
     assert!(v.get("parallel").is_none(), "{v}");
+    // Which kernels ran, and why: the best this CPU has unless pinned.
+    assert_eq!(v["isa"], bitnet_codegen::cpu::Isa::best().name(), "{v}");
+    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--isa", "scalar"]);
+    assert!(o.status.success() && stdout(&o).contains("CPU kernels: scalar (chosen with --isa)"), "{}", stdout(&o));
     // N sequences at once: their decode rate all together, beside the single one.
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "8", "-n", "4", "-r", "1", "--parallel", "3", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -97,5 +101,5 @@ fn bench_json_times_each_kernel_family() {
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--backend", "interp", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert!(v.get("prefill_kernel_ms").is_none(), "the interpreter has no kernels to time: {v}");
+    assert!(v.get("prefill_kernel_ms").is_none() && v.get("isa").is_none(), "the interpreter has no kernels to time: {v}");
 }
