@@ -75,6 +75,14 @@ pub struct Database {
     pub path: PathBuf,
 }
 
+impl Loaded {
+    /// Whether the file was a database of this version (a missing file is
+    /// an empty one); a foreign file is ignored and moved aside on write.
+    pub fn is_usable(&self) -> bool {
+        !self.foreign
+    }
+}
+
 impl Database {
     /// `$BITNET_CACHE_DIR/tuning.jsonl`, else `$XDG_CACHE_HOME/bitnet/…`,
     /// else `~/.cache/bitnet/…`.

@@ -44,9 +44,45 @@ pub fn template_named(name_or_file: &str) -> Result<String, ChatError> {
     })
 }
 
+/// Template instructions one rendering may run: real chat templates use a
+/// few thousand per message; a template that loops without end (or
+/// nests loops over `range`) runs out of fuel and stops with an error.
+pub const FUEL_PER_RENDER: u64 = 1_000_000;
+
+/// The most bytes a rendering may produce for `messages`: generous for
+/// any real template (each message's text a few times over, plus the
+/// template's own text), finite for a hostile one.
+pub fn output_limit(messages: &[Message]) -> usize {
+    (1 << 20) + 4 * messages.iter().map(|m| m.role.len() + m.content.len()).sum::<usize>()
+}
+
+/// An `io::Write` that refuses to hold more than `limit` bytes.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+    full: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            self.full = true;
+            return Err(std::io::Error::other(format!("the rendered prompt is over {} bytes", self.limit)));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Renders `messages`; `add_generation_prompt` opens the assistant's turn.
+/// Bounded: at most [`FUEL_PER_RENDER`] template instructions and
+/// [`output_limit`] bytes, else an error.
 pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, bos_token: &str, eos_token: &str) -> Result<String, ChatError> {
     let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(FUEL_PER_RENDER));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
@@ -54,13 +90,17 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
     env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
     env.add_template("chat", template).map_err(|e| ChatError(e.to_string()))?;
     let tmpl = env.get_template("chat").map_err(|e| ChatError(e.to_string()))?;
-    tmpl.render(minijinja::context! {
+    let mut out = Bounded { text: Vec::new(), limit: output_limit(messages), full: false };
+    let ctx = minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token,
         eos_token => eos_token,
-    })
-    .map_err(|e| ChatError(e.to_string()))
+    };
+    if let Err(e) = tmpl.render_captured_to(ctx, &mut out) {
+        return Err(ChatError(if out.full { format!("the rendered prompt is over {} bytes", out.limit) } else { e.to_string() }));
+    }
+    String::from_utf8(out.text).map_err(|e| ChatError(format!("the template rendered invalid UTF-8: {e}")))
 }
 
 #[cfg(test)]
@@ -86,6 +126,19 @@ mod tests {
             s,
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
+    }
+
+    #[test]
+    fn endless_and_huge_templates_stop_with_an_error() {
+        let msgs = [Message::new("user", "hi")];
+        let loops = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+        let e = render(loops, &msgs, true, "", "").unwrap_err();
+        assert!(e.0.contains("fuel"), "{e}");
+        let big = "{% for a in range(9000) %}{{ 'x' * 1000 }}{% endfor %}";
+        let e = render(big, &msgs, true, "", "").unwrap_err();
+        assert!(e.0.contains("over"), "{e}");
+        let fits = "{% for a in range(900) %}{{ 'x' * 1000 }}{% endfor %}";
+        assert_eq!(render(fits, &msgs, true, "", "").unwrap().len(), 900_000);
     }
 
     #[test]

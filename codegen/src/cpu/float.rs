@@ -117,6 +117,8 @@ pub fn row_f32(isa: Isa, w: &WeightView, r: usize, out: &mut [f32]) {
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: an Isa is only chosen where available() found AVX2 and
+        // FMA; the kernel reads min(a.len(), b.len()) elements of each.
         Isa::Avx2 => unsafe { avx2::dot(a, b) },
         Isa::Cranelift => generated().dot(a, b),
         _ => reference_dot(a, b),
@@ -127,6 +129,8 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 pub fn dot_f16(isa: Isa, a: &[f32], b: &[u8]) -> f32 {
     match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2/F16C checked by available(); the kernel reads
+        // min(a.len(), b.len() / 2) elements.
         Isa::Avx2 => unsafe { avx2::dot_f16(a, b) },
         Isa::Cranelift => generated().dot_f16(a, b),
         _ => a.iter().zip(b.chunks_exact(2)).map(|(&x, h)| x * half::f16::from_le_bytes([h[0], h[1]]).to_f32()).sum(),
@@ -136,6 +140,8 @@ pub fn dot_f16(isa: Isa, a: &[f32], b: &[u8]) -> f32 {
 pub fn f16_to_f32(isa: Isa, src: &[u8], out: &mut [f32]) {
     match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2/F16C checked by available(); the kernel converts
+        // min(out.len(), src.len() / 2) elements.
         Isa::Avx2 => unsafe { avx2::f16_to_f32(src, out) },
         Isa::Cranelift => generated().f16_to_f32(src, out),
         _ => {

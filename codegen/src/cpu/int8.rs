@@ -74,6 +74,8 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &Int8Rows, x: &QuantActs, out: &mut [f32
 pub fn dot(isa: Isa, a: &[i8], b: &[i8]) -> i32 {
     match isa.float_kernels() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 checked by available(); the kernel reads the first
+        // min(a.len(), b.len()) rounded down to 128 elements of each.
         Isa::Avx2 => unsafe { avx2::dot(a, b) },
         Isa::Cranelift => super::jit::DotJit::get().expect("Isa::Cranelift is available").dot_i8(a, b),
         _ => reference_dot(a, b),
@@ -98,8 +100,8 @@ mod avx2 {
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut i = 0;
         while i < n {
-            _mm_prefetch::<_MM_HINT_T0>(pa.add(i + 1024));
-            _mm_prefetch::<_MM_HINT_T0>(pa.add(i + 1024 + 64));
+            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + 1024));
+            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + 1024 + 64));
             for (j, acc) in acc.iter_mut().enumerate() {
                 let va = _mm256_loadu_si256(pa.add(i + 32 * j) as *const __m256i);
                 let vb = _mm256_loadu_si256(pb.add(i + 32 * j) as *const __m256i);

@@ -74,6 +74,8 @@ fn quantize_tokens(isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, o
             Some(jit) => jit.row(xr, norm, &mut row, q),
             None => quantize_token(xr, norm, &mut row, q, avx2),
         };
+        // SAFETY: gamma and sum hold one entry per token, and entry t is
+        // written by this caller alone (tokens are split between workers).
         unsafe {
             *out.gamma.ptr().add(t) = g;
             *out.sum.ptr().add(t) = sum;

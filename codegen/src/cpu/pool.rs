@@ -222,7 +222,10 @@ impl Chunks {
 /// A pointer that workers write disjoint parts of.
 #[derive(Clone, Copy)]
 pub struct SharedMut<T>(pub *mut T);
+// SAFETY: workers write disjoint ranges through it (each range handed out
+// once by `Chunks`), and the owner reads only after the pool's join.
 unsafe impl<T> Send for SharedMut<T> {}
+// SAFETY: as for Send: no two workers touch the same element.
 unsafe impl<T> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {

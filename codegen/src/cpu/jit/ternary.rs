@@ -201,6 +201,8 @@ mod tests {
                     (0..tokens).map(|j| (0..chunks * 128).map(|i| ((i * 37 + j * 11) % 255) as i32 as i8).map(|v| v.max(-127)).collect()).collect();
                 let ptrs: Vec<*const i8> = xs.iter().map(|x| x.as_ptr()).collect();
                 let mut out = [0i32; 16];
+                // SAFETY: the tile holds rows × chunks × 32 bytes, each
+                // token chunks × 128 int8, `out` rows × tokens ≤ 16 sums.
                 unsafe { jit.dots(rows, tokens)(tile.as_ptr(), chunks, ptrs.as_ptr(), out.as_mut_ptr()) };
                 for r in 0..rows {
                     for (j, x) in xs.iter().enumerate() {

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs the cargo-fuzz targets of fuzz/ (libFuzzer, nightly Rust), each
+# from its seeds and its dictionary, under AddressSanitizer by default.
+#
+#   scripts/fuzz.sh [--time SECONDS] [--runs N] [--no-asan] [--jobs N] [TARGET...]
+#
+# --time     seconds per target (default 30); --runs: stop a target after
+#            N executions instead (whichever comes first)
+# --no-asan  build without AddressSanitizer (faster: for CI's short runs)
+# --jobs     parallel fuzzing processes per target (default 1)
+# TARGET     gguf model hf artifact tokenizer chat_template tuning_db
+#            openai_request (default: all)
+#
+# The corpus grows in fuzz/corpus/TARGET (ignored by git); a crash, hang or
+# out-of-memory input lands in fuzz/artifacts/TARGET and fails the run: fix
+# it, then copy the input to fuzz/regressions/TARGET/ so the normal tests
+# replay it. A summary (executions, coverage, features, corpus, crashes per
+# target) is printed at the end and written to fuzz/last-run.tsv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+time_s=30 runs=0 sanitizer=address jobs=1 targets=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --time) time_s="$2"; shift 2 ;;
+        --runs) runs="$2"; shift 2 ;;
+        --no-asan) sanitizer=none; shift ;;
+        --jobs) jobs="$2"; shift 2 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
+        *) targets+=("$1"); shift ;;
+    esac
+done
+all=(gguf model hf artifact tokenizer chat_template tuning_db openai_request)
+[ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
+for t in "${targets[@]}"; do
+    [ -f "fuzz/fuzz_targets/$t.rs" ] || { echo "fuzz.sh: no target $t (targets: ${all[*]})" >&2; exit 2; }
+done
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+echo "fuzz.sh: building ${#targets[@]} target(s), sanitizer $sanitizer"
+one=() && [ ${#targets[@]} -eq 1 ] && one=("${targets[0]}")
+cargo +nightly fuzz build -O --debug-assertions -s "$sanitizer" "${one[@]}"
+
+dict_of() { case "$1" in model) echo gguf ;; *) echo "$1" ;; esac; }
+summary=fuzz/last-run.tsv
+printf 'target\texecutions\tseconds\tcoverage\tfeatures\tcorpus\tcrashes\n' > "$summary"
+failed=()
+for t in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+    cp -n fuzz/seeds/"$t"/* "fuzz/corpus/$t/" 2>/dev/null || true
+    log="fuzz/artifacts/$t/last.log"
+    before=$(find "fuzz/artifacts/$t" -type f ! -name '*.log' | wc -l)
+    args=(-dict="fuzz/dict/$(dict_of "$t").dict" -max_total_time="$time_s" -rss_limit_mb=2048 -timeout=30
+          -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/")
+    [ "$runs" -gt 0 ] && args+=(-runs="$runs")
+    [ "$jobs" -gt 1 ] && args+=(-jobs="$jobs" -workers="$jobs")
+    start=$(date +%s)
+    set +e
+    cargo +nightly fuzz run -O --debug-assertions -s "$sanitizer" "$t" "fuzz/corpus/$t" -- "${args[@]}" > "$log" 2>&1
+    rc=$?
+    set -e
+    secs=$(( $(date +%s) - start ))
+    execs=$( (grep -h 'stat::number_of_executed_units' "$log" fuzz/artifacts/"$t"/fuzz-*.log 2>/dev/null || true) | awk '{s+=$2} END {print s+0}')
+    last=$( (grep -hE '^#[0-9]+' "$log" || true) | tail -1)
+    cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
+    ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
+    corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
+    crashes=$(( $(find "fuzz/artifacts/$t" -type f ! -name '*.log' | wc -l) - before ))
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$execs" "$secs" "${cov:-?}" "${ft:-?}" "$corpus" "$crashes" >> "$summary"
+    if [ "$rc" -ne 0 ] || [ "$crashes" -gt 0 ]; then
+        failed+=("$t")
+        echo "fuzz.sh: $t FAILED (exit $rc); the input is in fuzz/artifacts/$t, the log in $log:" >&2
+        grep -E 'panicked|ERROR: |SUMMARY' "$log" | head -5 >&2 || true
+    fi
+done
+column -t -s $'\t' "$summary"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "fuzz.sh: crashes in: ${failed[*]}" >&2
+    exit 1
+fi
