@@ -44,6 +44,10 @@ echo "fuzz.sh: building ${#targets[@]} target(s), sanitizer $sanitizer"
 one=() && [ ${#targets[@]} -eq 1 ] && one=("${targets[0]}")
 cargo +nightly fuzz build -O --debug-assertions -s "$sanitizer" "${one[@]}"
 
+# The binaries just built: runs below use them as they are, even if the
+# sources change meanwhile.
+bin=fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release
+
 dict_of() { case "$1" in model) echo gguf ;; *) echo "$1" ;; esac; }
 summary=fuzz/last-run.tsv
 printf 'target\texecutions\tseconds\tcoverage\tfeatures\tcorpus\tcrashes\n' > "$summary"
@@ -59,7 +63,7 @@ for t in "${targets[@]}"; do
     [ "$jobs" -gt 1 ] && args+=(-jobs="$jobs" -workers="$jobs")
     start=$(date +%s)
     set +e
-    cargo +nightly fuzz run -O --debug-assertions -s "$sanitizer" "$t" "fuzz/corpus/$t" -- "${args[@]}" > "$log" 2>&1
+    "$bin/$t" "${args[@]}" "fuzz/corpus/$t" > "$log" 2>&1
     rc=$?
     set -e
     secs=$(( $(date +%s) - start ))

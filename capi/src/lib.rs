@@ -29,6 +29,7 @@
 // the header says what they need of the caller's; Rust calls them only in
 // tests. Marking them `unsafe` would change nothing for C.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use bitnet_codegen::schedule::Pinned;
 use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};

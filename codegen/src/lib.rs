@@ -31,6 +31,9 @@
 //! assert_eq!(run(Isa::best()), run(Isa::Scalar));
 //! ```
 
+// Every unsafe block states what it relies on (clippy enforces it).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod cpu;
 pub mod cuda;
 pub mod schedule;

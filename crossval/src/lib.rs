@@ -13,6 +13,9 @@
 //! - [`bench`]: prefill and decode tokens/s of both engines on one file,
 //!   with the same thread count, runs alternating.
 
+// Every unsafe block states what it relies on (clippy enforces it).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use anyhow::{anyhow, bail, Context};
 use bitnet_frontends::arch::{ActivationMode, GraphOptions, Logits};
 use bitnet_frontends::model::Model;

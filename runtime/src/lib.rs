@@ -20,6 +20,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+// Every unsafe block states what it relies on (clippy enforces it).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod artifact;
 pub mod backend;
 pub mod bench;

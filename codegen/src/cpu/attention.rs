@@ -80,8 +80,14 @@ pub fn attention(
                 // SAFETY: each unit's heads of one token belong to it alone.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(rows.start), rows.len()) };
                 let head = Heads { q: &q[rows], kv: kv.head(a.layer, i, kvh), n: n_keys, d, scale };
+                // The SIMD kernel reads d floats per key and value.
+                assert_eq!(head.kv.head_dim(), d, "the KV cache's head size differs from the graph's");
                 match isa.float_kernels() {
                     #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 checked by available(); the kernel reads
+                    // d floats of each of the n keys and values (the cache's
+                    // head size, asserted above), d of q per head, and
+                    // writes `o`, which holds as many as q.
                     Isa::Avx2 => unsafe { avx2::heads(&head, &mut scores, o) },
                     Isa::Cranelift => generated_heads(&head, &mut scores, o),
                     _ => reference_heads(&head, &mut scores, o),

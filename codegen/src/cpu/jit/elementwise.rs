@@ -102,6 +102,7 @@ impl ElementwiseJit {
         })?;
         // SAFETY: each function was built with the signature named for it.
         let pairs = code[..PAIRS.len()].iter().map(|&c| unsafe { std::mem::transmute::<*const u8, PairFn>(c) }).collect();
+        // SAFETY: as above: softmax was built with RowFn's signature.
         let softmax = unsafe { std::mem::transmute::<*const u8, RowFn>(code[PAIRS.len()]) };
         Ok(ElementwiseJit { pairs, softmax, _module: ModuleBox(module) })
     }

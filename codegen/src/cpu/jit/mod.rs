@@ -58,6 +58,7 @@ pub(crate) struct ModuleBox(#[allow(dead_code)] pub(crate) JITModule);
 // SAFETY: the module is only kept so that its code stays mapped; nothing
 // calls into it except through plain function pointers taken from it.
 unsafe impl Send for ModuleBox {}
+// SAFETY: as for Send: shared references give no access to the module.
 unsafe impl Sync for ModuleBox {}
 
 /// The host as Cranelift sees it, optimizing for speed.
