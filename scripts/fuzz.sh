@@ -2,11 +2,13 @@
 # Runs the cargo-fuzz targets of fuzz/ (libFuzzer, nightly Rust), each
 # from its seeds and its dictionary, under AddressSanitizer by default.
 #
-#   scripts/fuzz.sh [--time SECONDS] [--runs N] [--no-asan] [--jobs N] [TARGET...]
+#   scripts/fuzz.sh [--time SECONDS] [--runs N] [--no-asan] [--ci] [--jobs N] [TARGET...]
 #
 # --time     seconds per target (default 30); --runs: stop a target after
 #            N executions instead (whichever comes first)
-# --no-asan  build without AddressSanitizer (faster: for CI's short runs)
+# --no-asan  build without AddressSanitizer
+# --ci       no AddressSanitizer and fuzz/Cargo.toml's quicker dev profile
+#            (opt-level 1): what .ci/run uses for its short runs
 # --jobs     parallel fuzzing processes per target (default 1)
 # TARGET     gguf model hf artifact tokenizer chat_template tuning_db
 #            openai_request (default: all)
@@ -19,14 +21,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-time_s=30 runs=0 sanitizer=address jobs=1 targets=()
+time_s=30 runs=0 sanitizer=address jobs=1 targets=() profile=(-O --debug-assertions) outdir=release
 while [ $# -gt 0 ]; do
     case "$1" in
         --time) time_s="$2"; shift 2 ;;
         --runs) runs="$2"; shift 2 ;;
         --no-asan) sanitizer=none; shift ;;
+        --ci) sanitizer=none profile=(--dev) outdir=debug; shift ;;
         --jobs) jobs="$2"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -42,11 +45,11 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 echo "fuzz.sh: building ${#targets[@]} target(s), sanitizer $sanitizer"
 one=() && [ ${#targets[@]} -eq 1 ] && one=("${targets[0]}")
-cargo +nightly fuzz build -O --debug-assertions -s "$sanitizer" "${one[@]}"
+cargo +nightly fuzz build "${profile[@]}" -s "$sanitizer" "${one[@]}"
 
 # The binaries just built: runs below use them as they are, even if the
 # sources change meanwhile.
-bin=fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release
+bin=fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/$outdir
 
 dict_of() { case "$1" in model) echo gguf ;; *) echo "$1" ;; esac; }
 summary=fuzz/last-run.tsv

@@ -219,3 +219,25 @@ fn mutated_files_never_panic() {
     }
     assert!(parsed > 0, "the mutations should leave some files valid");
 }
+
+/// Hundreds of thousands of tensors and keys parse in linear time (the
+/// duplicate checks and lookups are hashed): a small lying file cannot
+/// make loading take minutes.
+#[test]
+fn many_tensors_and_keys_parse_and_look_up_in_linear_time() {
+    let n = 300_000;
+    let mut w = GgufWriter::new();
+    for i in 0..n {
+        w.metadata.push((format!("k{i}"), MetaValue::U8(1)));
+        w.add_tensor(&format!("t{i}"), DType::F32, &[0]);
+    }
+    let bytes = w.to_bytes(|_| Ok(Vec::new())).unwrap();
+    let f = GgufFile::from_vec(bytes).unwrap();
+    assert_eq!((f.tensors.len(), f.metadata.len()), (n, n));
+    assert!((0..n).step_by(997).all(|i| f.tensor(&format!("t{i}")).is_some_and(|t| t.name == format!("t{i}"))));
+    let mut dup = GgufWriter::new();
+    dup.add_tensor("same", DType::F32, &[0]);
+    dup.add_tensor("same", DType::F32, &[0]);
+    let e = GgufFile::from_vec(dup.to_bytes(|_| Ok(Vec::new())).unwrap()).err().expect("a duplicate name is refused").to_string();
+    assert!(e.contains("appears twice"), "{e}");
+}

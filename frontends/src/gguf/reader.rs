@@ -49,6 +49,8 @@ pub struct GgufFile {
     pub metadata: Vec<(String, MetaValue)>,
     pub tensors: Vec<TensorInfo>,
     pub alignment: usize,
+    /// Tensor indices by name: models look up every tensor by name.
+    by_name: std::collections::HashMap<String, usize>,
     data_start: usize,
     bytes: Bytes,
 }
@@ -89,11 +91,13 @@ impl GgufFile {
         let n_tensors = r.count("tensor count", 4 + 8 + 4 + 4 + 8)?;
         let n_kv = r.count("metadata count", 8 + 4 + 1)?;
         let mut metadata = Vec::with_capacity(n_kv);
+        // Duplicates are found with a set: a file may hold millions of entries.
+        let mut keys = std::collections::HashSet::with_capacity(n_kv);
         for i in 0..n_kv {
             let key = r.string().map_err(|e| ctx(e, &format!("metadata entry {i}")))?;
             let ty = r.meta_type().map_err(|e| ctx(e, &format!("metadata {key}")))?;
             let value = r.value(ty, 0).map_err(|e| ctx(e, &format!("metadata {key}")))?;
-            if metadata.iter().any(|(k, _)| k == &key) {
+            if !keys.insert(key.clone()) {
                 return format_err(format!("metadata key {key} appears twice"));
             }
             metadata.push((key, value));
@@ -123,12 +127,13 @@ impl GgufFile {
                 }
             }
         }
+        let mut by_name = std::collections::HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
-            if tensors[..i].iter().any(|u| u.name == t.name) {
+            if by_name.insert(t.name.clone(), i).is_some() {
                 return format_err(format!("tensor name {} appears twice", t.name));
             }
         }
-        Ok(GgufFile { version, metadata, tensors, alignment, data_start, bytes })
+        Ok(GgufFile { version, metadata, tensors, alignment, by_name, data_start, bytes })
     }
 
     fn buf(&self) -> &[u8] {
@@ -140,7 +145,11 @@ impl GgufFile {
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        match self.by_name.get(name).and_then(|&i| self.tensors.get(i)) {
+            Some(t) if t.name == name => Some(t),
+            // `tensors` is public: after an edit the index may be stale.
+            _ => self.tensors.iter().find(|t| t.name == name),
+        }
     }
 
     /// The bytes of a tensor (checked to lie in the file at parse time).
