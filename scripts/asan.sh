@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The unit and integration tests of bitnet-codegen (the SIMD and JIT
 # kernels, the thread pool) and bitnet-runtime (the executors, the KV
-# cache, artifacts) under AddressSanitizer, with nightly Rust. Every
-# out-of-bounds access, use after free or leak fails the run.
+# cache, artifacts), and bitnet-fuzzing's replay of every fuzz seed and
+# past crash (models opened and stepped on every ISA, artifacts, the
+# server), under AddressSanitizer, with nightly Rust. Every out-of-bounds
+# access, use after free or leak fails the run.
 #
 #   scripts/asan.sh [cargo test arguments, e.g. a test name]
 #
 # The tests build into target/asan; --target keeps build scripts and proc
-# macros uninstrumented. Takes ~10 minutes on 2 cores.
+# macros uninstrumented. Takes ~15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 host=$(rustc +nightly -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="-Zsanitizer=address -Cdebug-assertions=on" RUSTDOCFLAGS="-Zsanitizer=address"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1}"
-cargo +nightly test --target "$host" --target-dir target/asan -p bitnet-codegen -p bitnet-runtime --lib --tests "$@"
+cargo +nightly test --target "$host" --target-dir target/asan -p bitnet-codegen -p bitnet-runtime -p bitnet-fuzzing --lib --tests "$@"

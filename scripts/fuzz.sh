@@ -14,7 +14,8 @@
 #            openai_request (default: all)
 #
 # The corpus grows in fuzz/corpus/TARGET (ignored by git); a crash, hang or
-# out-of-memory input lands in fuzz/artifacts/TARGET and fails the run: fix
+# out-of-memory input lands in fuzz/artifacts/TARGET and fails the run (an
+# input slower than 10 s is kept there too, counted as "slow"): fix
 # it, then copy the input to fuzz/regressions/TARGET/ so the normal tests
 # replay it. A summary (executions, coverage, features, corpus, crashes per
 # target) is printed at the end and written to fuzz/last-run.tsv.
@@ -53,13 +54,24 @@ bin=fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/$outdir
 
 dict_of() { case "$1" in model) echo gguf ;; *) echo "$1" ;; esac; }
 summary=fuzz/last-run.tsv
-printf 'target\texecutions\tseconds\tcoverage\tfeatures\tcorpus\tcrashes\n' > "$summary"
+printf 'target\texecutions\tseconds\tcoverage\tfeatures\tcorpus\tcrashes\tslow\n' > "$summary"
 failed=()
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
     cp -n fuzz/seeds/"$t"/* "fuzz/corpus/$t/" 2>/dev/null || true
+    # Real files from testdata/ too (too big to keep twice in the repository).
+    case "$t" in
+        gguf) for f in models/stories260K/stories260K.gguf tokenizers/llama-cpp-vocab/ggml-vocab-{llama-spm,gpt-2}.gguf; do
+                  cp -n "testdata/$f" "fuzz/corpus/$t/testdata-$(basename "$f")"; done ;;
+        model) cp -n testdata/models/stories260K/stories260K.gguf "fuzz/corpus/$t/testdata-stories260K.gguf" ;;
+        hf) hf=testdata/models/stories260K/hf
+            [ -e "fuzz/corpus/$t/testdata-stories260K" ] ||
+                { cat "$hf/config.json"; printf '\n\0--8<--\0\n'; cat "$hf/model.safetensors"; } > "fuzz/corpus/$t/testdata-stories260K" ;;
+    esac
     log="fuzz/artifacts/$t/last.log"
-    before=$(find "fuzz/artifacts/$t" -type f ! -name '*.log' | wc -l)
+    found() { find "fuzz/artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l; }
+    slow() { find "fuzz/artifacts/$t" -type f -name 'slow-unit-*' | wc -l; }
+    before=$(found) slow_before=$(slow)
     args=(-dict="fuzz/dict/$(dict_of "$t").dict" -max_total_time="$time_s" -rss_limit_mb=2048 -timeout=30
           -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/")
     [ "$runs" -gt 0 ] && args+=(-runs="$runs")
@@ -75,8 +87,8 @@ for t in "${targets[@]}"; do
     cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
     ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
     corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
-    crashes=$(( $(find "fuzz/artifacts/$t" -type f ! -name '*.log' | wc -l) - before ))
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$execs" "$secs" "${cov:-?}" "${ft:-?}" "$corpus" "$crashes" >> "$summary"
+    crashes=$(( $(found) - before )) slow_units=$(( $(slow) - slow_before ))
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$execs" "$secs" "${cov:-?}" "${ft:-?}" "$corpus" "$crashes" "$slow_units" >> "$summary"
     if [ "$rc" -ne 0 ] || [ "$crashes" -gt 0 ]; then
         failed+=("$t")
         echo "fuzz.sh: $t FAILED (exit $rc); the input is in fuzz/artifacts/$t, the log in $log:" >&2

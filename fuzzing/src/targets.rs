@@ -196,6 +196,21 @@ pub fn chat_template(data: &[u8]) {
     }
 }
 
+/// Loads what a target keeps between inputs (tokenizers, the server), so
+/// that the first input is not timed with it.
+pub fn warm_up(target: &str) {
+    match target {
+        "tokenizer" => {
+            tokenizers();
+        }
+        "openai_request" => {
+            server();
+        }
+        "hf" => hf(&[]),
+        _ => {}
+    }
+}
+
 /// The JSON-lines tuning database: read, looked up as the runtime looks
 /// it up, rewritten (a corrupt file is moved aside) and read back the same.
 pub fn tuning_db(data: &[u8]) {
@@ -224,20 +239,16 @@ pub fn tuning_db(data: &[u8]) {
     }
 }
 
-/// The server's router on stories260K, as a client reaches it: byte 0
-/// picks the endpoint, the rest is the request body. Any answer but a
-/// server error (5xx other than 503, a full queue) is fine; a 200 that is
-/// not a stream is JSON.
-pub fn openai_request(data: &[u8]) {
-    use axum::body::{to_bytes, Body};
-    use axum::http::Request;
-    use tower::ServiceExt;
-    struct Server {
-        rt: tokio::runtime::Runtime,
-        router: axum::Router,
-    }
+/// The server's router on stories260K (with LLaMA-3's chat template) and
+/// the runtime it answers from, made once.
+struct Server {
+    rt: tokio::runtime::Runtime,
+    router: axum::Router,
+}
+
+fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    let server = SERVER.get_or_init(|| {
+    SERVER.get_or_init(|| {
         let path = testdata().join("models/stories260K/stories260K.gguf");
         let mut opts = EngineOptions { chat_template: Some(bitnet_frontends::chat::LLAMA3_TEMPLATE.into()), ..engine_options(BackendKind::Compiled, None) };
         opts.load.context = Some(256);
@@ -247,7 +258,17 @@ pub fn openai_request(data: &[u8]) {
         config.scheduler.max_queue = 1 << 16;
         let (router, _state) = bitnet_server::app(engine, config);
         Server { rt: tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime"), router }
-    });
+    })
+}
+
+/// The server's router, as a client reaches it: byte 0 picks the endpoint,
+/// the rest is the request body. Any answer but a server error (5xx other
+/// than 503, a full queue) is fine; a 200 that is not a stream is JSON.
+pub fn openai_request(data: &[u8]) {
+    use axum::body::{to_bytes, Body};
+    use axum::http::Request;
+    use tower::ServiceExt;
+    let server = server();
     let [which, body @ ..] = data else { return };
     let paths = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"];
     let path = paths[*which as usize % paths.len()];
