@@ -41,16 +41,24 @@ for t in "${targets[@]}"; do
     [ -f "fuzz/fuzz_targets/$t.rs" ] || { echo "fuzz.sh: no target $t (targets: ${all[*]})" >&2; exit 2; }
 done
 
-rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+# cargo-fuzz passes rustc unstable flags: nightly's, else the one toolchain
+# with RUSTC_BOOTSTRAP=1 (machines that cannot fetch another toolchain).
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    tc=(+nightly)
+else
+    tc=()
+    export RUSTC_BOOTSTRAP=1
+    echo "fuzz.sh: no nightly toolchain; using $(rustc --version) with RUSTC_BOOTSTRAP=1"
+fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 echo "fuzz.sh: building ${#targets[@]} target(s), sanitizer $sanitizer"
 one=() && [ ${#targets[@]} -eq 1 ] && one=("${targets[0]}")
-cargo +nightly fuzz build "${profile[@]}" -s "$sanitizer" "${one[@]}"
+cargo "${tc[@]}" fuzz build "${profile[@]}" -s "$sanitizer" "${one[@]}"
 
 # The binaries just built: runs below use them as they are, even if the
 # sources change meanwhile.
-bin=fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/$outdir
+bin=fuzz/target/$(rustc "${tc[@]}" -vV | sed -n 's/^host: //p')/$outdir
 
 dict_of() { case "$1" in model) echo gguf ;; *) echo "$1" ;; esac; }
 summary=fuzz/last-run.tsv
