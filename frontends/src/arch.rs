@@ -22,7 +22,8 @@ pub enum Arch {
     BitNet,
     /// bitnet.cpp's `bitnet-b1.58` (BitNet b1.58 2B4T).
     BitNetB158,
-    /// bitnet.cpp's `bitnet-25` (Falcon3-1.58bit).
+    /// bitnet.cpp's `bitnet-25`: 2B4T as its bf16 converter path writes it,
+    /// the same graph as `bitnet-b1.58` (docs/model-families.md).
     BitNet25,
 }
 
