@@ -60,6 +60,9 @@ cargo "${tc[@]}" fuzz build "${profile[@]}" -s "$sanitizer" "${one[@]}"
 # sources change meanwhile.
 bin=fuzz/target/$(rustc "${tc[@]}" -vV | sed -n 's/^host: //p')/$outdir
 
+# What libFuzzer left in a target's folder: failures, and inputs over 10 s.
+found() { find "fuzz/artifacts/$1" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l; }
+slow() { find "fuzz/artifacts/$1" -type f -name 'slow-unit-*' | wc -l; }
 dict_of() { case "$1" in model) echo gguf ;; *) echo "$1" ;; esac; }
 summary=fuzz/last-run.tsv
 printf 'target\texecutions\tseconds\tcoverage\tfeatures\tcorpus\tcrashes\tslow\n' > "$summary"
@@ -77,9 +80,7 @@ for t in "${targets[@]}"; do
                 { cat "$hf/config.json"; printf '\n\0--8<--\0\n'; cat "$hf/model.safetensors"; } > "fuzz/corpus/$t/testdata-stories260K" ;;
     esac
     log="fuzz/artifacts/$t/last.log"
-    found() { find "fuzz/artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l; }
-    slow() { find "fuzz/artifacts/$t" -type f -name 'slow-unit-*' | wc -l; }
-    before=$(found) slow_before=$(slow)
+    before=$(found "$t") slow_before=$(slow "$t")
     args=(-dict="fuzz/dict/$(dict_of "$t").dict" -max_total_time="$time_s" -rss_limit_mb=2048 -timeout=30
           -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/")
     [ "$runs" -gt 0 ] && args+=(-runs="$runs")
@@ -95,7 +96,7 @@ for t in "${targets[@]}"; do
     cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
     ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
     corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
-    crashes=$(( $(found) - before )) slow_units=$(( $(slow) - slow_before ))
+    crashes=$(( $(found "$t") - before )) slow_units=$(( $(slow "$t") - slow_before ))
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$execs" "$secs" "${cov:-?}" "${ft:-?}" "$corpus" "$crashes" "$slow_units" >> "$summary"
     if [ "$rc" -ne 0 ] || [ "$crashes" -gt 0 ]; then
         failed+=("$t")

@@ -67,7 +67,7 @@ impl std::io::Write for Bounded {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.text.len() + buf.len() > self.limit {
             self.full = true;
-            return Err(std::io::Error::other(format!("the rendered prompt is over {} bytes", self.limit)));
+            return Err(std::io::Error::other("output limit"));
         }
         self.text.extend_from_slice(buf);
         Ok(buf.len())

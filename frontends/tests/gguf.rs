@@ -221,8 +221,8 @@ fn mutated_files_never_panic() {
 }
 
 /// Hundreds of thousands of tensors and keys parse in linear time (the
-/// duplicate checks and lookups are hashed): a small lying file cannot
-/// make loading take minutes.
+/// duplicate checks are hashed; models index their tensors by name): a
+/// small lying file cannot make loading take minutes.
 #[test]
 fn many_tensors_and_keys_parse_and_look_up_in_linear_time() {
     let n = 300_000;

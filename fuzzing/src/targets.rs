@@ -166,7 +166,7 @@ pub fn tokenizer(data: &[u8]) {
         std::hint::black_box(tok.decode_text(&ids));
         let context = ids.first().copied().filter(|_| mode & 2 != 0);
         std::hint::black_box(tok.decode(context, &ids));
-        if !tok.kind.starts_with("Hugging Face") {
+        if *name != "llama3-hf" {
             stream_matches(tok, &ids);
         }
     }
@@ -206,7 +206,6 @@ pub fn warm_up(target: &str) {
         "openai_request" => {
             server();
         }
-        "hf" => hf(&[]),
         _ => {}
     }
 }

@@ -49,8 +49,6 @@ pub struct GgufFile {
     pub metadata: Vec<(String, MetaValue)>,
     pub tensors: Vec<TensorInfo>,
     pub alignment: usize,
-    /// Tensor indices by name: models look up every tensor by name.
-    by_name: std::collections::HashMap<String, usize>,
     data_start: usize,
     bytes: Bytes,
 }
@@ -127,13 +125,11 @@ impl GgufFile {
                 }
             }
         }
-        let mut by_name = std::collections::HashMap::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            if by_name.insert(t.name.clone(), i).is_some() {
-                return format_err(format!("tensor name {} appears twice", t.name));
-            }
+        let mut names = std::collections::HashSet::with_capacity(tensors.len());
+        if let Some(t) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+            return format_err(format!("tensor name {} appears twice", t.name));
         }
-        Ok(GgufFile { version, metadata, tensors, alignment, by_name, data_start, bytes })
+        Ok(GgufFile { version, metadata, tensors, alignment, data_start, bytes })
     }
 
     fn buf(&self) -> &[u8] {
@@ -145,11 +141,7 @@ impl GgufFile {
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        match self.by_name.get(name).and_then(|&i| self.tensors.get(i)) {
-            Some(t) if t.name == name => Some(t),
-            // `tensors` is public: after an edit the index may be stale.
-            _ => self.tensors.iter().find(|t| t.name == name),
-        }
+        self.tensors.iter().find(|t| t.name == name)
     }
 
     /// The bytes of a tensor (checked to lie in the file at parse time).
