@@ -5,6 +5,7 @@
 //! | `llama` | SiLU | interleaved pairs (the converter permuted Q/K rows) | none |
 //! | `bitnet` (llama.cpp) | SiLU | NEOX | BitLinear, sub-norms |
 //! | `bitnet-b1.58`, `bitnet-25` (bitnet.cpp) | squared ReLU | NEOX | BitLinear, sub-norms |
+//! | `llama` with ternary projections (bitnet.cpp's Falcon3, Falcon-E, Llama3-8B-1.58) | SiLU | interleaved | BitLinear |
 //!
 //! A `<arch>.hidden_activation` key in the file wins over the default.
 //! BitLinear: activations quantized per token to int8 (absmax), multiplied
@@ -169,7 +170,9 @@ impl Builder<'_> {
         let ternary = self.g.ty(w).dtype.is_ternary();
         let x_int8 = self.g.ty(x).dtype == DType::Q8Row;
         if ternary && !x_int8 {
-            return invalid(format!("blk.{layer}.{proj}.weight is ternary, which only BitNet architectures use"));
+            return invalid(format!(
+                "blk.{layer}.{proj}.weight is ternary but blk.0.attn_q.weight is not: a mix of ternary and float projections is not supported"
+            ));
         }
         let y = self.op(if ternary { Op::TernaryMatMul(Epilogue::NONE) } else { Op::MatMul }, &[x, w])?;
         match self.optional_weight(&format!("blk.{layer}.{proj}.scale"), &[1])? {
@@ -186,7 +189,7 @@ impl Builder<'_> {
 
 pub(crate) fn build_graph(model: &Model, opts: &GraphOptions) -> Result<Graph, ModelError> {
     let c = &model.config;
-    let bitnet = c.arch.is_bitnet() && opts.activations == ActivationMode::Model;
+    let bitnet = c.bitlinear && opts.activations == ActivationMode::Model;
     let mut b = Builder { g: Graph::new(c.arch_name.clone()), model, mode: opts.activations, converted: HashMap::new() };
     let seq = TensorType::new(DType::I32, [Dim::Seq]);
     let tokens = b.g.leaf(Op::Input { name: "tokens".into() }, seq.clone());
@@ -207,7 +210,7 @@ pub(crate) fn build_graph(model: &Model, opts: &GraphOptions) -> Result<Graph, M
         let k = b.op(rope, &[k, positions])?;
         let attn = Op::Attention { layer: l, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let mut o = b.op(attn, &[q, k, v, positions])?;
-        if c.arch.is_bitnet() {
+        if c.sub_norms {
             o = b.norm(o, &format!("blk.{l}.attn_sub_norm.weight"), q_dim)?;
         }
         let o = act_in(&mut b, o)?;
@@ -226,7 +229,7 @@ pub(crate) fn build_graph(model: &Model, opts: &GraphOptions) -> Result<Graph, M
             }
         };
         let mut m = b.op(Op::Binary(BinaryOp::Mul), &[gate, up])?;
-        if c.arch.is_bitnet() {
+        if c.sub_norms {
             m = b.norm(m, &format!("blk.{l}.ffn_sub_norm.weight"), c.ffn)?;
         }
         let m = act_in(&mut b, m)?;

@@ -30,8 +30,43 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}<|im_start|>{{ m
 /// `bitnet` chat format writes them), after BOS.
 pub const BITNET_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}";
 
+/// microsoft/bitnet-b1.58-2B-4T's `tokenizer_config.json` template
+/// (`Role: text<|eot_id|>`, no BOS in the template: the tokenizer adds it).
+pub const BITNET_2B4T_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}";
+
+/// HF1BitLLM/Llama3-8B-1.58-100B-tokens' template: LLaMA-3 headers, BOS
+/// before the first message (docs/model-families.md: its middle is the
+/// standard LLaMA-3 text, inferred from a cut log).
+pub const LLAMA3_8B_158_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// Falcon3 Instruct's template without its tool-calling branch:
+/// `<|role|>\ntext\n` turns, assistant turns closed by EOS.
+pub const FALCON3_TEMPLATE: &str = "{%- for message in messages %}
+{%- if message['role'] == 'system' %}
+{{- '<|system|>\n' + message['content'] + '\n' }}
+{%- elif message['role'] == 'user' %}
+{{- '<|user|>\n' + message['content'] + '\n' }}
+{%- elif message['role'] == 'assistant' %}
+{%- if not loop.last %}
+{{- '<|assistant|>\n' + message['content'] + eos_token + '\n' }}
+{%- else %}
+{{- '<|assistant|>\n' + message['content'] + eos_token }}
+{%- endif %}
+{%- endif %}
+{%- if loop.last and add_generation_prompt %}
+{{- '<|assistant|>\n' }}
+{%- endif %}
+{%- endfor %}";
+
 /// The built-in templates `--chat-template` names.
-pub const BUILTIN_TEMPLATES: [(&str, &str); 3] = [("chatml", CHATML_TEMPLATE), ("llama3", LLAMA3_TEMPLATE), ("bitnet", BITNET_TEMPLATE)];
+pub const BUILTIN_TEMPLATES: [(&str, &str); 6] = [
+    ("chatml", CHATML_TEMPLATE),
+    ("llama3", LLAMA3_TEMPLATE),
+    ("bitnet", BITNET_TEMPLATE),
+    ("bitnet-2b4t", BITNET_2B4T_TEMPLATE),
+    ("llama3-8b-1.58", LLAMA3_8B_158_TEMPLATE),
+    ("falcon3", FALCON3_TEMPLATE),
+];
 
 /// A built-in template by name, or the text of a Jinja file.
 pub fn template_named(name_or_file: &str) -> Result<String, ChatError> {
@@ -115,7 +150,32 @@ mod tests {
         let c = render(&template_named("chatml").unwrap(), &msgs[1..], true, "", "").unwrap();
         assert_eq!(c, "<|im_start|>user\n Hi <|im_end|>\n<|im_start|>assistant\n");
         let e = template_named("nope").unwrap_err().to_string();
-        assert!(e.contains("chatml, llama3, bitnet"), "{e}");
+        assert!(e.contains("chatml, llama3, bitnet, bitnet-2b4t, llama3-8b-1.58, falcon3"), "{e}");
+    }
+
+    /// A two-turn conversation, as each instruct family's own template
+    /// source writes it (expected strings written from the sources quoted
+    /// in docs/model-families.md).
+    #[test]
+    fn family_templates_render_two_turns_as_their_sources_do() {
+        let msgs = [Message::new("system", "Be brief."), Message::new("user", "Hi there "), Message::new("assistant", "Hello."), Message::new("user", "Bye")];
+        let b = render(BITNET_2B4T_TEMPLATE, &msgs, true, "<|begin_of_text|>", "<|end_of_text|>").unwrap();
+        assert_eq!(b, "System: Be brief.<|eot_id|>User: Hi there<|eot_id|>Assistant: Hello.<|eot_id|>User: Bye<|eot_id|>Assistant: ");
+        let l = render(LLAMA3_8B_158_TEMPLATE, &msgs, true, "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        assert_eq!(
+            l,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let f = render(FALCON3_TEMPLATE, &msgs, true, "", "<|endoftext|>").unwrap();
+        assert_eq!(f, "<|system|>\nBe brief.\n<|user|>\nHi there \n<|assistant|>\nHello.<|endoftext|>\n<|user|>\nBye\n<|assistant|>\n");
+        // Without the generation prompt, a conversation ending with the
+        // assistant ends with EOS and no newline.
+        let f = render(FALCON3_TEMPLATE, &msgs[..3], false, "", "<|endoftext|>").unwrap();
+        assert_eq!(f, "<|system|>\nBe brief.\n<|user|>\nHi there \n<|assistant|>\nHello.<|endoftext|>");
     }
 
     #[test]

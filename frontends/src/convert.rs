@@ -13,7 +13,10 @@
 //!   model written for llama.cpp keeps `bitnet.hidden_activation = relu2`
 //!   (bitnet-rs reads it) and the conversion warns that llama.cpp will not.
 //! - `llama` models from HF folders get their q/k rows permuted into the
-//!   interleaved RoPE order, as llama.cpp's converter does.
+//!   interleaved RoPE order, as llama.cpp's converter does; BitLinear
+//!   `llama` models (Falcon3, Llama3-8B-1.58) stay `llama`, as both
+//!   converters write them, and since llama.cpp's `llama` graph applies no
+//!   `.scale` tensors, their TQ blocks carry β itself (rounded to f16).
 //! - The output is written to a temporary file and renamed at the end.
 
 use crate::arch::{Activation, Arch};
@@ -90,22 +93,48 @@ impl Ternary {
         Some(d.unwrap_or(1.0))
     }
 
+    /// Moves `extra` into the block scales.
+    fn fold_extra(&mut self) {
+        self.scales.iter_mut().for_each(|s| *s *= self.extra);
+        self.extra = 1.0;
+    }
+
+    /// Permutes rows as [`permute_rows`] does, with their block scales when
+    /// blocks lie within rows.
+    fn permute_rows(&mut self, heads: usize, k: usize) {
+        let rows = self.codes.len() / k;
+        let order = row_permutation(rows, heads);
+        let mut codes = vec![0i8; self.codes.len()];
+        for (dst, &src) in order.iter().enumerate() {
+            codes[dst * k..(dst + 1) * k].copy_from_slice(&self.codes[src * k..(src + 1) * k]);
+        }
+        self.codes = codes;
+        if self.block <= k {
+            let per_row = k / self.block;
+            let scales = self.scales.clone();
+            for (dst, &src) in order.iter().enumerate() {
+                self.scales[dst * per_row..(dst + 1) * per_row].copy_from_slice(&scales[src * per_row..(src + 1) * per_row]);
+            }
+        }
+    }
+
     fn values(&self) -> Vec<f32> {
         self.codes.iter().enumerate().map(|(i, &c)| c as f32 * self.scales[i / self.block] * self.extra).collect()
     }
 }
 
-/// Permutes q/k rows from HF's rotate-half order to llama.cpp's
-/// interleaved order: within each head, row 2i ← i and 2i+1 ← i + d/2.
-fn permute_rows(data: &[f32], rows: usize, k: usize, heads: usize) -> Vec<f32> {
+/// The source row of each row when q/k rows go from HF's rotate-half
+/// order to llama.cpp's interleaved order: within each head, row 2i ← i and
+/// 2i+1 ← i + d/2.
+fn row_permutation(rows: usize, heads: usize) -> Vec<usize> {
     let d = rows / heads;
+    (0..rows).map(|r| (r / d) * d + if r % 2 == 0 { (r % d) / 2 } else { (r % d) / 2 + d / 2 }).collect()
+}
+
+fn permute_rows(data: &[f32], rows: usize, k: usize, heads: usize) -> Vec<f32> {
     let mut out = vec![0f32; data.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for (j, src) in [(2 * i, i), (2 * i + 1, i + d / 2)] {
-                out[(h * d + j) * k..(h * d + j + 1) * k].copy_from_slice(&data[(h * d + src) * k..(h * d + src + 1) * k]);
-            }
-        }
+    for (dst, src) in row_permutation(rows, heads).into_iter().enumerate() {
+        out[dst * k..(dst + 1) * k].copy_from_slice(&data[src * k..(src + 1) * k]);
     }
     out
 }
@@ -113,7 +142,7 @@ fn permute_rows(data: &[f32], rows: usize, k: usize, heads: usize) -> Vec<f32> {
 enum Plan {
     /// A BitLinear projection to `weight_type`; `scale` says where its
     /// per-tensor scale goes for TQ types.
-    Ternary { source: String, scale_extra: Option<String> },
+    Ternary { source: String, scale_extra: Option<String>, permute_heads: Option<usize> },
     /// The scale tensor that goes with the TQ projection written just before.
     Scale,
     /// A float tensor to `dtype`, q/k rows permuted for `heads` if set.
@@ -143,7 +172,7 @@ pub fn metadata(model: &Model, arch: &str) -> Result<Vec<(String, MetaValue)>, S
     let mut m = vec![("general.architecture".to_string(), MetaValue::String(arch.into()))];
     let name = match &model.source {
         ModelSource::Gguf(f) => f.get("general.name").and_then(MetaValue::as_str).map(String::from),
-        ModelSource::Hf(hf) => hf.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+        ModelSource::Hf(hf) => hf.config["_name_or_path"].as_str().map(String::from).or_else(|| hf.dir.file_name().map(|n| n.to_string_lossy().into_owned())),
     };
     m.push(("general.name".into(), MetaValue::String(name.unwrap_or_else(|| "converted by bitnet-rs".into()))));
     m.extend(c.gguf_metadata(arch));
@@ -159,7 +188,7 @@ pub fn metadata(model: &Model, arch: &str) -> Result<Vec<(String, MetaValue)>, S
 pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Vec<String>, String> {
     let c = &model.config;
     let t = opts.weight_type;
-    let bitnet = c.arch.is_bitnet();
+    let bitnet = c.bitlinear;
     let mut warnings = Vec::new();
     if !bitnet && t.is_ternary() {
         return Err(format!("--type {t}: {} is not a ternary model; use f32, f16 or bf16", c.arch_name));
@@ -185,11 +214,27 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
         _ => "bitnet",
     };
     let permute = c.arch == Arch::Llama && c.rope_mode == RopeMode::Neox;
+    // llama.cpp's and bitnet.cpp's `llama` graphs apply no `.scale`
+    // tensors: there β goes into the TQ blocks (as f16).
+    let scale_tensors = arch != "llama";
     let mut w = GgufWriter::new();
     for (k, v) in metadata(model, arch)? {
         w.set(&k, v);
     }
 
+    // The heads whose q/k rows are permuted for interleaved RoPE, checked
+    // against the tensor's rows.
+    let rope_heads = |name: &str, shape: &[usize]| -> Result<Option<usize>, String> {
+        let heads = match name {
+            n if permute && n.ends_with(".attn_q.weight") => c.heads,
+            n if permute && n.ends_with(".attn_k.weight") => c.kv_heads,
+            _ => return Ok(None),
+        };
+        if shape.first() != Some(&(heads * c.head_dim)) {
+            return Err(format!("{name}: shape {shape:?} does not have {heads} heads of {} rows", c.head_dim));
+        }
+        Ok(Some(heads))
+    };
     let mut plans = Vec::new();
     for tensor in &model.tensors {
         let name = &tensor.name;
@@ -200,9 +245,10 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
         match projection(name).filter(|_| bitnet) {
             Some(p) => {
                 let scale_extra = model.tensor(&format!("{p}.scale")).map(|s| s.name.clone());
+                let permute_heads = rope_heads(name, &tensor.shape)?;
                 w.add_tensor(name, t, &tensor.shape);
-                plans.push(Plan::Ternary { source: name.clone(), scale_extra: scale_extra.clone() });
-                if t.is_ternary() && t != DType::I2S {
+                plans.push(Plan::Ternary { source: name.clone(), scale_extra: scale_extra.clone(), permute_heads });
+                if t.is_ternary() && t != DType::I2S && scale_tensors {
                     w.add_tensor(&format!("{p}.scale"), DType::F32, &[1]);
                     plans.push(Plan::Scale);
                 }
@@ -221,11 +267,7 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
                 } else {
                     t
                 };
-                let permute_heads = match name {
-                    n if permute && n.ends_with(".attn_q.weight") => Some(c.heads),
-                    n if permute && n.ends_with(".attn_k.weight") => Some(c.kv_heads),
-                    _ => None,
-                };
+                let permute_heads = rope_heads(name, &tensor.shape)?;
                 w.add_tensor(name, dtype, &tensor.shape);
                 plans.push(Plan::Float { source: name.clone(), permute_heads });
             }
@@ -248,15 +290,24 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
         progress(i, total);
         let (name, dtype, _) = &tensors[i];
         let bytes = match &plans[i] {
-            Plan::Ternary { source, scale_extra } => {
-                let tern = Ternary::read(&model.weight(source).unwrap(), scalar(scale_extra), source, &mut warn_inner);
+            Plan::Ternary { source, scale_extra, permute_heads } => {
+                let mut tern = Ternary::read(&model.weight(source).unwrap(), scalar(scale_extra), source, &mut warn_inner);
+                if let Some(h) = permute_heads {
+                    tern.permute_rows(*h, tensors[i].2[1]);
+                }
+                if !scale_tensors {
+                    tern.fold_extra();
+                }
                 last_scale = tern.uniform_scale().map_or(tern.extra, |d| d * tern.extra);
                 match (dtype, tern.uniform_scale()) {
                     (DType::I2S, Some(d)) => quant::pack_i2s(&tern.codes, d * tern.extra),
                     (DType::I2S, None) => {
                         return Err(std::io::Error::other(format!("{name}: its blocks have different scales, which I2_S (one scale per tensor) cannot hold")))
                     }
-                    (t, Some(_)) if t.is_ternary() => quant::pack_ternary(*t, &tern.codes, &vec![1.0; tern.codes.len() / t.block_elems()]),
+                    (t, Some(d)) if t.is_ternary() => {
+                        let block_scale = if scale_tensors { 1.0 } else { d * tern.extra };
+                        quant::pack_ternary(*t, &tern.codes, &vec![block_scale; tern.codes.len() / t.block_elems()])
+                    }
                     (t, None) if t.is_ternary() => {
                         let per = t.block_elems();
                         let scales: Vec<f32> = (0..tern.codes.len() / per).map(|b| tern.scales[b * per / tern.block]).collect();

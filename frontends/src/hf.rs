@@ -7,7 +7,11 @@
 //! | `BitNetForCausalLM` (microsoft/bitnet-b1.58-2B-4T) | packed uint8 `[out/4, in]` + `weight_scale` | arch `bitnet-b1.58`, I2_S in memory |
 //! | the same, `-bf16` variant | bf16 master weights | quantized at load with absmean |
 //! | `BitnetForCausalLM` (1bitLLM `bitnet_b1_58-*`) | f16 master weights, SiLU | arch `bitnet`, absmean |
+//! | `LlamaForCausalLM` + `quantization_config.quant_method: bitnet` (Falcon3-1.58bit, Falcon-E, Llama3-8B-1.58) | packed uint8 + divided `weight_scale`, untied float `lm_head` | arch `llama`, BitLinear without sub-norms |
 //! | `LlamaForCausalLM` | float | arch `llama`, weights mapped as they are |
+//!
+//! Settings outside what the engine implements (`rope_scaling`, biases,
+//! `use_rms_norm`, other quantization methods) are refused by key.
 //!
 //! HF checkpoints keep q/k rows in their original order and apply RoPE by
 //! rotating halves, so every HF model runs with NEOX RoPE here (GGUF
@@ -107,16 +111,64 @@ pub fn scale_direction(config: &serde_json::Value) -> ScaleDirection {
     }
 }
 
+/// Checks `quantization_config` (Transformers' `BitNetQuantConfig`): true
+/// when it makes the projections BitLinear, false without one. Values this
+/// engine does not implement are refused by their key.
+fn bitnet_quantization(c: &serde_json::Value) -> Result<bool, ModelError> {
+    let q = &c["quantization_config"];
+    if q.is_null() {
+        return Ok(false);
+    }
+    let key = |k: &str| q[k].as_str();
+    match key("quant_method") {
+        Some("bitnet") => {}
+        Some(m) => return invalid(format!("config.json: quantization_config.quant_method {m:?} is not supported (only \"bitnet\" is)")),
+        None => return invalid("config.json: quantization_config has no quant_method"),
+    }
+    if let Some(class) = key("linear_class").filter(|c| !["bitlinear", "autobitlinear"].iter().any(|k| c.eq_ignore_ascii_case(k))) {
+        return invalid(format!("config.json: quantization_config.linear_class {class:?} is not supported (bitlinear, autobitlinear)"));
+    }
+    if let Some(mode) = key("quantization_mode").filter(|m| !matches!(*m, "offline" | "online")) {
+        return invalid(format!("config.json: quantization_config.quantization_mode {mode:?} is not supported (offline, online)"));
+    }
+    if q["use_rms_norm"].as_bool() == Some(true) {
+        return invalid("config.json: quantization_config.use_rms_norm = true (an RMSNorm inside every BitLinear) is not supported");
+    }
+    for m in q["modules_to_not_convert"].as_array().into_iter().flatten() {
+        if m.as_str() != Some("lm_head") {
+            return invalid(format!("config.json: quantization_config.modules_to_not_convert lists {m}; only lm_head may stay in full precision here"));
+        }
+    }
+    Ok(true)
+}
+
 pub(crate) fn read_config(hf: &HfFolder) -> Result<ModelConfig, ModelError> {
     let c = &hf.config;
     let arch_name = c["architectures"][0].as_str().unwrap_or("").to_string();
-    let arch = match arch_name.as_str() {
-        "BitNetForCausalLM" => Arch::BitNetB158,
-        "BitnetForCausalLM" => Arch::BitNet,
-        "LlamaForCausalLM" => Arch::Llama,
+    // BitNetForCausalLM (2B4T) and BitnetForCausalLM (1bitLLM) have sub-norms;
+    // LlamaForCausalLM is BitLinear when quantization_config says bitnet
+    // (Falcon3, Falcon-E, Llama3-8B-1.58) and a plain float model otherwise.
+    let (arch, sub_norms) = match arch_name.as_str() {
+        "BitNetForCausalLM" => (Arch::BitNetB158, true),
+        "BitnetForCausalLM" => (Arch::BitNet, true),
+        "LlamaForCausalLM" => (Arch::Llama, false),
         "" => return invalid("config.json has no architectures entry"),
         other => return invalid(format!("Hugging Face architecture {other} is not supported (BitNetForCausalLM, BitnetForCausalLM, LlamaForCausalLM are)")),
     };
+    let bitlinear = bitnet_quantization(c)? || arch.is_bitnet();
+    for k in ["rope_scaling", "sliding_window"] {
+        if !c[k].is_null() {
+            return invalid(format!("config.json: {k} = {} is not supported", c[k]));
+        }
+    }
+    for k in ["attention_bias", "mlp_bias"] {
+        if c[k].as_bool() == Some(true) {
+            return invalid(format!("config.json: {k} = true is not supported (no BitNet b1.58 model has biases)"));
+        }
+    }
+    if let Some(b) = hf.tensors.keys().find(|n| n.ends_with(".bias")) {
+        return invalid(format!("tensor {b}: bias terms are not supported"));
+    }
     let need = |k: &str| cfg_usize(c, k)?.ok_or_else(|| ModelError::Invalid(format!("config.json: {k} is missing")));
     let hidden = need("hidden_size")?;
     let layers = need("num_hidden_layers")?;
@@ -126,11 +178,20 @@ pub(crate) fn read_config(hf: &HfFolder) -> Result<ModelConfig, ModelError> {
     let embed = hf.get("model.embed_tokens.weight").ok_or_else(|| ModelError::Invalid("model.embed_tokens.weight is missing".into()))?;
     let vocab = embed.shape.first().copied().unwrap_or(0);
     let activation = match c["hidden_act"].as_str() {
-        Some(a) => Activation::from_name(a).ok_or_else(|| ModelError::Invalid(format!("config.json: hidden_act {a:?} is not supported")))?,
+        Some(a) => Activation::from_name(a).ok_or_else(|| ModelError::Invalid(format!("config.json: hidden_act {a:?} is not supported (silu, relu2)")))?,
         None => arch.default_activation(),
     };
-    if hidden == 0 || heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 || (hidden / heads) % 2 != 0 {
+    if hidden == 0 || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return invalid(format!("config.json: hidden {hidden}, heads {heads}, kv heads {kv_heads} do not divide evenly"));
+    }
+    // Falcon3 states head_dim (256); others imply hidden / heads.
+    let head_dim = match cfg_usize(c, "head_dim")? {
+        Some(d) => d,
+        None if hidden % heads == 0 => hidden / heads,
+        None => return invalid(format!("config.json: hidden {hidden} / heads {heads} do not divide evenly and head_dim is missing")),
+    };
+    if head_dim == 0 || head_dim % 2 != 0 || head_dim > 4096 {
+        return invalid(format!("config.json: head_dim {head_dim} must be even, 2..=4096 (RoPE rotates pairs)"));
     }
     Ok(ModelConfig {
         arch,
@@ -139,7 +200,7 @@ pub(crate) fn read_config(hf: &HfFolder) -> Result<ModelConfig, ModelError> {
         layers,
         heads,
         kv_heads,
-        head_dim: hidden / heads,
+        head_dim,
         ffn,
         vocab,
         context: cfg_usize(c, "max_position_embeddings")?.unwrap_or(2048),
@@ -148,6 +209,8 @@ pub(crate) fn read_config(hf: &HfFolder) -> Result<ModelConfig, ModelError> {
         norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
         activation,
         tied_head: c["tie_word_embeddings"].as_bool().unwrap_or(false) || hf.get("lm_head.weight").is_none(),
+        bitlinear,
+        sub_norms,
     })
 }
 
@@ -251,7 +314,7 @@ pub(crate) fn tensors(hf: &HfFolder, config: &ModelConfig) -> Result<Vec<ModelTe
             continue;
         }
         let Some(g) = gguf_name(name) else { continue };
-        let bitlinear = config.arch.is_bitnet() && is_projection(&g);
+        let bitlinear = config.bitlinear && is_projection(&g);
         if bitlinear {
             let (codes, beta, n, k) = match (t.dtype, t.shape.as_slice()) {
                 (Dtype::U8, &[q, k]) => {

@@ -25,6 +25,7 @@
 pub mod arch;
 pub mod chat;
 pub mod convert;
+pub mod family;
 pub mod gguf;
 pub mod hf;
 pub mod model;

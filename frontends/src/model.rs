@@ -43,6 +43,13 @@ pub struct ModelConfig {
     pub activation: Activation,
     /// True when the head is `token_embd` (no `output.weight`).
     pub tied_head: bool,
+    /// The projections are BitLinear: ternary weights, inputs quantized per
+    /// token to int8 (every BitNet b1.58 model, whatever its arch name).
+    pub bitlinear: bool,
+    /// RMS norms before `o_proj` and `down_proj` (`attn_sub_norm`,
+    /// `ffn_sub_norm`): 2B4T and the 1bitLLM models have them; the
+    /// `LlamaForCausalLM` checkpoints (Falcon3, Llama3-8B-1.58) do not.
+    pub sub_norms: bool,
 }
 
 /// Where a model came from.
@@ -81,6 +88,8 @@ impl ModelConfig {
             ("attention.head_count", self.heads),
             ("attention.head_count_kv", self.kv_heads),
             ("rope.dimension_count", self.head_dim),
+            ("attention.key_length", self.head_dim),
+            ("attention.value_length", self.head_dim),
         ]
         .into_iter()
         .map(|(k, v)| (format!("{arch}.{k}"), MetaValue::U32(v as u32)))
@@ -160,7 +169,15 @@ impl Model {
         match &self.source {
             ModelSource::Gguf(f) => Tokenizer::from_gguf(f),
             ModelSource::Hf(hf) => {
-                let mut t = Tokenizer::from_hf_file(&hf.dir.join("tokenizer.json"))?;
+                let json = hf.dir.join("tokenizer.json");
+                if !json.exists() && hf.dir.join("tokenizer.model").exists() {
+                    return Err(TokenizerError(format!(
+                        "{} has tokenizer.model (SentencePiece) but no tokenizer.json, which is what bitnet-rs reads; \
+                         write one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
+                        hf.dir.display()
+                    )));
+                }
+                let mut t = Tokenizer::from_hf_file(&json)?;
                 t.add_generation_config(&hf.dir.join("generation_config.json"));
                 Ok(t)
             }
@@ -256,10 +273,19 @@ fn read_config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
     sane("feed_forward_length", ffn, 1 << 18)?;
     sane("vocab size", vocab, 1 << 22)?;
     sane("context_length", context, 1 << 24)?;
-    if hidden % heads != 0 || heads % kv_heads != 0 {
-        return invalid(format!("{hidden} hidden / {heads} heads / {kv_heads} kv heads do not divide evenly"));
+    if heads % kv_heads != 0 {
+        return invalid(format!("{heads} heads / {kv_heads} kv heads do not divide evenly"));
     }
-    let head_dim = hidden / heads;
+    // An explicit head size (Falcon3's 256) wins over hidden / heads.
+    let head_dim = match get_usize(f, &key("attention.key_length"))? {
+        Some(d) => d,
+        None if hidden % heads == 0 => hidden / heads,
+        None => return invalid(format!("{hidden} hidden / {heads} heads do not divide evenly and {} is missing", key("attention.key_length"))),
+    };
+    sane("attention.key_length", head_dim, 1 << 12)?;
+    if let Some(v) = get_usize(f, &key("attention.value_length"))?.filter(|&v| v != head_dim) {
+        return invalid(format!("{} = {v} differs from the key length {head_dim}, which this engine does not support", key("attention.value_length")));
+    }
     if head_dim % 2 != 0 {
         return invalid(format!("head dim {head_dim} is odd; RoPE needs pairs"));
     }
@@ -286,5 +312,15 @@ fn read_config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
         norm_eps,
         activation,
         tied_head: f.tensor("output.weight").is_none(),
+        // bitnet.cpp writes the LlamaForCausalLM BitNet checkpoints (Falcon3,
+        // Falcon-E, Llama3-8B-1.58) as `llama` with ternary projections.
+        bitlinear: arch.is_bitnet() || ternary_projections(f),
+        sub_norms: arch.is_bitnet(),
     })
+}
+
+/// True when the first layer's projections are stored in a ternary type
+/// (or packed for the compiled kernels, in an artifact).
+fn ternary_projections(f: &GgufFile) -> bool {
+    f.tensors.iter().any(|t| t.name.starts_with("blk.0.attn_q.weight") && (t.dtype.is_ternary() || t.name.ends_with("#packed")))
 }

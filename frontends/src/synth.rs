@@ -8,6 +8,7 @@
 
 use crate::arch::{Activation, Arch};
 use crate::chat::LLAMA3_TEMPLATE;
+use crate::family::{Family, Vocab, Weights};
 use crate::gguf::{GgufError, GgufFile, GgufWriter, MetaValue};
 use crate::model::ModelConfig;
 use crate::tokenizer::{bytelevel, VocabParts};
@@ -115,15 +116,29 @@ fn normal(rng: &mut impl Rng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
+#[derive(Clone, Copy)]
 enum Gen {
     Ternary { n: usize, k: usize },
     Norm(usize),
     Embedding { vocab: usize, hidden: usize },
 }
 
-fn tensor_plan(s: &SynthShape) -> Vec<(String, Gen)> {
-    let hd = s.hidden / s.heads;
-    let (q, kv) = (s.heads * hd, s.kv_heads * hd);
+/// Which tensors a model has besides the projections.
+#[derive(Clone, Copy, Debug)]
+struct Structure {
+    head_dim: usize,
+    sub_norms: bool,
+    tied: bool,
+}
+
+impl Structure {
+    fn bitnet(s: &SynthShape) -> Structure {
+        Structure { head_dim: s.hidden / s.heads, sub_norms: true, tied: true }
+    }
+}
+
+fn tensor_plan(s: &SynthShape, st: Structure) -> Vec<(String, Gen)> {
+    let (q, kv) = (s.heads * st.head_dim, s.kv_heads * st.head_dim);
     let mut t = vec![("token_embd.weight".to_string(), Gen::Embedding { vocab: s.vocab, hidden: s.hidden })];
     for l in 0..s.layers {
         let p = |n: &str| format!("blk.{l}.{n}.weight");
@@ -131,15 +146,22 @@ fn tensor_plan(s: &SynthShape) -> Vec<(String, Gen)> {
         t.push((p("attn_q"), Gen::Ternary { n: q, k: s.hidden }));
         t.push((p("attn_k"), Gen::Ternary { n: kv, k: s.hidden }));
         t.push((p("attn_v"), Gen::Ternary { n: kv, k: s.hidden }));
-        t.push((p("attn_sub_norm"), Gen::Norm(q)));
+        if st.sub_norms {
+            t.push((p("attn_sub_norm"), Gen::Norm(q)));
+        }
         t.push((p("attn_output"), Gen::Ternary { n: s.hidden, k: q }));
         t.push((p("ffn_norm"), Gen::Norm(s.hidden)));
         t.push((p("ffn_gate"), Gen::Ternary { n: s.ffn, k: s.hidden }));
         t.push((p("ffn_up"), Gen::Ternary { n: s.ffn, k: s.hidden }));
-        t.push((p("ffn_sub_norm"), Gen::Norm(s.ffn)));
+        if st.sub_norms {
+            t.push((p("ffn_sub_norm"), Gen::Norm(s.ffn)));
+        }
         t.push((p("ffn_down"), Gen::Ternary { n: s.hidden, k: s.ffn }));
     }
     t.push(("output_norm.weight".into(), Gen::Norm(s.hidden)));
+    if !st.tied {
+        t.push(("output.weight".into(), Gen::Embedding { vocab: s.vocab, hidden: s.hidden }));
+    }
     t
 }
 
@@ -244,11 +266,13 @@ pub fn write(spec: &SynthSpec, vocab_from: Option<&GgufFile>, path: &Path, mut p
         norm_eps: 1e-5,
         activation: spec.activation,
         tied_head: true,
+        bitlinear: true,
+        sub_norms: true,
     };
     for (k, v) in config.gguf_metadata(arch) {
         w.set(&k, v);
     }
-    let plan = tensor_plan(s);
+    let plan = tensor_plan(s, Structure::bitnet(s));
     for (name, gen) in &plan {
         let (dtype, shape) = match *gen {
             Gen::Ternary { n, k } => (spec.weight_type, vec![n, k]),
@@ -270,6 +294,34 @@ pub fn write(spec: &SynthSpec, vocab_from: Option<&GgufFile>, path: &Path, mut p
 /// How a synthetic HF folder stores each projection's scale.
 pub use crate::hf::ScaleDirection;
 
+/// A Hugging Face checkpoint's layout: what `config.json` says and how the
+/// tensors are stored and named.
+struct HfLayout {
+    architecture: &'static str,
+    model_type: &'static str,
+    weights: Weights,
+    quantization_config: Option<serde_json::Value>,
+    /// HF names of the attention and FFN sub-norms, if the model has them.
+    sub_norm_names: Option<(&'static str, &'static str)>,
+    structure: Structure,
+    states_head_dim: bool,
+    norm_eps: f32,
+    /// `_name_or_path`.
+    name: String,
+    /// Round each β to a power of two, which bf16 `weight_scale` (as β or
+    /// 1/β), f16 TQ block scales and f32 I2_S scales all hold exactly: then
+    /// every format of the model computes the same numbers.
+    exact_scales: bool,
+}
+
+fn quantization_config(direction: ScaleDirection) -> serde_json::Value {
+    let linear_class = match direction {
+        ScaleDirection::Divide => "bitlinear",
+        ScaleDirection::Multiply => "autobitlinear",
+    };
+    serde_json::json!({"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline"})
+}
+
 /// Writes a random-weight Hugging Face folder in BitNet b1.58 2B4T's
 /// layout (`BitNetForCausalLM`: packed uint8 `[out/4, in]` projections with
 /// a bf16 `weight_scale` each, bf16 norms and embedding), with the same
@@ -279,29 +331,52 @@ pub fn write_hf(
     vocab_from: Option<&GgufFile>,
     dir: &Path,
     direction: ScaleDirection,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<(), String> {
-    use safetensors::{tensor::TensorView, Dtype};
     spec.validate()?;
+    let layout = HfLayout {
+        architecture: "BitNetForCausalLM",
+        model_type: "bitnet",
+        weights: Weights::Packed(direction),
+        quantization_config: Some(quantization_config(direction)),
+        sub_norm_names: Some(("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")),
+        structure: Structure::bitnet(&spec.shape),
+        states_head_dim: false,
+        norm_eps: 1e-5,
+        name: "bitnet-rs synthetic".into(),
+        exact_scales: false,
+    };
+    write_hf_layout(spec, &synth_vocab(spec.shape.vocab, vocab_from)?, &layout, dir, progress)
+}
+
+fn write_hf_layout(spec: &SynthSpec, parts: &VocabParts, layout: &HfLayout, dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<(), String> {
+    use safetensors::{tensor::TensorView, Dtype};
     let s = &spec.shape;
-    if !s.hidden.is_multiple_of(4) || !s.ffn.is_multiple_of(4) || !(s.kv_heads * (s.hidden / s.heads)).is_multiple_of(4) {
+    let st = layout.structure;
+    if matches!(layout.weights, Weights::Packed(_)) && ![s.hidden, s.ffn, s.heads * st.head_dim, s.kv_heads * st.head_dim].iter().all(|n| n % 4 == 0) {
         return Err("packed HF weights need every projection's output size to be a multiple of 4".into());
     }
-    let parts = synth_vocab(s.vocab, vocab_from)?;
     let vocab = parts.tokens.len();
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let result = (|| -> Result<(), String> {
-        let plan = tensor_plan(&SynthShape { vocab, ..s.clone() });
+        let plan = tensor_plan(&SynthShape { vocab, ..s.clone() }, st);
         let mut data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let bf16 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect() };
+        let f16 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect() };
+        // Master-weight checkpoints (1bitLLM) are f16 throughout, packed ones bf16.
+        let (float, dtype) = match layout.weights {
+            Weights::Master => (&f16 as &dyn Fn(&[f32]) -> Vec<u8>, Dtype::F16),
+            Weights::Packed(_) => (&bf16 as &dyn Fn(&[f32]) -> Vec<u8>, Dtype::BF16),
+        };
         for (i, (name, gen)) in plan.iter().enumerate() {
             progress(i, plan.len());
-            let hf = hf_name(name);
-            match *gen {
-                Gen::Ternary { n, k } => {
+            let hf = hf_name(name, layout.sub_norm_names);
+            match (*gen, layout.weights) {
+                (Gen::Ternary { n, k }, Weights::Packed(direction)) => {
                     let (codes, beta) = ternary_weights(spec.seed, name, n, k);
+                    let beta = if layout.exact_scales { beta.log2().round().exp2() } else { beta };
                     data.push((hf.clone(), Dtype::U8, vec![n / 4, k], crate::hf::pack_ternary(&codes, n, k)));
                     let ws = match direction {
                         ScaleDirection::Divide => 1.0 / beta,
@@ -309,15 +384,21 @@ pub fn write_hf(
                     };
                     data.push((hf.replace(".weight", ".weight_scale"), Dtype::BF16, vec![1], bf16(&[ws])));
                 }
-                Gen::Norm(n) => {
+                (Gen::Ternary { n, k }, Weights::Master) => {
+                    let (codes, beta) = ternary_weights(spec.seed, name, n, k);
+                    let beta = if layout.exact_scales { beta.log2().round().exp2() } else { beta };
+                    let v: Vec<f32> = codes.iter().map(|&c| c as f32 * beta).collect();
+                    data.push((hf, dtype, vec![n, k], float(&v)));
+                }
+                (Gen::Norm(n), _) => {
                     let mut rng = rng_for(spec.seed, name);
                     let v: Vec<f32> = (0..n).map(|_| rng.random_range(0.8..1.2)).collect();
-                    data.push((hf, Dtype::BF16, vec![n], bf16(&v)));
+                    data.push((hf, dtype, vec![n], float(&v)));
                 }
-                Gen::Embedding { vocab, hidden } => {
+                (Gen::Embedding { vocab, hidden }, _) => {
                     let mut rng = rng_for(spec.seed, name);
                     let v: Vec<f32> = (0..vocab * hidden).map(|_| normal(&mut rng)).collect();
-                    data.push((hf, Dtype::BF16, vec![vocab, hidden], bf16(&v)));
+                    data.push((hf, dtype, vec![vocab, hidden], float(&v)));
                 }
             }
         }
@@ -326,13 +407,10 @@ pub fn write_hf(
             .map(|(n, d, shape, bytes)| Ok((n.clone(), TensorView::new(*d, shape.clone(), bytes).map_err(|e| format!("{n}: {e:?}"))?)))
             .collect::<Result<Vec<_>, String>>()?;
         safetensors::serialize_to_file(views, None, &tmp.join("model.safetensors")).map_err(|e| format!("writing safetensors: {e:?}"))?;
-        let linear_class = match direction {
-            ScaleDirection::Divide => "bitlinear",
-            ScaleDirection::Multiply => "autobitlinear",
-        };
-        let config = serde_json::json!({
-            "architectures": ["BitNetForCausalLM"],
-            "model_type": "bitnet",
+        let mut config = serde_json::json!({
+            "_name_or_path": layout.name,
+            "architectures": [layout.architecture],
+            "model_type": layout.model_type,
             "hidden_size": s.hidden,
             "num_hidden_layers": s.layers,
             "num_attention_heads": s.heads,
@@ -341,14 +419,21 @@ pub fn write_hf(
             "vocab_size": vocab,
             "max_position_embeddings": spec.context,
             "rope_theta": spec.rope_theta,
-            "rms_norm_eps": 1e-5,
+            "rope_scaling": null,
+            "rms_norm_eps": layout.norm_eps,
             "hidden_act": spec.activation.name(),
-            "tie_word_embeddings": true,
-            "torch_dtype": "bfloat16",
+            "tie_word_embeddings": st.tied,
+            "attention_bias": false,
+            "torch_dtype": if dtype == Dtype::F16 { "float16" } else { "bfloat16" },
             "bos_token_id": parts.bos,
             "eos_token_id": parts.eos,
-            "quantization_config": {"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline"},
         });
+        if layout.states_head_dim {
+            config["head_dim"] = st.head_dim.into();
+        }
+        if let Some(q) = &layout.quantization_config {
+            config["quantization_config"] = q.clone();
+        }
         std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).map_err(|e| e.to_string())?;
         parts.write_hf(&tmp).map_err(|e| e.to_string())?;
         progress(plan.len(), plan.len());
@@ -367,14 +452,16 @@ pub fn write_hf(
 }
 
 /// The HF name of a GGUF tensor name (the inverse of the reader's map).
-fn hf_name(gguf: &str) -> String {
+fn hf_name(gguf: &str, sub_norms: Option<(&str, &str)>) -> String {
     match gguf {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output_norm.weight" => return "model.norm.weight".into(),
+        "output.weight" => return "lm_head.weight".into(),
         _ => {}
     }
     let rest = gguf.strip_prefix("blk.").unwrap();
     let (layer, part) = rest.split_once('.').unwrap();
+    let (attn_sub, ffn_sub) = sub_norms.unwrap_or(("", ""));
     let hf = match part.trim_end_matches(".weight") {
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
@@ -382,12 +469,125 @@ fn hf_name(gguf: &str) -> String {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
-        "attn_sub_norm" => "self_attn.attn_sub_norm",
+        "attn_sub_norm" => attn_sub,
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
-        "ffn_sub_norm" => "mlp.ffn_sub_norm",
+        "ffn_sub_norm" => ffn_sub,
         other => unreachable!("no HF name for {other}"),
     };
     format!("model.layers.{layer}.{hf}.weight")
+}
+
+/// The output format of [`write_family`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FamilyFormat {
+    /// The family's Hugging Face checkpoint layout.
+    Hf,
+    /// I2_S under the architecture name bitnet.cpp's converter writes.
+    Gguf,
+}
+
+/// The LLaMA-2 SentencePiece vocabulary the repository has (stories260K's
+/// 512 tokens), for the 1bitLLM families.
+const LLAMA2_SPM_512: &str = include_str!("../../testdata/models/stories260K/hf/tokenizer.json");
+
+/// A family's vocabulary with `vocab` entries: the family's special tokens
+/// over a vocabulary the repository has, padded with filler tokens.
+pub fn family_vocab(family: &Family, vocab: usize) -> Result<VocabParts, String> {
+    let mut parts = match family.vocab {
+        Vocab::Llama3 => VocabParts { pre: "llama-bpe".into(), ..synth_vocab(vocab, None)? },
+        Vocab::Falcon3 => {
+            let specials = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"];
+            let mut tokens: Vec<String> = (0..=255u8).map(|b| bytelevel::encode(&[b])).collect();
+            tokens.extend(specials.iter().map(|s| s.to_string()));
+            let types = (0..tokens.len()).map(|i| if i >= 256 { 3 } else { 1 }).collect();
+            VocabParts { model: "gpt2".into(), pre: "falcon3".into(), tokens, types, ..Default::default() }
+        }
+        Vocab::Llama2Spm => {
+            let j: serde_json::Value = serde_json::from_str(LLAMA2_SPM_512).map_err(|e| e.to_string())?;
+            let mut p = VocabParts::from_hf_json(&j, &serde_json::Value::Null).map_err(|e| e.to_string())?;
+            for t in ["<pad>", "</line>"] {
+                p.tokens.push(t.into());
+                p.types.push(3);
+                p.scores.push(0.0);
+            }
+            p
+        }
+    };
+    let filler = vocab.saturating_sub(parts.tokens.len());
+    for i in 0..filler {
+        parts.tokens.push(if family.vocab == Vocab::Llama2Spm { format!("\u{2581}tok{i}") } else { format!("\u{120}tok{i}") });
+        parts.types.push(1);
+        if !parts.scores.is_empty() {
+            parts.scores.push(-1e6 - i as f32);
+        }
+    }
+    if parts.tokens.len() > vocab {
+        return Err(format!("{}: the vocabulary has {} tokens, more than {vocab}", family.name, parts.tokens.len()));
+    }
+    let id = |t: &str| parts.tokens.iter().position(|p| p == t).map(|i| i as u32);
+    parts.bos = family.bos.and_then(id);
+    parts.eos = id(family.eos);
+    parts.eot = id(family.end_of_turn);
+    parts.add_bos = family.add_bos;
+    parts.chat_template = family.chat_template.map(String::from);
+    Ok(parts)
+}
+
+/// Writes a random-weight model with `family`'s published configuration
+/// (`full`) or its structure at a small size, as the family's HF folder or
+/// as an I2_S GGUF converted from one.
+pub fn write_family(family: &Family, full: bool, format: FamilyFormat, seed: u64, out: &Path, mut progress: impl FnMut(usize, usize)) -> Result<(), String> {
+    let d = family.dims_for(full)?;
+    let shape = SynthShape { hidden: d.hidden, layers: d.layers, heads: d.heads, kv_heads: d.kv_heads, ffn: d.ffn, vocab: d.vocab };
+    let spec = SynthSpec {
+        shape,
+        weight_type: DType::F16,
+        head_type: DType::F16,
+        activation: family.activation,
+        seed,
+        context: d.context,
+        rope_theta: family.rope_theta,
+    };
+    let (architecture, model_type, sub_norm_names) = match (family.hf_arch, family.sub_norms) {
+        ("BitNetForCausalLM", _) => ("BitNetForCausalLM", "bitnet", Some(("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"))),
+        ("BitnetForCausalLM", _) => ("BitnetForCausalLM", "llama", Some(("self_attn.inner_attn_ln", "mlp.ffn_layernorm"))),
+        (_, false) => ("LlamaForCausalLM", "llama", None),
+        (a, true) => return Err(format!("{}: no sub-norm names for {a}", family.name)),
+    };
+    let quantization_config = match (family.weights, architecture) {
+        (Weights::Master, _) => None,
+        (Weights::Packed(d), "BitNetForCausalLM") => Some(quantization_config(d)),
+        // Transformers' default linear class (BitLinear, divided scales), as
+        // onebitllms writes it for Falcon3 / Falcon-E / Llama3-8B-1.58.
+        (Weights::Packed(_), _) => Some(serde_json::json!({"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"})),
+    };
+    let layout = HfLayout {
+        architecture,
+        model_type,
+        weights: family.weights,
+        quantization_config,
+        sub_norm_names,
+        structure: Structure { head_dim: d.head_dim, sub_norms: family.sub_norms, tied: family.tied },
+        states_head_dim: family.states_head_dim,
+        norm_eps: family.norm_eps,
+        name: format!("bitnet-rs/synth-{}-{}", family.name, if full { "full" } else { "tiny" }),
+        exact_scales: true,
+    };
+    let parts = family_vocab(family, d.vocab)?;
+    match format {
+        FamilyFormat::Hf => write_hf_layout(&spec, &parts, &layout, out, progress),
+        FamilyFormat::Gguf => {
+            let folder = out.with_extension(format!("hf-tmp{}", std::process::id()));
+            // The HF folder is the first half of the work, the conversion the second.
+            write_hf_layout(&spec, &parts, &layout, &folder, |i, n| progress(i, 2 * n))?;
+            let converted = crate::model::Model::open(&folder).map_err(|e| e.to_string()).and_then(|m| {
+                let opts = crate::convert::ConvertOptions { weight_type: DType::I2S, head_type: None };
+                crate::convert::convert(&m, &opts, out, |i, n| progress(n + i, 2 * n))
+            });
+            let _ = std::fs::remove_dir_all(&folder);
+            converted.map(|_| ())
+        }
+    }
 }

@@ -91,3 +91,36 @@ fn special_token_text_is_special_only_when_asked() {
     assert_eq!(special, vec![128006, 882, 128007]);
     assert!(t.is_eog(128009), "<|eot_id|> ends a turn");
 }
+
+/// GPT-2's vocabulary under another pre-tokenizer name.
+fn gpt2_vocab_as(pre: &str) -> Tokenizer {
+    use bitnet_frontends::gguf::GgufWriter;
+    use bitnet_frontends::tokenizer::VocabParts;
+    let f = GgufFile::open(&data("tokenizers/llama-cpp-vocab/ggml-vocab-gpt-2.gguf")).unwrap();
+    let mut parts = VocabParts::from_gguf(&f).unwrap();
+    parts.pre = pre.into();
+    let mut w = GgufWriter::new();
+    for (k, v) in parts.to_gguf() {
+        w.set(&k, v);
+    }
+    let path = std::env::temp_dir().join(format!("bitnet-vocab-{pre}-{}.gguf", std::process::id()));
+    w.write_file(&path, |_| unreachable!("no tensors")).unwrap();
+    let t = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    t
+}
+
+#[test]
+fn falcon3_pre_tokenizer_splits_punctuation_then_words_then_single_digits() {
+    let pieces = |t: &Tokenizer, text: &str| -> Vec<String> {
+        t.encode(text, false, false).unwrap().iter().map(|&i| t.piece(i).unwrap().replace('\u{120}', " ")).collect()
+    };
+    let (falcon3, gpt2) = (gpt2_vocab_as("falcon3"), gpt2_vocab_as("gpt-2"));
+    // Digits one by one (GPT-2 keeps a number whole where its merges allow).
+    assert_eq!(pieces(&falcon3, "year 2024"), ["year", " ", "2", "0", "2", "4"]);
+    assert!(pieces(&gpt2, "year 2024").len() < 6, "{:?}", pieces(&gpt2, "year 2024"));
+    // Punctuation is split off first, so the apostrophe of "'t" stands alone.
+    assert_eq!(pieces(&falcon3, "don't"), ["don", "'", "t"]);
+    assert_eq!(pieces(&gpt2, "don't"), ["don", "'t"]);
+    assert_eq!(pieces(&gpt2_vocab_as("falcon_e"), "don't 42"), pieces(&falcon3, "don't 42"));
+}

@@ -84,7 +84,8 @@ pub fn model(data: &[u8]) {
 /// Opened as a model, its graph built and stepped on the interpreter.
 pub fn hf(data: &[u8]) {
     static TOKENIZER: OnceLock<Vec<u8>> = OnceLock::new();
-    let tokenizer = TOKENIZER.get_or_init(|| std::fs::read(testdata().join("models/stories260K/hf/tokenizer.json")).expect("testdata: stories260K tokenizer.json"));
+    let tokenizer =
+        TOKENIZER.get_or_init(|| std::fs::read(testdata().join("models/stories260K/hf/tokenizer.json")).expect("testdata: stories260K tokenizer.json"));
     let parts = split_parts(data, 3);
     let dir = scratch("hf");
     let _ = std::fs::remove_dir_all(&dir);
@@ -109,7 +110,13 @@ pub fn hf(data: &[u8]) {
 }
 
 fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty() && name.len() < 128 && !name.contains(['/', '\\', '\0']) && name != "." && name != ".." && name != "config.json" && name != "tokenizer.json"
+    !name.is_empty()
+        && name.len() < 128
+        && !name.contains(['/', '\\', '\0'])
+        && name != "."
+        && name != ".."
+        && name != "config.json"
+        && name != "tokenizer.json"
 }
 
 /// A compiled artifact (`.bnx`): loaded as `bitnet run` loads it, its
@@ -187,8 +194,7 @@ pub fn chat_template(data: &[u8]) {
     let parts = split_parts(data, 9);
     let Ok(template) = std::str::from_utf8(parts[0]) else { return };
     let roles = ["system", "user", "assistant", "user"];
-    let messages: Vec<Message> =
-        parts[1..].iter().enumerate().map(|(i, p)| Message::new(roles[i % roles.len()], &String::from_utf8_lossy(p))).collect();
+    let messages: Vec<Message> = parts[1..].iter().enumerate().map(|(i, p)| Message::new(roles[i % roles.len()], &String::from_utf8_lossy(p))).collect();
     let add_generation_prompt = data.len() % 2 == 1;
     if let Ok(text) = render(template, &messages, add_generation_prompt, "<s>", "</s>") {
         let limit = bitnet_frontends::chat::output_limit(&messages);

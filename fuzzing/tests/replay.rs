@@ -7,8 +7,8 @@
 
 use bitnet_autotune::db::{Database, Record};
 use bitnet_autotune::space::{Phase, SPACE_VERSION};
-use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::cpu::ternary::TernaryTiles;
+use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{Tiles, WorkloadKey};
 use bitnet_frontends::arch::Activation;
 use bitnet_frontends::chat::BUILTIN_TEMPLATES;
@@ -70,7 +70,11 @@ fn every_target_has_seeds_that_reach_past_its_parser() {
                     std::fs::write(&path, &data).unwrap();
                     let loaded = Database::at(&path).load();
                     let _ = std::fs::remove_file(&path);
-                    if loaded.records.is_empty() || !loaded.problems.is_empty() { Err(format!("{:?}", loaded.problems)) } else { Ok(()) }
+                    if loaded.records.is_empty() || !loaded.problems.is_empty() {
+                        Err(format!("{:?}", loaded.problems))
+                    } else {
+                        Ok(())
+                    }
                 }
                 _ => Ok(()),
             };
@@ -122,7 +126,7 @@ fn write_seeds() {
         opts.load.pinned.isa = Some(Isa::Avx2);
         let engine = Engine::open(&p, &opts).unwrap();
         let bnx = scratch.join("a.bnx");
-        engine.write_artifact(&bnx, &p, false).unwrap();
+        engine.write_artifact(&bnx, &p).unwrap();
         put("artifact", &name.replace(".gguf", ".bnx"), &std::fs::read(&bnx).unwrap());
     }
 
@@ -134,6 +138,14 @@ fn write_seeds() {
         let weights = std::fs::read(d.join("model.safetensors")).unwrap();
         put("hf", name, &join_parts(&[&config, &weights]));
         if direction == ScaleDirection::Divide {
+            // The same weights as Falcon3 / Llama3-8B-1.58 declare them:
+            // LlamaForCausalLM with quant_method bitnet, an explicit head_dim.
+            let mut c: serde_json::Value = serde_json::from_slice(&config).unwrap();
+            c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+            c["model_type"] = "llama".into();
+            c["head_dim"] = 64.into();
+            c["quantization_config"] = serde_json::json!({"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"});
+            put("hf", "llama-bitnet", &join_parts(&[c.to_string().as_bytes(), &weights]));
             let index = br#"{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}}"#;
             put("hf", "indexed", &join_parts(&[&config, &weights, index]));
         }
@@ -182,8 +194,16 @@ fn write_seeds() {
 
     // API requests: byte 0 picks the endpoint (chat, completions, tokenize, detokenize).
     let requests: [(u8, &str, &str); 7] = [
-        (0, "chat", r#"{"model":"stories","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Tell a story"}],"max_tokens":4,"temperature":0}"#),
-        (0, "chat-stream", r#"{"messages":[{"role":"user","content":[{"type":"text","text":"Once"}]}],"max_tokens":3,"stream":true,"stream_options":{"include_usage":true},"logprobs":true,"top_logprobs":2}"#),
+        (
+            0,
+            "chat",
+            r#"{"model":"stories","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Tell a story"}],"max_tokens":4,"temperature":0}"#,
+        ),
+        (
+            0,
+            "chat-stream",
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"Once"}]}],"max_tokens":3,"stream":true,"stream_options":{"include_usage":true},"logprobs":true,"top_logprobs":2}"#,
+        ),
         (1, "completion", r#"{"prompt":"Once upon a time","max_tokens":4,"temperature":0.7,"top_p":0.9,"seed":3,"stop":[" the","."],"presence_penalty":0.5}"#),
         (1, "completion-stream", r#"{"prompt":"Lily","max_tokens":3,"stream":true,"logprobs":2,"frequency_penalty":1}"#),
         (2, "tokenize", r#"{"content":"Hello world","add_special":true}"#),

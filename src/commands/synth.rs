@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use bitnet_frontends::arch::Activation;
+use bitnet_frontends::family;
 use bitnet_frontends::gguf::GgufFile;
 use bitnet_frontends::synth::{self, SynthShape, SynthSpec};
 use bitnet_ir::DType;
@@ -9,8 +10,22 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 #[command(after_help = "Sizes at --shape 2b4t: about 1.2 GB as i2_s or tq2_0 (with an f16 head), \
-4.8 GB as f16 and 9.6 GB as f32 (whose head is f32 too).")]
+4.8 GB as f16 and 9.6 GB as f32 (whose head is f32 too).\n\n\
+--family NAME --size full writes the family's published shape; the HF folders are as large as the published \
+checkpoints: bitnet-2b4t 1.2 GB, bitnet-large 1.5 GB (f16 master weights; 0.3 GB as GGUF), bitnet-3b 6.4 GB \
+(f16; no GGUF: its FFN rows of 8640 are not a multiple of I2_S's 128), llama3-8b-1.58 3.9 GB, falcon3-1b 1.4 GB, \
+falcon3-3b 2.2 GB, falcon3-7b 3.3 GB, falcon3-10b 4.0 GB; --format gguf needs the HF folder's size again while it \
+converts. Falcon-E's published shape was not available: --size tiny only.")]
 pub struct SynthArgs {
+    /// Write a model with this published family's configuration instead of --shape:
+    /// bitnet-2b4t, bitnet-large, bitnet-3b, llama3-8b-1.58, falcon3-1b, falcon3-3b, falcon3-7b,
+    /// falcon3-10b, falcon-e-1b, falcon-e-3b. --format hf writes the family's checkpoint layout,
+    /// gguf an I2_S file under the architecture name bitnet.cpp writes for it.
+    #[arg(long, value_name = "NAME")]
+    pub family: Option<String>,
+    /// With --family: tiny (the same structure and settings, small dimensions) or full (the published shape).
+    #[arg(long, default_value = "tiny")]
+    pub size: String,
     /// tiny: hidden 256, 4 layers, 8 heads, 2 KV heads, FFN 768, vocab 32000.
     /// 2b4t: BitNet b1.58 2B4T (hidden 2560, 30 layers, 20/5 heads, FFN 6912, vocab 128256).
     /// custom: give every dimension.
@@ -60,6 +75,9 @@ fn dtype(s: &str, flag: &str) -> anyhow::Result<DType> {
 }
 
 pub fn synth(a: SynthArgs) -> anyhow::Result<()> {
+    if let Some(name) = &a.family {
+        return synth_family(&a, name);
+    }
     let mut shape = match a.shape.as_str() {
         "tiny" => SynthShape::tiny(),
         "2b4t" => SynthShape::b2b4t(),
@@ -112,16 +130,50 @@ pub fn synth(a: SynthArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--format {other}: expected gguf or hf"),
     }
     .map_err(anyhow::Error::msg)?;
-    let size = if a.output.is_dir() {
-        std::fs::read_dir(&a.output)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()
-    } else {
-        std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0)
-    };
+    let size = output_size(&a.output);
     let kind = if a.format == "hf" {
         "Hugging Face BitNetForCausalLM, packed ternary, bf16".to_string()
     } else {
         format!("{}, {weight_type} weights, {head_type} head", spec.arch_name())
     };
     eprintln!("wrote {} ({kind}, {:.1} MB) in {:.1} s", a.output.display(), size as f64 / 1e6, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn output_size(path: &std::path::Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
+    } else {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+fn synth_family(a: &SynthArgs, name: &str) -> anyhow::Result<()> {
+    let family = family::by_name(name).with_context(|| format!("--family {name}: expected one of {}", family::names().join(", ")))?;
+    let full = match a.size.as_str() {
+        "tiny" => false,
+        "full" => true,
+        other => anyhow::bail!("--size {other}: expected tiny or full"),
+    };
+    let format = match a.format.as_str() {
+        "hf" => synth::FamilyFormat::Hf,
+        "gguf" => synth::FamilyFormat::Gguf,
+        other => anyhow::bail!("--format {other}: expected gguf or hf"),
+    };
+    let started = std::time::Instant::now();
+    let what = format!("writing {}", a.output.display());
+    synth::write_family(family, full, format, a.seed, &a.output, super::progress(&what)).map_err(anyhow::Error::msg)?;
+    let kind = match format {
+        synth::FamilyFormat::Hf => format!("Hugging Face {}", family.hf_arch),
+        synth::FamilyFormat::Gguf => format!("{}, i2_s", family.gguf_arch),
+    };
+    eprintln!(
+        "wrote {} ({} {}, {kind}, {:.1} MB) in {:.1} s",
+        a.output.display(),
+        family.name,
+        a.size,
+        output_size(&a.output) as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

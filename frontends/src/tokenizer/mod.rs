@@ -21,6 +21,11 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::SplitDelimiterBehavior;
 
 /// The LLaMA-3 split regex (`tokenizer.ggml.pre = llama-bpe`).
+/// Falcon3's (and Falcon-E's) pre-tokenizer, as llama.cpp applies it:
+/// three patterns in turn, each splitting the pieces of the one before;
+/// punctuation runs, then GPT-2-style words, then single digits.
+pub const FALCON3_PATTERNS: [&str; 3] = [r"[\p{P}\$\+<=>\^~\|`]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)", r"[0-9]"];
+
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +109,10 @@ fn num_array(f: &GgufFile, key: &str) -> Result<Option<Vec<f64>>, TokenizerError
     meta_array(f, key, "number", MetaValue::as_f64)
 }
 
-fn byte_level_bpe(pieces: &[String], merges: &[&str], pattern: Option<&str>) -> Result<tokenizers::Tokenizer, TokenizerError> {
+/// `patterns`: split patterns applied in turn before the byte-level
+/// mapping; none means GPT-2's own. `ignore_merges`: a whole piece that is
+/// in the vocabulary is one token (LLaMA-3).
+fn byte_level_bpe(pieces: &[String], merges: &[&str], patterns: &[&str], ignore_merges: bool) -> Result<tokenizers::Tokenizer, TokenizerError> {
     let vocab: Vocab = pieces.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
     let merges = merges
         .iter()
@@ -113,18 +121,19 @@ fn byte_level_bpe(pieces: &[String], merges: &[&str], pattern: Option<&str>) -> 
             None => terr(format!("merge {m:?} is not two tokens")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let bpe =
-        BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(pattern.is_some()).build().map_err(|e| TokenizerError(format!("building BPE: {e}")))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges).build().map_err(|e| TokenizerError(format!("building BPE: {e}")))?;
     let mut t = tokenizers::Tokenizer::new(bpe);
-    match pattern {
-        Some(p) => {
-            let split = Split::new(SplitPattern::Regex(p.into()), SplitDelimiterBehavior::Isolated, false)
+    if patterns.is_empty() {
+        t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    } else {
+        let mut steps = Vec::new();
+        for p in patterns {
+            let split = Split::new(SplitPattern::Regex(p.to_string()), SplitDelimiterBehavior::Isolated, false)
                 .map_err(|e| TokenizerError(format!("pre-tokenizer regex: {e}")))?;
-            t.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+            steps.push(split.into());
         }
-        None => {
-            t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-        }
+        steps.push(ByteLevel::new(false, true, false).into());
+        t.with_pre_tokenizer(Some(Sequence::new(steps)));
     }
     Ok(t)
 }
@@ -154,14 +163,15 @@ impl Tokenizer {
         let (engine, kind, bos_default, eos_default, add_bos_default, space_prefix) = match model {
             "gpt2" => {
                 let pre = f.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
-                let pattern = match pre {
-                    "llama-bpe" | "llama3" | "llama-v3" | "falcon3" => Some(LLAMA3_PATTERN),
-                    "gpt-2" | "gpt2" | "default" => None,
-                    other => return terr(format!("pre-tokenizer {other:?} is not supported (llama-bpe and gpt-2 are)")),
+                let (patterns, llama3): (&[&str], bool) = match pre {
+                    "llama-bpe" | "llama3" | "llama-v3" => (&[LLAMA3_PATTERN], true),
+                    "falcon3" | "falcon_e" => (&FALCON3_PATTERNS, false),
+                    "gpt-2" | "gpt2" | "default" => (&[], false),
+                    other => return terr(format!("pre-tokenizer {other:?} is not supported (llama-bpe, falcon3, falcon_e and gpt-2 are)")),
                 };
                 let merges = str_array(f, "tokenizer.ggml.merges")?.unwrap_or_default();
-                let t = byte_level_bpe(&pieces, &merges, pattern)?;
-                let add_bos = pattern.is_some();
+                let t = byte_level_bpe(&pieces, &merges, patterns, llama3)?;
+                let add_bos = llama3;
                 (Engine::Bpe(Box::new(t)), format!("byte-level BPE ({pre}), {n} tokens, {} merges", merges.len()), None, None, add_bos, false)
             }
             "llama" => {
@@ -505,7 +515,12 @@ impl VocabParts {
     /// `▁` spaces (SentencePiece converted by transformers) becomes `llama`,
     /// scored by id (SentencePiece vocabularies are ordered by score).
     pub fn from_hf(path: &Path) -> Result<VocabParts, TokenizerError> {
-        let j = read_json(path)?;
+        let config = read_json(&path.with_file_name("tokenizer_config.json")).unwrap_or(serde_json::Value::Null);
+        Self::from_hf_json(&read_json(path)?, &config)
+    }
+
+    /// [`VocabParts::from_hf`] on the two files' contents.
+    pub fn from_hf_json(j: &serde_json::Value, config: &serde_json::Value) -> Result<VocabParts, TokenizerError> {
         let model = &j["model"];
         if model["type"].as_str() != Some("BPE") {
             return terr(format!("tokenizer.json model {:?} is not supported (BPE is)", model["type"]));
@@ -546,8 +561,7 @@ impl VocabParts {
             })
             .unwrap_or_default();
         let spm = model["byte_fallback"].as_bool() == Some(true);
-        let config = read_json(&path.with_file_name("tokenizer_config.json")).unwrap_or(serde_json::Value::Null);
-        let (bos, eos, add_bos) = hf_specials(&j, &config, |s| tokens.iter().position(|t| t == s).map(|i| i as u32));
+        let (bos, eos, add_bos) = hf_specials(j, config, |s| tokens.iter().position(|t| t == s).map(|i| i as u32));
         let mut parts = VocabParts {
             bos,
             eos,
@@ -573,7 +587,12 @@ impl VocabParts {
         } else {
             let regex = j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].as_str();
             parts.model = "gpt2".into();
-            parts.pre = if regex == Some(LLAMA3_PATTERN) { "llama-bpe" } else { "gpt-2" }.into();
+            parts.pre = match regex {
+                Some(LLAMA3_PATTERN) => "llama-bpe",
+                Some(r) if r == FALCON3_PATTERNS[0] => "falcon3",
+                _ => "gpt-2",
+            }
+            .into();
         }
         parts.tokens = tokens;
         parts.types = types;
@@ -631,9 +650,11 @@ impl VocabParts {
     /// Writes a byte-level BPE vocabulary as `tokenizer.json` and
     /// `tokenizer_config.json` into `dir`.
     pub fn write_hf(&self, dir: &Path) -> Result<(), TokenizerError> {
-        if self.model != "gpt2" {
-            return terr("only byte-level BPE vocabularies can be written as tokenizer.json");
-        }
+        let spm = match self.model.as_str() {
+            "gpt2" => false,
+            "llama" => true,
+            other => return terr(format!("a {other:?} vocabulary cannot be written as tokenizer.json (gpt2 and llama can)")),
+        };
         let mut vocab = serde_json::Map::new();
         let mut added = Vec::new();
         for (i, (t, ty)) in self.tokens.iter().zip(&self.types).enumerate() {
@@ -642,21 +663,40 @@ impl VocabParts {
             }
             vocab.insert(t.clone(), serde_json::json!(i));
         }
-        let split = if self.pre == "llama-bpe" {
-            serde_json::json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+        let patterns: &[&str] = match self.pre.as_str() {
+            "llama-bpe" => &[LLAMA3_PATTERN],
+            "falcon3" | "falcon_e" => &FALCON3_PATTERNS,
+            _ => &[],
+        };
+        let split = if !patterns.is_empty() {
+            let mut steps: Vec<serde_json::Value> =
+                patterns.iter().map(|p| serde_json::json!({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false})).collect();
+            steps.push(serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+            serde_json::json!({"type": "Sequence", "pretokenizers": steps})
         } else {
             serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
         };
         let merges: Vec<serde_json::Value> = self.merges.iter().map(|m| serde_json::json!(m)).collect();
-        let j = serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-            "normalizer": null, "pre_tokenizer": split, "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": self.pre == "llama-bpe", "vocab": vocab, "merges": merges}
-        });
+        // SentencePiece as transformers converts it: BPE over `▁`-spaced text
+        // with byte fallback, ids in score order.
+        let j = if spm {
+            serde_json::json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+                "pre_tokenizer": null, "post_processor": null,
+                "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+                "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                          "fuse_unk": true, "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
+            })
+        } else {
+            serde_json::json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": null, "pre_tokenizer": split, "post_processor": null,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                          "fuse_unk": false, "byte_fallback": false, "ignore_merges": self.pre == "llama-bpe", "vocab": vocab, "merges": merges}
+            })
+        };
         let piece = |id: Option<u32>| id.and_then(|i| self.tokens.get(i as usize)).cloned();
         let config = serde_json::json!({
             "bos_token": piece(self.bos), "eos_token": piece(self.eos), "add_bos_token": self.add_bos,
