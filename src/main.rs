@@ -33,6 +33,8 @@ enum Command {
     Autotune(commands::autotune::AutotuneArgs),
     /// Convert a GGUF file or Hugging Face folder to GGUF for bitnet.cpp or llama.cpp.
     Convert(commands::convert::ConvertArgs),
+    /// Perplexity over a text, and KL divergence from a saved base run (like llama-perplexity).
+    Perplexity(commands::perplexity::PerplexityArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(commands::serve::ServeArgs),
 }
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::bench(a, start),
         Command::Autotune(a) => commands::autotune::autotune(a),
         Command::Serve(a) => commands::serve::serve(a),
+        Command::Perplexity(a) => commands::perplexity::perplexity(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

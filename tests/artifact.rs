@@ -5,7 +5,7 @@
 
 mod common;
 
-use bitnet_codegen::schedule::Pinned;
+use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
 use bitnet_runtime::artifact::FORMAT_VERSION;
@@ -14,22 +14,22 @@ use common::*;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
-fn opts(head_q8: bool, threads: usize) -> LoadOptions {
-    LoadOptions { threads, pinned: Pinned { head_q8, ..Default::default() }, ..Default::default() }
+fn opts(head: HeadQuant, threads: usize) -> LoadOptions {
+    LoadOptions { threads, pinned: Pinned { head, ..Default::default() }, ..Default::default() }
 }
 
 /// Compiles `src` in memory and writes it to `out`.
-fn compile(src: &Path, out: &Path, head_q8: bool) -> Session {
-    let s = Session::load(src, &opts(head_q8, 1)).unwrap();
-    s.write_artifact(out, src, head_q8).unwrap();
+fn compile(src: &Path, out: &Path, head: HeadQuant) -> Session {
+    let s = Session::load(src, &opts(head, 1)).unwrap();
+    s.write_artifact(out, src).unwrap();
     s
 }
 
-fn round_trip(src: &Path, out: &Path, head_q8: bool, prompt: &[u32]) {
-    let mut mem = compile(src, out, head_q8);
-    let mut bnx = Session::load(out, &opts(false, 2)).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+fn round_trip(src: &Path, out: &Path, head: HeadQuant, prompt: &[u32]) {
+    let mut mem = compile(src, out, head);
+    let mut bnx = Session::load(out, &opts(HeadQuant::Stored, 2)).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
     assert!(bnx.warnings.is_empty(), "{:?}", bnx.warnings);
-    assert_eq!(bnx.artifact.as_ref().unwrap().head, if head_q8 { "q8" } else { "stored" });
+    assert_eq!(bnx.artifact.as_ref().unwrap().head, head.name());
     assert_eq!(bnx.graph_text(), mem.graph_text());
     assert_eq!(bnx.schedule().unwrap().to_string(), mem.schedule().unwrap().to_string());
     let (a, b) = (mem.eval(prompt, true).unwrap(), bnx.eval(prompt, true).unwrap());
@@ -46,12 +46,12 @@ fn artifacts_run_exactly_like_compiling_in_memory() {
     for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
         let src = dir.join(format!("{dtype}.gguf"));
         write_synth(&small_spec(dtype, Activation::Relu2), &src);
-        for head_q8 in [false, true] {
-            round_trip(&src, &dir.join(format!("{dtype}-{head_q8}.bnx")), head_q8, &[1, 17, 42, 99, 3, 250, 8]);
+        for head in HeadQuant::ALL {
+            round_trip(&src, &dir.join(format!("{dtype}-{}.bnx", head.name())), head, &[1, 17, 42, 99, 3, 250, 8]);
         }
     }
-    round_trip(&stories(), &dir.join("stories.bnx"), false, &[1, 403, 407, 261, 378]);
-    round_trip(&data("models/stories260K/hf"), &dir.join("stories-hf.bnx"), false, &[1, 403, 407, 261, 378]);
+    round_trip(&stories(), &dir.join("stories.bnx"), HeadQuant::Stored, &[1, 403, 407, 261, 378]);
+    round_trip(&data("models/stories260K/hf"), &dir.join("stories-hf.bnx"), HeadQuant::Stored, &[1, 403, 407, 261, 378]);
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -99,7 +99,7 @@ fn damaged(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn load_err(p: &Path) -> String {
-    match Session::load(p, &opts(false, 1)) {
+    match Session::load(p, &opts(HeadQuant::Stored, 1)) {
         Ok(_) => panic!("{} loaded", p.display()),
         Err(e) => e.to_string(),
     }
@@ -109,7 +109,7 @@ fn load_err(p: &Path) -> String {
 fn damaged_and_foreign_artifacts_are_clear_errors() {
     let dir = tmp_dir("artifact-damage");
     let good = dir.join("good.bnx");
-    compile(&stories(), &good, false);
+    compile(&stories(), &good, HeadQuant::Stored);
     let bytes = std::fs::read(&good).unwrap();
     // Another format version.
     let mut v = bytes.clone();
@@ -146,7 +146,7 @@ proptest! {
         let dir = tmp_dir("artifact-fuzz");
         let good = dir.join("good.bnx");
         if !good.exists() {
-            compile(&stories(), &good, false);
+            compile(&stories(), &good, HeadQuant::Stored);
         }
         let mut bytes = std::fs::read(&good).unwrap();
         for (at, x) in flips {
@@ -155,7 +155,7 @@ proptest! {
         }
         let p = dir.join(format!("f{}.bnx", std::process::id()));
         std::fs::write(&p, &bytes).unwrap();
-        if let Ok(mut s) = Session::load(&p, &opts(false, 1)) {
+        if let Ok(mut s) = Session::load(&p, &opts(HeadQuant::Stored, 1)) {
             let _ = s.eval(&[1, 2, 3], true);
         }
     }

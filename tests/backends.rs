@@ -13,7 +13,7 @@
 mod common;
 
 use bitnet_codegen::cpu::Isa;
-use bitnet_codegen::schedule::Pinned;
+use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
 use bitnet_runtime::{BackendKind as Backend, LoadOptions, Session};
@@ -110,24 +110,29 @@ fn compile_dumps_the_graph_after_each_pass() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// `--head q8`: the head quantized to int8 per row at load. Lossy, so the
-/// check is agreement, not equality: cosine ≥ 0.999 at every position.
+/// `--head q8` and `--head q4`: the head quantized at load (int8 per row;
+/// 4-bit groups of 32). Lossy, so the check is agreement, not equality:
+/// cosine with the stored head's logits at every position, on every ISA.
 #[test]
-fn the_int8_head_agrees_with_the_stored_one() {
-    let dir = tmp_dir("backends-q8");
+fn the_quantized_heads_agree_with_the_stored_one() {
+    let dir = tmp_dir("backends-quantized-head");
     let path = dir.join("m.gguf");
     write_synth(&small_spec(DType::I2S, Activation::Relu2), &path);
-    for (p, isa) in [path.as_path(), stories().as_path()].into_iter().flat_map(|p| isas().map(move |i| (p, i))) {
-        let opts = LoadOptions { threads: 2, pinned: Pinned { head_q8: true, isa: Some(isa), ..Default::default() }, ..Default::default() };
-        let mut q8 = Session::load(p, &opts).unwrap();
-        assert!(q8.schedule().unwrap().to_string().contains("weights=int8"));
-        let mut stored = load(p, Backend::Compiled, 2);
-        let prompt = [1u32, 203, 207, 261, 278, 17, 42];
-        let (a, b) = (q8.eval(&prompt, true).unwrap(), stored.eval(&prompt, true).unwrap());
-        let v = stored.vocab();
-        for (i, (ra, rb)) in a.chunks(v).zip(b.chunks(v)).enumerate() {
-            let c = cosine(ra, rb);
-            assert!(c >= 0.999, "{}: position {i}: cosine {c}", p.display());
+    for (head, tiles, min_cosine) in [(HeadQuant::Q8, "weights=int8", 0.999), (HeadQuant::Q4, "weights=int4", 0.99)] {
+        for (p, isa) in [path.as_path(), stories().as_path()].into_iter().flat_map(|p| isas().map(move |i| (p, i))) {
+            let opts = LoadOptions { threads: 2, pinned: Pinned { head, isa: Some(isa), ..Default::default() }, ..Default::default() };
+            let mut quantized = Session::load(p, &opts).unwrap();
+            assert!(quantized.schedule().unwrap().to_string().contains(tiles));
+            assert_eq!(quantized.schedule().unwrap().head(), head);
+            let mut stored = load(p, Backend::Compiled, 2);
+            let prompt = [1u32, 203, 207, 261, 278, 17, 42];
+            let (a, b) = (quantized.eval(&prompt, true).unwrap(), stored.eval(&prompt, true).unwrap());
+            let v = stored.vocab();
+            for (i, (ra, rb)) in a.chunks(v).zip(b.chunks(v)).enumerate() {
+                let c = cosine(ra, rb);
+                assert!(c >= min_cosine, "{} {}: position {i}: cosine {c}", head.name(), p.display());
+                assert!(c < 1.0 - 1e-9 || head == HeadQuant::Q8, "{}: the 4-bit head changed nothing", p.display());
+            }
         }
     }
     std::fs::remove_dir_all(dir).ok();

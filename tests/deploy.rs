@@ -33,7 +33,10 @@ fn helm_chart_renders_valid_kubernetes_and_refuses_bad_values() {
 
 #[test]
 fn prometheus_scrapes_the_server_and_the_dashboard_and_rules_hold() {
-    if !have_command("prometheus", "apt-get install prometheus") || !have_command("promtool", "apt-get install prometheus") || !have_python_modules(&["yaml"], "pip install pyyaml") {
+    if !have_command("prometheus", "apt-get install prometheus")
+        || !have_command("promtool", "apt-get install prometheus")
+        || !have_python_modules(&["yaml"], "pip install pyyaml")
+    {
         return;
     }
     let args = server_args();

@@ -57,7 +57,8 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn runnable_shell_blocks_in_the_docs_run() {
     let mut files = vec![root().join("README.md")];
-    let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "md")).collect();
+    let mut docs: Vec<PathBuf> =
+        std::fs::read_dir(root().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "md")).collect();
     docs.sort();
     files.extend(docs);
     let mut ran = 0;
@@ -76,7 +77,14 @@ fn runnable_shell_blocks_in_the_docs_run() {
                 .env("PATH", &path)
                 .output()
                 .expect("running bash");
-            assert!(o.status.success(), "{}:{line}: the block failed ({}):\n{body}\nstdout:\n{}\nstderr:\n{}", file.display(), o.status, stdout(&o), stderr(&o));
+            assert!(
+                o.status.success(),
+                "{}:{line}: the block failed ({}):\n{body}\nstdout:\n{}\nstderr:\n{}",
+                file.display(),
+                o.status,
+                stdout(&o),
+                stderr(&o)
+            );
             ran += 1;
         }
     }
@@ -88,4 +96,19 @@ fn runnable_shell_blocks_in_the_docs_run() {
 fn blocks_are_found_as_marked() {
     let md = "text\n```sh runnable\necho a\necho b\n```\n```sh\nnot this\n```\n  ```sh runnable\necho c\n  ```\n";
     assert_eq!(runnable_blocks(md), vec![(2, "echo a\necho b\n".to_string()), (9, "echo c\n".to_string())]);
+}
+
+/// `cmd | grep -q` fails at random under `pipefail`: grep exits at the first
+/// match, and the command's next write gets EPIPE (curl exits 23, a Rust
+/// binary 101). CI failed once on exactly this; `grep PATTERN > /dev/null`
+/// reads everything.
+#[test]
+fn runnable_blocks_never_pipe_into_grep_q() {
+    let mut files = vec![root().join("README.md")];
+    files.extend(std::fs::read_dir(root().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "md")));
+    for file in files {
+        for (line, body) in runnable_blocks(&std::fs::read_to_string(&file).unwrap()) {
+            assert!(!body.contains("| grep -q"), "{}:{line}: a runnable block pipes into `grep -q`; write `| grep PATTERN > /dev/null`", file.display());
+        }
+    }
 }

@@ -61,7 +61,8 @@ fn prefill_and_decode_instruction_counts_hold_their_baseline() {
     println!("{key}: {now:?}");
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("perf/instruction-counts.json");
-    let mut all: BTreeMap<String, BTreeMap<String, u64>> = std::fs::read_to_string(&path).map_or_else(|_| BTreeMap::new(), |t| serde_json::from_str(&t).unwrap());
+    let mut all: BTreeMap<String, BTreeMap<String, u64>> =
+        std::fs::read_to_string(&path).map_or_else(|_| BTreeMap::new(), |t| serde_json::from_str(&t).unwrap());
     if std::env::var_os("BITNET_UPDATE_BASELINES").is_some() {
         all.insert(key, now);
         std::fs::write(&path, serde_json::to_string_pretty(&all).unwrap() + "\n").unwrap();

@@ -102,4 +102,45 @@ fn bench_json_times_each_kernel_family() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(v.get("prefill_kernel_ms").is_none() && v.get("isa").is_none(), "the interpreter has no kernels to time: {v}");
+    assert!(v.get("roofline_fraction").is_none(), "{v}");
+}
+
+/// The roofline figures: the weight bytes a decode step reads (every
+/// matrix whole, one embedding row), the read bandwidth, their ratio; a
+/// quantized head reads fewer bytes, by exactly what it saves.
+#[test]
+fn bench_reports_the_bytes_a_token_reads_and_the_roofline() {
+    let report = |head: &str| -> serde_json::Value {
+        let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "2", "-r", "1", "--head", head, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let (stored, q8, q4) = (report("stored"), report("q8"), report("q4"));
+    // stories260K, f32: 5 layers of q, k, v, o (64x64, 32x64 for k and v:
+    // 4 KV heads of 8) and gate, up, down (172x64), norms, the final norm,
+    // the untied 512x64 head, one 64-wide embedding row.
+    let layer = (64 * 64 * 2 + 32 * 64 * 2 + 3 * 172 * 64 + 2 * 64) * 4;
+    let head = 512 * 64 * 4;
+    assert_eq!(stored["bytes_per_token"], 5 * layer + 64 * 4 + head + 64 * 4, "{stored}");
+    let b = |v: &serde_json::Value| v["bytes_per_token"].as_u64().unwrap() as usize;
+    // int8: 512 rows of 128 (64 padded to a block) and a scale each;
+    // 4 bits: 512 rows of 64 bytes and 4 f16 scales.
+    assert_eq!(b(&stored) - b(&q8), head - (512 * 128 + 512 * 4), "{q8}");
+    assert_eq!(b(&stored) - b(&q4), head - (512 * 64 + 512 * 4 * 2), "{q4}");
+    for v in [&stored, &q8, &q4] {
+        assert!(v["bandwidth_gbs"].as_f64().unwrap() > 0.1, "{v}");
+        let expected = v["decode_tok_s"].as_f64().unwrap() * b(v) as f64 / (v["bandwidth_gbs"].as_f64().unwrap() * 1e9);
+        assert!((v["roofline_fraction"].as_f64().unwrap() / expected - 1.0).abs() < 1e-9, "{v}");
+    }
+    assert_eq!((stored["head"].as_str(), q8["head"].as_str(), q4["head"].as_str()), (Some("stored"), Some("q8"), Some("q4")));
+    // A float model has no packed ternary weights; a ternary one has them
+    // two bits a code.
+    assert_eq!(stored["weight_layout"], "none", "{stored}");
+    let dir = tmp_dir("bench-layout");
+    let path = dir.join("m.gguf");
+    write_synth(&small_spec(bitnet_ir::DType::I2S, bitnet_frontends::arch::Activation::Relu2), &path);
+    let o = bitnet(&["bench", "-m", path.to_str().unwrap(), "-p", "4", "-n", "2", "-r", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["weight_layout"], "2bit", "{v}");
+    std::fs::remove_dir_all(dir).ok();
 }

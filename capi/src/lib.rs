@@ -31,7 +31,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-use bitnet_codegen::schedule::Pinned;
+use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -250,7 +250,7 @@ pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const Bitnet
         if o.interpreter && o.head_q8 {
             return Err(invalid("head_q8 needs the compiled backend"));
         }
-        let pinned = Pinned { head_q8: o.head_q8, ..Default::default() };
+        let pinned = Pinned { head: if o.head_q8 { HeadQuant::Q8 } else { HeadQuant::Stored }, ..Default::default() };
         let load = LoadOptions { threads, context: (o.context > 0).then_some(o.context as usize), backend, device: Device::Cpu, pinned, tuning: !o.no_tune };
         let opts = EngineOptions { load, parallel: o.parallel.max(1) as usize, kv_budget: None, chat_template: None };
         let engine = Engine::open(&path, &opts).map_err(|e| Failure(BitnetStatus::ModelLoad, format!("loading {}: {e}", path.display())))?;

@@ -79,6 +79,11 @@ pub enum Tiles {
     Int8 {
         isa: Isa,
     },
+    /// A float weight quantized to 4 bits in groups of 32 at load
+    /// (`--head q4`): lossy.
+    Int4 {
+        isa: Isa,
+    },
     /// A matrix product on an NVIDIA GPU.
     Cuda(crate::cuda::CudaTiles),
 }
@@ -89,7 +94,7 @@ impl Tiles {
     pub fn isa(&self) -> Option<Isa> {
         match *self {
             Tiles::Ternary(t) => Some(t.isa),
-            Tiles::Float { isa } | Tiles::Int8 { isa } => Some(isa),
+            Tiles::Float { isa } | Tiles::Int8 { isa } | Tiles::Int4 { isa } => Some(isa),
             Tiles::Cuda(_) => None,
         }
     }
@@ -98,7 +103,7 @@ impl Tiles {
     pub fn runs_here(&self) -> bool {
         match self {
             Tiles::Ternary(t) => t.is_valid(),
-            Tiles::Float { isa } | Tiles::Int8 { isa } => isa.available(),
+            Tiles::Float { isa } | Tiles::Int8 { isa } | Tiles::Int4 { isa } => isa.available(),
             Tiles::Cuda(_) => false,
         }
     }
@@ -110,6 +115,7 @@ impl fmt::Display for Tiles {
             Tiles::Ternary(t) => write!(f, "{t}"),
             Tiles::Float { isa } => write!(f, "isa={}", isa.name()),
             Tiles::Int8 { isa } => write!(f, "isa={} weights=int8", isa.name()),
+            Tiles::Int4 { isa } => write!(f, "isa={} weights=int4", isa.name()),
             Tiles::Cuda(t) => write!(f, "{t}"),
         }
     }
@@ -165,6 +171,19 @@ impl Schedule {
     pub fn tiles(&self, v: Value) -> Option<Tiles> {
         self.steps.iter().find(|s| s.value == v).map(|s| s.tiles)
     }
+
+    /// How the output head is read: quantized where a step reads
+    /// quantized weights (only the head may be).
+    pub fn head(&self) -> HeadQuant {
+        self.steps
+            .iter()
+            .find_map(|s| match s.tiles {
+                Tiles::Int8 { .. } => Some(HeadQuant::Q8),
+                Tiles::Int4 { .. } => Some(HeadQuant::Q4),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
 }
 
 impl fmt::Display for Schedule {
@@ -182,8 +201,45 @@ impl fmt::Display for Schedule {
 pub struct Pinned {
     pub ternary: Option<TernaryTiles>,
     pub isa: Option<Isa>,
-    /// Quantize the output head to int8 per row (lossy; `--head q8`).
-    pub head_q8: bool,
+    /// How the output head's weights are read.
+    pub head: HeadQuant,
+}
+
+/// The output head as stored, or quantized when the model is loaded
+/// (lossy: `bitnet perplexity --kl-divergence` measures by how much).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadQuant {
+    #[default]
+    Stored,
+    /// int8 per row (`--head q8`): half the bytes of an f16 head.
+    Q8,
+    /// 4 bits in groups of 32 with f16 scales (`--head q4`): 28% of them.
+    Q4,
+}
+
+impl HeadQuant {
+    pub const ALL: [HeadQuant; 3] = [HeadQuant::Stored, HeadQuant::Q8, HeadQuant::Q4];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadQuant::Stored => "stored",
+            HeadQuant::Q8 => "q8",
+            HeadQuant::Q4 => "q4",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<HeadQuant> {
+        HeadQuant::ALL.into_iter().find(|h| h.name() == s)
+    }
+
+    /// The tiles a head read this way gets, if it is quantized.
+    fn tiles(self, isa: Isa) -> Option<Tiles> {
+        match self {
+            HeadQuant::Stored => None,
+            HeadQuant::Q8 => Some(Tiles::Int8 { isa }),
+            HeadQuant::Q4 => Some(Tiles::Int4 { isa }),
+        }
+    }
 }
 
 /// The tiles a step gets when nothing else decides: the widest ISA, four
@@ -228,9 +284,10 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             _ => continue,
         };
         let head = g.outputs.contains(&v) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32);
-        let (tiles, origin) = match (&node.op, pinned.ternary) {
-            (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t)) => (Tiles::Ternary(t), TileOrigin::Pinned),
-            (Op::MatMul, _) if head && pinned.head_q8 => (Tiles::Int8 { isa }, TileOrigin::Pinned),
+        let quantized_head = if head { pinned.head.tiles(isa) } else { None };
+        let (tiles, origin) = match (&node.op, pinned.ternary, quantized_head) {
+            (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t), _) => (Tiles::Ternary(t), TileOrigin::Pinned),
+            (Op::MatMul, _, Some(t)) => (t, TileOrigin::Pinned),
             // A pinned ISA takes the database's tiles only where they are of that ISA.
             _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i))) {
                 Some(t) => (t, TileOrigin::Database),

@@ -3,7 +3,7 @@
 //! must agree exactly; float results within the budgets stated here.
 
 use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, Split, TernaryTiles};
-use bitnet_codegen::cpu::{float, int8, ops, Isa, Pool};
+use bitnet_codegen::cpu::{float, int4, int8, ops, Isa, Pool};
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor, WeightSource};
 use bitnet_ir::{quant, ActQuant, DType, Dim, GateAct, Graph, Op, TensorType};
 use proptest::prelude::*;
@@ -237,6 +237,67 @@ proptest! {
                 let sum_w: f32 = row.iter().map(|v| v.abs()).sum();
                 let budget = (sum_x * amax_w + sum_w * amax_x) / 254.0 * 1.01 + 1e-3;
                 prop_assert!((g - w).abs() <= budget, "{} vs {} (budget {})", g, w, budget);
+            }
+        }
+    }
+
+    /// Each ISA's 4-bit dot against the plain one: the group sums are
+    /// exact integers, so only the f32 sum of the scaled groups may differ.
+    #[test]
+    fn int4_dots_match_the_reference(chunks in 1usize..24, seed in any::<u32>()) {
+        let groups = chunks * 4;
+        let q: Vec<u8> = (0..groups * 16).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as u8).collect();
+        let d: Vec<f32> = (0..groups).map(|g| ((g as u32 ^ seed) % 61) as f32 / 400.0 - 0.07).collect();
+        let x: Vec<i8> = (0..groups * 32).map(|i| ((i as u32).wrapping_mul(40503) ^ seed) as i8).map(|v| v.max(-127)).collect();
+        let want = int4::reference_dot(&q, &d, &x);
+        let mass: f32 = d.iter().map(|v| v.abs() * 8.0 * 127.0 * 32.0).sum();
+        for isa in isas() {
+            let got = int4::dot(isa, &q, &d, &x);
+            prop_assert!((got - want).abs() <= mass * 1e-6, "{}: {} vs {}", isa.name(), got, want);
+        }
+    }
+
+    /// The 4-bit head on awkward shapes: every ISA's product equals the
+    /// plain dot of the dequantized rows, and both stay within the
+    /// quantization's error of the f16 product.
+    #[test]
+    fn int4_head_matches_its_reference_and_is_close_to_the_float_one(
+        (n, k) in (prop_oneof![Just(1usize), Just(3), Just(61)], prop_oneof![Just(1usize), Just(3), Just(783), Just(2592)]),
+        tokens in 1usize..4,
+        threads in 1usize..3,
+    ) {
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
+        let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 104729) % 173) as f32 / 40.0 - 2.0).collect();
+        let bytes = quant::quantize(DType::F16, &values);
+        let w = bitnet_ir::interp::WeightView { dtype: DType::F16, shape: vec![n, k], data: &bytes };
+        let pool = Pool::new(threads);
+        let q = int4::Int4Rows::quantize(&w);
+        prop_assert_eq!(q.bytes(), n * k.div_ceil(128) * 128 * 9 / 16);
+        let mut a = QuantActs::default();
+        ops::quantize_rows(&x, k, None, &mut a);
+        for isa in isas() {
+            let mut got = vec![0f32; tokens * n];
+            int4::matmul(&pool, isa, &q, &a, &mut got);
+            for t in 0..tokens {
+                let xs = &x[t * k..(t + 1) * k];
+                let xq: Vec<f32> = a.row(t)[..k].iter().map(|&v| v as f32 / a.gamma[t]).collect();
+                for r in 0..n {
+                    let deq = q.dequantize_row(r);
+                    let reference: f32 = deq.iter().zip(&xq).map(|(w, x)| w * x).sum();
+                    let mass: f32 = deq.iter().zip(&xq).map(|(w, x)| (w * x).abs()).sum();
+                    let g = got[t * n + r];
+                    prop_assert!((g - reference).abs() <= mass * 1e-5 + 1e-5, "{} token {} row {}: {} vs {}", isa.name(), t, r, g, reference);
+                    // Against the f16 weights: half a 4-bit step a weight
+                    // (a sixteenth of the group's largest), half an int8 step an activation.
+                    let row = &values[r * k..(r + 1) * k];
+                    let exact: f32 = row.iter().zip(xs).map(|(w, x)| w * x).sum();
+                    let amax_x = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let budget: f32 = row.chunks(32).zip(xs.chunks(32)).map(|(wg, xg)| {
+                        let amax_w = wg.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        xg.iter().map(|v| v.abs()).sum::<f32>() * amax_w / 16.0 + wg.iter().map(|v| v.abs()).sum::<f32>() * amax_x / 254.0
+                    }).sum::<f32>() * 1.01 + 1e-3;
+                    prop_assert!((g - exact).abs() <= budget, "{} token {} row {}: {} vs {} (budget {})", isa.name(), t, r, g, exact, budget);
+                }
             }
         }
     }

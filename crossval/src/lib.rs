@@ -205,6 +205,45 @@ pub fn bitnet_logits(path: &Path, tokens: &[u32], activations: ActivationMode, r
     }
 }
 
+/// Perplexity as llama-perplexity defines it (windows of `ctx` tokens,
+/// the first set to `bos`, positions ctx/2 .. ctx-2 scoring the token
+/// after them), computed from llama.cpp's logits of each window.
+pub fn llama_perplexity(llama: &Llama, tokens: &[u32], ctx: usize, bos: Option<u32>) -> anyhow::Result<f64> {
+    let vocab = llama.n_vocab();
+    let (mut nll, mut n) = (0f64, 0usize);
+    let mut logp = vec![0f64; vocab];
+    for window in tokens.chunks_exact(ctx) {
+        let mut w = window.to_vec();
+        if let Some(b) = bos {
+            w[0] = b;
+        }
+        let logits = llama.logits(&w)?;
+        for pos in ctx / 2..ctx - 1 {
+            bitnet_runtime::quality::log_softmax(&logits[pos * vocab..(pos + 1) * vocab], &mut logp);
+            nll -= logp[w[pos + 1] as usize];
+            n += 1;
+        }
+    }
+    if n == 0 {
+        bail!("{} tokens make no window of {ctx}", tokens.len());
+    }
+    Ok((nll / n as f64).exp())
+}
+
+/// `bitnet perplexity` on `path` (its compiled CPU backend): the text's
+/// tokens (BOS first where the vocabulary adds one), the BOS the windows
+/// start with, and the perplexity.
+pub fn bitnet_perplexity(path: &Path, text: &str, ctx: usize, threads: usize) -> anyhow::Result<(Vec<u32>, Option<u32>, f64)> {
+    use bitnet_runtime::quality::{perplexity, KlDivergence, PerplexityOptions};
+    use bitnet_runtime::{Engine, EngineOptions, LoadOptions};
+    let load = LoadOptions { threads, context: Some(ctx), ..Default::default() };
+    let engine = Engine::open(path, &EngineOptions { load, ..Default::default() })?;
+    let tok = &engine.tokenizer;
+    let tokens = tok.encode(text, tok.add_bos, false)?;
+    let r = perplexity(&engine, &tokens, &PerplexityOptions { ctx, batch: ctx }, &KlDivergence::Off, |_| {})?;
+    Ok((tokens, tok.bos.filter(|_| tok.add_bos), r.ppl))
+}
+
 /// bitnet-rs prefill and decode speed through its runtime.
 pub fn bitnet_bench(path: &Path, n_prompt: usize, n_gen: usize, threads: usize) -> anyhow::Result<Speed> {
     use bitnet_runtime::{GenerateOptions, LoadOptions, SamplerConfig, Session};

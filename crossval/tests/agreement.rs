@@ -97,3 +97,52 @@ fn a_converted_hf_checkpoint_runs_in_llama_cpp() {
     let r = compare(&ours, &theirs, 32000).unwrap();
     assert!(r.min_cosine >= MODEL_NUMERICS_MIN_COSINE, "{r}");
 }
+
+/// The published families llama.cpp runs (`bitnet` for the 1bitLLM models,
+/// `llama` for Llama3-8B-1.58 and Falcon3), as `bitnet synth --family`
+/// writes them at a reduced size and `convert --type tq2_0` converts them:
+/// bitnet-rs on the HF folder and on the file agrees with llama.cpp on the
+/// file.
+#[test]
+fn published_families_agree_with_llama_cpp() {
+    use bitnet_frontends::convert::{convert, ConvertOptions};
+    use bitnet_frontends::family;
+    use bitnet_frontends::model::Model;
+    use bitnet_frontends::synth::{write_family, FamilyFormat};
+    use bitnet_ir::DType;
+    let dir = std::env::temp_dir().join(format!("bitnet-crossval-families-{}", std::process::id()));
+    for name in ["bitnet-large", "llama3-8b-1.58", "falcon3-1b", "falcon3-3b"] {
+        let f = family::by_name(name).unwrap();
+        let folder = dir.join(name);
+        write_family(f, false, FamilyFormat::Hf, 5, &folder, |_, _| {}).unwrap();
+        let gguf = dir.join(format!("{name}-tq2_0.gguf"));
+        convert(&Model::open(&folder).unwrap(), &ConvertOptions { weight_type: DType::TQ2_0, head_type: None }, &gguf, |_, _| {}).unwrap();
+        let case = Case { name: name.into(), path: gguf.clone(), llama_path: gguf, tokens: vec![300, 20, 400, 77, 5, 260, 150, 33, 501, 64] };
+        let r = check(&case, 2).unwrap();
+        eprintln!("{name}: model numerics {} | same math {}", r.model, r.same_math);
+        assert!(r.passed(), "{name}: {} | {}", r.model, r.same_math);
+        let ours = bitnet_logits(&folder, &case.tokens, ActivationMode::Model, None, 2).unwrap();
+        let theirs = Llama::load(&case.llama_path, 2).unwrap().logits(&case.tokens).unwrap();
+        let r = compare(&ours, &theirs, f.tiny.vocab).unwrap();
+        assert!(r.min_cosine >= MODEL_NUMERICS_MIN_COSINE, "{name}: the folder against llama.cpp: {r}");
+    }
+}
+
+/// `bitnet perplexity` against llama-perplexity's definition on llama.cpp's
+/// logits, same file, same text, compared as mean negative log-likelihood
+/// (ln of the perplexity): the trained model (f32, the same math) and a
+/// synthetic ternary one (TQ2_0; random weights, so a huge perplexity;
+/// llama.cpp's Q8_K activations against bitnet-rs's per-token int8, so a
+/// looser bound).
+#[test]
+fn perplexity_agrees_with_llama_cpp() {
+    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/text/stories.txt")).unwrap();
+    let tq2 = tiny_cases().iter().find(|c| c.path == c.llama_path && c.path.to_string_lossy().contains("tq2_0")).expect("a TQ2_0 case");
+    for (path, ctx, nats) in [(stories(), 128, 1e-4), (tq2.path.clone(), 64, 0.05)] {
+        let (tokens, bos, ours) = bitnet_perplexity(&path, &text, ctx, 2).unwrap();
+        let theirs = llama_perplexity(&Llama::load(&path, 2).unwrap(), &tokens, ctx, bos).unwrap();
+        let (a, b) = (ours.ln(), theirs.ln());
+        eprintln!("{}: mean NLL {a:.5} (bitnet-rs) vs {b:.5} (llama.cpp's logits) nats, ctx {ctx}", path.display());
+        assert!((a - b).abs() < nats, "{}: perplexity {ours} vs {theirs}", path.display());
+    }
+}

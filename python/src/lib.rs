@@ -5,7 +5,7 @@
 //! generation (and dropping its sequence frees its cache).
 
 use bitnet_codegen::cpu::Isa;
-use bitnet_codegen::schedule::Pinned;
+use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::chat::{template_named, Message};
 use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
 use numpy::ndarray::Array2;
@@ -67,11 +67,7 @@ impl OpenArgs {
             "cuda" => Device::Cuda,
             d => return Err(invalid(format!("device {d:?}: one of \"cpu\", \"cuda\""))),
         };
-        let head_q8 = match self.head.as_str() {
-            "stored" => false,
-            "q8" => true,
-            h => return Err(invalid(format!("head {h:?}: one of \"stored\", \"q8\""))),
-        };
+        let head = HeadQuant::from_name(&self.head).ok_or_else(|| invalid(format!("head {:?}: one of \"stored\", \"q8\", \"q4\"", self.head)))?;
         let isa = match &self.isa {
             None => None,
             Some(name) => {
@@ -83,14 +79,14 @@ impl OpenArgs {
                 Some(isa)
             }
         };
-        if backend == BackendKind::Interp && (head_q8 || isa.is_some()) {
-            return Err(invalid("head=\"q8\" and isa pick compiled kernels: they need backend=\"compiled\""));
+        if backend == BackendKind::Interp && (head != HeadQuant::Stored || isa.is_some()) {
+            return Err(invalid("a quantized head and isa pick compiled kernels: they need backend=\"compiled\""));
         }
         if self.parallel == 0 {
             return Err(invalid("parallel must be at least 1"));
         }
         let chat_template = self.chat_template.as_deref().map(template_named).transpose().map_err(|e| invalid(e.to_string()))?;
-        let pinned = Pinned { head_q8, isa, ..Default::default() };
+        let pinned = Pinned { head, isa, ..Default::default() };
         let load = LoadOptions { threads, context: self.context, backend, device, pinned, tuning: self.tune };
         Ok(EngineOptions { load, parallel: self.parallel, kv_budget: self.kv_budget, chat_template })
     }
@@ -380,6 +376,9 @@ impl Model {
         d.set_item("norm_eps", shortest(c.norm_eps))?;
         d.set_item("activation", format!("{:?}", c.activation).to_lowercase())?;
         d.set_item("tied_head", c.tied_head)?;
+        d.set_item("bitlinear", c.bitlinear)?;
+        d.set_item("sub_norms", c.sub_norms)?;
+        d.set_item("family", bitnet_frontends::family::infer(&engine.model).map(|(f, _)| f.name))?;
         let types = PyDict::new(py);
         for t in &engine.model.tensors {
             let name = t.dtype.name();
@@ -465,9 +464,8 @@ fn compile<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let args =
         OpenArgs { device: "cpu".into(), threads, head, tune, context, backend: "compiled".into(), isa, chat_template: None, parallel: 1, kv_budget: None };
-    let head_q8 = args.head == "q8";
     let engine = open(py, &src, &args)?;
-    let report = py.detach(|| engine.write_artifact(&out, &src, head_q8)).map_err(runtime_error)?;
+    let report = py.detach(|| engine.write_artifact(&out, &src)).map_err(runtime_error)?;
     let d = PyDict::new(py);
     d.set_item("path", out.display().to_string())?;
     d.set_item("bytes", report.bytes)?;

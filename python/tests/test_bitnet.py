@@ -112,6 +112,17 @@ def test_info_describes_the_model(model):
     assert sum(info["tensor_types"].values()) > 0
 
 
+def test_a_family_loads_by_its_layout_and_chats_with_its_template(tmp_path):
+    folder = tmp_path / "falcon3-tiny"
+    run_cli("synth", "--family", "falcon3-1b", "--format", "hf", "-o", str(folder))
+    with bitnet.Model(str(folder), threads=2) as m:
+        info = m.info
+        assert (info["family"], info["bitlinear"], info["sub_norms"], info["head_dim"]) == ("falcon3-1b", True, False, 256)
+        assert isinstance(m.chat([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0), str)
+    with bitnet.Model(STORIES, threads=2) as m:
+        assert m.info["family"] is None and not m.info["bitlinear"]
+
+
 def test_chat_needs_a_template_and_uses_one():
     with bitnet.Model(STORIES, threads=2) as m:
         with pytest.raises(bitnet.InvalidArgumentError, match="chat template"):
@@ -210,3 +221,16 @@ def test_breaking_out_of_a_stream_ends_it(tiny):
             m.generate_ids([1] * 250, max_tokens=2, temperature=0, ignore_eos=True)
         held.close()
         assert len(m.generate_ids([1] * 250, max_tokens=2, temperature=0, ignore_eos=True)) == 2
+
+
+def test_quantized_heads_stay_close_to_the_stored_one():
+    ids = [1, 403, 407, 261, 378]
+    with bitnet.Model(STORIES, threads=2) as m:
+        stored = m.logits(ids)
+    for head in ("q8", "q4"):
+        with bitnet.Model(STORIES, threads=2, head=head) as m:
+            got = m.logits(ids)
+        cos = (got * stored).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(stored, axis=1))
+        assert cos.min() > 0.99 and not np.array_equal(got, stored), (head, cos)
+    with pytest.raises(bitnet.InvalidArgumentError, match="q4"):
+        bitnet.Model(STORIES, head="q5")

@@ -24,10 +24,11 @@
 //! that says how to compile it again. One whose tiles were chosen on
 //! another CPU runs, with a warning.
 
-use crate::compiled::{int8_key, CompiledModel, Prepared};
+use crate::compiled::{int4_key, int8_key, CompiledModel, Prepared};
 use crate::error::RuntimeError;
 use bitnet_autotune::db::CudaTuned;
 use bitnet_codegen::cpu::blob::{Blob, SharedBytes};
+use bitnet_codegen::cpu::int4::{self, Int4Rows};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda;
@@ -119,6 +120,9 @@ pub enum Layout {
     PackedTernary { n: usize, k: usize, rows: usize, scale: f32 },
     /// Tensors `<name>` (i8 `[n, kp]`) and `<name>.scale` (f32 `[n]`).
     Int8Rows { n: usize, k: usize },
+    /// Tensors `<name>` (the nibbles, i8 `[n, kp / 2]`) and `<name>.scale`
+    /// (f16 `[n, kp / 32]`): 4-bit groups.
+    Int4Rows { n: usize, k: usize },
     /// Tensor `<name>` as stored, expanded to f32 at load (norms, scales).
     Floats,
     /// Tensor `<name>` as stored, read in place (embedding, float head).
@@ -151,7 +155,7 @@ pub struct WriteReport {
 
 /// Writes the compiled `model` (loaded from `source`) to `out`: to a
 /// temporary file first, renamed into place when complete.
-pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel, head_q8: bool) -> Result<WriteReport, RuntimeError> {
+pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel) -> Result<WriteReport, RuntimeError> {
     let cpu = HostCpu::detect();
     let mut names: Vec<&String> = compiled.prepared().keys().collect();
     names.sort();
@@ -161,6 +165,7 @@ pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel,
             let item = match &compiled.prepared()[name] {
                 Prepared::Packed(p) => Item::Packed(p),
                 Prepared::Int8(q) => Item::Int8(q),
+                Prepared::Int4(q) => Item::Int4(q),
                 Prepared::Floats(_) => Item::Model { floats: true },
                 Prepared::Stored => Item::Model { floats: false },
             };
@@ -169,7 +174,7 @@ pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel,
         .collect();
     let graph = CompiledGraph { graph: compiled.graph().to_string(), schedule: compiled.schedule().clone() };
     let target = TargetInfo { device: "cpu".into(), fingerprint: cpu.fingerprint(), description: cpu.to_string() };
-    let parts = Parts { target, head: if head_q8 { "q8" } else { "stored" }.into(), graphs: vec![graph], cuda: None };
+    let parts = Parts { target, head: compiled.schedule().head().name().into(), graphs: vec![graph], cuda: None };
     write_parts(out, source, model, parts, items)
 }
 
@@ -177,6 +182,7 @@ pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel,
 pub(crate) enum Item<'a> {
     Packed(&'a PackedTernary),
     Int8(&'a Int8Rows),
+    Int4(&'a Int4Rows),
     /// The model's tensor as stored; expanded to f32 at load (`floats`) or
     /// read in place.
     Model {
@@ -221,6 +227,13 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
                 data.push(q.q.as_bytes());
                 data.push(q.scale.as_bytes());
                 Layout::Int8Rows { n: q.n, k: q.k }
+            }
+            Item::Int4(q) => {
+                gguf.add_tensor(name, DType::I8, &[q.n, q.kp / 2]);
+                gguf.add_tensor(&scale_name(name), DType::F16, &[q.n, q.kp / int4::GROUP]);
+                data.push(q.q.as_bytes());
+                data.push(q.scale.as_bytes());
+                Layout::Int4Rows { n: q.n, k: q.k }
             }
             Item::Model { floats } => {
                 let Some(t) = model.tensor(name) else { return artifact_err(source, format!("tensor {name} is prepared but not in the model")) };
@@ -441,14 +454,26 @@ impl Artifact {
                     let s = Blob::mapped(shared.clone(), sa, sl / 4).map_err(bad)?;
                     Prepared::Int8(Int8Rows::from_parts(*n, *k, q, s).map_err(bad)?)
                 }
+                Layout::Int4Rows { n, k } => {
+                    let (qa, ql) = tensor(&e.name, DType::I8)?;
+                    let (sa, sl) = tensor(&scale_name(&e.name), DType::F16)?;
+                    let q = Blob::mapped(shared.clone(), qa, ql).map_err(bad)?;
+                    let s = Blob::mapped(shared.clone(), sa, sl / 2).map_err(bad)?;
+                    Prepared::Int4(Int4Rows::from_parts(*n, *k, q, s).map_err(bad)?)
+                }
                 Layout::Floats => match self.model.weight(&e.name) {
                     Some(w) if w.dtype.bytes_for(w.elems()).is_some_and(|b| b <= w.data.len()) => Prepared::Floats(w.to_f32()),
                     _ => return Err(bad("missing or truncated".into())),
                 },
                 Layout::Stored => Prepared::Stored,
             };
-            if matches!(p, Prepared::Int8(_)) && !e.name.ends_with(&int8_key("")) {
-                return Err(bad("int8 rows under a name the kernels do not look up".into()));
+            let misnamed = match p {
+                Prepared::Int8(_) => !e.name.ends_with(&int8_key("")),
+                Prepared::Int4(_) => !e.name.ends_with(&int4_key("")),
+                _ => false,
+            };
+            if misnamed {
+                return Err(bad("quantized rows under a name the kernels do not look up".into()));
             }
             prepared.insert(e.name.clone(), p);
         }

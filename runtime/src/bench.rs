@@ -42,6 +42,13 @@ pub struct BenchReport {
     /// The CPU kernels' instruction set (compiled CPU backend only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isa: Option<String>,
+    /// How the output head is read: stored, q8 or q4 (compiled CPU backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// On the CPU: the weight bytes a decode step reads, the read bandwidth
+    /// measured here, and decode as a fraction of the roofline those give.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuRoofline>,
     /// With `--parallel N`: N sequences decoding together, and their
     /// tokens per second all together (`bench_parallel`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,6 +58,17 @@ pub struct BenchReport {
     /// One decode step of the `parallel` sequences together, kernel by kernel.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parallel_kernel_ms: Option<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CpuRoofline {
+    /// The packed ternary layout (`CompiledModel::weight_layout`).
+    pub weight_layout: &'static str,
+    pub bytes_per_token: usize,
+    pub bandwidth_gbs: f64,
+    /// Decode tokens/s over the tokens/s that reading `bytes_per_token`
+    /// at `bandwidth_gbs` allows.
+    pub roofline_fraction: f64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -135,7 +153,19 @@ pub fn bench(
             })
         })
         .transpose()?;
+    let cpu = s.with_backend(|b| {
+        b.as_compiled().map(|c| {
+            let (bytes, bw) = (c.decode_bytes(&s.model), c.read_bandwidth());
+            CpuRoofline {
+                weight_layout: c.weight_layout(),
+                bytes_per_token: bytes,
+                bandwidth_gbs: bw / 1e9,
+                roofline_fraction: decode_tok_s * bytes as f64 / bw,
+            }
+        })
+    });
     Ok(BenchReport {
+        cpu,
         prefill_kernel_ms,
         decode_kernel_ms,
         gpu,
@@ -149,6 +179,7 @@ pub fn bench(
         threads: s.threads,
         reps,
         isa: None,
+        head: None,
         parallel: None,
         aggregate_decode_tok_s: None,
         parallel_kernel_ms: None,

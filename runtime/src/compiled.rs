@@ -10,6 +10,7 @@
 //! node's kernel; matrix products and attention fan out over the pool.
 
 use crate::backend::StepRows;
+use bitnet_codegen::cpu::int4::{self, Int4Rows};
 use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
 use bitnet_codegen::cpu::{attention, float, ops, vmath, Isa, Pool};
@@ -28,9 +29,25 @@ pub(crate) enum Prepared {
     Packed(PackedTernary),
     /// Quantized to int8 rows for `Tiles::Int8`, under `name#int8`.
     Int8(Int8Rows),
+    /// Quantized to 4-bit groups for `Tiles::Int4`, under `name#int4`.
+    Int4(Int4Rows),
     Floats(Vec<f32>),
     /// Read in place through the weight source.
     Stored,
+}
+
+impl Prepared {
+    /// Bytes this preparation holds of its own (none for a tensor read in
+    /// place).
+    fn bytes(&self) -> usize {
+        match self {
+            Prepared::Packed(p) => p.bytes(),
+            Prepared::Int8(q) => q.bytes(),
+            Prepared::Int4(q) => q.bytes(),
+            Prepared::Floats(f) => f.len() * 4,
+            Prepared::Stored => 0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -160,16 +177,49 @@ impl CompiledModel {
                 prefault(view.data);
             }
         }
-        let prepared_bytes = prepared
-            .values()
-            .map(|p| match p {
-                Prepared::Packed(p) => p.bytes(),
-                Prepared::Int8(q) => q.bytes(),
-                Prepared::Floats(f) => f.len() * 4,
-                Prepared::Stored => 0,
-            })
-            .sum();
+        let prepared_bytes = prepared.values().map(Prepared::bytes).sum();
         Ok(CompiledModel { pool: Pool::shared(threads), weights: prepared, plan: Plan::new(graph, schedule), prepared_bytes })
+    }
+
+    /// How the ternary weights are laid out for the kernels: `2bit` (four
+    /// codes a byte, the only packed layout so far), or `none` for a
+    /// model without ternary weights.
+    pub fn weight_layout(&self) -> &'static str {
+        if self.weights.values().any(|p| matches!(p, Prepared::Packed(_))) {
+            "2bit"
+        } else {
+            "none"
+        }
+    }
+
+    /// This machine's read bandwidth with the model's workers, bytes a
+    /// second (the best of three sums over 256 MiB).
+    pub fn read_bandwidth(&self) -> f64 {
+        bitnet_codegen::cpu::pool::read_bandwidth(&self.pool, 256 << 20, 3)
+    }
+
+    /// Weight bytes one decode step reads: every prepared weight, each
+    /// stored matrix a product reads whole, and one row of each embedding
+    /// table only looked up (a tied head reads its table whole).
+    pub fn decode_bytes(&self, weights: &dyn WeightSource) -> usize {
+        let mut whole = std::collections::HashSet::new();
+        let mut rows = std::collections::HashSet::new();
+        for (v, node) in self.plan.graph.iter() {
+            for (i, a) in node.args.iter().enumerate() {
+                let Op::Weight { name } = &self.plan.graph.node(*a).op else { continue };
+                let key = prepared_key(name, self.plan.schedule.tiles(v)).into_owned();
+                if matches!((&node.op, i, self.weights.get(&key)), (Op::Embed, 0, Some(Prepared::Stored))) {
+                    rows.insert(key);
+                } else {
+                    whole.insert(key);
+                }
+            }
+        }
+        let bytes = |name: &String, one_row: bool| match self.weights.get(name) {
+            Some(Prepared::Stored) | None => weights.weight(name).map_or(0, |w| if one_row { w.data.len() / w.rows().max(1) } else { w.data.len() }),
+            Some(p) => p.bytes(),
+        };
+        whole.iter().map(|n| bytes(n, false)).sum::<usize>() + rows.difference(&whole).map(|n| bytes(n, true)).sum::<usize>()
     }
 
     /// Each prepared weight under the name the graph uses (`name#int8` for
@@ -246,6 +296,20 @@ pub(crate) fn int8_key(name: &str) -> String {
     format!("{name}#int8")
 }
 
+pub(crate) fn int4_key(name: &str) -> String {
+    format!("{name}#int4")
+}
+
+/// The name a kernel with these tiles looks a weight up under: a
+/// quantized copy has a name of its own, beside the stored tensor.
+fn prepared_key(name: &str, tiles: Option<Tiles>) -> std::borrow::Cow<'_, str> {
+    match tiles {
+        Some(Tiles::Int8 { .. }) => int8_key(name).into(),
+        Some(Tiles::Int4 { .. }) => int4_key(name).into(),
+        _ => name.into(),
+    }
+}
+
 fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut HashMap<String, Prepared>) -> Result<(), EvalError> {
     for (v, node) in g.iter() {
         for (i, a) in node.args.iter().enumerate() {
@@ -264,11 +328,15 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
                         }
                     }
                 }
-                (Op::MatMul, 1) if matches!(sched.tiles(v), Some(Tiles::Int8 { .. })) => {
-                    out.entry(int8_key(name)).or_insert_with(|| {
-                        let q = Int8Rows::quantize(&view);
+                (Op::MatMul, 1) if matches!(sched.tiles(v), Some(Tiles::Int8 { .. } | Tiles::Int4 { .. })) => {
+                    let tiles = sched.tiles(v);
+                    out.entry(prepared_key(name, tiles).into_owned()).or_insert_with(|| {
+                        let q = match tiles {
+                            Some(Tiles::Int4 { .. }) => Prepared::Int4(Int4Rows::quantize(&view)),
+                            _ => Prepared::Int8(Int8Rows::quantize(&view)),
+                        };
                         weights.release(name);
-                        Prepared::Int8(q)
+                        q
                     });
                     continue;
                 }
@@ -300,6 +368,7 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
                     matches!(prepared.get(name), Some(Prepared::Packed(p)) if p.rows == t.rows && nk(p.n, p.k))
                 }
                 (Op::MatMul, 1, Some(Tiles::Int8 { .. })) => matches!(prepared.get(&int8_key(name)), Some(Prepared::Int8(q)) if nk(q.n, q.k)),
+                (Op::MatMul, 1, Some(Tiles::Int4 { .. })) => matches!(prepared.get(&int4_key(name)), Some(Prepared::Int4(q)) if nk(q.n, q.k)),
                 (Op::MatMul, 1, _) | (Op::Embed, 0, _) => {
                     prepared.contains_key(name)
                         && matches!(weights.weight(name), Some(w) if w.dtype == ty.dtype && w.shape == dims && w.dtype.bytes_for(w.elems()).is_some_and(|b| b <= w.data.len()) && w.row_len() % w.dtype.block_elems() == 0)
@@ -334,13 +403,11 @@ fn run(
         let mut out = std::mem::replace(&mut plan.bufs[s], Buf::I32(Vec::new()));
         let shape = node.ty.resolve(extent);
         let tiles = plan.tiles[v];
-        let int8 = matches!(tiles, Some(Tiles::Int8 { .. }));
         let args: Vec<Arg> = node
             .args
             .iter()
             .map(|a| match &plan.graph.node(*a).op {
-                Op::Weight { name } if int8 => Arg::Weight(name, &prepared[&int8_key(name)]),
-                Op::Weight { name } => Arg::Weight(name, &prepared[name]),
+                Op::Weight { name } => Arg::Weight(name, &prepared[prepared_key(name, tiles).as_ref()]),
                 _ => match &plan.bufs[plan.slot[a.index()]] {
                     Buf::F32(x) => Arg::F32(x),
                     Buf::I32(x) => Arg::I32(x),
@@ -450,6 +517,11 @@ fn kernel(
                 let mut x = QuantActs::default();
                 ops::quantize_rows_on(pool, isa, floats(&args[0])?, w.k, None, &mut x);
                 int8::matmul(pool, isa, w, &x, f32_buf(out, len));
+            }
+            (Some(Tiles::Int4 { isa }), Arg::Weight(_, Prepared::Int4(w))) => {
+                let mut x = QuantActs::default();
+                ops::quantize_rows_on(pool, isa, floats(&args[0])?, w.k, None, &mut x);
+                int4::matmul(pool, isa, w, &x, f32_buf(out, len));
             }
             _ => return err("no float tiles scheduled"),
         },

@@ -21,7 +21,7 @@ use crate::error::RuntimeError;
 use crate::kv::{KvBlocks, KvUsage, BLOCK_POSITIONS};
 use crate::lowering;
 use crate::sampler::{Sampler, SamplerConfig};
-use bitnet_codegen::schedule::Schedule;
+use bitnet_codegen::schedule::{HeadQuant, Schedule};
 use bitnet_frontends::chat::{self, Message};
 use bitnet_frontends::model::Model;
 use bitnet_frontends::tokenizer::Tokenizer;
@@ -190,9 +190,9 @@ impl Engine {
 
     /// Writes the compiled CPU plan and its prepared weights to a `.bnx`
     /// artifact (see [`artifact::write`]); `source` is the model's path.
-    pub fn write_artifact(&self, out: &Path, source: &Path, head_q8: bool) -> Result<artifact::WriteReport, RuntimeError> {
+    pub fn write_artifact(&self, out: &Path, source: &Path) -> Result<artifact::WriteReport, RuntimeError> {
         self.with_backend(|b| match b.as_compiled() {
-            Some(c) => artifact::write(out, source, &self.model, c, head_q8),
+            Some(c) => artifact::write(out, source, &self.model, c),
             None => RuntimeError::input("only the compiled CPU backend writes artifacts this way"),
         })
     }
@@ -234,9 +234,11 @@ impl Engine {
     pub fn chat_ids(&self, messages: &[Message]) -> Result<Vec<u32>, RuntimeError> {
         let tok = &self.tokenizer;
         let Some(template) = self.chat_template.as_deref() else {
-            return RuntimeError::input(
-                "this model has no chat template (tokenizer.chat_template); name one with --chat-template (chatml, llama3, bitnet or a Jinja file)",
-            );
+            let names: Vec<&str> = chat::BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect();
+            return RuntimeError::input(format!(
+                "this model has no chat template (tokenizer.chat_template); name one with --chat-template ({} or a Jinja file)",
+                names.join(", ")
+            ));
         };
         let text_of = |id: Option<u32>| id.and_then(|i| tok.piece(i)).unwrap_or("").to_string();
         let (bos, eos) = (text_of(tok.bos), text_of(tok.eos));
@@ -488,10 +490,10 @@ fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError
     if opts.backend == BackendKind::Interp {
         return artifact_err(format!("an artifact holds compiled code only; run the interpreter on its source model ({})", h.source.path));
     }
-    if opts.device == Device::Cuda && (opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some()) {
+    if opts.device == Device::Cuda && (opts.pinned.head != HeadQuant::Stored || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some()) {
         return artifact_err("a CUDA artifact runs its compiled kernels as they are; drop --head and tile options".into());
     }
-    if opts.pinned.head_q8 && h.head != "q8" {
+    if opts.pinned.head != HeadQuant::Stored && h.head != opts.pinned.head.name() {
         return artifact_err("--head is fixed when the artifact is compiled (bitnet compile --head ...); run it without".into());
     }
     if opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {

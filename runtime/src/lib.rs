@@ -35,6 +35,7 @@ pub mod generate;
 pub mod kv;
 pub mod lowering;
 pub mod npy;
+pub mod quality;
 pub mod sampler;
 pub mod session;
 pub mod stops;

@@ -9,7 +9,7 @@ use crate::LoadOptions;
 use bitnet_autotune::db::CudaTuned;
 use bitnet_autotune::{Database, Tuned};
 use bitnet_codegen::cuda::PhaseTiles;
-use bitnet_codegen::schedule::{schedule, Pinned, Schedule, TileSource, Workload};
+use bitnet_codegen::schedule::{schedule, HeadQuant, Pinned, Schedule, TileSource, Workload};
 use bitnet_codegen::target::HostCpu;
 use bitnet_frontends::model::Model;
 use bitnet_ir::passes;
@@ -104,8 +104,8 @@ pub fn cuda_tuned_tiles(warnings: &mut Vec<String>) -> Option<CudaTuned> {
 
 /// The CUDA kernels of the last-position and all-positions graphs.
 pub(crate) fn compile_cuda(model: &Model, opts: &LoadOptions, context: usize, warnings: &mut Vec<String>) -> Result<CudaModel, RuntimeError> {
-    if opts.pinned.head_q8 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
-        return RuntimeError::input("--head q8 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head");
+    if opts.pinned.head != HeadQuant::Stored || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
+        return RuntimeError::input("--head q8/q4 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head");
     }
     let tuned = if opts.tuning { cuda_tuned_tiles(warnings) } else { None };
     // Without a device CudaModel::new says so; the lowering then is moot.

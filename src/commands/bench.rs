@@ -47,8 +47,10 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
         (r.aggregate_decode_tok_s, r.parallel_kernel_ms) = (Some(agg), times);
     }
     // The compiled CPU backend's kernels (none for the interpreter and CUDA).
-    let isa = engine.schedule().map(|s| s.isa);
+    let schedule = engine.schedule();
+    let isa = schedule.as_ref().map(|s| s.isa);
     r.isa = isa.map(|i| i.name().to_string());
+    r.head = schedule.as_ref().map(|s| s.head().name().to_string());
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -75,6 +77,15 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
     );
     if let Some(isa) = isa {
         println!("{}", super::isa_line(isa, a.model.isa.isa.is_some()));
+    }
+    if let Some(c) = &r.cpu {
+        println!(
+            "decode reads {:.3} GB of weights a token ({} head); read bandwidth here {:.1} GB/s: {:.0}% of that roofline",
+            c.bytes_per_token as f64 / 1e9,
+            r.head.as_deref().unwrap_or("stored"),
+            c.bandwidth_gbs,
+            100.0 * c.roofline_fraction
+        );
     }
     if let Some(k) = &r.prefill_kernel_ms {
         println!("one prefill of {}, kernel by kernel, ms (calls): {k}", r.n_prompt.max(1));

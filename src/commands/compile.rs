@@ -23,8 +23,9 @@ pub struct CompileArgs {
     /// Artifact to write (conventionally .bnx); run it with `bitnet run -m`.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
-    /// Output head: as stored, or quantized to int8 per row (half the
-    /// bytes of an f16 head; lossy).
+    /// Output head: as stored, or quantized: q8 (int8 per row, half the
+    /// bytes of an f16 head) or q4 (4-bit groups of 32 with f16 scales,
+    /// 28% of them); lossy.
     #[arg(long, value_enum, default_value_t = HeadArg::Stored)]
     pub head: HeadArg,
     /// Print the graph in its text form after this pass (canonicalize,
@@ -65,7 +66,7 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
     if a.device.device == Device::Cuda {
         return compile_cuda(&a);
     }
-    let pinned = Pinned { head_q8: a.head == HeadArg::Q8, isa: a.isa.isa, ..Default::default() };
+    let pinned = Pinned { head: a.head.quant(), isa: a.isa.isa, ..Default::default() };
     let threads = super::threads(a.threads)?;
     if let Some(pass) = a.dump_after.as_deref() {
         let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
@@ -104,7 +105,7 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
         (steps.len(), steps.iter().filter(|s| s.origin == TileOrigin::Database).count())
     });
     eprintln!("writing {} ...", out.display());
-    let report = engine.write_artifact(&out, &a.model, opts.load.pinned.head_q8)?;
+    let report = engine.write_artifact(&out, &a.model)?;
     eprintln!(
         "wrote {}: {:.1} MB, {} tensors, {} scheduled kernels ({} with tuned tiles), in {:.1} s",
         out.display(),
@@ -121,8 +122,8 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
 /// them with NVRTC (no GPU needed). With `--dump-after schedule` it prints
 /// the final graph and its launches.
 fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
-    if a.head == HeadArg::Q8 {
-        anyhow::bail!("--head q8 is a CPU option; the CUDA backend runs the stored head");
+    if a.head != HeadArg::Stored {
+        anyhow::bail!("--head {} is a CPU option; the CUDA backend runs the stored head", a.head.quant().name());
     }
     let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let graph = model.graph(a.all_logits)?;

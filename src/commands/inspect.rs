@@ -2,11 +2,12 @@
 //! Both work on vocabulary-only GGUF files.
 
 use anyhow::Context;
+use bitnet_codegen::cpu::Isa;
+use bitnet_frontends::family;
 use bitnet_frontends::gguf::{GgufFile, MetaValue};
 use bitnet_frontends::model::{Model, ModelSource};
 use bitnet_frontends::tokenizer::Tokenizer;
 use bitnet_ir::DType;
-use bitnet_codegen::cpu::Isa;
 use bitnet_runtime::artifact;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -79,6 +80,24 @@ fn describe_model(m: &Model, check_graph: bool, out: &mut String) -> anyhow::Res
         c.rope_theta,
         c.norm_eps,
         if c.tied_head { "tied to token_embd" } else { "output.weight" }
+    )?;
+    match family::infer(m) {
+        Some((f, how)) => {
+            let how = match how {
+                family::Match::Exact => "its published shape",
+                family::Match::Named => "a reduced size of it, as the file names it",
+            };
+            writeln!(out, "family: {}", f.name)?;
+            writeln!(out, "  {} ({how}); GGUF arch for bitnet.cpp: {}", f.repo, f.gguf_arch)?;
+        }
+        None if c.bitlinear => writeln!(out, "family: none of the published ones")?,
+        None => writeln!(out, "family: none (not a BitNet b1.58 model)")?,
+    }
+    writeln!(
+        out,
+        "  BitLinear projections {} | sub-norms {}",
+        if c.bitlinear { "yes (int8 per-token activations, ternary weights)" } else { "no" },
+        if c.sub_norms { "yes" } else { "no" }
     )?;
     if let (true, Err(e)) = (check_graph, m.graph(false)) {
         writeln!(out, "  cannot run: {e}")?;

@@ -4,13 +4,14 @@ pub mod chat;
 pub mod compile;
 pub mod convert;
 pub mod inspect;
+pub mod perplexity;
 pub mod run;
 pub mod serve;
 pub mod synth;
 
 use anyhow::Context;
 use bitnet_codegen::cpu::Isa;
-use bitnet_codegen::schedule::Pinned;
+use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_runtime::{BackendKind, Engine, EngineOptions, LoadOptions, SamplerConfig, Session};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,15 +31,18 @@ pub struct ModelArgs {
     /// What runs the graph: the compiled native kernels or the reference interpreter.
     #[arg(long, value_enum, default_value_t = BackendArg::Compiled)]
     pub backend: BackendArg,
-    /// Output head: as stored, or quantized to int8 per row when loading
-    /// (half the bytes of an f16 head; lossy, compiled backend only).
+    /// Output head: as stored, or quantized when loading: q8 (int8 per
+    /// row, half the bytes of an f16 head) or q4 (4-bit groups of 32 with
+    /// f16 scales, 28% of them); lossy (measure it with `bitnet
+    /// perplexity --kl-divergence`), compiled backend only.
     #[arg(long, value_enum, default_value_t = HeadArg::Stored)]
     pub head: HeadArg,
     /// Use the default tiles, not those `bitnet autotune` measured.
     #[arg(long)]
     pub no_tune: bool,
     /// Chat template instead of the model's (or for a model without one):
-    /// chatml, llama3, bitnet (BitNet b1.58 2B4T's), or a Jinja file.
+    /// chatml, llama3, bitnet (llama.cpp's BitNet format), bitnet-2b4t, llama3-8b-1.58, falcon3 (the
+    /// families' own), or a Jinja file.
     #[arg(long, value_name = "NAME|FILE")]
     pub chat_template: Option<String>,
     #[command(flatten)]
@@ -72,6 +76,17 @@ fn parse_isa(s: &str) -> Result<Isa, String> {
 pub enum HeadArg {
     Stored,
     Q8,
+    Q4,
+}
+
+impl HeadArg {
+    pub fn quant(self) -> HeadQuant {
+        match self {
+            HeadArg::Stored => HeadQuant::Stored,
+            HeadArg::Q8 => HeadQuant::Q8,
+            HeadArg::Q4 => HeadQuant::Q4,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,13 +147,13 @@ impl ModelArgs {
             BackendArg::Interp => BackendKind::Interp,
             BackendArg::Compiled => BackendKind::Compiled,
         };
-        if self.head == HeadArg::Q8 && backend == BackendKind::Interp {
-            anyhow::bail!("--head q8 is a compile option: it needs --backend compiled");
+        if self.head != HeadArg::Stored && backend == BackendKind::Interp {
+            anyhow::bail!("--head {} is a compile option: it needs --backend compiled", self.head.quant().name());
         }
         if self.isa.isa.is_some() && backend == BackendKind::Interp {
             anyhow::bail!("--isa picks the compiled kernels: it needs --backend compiled");
         }
-        let pinned = Pinned { head_q8: self.head == HeadArg::Q8, isa: self.isa.isa, ..Default::default() };
+        let pinned = Pinned { head: self.head.quant(), isa: self.isa.isa, ..Default::default() };
         Ok(LoadOptions { threads, context: self.ctx_size, backend, device: self.device.runtime(), pinned, tuning: !self.no_tune })
     }
 

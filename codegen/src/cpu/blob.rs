@@ -13,6 +13,7 @@ use std::sync::Arc;
 pub trait Plain: Copy + Send + Sync + 'static {}
 impl Plain for u8 {}
 impl Plain for i8 {}
+impl Plain for u16 {}
 impl Plain for f32 {}
 
 /// Bytes shared with whoever else keeps the mapping alive.

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod blob;
 pub mod float;
+pub mod int4;
 pub mod int8;
 pub mod jit;
 pub mod ops;
