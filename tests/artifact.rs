@@ -5,8 +5,10 @@
 
 mod common;
 
+use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::arch::Activation;
+use bitnet_frontends::synth::{SynthShape, SynthSpec};
 use bitnet_ir::DType;
 use bitnet_runtime::artifact::FORMAT_VERSION;
 use bitnet_runtime::{LoadOptions, Session};
@@ -52,6 +54,34 @@ fn artifacts_run_exactly_like_compiling_in_memory() {
     }
     round_trip(&stories(), &dir.join("stories.bnx"), HeadQuant::Stored, &[1, 403, 407, 261, 378]);
     round_trip(&data("models/stories260K/hf"), &dir.join("stories-hf.bnx"), HeadQuant::Stored, &[1, 403, 407, 261, 378]);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// An artifact keeps the packing it was compiled with: reloaded without
+/// asking, it reads its 1.6-bit weights from the file and computes what
+/// compiling in memory computes.
+#[test]
+fn artifacts_keep_the_1_6_bit_packing() {
+    let dir = tmp_dir("artifact-packing");
+    let (src, out) = (dir.join("tq2_0.gguf"), dir.join("tq2_0-base3.bnx"));
+    // Rows of 1280 and 2560 weights: whole chunks of both packings.
+    let shape = SynthShape { hidden: 1280, layers: 1, heads: 4, kv_heads: 2, ffn: 2560, vocab: 300 };
+    write_synth(&SynthSpec { shape, ..small_spec(DType::TQ2_0, Activation::Silu) }, &src);
+    let pinned = Pinned { packing: Some(Packing::Base3), ..Default::default() };
+    let mut mem = Session::load(&src, &LoadOptions { threads: 1, pinned, ..Default::default() }).unwrap();
+    mem.write_artifact(&out, &src).unwrap();
+    let mut bnx = Session::load(&out, &opts(HeadQuant::Stored, 2)).unwrap();
+    assert!(bnx.schedule().unwrap().to_string().contains("packing=1.6bit"));
+    assert_eq!(bnx.with_backend(|b| b.as_compiled().map(|c| c.weight_layout())), Some("1.6bit"));
+    let prompt = [1, 17, 42, 99, 3];
+    assert_eq!(mem.eval(&prompt, true).unwrap(), bnx.eval(&prompt, true).unwrap());
+    assert_eq!(greedy(&mut mem, &prompt, 8), greedy(&mut bnx, &prompt, 8));
+    // 20% fewer bytes in the ternary matrices (3.7 MB of the 2-bit file's
+    // 5.2; the rest, embedding and head, is the same).
+    let two = dir.join("tq2_0.bnx");
+    compile(&src, &two, HeadQuant::Stored);
+    let (a, b) = (std::fs::metadata(&two).unwrap().len(), std::fs::metadata(&out).unwrap().len());
+    assert!(b * 100 < a * 90 && b * 100 > a * 80, "1.6-bit artifact {b} bytes, 2-bit {a}");
     std::fs::remove_dir_all(dir).ok();
 }
 

@@ -12,6 +12,7 @@
 
 mod common;
 
+use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::arch::Activation;
@@ -68,6 +69,38 @@ fn synthetic_models_in_every_ternary_format_agree() {
 #[test]
 fn stories260k_agrees() {
     compare(&stories(), &[1, 403, 407, 261, 378]);
+}
+
+/// The 1.6-bit packing is lossless: its integer dot products are the
+/// 2-bit packing's, so every logit is the same, bit for bit, on every ISA
+/// that reads it (prefill from unpacked codes, decode from packed bytes).
+#[test]
+fn both_packings_give_the_same_logits() {
+    let dir = tmp_dir("backends-packing");
+    let check = |path: &Path, prompt: &[u32]| {
+        for isa in isas() {
+            let load = |packing| {
+                let pinned = Pinned { isa: Some(isa), packing: Some(packing), ..Default::default() };
+                Session::load(path, &LoadOptions { threads: 2, backend: Backend::Compiled, pinned, ..Default::default() })
+            };
+            let at = format!("{} ({})", path.display(), isa.name());
+            let mut two = load(Packing::Bits2).unwrap();
+            let mut base3 = match load(Packing::Base3) {
+                Ok(s) => s,
+                Err(e) => {
+                    assert_eq!(isa, Isa::Cranelift, "{at}: {e}");
+                    assert!(e.to_string().contains("1.6bit weights need avx2, avx512vnni or scalar"), "{at}: {e}");
+                    continue;
+                }
+            };
+            assert!(base3.schedule().unwrap().to_string().contains("packing=1.6bit"), "{at}");
+            assert_eq!(base3.with_backend(|b| b.as_compiled().map(|c| c.weight_layout())), Some("1.6bit"), "{at}");
+            assert_eq!(two.eval(prompt, true).unwrap(), base3.eval(prompt, true).unwrap(), "{at}: prefill");
+            assert_eq!(two.eval(&[7], false).unwrap(), base3.eval(&[7], false).unwrap(), "{at}: decode");
+        }
+    };
+    each_small_ternary_model(&dir, |path| check(path, &[1, 17, 42, 99, 3, 250, 8]));
+    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]

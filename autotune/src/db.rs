@@ -271,7 +271,7 @@ impl Tuned {
             let any = |_: &Tiles| true;
             let tiles = match fastest(key, Phase::Decode, &any) {
                 Some(Tiles::Ternary(d)) => {
-                    let same_layout = |t: &Tiles| matches!(t, Tiles::Ternary(p) if p.rows == d.rows && p.isa == d.isa);
+                    let same_layout = |t: &Tiles| matches!(t, Tiles::Ternary(p) if p.rows == d.rows && p.packing == d.packing && p.isa == d.isa);
                     match fastest(key, Phase::Prefill, &same_layout) {
                         Some(Tiles::Ternary(p)) => Tiles::Ternary(p),
                         _ => Tiles::Ternary(d),
@@ -364,7 +364,7 @@ mod tests {
             fingerprint: "cpu-test".into(),
             threads: 2,
             space: SPACE_VERSION,
-            tiles: Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens, split: Default::default() }),
+            tiles: Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens, split: Default::default(), packing: Default::default() }),
             ns: Some(ns),
             status: "ok".into(),
             at: 1,
@@ -448,7 +448,7 @@ mod tests {
             Record { status: "wrong: row 0".into(), ..rec("k", Phase::Decode, 1, 4, 1) },
         ];
         let t = Tuned::new(records, "cpu-test", 2);
-        assert_eq!(t.tiles(&WorkloadKey("k".into())), Some(Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows: 2, tokens: 2, split: Default::default() })));
+        assert_eq!(t.tiles(&WorkloadKey("k".into())), Some(Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows: 2, tokens: 2, split: Default::default(), packing: Default::default() })));
         assert_eq!(t.tiles(&WorkloadKey("other".into())), None);
     }
 

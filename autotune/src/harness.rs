@@ -152,7 +152,7 @@ mod tests {
     use bitnet_codegen::cpu::Isa;
 
     fn tiles(rows: usize) -> Tiles {
-        Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Default::default() })
+        Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Default::default(), packing: Default::default() })
     }
 
     /// Candidate `rows` sleeps `rows²` × 200 µs (far apart, so that a

@@ -6,7 +6,7 @@
 use crate::harness::Kernel;
 use crate::space::Phase;
 use bitnet_codegen::cpu::blob::Blob;
-use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs};
+use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs};
 use bitnet_codegen::cpu::{float, ops, Pool};
 use bitnet_codegen::schedule::{Tiles, Workload};
 use bitnet_codegen::target::HostCpu;
@@ -90,8 +90,8 @@ pub struct TernaryKernel {
     /// Timed activations.
     acts: QuantActs,
     out: Vec<f32>,
-    /// Copies of the packed weights, per rows per tile.
-    copies: HashMap<usize, Vec<PackedTernary>>,
+    /// Copies of the packed weights, per layout (rows per tile, packing).
+    copies: HashMap<(usize, Packing), Vec<PackedTernary>>,
     n_copies: usize,
     next: usize,
 }
@@ -110,7 +110,8 @@ impl TernaryKernel {
         let x: Vec<f32> = (0..phase.tokens() * k).map(|_| rng.unit() * 4.0).collect();
         let mut acts = QuantActs::default();
         ops::quantize_rows(&x, k, None, &mut acts);
-        let packed_bytes = n * k / 4;
+        // Bytes of the smaller packing (1.6 bits a weight): the copies of either exceed the caches.
+        let packed_bytes = n * k / 5;
         let n_copies = match phase {
             Phase::Decode => cold_bytes().div_ceil(packed_bytes).clamp(1, 64),
             Phase::Prefill => 1,
@@ -119,17 +120,17 @@ impl TernaryKernel {
         Ok(TernaryKernel { n, k, pool: Pool::new(threads), weights, check_x, want, acts, out, copies: HashMap::new(), n_copies, next: 0 })
     }
 
-    /// Packs the weights for `rows` per tile, once.
-    fn pack(&mut self, rows: usize) -> Result<(), String> {
-        if !self.copies.contains_key(&rows) {
+    /// Packs the weights for `rows` per tile in `packing`, once.
+    fn pack(&mut self, rows: usize, packing: Packing) -> Result<(), String> {
+        if !self.copies.contains_key(&(rows, packing)) {
             let view = self.weights.weight("w").expect("inserted in new");
-            let first = PackedTernary::from_weight(&view, rows)?;
+            let first = PackedTernary::from_weight(&view, rows)?.with_packing(packing);
             let mut all = Vec::with_capacity(self.n_copies);
             for _ in 1..self.n_copies {
-                all.push(PackedTernary::from_parts(self.n, self.k, rows, first.scale, Blob::from(first.data().to_vec()))?);
+                all.push(PackedTernary::from_parts(self.n, self.k, rows, packing, first.scale, Blob::from(first.data().to_vec()))?);
             }
             all.push(first);
-            self.copies.insert(rows, all);
+            self.copies.insert((rows, packing), all);
         }
         Ok(())
     }
@@ -141,8 +142,8 @@ impl Kernel for TernaryKernel {
         let mut x = QuantActs::default();
         ops::quantize_rows(&self.check_x, self.k, None, &mut x);
         let mut got = vec![0f32; CHECK_TOKENS * self.n];
-        self.pack(t.rows)?;
-        ternary::matmul(&self.pool, t, &self.copies[&t.rows][0], &x, &mut got, Epilogue::default());
+        self.pack(t.rows, t.packing)?;
+        ternary::matmul(&self.pool, t, &self.copies[&(t.rows, t.packing)][0], &x, &mut got, Epilogue::default());
         compare(&got, &self.want)
     }
 
@@ -150,8 +151,9 @@ impl Kernel for TernaryKernel {
         let Tiles::Ternary(t) = *tiles else { return };
         let i = self.next % self.n_copies;
         self.next += 1;
-        if self.pack(t.rows).is_ok() {
-            ternary::matmul(&self.pool, t, &self.copies[&t.rows][i], &self.acts, &mut self.out, Epilogue::default());
+        if self.pack(t.rows, t.packing).is_ok() {
+            let w = &self.copies[&(t.rows, t.packing)][i];
+            ternary::matmul(&self.pool, t, w, &self.acts, &mut self.out, Epilogue::default());
         }
     }
 }

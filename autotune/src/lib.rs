@@ -28,7 +28,7 @@
 //! use bitnet_codegen::schedule::{TileSource, Tiles, Workload};
 //!
 //! let key = Workload::Ternary { n: 2560, k: 6912 }.key();
-//! let tiles = |rows| Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Default::default() });
+//! let tiles = |rows| Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Default::default(), packing: Default::default() });
 //! let measured = |rows, ns| Record {
 //!     key: key.clone(), phase: Phase::Decode, fingerprint: "this-machine".into(), threads: 2,
 //!     space: SPACE_VERSION, tiles: tiles(rows), ns: Some(ns), status: "ok".into(), at: 0,

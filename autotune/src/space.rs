@@ -2,21 +2,22 @@
 //! validity rules of each knob. The heuristic's choice is always the first
 //! candidate, so a sweep can only keep it or find something faster.
 
-use bitnet_codegen::cpu::ternary::{Split, TernaryTiles};
+use bitnet_codegen::cpu::ternary::{Packing, Split, TernaryTiles};
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::cuda::{CudaTiles, PhaseTiles};
 use bitnet_codegen::schedule::{heuristic, Tiles, Workload};
 
 /// Bumped whenever the knobs or their meaning change: records measured
 /// under another version are not used.
-pub const SPACE_VERSION: u32 = 2;
+pub const SPACE_VERSION: u32 = 3;
 
 /// Tokens per call in the prefill phase: llama-bench's pp128 runs the
 /// ternary matmuls on 128 tokens at a time, as `bitnet run` does a prompt.
 pub const PREFILL_TOKENS: usize = 128;
 
 /// Which use of a kernel is measured. A ternary matmul's weight layout
-/// (rows per tile) serves both phases; tokens per step matter to prefill only.
+/// (rows per tile and packing) serves both phases; tokens per step matter
+/// to prefill only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -69,13 +70,15 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
     match (w, default) {
         (Workload::Ternary { .. }, Tiles::Ternary(d)) => {
             for isa in isas() {
-                for rows in TernaryTiles::ROWS {
-                    match phase {
-                        // Tokens per step and the split do nothing for one token.
-                        Phase::Decode => push(Tiles::Ternary(TernaryTiles { isa, rows, tokens: d.tokens, split: Split::Rows })),
-                        Phase::Prefill => {
-                            for tokens in TernaryTiles::TOKENS {
-                                Split::ALL.iter().for_each(|&split| push(Tiles::Ternary(TernaryTiles { isa, rows, tokens, split })));
+                for packing in Packing::ALL {
+                    for rows in TernaryTiles::ROWS {
+                        match phase {
+                            // Tokens per step and the split do nothing for one token.
+                            Phase::Decode => push(Tiles::Ternary(TernaryTiles { isa, rows, tokens: d.tokens, split: Split::Rows, packing })),
+                            Phase::Prefill => {
+                                for tokens in TernaryTiles::TOKENS {
+                                    Split::ALL.iter().for_each(|&split| push(Tiles::Ternary(TernaryTiles { isa, rows, tokens, split, packing })));
+                                }
                             }
                         }
                     }
@@ -128,9 +131,11 @@ mod tests {
                 assert!(c.iter().enumerate().all(|(i, t)| !c[..i].contains(t)));
             }
         }
-        let isas = isas().count();
-        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Decode).len(), isas * 3);
-        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Prefill).len(), isas * 18);
+        // Every ISA reads the 2-bit packing; not every one the 1.6-bit one.
+        let layouts: usize = isas().map(|isa| Packing::ALL.iter().filter(|&&packing| TernaryTiles { packing, ..TernaryTiles::new(isa, 1, 1) }.is_valid()).count()).sum();
+        assert!(layouts > isas().count());
+        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Decode).len(), layouts * 3);
+        assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Prefill).len(), layouts * 18);
     }
 
     #[test]

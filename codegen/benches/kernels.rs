@@ -7,7 +7,7 @@
 //! total, and the benchmark cycles through several copies, so decode GEMVs
 //! read their weights from DRAM as they do in a model.
 
-use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, TernaryTiles};
+use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs, TernaryTiles};
 use bitnet_codegen::cpu::{float, ops, Isa, Pool};
 use bitnet_ir::interp::WeightView;
 use bitnet_ir::DType;
@@ -28,8 +28,8 @@ fn acts(s: usize, k: usize) -> QuantActs {
     a
 }
 
-fn packed(n: usize, k: usize, rows: usize, seed: usize) -> PackedTernary {
-    PackedTernary::from_rows(n, k, rows, 1.0, |r, out| out.iter_mut().enumerate().for_each(|(i, c)| *c = ((r * 31 + i * 7 + seed) % 3) as i8 - 1))
+fn packed(n: usize, k: usize, rows: usize, packing: Packing, seed: usize) -> PackedTernary {
+    PackedTernary::pack(n, k, rows, packing, 1.0, |r, out| out.iter_mut().enumerate().for_each(|(i, c)| *c = ((r * 31 + i * 7 + seed) % 3) as i8 - 1))
 }
 
 fn read_bandwidth(c: &mut Criterion) {
@@ -61,12 +61,14 @@ fn ternary_gemv(c: &mut Criterion) {
     let isa = Isa::best();
     let mut g = c.benchmark_group("ternary_gemv");
     g.sample_size(20);
+    // Both packings side by side: the time per product is what to compare
+    // (the throughput is of each one's own bytes).
     for (n, k) in SHAPES {
-        for rows in TernaryTiles::ROWS {
-            let ws: Vec<PackedTernary> = (0..COPIES).map(|s| packed(n, k, rows, s)).collect();
+        for (rows, packing) in TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))) {
+            let ws: Vec<PackedTernary> = (0..COPIES).map(|s| packed(n, k, rows, packing, s)).collect();
             let x = acts(1, k);
             let mut out = vec![0f32; n];
-            let tiles = TernaryTiles { isa, rows, tokens: 1, split: Default::default() };
+            let tiles = TernaryTiles { packing, ..TernaryTiles::new(isa, rows, 1) };
             g.throughput(Throughput::Bytes(ws[0].bytes() as u64));
             let mut i = 0;
             g.bench_function(BenchmarkId::new(format!("{n}x{k}"), tiles), |b| {
@@ -85,11 +87,11 @@ fn ternary_gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("ternary_gemm_128_tokens");
     g.sample_size(10);
     for (n, k) in SHAPES {
-        for (rows, tokens) in [(1, 4), (2, 4), (4, 4), (4, 2), (2, 2)] {
-            let w = packed(n, k, rows, 0);
+        for (rows, tokens, packing) in [(1, 4), (2, 4), (4, 4), (4, 2), (2, 2)].into_iter().flat_map(|(r, t)| Packing::ALL.map(|p| (r, t, p))) {
+            let w = packed(n, k, rows, packing, 0);
             let x = acts(128, k);
             let mut out = vec![0f32; 128 * n];
-            let tiles = TernaryTiles { isa, rows, tokens, split: Default::default() };
+            let tiles = TernaryTiles { packing, ..TernaryTiles::new(isa, rows, tokens) };
             // Work, not bytes: 128 tokens times the weights.
             g.throughput(Throughput::Elements((128 * n * k) as u64));
             g.bench_function(BenchmarkId::new(format!("{n}x{k}"), tiles), |b| b.iter(|| ternary::matmul(&pool, tiles, &w, &x, &mut out, Epilogue::default())));

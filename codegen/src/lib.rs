@@ -25,7 +25,7 @@
 //! let pool = Pool::new(2);
 //! let run = |isa| {
 //!     let mut out = vec![0f32; tokens * n];
-//!     matmul(&pool, TernaryTiles { isa, rows: 4, tokens: 2, split: Default::default() }, &w, &acts, &mut out, Epilogue::default());
+//!     matmul(&pool, TernaryTiles::new(isa, 4, 2), &w, &acts, &mut out, Epilogue::default());
 //!     out
 //! };
 //! assert_eq!(run(Isa::best()), run(Isa::Scalar));

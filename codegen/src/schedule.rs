@@ -8,7 +8,7 @@
 //! Ops the native kernels do not cover are refused here, with the reason,
 //! before any weight is touched.
 
-use crate::cpu::ternary::TernaryTiles;
+use crate::cpu::ternary::{Packing, TernaryTiles};
 use crate::cpu::Isa;
 use bitnet_ir::{ActQuant, DType, Extent, Graph, Op, Value};
 use std::fmt;
@@ -203,6 +203,8 @@ pub struct Pinned {
     pub isa: Option<Isa>,
     /// How the output head's weights are read.
     pub head: HeadQuant,
+    /// How every ternary matrix is packed, whatever the tiles' source says.
+    pub packing: Option<Packing>,
 }
 
 /// The output head as stored, or quantized when the model is loaded
@@ -250,7 +252,7 @@ impl HeadQuant {
 pub fn heuristic(key: &WorkloadKey, isa: Isa) -> Tiles {
     if key.is_ternary() {
         let tokens = if isa == Isa::Avx512Vnni { 4 } else { 2 };
-        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens, split: Default::default() })
+        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens, split: Default::default(), packing: Default::default() })
     } else {
         Tiles::Float { isa }
     }
@@ -285,7 +287,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
         };
         let head = g.outputs.contains(&v) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32);
         let quantized_head = if head { pinned.head.tiles(isa) } else { None };
-        let (tiles, origin) = match (&node.op, pinned.ternary, quantized_head) {
+        let (mut tiles, origin) = match (&node.op, pinned.ternary, quantized_head) {
             (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t), _) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _, Some(t)) => (t, TileOrigin::Pinned),
             // A pinned ISA takes the database's tiles only where they are of that ISA.
@@ -294,6 +296,12 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
                 None => (heuristic(&key, isa), TileOrigin::Heuristic),
             },
         };
+        if let (Tiles::Ternary(t), Some(packing)) = (&mut tiles, pinned.packing) {
+            t.packing = packing;
+            if !t.is_valid() {
+                return Err(format!("the {} kernels read {} weights only; {} weights need avx2, avx512vnni or scalar", t.isa.name(), Packing::Bits2.name(), packing.name()));
+            }
+        }
         if !valid(&tiles, &key) {
             return Err(format!("{v}: tiles {tiles} cannot run {key} on this CPU"));
         }

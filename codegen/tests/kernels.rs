@@ -2,7 +2,7 @@
 //! awkward sizes, random tiles, one and two threads. Integer accumulations
 //! must agree exactly; float results within the budgets stated here.
 
-use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, QuantActs, Split, TernaryTiles};
+use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs, Split, TernaryTiles};
 use bitnet_codegen::cpu::{float, int4, int8, ops, Isa, Pool};
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor, WeightSource};
 use bitnet_ir::{quant, ActQuant, DType, Dim, GateAct, Graph, Op, TensorType};
@@ -25,8 +25,10 @@ fn tiles() -> impl Strategy<Value = TernaryTiles> {
         prop::sample::select(TernaryTiles::ROWS.to_vec()),
         prop::sample::select(TernaryTiles::TOKENS.to_vec()),
         prop::sample::select(Split::ALL.to_vec()),
+        prop::sample::select(Packing::ALL.to_vec()),
     )
-        .prop_map(|(isa, rows, tokens, split)| TernaryTiles { isa, rows, tokens, split })
+        .prop_map(|(isa, rows, tokens, split, packing)| TernaryTiles { isa, rows, tokens, split, packing })
+        .prop_filter("a packing the ISA has kernels for", TernaryTiles::is_valid)
 }
 
 fn acts(s: usize, k: usize, x: &[i8]) -> QuantActs {
@@ -60,7 +62,7 @@ proptest! {
         let mut next = move || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
         let w: Vec<i8> = (0..n * k).map(|_| (next() % 3) as i8 - 1).collect();
         let x: Vec<i8> = (0..s * k).map(|_| (next() % 256) as i32 as i8).collect();
-        let packed = PackedTernary::from_rows(n, k, t.rows, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+        let packed = PackedTernary::pack(n, k, t.rows, t.packing, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
         let a = acts(s, k, &x);
         let mut out = vec![0f32; s * n];
         ternary::matmul(&Pool::new(threads), t, &packed, &a, &mut out, Epilogue::default());
@@ -91,7 +93,7 @@ proptest! {
             .iter()
             .map(|&n| {
                 let w: Vec<i8> = (0..n * k).map(|_| (next() % 3) as i8 - 1).collect();
-                PackedTernary::from_rows(n, k, t.rows, 0.5 + (next() % 4) as f32, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]))
+                PackedTernary::pack(n, k, t.rows, t.packing, 0.5 + (next() % 4) as f32, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]))
             })
             .collect();
         let pool = Pool::new(threads);
@@ -138,7 +140,7 @@ proptest! {
         let want = Interpreter::new(&ws, 1).eval(&g, &inputs, &mut KvCache::new()).unwrap().pop().unwrap();
         let want = want.as_f32().unwrap();
 
-        let packed = PackedTernary::from_weight(&ws.weight("w").unwrap(), t.rows).unwrap();
+        let packed = PackedTernary::from_weight(&ws.weight("w").unwrap(), t.rows).unwrap().with_packing(t.packing);
         let mut a = QuantActs::default();
         ops::quantize_rows(&x, k, None, &mut a);
         let mut out = vec![0f32; s * n];
@@ -190,8 +192,8 @@ proptest! {
         let want = Interpreter::new(&ws, 1).eval(&g, &inputs, &mut KvCache::new()).unwrap().pop().unwrap();
         let want = want.as_f32().unwrap();
 
-        let wg = PackedTernary::from_weight(&ws.weight("g").unwrap(), t.rows).unwrap();
-        let wu = PackedTernary::from_weight(&ws.weight("u").unwrap(), t.rows).unwrap();
+        let wg = PackedTernary::from_weight(&ws.weight("g").unwrap(), t.rows).unwrap().with_packing(t.packing);
+        let wu = PackedTernary::from_weight(&ws.weight("u").unwrap(), t.rows).unwrap().with_packing(t.packing);
         let mut a = QuantActs::default();
         ops::quantize_rows(&x, k, None, &mut a);
         let mut out = vec![0f32; s * n];
@@ -430,14 +432,14 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
         let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 3) as i8 - 1).collect();
         let x: Vec<i8> = (0..s * k).map(|i| (i * 37 % 256) as i32 as i8).collect();
         let a = acts(s, k, &x);
-        for rows in TernaryTiles::ROWS {
-            let packed = PackedTernary::from_rows(n, k, rows, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+        for (rows, packing) in TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))) {
+            let packed = PackedTernary::pack(n, k, rows, packing, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
             let mut want = vec![0f32; s * n];
-            let scalar = TernaryTiles { isa: Isa::Scalar, rows, tokens: 1, split: Split::Rows };
+            let scalar = TernaryTiles { packing, ..TernaryTiles::new(Isa::Scalar, rows, 1) };
             ternary::matmul(&pool, scalar, &packed, &a, &mut want, Epilogue::default());
             for tokens in TernaryTiles::TOKENS {
                 for split in Split::ALL {
-                    let t = TernaryTiles { isa: Isa::Avx512Vnni, rows, tokens, split };
+                    let t = TernaryTiles { isa: Isa::Avx512Vnni, rows, tokens, split, packing };
                     let mut got = vec![0f32; s * n];
                     ternary::matmul(&pool, t, &packed, &a, &mut got, Epilogue::default());
                     assert_eq!(got, want, "{t} n {n} k {k} tokens {s}");

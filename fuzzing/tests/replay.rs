@@ -183,7 +183,7 @@ fn write_seeds() {
             fingerprint: "cpu-seed".into(),
             threads: 2,
             space: SPACE_VERSION,
-            tiles: Tiles::Ternary(TernaryTiles { isa, rows, tokens, split: Default::default() }),
+            tiles: Tiles::Ternary(TernaryTiles { isa, rows, tokens, split: Default::default(), packing: Default::default() }),
             ns: Some(1000),
             status: "ok".into(),
             at: 1,

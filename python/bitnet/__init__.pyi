@@ -31,7 +31,9 @@ class Model:
 
     `threads=None` uses every core and the ISA is the CLI's default, so
     results equal `bitnet run`'s; `tune=True` takes tiles from the tuning
-    database (it never starts a sweep). `parallel` sizes the KV cache for
+    database (it never starts a sweep). `packing` packs the ternary weights
+    2 or 1.6 bits a weight (lossless either way; default: the tuning
+    database's choice, else 2 bits). `parallel` sizes the KV cache for
     that many calls at once (or give `kv_budget` in bytes).
     """
     def __init__(
@@ -45,6 +47,7 @@ class Model:
         context: Optional[int] = None,
         backend: Literal["compiled", "interp"] = "compiled",
         isa: Optional[str] = None,
+        packing: Optional[Literal["2bit", "1.6bit"]] = None,
         chat_template: Optional[str] = None,
         parallel: int = 4,
         kv_budget: Optional[int] = None,
@@ -126,4 +129,5 @@ def compile(
     tune: bool = True,
     context: Optional[int] = None,
     isa: Optional[str] = None,
+    packing: Optional[Literal["2bit", "1.6bit"]] = None,
 ) -> Dict[str, Any]: ...

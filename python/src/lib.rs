@@ -4,6 +4,7 @@
 //! at once; signals are checked between tokens, so Ctrl-C stops a long
 //! generation (and dropping its sequence frees its cache).
 
+use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::chat::{template_named, Message};
@@ -45,6 +46,7 @@ struct OpenArgs {
     context: Option<usize>,
     backend: String,
     isa: Option<String>,
+    packing: Option<String>,
     chat_template: Option<String>,
     parallel: usize,
     kv_budget: Option<usize>,
@@ -79,14 +81,21 @@ impl OpenArgs {
                 Some(isa)
             }
         };
-        if backend == BackendKind::Interp && (head != HeadQuant::Stored || isa.is_some()) {
-            return Err(invalid("a quantized head and isa pick compiled kernels: they need backend=\"compiled\""));
+        let packing = match &self.packing {
+            None => None,
+            Some(name) => Some(Packing::from_name(name).ok_or_else(|| invalid(format!("packing {name:?}: one of \"2bit\", \"1.6bit\"")))?),
+        };
+        if backend == BackendKind::Interp && (head != HeadQuant::Stored || isa.is_some() || packing.is_some()) {
+            return Err(invalid("a quantized head, isa and packing pick compiled kernels: they need backend=\"compiled\""));
+        }
+        if device == Device::Cuda && packing == Some(Packing::Base3) {
+            return Err(invalid("packing \"1.6bit\": the CUDA kernels read 2-bit weights"));
         }
         if self.parallel == 0 {
             return Err(invalid("parallel must be at least 1"));
         }
         let chat_template = self.chat_template.as_deref().map(template_named).transpose().map_err(|e| invalid(e.to_string()))?;
-        let pinned = Pinned { head, isa, ..Default::default() };
+        let pinned = Pinned { head, isa, packing, ..Default::default() };
         let load = LoadOptions { threads, context: self.context, backend, device, pinned, tuning: self.tune };
         Ok(EngineOptions { load, parallel: self.parallel, kv_budget: self.kv_budget, chat_template })
     }
@@ -191,7 +200,7 @@ fn messages(list: &Bound<'_, PyList>) -> PyResult<Vec<Message>> {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, *, device = "cpu".to_string(), threads = None, head = "stored".to_string(), tune = true, context = None, backend = "compiled".to_string(), isa = None, chat_template = None, parallel = 4, kv_budget = None))]
+    #[pyo3(signature = (path, *, device = "cpu".to_string(), threads = None, head = "stored".to_string(), tune = true, context = None, backend = "compiled".to_string(), isa = None, packing = None, chat_template = None, parallel = 4, kv_budget = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -203,11 +212,12 @@ impl Model {
         context: Option<usize>,
         backend: String,
         isa: Option<String>,
+        packing: Option<String>,
         chat_template: Option<String>,
         parallel: usize,
         kv_budget: Option<usize>,
     ) -> PyResult<Model> {
-        let args = OpenArgs { device, threads, head, tune, context, backend, isa, chat_template, parallel, kv_budget };
+        let args = OpenArgs { device, threads, head, tune, context, backend, isa, packing, chat_template, parallel, kv_budget };
         let engine = open(py, &path, &args)?;
         Ok(Model { engine: RwLock::new(Some(Arc::new(engine))), path })
     }
@@ -451,7 +461,7 @@ impl Stream {
 /// artifact at `out`, as `bitnet compile`; returns its size and tensors.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (src, out, *, threads = None, head = "stored".to_string(), tune = true, context = None, isa = None))]
+#[pyo3(signature = (src, out, *, threads = None, head = "stored".to_string(), tune = true, context = None, isa = None, packing = None))]
 fn compile<'py>(
     py: Python<'py>,
     src: PathBuf,
@@ -461,9 +471,10 @@ fn compile<'py>(
     tune: bool,
     context: Option<usize>,
     isa: Option<String>,
+    packing: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let args =
-        OpenArgs { device: "cpu".into(), threads, head, tune, context, backend: "compiled".into(), isa, chat_template: None, parallel: 1, kv_budget: None };
+    let backend = "compiled".into();
+    let args = OpenArgs { device: "cpu".into(), threads, head, tune, context, backend, isa, packing, chat_template: None, parallel: 1, kv_budget: None };
     let engine = open(py, &src, &args)?;
     let report = py.detach(|| engine.write_artifact(&out, &src)).map_err(runtime_error)?;
     let d = PyDict::new(py);

@@ -223,6 +223,16 @@ def test_breaking_out_of_a_stream_ends_it(tiny):
         assert len(m.generate_ids([1] * 250, max_tokens=2, temperature=0, ignore_eos=True)) == 2
 
 
+def test_the_1_6_bit_packing_is_lossless(tiny):
+    ids = [1, 403, 407, 261, 378]
+    with bitnet.Model(tiny, threads=2, packing="2bit") as m:
+        two = m.logits(ids)
+    with bitnet.Model(tiny, threads=2, packing="1.6bit") as m:
+        assert np.array_equal(m.logits(ids), two)
+    with pytest.raises(bitnet.InvalidArgumentError, match="1.6bit"):
+        bitnet.Model(tiny, packing="1bit")
+
+
 def test_quantized_heads_stay_close_to_the_stored_one():
     ids = [1, 403, 407, 261, 378]
     with bitnet.Model(STORIES, threads=2) as m:

@@ -30,7 +30,7 @@ use bitnet_autotune::db::CudaTuned;
 use bitnet_codegen::cpu::blob::{Blob, SharedBytes};
 use bitnet_codegen::cpu::int4::{self, Int4Rows};
 use bitnet_codegen::cpu::int8::Int8Rows;
-use bitnet_codegen::cpu::ternary::PackedTernary;
+use bitnet_codegen::cpu::ternary::{PackedTernary, Packing};
 use bitnet_codegen::cuda;
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_codegen::target::HostCpu;
@@ -117,7 +117,15 @@ pub struct WeightEntry {
 #[serde(tag = "layout", rename_all = "snake_case")]
 pub enum Layout {
     /// Tensor `<name>#packed`: i8 bytes in the ternary kernels' layout.
-    PackedTernary { n: usize, k: usize, rows: usize, scale: f32 },
+    PackedTernary {
+        n: usize,
+        k: usize,
+        rows: usize,
+        scale: f32,
+        /// Absent in artifacts written before the 1.6-bit packing: 2 bits.
+        #[serde(default)]
+        packing: Packing,
+    },
     /// Tensors `<name>` (i8 `[n, kp]`) and `<name>.scale` (f32 `[n]`).
     Int8Rows { n: usize, k: usize },
     /// Tensors `<name>` (the nibbles, i8 `[n, kp / 2]`) and `<name>.scale`
@@ -219,7 +227,7 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
             Item::Packed(p) => {
                 gguf.add_tensor(&packed_name(name), DType::I8, &[p.bytes()]);
                 data.push(p.data().as_bytes());
-                Layout::PackedTernary { n: p.n, k: p.k, rows: p.rows, scale: p.scale }
+                Layout::PackedTernary { n: p.n, k: p.k, rows: p.rows, scale: p.scale, packing: p.packing }
             }
             Item::Int8(q) => {
                 gguf.add_tensor(name, DType::I8, &[q.n, q.kp]);
@@ -400,11 +408,14 @@ impl Artifact {
         let (last, all) = ((graph(&last.graph)?, c.last.clone()), (graph(&all.graph)?, c.all.clone()));
         let mut packed = HashMap::new();
         for e in &self.header.weights {
-            if let Layout::PackedTernary { n, k, rows, scale } = e.layout {
+            if let Layout::PackedTernary { n, k, rows, scale, packing } = e.layout {
                 let bad = |m: String| RuntimeError::Artifact(format!("{}: weight {}: {m}", path.display(), e.name));
+                if packing != Packing::Bits2 {
+                    return Err(bad(format!("the CUDA kernels read 2-bit weights, not {}", packing.name())));
+                }
                 let (at, len) = self.tensor(path, &packed_name(&e.name), DType::I8)?;
                 let blob = Blob::mapped(self.map.clone() as SharedBytes, at, len).map_err(bad)?;
-                packed.insert(e.name.clone(), PackedTernary::from_parts(n, k, rows, scale, blob).map_err(bad)?);
+                packed.insert(e.name.clone(), PackedTernary::from_parts(n, k, rows, packing, scale, blob).map_err(bad)?);
             }
         }
         Ok((last, all, (c.ptx.clone(), c.sm), packed))
@@ -443,9 +454,10 @@ impl Artifact {
         for e in &self.header.weights {
             let bad = |m: String| RuntimeError::Artifact(format!("{}: weight {}: {m}", path.display(), e.name));
             let p = match &e.layout {
-                Layout::PackedTernary { n, k, rows, scale } => {
+                Layout::PackedTernary { n, k, rows, scale, packing } => {
                     let (at, len) = tensor(&packed_name(&e.name), DType::I8)?;
-                    Prepared::Packed(PackedTernary::from_parts(*n, *k, *rows, *scale, Blob::mapped(shared.clone(), at, len).map_err(bad)?).map_err(bad)?)
+                    let blob = Blob::mapped(shared.clone(), at, len).map_err(bad)?;
+                    Prepared::Packed(PackedTernary::from_parts(*n, *k, *rows, *packing, *scale, blob).map_err(bad)?)
                 }
                 Layout::Int8Rows { n, k } => {
                     let (qa, ql) = tensor(&e.name, DType::I8)?;

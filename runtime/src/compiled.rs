@@ -181,14 +181,18 @@ impl CompiledModel {
         Ok(CompiledModel { pool: Pool::shared(threads), weights: prepared, plan: Plan::new(graph, schedule), prepared_bytes })
     }
 
-    /// How the ternary weights are laid out for the kernels: `2bit` (four
-    /// codes a byte, the only packed layout so far), or `none` for a
-    /// model without ternary weights.
+    /// How the ternary weights are packed for the kernels: `2bit` (four
+    /// codes a byte), `1.6bit` (five), `mixed` where the tuning chose each
+    /// matrix's, or `none` for a model without ternary weights.
     pub fn weight_layout(&self) -> &'static str {
-        if self.weights.values().any(|p| matches!(p, Prepared::Packed(_))) {
-            "2bit"
-        } else {
-            "none"
+        let mut packings = self.weights.values().filter_map(|p| match p {
+            Prepared::Packed(p) => Some(p.packing),
+            _ => None,
+        });
+        match packings.next() {
+            None => "none",
+            Some(first) if packings.all(|p| p == first) => first.name(),
+            Some(_) => "mixed",
         }
     }
 
@@ -319,10 +323,10 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
                 _ if node.op.reads_packed(i) => {
                     let Some(Tiles::Ternary(t)) = sched.tiles(v) else { return err(format!("{v}: no ternary tiles scheduled")) };
                     match out.get(name) {
-                        Some(Prepared::Packed(p)) if p.rows == t.rows => continue,
+                        Some(Prepared::Packed(p)) if p.rows == t.rows && p.packing == t.packing => continue,
                         Some(_) => return err(format!("tensor {name} is read by kernels that want different layouts")),
                         None => {
-                            let p = PackedTernary::from_weight(&view, t.rows).map_err(|e| EvalError(format!("{name}: {e}")))?;
+                            let p = PackedTernary::from_weight(&view, t.rows).map_err(|e| EvalError(format!("{name}: {e}")))?.with_packing(t.packing);
                             weights.release(name);
                             Prepared::Packed(p)
                         }
@@ -365,7 +369,7 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
             let tiles = sched.tiles(v);
             let ok = match (&node.op, i, tiles) {
                 (op, i, Some(Tiles::Ternary(t))) if op.reads_packed(i) => {
-                    matches!(prepared.get(name), Some(Prepared::Packed(p)) if p.rows == t.rows && nk(p.n, p.k))
+                    matches!(prepared.get(name), Some(Prepared::Packed(p)) if p.rows == t.rows && p.packing == t.packing && nk(p.n, p.k))
                 }
                 (Op::MatMul, 1, Some(Tiles::Int8 { .. })) => matches!(prepared.get(&int8_key(name)), Some(Prepared::Int8(q)) if nk(q.n, q.k)),
                 (Op::MatMul, 1, Some(Tiles::Int4 { .. })) => matches!(prepared.get(&int4_key(name)), Some(Prepared::Int4(q)) if nk(q.n, q.k)),

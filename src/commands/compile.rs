@@ -63,10 +63,11 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
     if artifact::is_artifact(&a.model) {
         anyhow::bail!("{} is already a compiled artifact; compile its source model instead", a.model.display());
     }
+    a.isa.check(a.device.device)?;
     if a.device.device == Device::Cuda {
         return compile_cuda(&a);
     }
-    let pinned = Pinned { head: a.head.quant(), isa: a.isa.isa, ..Default::default() };
+    let pinned = Pinned { head: a.head.quant(), isa: a.isa.isa, packing: a.isa.packing, ..Default::default() };
     let threads = super::threads(a.threads)?;
     if let Some(pass) = a.dump_after.as_deref() {
         let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;

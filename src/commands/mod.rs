@@ -10,6 +10,7 @@ pub mod serve;
 pub mod synth;
 
 use anyhow::Context;
+use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_runtime::{BackendKind, Engine, EngineOptions, LoadOptions, SamplerConfig, Session};
@@ -61,6 +62,26 @@ pub struct IsaArgs {
     /// else scalar].
     #[arg(long, value_parser = parse_isa)]
     pub isa: Option<Isa>,
+    /// How the ternary weights are packed: 2bit (four codes a byte) or
+    /// 1.6bit (five: 20% fewer bytes to read, more work to unpack)
+    /// [default: each matrix's fastest as `bitnet autotune` measured it,
+    /// else 2bit].
+    #[arg(long, value_parser = parse_packing)]
+    pub packing: Option<Packing>,
+}
+
+impl IsaArgs {
+    /// The GPU kernels read 2-bit weights only.
+    pub fn check(&self, device: Device) -> anyhow::Result<()> {
+        match self.packing {
+            Some(p @ Packing::Base3) if device == Device::Cuda => anyhow::bail!("--packing {}: the CUDA kernels read 2-bit weights", p.name()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn parse_packing(s: &str) -> Result<Packing, String> {
+    Packing::from_name(s).ok_or_else(|| format!("unknown packing {s:?}: one of {}", Packing::ALL.map(Packing::name).join(", ")))
 }
 
 fn parse_isa(s: &str) -> Result<Isa, String> {
@@ -150,10 +171,11 @@ impl ModelArgs {
         if self.head != HeadArg::Stored && backend == BackendKind::Interp {
             anyhow::bail!("--head {} is a compile option: it needs --backend compiled", self.head.quant().name());
         }
-        if self.isa.isa.is_some() && backend == BackendKind::Interp {
-            anyhow::bail!("--isa picks the compiled kernels: it needs --backend compiled");
+        if (self.isa.isa.is_some() || self.isa.packing.is_some()) && backend == BackendKind::Interp {
+            anyhow::bail!("--isa and --packing pick the compiled kernels: they need --backend compiled");
         }
-        let pinned = Pinned { head: self.head.quant(), isa: self.isa.isa, ..Default::default() };
+        self.isa.check(self.device.device)?;
+        let pinned = Pinned { head: self.head.quant(), isa: self.isa.isa, packing: self.isa.packing, ..Default::default() };
         Ok(LoadOptions { threads, context: self.ctx_size, backend, device: self.device.runtime(), pinned, tuning: !self.no_tune })
     }
 

@@ -55,14 +55,14 @@ impl Int8Rows {
 
 /// `out[t, r] = (x_t · w_r) · scale_r / γ_t`, rows split over the workers.
 pub fn matmul(pool: &Pool, isa: Isa, w: &Int8Rows, x: &QuantActs, out: &mut [f32]) {
-    assert!(x.kp == w.kp && out.len() == x.tokens() * w.n, "int8 matmul: mismatched operands");
+    assert!(x.kp >= w.kp && out.len() == x.tokens() * w.n, "int8 matmul: mismatched operands");
     let dst = SharedMut(out.as_mut_ptr());
     let chunks = Chunks::new(w.n, pool.threads());
     pool.run_sized(x.tokens() * w.n * w.kp, &|_, _| {
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let wr = &w.q[r * w.kp..(r + 1) * w.kp];
             for t in 0..x.tokens() {
-                let d = dot(isa, wr, x.row(t));
+                let d = dot(isa, wr, &x.row(t)[..w.kp]);
                 // SAFETY: row r belongs to this worker alone.
                 unsafe { *dst.ptr().add(t * w.n + r) = d as f32 * w.scale[r] / x.gamma[t] };
             }

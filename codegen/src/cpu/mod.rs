@@ -5,6 +5,7 @@
 //! The instruction set is chosen when the program runs, never at build time.
 
 pub mod attention;
+pub mod base3;
 pub mod blob;
 pub mod float;
 pub mod int4;
