@@ -12,11 +12,12 @@
 //! are moved to its high byte in turn (the even byte shifted up, the odd
 //! one masked), where `pmullw` by `3ⁱ` leaves `(q·3ⁱ mod 256) << 8` and
 //! `pmulhuw` by 3 (by 768 for the odd byte, kept in the high byte) reads the
-//! digit. That is six instructions a digit against the 2-bit packing's
-//! two, for 20% fewer bytes: faster only where decode waits on memory and
-//! the cores have cycles to spare, which the autotuner measures.
+//! digit. AVX-512 VNNI needs no digits at all (see `vnni_dots`). Either
+//! costs more instructions than the 2-bit packing's shift and mask, for
+//! 20% fewer bytes: faster only where decode waits on memory and the
+//! cores have cycles to spare, which the autotuner measures.
 
-use super::ternary::CHUNK_BYTES;
+use super::ternary::{QuantActs, CHUNK_BYTES};
 
 /// Weights in one 32-byte chunk.
 pub const CHUNK: usize = 160;
@@ -42,7 +43,7 @@ pub(super) use x86::*;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::ternary::{for_tile_shape, prefetch_ahead, QuantActs};
-    use super::{CHUNK, CHUNK_BYTES};
+    use super::{DigitActs, CHUNK, CHUNK_BYTES};
     use std::arch::x86_64::*;
 
     /// `3ⁱ` for digit `i`, as 16-bit multipliers.
@@ -130,48 +131,37 @@ mod x86 {
         }
     }
 
-    /// [`avx2_dots`] on AVX-512 VNNI: a row's 32 bytes go into both halves
-    /// of a register, and each half yields another digit (0 | 1, 2 | 3,
-    /// then 4 against activations whose high half is zero), so that each
-    /// `vpdpbusd` meets 64 consecutive activations.
-    pub(in super::super) fn vnni_dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
-        assert!(tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(), "base3 vnni dots: mismatched operands");
-        let xs = x.step_rows(tok, step);
+    /// [`avx2_dots`] on AVX-512 VNNI, without unpacking digits: with
+    /// `tᵢ = ⌊q·3ⁱ⁺¹/256⌋` (one `pmulhuw` of the zero-extended bytes),
+    /// digit `i` is `tᵢ − 3·tᵢ₋₁`, so `Σᵢ digitᵢ·xᵢ = Σᵢ tᵢ·(xᵢ − 3·xᵢ₊₁)`:
+    /// the activations of [`DigitActs`] meet the `tᵢ` in `vpdpwssd` (16-bit
+    /// products, wrapping 32-bit sums that end exact). Per chunk and row: a
+    /// widening load, then five multiplies and five dot steps a token.
+    pub(in super::super) fn vnni_dots(rows: usize, step: usize, tile: &[u8], chunks: usize, y: &DigitActs, tok: usize, out: &mut [[i32; 4]; 4]) {
+        assert!(tile.len() == chunks * rows * CHUNK_BYTES && y.kp >= chunks * CHUNK && tok + step <= y.tokens(), "base3 vnni dots: mismatched operands");
+        let ys: [*const i16; 4] = std::array::from_fn(|j| y.row(tok + j.min(step - 1)).as_ptr());
         // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
         // the lengths are checked above.
-        unsafe { for_tile_shape!(rows, step, run_vnni(tile, chunks, &xs, out)) }
+        unsafe { for_tile_shape!(rows, step, run_vnni(tile, chunks, &ys, out)) }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn run_vnni<const R: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
-        let high = _mm512_set1_epi16(0xff00u16 as i16);
-        let (three, three_high) = (_mm512_set1_epi16(3), _mm512_set1_epi16(768));
-        let halves = |lo: i16, hi: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi));
-        let pow = [halves(POW3[0], POW3[1]), halves(POW3[2], POW3[3]), _mm512_set1_epi16(POW3[4])];
+    unsafe fn run_vnni<const R: usize, const T: usize>(tile: &[u8], chunks: usize, ys: &[*const i16; 4], out: &mut [[i32; 4]; 4]) {
+        // 3ⁱ⁺¹·256: `pmulhuw` of q by it is ⌊q·3ⁱ⁺¹/256⌋.
+        let mut pow = [_mm512_setzero_si512(); 5];
+        for (i, p) in pow.iter_mut().enumerate() {
+            *p = _mm512_set1_epi16((3u16.pow(i as u32 + 1) * 256) as i16);
+        }
         let mut acc = [[_mm512_setzero_si512(); T]; R];
         let w = tile.as_ptr();
         for c in 0..chunks {
             prefetch_ahead(w, c, R);
-            // Each token's 160 activations, the last 32 zero-extended.
-            let mut x = [[_mm512_setzero_si512(); 3]; T];
-            for (j, xj) in x.iter_mut().enumerate() {
-                let xp = xs[j].add(c * CHUNK);
-                *xj = [
-                    _mm512_loadu_si512(xp as *const __m512i),
-                    _mm512_loadu_si512(xp.add(64) as *const __m512i),
-                    _mm512_zextsi256_si512(_mm256_loadu_si256(xp.add(128) as *const __m256i)),
-                ];
-            }
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i));
-                let even = _mm512_slli_epi16::<8>(packed);
-                let odd = _mm512_and_si512(packed, high);
-                for (p, pow) in pow.iter().enumerate() {
-                    let e = _mm512_mulhi_epu16(_mm512_mullo_epi16(even, *pow), three);
-                    let d = _mm512_and_si512(_mm512_mulhi_epu16(_mm512_mullo_epi16(odd, *pow), three_high), high);
-                    let codes = _mm512_or_si512(e, d);
-                    for (a, xj) in acc_r.iter_mut().zip(&x) {
-                        *a = _mm512_dpbusd_epi32(*a, codes, xj[p]);
+                let q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(w.add((c * R + r) * CHUNK_BYTES) as *const __m256i));
+                for (i, p) in pow.iter().enumerate() {
+                    let t = _mm512_mulhi_epu16(q, *p);
+                    for (a, y) in acc_r.iter_mut().zip(ys) {
+                        *a = _mm512_dpwssd_epi32(*a, t, _mm512_loadu_si512(y.add(c * CHUNK + 32 * i) as *const __m512i));
                     }
                 }
             }
@@ -181,6 +171,223 @@ mod x86 {
                 out[r][j] = _mm512_reduce_add_epi32(acc[r][j]);
             }
         }
+    }
+    /// Whether [`vbmi_dots`] runs tiles of `rows` here: pairs of rows, on a
+    /// CPU with AVX-512 VBMI (Ice Lake, Zen 4 and later).
+    pub(in super::super) fn has_vbmi_kernel(rows: usize) -> bool {
+        rows >= 2 && is_x86_feature_detected!("avx512vbmi")
+    }
+
+    /// `T[i][q]`: digit `i` of byte `q`, the tables [`vbmi_dots`] looks up.
+    static DIGITS: [[u8; 256]; 5] = {
+        let mut t = [[0u8; 256]; 5];
+        let mut q = 0;
+        while q < 256 {
+            let mut i = 0;
+            let mut m = q as u8;
+            while i < 5 {
+                t[i][q] = ((m as u16 * 3) >> 8) as u8;
+                m = m.wrapping_mul(3);
+                i += 1;
+            }
+            q += 1;
+        }
+        t
+    };
+
+    /// [`avx2_dots`] on AVX-512 VBMI and VNNI, for tiles of 2 or 4 rows:
+    /// one 64-byte load is a chunk of two rows, each digit of its bytes is
+    /// two table lookups (`vpermi2b`, 128 entries each, the byte's top bit
+    /// choosing between them), and `vpdpbusd` meets it with the chunk's 32
+    /// activations of that digit in both halves: the low half's sums are
+    /// the first row's, the high half's the second's. No multiply but the
+    /// dot product's.
+    pub(in super::super) fn vbmi_dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
+        assert!(
+            has_vbmi_kernel(rows) && tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(),
+            "base3 vbmi dots: mismatched operands"
+        );
+        let xs = x.step_rows(tok, step);
+        // SAFETY: the CPU has AVX-512 VBMI (checked above), F, BW and VNNI
+        // (`matmul` checked); the lengths are checked above.
+        unsafe {
+            match (rows, step) {
+                (2, 1) => run_vbmi::<1, 1>(tile, chunks, &xs, out),
+                (2, 2) => run_vbmi::<1, 2>(tile, chunks, &xs, out),
+                (2, 4) => run_vbmi::<1, 4>(tile, chunks, &xs, out),
+                (4, 1) => run_vbmi::<2, 1>(tile, chunks, &xs, out),
+                (4, 2) => run_vbmi::<2, 2>(tile, chunks, &xs, out),
+                (4, 4) => run_vbmi::<2, 4>(tile, chunks, &xs, out),
+                _ => unreachable!("checked above; tiles are validated"),
+            }
+        }
+    }
+
+    /// Prefill's unpacking on AVX-512 VBMI: a tile's codes one per byte,
+    /// row after row (`rows × chunks · 160` bytes), looked up as
+    /// [`vbmi_dots`] does, once for all the tokens [`vnni_unpacked_dots`]
+    /// then meets them with.
+    pub(in super::super) fn vbmi_unpack(rows: usize, tile: &[u8], chunks: usize, codes: &mut Vec<u8>) {
+        assert!(has_vbmi_kernel(rows) && tile.len() == chunks * rows * CHUNK_BYTES, "base3 vbmi unpack: mismatched operands");
+        codes.resize(rows * chunks * CHUNK, 0);
+        // SAFETY: the CPU has AVX-512 VBMI (checked above) and F, BW
+        // (`matmul` checked VNNI's); both lengths are set above.
+        unsafe { unpack_vbmi(rows, tile, chunks, codes) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn unpack_vbmi(rows: usize, tile: &[u8], chunks: usize, codes: &mut [u8]) {
+        let tab = tables();
+        let (src, dst, kp) = (tile.as_ptr(), codes.as_mut_ptr(), chunks * CHUNK);
+        for c in 0..chunks {
+            for p in 0..rows / 2 {
+                let q = _mm512_loadu_si512(src.add((c * rows + 2 * p) * CHUNK_BYTES) as *const __m512i);
+                let high = _mm512_movepi8_mask(q);
+                for (i, t) in tab.iter().enumerate() {
+                    let d = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[0], q, t[1]), _mm512_permutex2var_epi8(t[2], q, t[3]));
+                    let at = dst.add(2 * p * kp + c * CHUNK + 32 * i);
+                    _mm256_storeu_si256(at as *mut __m256i, _mm512_castsi512_si256(d));
+                    _mm256_storeu_si256(at.add(kp) as *mut __m256i, _mm512_extracti64x4_epi64::<1>(d));
+                }
+            }
+        }
+    }
+
+    /// The digit tables in registers: `[digit][quarter of the 256 bytes]`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tables() -> [[__m512i; 4]; 5] {
+        let mut tab = [[_mm512_setzero_si512(); 4]; 5];
+        for (t, d) in tab.iter_mut().zip(&DIGITS) {
+            for (h, v) in t.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(d.as_ptr().add(64 * h) as *const __m512i);
+            }
+        }
+        tab
+    }
+
+    /// Prefill from [`vbmi_unpack`]'s codes: `vpdpbusd` on 64 codes of a
+    /// row at a time, against `step` (2 or 4) tokens.
+    pub(in super::super) fn vnni_unpacked_dots(rows: usize, step: usize, codes: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
+        let kp = chunks * CHUNK;
+        assert!(codes.len() == rows * kp && x.kp >= kp && tok + step <= x.tokens(), "base3 unpacked dots: mismatched operands");
+        let xs = x.step_rows(tok, step);
+        // SAFETY: `vbmi_unpack` made the codes, so the CPU has AVX-512 VBMI,
+        // F, BW and VNNI (and VL with them); lengths are checked above.
+        unsafe {
+            match (rows, step) {
+                (2, 2) => gemm_vnni::<2, 2>(codes, kp, &xs, out),
+                (2, 4) => gemm_vnni::<2, 4>(codes, kp, &xs, out),
+                (4, 2) => gemm_vnni::<4, 2>(codes, kp, &xs, out),
+                (4, 4) => gemm_vnni::<4, 4>(codes, kp, &xs, out),
+                _ => unreachable!("one token reads packed codes; one row has no VBMI unpacking"),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn gemm_vnni<const R: usize, const T: usize>(codes: &[u8], kp: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
+        let w = codes.as_ptr();
+        let mut acc = [[_mm512_setzero_si512(); T]; R];
+        let full = kp / 64;
+        for b in 0..full {
+            let mut x = [_mm512_setzero_si512(); T];
+            for (xj, p) in x.iter_mut().zip(xs) {
+                *xj = _mm512_loadu_si512(p.add(64 * b) as *const __m512i);
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let cv = _mm512_loadu_si512(w.add(r * kp + 64 * b) as *const __m512i);
+                for (a, xj) in acc_r.iter_mut().zip(&x) {
+                    *a = _mm512_dpbusd_epi32(*a, cv, *xj);
+                }
+            }
+        }
+        // An odd number of chunks leaves 32 codes a row.
+        let mut tail = [[_mm256_setzero_si256(); T]; R];
+        if kp % 64 != 0 {
+            for (r, tail_r) in tail.iter_mut().enumerate() {
+                let cv = _mm256_loadu_si256(w.add(r * kp + 64 * full) as *const __m256i);
+                for (a, p) in tail_r.iter_mut().zip(xs) {
+                    *a = _mm256_dpbusd_epi32(*a, cv, _mm256_loadu_si256(p.add(64 * full) as *const __m256i));
+                }
+            }
+        }
+        for r in 0..R {
+            for j in 0..T {
+                out[r][j] = _mm512_reduce_add_epi32(acc[r][j]) + hsum(tail[r][j]);
+            }
+        }
+    }
+
+    /// `P` pairs of rows against `T` tokens.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    unsafe fn run_vbmi<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
+        let tab = tables();
+        let mut acc = [[_mm512_setzero_si512(); T]; P];
+        let w = tile.as_ptr();
+        for c in 0..chunks {
+            prefetch_ahead(w, c, 2 * P);
+            let mut x = [[_mm512_setzero_si512(); 5]; T];
+            for (j, xj) in x.iter_mut().enumerate() {
+                for (i, v) in xj.iter_mut().enumerate() {
+                    *v = _mm512_broadcast_i64x4(_mm256_loadu_si256(xs[j].add(c * CHUNK + 32 * i) as *const __m256i));
+                }
+            }
+            for (p, acc_p) in acc.iter_mut().enumerate() {
+                let q = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
+                let high = _mm512_movepi8_mask(q);
+                for (i, t) in tab.iter().enumerate() {
+                    let lo = _mm512_permutex2var_epi8(t[0], q, t[1]);
+                    let hi = _mm512_permutex2var_epi8(t[2], q, t[3]);
+                    let codes = _mm512_mask_blend_epi8(high, lo, hi);
+                    for (a, xj) in acc_p.iter_mut().zip(&x) {
+                        *a = _mm512_dpbusd_epi32(*a, codes, xj[i]);
+                    }
+                }
+            }
+        }
+        for p in 0..P {
+            for j in 0..T {
+                let a = acc[p][j];
+                out[2 * p][j] = hsum(_mm512_castsi512_si256(a));
+                out[2 * p + 1][j] = hsum(_mm512_extracti64x4_epi64::<1>(a));
+            }
+        }
+    }
+}
+
+/// Activations as the VNNI kernel reads them: per chunk and digit `i`,
+/// `xᵢ − 3·xᵢ₊₁` as i16 (`xᵢ` the chunk's 32 activations that digit `i`
+/// meets; the last digit's are its own). Made once per product, for all
+/// of its rows.
+pub struct DigitActs {
+    kp: usize,
+    y: Vec<i16>,
+}
+
+impl DigitActs {
+    /// The first `kp` (whole chunks) of each token's activations.
+    pub fn new(x: &QuantActs, kp: usize) -> DigitActs {
+        assert!(kp % CHUNK == 0 && kp <= x.kp, "digit activations: {kp} is not whole chunks of the activations");
+        let mut y = vec![0i16; x.tokens() * kp];
+        for (t, ys) in y.chunks_exact_mut(kp).enumerate() {
+            for (xc, yc) in x.row(t)[..kp].chunks_exact(CHUNK).zip(ys.chunks_exact_mut(CHUNK)) {
+                for (i, yi) in yc.chunks_exact_mut(32).enumerate() {
+                    for (j, v) in yi.iter_mut().enumerate() {
+                        let next = xc.get(32 * (i + 1) + j).map_or(0, |&n| n as i16);
+                        *v = xc[32 * i + j] as i16 - 3 * next;
+                    }
+                }
+            }
+        }
+        DigitActs { kp, y }
+    }
+
+    fn tokens(&self) -> usize {
+        self.y.len() / self.kp
+    }
+
+    fn row(&self, t: usize) -> &[i16] {
+        &self.y[t * self.kp..(t + 1) * self.kp]
     }
 }
 

@@ -529,6 +529,8 @@ fn products<const M: usize>(
     );
     assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
     let dst = SharedMut(out.as_mut_ptr());
+    // The 1.6-bit VNNI kernel reads the activations rearranged, once for all rows.
+    let digits = (w.packing == Packing::Base3 && tiles.isa == Isa::Avx512Vnni && !vbmi(w)).then(|| base3::DigitActs::new(x, w.kp));
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
     let chunks = Chunks::new(n_tiles, pool.threads());
     pool.run_sized(x.tokens() * width * w.kp * M, &|me, workers| {
@@ -550,7 +552,7 @@ fn products<const M: usize>(
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
                 for m in 0..M {
-                    tile_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, tok, step, &mut dots[m]);
+                    tile_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, digits.as_ref(), tok, step, &mut dots[m]);
                 }
                 // Plain loops: `array::map` here was a call (`try_map`) per token.
                 for (j, h) in held[tok - tokens.start..][..step].iter_mut().enumerate() {
@@ -580,11 +582,16 @@ fn products<const M: usize>(
 }
 
 /// Prefill on AVX2 (and of 1.6-bit weights on AVX-512 VNNI) first unpacks
-/// a tile's codes to one byte each ([`avx2::unpack`]), once for all its
-/// tokens, so that the inner loop is only multiplies and adds. `false`
-/// where the ISA reads packed codes.
+/// a tile's codes to one byte each ([`avx2::unpack`], or with VBMI
+/// `base3::vbmi_unpack`), once for all its tokens, so that the inner loop
+/// is only multiplies and adds. `false` where the ISA reads packed codes.
 fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut Vec<u8>) -> bool {
     match (isa, w.packing) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, Packing::Base3) if vbmi(w) => {
+            base3::vbmi_unpack(w.rows, w.tile(t), w.chunks(), codes);
+            true
+        }
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, _) | (Isa::Avx512Vnni, Packing::Base3) => {
             avx2::unpack(w.rows, w.packing, w.tile(t), w.chunks(), codes);
@@ -597,10 +604,24 @@ fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut Vec<u8>) -> bo
 /// The code-times-activation sums of tile `t` against tokens `tok..tok+step`,
 /// from the tile's `codes` when [`unpack_tile`] made them.
 #[allow(clippy::too_many_arguments)]
-fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, codes: Option<&[u8]>, x: &QuantActs, tok: usize, step: usize, dots: &mut [[i32; 4]; 4]) {
+fn tile_dots(
+    isa: Isa,
+    w: &PackedTernary,
+    t: usize,
+    codes: Option<&[u8]>,
+    x: &QuantActs,
+    digits: Option<&base3::DigitActs>,
+    tok: usize,
+    step: usize,
+    dots: &mut [[i32; 4]; 4],
+) {
     let groups = w.chunks() * w.packing.groups();
     match (isa, w.packing) {
         (Isa::Scalar, _) => reference_dots(w, t, x, tok, step, dots),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, Packing::Base3) if codes.is_some() && step > 1 && vbmi(w) => {
+            base3::vnni_unpacked_dots(w.rows, step, codes.expect("checked"), w.chunks(), x, tok, dots)
+        }
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2 | Isa::Avx512Vnni, _) if codes.is_some() && step > 1 => {
             avx2::unpacked_dots(w.rows, step, codes.expect("checked"), groups, x, tok, dots)
@@ -612,11 +633,22 @@ fn tile_dots(isa: Isa, w: &PackedTernary, t: usize, codes: Option<&[u8]>, x: &Qu
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, Packing::Base3) => base3::avx2_dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512Vnni, Packing::Base3) => base3::vnni_dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
+        (Isa::Avx512Vnni, Packing::Base3) if vbmi(w) => base3::vbmi_dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, Packing::Base3) => base3::vnni_dots(w.rows, step, w.tile(t), w.chunks(), digits.expect("made by products"), tok, dots),
         (Isa::Cranelift, Packing::Bits2) => jit_dots(w, t, x, tok, step, dots),
         #[allow(unreachable_patterns)]
         _ => unreachable!("checked by matmul"),
     }
+}
+
+/// Whether the 1.6-bit VNNI products of `w` look their digits up in tables
+/// (AVX-512 VBMI, tiles of 2 or 4 rows) instead of multiplying them out.
+fn vbmi(w: &PackedTernary) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return base3::has_vbmi_kernel(w.rows);
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
 }
 
 /// The Cranelift-generated kernel of this tile shape.
