@@ -15,6 +15,7 @@
 //! aside (never deleted) the next time the database is written.
 
 use crate::space::{Phase, SPACE_VERSION};
+use bitnet_codegen::cpu::ternary::TernaryTiles;
 use bitnet_codegen::cuda::{CudaTiles, PhaseTiles};
 use bitnet_codegen::schedule::{TileSource, Tiles, WorkloadKey};
 use std::collections::HashMap;
@@ -291,6 +292,11 @@ impl Tuned {
     pub fn contains(&self, key: &WorkloadKey) -> bool {
         self.best.contains_key(key)
     }
+
+    /// Whether this machine and thread count have been calibrated.
+    pub fn is_calibrated(&self) -> bool {
+        self.contains(&crate::calibrate::key())
+    }
 }
 
 /// The fastest measured CUDA tiles of each workload and phase, for one GPU.
@@ -331,12 +337,19 @@ impl TileSource for Tuned {
     fn tiles(&self, key: &WorkloadKey) -> Option<Tiles> {
         self.best.get(key).copied()
     }
+
+    fn ternary_default(&self) -> Option<TernaryTiles> {
+        match self.best.get(&crate::calibrate::key()) {
+            Some(Tiles::Ternary(t)) => Some(*t),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitnet_codegen::cpu::ternary::TernaryTiles;
+    use bitnet_codegen::cpu::ternary::Packing;
     use bitnet_codegen::cpu::Isa;
 
     /// A scratch folder, removed when the guard drops, and the database
@@ -450,6 +463,33 @@ mod tests {
         let t = Tuned::new(records, "cpu-test", 2);
         assert_eq!(t.tiles(&WorkloadKey("k".into())), Some(Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows: 2, tokens: 2, split: Default::default(), packing: Default::default() })));
         assert_eq!(t.tiles(&WorkloadKey("other".into())), None);
+    }
+
+    /// The calibration's fastest decode gives the ISA and packing of the
+    /// products without tiles of their own, per machine and thread count;
+    /// a packing is part of a layout, so prefill keeps the decode's.
+    #[test]
+    fn the_calibration_and_packing_are_read_back() {
+        let key = crate::calibrate::key();
+        let base3 = |r: Record| match r.tiles {
+            Tiles::Ternary(t) => Record { tiles: Tiles::Ternary(TernaryTiles { packing: Packing::Base3, ..t }), ..r },
+            _ => r,
+        };
+        let records = vec![
+            rec(&key.0, Phase::Decode, 4, 1, 200),
+            base3(rec(&key.0, Phase::Decode, 4, 1, 150)),
+            rec("k", Phase::Decode, 4, 4, 100),
+            base3(rec("k", Phase::Decode, 4, 4, 120)),
+            base3(rec("k", Phase::Prefill, 4, 2, 400)),
+            rec("k", Phase::Prefill, 4, 4, 500),
+        ];
+        let t = Tuned::new(records.clone(), "cpu-test", 2);
+        assert!(t.is_calibrated());
+        assert_eq!(t.ternary_default().map(|c| c.packing), Some(Packing::Base3));
+        let Some(Tiles::Ternary(k)) = t.tiles(&WorkloadKey("k".into())) else { panic!("k is tuned") };
+        assert_eq!((k.packing, k.tokens), (Packing::Bits2, 4), "the layout from decode, tokens from its prefill");
+        let other = Tuned::new(records, "cpu-test", 3);
+        assert!(!other.is_calibrated() && other.ternary_default().is_none());
     }
 
     #[test]

@@ -44,6 +44,7 @@
 //! # Ok::<(), String>(())
 //! ```
 
+pub mod calibrate;
 pub mod db;
 pub mod harness;
 pub mod kernels;

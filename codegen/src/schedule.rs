@@ -126,6 +126,9 @@ impl fmt::Display for Tiles {
 pub enum TileOrigin {
     Pinned,
     Database,
+    /// The heuristic's tiles with the ISA and packing this machine's
+    /// calibration chose (a tuning database without this workload).
+    Calibrated,
     Heuristic,
 }
 
@@ -134,6 +137,7 @@ impl TileOrigin {
         match self {
             TileOrigin::Pinned => "pinned",
             TileOrigin::Database => "database",
+            TileOrigin::Calibrated => "calibrated",
             TileOrigin::Heuristic => "heuristic",
         }
     }
@@ -142,6 +146,12 @@ impl TileOrigin {
 /// Tiles measured elsewhere, e.g. the autotuner's database.
 pub trait TileSource {
     fn tiles(&self, key: &WorkloadKey) -> Option<Tiles>;
+
+    /// The ISA and packing of the ternary products it has no tiles for:
+    /// the machine's calibration, if it has one.
+    fn ternary_default(&self) -> Option<TernaryTiles> {
+        None
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -293,7 +303,13 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             // A pinned ISA takes the database's tiles only where they are of that ISA.
             _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i))) {
                 Some(t) => (t, TileOrigin::Database),
-                None => (heuristic(&key, isa), TileOrigin::Heuristic),
+                None => match (heuristic(&key, isa), source.and_then(|s| s.ternary_default())) {
+                    (Tiles::Ternary(_), Some(c)) if c.is_valid() && pinned.isa.is_none_or(|i| i == c.isa) => match heuristic(&key, c.isa) {
+                        Tiles::Ternary(h) => (Tiles::Ternary(TernaryTiles { packing: c.packing, ..h }), TileOrigin::Calibrated),
+                        t => (t, TileOrigin::Heuristic),
+                    },
+                    (h, _) => (h, TileOrigin::Heuristic),
+                },
             },
         };
         if let (Tiles::Ternary(t), Some(packing)) = (&mut tiles, pinned.packing) {

@@ -7,9 +7,9 @@ use crate::cuda::CudaModel;
 use crate::error::RuntimeError;
 use crate::LoadOptions;
 use bitnet_autotune::db::CudaTuned;
-use bitnet_autotune::{Database, Tuned};
+use bitnet_autotune::{calibrate, Database, Tuned};
 use bitnet_codegen::cuda::PhaseTiles;
-use bitnet_codegen::schedule::{schedule, HeadQuant, Pinned, Schedule, TileSource, Workload};
+use bitnet_codegen::schedule::{schedule, HeadQuant, Pinned, Schedule, TileSource, Tiles, Workload};
 use bitnet_codegen::target::HostCpu;
 use bitnet_frontends::model::Model;
 use bitnet_ir::passes;
@@ -24,12 +24,27 @@ pub fn lower(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> Res
 }
 
 /// The tuning database's tiles for this machine and `threads`; problems
-/// reading it become warnings, never errors.
+/// reading it become warnings, never errors. A machine and thread count
+/// the database has not seen are calibrated first, once (well under a
+/// second; a progress line on stderr): see [`bitnet_autotune::calibrate`].
 pub fn tuned_tiles(threads: usize, warnings: &mut Vec<String>) -> Option<Tuned> {
     match Database::open_default() {
         Ok(db) => {
-            let (tuned, problems) = db.source(&HostCpu::detect().fingerprint(), threads);
+            let fingerprint = HostCpu::detect().fingerprint();
+            let (mut tuned, problems) = db.source(&fingerprint, threads);
             warnings.extend(problems);
+            if !tuned.is_calibrated() && calibrate::candidates().len() > 1 {
+                eprint!("calibrating the CPU kernels for {threads} threads on this machine (once) ... ");
+                match calibrate::calibrate(&db, threads) {
+                    Ok(Some(Tiles::Ternary(t))) => eprintln!("{} {}", t.isa.name(), t.packing.name()),
+                    Ok(_) => eprintln!("nothing timed"),
+                    Err(e) => {
+                        eprintln!("failed");
+                        warnings.push(format!("calibration: {e}; using the default ISA and packing"));
+                    }
+                }
+                tuned = db.source(&fingerprint, threads).0;
+            }
             Some(tuned)
         }
         Err(e) => {
