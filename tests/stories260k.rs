@@ -134,13 +134,26 @@ fn bench_reports_the_bytes_a_token_reads_and_the_roofline() {
     }
     assert_eq!((stored["head"].as_str(), q8["head"].as_str(), q4["head"].as_str()), (Some("stored"), Some("q8"), Some("q4")));
     // A float model has no packed ternary weights; a ternary one has them
-    // two bits a code.
+    // two or 1.6 bits a code: as pinned, else as the machine's calibration
+    // (or the tuning database) chose, which the text report says.
     assert_eq!(stored["weight_layout"], "none", "{stored}");
     let dir = tmp_dir("bench-layout");
     let path = dir.join("m.gguf");
     write_synth(&small_spec(bitnet_ir::DType::I2S, bitnet_frontends::arch::Activation::Relu2), &path);
-    let o = bitnet(&["bench", "-m", path.to_str().unwrap(), "-p", "4", "-n", "2", "-r", "1", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(v["weight_layout"], "2bit", "{v}");
+    let layout = |extra: &[&str]| {
+        let mut args = vec!["bench", "-m", path.to_str().unwrap(), "-p", "4", "-n", "2", "-r", "1", "--json"];
+        args.extend_from_slice(extra);
+        let o = bitnet(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["weight_layout"].as_str().unwrap().to_string()
+    };
+    assert_eq!(layout(&["--packing", "2bit"]), "2bit");
+    assert_eq!(layout(&["--packing", "1.6bit"]), "1.6bit");
+    assert!(["2bit", "1.6bit"].contains(&layout(&[]).as_str()));
+    let o = bitnet(&["bench", "-m", path.to_str().unwrap(), "-p", "4", "-n", "2", "-r", "1", "--packing", "1.6bit"]);
+    assert!(stdout(&o).contains("ternary products: ") && stdout(&o).contains(" 1.6bit (pinned)"), "{}", stdout(&o));
+    let o = bitnet(&["bench", "-m", path.to_str().unwrap(), "-p", "4", "-n", "2", "-r", "1", "--packing", "1.6bit", "--isa", "cranelift"]);
+    assert!(!o.status.success() && stderr(&o).contains("1.6bit weights need avx2, avx512vnni or scalar"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).ok();
 }

@@ -297,7 +297,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
         };
         let head = g.outputs.contains(&v) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32);
         let quantized_head = if head { pinned.head.tiles(isa) } else { None };
-        let (mut tiles, origin) = match (&node.op, pinned.ternary, quantized_head) {
+        let (mut tiles, mut origin) = match (&node.op, pinned.ternary, quantized_head) {
             (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t), _) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _, Some(t)) => (t, TileOrigin::Pinned),
             // A pinned ISA takes the database's tiles only where they are of that ISA.
@@ -313,7 +313,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             },
         };
         if let (Tiles::Ternary(t), Some(packing)) = (&mut tiles, pinned.packing) {
-            t.packing = packing;
+            (t.packing, origin) = (packing, TileOrigin::Pinned);
             if !t.is_valid() {
                 return Err(format!("the {} kernels read {} weights only; {} weights need avx2, avx512vnni or scalar", t.isa.name(), Packing::Bits2.name(), packing.name()));
             }

@@ -75,8 +75,11 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
         r.peak_rss_bytes as f64 / (1 << 20) as f64,
         r.reps
     );
-    if let Some(isa) = isa {
-        println!("{}", super::isa_line(isa, a.model.isa.isa.is_some()));
+    if let Some(s) = &schedule {
+        println!("{}", super::isa_line(s.isa, a.model.isa.isa.is_some()));
+        if let Some(line) = super::ternary_line(s) {
+            println!("{line}");
+        }
     }
     if let Some(c) = &r.cpu {
         println!(

@@ -12,7 +12,7 @@ pub mod synth;
 use anyhow::Context;
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
-use bitnet_codegen::schedule::{HeadQuant, Pinned};
+use bitnet_codegen::schedule::{HeadQuant, Pinned, Schedule, TileOrigin, Tiles};
 use bitnet_runtime::{BackendKind, Engine, EngineOptions, LoadOptions, SamplerConfig, Session};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -150,6 +150,27 @@ pub fn isa_line(ran: Isa, pinned: bool) -> String {
         "as the artifact was compiled".to_string()
     };
     format!("CPU kernels: {} ({why})", ran.name())
+}
+
+/// The ternary products' kernels and where they came from, in one line
+/// (`None` for a model without any).
+pub fn ternary_line(s: &Schedule) -> Option<String> {
+    let mut kinds: Vec<(Isa, Packing, TileOrigin)> = Vec::new();
+    for step in &s.steps {
+        if let Tiles::Ternary(t) = step.tiles {
+            if !kinds.contains(&(t.isa, t.packing, step.origin)) {
+                kinds.push((t.isa, t.packing, step.origin));
+            }
+        }
+    }
+    let why = |o: TileOrigin| match o {
+        TileOrigin::Pinned => "pinned",
+        TileOrigin::Database => "tuned with bitnet autotune",
+        TileOrigin::Calibrated => "calibrated on this machine",
+        TileOrigin::Heuristic => "the default",
+    };
+    let parts: Vec<String> = kinds.iter().map(|&(isa, p, o)| format!("{} {} ({})", isa.name(), p.name(), why(o))).collect();
+    (!parts.is_empty()).then(|| format!("ternary products: {}", parts.join(", ")))
 }
 
 /// `-t`, or every core.
