@@ -301,7 +301,8 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t), _) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _, Some(t)) => (t, TileOrigin::Pinned),
             // A pinned ISA takes the database's tiles only where they are of that ISA.
-            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i))) {
+            // A pinned packing, likewise, takes them only where their ISA reads it.
+            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i)) && reads(t, pinned.packing)) {
                 Some(t) => (t, TileOrigin::Database),
                 None => match (heuristic(&key, isa), source.and_then(|s| s.ternary_default())) {
                     (Tiles::Ternary(_), Some(c)) if c.is_valid() && pinned.isa.is_none_or(|i| i == c.isa) => match heuristic(&key, c.isa) {
@@ -326,6 +327,14 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
     Ok(Schedule { steps, isa })
 }
 
+/// Whether the kernels of `t` read weights packed as `packing` (any, if none is asked).
+fn reads(t: &Tiles, packing: Option<Packing>) -> bool {
+    match (t, packing) {
+        (Tiles::Ternary(t), Some(packing)) => TernaryTiles { packing, ..*t }.is_valid(),
+        _ => true,
+    }
+}
+
 fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
     matches!(t, Tiles::Ternary(_)) == key.is_ternary() && t.runs_here()
 }
@@ -333,6 +342,67 @@ fn valid(t: &Tiles, key: &WorkloadKey) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bitnet_ir::{Dim, TensorType};
+
+    /// `x` quantized, times a ternary `[n, k]`.
+    fn ternary_graph(n: usize, k: usize) -> Graph {
+        let mut g = Graph::new("t");
+        let x = g.leaf(Op::Input { name: "x".into() }, TensorType::new(DType::F32, [Dim::Seq, Dim::Const(k)]));
+        let q = g.add(Op::QuantizeAct { scheme: ActQuant::PerToken }, &[x]).unwrap();
+        let w = g.leaf(Op::Weight { name: "w".into() }, TensorType::fixed(DType::I2S, &[n, k]));
+        let y = g.add(Op::TernaryMatMul(bitnet_ir::Epilogue { scale: false, residual: false }), &[q, w]).unwrap();
+        g.outputs.push(y);
+        g
+    }
+
+    struct Fixed(Tiles, Option<TernaryTiles>);
+
+    impl TileSource for Fixed {
+        fn tiles(&self, _: &WorkloadKey) -> Option<Tiles> {
+            Some(self.0)
+        }
+        fn ternary_default(&self) -> Option<TernaryTiles> {
+            self.1
+        }
+    }
+
+    /// A pinned packing takes the database's tiles only where their ISA
+    /// reads it, else the calibration's; the calibration's ISA and packing
+    /// go to a product the database lacks.
+    #[test]
+    fn pinned_packings_and_the_calibration_choose_readable_tiles() {
+        let g = ternary_graph(256, 512);
+        let ternary = |s: &Schedule| match s.steps[0].tiles {
+            Tiles::Ternary(t) => (t, s.steps[0].origin),
+            t => panic!("{t}"),
+        };
+        let base3 = Pinned { packing: Some(Packing::Base3), ..Default::default() };
+        let calibrated = TernaryTiles { packing: Packing::Base3, ..TernaryTiles::new(Isa::Scalar, 2, 1) };
+        if Isa::Cranelift.available() {
+            let cranelift = Fixed(Tiles::Ternary(TernaryTiles::new(Isa::Cranelift, 1, 1)), Some(calibrated));
+            let (t, origin) = ternary(&schedule(&g, &base3, Some(&cranelift)).unwrap());
+            assert!(t.isa != Isa::Cranelift && t.packing == Packing::Base3 && t.is_valid() && origin == TileOrigin::Pinned, "{t}");
+            let (t, origin) = ternary(&schedule(&g, &Pinned::default(), Some(&cranelift)).unwrap());
+            assert_eq!((t.isa, t.packing, origin), (Isa::Cranelift, Packing::Bits2, TileOrigin::Database));
+        }
+        struct Calibrated(TernaryTiles);
+        impl TileSource for Calibrated {
+            fn tiles(&self, _: &WorkloadKey) -> Option<Tiles> {
+                None
+            }
+            fn ternary_default(&self) -> Option<TernaryTiles> {
+                Some(self.0)
+            }
+        }
+        let (t, origin) = ternary(&schedule(&g, &Pinned::default(), Some(&Calibrated(calibrated))).unwrap());
+        assert_eq!((t.isa, t.packing, origin), (Isa::Scalar, Packing::Base3, TileOrigin::Calibrated));
+        // A pinned ISA other than the calibration's keeps the heuristic's tiles.
+        let avx = Pinned { isa: Some(Isa::Cranelift), ..Default::default() };
+        if Isa::Cranelift.available() {
+            let (t, origin) = ternary(&schedule(&g, &avx, Some(&Calibrated(calibrated))).unwrap());
+            assert_eq!((t.isa, t.packing, origin), (Isa::Cranelift, Packing::Bits2, TileOrigin::Heuristic));
+        }
+    }
 
     #[test]
     fn workload_keys_parse_back() {

@@ -24,16 +24,26 @@ pub fn lower(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> Res
 }
 
 /// The tuning database's tiles for this machine and `threads`; problems
-/// reading it become warnings, never errors. A machine and thread count
-/// the database has not seen are calibrated first, once (well under a
-/// second; a progress line on stderr): see [`bitnet_autotune::calibrate`].
-pub fn tuned_tiles(threads: usize, warnings: &mut Vec<String>) -> Option<Tuned> {
+/// reading it become warnings, never errors. Unless `pinned` fixes both
+/// what it would choose, a machine and thread count the database has not
+/// seen are calibrated first (well under a second; a progress line on
+/// stderr), once a process even where the database cannot keep the result:
+/// see [`bitnet_autotune::calibrate`].
+pub fn tuned_tiles(threads: usize, pinned: &Pinned, warnings: &mut Vec<String>) -> Option<Tuned> {
+    static TRIED: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
     match Database::open_default() {
         Ok(db) => {
             let fingerprint = HostCpu::detect().fingerprint();
             let (mut tuned, problems) = db.source(&fingerprint, threads);
             warnings.extend(problems);
-            if !tuned.is_calibrated() && calibrate::candidates().len() > 1 {
+            let pinned_both = pinned.isa.is_some() && pinned.packing.is_some();
+            let first_try = || {
+                let mut tried = TRIED.lock().unwrap_or_else(|e| e.into_inner());
+                let first = !tried.contains(&threads);
+                tried.push(threads);
+                first
+            };
+            if !tuned.is_calibrated() && !pinned_both && calibrate::candidates().len() > 1 && first_try() {
                 eprint!("calibrating the CPU kernels for {threads} threads on this machine (once) ... ");
                 match calibrate::calibrate(&db, threads) {
                     Ok(Some(Tiles::Ternary(t))) => eprintln!("{} {}", t.isa.name(), t.packing.name()),
@@ -85,7 +95,7 @@ pub fn cuda_workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
 /// Lowers the step graph, then prepares the weights for the native kernels.
 pub(crate) fn compile_cpu(model: &Model, step: &Graph, opts: &LoadOptions, warnings: &mut Vec<String>) -> Result<CompiledModel, RuntimeError> {
     let threads = opts.threads.max(1);
-    let tuned = if opts.tuning { tuned_tiles(threads, warnings) } else { None };
+    let tuned = if opts.tuning { tuned_tiles(threads, &opts.pinned, warnings) } else { None };
     let source = tuned.as_ref().map(|t| t as &dyn TileSource);
     Ok(CompiledModel::new(model, lower(step, &opts.pinned, source)?, threads)?)
 }

@@ -74,7 +74,7 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
         let graph = if a.all_logits { model.graph(true)? } else { model.step_graph()? };
         if pass == "schedule" {
             let mut warnings = Vec::new();
-            let tuned = if a.no_tune { None } else { bitnet_runtime::tuned_tiles(threads, &mut warnings) };
+            let tuned = if a.no_tune { None } else { bitnet_runtime::tuned_tiles(threads, &pinned, &mut warnings) };
             warnings.iter().for_each(|w| eprintln!("warning: {w}"));
             let (g, s) = bitnet_runtime::lower(&graph, &pinned, tuned.as_ref().map(|t| t as _))?;
             return super::print(&format!("{g}{s}"));

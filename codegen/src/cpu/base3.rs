@@ -173,9 +173,10 @@ mod x86 {
         }
     }
     /// Whether [`vbmi_dots`] runs tiles of `rows` here: pairs of rows, on a
-    /// CPU with AVX-512 VBMI (Ice Lake, Zen 4 and later).
+    /// CPU with AVX-512 VBMI and VL (Ice Lake, Zen 4 and later; the
+    /// unpacked GEMM's tail is a 256-bit `vpdpbusd`).
     pub(in super::super) fn has_vbmi_kernel(rows: usize) -> bool {
-        rows >= 2 && is_x86_feature_detected!("avx512vbmi")
+        rows >= 2 && is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512vl")
     }
 
     /// `T[i][q]`: digit `i` of byte `q`, the tables [`vbmi_dots`] looks up.
@@ -271,8 +272,8 @@ mod x86 {
         let kp = chunks * CHUNK;
         assert!(codes.len() == rows * kp && x.kp >= kp && tok + step <= x.tokens(), "base3 unpacked dots: mismatched operands");
         let xs = x.step_rows(tok, step);
-        // SAFETY: `vbmi_unpack` made the codes, so the CPU has AVX-512 VBMI,
-        // F, BW and VNNI (and VL with them); lengths are checked above.
+        // SAFETY: `vbmi_unpack` made the codes, so the CPU has AVX-512 VBMI
+        // and VL (`has_vbmi_kernel`), F, BW and VNNI; lengths are checked above.
         unsafe {
             match (rows, step) {
                 (2, 2) => gemm_vnni::<2, 2>(codes, kp, &xs, out),
