@@ -19,6 +19,23 @@
 #include <stdlib.h>
 
 /**
+ * `BitnetEngineOptions::packing`: the tuning database's choice, else this
+ * machine's calibration's (as the CLI without `--packing`).
+ */
+#define BITNET_PACKING_AUTO 0
+
+/**
+ * Four ternary codes a byte.
+ */
+#define BITNET_PACKING_2BIT 2
+
+/**
+ * Five ternary codes a byte: 20% fewer bytes, more work to unpack; the
+ * same results.
+ */
+#define BITNET_PACKING_1_6BIT 16
+
+/**
  * What a call returns: 0 on success.
  */
 typedef enum BitnetStatus {
@@ -89,6 +106,16 @@ typedef struct BitnetEngineOptions {
    * Run on the reference interpreter instead of compiled kernels.
    */
   bool interpreter;
+  /**
+   * Quantize the output head to 4-bit groups of 32 at load (lossier than
+   * `head_q8`, fewer bytes; not with it).
+   */
+  bool head_q4;
+  /**
+   * How the ternary weights are packed: `BITNET_PACKING_AUTO`,
+   * `BITNET_PACKING_2BIT` or `BITNET_PACKING_1_6BIT`.
+   */
+  uint32_t packing;
 } BitnetEngineOptions;
 
 /**

@@ -31,6 +31,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
 use std::cell::RefCell;
@@ -75,7 +76,22 @@ pub struct BitnetEngineOptions {
     pub no_tune: bool,
     /// Run on the reference interpreter instead of compiled kernels.
     pub interpreter: bool,
+    /// Quantize the output head to 4-bit groups of 32 at load (lossier than
+    /// `head_q8`, fewer bytes; not with it).
+    pub head_q4: bool,
+    /// How the ternary weights are packed: `BITNET_PACKING_AUTO`,
+    /// `BITNET_PACKING_2BIT` or `BITNET_PACKING_1_6BIT`.
+    pub packing: u32,
 }
+
+/// `BitnetEngineOptions::packing`: the tuning database's choice, else this
+/// machine's calibration's (as the CLI without `--packing`).
+pub const BITNET_PACKING_AUTO: u32 = 0;
+/// Four ternary codes a byte.
+pub const BITNET_PACKING_2BIT: u32 = 2;
+/// Five ternary codes a byte: 20% fewer bytes, more work to unpack; the
+/// same results.
+pub const BITNET_PACKING_1_6BIT: u32 = 16;
 
 /// How a sequence samples. Fill it with `bitnet_sampling_default` (the
 /// CLI's defaults; temperature 0 is greedy).
@@ -214,7 +230,7 @@ pub extern "C" fn bitnet_last_error() -> *const c_char {
 /// The defaults: every core, the model's context, 4 sequences, tuned.
 #[no_mangle]
 pub extern "C" fn bitnet_engine_options_default() -> BitnetEngineOptions {
-    BitnetEngineOptions { threads: 0, context: 0, parallel: 4, head_q8: false, no_tune: false, interpreter: false }
+    BitnetEngineOptions { threads: 0, context: 0, parallel: 4, head_q8: false, no_tune: false, interpreter: false, head_q4: false, packing: BITNET_PACKING_AUTO }
 }
 
 /// The CLI's sampling defaults (llama.cpp's), seed 0.
@@ -247,10 +263,22 @@ pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const Bitnet
         let o = if options.is_null() { bitnet_engine_options_default() } else { *nonnull(options, "options")? };
         let threads = if o.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { o.threads as usize };
         let backend = if o.interpreter { BackendKind::Interp } else { BackendKind::Compiled };
-        if o.interpreter && o.head_q8 {
-            return Err(invalid("head_q8 needs the compiled backend"));
+        let packing = match o.packing {
+            BITNET_PACKING_AUTO => None,
+            BITNET_PACKING_2BIT => Some(Packing::Bits2),
+            BITNET_PACKING_1_6BIT => Some(Packing::Base3),
+            p => return Err(invalid(format!("packing {p}: one of BITNET_PACKING_AUTO (0), BITNET_PACKING_2BIT (2), BITNET_PACKING_1_6BIT (16)"))),
+        };
+        let head = match (o.head_q8, o.head_q4) {
+            (true, true) => return Err(invalid("head_q8 and head_q4 are two quantizations of one head: choose one")),
+            (true, false) => HeadQuant::Q8,
+            (false, true) => HeadQuant::Q4,
+            (false, false) => HeadQuant::Stored,
+        };
+        if o.interpreter && (head != HeadQuant::Stored || packing.is_some()) {
+            return Err(invalid("head_q8, head_q4 and packing pick compiled kernels: they need the compiled backend"));
         }
-        let pinned = Pinned { head: if o.head_q8 { HeadQuant::Q8 } else { HeadQuant::Stored }, ..Default::default() };
+        let pinned = Pinned { head, packing, ..Default::default() };
         let load = LoadOptions { threads, context: (o.context > 0).then_some(o.context as usize), backend, device: Device::Cpu, pinned, tuning: !o.no_tune };
         let opts = EngineOptions { load, parallel: o.parallel.max(1) as usize, kv_budget: None, chat_template: None };
         let engine = Engine::open(&path, &opts).map_err(|e| Failure(BitnetStatus::ModelLoad, format!("loading {}: {e}", path.display())))?;

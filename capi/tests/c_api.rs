@@ -165,6 +165,27 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     assert_eq!(argmax as u32, KNOWN[0]);
     bitnet_sequence_free(seq);
 
+    // The head quantized to 4 bits keeps the greedy first token here; the
+    // packing (moot for this float model) is checked, as are mixed-up options.
+    let mut q4 = bitnet_engine_options_default();
+    (q4.threads, q4.head_q4, q4.packing) = (1, true, BITNET_PACKING_1_6BIT);
+    assert_eq!(bitnet_engine_open(path.as_ptr(), &q4, &mut engine), BitnetStatus::Ok, "{}", last_error());
+    let mut seq = std::ptr::null_mut();
+    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
+    let mut q4_logits = vec![0f32; 5 * 512];
+    assert_eq!(bitnet_logits(seq, prompt.as_ptr(), 5, q4_logits.as_mut_ptr(), q4_logits.len()), BitnetStatus::Ok);
+    assert!(q4_logits != logits, "a 4-bit head changes the logits a little");
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (a.iter().map(|x| x * x).sum::<f32>() * b.iter().map(|x| x * x).sum::<f32>()).sqrt();
+    assert!(cos(&q4_logits[4 * 512..], last) > 0.99, "{}", cos(&q4_logits[4 * 512..], last));
+    bitnet_sequence_free(seq);
+    bitnet_engine_close(engine);
+    for (bad, why) in [((true, true, BITNET_PACKING_AUTO, false), "choose one"), ((false, false, 7, false), "packing 7"), ((false, false, BITNET_PACKING_2BIT, true), "compiled backend")] {
+        let mut o = bitnet_engine_options_default();
+        (o.head_q8, o.head_q4, o.packing, o.interpreter) = bad;
+        assert_eq!(bitnet_engine_open(path.as_ptr(), &o, &mut engine), BitnetStatus::InvalidArgument);
+        assert!(engine.is_null() && last_error().contains(why), "{}", last_error());
+    }
+
     let missing = CString::new("/no/such/model.gguf").unwrap();
     assert_eq!(bitnet_engine_open(missing.as_ptr(), std::ptr::null(), &mut engine), BitnetStatus::ModelLoad);
     assert!(engine.is_null() && last_error().contains("/no/such/model.gguf"));
