@@ -15,7 +15,7 @@ use crate::space::Phase;
 use crate::tune::{conclude, Job};
 use bitnet_codegen::cpu::ternary::{Packing, TernaryTiles};
 use bitnet_codegen::cpu::Isa;
-use bitnet_codegen::schedule::{heuristic, Tiles, Workload, WorkloadKey};
+use bitnet_codegen::schedule::{heuristic, ternary_heuristic, Tiles, Workload, WorkloadKey};
 use bitnet_codegen::target::HostCpu;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,7 @@ pub fn candidates() -> Vec<Tiles> {
     let mut out = vec![heuristic(&PROBE.key(), Isa::best())];
     for isa in [Isa::Avx512Vnni, Isa::Avx2] {
         for packing in Packing::ALL {
-            let Tiles::Ternary(h) = heuristic(&PROBE.key(), isa) else { unreachable!("a ternary key") };
-            let t = Tiles::Ternary(TernaryTiles { packing, tokens: 1, ..h });
+            let t = Tiles::Ternary(TernaryTiles { packing, tokens: 1, ..ternary_heuristic(isa) });
             if t.runs_here() && !out.iter().any(|o| same(o, &t)) {
                 out.push(t);
             }

@@ -261,11 +261,15 @@ impl HeadQuant {
 /// -p bitnet-codegen --bench kernels -- ternary_gemm`).
 pub fn heuristic(key: &WorkloadKey, isa: Isa) -> Tiles {
     if key.is_ternary() {
-        let tokens = if isa == Isa::Avx512Vnni { 4 } else { 2 };
-        Tiles::Ternary(TernaryTiles { isa, rows: 4, tokens, split: Default::default(), packing: Default::default() })
+        Tiles::Ternary(ternary_heuristic(isa))
     } else {
         Tiles::Float { isa }
     }
+}
+
+/// [`heuristic`]'s tiles of a ternary product on `isa` (2-bit packing).
+pub fn ternary_heuristic(isa: Isa) -> TernaryTiles {
+    TernaryTiles::new(isa, 4, if isa == Isa::Avx512Vnni { 4 } else { 2 })
 }
 
 /// Schedules every node of `g` for the host CPU.
@@ -304,12 +308,11 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             // A pinned packing, likewise, takes them only where their ISA reads it.
             _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i)) && reads(t, pinned.packing)) {
                 Some(t) => (t, TileOrigin::Database),
-                None => match (heuristic(&key, isa), source.and_then(|s| s.ternary_default())) {
-                    (Tiles::Ternary(_), Some(c)) if c.is_valid() && pinned.isa.is_none_or(|i| i == c.isa) => match heuristic(&key, c.isa) {
-                        Tiles::Ternary(h) => (Tiles::Ternary(TernaryTiles { packing: c.packing, ..h }), TileOrigin::Calibrated),
-                        t => (t, TileOrigin::Heuristic),
-                    },
-                    (h, _) => (h, TileOrigin::Heuristic),
+                None => match source.and_then(|s| s.ternary_default()) {
+                    Some(c) if key.is_ternary() && c.is_valid() && pinned.isa.is_none_or(|i| i == c.isa) => {
+                        (Tiles::Ternary(TernaryTiles { packing: c.packing, ..ternary_heuristic(c.isa) }), TileOrigin::Calibrated)
+                    }
+                    _ => (heuristic(&key, isa), TileOrigin::Heuristic),
                 },
             },
         };
@@ -355,11 +358,12 @@ mod tests {
         g
     }
 
-    struct Fixed(Tiles, Option<TernaryTiles>);
+    /// The same tiles for every key, and a calibration.
+    struct Fixed(Option<Tiles>, Option<TernaryTiles>);
 
     impl TileSource for Fixed {
         fn tiles(&self, _: &WorkloadKey) -> Option<Tiles> {
-            Some(self.0)
+            self.0
         }
         fn ternary_default(&self) -> Option<TernaryTiles> {
             self.1
@@ -379,27 +383,19 @@ mod tests {
         let base3 = Pinned { packing: Some(Packing::Base3), ..Default::default() };
         let calibrated = TernaryTiles { packing: Packing::Base3, ..TernaryTiles::new(Isa::Scalar, 2, 1) };
         if Isa::Cranelift.available() {
-            let cranelift = Fixed(Tiles::Ternary(TernaryTiles::new(Isa::Cranelift, 1, 1)), Some(calibrated));
+            let cranelift = Fixed(Some(Tiles::Ternary(TernaryTiles::new(Isa::Cranelift, 1, 1))), Some(calibrated));
             let (t, origin) = ternary(&schedule(&g, &base3, Some(&cranelift)).unwrap());
             assert!(t.isa != Isa::Cranelift && t.packing == Packing::Base3 && t.is_valid() && origin == TileOrigin::Pinned, "{t}");
             let (t, origin) = ternary(&schedule(&g, &Pinned::default(), Some(&cranelift)).unwrap());
             assert_eq!((t.isa, t.packing, origin), (Isa::Cranelift, Packing::Bits2, TileOrigin::Database));
         }
-        struct Calibrated(TernaryTiles);
-        impl TileSource for Calibrated {
-            fn tiles(&self, _: &WorkloadKey) -> Option<Tiles> {
-                None
-            }
-            fn ternary_default(&self) -> Option<TernaryTiles> {
-                Some(self.0)
-            }
-        }
-        let (t, origin) = ternary(&schedule(&g, &Pinned::default(), Some(&Calibrated(calibrated))).unwrap());
+        let only_calibrated = Fixed(None, Some(calibrated));
+        let (t, origin) = ternary(&schedule(&g, &Pinned::default(), Some(&only_calibrated)).unwrap());
         assert_eq!((t.isa, t.packing, origin), (Isa::Scalar, Packing::Base3, TileOrigin::Calibrated));
         // A pinned ISA other than the calibration's keeps the heuristic's tiles.
         let avx = Pinned { isa: Some(Isa::Cranelift), ..Default::default() };
         if Isa::Cranelift.available() {
-            let (t, origin) = ternary(&schedule(&g, &avx, Some(&Calibrated(calibrated))).unwrap());
+            let (t, origin) = ternary(&schedule(&g, &avx, Some(&only_calibrated)).unwrap());
             assert_eq!((t.isa, t.packing, origin), (Isa::Cranelift, Packing::Bits2, TileOrigin::Heuristic));
         }
     }

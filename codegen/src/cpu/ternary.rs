@@ -126,7 +126,7 @@ impl TernaryTiles {
     pub const ROWS: [usize; 3] = [1, 2, 4];
     pub const TOKENS: [usize; 3] = [1, 2, 4];
 
-    /// The heuristic's tiles for `isa` with four rows and `tokens` per step.
+    /// `rows` and `tokens` per step on `isa`, split by rows, 2-bit packing.
     pub fn new(isa: Isa, rows: usize, tokens: usize) -> TernaryTiles {
         TernaryTiles { isa, rows, tokens, split: Split::Rows, packing: Packing::Bits2 }
     }
