@@ -304,7 +304,7 @@ mod x86 {
         }
         // An odd number of chunks leaves 32 codes a row.
         let mut tail = [[_mm256_setzero_si256(); T]; R];
-        if kp % 64 != 0 {
+        if !kp.is_multiple_of(64) {
             for (r, tail_r) in tail.iter_mut().enumerate() {
                 let cv = _mm256_loadu_si256(w.add(r * kp + 64 * full) as *const __m256i);
                 for (a, p) in tail_r.iter_mut().zip(xs) {
@@ -368,7 +368,7 @@ pub struct DigitActs {
 impl DigitActs {
     /// The first `kp` (whole chunks) of each token's activations.
     pub fn new(x: &QuantActs, kp: usize) -> DigitActs {
-        assert!(kp % CHUNK == 0 && kp <= x.kp, "digit activations: {kp} is not whole chunks of the activations");
+        assert!(kp.is_multiple_of(CHUNK) && kp <= x.kp, "digit activations: {kp} is not whole chunks of the activations");
         let mut y = vec![0i16; x.tokens() * kp];
         for (t, ys) in y.chunks_exact_mut(kp).enumerate() {
             for (xc, yc) in x.row(t)[..kp].chunks_exact(CHUNK).zip(ys.chunks_exact_mut(CHUNK)) {

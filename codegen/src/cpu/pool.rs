@@ -236,6 +236,31 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// The memory's read bandwidth with this pool's workers, in bytes a
+/// second: the best of `passes` sums over a buffer of `bytes` (each worker
+/// summing its share), the figure a bandwidth-bound decode step is held to.
+pub fn read_bandwidth(pool: &Pool, bytes: usize, passes: usize) -> f64 {
+    let data: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..passes.max(1) {
+        let total = std::sync::atomic::AtomicU64::new(0);
+        let t0 = std::time::Instant::now();
+        pool.run(&|me, n| {
+            let part = &data[share(data.len(), me, n)];
+            let s = part.chunks_exact(8).fold([0u64; 8], |mut acc, c| {
+                for i in 0..8 {
+                    acc[i] = acc[i].wrapping_add(c[i]);
+                }
+                acc
+            });
+            total.fetch_add(s.iter().fold(0, |a, &b| a.wrapping_add(b)), std::sync::atomic::Ordering::Relaxed);
+        });
+        std::hint::black_box(total.into_inner());
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    (data.len() * 8) as f64 / best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,29 +346,4 @@ mod tests {
             }
         }
     }
-}
-
-/// The memory's read bandwidth with this pool's workers, in bytes a
-/// second: the best of `passes` sums over a buffer of `bytes` (each worker
-/// summing its share), the figure a bandwidth-bound decode step is held to.
-pub fn read_bandwidth(pool: &Pool, bytes: usize, passes: usize) -> f64 {
-    let data: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
-    let mut best = f64::INFINITY;
-    for _ in 0..passes.max(1) {
-        let total = std::sync::atomic::AtomicU64::new(0);
-        let t0 = std::time::Instant::now();
-        pool.run(&|me, n| {
-            let part = &data[share(data.len(), me, n)];
-            let s = part.chunks_exact(8).fold([0u64; 8], |mut acc, c| {
-                for i in 0..8 {
-                    acc[i] = acc[i].wrapping_add(c[i]);
-                }
-                acc
-            });
-            total.fetch_add(s.iter().fold(0, |a, &b| a.wrapping_add(b)), std::sync::atomic::Ordering::Relaxed);
-        });
-        std::hint::black_box(total.into_inner());
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    (data.len() * 8) as f64 / best
 }
