@@ -8,7 +8,7 @@
 //! read their weights from DRAM as they do in a model.
 
 use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs, TernaryTiles};
-use bitnet_codegen::cpu::{float, ops, Isa, Pool};
+use bitnet_codegen::cpu::{float, int4, ops, Isa, Pool};
 use bitnet_ir::interp::WeightView;
 use bitnet_ir::DType;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -99,6 +99,9 @@ fn ternary_gemm(c: &mut Criterion) {
     }
 }
 
+/// The 2B4T head (128256 × 2560) for one token, stored f16 and `--head
+/// q4`, with each ISA that has kernels of its own for them: GB/s of each
+/// one's own bytes, so compare times across the two layouts.
 fn head_gemv(c: &mut Criterion) {
     let pool = Pool::new(threads());
     let (n, k) = (128256, 2560);
@@ -106,12 +109,20 @@ fn head_gemv(c: &mut Criterion) {
     let w = WeightView { dtype: DType::F16, shape: vec![n, k], data: &bytes };
     let x: Vec<f32> = (0..k).map(|i| (i % 13) as f32 / 13.0).collect();
     let mut out = vec![0f32; n];
+    let isas: Vec<Isa> = [Isa::Avx512Vnni, Isa::Avx2, Isa::Cranelift].into_iter().filter(|i| i.available()).collect();
     let mut g = c.benchmark_group("head_gemv");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(bytes.len() as u64));
-    g.bench_function("f16_128256x2560", |b| b.iter(|| float::matmul(&pool, Isa::best(), &w, &x, &mut out)));
-    if Isa::Cranelift.available() {
-        g.bench_function("cranelift/f16_128256x2560", |b| b.iter(|| float::matmul(&pool, Isa::Cranelift, &w, &x, &mut out)));
+    // AVX-512 VNNI runs AVX2's f16 kernels.
+    for &isa in isas.iter().filter(|&&i| i.float_kernels() == i) {
+        g.bench_function(format!("f16_128256x2560/{}", isa.name()), |b| b.iter(|| float::matmul(&pool, isa, &w, &x, &mut out)));
+    }
+    let q4 = int4::Int4Rows::quantize(&w);
+    let mut acts = QuantActs::default();
+    ops::quantize_rows(&x, k, None, &mut acts);
+    g.throughput(Throughput::Bytes(q4.bytes() as u64));
+    for &isa in isas.iter().filter(|&&i| i != Isa::Cranelift) {
+        g.bench_function(format!("q4_128256x2560/{}", isa.name()), |b| b.iter(|| int4::matmul(&pool, isa, &q4, &acts, &mut out)));
     }
 }
 

@@ -103,6 +103,10 @@ fn quantize_row(row: &[f32], q: &mut [u8], scale: &mut [u16]) {
 /// `out[t, r] = (x_t · w_r) / γ_t`, rows split over the workers.
 pub fn matmul(pool: &Pool, isa: Isa, w: &Int4Rows, x: &QuantActs, out: &mut [f32]) {
     assert!(x.kp >= w.kp && out.len() == x.tokens() * w.n, "int4 matmul: mismatched operands");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        return matmul_wide(pool, w, x, out);
+    }
     let dst = SharedMut(out.as_mut_ptr());
     let chunks = Chunks::new(w.n, pool.threads());
     pool.run_sized(x.tokens() * w.n * w.kp / 2, &|_, _| {
@@ -119,6 +123,33 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &Int4Rows, x: &QuantActs, out: &mut [f32
     });
 }
 
+/// [`matmul`] with AVX-512 VNNI: [`vnni::ROWS`] rows at a time against
+/// each token's activations, arranged once per call ([`vnni::Acts`]).
+#[cfg(target_arch = "x86_64")]
+fn matmul_wide(pool: &Pool, w: &Int4Rows, x: &QuantActs, out: &mut [f32]) {
+    let acts: Vec<vnni::Acts> = (0..x.tokens()).map(|t| vnni::Acts::new(&x.row(t)[..w.kp])).collect();
+    let dst = SharedMut(out.as_mut_ptr());
+    let blocks = Chunks::new(w.n.div_ceil(vnni::ROWS), pool.threads());
+    pool.run_sized(x.tokens() * w.n * w.kp / 2, &|_, _| {
+        for b in std::iter::from_fn(|| blocks.next()).flatten() {
+            let r0 = b * vnni::ROWS;
+            let m = vnni::ROWS.min(w.n - r0);
+            // Past the last row, the last row again (computed, not stored).
+            let rows = std::array::from_fn(|j| w.row(r0 + j.min(m - 1)));
+            for (t, a) in acts.iter().enumerate() {
+                // SAFETY: Isa::Avx512Vnni is only chosen where available()
+                // found AVX-512 F/BW/VNNI; every row holds kp / 2 bytes and
+                // kp / 32 scales, the activations kp values.
+                let v = unsafe { vnni::dot_rows(rows, a) };
+                for (j, v) in v.iter().take(m).enumerate() {
+                    // SAFETY: rows r0..r0 + m belong to this worker alone.
+                    unsafe { *dst.ptr().add(t * w.n + r0 + j) = v / x.gamma[t] };
+                }
+            }
+        }
+    });
+}
+
 fn bytes_of(d: &[u16]) -> &[u8] {
     // SAFETY: u16 has no padding and a stricter alignment than u8; the
     // slice covers the same bytes.
@@ -127,15 +158,15 @@ fn bytes_of(d: &[u16]) -> &[u8] {
 
 /// `Σ_g d_g · Σ_j q_gj x_gj` over the groups of one row (`q` packed as in
 /// [`Int4Rows`], `d` its scales in f32, `x` int8 of at least 32 a group).
+/// A row at a time; [`matmul`] on AVX-512 VNNI reads four rows at a time.
 pub fn dot(isa: Isa, q: &[u8], d: &[f32], x: &[i8]) -> f32 {
     assert!(q.len() >= d.len() * GROUP / 2 && x.len() >= d.len() * GROUP, "int4 dot: short operands");
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512 F/BW/VNNI checked by available(); lengths above.
-        Isa::Avx512Vnni => unsafe { vnni::dot(q, d, x) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2/FMA checked by available(); lengths above.
-        Isa::Avx2 => unsafe { avx2::dot(q, d, x) },
+        // SAFETY: AVX2/FMA checked by available() (AVX-512 VNNI includes
+        // them); lengths above.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot(q, d, x) },
+        Isa::Cranelift => super::jit::DotJit::get().expect("Isa::Cranelift is available").dot_q4(q, d, x),
         _ => reference_dot(q, d, x),
     }
 }
@@ -191,37 +222,99 @@ mod vnni {
     use super::GROUP;
     use std::arch::x86_64::*;
 
-    /// Two groups at a time in 512-bit vectors: `vpdpbusd` of the stored
-    /// nibbles (q + 8, unsigned) with x, less `vpdpbusd` of 8 with x, gives
-    /// each group's sum in eight i32 lanes; the lanes are scaled by their
-    /// group's d and accumulated in f32.
+    /// Rows a call of [`dot_rows`].
+    pub const ROWS: usize = 4;
+    /// Weights a pair of groups: one 512-bit product.
+    const PAIR: usize = 2 * GROUP;
+    /// How many blocks of rows ahead the kernel prefetches.
+    const AHEAD: usize = 2;
+    /// Each i32 lane's group within a pair (see [`Acts`]).
+    const LANE_GROUP: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1];
+
+    /// One token's int8 activations in the order the kernel unpacks a
+    /// pair of groups' 32 bytes into: their low nibbles (values 0..16 of
+    /// both groups), then their high nibbles (values 16..32), so each 64
+    /// values have their middle 16 swapped. With them, each 32-bit lane's
+    /// `−8·Σx`: the products are of the stored `q + 8`, and this puts the
+    /// 8 back once per token instead of once per row.
+    pub struct Acts {
+        x: Vec<i8>,
+        minus_8x: Vec<i32>,
+    }
+
+    impl Acts {
+        pub fn new(x: &[i8]) -> Acts {
+            assert!(x.len() % PAIR == 0, "int4 activations come in pairs of groups");
+            let mut ordered = Vec::with_capacity(x.len());
+            for pair in x.chunks_exact(PAIR) {
+                for block in [0, 2, 1, 3] {
+                    ordered.extend_from_slice(&pair[16 * block..16 * (block + 1)]);
+                }
+            }
+            let minus_8x = ordered.chunks_exact(4).map(|l| -8 * l.iter().map(|&v| v as i32).sum::<i32>()).collect();
+            Acts { x: ordered, minus_8x }
+        }
+    }
+
+    /// [`super::reference_dot`] for [`ROWS`] rows (`q`, f16 scales) at
+    /// once: per pair of groups, the 32 bytes broadcast to both halves of a
+    /// register, shifted by 0 and 4 and masked to nibbles, one `vpdpbusd`
+    /// onto the `−8·Σx` lanes, converted and multiplied by the scales
+    /// permuted to their lanes (16 scales converted at a time).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; each row holds `x.len() / 2` bytes and
+    /// `x.len() / 32` scales.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot(q: &[u8], d: &[f32], x: &[i8]) -> f32 {
-        let mask = _mm256_set1_epi8(0x0F);
-        let eight = _mm512_set1_epi8(8);
-        let mut acc = _mm512_setzero_ps();
-        let pairs = d.len() / 2;
-        for p in 0..pairs {
-            let pq = q.as_ptr().add(p * GROUP);
-            _mm_prefetch::<_MM_HINT_T0>(pq.wrapping_add(1024) as *const i8);
-            // Two groups' 32 bytes: group 2p in the low 16, 2p + 1 in the high.
-            let b = _mm256_loadu_si256(pq as *const __m256i);
-            let lo = _mm256_and_si256(b, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask);
-            // Values in order: [lo(2p), hi(2p), lo(2p+1), hi(2p+1)].
-            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_permute2x128_si256::<0x20>(lo, hi)), _mm256_permute2x128_si256::<0x31>(lo, hi));
-            let xv = _mm512_loadu_si512(x.as_ptr().add(p * 2 * GROUP) as *const _);
-            let zero = _mm512_setzero_si512();
-            let s = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, w, xv), _mm512_dpbusd_epi32(zero, eight, xv));
-            let scale = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(_mm512_set1_ps(d[2 * p])), _mm256_castps_pd(_mm256_set1_ps(d[2 * p + 1]))));
-            acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc);
+    pub unsafe fn dot_rows(rows: [(&[u8], &[u16]); ROWS], a: &Acts) -> [f32; ROWS] {
+        let pairs = a.x.len() / PAIR;
+        debug_assert!(rows.iter().all(|(q, d)| q.len() >= pairs * GROUP && d.len() >= 2 * pairs));
+        let mask = _mm512_set1_epi8(0x0F);
+        let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
+        let lane_group = _mm512_loadu_si512(LANE_GROUP.as_ptr().cast());
+        let mut acc = [_mm512_setzero_ps(); ROWS];
+        let ahead = rows[0].0.as_ptr().wrapping_add(AHEAD * ROWS * GROUP * pairs);
+        let scales_ahead = rows[0].1.as_ptr().cast::<u8>().wrapping_add(AHEAD * ROWS * 4 * pairs);
+        let mut p = 0;
+        while p < pairs {
+            // Up to eight pairs: sixteen scales, one conversion a row.
+            let n = (pairs - p).min(8);
+            let mut scales = [_mm512_setzero_ps(); ROWS];
+            for (s, (_, d)) in scales.iter_mut().zip(&rows) {
+                let d = d.as_ptr().add(2 * p);
+                let h = if n == 8 {
+                    _mm256_loadu_si256(d.cast())
+                } else {
+                    let mut h = [0u16; 16];
+                    std::ptr::copy_nonoverlapping(d, h.as_mut_ptr(), 2 * n);
+                    _mm256_loadu_si256(h.as_ptr().cast())
+                };
+                *s = _mm512_cvtph_ps(h);
+            }
+            for j in 0..n {
+                let at = p + j;
+                let scale_of = _mm512_add_epi32(lane_group, _mm512_set1_epi32(2 * j as i32));
+                let xv = _mm512_loadu_si512(a.x.as_ptr().add(PAIR * at).cast());
+                let minus_8x = _mm512_loadu_si512(a.minus_8x.as_ptr().add(16 * at).cast());
+                // The rows of a block are contiguous: fetch the block
+                // AHEAD blocks on, two lines a step (a row's stream alone
+                // is too short for the hardware prefetcher).
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(2 * 64 * at).cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(2 * 64 * at + 64).cast());
+                if 64 * at < ROWS * 4 * pairs {
+                    _mm_prefetch::<_MM_HINT_T0>(scales_ahead.wrapping_add(64 * at).cast());
+                }
+                for (r, ((q, _), acc)) in rows.iter().zip(&mut acc).enumerate() {
+                    let pq = q.as_ptr().add(GROUP * at);
+                    let b = _mm512_broadcast_i64x4(_mm256_loadu_si256(pq.cast()));
+                    let w = _mm512_and_si512(_mm512_srlv_epi16(b, shift), mask);
+                    let sums = _mm512_dpbusd_epi32(minus_8x, w, xv);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(scale_of, scales[r]), *acc);
+                }
+            }
+            p += n;
         }
-        let mut sum = _mm512_reduce_add_ps(acc);
-        if d.len() % 2 == 1 {
-            let g = d.len() - 1;
-            sum += super::reference_dot(&q[g * GROUP / 2..], &d[g..], &x[g * GROUP..]);
-        }
-        sum
+        acc.map(|a| _mm512_reduce_add_ps(a))
     }
 }
 

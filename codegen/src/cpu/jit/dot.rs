@@ -9,6 +9,10 @@
 //!   so the tests hold them to the float budget.
 //! - `dot_i8`: bytes widened to 16 bits, multiplied (a product of two
 //!   int8 fits), widened to 32 and summed: exact, whatever the order.
+//! - `dot_q4` (`--head q4`): a group's 16 bytes split into their nibbles,
+//!   less 8, then as `dot_i8` to four exact i32 lanes, converted, scaled by
+//!   the group's f32 scale and accumulated in four f32 lanes, summed across
+//!   at the end.
 //! - f16 → f32 without F16C: the 15 magnitude bits shifted into an f32's
 //!   place and multiplied by 2¹¹² (exact for normal and subnormal halves),
 //!   infinities and NaNs given the all-ones exponent (an OR, the scaling
@@ -27,11 +31,13 @@ use std::sync::OnceLock;
 type DotF32Fn = unsafe extern "C" fn(a: *const f32, b: *const u8, n: usize) -> f32;
 type DotI8Fn = unsafe extern "C" fn(a: *const i8, b: *const i8, n: usize) -> i32;
 type RowFn = unsafe extern "C" fn(src: *const u8, out: *mut f32, n: usize);
+type DotQ4Fn = unsafe extern "C" fn(q: *const u8, d: *const f32, x: *const i8, groups: usize) -> f32;
 
 pub struct DotJit {
     dot_f32: DotF32Fn,
     dot_f16: DotF32Fn,
     dot_i8: DotI8Fn,
+    dot_q4: DotQ4Fn,
     f16_row: RowFn,
     _module: ModuleBox,
 }
@@ -42,6 +48,7 @@ enum Kind {
     DotF32,
     DotF16,
     DotI8,
+    DotQ4,
     F16Row,
 }
 
@@ -72,6 +79,14 @@ impl DotJit {
         unsafe { (self.dot_i8)(a.as_ptr(), b.as_ptr(), n) }
     }
 
+    /// `Σ_g d_g · Σ_j q_gj x_gj` over the groups of one 4-bit row, as
+    /// [`crate::cpu::int4::reference_dot`].
+    pub fn dot_q4(&self, q: &[u8], d: &[f32], x: &[i8]) -> f32 {
+        let groups = d.len().min(q.len() / 16).min(x.len() / 32);
+        // SAFETY: `q` holds 16 bytes a group, `x` 32 values, `d` one scale.
+        unsafe { (self.dot_q4)(q.as_ptr(), d.as_ptr(), x.as_ptr(), groups) }
+    }
+
     /// f16 bytes to f32.
     pub fn f16_to_f32(&self, src: &[u8], out: &mut [f32]) {
         let n = out.len().min(src.len() / 2);
@@ -83,18 +98,19 @@ impl DotJit {
         let mut module = JITModule::new(JITBuilder::with_isa(host_isa()?, default_libcall_names()));
         let config = module.target_config();
         let ptr = config.pointer_type();
-        let sig = |ret: Option<Type>| {
+        let sig = |params: usize, ret: Option<Type>| {
             let mut s = Signature::new(config.default_call_conv);
-            s.params.extend([AbiParam::new(ptr); 3]);
+            s.params.extend(std::iter::repeat_n(AbiParam::new(ptr), params));
             s.returns.extend(ret.map(AbiParam::new));
             s
         };
-        let kinds = [Kind::DotF32, Kind::DotF16, Kind::DotI8, Kind::F16Row];
+        let kinds = [Kind::DotF32, Kind::DotF16, Kind::DotI8, Kind::DotQ4, Kind::F16Row];
         let fns = [
-            ("dot_f32".to_string(), sig(Some(types::F32))),
-            ("dot_f16".to_string(), sig(Some(types::F32))),
-            ("dot_i8".to_string(), sig(Some(types::I32))),
-            ("f16_row".to_string(), sig(None)),
+            ("dot_f32".to_string(), sig(3, Some(types::F32))),
+            ("dot_f16".to_string(), sig(3, Some(types::F32))),
+            ("dot_i8".to_string(), sig(3, Some(types::I32))),
+            ("dot_q4".to_string(), sig(4, Some(types::F32))),
+            ("f16_row".to_string(), sig(3, None)),
         ];
         let code = define_all(&mut module, &fns, |i, _, func, fbc| build(func, fbc, config, kinds[i]))?;
         // SAFETY: each was built with the signature of its field.
@@ -103,7 +119,8 @@ impl DotJit {
                 dot_f32: std::mem::transmute::<*const u8, DotF32Fn>(code[0]),
                 dot_f16: std::mem::transmute::<*const u8, DotF32Fn>(code[1]),
                 dot_i8: std::mem::transmute::<*const u8, DotI8Fn>(code[2]),
-                f16_row: std::mem::transmute::<*const u8, RowFn>(code[3]),
+                dot_q4: std::mem::transmute::<*const u8, DotQ4Fn>(code[3]),
+                f16_row: std::mem::transmute::<*const u8, RowFn>(code[4]),
                 _module: ModuleBox(module),
             })
         }
@@ -134,6 +151,10 @@ fn build(func: &mut Function, fbc: &mut FunctionBuilderContext, config: TargetFr
         }
         Kind::DotI8 => {
             let s = emit_dot_i8(&mut b, ptr, a, w, n);
+            b.ins().return_(&[s]);
+        }
+        Kind::DotQ4 => {
+            let s = emit_dot_q4(&mut b, ptr, [p[0], p[1], p[2]], p[3]);
             b.ins().return_(&[s]);
         }
         Kind::DotF32 | Kind::DotF16 => {
@@ -259,11 +280,7 @@ fn emit_dot_i8(b: &mut FunctionBuilder, ptr: Type, a: Value, w: Value, n: Value)
         let (pa, pw) = (b.ins().iadd(a, i), b.ins().iadd(w, i));
         let x = b.ins().load(types::I8X16, flags, pa, 0);
         let y = b.ins().load(types::I8X16, flags, pw, 0);
-        let (xl, xh) = (b.ins().swiden_low(x), b.ins().swiden_high(x));
-        let (yl, yh) = (b.ins().swiden_low(y), b.ins().swiden_high(y));
-        let (pl, ph) = (b.ins().imul(xl, yl), b.ins().imul(xh, yh));
-        let parts = [b.ins().swiden_low(pl), b.ins().swiden_high(pl), b.ins().swiden_low(ph), b.ins().swiden_high(ph)];
-        for (&acc, part) in accs.iter().zip(parts) {
+        for (&acc, part) in accs.iter().zip(emit_widened_products(b, x, y)) {
             let s = b.use_var(acc);
             let s = b.ins().iadd(s, part);
             b.def_var(acc, s);
@@ -289,6 +306,57 @@ fn emit_dot_i8(b: &mut FunctionBuilder, ptr: Type, a: Value, w: Value, n: Value)
         b.def_var(total, s);
     });
     b.use_var(total)
+}
+
+/// Exact products of two int8 vectors, widened to four i32 lanes (their
+/// sum is the dot product).
+fn emit_widened_products(b: &mut FunctionBuilder, x: Value, y: Value) -> [Value; 4] {
+    let (xl, xh) = (b.ins().swiden_low(x), b.ins().swiden_high(x));
+    let (yl, yh) = (b.ins().swiden_low(y), b.ins().swiden_high(y));
+    let (pl, ph) = (b.ins().imul(xl, yl), b.ins().imul(xh, yh));
+    [b.ins().swiden_low(pl), b.ins().swiden_high(pl), b.ins().swiden_low(ph), b.ins().swiden_high(ph)]
+}
+
+/// `Σ_g d_g · Σ_j q_gj x_gj` over `groups` groups of 32 (`q` 16 bytes a
+/// group, low nibbles the values 0..16, high ones 16..32, each `q + 8`; `d`
+/// f32; `x` int8); see the module's notes.
+fn emit_dot_q4(b: &mut FunctionBuilder, ptr: Type, [q, d, x]: [Value; 3], groups: Value) -> Value {
+    let flags = MemFlagsData::new().with_notrap().with_readonly();
+    let zero = b.ins().iconst(ptr, 0);
+    let zf = b.ins().f32const(0.0);
+    let zfv = b.ins().splat(types::F32X4, zf);
+    let acc = b.declare_var(types::F32X4);
+    b.def_var(acc, zfv);
+    let m = b.ins().iconst(types::I8, 0x0F);
+    let mask = b.ins().splat(types::I8X16, m);
+    let e = b.ins().iconst(types::I8, 8);
+    let eight = b.ins().splat(types::I8X16, e);
+    emit_loop(b, ptr, zero, groups, 1, |b, g| {
+        let (pq, px, pd) = (at(b, q, g, 4), at(b, x, g, 5), at(b, d, g, 2));
+        let bytes = b.ins().load(types::I8X16, flags, pq, 0);
+        let lo = b.ins().band(bytes, mask);
+        let hi = b.ins().ushr_imm_u(bytes, 4);
+        let hi = b.ins().band(hi, mask);
+        let (lo, hi) = (b.ins().isub(lo, eight), b.ins().isub(hi, eight));
+        let (xl, xh) = (b.ins().load(types::I8X16, flags, px, 0), b.ins().load(types::I8X16, flags, px, 16));
+        let mut parts = emit_widened_products(b, lo, xl).into_iter().chain(emit_widened_products(b, hi, xh));
+        let first = parts.next().expect("eight parts");
+        let sum = parts.fold(first, |s, p| b.ins().iadd(s, p));
+        let sum = b.ins().fcvt_from_sint(types::F32X4, sum);
+        let scale = b.ins().load(types::F32, flags, pd, 0);
+        let scale = b.ins().splat(types::F32X4, scale);
+        let scaled = b.ins().fmul(sum, scale);
+        let a = b.use_var(acc);
+        let a = b.ins().fadd(a, scaled);
+        b.def_var(acc, a);
+    });
+    let v = b.use_var(acc);
+    let mut s = b.ins().extractlane(v, 0);
+    for lane in 1..4 {
+        let x = b.ins().extractlane(v, lane);
+        s = b.ins().fadd(s, x);
+    }
+    s
 }
 
 #[cfg(test)]
