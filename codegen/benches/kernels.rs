@@ -124,6 +124,20 @@ fn head_gemv(c: &mut Criterion) {
     for &isa in isas.iter().filter(|&&i| i != Isa::Cranelift) {
         g.bench_function(format!("q4_128256x2560/{}", isa.name()), |b| b.iter(|| int4::matmul(&pool, isa, &q4, &acts, &mut out)));
     }
+    drop(g);
+    // Eight sequences' decode step (`bench --parallel 8`): the head is read
+    // once for eight tokens, so its arithmetic counts.
+    let tokens = 8;
+    let x8: Vec<f32> = (0..tokens * k).map(|i| (i % 13) as f32 / 13.0 - (i % 5) as f32 / 7.0).collect();
+    ops::quantize_rows(&x8, k, None, &mut acts);
+    let mut out = vec![0f32; tokens * n];
+    let mut g = c.benchmark_group("head_8_tokens");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((tokens * n * k) as u64));
+    for &isa in [Isa::Avx512Vnni, Isa::Avx2].iter().filter(|i| i.available()) {
+        g.bench_function(format!("f16_128256x2560/{}", isa.name()), |b| b.iter(|| float::matmul(&pool, isa, &w, &x8, &mut out)));
+        g.bench_function(format!("q4_128256x2560/{}", isa.name()), |b| b.iter(|| int4::matmul(&pool, isa, &q4, &acts, &mut out)));
+    }
 }
 
 /// The elementwise families on one decode token's rows, native against

@@ -123,8 +123,8 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &Int4Rows, x: &QuantActs, out: &mut [f32
     });
 }
 
-/// [`matmul`] with AVX-512 VNNI: [`vnni::ROWS`] rows at a time against
-/// each token's activations, arranged once per call ([`vnni::Acts`]).
+/// [`matmul`] with AVX-512 VNNI: [`vnni::ROWS`] rows at a time against up
+/// to four tokens' activations, arranged once per call ([`vnni::Acts`]).
 #[cfg(target_arch = "x86_64")]
 fn matmul_wide(pool: &Pool, w: &Int4Rows, x: &QuantActs, out: &mut [f32]) {
     let acts: Vec<vnni::Acts> = (0..x.tokens()).map(|t| vnni::Acts::new(&x.row(t)[..w.kp])).collect();
@@ -136,18 +136,45 @@ fn matmul_wide(pool: &Pool, w: &Int4Rows, x: &QuantActs, out: &mut [f32]) {
             let m = vnni::ROWS.min(w.n - r0);
             // Past the last row, the last row again (computed, not stored).
             let rows = std::array::from_fn(|j| w.row(r0 + j.min(m - 1)));
-            for (t, a) in acts.iter().enumerate() {
+            // Four tokens a pass where there are, then two, then one: the
+            // rows are unpacked once a pass.
+            let mut t = 0;
+            while t < acts.len() {
+                let put = |i: usize, j: usize, v: f32| {
+                    if j < m {
+                        // SAFETY: rows r0..r0 + m belong to this worker alone.
+                        unsafe { *dst.ptr().add((t + i) * w.n + r0 + j) = v / x.gamma[t + i] };
+                    }
+                };
                 // SAFETY: Isa::Avx512Vnni is only chosen where available()
                 // found AVX-512 F/BW/VNNI; every row holds kp / 2 bytes and
-                // kp / 32 scales, the activations kp values.
-                let v = unsafe { vnni::dot_rows(rows, a) };
-                for (j, v) in v.iter().take(m).enumerate() {
-                    // SAFETY: rows r0..r0 + m belong to this worker alone.
-                    unsafe { *dst.ptr().add(t * w.n + r0 + j) = v / x.gamma[t] };
-                }
+                // kp / 32 scales, every token's activations kp values.
+                t += unsafe {
+                    match acts.len() - t {
+                        4.. => pass::<4>(rows, &acts[t..], put),
+                        2 | 3 => pass::<2>(rows, &acts[t..], put),
+                        _ => pass::<1>(rows, &acts[t..], put),
+                    }
+                };
             }
         }
     });
+}
+
+/// The first `T` tokens of `acts` against a block of rows, each value
+/// handed to `put(token, row, value)`; returns `T`.
+///
+/// # Safety
+/// As [`vnni::dot_rows`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn pass<const T: usize>(rows: [(&[u8], &[u16]); vnni::ROWS], acts: &[vnni::Acts], mut put: impl FnMut(usize, usize, f32)) -> usize {
+    let v = vnni::dot_rows::<T>(rows, std::array::from_fn(|i| &acts[i]));
+    for (j, row) in v.iter().enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            put(i, j, v);
+        }
+    }
+    T
 }
 
 fn bytes_of(d: &[u16]) -> &[u8] {
@@ -256,23 +283,25 @@ mod vnni {
         }
     }
 
-    /// [`super::reference_dot`] for [`ROWS`] rows (`q`, f16 scales) at
-    /// once: per pair of groups, the 32 bytes broadcast to both halves of a
-    /// register, shifted by 0 and 4 and masked to nibbles, one `vpdpbusd`
-    /// onto the `−8·Σx` lanes, converted and multiplied by the scales
-    /// permuted to their lanes (16 scales converted at a time).
+    /// [`super::reference_dot`] for [`ROWS`] rows (`q`, f16 scales) and
+    /// `T` tokens at once: per pair of groups, a row's 32 bytes broadcast
+    /// to both halves of a register, shifted by 0 and 4 and masked to
+    /// nibbles, and its scales permuted to their lanes (16 scales converted
+    /// at a time), once for all `T` tokens; per token one `vpdpbusd` onto
+    /// its `−8·Σx` lanes, converted, scaled and accumulated.
     ///
     /// # Safety
     /// AVX-512 F/BW/VNNI; each row holds `x.len() / 2` bytes and
-    /// `x.len() / 32` scales.
+    /// `x.len() / 32` scales, for the `x` of every token, all one length.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot_rows(rows: [(&[u8], &[u16]); ROWS], a: &Acts) -> [f32; ROWS] {
-        let pairs = a.x.len() / PAIR;
+    pub unsafe fn dot_rows<const T: usize>(rows: [(&[u8], &[u16]); ROWS], acts: [&Acts; T]) -> [[f32; T]; ROWS] {
+        let pairs = acts[0].x.len() / PAIR;
+        debug_assert!(acts.iter().all(|a| a.x.len() == PAIR * pairs));
         debug_assert!(rows.iter().all(|(q, d)| q.len() >= pairs * GROUP && d.len() >= 2 * pairs));
         let mask = _mm512_set1_epi8(0x0F);
         let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
         let lane_group = _mm512_loadu_si512(LANE_GROUP.as_ptr().cast());
-        let mut acc = [_mm512_setzero_ps(); ROWS];
+        let mut acc = [[_mm512_setzero_ps(); T]; ROWS];
         let ahead = rows[0].0.as_ptr().wrapping_add(AHEAD * ROWS * GROUP * pairs);
         let scales_ahead = rows[0].1.as_ptr().cast::<u8>().wrapping_add(AHEAD * ROWS * 4 * pairs);
         let mut p = 0;
@@ -294,8 +323,6 @@ mod vnni {
             for j in 0..n {
                 let at = p + j;
                 let scale_of = _mm512_add_epi32(lane_group, _mm512_set1_epi32(2 * j as i32));
-                let xv = _mm512_loadu_si512(a.x.as_ptr().add(PAIR * at).cast());
-                let minus_8x = _mm512_loadu_si512(a.minus_8x.as_ptr().add(16 * at).cast());
                 // The rows of a block are contiguous: fetch the block
                 // AHEAD blocks on, two lines a step (a row's stream alone
                 // is too short for the hardware prefetcher).
@@ -308,13 +335,18 @@ mod vnni {
                     let pq = q.as_ptr().add(GROUP * at);
                     let b = _mm512_broadcast_i64x4(_mm256_loadu_si256(pq.cast()));
                     let w = _mm512_and_si512(_mm512_srlv_epi16(b, shift), mask);
-                    let sums = _mm512_dpbusd_epi32(minus_8x, w, xv);
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(scale_of, scales[r]), *acc);
+                    let scale = _mm512_permutexvar_ps(scale_of, scales[r]);
+                    for (acc, a) in acc.iter_mut().zip(&acts) {
+                        let xv = _mm512_loadu_si512(a.x.as_ptr().add(PAIR * at).cast());
+                        let minus_8x = _mm512_loadu_si512(a.minus_8x.as_ptr().add(16 * at).cast());
+                        let sums = _mm512_dpbusd_epi32(minus_8x, w, xv);
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, *acc);
+                    }
                 }
             }
             p += n;
         }
-        acc.map(|a| _mm512_reduce_add_ps(a))
+        acc.map(|a| a.map(|a| _mm512_reduce_add_ps(a)))
     }
 }
 
