@@ -265,7 +265,7 @@ proptest! {
     #[test]
     fn int4_head_matches_its_reference_and_is_close_to_the_float_one(
         (n, k) in (prop_oneof![Just(1usize), Just(3), Just(5), Just(61)], prop_oneof![Just(1usize), Just(3), Just(783), Just(2592)]),
-        tokens in 1usize..4,
+        tokens in 1usize..7,
         threads in 1usize..3,
     ) {
         let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();

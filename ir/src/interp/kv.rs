@@ -261,7 +261,7 @@ impl KvPages {
     }
 
     fn stride(&self) -> usize {
-        self.kv_heads * self.head_dim << self.shift
+        (self.kv_heads * self.head_dim) << self.shift
     }
 
     /// Copies positions `0..n` of block `from` into block `to`, in every
