@@ -103,6 +103,7 @@ fn quantize_row(row: &[f32], q: &mut [u8], scale: &mut [u16]) {
 /// `out[t, r] = (x_t · w_r) / γ_t`, rows split over the workers.
 pub fn matmul(pool: &Pool, isa: Isa, w: &Int4Rows, x: &QuantActs, out: &mut [f32]) {
     assert!(x.kp >= w.kp && out.len() == x.tokens() * w.n, "int4 matmul: mismatched operands");
+    assert!(isa.available(), "int4 matmul: {} is not available on this CPU", isa.name());
     #[cfg(target_arch = "x86_64")]
     if let Some(kernel) = blocks::Kernel::for_isa(isa) {
         return matmul_blocks(pool, kernel, w, x, out);
