@@ -21,9 +21,12 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::SplitDelimiterBehavior;
 
 /// The LLaMA-3 split regex (`tokenizer.ggml.pre = llama-bpe`).
-/// Falcon3's (and Falcon-E's) pre-tokenizer, as llama.cpp applies it:
-/// three patterns in turn, each splitting the pieces of the one before;
-/// punctuation runs, then GPT-2-style words, then single digits.
+/// Falcon3's (and Falcon-E's) pre-tokenizer: three patterns in turn, each
+/// splitting the pieces of the one before; punctuation runs, then
+/// GPT-2-style words, then single digits (the `Punctuation`, `ByteLevel`
+/// and `Digits` steps of a Falcon tokenizer.json). llama.cpp does not do
+/// this: its `llama-vocab.cpp` reads `falcon3` (and ik_llama.cpp
+/// `falcon_e`) as the LLaMA-3 split (docs/model-families.md).
 pub const FALCON3_PATTERNS: [&str; 3] = [r"[\p{P}\$\+<=>\^~\|`]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)", r"[0-9]"];
 
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
