@@ -37,17 +37,20 @@ impl Kernel {
     /// with AVX2's 16) against a block of rows, each value handed to
     /// `put(token, row, value)`; returns how many tokens it took.
     pub fn dot_rows(self, rows: [(&[u8], &[u16]); ROWS], acts: &[Acts], put: impl FnMut(usize, usize, f32)) -> usize {
+        let most = if self == Kernel::Avx512Vnni { 4 } else { 2 };
+        // The tokens this pass takes (checking all of them on every pass
+        // would be quadratic in a long prompt's logits).
+        let acts = &acts[..acts.len().min(most)];
         let kp = acts[0].x.len();
         assert!(
             acts.iter().all(|a| a.kernel == self && a.x.len() == kp) && rows.iter().all(|(q, d)| q.len() >= kp / 2 && d.len() >= kp / GROUP),
             "int4 blocks: mismatched operands"
         );
-        let most = if self == Kernel::Avx512Vnni { 4 } else { 2 };
         // SAFETY: a Kernel comes from an Isa, chosen only where available()
         // found its features (AVX-512 F/BW/VNNI, or AVX2/FMA/F16C); every
         // row holds kp / 2 bytes and kp / 32 scales (checked above).
         unsafe {
-            match (self, acts.len().min(most)) {
+            match (self, acts.len()) {
                 (Kernel::Avx512Vnni, 4) => emit(vnni::<4>(rows, std::array::from_fn(|i| &acts[i])), put),
                 (Kernel::Avx512Vnni, 2 | 3) => emit(vnni::<2>(rows, std::array::from_fn(|i| &acts[i])), put),
                 (Kernel::Avx512Vnni, _) => emit(vnni::<1>(rows, [&acts[0]]), put),
