@@ -49,3 +49,5 @@ cargo --version
 cargo test --workspace
 # The Python bindings: a wheel from the same (debug) build, in a fresh virtualenv.
 python/test.sh
+# The WebAssembly build (Debian's Rust, installed by the script) in Node.js.
+scripts/wasm.sh

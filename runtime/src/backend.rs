@@ -7,9 +7,12 @@
 //! logits of the rows asked for. The engine builds steps and owns the
 //! cache; a backend only computes.
 
-use crate::compiled::{CompiledModel, KernelTimes};
+#[cfg(feature = "native")]
+use crate::compiled::CompiledModel;
+#[cfg(feature = "native")]
 use crate::cuda::CudaModel;
 use crate::error::RuntimeError;
+#[cfg(feature = "native")]
 use bitnet_codegen::schedule::Pinned;
 use bitnet_frontends::model::Model;
 use bitnet_ir::interp::{EvalError, Interpreter, KvStore, Tensor};
@@ -58,6 +61,7 @@ pub struct LoadOptions {
     pub backend: BackendKind,
     pub device: Device,
     /// Tiles fixed by the user for every ternary matmul.
+    #[cfg(feature = "native")]
     pub pinned: Pinned,
     /// Context size per sequence; the model's training context when `None`.
     pub context: Option<usize>,
@@ -95,10 +99,12 @@ pub trait Backend: Send {
     /// `times`, each kernel is timed (compiled backends only).
     fn step(&mut self, model: &Model, rows: &StepRows, kv: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError>;
 
+    #[cfg(feature = "native")]
     fn as_compiled(&self) -> Option<&CompiledModel> {
         None
     }
 
+    #[cfg(feature = "native")]
     fn as_cuda(&mut self) -> Option<&mut CudaModel> {
         None
     }
@@ -135,6 +141,7 @@ impl Backend for InterpBackend {
     }
 }
 
+#[cfg(feature = "native")]
 impl Backend for CompiledModel {
     fn kind(&self) -> BackendKind {
         BackendKind::Compiled
@@ -155,14 +162,17 @@ impl Backend for CompiledModel {
 
 /// The CUDA kernels, which keep one sequence's keys and values on the
 /// GPU: a step's rows all belong to that sequence.
+#[cfg(feature = "native")]
 pub struct CudaBackend(pub CudaModel);
 
+#[cfg(feature = "native")]
 // SAFETY: the one field that is not `Send` is the captured CUDA graph
 // (raw driver handles, which belong to the context, not to a thread);
 // the engine uses its backend from one thread at a time (under its step
 // lock), and cudarc makes the context current before each call.
 unsafe impl Send for CudaBackend {}
 
+#[cfg(feature = "native")]
 impl Backend for CudaBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Compiled
@@ -206,5 +216,27 @@ impl Backend for CudaBackend {
 
     fn as_cuda(&mut self) -> Option<&mut CudaModel> {
         Some(&mut self.0)
+    }
+}
+
+/// Milliseconds and calls per kernel family, in the order found.
+#[derive(Clone, Debug, Default)]
+pub struct KernelTimes(pub Vec<(String, f64, usize)>);
+
+impl KernelTimes {
+    pub fn add(&mut self, family: &str, ms: f64) {
+        match self.0.iter_mut().find(|f| f.0 == family) {
+            Some(f) => {
+                f.1 += ms;
+                f.2 += 1;
+            }
+            None => self.0.push((family.to_string(), ms, 1)),
+        }
+    }
+
+    /// `"ternary_glu 812.40 (30), attention 95.10 (30), ..."`: a string, so
+    /// that `bitnet bench --json` stays one flat object.
+    pub fn summary(&self) -> String {
+        self.0.iter().map(|(f, ms, n)| format!("{f} {ms:.3} ({n})")).collect::<Vec<_>>().join(", ")
     }
 }

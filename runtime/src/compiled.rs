@@ -9,7 +9,7 @@
 //! not one per node. Evaluation walks the nodes in order and calls each
 //! node's kernel; matrix products and attention fan out over the pool.
 
-use crate::backend::StepRows;
+use crate::backend::{KernelTimes, StepRows};
 use bitnet_codegen::cpu::int4::{self, Int4Rows};
 use bitnet_codegen::cpu::int8::{self, Int8Rows};
 use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
@@ -260,28 +260,6 @@ impl CompiledModel {
         times.add("executor", (t0.elapsed().as_secs_f64() * 1e3 - kernels).max(0.0));
         times.0.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(logits)
-    }
-}
-
-/// Milliseconds and calls per kernel family, in the order found.
-#[derive(Clone, Debug, Default)]
-pub struct KernelTimes(pub Vec<(String, f64, usize)>);
-
-impl KernelTimes {
-    pub fn add(&mut self, family: &str, ms: f64) {
-        match self.0.iter_mut().find(|f| f.0 == family) {
-            Some(f) => {
-                f.1 += ms;
-                f.2 += 1;
-            }
-            None => self.0.push((family.to_string(), ms, 1)),
-        }
-    }
-
-    /// `"ternary_glu 812.40 (30), attention 95.10 (30), ..."`: a string, so
-    /// that `bitnet bench --json` stays one flat object.
-    pub fn summary(&self) -> String {
-        self.0.iter().map(|(f, ms, n)| format!("{f} {ms:.3} ({n})")).collect::<Vec<_>>().join(", ")
     }
 }
 

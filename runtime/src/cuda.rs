@@ -12,7 +12,8 @@
 //! per layer, on the device. An evaluation uploads the token ids and
 //! positions, makes every launch on one stream, and copies the logits back.
 
-use crate::compiled::{assign_slots, KernelTimes, Kind, NO_SLOT};
+use crate::backend::KernelTimes;
+use crate::compiled::{assign_slots, Kind, NO_SLOT};
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};

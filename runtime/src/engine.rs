@@ -13,14 +13,19 @@
 //! of a conversation sent again) takes those blocks instead of computing
 //! them. Dropping a sequence gives its blocks back.
 
+#[cfg(feature = "native")]
 use crate::artifact::{self, Artifact, Header};
-use crate::backend::{Backend, BackendKind, CudaBackend, Device, InterpBackend, LoadOptions, StepRows};
-use crate::compiled::KernelTimes;
+#[cfg(feature = "native")]
+use crate::backend::CudaBackend;
+use crate::backend::{Backend, BackendKind, Device, InterpBackend, KernelTimes, LoadOptions, StepRows};
+#[cfg(feature = "native")]
 use crate::cuda::CudaModel;
 use crate::error::RuntimeError;
 use crate::kv::{KvBlocks, KvUsage, BLOCK_POSITIONS};
+#[cfg(feature = "native")]
 use crate::lowering;
 use crate::sampler::{Sampler, SamplerConfig};
+#[cfg(feature = "native")]
 use bitnet_codegen::schedule::{HeadQuant, Schedule};
 use bitnet_frontends::chat::{self, Message};
 use bitnet_frontends::model::Model;
@@ -74,6 +79,7 @@ pub struct Engine {
     /// compiled on another CPU).
     pub warnings: Vec<String>,
     /// The header of the artifact this engine runs, if it runs one.
+    #[cfg(feature = "native")]
     pub artifact: Option<Header>,
     /// The chat template: `EngineOptions::chat_template`, else the model's.
     pub chat_template: Option<String>,
@@ -121,7 +127,26 @@ impl Engine {
     /// backend) or a `.bnx` artifact (mapped, ready to run).
     pub fn open(path: &Path, opts: &EngineOptions) -> Result<Engine, RuntimeError> {
         let t0 = Instant::now();
-        let (model, backend, warnings, header) = if artifact::is_artifact(path) { open_artifact(path, &opts.load)? } else { open_model(path, &opts.load)? };
+        #[cfg(feature = "native")]
+        if artifact::is_artifact(path) {
+            let (model, backend, warnings, header) = open_artifact(path, &opts.load)?;
+            let mut engine = Engine::assemble(model, backend, warnings, opts, t0)?;
+            engine.artifact = Some(header);
+            return Ok(engine);
+        }
+        Engine::from_model(Model::open(path)?, opts, t0)
+    }
+
+    /// Serves a model already in memory (e.g. parsed from bytes with
+    /// [`Model::from_file`]), compiled as [`Engine::open`] would compile it
+    /// from a file; `t0` is when loading began (for `load_ms`).
+    pub fn from_model(model: Model, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
+        let mut warnings = Vec::new();
+        let backend = backend_for(&model, &opts.load, &mut warnings)?;
+        Engine::assemble(model, backend, warnings, opts, t0)
+    }
+
+    fn assemble(model: Model, backend: Box<dyn Backend>, warnings: Vec<String>, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
         let context = opts.load.context.unwrap_or(model.config.context).max(1);
         if !backend.paged() && opts.parallel > 1 {
             return RuntimeError::input(format!("the {} backend runs one sequence at a time so far; use --parallel 1", backend.device().name()));
@@ -146,7 +171,8 @@ impl Engine {
             threads: opts.load.threads.max(1),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             warnings,
-            artifact: header,
+            #[cfg(feature = "native")]
+            artifact: None,
             kind: backend.kind(),
             device: backend.device(),
             paged: backend.paged(),
@@ -184,12 +210,14 @@ impl Engine {
 
     /// The compiled CPU plan's schedule (tiles and ISA per kernel); `None`
     /// for other backends.
+    #[cfg(feature = "native")]
     pub fn schedule(&self) -> Option<Schedule> {
         self.with_backend(|b| b.as_compiled().map(|c| c.schedule().clone()))
     }
 
     /// Writes the compiled CPU plan and its prepared weights to a `.bnx`
     /// artifact (see [`artifact::write`]); `source` is the model's path.
+    #[cfg(feature = "native")]
     pub fn write_artifact(&self, out: &Path, source: &Path) -> Result<artifact::WriteReport, RuntimeError> {
         self.with_backend(|b| match b.as_compiled() {
             Some(c) => artifact::write(out, source, &self.model, c),
@@ -452,25 +480,34 @@ impl Engine {
     }
 }
 
-/// A model file or folder and the backend `opts` ask for.
-type Opened = (Model, Box<dyn Backend>, Vec<String>, Option<Header>);
-
-fn open_model(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError> {
-    let model = Model::open(path)?;
+/// The backend `opts` ask for, for a model file or folder.
+fn backend_for(model: &Model, opts: &LoadOptions, warnings: &mut Vec<String>) -> Result<Box<dyn Backend>, RuntimeError> {
     let step = model.step_graph()?;
-    Interpreter::new(&model, 1).check_weights(&step)?;
-    let context = opts.context.unwrap_or(model.config.context).max(1);
-    let mut warnings = Vec::new();
-    let backend: Box<dyn Backend> = match (opts.backend, opts.device) {
+    Interpreter::new(model, 1).check_weights(&step)?;
+    Ok(match (opts.backend, opts.device) {
         (BackendKind::Interp, Device::Cpu) => Box::new(InterpBackend { graph: step, threads: opts.threads.max(1) }),
         (BackendKind::Interp, Device::Cuda) => return RuntimeError::input("--backend interp runs on the CPU only; drop it to run compiled code on the GPU"),
-        (BackendKind::Compiled, Device::Cpu) => Box::new(lowering::compile_cpu(&model, &step, opts, &mut warnings)?),
-        (BackendKind::Compiled, Device::Cuda) => Box::new(CudaBackend(lowering::compile_cuda(&model, opts, context, &mut warnings)?)),
-    };
-    Ok((model, backend, warnings, None))
+        #[cfg(feature = "native")]
+        (BackendKind::Compiled, Device::Cpu) => Box::new(lowering::compile_cpu(model, &step, opts, warnings)?),
+        #[cfg(feature = "native")]
+        (BackendKind::Compiled, Device::Cuda) => {
+            let context = opts.context.unwrap_or(model.config.context).max(1);
+            Box::new(CudaBackend(lowering::compile_cuda(model, opts, context, warnings)?))
+        }
+        #[cfg(not(feature = "native"))]
+        (BackendKind::Compiled, _) => {
+            let _ = warnings;
+            return RuntimeError::input("this build has the reference interpreter only (bitnet-runtime without its `native` feature); use the interp backend");
+        }
+    })
 }
 
-fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError> {
+/// A `.bnx` artifact's model, its backend, warnings and header.
+#[cfg(feature = "native")]
+type OpenedArtifact = (Model, Box<dyn Backend>, Vec<String>, Header);
+
+#[cfg(feature = "native")]
+fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<OpenedArtifact, RuntimeError> {
     let a = Artifact::open(path)?;
     let h = &a.header;
     let artifact_err = |msg: String| Err(RuntimeError::Artifact(format!("{}: {msg}", path.display())));
@@ -513,7 +550,7 @@ fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<Opened, RuntimeError
     } else {
         Box::new(a.compiled(path, opts.threads)?)
     };
-    Ok((a.model, backend, warnings, Some(header)))
+    Ok((a.model, backend, warnings, header))
 }
 
 /// One conversation: its tokens, its blocks in the engine's KV cache, the

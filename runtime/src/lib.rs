@@ -23,16 +23,22 @@
 // Every unsafe block states what it relies on (clippy enforces it).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(feature = "native")]
 pub mod artifact;
 pub mod backend;
+#[cfg(feature = "native")]
 pub mod bench;
+#[cfg(feature = "native")]
 pub mod compiled;
+#[cfg(feature = "native")]
 pub mod cuda;
+#[cfg(feature = "native")]
 pub mod cuda_tune;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kv;
+#[cfg(feature = "native")]
 pub mod lowering;
 pub mod npy;
 pub mod quality;
@@ -40,11 +46,12 @@ pub mod sampler;
 pub mod session;
 pub mod stops;
 
-pub use backend::{Backend, BackendKind, Device, LoadOptions, StepRows};
+pub use backend::{Backend, BackendKind, Device, KernelTimes, LoadOptions, StepRows};
 pub use engine::{Engine, EngineOptions, Sequence};
 pub use error::RuntimeError;
 pub use generate::{GenerateOptions, Generation, StopReason, TextGeneration};
 pub use kv::KvUsage;
+#[cfg(feature = "native")]
 pub use lowering::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads};
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::Session;

@@ -3,8 +3,7 @@
 //! and `bench` use. Everything shared lives in the engine (reached
 //! through `Deref`); the session adds its one sequence.
 
-use crate::backend::{BackendKind, LoadOptions};
-use crate::compiled::KernelTimes;
+use crate::backend::{BackendKind, KernelTimes, LoadOptions};
 use crate::engine::{Engine, EngineOptions, Sequence};
 use crate::error::RuntimeError;
 use crate::generate::{GenerateOptions, Generation};

@@ -271,16 +271,22 @@ pub fn quantize_q8k(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
 fn by_columns(s: usize, n: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut cols = vec![0f32; s * n]; // column-major [n, s]
     let per = n.div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|scope| {
-        for (c, chunk) in cols.chunks_mut(per * s.max(1)).enumerate() {
-            let f = &f;
-            scope.spawn(move || {
-                for (j, col) in chunk.chunks_exact_mut(s.max(1)).enumerate() {
-                    f(c * per + j, col);
-                }
-            });
+    let run = |c: usize, chunk: &mut [f32]| {
+        for (j, col) in chunk.chunks_exact_mut(s.max(1)).enumerate() {
+            f(c * per + j, col);
         }
-    });
+    };
+    if per >= n {
+        // One thread's work: no thread is started (none can be on wasm32).
+        run(0, &mut cols);
+    } else {
+        std::thread::scope(|scope| {
+            for (c, chunk) in cols.chunks_mut(per * s.max(1)).enumerate() {
+                let run = &run;
+                scope.spawn(move || run(c, chunk));
+            }
+        });
+    }
     let mut out = vec![0f32; s * n];
     for j in 0..n {
         for i in 0..s {

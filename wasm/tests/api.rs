@@ -1,0 +1,53 @@
+//! The WebAssembly module's API on the host (the same code as in the .wasm
+//! file; `scripts/wasm.sh` runs it as WebAssembly in Node.js).
+
+use bitnet_wasm::api::State;
+
+const STORIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/models/stories260K/stories260K.gguf");
+const KNOWN: [u32; 20] = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292];
+
+fn loaded() -> (State, u32) {
+    let mut s = State::default();
+    let m = s.load(std::fs::read(STORIES).unwrap(), b"").unwrap();
+    (s, m)
+}
+
+#[test]
+fn greedy_ids_are_the_known_continuation() {
+    let (mut s, m) = loaded();
+    let g = s.start(m, br#"{"prompt_ids": [1, 403, 407, 261, 378], "max_tokens": 20, "temperature": 0}"#).unwrap();
+    let done: serde_json::Value = serde_json::from_str(&s.finish(g).unwrap()).unwrap();
+    assert_eq!(done["ids"], serde_json::json!(KNOWN));
+    assert_eq!(done["finish_reason"], "length");
+    assert!(s.finish(g).unwrap_err().contains("no generation with handle"));
+}
+
+#[test]
+fn streamed_pieces_add_up_to_the_finished_text() {
+    let (mut s, m) = loaded();
+    let req = br#"{"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}"#;
+    let g = s.start(m, req).unwrap();
+    let mut text = String::new();
+    while let Some(piece) = s.next(g).unwrap() {
+        text += &piece;
+    }
+    s.cancel(g).unwrap();
+    let again = s.start(m, req).unwrap();
+    let whole: serde_json::Value = serde_json::from_str(&s.finish(again).unwrap()).unwrap();
+    assert_eq!(whole["text"], text.as_str());
+    assert!(text.starts_with(", there was a little"), "{text:?}");
+}
+
+#[test]
+fn bad_input_is_a_message() {
+    let mut s = State::default();
+    assert!(s.load(b"GGUF but no more".to_vec(), b"").unwrap_err().contains("not a model this engine reads"));
+    assert!(s.load(std::fs::read(STORIES).unwrap(), b"{\"context\": \"big\"}").unwrap_err().contains("bad load options"));
+    let m = s.load(std::fs::read(STORIES).unwrap(), b"{\"parallel\": 2}").unwrap();
+    assert!(s.start(m, b"{").unwrap_err().contains("bad generate request"));
+    assert!(s.start(m, br#"{"prompt": "a", "top_p": 2}"#).unwrap_err().contains("out of range"));
+    assert!(s.detokenize(m, b"[1, 70000]").unwrap_err().contains("outside the vocabulary"));
+    assert!(s.info(m + 1).unwrap_err().contains("no model with handle"));
+    s.close(m).unwrap();
+    assert!(s.close(m).is_err());
+}
