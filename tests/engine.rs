@@ -62,6 +62,40 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// Prompts longer than a batch step's budget (`BATCH_STEP_TOKENS`) go in
+/// by chunks, decode rows of the others beside them: each sequence still
+/// gets the tokens it gets alone, and every prompt position's logits.
+#[test]
+fn long_prompts_go_in_by_chunks() {
+    let e = engine(&stories(), BackendKind::Compiled, 3, None);
+    let vocab = e.vocab() as u32;
+    let lens = [300usize, 8, 420];
+    assert!(lens.iter().sum::<usize>() > bitnet_runtime::generate::BATCH_STEP_TOKENS);
+    let ps: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| (0..n as u32).map(|j| 1 + (j * 13 + i as u32 * 5) % (vocab - 1)).collect()).collect();
+    let opts = |n| GenerateOptions { dump_logits: true, ..greedy_opts(n) };
+    let want: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            let mut s = Session::new(e.clone());
+            s.generate(p, &opts(5), |_| {}).unwrap()
+        })
+        .collect();
+    let reqs: Vec<_> = ps.iter().map(|p| (p.clone(), opts(5))).collect();
+    let mut got = vec![None; ps.len()];
+    // Computed again, not taken from the runs above: every position's logits.
+    e.clear_prefix_cache();
+    e.generate_batch(&reqs, 3, |i, r| got[i] = Some(r.unwrap()));
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let g = g.as_ref().unwrap();
+        assert_eq!(g.generated_ids, w.generated_ids, "prompt {i}");
+        assert_eq!(g.logits.len(), w.logits.len(), "prompt {i}: every position's logits");
+        assert_eq!(g.logits.len(), (lens[i] + 4) * vocab as usize);
+        let worst = g.logits.iter().zip(&w.logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "prompt {i}: logits differ by {worst}");
+    }
+    assert_eq!(e.kv_usage().blocks_used, 0, "every block comes back");
+}
+
 /// One step's rows from several sequences give the logits each gets in a
 /// step of its own.
 #[test]

@@ -71,9 +71,18 @@ fn rate(n: usize, ms: f64) -> f64 {
     }
 }
 
+/// Prompt rows [`Engine::generate_batch`] feeds a step, all sequences
+/// together (decode rows count too; every prefilling sequence gets at least
+/// a small chunk): a step's activations stay small beside the weights and
+/// the KV cache however many long prompts start at once, and the steps
+/// stay large enough for the products to run at full speed.
+pub const BATCH_STEP_TOKENS: usize = 512;
+
 /// One generation in progress: after each step, take the next token.
 struct Live {
     seq: Sequence,
+    /// Prompt tokens not yet fed (the batch feeds long prompts in chunks).
+    rest: Vec<u32>,
     gen: Generation,
     opts: GenerateOptions,
     started: Instant,
@@ -81,6 +90,8 @@ struct Live {
 }
 
 enum Next {
+    /// Part of the prompt went in; more of it is to come.
+    Prefilling,
     /// Fed the token it chose; goes on.
     Fed(u32),
     /// Chose its last token (if any).
@@ -92,11 +103,37 @@ impl Live {
         seq.sampler = Sampler::new(opts.sampler.clone());
         seq.keep_all_logits = opts.dump_logits;
         seq.feed(prompt);
-        Live { seq, gen: Generation { prompt_ids: prompt.to_vec(), ..Default::default() }, opts: opts.clone(), started: Instant::now(), decoding: None }
+        Live { seq, rest: Vec::new(), gen: Generation { prompt_ids: prompt.to_vec(), ..Default::default() }, opts: opts.clone(), started: Instant::now(), decoding: None }
     }
 
-    /// After a step: records it, then samples and feeds the next token.
+    /// As [`Live::new`], with the prompt held back to be fed a chunk at a
+    /// time, after whatever of it the engine's prefix cache holds.
+    fn chunked(engine: &Engine, mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
+        let cached = engine.reuse_prefix(&mut seq, prompt);
+        let mut live = Live::new(seq, &[], opts);
+        live.gen.prompt_ids = prompt.to_vec();
+        live.rest = prompt[cached..].to_vec();
+        live
+    }
+
+    /// Feeds up to `budget` (at least 16) of the prompt's remaining tokens;
+    /// returns how many.
+    fn feed_chunk(&mut self, budget: usize) -> usize {
+        let n = self.rest.len().min(budget.max(16));
+        self.seq.feed(&self.rest[..n]);
+        self.rest.drain(..n);
+        n
+    }
+
+    /// After a step: records it, then samples and feeds the next token
+    /// (or, while the prompt is still going in, keeps its logits if asked).
     fn advance(&mut self, engine: &Engine) -> Next {
+        if !self.rest.is_empty() {
+            if self.opts.dump_logits {
+                self.gen.logits.extend_from_slice(self.seq.logits());
+            }
+            return Next::Prefilling;
+        }
         let now = Instant::now();
         match self.decoding {
             None => {
@@ -159,6 +196,7 @@ impl Engine {
                 break Err(e);
             }
             match live.advance(self) {
+                Next::Prefilling => {}
                 Next::Fed(t) => on_token(t),
                 Next::Done(t) => {
                     t.into_iter().for_each(&mut on_token);
@@ -173,6 +211,8 @@ impl Engine {
 
     /// Generates for every prompt, up to `parallel` sequences at once in
     /// each step; a finished sequence makes room for the next prompt.
+    /// Prompts go in by chunks, [`BATCH_STEP_TOKENS`] rows a step at most
+    /// beside the decode rows.
     /// `on_done` hears each result with its prompt's index, in the order
     /// they finish; one prompt's error does not stop the others.
     pub fn generate_batch(&self, prompts: &[(Vec<u32>, GenerateOptions)], parallel: usize, mut on_done: impl FnMut(usize, Result<Generation, RuntimeError>)) {
@@ -185,10 +225,15 @@ impl Engine {
                     on_done(i, RuntimeError::input("nothing to evaluate: the prompt is empty"));
                     continue;
                 }
-                live.push((i, Live::new(self.new_sequence(opts.sampler.clone()), prompt, opts)));
+                live.push((i, Live::chunked(self, self.new_sequence(opts.sampler.clone()), prompt, opts)));
             }
             if live.is_empty() {
                 return;
+            }
+            let decoding = live.iter().filter(|(_, l)| l.rest.is_empty()).count();
+            let mut budget = BATCH_STEP_TOKENS.saturating_sub(decoding);
+            for (_, l) in live.iter_mut().filter(|(_, l)| !l.rest.is_empty()) {
+                budget = budget.saturating_sub(l.feed_chunk(budget));
             }
             let results = {
                 let mut seqs: Vec<&mut Sequence> = live.iter_mut().map(|(_, l)| &mut l.seq).collect();
@@ -198,7 +243,7 @@ impl Engine {
             for r in results {
                 let next = r.map(|()| live[k].1.advance(self));
                 match next {
-                    Ok(Next::Fed(_)) => k += 1,
+                    Ok(Next::Fed(_) | Next::Prefilling) => k += 1,
                     Ok(Next::Done(_)) => {
                         let (i, l) = live.remove(k);
                         on_done(i, Ok(l.finish().1));
