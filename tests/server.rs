@@ -99,7 +99,8 @@ fn many_streaming_clients_get_their_serial_tokens() {
     let m = stories();
     let m = m.to_str().unwrap();
     let want = expected(m, &PROMPTS);
-    let s = Server::start(&["-m", m, "--parallel", "8", "-t", "2"]);
+    // A small step budget: the longer prompts go in by chunks while others decode.
+    let s = Server::start(&["-m", m, "--parallel", "8", "-t", "2", "--step-tokens", "16"]);
     s.client("load", &[&want]);
     s.client("bad", &[]);
     bench_serve_reports_what_it_drove(&s);

@@ -40,6 +40,12 @@ pub struct ServeArgs {
     /// Seconds a request may take from admission to its last token.
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Prompt tokens fed per step across all sequences, beside the decode
+    /// rows (vLLM's --max-num-batched-tokens): smaller gives the streams of
+    /// running requests a shorter stall when a long prompt arrives, larger
+    /// takes prompts in faster.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub step_tokens: u32,
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -61,6 +67,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     config.cors = a.cors.clone();
     config.scheduler.parallel = a.parallel;
     config.scheduler.max_queue = a.max_queue;
+    config.scheduler.step_tokens = a.step_tokens as usize;
     config.timeout = a.timeout.map(Duration::from_secs);
     let (host, port) = (a.host.clone(), a.port);
     let load = move || {
