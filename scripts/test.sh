@@ -46,8 +46,10 @@ command -v cargo-deny >/dev/null || cargo install -q cargo-deny --locked
 [ -d tests/browser/node_modules/playwright-core ] || npm ci --prefix tests/browser --no-audit --no-fund
 export BITNET_NVRTC_LIB="$nv/nvidia/cuda_nvrtc/lib/libnvrtc.so.12" PATH="$PATH:$nv/nvidia/cuda_nvcc/bin"
 cargo --version
-cargo test --workspace
+# Each phase's wall time goes to the log (the README quotes them).
+phase() { local t=$SECONDS; "$@"; echo "== $* took $((SECONDS - t)) s (script total $SECONDS s)"; }
+phase cargo test --workspace
 # The Python bindings: a wheel from the same (debug) build, in a fresh virtualenv.
-python/test.sh
+phase python/test.sh
 # The WebAssembly build (Debian's Rust, installed by the script) in Node.js.
-scripts/wasm.sh
+phase scripts/wasm.sh

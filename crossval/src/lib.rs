@@ -12,6 +12,23 @@
 //!   ([`ActivationMode::LlamaCpp`], tight threshold).
 //! - [`bench`]: prefill and decode tokens/s of both engines on one file,
 //!   with the same thread count, runs alternating.
+//!
+//! The comparison itself needs no model: two sets of logits, row by row.
+//!
+//! ```
+//! // Two positions of a four-token vocabulary; the second engine is a
+//! // little off at the second position but picks the same token.
+//! let ours = [0.1, 2.0, -1.0, 0.5, /* position 2 */ 3.0, 0.0, 1.0, -2.0];
+//! let peer = [0.1, 2.0, -1.0, 0.5, /* position 2 */ 2.9, 0.1, 1.0, -2.0];
+//! let a = bitnet_crossval::compare(&ours, &peer, 4).unwrap();
+//! assert_eq!((a.positions, a.top1_agree), (2, 2));
+//! assert!(a.min_cosine > 0.99 && a.min_cosine < 1.0);
+//! assert!((a.max_abs_diff - 0.1).abs() < 1e-6);
+//! // Shapes that do not match are an error, not a wrong answer.
+//! assert!(bitnet_crossval::compare(&ours, &peer[..4], 4).is_err());
+//! // Speeds are quoted as medians of alternated runs.
+//! assert_eq!(bitnet_crossval::median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
+//! ```
 
 // Every unsafe block states what it relies on (clippy enforces it).
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -290,6 +307,7 @@ impl std::fmt::Display for Agreement {
     }
 }
 
+/// The five largest entries of a row, best first (ties by index).
 fn top5(row: &[f32]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..row.len()).collect();
     idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
@@ -297,6 +315,9 @@ fn top5(row: &[f32]) -> Vec<usize> {
     idx
 }
 
+/// How logits `a` and `b` (`positions × vocab`, row-major) agree: the
+/// lowest cosine over positions, the largest absolute difference, top-1
+/// agreement and the mean top-5 overlap. An error when the shapes differ.
 pub fn compare(a: &[f32], b: &[f32], vocab: usize) -> anyhow::Result<Agreement> {
     if a.len() != b.len() || vocab == 0 || !a.len().is_multiple_of(vocab) {
         bail!("logit shapes differ: {} vs {} values (vocab {vocab})", a.len(), b.len());
@@ -367,6 +388,9 @@ impl CaseReport {
     }
 }
 
+/// Runs one case: llama.cpp's logits for the case's tokens against
+/// bitnet-rs's, once with its own numerics and once with llama.cpp's
+/// activation handling ([`CaseReport::passed`] applies the thresholds).
 pub fn check(case: &Case, threads: usize) -> anyhow::Result<CaseReport> {
     let llama = Llama::load(&case.llama_path, threads)?;
     let reference = llama.logits(&case.tokens)?;

@@ -7,6 +7,22 @@
 //! tests of this crate replay every seed under `fuzz/seeds/<target>/` and
 //! every input that ever crashed under `fuzz/regressions/<target>/`, so a
 //! crash once found stays fixed without a fuzzer.
+//!
+//! ```
+//! use bitnet_fuzzing::{join_parts, split_parts, target};
+//!
+//! // A multi-file input (an HF folder, a template and its messages) is one
+//! // byte string with its parts kept apart by a separator line.
+//! let input = join_parts(&[b"{\"model_type\": \"llama\"}", b"not safetensors"]);
+//! assert_eq!(split_parts(&input, 3), vec![&b"{\"model_type\": \"llama\"}"[..], &b"not safetensors"[..]]);
+//!
+//! // A target takes any bytes: garbage is an error inside it, never a panic.
+//! let gguf = target("gguf").expect("a target of that name");
+//! gguf(b"GGUF\x03\x00\x00\x00 and then nothing sensible");
+//! let tuning_db = target("tuning_db").unwrap();
+//! tuning_db(b"{\"not\": \"a record\"}\n\xff\xfe");
+//! assert!(target("no such target").is_none());
+//! ```
 
 mod inputs;
 mod targets;
