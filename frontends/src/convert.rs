@@ -276,7 +276,13 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
     for (name, dtype, shape) in &w.tensors {
         let k = *shape.last().unwrap_or(&1);
         if k % dtype.block_elems() != 0 {
-            return Err(format!("{name}: row length {k} is not a multiple of {}'s block of {}", dtype, dtype.block_elems()));
+            let mut msg = format!("{name}: row length {k} is not a multiple of {}'s block of {}", dtype, dtype.block_elems());
+            if dtype.is_ternary() {
+                // bitnet_b1_58-3B's FFN of 8640: bitnet.cpp runs it only with
+                // its TL1/TL2 kernels, llama.cpp's TQ types cannot hold it.
+                msg += "; neither bitnet.cpp's I2_S nor llama.cpp's TQ types hold such rows. bitnet-rs runs the model                         from its Hugging Face folder, and `bitnet compile` makes an artifact of it";
+            }
+            return Err(msg);
         }
     }
 

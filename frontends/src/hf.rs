@@ -340,10 +340,9 @@ pub(crate) fn tensors(hf: &HfFolder, config: &ModelConfig) -> Result<Vec<ModelTe
                 }
                 (d, s) => return invalid(format!("{name}: {d:?} {s:?} is not a BitLinear weight (packed uint8 or float)")),
             };
-            if k % 128 != 0 {
-                return invalid(format!("{name}: row length {k} is not a multiple of 128"));
-            }
-            out.push(ModelTensor { name: g, dtype: DType::I2S, shape: vec![n, k], data: TensorData::Owned(quant::pack_i2s(&codes, beta)) });
+            // Rows that are not whole I2_S blocks (bitnet_b1_58-3B's FFN of
+            // 8640) are padded with zero weights in memory.
+            out.push(ModelTensor { name: g, dtype: DType::I2S, shape: vec![n, k], data: TensorData::Owned(quant::pack_i2s_rows(&codes, k, beta)) });
         } else {
             let Some(dtype) = float_dtype(t.dtype) else {
                 return invalid(format!("{name}: type {:?} is not supported here", t.dtype));

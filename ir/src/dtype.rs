@@ -97,6 +97,30 @@ impl DType {
         !matches!(self, DType::I8 | DType::I32 | DType::Q8Row)
     }
 
+    /// Bytes of one stored row of `k` elements, or `None` if the type
+    /// cannot hold such rows. I2_S rows are whole 128-value blocks: a row
+    /// of another length is padded with zero weights to whole blocks (such
+    /// rows come only from Hugging Face folders, in memory: bitnet.cpp's
+    /// I2_S cannot hold them, and `convert` refuses them).
+    pub fn row_bytes(self, k: usize) -> Option<usize> {
+        match self {
+            DType::I2S => k.div_ceil(quant::BlockI2S::ELEMS).checked_mul(quant::BlockI2S::BYTES),
+            _ => self.bytes_for(k),
+        }
+    }
+
+    /// Bytes of a tensor of this shape (rows of its last dimension), with
+    /// I2_S's rows as [`DType::row_bytes`] gives them and its scale.
+    pub fn tensor_bytes(self, shape: &[usize]) -> Option<usize> {
+        let k = shape.last().copied().unwrap_or(1);
+        let rows = shape[..shape.len().saturating_sub(1)].iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        let body = rows.checked_mul(self.row_bytes(k)?)?;
+        match self {
+            DType::I2S => body.checked_add(32),
+            _ => Some(body),
+        }
+    }
+
     /// Bytes taken by `n` elements, or `None` if `n` is not a whole number
     /// of blocks. I2_S adds its per-tensor f32 scale, padded to 32 bytes.
     pub fn bytes_for(self, n: usize) -> Option<usize> {

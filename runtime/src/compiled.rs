@@ -353,7 +353,7 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
                 (Op::MatMul, 1, Some(Tiles::Int4 { .. })) => matches!(prepared.get(&int4_key(name)), Some(Prepared::Int4(q)) if nk(q.n, q.k)),
                 (Op::MatMul, 1, _) | (Op::Embed, 0, _) => {
                     prepared.contains_key(name)
-                        && matches!(weights.weight(name), Some(w) if w.dtype == ty.dtype && w.shape == dims && w.dtype.bytes_for(w.elems()).is_some_and(|b| b <= w.data.len()) && w.row_len() % w.dtype.block_elems() == 0)
+                        && matches!(weights.weight(name), Some(w) if w.dtype == ty.dtype && w.shape == dims && w.dtype.tensor_bytes(&w.shape).is_some_and(|b| b <= w.data.len()))
                 }
                 _ => matches!(prepared.get(name), Some(Prepared::Floats(f)) if f.len() == dims.iter().product::<usize>()),
             };

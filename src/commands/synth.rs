@@ -13,7 +13,7 @@ use std::path::PathBuf;
 4.8 GB as f16 and 9.6 GB as f32 (whose head is f32 too).\n\n\
 --family NAME --size full writes the family's published shape; the HF folders are as large as the published \
 checkpoints: bitnet-2b4t 1.2 GB, bitnet-large 1.5 GB (f16 master weights; 0.3 GB as GGUF), bitnet-3b 6.4 GB \
-(f16; no GGUF: its FFN rows of 8640 are not a multiple of I2_S's 128), llama3-8b-1.58 3.9 GB, falcon3-1b 1.4 GB, \
+(f16; no GGUF: its FFN rows of 8640 are not whole I2_S or TQ blocks; it runs from the folder or a compiled artifact), llama3-8b-1.58 3.9 GB, falcon3-1b 1.4 GB, \
 falcon3-3b 2.2 GB, falcon3-7b 3.3 GB, falcon3-10b 4.0 GB; --format gguf needs the HF folder's size again while it \
 converts. Falcon-E's published shape was not available: --size tiny only.")]
 pub struct SynthArgs {

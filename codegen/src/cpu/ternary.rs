@@ -884,4 +884,21 @@ mod tests {
             }
         }
     }
+
+    /// I2_S rows padded to whole blocks (bitnet_b1_58-3B's FFN, from an HF
+    /// folder) repack byte for byte like any other row, on awkward lengths.
+    #[test]
+    fn padded_i2s_rows_repack_like_the_generic_path() {
+        for (n, k) in [(5, 1), (3, 3), (5, 783), (2, 2592 + 32), (3, 8640)] {
+            let codes: Vec<i8> = (0..n * k).map(|i| ((i * 7 + i / 3) % 3) as i8 - 1).collect();
+            let bytes = quant::pack_i2s_rows(&codes, k, 0.25);
+            let w = WeightView { dtype: DType::I2S, shape: vec![n, k], data: &bytes };
+            for rows in TernaryTiles::ROWS {
+                let fast = PackedTernary::from_weight(&w, rows).unwrap();
+                let slow = PackedTernary::from_blocks(&w, rows).unwrap();
+                assert_eq!((fast.k, fast.kp), (k, Packing::Bits2.padded(k)), "k {k}");
+                assert_eq!((&*fast.data, fast.scale), (&*slow.data, slow.scale), "k {k} rows {rows}");
+            }
+        }
+    }
 }

@@ -36,9 +36,8 @@ impl<'a> WeightView<'a> {
     }
     /// Row `r`, ready to dequantize or unpack.
     pub fn row(&self, r: usize) -> RowView<'a> {
-        let k = self.row_len();
-        let row_bytes = self.dtype.bytes_for(k).unwrap() - if self.dtype == DType::I2S { 32 } else { 0 };
-        let tensor_scale = if self.dtype == DType::I2S { i2s_scale(self.data, self.elems()) } else { 1.0 };
+        let row_bytes = self.dtype.row_bytes(self.row_len()).expect("a checked weight's rows fit its type");
+        let tensor_scale = if self.dtype == DType::I2S { i2s_scale(self.data, self.rows() * row_bytes) } else { 1.0 };
         RowView { dtype: self.dtype, bytes: &self.data[r * row_bytes..(r + 1) * row_bytes], tensor_scale }
     }
     /// The whole tensor as f32 (for small tensors: norms, scales).
@@ -158,8 +157,8 @@ impl<'w> Interpreter<'w> {
         if w.dtype != ty.dtype || w.shape != want {
             return eval_err(format!("tensor {name} is {}{:?}, the graph expects {ty}", w.dtype, w.shape));
         }
-        match w.dtype.bytes_for(w.elems()) {
-            Some(n) if n <= w.data.len() && (w.row_len() % w.dtype.block_elems() == 0) => Ok(w),
+        match w.dtype.tensor_bytes(&w.shape) {
+            Some(n) if n <= w.data.len() => Ok(w),
             _ => eval_err(format!("tensor {name} has {} bytes, too few for {}{:?}", w.data.len(), w.dtype, w.shape)),
         }
     }

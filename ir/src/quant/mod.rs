@@ -107,8 +107,16 @@ impl RowView<'_> {
             DType::TQ1_0 => ternary_blocks::<BlockTQ1_0>(self.bytes, codes, scales),
             DType::TQ2_0 => ternary_blocks::<BlockTQ2_0>(self.bytes, codes, scales),
             DType::I2S => {
-                for (blk, c) in self.bytes.chunks_exact(BlockI2S::BYTES).zip(codes.chunks_exact_mut(BlockI2S::ELEMS)) {
-                    BlockI2S::read(blk).codes(c);
+                // The last block of a row that is not whole blocks holds
+                // zero weights past the row's end.
+                let mut tail = [0i8; BlockI2S::ELEMS];
+                for (blk, c) in self.bytes.chunks_exact(BlockI2S::BYTES).zip(codes.chunks_mut(BlockI2S::ELEMS)) {
+                    if c.len() == BlockI2S::ELEMS {
+                        BlockI2S::read(blk).codes(c);
+                    } else {
+                        BlockI2S::read(blk).codes(&mut tail);
+                        c.copy_from_slice(&tail[..c.len()]);
+                    }
                 }
                 scales.push(self.tensor_scale);
                 codes.len().max(1)
@@ -225,9 +233,25 @@ pub fn pack_i2s(codes: &[i8], scale: f32) -> Vec<u8> {
     out
 }
 
-/// The per-tensor scale stored after the I2_S codes of `n` elements.
-pub fn i2s_scale(bytes: &[u8], n: usize) -> f32 {
-    let at = n / 4;
+/// Packs `[rows, k]` ternary codes as I2_S with rows of whole blocks:
+/// [`pack_i2s`] when `k` is a multiple of 128, else each row padded with
+/// zero weights (see [`DType::row_bytes`]).
+pub fn pack_i2s_rows(codes: &[i8], k: usize, scale: f32) -> Vec<u8> {
+    let kp = k.div_ceil(BlockI2S::ELEMS) * BlockI2S::ELEMS;
+    if kp == k {
+        return pack_i2s(codes, scale);
+    }
+    let mut padded = vec![0i8; codes.len() / k * kp];
+    for (row, out) in codes.chunks_exact(k).zip(padded.chunks_exact_mut(kp)) {
+        out[..k].copy_from_slice(row);
+    }
+    pack_i2s(&padded, scale)
+}
+
+/// The per-tensor scale stored after `body` bytes of I2_S codes (`n / 4`
+/// for `n` weights in rows of whole blocks).
+pub fn i2s_scale(bytes: &[u8], body: usize) -> f32 {
+    let at = body;
     f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 

@@ -17,7 +17,7 @@ fn ternary_layouts_round_trip_codes_exactly() {
     for dtype in [DType::TQ1_0, DType::TQ2_0, DType::I2S] {
         let bytes = quantize(dtype, &x);
         assert_eq!(bytes.len(), dtype.bytes_for(1024).unwrap());
-        let scale = if dtype == DType::I2S { i2s_scale(&bytes, 1024) } else { 1.0 };
+        let scale = if dtype == DType::I2S { i2s_scale(&bytes, 1024 / 4) } else { 1.0 };
         let row = RowView { dtype, bytes: &bytes[..dtype.bytes_for(1024).unwrap() - if dtype == DType::I2S { 32 } else { 0 }], tensor_scale: scale };
         let mut out = vec![0f32; 1024];
         row.dequantize(&mut out);
@@ -56,4 +56,31 @@ fn float_blocks_reconstruct_within_their_precision() {
         let err = x.iter().zip(&out).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err < tol, "{dtype}: max error {err}");
     }
+}
+
+/// I2_S rows that are not whole 128-value blocks (bitnet_b1_58-3B's FFN of
+/// 8640, in memory from an HF folder) are padded with zero weights: every
+/// row reads back its own codes, on awkward lengths.
+#[test]
+fn i2s_rows_of_any_length_read_back_their_codes() {
+    for k in [1usize, 3, 127, 128, 783, 2592, 8640] {
+        let rows = 3;
+        let mut seed = k as u64;
+        let codes: Vec<i8> = (0..rows * k).map(|_| (lcg(&mut seed) * 1.49).round() as i8).collect();
+        let bytes = pack_i2s_rows(&codes, k, 0.5);
+        assert_eq!(Some(bytes.len()), DType::I2S.tensor_bytes(&[rows, k]), "k = {k}");
+        if k % 128 == 0 {
+            assert_eq!(bytes, pack_i2s(&codes, 0.5), "k = {k}: whole blocks are bitnet.cpp's I2_S");
+        }
+        let w = crate::interp::WeightView { dtype: DType::I2S, shape: vec![rows, k], data: &bytes };
+        for r in 0..rows {
+            let mut got = vec![0i8; k];
+            let mut scales = Vec::new();
+            w.row(r).ternary(&mut got, &mut scales);
+            assert_eq!(got, codes[r * k..(r + 1) * k], "k = {k}, row {r}");
+            assert_eq!(scales, [0.5]);
+        }
+    }
+    assert_eq!(DType::I2S.tensor_bytes(&[2, 8640]), Some(2 * 68 * 32 + 32));
+    assert_eq!(DType::TQ2_0.tensor_bytes(&[2, 8640]), None, "TQ2_0 rows are whole blocks or nothing");
 }
