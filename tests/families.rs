@@ -110,12 +110,12 @@ fn every_family_runs_the_same_from_each_format() {
         }
         // Mid-vocabulary ids: the tiny vocabularies' first 256 are bytes.
         let prompt: Vec<u32> = [300u32, 20, 400, 77, 5, 260, 150].iter().map(|&t| t % d.vocab as u32).collect();
-        let want = greedy(&hf, &prompt);
-        assert_eq!(greedy(&bnx, &prompt), want, "{}: the artifact generates what the HF folder does", f.name);
+        let want_ids = greedy(&hf, &prompt);
+        assert_eq!(greedy(&bnx, &prompt), want_ids, "{}: the artifact generates what the HF folder does", f.name);
         let Some([gguf, tq2, back]) = ggufs else {
             // No GGUF to hold the interpreter to: it and the compiled kernels
             // (rows padded to whole blocks) agree on the folder itself.
-            assert_eq!(greedy_on(&hf, &prompt, BackendKind::Interp), want, "{}: interpreter and compiled kernels", f.name);
+            assert_eq!(greedy_on(&hf, &prompt, BackendKind::Interp), want_ids, "{}: interpreter and compiled kernels", f.name);
             continue;
         };
         assert_eq!(arch(&gguf), f.gguf_arch, "{}: synth writes bitnet.cpp's arch name", f.name);
@@ -134,7 +134,7 @@ fn every_family_runs_the_same_from_each_format() {
         assert_eq!(arch(&back), f.gguf_arch, "{}: so does convert --type i2_s", f.name);
 
         for p in [&gguf, &tq2, &back] {
-            assert_eq!(greedy(p, &prompt), want, "{}: {} generates what the HF folder does", f.name, p.display());
+            assert_eq!(greedy(p, &prompt), want_ids, "{}: {} generates what the HF folder does", f.name, p.display());
         }
         let direct = logits(&hf, &prompt);
         // Synthetic scales are powers of two, so even the TQ2_0 `llama`
