@@ -280,7 +280,7 @@ pub fn convert(model: &Model, opts: &ConvertOptions, out: &Path, mut progress: i
             if dtype.is_ternary() {
                 // bitnet_b1_58-3B's FFN of 8640: bitnet.cpp runs it only with
                 // its TL1/TL2 kernels, llama.cpp's TQ types cannot hold it.
-                msg += "; neither bitnet.cpp's I2_S nor llama.cpp's TQ types hold such rows. bitnet-rs runs the model                         from its Hugging Face folder, and `bitnet compile` makes an artifact of it";
+                msg += "; neither bitnet.cpp's I2_S nor llama.cpp's TQ types hold such rows. bitnet-rs runs the model from its Hugging Face folder, and `bitnet compile` makes an artifact of it";
             }
             return Err(msg);
         }

@@ -251,8 +251,7 @@ pub fn pack_i2s_rows(codes: &[i8], k: usize, scale: f32) -> Vec<u8> {
 /// The per-tensor scale stored after `body` bytes of I2_S codes (`n / 4`
 /// for `n` weights in rows of whole blocks).
 pub fn i2s_scale(bytes: &[u8], body: usize) -> f32 {
-    let at = body;
-    f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+    f32::from_le_bytes([bytes[body], bytes[body + 1], bytes[body + 2], bytes[body + 3]])
 }
 
 #[cfg(test)]
