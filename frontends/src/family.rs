@@ -325,7 +325,7 @@ mod tests {
             assert!(t.vocab >= 512, "{}", f.name);
             assert_eq!(t.heads % t.kv_heads, 0, "{}", f.name);
             // I2_S and TQ rows, but where the published shape has none (bitnet-3b's FFN).
-            let whole = |k: usize, full: Option<usize>| k % 256 == 0 || full.is_some_and(|k| k % 128 != 0);
+            let whole = |k: usize, full: Option<usize>| k.is_multiple_of(256) || full.is_some_and(|k| !k.is_multiple_of(128));
             assert!(whole(t.hidden, None) && whole(t.ffn, f.dims.map(|d| d.ffn)) && (t.heads * t.head_dim) % 256 == 0, "{}: I2_S and TQ rows", f.name);
             if let Some(d) = f.dims {
                 assert_eq!(d.heads % d.kv_heads, 0, "{}", f.name);
