@@ -78,11 +78,50 @@ fn rate(n: usize, ms: f64) -> f64 {
 /// stay large enough for the products to run at full speed.
 pub const BATCH_STEP_TOKENS: usize = 512;
 
+/// Rows a prefilling sequence gets in a step even when the budget is spent.
+const MIN_CHUNK: usize = 16;
+
+/// The part of a prompt a sequence has yet to feed: a batch feeds long
+/// prompts a chunk a step ([`feed_prompt_chunks`]), so that one long prompt
+/// neither holds back the others' decode rows for long nor makes a step's
+/// activations large.
+#[derive(Debug, Default)]
+pub struct PromptRest(Vec<u32>);
+
+impl PromptRest {
+    /// Starts `prompt` on `seq`: what the engine's prefix cache holds of it
+    /// is reused, the rest is held back. Returns the rest and how many
+    /// tokens were reused.
+    pub fn start(engine: &Engine, seq: &mut Sequence, prompt: &[u32]) -> (PromptRest, usize) {
+        let reused = engine.reuse_prefix(seq, prompt);
+        (PromptRest(prompt[reused..].to_vec()), reused)
+    }
+
+    /// True once the whole prompt went in.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Feeds one step's prompt chunks: `budget` rows in all, the decode rows
+/// (sequences whose prompt is all in) counted first, then each prefilling
+/// sequence in order takes what is left (at least [`MIN_CHUNK`]).
+pub fn feed_prompt_chunks<'a>(budget: usize, batch: impl IntoIterator<Item = (&'a mut PromptRest, &'a mut Sequence)>) {
+    let batch: Vec<_> = batch.into_iter().collect();
+    let mut budget = budget.saturating_sub(batch.iter().filter(|(rest, _)| rest.is_empty()).count());
+    for (rest, seq) in batch.into_iter().filter(|(rest, _)| !rest.is_empty()) {
+        let n = rest.0.len().min(budget.max(MIN_CHUNK));
+        seq.feed(&rest.0[..n]);
+        rest.0.drain(..n);
+        budget = budget.saturating_sub(n);
+    }
+}
+
 /// One generation in progress: after each step, take the next token.
 struct Live {
     seq: Sequence,
     /// Prompt tokens not yet fed (the batch feeds long prompts in chunks).
-    rest: Vec<u32>,
+    rest: PromptRest,
     gen: Generation,
     opts: GenerateOptions,
     started: Instant,
@@ -103,26 +142,24 @@ impl Live {
         seq.sampler = Sampler::new(opts.sampler.clone());
         seq.keep_all_logits = opts.dump_logits;
         seq.feed(prompt);
-        Live { seq, rest: Vec::new(), gen: Generation { prompt_ids: prompt.to_vec(), ..Default::default() }, opts: opts.clone(), started: Instant::now(), decoding: None }
+        Live {
+            seq,
+            rest: PromptRest::default(),
+            gen: Generation { prompt_ids: prompt.to_vec(), ..Default::default() },
+            opts: opts.clone(),
+            started: Instant::now(),
+            decoding: None,
+        }
     }
 
     /// As [`Live::new`], with the prompt held back to be fed a chunk at a
     /// time, after whatever of it the engine's prefix cache holds.
     fn chunked(engine: &Engine, mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
-        let cached = engine.reuse_prefix(&mut seq, prompt);
+        let (rest, _) = PromptRest::start(engine, &mut seq, prompt);
         let mut live = Live::new(seq, &[], opts);
         live.gen.prompt_ids = prompt.to_vec();
-        live.rest = prompt[cached..].to_vec();
+        live.rest = rest;
         live
-    }
-
-    /// Feeds up to `budget` (at least 16) of the prompt's remaining tokens;
-    /// returns how many.
-    fn feed_chunk(&mut self, budget: usize) -> usize {
-        let n = self.rest.len().min(budget.max(16));
-        self.seq.feed(&self.rest[..n]);
-        self.rest.drain(..n);
-        n
     }
 
     /// After a step: records it, then samples and feeds the next token
@@ -230,11 +267,7 @@ impl Engine {
             if live.is_empty() {
                 return;
             }
-            let decoding = live.iter().filter(|(_, l)| l.rest.is_empty()).count();
-            let mut budget = BATCH_STEP_TOKENS.saturating_sub(decoding);
-            for (_, l) in live.iter_mut().filter(|(_, l)| !l.rest.is_empty()) {
-                budget = budget.saturating_sub(l.feed_chunk(budget));
-            }
+            feed_prompt_chunks(BATCH_STEP_TOKENS, live.iter_mut().map(|(_, l)| (&mut l.rest, &mut l.seq)));
             let results = {
                 let mut seqs: Vec<&mut Sequence> = live.iter_mut().map(|(_, l)| &mut l.seq).collect();
                 self.step(&mut seqs)

@@ -49,7 +49,7 @@ pub mod stops;
 pub use backend::{Backend, BackendKind, Device, KernelTimes, LoadOptions, StepRows};
 pub use engine::{Engine, EngineOptions, Sequence};
 pub use error::RuntimeError;
-pub use generate::{GenerateOptions, Generation, StopReason, TextGeneration};
+pub use generate::{feed_prompt_chunks, GenerateOptions, Generation, PromptRest, StopReason, TextGeneration};
 pub use kv::KvUsage;
 #[cfg(feature = "native")]
 pub use lowering::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads};

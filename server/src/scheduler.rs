@@ -8,7 +8,7 @@
 use crate::metrics::Metrics;
 use bitnet_frontends::tokenizer::{TextStream, Tokenizer};
 use bitnet_runtime::sampler::logprobs;
-use bitnet_runtime::{Engine, RuntimeError, SamplerConfig, Sequence, StopFilter};
+use bitnet_runtime::{feed_prompt_chunks, Engine, PromptRest, RuntimeError, SamplerConfig, Sequence, StopFilter};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -147,7 +147,7 @@ struct Running {
     job: Job,
     seq: Sequence,
     /// Prompt tokens not fed yet.
-    rest: Vec<u32>,
+    rest: PromptRest,
     stream: TextStream,
     stops: StopFilter,
     generated: usize,
@@ -197,11 +197,10 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
                 continue;
             }
             let mut seq = engine.new_sequence(job.params.sampler.clone());
-            let reused = engine.reuse_prefix(&mut seq, &job.prompt);
+            let (rest, reused) = PromptRest::start(engine, &mut seq, &job.prompt);
             metrics.prefix_cache_tokens.inc_by(reused as u64);
             let stream = TextStream::new(tokenizer.clone(), job.prompt.last().copied());
             let stops = StopFilter::new(job.params.stop.clone());
-            let rest = job.prompt[reused..].to_vec();
             running.push(Running { job, seq, rest, stream, stops, generated: 0, started: Instant::now(), last_token: None });
         }
         metrics.set_load(queued.load(Ordering::SeqCst), running.len(), &engine.kv_usage());
@@ -212,14 +211,7 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
             continue;
         }
         // Feed: decode rows first, then prompt chunks within the step's budget.
-        let mut budget = cfg.step_tokens.max(1);
-        budget = budget.saturating_sub(running.iter().filter(|r| r.rest.is_empty()).count());
-        for r in running.iter_mut().filter(|r| !r.rest.is_empty()) {
-            let n = r.rest.len().min(budget.max(16));
-            r.seq.feed(&r.rest[..n]);
-            r.rest.drain(..n);
-            budget = budget.saturating_sub(n);
-        }
+        feed_prompt_chunks(cfg.step_tokens.max(1), running.iter_mut().map(|r| (&mut r.rest, &mut r.seq)));
         let stepped: Vec<bool> = running.iter().map(|r| !r.seq.pending().is_empty()).collect();
         let results = {
             let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
