@@ -461,7 +461,10 @@ mod tests {
             Record { status: "wrong: row 0".into(), ..rec("k", Phase::Decode, 1, 4, 1) },
         ];
         let t = Tuned::new(records, "cpu-test", 2);
-        assert_eq!(t.tiles(&WorkloadKey("k".into())), Some(Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows: 2, tokens: 2, split: Default::default(), packing: Default::default() })));
+        assert_eq!(
+            t.tiles(&WorkloadKey("k".into())),
+            Some(Tiles::Ternary(TernaryTiles { isa: Isa::Scalar, rows: 2, tokens: 2, split: Default::default(), packing: Default::default() }))
+        );
         assert_eq!(t.tiles(&WorkloadKey("other".into())), None);
     }
 

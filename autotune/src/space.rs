@@ -132,7 +132,8 @@ mod tests {
             }
         }
         // Every ISA reads the 2-bit packing; not every one the 1.6-bit one.
-        let layouts: usize = isas().map(|isa| Packing::ALL.iter().filter(|&&packing| TernaryTiles { packing, ..TernaryTiles::new(isa, 1, 1) }.is_valid()).count()).sum();
+        let layouts: usize =
+            isas().map(|isa| Packing::ALL.iter().filter(|&&packing| TernaryTiles { packing, ..TernaryTiles::new(isa, 1, 1) }.is_valid()).count()).sum();
         assert!(layouts > isas().count());
         assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Decode).len(), layouts * 3);
         assert_eq!(candidates(&Workload::Ternary { n: 1, k: 1 }, Phase::Prefill).len(), layouts * 18);

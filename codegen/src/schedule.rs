@@ -306,20 +306,28 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             (Op::MatMul, _, Some(t)) => (t, TileOrigin::Pinned),
             // A pinned ISA takes the database's tiles only where they are of that ISA.
             // A pinned packing, likewise, takes them only where their ISA reads it.
-            _ => match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i)) && reads(t, pinned.packing)) {
-                Some(t) => (t, TileOrigin::Database),
-                None => match source.and_then(|s| s.ternary_default()) {
-                    Some(c) if key.is_ternary() && c.is_valid() && pinned.isa.is_none_or(|i| i == c.isa) => {
-                        (Tiles::Ternary(TernaryTiles { packing: c.packing, ..ternary_heuristic(c.isa) }), TileOrigin::Calibrated)
-                    }
-                    _ => (heuristic(&key, isa), TileOrigin::Heuristic),
-                },
-            },
+            _ => {
+                match source.and_then(|s| s.tiles(&key)).filter(|t| valid(t, &key) && pinned.isa.is_none_or(|i| t.isa() == Some(i)) && reads(t, pinned.packing))
+                {
+                    Some(t) => (t, TileOrigin::Database),
+                    None => match source.and_then(|s| s.ternary_default()) {
+                        Some(c) if key.is_ternary() && c.is_valid() && pinned.isa.is_none_or(|i| i == c.isa) => {
+                            (Tiles::Ternary(TernaryTiles { packing: c.packing, ..ternary_heuristic(c.isa) }), TileOrigin::Calibrated)
+                        }
+                        _ => (heuristic(&key, isa), TileOrigin::Heuristic),
+                    },
+                }
+            }
         };
         if let (Tiles::Ternary(t), Some(packing)) = (&mut tiles, pinned.packing) {
             (t.packing, origin) = (packing, TileOrigin::Pinned);
             if !t.is_valid() {
-                return Err(format!("the {} kernels read {} weights only; {} weights need avx2, avx512vnni or scalar", t.isa.name(), Packing::Bits2.name(), packing.name()));
+                return Err(format!(
+                    "the {} kernels read {} weights only; {} weights need avx2, avx512vnni or scalar",
+                    t.isa.name(),
+                    Packing::Bits2.name(),
+                    packing.name()
+                ));
             }
         }
         if !valid(&tiles, &key) {

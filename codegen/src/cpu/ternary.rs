@@ -623,9 +623,7 @@ fn tile_dots(
             base3::vnni_unpacked_dots(w.rows, step, codes.expect("checked"), w.chunks(), x, tok, dots)
         }
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, _) if codes.is_some() && step > 1 => {
-            avx2::unpacked_dots(w.rows, step, codes.expect("checked"), groups, x, tok, dots)
-        }
+        (Isa::Avx2 | Isa::Avx512Vnni, _) if codes.is_some() && step > 1 => avx2::unpacked_dots(w.rows, step, codes.expect("checked"), groups, x, tok, dots),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, Packing::Bits2) => avx2::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
         #[cfg(target_arch = "x86_64")]
