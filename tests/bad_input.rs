@@ -131,7 +131,8 @@ fn prompts_longer_than_the_context_are_refused() {
     expect_failure(&["run", "-m", s, "-p", "Once upon a time there was a big dog", "-c", "4", "-n", "2"], "longer than");
     expect_failure(&["run", "-m", s, "--prompt-ids", "1,99999", "-n", "2"], "outside the model's vocabulary");
     expect_failure(&["run", "-m", s, "--prompt-ids", "", "-n", "2"], "");
-    expect_failure(&["run", "-m", s, "-p", "x", "--top-p", "2"], "out of range");
+    expect_failure(&["run", "-m", s, "-p", "x", "--top-p", "2"], "--top-p = 2 is out of range: it must be in [0, 1]");
+    expect_failure(&["run", "-m", s, "-p", "x", "--temp=-1"], "--temp = -1 is out of range");
     // Generation stops cleanly when the context fills up.
     let o = bitnet(&["run", "-m", s, "--prompt-ids", "1,403", "-c", "6", "-n", "50", "--greedy", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -230,7 +230,16 @@ pub extern "C" fn bitnet_last_error() -> *const c_char {
 /// The defaults: every core, the model's context, 4 sequences, tuned.
 #[no_mangle]
 pub extern "C" fn bitnet_engine_options_default() -> BitnetEngineOptions {
-    BitnetEngineOptions { threads: 0, context: 0, parallel: 4, head_q8: false, no_tune: false, interpreter: false, head_q4: false, packing: BITNET_PACKING_AUTO }
+    BitnetEngineOptions {
+        threads: 0,
+        context: 0,
+        parallel: 4,
+        head_q8: false,
+        no_tune: false,
+        interpreter: false,
+        head_q4: false,
+        packing: BITNET_PACKING_AUTO,
+    }
 }
 
 /// The CLI's sampling defaults (llama.cpp's), seed 0.
@@ -364,9 +373,7 @@ pub extern "C" fn bitnet_sequence_new(engine: *const BitnetEngine, sampling: *co
         }
         let e = nonnull(engine, "engine")?.engine.clone();
         let s = if sampling.is_null() { bitnet_sampling_default() } else { *nonnull(sampling, "sampling")? };
-        if !sampler(&s).in_range() {
-            return Err(invalid("sampling values out of range: temperature >= 0, top_p and min_p in [0, 1], repeat_penalty > 0"));
-        }
+        sampler(&s).check().map_err(|e| invalid(e.to_string()))?;
         // SAFETY: checked non-null; the caller passes a writable pointer.
         unsafe { *out = Box::into_raw(Box::new(BitnetSequence { engine: e, sampling: s })) };
         Ok(())

@@ -146,8 +146,13 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     assert!(last_error().contains("engine is null"));
 
     let mut s = bitnet_sampling_default();
-    s.temperature = 0.0;
+    s.repeat_penalty = 0.0;
     let mut seq = std::ptr::null_mut();
+    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::InvalidArgument);
+    assert!(last_error().contains("repeat_penalty = 0 is out of range: it must be > 0"), "{}", last_error());
+    assert!(seq.is_null());
+    s = bitnet_sampling_default();
+    s.temperature = 0.0;
     assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
     // The engine may close first: the sequence keeps the model.
     bitnet_engine_close(engine);
@@ -175,11 +180,17 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     let mut q4_logits = vec![0f32; 5 * 512];
     assert_eq!(bitnet_logits(seq, prompt.as_ptr(), 5, q4_logits.as_mut_ptr(), q4_logits.len()), BitnetStatus::Ok);
     assert!(q4_logits != logits, "a 4-bit head changes the logits a little");
-    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (a.iter().map(|x| x * x).sum::<f32>() * b.iter().map(|x| x * x).sum::<f32>()).sqrt();
+    let cos = |a: &[f32], b: &[f32]| {
+        a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (a.iter().map(|x| x * x).sum::<f32>() * b.iter().map(|x| x * x).sum::<f32>()).sqrt()
+    };
     assert!(cos(&q4_logits[4 * 512..], last) > 0.99, "{}", cos(&q4_logits[4 * 512..], last));
     bitnet_sequence_free(seq);
     bitnet_engine_close(engine);
-    for (bad, why) in [((true, true, BITNET_PACKING_AUTO, false), "choose one"), ((false, false, 7, false), "packing 7"), ((false, false, BITNET_PACKING_2BIT, true), "compiled backend")] {
+    for (bad, why) in [
+        ((true, true, BITNET_PACKING_AUTO, false), "choose one"),
+        ((false, false, 7, false), "packing 7"),
+        ((false, false, BITNET_PACKING_2BIT, true), "compiled backend"),
+    ] {
         let mut o = bitnet_engine_options_default();
         (o.head_q8, o.head_q4, o.packing, o.interpreter) = bad;
         assert_eq!(bitnet_engine_open(path.as_ptr(), &o, &mut engine), BitnetStatus::InvalidArgument);

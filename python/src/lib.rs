@@ -129,9 +129,7 @@ fn sampling(
 ) -> PyResult<Sampling> {
     let seed = seed.unwrap_or_else(SamplerConfig::clock_seed);
     let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, seed, ..SamplerConfig::default() };
-    if !config.in_range() {
-        return Err(invalid("sampling values out of range: temperature ≥ 0, top_p and min_p in [0, 1], repeat_penalty > 0"));
-    }
+    config.check().map_err(|e| invalid(e.to_string()))?;
     Ok(Sampling { config, max_tokens, stop: stop.unwrap_or_default(), ignore_eos })
 }
 

@@ -157,6 +157,8 @@ def test_missing_file_and_bad_arguments(model):
         bitnet.Model(STORIES, device="tpu")
     with pytest.raises(bitnet.InvalidArgumentError):
         model.generate("x", temperature=-1)
+    with pytest.raises(bitnet.InvalidArgumentError, match=r"min_p = 1.5 is out of range: it must be in \[0, 1\]"):
+        model.generate("x", min_p=1.5)
     with pytest.raises(bitnet.InvalidArgumentError):
         model.generate_ids([])
     with pytest.raises(bitnet.InvalidArgumentError, match="vocabulary"):

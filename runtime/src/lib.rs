@@ -53,6 +53,6 @@ pub use generate::{feed_prompt_chunks, GenerateOptions, Generation, PromptRest, 
 pub use kv::KvUsage;
 #[cfg(feature = "native")]
 pub use lowering::{cuda_tuned_tiles, cuda_workloads, lower, lower_cuda, tuned_tiles, workloads};
-pub use sampler::{Sampler, SamplerConfig};
+pub use sampler::{OutOfRange, Sampler, SamplerConfig, Setting};
 pub use session::Session;
 pub use stops::StopFilter;

@@ -43,14 +43,23 @@ impl SamplerConfig {
         SamplerConfig { temperature: 0.0, ..Default::default() }
     }
 
-    /// Whether the settings make sense: a finite temperature ≥ 0, top-p and
-    /// min-p in [0, 1], a repeat penalty > 0.
-    pub fn in_range(&self) -> bool {
-        self.temperature.is_finite()
-            && self.temperature >= 0.0
-            && (0.0..=1.0).contains(&self.top_p)
-            && (0.0..=1.0).contains(&self.min_p)
-            && self.repeat_penalty > 0.0
+    /// The first setting that makes no sense, if any: the temperature must be
+    /// finite and ≥ 0, top-p and min-p in [0, 1], the repeat penalty > 0.
+    pub fn check(&self) -> Result<(), OutOfRange> {
+        let bad = |setting, value: f32| Err(OutOfRange { setting, value });
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(Setting::Temperature, self.temperature);
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return bad(Setting::TopP, self.top_p);
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(Setting::MinP, self.min_p);
+        }
+        if !(self.repeat_penalty > 0.0) {
+            return bad(Setting::RepeatPenalty, self.repeat_penalty);
+        }
+        Ok(())
     }
 
     /// A seed from the clock, for callers that name none.
@@ -58,6 +67,58 @@ impl SamplerConfig {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
     }
 }
+
+/// A sampling setting that [`SamplerConfig::check`] bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    Temperature,
+    TopP,
+    MinP,
+    RepeatPenalty,
+}
+
+impl Setting {
+    /// The name the APIs (OpenAI's, Python's, C's, JavaScript's) give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Temperature => "temperature",
+            Setting::TopP => "top_p",
+            Setting::MinP => "min_p",
+            Setting::RepeatPenalty => "repeat_penalty",
+        }
+    }
+
+    /// The values it may take.
+    pub fn range(self) -> &'static str {
+        match self {
+            Setting::Temperature => "a finite number ≥ 0",
+            Setting::TopP | Setting::MinP => "in [0, 1]",
+            Setting::RepeatPenalty => "> 0",
+        }
+    }
+}
+
+/// A sampling setting outside its range, with the value given.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OutOfRange {
+    pub setting: Setting,
+    pub value: f32,
+}
+
+impl OutOfRange {
+    /// The message, naming the setting as the caller's interface does.
+    pub fn message(&self, name: &str) -> String {
+        format!("{name} = {} is out of range: it must be {}", self.value, self.setting.range())
+    }
+}
+
+impl std::fmt::Display for OutOfRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message(self.setting.name()))
+    }
+}
+
+impl std::error::Error for OutOfRange {}
 
 pub struct Sampler {
     pub config: SamplerConfig,
@@ -169,6 +230,24 @@ fn softmax(cand: &[(u32, f32)]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_names_the_first_setting_out_of_range() {
+        assert_eq!(SamplerConfig::default().check(), Ok(()));
+        let nan = SamplerConfig { temperature: f32::NAN, ..SamplerConfig::default() };
+        assert_eq!(nan.check().unwrap_err().setting, Setting::Temperature);
+        let cases = [
+            (SamplerConfig { temperature: -0.5, ..SamplerConfig::default() }, "temperature = -0.5 is out of range: it must be a finite number ≥ 0"),
+            (SamplerConfig { top_p: 1.5, ..SamplerConfig::default() }, "top_p = 1.5 is out of range: it must be in [0, 1]"),
+            (SamplerConfig { min_p: -0.1, ..SamplerConfig::default() }, "min_p = -0.1 is out of range: it must be in [0, 1]"),
+            (SamplerConfig { repeat_penalty: 0.0, ..SamplerConfig::default() }, "repeat_penalty = 0 is out of range: it must be > 0"),
+        ];
+        for (config, message) in cases {
+            assert_eq!(config.check().unwrap_err().to_string(), message);
+        }
+        let e = SamplerConfig { top_p: 2.0, ..SamplerConfig::default() }.check().unwrap_err();
+        assert_eq!(e.message("--top-p"), "--top-p = 2 is out of range: it must be in [0, 1]");
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -13,7 +13,7 @@ use anyhow::Context;
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned, Schedule, TileOrigin, Tiles};
-use bitnet_runtime::{BackendKind, Engine, EngineOptions, LoadOptions, SamplerConfig, Session};
+use bitnet_runtime::{BackendKind, Engine, EngineOptions, LoadOptions, SamplerConfig, Session, Setting};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -263,9 +263,15 @@ impl SamplingArgs {
             frequency_penalty: 0.0,
             seed: self.seed.unwrap_or_else(SamplerConfig::clock_seed),
         };
-        if !config.in_range() {
-            anyhow::bail!("sampling values out of range: --temp ≥ 0, --top-p and --min-p in [0, 1], --repeat-penalty > 0");
-        }
+        config.check().map_err(|e| {
+            let flag = match e.setting {
+                Setting::Temperature => "--temp",
+                Setting::TopP => "--top-p",
+                Setting::MinP => "--min-p",
+                Setting::RepeatPenalty => "--repeat-penalty",
+            };
+            anyhow::anyhow!(e.message(flag))
+        })?;
         if self.greedy {
             config.temperature = 0.0;
         }

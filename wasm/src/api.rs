@@ -236,9 +236,7 @@ impl State {
             seed,
             ..SamplerConfig::default()
         };
-        if !sampler.in_range() {
-            return Err("sampling values out of range: temperature ≥ 0, top_p and min_p in [0, 1], repeat_penalty > 0".into());
-        }
+        sampler.check().map_err(|e| e.to_string())?;
         let opts = GenerateOptions { n_predict: r.max_tokens, ignore_eos: r.ignore_eos, sampler, dump_logits: false };
         let context = e.context;
         let text = TextGeneration::start(e, &ids, &opts, r.stop.into_vec()).map_err(|e| e.to_string())?;

@@ -116,7 +116,7 @@ test('bad files, requests and handles are errors, not crashes', () => {
   }
   assert.throws(() => bitnet.loadModel(bytes, { contxt: 8 }), /unknown field `contxt`/);
   assert.throws(() => model.generate('x', { maxTokns: 3 }), /unknown field `max_tokns`/);
-  assert.throws(() => model.generate('x', { temperature: -1 }), /out of range/);
+  assert.throws(() => model.generate('x', { temperature: -1 }), /temperature = -1 is out of range/);
   assert.throws(() => model.generateIds([1, 100000], greedy), /outside the vocabulary/);
   assert.throws(() => model.generateIds([], greedy), /empty/);
   assert.throws(() => model.complete({ prompt: 'a', promptIds: [1] }), /exactly one of/);

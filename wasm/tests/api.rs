@@ -45,7 +45,7 @@ fn bad_input_is_a_message() {
     assert!(s.load(std::fs::read(STORIES).unwrap(), b"{\"context\": \"big\"}").unwrap_err().contains("bad load options"));
     let m = s.load(std::fs::read(STORIES).unwrap(), b"{\"parallel\": 2}").unwrap();
     assert!(s.start(m, b"{").unwrap_err().contains("bad generate request"));
-    assert!(s.start(m, br#"{"prompt": "a", "top_p": 2}"#).unwrap_err().contains("out of range"));
+    assert!(s.start(m, br#"{"prompt": "a", "top_p": 2}"#).unwrap_err().contains("top_p = 2 is out of range"));
     assert!(s.detokenize(m, b"[1, 70000]").unwrap_err().contains("outside the vocabulary"));
     assert!(s.info(m + 1).unwrap_err().contains("no model with handle"));
     s.close(m).unwrap();
