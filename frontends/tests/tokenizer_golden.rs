@@ -124,3 +124,41 @@ fn falcon3_pre_tokenizer_splits_punctuation_then_words_then_single_digits() {
     assert_eq!(pieces(&gpt2, "don't"), ["don", "'t"]);
     assert_eq!(pieces(&gpt2_vocab_as("falcon_e"), "don't 42"), pieces(&falcon3, "don't 42"));
 }
+
+/// Streaming the ids of every golden text one at a time (after a context
+/// token, and after none) prints exactly their decoded text, and holds back
+/// nothing once a character is whole.
+#[test]
+fn streamed_text_equals_the_decoded_text() {
+    use bitnet_frontends::tokenizer::TextStream;
+    use std::sync::Arc;
+    let hf = Arc::new(Tokenizer::from_hf_file(&data("tokenizers/llama3-hf/tokenizer.json")).unwrap());
+    let vocabs = ["ggml-vocab-llama-bpe.gguf", "ggml-vocab-llama-spm.gguf", "ggml-vocab-gpt-2.gguf"];
+    let mut all: Vec<(String, Arc<Tokenizer>, Vec<String>)> =
+        vocabs.iter().map(|v| (v.to_string(), Arc::new(gguf_tokenizer(v)), cases(v).into_iter().map(|c| c.0).collect())).collect();
+    all.push(("llama3 tokenizer.json".into(), hf, cases("ggml-vocab-llama-bpe.gguf").into_iter().map(|c| c.0).collect()));
+    let mut streamed_tokens = 0;
+    for (name, tok, texts) in &all {
+        for text in texts.iter().map(String::as_str).chain(["héllo wörld 🦙🦙 漢字 \u{1F600}"]) {
+            let ids = tok.encode(text, false, false).unwrap();
+            for context in [None, ids.first().copied()] {
+                let ids = if context.is_some() { &ids[1..] } else { &ids[..] };
+                // (A context token may end inside a character, whose rest
+                // then decodes to U+FFFD, streamed or not.)
+                let whole = tok.decode(context, ids);
+                let mut stream = TextStream::new(tok.clone(), context);
+                let mut printed = String::new();
+                for &id in ids {
+                    let piece = stream.push(id);
+                    assert!(!piece.contains('\u{FFFD}') || whole.contains('\u{FFFD}'), "{name}: {text:?}: a partial character printed");
+                    printed += &piece;
+                }
+                let rest = stream.finish();
+                assert!(rest.is_empty(), "{name}: {text:?}: {rest:?} held back to the end");
+                assert_eq!(printed, whole, "{name}: {text:?} streamed after {context:?}");
+                streamed_tokens += ids.len();
+            }
+        }
+    }
+    assert!(streamed_tokens > 1000, "only {streamed_tokens} tokens streamed");
+}

@@ -385,13 +385,22 @@ impl Tokenizer {
     /// `context` (the token before `ids`, if any) lets decoders that depend
     /// on the previous token (Hugging Face's) get spaces right.
     pub fn decode(&self, context: Option<u32>, ids: &[u32]) -> String {
+        self.decode_after(context.as_slice(), ids)
+    }
+
+    /// [`Tokenizer::decode`] after several tokens of context: Hugging Face's
+    /// decoders see them all, so a context that ends inside a character
+    /// still decodes to whole characters before `ids` begin.
+    pub fn decode_after(&self, context: &[u32], ids: &[u32]) -> String {
         match &self.engine {
             Engine::Hf { full, .. } => {
-                let mut all: Vec<u32> = context.into_iter().collect();
-                let skip = full.decode(&all, true).unwrap_or_default().len();
-                all.extend_from_slice(ids);
+                let before = full.decode(context, true).unwrap_or_default();
+                let all: Vec<u32> = context.iter().chain(ids).copied().collect();
                 let text = full.decode(&all, true).unwrap_or_default();
-                text.get(skip..).unwrap_or(&text).to_string()
+                // A context that ends inside a character decoded to U+FFFD
+                // alone; the character it begins is then the text's.
+                let rest = text.strip_prefix(before.as_str()).or_else(|| text.strip_prefix(before.trim_end_matches('\u{FFFD}')));
+                rest.unwrap_or(&text).to_string()
             }
             _ => {
                 let mut bytes = Vec::new();
@@ -454,41 +463,49 @@ enum Fragment<'t> {
 }
 
 /// Turns generated ids into text as they arrive, holding back bytes that
-/// do not yet form whole UTF-8 characters.
+/// do not yet form whole UTF-8 characters. Each push decodes only the ids
+/// not yet printed (after the last printed one, as context), so a stream of
+/// n tokens costs O(n), not O(n²).
 pub struct TextStream {
     tokenizer: std::sync::Arc<Tokenizer>,
-    context: Option<u32>,
-    ids: Vec<u32>,
-    printed: usize,
+    /// The tokens of the last printed piece (at first, the last prompt
+    /// token), so that the pending ones decode as their continuation.
+    context: Vec<u32>,
+    pending: Vec<u32>,
 }
 
 impl TextStream {
     /// `context` is the token before the first streamed one (the last
     /// prompt token), if any.
     pub fn new(tokenizer: std::sync::Arc<Tokenizer>, context: Option<u32>) -> Self {
-        TextStream { tokenizer, context, ids: Vec::new(), printed: 0 }
+        TextStream { tokenizer, context: context.into_iter().collect(), pending: Vec::new() }
     }
 
     /// Adds a token; returns the text that became printable.
     pub fn push(&mut self, id: u32) -> String {
-        self.ids.push(id);
-        let text = self.tokenizer.decode(self.context, &self.ids);
-        if text.ends_with('\u{FFFD}') {
+        self.pending.push(id);
+        let text = self.tokenizer.decode_after(&self.context, &self.pending);
+        // Bytes that complete no character yet, or end in one's first
+        // bytes: wait for the rest.
+        if text.is_empty() || text.ends_with('\u{FFFD}') {
             return String::new();
         }
-        self.take(text)
+        self.printed(text)
     }
 
     /// Whatever is left, printable or not.
     pub fn finish(&mut self) -> String {
-        let text = self.tokenizer.decode(self.context, &self.ids);
-        self.take(text)
+        let text = self.tokenizer.decode_after(&self.context, &self.pending);
+        self.printed(text)
     }
 
-    fn take(&mut self, text: String) -> String {
-        let new = text.get(self.printed..).unwrap_or("").to_string();
-        self.printed = text.len().max(self.printed);
-        new
+    /// The pending tokens' text has been printed: they become the context.
+    fn printed(&mut self, text: String) -> String {
+        if !self.pending.is_empty() {
+            std::mem::swap(&mut self.context, &mut self.pending);
+            self.pending.clear();
+        }
+        text
     }
 }
 
