@@ -138,6 +138,18 @@ fn head_gemv(c: &mut Criterion) {
         g.bench_function(format!("f16_128256x2560/{}", isa.name()), |b| b.iter(|| float::matmul(&pool, isa, &w, &x8, &mut out)));
         g.bench_function(format!("q4_128256x2560/{}", isa.name()), |b| b.iter(|| int4::matmul(&pool, isa, &q4, &acts, &mut out)));
     }
+    drop(g);
+    // The same product on 512 rows, which stay in the cores' L2 between
+    // iterations: its arithmetic alone, against which the DRAM-bound figure
+    // above says how much of the head's time is waiting on memory.
+    let rows = 512;
+    let cached = WeightView { dtype: DType::F16, shape: vec![rows, k], data: &bytes[..rows * k * 2] };
+    let mut out = vec![0f32; tokens * rows];
+    let mut g = c.benchmark_group("head_8_tokens_cached");
+    g.throughput(Throughput::Elements((tokens * rows * k) as u64));
+    for &isa in [Isa::Avx512Vnni, Isa::Avx2].iter().filter(|i| i.available()) {
+        g.bench_function(format!("f16_512x2560/{}", isa.name()), |b| b.iter(|| float::matmul(&pool, isa, &cached, &x8, &mut out)));
+    }
 }
 
 /// The elementwise families on one decode token's rows, native against
