@@ -2,7 +2,7 @@
 # Runs the cargo-fuzz targets of fuzz/ (libFuzzer, nightly Rust), each
 # from its seeds and its dictionary, under AddressSanitizer by default.
 #
-#   scripts/fuzz.sh [--time SECONDS] [--runs N] [--no-asan] [--ci] [--jobs N] [TARGET...]
+#   scripts/fuzz.sh [--time SECONDS] [--runs N] [--no-asan] [--ci] [--jobs N] [--summary FILE] [TARGET...]
 #
 # --time     seconds per target (default 30); --runs: stop a target after
 #            N executions instead (whichever comes first)
@@ -10,6 +10,8 @@
 # --ci       no AddressSanitizer and fuzz/Cargo.toml's quicker dev profile
 #            (opt-level 1): what .ci/run uses for its short runs
 # --jobs     parallel fuzzing processes per target (default 1)
+# --summary  where the summary table goes (default fuzz/last-run.tsv; give
+#            each of several fuzz.sh runs at once its own)
 # TARGET     gguf model hf artifact tokenizer chat_template tuning_db
 #            openai_request (default: all)
 #
@@ -18,11 +20,11 @@
 # input slower than 10 s is kept there too, counted as "slow"): fix
 # it, then copy the input to fuzz/regressions/TARGET/ so the normal tests
 # replay it. A summary (executions, coverage, features, corpus, crashes per
-# target) is printed at the end and written to fuzz/last-run.tsv.
+# target) is printed at the end and written to fuzz/last-run.tsv (or FILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-time_s=30 runs=0 sanitizer=address jobs=1 targets=() profile=(-O --debug-assertions) outdir=release
+time_s=30 runs=0 sanitizer=address jobs=1 targets=() profile=(-O --debug-assertions) outdir=release summary=fuzz/last-run.tsv
 while [ $# -gt 0 ]; do
     case "$1" in
         --time) time_s="$2"; shift 2 ;;
@@ -30,7 +32,8 @@ while [ $# -gt 0 ]; do
         --no-asan) sanitizer=none; shift ;;
         --ci) sanitizer=none profile=(--dev) outdir=debug; shift ;;
         --jobs) jobs="$2"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --summary) summary="$2"; shift 2 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -64,7 +67,6 @@ bin=fuzz/target/$(rustc "${tc[@]}" -vV | sed -n 's/^host: //p')/$outdir
 found() { find "fuzz/artifacts/$1" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l; }
 slow() { find "fuzz/artifacts/$1" -type f -name 'slow-unit-*' | wc -l; }
 dict_of() { case "$1" in model) echo gguf ;; *) echo "$1" ;; esac; }
-summary=fuzz/last-run.tsv
 printf 'target\texecutions\tseconds\tcoverage\tfeatures\tcorpus\tcrashes\tslow\n' > "$summary"
 failed=()
 for t in "${targets[@]}"; do
