@@ -83,17 +83,13 @@ pub struct Family {
     pub chat_template: Option<&'static str>,
 }
 
-const fn dims(hidden: usize, layers: usize, heads: usize, kv_heads: usize, head_dim: usize, ffn: usize, vocab: usize, context: usize) -> Dims {
-    Dims { hidden, layers, heads, kv_heads, head_dim, ffn, vocab, context }
-}
-
 const BITNET_2B4T: Family = Family {
     name: "bitnet-2b4t",
     repo: "microsoft/bitnet-b1.58-2B-4T",
     hf_arch: "BitNetForCausalLM",
     gguf_arch: "bitnet-b1.58",
-    dims: Some(dims(2560, 30, 20, 5, 128, 6912, 128256, 4096)),
-    tiny: dims(256, 2, 4, 1, 64, 768, 512, 4096),
+    dims: Some(Dims { hidden: 2560, layers: 30, heads: 20, kv_heads: 5, head_dim: 128, ffn: 6912, vocab: 128256, context: 4096 }),
+    tiny: Dims { hidden: 256, layers: 2, heads: 4, kv_heads: 1, head_dim: 64, ffn: 768, vocab: 512, context: 4096 },
     rope_theta: 500000.0,
     norm_eps: 1e-5,
     activation: Activation::Relu2,
@@ -114,8 +110,8 @@ const BITNET_LARGE: Family = Family {
     repo: "1bitLLM/bitnet_b1_58-large",
     hf_arch: "BitnetForCausalLM",
     gguf_arch: "bitnet",
-    dims: Some(dims(1536, 24, 16, 16, 96, 4096, 32002, 2048)),
-    tiny: dims(256, 2, 4, 4, 64, 768, 514, 2048),
+    dims: Some(Dims { hidden: 1536, layers: 24, heads: 16, kv_heads: 16, head_dim: 96, ffn: 4096, vocab: 32002, context: 2048 }),
+    tiny: Dims { hidden: 256, layers: 2, heads: 4, kv_heads: 4, head_dim: 64, ffn: 768, vocab: 514, context: 2048 },
     rope_theta: 10000.0,
     norm_eps: 1e-5,
     activation: Activation::Silu,
@@ -136,8 +132,8 @@ const LLAMA3_8B: Family = Family {
     repo: "HF1BitLLM/Llama3-8B-1.58-100B-tokens",
     hf_arch: "LlamaForCausalLM",
     gguf_arch: "llama",
-    dims: Some(dims(4096, 32, 32, 8, 128, 14336, 128256, 8192)),
-    tiny: dims(256, 2, 4, 1, 64, 768, 512, 8192),
+    dims: Some(Dims { hidden: 4096, layers: 32, heads: 32, kv_heads: 8, head_dim: 128, ffn: 14336, vocab: 128256, context: 8192 }),
+    tiny: Dims { hidden: 256, layers: 2, heads: 4, kv_heads: 1, head_dim: 64, ffn: 768, vocab: 512, context: 8192 },
     rope_theta: 500000.0,
     norm_eps: 1e-5,
     activation: Activation::Silu,
@@ -158,8 +154,8 @@ const FALCON3_1B: Family = Family {
     repo: "tiiuae/Falcon3-1B-Instruct-1.58bit",
     hf_arch: "LlamaForCausalLM",
     gguf_arch: "llama",
-    dims: Some(dims(2048, 18, 8, 4, 256, 8192, 131072, 8192)),
-    tiny: dims(512, 2, 2, 1, 256, 1024, 512, 8192),
+    dims: Some(Dims { hidden: 2048, layers: 18, heads: 8, kv_heads: 4, head_dim: 256, ffn: 8192, vocab: 131072, context: 8192 }),
+    tiny: Dims { hidden: 512, layers: 2, heads: 2, kv_heads: 1, head_dim: 256, ffn: 1024, vocab: 512, context: 8192 },
     rope_theta: 1000042.0,
     norm_eps: 1e-6,
     activation: Activation::Silu,
@@ -193,10 +189,10 @@ pub const FAMILIES: [Family; 10] = [
     Family {
         name: "bitnet-3b",
         repo: "1bitLLM/bitnet_b1_58-3B",
-        dims: Some(dims(3200, 26, 32, 32, 100, 8640, 32002, 2048)),
+        dims: Some(Dims { hidden: 3200, layers: 26, heads: 32, kv_heads: 32, head_dim: 100, ffn: 8640, vocab: 32002, context: 2048 }),
         // Its FFN rows are not whole I2_S blocks (8640 = 67.5 x 128): the
         // tiny shape keeps that (864 = 6.75 x 128).
-        tiny: dims(256, 2, 4, 4, 64, 864, 514, 2048),
+        tiny: Dims { hidden: 256, layers: 2, heads: 4, kv_heads: 4, head_dim: 64, ffn: 864, vocab: 514, context: 2048 },
         ..BITNET_LARGE
     },
     LLAMA3_8B,
@@ -204,22 +200,22 @@ pub const FAMILIES: [Family; 10] = [
     Family {
         name: "falcon3-3b",
         repo: "tiiuae/Falcon3-3B-Instruct-1.58bit",
-        dims: Some(dims(3072, 22, 12, 4, 256, 9216, 131072, 4096)),
-        tiny: dims(768, 2, 3, 1, 256, 1536, 512, 4096),
+        dims: Some(Dims { hidden: 3072, layers: 22, heads: 12, kv_heads: 4, head_dim: 256, ffn: 9216, vocab: 131072, context: 4096 }),
+        tiny: Dims { hidden: 768, layers: 2, heads: 3, kv_heads: 1, head_dim: 256, ffn: 1536, vocab: 512, context: 4096 },
         ..FALCON3_1B
     },
     Family {
         name: "falcon3-7b",
         repo: "tiiuae/Falcon3-7B-Instruct-1.58bit",
-        dims: Some(dims(3072, 28, 12, 4, 256, 23040, 131072, 8192)),
-        tiny: dims(768, 2, 3, 1, 256, 1536, 512, 8192),
+        dims: Some(Dims { hidden: 3072, layers: 28, heads: 12, kv_heads: 4, head_dim: 256, ffn: 23040, vocab: 131072, context: 8192 }),
+        tiny: Dims { hidden: 768, layers: 2, heads: 3, kv_heads: 1, head_dim: 256, ffn: 1536, vocab: 512, context: 8192 },
         ..FALCON3_1B
     },
     Family {
         name: "falcon3-10b",
         repo: "tiiuae/Falcon3-10B-Instruct-1.58bit",
-        dims: Some(dims(3072, 40, 12, 4, 256, 23040, 131072, 32768)),
-        tiny: dims(768, 2, 3, 1, 256, 1536, 512, 32768),
+        dims: Some(Dims { hidden: 3072, layers: 40, heads: 12, kv_heads: 4, head_dim: 256, ffn: 23040, vocab: 131072, context: 32768 }),
+        tiny: Dims { hidden: 768, layers: 2, heads: 3, kv_heads: 1, head_dim: 256, ffn: 1536, vocab: 512, context: 32768 },
         ..FALCON3_1B
     },
     FALCON_E_1B,
@@ -372,7 +368,7 @@ mod tests {
             assert_eq!(infer_from(&ModelConfig { bitlinear: false, ..c }, "").map(|(g, _)| g.name), None, "{}", f.name);
         }
         // Falcon-E's GGUF pre-tokenizer names it; its layer count, the size.
-        let e = config(&FALCON_E_1B, dims(2048, 32, 8, 4, 256, 8192, 65536, 2048));
+        let e = config(&FALCON_E_1B, Dims { hidden: 2048, layers: 32, heads: 8, kv_heads: 4, head_dim: 256, ffn: 8192, vocab: 65536, context: 2048 });
         assert_eq!(infer_from(&e, "falcon_e").map(|(g, _)| g.name), Some("falcon-e-3b"));
         // The wrong activation for the name is not that family.
         let wrong = ModelConfig { activation: Activation::Relu2, ..config(&FALCON3_1B, FALCON3_1B.tiny) };

@@ -392,7 +392,9 @@ impl Engine {
         }
         if s.table.is_empty() {
             // At least one token is computed, for its logits.
-            let n = self.take_prefix(s, &s.pending[..more - 1].to_vec());
+            // (A copy: the sequence lends itself to take_prefix too.)
+            let prompt: Vec<u32> = s.pending[..more - 1].to_vec();
+            let n = self.take_prefix(s, &prompt);
             s.pending.drain(..n);
         }
         let need = (s.tokens.len() + s.pending.len()).div_ceil(BLOCK_POSITIONS).saturating_sub(s.table.len());
@@ -643,7 +645,7 @@ impl Sequence {
         self.blocks.release(&self.table[keep..]);
         self.table.truncate(keep);
         self.registered = self.registered.min(n / BLOCK_POSITIONS);
-        if n % BLOCK_POSITIONS != 0 && keep > 0 {
+        if !n.is_multiple_of(BLOCK_POSITIONS) && keep > 0 {
             let b = self.table[keep - 1];
             if self.blocks.holders(b) > 1 {
                 self.blocks.release(&[b]);

@@ -56,7 +56,7 @@ impl SamplerConfig {
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(Setting::MinP, self.min_p);
         }
-        if !(self.repeat_penalty > 0.0) {
+        if self.repeat_penalty.is_nan() || self.repeat_penalty <= 0.0 {
             return bad(Setting::RepeatPenalty, self.repeat_penalty);
         }
         Ok(())
