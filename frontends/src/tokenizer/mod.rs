@@ -464,8 +464,8 @@ enum Fragment<'t> {
 
 /// Turns generated ids into text as they arrive, holding back bytes that
 /// do not yet form whole UTF-8 characters. Each push decodes only the ids
-/// not yet printed (after the last printed one, as context), so a stream of
-/// n tokens costs O(n), not O(n²).
+/// not yet printed (with the last printed piece's as context), so a stream
+/// of n tokens costs O(n), not O(n²).
 pub struct TextStream {
     tokenizer: std::sync::Arc<Tokenizer>,
     /// The tokens of the last printed piece (at first, the last prompt
