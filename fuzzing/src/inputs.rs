@@ -11,7 +11,10 @@ pub fn split_parts(data: &[u8], max: usize) -> Vec<&[u8]> {
     let mut parts = Vec::new();
     let mut rest = data;
     while parts.len() + 1 < max {
-        match rest.windows(PART_SEPARATOR.len()).position(|w| w == PART_SEPARATOR) {
+        // memchr's search rather than a comparison at every offset: under
+        // libFuzzer each slice comparison is an intercepted memcmp, which
+        // took a third of the `hf` target's time on its 300 KB inputs.
+        match memchr::memmem::find(rest, PART_SEPARATOR) {
             Some(at) => {
                 parts.push(&rest[..at]);
                 rest = &rest[at + PART_SEPARATOR.len()..];
