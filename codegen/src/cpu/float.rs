@@ -55,18 +55,20 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     pool.run_sized(s * n * k, &|_, _| {
         let mut scratch = vec![0f32; k];
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
-            let direct = match w.dtype {
-                DType::F16 if s == 1 => Some(&w.data[r * row_bytes..(r + 1) * row_bytes]),
-                _ => None,
+            let f16 = (w.dtype == DType::F16 && s == 1).then(|| &w.data[r * row_bytes..(r + 1) * row_bytes]);
+            let row: &[f32] = match f32_row(w, r, k) {
+                Some(row) => row,
+                None if f16.is_none() => {
+                    row_f32(isa, w, r, &mut scratch);
+                    &scratch
+                }
+                None => &[],
             };
-            if direct.is_none() {
-                row_f32(isa, w, r, &mut scratch);
-            }
             for t in 0..s {
                 let xt = &x[t * k..(t + 1) * k];
-                let v = match direct {
+                let v = match f16 {
                     Some(bytes) => dot_f16(isa, xt, bytes),
-                    None => dot(isa, xt, &scratch),
+                    None => dot(isa, xt, row),
                 };
                 // SAFETY: row r belongs to this worker alone.
                 unsafe { *dst.ptr().add(t * n + r) = v };
@@ -97,6 +99,19 @@ fn block_f16<const T: usize>(wide: bool, w: &[&[u8]], x: [&[f32]; T], mut put: i
             (false, _) => emit(&avx2::dot_f16_block::<1, T>([w[0]], x)),
         }
     }
+}
+
+/// Row `r` of an f32 matrix read in place, where its bytes are aligned
+/// for f32 (a mapped file's tensors are): no copy a row.
+fn f32_row<'a>(w: &WeightView<'a>, r: usize, k: usize) -> Option<&'a [f32]> {
+    if w.dtype != DType::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    let bytes = w.data.get(r * 4 * k..(r + 1) * 4 * k)?;
+    // SAFETY: align_to returns only the aligned middle as f32, which has no
+    // invalid bit patterns; the bytes are little-endian f32 (checked above).
+    let (before, row, after) = unsafe { bytes.align_to::<f32>() };
+    (before.is_empty() && after.is_empty()).then_some(row)
 }
 
 /// Row `r` of `w` as f32.
