@@ -173,12 +173,16 @@ proptest! {
     /// error, or a model that runs; never a panic.
     #[test]
     fn flipped_bytes_never_panic(flips in prop::collection::vec((prop_oneof![0usize..48 << 10, 0usize..2 << 20], any::<u8>()), 1..6)) {
+        // One compiled artifact for every case; each case's folder goes with it.
+        static GOOD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
         let dir = tmp_dir("artifact-fuzz");
-        let good = dir.join("good.bnx");
-        if !good.exists() {
-            compile(&stories(), &good, HeadQuant::Stored);
-        }
-        let mut bytes = std::fs::read(&good).unwrap();
+        let mut bytes = GOOD
+            .get_or_init(|| {
+                let good = dir.join("good.bnx");
+                compile(&stories(), &good, HeadQuant::Stored);
+                std::fs::read(&good).unwrap()
+            })
+            .clone();
         for (at, x) in flips {
             let i = at % bytes.len();
             bytes[i] ^= x | 1;

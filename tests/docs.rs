@@ -37,7 +37,7 @@ fn runnable_blocks(text: &str) -> Vec<(usize, String)> {
 }
 
 /// A scratch folder that looks like a checkout after `cargo build --release`.
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> TmpDir {
     let dir = tmp_dir(&format!("docs-{name}"));
     let bin = dir.join(".bin");
     std::fs::create_dir_all(dir.join("target/release")).unwrap();

@@ -139,12 +139,13 @@ fn schemathesis_finds_the_server_as_its_spec_says() {
     let m = stories();
     let s = Server::start(&["-m", m.to_str().unwrap(), "--chat-template", "chatml", "--parallel", "4", "-t", "2"]);
     let checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance";
+    let cache = tmp_dir("schemathesis");
     let o = Command::new("st")
         .args(["run", &format!("{}/openapi.json", s.url), "--seed", "1", "-n", "10", "--max-time", "60", "--request-timeout", "30", "-c", checks])
         .args(["-H", &format!("Authorization: Bearer {KEY}")])
         .env("NO_COLOR", "1")
         // Its cache of found crashes goes to the working directory.
-        .current_dir(tmp_dir("schemathesis"))
+        .current_dir(&cache)
         .output()
         .expect("running schemathesis");
     assert!(o.status.success(), "schemathesis found failures:\n{}\n{}", stdout(&o), stderr(&o));

@@ -96,6 +96,7 @@ fn a_converted_hf_checkpoint_runs_in_llama_cpp() {
     let theirs = Llama::load(&case.llama_path, 2).unwrap().logits(&case.tokens).unwrap();
     let r = compare(&ours, &theirs, 32000).unwrap();
     assert!(r.min_cosine >= MODEL_NUMERICS_MIN_COSINE, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The published families llama.cpp runs (`bitnet` for the 1bitLLM models,
@@ -126,6 +127,7 @@ fn published_families_agree_with_llama_cpp() {
         let r = compare(&ours, &theirs, f.tiny.vocab).unwrap();
         assert!(r.min_cosine >= MODEL_NUMERICS_MIN_COSINE, "{name}: the folder against llama.cpp: {r}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `bitnet perplexity` against llama-perplexity's definition on llama.cpp's

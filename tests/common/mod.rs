@@ -43,10 +43,36 @@ pub fn stories() -> PathBuf {
     data("models/stories260K/stories260K.gguf")
 }
 
-pub fn tmp_dir(name: &str) -> PathBuf {
+pub fn tmp_dir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("bitnet-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
+}
+
+/// A test's scratch folder, removed when the test ends; a failing test's
+/// stays for a look, and `BITNET_KEEP_TMP=1` keeps them all. (Left behind,
+/// a full run's came to about a gigabyte of /tmp.)
+pub struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var_os("BITNET_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// A small model with uneven dims (hidden 256, 3 layers, GQA 4/2, FFN 512).
