@@ -9,6 +9,17 @@
 //! meets 64 consecutive activations. The sums are of codes (0, 1, 2) times
 //! activations, as every ternary kernel's are; the caller subtracts `Σx`.
 //!
+//! Tiles of an even number of rows and one or two tokens (decode) go
+//! another way, with fewer instructions a byte: one 512-bit load holds the
+//! same chunk of two rows (the layout keeps a tile's rows of a chunk side
+//! by side), and each field is masked in place, unshifted, so that its codes
+//! meet their activations scaled by 64, 16, 4 or 1. Each field then sums
+//! into an accumulator of its own, divided back (exactly: every term is a
+//! multiple) when the tile is done: four instructions (a mask and a
+//! `vpdpbusd` per field, less the load) for 256 weights, where shifting
+//! takes seven. Decode reads the weights once, so this is the kernel that
+//! decides how close a decode step comes to the memory's speed.
+//!
 //! The default where the CPU has it ([`super::Isa::best`]); the kernel
 //! tests compare it with the reference on every CPU that has it.
 
@@ -21,7 +32,52 @@ pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &Qua
     let xs = x.step_rows(tok, step);
     // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
     // the lengths are checked above.
-    unsafe { for_tile_shape!(rows, step, run(tile, chunks, &xs, out)) }
+    unsafe {
+        match (rows, step) {
+            (2, 1) => row_pairs::<1, 1>(tile, chunks, &xs, out),
+            (2, 2) => row_pairs::<1, 2>(tile, chunks, &xs, out),
+            (4, 1) => row_pairs::<2, 1>(tile, chunks, &xs, out),
+            (4, 2) => row_pairs::<2, 2>(tile, chunks, &xs, out),
+            _ => for_tile_shape!(rows, step, run(tile, chunks, &xs, out)),
+        }
+    }
+}
+
+/// `P` pairs of rows against `T` tokens, each field's codes masked in place
+/// (see the module's notes).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
+    // Field f holds weights 32f..32f + 32 of the chunk in bits 7-2f:6-2f.
+    let masks: [__m512i; 4] = std::array::from_fn(|f| _mm512_set1_epi8((0xC0u8 >> (2 * f)) as i8));
+    let mut acc = [[[_mm512_setzero_si512(); 4]; T]; P];
+    let w = tile.as_ptr();
+    for c in 0..chunks {
+        prefetch_ahead(w, c, 2 * P);
+        // Each field's 32 activations, in both halves: once for every pair.
+        let x: [[__m512i; 4]; T] = std::array::from_fn(|j| {
+            std::array::from_fn(|f| _mm512_broadcast_i64x4(_mm256_loadu_si256(xs[j].add(c * CHUNK + 32 * f) as *const __m256i)))
+        });
+        for (p, acc_p) in acc.iter_mut().enumerate() {
+            let packed = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
+            for f in 0..4 {
+                let codes = _mm512_and_si512(packed, masks[f]);
+                for (a, x) in acc_p.iter_mut().zip(&x) {
+                    a[f] = _mm512_dpbusd_epi32(a[f], codes, x[f]);
+                }
+            }
+        }
+    }
+    for (p, acc_p) in acc.iter().enumerate() {
+        for (j, [a0, a1, a2, a3]) in acc_p.iter().enumerate() {
+            let sums = _mm512_add_epi32(
+                _mm512_add_epi32(_mm512_srai_epi32::<6>(*a0), _mm512_srai_epi32::<4>(*a1)),
+                _mm512_add_epi32(_mm512_srai_epi32::<2>(*a2), *a3),
+            );
+            // The low half's lanes are row 2p's, the high half's row 2p + 1's.
+            out[2 * p][j] = _mm512_mask_reduce_add_epi32(0x00FF, sums);
+            out[2 * p + 1][j] = _mm512_mask_reduce_add_epi32(0xFF00, sums);
+        }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
