@@ -197,12 +197,16 @@ mod x86 {
     };
 
     /// [`avx2_dots`] on AVX-512 VBMI and VNNI, for tiles of 2 or 4 rows:
-    /// one 64-byte load is a chunk of two rows, each digit of its bytes is
-    /// two table lookups (`vpermi2b`, 128 entries each, the byte's top bit
-    /// choosing between them), and `vpdpbusd` meets it with the chunk's 32
-    /// activations of that digit in both halves: the low half's sums are
-    /// the first row's, the high half's the second's. No multiply but the
-    /// dot product's.
+    /// one 64-byte load is a chunk of two rows. One lookup (two `vpermi2b`
+    /// of 128 entries, the byte's top bit choosing which one writes) turns
+    /// each byte into its digits 0–3 as 2-bit fields, which are masked in
+    /// place as the 2-bit packing's decode kernel masks them (`super::super::vnni`:
+    /// each field's codes scaled by 64, 16, 4 or 1, summed apart and divided
+    /// back exactly); a second lookup gives digit 4. `vpdpbusd` meets each
+    /// digit with the chunk's 32 activations of that digit in both halves:
+    /// the low half's sums are the first row's, the high half's the
+    /// second's. Sixteen instructions for 320 weights (three lookups, a
+    /// blend and a dot product a digit took 22).
     pub(in super::super) fn vbmi_dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
         assert!(
             has_vbmi_kernel(rows) && tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(),
@@ -212,14 +216,15 @@ mod x86 {
         // SAFETY: the CPU has AVX-512 VBMI (checked above), F, BW and VNNI
         // (`matmul` checked); the lengths are checked above.
         unsafe {
-            match (rows, step) {
-                (2, 1) => run_vbmi::<1, 1>(tile, chunks, &xs, out),
-                (2, 2) => run_vbmi::<1, 2>(tile, chunks, &xs, out),
-                (2, 4) => run_vbmi::<1, 4>(tile, chunks, &xs, out),
-                (4, 1) => run_vbmi::<2, 1>(tile, chunks, &xs, out),
-                (4, 2) => run_vbmi::<2, 2>(tile, chunks, &xs, out),
-                (4, 4) => run_vbmi::<2, 4>(tile, chunks, &xs, out),
-                _ => unreachable!("checked above; tiles are validated"),
+            // Two tokens at most a pass: each takes four accumulators a pair.
+            for j0 in (0..step).step_by(2) {
+                match (rows, step - j0) {
+                    (2, 1) => run_vbmi::<1, 1>(tile, chunks, &xs[j0..], j0, out),
+                    (2, _) => run_vbmi::<1, 2>(tile, chunks, &xs[j0..], j0, out),
+                    (4, 1) => run_vbmi::<2, 1>(tile, chunks, &xs[j0..], j0, out),
+                    (4, _) => run_vbmi::<2, 2>(tile, chunks, &xs[j0..], j0, out),
+                    _ => unreachable!("checked above; tiles are validated"),
+                }
             }
         }
     }
@@ -238,7 +243,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     unsafe fn unpack_vbmi(rows: usize, tile: &[u8], chunks: usize, codes: &mut [u8]) {
-        let tab = tables();
+        let tab = digit_tables();
         let (src, dst, kp) = (tile.as_ptr(), codes.as_mut_ptr(), chunks * CHUNK);
         for c in 0..chunks {
             for p in 0..rows / 2 {
@@ -256,15 +261,37 @@ mod x86 {
 
     /// The digit tables in registers: `[digit][quarter of the 256 bytes]`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn tables() -> [[__m512i; 4]; 5] {
+    unsafe fn digit_tables() -> [[__m512i; 4]; 5] {
         let mut tab = [[_mm512_setzero_si512(); 4]; 5];
         for (t, d) in tab.iter_mut().zip(&DIGITS) {
-            for (h, v) in t.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(d.as_ptr().add(64 * h) as *const __m512i);
-            }
+            *t = quarters(d);
         }
         tab
     }
+
+    /// A 256-byte table as four registers.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn quarters(t: &[u8; 256]) -> [__m512i; 4] {
+        std::array::from_fn(|h| _mm512_loadu_si512(t.as_ptr().add(64 * h) as *const __m512i))
+    }
+
+    /// The decode kernel's tables: digits 0–3 of each byte as 2-bit fields,
+    /// digit 0 in the top two bits (the 2-bit packing's order), and digit 4.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tables() -> ([__m512i; 4], [__m512i; 4]) {
+        (quarters(&FOUR), quarters(&DIGITS[4]))
+    }
+
+    static FOUR: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut q = 0;
+        while q < 256 {
+            t[q] = DIGITS[0][q] << 6 | DIGITS[1][q] << 4 | DIGITS[2][q] << 2 | DIGITS[3][q];
+            q += 1;
+        }
+        t
+    };
 
     /// Prefill from [`vbmi_unpack`]'s codes: `vpdpbusd` on 64 codes of a
     /// row at a time, against `step` (2 or 4) tokens.
@@ -319,40 +346,57 @@ mod x86 {
         }
     }
 
-    /// `P` pairs of rows against `T` tokens.
+    /// `P` pairs of rows against `T` tokens (one or two), their results in
+    /// `out[r][j0..j0 + T]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    unsafe fn run_vbmi<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
-        let tab = tables();
-        let mut acc = [[_mm512_setzero_si512(); T]; P];
+    unsafe fn run_vbmi<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8], j0: usize, out: &mut [[i32; 4]; 4]) {
+        let (four, last) = tables();
+        // Digit i of FOUR's bytes is the field at bits 7-2i:6-2i.
+        let masks: [__m512i; 4] = std::array::from_fn(|i| _mm512_set1_epi8((0xC0u8 >> (2 * i)) as i8));
+        let mut acc = [[[_mm512_setzero_si512(); 4]; T]; P];
         let w = tile.as_ptr();
         for c in 0..chunks {
             prefetch_ahead(w, c, 2 * P);
-            let mut x = [[_mm512_setzero_si512(); 5]; T];
-            for (j, xj) in x.iter_mut().enumerate() {
-                for (i, v) in xj.iter_mut().enumerate() {
-                    *v = _mm512_broadcast_i64x4(_mm256_loadu_si256(xs[j].add(c * CHUNK + 32 * i) as *const __m256i));
-                }
-            }
+            // Each digit's 32 activations, in both halves: once for every pair.
+            let x: [[__m512i; 5]; T] =
+                std::array::from_fn(|j| std::array::from_fn(|i| _mm512_broadcast_i64x4(_mm256_loadu_si256(xs[j].add(c * CHUNK + 32 * i) as *const __m256i))));
             for (p, acc_p) in acc.iter_mut().enumerate() {
                 let q = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
-                let high = _mm512_movepi8_mask(q);
-                for (i, t) in tab.iter().enumerate() {
-                    let lo = _mm512_permutex2var_epi8(t[0], q, t[1]);
-                    let hi = _mm512_permutex2var_epi8(t[2], q, t[3]);
-                    let codes = _mm512_mask_blend_epi8(high, lo, hi);
+                let fields = lookup(&four, q);
+                for (i, m) in masks.iter().enumerate() {
+                    let codes = _mm512_and_si512(fields, *m);
                     for (a, xj) in acc_p.iter_mut().zip(&x) {
-                        *a = _mm512_dpbusd_epi32(*a, codes, xj[i]);
+                        a[i] = _mm512_dpbusd_epi32(a[i], codes, xj[i]);
                     }
+                }
+                let codes = lookup(&last, q);
+                for (a, xj) in acc_p.iter_mut().zip(&x) {
+                    a[3] = _mm512_dpbusd_epi32(a[3], codes, xj[4]);
                 }
             }
         }
-        for p in 0..P {
-            for j in 0..T {
-                let a = acc[p][j];
-                out[2 * p][j] = hsum(_mm512_castsi512_si256(a));
-                out[2 * p + 1][j] = hsum(_mm512_extracti64x4_epi64::<1>(a));
+        for (p, acc_p) in acc.iter().enumerate() {
+            for (j, [a0, a1, a2, a3]) in acc_p.iter().enumerate() {
+                let sums = _mm512_add_epi32(
+                    _mm512_add_epi32(_mm512_srai_epi32::<6>(*a0), _mm512_srai_epi32::<4>(*a1)),
+                    _mm512_add_epi32(_mm512_srai_epi32::<2>(*a2), *a3),
+                );
+                // The low half's lanes are row 2p's, the high half's row 2p + 1's.
+                out[2 * p][j0 + j] = _mm512_mask_reduce_add_epi32(0x00FF, sums);
+                out[2 * p + 1][j0 + j] = _mm512_mask_reduce_add_epi32(0xFF00, sums);
             }
         }
+    }
+
+    /// `table[q]` for each byte `q`: two `vpermi2b`, each of 128 entries,
+    /// the second looking up only where the first did not (the byte's top
+    /// bit clear), where the first left `q` itself in place.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    #[inline]
+    unsafe fn lookup(table: &[__m512i; 4], q: __m512i) -> __m512i {
+        let high = _mm512_movepi8_mask(q);
+        let upper = _mm512_mask2_permutex2var_epi8(table[2], q, high, table[3]);
+        _mm512_mask2_permutex2var_epi8(table[0], upper, !high, table[1])
     }
 }
 
