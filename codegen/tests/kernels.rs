@@ -74,6 +74,31 @@ proptest! {
         }
     }
 
+    /// Each packing gives back every value it was given, and repacking into
+    /// the other and back (as loading does) changes no byte.
+    #[test]
+    fn packings_round_trip_every_value(
+        (n, k) in (awkward(), awkward()),
+        rows in prop::sample::select(TernaryTiles::ROWS.to_vec()),
+        packing in prop::sample::select(Packing::ALL.to_vec()),
+        seed in any::<u64>(),
+    ) {
+        let n = n.min(40);
+        let mut rng = seed;
+        let mut next = move || { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as u32 };
+        let w: Vec<i8> = (0..n * k).map(|_| (next() % 3) as i8 - 1).collect();
+        let packed = PackedTernary::pack(n, k, rows, packing, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+        let mut row = vec![7i8; k];
+        for r in 0..n {
+            packed.values(r, &mut row);
+            prop_assert_eq!(&row[..], &w[r * k..(r + 1) * k], "row {}", r);
+        }
+        let other = if packing == Packing::Bits2 { Packing::Base3 } else { Packing::Bits2 };
+        let again = PackedTernary::pack(n, k, rows, packing, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+        let back = again.with_packing(other).with_packing(packing);
+        prop_assert_eq!(&back.data()[..], &packed.data()[..]);
+    }
+
     /// Matrices side by side (`ternary_cat`: q, k and v) give each one's
     /// product with its scale, bit for bit, in its own columns.
     #[test]

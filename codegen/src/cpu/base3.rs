@@ -28,6 +28,12 @@ pub fn encode(codes: [u8; 5]) -> u8 {
         debug_assert!(c < 3, "a ternary code is 0, 1 or 2");
         v * 3 + c as u32
     });
+    from_number(v)
+}
+
+/// The byte of the base-3 number `v` (0..243) of five codes.
+#[inline(always)]
+pub fn from_number(v: u32) -> u8 {
     (v * 256).div_ceil(243) as u8
 }
 
