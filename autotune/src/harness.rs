@@ -112,6 +112,26 @@ pub fn sweep(kernel: &mut dyn Kernel, candidates: &[Tiles], deadline: Instant) -
     out
 }
 
+/// Times the candidates at `finalists` (indices into `measured`) against
+/// each other again, taking turns `rounds` times, and keeps each one's
+/// median: a sweep drops candidates after two runs, and two runs of a
+/// memory-bound product on a shared machine can be far apart.
+pub fn rematch(kernel: &mut dyn Kernel, measured: &mut [Measured], finalists: &[usize], rounds: usize) {
+    let mut times: Vec<Vec<u64>> = vec![Vec::new(); finalists.len()];
+    for _ in 0..rounds {
+        for (t, &i) in times.iter_mut().zip(finalists) {
+            let t0 = Instant::now();
+            kernel.run(&measured[i].tiles);
+            t.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    for (t, &i) in times.iter_mut().zip(finalists) {
+        if !t.is_empty() {
+            measured[i].outcome = Outcome::Timed { ns: median(t), runs: t.len() };
+        }
+    }
+}
+
 /// Parses a budget: `90s`, `2m`, `1m30s`, `500ms` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration (like 90s, 2m, 1m30s)");

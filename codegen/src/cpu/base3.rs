@@ -249,30 +249,31 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     unsafe fn unpack_vbmi(rows: usize, tile: &[u8], chunks: usize, codes: &mut [u8]) {
-        let tab = digit_tables();
+        let (four, last) = tables();
+        let three = _mm512_set1_epi8(3);
         let (src, dst, kp) = (tile.as_ptr(), codes.as_mut_ptr(), chunks * CHUNK);
         for c in 0..chunks {
+            // The weights come from memory here, once a step: as the decode kernels do.
+            prefetch_ahead(src, c, rows);
             for p in 0..rows / 2 {
                 let q = _mm512_loadu_si512(src.add((c * rows + 2 * p) * CHUNK_BYTES) as *const __m512i);
-                let high = _mm512_movepi8_mask(q);
-                for (i, t) in tab.iter().enumerate() {
-                    let d = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[0], q, t[1]), _mm512_permutex2var_epi8(t[2], q, t[3]));
+                // Digits 0-3 from one lookup's 2-bit fields (shifted in
+                // 16-bit lanes: the mask drops the neighbour's bits), 4 from another.
+                let fields = lookup(&four, q);
+                let digits = [
+                    _mm512_and_si512(_mm512_srli_epi16::<6>(fields), three),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(fields), three),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(fields), three),
+                    _mm512_and_si512(fields, three),
+                    lookup(&last, q),
+                ];
+                for (i, d) in digits.into_iter().enumerate() {
                     let at = dst.add(2 * p * kp + c * CHUNK + 32 * i);
                     _mm256_storeu_si256(at as *mut __m256i, _mm512_castsi512_si256(d));
                     _mm256_storeu_si256(at.add(kp) as *mut __m256i, _mm512_extracti64x4_epi64::<1>(d));
                 }
             }
         }
-    }
-
-    /// The digit tables in registers: `[digit][quarter of the 256 bytes]`.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn digit_tables() -> [[__m512i; 4]; 5] {
-        let mut tab = [[_mm512_setzero_si512(); 4]; 5];
-        for (t, d) in tab.iter_mut().zip(&DIGITS) {
-            *t = quarters(d);
-        }
-        tab
     }
 
     /// A 256-byte table as four registers.
