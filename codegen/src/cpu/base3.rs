@@ -211,8 +211,8 @@ mod x86 {
     /// back exactly); a second lookup gives digit 4. `vpdpbusd` meets each
     /// digit with the chunk's 32 activations of that digit in both halves:
     /// the low half's sums are the first row's, the high half's the
-    /// second's. Sixteen instructions for 320 weights (three lookups, a
-    /// blend and a dot product a digit took 22).
+    /// second's. Sixteen instructions for 320 weights, where two lookups,
+    /// a blend and a dot product for each digit took 22.
     pub(in super::super) fn vbmi_dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
         assert!(
             has_vbmi_kernel(rows) && tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(),

@@ -176,6 +176,7 @@ impl PackedTernary {
         // Past `k` the values stay 0: the padding's code 1.
         let mut values = vec![0i8; packing.padded(k)];
         PackedTernary::from_chunks(n, k, rows, packing, scale, |r, out| {
+            values[..k].fill(0);
             codes(r, &mut values[..k]);
             for (chunk, vals) in out.chunks_exact_mut(CHUNK_BYTES).zip(values.chunks_exact(packing.chunk())) {
                 let chunk: &mut [u8; CHUNK_BYTES] = chunk.try_into().expect("one chunk");
