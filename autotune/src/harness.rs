@@ -199,6 +199,20 @@ mod tests {
         assert_eq!(best(&ms).unwrap().tiles, tiles(2), "{ms:?}");
     }
 
+    /// A rematch times only the finalists, each `rounds` times, and
+    /// replaces their two-run medians: a candidate whose sweep runs were
+    /// slow (a cold start) gets its place back.
+    #[test]
+    fn a_rematch_retimes_the_finalists() {
+        let mut ms = sweep(&mut Fake, &[tiles(4), tiles(1), tiles(2)], Instant::now() + Duration::from_secs(5));
+        ms[0].outcome = Outcome::Timed { ns: 1, runs: 2 };
+        rematch(&mut Fake, &mut ms, &[0, 2], 5);
+        assert!(matches!(ms[0].outcome, Outcome::Timed { ns, runs: 5 } if ns >= 3_200_000), "{ms:?}");
+        assert!(matches!(ms[2].outcome, Outcome::Timed { runs: 5, .. }), "{ms:?}");
+        assert!(matches!(ms[1].outcome, Outcome::Wrong(_)), "{ms:?}");
+        assert_eq!(best(&ms).unwrap().tiles, tiles(2), "{ms:?}");
+    }
+
     #[test]
     fn the_default_is_timed_even_with_no_budget_left() {
         let ms = sweep(&mut Fake, &[tiles(4), tiles(2)], Instant::now());
