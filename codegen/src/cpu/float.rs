@@ -55,20 +55,19 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     pool.run_sized(s * n * k, &|_, _| {
         let mut scratch = vec![0f32; k];
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
-            let f16 = (w.dtype == DType::F16 && s == 1).then(|| &w.data[r * row_bytes..(r + 1) * row_bytes]);
-            let row: &[f32] = match f32_row(w, r, k) {
-                Some(row) => row,
-                None if f16.is_none() => {
-                    row_f32(isa, w, r, &mut scratch);
-                    &scratch
-                }
-                None => &[],
+            let row = if w.dtype == DType::F16 && s == 1 {
+                Row::F16(&w.data[r * row_bytes..(r + 1) * row_bytes])
+            } else if let Some(values) = f32_row(w, r, k) {
+                Row::F32(values)
+            } else {
+                row_f32(isa, w, r, &mut scratch);
+                Row::F32(&scratch)
             };
             for t in 0..s {
                 let xt = &x[t * k..(t + 1) * k];
-                let v = match f16 {
-                    Some(bytes) => dot_f16(isa, xt, bytes),
-                    None => dot(isa, xt, row),
+                let v = match row {
+                    Row::F16(bytes) => dot_f16(isa, xt, bytes),
+                    Row::F32(values) => dot(isa, xt, values),
                 };
                 // SAFETY: row r belongs to this worker alone.
                 unsafe { *dst.ptr().add(t * n + r) = v };
@@ -99,6 +98,16 @@ fn block_f16<const T: usize>(wide: bool, w: &[&[u8]], x: [&[f32]; T], mut put: i
             (false, _) => emit(&avx2::dot_f16_block::<1, T>([w[0]], x)),
         }
     }
+}
+
+/// One weight row as a token's dot product reads it.
+#[derive(Clone, Copy)]
+enum Row<'a> {
+    /// f16 bytes, converted within the dot product (one token: converting
+    /// the row first would cost a pass more).
+    F16(&'a [u8]),
+    /// f32 values: read in place, or converted into a scratch row.
+    F32(&'a [f32]),
 }
 
 /// Row `r` of an f32 matrix read in place, where its bytes are aligned
