@@ -54,9 +54,8 @@ unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, 
     for c in 0..chunks {
         prefetch_ahead(w, c, 2 * P);
         // Each field's 32 activations, in both halves: once for every pair.
-        let x: [[__m512i; 4]; T] = std::array::from_fn(|j| {
-            std::array::from_fn(|f| _mm512_broadcast_i64x4(_mm256_loadu_si256(xs[j].add(c * CHUNK + 32 * f) as *const __m256i)))
-        });
+        let x: [[__m512i; 4]; T] =
+            std::array::from_fn(|j| std::array::from_fn(|f| _mm512_broadcast_i64x4(_mm256_loadu_si256(xs[j].add(c * CHUNK + 32 * f) as *const __m256i))));
         for (p, acc_p) in acc.iter_mut().enumerate() {
             let packed = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
             for f in 0..4 {
