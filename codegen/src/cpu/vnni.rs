@@ -15,10 +15,12 @@
 //! by side), and each field is masked in place, unshifted, so that its codes
 //! meet their activations scaled by 64, 16, 4 or 1. Each field then sums
 //! into an accumulator of its own, divided back (exactly: every term is a
-//! multiple) when the tile is done: four instructions (a mask and a
-//! `vpdpbusd` per field, less the load) for 256 weights, where shifting
-//! takes seven. Decode reads the weights once, so this is the kernel that
-//! decides how close a decode step comes to the memory's speed.
+//! multiple) when the tile is done; a lane adds at most 4 · 128 · 128 a
+//! chunk, so rows of up to four million weights stay inside i32. A mask
+//! and a `vpdpbusd` per field and one load: 4.5 instructions for 128
+//! weights, where shifting takes seven. Decode reads the weights once, so
+//! this is the kernel that decides how close a decode step comes to the
+//! memory's speed.
 //!
 //! The default where the CPU has it ([`super::Isa::best`]); the kernel
 //! tests compare it with the reference on every CPU that has it.
