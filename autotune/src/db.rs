@@ -403,6 +403,14 @@ mod tests {
         (Scratch(d), file)
     }
 
+    /// `r` with the 1.6-bit packing.
+    fn base3(r: Record) -> Record {
+        match r.tiles {
+            Tiles::Ternary(t) => Record { tiles: Tiles::Ternary(TernaryTiles { packing: Packing::Base3, ..t }), ..r },
+            _ => r,
+        }
+    }
+
     fn rec(key: &str, phase: Phase, rows: usize, tokens: usize, ns: u64) -> Record {
         Record {
             key: WorkloadKey(key.into()),
@@ -507,10 +515,6 @@ mod tests {
     #[test]
     fn the_calibration_and_packing_are_read_back() {
         let key = crate::calibrate::key();
-        let base3 = |r: Record| match r.tiles {
-            Tiles::Ternary(t) => Record { tiles: Tiles::Ternary(TernaryTiles { packing: Packing::Base3, ..t }), ..r },
-            _ => r,
-        };
         let records = vec![
             rec(&key.0, Phase::Decode, 4, 1, 200),
             base3(rec(&key.0, Phase::Decode, 4, 1, 150)),
@@ -533,10 +537,6 @@ mod tests {
     #[test]
     fn one_point_six_bits_must_win_by_the_margin() {
         let key = crate::calibrate::key();
-        let base3 = |r: Record| match r.tiles {
-            Tiles::Ternary(t) => Record { tiles: Tiles::Ternary(TernaryTiles { packing: Packing::Base3, ..t }), ..r },
-            _ => r,
-        };
         let packing = |two_bit: u64, one_six: u64| {
             let records = vec![rec(&key.0, Phase::Decode, 4, 1, two_bit), base3(rec(&key.0, Phase::Decode, 2, 1, one_six))];
             let t = Tuned::new(records, "cpu-test", 2).ternary_default().expect("calibrated");

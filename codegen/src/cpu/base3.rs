@@ -358,8 +358,8 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
     unsafe fn run_vbmi<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8], j0: usize, out: &mut [[i32; 4]; 4]) {
         let (four, last) = tables();
-        // Digit i of FOUR's bytes is the field at bits 7-2i:6-2i.
-        let masks: [__m512i; 4] = std::array::from_fn(|i| _mm512_set1_epi8((0xC0u8 >> (2 * i)) as i8));
+        // Digit i of FOUR's bytes is field i of the 2-bit layout.
+        let masks = super::super::vnni::field_masks();
         let mut acc = [[[_mm512_setzero_si512(); 4]; T]; P];
         let w = tile.as_ptr();
         for c in 0..chunks {
@@ -383,14 +383,8 @@ mod x86 {
             }
         }
         for (p, acc_p) in acc.iter().enumerate() {
-            for (j, [a0, a1, a2, a3]) in acc_p.iter().enumerate() {
-                let sums = _mm512_add_epi32(
-                    _mm512_add_epi32(_mm512_srai_epi32::<6>(*a0), _mm512_srai_epi32::<4>(*a1)),
-                    _mm512_add_epi32(_mm512_srai_epi32::<2>(*a2), *a3),
-                );
-                // The low half's lanes are row 2p's, the high half's row 2p + 1's.
-                out[2 * p][j0 + j] = _mm512_mask_reduce_add_epi32(0x00FF, sums);
-                out[2 * p + 1][j0 + j] = _mm512_mask_reduce_add_epi32(0xFF00, sums);
+            for (j, fields) in acc_p.iter().enumerate() {
+                [out[2 * p][j0 + j], out[2 * p + 1][j0 + j]] = super::super::vnni::pair_sums(fields);
             }
         }
     }

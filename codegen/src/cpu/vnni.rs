@@ -49,8 +49,7 @@ pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &Qua
 /// (see the module's notes).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
-    // Field f holds weights 32f..32f + 32 of the chunk in bits 7-2f:6-2f.
-    let masks: [__m512i; 4] = std::array::from_fn(|f| _mm512_set1_epi8((0xC0u8 >> (2 * f)) as i8));
+    let masks = field_masks();
     let mut acc = [[[_mm512_setzero_si512(); 4]; T]; P];
     let w = tile.as_ptr();
     for c in 0..chunks {
@@ -69,16 +68,28 @@ unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, 
         }
     }
     for (p, acc_p) in acc.iter().enumerate() {
-        for (j, [a0, a1, a2, a3]) in acc_p.iter().enumerate() {
-            let sums = _mm512_add_epi32(
-                _mm512_add_epi32(_mm512_srai_epi32::<6>(*a0), _mm512_srai_epi32::<4>(*a1)),
-                _mm512_add_epi32(_mm512_srai_epi32::<2>(*a2), *a3),
-            );
-            // The low half's lanes are row 2p's, the high half's row 2p + 1's.
-            out[2 * p][j] = _mm512_mask_reduce_add_epi32(0x00FF, sums);
-            out[2 * p + 1][j] = _mm512_mask_reduce_add_epi32(0xFF00, sums);
+        for (j, fields) in acc_p.iter().enumerate() {
+            [out[2 * p][j], out[2 * p + 1][j]] = pair_sums(fields);
         }
     }
+}
+
+/// The mask of each 2-bit field in place: field `f` (weights `32f..32f + 32`
+/// of a chunk) is bits `7-2f:6-2f` of a byte.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn field_masks() -> [__m512i; 4] {
+    std::array::from_fn(|f| _mm512_set1_epi8((0xC0u8 >> (2 * f)) as i8))
+}
+
+/// A pair of rows' two sums from its four field accumulators (scaled by
+/// 64, 16, 4 and 1, divided back exactly): the low half's lanes are the
+/// first row's, the high half's the second's.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn pair_sums([a0, a1, a2, a3]: &[__m512i; 4]) -> [i32; 2] {
+    let sums = _mm512_add_epi32(_mm512_add_epi32(_mm512_srai_epi32::<6>(*a0), _mm512_srai_epi32::<4>(*a1)), _mm512_add_epi32(_mm512_srai_epi32::<2>(*a2), *a3));
+    [_mm512_mask_reduce_add_epi32(0x00FF, sums), _mm512_mask_reduce_add_epi32(0xFF00, sums)]
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
