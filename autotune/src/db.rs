@@ -258,6 +258,8 @@ fn write_atomically(path: &Path, records: &[Record]) -> Result<(), String> {
 /// the fastest prefill candidate with that layout.
 pub struct Tuned {
     best: HashMap<WorkloadKey, Tiles>,
+    /// The calibration's choice for batched steps of many sequences.
+    batch: Option<Tiles>,
 }
 
 impl Tuned {
@@ -271,7 +273,7 @@ impl Tuned {
         let keys: std::collections::BTreeSet<&WorkloadKey> = mine.iter().map(|r| &r.key).collect();
         for key in keys {
             let any = |_: &Tiles| true;
-            let tiles = match decode_layout(&mine, key, Isa::best()) {
+            let tiles = match layout(&mine, key, Phase::Decode, Isa::best()) {
                 Some(Tiles::Ternary(d)) => {
                     let same_layout = |t: &Tiles| matches!(t, Tiles::Ternary(p) if p.rows == d.rows && p.packing == d.packing && p.isa == d.isa);
                     match fastest(key, Phase::Prefill, &same_layout) {
@@ -287,22 +289,43 @@ impl Tuned {
             };
             best.insert(key.clone(), tiles);
         }
-        Tuned { best }
+        let batch = layout(&mine, &crate::calibrate::key(), Phase::Batch, Isa::best());
+        Tuned { best, batch }
     }
 
     pub fn contains(&self, key: &WorkloadKey) -> bool {
         self.best.contains_key(key)
     }
 
-    /// Whether this machine and thread count have been calibrated.
+    /// Whether this machine and thread count have been calibrated (for
+    /// batched steps too, where there is a choice to make for them).
     pub fn is_calibrated(&self) -> bool {
-        self.contains(&crate::calibrate::key())
+        self.contains(&crate::calibrate::key()) && (self.batch.is_some() || crate::calibrate::batch_candidates().is_empty())
+    }
+
+    /// The same tiles for an engine that steps many sequences at once: the
+    /// ternary products without tiles of their own take the packing the
+    /// calibration found fastest for a batched step, not for one token.
+    pub fn for_batches(mut self) -> Tuned {
+        if let Some(b) = self.batch {
+            self.best.insert(crate::calibrate::key(), b);
+        }
+        self
+    }
+
+    /// The calibration's choice for batched steps, if it measured them.
+    pub fn batch_default(&self) -> Option<TernaryTiles> {
+        match self.batch {
+            Some(Tiles::Ternary(t)) => Some(t),
+            _ => None,
+        }
     }
 }
 
-/// How much faster, in percent, a decode layout must be than the default
-/// (2 bits, the CPU's best ISA) to be chosen instead. The layout serves
-/// every phase, and the others are slower elsewhere: on a Zen 4 with
+/// How much faster, in percent, a layout must be than the default (2 bits,
+/// the CPU's best ISA) to be chosen instead, in decode (or, for engines of
+/// many sequences, in a batched step). The layout serves every phase, and
+/// the others are slower elsewhere: on a Zen 4 with
 /// AVX-512 VBMI, 1.6 bits ran prefill 13% and an 8-sequence batched step
 /// 30% slower than 2 bits, for a decode product 7-14% faster; AVX2 kernels
 /// decode as fast as VNNI ones once both wait on memory, and prefill at
@@ -310,13 +333,13 @@ impl Tuned {
 /// it) the 1.6-bit product approaches its 20% fewer bytes and wins.
 pub const LAYOUT_MARGIN: u64 = 15;
 
-/// The decode layout of `key`: its fastest decode candidate, unless that
-/// one is not [`LAYOUT_MARGIN`] faster than the fastest of the default
-/// layout (2 bits on `isa`, else 2 bits on any ISA measured).
-fn decode_layout(mine: &[&Record], key: &WorkloadKey, isa: Isa) -> Option<Tiles> {
+/// The layout of `key` in `phase`: its fastest candidate, unless that one
+/// is not [`LAYOUT_MARGIN`] faster than the fastest of the default layout
+/// (2 bits on `isa`, else 2 bits on any ISA measured).
+fn layout(mine: &[&Record], key: &WorkloadKey, phase: Phase, isa: Isa) -> Option<Tiles> {
     let fastest = |fits: &dyn Fn(&TernaryTiles) -> bool| {
         mine.iter()
-            .filter(|r| &r.key == key && r.phase == Phase::Decode)
+            .filter(|r| &r.key == key && r.phase == phase)
             .filter(|r| match r.tiles {
                 Tiles::Ternary(t) => fits(&t),
                 _ => true,
@@ -522,6 +545,8 @@ mod tests {
             base3(rec("k", Phase::Decode, 4, 4, 120)),
             base3(rec("k", Phase::Prefill, 4, 2, 400)),
             rec("k", Phase::Prefill, 4, 4, 500),
+            rec(&key.0, Phase::Batch, 4, 4, 900),
+            base3(rec(&key.0, Phase::Batch, 4, 4, 950)),
         ];
         let t = Tuned::new(records.clone(), "cpu-test", 2);
         assert!(t.is_calibrated());
@@ -530,6 +555,30 @@ mod tests {
         assert_eq!((k.packing, k.tokens), (Packing::Bits2, 4), "the layout from decode, tokens from its prefill");
         let other = Tuned::new(records, "cpu-test", 3);
         assert!(!other.is_calibrated() && other.ternary_default().is_none());
+    }
+
+    /// An engine of many sequences takes the packing that ran the batched
+    /// step fastest; a calibration from before batches were measured is
+    /// redone where the CPU has two packings to choose from.
+    #[test]
+    fn batches_take_their_own_packing() {
+        let key = crate::calibrate::key();
+        let mut records = vec![rec(&key.0, Phase::Decode, 4, 1, 200), base3(rec(&key.0, Phase::Decode, 4, 1, 150))];
+        let decode_only = Tuned::new(records.clone(), "cpu-test", 2);
+        assert_eq!(decode_only.is_calibrated(), crate::calibrate::batch_candidates().is_empty());
+        assert_eq!(decode_only.batch_default(), None);
+        assert_eq!(decode_only.for_batches().ternary_default().map(|c| c.packing), Some(Packing::Base3), "nothing measured: decode's choice");
+        records.extend([rec(&key.0, Phase::Batch, 4, 4, 300), base3(rec(&key.0, Phase::Batch, 4, 4, 400))]);
+        let t = Tuned::new(records.clone(), "cpu-test", 2);
+        assert!(t.is_calibrated());
+        assert_eq!(t.ternary_default().map(|c| c.packing), Some(Packing::Base3), "one sequence: the decode's packing");
+        assert_eq!(t.batch_default().map(|c| c.packing), Some(Packing::Bits2));
+        assert_eq!(t.for_batches().ternary_default().map(|c| c.packing), Some(Packing::Bits2), "many: the batch's");
+        // The margin holds for batches too.
+        records.extend([base3(rec(&key.0, Phase::Batch, 4, 4, 250))]);
+        assert_eq!(Tuned::new(records.clone(), "cpu-test", 2).batch_default().map(|c| c.packing), Some(Packing::Base3), "1.6 bits 17% faster");
+        records.extend([rec(&key.0, Phase::Batch, 4, 4, 280)]);
+        assert_eq!(Tuned::new(records, "cpu-test", 2).batch_default().map(|c| c.packing), Some(Packing::Bits2), "11% is not enough");
     }
 
     /// 1.6 bits win decode only by [`LAYOUT_MARGIN`] or more: a closer win

@@ -110,7 +110,8 @@ impl TernaryKernel {
         // Bytes of the smaller packing (1.6 bits a weight): the copies of either exceed the caches.
         let packed_bytes = n * k / 5;
         let n_copies = match phase {
-            Phase::Decode => cold_bytes().div_ceil(packed_bytes).clamp(1, 64),
+            // A batched step streams the weights from memory as decode does.
+            Phase::Decode | Phase::Batch => cold_bytes().div_ceil(packed_bytes).clamp(1, 64),
             Phase::Prefill => 1,
         };
         let out = vec![0f32; phase.tokens() * n];

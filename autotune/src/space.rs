@@ -15,6 +15,10 @@ pub const SPACE_VERSION: u32 = 4;
 /// ternary matmuls on 128 tokens at a time, as `bitnet run` does a prompt.
 pub const PREFILL_TOKENS: usize = 128;
 
+/// Tokens per call in the batch phase: one decode step of eight sequences
+/// at once (`bench --parallel 8`, a server's batch).
+pub const BATCH_TOKENS: usize = 8;
+
 /// Which use of a kernel is measured. A ternary matmul's weight layout
 /// (rows per tile and packing) serves both phases; tokens per step matter
 /// to prefill only.
@@ -25,6 +29,10 @@ pub enum Phase {
     Decode,
     /// [`PREFILL_TOKENS`] tokens: reuses each weight tile, compute-bound.
     Prefill,
+    /// [`BATCH_TOKENS`] tokens, the weights streamed as in decode: a
+    /// batched step of many sequences. Measured by the calibration only,
+    /// to choose the packing of engines that serve many sequences.
+    Batch,
 }
 
 impl Phase {
@@ -32,6 +40,7 @@ impl Phase {
         match self {
             Phase::Decode => "decode",
             Phase::Prefill => "prefill",
+            Phase::Batch => "batch",
         }
     }
 
@@ -39,6 +48,7 @@ impl Phase {
         match self {
             Phase::Decode => 1,
             Phase::Prefill => PREFILL_TOKENS,
+            Phase::Batch => BATCH_TOKENS,
         }
     }
 
@@ -75,7 +85,7 @@ pub fn candidates(w: &Workload, phase: Phase) -> Vec<Tiles> {
                         match phase {
                             // Tokens per step and the split do nothing for one token.
                             Phase::Decode => push(Tiles::Ternary(TernaryTiles { isa, rows, tokens: d.tokens, split: Split::Rows, packing })),
-                            Phase::Prefill => {
+                            Phase::Prefill | Phase::Batch => {
                                 for tokens in TernaryTiles::TOKENS {
                                     Split::ALL.iter().for_each(|&split| push(Tiles::Ternary(TernaryTiles { isa, rows, tokens, split, packing })));
                                 }
@@ -107,7 +117,7 @@ pub fn cuda_candidates(w: &Workload, phase: Phase, sm: u32) -> Vec<CudaTiles> {
     for &warps in &CudaTiles::WARPS {
         match phase {
             Phase::Decode => push(CudaTiles { warps, tokens: 1, mma: false }),
-            Phase::Prefill => {
+            Phase::Prefill | Phase::Batch => {
                 CudaTiles::TOKENS.iter().for_each(|&tokens| push(CudaTiles { warps, tokens, mma: false }));
                 if w.is_ternary() && sm >= 80 {
                     CudaTiles::MMA_TOKENS.iter().for_each(|&tokens| push(CudaTiles { warps, tokens, mma: true }));

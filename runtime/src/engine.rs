@@ -142,7 +142,7 @@ impl Engine {
     /// from a file; `t0` is when loading began (for `load_ms`).
     pub fn from_model(model: Model, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
         let mut warnings = Vec::new();
-        let backend = backend_for(&model, &opts.load, &mut warnings)?;
+        let backend = backend_for(&model, &opts.load, opts.parallel, &mut warnings)?;
         Engine::assemble(model, backend, warnings, opts, t0)
     }
 
@@ -482,15 +482,16 @@ impl Engine {
     }
 }
 
-/// The backend `opts` ask for, for a model file or folder.
-fn backend_for(model: &Model, opts: &LoadOptions, warnings: &mut Vec<String>) -> Result<Box<dyn Backend>, RuntimeError> {
+/// The backend `opts` ask for, for a model file or folder, stepping up to
+/// `parallel` sequences at once.
+fn backend_for(model: &Model, opts: &LoadOptions, parallel: usize, warnings: &mut Vec<String>) -> Result<Box<dyn Backend>, RuntimeError> {
     let step = model.step_graph()?;
     Interpreter::new(model, 1).check_weights(&step)?;
     Ok(match (opts.backend, opts.device) {
         (BackendKind::Interp, Device::Cpu) => Box::new(InterpBackend { graph: step, threads: opts.threads.max(1) }),
         (BackendKind::Interp, Device::Cuda) => return RuntimeError::input("--backend interp runs on the CPU only; drop it to run compiled code on the GPU"),
         #[cfg(feature = "native")]
-        (BackendKind::Compiled, Device::Cpu) => Box::new(lowering::compile_cpu(model, &step, opts, warnings)?),
+        (BackendKind::Compiled, Device::Cpu) => Box::new(lowering::compile_cpu(model, &step, opts, parallel, warnings)?),
         #[cfg(feature = "native")]
         (BackendKind::Compiled, Device::Cuda) => {
             let context = opts.context.unwrap_or(model.config.context).max(1);

@@ -9,7 +9,7 @@ use crate::LoadOptions;
 use bitnet_autotune::db::CudaTuned;
 use bitnet_autotune::{calibrate, Database, Tuned};
 use bitnet_codegen::cuda::PhaseTiles;
-use bitnet_codegen::schedule::{schedule, HeadQuant, Pinned, Schedule, TileSource, Tiles, Workload};
+use bitnet_codegen::schedule::{schedule, HeadQuant, Pinned, Schedule, TileSource, Workload};
 use bitnet_codegen::target::HostCpu;
 use bitnet_frontends::model::Model;
 use bitnet_ir::passes;
@@ -46,8 +46,11 @@ pub fn tuned_tiles(threads: usize, pinned: &Pinned, warnings: &mut Vec<String>) 
             if !tuned.is_calibrated() && !pinned_both && calibrate::candidates().len() > 1 && first_try() {
                 eprint!("calibrating the CPU kernels for {threads} threads on this machine (once) ... ");
                 match calibrate::calibrate(&db, threads) {
-                    Ok(Some(Tiles::Ternary(t))) => eprintln!("{} {}", t.isa.name(), t.packing.name()),
-                    Ok(_) => eprintln!("nothing timed"),
+                    Ok(Some(c)) => match c.batch {
+                        Some(b) => eprintln!("{} {} (batched steps: {} {})", c.decode.isa.name(), c.decode.packing.name(), b.isa.name(), b.packing.name()),
+                        None => eprintln!("{} {}", c.decode.isa.name(), c.decode.packing.name()),
+                    },
+                    Ok(None) => eprintln!("nothing timed"),
                     Err(e) => {
                         eprintln!("failed");
                         warnings.push(format!("calibration: {e}; using the default ISA and packing"));
@@ -92,10 +95,13 @@ pub fn cuda_workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
     Ok(out)
 }
 
-/// Lowers the step graph, then prepares the weights for the native kernels.
-pub(crate) fn compile_cpu(model: &Model, step: &Graph, opts: &LoadOptions, warnings: &mut Vec<String>) -> Result<CompiledModel, RuntimeError> {
+/// Lowers the step graph, then prepares the weights for the native kernels
+/// of an engine that steps up to `parallel` sequences at once (more than
+/// one: the packing the calibration found fastest for batched steps).
+pub(crate) fn compile_cpu(model: &Model, step: &Graph, opts: &LoadOptions, parallel: usize, warnings: &mut Vec<String>) -> Result<CompiledModel, RuntimeError> {
     let threads = opts.threads.max(1);
     let tuned = if opts.tuning { tuned_tiles(threads, &opts.pinned, warnings) } else { None };
+    let tuned = tuned.map(|t| if parallel > 1 { t.for_batches() } else { t });
     let source = tuned.as_ref().map(|t| t as &dyn TileSource);
     Ok(CompiledModel::new(model, lower(step, &opts.pinned, source)?, threads)?)
 }
