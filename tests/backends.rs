@@ -16,6 +16,7 @@ use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::arch::Activation;
+use bitnet_frontends::synth::{SynthShape, SynthSpec};
 use bitnet_ir::DType;
 use bitnet_runtime::{BackendKind as Backend, LoadOptions, Session};
 use common::*;
@@ -69,6 +70,24 @@ fn synthetic_models_in_every_ternary_format_agree() {
 #[test]
 fn stories260k_agrees() {
     compare(&stories(), &[1, 403, 407, 261, 378]);
+}
+
+/// A float head of a few MiB is copied out of the file into memory of its
+/// own (huge pages, on Linux) and read from there, by the product and by
+/// the embedding lookups of a tied table alike: the same logits and tokens
+/// as the interpreter's, which reads the file.
+#[test]
+fn a_head_copied_out_of_the_file_agrees() {
+    let dir = tmp_dir("backends-copied-head");
+    let path = dir.join("wide-vocabulary.gguf");
+    let small = small_spec(DType::I2S, Activation::Silu);
+    let spec = SynthSpec { shape: SynthShape { vocab: 4200, ..small.shape }, ..small };
+    write_synth(&spec, &path);
+    let head = 4200 * spec.shape.hidden * 2;
+    let s = load(&path, Backend::Compiled, 2);
+    let prepared = s.with_backend(|b| b.as_compiled().map(|c| c.prepared_bytes)).expect("compiled");
+    assert_eq!(prepared >= head, bitnet_codegen::cpu::blob::HUGE_PAGES, "{prepared} bytes prepared, the head {head}");
+    compare(&path, &[1, 17, 4100, 99, 3, 4199, 8]);
 }
 
 /// The 1.6-bit packing is lossless: its integer dot products are the

@@ -16,8 +16,13 @@
 //!
 //! The weights section reuses the GGUF container (and its checked parser)
 //! rather than inventing another: everything in it is page-aligned, so the
-//! runtime maps the file and hands the kernels slices of it. Nothing is
-//! copied, and processes running the same artifact share its pages.
+//! runtime maps the file and hands the kernels slices of it, and nothing
+//! is converted at load. Where the weights a step streams can live in huge
+//! pages (Linux: see `bitnet_codegen::cpu::blob`), they are copied there
+//! from the map, the map's pages released as the copy goes (a copy, not a
+//! conversion: a few hundred milliseconds for 2B4T); elsewhere the kernels
+//! read the map in place and processes running the same artifact share
+//! its pages.
 //!
 //! The header names its format version; an artifact of another version,
 //! or one whose kernels this CPU cannot run, is refused with a message
@@ -27,7 +32,7 @@
 use crate::compiled::{int4_key, int8_key, CompiledModel, Prepared};
 use crate::error::RuntimeError;
 use bitnet_autotune::db::CudaTuned;
-use bitnet_codegen::cpu::blob::{Blob, SharedBytes};
+use bitnet_codegen::cpu::blob::{self, Blob, Plain, SharedBytes};
 use bitnet_codegen::cpu::int4::{self, Int4Rows};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::{PackedTernary, Packing};
@@ -175,7 +180,7 @@ pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel)
                 Prepared::Int8(q) => Item::Int8(q),
                 Prepared::Int4(q) => Item::Int4(q),
                 Prepared::Floats(_) => Item::Model { floats: true },
-                Prepared::Stored => Item::Model { floats: false },
+                Prepared::Stored | Prepared::Copied(_) => Item::Model { floats: false },
             };
             (name.clone(), item)
         })
@@ -456,24 +461,25 @@ impl Artifact {
             let p = match &e.layout {
                 Layout::PackedTernary { n, k, rows, scale, packing } => {
                     let (at, len) = tensor(&packed_name(&e.name), DType::I8)?;
-                    let blob = Blob::mapped(shared.clone(), at, len).map_err(bad)?;
+                    let blob = streamed(&self.map, at, len, &mut || self.model.release(&packed_name(&e.name))).map_err(bad)?;
                     Prepared::Packed(PackedTernary::from_parts(*n, *k, *rows, *packing, *scale, blob).map_err(bad)?)
                 }
                 Layout::Int8Rows { n, k } => {
                     let (qa, ql) = tensor(&e.name, DType::I8)?;
                     let (sa, sl) = tensor(&scale_name(&e.name), DType::F32)?;
-                    let q = Blob::mapped(shared.clone(), qa, ql).map_err(bad)?;
+                    let q = streamed(&self.map, qa, ql, &mut || self.model.release(&e.name)).map_err(bad)?;
                     let s = Blob::mapped(shared.clone(), sa, sl / 4).map_err(bad)?;
                     Prepared::Int8(Int8Rows::from_parts(*n, *k, q, s).map_err(bad)?)
                 }
                 Layout::Int4Rows { n, k } => {
                     let (qa, ql) = tensor(&e.name, DType::I8)?;
                     let (sa, sl) = tensor(&scale_name(&e.name), DType::F16)?;
-                    let q = Blob::mapped(shared.clone(), qa, ql).map_err(bad)?;
+                    let q = streamed(&self.map, qa, ql, &mut || self.model.release(&e.name)).map_err(bad)?;
                     let s = Blob::mapped(shared.clone(), sa, sl / 2).map_err(bad)?;
                     Prepared::Int4(Int4Rows::from_parts(*n, *k, q, s).map_err(bad)?)
                 }
                 Layout::Floats => match self.model.weight(&e.name) {
+                    Some(w) if !w.dtype.is_weight() => return Err(bad(format!("{} values cannot be expanded to floats", w.dtype))),
                     Some(w) if w.dtype.bytes_for(w.elems()).is_some_and(|b| b <= w.data.len()) => Prepared::Floats(w.to_f32()),
                     _ => return Err(bad("missing or truncated".into())),
                 },
@@ -491,6 +497,18 @@ impl Artifact {
         }
         CompiledModel::from_prepared(&self.model, prepared, step, threads.max(1)).or_else(|e| artifact_err(path, e))
     }
+}
+
+/// `len` values of `T` at byte `at` of the map, for kernels that stream
+/// them each step: copied into huge pages where weights can live there
+/// (`release` drops the map's pages of the tensor as the copy goes), else
+/// read in place.
+fn streamed<T: Plain>(map: &Arc<memmap2::Mmap>, at: usize, len: usize, release: &mut dyn FnMut()) -> Result<Blob<T>, String> {
+    let mapped = Blob::<T>::mapped(map.clone() as SharedBytes, at, len)?;
+    if !blob::HUGE_PAGES || len * std::mem::size_of::<T>() < blob::HUGE_MIN_BYTES {
+        return Ok(mapped);
+    }
+    Ok(Blob::copy_of(&mapped, release))
 }
 
 /// The header and its length, or why the file is not a usable artifact.

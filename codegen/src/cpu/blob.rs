@@ -1,19 +1,30 @@
 //! Prepared weight bytes: made at load (owned) or read in place from a
 //! compiled artifact (a range of a shared memory map).
 //!
-//! Kernels see a plain slice either way, so running a `.bnx` artifact
-//! copies nothing: its repacked weights stay in the page cache, shared
-//! with every process that maps the same file.
+//! Kernels see a plain slice either way. Where weights cannot live in huge
+//! pages (below), running a `.bnx` artifact copies nothing: its repacked
+//! weights stay in the page cache, shared with every process that maps the
+//! same file.
+//!
+//! Weights made at load of 2 MiB or more live, on Linux, in memory of
+//! their own advised to be backed by transparent huge pages (`huge::Huge`),
+//! and so do the float matrices a product streams whole, copied out of the
+//! model's file ([`Blob::copy_of`]): a step streams every weight once, and
+//! with 4 KiB pages each 4 KiB costs a TLB miss (a two-level walk in a
+//! virtual machine) that the prefetches do not hide. On a Zen 4 VM one core
+//! read 30 GB/s from huge pages against 21 from small ones, and 2B4T's
+//! `[2560, 6912]` product on eight tokens from memory ran 15% faster.
 
 use std::ops::Deref;
 use std::sync::Arc;
 
 /// Element types that may be viewed in place from bytes: any bit pattern
-/// is a valid value.
+/// (all zeros included) is a valid value.
 pub trait Plain: Copy + Send + Sync + 'static {}
 impl Plain for u8 {}
 impl Plain for i8 {}
 impl Plain for u16 {}
+impl Plain for u64 {}
 impl Plain for f32 {}
 
 /// Bytes shared with whoever else keeps the mapping alive.
@@ -25,7 +36,13 @@ pub struct Blob<T: Plain> {
 
 enum Inner<T> {
     Owned(Vec<T>),
-    Mapped { bytes: SharedBytes, offset: usize, len: usize },
+    #[cfg(target_os = "linux")]
+    Huge(huge::Huge<T>),
+    Mapped {
+        bytes: SharedBytes,
+        offset: usize,
+        len: usize,
+    },
 }
 
 impl<T: Plain> Blob<T> {
@@ -57,8 +74,63 @@ impl<T: Plain> Blob<T> {
 }
 
 impl<T: Plain> From<Vec<T>> for Blob<T> {
+    /// Moves `v` in; on Linux, copies one of [`HUGE_MIN_BYTES`] or more
+    /// into huge pages (where the kernel has none to give, the copy still
+    /// works, on small pages).
     fn from(v: Vec<T>) -> Blob<T> {
+        #[cfg(target_os = "linux")]
+        if std::mem::size_of_val(&v[..]) >= HUGE_MIN_BYTES {
+            if let Some(h) = huge::Huge::copy_of(&v, &mut || ()) {
+                return Blob { inner: Inner::Huge(h) };
+            }
+        }
         Blob { inner: Inner::Owned(v) }
+    }
+}
+
+/// Weights smaller than this stay in the allocator's memory.
+pub const HUGE_MIN_BYTES: usize = 2 << 20;
+
+/// Whether large weights made at load live in huge pages on this system.
+pub const HUGE_PAGES: bool = cfg!(target_os = "linux");
+
+impl<T: Plain> Blob<T> {
+    /// A copy of `src` in memory of its own (huge pages where
+    /// [`HUGE_PAGES`] and `src` is [`HUGE_MIN_BYTES`] or more), written
+    /// in pieces of 64 MiB with `after_piece` called after each: a caller
+    /// copying out of a file mapping releases the file's pages there, so
+    /// that the two copies are never whole at once.
+    pub fn copy_of(src: &[T], after_piece: &mut dyn FnMut()) -> Blob<T> {
+        #[cfg(target_os = "linux")]
+        if std::mem::size_of_val(src) >= HUGE_MIN_BYTES {
+            if let Some(h) = huge::Huge::copy_of(src, after_piece) {
+                return Blob { inner: Inner::Huge(h) };
+            }
+        }
+        let v = src.to_vec();
+        after_piece();
+        Blob { inner: Inner::Owned(v) }
+    }
+
+    /// `len` values, all bits zero until `init` writes them, straight into
+    /// the memory that keeps them (huge pages as for [`Blob::copy_of`]).
+    pub fn build(len: usize, init: impl FnOnce(&mut [T])) -> Blob<T> {
+        #[cfg(target_os = "linux")]
+        if len.saturating_mul(std::mem::size_of::<T>()) >= HUGE_MIN_BYTES {
+            if let Some(mut h) = huge::Huge::zeroed(len) {
+                init(h.values_mut());
+                return Blob { inner: Inner::Huge(h) };
+            }
+        }
+        // SAFETY: all bits zero is a value of every `Plain` type.
+        let mut v = vec![unsafe { std::mem::zeroed::<T>() }; len];
+        init(&mut v);
+        Blob { inner: Inner::Owned(v) }
+    }
+
+    /// `len` values, value `i` being `value(i)`, as [`Blob::build`] keeps them.
+    pub fn from_fn(len: usize, value: impl Fn(usize) -> T) -> Blob<T> {
+        Blob::build(len, |vals| vals.iter_mut().enumerate().for_each(|(i, v)| *v = value(i)))
     }
 }
 
@@ -67,6 +139,8 @@ impl<T: Plain> Deref for Blob<T> {
     fn deref(&self) -> &[T] {
         match &self.inner {
             Inner::Owned(v) => v,
+            #[cfg(target_os = "linux")]
+            Inner::Huge(h) => h,
             Inner::Mapped { bytes, offset, len } => {
                 let all = (**bytes).as_ref();
                 // SAFETY: bounds and alignment were checked in `mapped`, the
@@ -84,9 +158,137 @@ impl<T: Plain + std::fmt::Debug> std::fmt::Debug for Blob<T> {
     }
 }
 
+#[cfg(target_os = "linux")]
+mod huge {
+    use super::Plain;
+    use std::ptr::NonNull;
+
+    /// The size of a transparent huge page on x86-64 and most AArch64.
+    const HUGE_PAGE: usize = 2 << 20;
+    const SMALL_PAGE: usize = 4096;
+
+    /// Bytes copied between two calls of the caller's `after_piece`.
+    const PIECE: usize = 64 << 20;
+
+    /// A private anonymous mapping of whole small pages that starts on a
+    /// huge-page boundary and is advised `MADV_HUGEPAGE`: every 2 MiB of it
+    /// can be one huge page, and the rest (the last part) small pages, so
+    /// none is allocated beyond the data's own pages.
+    pub struct Huge<T> {
+        ptr: NonNull<T>,
+        len: usize,
+        mapped: usize,
+    }
+
+    // SAFETY: `Huge` owns its mapping alone, and `T: Plain` is `Send + Sync`.
+    unsafe impl<T: Plain> Send for Huge<T> {}
+    // SAFETY: as above; `&Huge` gives out shared slices only.
+    unsafe impl<T: Plain> Sync for Huge<T> {}
+
+    impl<T: Plain> Huge<T> {
+        /// A mapping for `len` values, all bits zero; `None` where the
+        /// mapping fails.
+        pub fn zeroed(len: usize) -> Option<Huge<T>> {
+            let bytes = len.checked_mul(std::mem::size_of::<T>())?;
+            let mapped = bytes.next_multiple_of(SMALL_PAGE);
+            let over = mapped.checked_add(HUGE_PAGE)?;
+            // SAFETY: a fresh private anonymous mapping; no existing memory is named.
+            let raw = unsafe { libc::mmap(std::ptr::null_mut(), over, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+            if raw == libc::MAP_FAILED {
+                return None;
+            }
+            let start = raw as usize;
+            let aligned = start.next_multiple_of(HUGE_PAGE);
+            let (head, tail) = (aligned - start, start + over - (aligned + mapped));
+            // SAFETY: the head and tail are the parts of the mapping made
+            // above that lie outside [aligned, aligned + mapped), page-aligned
+            // (both ends of the mapping and `aligned` are); unmapping them and
+            // advising the rest touch nothing else. The advice is a hint: where
+            // the kernel refuses it, the pages are small.
+            unsafe {
+                if head > 0 {
+                    libc::munmap(raw, head);
+                }
+                if tail > 0 {
+                    libc::munmap((aligned + mapped) as *mut libc::c_void, tail);
+                }
+                libc::madvise(aligned as *mut libc::c_void, mapped, libc::MADV_HUGEPAGE);
+            }
+            // Anonymous memory reads as zeros: a valid `T` (`Plain`).
+            Some(Huge { ptr: NonNull::new(aligned as *mut T)?, len, mapped })
+        }
+
+        /// A copy of `src`, `after_piece` called after each [`PIECE`]
+        /// bytes of it.
+        pub fn copy_of(src: &[T], after_piece: &mut dyn FnMut()) -> Option<Huge<T>> {
+            let mut h = Self::zeroed(src.len())?;
+            let per_piece = (PIECE / std::mem::size_of::<T>().max(1)).max(1);
+            for (dst, piece) in h.values_mut().chunks_mut(per_piece).zip(src.chunks(per_piece)) {
+                dst.copy_from_slice(piece);
+                after_piece();
+            }
+            Some(h)
+        }
+
+        pub fn values_mut(&mut self) -> &mut [T] {
+            // SAFETY: the mapping holds `len` values of `T` (any bit pattern
+            // is one), lives until `self` drops, and `&mut self` is unique.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl<T: Plain> std::ops::Deref for Huge<T> {
+        type Target = [T];
+        fn deref(&self) -> &[T] {
+            // SAFETY: the mapping holds `len` values of `T` at `ptr` (zeros,
+            // a valid `Plain` value, until written), and lives until `self`
+            // drops.
+            unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl<T> Drop for Huge<T> {
+        fn drop(&mut self) {
+            // SAFETY: exactly the range `zeroed` kept mapped, unmapped once.
+            unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.mapped) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Large weights land in their own huge-page mapping, small ones stay
+    /// in the vector; both read back what went in, at every length around
+    /// the threshold and the page sizes.
+    #[test]
+    fn owned_weights_read_back_whatever_memory_holds_them() {
+        for len in [0usize, 1, 3, 4095, 4097, (2 << 20) - 1, 2 << 20, (2 << 20) + 1, (6 << 20) + 12345] {
+            let v: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4096) as u8).collect();
+            let b = Blob::from(v.clone());
+            assert_eq!(&*b, &v[..], "{len} bytes");
+            #[cfg(target_os = "linux")]
+            {
+                assert_eq!(matches!(b.inner, Inner::Huge(_)), len >= HUGE_MIN_BYTES, "{len} bytes");
+                assert!(len < HUGE_MIN_BYTES || (b.as_ptr() as usize).is_multiple_of(2 << 20), "aligned to a huge page");
+            }
+            let mut pieces = 0;
+            let c = Blob::copy_of(&v, &mut || pieces += 1);
+            assert_eq!(&*c, &v[..], "{len} bytes, copied");
+            assert_eq!(pieces, if HUGE_PAGES && len >= HUGE_MIN_BYTES { len.div_ceil(64 << 20) } else { 1 }, "{len} bytes");
+        }
+        let big: Vec<u16> = (0..(70 << 20) / 2).map(|i| i as u16).collect();
+        let mut pieces = 0;
+        assert_eq!(&*Blob::copy_of(&big, &mut || pieces += 1), &big[..]);
+        assert_eq!(pieces, if HUGE_PAGES { 2 } else { 1 }, "70 MiB in pieces of 64");
+        for len in [0, 5, (3 << 20) / 2 + 3] {
+            let b = Blob::from_fn(len, |i| (i * 7) as u16);
+            assert!(b.iter().enumerate().all(|(i, &v)| v == (i * 7) as u16) && b.len() == len, "{len} values");
+        }
+        let floats: Vec<f32> = (0..(1 << 20) + 7).map(|i| i as f32 * 0.5).collect();
+        assert_eq!(&*Blob::from(floats.clone()), &floats[..]);
+    }
 
     #[test]
     fn mapped_views_are_checked() {

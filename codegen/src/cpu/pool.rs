@@ -239,8 +239,10 @@ impl<T> SharedMut<T> {
 /// The memory's read bandwidth with this pool's workers, in bytes a
 /// second: the best of `passes` sums over a buffer of `bytes` (each worker
 /// summing its share), the figure a bandwidth-bound decode step is held to.
+/// The buffer is held as the weights are ([`super::blob::Blob`]: in huge
+/// pages where they are), so that the two are measured alike.
 pub fn read_bandwidth(pool: &Pool, bytes: usize, passes: usize) -> f64 {
-    let data: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let data = super::blob::Blob::from_fn(bytes / 8, |i| i as u64);
     let mut best = f64::INFINITY;
     for _ in 0..passes.max(1) {
         let total = std::sync::atomic::AtomicU64::new(0);

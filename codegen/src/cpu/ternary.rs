@@ -217,17 +217,20 @@ impl PackedTernary {
             Packing::Bits2 => 0x55u8,
             Packing::Base3 => base3::encode([1; 5]),
         };
-        let mut data = vec![zero; n.div_ceil(rows) * rows * chunks * CHUNK_BYTES];
-        let mut row = vec![zero; chunks * CHUNK_BYTES];
-        for r in 0..n {
-            fill(r, &mut row);
-            let (tile, in_tile) = (r / rows, r % rows);
-            for (c, chunk) in row.chunks_exact(CHUNK_BYTES).enumerate() {
-                let at = ((tile * chunks + c) * rows + in_tile) * CHUNK_BYTES;
-                data[at..at + CHUNK_BYTES].copy_from_slice(chunk);
+        // Written where the kernels will read it (see `Blob::build`).
+        let data = Blob::build(n.div_ceil(rows) * rows * chunks * CHUNK_BYTES, |data| {
+            data.fill(zero);
+            let mut row = vec![zero; chunks * CHUNK_BYTES];
+            for r in 0..n {
+                fill(r, &mut row);
+                let (tile, in_tile) = (r / rows, r % rows);
+                for (c, chunk) in row.chunks_exact(CHUNK_BYTES).enumerate() {
+                    let at = ((tile * chunks + c) * rows + in_tile) * CHUNK_BYTES;
+                    data[at..at + CHUNK_BYTES].copy_from_slice(chunk);
+                }
             }
-        }
-        PackedTernary { n, k, kp, rows, packing, scale, data: data.into() }
+        });
+        PackedTernary { n, k, kp, rows, packing, scale, data }
     }
 
     /// Repacks a stored ternary tensor (I2_S, TQ2_0, TQ1_0). The kernels

@@ -153,11 +153,16 @@ impl GgufFile {
     /// mapped; they are read from the file again if the tensor is used.
     pub fn release(&self, t: &TensorInfo) {
         #[cfg(unix)]
-        if let Bytes::Mapped(m) = &self.bytes {
+        {
+            let (m, at) = match &self.bytes {
+                Bytes::Mapped(m) => (m, 0),
+                Bytes::Shared(m, at) => (&**m, *at),
+                Bytes::Owned(_) => return,
+            };
             // SAFETY: the map is read-only and file-backed: dropped pages
             // fault back in with the same contents, so slices that borrow
-            // them stay valid.
-            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.data_start + t.offset, t.size) };
+            // them (here or in whoever shares the map) stay valid.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at + self.data_start + t.offset, t.size) };
         }
         #[cfg(not(unix))]
         let _ = t;
