@@ -192,7 +192,20 @@ def tiny(tmp_path_factory):
     return path
 
 
-def test_ctrl_c_stops_a_long_generation(tiny):
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raising KeyboardInterrupt, as in a terminal. A process started
+    in the background by a shell without job control inherits SIGINT
+    ignored, Python then leaves it so, and `_thread.interrupt_main` does
+    nothing at all."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_stops_a_long_generation(tiny, sigint_raises):
     import _thread
     import time
 
