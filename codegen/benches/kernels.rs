@@ -99,6 +99,35 @@ fn ternary_gemm(c: &mut Criterion) {
     }
 }
 
+/// One batched decode step of eight sequences: eight tokens, the weights
+/// streamed from memory (`cold`, copies cycled) or warm in cache (one
+/// copy; 2560×2560 fits L3) — the difference is what memory costs the kernel.
+fn ternary_batch(c: &mut Criterion) {
+    let pool = Pool::new(threads());
+    let isa = Isa::best();
+    let tokens = 8;
+    let mut g = c.benchmark_group("ternary_batch_8_tokens");
+    g.sample_size(20);
+    for (n, k) in [(2560, 2560), (6912, 2560), (2560, 6912)] {
+        for (rows, step, packing) in [(4, 4, Packing::Bits2), (2, 4, Packing::Bits2), (4, 2, Packing::Bits2), (4, 4, Packing::Base3)] {
+            let ws: Vec<PackedTernary> = (0..COPIES).map(|s| packed(n, k, rows, packing, s)).collect();
+            let x = acts(tokens, k);
+            let mut out = vec![0f32; tokens * n];
+            let tiles = TernaryTiles { packing, ..TernaryTiles::new(isa, rows, step) };
+            g.throughput(Throughput::Elements((tokens * n * k) as u64));
+            for (name, copies) in [("cold", COPIES), ("warm", 1)] {
+                let mut i = 0;
+                g.bench_function(BenchmarkId::new(format!("{n}x{k}/{name}"), tiles), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % copies;
+                        ternary::matmul(&pool, tiles, &ws[i], &x, &mut out, Epilogue::default());
+                    })
+                });
+            }
+        }
+    }
+}
+
 /// The 2B4T head (128256 × 2560) for one token, stored f16 and `--head
 /// q4`, with each ISA that has kernels of its own for them: GB/s of each
 /// one's own bytes, so compare times across the two layouts.
@@ -250,5 +279,5 @@ fn avx2_issue_rate(c: &mut Criterion) {
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_issue_rate(_: &mut Criterion) {}
 
-criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, head_gemv, elementwise, attention, avx2_issue_rate);
+criterion_group!(benches, read_bandwidth, ternary_gemv, ternary_gemm, ternary_batch, head_gemv, elementwise, attention, avx2_issue_rate);
 criterion_main!(benches);
