@@ -505,10 +505,7 @@ impl Artifact {
 /// read in place.
 fn streamed<T: Plain>(map: &Arc<memmap2::Mmap>, at: usize, len: usize, release: &mut dyn FnMut()) -> Result<Blob<T>, String> {
     let mapped = Blob::<T>::mapped(map.clone() as SharedBytes, at, len)?;
-    if !blob::HUGE_PAGES || len * std::mem::size_of::<T>() < blob::HUGE_MIN_BYTES {
-        return Ok(mapped);
-    }
-    Ok(Blob::copy_of(&mapped, release))
+    Ok(if blob::in_huge_pages(std::mem::size_of_val(&mapped[..])) { Blob::copy_of(&mapped, release) } else { mapped })
 }
 
 /// The header and its length, or why the file is not a usable artifact.

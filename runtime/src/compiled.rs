@@ -346,8 +346,7 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
 /// Copies each stored float matrix that a product reads whole (the output
 /// head) out of the model's file into memory of its own, releasing the
 /// file's pages as it goes; lookups alone (an untied embedding) stay in
-/// place. Only where such memory is huge pages ([`blob::HUGE_PAGES`]) and
-/// the matrix fills at least one.
+/// place. Only where the copy would be in huge pages ([`blob::in_huge_pages`]).
 fn copy_streamed(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &mut HashMap<String, Prepared>) {
     if !blob::HUGE_PAGES {
         return;
@@ -360,7 +359,7 @@ fn copy_streamed(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepar
         }
         // A missing tensor is `check`'s to report.
         let Some(view) = weights.weight(name) else { continue };
-        if view.data.len() >= blob::HUGE_MIN_BYTES {
+        if blob::in_huge_pages(view.data.len()) {
             let copy = Blob::copy_of(view.data, &mut || weights.release(name));
             prepared.insert(name.clone(), Prepared::Copied(copy));
         }

@@ -79,7 +79,7 @@ impl<T: Plain> From<Vec<T>> for Blob<T> {
     /// works, on small pages).
     fn from(v: Vec<T>) -> Blob<T> {
         #[cfg(target_os = "linux")]
-        if std::mem::size_of_val(&v[..]) >= HUGE_MIN_BYTES {
+        if in_huge_pages(std::mem::size_of_val(&v[..])) {
             if let Some(h) = huge::Huge::copy_of(&v, &mut || ()) {
                 return Blob { inner: Inner::Huge(h) };
             }
@@ -94,6 +94,13 @@ pub const HUGE_MIN_BYTES: usize = 2 << 20;
 /// Whether large weights made at load live in huge pages on this system.
 pub const HUGE_PAGES: bool = cfg!(target_os = "linux");
 
+/// Whether `bytes` of weights made or copied at load go into huge pages
+/// ([`HUGE_PAGES`], and at least [`HUGE_MIN_BYTES`]): where not, a copy
+/// out of a file mapping gains nothing over reading the file in place.
+pub fn in_huge_pages(bytes: usize) -> bool {
+    HUGE_PAGES && bytes >= HUGE_MIN_BYTES
+}
+
 impl<T: Plain> Blob<T> {
     /// A copy of `src` in memory of its own (huge pages where
     /// [`HUGE_PAGES`] and `src` is [`HUGE_MIN_BYTES`] or more), written
@@ -102,7 +109,7 @@ impl<T: Plain> Blob<T> {
     /// that the two copies are never whole at once.
     pub fn copy_of(src: &[T], after_piece: &mut dyn FnMut()) -> Blob<T> {
         #[cfg(target_os = "linux")]
-        if std::mem::size_of_val(src) >= HUGE_MIN_BYTES {
+        if in_huge_pages(std::mem::size_of_val(src)) {
             if let Some(h) = huge::Huge::copy_of(src, after_piece) {
                 return Blob { inner: Inner::Huge(h) };
             }
@@ -116,7 +123,7 @@ impl<T: Plain> Blob<T> {
     /// the memory that keeps them (huge pages as for [`Blob::copy_of`]).
     pub fn build(len: usize, init: impl FnOnce(&mut [T])) -> Blob<T> {
         #[cfg(target_os = "linux")]
-        if len.saturating_mul(std::mem::size_of::<T>()) >= HUGE_MIN_BYTES {
+        if in_huge_pages(len.saturating_mul(std::mem::size_of::<T>())) {
             if let Some(mut h) = huge::Huge::zeroed(len) {
                 init(h.values_mut());
                 return Blob { inner: Inner::Huge(h) };
