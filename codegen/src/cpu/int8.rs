@@ -24,19 +24,21 @@ impl Int8Rows {
     pub fn quantize(w: &WeightView) -> Int8Rows {
         let (n, k) = (w.rows(), w.row_len());
         let kp = k.div_ceil(CHUNK) * CHUNK;
-        let mut q = vec![0i8; n * kp];
         let mut scale = vec![0f32; n];
         let mut row = vec![0f32; k];
-        for r in 0..n {
-            float::row_f32(Isa::best(), w, r, &mut row);
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-            for (o, &v) in q[r * kp..r * kp + k].iter_mut().zip(&row) {
-                *o = (v / s).round().clamp(-127.0, 127.0) as i8;
+        // Written where the kernels will read it (see `Blob::build`).
+        let q = Blob::build(n * kp, |q| {
+            for r in 0..n {
+                float::row_f32(Isa::best(), w, r, &mut row);
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                for (o, &v) in q[r * kp..r * kp + k].iter_mut().zip(&row) {
+                    *o = (v / s).round().clamp(-127.0, 127.0) as i8;
+                }
+                scale[r] = s;
             }
-            scale[r] = s;
-        }
-        Int8Rows { n, k, kp, q: q.into(), scale: scale.into() }
+        });
+        Int8Rows { n, k, kp, q, scale: scale.into() }
     }
 
     /// Rows stored earlier (an artifact), checked against the shape.

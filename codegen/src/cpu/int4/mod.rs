@@ -33,23 +33,26 @@ impl Int4Rows {
     pub fn quantize(w: &WeightView) -> Int4Rows {
         let (n, k) = (w.rows(), w.row_len());
         let kp = k.div_ceil(CHUNK) * CHUNK;
-        let mut q = vec![0x88u8; n * kp / 2];
         let mut scale = vec![0u16; n * kp / GROUP];
         // A 2B model's head is 328M weights: its rows split over the cores.
         let workers = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.div_ceil(64)).max(1);
         let per = n.div_ceil(workers);
-        std::thread::scope(|scope| {
-            for (i, (qs, ss)) in q.chunks_mut(per * kp / 2).zip(scale.chunks_mut(per * kp / GROUP)).enumerate() {
-                scope.spawn(move || {
-                    let mut row = vec![0f32; kp];
-                    for (j, (qr, sr)) in qs.chunks_exact_mut(kp / 2).zip(ss.chunks_exact_mut(kp / GROUP)).enumerate() {
-                        float::row_f32(Isa::best(), w, i * per + j, &mut row[..k]);
-                        quantize_row(&row, qr, sr);
-                    }
-                });
-            }
+        // Written where the kernels will read it (see `Blob::build`).
+        let q = Blob::build(n * kp / 2, |q| {
+            q.fill(0x88);
+            std::thread::scope(|scope| {
+                for (i, (qs, ss)) in q.chunks_mut(per * kp / 2).zip(scale.chunks_mut(per * kp / GROUP)).enumerate() {
+                    scope.spawn(move || {
+                        let mut row = vec![0f32; kp];
+                        for (j, (qr, sr)) in qs.chunks_exact_mut(kp / 2).zip(ss.chunks_exact_mut(kp / GROUP)).enumerate() {
+                            float::row_f32(Isa::best(), w, i * per + j, &mut row[..k]);
+                            quantize_row(&row, qr, sr);
+                        }
+                    });
+                }
+            });
         });
-        Int4Rows { n, k, kp, q: q.into(), scale: scale.into() }
+        Int4Rows { n, k, kp, q, scale: scale.into() }
     }
 
     /// Rows stored earlier (an artifact), checked against the shape.
