@@ -215,8 +215,13 @@ impl KvStore for KvCache {
 }
 
 /// Paged storage for many sequences: per layer, `blocks` blocks of
-/// `1 << shift` positions, each `[kv_heads][positions][head_dim]` keys
-/// (and values). Allocated zeroed, so pages are only mapped once written.
+/// `1 << shift` positions, laid out `[kv_heads][blocks][positions][head_dim]`
+/// (keys, and values alike): a KV head's blocks lie side by side, so a
+/// sequence whose blocks have consecutive numbers (as a fresh cache hands
+/// them out) has each head's keys in one stretch, which attention reads
+/// at the memory's speed (blocks of a head apart, 8 KiB runs 40 KiB apart
+/// on 2B4T, read it 40-50% slower). Allocated zeroed, so pages are only
+/// mapped once written.
 /// Which sequence owns which block is the runtime's business; an
 /// evaluation reads and writes through [`PagedRows`].
 #[derive(Debug)]
@@ -260,18 +265,25 @@ impl KvPages {
         2 * layers * kv_heads * positions * head_dim * std::mem::size_of::<f32>()
     }
 
+    /// Floats from one block of a head to the next.
     fn stride(&self) -> usize {
-        (self.kv_heads * self.head_dim) << self.shift
+        self.head_dim << self.shift
+    }
+
+    /// Where head `h`'s blocks start.
+    fn head_base(&self, h: usize) -> usize {
+        h * self.blocks * self.stride()
     }
 
     /// Copies positions `0..n` of block `from` into block `to`, in every
     /// layer (a block that becomes private before it is written).
     pub fn copy_block(&mut self, from: u32, to: u32, n: usize) {
-        let (stride, d, shift) = (self.stride(), self.head_dim, self.shift);
+        let (stride, d) = (self.stride(), self.head_dim);
+        let bases: Vec<usize> = (0..self.kv_heads).map(|h| self.head_base(h)).collect();
         for (k, v) in &mut self.layers {
             for data in [k, v] {
-                for h in 0..self.kv_heads {
-                    let at = |b: u32| b as usize * stride + (h << shift) * d;
+                for &base in &bases {
+                    let at = |b: u32| base + b as usize * stride;
                     data.copy_within(at(from)..at(from) + n * d, at(to));
                 }
             }
@@ -307,7 +319,7 @@ impl KvStore for PagedRows<'_> {
         if positions.len() != self.tables.len() {
             return eval_err(format!("{} rows for a KV store of {}", positions.len(), self.tables.len()));
         }
-        let (stride, d, shift) = (p.stride(), head_dim, p.shift);
+        let (stride, d, shift, per_head) = (p.stride(), head_dim, p.shift, p.head_base(1));
         let (keys, values) = &mut p.layers[layer];
         let row = heads * d;
         for (i, ((kr, vr), &pos)) in k.chunks_exact(row).zip(v.chunks_exact(row)).zip(positions).enumerate() {
@@ -320,7 +332,7 @@ impl KvStore for PagedRows<'_> {
             }
             let at = block as usize * stride + (pos as usize & ((1 << shift) - 1)) * d;
             for h in 0..heads {
-                let o = at + (h << shift) * d;
+                let o = at + h * per_head;
                 keys[o..][..d].copy_from_slice(&kr[h * d..][..d]);
                 values[o..][..d].copy_from_slice(&vr[h * d..][..d]);
             }
@@ -333,7 +345,7 @@ impl KvStore for PagedRows<'_> {
         match (p.layers.get(layer), self.tables.get(row)) {
             (Some((k, v)), Some(table)) if head < p.kv_heads => {
                 let held = self.held[row].min(table.len() << p.shift);
-                KvHead::paged(k, v, (head << p.shift) * p.head_dim, table, p.shift, p.stride(), p.head_dim, held)
+                KvHead::paged(k, v, p.head_base(head), table, p.shift, p.stride(), p.head_dim, held)
             }
             _ => KvHead::empty(),
         }
