@@ -278,12 +278,11 @@ impl KvPages {
     /// Copies positions `0..n` of block `from` into block `to`, in every
     /// layer (a block that becomes private before it is written).
     pub fn copy_block(&mut self, from: u32, to: u32, n: usize) {
-        let (stride, d) = (self.stride(), self.head_dim);
-        let bases: Vec<usize> = (0..self.kv_heads).map(|h| self.head_base(h)).collect();
+        let (stride, d, per_head) = (self.stride(), self.head_dim, self.head_base(1));
         for (k, v) in &mut self.layers {
             for data in [k, v] {
-                for &base in &bases {
-                    let at = |b: u32| base + b as usize * stride;
+                for h in 0..self.kv_heads {
+                    let at = |b: u32| h * per_head + b as usize * stride;
                     data.copy_within(at(from)..at(from) + n * d, at(to));
                 }
             }
