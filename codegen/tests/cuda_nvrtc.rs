@@ -4,7 +4,7 @@
 //! skip, unless `BITNET_REQUIRE_NVRTC=1` (set by CI, which installs both)
 //! makes that a failure.
 
-use bitnet_codegen::cuda::kernels::{self as k, CudaTiles, FloatType, TernaryEpilogue};
+use bitnet_codegen::cuda::kernels::{self as k, CudaTiles, FloatType, KvLayout, TernaryEpilogue};
 use bitnet_codegen::cuda::{nvrtc, padded};
 use bitnet_ir::{BinaryOp, GateAct, RopeMode, UnaryOp};
 
@@ -48,7 +48,7 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
         add(k::quantize_rows(row, padded(row), None));
         add(k::softmax(row));
         add(k::last_row(row));
-        add(k::kv_store(row));
+        add(k::select_rows(row));
         for act in [GateAct::Silu, GateAct::Relu2] {
             add(k::glu(act, row));
         }
@@ -66,7 +66,10 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
         }
     }
     for (heads, kv_heads, d) in [(20, 5, 128), (8, 4, 8), (3, 1, 2), (1, 1, 64)] {
-        add(k::attention(heads, kv_heads, d));
+        for kv in [KvLayout::Contiguous, KvLayout::Paged { shift: 4 }, KvLayout::Paged { shift: 0 }] {
+            add(k::kv_store(kv_heads, d, kv));
+            add(k::attention(heads, kv_heads, d, kv));
+        }
         for mode in [RopeMode::Interleaved, RopeMode::Neox] {
             add(k::rope(heads * d, d, mode, 500000.0));
         }

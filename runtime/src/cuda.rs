@@ -15,7 +15,7 @@
 use crate::backend::KernelTimes;
 use crate::compiled::{assign_slots, Kind, NO_SLOT};
 use bitnet_codegen::cpu::ternary::PackedTernary;
-use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
+use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, KvLayout, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
 use bitnet_ir::{Extent, Graph, Op};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -456,6 +456,7 @@ impl CudaModel {
                     ints.push(rows_of(i.map_or(l.value, |i| node.args[i])) as i32);
                     order.push(P::I(ints.len() - 1));
                 }
+                Arg::BlockTables => return err("a paged KV cache's block tables: this executor keeps one sequence's cache"),
             }
         }
         let rows = rows_of(l.value);
@@ -566,6 +567,9 @@ pub(crate) enum Layout {
 /// That every launch's arguments exist in its graph: the executor
 /// indexes operands by them (a damaged artifact must not crash it).
 fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
+    if p.kv != KvLayout::Contiguous {
+        return err("these kernels keep keys and values in a paged cache (a ragged step of many sequences), which the CUDA executor does not run yet: it keeps one sequence's cache");
+    }
     for l in &p.launches {
         let Some(node) = g.nodes.get(l.value.index()) else { return err(format!("a launch names {}, which the graph does not have", l.value)) };
         let operand_ok = |i: usize| i < node.args.len();
@@ -573,6 +577,7 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
             && l.args.iter().all(|a| match *a {
                 Arg::Operand(i) | Arg::Beta(i) | Arg::Rows(Some(i)) => operand_ok(i),
                 Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::Output | Arg::Rows(None) => true,
+                Arg::BlockTables => p.kv != KvLayout::Contiguous,
             });
         if !ok {
             return err(format!("the launch of {} for {} does not fit its node", l.entry, l.value));
@@ -743,6 +748,43 @@ mod tests {
                     assert_eq!(plan.slot.iter().filter(|&&o| o == s).count(), 1, "{v} shares its buffer");
                 }
             }
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// The step graph (a ragged batch: rows of several sequences, the
+    /// logits of the rows asked for) lowered for a paged cache: every
+    /// kv_store and attention reads the block tables, select_rows picks
+    /// the wanted rows, the module compiles (where NVRTC is; CI has it),
+    /// and this executor, which keeps one sequence's cache, refuses it
+    /// with a clear error.
+    #[test]
+    fn the_ragged_step_lowers_for_a_paged_cache() {
+        let (m, dir) = model(DType::I2S);
+        let g = bitnet_ir::passes::optimize_cuda(m.step_graph().unwrap(), None).unwrap();
+        let tiles = |k: &bitnet_codegen::schedule::WorkloadKey| cuda::PhaseTiles::heuristic(k, 80);
+        let paged = cuda::lower(&g, &tiles, KvLayout::Paged { shift: crate::kv::BLOCK_POSITIONS.trailing_zeros() }).unwrap();
+        let contiguous = cuda::lower(&g, &tiles, KvLayout::Contiguous).unwrap();
+        let count = |p: &Program, family: &str| p.launches.iter().filter(|l| l.entry.starts_with(family)).count();
+        let layers = m.config.layers;
+        assert_eq!(
+            (count(&paged, "kv_store_"), count(&paged, "attention_"), count(&paged, "select_rows_"), count(&paged, "last_row_")),
+            (layers, layers, 1, 0)
+        );
+        for (p, tables) in [(&paged, true), (&contiguous, false)] {
+            for l in p.launches.iter().filter(|l| l.entry.starts_with("kv_store_") || l.entry.starts_with("attention_")) {
+                assert_eq!(l.args.contains(&Arg::BlockTables), tables, "{}", l.entry);
+            }
+        }
+        assert!(check(&g, &paged).unwrap_err().0.contains("paged cache"));
+        check(&g, &contiguous).unwrap();
+        match cuda::nvrtc::library() {
+            Ok(_) => {
+                let ptx = cuda::nvrtc::compile(&cuda::module_source(&[&paged]), 80).unwrap();
+                assert!(paged.kernels.iter().all(|k| ptx.contains(&format!(".entry {}", k.name))));
+            }
+            Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
+            Err(e) => eprintln!("the paged step's module not compiled: {e}"),
         }
         std::fs::remove_dir_all(dir).ok();
     }

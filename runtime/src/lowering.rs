@@ -8,7 +8,7 @@ use crate::error::RuntimeError;
 use crate::LoadOptions;
 use bitnet_autotune::db::CudaTuned;
 use bitnet_autotune::{calibrate, Database, Tuned};
-use bitnet_codegen::cuda::PhaseTiles;
+use bitnet_codegen::cuda::{KvLayout, PhaseTiles};
 use bitnet_codegen::schedule::{schedule, HeadQuant, Pinned, Schedule, TileSource, Workload};
 use bitnet_codegen::target::HostCpu;
 use bitnet_frontends::model::Model;
@@ -112,7 +112,7 @@ pub(crate) fn compile_cpu(model: &Model, step: &Graph, opts: &LoadOptions, paral
 pub fn lower_cuda(g: &Graph, sm: u32, tuned: Option<&CudaTuned>) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
     let g = passes::optimize_cuda(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
     let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| tuned.map_or(PhaseTiles::heuristic(key, sm), |t| t.tiles(key, sm));
-    let p = bitnet_codegen::cuda::lower(&g, &tiles).map_err(RuntimeError::Compile)?;
+    let p = bitnet_codegen::cuda::lower(&g, &tiles, KvLayout::Contiguous).map_err(RuntimeError::Compile)?;
     Ok((g, p))
 }
 

@@ -584,17 +584,58 @@ pub fn rope(row: usize, d: usize, mode: RopeMode, theta: f32) -> String {
     )
 }
 
+/// Where a layer's keys and values live on the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KvLayout {
+    /// One sequence's: `[context, kv_row]`, position after position.
+    #[default]
+    Contiguous,
+    /// Any number of sequences': a pool of blocks of `1 << shift`
+    /// positions, each KV head's blocks side by side
+    /// (`[kv_heads][blocks][positions][d]`, as the CPU's paged cache). Row
+    /// `s` of a step finds its sequence's blocks, in position order, at
+    /// `tables[s · width ..]`; the kernels take `tables`, `width` and the
+    /// pool's `blocks` as three more parameters.
+    Paged { shift: u32 },
+}
+
+impl KvLayout {
+    /// The parameters a kernel takes for this layout, before the caches.
+    fn params(self) -> &'static str {
+        match self {
+            KvLayout::Contiguous => "",
+            KvLayout::Paged { .. } => "const int* tables, int width, int blocks, ",
+        }
+    }
+
+    /// The C expression of the offset (in floats) of KV head `head`'s
+    /// values at position `pos` of row `row`'s sequence.
+    fn offset(self, kv_heads: usize, d: usize, head: &str, pos: &str, row: &str) -> String {
+        match self {
+            KvLayout::Contiguous => format!("((size_t)({pos}) * {kv_row} + (size_t)({head}) * {d})", kv_row = kv_heads * d),
+            KvLayout::Paged { shift } => format!(
+                "(((((size_t)({head}) * blocks + (size_t)tables[(size_t)({row}) * width + (({pos}) >> {shift})]) << {shift}) + (({pos}) & {mask})) * {d})",
+                mask = (1u32 << shift) - 1
+            ),
+        }
+    }
+}
+
 /// Writes the keys and values of the `S` tokens into one layer's caches
-/// (`[context, kv_row]` each) at their positions. Grid: `S` blocks.
-pub fn kv_store(kv_row: usize) -> String {
+/// at their positions (`kv_heads` heads of `d` a token). Grid: `S` blocks.
+pub fn kv_store(kv_heads: usize, d: usize, kv: KvLayout) -> String {
+    let kv_row = kv_heads * d;
     format!(
-        r#"(const float* k, const float* v, const int* pos, float* kc, float* vc, int S) {{
-    size_t at = (size_t)pos[blockIdx.x] * {kv_row};
+        r#"(const float* k, const float* v, const int* pos, {params}float* kc, float* vc, int S) {{
+    int s = blockIdx.x, p = pos[s];
     for (int j = threadIdx.x; j < {kv_row}; j += blockDim.x) {{
-        kc[at + j] = k[(size_t)blockIdx.x * {kv_row} + j];
-        vc[at + j] = v[(size_t)blockIdx.x * {kv_row} + j];
+        size_t at = {at} + j % {d};
+        kc[at] = k[(size_t)s * {kv_row} + j];
+        vc[at] = v[(size_t)s * {kv_row} + j];
     }}
-}}"#
+}}"#,
+        params = kv.params(),
+        at = kv.offset(kv_heads, d, &format!("j / {d}"), "p", "s"),
     )
 }
 
@@ -609,20 +650,18 @@ pub fn kv_store(kv_row: usize) -> String {
 /// lanes the head's dimensions, and the warps' partial sums are added in
 /// shared memory. Only the order of these sums differs from the
 /// interpreter's.
-pub fn attention(heads: usize, kv_heads: usize, d: usize) -> String {
-    let kv_row = kv_heads * d;
+pub fn attention(heads: usize, kv_heads: usize, d: usize, kv: KvLayout) -> String {
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let warps = ROW_BLOCK / 32;
     format!(
-        r#"(const float* q, const float* k, const float* v, const int* pos, const float* kc, const float* vc, float* out, int S) {{
+        r#"(const float* q, const float* k, const float* v, const int* pos, {params}const float* kc, const float* vc, float* out, int S) {{
     extern __shared__ float score[];
     __shared__ float part[{warps}][{d}];
     int h = blockIdx.x, s = blockIdx.y;
     int keys = pos[s] + 1;
     const float* qh = q + ((size_t)s * {heads} + h) * {d};
-    const float* kh = kc + (h / {group}) * {d};
-    const float* vh = vc + (h / {group}) * {d};
+    int kvh = h / {group};
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int sub = lane & 7;
     float qv[{per8}];
@@ -632,7 +671,7 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize) -> String {
         int t = t0 + warp * 4 + (lane >> 3);
         float dot = 0.0f;
         if (t < keys) {{
-            const float* kr = kh + (size_t)t * {kv_row};
+            const float* kr = kc + {key_at};
             #pragma unroll
             for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; if (j < {d}) dot += qv[i] * kr[j]; }}
         }}
@@ -660,7 +699,7 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize) -> String {
     #pragma unroll 4
     for (int t = warp; t < keys; t += {warps}) {{
         float p = score[t];
-        const float* vr = vh + (size_t)t * {kv_row};
+        const float* vr = vc + {key_at};
         #pragma unroll
         for (int i = 0; i < {per32}; i++) {{ int j = lane + 32 * i; if (j < {d}) o[i] += p * vr[j]; }}
     }}
@@ -674,6 +713,8 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize) -> String {
         out[((size_t)s * {heads} + h) * {d} + j] = r;
     }}
 }}"#,
+        params = kv.params(),
+        key_at = kv.offset(kv_heads, d, "kvh", "t", "s"),
         scale = float(scale),
         per8 = d.div_ceil(8),
         per32 = d.div_ceil(32)
@@ -747,6 +788,17 @@ pub fn last_row(row: usize) -> String {
         r#"(const float* a, float* out, int S) {{
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j < {row}) out[j] = a[(size_t)(S - 1) * {row} + j];
+}}"#
+    )
+}
+
+/// Rows `rows[0..S]` of `a`, in that order (the rows of a step whose
+/// logits are wanted). Grid: `S` blocks.
+pub fn select_rows(row: usize) -> String {
+    format!(
+        r#"(const float* a, const int* rows, float* out, int S) {{
+    const float* x = a + (size_t)rows[blockIdx.x] * {row};
+    for (int j = threadIdx.x; j < {row}; j += blockDim.x) out[(size_t)blockIdx.x * {row} + j] = x[j];
 }}"#
     )
 }

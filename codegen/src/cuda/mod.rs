@@ -23,7 +23,7 @@ pub mod nvrtc;
 
 use crate::target::fnv1a;
 use bitnet_ir::{ActQuant, DType, Extent, Graph, Op, Value};
-pub use kernels::{CudaTiles, FloatType};
+pub use kernels::{CudaTiles, FloatType, KvLayout};
 
 /// What a kernel parameter is bound to at launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -33,7 +33,7 @@ pub enum Arg {
     Operand(usize),
     /// β, the scale of the packed ternary weight that is operand `i` (f32).
     Beta(usize),
-    /// Layer `l`'s key cache, `[context, kv_row]` f32.
+    /// Layer `l`'s key cache (f32, laid out as the program's [`KvLayout`]).
     KeyCache(usize),
     /// Layer `l`'s value cache.
     ValueCache(usize),
@@ -41,6 +41,9 @@ pub enum Arg {
     Output,
     /// The rows (tokens) of operand `i`, or of the result when `None` (i32).
     Rows(Option<usize>),
+    /// A paged cache's block tables: three parameters, each row's blocks
+    /// (i32, `width` a row), `width` and the blocks in the pool (i32 each).
+    BlockTables,
 }
 
 /// How many blocks a launch has, from the rows `s` of its result.
@@ -157,6 +160,9 @@ pub struct Kernel {
 /// order.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Program {
+    /// Where its kernels keep keys and values.
+    #[serde(default)]
+    pub kv: KvLayout,
     pub kernels: Vec<Kernel>,
     pub launches: Vec<Launch>,
     /// Each matrix product's tiles, for display (`value`, key, tiles).
@@ -234,8 +240,10 @@ impl Builder {
 }
 
 /// Lowers an optimized graph for CUDA. `tiles` gives each matrix
-/// product's tiles from its workload key.
-pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles) -> Result<Program, String> {
+/// product's tiles from its workload key; `kv` is where attention keeps
+/// keys and values: one sequence's contiguous cache, or a paged one that
+/// the rows of a ragged step (many sequences) index through block tables.
+pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles, kv: KvLayout) -> Result<Program, String> {
     use kernels as k;
     use Arg::*;
     let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
@@ -313,23 +321,18 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 b.launch(v, "rope", k::rope(cols, *head_dim, *mode, *theta), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::Attention { layer, heads, kv_heads, head_dim } => {
-                let kv_row = kv_heads * head_dim;
-                b.launch(
-                    v,
-                    "kv_store",
-                    k::kv_store(kv_row),
-                    Grid::PerRow,
-                    rb,
-                    vec![Operand(1), Operand(2), Operand(3), KeyCache(*layer), ValueCache(*layer), Rows(None)],
-                );
-                let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim));
+                let tables: &[Arg] = if kv == KvLayout::Contiguous { &[] } else { &[BlockTables] };
+                let caches = [KeyCache(*layer), ValueCache(*layer)];
+                let store: Vec<Arg> = [Operand(1), Operand(2), Operand(3)].iter().chain(tables).chain(&caches).chain(&[Rows(None)]).copied().collect();
+                b.launch(v, "kv_store", k::kv_store(*kv_heads, *head_dim, kv), Grid::PerRow, rb, store);
+                let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim, kv));
                 b.launches.push(Launch {
                     value: v,
                     entry,
                     grid: Grid::HeadsByRows { heads: *heads },
                     block: rb,
                     shared: Shared::PerPosition,
-                    args: with(&[KeyCache(*layer), ValueCache(*layer), Output, Rows(None)]),
+                    args: with(&[tables, &caches, &[Output, Rows(None)]].concat()),
                     one_token: None,
                 });
             }
@@ -345,7 +348,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 let grid = Grid::Fixed(cols.div_ceil(eb as usize) as u32);
                 b.launch(v, "last_row", k::last_row(cols), grid, eb, vec![Operand(0), Output, Rows(Some(0))]);
             }
-            Op::SelectRows => return refuse("has no select_rows kernel: it runs the graphs that end in last_row"),
+            Op::SelectRows => b.launch(v, "select_rows", k::select_rows(cols), Grid::PerRow, rb, vec![Operand(0), Operand(1), Output, Rows(None)]),
             Op::Cast { to } => {
                 let to = match to {
                     DType::F16 => FloatType::F16,
@@ -356,5 +359,5 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             }
         }
     }
-    Ok(Program { kernels: b.kernels, launches: b.launches, tiles: chosen })
+    Ok(Program { kv, kernels: b.kernels, launches: b.launches, tiles: chosen })
 }
