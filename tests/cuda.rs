@@ -11,9 +11,12 @@ mod common;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
 use bitnet_ir::DType;
-use bitnet_runtime::{BackendKind, Device, LoadOptions, Session};
+use bitnet_runtime::cuda::Step;
+use bitnet_runtime::kv::BLOCK_POSITIONS;
+use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, SamplerConfig, Session};
 use common::*;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 fn gpu_or_skip(test: &str) -> bool {
     match bitnet_runtime::cuda::device() {
@@ -50,13 +53,18 @@ fn first_disagreement(path: &Path, prompt: &[u32]) -> String {
     let gpu = load(path, Device::Cuda);
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let pos: Vec<i32> = (0..prompt.len() as i32).collect();
+    // One sequence in the (fresh) engine's first blocks, every row's logits.
+    let table: Vec<u32> = (0..prompt.len().div_ceil(BLOCK_POSITIONS) as u32).collect();
+    let tables = vec![table.as_slice(); prompt.len()];
+    let step = Step { tokens: &ids, positions: &pos, out_rows: &pos, tables: &tables };
     let (traced, mut g) = gpu.with_backend(|b| {
         let c = b.as_cuda().expect("a CUDA session");
-        (c.trace(&ids, &pos, true).unwrap().1, c.graph(true).clone())
+        (c.trace(&step).unwrap().1, c.graph().clone())
     });
     let interp = Interpreter::new(&gpu.model, 2);
     g.outputs = traced.iter().map(|(v, _)| *v).collect();
-    let want = interp.eval(&g, &[("tokens", Tensor::ids(ids.clone())), ("positions", Tensor::ids(pos.clone()))], &mut KvCache::new()).unwrap();
+    let inputs = [("tokens", Tensor::ids(ids.clone())), ("positions", Tensor::ids(pos.clone())), ("out_rows", Tensor::ids(pos.clone()))];
+    let want = interp.eval(&g, &inputs, &mut KvCache::new()).unwrap();
     let mut report = String::new();
     for ((v, got), w) in traced.iter().zip(&want) {
         let w = w.as_f32().unwrap();
@@ -107,6 +115,46 @@ fn cuda_agrees_with_the_cpu_on_stories260k() {
     let cpu = bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "24", "--temp", "0"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), stdout(&cpu));
+}
+
+/// Several sequences a step on the GPU (ragged batches over the paged
+/// cache: prompts of awkward lengths, sequences leaving and joining
+/// mid-way, a prefix shared by whole blocks) give each sequence the greedy
+/// tokens the CPU gives it alone, and every block comes back.
+#[test]
+fn cuda_steps_many_sequences_as_the_cpu_runs_each_alone() {
+    if !gpu_or_skip("cuda_steps_many_sequences_as_the_cpu_runs_each_alone") {
+        return;
+    }
+    let path = stories();
+    let open = |device| {
+        let load = LoadOptions { threads: 2, backend: BackendKind::Compiled, device, ..Default::default() };
+        Arc::new(Engine::open(&path, &EngineOptions { load, parallel: 3, ..Default::default() }).unwrap())
+    };
+    let (cpu, gpu) = (open(Device::Cpu), open(Device::Cuda));
+    let greedy = |n| GenerateOptions { n_predict: n, ignore_eos: true, sampler: SamplerConfig { temperature: 0.0, ..Default::default() }, dump_logits: false };
+    let shared: Vec<u32> = (0..BLOCK_POSITIONS as u32).map(|j| 1 + (j * 37) % 500).collect();
+    let prompts: Vec<Vec<u32>> = [1usize, 3, 17, 40, 5, 21]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let own = (0..n as u32).map(|j| 1 + (j * 31 + i as u32 * 7) % 500);
+            if i % 2 == 1 {
+                shared.iter().copied().chain(own).collect()
+            } else {
+                own.collect()
+            }
+        })
+        .collect();
+    let ns = [9, 4, 12, 6, 1, 8];
+    let want: Vec<Vec<u32>> = prompts.iter().zip(ns).map(|(p, n)| Session::new(cpu.clone()).generate(p, &greedy(n), |_| {}).unwrap().generated_ids).collect();
+    let reqs: Vec<_> = prompts.iter().zip(ns).map(|(p, n)| (p.clone(), greedy(n))).collect();
+    let mut got = vec![None; prompts.len()];
+    gpu.generate_batch(&reqs, 3, |i, r| got[i] = Some(r.unwrap().generated_ids));
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(got[i].as_ref(), Some(w), "prompt {i}: the GPU's batched tokens differ from the CPU's alone");
+    }
+    assert_eq!(gpu.kv_usage().blocks_used, 0, "every block comes back");
 }
 
 #[test]

@@ -65,9 +65,7 @@ pub struct Header {
     pub target: TargetInfo,
     /// `stored` or `q8`.
     pub head: String,
-    /// The optimized graphs: for the CPU, the step graph (the logits of
-    /// the rows asked for); for CUDA, the last position's logits and every
-    /// position's.
+    /// The optimized step graph (the logits of the rows asked for).
     pub graphs: Vec<CompiledGraph>,
     pub weights: Vec<WeightEntry>,
     /// For a CUDA artifact (`target.device` is `cuda`): the kernels'
@@ -83,8 +81,10 @@ pub struct CudaSection {
     /// NVRTC's version, `major.minor`.
     pub nvrtc: String,
     pub ptx: String,
-    pub last: bitnet_codegen::cuda::Program,
-    pub all: bitnet_codegen::cuda::Program,
+    /// The step graph's launches. Absent from artifacts written before
+    /// the CUDA kernels ran many sequences (they held two graphs).
+    #[serde(default)]
+    pub step: Option<bitnet_codegen::cuda::Program>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -296,18 +296,17 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
     Ok(WriteReport { bytes, tensors: gguf.tensors.len() })
 }
 
-/// Writes a CUDA artifact of `model`: both graphs lowered to CUDA
+/// Writes a CUDA artifact of `model`: the step graph lowered to CUDA
 /// kernels (with the `tuned` tiles, if any), compiled by NVRTC to PTX for
 /// `compute_<sm>`, and the ternary weights packed as the kernels read
 /// them. Needs NVRTC, not a GPU.
 pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Option<&CudaTuned>) -> Result<WriteReport, RuntimeError> {
     use crate::cuda::{layouts, Layout as DevLayout};
-    let lower = |all: bool| crate::lowering::lower_cuda(&model.graph(all)?, sm, tuned);
-    let (last, all) = (lower(false)?, lower(true)?);
+    let (step, program) = crate::lowering::lower_cuda(&model.step_graph()?, sm, tuned)?;
     let nvrtc = |e: String| RuntimeError::Compile(e);
-    let ptx = bitnet_codegen::cuda::nvrtc::compile(&bitnet_codegen::cuda::module_source(&[&last.1, &all.1]), sm).map_err(nvrtc)?;
+    let ptx = bitnet_codegen::cuda::nvrtc::compile(&bitnet_codegen::cuda::module_source(&[&program]), sm).map_err(nvrtc)?;
     let (major, minor) = bitnet_codegen::cuda::nvrtc::version().map_err(nvrtc)?;
-    let list = layouts(&[&last.0, &all.0], model, &HashMap::new())?;
+    let list = layouts(&[&step], model, &HashMap::new())?;
     let mut packed = Vec::new();
     for (name, layout, _) in &list {
         if *layout == DevLayout::Packed {
@@ -332,8 +331,8 @@ pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Opti
         fingerprint: format!("sm_{sm}"),
         description: format!("PTX for compute_{sm} and later GPUs, from NVRTC {major}.{minor}"),
     };
-    let cuda = CudaSection { sm, nvrtc: format!("{major}.{minor}"), ptx, last: last.1.clone(), all: all.1.clone() };
-    let parts = Parts { target, head: "stored".into(), graphs: vec![graph(&last.0), graph(&all.0)], cuda: Some(cuda) };
+    let cuda = CudaSection { sm, nvrtc: format!("{major}.{minor}"), ptx, step: Some(program) };
+    let parts = Parts { target, head: "stored".into(), graphs: vec![graph(&step)], cuda: Some(cuda) };
     write_parts(out, source, model, parts, items)
 }
 
@@ -401,16 +400,18 @@ impl Artifact {
         Ok(warnings)
     }
 
-    /// A CUDA artifact's graphs and launches, its PTX and the architecture
-    /// it targets, and its packed weights over the mapped file.
+    /// A CUDA artifact's step graph and its launches, its PTX and the
+    /// architecture it targets, and its packed weights over the mapped file.
     #[allow(clippy::type_complexity)]
-    pub fn cuda(&self, path: &Path) -> Result<((Graph, cuda::Program), (Graph, cuda::Program), (String, u32), HashMap<String, PackedTernary>), RuntimeError> {
+    pub fn cuda(&self, path: &Path) -> Result<((Graph, cuda::Program), (String, u32), HashMap<String, PackedTernary>), RuntimeError> {
         let Some(c) = &self.header.cuda else { return artifact_err(path, "it says it is for CUDA but holds no CUDA kernels") };
-        let graph = |text: &str| bitnet_ir::text::parse(text).or_else(|e| artifact_err(path, format!("graph: {e}")));
-        let [last, all] = &self.header.graphs[..] else {
-            return artifact_err(path, format!("a CUDA artifact holds 2 graphs, this one {}", self.header.graphs.len()));
+        let Some(program) = &c.step else {
+            return artifact_err(path, format!("its CUDA kernels run one sequence at a time (an earlier bitnet-rs wrote it): compile it again with `bitnet compile -m {} --device cuda -o FILE.bnx`", self.header.source.path));
         };
-        let (last, all) = ((graph(&last.graph)?, c.last.clone()), (graph(&all.graph)?, c.all.clone()));
+        let [step] = &self.header.graphs[..] else {
+            return artifact_err(path, format!("a CUDA artifact holds 1 graph, this one {}", self.header.graphs.len()));
+        };
+        let step = (bitnet_ir::text::parse(&step.graph).or_else(|e| artifact_err(path, format!("graph: {e}")))?, program.clone());
         let mut packed = HashMap::new();
         for e in &self.header.weights {
             if let Layout::PackedTernary { n, k, rows, scale, packing } = e.layout {
@@ -423,7 +424,7 @@ impl Artifact {
                 packed.insert(e.name.clone(), PackedTernary::from_parts(n, k, rows, packing, scale, blob).map_err(bad)?);
             }
         }
-        Ok((last, all, (c.ptx.clone(), c.sm), packed))
+        Ok((step, (c.ptx.clone(), c.sm), packed))
     }
 
     /// Where tensor `name` of type `dtype` lies in the mapped file.

@@ -89,10 +89,12 @@ pub trait Backend: Send {
     /// The graph it evaluates.
     fn graph(&self) -> &Graph;
 
-    /// Whether it keeps keys and values in the store each step is given
-    /// (any number of sequences), rather than in its own cache (one).
-    fn paged(&self) -> bool {
-        true
+    /// Makes room for the engine's `blocks` KV blocks where this backend
+    /// keeps them, if not in the engine's pages (a GPU keeps its own copy
+    /// of the pages and reads each row's block table from the store it is
+    /// given): `true` if it did, and the engine then holds no host copy.
+    fn own_kv_blocks(&mut self, _blocks: usize) -> Result<bool, RuntimeError> {
+        Ok(false)
     }
 
     /// Evaluates one step: the logits of `rows.out_rows`, row-major. With
@@ -160,8 +162,8 @@ impl Backend for CompiledModel {
     }
 }
 
-/// The CUDA kernels, which keep one sequence's keys and values on the
-/// GPU: a step's rows all belong to that sequence.
+/// The CUDA kernels, with the KV blocks on the GPU: a step is a ragged
+/// batch as on the CPU, each row reading its sequence's block table.
 #[cfg(feature = "native")]
 pub struct CudaBackend(pub CudaModel);
 
@@ -183,35 +185,26 @@ impl Backend for CudaBackend {
     }
 
     fn graph(&self) -> &Graph {
-        self.0.graph(true)
+        self.0.graph()
     }
 
-    fn paged(&self) -> bool {
-        false
+    fn own_kv_blocks(&mut self, blocks: usize) -> Result<bool, RuntimeError> {
+        self.0.allocate_kv(blocks)?;
+        Ok(true)
     }
 
-    fn step(&mut self, _: &Model, rows: &StepRows, _: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError> {
-        let n = rows.tokens.len();
-        // The last-position graph computes one head row; any other choice
-        // runs the all-positions graph and picks.
-        let last_only = rows.out_rows == [n as i32 - 1];
-        let c = &mut self.0;
-        let logits = c.eval(rows.tokens, rows.positions, !last_only)?;
+    fn step(&mut self, _: &Model, rows: &StepRows, kv: &mut dyn KvStore, times: Option<&mut KernelTimes>) -> Result<Vec<f32>, RuntimeError> {
+        let tables = (0..rows.tokens.len())
+            .map(|r| kv.table(r).ok_or_else(|| EvalError(format!("row {r} of the step has no KV block table: the CUDA kernels read a paged cache"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let step = crate::cuda::Step { tokens: rows.tokens, positions: rows.positions, out_rows: rows.out_rows, tables: &tables };
+        let logits = self.0.eval(&step)?;
         if let Some(times) = times {
             // The same rows again, kernel by kernel: the cache entries it
             // writes are the same.
-            *times = c.profile(rows.tokens, rows.positions, !last_only)?;
+            *times = self.0.profile(&step)?;
         }
-        if last_only {
-            return Ok(logits);
-        }
-        let vocab = logits.len() / n.max(1);
-        let mut out = Vec::with_capacity(rows.out_rows.len() * vocab);
-        for &r in rows.out_rows {
-            let row = usize::try_from(r).ok().filter(|&r| r < n).ok_or_else(|| EvalError(format!("out row {r} of {n}")))?;
-            out.extend_from_slice(&logits[row * vocab..][..vocab]);
-        }
-        Ok(out)
+        Ok(logits)
     }
 
     fn as_cuda(&mut self) -> Option<&mut CudaModel> {

@@ -8,14 +8,18 @@
 //! kernel reads: ternary weights packed as the CPU's one-row tiles, f16 and
 //! bf16 matrices as stored, everything else as f32. Activations live in
 //! one buffer per slot of the same plan the CPU executor uses, grown when a
-//! longer prompt needs more; the KV cache is one `[context, kv_row]` pair
-//! per layer, on the device. An evaluation uploads the token ids and
-//! positions, makes every launch on one stream, and copies the logits back.
+//! longer step needs more. The KV cache is the engine's paged cache kept on
+//! the device: the same blocks, laid out as the CPU's, which each row of a
+//! step finds through its sequence's block table. A step (the rows of any
+//! number of sequences) uploads the token ids, positions, the rows whose
+//! logits are wanted and the block tables, makes every launch on one
+//! stream (or replays a captured CUDA graph for a decode step), and copies
+//! the logits back.
 
 use crate::backend::KernelTimes;
 use crate::compiled::{assign_slots, Kind, NO_SLOT};
 use bitnet_codegen::cpu::ternary::PackedTernary;
-use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, KvLayout, Launch, Program, Shared};
+use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
 use bitnet_ir::{Extent, Graph, Op};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -97,9 +101,37 @@ struct DevPlan {
     rows: Vec<usize>,
     /// Bumped whenever a buffer moves: a captured graph holds pointers.
     generation: u64,
-    /// The one-token step captured as a CUDA graph, and the buffers'
-    /// generation it was captured with.
-    decode: Option<(u64, CudaGraph)>,
+}
+
+/// One step's rows: `tokens[i]` at `positions[i]` of the sequence whose KV
+/// blocks are `tables[i]` (in position order); the logits of the rows
+/// `out_rows`.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    pub tokens: &'a [i32],
+    pub positions: &'a [i32],
+    pub out_rows: &'a [i32],
+    pub tables: &'a [&'a [u32]],
+}
+
+impl Step<'_> {
+    /// The sizes of the symbolic dims: rows, and rows whose logits are wanted.
+    fn extent(&self) -> Extent {
+        Extent::new(self.tokens.len(), self.out_rows.len())
+    }
+}
+
+/// The KV cache on the device: each layer's key and value blocks, and each
+/// row's block table for the step being run.
+struct DevKv {
+    keys: Vec<CudaSlice<f32>>,
+    values: Vec<CudaSlice<f32>>,
+    blocks: usize,
+    /// `[rows][width]` block ids, `width` = the most blocks a sequence can
+    /// hold, so that a captured graph's parameters stay valid.
+    tables: CudaSlice<i32>,
+    width: usize,
+    table_rows: usize,
 }
 
 pub struct CudaModel {
@@ -107,53 +139,57 @@ pub struct CudaModel {
     _module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
     weights: HashMap<String, DevWeight>,
-    last: DevPlan,
-    all: DevPlan,
-    keys: Vec<CudaSlice<f32>>,
-    values: Vec<CudaSlice<f32>>,
+    plan: DevPlan,
+    /// `kv_heads · head_dim` of each layer.
+    kv_rows: Vec<usize>,
+    kv: Option<DevKv>,
     context: usize,
+    /// Decode steps (every row's logits wanted) captured as CUDA graphs,
+    /// one per number of rows, with the buffers' generation they hold.
+    captured: HashMap<usize, (u64, CudaGraph)>,
     pub device: String,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
-    /// Whether one-token steps replay a captured CUDA graph (one launch a
-    /// token instead of one a kernel); turned off, with the reason in
+    /// Whether decode steps replay a captured CUDA graph (one launch a
+    /// step instead of one a kernel); turned off, with the reason in
     /// `graph_error`, if capturing fails.
     pub graphs: bool,
     pub graph_error: Option<String>,
 }
 
+/// Decode steps of up to this many rows are captured as CUDA graphs.
+const CAPTURED_ROWS: usize = 64;
+
 impl CudaModel {
-    /// Uploads the weights of two lowered graphs (last position's logits,
-    /// all logits) and loads their module: `ptx` compiled earlier, or the
-    /// programs' source compiled now with NVRTC for this device.
+    /// Uploads the weights of the lowered step graph and loads its module:
+    /// `ptx` compiled earlier, or the program's source compiled now with
+    /// NVRTC for this device. The KV blocks come with
+    /// [`CudaModel::allocate_kv`], once the engine has sized its budget.
     ///
     /// `prepacked` holds ternary weights packed already (from an artifact);
     /// the rest are packed from `weights` as they are uploaded.
     pub fn new(
         weights: &dyn WeightSource,
         prepacked: HashMap<String, PackedTernary>,
-        last: (Graph, Program),
-        all: (Graph, Program),
+        step: (Graph, Program),
         ptx: Option<(String, u32)>,
         context: usize,
     ) -> Result<CudaModel, EvalError> {
-        for (g, p) in [&last, &all] {
-            check(g, p)?;
-        }
+        check(&step.0, &step.1)?;
         let (ctx, device) = self::device().map_err(EvalError)?;
         let (major, minor) = driver("compute capability", ctx.compute_capability())?;
         let here = (major * 10 + minor) as u32;
         let ptx = match ptx {
             Some((_, sm)) if sm > here => return err(format!("its PTX is for sm_{sm} and later; {device} is sm_{here}: compile it again with --sm {here}")),
             Some((p, _)) => p,
-            None => cuda::nvrtc::compile(&cuda::module_source(&[&last.1, &all.1]), here).map_err(EvalError)?,
+            None => cuda::nvrtc::compile(&cuda::module_source(&[&step.1]), here).map_err(EvalError)?,
         };
         // A stream of its own: the legacy default stream cannot be captured
         // into a CUDA graph.
         let stream = driver("creating a stream", ctx.new_stream())?;
         let module = driver("loading the PTX", ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
         let mut functions = HashMap::new();
-        for (l, entry) in last.1.launches.iter().chain(&all.1.launches).flat_map(|l| l.entries().map(move |e| (l, e))) {
+        for (l, entry) in step.1.launches.iter().flat_map(|l| l.entries().map(move |e| (l, e))) {
             if !functions.contains_key(entry) {
                 let f = driver(&format!("kernel {entry}"), module.load_function(entry))?;
                 if l.shared == Shared::PerPosition {
@@ -180,52 +216,69 @@ impl CudaModel {
                 functions.insert(entry.to_string(), f);
             }
         }
-        let mut layers: Vec<usize> = Vec::new();
-        for (_, node) in last.0.iter().chain(all.0.iter()) {
+        let mut kv_rows: Vec<usize> = Vec::new();
+        for (_, node) in step.0.iter() {
             if let Op::Attention { layer, kv_heads, head_dim, .. } = node.op {
-                if layers.len() <= layer {
-                    layers.resize(layer + 1, 0);
+                if kv_rows.len() <= layer {
+                    kv_rows.resize(layer + 1, 0);
                 }
-                layers[layer] = kv_heads * head_dim;
+                kv_rows[layer] = kv_heads * head_dim;
             }
         }
-        let cache_bytes: usize = layers.iter().map(|r| 2 * r * context * 4).sum();
-        let layouts = layouts(&[&last.0, &all.0], weights, &prepacked)?;
+        let layouts = layouts(&[&step.0], weights, &prepacked)?;
         let weight_bytes: usize = layouts.iter().map(|l| l.2).sum();
         if let Ok((free, _)) = ctx.mem_get_info() {
-            if weight_bytes + cache_bytes > free {
-                return err(format!(
-                    "the model needs {:.2} GiB on the GPU ({:.2} GiB of weights, {:.2} GiB of KV cache for a context of {context}) and {:.2} GiB are free; \
-                     a smaller context (-c) shrinks the cache",
-                    gib(weight_bytes + cache_bytes),
-                    gib(weight_bytes),
-                    gib(cache_bytes),
-                    gib(free)
-                ));
+            if weight_bytes > free {
+                return err(format!("the model's weights need {:.2} GiB on the GPU and {:.2} GiB are free", gib(weight_bytes), gib(free)));
             }
         }
         let weights = upload(&stream, &layouts, weights, &prepacked)?;
-        let mut keys = Vec::new();
-        let mut values = Vec::new();
-        for &row in &layers {
-            keys.push(driver("allocating the KV cache", stream.alloc_zeros::<f32>((row * context).max(1)))?);
-            values.push(driver("allocating the KV cache", stream.alloc_zeros::<f32>((row * context).max(1)))?);
-        }
         Ok(CudaModel {
             stream,
             _module: module,
             functions,
             weights,
-            last: DevPlan::new(last),
-            all: DevPlan::new(all),
-            keys,
-            values,
+            plan: DevPlan::new(step),
+            kv_rows,
+            kv: None,
             context,
+            captured: HashMap::new(),
             device,
             weight_bytes,
             graphs: true,
             graph_error: None,
         })
+    }
+
+    /// Makes the KV cache on the device: `blocks` blocks of every layer's
+    /// keys and values (the engine's budget; its block ids index them).
+    pub fn allocate_kv(&mut self, blocks: usize) -> Result<(), EvalError> {
+        let positions = 1usize << self.plan.program.block_shift;
+        let floats: Vec<usize> = self.kv_rows.iter().map(|r| blocks * positions * r).collect();
+        let bytes = 2 * 4 * floats.iter().sum::<usize>();
+        if let Ok((free, _)) = self.stream.context().mem_get_info() {
+            if bytes > free {
+                return err(format!(
+                    "a KV cache of {blocks} blocks of {positions} positions needs {:.2} GiB on the GPU beside {:.2} GiB of weights, and {:.2} GiB are free; \
+                     a smaller --kv-budget, context (-c) or --parallel shrinks it",
+                    gib(bytes),
+                    gib(self.weight_bytes),
+                    gib(free)
+                ));
+            }
+        }
+        let alloc = "allocating the KV cache";
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for &f in &floats {
+            keys.push(driver(alloc, self.stream.alloc_zeros::<f32>(f.max(1)))?);
+            values.push(driver(alloc, self.stream.alloc_zeros::<f32>(f.max(1)))?);
+        }
+        let width = self.context.div_ceil(positions).max(1);
+        let tables = driver(alloc, self.stream.alloc_zeros::<i32>(width))?;
+        self.kv = Some(DevKv { keys, values, blocks, tables, width, table_rows: 1 });
+        self.captured.clear();
+        Ok(())
     }
 
     /// The device's copy bandwidth in bytes/s (bytes read plus bytes
@@ -250,95 +303,122 @@ impl CudaModel {
         Ok(2.0 * bytes as f64 / times[times.len() / 2])
     }
 
-    pub fn program(&self, all_logits: bool) -> &Program {
-        &if all_logits { &self.all } else { &self.last }.program
+    pub fn program(&self) -> &Program {
+        &self.plan.program
     }
 
-    pub fn graph(&self, all_logits: bool) -> &Graph {
-        &if all_logits { &self.all } else { &self.last }.graph
+    pub fn graph(&self) -> &Graph {
+        &self.plan.graph
     }
 
-    /// Evaluates `tokens` at `positions`; returns the logits, row-major.
-    pub fn eval(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<Vec<f32>, EvalError> {
-        self.run(tokens, positions, all_logits, None)
+    /// Evaluates one step; returns the logits of its `out_rows`, row-major.
+    pub fn eval(&mut self, step: &Step) -> Result<Vec<f32>, EvalError> {
+        self.run(step, None)
     }
 
     /// Evaluates as [`CudaModel::eval`] does and also copies back every
     /// f32 value as soon as its node has run (before its buffer is reused),
     /// to find the first kernel that disagrees with the interpreter.
-    pub fn trace(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<(Vec<f32>, Traced), EvalError> {
+    pub fn trace(&mut self, step: &Step) -> Result<(Vec<f32>, Traced), EvalError> {
         let mut values = Vec::new();
-        let logits = self.run(tokens, positions, all_logits, Some(&mut values))?;
+        let logits = self.run(step, Some(&mut values))?;
         Ok((logits, values))
     }
 
-    fn run(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool, mut trace: Option<&mut Traced>) -> Result<Vec<f32>, EvalError> {
-        if tokens.is_empty() || positions.len() != tokens.len() {
-            return err(format!("{} tokens at {} positions: need one position per token, and at least one", tokens.len(), positions.len()));
+    /// Checks a step's rows and uploads them: ids, positions, the rows
+    /// asked for and each row's block table.
+    fn upload_step(&mut self, step: &Step) -> Result<(), EvalError> {
+        let rows = step.tokens.len();
+        if rows == 0 || step.positions.len() != rows || step.tables.len() != rows {
+            return err(format!(
+                "{rows} tokens at {} positions with {} block tables: need one of each per row, and a row",
+                step.positions.len(),
+                step.tables.len()
+            ));
         }
-        // The embedding kernel skips an id outside its table; say so here.
-        let plan = if all_logits { &self.all } else { &self.last };
-        for (_, node) in plan.graph.iter().filter(|(_, n)| n.op == Op::Embed) {
-            let vocab = plan.graph.ty(node.args[0]).shape[0].resolve(Extent::FIXED);
-            if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+        // The kernels index without checking; say here what is out of range.
+        for (_, node) in self.plan.graph.iter().filter(|(_, n)| n.op == Op::Embed) {
+            let vocab = self.plan.graph.ty(node.args[0]).shape[0].resolve(Extent::FIXED);
+            if let Some(&bad) = step.tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
                 return err(format!("token id {bad} is outside the vocabulary of {vocab}"));
             }
         }
-        if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= self.context) {
-            return err(format!("position {p} is outside the context of {}", self.context));
+        if let Some(&r) = step.out_rows.iter().find(|&&r| r < 0 || r as usize >= rows) {
+            return err(format!("out row {r} of {rows}"));
         }
-        let plan = if all_logits { &mut self.all } else { &mut self.last };
-        let seq = tokens.len();
-        plan.reserve(&self.stream, seq)?;
+        let Some(kv) = &mut self.kv else { return err("the KV cache is not on the device yet (CudaModel::allocate_kv)") };
+        let shift = self.plan.program.block_shift;
+        let mut flat = vec![0i32; rows * kv.width];
+        for (i, (&p, table)) in step.positions.iter().zip(step.tables).enumerate() {
+            if p < 0 || p as usize >= self.context {
+                return err(format!("position {p} is outside the context of {}", self.context));
+            }
+            if table.len() > kv.width || (p as usize >> shift) >= table.len() || table.iter().any(|&b| b as usize >= kv.blocks) {
+                return err(format!("row {i}: position {p} with a block table of {} blocks (of {} on the device)", table.len(), kv.blocks));
+            }
+            flat[i * kv.width..][..table.len()].iter_mut().zip(*table).for_each(|(o, &b)| *o = b as i32);
+        }
+        let alloc = "allocating block tables";
+        if kv.table_rows < rows {
+            kv.tables = driver(alloc, self.stream.alloc_zeros::<i32>(rows * kv.width))?;
+            kv.table_rows = rows;
+            self.plan.generation += 1;
+        }
+        driver("uploading block tables", self.stream.memcpy_htod(&flat, &mut kv.tables.slice_mut(..flat.len())))?;
+        self.plan.reserve(&self.stream, rows)?;
+        let plan = &mut self.plan;
         for (v, node) in plan.graph.iter() {
             if let Op::Input { name } = &node.op {
                 let data = match name.as_str() {
-                    "tokens" => tokens,
-                    "positions" => positions,
+                    "tokens" => step.tokens,
+                    "positions" => step.positions,
+                    "out_rows" => step.out_rows,
                     _ => return err(format!("input \"{name}\" was not given")),
                 };
                 let Some(DevBuf::I32(buf)) = &mut plan.bufs[plan.slot[v.index()]] else { return err("an i32 input has no i32 buffer") };
                 driver("uploading inputs", self.stream.memcpy_htod(data, &mut buf.slice_mut(..data.len())))?;
             }
         }
-        if trace.is_none() && seq == 1 && self.graphs && self.replay(all_logits)? {
-            let plan = if all_logits { &self.all } else { &self.last };
-            let o = *plan.graph.outputs.last().expect("verified graphs have outputs");
-            return self.download(all_logits, o, seq)?.ok_or_else(|| EvalError("the graph's output is not f32".into()));
+        Ok(())
+    }
+
+    fn run(&mut self, step: &Step, mut trace: Option<&mut Traced>) -> Result<Vec<f32>, EvalError> {
+        self.upload_step(step)?;
+        let e = step.extent();
+        let o = *self.plan.graph.outputs.last().expect("verified graphs have outputs");
+        let decode = e.seq == e.out && e.seq <= CAPTURED_ROWS;
+        if trace.is_none() && decode && self.graphs && self.replay(e)? {
+            return self.download(o, e)?.ok_or_else(|| EvalError("the graph's output is not f32".into()));
         }
-        let plan = if all_logits { &self.all } else { &self.last };
-        let launches = plan.program.launches.clone();
+        let launches = self.plan.program.launches.clone();
         for (i, l) in launches.iter().enumerate() {
-            self.launch(all_logits, l, seq)?;
+            self.launch(l, e)?;
             let done = launches.get(i + 1).is_none_or(|next| next.value != l.value);
             if let (Some(values), true) = (trace.as_deref_mut(), done) {
-                if let Some(x) = self.download(all_logits, l.value, seq)? {
+                if let Some(x) = self.download(l.value, e)? {
                     values.push((l.value, x));
                 }
             }
         }
-        let plan = if all_logits { &self.all } else { &self.last };
-        let o = *plan.graph.outputs.last().expect("verified graphs have outputs");
-        self.download(all_logits, o, seq)?.ok_or_else(|| EvalError("the graph's output is not f32".into()))
+        self.download(o, e)?.ok_or_else(|| EvalError("the graph's output is not f32".into()))
     }
 
     /// Evaluates as [`CudaModel::eval`] does (kernel by kernel, no graph)
     /// and times each launch with CUDA events: milliseconds and launches
     /// per kernel family, slowest first. For finding what to speed up.
-    pub fn profile(&mut self, tokens: &[i32], positions: &[i32], all_logits: bool) -> Result<KernelTimes, EvalError> {
+    pub fn profile(&mut self, step: &Step) -> Result<KernelTimes, EvalError> {
         let ctx = self.stream.context().clone();
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (graphs, mut by_family) = (std::mem::replace(&mut self.graphs, false), KernelTimes::default());
         // The first run sizes the buffers and uploads the inputs; the second is timed.
-        let first = self.run(tokens, positions, all_logits, None);
+        let first = self.run(step, None);
         self.graphs = graphs;
         first?;
-        let plan = if all_logits { &self.all } else { &self.last };
-        let launches = plan.program.launches.clone();
+        let launches = self.plan.program.launches.clone();
         for l in &launches {
             let (start, end) = (driver("an event", ctx.new_event(timing))?, driver("an event", ctx.new_event(timing))?);
             driver("recording an event", start.record(&self.stream))?;
-            self.launch(all_logits, l, tokens.len())?;
+            self.launch(l, step.extent())?;
             driver("recording an event", end.record(&self.stream))?;
             let ms = driver("timing a kernel", start.elapsed_ms(&end))? as f64;
             by_family.add(l.entry.rsplit_once('_').map_or(l.entry.as_str(), |(f, _)| f), ms);
@@ -347,32 +427,31 @@ impl CudaModel {
         Ok(by_family)
     }
 
-    /// Runs the one-token step as a CUDA graph, capturing it first if the
-    /// buffers moved since the last capture. `false` (and graphs off) if
-    /// capturing failed: the caller then launches each kernel itself.
-    fn replay(&mut self, all_logits: bool) -> Result<bool, EvalError> {
-        let plan = if all_logits { &self.all } else { &self.last };
-        if let Some((generation, g)) = &plan.decode {
-            if *generation == plan.generation {
-                driver("replaying the decode graph", g.launch())?;
+    /// Runs a decode step of `e.seq` rows as a CUDA graph, capturing it
+    /// first if there is none for that many rows or the buffers moved since.
+    /// `false` (and graphs off) if capturing failed: the caller then
+    /// launches each kernel itself.
+    fn replay(&mut self, e: Extent) -> Result<bool, EvalError> {
+        let generation = self.plan.generation;
+        if let Some((g_at, g)) = self.captured.get(&e.seq) {
+            if *g_at == generation {
+                driver("replaying a decode graph", g.launch())?;
                 return Ok(true);
             }
         }
-        let generation = plan.generation;
-        let launches = plan.program.launches.clone();
+        let launches = self.plan.program.launches.clone();
         let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        if let Err(e) = self.stream.begin_capture(mode) {
+        if let Err(err) = self.stream.begin_capture(mode) {
             self.graphs = false;
-            self.graph_error = Some(format!("starting a CUDA graph capture failed ({e:?}); launching each kernel instead"));
+            self.graph_error = Some(format!("starting a CUDA graph capture failed ({err:?}); launching each kernel instead"));
             return Ok(false);
         }
-        let recorded = launches.iter().try_for_each(|l| self.launch(all_logits, l, 1));
+        let recorded = launches.iter().try_for_each(|l| self.launch(l, e));
         let captured = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         match (recorded, captured) {
             (Ok(()), Ok(Some(g))) => {
-                driver("replaying the decode graph", g.launch())?;
-                let plan = if all_logits { &mut self.all } else { &mut self.last };
-                plan.decode = Some((generation, g));
+                driver("replaying a decode graph", g.launch())?;
+                self.captured.insert(e.seq, (generation, g));
                 Ok(true)
             }
             (recorded, captured) => {
@@ -382,26 +461,26 @@ impl CudaModel {
                     _ => "the capture was empty".into(),
                 };
                 self.graphs = false;
-                self.graph_error = Some(format!("capturing the decode step as a CUDA graph failed ({why}); launching each kernel instead"));
+                self.graph_error = Some(format!("capturing a decode step as a CUDA graph failed ({why}); launching each kernel instead"));
                 Ok(false)
             }
         }
     }
 
     /// The f32 value `v` as it is now on the device.
-    fn download(&self, all_logits: bool, v: bitnet_ir::Value, seq: usize) -> Result<Option<Vec<f32>>, EvalError> {
-        let plan = if all_logits { &self.all } else { &self.last };
-        let len: usize = plan.graph.ty(v).resolve(Extent::new(seq, seq)).iter().product();
+    fn download(&self, v: bitnet_ir::Value, e: Extent) -> Result<Option<Vec<f32>>, EvalError> {
+        let plan = &self.plan;
+        let len: usize = plan.graph.ty(v).resolve(e).iter().product();
         let Some(DevBuf::F32(buf)) = &plan.bufs[plan.slot[v.index()]] else { return Ok(None) };
         let mut out = vec![0f32; len];
         driver("copying a result back", self.stream.memcpy_dtoh(&buf.slice(..len), &mut out))?;
         Ok(Some(out))
     }
 
-    fn launch(&self, all_logits: bool, l: &Launch, seq: usize) -> Result<(), EvalError> {
-        let plan = if all_logits { &self.all } else { &self.last };
+    fn launch(&self, l: &Launch, e: Extent) -> Result<(), EvalError> {
+        let plan = &self.plan;
         let node = plan.graph.node(l.value);
-        let rows_of = |v: bitnet_ir::Value| plan.graph.ty(v).resolve(Extent::new(seq, seq)).first().copied().unwrap_or(1);
+        let rows_of = |v: bitnet_ir::Value| plan.graph.ty(v).resolve(e).first().copied().unwrap_or(1);
         let mut ptrs: Vec<u64> = Vec::new();
         let mut floats: Vec<f32> = Vec::new();
         let mut ints: Vec<i32> = Vec::new();
@@ -436,6 +515,7 @@ impl CudaModel {
             order.push(P::Ptr(ptrs.len() - 1));
             Ok(())
         };
+        let kv = || self.kv.as_ref().ok_or_else(|| EvalError("the KV cache is not on the device yet".into()));
         for a in &l.args {
             match *a {
                 Arg::Operand(i) => push_value(node.args[i], &mut ptrs, &mut order)?,
@@ -447,16 +527,25 @@ impl CudaModel {
                     order.push(P::F(floats.len() - 1));
                 }
                 Arg::KeyCache(layer) | Arg::ValueCache(layer) => {
-                    let cache = if matches!(a, Arg::KeyCache(_)) { &self.keys } else { &self.values };
+                    let kv = kv()?;
+                    let cache = if matches!(a, Arg::KeyCache(_)) { &kv.keys } else { &kv.values };
                     let Some(c) = cache.get(layer) else { return err(format!("no KV cache for layer {layer}")) };
                     ptrs.push(ptr(c, &self.stream));
                     order.push(P::Ptr(ptrs.len() - 1));
+                }
+                Arg::BlockTables => {
+                    let kv = kv()?;
+                    ptrs.push(ptr(&kv.tables, &self.stream));
+                    order.push(P::Ptr(ptrs.len() - 1));
+                    for n in [kv.width, kv.blocks] {
+                        ints.push(i32::try_from(n).map_err(|_| EvalError(format!("{n} KV blocks do not fit the kernels' 32-bit indices")))?);
+                        order.push(P::I(ints.len() - 1));
+                    }
                 }
                 Arg::Rows(i) => {
                     ints.push(rows_of(i.map_or(l.value, |i| node.args[i])) as i32);
                     order.push(P::I(ints.len() - 1));
                 }
-                Arg::BlockTables => return err("a paged KV cache's block tables: this executor keeps one sequence's cache"),
             }
         }
         let rows = rows_of(l.value);
@@ -480,8 +569,9 @@ impl CudaModel {
             };
         }
         // SAFETY: the arguments follow the kernel's parameter list (the
-        // launch's `args`, written with it by the lowering), and every
-        // buffer holds the rows `seq` tokens need (`DevPlan::reserve`).
+        // launch's `args`, written with it by the lowering), every buffer
+        // holds the rows of the step (`DevPlan::reserve`), and every block
+        // table entry names a block of the pool (`upload_step`).
         driver(&format!("launching {entry}"), unsafe { b.launch(cfg) })?;
         Ok(())
     }
@@ -509,7 +599,7 @@ impl DevPlan {
             }
         }
         let n = kinds.len();
-        DevPlan { graph, program, slot, kinds, bufs: (0..n).map(|_| None).collect(), capacity: vec![0; n], rows: vec![0; n], generation: 0, decode: None }
+        DevPlan { graph, program, slot, kinds, bufs: (0..n).map(|_| None).collect(), capacity: vec![0; n], rows: vec![0; n], generation: 0 }
     }
 
     /// Grows the buffers to what `seq` tokens need.
@@ -567,8 +657,8 @@ pub(crate) enum Layout {
 /// That every launch's arguments exist in its graph: the executor
 /// indexes operands by them (a damaged artifact must not crash it).
 fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
-    if p.kv != KvLayout::Contiguous {
-        return err("these kernels keep keys and values in a paged cache (a ragged step of many sequences), which the CUDA executor does not run yet: it keeps one sequence's cache");
+    if 1usize.checked_shl(p.block_shift) != Some(crate::kv::BLOCK_POSITIONS) {
+        return err(format!("the kernels read KV blocks of 2^{} positions; this runtime's blocks hold {}", p.block_shift, crate::kv::BLOCK_POSITIONS));
     }
     for l in &p.launches {
         let Some(node) = g.nodes.get(l.value.index()) else { return err(format!("a launch names {}, which the graph does not have", l.value)) };
@@ -576,8 +666,7 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
         let ok = [l.block].into_iter().chain(l.one_token.as_ref().map(|v| v.block)).all(|b| b > 0 && b <= 1024)
             && l.args.iter().all(|a| match *a {
                 Arg::Operand(i) | Arg::Beta(i) | Arg::Rows(Some(i)) => operand_ok(i),
-                Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::Output | Arg::Rows(None) => true,
-                Arg::BlockTables => p.kv != KvLayout::Contiguous,
+                Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::BlockTables | Arg::Output | Arg::Rows(None) => true,
             });
         if !ok {
             return err(format!("the launch of {} for {} does not fit its node", l.entry, l.value));
@@ -704,7 +793,7 @@ mod tests {
     #[test]
     fn launches_are_checked_against_their_graph() {
         let (m, dir) = model(DType::TQ2_0);
-        let (g, p) = crate::lowering::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
         check(&g, &p).unwrap();
         let mut bad = p.clone();
         let l = bad.launches.iter_mut().find(|l| l.args.contains(&Arg::Operand(1))).unwrap();
@@ -720,11 +809,8 @@ mod tests {
     fn weights_get_one_layout_each_with_its_device_bytes() {
         for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
             let (m, dir) = model(dtype);
-            let (last, all) = (
-                crate::lowering::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap(),
-                crate::lowering::lower_cuda(&m.graph(true).unwrap(), 80, None).unwrap(),
-            );
-            let list = layouts(&[&last.0, &all.0], &m, &HashMap::new()).unwrap();
+            let (step, _) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
+            let list = layouts(&[&step], &m, &HashMap::new()).unwrap();
             let get = |name: &str| list.iter().find(|w| w.0 == name).unwrap_or_else(|| panic!("{name} missing"));
             // A ternary matrix: rows of 128 codes in 32 bytes; the f16 table as stored.
             assert_eq!(get("blk.0.ffn_down.weight").1, Layout::Packed);
@@ -740,51 +826,41 @@ mod tests {
     #[test]
     fn inputs_have_buffers_of_their_own() {
         let (m, dir) = model(DType::I2S);
-        for all in [false, true] {
-            let plan = DevPlan::new(crate::lowering::lower_cuda(&m.graph(all).unwrap(), 80, None).unwrap());
-            for (v, node) in plan.graph.iter() {
-                if matches!(node.op, Op::Input { .. }) {
-                    let s = plan.slot[v.index()];
-                    assert_eq!(plan.slot.iter().filter(|&&o| o == s).count(), 1, "{v} shares its buffer");
-                }
-            }
+        let plan = DevPlan::new(crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap());
+        let inputs: Vec<_> = plan.graph.iter().filter(|(_, n)| matches!(n.op, Op::Input { .. })).map(|(v, _)| v).collect();
+        assert_eq!(inputs.len(), 3, "tokens, positions, out_rows");
+        for v in inputs {
+            let s = plan.slot[v.index()];
+            assert_eq!(plan.slot.iter().filter(|&&o| o == s).count(), 1, "{v} shares its buffer");
         }
         std::fs::remove_dir_all(dir).ok();
     }
 
     /// The step graph (a ragged batch: rows of several sequences, the
-    /// logits of the rows asked for) lowered for a paged cache: every
-    /// kv_store and attention reads the block tables, select_rows picks
-    /// the wanted rows, the module compiles (where NVRTC is; CI has it),
-    /// and this executor, which keeps one sequence's cache, refuses it
-    /// with a clear error.
+    /// logits of the rows asked for) on the paged cache: every kv_store
+    /// and attention reads the block tables, select_rows picks the wanted
+    /// rows, and the module compiles (where NVRTC is; CI has it).
     #[test]
-    fn the_ragged_step_lowers_for_a_paged_cache() {
+    fn the_ragged_step_lowers_for_the_paged_cache() {
         let (m, dir) = model(DType::I2S);
-        let g = bitnet_ir::passes::optimize_cuda(m.step_graph().unwrap(), None).unwrap();
-        let tiles = |k: &bitnet_codegen::schedule::WorkloadKey| cuda::PhaseTiles::heuristic(k, 80);
-        let paged = cuda::lower(&g, &tiles, KvLayout::Paged { shift: crate::kv::BLOCK_POSITIONS.trailing_zeros() }).unwrap();
-        let contiguous = cuda::lower(&g, &tiles, KvLayout::Contiguous).unwrap();
-        let count = |p: &Program, family: &str| p.launches.iter().filter(|l| l.entry.starts_with(family)).count();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
+        let count = |family: &str| p.launches.iter().filter(|l| l.entry.starts_with(family)).count();
         let layers = m.config.layers;
-        assert_eq!(
-            (count(&paged, "kv_store_"), count(&paged, "attention_"), count(&paged, "select_rows_"), count(&paged, "last_row_")),
-            (layers, layers, 1, 0)
-        );
-        for (p, tables) in [(&paged, true), (&contiguous, false)] {
-            for l in p.launches.iter().filter(|l| l.entry.starts_with("kv_store_") || l.entry.starts_with("attention_")) {
-                assert_eq!(l.args.contains(&Arg::BlockTables), tables, "{}", l.entry);
-            }
+        assert_eq!((count("kv_store_"), count("attention_"), count("select_rows_"), count("last_row_")), (layers, layers, 1, 0));
+        for l in p.launches.iter().filter(|l| l.entry.starts_with("kv_store_") || l.entry.starts_with("attention_")) {
+            assert!(l.args.contains(&Arg::BlockTables), "{}", l.entry);
         }
-        assert!(check(&g, &paged).unwrap_err().0.contains("paged cache"));
-        check(&g, &contiguous).unwrap();
+        check(&g, &p).unwrap();
+        let mut other = p.clone();
+        other.block_shift += 1;
+        assert!(check(&g, &other).unwrap_err().0.contains("KV blocks"));
         match cuda::nvrtc::library() {
             Ok(_) => {
-                let ptx = cuda::nvrtc::compile(&cuda::module_source(&[&paged]), 80).unwrap();
-                assert!(paged.kernels.iter().all(|k| ptx.contains(&format!(".entry {}", k.name))));
+                let ptx = cuda::nvrtc::compile(&cuda::module_source(&[&p]), 80).unwrap();
+                assert!(p.kernels.iter().all(|k| ptx.contains(&format!(".entry {}", k.name))));
             }
             Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
-            Err(e) => eprintln!("the paged step's module not compiled: {e}"),
+            Err(e) => eprintln!("the step's module not compiled: {e}"),
         }
         std::fs::remove_dir_all(dir).ok();
     }
@@ -818,7 +894,7 @@ mod tests {
         let (decode, prefill) = (CudaTiles { warps: 8, tokens: 1, mma: false }, CudaTiles { warps: 2, tokens: 8, mma: false });
         let tuned = CudaTuned::new(&[record(256, 512, Phase::Decode, decode), record(256, 512, Phase::Prefill, prefill)], "cuda test");
         // sm_75: no integer mma, so the heuristic's tiles are one kernel a product.
-        let (g, p) = crate::lowering::lower_cuda(&m.graph(false).unwrap(), 75, Some(&tuned)).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, Some(&tuned)).unwrap();
         check(&g, &p).unwrap();
         let down: Vec<&Launch> = p.launches.iter().filter(|l| l.one_token.is_some()).collect();
         assert_eq!(down.len(), 2, "one ffn_down product a layer");
@@ -829,12 +905,12 @@ mod tests {
             assert_eq!(l.entries().count(), 2);
         }
         // Every other product keeps one kernel with the default tiles.
-        let (_, untuned) = crate::lowering::lower_cuda(&m.graph(false).unwrap(), 75, None).unwrap();
+        let (_, untuned) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, None).unwrap();
         assert!(untuned.launches.iter().all(|l| l.one_token.is_none()));
         assert_eq!(p.kernels.len(), untuned.kernels.len() + 1);
         // From sm_80 every ternary product prefills on the tensor cores and
         // decodes with dot products; the float head has one kernel.
-        let (g, p) = crate::lowering::lower_cuda(&m.graph(false).unwrap(), 80, None).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
         check(&g, &p).unwrap();
         for l in &p.launches {
             let ternary = matches!(g.node(l.value).op, Op::TernaryMatMul(_) | Op::TernaryGlu { .. });

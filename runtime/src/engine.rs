@@ -62,9 +62,8 @@ impl Default for EngineOptions {
 /// time while sequences are made, fed and dropped concurrently.
 struct Stepper {
     backend: Box<dyn Backend>,
+    /// The blocks' contents, unless the backend keeps them (on a GPU).
     pages: KvPages,
-    /// For a backend with its own cache: the sequence whose tokens it holds.
-    owner: Option<u64>,
 }
 
 pub struct Engine {
@@ -85,7 +84,6 @@ pub struct Engine {
     pub chat_template: Option<String>,
     kind: BackendKind,
     device: Device,
-    paged: bool,
     stepper: Mutex<Stepper>,
     blocks: Arc<KvBlocks>,
     /// Sequences of concurrent [`Engine::step_one`] callers, stepped together.
@@ -146,11 +144,8 @@ impl Engine {
         Engine::assemble(model, backend, warnings, opts, t0)
     }
 
-    fn assemble(model: Model, backend: Box<dyn Backend>, warnings: Vec<String>, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
+    fn assemble(model: Model, mut backend: Box<dyn Backend>, warnings: Vec<String>, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
         let context = opts.load.context.unwrap_or(model.config.context).max(1);
-        if !backend.paged() && opts.parallel > 1 {
-            return RuntimeError::input(format!("the {} backend runs one sequence at a time so far; use --parallel 1", backend.device().name()));
-        }
         let c = &model.config;
         let block_bytes = KvPages::bytes_per_block(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS);
         let blocks = match opts.kv_budget {
@@ -162,7 +157,8 @@ impl Engine {
             Some(bytes) => bytes / block_bytes,
             None => opts.parallel.max(1) * context.div_ceil(BLOCK_POSITIONS),
         };
-        let pages = KvPages::new(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, if backend.paged() { blocks } else { 0 });
+        let on_device = backend.own_kv_blocks(blocks)?;
+        let pages = KvPages::new(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, if on_device { 0 } else { blocks });
         let tokenizer = model.tokenizer()?;
         Ok(Engine {
             chat_template: opts.chat_template.clone().or_else(|| tokenizer.chat_template.clone()),
@@ -175,8 +171,7 @@ impl Engine {
             artifact: None,
             kind: backend.kind(),
             device: backend.device(),
-            paged: backend.paged(),
-            stepper: Mutex::new(Stepper { backend, pages, owner: None }),
+            stepper: Mutex::new(Stepper { backend, pages }),
             blocks: Arc::new(KvBlocks::new(blocks, block_bytes)),
             combine: Mutex::default(),
             combined: Condvar::new(),
@@ -344,7 +339,7 @@ impl Engine {
         Ok(times)
     }
 
-    fn step_timed(&self, seqs: &mut [&mut Sequence], mut times: Option<&mut KernelTimes>) -> Vec<Result<(), RuntimeError>> {
+    fn step_timed(&self, seqs: &mut [&mut Sequence], times: Option<&mut KernelTimes>) -> Vec<Result<(), RuntimeError>> {
         let mut results: Vec<Result<(), RuntimeError>> = seqs.iter().map(|_| Ok(())).collect();
         let mut ready = Vec::new();
         for (i, s) in seqs.iter_mut().enumerate() {
@@ -359,17 +354,9 @@ impl Engine {
                 }
             }
         }
-        if self.paged {
-            if !ready.is_empty() {
-                self.steps.fetch_add(1, Ordering::Relaxed);
-                self.run(seqs, &ready, &mut results, times);
-            }
-        } else {
-            // A backend with its own cache runs one sequence a step.
-            for &i in &ready {
-                self.steps.fetch_add(1, Ordering::Relaxed);
-                self.run(seqs, &[i], &mut results, times.as_deref_mut());
-            }
+        if !ready.is_empty() {
+            self.steps.fetch_add(1, Ordering::Relaxed);
+            self.run(seqs, &ready, &mut results, times);
         }
         results
     }
@@ -386,9 +373,6 @@ impl Engine {
         let (held, more) = (s.tokens.len(), s.pending.len());
         if held + more > self.context {
             return RuntimeError::input(format!("{more} tokens do not fit in the context: {held} already used of {} (raise it with -c)", self.context));
-        }
-        if !self.paged {
-            return Ok(());
         }
         if s.table.is_empty() {
             // At least one token is computed, for its logits.
@@ -409,7 +393,7 @@ impl Engine {
     /// (now the sequence's tokens). The caller feeds the rest: a scheduler
     /// that feeds a long prompt in chunks calls this first with all of it.
     pub fn reuse_prefix(&self, seq: &mut Sequence, prompt: &[u32]) -> usize {
-        if !self.paged || !seq.table.is_empty() || !seq.tokens.is_empty() || !Arc::ptr_eq(&seq.blocks, &self.blocks) {
+        if !seq.table.is_empty() || !seq.tokens.is_empty() || !Arc::ptr_eq(&seq.blocks, &self.blocks) {
             return 0;
         }
         self.take_prefix(seq, &prompt[..prompt.len().saturating_sub(1)])
@@ -426,17 +410,7 @@ impl Engine {
     /// One backend step over the pending rows of `seqs[ready]`.
     fn run(&self, seqs: &mut [&mut Sequence], ready: &[usize], results: &mut [Result<(), RuntimeError>], times: Option<&mut KernelTimes>) {
         let mut st = self.lock();
-        let Stepper { backend, pages, owner } = &mut *st;
-        if !self.paged {
-            let s = &seqs[ready[0]];
-            if !s.tokens.is_empty() && *owner != Some(s.id) {
-                results[ready[0]] =
-                    RuntimeError::input("the GPU holds one sequence's cache at a time, and another sequence has run since this one; start it again");
-                seqs[ready[0]].pending.clear();
-                return;
-            }
-            *owner = Some(s.id);
-        }
+        let Stepper { backend, pages } = &mut *st;
         let (mut tokens, mut positions, mut out_rows, mut tables, mut held, mut outs) = (vec![], vec![], vec![], vec![], vec![], vec![]);
         for &i in ready {
             let s = &seqs[i];
@@ -463,9 +437,7 @@ impl Engine {
                     s.logits.extend_from_slice(&logits[at..at + picked * vocab]);
                     at += picked * vocab;
                     s.tokens.append(&mut s.pending);
-                    if self.paged {
-                        s.registered = self.blocks.register(&s.table, &s.tokens, s.registered);
-                    }
+                    s.registered = self.blocks.register(&s.table, &s.tokens, s.registered);
                 }
             }
             other => {
@@ -545,10 +517,9 @@ fn open_artifact(path: &Path, opts: &LoadOptions) -> Result<OpenedArtifact, Runt
     let warnings = a.check_target(path)?;
     let header = a.header.clone();
     let backend: Box<dyn Backend> = if opts.device == Device::Cuda {
-        let (last, all, ptx, packed) = a.cuda(path)?;
+        let (step, ptx, packed) = a.cuda(path)?;
         let context = opts.context.unwrap_or(a.model.config.context).max(1);
-        let cuda =
-            CudaModel::new(&a.model, packed, last, all, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
+        let cuda = CudaModel::new(&a.model, packed, step, Some(ptx), context).map_err(|e| RuntimeError::Artifact(format!("{}: {}", path.display(), e.0)))?;
         Box::new(CudaBackend(cuda))
     } else {
         Box::new(a.compiled(path, opts.threads)?)

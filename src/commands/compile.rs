@@ -34,9 +34,8 @@ pub struct CompileArgs {
     #[arg(long, value_name = "PASS")]
     pub dump_after: Option<String>,
     /// Lower the graph that computes logits at every position (for
-    /// --dump-after) instead of the one the runtime runs: on the CPU, the
-    /// step graph (the logits of the rows each step asks for); for CUDA,
-    /// the last position's.
+    /// --dump-after) instead of the one the runtime runs, the step graph
+    /// (the logits of the rows each step asks for).
     #[arg(long)]
     pub all_logits: bool,
     /// Threads the artifact will run with: tiles are tuned per thread count
@@ -127,7 +126,7 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
         anyhow::bail!("--head {} is a CPU option; the CUDA backend runs the stored head", a.head.quant().name());
     }
     let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-    let graph = model.graph(a.all_logits)?;
+    let graph = if a.all_logits { model.graph(true)? } else { model.step_graph()? };
     // Tiles measured on this machine's GPU, if it has one.
     let mut warnings = Vec::new();
     let tuned = if a.no_tune { None } else { bitnet_runtime::cuda_tuned_tiles(&mut warnings) };

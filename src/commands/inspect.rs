@@ -204,19 +204,23 @@ fn describe_artifact(path: &std::path::Path, out: &mut String) -> anyhow::Result
     describe_model(&a.model, false, out)?;
     describe_tokenizer(a.model.tokenizer(), out)?;
     if let Some(c) = &h.cuda {
-        let entries: std::collections::BTreeSet<&str> = c.all.launches.iter().chain(&c.last.launches).map(|l| l.entry.as_str()).collect();
+        let Some(step) = &c.step else {
+            writeln!(out, "CUDA kernels: for one sequence at a time, from an earlier bitnet-rs (compile it again to run it)")?;
+            return Ok(());
+        };
+        let entries: std::collections::BTreeSet<&str> = step.launches.iter().flat_map(|l| l.entries()).collect();
         writeln!(
             out,
-            "CUDA kernels: {} ({} launches in the all-positions graph, {} in the last-position one), {} of PTX for sm_{} from NVRTC {}",
+            "CUDA kernels: {} ({} launches a step, KV blocks of {} positions), {} of PTX for sm_{} from NVRTC {}",
             entries.len(),
-            c.all.launches.len(),
-            c.last.launches.len(),
+            step.launches.len(),
+            1u64 << step.block_shift.min(63),
             human(c.ptx.len()),
             c.sm,
             c.nvrtc
         )?;
         writeln!(out, "  {:<6} {:<44} tiles", "value", "workload")?;
-        for (v, key, tiles) in &c.all.tiles {
+        for (v, key, tiles) in &step.tiles {
             writeln!(out, "  {:<6} {:<44} {tiles}", v.to_string(), key)?;
         }
         let f = a.model.gguf().expect("an artifact's weights section is GGUF");

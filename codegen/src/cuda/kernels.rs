@@ -584,46 +584,26 @@ pub fn rope(row: usize, d: usize, mode: RopeMode, theta: f32) -> String {
     )
 }
 
-/// Where a layer's keys and values live on the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum KvLayout {
-    /// One sequence's: `[context, kv_row]`, position after position.
-    #[default]
-    Contiguous,
-    /// Any number of sequences': a pool of blocks of `1 << shift`
-    /// positions, each KV head's blocks side by side
-    /// (`[kv_heads][blocks][positions][d]`, as the CPU's paged cache). Row
-    /// `s` of a step finds its sequence's blocks, in position order, at
-    /// `tables[s · width ..]`; the kernels take `tables`, `width` and the
-    /// pool's `blocks` as three more parameters.
-    Paged { shift: u32 },
+/// The parameters of a kernel that reads the paged KV cache, before the
+/// layer's key and value blocks: each row's block table (`width` blocks a
+/// row, in position order) and the blocks in the pool.
+const KV_PARAMS: &str = "const int* tables, int width, int blocks, ";
+
+/// The C expression of the offset (in floats) of KV head `head`'s values
+/// at position `pos` of row `row`'s sequence in a pool of blocks of
+/// `1 << shift` positions, each KV head's blocks side by side
+/// (`[kv_heads][blocks][positions][d]`, as the CPU's paged cache).
+fn kv_offset(shift: u32, d: usize, head: &str, pos: &str, row: &str) -> String {
+    format!(
+        "(((((size_t)({head}) * blocks + (size_t)tables[(size_t)({row}) * width + (({pos}) >> {shift})]) << {shift}) + (({pos}) & {mask})) * {d})",
+        mask = (1u32 << shift) - 1
+    )
 }
 
-impl KvLayout {
-    /// The parameters a kernel takes for this layout, before the caches.
-    fn params(self) -> &'static str {
-        match self {
-            KvLayout::Contiguous => "",
-            KvLayout::Paged { .. } => "const int* tables, int width, int blocks, ",
-        }
-    }
-
-    /// The C expression of the offset (in floats) of KV head `head`'s
-    /// values at position `pos` of row `row`'s sequence.
-    fn offset(self, kv_heads: usize, d: usize, head: &str, pos: &str, row: &str) -> String {
-        match self {
-            KvLayout::Contiguous => format!("((size_t)({pos}) * {kv_row} + (size_t)({head}) * {d})", kv_row = kv_heads * d),
-            KvLayout::Paged { shift } => format!(
-                "(((((size_t)({head}) * blocks + (size_t)tables[(size_t)({row}) * width + (({pos}) >> {shift})]) << {shift}) + (({pos}) & {mask})) * {d})",
-                mask = (1u32 << shift) - 1
-            ),
-        }
-    }
-}
-
-/// Writes the keys and values of the `S` tokens into one layer's caches
-/// at their positions (`kv_heads` heads of `d` a token). Grid: `S` blocks.
-pub fn kv_store(kv_heads: usize, d: usize, kv: KvLayout) -> String {
+/// Writes the keys and values of the `S` tokens (`kv_heads` heads of `d`
+/// each) into one layer's paged cache, each at its position in its own
+/// sequence's blocks. Grid: `S` blocks.
+pub fn kv_store(kv_heads: usize, d: usize, shift: u32) -> String {
     let kv_row = kv_heads * d;
     format!(
         r#"(const float* k, const float* v, const int* pos, {params}float* kc, float* vc, int S) {{
@@ -634,13 +614,13 @@ pub fn kv_store(kv_heads: usize, d: usize, kv: KvLayout) -> String {
         vc[at] = v[(size_t)s * {kv_row} + j];
     }}
 }}"#,
-        params = kv.params(),
-        at = kv.offset(kv_heads, d, &format!("j / {d}"), "p", "s"),
+        params = KV_PARAMS,
+        at = kv_offset(shift, d, &format!("j / {d}"), "p", "s"),
     )
 }
 
 /// Causal grouped-query attention of each (head, token) over the cached
-/// positions `0..=pos`: scores, softmax (as the interpreter's), the
+/// positions `0..=pos` of its sequence (the paged cache of [`kv_store`]): scores, softmax (as the interpreter's), the
 /// weighted sum of values. Grid: `(heads, S)` blocks of [`ROW_BLOCK`];
 /// dynamic shared memory holds one score per position (`4 · context` bytes).
 ///
@@ -650,7 +630,7 @@ pub fn kv_store(kv_heads: usize, d: usize, kv: KvLayout) -> String {
 /// lanes the head's dimensions, and the warps' partial sums are added in
 /// shared memory. Only the order of these sums differs from the
 /// interpreter's.
-pub fn attention(heads: usize, kv_heads: usize, d: usize, kv: KvLayout) -> String {
+pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32) -> String {
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let warps = ROW_BLOCK / 32;
@@ -713,8 +693,8 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, kv: KvLayout) -> Strin
         out[((size_t)s * {heads} + h) * {d} + j] = r;
     }}
 }}"#,
-        params = kv.params(),
-        key_at = kv.offset(kv_heads, d, "kvh", "t", "s"),
+        params = KV_PARAMS,
+        key_at = kv_offset(shift, d, "kvh", "t", "s"),
         scale = float(scale),
         per8 = d.div_ceil(8),
         per32 = d.div_ceil(32)

@@ -23,7 +23,7 @@ pub mod nvrtc;
 
 use crate::target::fnv1a;
 use bitnet_ir::{ActQuant, DType, Extent, Graph, Op, Value};
-pub use kernels::{CudaTiles, FloatType, KvLayout};
+pub use kernels::{CudaTiles, FloatType};
 
 /// What a kernel parameter is bound to at launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -33,7 +33,7 @@ pub enum Arg {
     Operand(usize),
     /// β, the scale of the packed ternary weight that is operand `i` (f32).
     Beta(usize),
-    /// Layer `l`'s key cache (f32, laid out as the program's [`KvLayout`]).
+    /// Layer `l`'s key blocks (f32, `[kv_heads][blocks][positions][d]`).
     KeyCache(usize),
     /// Layer `l`'s value cache.
     ValueCache(usize),
@@ -41,8 +41,9 @@ pub enum Arg {
     Output,
     /// The rows (tokens) of operand `i`, or of the result when `None` (i32).
     Rows(Option<usize>),
-    /// A paged cache's block tables: three parameters, each row's blocks
-    /// (i32, `width` a row), `width` and the blocks in the pool (i32 each).
+    /// The KV cache's block tables: three parameters, each row's blocks
+    /// (i32, `width` a row, in position order), `width` and the blocks in
+    /// the pool (i32 each).
     BlockTables,
 }
 
@@ -160,9 +161,8 @@ pub struct Kernel {
 /// order.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Program {
-    /// Where its kernels keep keys and values.
-    #[serde(default)]
-    pub kv: KvLayout,
+    /// Positions in a KV block, as a power of two.
+    pub block_shift: u32,
     pub kernels: Vec<Kernel>,
     pub launches: Vec<Launch>,
     /// Each matrix product's tiles, for display (`value`, key, tiles).
@@ -240,10 +240,10 @@ impl Builder {
 }
 
 /// Lowers an optimized graph for CUDA. `tiles` gives each matrix
-/// product's tiles from its workload key; `kv` is where attention keeps
-/// keys and values: one sequence's contiguous cache, or a paged one that
-/// the rows of a ragged step (many sequences) index through block tables.
-pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles, kv: KvLayout) -> Result<Program, String> {
+/// product's tiles from its workload key. Keys and values go to a paged
+/// cache of blocks of `1 << block_shift` positions, which the rows of a
+/// step (of any number of sequences) find through their block tables.
+pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles, block_shift: u32) -> Result<Program, String> {
     use kernels as k;
     use Arg::*;
     let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
@@ -321,18 +321,17 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 b.launch(v, "rope", k::rope(cols, *head_dim, *mode, *theta), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::Attention { layer, heads, kv_heads, head_dim } => {
-                let tables: &[Arg] = if kv == KvLayout::Contiguous { &[] } else { &[BlockTables] };
-                let caches = [KeyCache(*layer), ValueCache(*layer)];
-                let store: Vec<Arg> = [Operand(1), Operand(2), Operand(3)].iter().chain(tables).chain(&caches).chain(&[Rows(None)]).copied().collect();
-                b.launch(v, "kv_store", k::kv_store(*kv_heads, *head_dim, kv), Grid::PerRow, rb, store);
-                let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim, kv));
+                let cache = [BlockTables, KeyCache(*layer), ValueCache(*layer)];
+                let store = [&[Operand(1), Operand(2), Operand(3)][..], &cache, &[Rows(None)]].concat();
+                b.launch(v, "kv_store", k::kv_store(*kv_heads, *head_dim, block_shift), Grid::PerRow, rb, store);
+                let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim, block_shift));
                 b.launches.push(Launch {
                     value: v,
                     entry,
                     grid: Grid::HeadsByRows { heads: *heads },
                     block: rb,
                     shared: Shared::PerPosition,
-                    args: with(&[tables, &caches, &[Output, Rows(None)]].concat()),
+                    args: with(&[&cache[..], &[Output, Rows(None)]].concat()),
                     one_token: None,
                 });
             }
@@ -359,5 +358,5 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             }
         }
     }
-    Ok(Program { kv, kernels: b.kernels, launches: b.launches, tiles: chosen })
+    Ok(Program { block_shift, kernels: b.kernels, launches: b.launches, tiles: chosen })
 }

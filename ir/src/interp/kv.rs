@@ -22,6 +22,13 @@ pub trait KvStore: Sync {
     /// The keys and values of KV head `head` of layer `layer` that row
     /// `row` reads: its sequence's positions, `held` of them.
     fn head(&self, layer: usize, row: usize, head: usize) -> KvHead<'_>;
+
+    /// Row `row`'s block table where the store is paged: its sequence's
+    /// blocks in position order, for a backend that keeps the blocks'
+    /// contents itself (a GPU's copy of the pages).
+    fn table(&self, _row: usize) -> Option<&[u32]> {
+        None
+    }
 }
 
 /// One KV head's keys and values for one sequence, position by position
@@ -348,6 +355,10 @@ impl KvStore for PagedRows<'_> {
             }
             _ => KvHead::empty(),
         }
+    }
+
+    fn table(&self, row: usize) -> Option<&[u32]> {
+        self.tables.get(row).copied()
     }
 }
 
