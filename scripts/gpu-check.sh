@@ -102,6 +102,9 @@ for t in i2_s tq2_0; do
   # bitnet.cpp's published GPU figure is for a 64-token prompt and 64 tokens out.
   out=$(timeout 30 "$bitnet" bench -m "$m" --device cuda -p 64 -n 64 -r 3 --json 2>&1 | tail -1)
   note "bench 2b4t $t cuda tuned p64 n64: $out"
+  # The int8 head (half the head's bytes).
+  out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda --head q8 -p 128 -n 64 -r 3 --json 2>&1 | tail -1)
+  note "bench 2b4t $t cuda --head q8: $out"
   # Many sequences a step (issue: aggregate decode with 32 sequences >= 10x single).
   for n in 8 32; do
     out=$(timeout 90 "$bitnet" bench -m "$m" --device cuda -p 32 -n 64 -r 1 --parallel "$n" --json 2>&1 | tail -1)

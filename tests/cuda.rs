@@ -8,6 +8,7 @@
 
 mod common;
 
+use bitnet_codegen::schedule::HeadQuant;
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
 use bitnet_ir::DType;
@@ -157,6 +158,29 @@ fn cuda_steps_many_sequences_as_the_cpu_runs_each_alone() {
     assert_eq!(gpu.kv_usage().blocks_used, 0, "every block comes back");
 }
 
+/// `--head q8` on the GPU reads the same int8 rows as on the CPU: logits
+/// within the float budget of the CPU's `--head q8`, the same greedy tokens.
+#[test]
+fn cuda_int8_head_agrees_with_the_cpus() {
+    if !gpu_or_skip("cuda_int8_head_agrees_with_the_cpus") {
+        return;
+    }
+    let dir = tmp_dir("cuda-q8");
+    let path = dir.join("m.gguf");
+    write_synth(&small_spec(DType::I2S, Activation::Silu), &path);
+    let load = |device| {
+        let mut opts = LoadOptions { threads: 2, backend: BackendKind::Compiled, device, ..Default::default() };
+        opts.pinned.head = HeadQuant::Q8;
+        Session::load(&path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let (mut cpu, mut gpu) = (load(Device::Cpu), load(Device::Cuda));
+    let prompt = [1u32, 17, 42, 99, 3, 250, 8];
+    let (want, got) = (cpu.eval(&prompt, true).unwrap(), gpu.eval(&prompt, true).unwrap());
+    assert!(rel_diff(&got, &want) < 2e-3 && cosine(&got, &want) > 0.9999, "int8 head: max rel diff {}", rel_diff(&got, &want));
+    assert_eq!(greedy(&mut gpu, &prompt, 12), greedy(&mut cpu, &prompt, 12), "int8 head: greedy tokens differ");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn without_a_gpu_the_cli_says_what_is_missing() {
     if bitnet_runtime::cuda::device().is_ok() {
@@ -243,7 +267,12 @@ fn compile_device_cuda_compiles_every_model_kernel_without_a_gpu() {
         }
     }
     let o = bitnet(&["compile", "-m", models[1].to_str().unwrap(), "--device", "cuda", "--head", "q8", "-o", dir.join("y.bnx").to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--device cuda --head q8"), "{}", stderr(&o));
+    let o = bitnet(&["compile", "-m", models[1].to_str().unwrap(), "--device", "cuda", "--head", "q4", "-o", dir.join("y.bnx").to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("CPU option"), "{}", stderr(&o));
+    // The int8 head's launches, compiled: quantize the head's input, then the int8 product.
+    let o = bitnet(&["compile", "-m", models[1].to_str().unwrap(), "--device", "cuda", "--head", "q8", "--dump-after", "schedule"]);
+    assert!(o.status.success() && stdout(&o).contains("int8_matmul_") && stdout(&o).contains("quantize_act_"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).ok();
 }
 

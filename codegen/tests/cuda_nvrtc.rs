@@ -37,8 +37,11 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
                 add(k::ternary_glu(n, padded(kk), act, scale, t));
             }
             // The tensor cores run ternary products only.
-            for ty in [FloatType::F32, FloatType::F16, FloatType::BF16].into_iter().filter(|_| !t.mma) {
-                add(k::matmul(ty, n, kk, t));
+            if !t.mma {
+                add(k::int8_matmul(n, padded(kk), t));
+                for ty in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+                    add(k::matmul(ty, n, kk, t));
+                }
             }
         }
     }

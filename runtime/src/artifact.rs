@@ -302,11 +302,11 @@ pub(crate) fn write_parts(out: &Path, source: &Path, model: &Model, parts: Parts
 /// them. Needs NVRTC, not a GPU.
 pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Option<&CudaTuned>) -> Result<WriteReport, RuntimeError> {
     use crate::cuda::{layouts, Layout as DevLayout};
-    let (step, program) = crate::lowering::lower_cuda(&model.step_graph()?, sm, tuned)?;
+    let (step, program) = crate::lowering::lower_cuda(&model.step_graph()?, sm, tuned, bitnet_codegen::schedule::HeadQuant::Stored)?;
     let nvrtc = |e: String| RuntimeError::Compile(e);
     let ptx = bitnet_codegen::cuda::nvrtc::compile(&bitnet_codegen::cuda::module_source(&[&program]), sm).map_err(nvrtc)?;
     let (major, minor) = bitnet_codegen::cuda::nvrtc::version().map_err(nvrtc)?;
-    let list = layouts(&[&step], model, &HashMap::new())?;
+    let list = layouts(&[(&step, &program)], model, &HashMap::new())?;
     let mut packed = Vec::new();
     for (name, layout, _) in &list {
         if *layout == DevLayout::Packed {
@@ -321,10 +321,11 @@ pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Opti
                 DevLayout::Packed => Item::Packed(&packed.iter().find(|p| &p.0 == name).expect("packed above").1),
                 DevLayout::Stored => Item::Model { floats: false },
                 DevLayout::F32 => Item::Model { floats: true },
+                DevLayout::Int8 => return Err(RuntimeError::Artifact(format!("{name}: CUDA artifacts hold the head as stored"))),
             };
-            (name.clone(), item)
+            Ok((name.clone(), item))
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let graph = |g: &Graph| CompiledGraph { graph: g.to_string(), schedule: Schedule::default() };
     let target = TargetInfo {
         device: "cuda".into(),

@@ -18,6 +18,7 @@
 
 use crate::backend::KernelTimes;
 use crate::compiled::{assign_slots, Kind, NO_SLOT};
+use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
@@ -78,7 +79,15 @@ pub type Traced = Vec<(bitnet_ir::Value, Vec<f32>)>;
 
 /// A weight on the device.
 enum DevWeight {
-    Packed { data: CudaSlice<u8>, scale: f32 },
+    Packed {
+        data: CudaSlice<u8>,
+        scale: f32,
+    },
+    /// Int8 rows (`--head q8`) and their scales.
+    Int8 {
+        q: CudaSlice<u8>,
+        scale: CudaSlice<f32>,
+    },
     Bytes(CudaSlice<u8>),
     F32(CudaSlice<f32>),
 }
@@ -99,6 +108,10 @@ struct DevPlan {
     capacity: Vec<usize>,
     /// Rows each buffer holds now (γ and Σq of int8 buffers).
     rows: Vec<usize>,
+    /// Int8 activations for the launches that quantize their own input
+    /// ([`Arg::Scratch`]), and the codes and rows it holds.
+    scratch: Option<DevBuf>,
+    scratch_size: (usize, usize),
     /// Bumped whenever a buffer moves: a captured graph holds pointers.
     generation: u64,
 }
@@ -225,7 +238,7 @@ impl CudaModel {
                 kv_rows[layer] = kv_heads * head_dim;
             }
         }
-        let layouts = layouts(&[&step.0], weights, &prepacked)?;
+        let layouts = layouts(&[(&step.0, &step.1)], weights, &prepacked)?;
         let weight_bytes: usize = layouts.iter().map(|l| l.2).sum();
         if let Ok((free, _)) = ctx.mem_get_info() {
             if weight_bytes > free {
@@ -342,6 +355,9 @@ impl CudaModel {
             if let Some(&bad) = step.tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
                 return err(format!("token id {bad} is outside the vocabulary of {vocab}"));
             }
+        }
+        if step.out_rows.len() > rows {
+            return err(format!("{} rows asked for of {rows}", step.out_rows.len()));
         }
         if let Some(&r) = step.out_rows.iter().find(|&&r| r < 0 || r as usize >= rows) {
             return err(format!("out row {r} of {rows}"));
@@ -494,7 +510,7 @@ impl CudaModel {
             if let Op::Weight { name } = &plan.graph.node(v).op {
                 let Some(w) = self.weights.get(name) else { return err(format!("weight {name} is not on the device")) };
                 ptrs.push(match w {
-                    DevWeight::Packed { data, .. } | DevWeight::Bytes(data) => ptr(data, &self.stream),
+                    DevWeight::Packed { data, .. } | DevWeight::Bytes(data) | DevWeight::Int8 { q: data, .. } => ptr(data, &self.stream),
                     DevWeight::F32(data) => ptr(data, &self.stream),
                 });
                 order.push(P::Ptr(ptrs.len() - 1));
@@ -532,6 +548,23 @@ impl CudaModel {
                     let Some(c) = cache.get(layer) else { return err(format!("no KV cache for layer {layer}")) };
                     ptrs.push(ptr(c, &self.stream));
                     order.push(P::Ptr(ptrs.len() - 1));
+                }
+                Arg::Scratch => {
+                    let Some(DevBuf::Q8 { q, gamma, sum }) = &plan.scratch else { return err("no int8 scratch buffer") };
+                    for p in [ptr(q, &self.stream), ptr(gamma, &self.stream), ptr(sum, &self.stream)] {
+                        ptrs.push(p);
+                        order.push(P::Ptr(ptrs.len() - 1));
+                    }
+                }
+                Arg::Int8Rows(i) => {
+                    let Op::Weight { name } = &plan.graph.node(node.args[i]).op else { return err("int8 rows of a computed value") };
+                    let Some(DevWeight::Int8 { q, scale }) = self.weights.get(&int8_key(name)) else {
+                        return err(format!("{name} has no int8 rows on the device"));
+                    };
+                    for p in [ptr(q, &self.stream), ptr(scale, &self.stream)] {
+                        ptrs.push(p);
+                        order.push(P::Ptr(ptrs.len() - 1));
+                    }
                 }
                 Arg::BlockTables => {
                     let kv = kv()?;
@@ -599,7 +632,18 @@ impl DevPlan {
             }
         }
         let n = kinds.len();
-        DevPlan { graph, program, slot, kinds, bufs: (0..n).map(|_| None).collect(), capacity: vec![0; n], rows: vec![0; n], generation: 0 }
+        DevPlan {
+            graph,
+            program,
+            slot,
+            kinds,
+            bufs: (0..n).map(|_| None).collect(),
+            capacity: vec![0; n],
+            rows: vec![0; n],
+            scratch: None,
+            scratch_size: (0, 0),
+            generation: 0,
+        }
     }
 
     /// Grows the buffers to what `seq` tokens need.
@@ -619,6 +663,24 @@ impl DevPlan {
             };
             need[s] = need[s].max(elems);
             need_rows[s] = need_rows[s].max(rows);
+        }
+        // The int8 activations of launches that quantize their own input.
+        let mut scratch = (0usize, 0usize);
+        for l in self.program.launches.iter().filter(|l| l.args.contains(&Arg::Scratch)) {
+            let Some(&x) = self.graph.nodes.get(l.value.index()).and_then(|n| n.args.first()) else { continue };
+            let shape = self.graph.ty(x).resolve(Extent::new(seq, seq));
+            let rows = if shape.len() >= 2 { shape[0] } else { 1 };
+            scratch = (scratch.0.max(rows * cuda::padded(*shape.last().unwrap_or(&1))), scratch.1.max(rows));
+        }
+        if scratch.0 > self.scratch_size.0 || scratch.1 > self.scratch_size.1 {
+            let alloc = "allocating int8 activations";
+            self.scratch = Some(DevBuf::Q8 {
+                q: driver(alloc, stream.alloc_zeros(scratch.0.max(1)))?,
+                gamma: driver(alloc, stream.alloc_zeros(scratch.1.max(1)))?,
+                sum: driver(alloc, stream.alloc_zeros(scratch.1.max(1)))?,
+            });
+            self.scratch_size = scratch;
+            self.generation += 1;
         }
         for s in 0..self.kinds.len() {
             if need[s] <= self.capacity[s] && need_rows[s] <= self.rows[s] && self.bufs[s].is_some() {
@@ -652,6 +714,8 @@ pub(crate) enum Layout {
     Stored,
     /// Expanded to f32.
     F32,
+    /// Quantized to int8 rows with a scale each (`--head q8`).
+    Int8,
 }
 
 /// That every launch's arguments exist in its graph: the executor
@@ -665,15 +729,17 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
         let operand_ok = |i: usize| i < node.args.len();
         let ok = [l.block].into_iter().chain(l.one_token.as_ref().map(|v| v.block)).all(|b| b > 0 && b <= 1024)
             && l.args.iter().all(|a| match *a {
-                Arg::Operand(i) | Arg::Beta(i) | Arg::Rows(Some(i)) => operand_ok(i),
-                Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::BlockTables | Arg::Output | Arg::Rows(None) => true,
+                Arg::Operand(i) | Arg::Beta(i) | Arg::Int8Rows(i) | Arg::Rows(Some(i)) => operand_ok(i),
+                Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::BlockTables | Arg::Scratch | Arg::Output | Arg::Rows(None) => true,
             });
         if !ok {
             return err(format!("the launch of {} for {} does not fit its node", l.entry, l.value));
         }
-        if let Some(Arg::Beta(i)) = l.args.iter().find(|a| matches!(a, Arg::Beta(_))) {
-            if !matches!(g.node(node.args[*i]).op, Op::Weight { .. }) {
-                return err(format!("{}: β of a computed value", l.value));
+        for a in &l.args {
+            if let Arg::Beta(i) | Arg::Int8Rows(i) = a {
+                if !matches!(g.node(node.args[*i]).op, Op::Weight { .. }) {
+                    return err(format!("{}: the scales of a computed value", l.value));
+                }
             }
         }
     }
@@ -682,15 +748,25 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
 
 /// Each weight the graphs read, its layout and its bytes on the device.
 pub(crate) fn layouts(
-    graphs: &[&Graph],
+    programs: &[(&Graph, &Program)],
     weights: &dyn WeightSource,
     prepacked: &HashMap<String, PackedTernary>,
 ) -> Result<Vec<(String, Layout, usize)>, EvalError> {
     let mut out: Vec<(String, Layout, usize)> = Vec::new();
-    for g in graphs {
-        for (_, node) in g.iter() {
+    for (g, p) in programs {
+        let int8 = cuda::int8_reads(p);
+        for (v, node) in g.iter() {
             for (i, a) in node.args.iter().enumerate() {
                 let Op::Weight { name } = &g.node(*a).op else { continue };
+                if int8.contains(&(v, i)) {
+                    // A copy of its own: a tied head's table is also read as stored.
+                    let key = int8_key(name);
+                    if !out.iter().any(|w| w.0 == key) {
+                        let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
+                        out.push((key, Layout::Int8, view.rows() * (cuda::padded(view.row_len()) + 4)));
+                    }
+                    continue;
+                }
                 let want = match (&node.op, i) {
                     _ if node.op.reads_packed(i) => Some(Layout::Packed),
                     (Op::MatMul, 1) | (Op::Embed, 0) => None,
@@ -722,7 +798,7 @@ pub(crate) fn layouts(
                 let bytes = match layout {
                     Layout::Packed => view.rows() * cuda::padded(view.row_len()) / 4,
                     Layout::Stored => elems * 2,
-                    Layout::F32 => elems * 4,
+                    Layout::F32 | Layout::Int8 => elems * 4,
                 };
                 out.push((name.clone(), layout, bytes));
             }
@@ -733,6 +809,13 @@ pub(crate) fn layouts(
 
 /// Puts each weight on the device once, in its layout; drops the mapped
 /// source pages of each ternary weight once it is packed.
+const INT8_SUFFIX: &str = "#int8";
+
+/// The device weights' name of the int8 rows of `name`.
+fn int8_key(name: &str) -> String {
+    format!("{name}{INT8_SUFFIX}")
+}
+
 fn upload(
     stream: &Arc<CudaStream>,
     layouts: &[(String, Layout, usize)],
@@ -746,8 +829,15 @@ fn upload(
             out.insert(name.clone(), DevWeight::Packed { data: driver(up, stream.clone_htod(p.data().as_bytes()))?, scale: p.scale });
             continue;
         }
-        let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
+        // Int8 rows are named `int8_key(source)`.
+        let source = if *layout == Layout::Int8 { name.strip_suffix(INT8_SUFFIX).unwrap_or(name) } else { name };
+        let Some(view) = weights.weight(source) else { return err(format!("missing tensor {source}")) };
         let w = match layout {
+            Layout::Int8 => {
+                // The same rows the CPU's `--head q8` reads.
+                let rows = Int8Rows::quantize(&view);
+                DevWeight::Int8 { q: driver(up, stream.clone_htod(rows.q.as_bytes()))?, scale: driver(up, stream.clone_htod(&rows.scale[..]))? }
+            }
             Layout::Packed => {
                 let p = PackedTernary::from_weight(&view, 1).map_err(|e| EvalError(format!("{name}: {e}")))?;
                 weights.release(name);
@@ -766,6 +856,7 @@ mod tests {
     //! The host side of the executor, which needs no GPU: launch checks,
     //! weight layouts and the buffer plan, on a small synthetic model.
     use super::*;
+    use bitnet_codegen::schedule::HeadQuant;
     use bitnet_frontends::arch::Activation;
     use bitnet_frontends::model::Model;
     use bitnet_frontends::synth::{self, SynthShape, SynthSpec};
@@ -793,7 +884,7 @@ mod tests {
     #[test]
     fn launches_are_checked_against_their_graph() {
         let (m, dir) = model(DType::TQ2_0);
-        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         check(&g, &p).unwrap();
         let mut bad = p.clone();
         let l = bad.launches.iter_mut().find(|l| l.args.contains(&Arg::Operand(1))).unwrap();
@@ -809,8 +900,8 @@ mod tests {
     fn weights_get_one_layout_each_with_its_device_bytes() {
         for dtype in [DType::I2S, DType::TQ2_0, DType::TQ1_0] {
             let (m, dir) = model(dtype);
-            let (step, _) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
-            let list = layouts(&[&step], &m, &HashMap::new()).unwrap();
+            let (step, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
+            let list = layouts(&[(&step, &p)], &m, &HashMap::new()).unwrap();
             let get = |name: &str| list.iter().find(|w| w.0 == name).unwrap_or_else(|| panic!("{name} missing"));
             // A ternary matrix: rows of 128 codes in 32 bytes; the f16 table as stored.
             assert_eq!(get("blk.0.ffn_down.weight").1, Layout::Packed);
@@ -826,7 +917,7 @@ mod tests {
     #[test]
     fn inputs_have_buffers_of_their_own() {
         let (m, dir) = model(DType::I2S);
-        let plan = DevPlan::new(crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap());
+        let plan = DevPlan::new(crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap());
         let inputs: Vec<_> = plan.graph.iter().filter(|(_, n)| matches!(n.op, Op::Input { .. })).map(|(v, _)| v).collect();
         assert_eq!(inputs.len(), 3, "tokens, positions, out_rows");
         for v in inputs {
@@ -843,7 +934,7 @@ mod tests {
     #[test]
     fn the_ragged_step_lowers_for_the_paged_cache() {
         let (m, dir) = model(DType::I2S);
-        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         let count = |family: &str| p.launches.iter().filter(|l| l.entry.starts_with(family)).count();
         let layers = m.config.layers;
         assert_eq!((count("kv_store_"), count("attention_"), count("select_rows_"), count("last_row_")), (layers, layers, 1, 0));
@@ -861,6 +952,37 @@ mod tests {
             }
             Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
             Err(e) => eprintln!("the step's module not compiled: {e}"),
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// `--head q8` on the GPU: the head's activations are quantized by a
+    /// launch of their own, the product reads int8 rows that are a copy of
+    /// their own (the tied embedding table is still read as stored), and
+    /// the module compiles. The head's bytes: int8 codes and a scale a row.
+    #[test]
+    fn an_int8_head_reads_rows_of_its_own() {
+        let (m, dir) = model(DType::TQ2_0);
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Q8).unwrap();
+        check(&g, &p).unwrap();
+        let head = *g.outputs.last().unwrap();
+        let launches: Vec<&Launch> = p.launches.iter().filter(|l| l.value == head).collect();
+        assert_eq!(launches.len(), 2, "quantize, then the int8 product");
+        assert!(launches[0].entry.starts_with("quantize_act_") && launches[0].args.contains(&Arg::Scratch));
+        assert!(launches[1].entry.starts_with("int8_matmul_") && launches[1].args.contains(&Arg::Int8Rows(1)));
+        let list = layouts(&[(&g, &p)], &m, &HashMap::new()).unwrap();
+        let (vocab, hidden) = (m.config.vocab, 256);
+        let int8: Vec<_> = list.iter().filter(|w| w.1 == Layout::Int8).collect();
+        assert_eq!(int8.len(), 1);
+        assert_eq!(int8[0].2, vocab * (cuda::padded(hidden) + 4));
+        assert!(list.iter().any(|w| w.0 == "token_embd.weight" && w.1 == Layout::Stored), "the embedding still reads the table as stored");
+        assert!(crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Q4).is_err());
+        match cuda::nvrtc::library() {
+            Ok(_) => {
+                cuda::nvrtc::compile(&cuda::module_source(&[&p]), 80).unwrap();
+            }
+            Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
+            Err(e) => eprintln!("the q8 head's module not compiled: {e}"),
         }
         std::fs::remove_dir_all(dir).ok();
     }
@@ -894,7 +1016,7 @@ mod tests {
         let (decode, prefill) = (CudaTiles { warps: 8, tokens: 1, mma: false }, CudaTiles { warps: 2, tokens: 8, mma: false });
         let tuned = CudaTuned::new(&[record(256, 512, Phase::Decode, decode), record(256, 512, Phase::Prefill, prefill)], "cuda test");
         // sm_75: no integer mma, so the heuristic's tiles are one kernel a product.
-        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, Some(&tuned)).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, Some(&tuned), HeadQuant::Stored).unwrap();
         check(&g, &p).unwrap();
         let down: Vec<&Launch> = p.launches.iter().filter(|l| l.one_token.is_some()).collect();
         assert_eq!(down.len(), 2, "one ffn_down product a layer");
@@ -905,12 +1027,12 @@ mod tests {
             assert_eq!(l.entries().count(), 2);
         }
         // Every other product keeps one kernel with the default tiles.
-        let (_, untuned) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, None).unwrap();
+        let (_, untuned) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, None, HeadQuant::Stored).unwrap();
         assert!(untuned.launches.iter().all(|l| l.one_token.is_none()));
         assert_eq!(p.kernels.len(), untuned.kernels.len() + 1);
         // From sm_80 every ternary product prefills on the tensor cores and
         // decodes with dot products; the float head has one kernel.
-        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None).unwrap();
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         check(&g, &p).unwrap();
         for l in &p.launches {
             let ternary = matches!(g.node(l.value).op, Op::TernaryMatMul(_) | Op::TernaryGlu { .. });

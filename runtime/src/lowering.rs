@@ -84,7 +84,7 @@ pub fn workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
 /// Every distinct matrix-product workload of a model's CUDA kernels.
 pub fn cuda_workloads(model: &Model) -> Result<Vec<Workload>, RuntimeError> {
     let mut out = Vec::new();
-    let (_, p) = lower_cuda(&model.step_graph()?, bitnet_codegen::cuda::nvrtc::DEFAULT_SM, None)?;
+    let (_, p) = lower_cuda(&model.step_graph()?, bitnet_codegen::cuda::nvrtc::DEFAULT_SM, None, HeadQuant::Stored)?;
     for (_, key, _) in p.tiles {
         match Workload::parse(&bitnet_codegen::schedule::WorkloadKey(key)) {
             Some(w) if !out.contains(&w) => out.push(w),
@@ -108,11 +108,12 @@ pub(crate) fn compile_cpu(model: &Model, step: &Graph, opts: &LoadOptions, paral
 /// The graph passes, then lowering to CUDA kernels and launches for GPUs
 /// of compute capability `sm`, with the tiles `tuned` measured for each
 /// matrix product (else the heuristic's), keys and values in the
-/// engine's paged KV cache (blocks of [`BLOCK_POSITIONS`]).
-pub fn lower_cuda(g: &Graph, sm: u32, tuned: Option<&CudaTuned>) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
+/// engine's paged KV cache (blocks of [`BLOCK_POSITIONS`]), the output
+/// head read as `head` says (stored, or int8 rows with `q8`).
+pub fn lower_cuda(g: &Graph, sm: u32, tuned: Option<&CudaTuned>, head: HeadQuant) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
     let g = passes::optimize_cuda(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
     let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| tuned.map_or(PhaseTiles::heuristic(key, sm), |t| t.tiles(key, sm));
-    let p = bitnet_codegen::cuda::lower(&g, &tiles, BLOCK_POSITIONS.trailing_zeros()).map_err(RuntimeError::Compile)?;
+    let p = bitnet_codegen::cuda::lower(&g, &tiles, BLOCK_POSITIONS.trailing_zeros(), head).map_err(RuntimeError::Compile)?;
     Ok((g, p))
 }
 
@@ -135,11 +136,11 @@ pub fn cuda_tuned_tiles(warnings: &mut Vec<String>) -> Option<CudaTuned> {
 
 /// The CUDA kernels of the step graph.
 pub(crate) fn compile_cuda(model: &Model, opts: &LoadOptions, context: usize, warnings: &mut Vec<String>) -> Result<CudaModel, RuntimeError> {
-    if opts.pinned.head != HeadQuant::Stored || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
-        return RuntimeError::input("--head q8/q4 and pinned CPU tiles are CPU options; the CUDA backend runs the stored head");
+    if opts.pinned.head == HeadQuant::Q4 || opts.pinned.ternary.is_some() || opts.pinned.isa.is_some() {
+        return RuntimeError::input("--head q4 and pinned CPU tiles are CPU options; the CUDA backend reads the head as stored or as int8 rows (--head q8)");
     }
     let tuned = if opts.tuning { cuda_tuned_tiles(warnings) } else { None };
     // Without a device CudaModel::new says so; the lowering then is moot.
     let sm = crate::cuda::device_sm().unwrap_or(bitnet_codegen::cuda::nvrtc::DEFAULT_SM);
-    Ok(CudaModel::new(model, Default::default(), lower_cuda(&model.step_graph()?, sm, tuned.as_ref())?, None, context)?)
+    Ok(CudaModel::new(model, Default::default(), lower_cuda(&model.step_graph()?, sm, tuned.as_ref(), opts.pinned.head)?, None, context)?)
 }

@@ -122,8 +122,12 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
 /// them with NVRTC (no GPU needed). With `--dump-after schedule` it prints
 /// the final graph and its launches.
 fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
-    if a.head != HeadArg::Stored {
-        anyhow::bail!("--head {} is a CPU option; the CUDA backend runs the stored head", a.head.quant().name());
+    let head = a.head.quant();
+    if a.head == HeadArg::Q4 {
+        anyhow::bail!("--head q4 is a CPU option; the CUDA backend reads the head as stored or as int8 rows (--head q8)");
+    }
+    if a.head != HeadArg::Stored && a.dump_after.is_none() {
+        anyhow::bail!("a CUDA artifact holds the head as stored; --head q8 quantizes it when the model is loaded: run it with `bitnet run -m MODEL --device cuda --head q8`");
     }
     let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let graph = if a.all_logits { model.graph(true)? } else { model.step_graph()? };
@@ -148,7 +152,7 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let (g, program) = bitnet_runtime::lower_cuda(&graph, a.sm, tuned.as_ref())?;
+    let (g, program) = bitnet_runtime::lower_cuda(&graph, a.sm, tuned.as_ref(), head)?;
     let t0 = Instant::now();
     let source = bitnet_codegen::cuda::module_source(&[&program]);
     let ptx = bitnet_codegen::cuda::nvrtc::compile(&source, a.sm).map_err(anyhow::Error::msg)?;

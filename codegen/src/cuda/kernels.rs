@@ -498,6 +498,36 @@ fn ternary_body(w: &str, acc: &str, kp: usize, tiles: CudaTiles) -> String {
     )
 }
 
+/// `out[t, n] = (Σ w·q) · scale[n] / γ[t]`: a float weight quantized to
+/// int8 per row when the model is loaded (`--head q8`, the CPU's
+/// `cpu::int8` rows: `[n, kp]` codes and one scale a row) against int8
+/// activations, as the CPU computes it. Each lane loads 16 bytes of a row
+/// (16 codes, four `__dp4a`s a token).
+/// Grid: `ceil(n / warps)` blocks of `32 · warps`.
+pub fn int8_matmul(n: usize, kp: usize, tiles: CudaTiles) -> String {
+    let pieces = kp / 16;
+    let body = format!(
+        r#"            int4 w4 = ((const int4*)w)[(size_t)n * {pieces} + i];
+            #pragma unroll
+            for (int u = 0; u < {tok}; u++) {{
+                if (t0 + u < S) {{
+                    int4 x4 = ((const int4*)(q + (size_t)(t0 + u) * {xw}))[i];
+                    acc[u] = __dp4a(w4.x, x4.x, acc[u]);
+                    acc[u] = __dp4a(w4.y, x4.y, acc[u]);
+                    acc[u] = __dp4a(w4.z, x4.z, acc[u]);
+                    acc[u] = __dp4a(w4.w, x4.w, acc[u]);
+                }}
+            }}"#,
+        tok = tiles.tokens,
+        xw = kp / 4
+    );
+    let finish = format!("                out[(size_t)t * {n} + n] = (float)sum * wscale[n] / gamma[t];");
+    format!(
+        "(const int* w, const float* wscale, const int* q, const float* gamma, const int* qsum, float* out, int S) {{\n{}\n}}",
+        row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish)
+    )
+}
+
 /// `out[t, n] = x[t] · w[n]` for a float weight `[n, k]`, summed in f32.
 /// Lanes load 16 bytes of the row at a time (8 f16/bf16 or 4 f32 values)
 /// where the row length allows, else one value.

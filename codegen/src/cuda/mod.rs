@@ -21,6 +21,7 @@
 pub mod kernels;
 pub mod nvrtc;
 
+use crate::schedule::HeadQuant;
 use crate::target::fnv1a;
 use bitnet_ir::{ActQuant, DType, Extent, Graph, Op, Value};
 pub use kernels::{CudaTiles, FloatType};
@@ -41,6 +42,13 @@ pub enum Arg {
     Output,
     /// The rows (tokens) of operand `i`, or of the result when `None` (i32).
     Rows(Option<usize>),
+    /// Int8 activations of the launch's own (three pointers: codes, γ,
+    /// Σq), for a product whose f32 input the launch before it quantizes.
+    Scratch,
+    /// The float weight that is operand `i` as int8 rows, quantized when
+    /// the model is loaded (`--head q8`): two pointers, the codes (`[n,
+    /// kp]`) and each row's scale (f32).
+    Int8Rows(usize),
     /// The KV cache's block tables: three parameters, each row's blocks
     /// (i32, `width` a row, in position order), `width` and the blocks in
     /// the pool (i32 each).
@@ -239,11 +247,36 @@ impl Builder {
     }
 }
 
+/// Whether `v` is the output head: a float matrix product whose result is
+/// a graph output (as the CPU schedule decides it).
+fn is_head(g: &Graph, v: Value) -> bool {
+    g.outputs.contains(&v) && matches!(g.node(v).op, Op::MatMul) && matches!(g.ty(g.node(v).args[1]).dtype, DType::F16 | DType::BF16 | DType::F32)
+}
+
+/// The operands a program reads as int8 rows (`--head q8`): `(node,
+/// operand)` for each [`Arg::Int8Rows`] of its launches.
+pub fn int8_reads(p: &Program) -> Vec<(Value, usize)> {
+    let mut out = Vec::new();
+    for l in &p.launches {
+        for a in &l.args {
+            if let Arg::Int8Rows(i) = *a {
+                if !out.contains(&(l.value, i)) {
+                    out.push((l.value, i));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Lowers an optimized graph for CUDA. `tiles` gives each matrix
 /// product's tiles from its workload key. Keys and values go to a paged
 /// cache of blocks of `1 << block_shift` positions, which the rows of a
 /// step (of any number of sequences) find through their block tables.
-pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles, block_shift: u32) -> Result<Program, String> {
+/// `head` says how the output head's weights are read: as stored, or
+/// (`q8`) quantized to int8 rows when the model is loaded, with the
+/// activations quantized per token as the CPU does.
+pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles, block_shift: u32, head: HeadQuant) -> Result<Program, String> {
     use kernels as k;
     use Arg::*;
     let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
@@ -314,8 +347,17 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 let key = crate::schedule::Workload::Float { n, k: kk, dtype: w.dtype }.key();
                 let t = tiles(&key);
                 chosen.push((v, key.0.clone(), t.to_string()));
-                let ty = device_float_type(w.dtype);
-                b.product(v, "matmul", n, t, |t| k::matmul(ty, n, kk, t), vec![Operand(1), Operand(0), Output, Rows(None)]);
+                match (head, is_head(g, v)) {
+                    (HeadQuant::Stored, _) | (_, false) => {
+                        let ty = device_float_type(w.dtype);
+                        b.product(v, "matmul", n, t, |t| k::matmul(ty, n, kk, t), vec![Operand(1), Operand(0), Output, Rows(None)]);
+                    }
+                    (HeadQuant::Q8, true) => {
+                        b.launch(v, "quantize_act", k::quantize_rows(kk, padded(kk), None), Grid::PerRow, nb, vec![Operand(0), Scratch, Rows(Some(0))]);
+                        b.product(v, "int8_matmul", n, t, |t| k::int8_matmul(n, padded(kk), t), vec![Int8Rows(1), Scratch, Output, Rows(None)]);
+                    }
+                    (HeadQuant::Q4, true) => return refuse("reads the head as stored or as int8 rows (--head q8), not in 4 bits"),
+                }
             }
             Op::Rope { mode, theta, head_dim } => {
                 b.launch(v, "rope", k::rope(cols, *head_dim, *mode, *theta), Grid::PerRow, rb, with(&[Output, Rows(None)]));
