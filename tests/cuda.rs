@@ -43,15 +43,16 @@ fn nvrtc_or_skip(test: &str) -> bool {
     }
 }
 
-fn load(path: &Path, device: Device) -> Session {
-    Session::load(path, &LoadOptions { threads: 2, backend: BackendKind::Compiled, device, ..Default::default() })
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+fn load(path: &Path, device: Device, head: HeadQuant) -> Session {
+    let mut opts = LoadOptions { threads: 2, backend: BackendKind::Compiled, device, ..Default::default() };
+    opts.pinned.head = head;
+    Session::load(path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Every f32 value of the GPU's run of `prompt` against the interpreter's
 /// run of the same optimized graph: the first that is off names the kernel.
-fn first_disagreement(path: &Path, prompt: &[u32]) -> String {
-    let gpu = load(path, Device::Cuda);
+fn first_disagreement(path: &Path, prompt: &[u32], head: HeadQuant) -> String {
+    let gpu = load(path, Device::Cuda, head);
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let pos: Vec<i32> = (0..prompt.len() as i32).collect();
     // One sequence in the (fresh) engine's first blocks, every row's logits.
@@ -80,14 +81,15 @@ fn first_disagreement(path: &Path, prompt: &[u32]) -> String {
     report
 }
 
-fn compare(path: &Path, prompt: &[u32]) {
-    let mut cpu = load(path, Device::Cpu);
-    let mut gpu = load(path, Device::Cuda);
+/// The GPU against the CPU, both reading the head as `head` says.
+fn compare(path: &Path, prompt: &[u32], head: HeadQuant) {
+    let mut cpu = load(path, Device::Cpu, head);
+    let mut gpu = load(path, Device::Cuda, head);
     let want = cpu.eval(prompt, true).unwrap();
     let got = gpu.eval(prompt, true).unwrap();
     let (d, c) = (rel_diff(&got, &want), cosine(&got, &want));
     if !(d < 2e-3 && c > 0.9999) {
-        panic!("{}: logits differ from the CPU's: max rel diff {d}, cosine {c}; first values off:\n{}", path.display(), first_disagreement(path, prompt));
+        panic!("{}: logits differ from the CPU's: max rel diff {d}, cosine {c}; first values off:\n{}", path.display(), first_disagreement(path, prompt, head));
     }
     let next = [7u32];
     let (want, got) = (cpu.eval(&next, false).unwrap(), gpu.eval(&next, false).unwrap());
@@ -101,7 +103,7 @@ fn cuda_agrees_with_the_cpu_on_synthetic_models() {
         return;
     }
     let dir = tmp_dir("cuda");
-    each_small_ternary_model(&dir, |path| compare(path, &[1, 17, 42, 99, 3, 250, 8]));
+    each_small_ternary_model(&dir, |path| compare(path, &[1, 17, 42, 99, 3, 250, 8], HeadQuant::Stored));
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -110,7 +112,7 @@ fn cuda_agrees_with_the_cpu_on_stories260k() {
     if !gpu_or_skip("cuda_agrees_with_the_cpu_on_stories260k") {
         return;
     }
-    compare(&stories(), &[1, 403, 407, 261, 378]);
+    compare(&stories(), &[1, 403, 407, 261, 378], HeadQuant::Stored);
     // The known greedy continuation, through the CLI.
     let o = bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "24", "--temp", "0", "--device", "cuda"]);
     let cpu = bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "24", "--temp", "0"]);
@@ -159,7 +161,8 @@ fn cuda_steps_many_sequences_as_the_cpu_runs_each_alone() {
 }
 
 /// `--head q8` on the GPU reads the same int8 rows as on the CPU: logits
-/// within the float budget of the CPU's `--head q8`, the same greedy tokens.
+/// within the float budget of the CPU's `--head q8`, the same decode step
+/// and greedy tokens.
 #[test]
 fn cuda_int8_head_agrees_with_the_cpus() {
     if !gpu_or_skip("cuda_int8_head_agrees_with_the_cpus") {
@@ -168,16 +171,7 @@ fn cuda_int8_head_agrees_with_the_cpus() {
     let dir = tmp_dir("cuda-q8");
     let path = dir.join("m.gguf");
     write_synth(&small_spec(DType::I2S, Activation::Silu), &path);
-    let load = |device| {
-        let mut opts = LoadOptions { threads: 2, backend: BackendKind::Compiled, device, ..Default::default() };
-        opts.pinned.head = HeadQuant::Q8;
-        Session::load(&path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    };
-    let (mut cpu, mut gpu) = (load(Device::Cpu), load(Device::Cuda));
-    let prompt = [1u32, 17, 42, 99, 3, 250, 8];
-    let (want, got) = (cpu.eval(&prompt, true).unwrap(), gpu.eval(&prompt, true).unwrap());
-    assert!(rel_diff(&got, &want) < 2e-3 && cosine(&got, &want) > 0.9999, "int8 head: max rel diff {}", rel_diff(&got, &want));
-    assert_eq!(greedy(&mut gpu, &prompt, 12), greedy(&mut cpu, &prompt, 12), "int8 head: greedy tokens differ");
+    compare(&path, &[1, 17, 42, 99, 3, 250, 8], HeadQuant::Q8);
     std::fs::remove_dir_all(dir).ok();
 }
 

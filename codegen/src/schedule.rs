@@ -217,6 +217,13 @@ pub struct Pinned {
     pub packing: Option<Packing>,
 }
 
+/// Whether `v` is the output head, the one product `--head` quantizes: a
+/// float matrix product whose result is a graph output.
+pub fn is_head(g: &Graph, v: Value) -> bool {
+    let node = g.node(v);
+    g.outputs.contains(&v) && matches!(node.op, Op::MatMul) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32)
+}
+
 /// The output head as stored, or quantized when the model is loaded
 /// (lossy: `bitnet perplexity --kl-divergence` measures by how much).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -299,8 +306,7 @@ pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> 
             }
             _ => continue,
         };
-        let head = g.outputs.contains(&v) && matches!(g.ty(node.args[1]).dtype, DType::F16 | DType::BF16 | DType::F32);
-        let quantized_head = if head { pinned.head.tiles(isa) } else { None };
+        let quantized_head = if is_head(g, v) { pinned.head.tiles(isa) } else { None };
         let (mut tiles, mut origin) = match (&node.op, pinned.ternary, quantized_head) {
             (Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. }, Some(t), _) => (Tiles::Ternary(t), TileOrigin::Pinned),
             (Op::MatMul, _, Some(t)) => (t, TileOrigin::Pinned),

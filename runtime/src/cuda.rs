@@ -927,6 +927,19 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
+    /// That `p`'s module compiles for sm_80 with every kernel in it, where
+    /// NVRTC is (CI has it and sets `BITNET_REQUIRE_NVRTC`).
+    fn compiles(p: &Program, what: &str) {
+        match cuda::nvrtc::library() {
+            Ok(_) => {
+                let ptx = cuda::nvrtc::compile(&cuda::module_source(&[p]), 80).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(p.kernels.iter().all(|k| ptx.contains(&format!(".entry {}", k.name))), "{what}: a kernel is missing from the PTX");
+            }
+            Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
+            Err(e) => eprintln!("{what} not compiled: {e}"),
+        }
+    }
+
     /// The step graph (a ragged batch: rows of several sequences, the
     /// logits of the rows asked for) on the paged cache: every kv_store
     /// and attention reads the block tables, select_rows picks the wanted
@@ -945,14 +958,7 @@ mod tests {
         let mut other = p.clone();
         other.block_shift += 1;
         assert!(check(&g, &other).unwrap_err().0.contains("KV blocks"));
-        match cuda::nvrtc::library() {
-            Ok(_) => {
-                let ptx = cuda::nvrtc::compile(&cuda::module_source(&[&p]), 80).unwrap();
-                assert!(p.kernels.iter().all(|k| ptx.contains(&format!(".entry {}", k.name))));
-            }
-            Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
-            Err(e) => eprintln!("the step's module not compiled: {e}"),
-        }
+        compiles(&p, "the step's module");
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -977,13 +983,7 @@ mod tests {
         assert_eq!(int8[0].2, vocab * (cuda::padded(hidden) + 4));
         assert!(list.iter().any(|w| w.0 == "token_embd.weight" && w.1 == Layout::Stored), "the embedding still reads the table as stored");
         assert!(crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Q4).is_err());
-        match cuda::nvrtc::library() {
-            Ok(_) => {
-                cuda::nvrtc::compile(&cuda::module_source(&[&p]), 80).unwrap();
-            }
-            Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
-            Err(e) => eprintln!("the q8 head's module not compiled: {e}"),
-        }
+        compiles(&p, "the q8 head's module");
         std::fs::remove_dir_all(dir).ok();
     }
 

@@ -247,12 +247,6 @@ impl Builder {
     }
 }
 
-/// Whether `v` is the output head: a float matrix product whose result is
-/// a graph output (as the CPU schedule decides it).
-fn is_head(g: &Graph, v: Value) -> bool {
-    g.outputs.contains(&v) && matches!(g.node(v).op, Op::MatMul) && matches!(g.ty(g.node(v).args[1]).dtype, DType::F16 | DType::BF16 | DType::F32)
-}
-
 /// The operands a program reads as int8 rows (`--head q8`): `(node,
 /// operand)` for each [`Arg::Int8Rows`] of its launches.
 pub fn int8_reads(p: &Program) -> Vec<(Value, usize)> {
@@ -347,7 +341,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 let key = crate::schedule::Workload::Float { n, k: kk, dtype: w.dtype }.key();
                 let t = tiles(&key);
                 chosen.push((v, key.0.clone(), t.to_string()));
-                match (head, is_head(g, v)) {
+                match (head, crate::schedule::is_head(g, v)) {
                     (HeadQuant::Stored, _) | (_, false) => {
                         let ty = device_float_type(w.dtype);
                         b.product(v, "matmul", n, t, |t| k::matmul(ty, n, kk, t), vec![Operand(1), Operand(0), Output, Rows(None)]);
