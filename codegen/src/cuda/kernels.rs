@@ -26,11 +26,19 @@ pub const PRELUDE: &str = r#"typedef unsigned int u32;
 typedef signed char i8;
 typedef unsigned short u16;
 __device__ __forceinline__ float ld_f32(const float* p, size_t i) { return p[i]; }
+#ifdef __CUDA_ARCH__
 __device__ __forceinline__ float f16_bits(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+#else
+__device__ __forceinline__ float f16_bits(u16 h) { return emu_f16_bits(h); }
+#endif
 __device__ __forceinline__ float bf16_bits(u16 h) { return __uint_as_float(((u32)h) << 16); }
 __device__ __forceinline__ float ld_f16(const u16* p, size_t i) { return f16_bits(p[i]); }
 __device__ __forceinline__ float ld_bf16(const u16* p, size_t i) { return bf16_bits(p[i]); }
+#ifdef __CUDA_ARCH__
 __device__ __forceinline__ float round_f16(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return ld_f16(&h, 0); }
+#else
+__device__ __forceinline__ float round_f16(float x) { return emu_f16_bits(emu_f16_round(x)); }
+#endif
 __device__ __forceinline__ float round_bf16(float x) {
     u32 b = __float_as_uint(x);
     if ((b & 0x7fffffffu) > 0x7f800000u) return __uint_as_float(b | 0x00400000u);
@@ -58,6 +66,8 @@ __device__ __forceinline__ void mma_s8(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u
 #if __CUDA_ARCH__ >= 800
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#elif defined(BITNET_EMULATOR)
+    emu_mma_s8(d, a0, a1, a2, a3, b0, b1);
 #else
     __trap();
 #endif

@@ -18,6 +18,7 @@
 //! one-token launch runs instead ([`Launch::one_token`]). The autotuner
 //! measures both on the GPU (`bitnet autotune --device cuda`).
 
+pub mod emulator;
 pub mod kernels;
 pub mod nvrtc;
 
@@ -165,6 +166,14 @@ pub struct Kernel {
     pub source: String,
 }
 
+impl Kernel {
+    /// The kernel `name` of a family's parameter list and body `code`
+    /// (from [`kernels`]), for blocks of at most `block` threads.
+    pub fn new(name: &str, block: u32, code: &str) -> Kernel {
+        Kernel { name: name.to_string(), source: format!("extern \"C\" __global__ void __launch_bounds__({block}) {name}{code}\n") }
+    }
+}
+
 /// A lowered graph: its kernels and the launches that run them, in graph
 /// order.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -216,15 +225,14 @@ impl Builder {
     fn kernel(&mut self, family: &str, block: u32, code: String) -> String {
         let text = format!("__launch_bounds__({block}) {code}");
         let mut name = format!("{family}_{:016x}", fnv1a(text.as_bytes()));
-        let source = |name: &str| format!("extern \"C\" __global__ void __launch_bounds__({block}) {name}{code}\n");
         // Equal source, one kernel; a hash collision (never seen) gets a suffix.
         while let Some(k) = self.kernels.iter().find(|k| k.name == name) {
-            if k.source == source(&name) {
+            if *k == Kernel::new(&name, block, &code) {
                 return name;
             }
             name.push('x');
         }
-        self.kernels.push(Kernel { name: name.clone(), source: source(&name) });
+        self.kernels.push(Kernel::new(&name, block, &code));
         name
     }
 

@@ -1,0 +1,174 @@
+// The CUDA C the kernels use, for the host: every CUDA thread of a block
+// is a thread here, `__syncthreads` a barrier of the block, a warp
+// shuffle (and the tensor cores' `mma`) an exchange through memory between
+// barriers of the warp. Blocks run one after another, so `__shared__`
+// variables are plain statics. Slow, and exact where the GPU is: for
+// testing the generated kernels on a machine without a GPU.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <math.h>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#define BITNET_EMULATOR 1
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+
+namespace emu {
+// A barrier that threads leave for good when they exit (as a CUDA thread
+// that returns stops counting for `__syncthreads`).
+class Barrier {
+    std::mutex m;
+    std::condition_variable cv;
+    int expected, arrived = 0;
+    uint64_t phase = 0;
+    void release() { arrived = 0; phase++; cv.notify_all(); }
+
+public:
+    explicit Barrier(int threads) : expected(threads) {}
+    void arrive_and_wait() {
+        std::unique_lock<std::mutex> l(m);
+        uint64_t p = phase;
+        if (++arrived == expected) release();
+        else cv.wait(l, [&] { return phase != p; });
+    }
+    void arrive_and_drop() {
+        std::unique_lock<std::mutex> l(m);
+        if (--expected > 0 && arrived == expected) release();
+    }
+};
+struct Warp {
+    Barrier bar;
+    uint64_t slot[32];
+    uint32_t a[32][4], b[32][2];
+    explicit Warp(int lanes) : bar(lanes) {}
+};
+struct Block {
+    Barrier all;
+    std::vector<std::unique_ptr<Warp>> warps;
+    std::vector<unsigned char> shared;
+    explicit Block(int threads) : all(threads) {}
+};
+inline thread_local dim3 tid;
+inline dim3 bid, bdim, gdim;
+inline Block* block = nullptr;
+
+inline Warp& warp() { return *block->warps[tid.x >> 5]; }
+
+// Runs `kernel` on every thread of every block of the grid, the blocks
+// one after another on the same `threads` host threads. Returns 0, or -1
+// when a thread threw (a `__trap`).
+inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<void()>& kernel) {
+    bdim = dim3{threads, 1, 1};
+    gdim = grid;
+    unsigned blocks = grid.x * grid.y * grid.z;
+    std::atomic<bool> failed{false};
+    Barrier start((int)threads + 1), end((int)threads + 1);
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; t++)
+        pool.emplace_back([&, t] {
+            tid = dim3{t, 0, 0};
+            for (unsigned i = 0; i < blocks; i++) {
+                start.arrive_and_wait();
+                try {
+                    kernel();
+                } catch (...) {
+                    failed = true;
+                }
+                // An exited thread no longer holds back its warp or block.
+                warp().bar.arrive_and_drop();
+                block->all.arrive_and_drop();
+                end.arrive_and_wait();
+            }
+        });
+    for (unsigned i = 0; i < blocks; i++) {
+        bid = dim3{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
+        Block b((int)threads);
+        for (unsigned w = 0; w < threads; w += 32) b.warps.push_back(std::make_unique<Warp>((int)std::min(32u, threads - w)));
+        // Shared memory starts as NaNs, so reading what no thread wrote shows.
+        b.shared.assign(shared, 0xff);
+        block = &b;
+        start.arrive_and_wait();
+        end.arrive_and_wait();
+        block = nullptr;
+    }
+    for (auto& p : pool) p.join();
+    return failed ? -1 : 0;
+}
+}  // namespace emu
+
+#define threadIdx (emu::tid)
+#define blockIdx (emu::bid)
+#define blockDim (emu::bdim)
+#define gridDim (emu::gdim)
+
+inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
+[[noreturn]] inline void __trap() { throw std::runtime_error("__trap"); }
+
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    static_assert(sizeof(T) <= 8, "a shuffle moves at most 8 bytes");
+    emu::Warp& w = emu::warp();
+    int lane = threadIdx.x & 31;
+    w.bar.arrive_and_wait();  // everyone has read the last exchange
+    std::memcpy(&w.slot[lane], &v, sizeof(T));
+    w.bar.arrive_and_wait();
+    T r;
+    std::memcpy(&r, &w.slot[lane ^ mask], sizeof(T));
+    return r;
+}
+
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
+
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; i++) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
+    return c;
+}
+
+inline float emu_f16_bits(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
+inline unsigned short emu_f16_round(float f) { _Float16 x = (_Float16)f; unsigned short h; std::memcpy(&h, &x, 2); return h; }
+
+// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 as the PTX ISA lays out
+// its fragments: lane = 4 · group + t; A's register r holds row
+// `group + 8·(r & 1)`, columns `4t + 16·(r >> 1) ..+4`; B's register r
+// holds rows `4t + 16r ..+4` of column `group`; D's value i is row
+// `group + 8·(i >> 1)`, column `2t + (i & 1)`.
+inline void emu_mma_s8(int* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    emu::Warp& w = emu::warp();
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    w.bar.arrive_and_wait();
+    w.a[lane][0] = a0; w.a[lane][1] = a1; w.a[lane][2] = a2; w.a[lane][3] = a3;
+    w.b[lane][0] = b0; w.b[lane][1] = b1;
+    w.bar.arrive_and_wait();
+    auto byte = [](uint32_t word, int k) { return (int)(int8_t)(word >> (8 * (k & 3))); };
+    for (int i = 0; i < 4; i++) {
+        int row = g + 8 * (i >> 1), col = 2 * t + (i & 1), sum = 0;
+        for (int k = 0; k < 32; k++) {
+            int a = byte(w.a[(row & 7) * 4 + ((k & 15) >> 2)][(row >> 3) + 2 * (k >> 4)], k);
+            int b = byte(w.b[col * 4 + ((k & 15) >> 2)][k >> 4], k);
+            sum += a * b;
+        }
+        d[i] += sum;
+    }
+}

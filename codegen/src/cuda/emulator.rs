@@ -1,0 +1,167 @@
+//! The generated CUDA C run on the CPU, for testing kernels where there is
+//! no GPU: the module is compiled by the host's C++ compiler (`g++`, or
+//! `$CXX`) against `emulator.h`, which runs every CUDA thread of a block
+//! as a thread, with barriers for `__syncthreads`, warp shuffles and the
+//! tensor cores' `mma`. Blocks run one after another.
+//!
+//! It checks what a kernel computes (its indexing, its reductions, the
+//! fragment layout of its `mma`s), not how fast it is; a launch of
+//! thousands of threads takes a while. Arguments follow the CUDA launch
+//! convention: one value a parameter, pointers as 64-bit addresses of
+//! host memory.
+
+use super::Kernel;
+use std::path::PathBuf;
+
+/// The host side of the CUDA C the kernels use.
+pub const HEADER: &str = include_str!("emulator.h");
+
+/// One kernel parameter's value.
+#[derive(Clone, Copy, Debug)]
+pub enum Param {
+    /// A buffer: the address of its first element.
+    Ptr(u64),
+    F32(f32),
+    I32(i32),
+}
+
+impl Param {
+    pub fn of<T>(buf: &mut [T]) -> Param {
+        Param::Ptr(buf.as_mut_ptr() as u64)
+    }
+}
+
+/// A module of kernels compiled for the host.
+pub struct Module {
+    lib: libloading::Library,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The parameter types of a kernel's source, `extern "C" __global__ void
+/// … name(T a, U b, …) {`, in order.
+fn param_types(k: &Kernel) -> Result<Vec<String>, String> {
+    let open = k.source.find(&format!("{}(", k.name)).ok_or_else(|| format!("{}: no parameter list", k.name))? + k.name.len() + 1;
+    let close = open + k.source[open..].find(')').ok_or_else(|| format!("{}: an open parameter list", k.name))?;
+    k.source[open..close]
+        .split(',')
+        .map(|p| {
+            let p = p.trim();
+            let at = p.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).ok_or_else(|| format!("{}: parameter `{p}` has no type", k.name))?;
+            Ok(p[..=at].trim().to_string())
+        })
+        .collect()
+}
+
+/// A kernel's source for the host: a block's dynamic shared memory
+/// (`extern __shared__ T name[];`) becomes a pointer into the emulator's.
+fn host_source(source: &str) -> String {
+    let mut out = String::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("extern __shared__ ") {
+        out += &rest[..at];
+        let decl = &rest[at + "extern __shared__ ".len()..];
+        let end = decl.find(';').unwrap_or(decl.len());
+        let (ty, name) = decl[..end].trim().trim_end_matches("[]").rsplit_once(' ').unwrap_or(("float", "shared"));
+        out += &format!("{ty}* {name} = ({ty}*)emu::block->shared.data()");
+        rest = &decl[end..];
+    }
+    out + rest
+}
+
+impl Module {
+    /// Compiles `prelude` and `kernels` for the host. Fails with the
+    /// compiler's message, or when there is no C++20 compiler.
+    pub fn build(prelude: &str, kernels: &[&Kernel]) -> Result<Module, String> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = TempDir(std::env::temp_dir().join(format!("bitnet-cuda-emulator-{}-{n}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
+        let mut src = format!("{HEADER}\n{prelude}\n");
+        for k in kernels {
+            src += &host_source(&k.source);
+            let types = param_types(k)?;
+            let call: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("*({t}*)args[{i}]")).collect();
+            src += &format!(
+                "extern \"C\" int emu_launch_{name}(unsigned gx, unsigned gy, unsigned block, size_t shared, void** args) {{\n    \
+                 return emu::run(dim3{{gx, gy, 1}}, block, shared, [=] {{ {name}({call}); }});\n}}\n",
+                name = k.name,
+                call = call.join(", ")
+            );
+        }
+        let (cpp, so) = (dir.0.join("module.cpp"), dir.0.join("module.so"));
+        std::fs::write(&cpp, src).map_err(|e| format!("{}: {e}", cpp.display()))?;
+        // `-fno-gnu-unique`: each module keeps its own emulator state (the
+        // block being run, the statics of `__shared__`), which GCC would
+        // otherwise make one per process across every module loaded.
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        let out = std::process::Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-fno-gnu-unique", "-w", "-o"])
+            .arg(&so)
+            .arg(&cpp)
+            .output()
+            .map_err(|e| format!("running {cxx}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{cxx} failed on {}:\n{}", cpp.display(), String::from_utf8_lossy(&out.stderr)));
+        }
+        // SAFETY: the library is the module just compiled; its initializers
+        // are the C++ runtime's.
+        let lib = unsafe { libloading::Library::new(&so) }.map_err(|e| format!("loading {}: {e}", so.display()))?;
+        Ok(Module { lib, _dir: dir })
+    }
+
+    /// Runs kernel `entry` on a grid of `(x, y)` blocks of `block` threads
+    /// with `shared` bytes of dynamic shared memory.
+    ///
+    /// # Safety
+    /// `params` must match the kernel's parameter list, and every pointer
+    /// must cover what the kernel reads and writes through it.
+    pub unsafe fn launch(&self, entry: &str, grid: (u32, u32), block: u32, shared: usize, params: &[Param]) -> Result<(), String> {
+        type Launch = unsafe extern "C" fn(u32, u32, u32, usize, *const *mut std::ffi::c_void) -> i32;
+        let symbol = format!("emu_launch_{entry}");
+        // SAFETY: `build` defined every `emu_launch_` entry with this signature.
+        let f: libloading::Symbol<Launch> = unsafe { self.lib.get(symbol.as_bytes()) }.map_err(|e| format!("{symbol}: {e}"))?;
+        let mut values: Vec<[u8; 8]> = params
+            .iter()
+            .map(|p| {
+                let mut b = [0u8; 8];
+                match *p {
+                    Param::Ptr(a) => b = a.to_ne_bytes(),
+                    Param::F32(x) => b[..4].copy_from_slice(&x.to_ne_bytes()),
+                    Param::I32(x) => b[..4].copy_from_slice(&x.to_ne_bytes()),
+                }
+                b
+            })
+            .collect();
+        let args: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+        // SAFETY: the caller vouches for the parameters.
+        match unsafe { f(grid.0, grid.1, block, shared, args.as_ptr()) } {
+            0 => Ok(()),
+            _ => Err(format!("{entry} trapped")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_types_come_from_the_source() {
+        let k = Kernel { name: "k_1".into(), source: "extern \"C\" __global__ void __launch_bounds__(32) k_1(const u32* w, float beta, int S) {\n}\n".into() };
+        assert_eq!(param_types(&k).unwrap(), ["const u32*", "float", "int"]);
+    }
+
+    #[test]
+    fn dynamic_shared_memory_becomes_the_blocks() {
+        let s = host_source("{\n    extern __shared__ float score[];\n    x;\n}");
+        assert_eq!(s, "{\n    float* score = (float*)emu::block->shared.data();\n    x;\n}");
+    }
+}

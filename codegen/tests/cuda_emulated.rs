@@ -1,0 +1,380 @@
+//! Every CUDA kernel family run on the CPU (`cuda::emulator`: one host
+//! thread per CUDA thread) against a plain reference, at awkward sizes:
+//! what the kernels compute is checked without a GPU, in CI. Integer
+//! products must agree bit for bit (the tensor cores' `mma` fragments
+//! included); float sums within the budget of their different order.
+//! Without a C++20 compiler the tests say so and skip.
+
+use bitnet_codegen::cpu::ternary::PackedTernary;
+use bitnet_codegen::cuda::emulator::{Module, Param};
+use bitnet_codegen::cuda::kernels::{self as k, CudaTiles, FloatType, TernaryEpilogue};
+use bitnet_codegen::cuda::{padded, Grid, Kernel};
+use bitnet_ir::{GateAct, RopeMode};
+
+/// A deterministic stream of numbers.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    /// Uniform in `[-1, 1)`.
+    fn float(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 30) as f32 - 1.0
+    }
+    fn below(&mut self, n: u32) -> i32 {
+        (self.next() % n) as i32
+    }
+}
+
+/// Bytes in 16-byte aligned memory, as the kernels' vector loads want them.
+struct Aligned(Vec<u128>);
+
+impl Aligned {
+    fn new(bytes: &[u8]) -> Aligned {
+        let mut v = vec![0u128; bytes.len().div_ceil(16).max(1)];
+        // SAFETY: the vector has at least `bytes.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len()) };
+        Aligned(v)
+    }
+    fn of<T: Copy>(values: &[T]) -> Aligned {
+        // SAFETY: plain numbers, read as their bytes.
+        Aligned::new(unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) })
+    }
+    fn ptr(&mut self) -> Param {
+        Param::Ptr(self.0.as_mut_ptr() as u64)
+    }
+}
+
+/// The kernels `(name, block, code)` compiled for the host, or `None`
+/// (said on stderr) where there is no C++20 compiler.
+fn build(test: &str, kernels: &[(&str, u32, String)]) -> Option<Module> {
+    let kernels: Vec<Kernel> = kernels.iter().map(|(n, b, c)| Kernel::new(n, *b, c)).collect();
+    match Module::build(k::PRELUDE, &kernels.iter().collect::<Vec<_>>()) {
+        Ok(m) => Some(m),
+        Err(e) if e.starts_with("running") => {
+            eprintln!("{test}: skipped: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+fn launch(m: &Module, entry: &str, grid: (u32, u32, u32), block: u32, shared: usize, params: &[Param]) {
+    // SAFETY: each test passes its kernel's parameters, with buffers sized
+    // for the launch.
+    unsafe { m.launch(entry, (grid.0, grid.1), block, shared, params) }.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Int8 activations of `s` tokens of `k` (padded to `kp`): codes, γ, Σq.
+fn activations(rng: &mut Rng, s: usize, kk: usize, kp: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+    let mut q = vec![0i8; s * kp];
+    for t in 0..s {
+        for j in 0..kk {
+            q[t * kp + j] = (rng.below(255) - 127) as i8;
+        }
+    }
+    let gamma: Vec<f32> = (0..s).map(|_| 10.0 + 100.0 * rng.float().abs()).collect();
+    let sum: Vec<i32> = (0..s).map(|t| q[t * kp..][..kp].iter().map(|&c| c as i32).sum()).collect();
+    (q, gamma, sum)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    assert!(!want.is_empty(), "{what}: nothing compared");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}: value {i} is {g}, want {w}");
+    }
+}
+
+#[test]
+fn ternary_products_are_exact_on_every_tile_shape() {
+    let tiles = [
+        CudaTiles::DEFAULT,
+        CudaTiles { warps: 1, tokens: 1, mma: false },
+        CudaTiles { warps: 8, tokens: 8, mma: false },
+        CudaTiles::MMA_DEFAULT,
+        CudaTiles { warps: 1, tokens: 16, mma: true },
+    ];
+    let mut rng = Rng(7);
+    for (n, kk) in [(1, 1), (3, 200), (37, 783)] {
+        let kp = padded(kk);
+        let values: Vec<Vec<i8>> = (0..2).map(|_| (0..n * kk).map(|_| rng.below(3) as i8 - 1).collect()).collect();
+        let beta = [0.37f32, 1.9];
+        let mut packed: Vec<Aligned> = (0..2)
+            .map(|w| Aligned::new(PackedTernary::from_rows(n, kk, 1, beta[w], |r, out| out.copy_from_slice(&values[w][r * kk..][..kk])).data().as_bytes()))
+            .collect();
+        let dot = |w: usize, q: &[i8], t: usize, r: usize| -> i32 { (0..kk).map(|j| values[w][r * kk + j] as i32 * q[t * kp + j] as i32).sum() };
+        let product = |w: usize, q: &[i8], gamma: &[f32], t: usize, r: usize| (dot(w, q, t, r) as f32 * beta[w]) / gamma[t];
+        let mut kernels = Vec::new();
+        for (i, t) in tiles.iter().enumerate() {
+            kernels.push((format!("tm{i}"), t.block(), k::ternary_matmul(n, kp, TernaryEpilogue { scale: true, residual: true }, *t)));
+            kernels.push((format!("glu{i}"), t.block(), k::ternary_glu(n, kp, GateAct::Relu2, false, *t)));
+        }
+        let named: Vec<(&str, u32, String)> = kernels.iter().map(|(a, b, c)| (a.as_str(), *b, c.clone())).collect();
+        let Some(m) = build("ternary products", &named) else { return };
+        for s in [1, 3, 9, 33] {
+            let (q, gamma, qsum) = activations(&mut rng, s, kk, kp);
+            let residual: Vec<f32> = (0..s * n).map(|_| rng.float()).collect();
+            let scale = [1.25f32];
+            let mut want = vec![0f32; s * n];
+            let mut want_glu = vec![0f32; s * n];
+            for t in 0..s {
+                for r in 0..n {
+                    want[t * n + r] = product(0, &q, &gamma, t, r) * scale[0] + residual[t * n + r];
+                    let g = product(0, &q, &gamma, t, r).max(0.0);
+                    want_glu[t * n + r] = g * g * product(1, &q, &gamma, t, r);
+                }
+            }
+            let (mut qb, mut gb, mut sb) = (Aligned::of(&q), Aligned::of(&gamma), Aligned::of(&qsum));
+            let (mut scale_b, mut res_b) = (Aligned::of(&scale), Aligned::of(&residual));
+            for (i, t) in tiles.iter().enumerate() {
+                let grid = t.grid(n).dims(s, t.block());
+                let mut out = vec![f32::NAN; s * n];
+                let params =
+                    [packed[0].ptr(), Param::F32(beta[0]), qb.ptr(), gb.ptr(), sb.ptr(), scale_b.ptr(), res_b.ptr(), Param::of(&mut out), Param::I32(s as i32)];
+                launch(&m, &format!("tm{i}"), grid, t.block(), 0, &params);
+                assert_eq!(out, want, "ternary_matmul {n}×{kk}, {s} tokens, {t}");
+                let mut out = vec![f32::NAN; s * n];
+                let params = [
+                    packed[0].ptr(),
+                    Param::F32(beta[0]),
+                    packed[1].ptr(),
+                    Param::F32(beta[1]),
+                    qb.ptr(),
+                    gb.ptr(),
+                    sb.ptr(),
+                    Param::of(&mut out),
+                    Param::I32(s as i32),
+                ];
+                launch(&m, &format!("glu{i}"), grid, t.block(), 0, &params);
+                assert_eq!(out, want_glu, "ternary_glu {n}×{kk}, {s} tokens, {t}");
+            }
+        }
+    }
+}
+
+#[test]
+fn int8_and_float_products_match_the_reference() {
+    let mut rng = Rng(11);
+    let t = CudaTiles::DEFAULT;
+    for (n, kk) in [(3, 1), (5, 783), (9, 784)] {
+        let kp = padded(kk);
+        let mut kernels = vec![("int8mm".to_string(), t.block(), k::int8_matmul(n, kp, t))];
+        for ty in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+            kernels.push((format!("mm_{}", ty.name()), t.block(), k::matmul(ty, n, kk, t)));
+        }
+        let named: Vec<(&str, u32, String)> = kernels.iter().map(|(a, b, c)| (a.as_str(), *b, c.clone())).collect();
+        let Some(m) = build("int8 and float products", &named) else { return };
+        let s = 5;
+        let grid = t.grid(n).dims(s, t.block());
+        // Int8 rows with a scale each.
+        let mut w = vec![0i8; n * kp];
+        for r in 0..n {
+            for j in 0..kk {
+                w[r * kp + j] = (rng.below(255) - 127) as i8;
+            }
+        }
+        let wscale: Vec<f32> = (0..n).map(|_| rng.float().abs() + 0.01).collect();
+        let (q, gamma, qsum) = activations(&mut rng, s, kk, kp);
+        let mut want = vec![0f32; s * n];
+        for tt in 0..s {
+            for r in 0..n {
+                let dot: i32 = (0..kp).map(|j| w[r * kp + j] as i32 * q[tt * kp + j] as i32).sum();
+                want[tt * n + r] = dot as f32 * wscale[r] / gamma[tt];
+            }
+        }
+        let mut out = vec![f32::NAN; s * n];
+        let (mut wb, mut sb, mut qb, mut gb, mut qs) = (Aligned::of(&w), Aligned::of(&wscale), Aligned::of(&q), Aligned::of(&gamma), Aligned::of(&qsum));
+        launch(&m, "int8mm", grid, t.block(), 0, &[wb.ptr(), sb.ptr(), qb.ptr(), gb.ptr(), qs.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+        assert_eq!(out, want, "int8_matmul {n}×{kk}");
+        // Float weights as stored.
+        let x: Vec<f32> = (0..s * kk).map(|_| rng.float()).collect();
+        let wf: Vec<f32> = (0..n * kk).map(|_| rng.float()).collect();
+        for ty in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+            let (bytes, values): (Vec<u8>, Vec<f32>) = match ty {
+                FloatType::F32 => (wf.iter().flat_map(|v| v.to_le_bytes()).collect(), wf.clone()),
+                FloatType::F16 => {
+                    (wf.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(), wf.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect())
+                }
+                FloatType::BF16 => {
+                    (wf.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(), wf.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect())
+                }
+            };
+            let mut want = vec![0f32; s * n];
+            for tt in 0..s {
+                for r in 0..n {
+                    want[tt * n + r] = (0..kk).map(|j| values[r * kk + j] as f64 * x[tt * kk + j] as f64).sum::<f64>() as f32;
+                }
+            }
+            let mut out = vec![f32::NAN; s * n];
+            let (mut wb, mut xb) = (Aligned::new(&bytes), Aligned::of(&x));
+            launch(&m, &format!("mm_{}", ty.name()), grid, t.block(), 0, &[wb.ptr(), xb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+            assert_close(&format!("matmul {} {n}×{kk}", ty.name()), &out, &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn quantized_rows_are_the_interpreters() {
+    let mut rng = Rng(3);
+    for kk in [1, 3, 783, 2560 + 32] {
+        let kp = padded(kk);
+        let eps = 1e-5f32;
+        let kernels = [("qn", k::NORM_BLOCK, k::quantize_rows(kk, kp, Some(eps))), ("rn", k::NORM_BLOCK, k::rms_norm(kk, eps))];
+        let Some(m) = build("quantized rows", &kernels) else { return };
+        let s = 3;
+        let x: Vec<f32> = (0..s * kk).map(|_| 4.0 * rng.float()).collect();
+        let w: Vec<f32> = (0..kk).map(|_| rng.float()).collect();
+        let (mut q, mut gamma, mut sum) = (vec![99i8; s * kp], vec![f32::NAN; s], vec![-1i32; s]);
+        let mut normed = vec![f32::NAN; s * kk];
+        let (mut xb, mut wb) = (Aligned::of(&x), Aligned::of(&w));
+        let grid = Grid::PerRow.dims(s, k::NORM_BLOCK);
+        launch(&m, "qn", grid, k::NORM_BLOCK, 0, &[xb.ptr(), wb.ptr(), Param::of(&mut q), Param::of(&mut gamma), Param::of(&mut sum), Param::I32(s as i32)]);
+        launch(&m, "rn", grid, k::NORM_BLOCK, 0, &[xb.ptr(), wb.ptr(), Param::of(&mut normed), Param::I32(s as i32)]);
+        for t in 0..s {
+            let row = &x[t * kk..][..kk];
+            let acc: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+            let inv = 1.0 / ((acc / kk as f64) as f32 + eps).sqrt();
+            let v: Vec<f32> = row.iter().zip(&w).map(|(&a, &b)| a * inv * b).collect();
+            assert_close(&format!("rms_norm of {kk}"), &normed[t * kk..][..kk], &v, 1e-6);
+            let amax = v.iter().fold(0f32, |m, a| m.max(a.abs())).max(1e-5);
+            let g = 127.0 / amax;
+            assert!((gamma[t] - g).abs() <= 1e-6 * g, "γ of {kk}: {} against {g}", gamma[t]);
+            let codes = &q[t * kp..][..kp];
+            assert!(codes[kk..].iter().all(|&c| c == 0), "padding codes of {kk}");
+            for (j, (&c, &a)) in codes.iter().zip(&v).enumerate() {
+                let want = (a * g).round().clamp(-128.0, 127.0);
+                // The order of the f64 sum may move a value across a rounding edge.
+                assert!((c as f32 - want).abs() <= 1.0, "code {j} of {kk}: {c} against {want}");
+            }
+            assert_eq!(sum[t], codes.iter().map(|&c| c as i32).sum::<i32>(), "Σq of {kk}");
+        }
+    }
+}
+
+#[test]
+fn paged_attention_reads_each_rows_own_blocks() {
+    let mut rng = Rng(5);
+    let (heads, kv_heads, shift) = (4, 2, 2u32);
+    for d in [64, 128, 3] {
+        let kernels = [("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)), ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift))];
+        let Some(m) = build("paged attention", &kernels) else { return };
+        let (block, pool, width) = (1usize << shift, 8usize, 4usize);
+        // Two sequences: the first's blocks 5, 2; the second's 0, 7, 3. This
+        // step: the first's positions 4..7, the second's 8 and 9.
+        let tables = [vec![5, 2, 0, 0], vec![0, 7, 3, 0]];
+        let rows = [(0usize, 4usize), (0, 5), (0, 6), (1, 8), (1, 9)];
+        let s = rows.len();
+        let at = |seq: usize, h: usize, p: usize| ((h * pool + tables[seq][p / block] as usize) * block + p % block) * d;
+        let mut kc: Vec<f32> = (0..kv_heads * pool * block * d).map(|_| rng.float()).collect();
+        let mut vc: Vec<f32> = (0..kv_heads * pool * block * d).map(|_| rng.float()).collect();
+        let q: Vec<f32> = (0..s * heads * d).map(|_| rng.float()).collect();
+        let kn: Vec<f32> = (0..s * kv_heads * d).map(|_| rng.float()).collect();
+        let vn: Vec<f32> = (0..s * kv_heads * d).map(|_| rng.float()).collect();
+        let pos: Vec<i32> = rows.iter().map(|r| r.1 as i32).collect();
+        let mut flat: Vec<i32> = rows.iter().flat_map(|r| tables[r.0].clone()).collect();
+        // What the cache holds after the store, and the attention over it.
+        let (mut kw, mut vw) = (kc.clone(), vc.clone());
+        for (i, &(seq, p)) in rows.iter().enumerate() {
+            for h in 0..kv_heads {
+                kw[at(seq, h, p)..][..d].copy_from_slice(&kn[(i * kv_heads + h) * d..][..d]);
+                vw[at(seq, h, p)..][..d].copy_from_slice(&vn[(i * kv_heads + h) * d..][..d]);
+            }
+        }
+        let mut want = vec![0f32; s * heads * d];
+        for (i, &(seq, p)) in rows.iter().enumerate() {
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                let qh = &q[(i * heads + h) * d..][..d];
+                let scores: Vec<f32> =
+                    (0..=p).map(|t| qh.iter().zip(&kw[at(seq, kvh, t)..][..d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt()).collect();
+                let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let e: Vec<f32> = scores.iter().map(|&x| (x - mx).exp()).collect();
+                let total: f32 = e.iter().sum();
+                for j in 0..d {
+                    want[(i * heads + h) * d + j] = (0..=p).map(|t| e[t] / total * vw[at(seq, kvh, t) + j]).sum();
+                }
+            }
+        }
+        let (mut qb, mut kb, mut vb, mut pb) = (Aligned::of(&q), Aligned::of(&kn), Aligned::of(&vn), Aligned::of(&pos));
+        let (w, b, sp) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32));
+        let store = [kb.ptr(), vb.ptr(), pb.ptr(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), sp];
+        launch(&m, "store", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &store);
+        assert_eq!(kc, kw, "keys stored, d = {d}");
+        assert_eq!(vc, vw, "values stored, d = {d}");
+        let mut out = vec![f32::NAN; s * heads * d];
+        let params = [qb.ptr(), kb.ptr(), vb.ptr(), pb.ptr(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut out), sp];
+        launch(&m, "attend", Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 4 * width * block, &params);
+        assert_close(&format!("attention, d = {d}"), &out, &want, 1e-5);
+    }
+}
+
+#[test]
+fn rows_rope_and_elementwise_kernels_match_the_reference() {
+    let mut rng = Rng(9);
+    let (row, d, s, vocab) = (24, 8, 3, 5);
+    let theta = 10000.0f32;
+    let kernels = [
+        ("rope_i", k::ROW_BLOCK, k::rope(row, d, RopeMode::Interleaved, theta)),
+        ("rope_n", k::ROW_BLOCK, k::rope(row, d, RopeMode::Neox, theta)),
+        ("pick_rows", k::ROW_BLOCK, k::select_rows(row)),
+        ("softmax", k::ROW_BLOCK, k::softmax(row)),
+        ("embed", k::ROW_BLOCK, k::embed(FloatType::F16, vocab, row)),
+        ("cast", k::ELEMENT_BLOCK, k::cast(FloatType::F16, row)),
+    ];
+    let Some(m) = build("rows", &kernels) else { return };
+    let x: Vec<f32> = (0..s * row).map(|_| 3.0 * rng.float()).collect();
+    let pos = [0i32, 5, 17];
+    let ts = theta.powf(-2.0 / d as f32);
+    for (entry, mode) in [("rope_i", RopeMode::Interleaved), ("rope_n", RopeMode::Neox)] {
+        let mut want = x.clone();
+        for t in 0..s {
+            for p in 0..row / 2 {
+                let (head, i) = (p / (d / 2), p % (d / 2));
+                let mut angle = pos[t] as f32;
+                for _ in 0..i {
+                    angle *= ts;
+                }
+                let (a, b) = match mode {
+                    RopeMode::Interleaved => (head * d + 2 * i, head * d + 2 * i + 1),
+                    RopeMode::Neox => (head * d + i, head * d + i + d / 2),
+                };
+                let (x0, x1) = (x[t * row + a], x[t * row + b]);
+                want[t * row + a] = x0 * angle.cos() - x1 * angle.sin();
+                want[t * row + b] = x0 * angle.sin() + x1 * angle.cos();
+            }
+        }
+        let mut out = vec![f32::NAN; s * row];
+        let (mut xb, mut pb) = (Aligned::of(&x), Aligned::of(&pos));
+        launch(&m, entry, Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.ptr(), pb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+        assert_close(entry, &out, &want, 1e-6);
+    }
+    // Rows 2 and 0, in that order.
+    let pick = [2i32, 0];
+    let mut out = vec![f32::NAN; 2 * row];
+    let (mut xb, mut pb) = (Aligned::of(&x), Aligned::of(&pick));
+    launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.ptr(), pb.ptr(), Param::of(&mut out), Param::I32(2)]);
+    assert_eq!(out, [&x[2 * row..3 * row], &x[..row]].concat());
+    let mut out = vec![f32::NAN; s * row];
+    launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+    for t in 0..s {
+        let r = &x[t * row..][..row];
+        let mx = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let total: f32 = r.iter().map(|&v| (v - mx).exp()).sum();
+        let want: Vec<f32> = r.iter().map(|&v| (v - mx).exp() / total).collect();
+        assert_close("softmax", &out[t * row..][..row], &want, 1e-6);
+    }
+    let table: Vec<half::f16> = (0..vocab * row).map(|_| half::f16::from_f32(rng.float())).collect();
+    let ids = [4i32, 0, 4];
+    let mut out = vec![f32::NAN; s * row];
+    let (mut tb, mut ib) = (Aligned::of(&table), Aligned::of(&ids));
+    launch(&m, "embed", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[tb.ptr(), ib.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+    let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * row..][..row].iter().map(|v| v.to_f32())).collect();
+    assert_eq!(out, want, "embed");
+    let mut out = vec![f32::NAN; s * row];
+    let grid = Grid::Elements { row }.dims(s, k::ELEMENT_BLOCK);
+    launch(&m, "cast", grid, k::ELEMENT_BLOCK, 0, &[xb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+    assert_eq!(out, x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>(), "cast to f16");
+}
