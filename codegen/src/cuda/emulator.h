@@ -1,12 +1,10 @@
 // The CUDA C the kernels use, for the host: every CUDA thread of a block
-// is a thread here, `__syncthreads` a barrier of the block, a warp
-// shuffle (and the tensor cores' `mma`) an exchange through memory between
+// is a fiber here, `__syncthreads` a barrier of the block, a warp shuffle
+// (and the tensor cores' `mma`) an exchange through memory between
 // barriers of the warp. Blocks run one after another, so `__shared__`
 // variables are plain statics. Slow, and exact where the GPU is: for
 // testing the generated kernels on a machine without a GPU.
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -16,9 +14,8 @@
 #include <functional>
 #include <math.h>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 #define BITNET_EMULATOR 1
@@ -34,25 +31,46 @@ struct alignas(16) int4 { int x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
 
 namespace emu {
+static dim3 tid, bid, bdim, gdim;
+
+// Each CUDA thread of a block is a fiber (a ucontext with a stack of its
+// own) on the one host thread; a fiber runs until it waits at a barrier
+// or returns, then the next one runs.
+struct Fiber {
+    ucontext_t ctx;
+    char* stack = nullptr;
+    bool done = false;
+};
+static ucontext_t scheduler;
+static std::vector<Fiber> fibers;
+static unsigned current;
+// Barriers released and fibers finished: a pass over the fibers that
+// changes neither is a deadlock.
+static uint64_t progress;
+static const std::function<void()>* body;
+static bool failed;
+constexpr size_t STACK = 256 * 1024;
+static struct FreeStacks {
+    ~FreeStacks() { for (auto& f : fibers) std::free(f.stack); }
+} free_stacks;
+
+inline void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
+
 // A barrier that threads leave for good when they exit (as a CUDA thread
 // that returns stops counting for `__syncthreads`).
 class Barrier {
-    std::mutex m;
-    std::condition_variable cv;
     int expected, arrived = 0;
     uint64_t phase = 0;
-    void release() { arrived = 0; phase++; cv.notify_all(); }
+    void release() { arrived = 0; phase++; progress++; }
 
 public:
     explicit Barrier(int threads) : expected(threads) {}
     void arrive_and_wait() {
-        std::unique_lock<std::mutex> l(m);
         uint64_t p = phase;
         if (++arrived == expected) release();
-        else cv.wait(l, [&] { return phase != p; });
+        else while (phase == p) yield();
     }
     void arrive_and_drop() {
-        std::unique_lock<std::mutex> l(m);
         if (--expected > 0 && arrived == expected) release();
     }
 };
@@ -68,51 +86,71 @@ struct Block {
     std::vector<unsigned char> shared;
     explicit Block(int threads) : all(threads) {}
 };
-inline thread_local dim3 tid;
-inline dim3 bid, bdim, gdim;
-inline Block* block = nullptr;
+static Block* block = nullptr;
 
 inline Warp& warp() { return *block->warps[tid.x >> 5]; }
 
+inline void entry() {
+    try {
+        (*body)();
+    } catch (...) {
+        failed = true;
+    }
+    // An exited thread no longer holds back its warp or block.
+    warp().bar.arrive_and_drop();
+    block->all.arrive_and_drop();
+    fibers[current].done = true;
+    progress++;
+}
+
 // Runs `kernel` on every thread of every block of the grid, the blocks
-// one after another on the same `threads` host threads. Returns 0, or -1
-// when a thread threw (a `__trap`).
+// one after another. Returns 0, -1 when a thread trapped, -2 when the
+// block's threads deadlocked (a barrier some never reach).
 inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<void()>& kernel) {
     bdim = dim3{threads, 1, 1};
     gdim = grid;
-    unsigned blocks = grid.x * grid.y * grid.z;
-    std::atomic<bool> failed{false};
-    Barrier start((int)threads + 1), end((int)threads + 1);
-    std::vector<std::thread> pool;
+    body = &kernel;
+    failed = false;
+    if (fibers.size() < threads) fibers.resize(threads);
     for (unsigned t = 0; t < threads; t++)
-        pool.emplace_back([&, t] {
-            tid = dim3{t, 0, 0};
-            for (unsigned i = 0; i < blocks; i++) {
-                start.arrive_and_wait();
-                try {
-                    kernel();
-                } catch (...) {
-                    failed = true;
+        if (!fibers[t].stack) fibers[t].stack = (char*)std::malloc(STACK);
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                bid = dim3{x, y, z};
+                Block b((int)threads);
+                for (unsigned w = 0; w < threads; w += 32) b.warps.push_back(std::make_unique<Warp>((int)std::min(32u, threads - w)));
+                // Shared memory starts as NaNs, so reading what no thread wrote shows.
+                b.shared.assign(shared, 0xff);
+                block = &b;
+                for (unsigned t = 0; t < threads; t++) {
+                    Fiber& f = fibers[t];
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack;
+                    f.ctx.uc_stack.ss_size = STACK;
+                    f.ctx.uc_link = &scheduler;
+                    makecontext(&f.ctx, entry, 0);
+                    f.done = false;
                 }
-                // An exited thread no longer holds back its warp or block.
-                warp().bar.arrive_and_drop();
-                block->all.arrive_and_drop();
-                end.arrive_and_wait();
+                for (bool live = true; live;) {
+                    live = false;
+                    uint64_t before = progress;
+                    for (unsigned t = 0; t < threads; t++) {
+                        if (fibers[t].done) continue;
+                        current = t;
+                        tid = dim3{t, 0, 0};
+                        swapcontext(&scheduler, &fibers[t].ctx);
+                        live |= !fibers[t].done;
+                    }
+                    if (live && progress == before) {
+                        block = nullptr;
+                        return -2;
+                    }
+                }
+                block = nullptr;
+                if (failed) return -1;
             }
-        });
-    for (unsigned i = 0; i < blocks; i++) {
-        bid = dim3{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
-        Block b((int)threads);
-        for (unsigned w = 0; w < threads; w += 32) b.warps.push_back(std::make_unique<Warp>((int)std::min(32u, threads - w)));
-        // Shared memory starts as NaNs, so reading what no thread wrote shows.
-        b.shared.assign(shared, 0xff);
-        block = &b;
-        start.arrive_and_wait();
-        end.arrive_and_wait();
-        block = nullptr;
-    }
-    for (auto& p : pool) p.join();
-    return failed ? -1 : 0;
+    return 0;
 }
 }  // namespace emu
 

@@ -1,8 +1,9 @@
 //! The generated CUDA C run on the CPU, for testing kernels where there is
 //! no GPU: the module is compiled by the host's C++ compiler (`g++`, or
 //! `$CXX`) against `emulator.h`, which runs every CUDA thread of a block
-//! as a thread, with barriers for `__syncthreads`, warp shuffles and the
-//! tensor cores' `mma`. Blocks run one after another.
+//! as a fiber on the calling thread, with barriers for `__syncthreads`,
+//! warp shuffles and the tensor cores' `mma` (a deadlock is an error, not
+//! a hang). Blocks run one after another.
 //!
 //! It checks what a kernel computes (its indexing, its reductions, the
 //! fragment layout of its `mma`s), not how fast it is; a launch of
@@ -34,6 +35,8 @@ impl Param {
 /// A module of kernels compiled for the host.
 pub struct Module {
     lib: libloading::Library,
+    /// The emulator's state is the module's: one launch at a time.
+    running: std::sync::Mutex<()>,
     _dir: TempDir,
 }
 
@@ -103,7 +106,7 @@ impl Module {
         // otherwise make one per process across every module loaded.
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
         let out = std::process::Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-fno-gnu-unique", "-w", "-o"])
+            .args(["-std=c++20", "-O1", "-fPIC", "-shared", "-fno-gnu-unique", "-w", "-o"])
             .arg(&so)
             .arg(&cpp)
             .output()
@@ -114,7 +117,7 @@ impl Module {
         // SAFETY: the library is the module just compiled; its initializers
         // are the C++ runtime's.
         let lib = unsafe { libloading::Library::new(&so) }.map_err(|e| format!("loading {}: {e}", so.display()))?;
-        Ok(Module { lib, _dir: dir })
+        Ok(Module { lib, running: std::sync::Mutex::new(()), _dir: dir })
     }
 
     /// Runs kernel `entry` on a grid of `(x, y)` blocks of `block` threads
@@ -141,9 +144,11 @@ impl Module {
             })
             .collect();
         let args: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the caller vouches for the parameters.
         match unsafe { f(grid.0, grid.1, block, shared, args.as_ptr()) } {
             0 => Ok(()),
+            -2 => Err(format!("{entry} deadlocked: some of a block's threads wait at a barrier the others never reach")),
             _ => Err(format!("{entry} trapped")),
         }
     }
