@@ -20,6 +20,7 @@ use crate::backend::KernelTimes;
 use crate::compiled::{assign_slots, Kind, NO_SLOT};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
+use bitnet_codegen::cuda::emulator::Param;
 use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
 use bitnet_ir::{Extent, Graph, Op};
@@ -494,94 +495,8 @@ impl CudaModel {
     }
 
     fn launch(&self, l: &Launch, e: Extent) -> Result<(), EvalError> {
-        let plan = &self.plan;
-        let node = plan.graph.node(l.value);
-        let rows_of = |v: bitnet_ir::Value| plan.graph.ty(v).resolve(e).first().copied().unwrap_or(1);
-        let mut ptrs: Vec<u64> = Vec::new();
-        let mut floats: Vec<f32> = Vec::new();
-        let mut ints: Vec<i32> = Vec::new();
-        enum P {
-            Ptr(usize),
-            F(usize),
-            I(usize),
-        }
-        let mut order = Vec::new();
-        let push_value = |v: bitnet_ir::Value, ptrs: &mut Vec<u64>, order: &mut Vec<P>| -> Result<(), EvalError> {
-            if let Op::Weight { name } = &plan.graph.node(v).op {
-                let Some(w) = self.weights.get(name) else { return err(format!("weight {name} is not on the device")) };
-                ptrs.push(match w {
-                    DevWeight::Packed { data, .. } | DevWeight::Bytes(data) | DevWeight::Int8 { q: data, .. } => ptr(data, &self.stream),
-                    DevWeight::F32(data) => ptr(data, &self.stream),
-                });
-                order.push(P::Ptr(ptrs.len() - 1));
-                return Ok(());
-            }
-            match &plan.bufs[plan.slot[v.index()]] {
-                Some(DevBuf::F32(b)) => ptrs.push(ptr(b, &self.stream)),
-                Some(DevBuf::I32(b)) => ptrs.push(ptr(b, &self.stream)),
-                Some(DevBuf::Q8 { q, gamma, sum }) => {
-                    for p in [ptr(q, &self.stream), ptr(gamma, &self.stream), ptr(sum, &self.stream)] {
-                        ptrs.push(p);
-                        order.push(P::Ptr(ptrs.len() - 1));
-                    }
-                    return Ok(());
-                }
-                None => return err(format!("{v} has no buffer")),
-            }
-            order.push(P::Ptr(ptrs.len() - 1));
-            Ok(())
-        };
-        let kv = || self.kv.as_ref().ok_or_else(|| EvalError("the KV cache is not on the device yet".into()));
-        for a in &l.args {
-            match *a {
-                Arg::Operand(i) => push_value(node.args[i], &mut ptrs, &mut order)?,
-                Arg::Output => push_value(l.value, &mut ptrs, &mut order)?,
-                Arg::Beta(i) => {
-                    let Op::Weight { name } = &plan.graph.node(node.args[i]).op else { return err("β of a computed value") };
-                    let Some(DevWeight::Packed { scale, .. }) = self.weights.get(name) else { return err(format!("{name} is not a packed ternary weight")) };
-                    floats.push(*scale);
-                    order.push(P::F(floats.len() - 1));
-                }
-                Arg::KeyCache(layer) | Arg::ValueCache(layer) => {
-                    let kv = kv()?;
-                    let cache = if matches!(a, Arg::KeyCache(_)) { &kv.keys } else { &kv.values };
-                    let Some(c) = cache.get(layer) else { return err(format!("no KV cache for layer {layer}")) };
-                    ptrs.push(ptr(c, &self.stream));
-                    order.push(P::Ptr(ptrs.len() - 1));
-                }
-                Arg::Scratch => {
-                    let Some(DevBuf::Q8 { q, gamma, sum }) = &plan.scratch else { return err("no int8 scratch buffer") };
-                    for p in [ptr(q, &self.stream), ptr(gamma, &self.stream), ptr(sum, &self.stream)] {
-                        ptrs.push(p);
-                        order.push(P::Ptr(ptrs.len() - 1));
-                    }
-                }
-                Arg::Int8Rows(i) => {
-                    let Op::Weight { name } = &plan.graph.node(node.args[i]).op else { return err("int8 rows of a computed value") };
-                    let Some(DevWeight::Int8 { q, scale }) = self.weights.get(&int8_key(name)) else {
-                        return err(format!("{name} has no int8 rows on the device"));
-                    };
-                    for p in [ptr(q, &self.stream), ptr(scale, &self.stream)] {
-                        ptrs.push(p);
-                        order.push(P::Ptr(ptrs.len() - 1));
-                    }
-                }
-                Arg::BlockTables => {
-                    let kv = kv()?;
-                    ptrs.push(ptr(&kv.tables, &self.stream));
-                    order.push(P::Ptr(ptrs.len() - 1));
-                    for n in [kv.width, kv.blocks] {
-                        ints.push(i32::try_from(n).map_err(|_| EvalError(format!("{n} KV blocks do not fit the kernels' 32-bit indices")))?);
-                        order.push(P::I(ints.len() - 1));
-                    }
-                }
-                Arg::Rows(i) => {
-                    ints.push(rows_of(i.map_or(l.value, |i| node.args[i])) as i32);
-                    order.push(P::I(ints.len() - 1));
-                }
-            }
-        }
-        let rows = rows_of(l.value);
+        let params = params(&self.plan.graph, l, e, self)?;
+        let rows = self.plan.graph.ty(l.value).resolve(e).first().copied().unwrap_or(1);
         let (entry, grid, block) = l.for_rows(rows);
         let grid = grid.dims(rows, block);
         if grid.0 == 0 || grid.1 == 0 {
@@ -594,11 +509,11 @@ impl CudaModel {
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared };
         let Some(f) = self.functions.get(entry) else { return err(format!("kernel {entry} is not in the module")) };
         let mut b = self.stream.launch_builder(f);
-        for p in &order {
-            match *p {
-                P::Ptr(i) => b.arg(&ptrs[i]),
-                P::F(i) => b.arg(&floats[i]),
-                P::I(i) => b.arg(&ints[i]),
+        for p in &params {
+            match p {
+                Param::Ptr(x) => b.arg(x),
+                Param::F32(x) => b.arg(x),
+                Param::I32(x) => b.arg(x),
             };
         }
         // SAFETY: the arguments follow the kernel's parameter list (the
@@ -607,6 +522,111 @@ impl CudaModel {
         // table entry names a block of the pool (`upload_step`).
         driver(&format!("launching {entry}"), unsafe { b.launch(cfg) })?;
         Ok(())
+    }
+}
+
+/// Where the parameters of a launch point: an executor's buffers, by
+/// what the lowering binds them to ([`Arg`]). The GPU's are device
+/// addresses; the tests' emulated executor's are host ones.
+pub(crate) trait Memory {
+    /// A value's buffer: one pointer, or three (codes, γ, Σq) for int8
+    /// activations; a weight's data.
+    fn value(&self, v: bitnet_ir::Value) -> Result<Vec<u64>, EvalError>;
+    /// β of the packed ternary weight `name`.
+    fn beta(&self, name: &str) -> Result<f32, EvalError>;
+    /// The int8 rows of the float weight `name`: codes and scales.
+    fn int8_rows(&self, name: &str) -> Result<[u64; 2], EvalError>;
+    /// Layer `layer`'s key (or, with `values`, value) blocks.
+    fn cache(&self, layer: usize, values: bool) -> Result<u64, EvalError>;
+    /// The int8 activations of launches that quantize their own input.
+    fn scratch(&self) -> Result<[u64; 3], EvalError>;
+    /// The block tables, their width and the blocks in the pool.
+    fn tables(&self) -> Result<(u64, usize, usize), EvalError>;
+}
+
+/// The parameters of launch `l` for a step of extent `e`, in the kernel's
+/// order (its `args`, written with it by the lowering).
+pub(crate) fn params(g: &Graph, l: &Launch, e: Extent, mem: &dyn Memory) -> Result<Vec<Param>, EvalError> {
+    let node = g.node(l.value);
+    let rows_of = |v: bitnet_ir::Value| g.ty(v).resolve(e).first().copied().unwrap_or(1);
+    let weight = |i: usize, what: &str| match &g.node(node.args[i]).op {
+        Op::Weight { name } => Ok(name.clone()),
+        _ => err(format!("{what} of a computed value")),
+    };
+    let ptrs = |p: &[u64]| p.iter().map(|&p| Param::Ptr(p)).collect::<Vec<_>>();
+    let mut out = Vec::new();
+    for a in &l.args {
+        match *a {
+            Arg::Operand(i) => out.extend(ptrs(&mem.value(node.args[i])?)),
+            Arg::Output => out.extend(ptrs(&mem.value(l.value)?)),
+            Arg::Beta(i) => out.push(Param::F32(mem.beta(&weight(i, "β")?)?)),
+            Arg::KeyCache(layer) => out.push(Param::Ptr(mem.cache(layer, false)?)),
+            Arg::ValueCache(layer) => out.push(Param::Ptr(mem.cache(layer, true)?)),
+            Arg::Scratch => out.extend(ptrs(&mem.scratch()?)),
+            Arg::Int8Rows(i) => out.extend(ptrs(&mem.int8_rows(&weight(i, "int8 rows")?)?)),
+            Arg::BlockTables => {
+                let (tables, width, blocks) = mem.tables()?;
+                out.push(Param::Ptr(tables));
+                for n in [width, blocks] {
+                    out.push(Param::I32(i32::try_from(n).map_err(|_| EvalError(format!("{n} KV blocks do not fit the kernels' 32-bit indices")))?));
+                }
+            }
+            Arg::Rows(i) => out.push(Param::I32(rows_of(i.map_or(l.value, |i| node.args[i])) as i32)),
+        }
+    }
+    Ok(out)
+}
+
+impl Memory for CudaModel {
+    fn value(&self, v: bitnet_ir::Value) -> Result<Vec<u64>, EvalError> {
+        let plan = &self.plan;
+        if let Op::Weight { name } = &plan.graph.node(v).op {
+            let Some(w) = self.weights.get(name) else { return err(format!("weight {name} is not on the device")) };
+            return Ok(vec![match w {
+                DevWeight::Packed { data, .. } | DevWeight::Bytes(data) | DevWeight::Int8 { q: data, .. } => ptr(data, &self.stream),
+                DevWeight::F32(data) => ptr(data, &self.stream),
+            }]);
+        }
+        match &plan.bufs[plan.slot[v.index()]] {
+            Some(DevBuf::F32(b)) => Ok(vec![ptr(b, &self.stream)]),
+            Some(DevBuf::I32(b)) => Ok(vec![ptr(b, &self.stream)]),
+            Some(DevBuf::Q8 { q, gamma, sum }) => Ok(vec![ptr(q, &self.stream), ptr(gamma, &self.stream), ptr(sum, &self.stream)]),
+            None => err(format!("{v} has no buffer")),
+        }
+    }
+
+    fn beta(&self, name: &str) -> Result<f32, EvalError> {
+        match self.weights.get(name) {
+            Some(DevWeight::Packed { scale, .. }) => Ok(*scale),
+            _ => err(format!("{name} is not a packed ternary weight")),
+        }
+    }
+
+    fn int8_rows(&self, name: &str) -> Result<[u64; 2], EvalError> {
+        match self.weights.get(&int8_key(name)) {
+            Some(DevWeight::Int8 { q, scale }) => Ok([ptr(q, &self.stream), ptr(scale, &self.stream)]),
+            _ => err(format!("{name} has no int8 rows on the device")),
+        }
+    }
+
+    fn cache(&self, layer: usize, values: bool) -> Result<u64, EvalError> {
+        let Some(kv) = &self.kv else { return err("the KV cache is not on the device yet") };
+        match (if values { &kv.values } else { &kv.keys }).get(layer) {
+            Some(c) => Ok(ptr(c, &self.stream)),
+            None => err(format!("no KV cache for layer {layer}")),
+        }
+    }
+
+    fn scratch(&self) -> Result<[u64; 3], EvalError> {
+        match &self.plan.scratch {
+            Some(DevBuf::Q8 { q, gamma, sum }) => Ok([ptr(q, &self.stream), ptr(gamma, &self.stream), ptr(sum, &self.stream)]),
+            _ => err("no int8 scratch buffer"),
+        }
+    }
+
+    fn tables(&self) -> Result<(u64, usize, usize), EvalError> {
+        let Some(kv) = &self.kv else { return err("the KV cache is not on the device yet") };
+        Ok((ptr(&kv.tables, &self.stream), kv.width, kv.blocks))
     }
 }
 
@@ -816,6 +836,41 @@ fn int8_key(name: &str) -> String {
     format!("{name}{INT8_SUFFIX}")
 }
 
+/// A weight in the layout its kernels read, still on the host.
+pub(crate) enum HostWeight<'a> {
+    Packed { data: std::borrow::Cow<'a, [u8]>, scale: f32 },
+    Int8(Int8Rows),
+    Bytes(&'a [u8]),
+    F32(Vec<f32>),
+}
+
+/// Weight `name` in `layout`: packed ternary from `prepacked` or packed
+/// now (dropping the mapped source pages), int8 rows, as stored, or f32.
+pub(crate) fn host_weight<'a>(
+    name: &str,
+    layout: Layout,
+    weights: &'a dyn WeightSource,
+    prepacked: &'a HashMap<String, PackedTernary>,
+) -> Result<HostWeight<'a>, EvalError> {
+    if let (Layout::Packed, Some(p)) = (layout, prepacked.get(name)) {
+        return Ok(HostWeight::Packed { data: p.data().as_bytes().into(), scale: p.scale });
+    }
+    // Int8 rows are named `int8_key(source)`.
+    let source = if layout == Layout::Int8 { name.strip_suffix(INT8_SUFFIX).unwrap_or(name) } else { name };
+    let Some(view) = weights.weight(source) else { return err(format!("missing tensor {source}")) };
+    Ok(match layout {
+        // The same rows the CPU's `--head q8` reads.
+        Layout::Int8 => HostWeight::Int8(Int8Rows::quantize(&view)),
+        Layout::Packed => {
+            let p = PackedTernary::from_weight(&view, 1).map_err(|e| EvalError(format!("{name}: {e}")))?;
+            weights.release(name);
+            HostWeight::Packed { data: p.data().as_bytes().to_vec().into(), scale: p.scale }
+        }
+        Layout::Stored => HostWeight::Bytes(view.data),
+        Layout::F32 => HostWeight::F32(view.to_f32()),
+    })
+}
+
 fn upload(
     stream: &Arc<CudaStream>,
     layouts: &[(String, Layout, usize)],
@@ -825,31 +880,21 @@ fn upload(
     let mut out = HashMap::new();
     let up = "uploading weights";
     for (name, layout, _) in layouts {
-        if let (Layout::Packed, Some(p)) = (layout, prepacked.get(name)) {
-            out.insert(name.clone(), DevWeight::Packed { data: driver(up, stream.clone_htod(p.data().as_bytes()))?, scale: p.scale });
-            continue;
-        }
-        // Int8 rows are named `int8_key(source)`.
-        let source = if *layout == Layout::Int8 { name.strip_suffix(INT8_SUFFIX).unwrap_or(name) } else { name };
-        let Some(view) = weights.weight(source) else { return err(format!("missing tensor {source}")) };
-        let w = match layout {
-            Layout::Int8 => {
-                // The same rows the CPU's `--head q8` reads.
-                let rows = Int8Rows::quantize(&view);
+        let w = match host_weight(name, *layout, weights, prepacked)? {
+            HostWeight::Packed { data, scale } => DevWeight::Packed { data: driver(up, stream.clone_htod(&data[..]))?, scale },
+            HostWeight::Int8(rows) => {
                 DevWeight::Int8 { q: driver(up, stream.clone_htod(rows.q.as_bytes()))?, scale: driver(up, stream.clone_htod(&rows.scale[..]))? }
             }
-            Layout::Packed => {
-                let p = PackedTernary::from_weight(&view, 1).map_err(|e| EvalError(format!("{name}: {e}")))?;
-                weights.release(name);
-                DevWeight::Packed { data: driver(up, stream.clone_htod(p.data().as_bytes()))?, scale: p.scale }
-            }
-            Layout::Stored => DevWeight::Bytes(driver(up, stream.clone_htod(view.data))?),
-            Layout::F32 => DevWeight::F32(driver(up, stream.clone_htod(&view.to_f32()))?),
+            HostWeight::Bytes(b) => DevWeight::Bytes(driver(up, stream.clone_htod(b))?),
+            HostWeight::F32(v) => DevWeight::F32(driver(up, stream.clone_htod(&v))?),
         };
         out.insert(name.clone(), w);
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod emulated;
 
 #[cfg(test)]
 mod tests {
@@ -862,7 +907,7 @@ mod tests {
     use bitnet_frontends::synth::{self, SynthShape, SynthSpec};
     use bitnet_ir::DType;
 
-    fn model(weight_type: DType) -> (Model, std::path::PathBuf) {
+    pub(super) fn model(weight_type: DType) -> (Model, std::path::PathBuf) {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("bitnet-cuda-host-{}-{n}", std::process::id()));

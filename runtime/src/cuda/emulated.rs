@@ -1,0 +1,254 @@
+//! The executor's launches run on the CPU (`cuda::emulator`), so that a
+//! whole lowered step (the kernels, the parameters `params` binds for
+//! them, the weights as `host_weight` lays them out, the paged cache and
+//! its block tables) is checked against the interpreter without a GPU.
+
+use super::*;
+use bitnet_codegen::cuda::emulator::Module;
+use bitnet_codegen::schedule::HeadQuant;
+use bitnet_frontends::model::Model;
+use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
+use bitnet_ir::{DType, Value};
+
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain numbers, read as their bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Host memory the kernels read and write through raw addresses: 16-byte
+/// aligned, zeroed.
+struct HostBuf {
+    ptr: *mut u128,
+    len: usize,
+}
+
+impl HostBuf {
+    fn zeroed(bytes: usize) -> HostBuf {
+        let len = bytes.div_ceil(16).max(1);
+        let ptr = Box::into_raw(vec![0u128; len].into_boxed_slice()).cast::<u128>();
+        HostBuf { ptr, len }
+    }
+    fn of(bytes: &[u8]) -> HostBuf {
+        let b = HostBuf::zeroed(bytes.len());
+        // SAFETY: the buffer holds at least `bytes.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), b.ptr.cast::<u8>(), bytes.len()) };
+        b
+    }
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+    fn write<T: Copy>(&self, values: &[T]) {
+        assert!(std::mem::size_of_val(values) <= self.len * 16);
+        // SAFETY: in bounds (checked), and no kernel runs meanwhile.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.cast::<T>(), values.len()) };
+    }
+    fn read_f32(&self, n: usize) -> Vec<f32> {
+        assert!(n * 4 <= self.len * 16);
+        // SAFETY: in bounds (checked), and no kernel runs meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<f32>(), n) }.to_vec()
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::into_raw` of a slice of `len`.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
+/// A lowered step graph run by the emulator over its own paged cache.
+struct Emulated {
+    graph: Graph,
+    program: Program,
+    module: Module,
+    weights: HashMap<String, (HostBuf, f32)>,
+    int8: HashMap<String, [HostBuf; 2]>,
+    values: HashMap<Value, Vec<HostBuf>>,
+    scratch: Vec<HostBuf>,
+    cache: Vec<[HostBuf; 2]>,
+    tables: HostBuf,
+    width: usize,
+    blocks: usize,
+    context: usize,
+}
+
+impl Emulated {
+    fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize) -> Option<Emulated> {
+        let (graph, program) = crate::lowering::lower_cuda(&model.step_graph().unwrap(), 80, None, head).unwrap();
+        check(&graph, &program).unwrap();
+        let module = match Module::build(cuda::kernels::PRELUDE, &program.kernels.iter().collect::<Vec<_>>()) {
+            Ok(m) => m,
+            Err(e) if e.starts_with("running") => {
+                eprintln!("skipped: {e}");
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let (mut weights, mut int8) = (HashMap::new(), HashMap::new());
+        let none = HashMap::new();
+        for (name, layout, bytes) in layouts(&[(&graph, &program)], model, &none).unwrap() {
+            let w = host_weight(&name, layout, model, &none).unwrap();
+            match w {
+                HostWeight::Packed { data, scale } => drop(weights.insert(name, (HostBuf::of(&data), scale))),
+                HostWeight::Bytes(b) => drop(weights.insert(name, (HostBuf::of(b), 0.0))),
+                HostWeight::F32(v) => drop(weights.insert(name, (HostBuf::of(bytes_of(&v)), 0.0))),
+                HostWeight::Int8(rows) => {
+                    assert_eq!(bytes, rows.q.as_bytes().len() + 4 * rows.scale[..].len(), "{name}: the bytes layouts() counts");
+                    let key = name.strip_suffix(INT8_SUFFIX).unwrap().to_string();
+                    int8.insert(key, [HostBuf::of(rows.q.as_bytes()), HostBuf::of(bytes_of(&rows.scale[..]))]);
+                }
+            }
+        }
+        let positions = 1usize << program.block_shift;
+        let mut cache = Vec::new();
+        for (_, node) in graph.iter() {
+            if let Op::Attention { kv_heads, head_dim, .. } = node.op {
+                let bytes = 4 * blocks * positions * kv_heads * head_dim;
+                cache.push([HostBuf::zeroed(bytes), HostBuf::zeroed(bytes)]);
+            }
+        }
+        let width = context.div_ceil(positions);
+        let tables = HostBuf::zeroed(0);
+        Some(Emulated { graph, program, module, weights, int8, values: HashMap::new(), scratch: Vec::new(), cache, tables, width, blocks, context })
+    }
+
+    /// One step's logits, as `CudaModel::eval` computes them.
+    fn eval(&mut self, tokens: &[i32], positions: &[i32], out_rows: &[i32], tables: &[&[u32]]) -> Vec<f32> {
+        let e = Extent::new(tokens.len(), out_rows.len());
+        self.values.clear();
+        for (v, node) in self.graph.iter() {
+            if matches!(node.op, Op::Weight { .. }) {
+                continue;
+            }
+            let shape = node.ty.resolve(e);
+            let rows = if shape.len() >= 2 { shape[0] } else { 1 };
+            let bufs = match node.ty.dtype {
+                DType::Q8Row => vec![HostBuf::zeroed(rows * cuda::padded(*shape.last().unwrap())), HostBuf::zeroed(4 * rows), HostBuf::zeroed(4 * rows)],
+                _ => vec![HostBuf::zeroed(4 * shape.iter().product::<usize>())],
+            };
+            if let Op::Input { name } = &node.op {
+                bufs[0].write(match name.as_str() {
+                    "tokens" => tokens,
+                    "positions" => positions,
+                    _ => out_rows,
+                });
+            }
+            self.values.insert(v, bufs);
+        }
+        let kp = self
+            .program
+            .launches
+            .iter()
+            .filter(|l| l.args.contains(&Arg::Scratch))
+            .map(|l| cuda::padded(*self.graph.ty(self.graph.node(l.value).args[0]).resolve(e).last().unwrap()));
+        let kp = kp.max().unwrap_or(0);
+        self.scratch = vec![HostBuf::zeroed(tokens.len() * kp), HostBuf::zeroed(4 * tokens.len()), HostBuf::zeroed(4 * tokens.len())];
+        let mut flat = vec![0i32; tokens.len() * self.width];
+        for (i, t) in tables.iter().enumerate() {
+            flat[i * self.width..][..t.len()].iter_mut().zip(*t).for_each(|(o, &b)| *o = b as i32);
+        }
+        self.tables = HostBuf::of(bytes_of(&flat));
+        for l in &self.program.launches {
+            let params = params(&self.graph, l, e, self).unwrap();
+            let rows = self.graph.ty(l.value).resolve(e).first().copied().unwrap_or(1);
+            let (entry, grid, block) = l.for_rows(rows);
+            let grid = grid.dims(rows, block);
+            let shared = if l.shared == Shared::PerPosition { 4 * self.context } else { 0 };
+            // SAFETY: `params` binds the kernel's parameters as the GPU's
+            // executor does, to buffers sized for this step.
+            unsafe { self.module.launch(entry, (grid.0, grid.1), block, shared, &params) }.unwrap();
+        }
+        let o = *self.graph.outputs.last().unwrap();
+        self.values[&o][0].read_f32(self.graph.ty(o).resolve(e).iter().product())
+    }
+}
+
+impl Memory for Emulated {
+    fn value(&self, v: Value) -> Result<Vec<u64>, EvalError> {
+        if let Op::Weight { name } = &self.graph.node(v).op {
+            return Ok(vec![self.weights[name].0.addr()]);
+        }
+        Ok(self.values[&v].iter().map(HostBuf::addr).collect())
+    }
+    fn beta(&self, name: &str) -> Result<f32, EvalError> {
+        Ok(self.weights[name].1)
+    }
+    fn int8_rows(&self, name: &str) -> Result<[u64; 2], EvalError> {
+        let [q, s] = &self.int8[name];
+        Ok([q.addr(), s.addr()])
+    }
+    fn cache(&self, layer: usize, values: bool) -> Result<u64, EvalError> {
+        Ok(self.cache[layer][values as usize].addr())
+    }
+    fn scratch(&self) -> Result<[u64; 3], EvalError> {
+        Ok([self.scratch[0].addr(), self.scratch[1].addr(), self.scratch[2].addr()])
+    }
+    fn tables(&self) -> Result<(u64, usize, usize), EvalError> {
+        Ok((self.tables.addr(), self.width, self.blocks))
+    }
+}
+
+/// The interpreter on the same optimized graph: one sequence's rows.
+fn reference(model: &Model, graph: &Graph, kv: &mut KvCache, tokens: &[i32], first: i32, out_rows: &[i32]) -> Vec<f32> {
+    let positions: Vec<i32> = (first..first + tokens.len() as i32).collect();
+    let inputs = [("tokens", Tensor::ids(tokens.to_vec())), ("positions", Tensor::ids(positions)), ("out_rows", Tensor::ids(out_rows.to_vec()))];
+    match Interpreter::new(model, 1).eval(graph, &inputs, kv).unwrap().pop() {
+        Some(Tensor::F32 { data, .. }) => data,
+        _ => panic!("no logits"),
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(scale > 0.0, "{what}: all-zero logits");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 2e-3 * scale, "{what}: logit {i} is {g}, the interpreter's {w}");
+    }
+}
+
+/// Two sequences through the lowered step, each in blocks of its own: a
+/// prompt (the tensor-core kernels), a ragged step of the second's prompt
+/// beside the first's next token, then a lone decode token (the `dp4a`
+/// kernels). Every wanted row's logits are the interpreter's.
+#[test]
+fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
+    for dtype in [DType::I2S, DType::TQ1_0] {
+        let (model, dir) = super::tests::model(dtype);
+        let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64) else { return };
+        let graph = gpu.graph.clone();
+        let (mut kv0, mut kv1) = (KvCache::new(), KvCache::new());
+        let (first, second): (&[u32], &[u32]) = (&[4], &[1, 5]);
+        let prompt = [1, 17, 42, 99, 3];
+        let got = gpu.eval(&prompt, &[0, 1, 2, 3, 4], &[0, 2, 4], &[first; 5]);
+        assert_close(&format!("{dtype}: a prompt"), &got, &reference(&model, &graph, &mut kv0, &prompt, 0, &[0, 2, 4]));
+        // The second sequence's 3-token prompt beside the first's next token.
+        let got = gpu.eval(&[7, 8, 9, 11], &[0, 1, 2, 5], &[2, 3], &[second, second, second, first]);
+        let want = [reference(&model, &graph, &mut kv1, &[7, 8, 9], 0, &[2]), reference(&model, &graph, &mut kv0, &[11], 5, &[0])].concat();
+        assert_close(&format!("{dtype}: a ragged step"), &got, &want);
+        let got = gpu.eval(&[12], &[3], &[0], &[second]);
+        assert_close(&format!("{dtype}: a decode step"), &got, &reference(&model, &graph, &mut kv1, &[12], 3, &[0]));
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+/// `--head q8` through the lowered step: the head's own quantizing launch
+/// and its int8 product over the rows `host_weight` quantizes. Its logits
+/// are the stored head's within int8 rounding (the GPU test compares them
+/// with the CPU's q8 head exactly).
+#[test]
+fn an_int8_head_runs_through_the_lowered_step() {
+    let (model, dir) = super::tests::model(DType::I2S);
+    let Some(mut q8) = Emulated::new(&model, HeadQuant::Q8, 2, 32) else { return };
+    let Some(mut stored) = Emulated::new(&model, HeadQuant::Stored, 2, 32) else { return };
+    let (tokens, positions, table): (&[i32], &[i32], &[u32]) = (&[5, 6, 7], &[0, 1, 2], &[1]);
+    let got = q8.eval(tokens, positions, &[0, 2], &[table; 3]);
+    let want = stored.eval(tokens, positions, &[0, 2], &[table; 3]);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 0.03 * scale, "logit {i}: the int8 head's {g}, the stored head's {w}");
+    }
+    assert_ne!(got, want, "the int8 head rounds");
+    std::fs::remove_dir_all(dir).ok();
+}
