@@ -193,7 +193,9 @@ fn describe_artifact(path: &std::path::Path, out: &mut String) -> anyhow::Result
     writeln!(out, "source: {} ({}, content hash {})", h.source.path, human(h.source.bytes as usize), h.source.hash)?;
     writeln!(out, "target: {}, fingerprint {}: {}", h.target.device, h.target.fingerprint, h.target.description)?;
     let gpu = bitnet_runtime::cuda::device();
+    let stale = h.cuda.as_ref().is_some_and(|c| c.step.is_none());
     match (a.check_target(path), h.target.device.as_str(), &gpu) {
+        (_, "cuda", _) if stale => writeln!(out, "runs here: no: an earlier bitnet-rs compiled its CUDA kernels for one sequence at a time; compile it again")?,
         (_, "cuda", Err(e)) => writeln!(out, "runs here: no: {e}")?,
         (_, "cuda", Ok((_, name))) => writeln!(out, "runs here: on {name}, if it is sm_{} or later", h.cuda.as_ref().map_or(0, |c| c.sm))?,
         (Ok(w), _, _) if w.is_empty() => writeln!(out, "runs here: yes")?,
