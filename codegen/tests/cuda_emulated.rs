@@ -378,3 +378,50 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
     launch(&m, "cast", grid, k::ELEMENT_BLOCK, 0, &[xb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
     assert_eq!(out, x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>(), "cast to f16");
 }
+
+/// The fused launch (RoPE of queries and keys, keys and values stored in
+/// their blocks) computes exactly what `rope` twice and `kv_store` do.
+#[test]
+fn fused_rope_and_store_equal_the_separate_kernels() {
+    let mut rng = Rng(13);
+    let (heads, kv_heads, d, shift, theta) = (4, 2, 16, 2u32, 10000.0f32);
+    for mode in [RopeMode::Interleaved, RopeMode::Neox] {
+        let kernels = [
+            ("fused", k::ROW_BLOCK, k::rope_kv_store(heads, kv_heads, d, mode, theta, shift)),
+            ("rope_q", k::ROW_BLOCK, k::rope(heads * d, d, mode, theta)),
+            ("rope_k", k::ROW_BLOCK, k::rope(kv_heads * d, d, mode, theta)),
+            ("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)),
+        ];
+        let Some(m) = build("fused rope and store", &kernels) else { return };
+        let (pool, width, s) = (6usize, 3usize, 4usize);
+        let pos = [0i32, 5, 6, 9];
+        let mut tables: Vec<i32> = vec![2, 0, 0, 4, 1, 0, 4, 1, 0, 5, 3, 0];
+        let q: Vec<f32> = (0..s * heads * d).map(|_| rng.float()).collect();
+        let kk: Vec<f32> = (0..s * kv_heads * d).map(|_| rng.float()).collect();
+        let v: Vec<f32> = (0..s * kv_heads * d).map(|_| rng.float()).collect();
+        let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| rng.float()).collect();
+        let (mut qb, mut kb, mut vb, mut pb) = (Aligned::of(&q), Aligned::of(&kk), Aligned::of(&v), Aligned::of(&pos));
+        let (w, b, sp, grid) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32), Grid::PerRow.dims(s, k::ROW_BLOCK));
+        // Separately: RoPE of each, then the store of the rotated keys.
+        let (mut rq, mut rk) = (vec![f32::NAN; q.len()], vec![f32::NAN; kk.len()]);
+        launch(&m, "rope_q", grid, k::ROW_BLOCK, 0, &[qb.ptr(), pb.ptr(), Param::of(&mut rq), sp]);
+        launch(&m, "rope_k", grid, k::ROW_BLOCK, 0, &[kb.ptr(), pb.ptr(), Param::of(&mut rk), sp]);
+        let (mut kc, mut vc) = (cache.clone(), cache.clone());
+        launch(
+            &m,
+            "store",
+            grid,
+            k::ROW_BLOCK,
+            0,
+            &[Param::of(&mut rk), vb.ptr(), pb.ptr(), Param::of(&mut tables), w, b, Param::of(&mut kc), Param::of(&mut vc), sp],
+        );
+        // Fused.
+        let (mut fq, mut fkc, mut fvc) = (vec![f32::NAN; q.len()], cache.clone(), cache.clone());
+        let params = [qb.ptr(), kb.ptr(), vb.ptr(), pb.ptr(), Param::of(&mut tables), w, b, Param::of(&mut fkc), Param::of(&mut fvc), Param::of(&mut fq), sp];
+        launch(&m, "fused", grid, k::ROW_BLOCK, 0, &params);
+        assert_eq!(fq, rq, "{mode:?}: rotated queries");
+        assert_eq!(fkc, kc, "{mode:?}: stored keys");
+        assert_eq!(fvc, vc, "{mode:?}: stored values");
+        assert_ne!(kc, cache, "{mode:?}: the store wrote");
+    }
+}

@@ -72,6 +72,9 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
         for shift in [0, 4, 8] {
             add(k::kv_store(kv_heads, d, shift));
             add(k::attention(heads, kv_heads, d, shift));
+            for mode in [RopeMode::Interleaved, RopeMode::Neox] {
+                add(k::rope_kv_store(heads, kv_heads, d, mode, 500000.0, shift));
+            }
         }
         for mode in [RopeMode::Interleaved, RopeMode::Neox] {
             add(k::rope(heads * d, d, mode, 500000.0));

@@ -17,7 +17,7 @@ use bitnet_codegen::cpu::ternary::{self, PackedTernary, QuantActs};
 use bitnet_codegen::cpu::{attention, float, ops, vmath, Isa, Pool};
 use bitnet_codegen::schedule::{Schedule, Tiles};
 use bitnet_ir::interp::{kernels, EvalError, KvStore, WeightSource};
-use bitnet_ir::{ActQuant, DType, Extent, Graph, Op};
+use bitnet_ir::{ActQuant, DType, Extent, Graph, Op, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -84,14 +84,20 @@ pub(crate) const NO_SLOT: usize = usize::MAX;
 
 /// The buffer each computed value lives in (`NO_SLOT` for weights) and
 /// each buffer's kind: a value's buffer is reused once the value is dead.
-/// A result never shares a buffer with its own operands.
-pub(crate) fn assign_slots(graph: &Graph) -> (Vec<usize>, Vec<Kind>) {
+/// A result never shares a buffer with its own operands. `extra` lists
+/// reads the graph does not show, `(value, at)`: a launch for `at` that
+/// reads `value` (a fused kernel reading the operand of a node it does the
+/// work of); `value` then lives until `at`.
+pub(crate) fn assign_slots(graph: &Graph, extra: &[(Value, Value)]) -> (Vec<usize>, Vec<Kind>) {
     let n = graph.nodes.len();
     let mut last_use = vec![0usize; n];
     for (v, node) in graph.iter() {
         for a in &node.args {
             last_use[a.index()] = v.index();
         }
+    }
+    for &(x, at) in extra {
+        last_use[x.index()] = last_use[x.index()].max(at.index());
     }
     for o in &graph.outputs {
         last_use[o.index()] = usize::MAX;
@@ -115,7 +121,8 @@ pub(crate) fn assign_slots(graph: &Graph) -> (Vec<usize>, Vec<Kind>) {
                 kinds.len() - 1
             }
         };
-        for a in &node.args {
+        let read_here = extra.iter().filter(|e| e.1 == v).map(|e| e.0);
+        for a in node.args.iter().copied().chain(read_here) {
             let s = slot[a.index()];
             if s != NO_SLOT && last_use[a.index()] == v.index() && !free.contains(&s) {
                 free.push(s);
@@ -128,7 +135,7 @@ pub(crate) fn assign_slots(graph: &Graph) -> (Vec<usize>, Vec<Kind>) {
 impl Plan {
     fn new(graph: Graph, schedule: Schedule) -> Plan {
         let n = graph.nodes.len();
-        let (slot, kinds) = assign_slots(&graph);
+        let (slot, kinds) = assign_slots(&graph, &[]);
         let bufs = kinds
             .iter()
             .map(|k| match k {

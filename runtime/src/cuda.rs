@@ -558,6 +558,7 @@ pub(crate) fn params(g: &Graph, l: &Launch, e: Extent, mem: &dyn Memory) -> Resu
     for a in &l.args {
         match *a {
             Arg::Operand(i) => out.extend(ptrs(&mem.value(node.args[i])?)),
+            Arg::OperandOf(i, j) => out.extend(ptrs(&mem.value(g.node(node.args[i]).args[j])?)),
             Arg::Output => out.extend(ptrs(&mem.value(l.value)?)),
             Arg::Beta(i) => out.push(Param::F32(mem.beta(&weight(i, "β")?)?)),
             Arg::KeyCache(layer) => out.push(Param::Ptr(mem.cache(layer, false)?)),
@@ -639,18 +640,33 @@ fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-impl DevPlan {
-    fn new((graph, program): (Graph, Program)) -> DevPlan {
-        let (mut slot, mut kinds) = assign_slots(&graph);
-        // Inputs are uploaded before the first launch (and outside a
-        // captured graph), so none may share its buffer with another value.
-        for (v, node) in graph.iter() {
-            let s = slot[v.index()];
-            if matches!(node.op, Op::Input { .. }) && slot.iter().enumerate().any(|(i, &o)| o == s && i != v.index()) {
-                kinds.push(kinds[s]);
-                slot[v.index()] = kinds.len() - 1;
+/// Each value's buffer and each buffer's kind for running `program`: the
+/// CPU's plan, with the reads of fused launches, and inputs in buffers of
+/// their own (they are uploaded before the first launch, and outside a
+/// captured graph).
+pub(crate) fn slots(graph: &Graph, program: &Program) -> (Vec<usize>, Vec<Kind>) {
+    let mut extra = Vec::new();
+    for l in &program.launches {
+        for a in &l.args {
+            if let Arg::OperandOf(i, j) = *a {
+                extra.push((graph.node(graph.node(l.value).args[i]).args[j], l.value));
             }
         }
+    }
+    let (mut slot, mut kinds) = assign_slots(graph, &extra);
+    for (v, node) in graph.iter() {
+        let s = slot[v.index()];
+        if matches!(node.op, Op::Input { .. }) && slot.iter().enumerate().any(|(i, &o)| o == s && i != v.index()) {
+            kinds.push(kinds[s]);
+            slot[v.index()] = kinds.len() - 1;
+        }
+    }
+    (slot, kinds)
+}
+
+impl DevPlan {
+    fn new((graph, program): (Graph, Program)) -> DevPlan {
+        let (slot, kinds) = slots(&graph, &program);
         let n = kinds.len();
         DevPlan {
             graph,
@@ -750,6 +766,7 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
         let ok = [l.block].into_iter().chain(l.one_token.as_ref().map(|v| v.block)).all(|b| b > 0 && b <= 1024)
             && l.args.iter().all(|a| match *a {
                 Arg::Operand(i) | Arg::Beta(i) | Arg::Int8Rows(i) | Arg::Rows(Some(i)) => operand_ok(i),
+                Arg::OperandOf(i, j) => operand_ok(i) && g.nodes.get(node.args[i].index()).is_some_and(|n| j < n.args.len()),
                 Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::BlockTables | Arg::Scratch | Arg::Output | Arg::Rows(None) => true,
             });
         if !ok {
@@ -995,8 +1012,9 @@ mod tests {
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         let count = |family: &str| p.launches.iter().filter(|l| l.entry.starts_with(family)).count();
         let layers = m.config.layers;
-        assert_eq!((count("kv_store_"), count("attention_"), count("select_rows_"), count("last_row_")), (layers, layers, 1, 0));
-        for l in p.launches.iter().filter(|l| l.entry.starts_with("kv_store_") || l.entry.starts_with("attention_")) {
+        // RoPE of the queries and keys goes into the store's launch.
+        assert_eq!((count("rope_kv_store_"), count("rope_"), count("attention_"), count("select_rows_"), count("last_row_")), (layers, layers, layers, 1, 0));
+        for l in p.launches.iter().filter(|l| l.entry.starts_with("rope_kv_store_") || l.entry.starts_with("attention_")) {
             assert!(l.args.contains(&Arg::BlockTables), "{}", l.entry);
         }
         check(&g, &p).unwrap();
@@ -1029,6 +1047,29 @@ mod tests {
         assert!(list.iter().any(|w| w.0 == "token_embd.weight" && w.1 == Layout::Stored), "the embedding still reads the table as stored");
         assert!(crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Q4).is_err());
         compiles(&p, "the q8 head's module");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// The queries' and keys' RoPE go into the attention's first launch,
+    /// which then reads the RoPE nodes' operands: those keep their buffers
+    /// until it has run.
+    #[test]
+    fn fused_rope_reads_buffers_nothing_else_takes() {
+        let (m, dir) = model(DType::I2S);
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
+        let (slot, _) = slots(&g, &p);
+        let mut fused = 0;
+        for l in &p.launches {
+            for a in &l.args {
+                let Arg::OperandOf(i, j) = *a else { continue };
+                let x = g.node(g.node(l.value).args[i]).args[j];
+                for w in (x.index() + 1..l.value.index()).filter(|&w| slot[w] != NO_SLOT) {
+                    assert_ne!(slot[w], slot[x.index()], "{} takes the buffer of {x}, which {} reads", bitnet_ir::Value(w as u32), l.value);
+                }
+                fused += 1;
+            }
+        }
+        assert_eq!(fused, 2 * m.config.layers, "queries and keys of every layer");
         std::fs::remove_dir_all(dir).ok();
     }
 

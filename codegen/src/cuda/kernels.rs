@@ -592,35 +592,46 @@ pub fn matmul(ty: FloatType, n: usize, k: usize, tiles: CudaTiles) -> String {
     )
 }
 
-/// RoPE on rows of `row` floats (heads of `d`), angles `p · θ_scale^i`
-/// built by repeated multiplication as the interpreter builds them.
-/// Grid: `S` blocks; one thread per (head, pair).
-pub fn rope(row: usize, d: usize, mode: RopeMode, theta: f32) -> String {
+/// The loop of RoPE over the pairs of a row of `row` floats at `xr`
+/// (heads of `d`, position `pos`): angles `p · θ_scale^i` built by
+/// repeated multiplication as the interpreter builds them; `store(a, v)`
+/// writes rotated value `v` of index `a`.
+fn rope_pairs(row: usize, d: usize, mode: RopeMode, theta: f32, xr: &str, pos: &str, store: &dyn Fn(&str, &str) -> String) -> String {
     let theta_scale = theta.powf(-2.0 / d as f32);
-    let (a, b) = match mode {
-        RopeMode::Interleaved => ("2 * i", "2 * i + 1"),
-        RopeMode::Neox => ("i", "i + {half}"),
-    };
     let half = d / 2;
-    let (a, b) = (a.replace("{half}", &half.to_string()), b.replace("{half}", &half.to_string()));
+    let (a, b) = match mode {
+        RopeMode::Interleaved => ("2 * i".to_string(), "2 * i + 1".to_string()),
+        RopeMode::Neox => ("i".to_string(), format!("i + {half}")),
+    };
     format!(
-        r#"(const float* x, const int* pos, float* out, int S) {{
-    const float* xr = x + (size_t)blockIdx.x * {row};
-    float* o = out + (size_t)blockIdx.x * {row};
-    for (int p = threadIdx.x; p < {pairs}; p += blockDim.x) {{
+        r#"    for (int p = threadIdx.x; p < {pairs}; p += blockDim.x) {{
         int head = p / {half}, i = p % {half};
-        float angle = (float)pos[blockIdx.x];
+        float angle = (float)({pos});
         for (int j = 0; j < i; j++) angle *= {ts};
         float sn, cs;
         sincosf(angle, &sn, &cs);
         int a = head * {d} + {a}, b = head * {d} + {b};
-        float x0 = xr[a], x1 = xr[b];
-        o[a] = x0 * cs - x1 * sn;
-        o[b] = x0 * sn + x1 * cs;
-    }}
-}}"#,
+        float x0 = {xr}[a], x1 = {xr}[b];
+        {store_a};
+        {store_b};
+    }}"#,
         pairs = row / 2,
-        ts = float(theta_scale)
+        ts = float(theta_scale),
+        store_a = store("a", "x0 * cs - x1 * sn"),
+        store_b = store("b", "x0 * sn + x1 * cs"),
+    )
+}
+
+/// RoPE on rows of `row` floats (heads of `d`), as [`rope_pairs`].
+/// Grid: `S` blocks; one thread per (head, pair).
+pub fn rope(row: usize, d: usize, mode: RopeMode, theta: f32) -> String {
+    let pairs = rope_pairs(row, d, mode, theta, "xr", "pos[blockIdx.x]", &|i, v| format!("o[{i}] = {v}"));
+    format!(
+        r#"(const float* x, const int* pos, float* out, int S) {{
+    const float* xr = x + (size_t)blockIdx.x * {row};
+    float* o = out + (size_t)blockIdx.x * {row};
+{pairs}
+}}"#
     )
 }
 
@@ -656,6 +667,32 @@ pub fn kv_store(kv_heads: usize, d: usize, shift: u32) -> String {
 }}"#,
         params = KV_PARAMS,
         at = kv_offset(shift, d, &format!("j / {d}"), "p", "s"),
+    )
+}
+
+/// RoPE on the queries and keys of the `S` tokens and the keys and values
+/// stored into one layer's paged cache, in one launch: the queries (`heads`
+/// heads of `d`) to `q_out`, the rotated keys (`kv_heads` heads) and the
+/// values straight into their blocks, as [`rope`] then [`kv_store`] compute
+/// them. Grid: `S` blocks.
+pub fn rope_kv_store(heads: usize, kv_heads: usize, d: usize, mode: RopeMode, theta: f32, shift: u32) -> String {
+    let kv_row = kv_heads * d;
+    let at = |j: &str| format!("{} + ({j}) % {d}", kv_offset(shift, d, &format!("({j}) / {d}"), "position", "s"));
+    let q = rope_pairs(heads * d, d, mode, theta, "qr", "position", &|i, v| format!("qo[{i}] = {v}"));
+    let k = rope_pairs(kv_row, d, mode, theta, "kr", "position", &|i, v| format!("kc[{}] = {v}", at(i)));
+    format!(
+        r#"(const float* q, const float* k, const float* v, const int* pos, {params}float* kc, float* vc, float* q_out, int S) {{
+    int s = blockIdx.x, position = pos[s];
+    const float* qr = q + (size_t)s * {q_row};
+    const float* kr = k + (size_t)s * {kv_row};
+    float* qo = q_out + (size_t)s * {q_row};
+{q}
+{k}
+    for (int j = threadIdx.x; j < {kv_row}; j += blockDim.x) vc[{at_j}] = v[(size_t)s * {kv_row} + j];
+}}"#,
+        params = KV_PARAMS,
+        q_row = heads * d,
+        at_j = at("j"),
     )
 }
 

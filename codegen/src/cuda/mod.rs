@@ -33,6 +33,9 @@ pub enum Arg {
     /// The node's operand `i`: one pointer, or three (codes, γ, Σq) for
     /// int8 activations.
     Operand(usize),
+    /// Operand `j` of the node's operand `i` (a launch that does the work
+    /// of the node before it too, which then has no launch of its own).
+    OperandOf(usize, usize),
     /// β, the scale of the packed ternary weight that is operand `i` (f32).
     Beta(usize),
     /// Layer `l`'s key blocks (f32, `[kv_heads][blocks][positions][d]`).
@@ -271,6 +274,37 @@ pub fn int8_reads(p: &Program) -> Vec<(Value, usize)> {
     out
 }
 
+/// The attention nodes whose queries and keys are RoPE of the same
+/// positions that nothing else reads: each with its two RoPE nodes, whose
+/// work the attention's first launch does (then the keys go from the
+/// registers to the cache, and the RoPE nodes get no launch).
+fn rope_into_attention(g: &Graph) -> Vec<(Value, [Value; 2], bitnet_ir::RopeMode, f32)> {
+    let mut uses = vec![0usize; g.nodes.len()];
+    for (_, node) in g.iter() {
+        for a in &node.args {
+            uses[a.index()] += 1;
+        }
+    }
+    for o in &g.outputs {
+        uses[o.index()] += 1;
+    }
+    let mut out = Vec::new();
+    for (v, node) in g.iter() {
+        let Op::Attention { head_dim, .. } = node.op else { continue };
+        let [q, kk, _, pos] = node.args[..] else { continue };
+        let rope = |x: Value| match &g.node(x).op {
+            Op::Rope { mode, theta, head_dim: d } if *d == head_dim && uses[x.index()] == 1 && g.node(x).args.get(1) == Some(&pos) => Some((*mode, *theta)),
+            _ => None,
+        };
+        if let (Some(a), Some(b)) = (rope(q), rope(kk)) {
+            if a.0 == b.0 && a.1.to_bits() == b.1.to_bits() && q != kk {
+                out.push((v, [q, kk], a.0, a.1));
+            }
+        }
+    }
+    out
+}
+
 /// Lowers an optimized graph for CUDA. `tiles` gives each matrix
 /// product's tiles from its workload key. Keys and values go to a paged
 /// cache of blocks of `1 << block_shift` positions, which the rows of a
@@ -284,6 +318,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
     let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
     let mut chosen = Vec::new();
     let (rb, eb, nb) = (k::ROW_BLOCK, k::ELEMENT_BLOCK, k::NORM_BLOCK);
+    let rotated = rope_into_attention(g);
     for (v, node) in g.iter() {
         let refuse = |why: &str| Err(format!("{v} = {}: the CUDA backend {why}", node.op.mnemonic()));
         let ty = &node.ty;
@@ -361,13 +396,24 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                     (HeadQuant::Q4, true) => return refuse("reads the head as stored or as int8 rows (--head q8), not in 4 bits"),
                 }
             }
+            Op::Rope { .. } if rotated.iter().any(|r| r.1.contains(&v)) => {}
             Op::Rope { mode, theta, head_dim } => {
                 b.launch(v, "rope", k::rope(cols, *head_dim, *mode, *theta), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::Attention { layer, heads, kv_heads, head_dim } => {
                 let cache = [BlockTables, KeyCache(*layer), ValueCache(*layer)];
-                let store = [&[Operand(1), Operand(2), Operand(3)][..], &cache, &[Rows(None)]].concat();
-                b.launch(v, "kv_store", k::kv_store(*kv_heads, *head_dim, block_shift), Grid::PerRow, rb, store);
+                match rotated.iter().find(|r| r.0 == v) {
+                    Some(&(_, _, mode, theta)) => {
+                        // The queries' and keys' RoPE and the store in one launch.
+                        let code = k::rope_kv_store(*heads, *kv_heads, *head_dim, mode, theta, block_shift);
+                        let args = [&[OperandOf(0, 0), OperandOf(1, 0), Operand(2), Operand(3)][..], &cache, &[Operand(0), Rows(None)]].concat();
+                        b.launch(v, "rope_kv_store", code, Grid::PerRow, rb, args);
+                    }
+                    None => {
+                        let store = [&[Operand(1), Operand(2), Operand(3)][..], &cache, &[Rows(None)]].concat();
+                        b.launch(v, "kv_store", k::kv_store(*kv_heads, *head_dim, block_shift), Grid::PerRow, rb, store);
+                    }
+                }
                 let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim, block_shift));
                 b.launches.push(Launch {
                     value: v,

@@ -1,7 +1,7 @@
 //! The executor's launches run on the CPU (`cuda::emulator`), so that a
 //! whole lowered step (the kernels, the parameters `params` binds for
-//! them, the weights as `host_weight` lays them out, the paged cache and
-//! its block tables) is checked against the interpreter without a GPU.
+//! them, the buffers as `slots` shares them, the weights as `host_weight`
+//! lays them out, the paged cache and its block tables) is checked against the interpreter without a GPU.
 
 use super::*;
 use bitnet_codegen::cuda::emulator::Module;
@@ -63,7 +63,9 @@ struct Emulated {
     module: Module,
     weights: HashMap<String, (HostBuf, f32)>,
     int8: HashMap<String, [HostBuf; 2]>,
-    values: HashMap<Value, Vec<HostBuf>>,
+    /// Each value's buffer (the GPU executor's plan: values share them).
+    slot: Vec<usize>,
+    bufs: Vec<Vec<HostBuf>>,
     scratch: Vec<HostBuf>,
     cache: Vec<[HostBuf; 2]>,
     tables: HostBuf,
@@ -109,31 +111,39 @@ impl Emulated {
         }
         let width = context.div_ceil(positions);
         let tables = HostBuf::zeroed(0);
-        Some(Emulated { graph, program, module, weights, int8, values: HashMap::new(), scratch: Vec::new(), cache, tables, width, blocks, context })
+        let slot = slots(&graph, &program).0;
+        Some(Emulated { graph, program, module, weights, int8, slot, bufs: Vec::new(), scratch: Vec::new(), cache, tables, width, blocks, context })
     }
 
     /// One step's logits, as `CudaModel::eval` computes them.
     fn eval(&mut self, tokens: &[i32], positions: &[i32], out_rows: &[i32], tables: &[&[u32]]) -> Vec<f32> {
         let e = Extent::new(tokens.len(), out_rows.len());
-        self.values.clear();
+        // Each buffer as large as the largest value it holds: codes, γ and
+        // Σq bytes for int8 activations, else 4 bytes a value.
+        let kinds = slots(&self.graph, &self.program).1;
+        let mut bytes = vec![[0usize; 3]; kinds.len()];
         for (v, node) in self.graph.iter() {
-            if matches!(node.op, Op::Weight { .. }) {
+            let s = self.slot[v.index()];
+            if s == NO_SLOT {
                 continue;
             }
             let shape = node.ty.resolve(e);
             let rows = if shape.len() >= 2 { shape[0] } else { 1 };
-            let bufs = match node.ty.dtype {
-                DType::Q8Row => vec![HostBuf::zeroed(rows * cuda::padded(*shape.last().unwrap())), HostBuf::zeroed(4 * rows), HostBuf::zeroed(4 * rows)],
-                _ => vec![HostBuf::zeroed(4 * shape.iter().product::<usize>())],
+            let need = match node.ty.dtype {
+                DType::Q8Row => [rows * cuda::padded(*shape.last().unwrap()), 4 * rows, 4 * rows],
+                _ => [4 * shape.iter().product::<usize>(), 0, 0],
             };
+            bytes[s] = std::array::from_fn(|i| bytes[s][i].max(need[i]));
+        }
+        self.bufs = bytes.iter().zip(kinds).map(|(b, k)| b[..if k == Kind::Q8 { 3 } else { 1 }].iter().map(|&n| HostBuf::zeroed(n)).collect()).collect();
+        for (v, node) in self.graph.iter() {
             if let Op::Input { name } = &node.op {
-                bufs[0].write(match name.as_str() {
+                self.bufs[self.slot[v.index()]][0].write(match name.as_str() {
                     "tokens" => tokens,
                     "positions" => positions,
                     _ => out_rows,
                 });
             }
-            self.values.insert(v, bufs);
         }
         let kp = self
             .program
@@ -159,7 +169,7 @@ impl Emulated {
             unsafe { self.module.launch(entry, (grid.0, grid.1), block, shared, &params) }.unwrap();
         }
         let o = *self.graph.outputs.last().unwrap();
-        self.values[&o][0].read_f32(self.graph.ty(o).resolve(e).iter().product())
+        self.bufs[self.slot[o.index()]][0].read_f32(self.graph.ty(o).resolve(e).iter().product())
     }
 }
 
@@ -168,7 +178,7 @@ impl Memory for Emulated {
         if let Op::Weight { name } = &self.graph.node(v).op {
             return Ok(vec![self.weights[name].0.addr()]);
         }
-        Ok(self.values[&v].iter().map(HostBuf::addr).collect())
+        Ok(self.bufs[self.slot[v.index()]].iter().map(HostBuf::addr).collect())
     }
     fn beta(&self, name: &str) -> Result<f32, EvalError> {
         Ok(self.weights[name].1)
