@@ -1012,8 +1012,9 @@ mod tests {
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         let count = |family: &str| p.launches.iter().filter(|l| l.entry.starts_with(family)).count();
         let layers = m.config.layers;
-        // RoPE of the queries and keys goes into the store's launch.
-        assert_eq!((count("rope_kv_store_"), count("rope_"), count("attention_"), count("select_rows_"), count("last_row_")), (layers, layers, layers, 1, 0));
+        // RoPE of the queries and keys goes into the store's launch: no RoPE of its own.
+        let fused = count("rope_kv_store_");
+        assert_eq!((fused, count("rope_") - fused, count("attention_"), count("select_rows_"), count("last_row_")), (layers, 0, layers, 1, 0));
         for l in p.launches.iter().filter(|l| l.entry.starts_with("rope_kv_store_") || l.entry.starts_with("attention_")) {
             assert!(l.args.contains(&Arg::BlockTables), "{}", l.entry);
         }
