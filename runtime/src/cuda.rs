@@ -365,7 +365,6 @@ impl CudaModel {
         }
         let Some(kv) = &mut self.kv else { return err("the KV cache is not on the device yet (CudaModel::allocate_kv)") };
         let shift = self.plan.program.block_shift;
-        let mut flat = vec![0i32; rows * kv.width];
         for (i, (&p, table)) in step.positions.iter().zip(step.tables).enumerate() {
             if p < 0 || p as usize >= self.context {
                 return err(format!("position {p} is outside the context of {}", self.context));
@@ -373,8 +372,8 @@ impl CudaModel {
             if table.len() > kv.width || (p as usize >> shift) >= table.len() || table.iter().any(|&b| b as usize >= kv.blocks) {
                 return err(format!("row {i}: position {p} with a block table of {} blocks (of {} on the device)", table.len(), kv.blocks));
             }
-            flat[i * kv.width..][..table.len()].iter_mut().zip(*table).for_each(|(o, &b)| *o = b as i32);
         }
+        let flat = flat_tables(step.tables, kv.width);
         let alloc = "allocating block tables";
         if kv.table_rows < rows {
             kv.tables = driver(alloc, self.stream.alloc_zeros::<i32>(rows * kv.width))?;
@@ -496,17 +495,11 @@ impl CudaModel {
 
     fn launch(&self, l: &Launch, e: Extent) -> Result<(), EvalError> {
         let params = params(&self.plan.graph, l, e, self)?;
-        let rows = self.plan.graph.ty(l.value).resolve(e).first().copied().unwrap_or(1);
-        let (entry, grid, block) = l.for_rows(rows);
-        let grid = grid.dims(rows, block);
+        let (entry, grid, block, shared) = geometry(l, &self.plan.graph, e, self.context);
         if grid.0 == 0 || grid.1 == 0 {
             return Ok(());
         }
-        let shared = match l.shared {
-            Shared::None => 0,
-            Shared::PerPosition => (self.context * 4) as u32,
-        };
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
         let Some(f) = self.functions.get(entry) else { return err(format!("kernel {entry} is not in the module")) };
         let mut b = self.stream.launch_builder(f);
         for p in &params {
@@ -664,6 +657,63 @@ pub(crate) fn slots(graph: &Graph, program: &Program) -> (Vec<usize>, Vec<Kind>)
     (slot, kinds)
 }
 
+/// What each buffer of the plan `slot`/`kinds` holds at most in a step of
+/// extent `e`: elements (codes for int8 activations) and rows.
+pub(crate) fn buffer_sizes(graph: &Graph, slot: &[usize], kinds: &[Kind], e: Extent) -> (Vec<usize>, Vec<usize>) {
+    let mut need = vec![0usize; kinds.len()];
+    let mut need_rows = vec![0usize; kinds.len()];
+    for (v, node) in graph.iter() {
+        let s = slot[v.index()];
+        if s == NO_SLOT {
+            continue;
+        }
+        let shape = node.ty.resolve(e);
+        let rows = if shape.len() >= 2 { shape[0] } else { 1 };
+        let elems = match kinds[s] {
+            Kind::Q8 => rows * cuda::padded(*shape.last().unwrap_or(&1)),
+            _ => shape.iter().product(),
+        };
+        need[s] = need[s].max(elems);
+        need_rows[s] = need_rows[s].max(rows);
+    }
+    (need, need_rows)
+}
+
+/// The codes and rows of the int8 activations of launches that quantize
+/// their own input ([`Arg::Scratch`]), in a step of extent `e`.
+pub(crate) fn scratch_size(graph: &Graph, program: &Program, e: Extent) -> (usize, usize) {
+    let mut scratch = (0usize, 0usize);
+    for l in program.launches.iter().filter(|l| l.args.contains(&Arg::Scratch)) {
+        let Some(&x) = graph.nodes.get(l.value.index()).and_then(|n| n.args.first()) else { continue };
+        let shape = graph.ty(x).resolve(e);
+        let rows = if shape.len() >= 2 { shape[0] } else { 1 };
+        scratch = (scratch.0.max(rows * cuda::padded(*shape.last().unwrap_or(&1))), scratch.1.max(rows));
+    }
+    scratch
+}
+
+/// Each row's block table side by side, `width` entries a row (zeros past
+/// a table's end).
+pub(crate) fn flat_tables(tables: &[&[u32]], width: usize) -> Vec<i32> {
+    let mut flat = vec![0i32; tables.len() * width];
+    for (row, table) in flat.chunks_exact_mut(width.max(1)).zip(tables) {
+        row.iter_mut().zip(*table).for_each(|(o, &b)| *o = b as i32);
+    }
+    flat
+}
+
+/// How launch `l` runs a step of extent `e`: its kernel, grid, block and
+/// bytes of dynamic shared memory (a score per position of `context`).
+pub(crate) fn geometry<'a>(l: &'a Launch, g: &Graph, e: Extent, context: usize) -> (&'a str, (u32, u32, u32), u32, usize) {
+    let rows = g.ty(l.value).resolve(e).first().copied().unwrap_or(1);
+    let (entry, grid, block) = l.for_rows(rows);
+    let shared = match l.shared {
+        Shared::None => 0,
+        Shared::PerPosition => context * 4,
+    };
+    (entry, grid.dims(rows, block), block, shared)
+}
+
 impl DevPlan {
     fn new((graph, program): (Graph, Program)) -> DevPlan {
         let (slot, kinds) = slots(&graph, &program);
@@ -684,30 +734,9 @@ impl DevPlan {
 
     /// Grows the buffers to what `seq` tokens need.
     fn reserve(&mut self, stream: &Arc<CudaStream>, seq: usize) -> Result<(), EvalError> {
-        let mut need = vec![0usize; self.kinds.len()];
-        let mut need_rows = vec![0usize; self.kinds.len()];
-        for (v, node) in self.graph.iter() {
-            let s = self.slot[v.index()];
-            if s == NO_SLOT {
-                continue;
-            }
-            let shape = node.ty.resolve(Extent::new(seq, seq));
-            let rows = if shape.len() >= 2 { shape[0] } else { 1 };
-            let elems = match self.kinds[s] {
-                Kind::Q8 => rows * cuda::padded(*shape.last().unwrap_or(&1)),
-                _ => shape.iter().product(),
-            };
-            need[s] = need[s].max(elems);
-            need_rows[s] = need_rows[s].max(rows);
-        }
-        // The int8 activations of launches that quantize their own input.
-        let mut scratch = (0usize, 0usize);
-        for l in self.program.launches.iter().filter(|l| l.args.contains(&Arg::Scratch)) {
-            let Some(&x) = self.graph.nodes.get(l.value.index()).and_then(|n| n.args.first()) else { continue };
-            let shape = self.graph.ty(x).resolve(Extent::new(seq, seq));
-            let rows = if shape.len() >= 2 { shape[0] } else { 1 };
-            scratch = (scratch.0.max(rows * cuda::padded(*shape.last().unwrap_or(&1))), scratch.1.max(rows));
-        }
+        let e = Extent::new(seq, seq);
+        let (need, need_rows) = buffer_sizes(&self.graph, &self.slot, &self.kinds, e);
+        let scratch = scratch_size(&self.graph, &self.program, e);
         if scratch.0 > self.scratch_size.0 || scratch.1 > self.scratch_size.1 {
             let alloc = "allocating int8 activations";
             self.scratch = Some(DevBuf::Q8 {

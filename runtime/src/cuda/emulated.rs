@@ -121,21 +121,15 @@ impl Emulated {
         // Each buffer as large as the largest value it holds: codes, γ and
         // Σq bytes for int8 activations, else 4 bytes a value.
         let kinds = slots(&self.graph, &self.program).1;
-        let mut bytes = vec![[0usize; 3]; kinds.len()];
-        for (v, node) in self.graph.iter() {
-            let s = self.slot[v.index()];
-            if s == NO_SLOT {
-                continue;
-            }
-            let shape = node.ty.resolve(e);
-            let rows = if shape.len() >= 2 { shape[0] } else { 1 };
-            let need = match node.ty.dtype {
-                DType::Q8Row => [rows * cuda::padded(*shape.last().unwrap()), 4 * rows, 4 * rows],
-                _ => [4 * shape.iter().product::<usize>(), 0, 0],
-            };
-            bytes[s] = std::array::from_fn(|i| bytes[s][i].max(need[i]));
-        }
-        self.bufs = bytes.iter().zip(kinds).map(|(b, k)| b[..if k == Kind::Q8 { 3 } else { 1 }].iter().map(|&n| HostBuf::zeroed(n)).collect()).collect();
+        let (elems, rows) = buffer_sizes(&self.graph, &self.slot, &kinds, e);
+        self.bufs = kinds
+            .iter()
+            .enumerate()
+            .map(|(s, k)| match k {
+                Kind::Q8 => vec![HostBuf::zeroed(elems[s]), HostBuf::zeroed(4 * rows[s]), HostBuf::zeroed(4 * rows[s])],
+                _ => vec![HostBuf::zeroed(4 * elems[s])],
+            })
+            .collect();
         for (v, node) in self.graph.iter() {
             if let Op::Input { name } = &node.op {
                 self.bufs[self.slot[v.index()]][0].write(match name.as_str() {
@@ -145,25 +139,12 @@ impl Emulated {
                 });
             }
         }
-        let kp = self
-            .program
-            .launches
-            .iter()
-            .filter(|l| l.args.contains(&Arg::Scratch))
-            .map(|l| cuda::padded(*self.graph.ty(self.graph.node(l.value).args[0]).resolve(e).last().unwrap()));
-        let kp = kp.max().unwrap_or(0);
-        self.scratch = vec![HostBuf::zeroed(tokens.len() * kp), HostBuf::zeroed(4 * tokens.len()), HostBuf::zeroed(4 * tokens.len())];
-        let mut flat = vec![0i32; tokens.len() * self.width];
-        for (i, t) in tables.iter().enumerate() {
-            flat[i * self.width..][..t.len()].iter_mut().zip(*t).for_each(|(o, &b)| *o = b as i32);
-        }
-        self.tables = HostBuf::of(bytes_of(&flat));
+        let (codes, rows) = scratch_size(&self.graph, &self.program, e);
+        self.scratch = vec![HostBuf::zeroed(codes), HostBuf::zeroed(4 * rows), HostBuf::zeroed(4 * rows)];
+        self.tables = HostBuf::of(bytes_of(&flat_tables(tables, self.width)));
         for l in &self.program.launches {
             let params = params(&self.graph, l, e, self).unwrap();
-            let rows = self.graph.ty(l.value).resolve(e).first().copied().unwrap_or(1);
-            let (entry, grid, block) = l.for_rows(rows);
-            let grid = grid.dims(rows, block);
-            let shared = if l.shared == Shared::PerPosition { 4 * self.context } else { 0 };
+            let (entry, grid, block, shared) = geometry(l, &self.graph, e, self.context);
             // SAFETY: `params` binds the kernel's parameters as the GPU's
             // executor does, to buffers sized for this step.
             unsafe { self.module.launch(entry, (grid.0, grid.1), block, shared, &params) }.unwrap();
