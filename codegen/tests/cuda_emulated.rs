@@ -6,7 +6,7 @@
 //! Without a C++20 compiler the tests say so and skip.
 
 use bitnet_codegen::cpu::ternary::PackedTernary;
-use bitnet_codegen::cuda::emulator::{Module, Param};
+use bitnet_codegen::cuda::emulator::{Buffer, Module, Param};
 use bitnet_codegen::cuda::kernels::{self as k, CudaTiles, FloatType, TernaryEpilogue};
 use bitnet_codegen::cuda::{padded, Grid, Kernel};
 use bitnet_ir::{GateAct, RopeMode};
@@ -28,37 +28,11 @@ impl Rng {
     }
 }
 
-/// Bytes in 16-byte aligned memory, as the kernels' vector loads want them.
-struct Aligned(Vec<u128>);
-
-impl Aligned {
-    fn new(bytes: &[u8]) -> Aligned {
-        let mut v = vec![0u128; bytes.len().div_ceil(16).max(1)];
-        // SAFETY: the vector has at least `bytes.len()` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len()) };
-        Aligned(v)
-    }
-    fn of<T: Copy>(values: &[T]) -> Aligned {
-        // SAFETY: plain numbers, read as their bytes.
-        Aligned::new(unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) })
-    }
-    fn ptr(&mut self) -> Param {
-        Param::Ptr(self.0.as_mut_ptr() as u64)
-    }
-}
-
 /// The kernels `(name, block, code)` compiled for the host, or `None`
-/// (said on stderr) where there is no C++20 compiler.
+/// (said on stderr) where there is no C++ compiler.
 fn build(test: &str, kernels: &[(&str, u32, String)]) -> Option<Module> {
     let kernels: Vec<Kernel> = kernels.iter().map(|(n, b, c)| Kernel::new(n, *b, c)).collect();
-    match Module::build(k::PRELUDE, &kernels.iter().collect::<Vec<_>>()) {
-        Ok(m) => Some(m),
-        Err(e) if e.starts_with("running") => {
-            eprintln!("{test}: skipped: {e}");
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    Module::build_or_skip(test, k::PRELUDE, &kernels.iter().collect::<Vec<_>>())
 }
 
 fn launch(m: &Module, entry: &str, grid: (u32, u32, u32), block: u32, shared: usize, params: &[Param]) {
@@ -102,8 +76,8 @@ fn ternary_products_are_exact_on_every_tile_shape() {
         let kp = padded(kk);
         let values: Vec<Vec<i8>> = (0..2).map(|_| (0..n * kk).map(|_| rng.below(3) as i8 - 1).collect()).collect();
         let beta = [0.37f32, 1.9];
-        let mut packed: Vec<Aligned> = (0..2)
-            .map(|w| Aligned::new(PackedTernary::from_rows(n, kk, 1, beta[w], |r, out| out.copy_from_slice(&values[w][r * kk..][..kk])).data().as_bytes()))
+        let packed: Vec<Buffer> = (0..2)
+            .map(|w| Buffer::of(PackedTernary::from_rows(n, kk, 1, beta[w], |r, out| out.copy_from_slice(&values[w][r * kk..][..kk])).data().as_bytes()))
             .collect();
         let dot = |w: usize, q: &[i8], t: usize, r: usize| -> i32 { (0..kk).map(|j| values[w][r * kk + j] as i32 * q[t * kp + j] as i32).sum() };
         let product = |w: usize, q: &[i8], gamma: &[f32], t: usize, r: usize| (dot(w, q, t, r) as f32 * beta[w]) / gamma[t];
@@ -127,24 +101,33 @@ fn ternary_products_are_exact_on_every_tile_shape() {
                     want_glu[t * n + r] = g * g * product(1, &q, &gamma, t, r);
                 }
             }
-            let (mut qb, mut gb, mut sb) = (Aligned::of(&q), Aligned::of(&gamma), Aligned::of(&qsum));
-            let (mut scale_b, mut res_b) = (Aligned::of(&scale), Aligned::of(&residual));
+            let (qb, gb, sb) = (Buffer::of(&q), Buffer::of(&gamma), Buffer::of(&qsum));
+            let (scale_b, res_b) = (Buffer::of(&scale), Buffer::of(&residual));
             for (i, t) in tiles.iter().enumerate() {
                 let grid = t.grid(n).dims(s, t.block());
                 let mut out = vec![f32::NAN; s * n];
-                let params =
-                    [packed[0].ptr(), Param::F32(beta[0]), qb.ptr(), gb.ptr(), sb.ptr(), scale_b.ptr(), res_b.ptr(), Param::of(&mut out), Param::I32(s as i32)];
+                let params = [
+                    packed[0].param(),
+                    Param::F32(beta[0]),
+                    qb.param(),
+                    gb.param(),
+                    sb.param(),
+                    scale_b.param(),
+                    res_b.param(),
+                    Param::of(&mut out),
+                    Param::I32(s as i32),
+                ];
                 launch(&m, &format!("tm{i}"), grid, t.block(), 0, &params);
                 assert_eq!(out, want, "ternary_matmul {n}×{kk}, {s} tokens, {t}");
                 let mut out = vec![f32::NAN; s * n];
                 let params = [
-                    packed[0].ptr(),
+                    packed[0].param(),
                     Param::F32(beta[0]),
-                    packed[1].ptr(),
+                    packed[1].param(),
                     Param::F32(beta[1]),
-                    qb.ptr(),
-                    gb.ptr(),
-                    sb.ptr(),
+                    qb.param(),
+                    gb.param(),
+                    sb.param(),
                     Param::of(&mut out),
                     Param::I32(s as i32),
                 ];
@@ -186,8 +169,8 @@ fn int8_and_float_products_match_the_reference() {
             }
         }
         let mut out = vec![f32::NAN; s * n];
-        let (mut wb, mut sb, mut qb, mut gb, mut qs) = (Aligned::of(&w), Aligned::of(&wscale), Aligned::of(&q), Aligned::of(&gamma), Aligned::of(&qsum));
-        launch(&m, "int8mm", grid, t.block(), 0, &[wb.ptr(), sb.ptr(), qb.ptr(), gb.ptr(), qs.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+        let (wb, sb, qb, gb, qs) = (Buffer::of(&w), Buffer::of(&wscale), Buffer::of(&q), Buffer::of(&gamma), Buffer::of(&qsum));
+        launch(&m, "int8mm", grid, t.block(), 0, &[wb.param(), sb.param(), qb.param(), gb.param(), qs.param(), Param::of(&mut out), Param::I32(s as i32)]);
         assert_eq!(out, want, "int8_matmul {n}×{kk}");
         // Float weights as stored.
         let x: Vec<f32> = (0..s * kk).map(|_| rng.float()).collect();
@@ -209,8 +192,8 @@ fn int8_and_float_products_match_the_reference() {
                 }
             }
             let mut out = vec![f32::NAN; s * n];
-            let (mut wb, mut xb) = (Aligned::new(&bytes), Aligned::of(&x));
-            launch(&m, &format!("mm_{}", ty.name()), grid, t.block(), 0, &[wb.ptr(), xb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+            let (wb, xb) = (Buffer::of(&bytes), Buffer::of(&x));
+            launch(&m, &format!("mm_{}", ty.name()), grid, t.block(), 0, &[wb.param(), xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
             assert_close(&format!("matmul {} {n}×{kk}", ty.name()), &out, &want, 1e-5);
         }
     }
@@ -229,10 +212,17 @@ fn quantized_rows_are_the_interpreters() {
         let w: Vec<f32> = (0..kk).map(|_| rng.float()).collect();
         let (mut q, mut gamma, mut sum) = (vec![99i8; s * kp], vec![f32::NAN; s], vec![-1i32; s]);
         let mut normed = vec![f32::NAN; s * kk];
-        let (mut xb, mut wb) = (Aligned::of(&x), Aligned::of(&w));
+        let (xb, wb) = (Buffer::of(&x), Buffer::of(&w));
         let grid = Grid::PerRow.dims(s, k::NORM_BLOCK);
-        launch(&m, "qn", grid, k::NORM_BLOCK, 0, &[xb.ptr(), wb.ptr(), Param::of(&mut q), Param::of(&mut gamma), Param::of(&mut sum), Param::I32(s as i32)]);
-        launch(&m, "rn", grid, k::NORM_BLOCK, 0, &[xb.ptr(), wb.ptr(), Param::of(&mut normed), Param::I32(s as i32)]);
+        launch(
+            &m,
+            "qn",
+            grid,
+            k::NORM_BLOCK,
+            0,
+            &[xb.param(), wb.param(), Param::of(&mut q), Param::of(&mut gamma), Param::of(&mut sum), Param::I32(s as i32)],
+        );
+        launch(&m, "rn", grid, k::NORM_BLOCK, 0, &[xb.param(), wb.param(), Param::of(&mut normed), Param::I32(s as i32)]);
         for t in 0..s {
             let row = &x[t * kk..][..kk];
             let acc: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
@@ -298,14 +288,15 @@ fn paged_attention_reads_each_rows_own_blocks() {
                 }
             }
         }
-        let (mut qb, mut kb, mut vb, mut pb) = (Aligned::of(&q), Aligned::of(&kn), Aligned::of(&vn), Aligned::of(&pos));
+        let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kn), Buffer::of(&vn), Buffer::of(&pos));
         let (w, b, sp) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32));
-        let store = [kb.ptr(), vb.ptr(), pb.ptr(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), sp];
+        let store = [kb.param(), vb.param(), pb.param(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), sp];
         launch(&m, "store", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &store);
         assert_eq!(kc, kw, "keys stored, d = {d}");
         assert_eq!(vc, vw, "values stored, d = {d}");
         let mut out = vec![f32::NAN; s * heads * d];
-        let params = [qb.ptr(), kb.ptr(), vb.ptr(), pb.ptr(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut out), sp];
+        let params =
+            [qb.param(), kb.param(), vb.param(), pb.param(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut out), sp];
         launch(&m, "attend", Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 4 * width * block, &params);
         assert_close(&format!("attention, d = {d}"), &out, &want, 1e-5);
     }
@@ -347,18 +338,18 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
             }
         }
         let mut out = vec![f32::NAN; s * row];
-        let (mut xb, mut pb) = (Aligned::of(&x), Aligned::of(&pos));
-        launch(&m, entry, Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.ptr(), pb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+        let (xb, pb) = (Buffer::of(&x), Buffer::of(&pos));
+        launch(&m, entry, Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(s as i32)]);
         assert_close(entry, &out, &want, 1e-6);
     }
     // Rows 2 and 0, in that order.
     let pick = [2i32, 0];
     let mut out = vec![f32::NAN; 2 * row];
-    let (mut xb, mut pb) = (Aligned::of(&x), Aligned::of(&pick));
-    launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.ptr(), pb.ptr(), Param::of(&mut out), Param::I32(2)]);
+    let (xb, pb) = (Buffer::of(&x), Buffer::of(&pick));
+    launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(2)]);
     assert_eq!(out, [&x[2 * row..3 * row], &x[..row]].concat());
     let mut out = vec![f32::NAN; s * row];
-    launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     for t in 0..s {
         let r = &x[t * row..][..row];
         let mx = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -369,13 +360,13 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
     let table: Vec<half::f16> = (0..vocab * row).map(|_| half::f16::from_f32(rng.float())).collect();
     let ids = [4i32, 0, 4];
     let mut out = vec![f32::NAN; s * row];
-    let (mut tb, mut ib) = (Aligned::of(&table), Aligned::of(&ids));
-    launch(&m, "embed", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[tb.ptr(), ib.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+    let (tb, ib) = (Buffer::of(&table), Buffer::of(&ids));
+    launch(&m, "embed", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[tb.param(), ib.param(), Param::of(&mut out), Param::I32(s as i32)]);
     let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * row..][..row].iter().map(|v| v.to_f32())).collect();
     assert_eq!(out, want, "embed");
     let mut out = vec![f32::NAN; s * row];
     let grid = Grid::Elements { row }.dims(s, k::ELEMENT_BLOCK);
-    launch(&m, "cast", grid, k::ELEMENT_BLOCK, 0, &[xb.ptr(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "cast", grid, k::ELEMENT_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     assert_eq!(out, x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>(), "cast to f16");
 }
 
@@ -400,12 +391,12 @@ fn fused_rope_and_store_equal_the_separate_kernels() {
         let kk: Vec<f32> = (0..s * kv_heads * d).map(|_| rng.float()).collect();
         let v: Vec<f32> = (0..s * kv_heads * d).map(|_| rng.float()).collect();
         let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| rng.float()).collect();
-        let (mut qb, mut kb, mut vb, mut pb) = (Aligned::of(&q), Aligned::of(&kk), Aligned::of(&v), Aligned::of(&pos));
+        let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kk), Buffer::of(&v), Buffer::of(&pos));
         let (w, b, sp, grid) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32), Grid::PerRow.dims(s, k::ROW_BLOCK));
         // Separately: RoPE of each, then the store of the rotated keys.
         let (mut rq, mut rk) = (vec![f32::NAN; q.len()], vec![f32::NAN; kk.len()]);
-        launch(&m, "rope_q", grid, k::ROW_BLOCK, 0, &[qb.ptr(), pb.ptr(), Param::of(&mut rq), sp]);
-        launch(&m, "rope_k", grid, k::ROW_BLOCK, 0, &[kb.ptr(), pb.ptr(), Param::of(&mut rk), sp]);
+        launch(&m, "rope_q", grid, k::ROW_BLOCK, 0, &[qb.param(), pb.param(), Param::of(&mut rq), sp]);
+        launch(&m, "rope_k", grid, k::ROW_BLOCK, 0, &[kb.param(), pb.param(), Param::of(&mut rk), sp]);
         let (mut kc, mut vc) = (cache.clone(), cache.clone());
         launch(
             &m,
@@ -413,11 +404,12 @@ fn fused_rope_and_store_equal_the_separate_kernels() {
             grid,
             k::ROW_BLOCK,
             0,
-            &[Param::of(&mut rk), vb.ptr(), pb.ptr(), Param::of(&mut tables), w, b, Param::of(&mut kc), Param::of(&mut vc), sp],
+            &[Param::of(&mut rk), vb.param(), pb.param(), Param::of(&mut tables), w, b, Param::of(&mut kc), Param::of(&mut vc), sp],
         );
         // Fused.
         let (mut fq, mut fkc, mut fvc) = (vec![f32::NAN; q.len()], cache.clone(), cache.clone());
-        let params = [qb.ptr(), kb.ptr(), vb.ptr(), pb.ptr(), Param::of(&mut tables), w, b, Param::of(&mut fkc), Param::of(&mut fvc), Param::of(&mut fq), sp];
+        let params =
+            [qb.param(), kb.param(), vb.param(), pb.param(), Param::of(&mut tables), w, b, Param::of(&mut fkc), Param::of(&mut fvc), Param::of(&mut fq), sp];
         launch(&m, "fused", grid, k::ROW_BLOCK, 0, &params);
         assert_eq!(fq, rq, "{mode:?}: rotated queries");
         assert_eq!(fkc, kc, "{mode:?}: stored keys");

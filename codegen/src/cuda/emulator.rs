@@ -32,6 +32,59 @@ impl Param {
     }
 }
 
+/// Host memory for kernels to read and write through its address:
+/// zeroed, 16-byte aligned (the kernels' vector loads want that).
+pub struct Buffer {
+    ptr: *mut u128,
+    len: usize,
+}
+
+impl Buffer {
+    pub fn zeroed(bytes: usize) -> Buffer {
+        let len = bytes.div_ceil(16).max(1);
+        let ptr = Box::into_raw(vec![0u128; len].into_boxed_slice()).cast::<u128>();
+        Buffer { ptr, len }
+    }
+
+    /// A copy of `values`.
+    pub fn of<T: Copy>(values: &[T]) -> Buffer {
+        let b = Buffer::zeroed(std::mem::size_of_val(values));
+        b.write(values);
+        b
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    pub fn param(&self) -> Param {
+        Param::Ptr(self.addr())
+    }
+
+    /// Overwrites the first values.
+    pub fn write<T: Copy>(&self, values: &[T]) {
+        assert!(std::mem::size_of_val(values) <= self.len * 16, "{} bytes into a buffer of {}", std::mem::size_of_val(values), self.len * 16);
+        // SAFETY: in bounds (checked); a `Module` runs launches on the
+        // calling thread, so no kernel runs meanwhile.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.cast::<T>(), values.len()) };
+    }
+
+    /// The first `n` values.
+    pub fn read<T: Copy>(&self, n: usize) -> Vec<T> {
+        assert!(n * std::mem::size_of::<T>() <= self.len * 16, "{n} values out of a buffer of {} bytes", self.len * 16);
+        // SAFETY: in bounds (checked), aligned for any number type, and no
+        // kernel runs meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<T>(), n) }.to_vec()
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::into_raw` of a slice of `len`.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
 /// A module of kernels compiled for the host.
 pub struct Module {
     lib: libloading::Library,
@@ -118,6 +171,19 @@ impl Module {
         // are the C++ runtime's.
         let lib = unsafe { libloading::Library::new(&so) }.map_err(|e| format!("loading {}: {e}", so.display()))?;
         Ok(Module { lib, running: std::sync::Mutex::new(()), _dir: dir })
+    }
+
+    /// [`Module::build`] for a test: `None`, said on stderr, where there is
+    /// no C++ compiler to run; a compile error panics.
+    pub fn build_or_skip(test: &str, prelude: &str, kernels: &[&Kernel]) -> Option<Module> {
+        match Module::build(prelude, kernels) {
+            Ok(m) => Some(m),
+            Err(e) if e.starts_with("running") => {
+                eprintln!("{test}: skipped: {e}");
+                None
+            }
+            Err(e) => panic!("{test}: {e}"),
+        }
     }
 
     /// Runs kernel `entry` on a grid of `(x, y)` blocks of `block` threads

@@ -4,71 +4,25 @@
 //! lays them out, the paged cache and its block tables) is checked against the interpreter without a GPU.
 
 use super::*;
-use bitnet_codegen::cuda::emulator::Module;
+use bitnet_codegen::cuda::emulator::{Buffer, Module};
 use bitnet_codegen::schedule::HeadQuant;
 use bitnet_frontends::model::Model;
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
 use bitnet_ir::{DType, Value};
-
-fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: plain numbers, read as their bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
-/// Host memory the kernels read and write through raw addresses: 16-byte
-/// aligned, zeroed.
-struct HostBuf {
-    ptr: *mut u128,
-    len: usize,
-}
-
-impl HostBuf {
-    fn zeroed(bytes: usize) -> HostBuf {
-        let len = bytes.div_ceil(16).max(1);
-        let ptr = Box::into_raw(vec![0u128; len].into_boxed_slice()).cast::<u128>();
-        HostBuf { ptr, len }
-    }
-    fn of(bytes: &[u8]) -> HostBuf {
-        let b = HostBuf::zeroed(bytes.len());
-        // SAFETY: the buffer holds at least `bytes.len()` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), b.ptr.cast::<u8>(), bytes.len()) };
-        b
-    }
-    fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-    fn write<T: Copy>(&self, values: &[T]) {
-        assert!(std::mem::size_of_val(values) <= self.len * 16);
-        // SAFETY: in bounds (checked), and no kernel runs meanwhile.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.cast::<T>(), values.len()) };
-    }
-    fn read_f32(&self, n: usize) -> Vec<f32> {
-        assert!(n * 4 <= self.len * 16);
-        // SAFETY: in bounds (checked), and no kernel runs meanwhile.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast::<f32>(), n) }.to_vec()
-    }
-}
-
-impl Drop for HostBuf {
-    fn drop(&mut self) {
-        // SAFETY: made by `Box::into_raw` of a slice of `len`.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
-    }
-}
 
 /// A lowered step graph run by the emulator over its own paged cache.
 struct Emulated {
     graph: Graph,
     program: Program,
     module: Module,
-    weights: HashMap<String, (HostBuf, f32)>,
-    int8: HashMap<String, [HostBuf; 2]>,
+    weights: HashMap<String, (Buffer, f32)>,
+    int8: HashMap<String, [Buffer; 2]>,
     /// Each value's buffer (the GPU executor's plan: values share them).
     slot: Vec<usize>,
-    bufs: Vec<Vec<HostBuf>>,
-    scratch: Vec<HostBuf>,
-    cache: Vec<[HostBuf; 2]>,
-    tables: HostBuf,
+    bufs: Vec<Vec<Buffer>>,
+    scratch: Vec<Buffer>,
+    cache: Vec<[Buffer; 2]>,
+    tables: Buffer,
     width: usize,
     blocks: usize,
     context: usize,
@@ -78,26 +32,19 @@ impl Emulated {
     fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize) -> Option<Emulated> {
         let (graph, program) = crate::lowering::lower_cuda(&model.step_graph().unwrap(), 80, None, head).unwrap();
         check(&graph, &program).unwrap();
-        let module = match Module::build(cuda::kernels::PRELUDE, &program.kernels.iter().collect::<Vec<_>>()) {
-            Ok(m) => m,
-            Err(e) if e.starts_with("running") => {
-                eprintln!("skipped: {e}");
-                return None;
-            }
-            Err(e) => panic!("{e}"),
-        };
+        let module = Module::build_or_skip("the emulated step", cuda::kernels::PRELUDE, &program.kernels.iter().collect::<Vec<_>>())?;
         let (mut weights, mut int8) = (HashMap::new(), HashMap::new());
         let none = HashMap::new();
         for (name, layout, bytes) in layouts(&[(&graph, &program)], model, &none).unwrap() {
             let w = host_weight(&name, layout, model, &none).unwrap();
             match w {
-                HostWeight::Packed { data, scale } => drop(weights.insert(name, (HostBuf::of(&data), scale))),
-                HostWeight::Bytes(b) => drop(weights.insert(name, (HostBuf::of(b), 0.0))),
-                HostWeight::F32(v) => drop(weights.insert(name, (HostBuf::of(bytes_of(&v)), 0.0))),
+                HostWeight::Packed { data, scale } => drop(weights.insert(name, (Buffer::of(&data), scale))),
+                HostWeight::Bytes(b) => drop(weights.insert(name, (Buffer::of(b), 0.0))),
+                HostWeight::F32(v) => drop(weights.insert(name, (Buffer::of(&v), 0.0))),
                 HostWeight::Int8(rows) => {
                     assert_eq!(bytes, rows.q.as_bytes().len() + 4 * rows.scale[..].len(), "{name}: the bytes layouts() counts");
                     let key = name.strip_suffix(INT8_SUFFIX).unwrap().to_string();
-                    int8.insert(key, [HostBuf::of(rows.q.as_bytes()), HostBuf::of(bytes_of(&rows.scale[..]))]);
+                    int8.insert(key, [Buffer::of(rows.q.as_bytes()), Buffer::of(&rows.scale[..])]);
                 }
             }
         }
@@ -106,11 +53,11 @@ impl Emulated {
         for (_, node) in graph.iter() {
             if let Op::Attention { kv_heads, head_dim, .. } = node.op {
                 let bytes = 4 * blocks * positions * kv_heads * head_dim;
-                cache.push([HostBuf::zeroed(bytes), HostBuf::zeroed(bytes)]);
+                cache.push([Buffer::zeroed(bytes), Buffer::zeroed(bytes)]);
             }
         }
         let width = context.div_ceil(positions);
-        let tables = HostBuf::zeroed(0);
+        let tables = Buffer::zeroed(0);
         let slot = slots(&graph, &program).0;
         Some(Emulated { graph, program, module, weights, int8, slot, bufs: Vec::new(), scratch: Vec::new(), cache, tables, width, blocks, context })
     }
@@ -126,8 +73,8 @@ impl Emulated {
             .iter()
             .enumerate()
             .map(|(s, k)| match k {
-                Kind::Q8 => vec![HostBuf::zeroed(elems[s]), HostBuf::zeroed(4 * rows[s]), HostBuf::zeroed(4 * rows[s])],
-                _ => vec![HostBuf::zeroed(4 * elems[s])],
+                Kind::Q8 => vec![Buffer::zeroed(elems[s]), Buffer::zeroed(4 * rows[s]), Buffer::zeroed(4 * rows[s])],
+                _ => vec![Buffer::zeroed(4 * elems[s])],
             })
             .collect();
         for (v, node) in self.graph.iter() {
@@ -140,8 +87,8 @@ impl Emulated {
             }
         }
         let (codes, rows) = scratch_size(&self.graph, &self.program, e);
-        self.scratch = vec![HostBuf::zeroed(codes), HostBuf::zeroed(4 * rows), HostBuf::zeroed(4 * rows)];
-        self.tables = HostBuf::of(bytes_of(&flat_tables(tables, self.width)));
+        self.scratch = vec![Buffer::zeroed(codes), Buffer::zeroed(4 * rows), Buffer::zeroed(4 * rows)];
+        self.tables = Buffer::of(&flat_tables(tables, self.width));
         for l in &self.program.launches {
             let params = params(&self.graph, l, e, self).unwrap();
             let (entry, grid, block, shared) = geometry(l, &self.graph, e, self.context);
@@ -150,7 +97,7 @@ impl Emulated {
             unsafe { self.module.launch(entry, (grid.0, grid.1), block, shared, &params) }.unwrap();
         }
         let o = *self.graph.outputs.last().unwrap();
-        self.bufs[self.slot[o.index()]][0].read_f32(self.graph.ty(o).resolve(e).iter().product())
+        self.bufs[self.slot[o.index()]][0].read::<f32>(self.graph.ty(o).resolve(e).iter().product())
     }
 }
 
@@ -159,7 +106,7 @@ impl Memory for Emulated {
         if let Op::Weight { name } = &self.graph.node(v).op {
             return Ok(vec![self.weights[name].0.addr()]);
         }
-        Ok(self.bufs[self.slot[v.index()]].iter().map(HostBuf::addr).collect())
+        Ok(self.bufs[self.slot[v.index()]].iter().map(Buffer::addr).collect())
     }
     fn beta(&self, name: &str) -> Result<f32, EvalError> {
         Ok(self.weights[name].1)
