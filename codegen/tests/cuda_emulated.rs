@@ -138,6 +138,73 @@ fn ternary_products_are_exact_on_every_tile_shape() {
     }
 }
 
+/// One launch over several weights' rows (q, k and v as one product):
+/// each part's results are its own product's bit for bit, written to
+/// buffers of their own or side by side in one, on every tile shape. The
+/// parts' rows are not multiples of 16, so tensor-core tiles straddle them.
+#[test]
+fn one_product_of_several_weights_gives_each_its_own() {
+    let tiles = [CudaTiles::DEFAULT, CudaTiles { warps: 8, tokens: 1, mma: false }, CudaTiles::MMA_DEFAULT, CudaTiles { warps: 1, tokens: 16, mma: true }];
+    let mut rng = Rng(11);
+    let (rows, kk) = ([37usize, 5, 20], 783);
+    let (kp, n) = (padded(kk), rows.iter().sum::<usize>());
+    let starts = [0, rows[0], rows[0] + rows[1]];
+    let values: Vec<Vec<i8>> = rows.iter().map(|&r| (0..r * kk).map(|_| rng.below(3) as i8 - 1).collect()).collect();
+    let (beta, scale) = ([0.37f32, 1.9, 0.61], [[1.25f32], [0.5], [3.0]]);
+    let packed: Vec<Buffer> = (0..3)
+        .map(|j| Buffer::of(PackedTernary::from_rows(rows[j], kk, 1, beta[j], |r, out| out.copy_from_slice(&values[j][r * kk..][..kk])).data().as_bytes()))
+        .collect();
+    let apart: Vec<k::Columns> = rows.iter().map(|&width| k::Columns { width, start: 0 }).collect();
+    let side_by_side: Vec<k::Columns> = starts.iter().map(|&start| k::Columns { width: n, start }).collect();
+    let mut kernels = Vec::new();
+    for (i, t) in tiles.iter().enumerate() {
+        kernels.push((format!("apart{i}"), t.block(), k::ternary_cat(&rows, kp, true, &apart, *t)));
+        kernels.push((format!("joined{i}"), t.block(), k::ternary_cat(&rows, kp, true, &side_by_side, *t)));
+    }
+    let named: Vec<(&str, u32, String)> = kernels.iter().map(|(a, b, c)| (a.as_str(), *b, c.clone())).collect();
+    let Some(m) = build("ternary cat", &named) else { return };
+    let scales: Vec<Buffer> = scale.iter().map(|s| Buffer::of(s)).collect();
+    for s in [1, 3, 33] {
+        let (q, gamma, qsum) = activations(&mut rng, s, kk, kp);
+        let want: Vec<Vec<f32>> = (0..3)
+            .map(|j| {
+                let mut y = vec![0f32; s * rows[j]];
+                for t in 0..s {
+                    for r in 0..rows[j] {
+                        let dot: i32 = (0..kk).map(|c| values[j][r * kk + c] as i32 * q[t * kp + c] as i32).sum();
+                        y[t * rows[j] + r] = (dot as f32 * beta[j]) / gamma[t] * scale[j][0];
+                    }
+                }
+                y
+            })
+            .collect();
+        let (qb, gb, sb) = (Buffer::of(&q), Buffer::of(&gamma), Buffer::of(&qsum));
+        let mut weights = Vec::new();
+        for j in 0..3 {
+            weights.extend([packed[j].param(), Param::F32(beta[j]), scales[j].param()]);
+        }
+        weights.extend([qb.param(), gb.param(), sb.param()]);
+        for (i, t) in tiles.iter().enumerate() {
+            let grid = t.grid(n).dims(s, t.block());
+            let mut outs: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; s * r]).collect();
+            let mut params = weights.clone();
+            params.extend(outs.iter_mut().map(|o| Param::of(o)));
+            params.push(Param::I32(s as i32));
+            launch(&m, &format!("apart{i}"), grid, t.block(), 0, &params);
+            assert_eq!(outs, want, "ternary_cat {rows:?}×{kk} into three buffers, {s} tokens, {t}");
+            let mut joined = vec![f32::NAN; s * n];
+            let mut params = weights.clone();
+            params.extend((0..3).map(|_| Param::of(&mut joined)));
+            params.push(Param::I32(s as i32));
+            launch(&m, &format!("joined{i}"), grid, t.block(), 0, &params);
+            for j in 0..3 {
+                let part: Vec<f32> = joined.chunks(n).flat_map(|row| &row[starts[j]..starts[j] + rows[j]]).copied().collect();
+                assert_eq!(part, want[j], "ternary_cat part {j} side by side, {s} tokens, {t}");
+            }
+        }
+    }
+}
+
 #[test]
 fn int8_and_float_products_match_the_reference() {
     let mut rng = Rng(11);
@@ -311,6 +378,7 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
         ("rope_i", k::ROW_BLOCK, k::rope(row, d, RopeMode::Interleaved, theta)),
         ("rope_n", k::ROW_BLOCK, k::rope(row, d, RopeMode::Neox, theta)),
         ("pick_rows", k::ROW_BLOCK, k::select_rows(row)),
+        ("columns", k::ROW_BLOCK, k::slice(row, 7, 10)),
         ("softmax", k::ROW_BLOCK, k::softmax(row)),
         ("embed", k::ROW_BLOCK, k::embed(FloatType::F16, vocab, row)),
         ("cast", k::ELEMENT_BLOCK, k::cast(FloatType::F16, row)),
@@ -348,6 +416,9 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
     let (xb, pb) = (Buffer::of(&x), Buffer::of(&pick));
     launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(2)]);
     assert_eq!(out, [&x[2 * row..3 * row], &x[..row]].concat());
+    let mut out = vec![f32::NAN; s * 10];
+    launch(&m, "columns", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    assert_eq!(out, x.chunks(row).flat_map(|r| &r[7..17]).copied().collect::<Vec<_>>(), "slice");
     let mut out = vec![f32::NAN; s * row];
     launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     for t in 0..s {

@@ -4,7 +4,7 @@
 //! skip, unless `BITNET_REQUIRE_NVRTC=1` (set by CI, which installs both)
 //! makes that a failure.
 
-use bitnet_codegen::cuda::kernels::{self as k, CudaTiles, FloatType, TernaryEpilogue};
+use bitnet_codegen::cuda::kernels::{self as k, Columns, CudaTiles, FloatType, TernaryEpilogue};
 use bitnet_codegen::cuda::{nvrtc, padded};
 use bitnet_ir::{BinaryOp, GateAct, RopeMode, UnaryOp};
 
@@ -36,6 +36,12 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
             for (act, scale) in [(GateAct::Silu, false), (GateAct::Relu2, true)] {
                 add(k::ternary_glu(n, padded(kk), act, scale, t));
             }
+            // q, k and v as one product: into buffers of their own, and side by side.
+            let parts = [n, n.div_ceil(4), n.div_ceil(4)];
+            let apart = parts.map(|width| Columns { width, start: 0 });
+            let joined = [0, n, n + parts[1]].map(|start| Columns { width: parts.iter().sum(), start });
+            add(k::ternary_cat(&parts, padded(kk), false, &apart, t));
+            add(k::ternary_cat(&parts, padded(kk), true, &joined, t));
             // The tensor cores run ternary products only.
             if !t.mma {
                 add(k::int8_matmul(n, padded(kk), t));
@@ -52,6 +58,7 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
         add(k::softmax(row));
         add(k::last_row(row));
         add(k::select_rows(row));
+        add(k::slice(row, row / 3, row - row / 3));
         for act in [GateAct::Silu, GateAct::Relu2] {
             add(k::glu(act, row));
         }

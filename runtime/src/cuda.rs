@@ -75,7 +75,7 @@ pub fn fingerprint_sm(fingerprint: &str) -> Option<u32> {
     fingerprint.strip_suffix(')')?.rsplit_once("(sm_")?.1.parse().ok()
 }
 
-/// Each f32 value copied back by [`CudaModel::trace`], in graph order.
+/// Each f32 value copied back by [`CudaModel::trace`], as the launches write them.
 pub type Traced = Vec<(bitnet_ir::Value, Vec<f32>)>;
 
 /// A weight on the device.
@@ -407,12 +407,13 @@ impl CudaModel {
             return self.download(o, e)?.ok_or_else(|| EvalError("the graph's output is not f32".into()));
         }
         let launches = self.plan.program.launches.clone();
-        for (i, l) in launches.iter().enumerate() {
+        for l in &launches {
             self.launch(l, e)?;
-            let done = launches.get(i + 1).is_none_or(|next| next.value != l.value);
-            if let (Some(values), true) = (trace.as_deref_mut(), done) {
-                if let Some(x) = self.download(l.value, e)? {
-                    values.push((l.value, x));
+            if let Some(values) = trace.as_deref_mut() {
+                for v in l.writes() {
+                    if let Some(x) = self.download(v, e)? {
+                        values.push((v, x));
+                    }
                 }
             }
         }
@@ -553,6 +554,7 @@ pub(crate) fn params(g: &Graph, l: &Launch, e: Extent, mem: &dyn Memory) -> Resu
             Arg::Operand(i) => out.extend(ptrs(&mem.value(node.args[i])?)),
             Arg::OperandOf(i, j) => out.extend(ptrs(&mem.value(g.node(node.args[i]).args[j])?)),
             Arg::Output => out.extend(ptrs(&mem.value(l.value)?)),
+            Arg::ResultOf(v) => out.extend(ptrs(&mem.value(v)?)),
             Arg::Beta(i) => out.push(Param::F32(mem.beta(&weight(i, "β")?)?)),
             Arg::KeyCache(layer) => out.push(Param::Ptr(mem.cache(layer, false)?)),
             Arg::ValueCache(layer) => out.push(Param::Ptr(mem.cache(layer, true)?)),
@@ -796,6 +798,7 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
             && l.args.iter().all(|a| match *a {
                 Arg::Operand(i) | Arg::Beta(i) | Arg::Int8Rows(i) | Arg::Rows(Some(i)) => operand_ok(i),
                 Arg::OperandOf(i, j) => operand_ok(i) && g.nodes.get(node.args[i].index()).is_some_and(|n| j < n.args.len()),
+                Arg::ResultOf(v) => g.nodes.get(v.index()).is_some_and(|n| !n.op.is_leaf()),
                 Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::BlockTables | Arg::Scratch | Arg::Output | Arg::Rows(None) => true,
             });
         if !ok {
@@ -1103,6 +1106,36 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
+    /// q, k and v are one product (`ternary_cat`) whose launch writes the
+    /// three slices, which get no launch of their own. It writes them
+    /// before their nodes: no value alive from the product to a slice may
+    /// hold that slice's buffer.
+    #[test]
+    fn one_product_writes_q_k_and_v_into_buffers_nothing_else_holds() {
+        let (m, dir) = model(DType::I2S);
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
+        check(&g, &p).unwrap();
+        let (slot, _) = slots(&g, &p);
+        let mut last_use: Vec<usize> = (0..g.nodes.len()).collect();
+        for (v, node) in g.iter() {
+            node.args.iter().for_each(|a| last_use[a.index()] = v.index());
+        }
+        let mut early = 0;
+        for l in &p.launches {
+            for x in l.writes().filter(|x| x.index() > l.value.index()) {
+                assert!(matches!(g.node(x).op, Op::Slice { .. }) && matches!(g.node(l.value).op, Op::TernaryCat { .. }), "{} writes {x}", l.value);
+                for w in (0..g.nodes.len()).filter(|&w| w != x.index() && slot[w] == slot[x.index()]) {
+                    let alive = w <= x.index() && last_use[w] >= l.value.index();
+                    assert!(!alive, "{} holds the buffer of {x}, which the launch of {} writes", bitnet_ir::Value(w as u32), l.value);
+                }
+                early += 1;
+            }
+        }
+        assert_eq!(early, 3 * m.config.layers, "q, k and v of every layer");
+        assert!(p.launches.iter().all(|l| !l.entry.starts_with("slice_")), "no slice is copied");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
     #[test]
     fn fingerprints_give_back_their_compute_capability() {
         assert_eq!(fingerprint_sm(&fingerprint("NVIDIA H200 (sm_90)")), Some(90));
@@ -1151,7 +1184,7 @@ mod tests {
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         check(&g, &p).unwrap();
         for l in &p.launches {
-            let ternary = matches!(g.node(l.value).op, Op::TernaryMatMul(_) | Op::TernaryGlu { .. });
+            let ternary = matches!(g.node(l.value).op, Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. });
             assert_eq!(l.one_token.is_some(), ternary, "{}", l.entry);
             assert_eq!(matches!(l.grid, Grid::RowsByTokens { tokens: 32, .. }), ternary, "{}", l.entry);
         }

@@ -138,7 +138,7 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
     match a.dump_after.as_deref() {
         Some("schedule") => {}
         Some(pass) => {
-            let g = passes::optimize_cuda(graph, Some(pass)).map_err(|e| anyhow::anyhow!("{e} (or schedule)"))?;
+            let g = passes::optimize(graph, Some(pass)).map_err(|e| anyhow::anyhow!("{e} (or schedule)"))?;
             return super::print(&g.to_string());
         }
         None => {

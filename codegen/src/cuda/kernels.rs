@@ -288,8 +288,8 @@ impl std::fmt::Display for CudaTiles {
 /// weights' codes (0, 1, 2 as s8) as A and the int8 activations as B.
 /// Warp `w` of block `(x, y)` computes rows `16 · (x · warps + w) ..+16`
 /// for tokens `y · tokens ..+tokens`, one 16×8 accumulator per 8 tokens
-/// and weight (`weights` names each packed weight pointer; `acc` of the
-/// second becomes `sum_up`). In a packed 128-code chunk, byte `b` holds
+/// and weight (`weights` gives each packed weight's C expression of a
+/// row, as [`packed_row`]; `acc` of the second becomes `sum_up`). In a packed 128-code chunk, byte `b` holds
 /// the codes of `k = b, b+32, b+64, b+96` (bits 7:6 down to 1:0), so the
 /// fragment of a 32-wide step is one shift and mask of two words per row:
 /// words `t` and `t+4` give `k = 4t..4t+3` and `16+4t..` of that step,
@@ -297,19 +297,21 @@ impl std::fmt::Display for CudaTiles {
 /// integers, so the result is the `dp4a` kernel's bit for bit; `finish`
 /// sees `t`, `n`, `sum` (and `sum_up`).
 /// Grid: `(ceil(n / (16 · warps)), ceil(S / tokens))` blocks of `32 · warps`.
-fn mma_tiles(n: usize, kp: usize, tiles: CudaTiles, weights: &[&str], finish: &str) -> String {
+fn mma_tiles(n: usize, kp: usize, tiles: CudaTiles, weights: &[&dyn Fn(&str) -> String], finish: &str) -> String {
     let nt = tiles.tokens / 8;
     let (mut declare, mut load, mut step, mut sums) = (String::new(), String::new(), String::new(), String::new());
-    for (i, w) in weights.iter().enumerate() {
+    for (i, row) in weights.iter().enumerate() {
         let _ = writeln!(
             declare,
-            "    int acc{i}[{nt}][4];\n    #pragma unroll\n    for (int j = 0; j < {nt}; j++) acc{i}[j][0] = acc{i}[j][1] = acc{i}[j][2] = acc{i}[j][3] = 0;"
+            "    int acc{i}[{nt}][4];\n    #pragma unroll\n    for (int j = 0; j < {nt}; j++) acc{i}[j][0] = acc{i}[j][1] = acc{i}[j][2] = acc{i}[j][3] = 0;\n    \
+             const u32* rows_a{i} = {};\n    const u32* rows_b{i} = {};",
+            row("ra"),
+            row("rb")
         );
         let _ = writeln!(
             load,
-            "        const u32* ra{i} = (const u32*){w} + (size_t)ra * {rw} + c * 8;\n        const u32* rb{i} = (const u32*){w} + (size_t)rb * {rw} + c * 8;\n        \
-             u32 wa{i}0 = oka ? ra{i}[t4] : 0u, wa{i}1 = oka ? ra{i}[t4 + 4] : 0u, wb{i}0 = okb ? rb{i}[t4] : 0u, wb{i}1 = okb ? rb{i}[t4 + 4] : 0u;",
-            rw = kp / 16
+            "        const u32* ra{i} = rows_a{i} + c * 8;\n        const u32* rb{i} = rows_b{i} + c * 8;\n        \
+             u32 wa{i}0 = oka ? ra{i}[t4] : 0u, wa{i}1 = oka ? ra{i}[t4 + 4] : 0u, wb{i}0 = okb ? rb{i}[t4] : 0u, wb{i}1 = okb ? rb{i}[t4 + 4] : 0u;"
         );
         let _ = writeln!(
             step,
@@ -419,8 +421,8 @@ pub struct TernaryEpilogue {
 /// 128 codes, so a row is always whole 16-byte pieces, and aligned.
 /// Grid: `ceil(n / warps)` blocks of `32 · warps`.
 pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles) -> String {
-    let pieces = kp / 64;
-    let body = ternary_body("w", "acc", kp, tiles);
+    let row = |r: &str| packed_row("w", r, kp);
+    let body = ternary_body(&row, "acc", kp, tiles);
     let mut finish = String::from("                float v = ((float)(sum - qsum[t]) * beta) / gamma[t];\n");
     if ep.scale {
         finish += "                v *= scale[0];\n";
@@ -437,11 +439,72 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
         params += "const float* residual, ";
     }
     let code = if tiles.mma {
-        mma_tiles(n, kp, tiles, &["w"], &finish)
+        mma_tiles(n, kp, tiles, &[&row], &finish)
     } else {
-        row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish)
+        row_per_warp(n, kp / 64, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish)
     };
     format!("({params}float* out, int S) {{\n{code}\n}}")
+}
+
+/// Where part `j` of a [`ternary_cat`] writes its results: rows of `width`
+/// floats, from column `start` of each (its own value's rows, or its
+/// columns of the cat's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Columns {
+    pub width: usize,
+    pub start: usize,
+}
+
+/// The products of one activation with several packed ternary weights
+/// (q, k and v), as one product over their rows side by side: part `j`
+/// has `rows[j]` rows, its weight `wj`, its `betaj` (and `scalej` when
+/// `scale`), and writes `outj` as `outs[j]` says; each result is the one
+/// [`ternary_matmul`] computes. Grid: that of a product of all the rows.
+pub fn ternary_cat(rows: &[usize], kp: usize, scale: bool, outs: &[Columns], tiles: CudaTiles) -> String {
+    assert_eq!(rows.len(), outs.len(), "one output per part");
+    let starts: Vec<usize> = rows.iter().scan(0, |s, &r| Some(std::mem::replace(s, *s + r))).collect();
+    let n: usize = rows.iter().sum();
+    let row = |r: &str| by_part(&starts, r, &|j, local| packed_row(&format!("w{j}"), &local, kp));
+    let body = ternary_body(&row, "acc", kp, tiles);
+    let mut finish = format!("                float v = ((float)(sum - qsum[t]) * {}) / gamma[t];\n", by_part(&starts, "n", &|j, _| format!("beta{j}")));
+    if scale {
+        finish += &format!("                v *= {};\n", by_part(&starts, "n", &|j, _| format!("scale{j}[0]")));
+    }
+    let at = by_part(&starts, "n", &|j, local| format!("&out{j}[(size_t)t * {} + {} + {local}]", outs[j].width, outs[j].start));
+    finish += &format!("                *{at} = v;");
+    let mut params = String::new();
+    for j in 0..rows.len() {
+        let _ = write!(params, "const u32* w{j}, float beta{j}, {}", if scale { format!("const float* scale{j}, ") } else { String::new() });
+    }
+    params += "const int* q, const float* gamma, const int* qsum, ";
+    for j in 0..rows.len() {
+        let _ = write!(params, "float* out{j}, ");
+    }
+    let code = if tiles.mma {
+        mma_tiles(n, kp, tiles, &[&row], &finish)
+    } else {
+        row_per_warp(n, kp / 64, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish)
+    };
+    format!("({params}int S) {{\n{code}\n}}")
+}
+
+/// The C expression of row `r` of the packed ternary weight `w` (`const
+/// u32*`, `kp / 16` words a row).
+fn packed_row(w: &str, r: &str, kp: usize) -> String {
+    format!("((const u32*){w} + (size_t)({r}) * {})", kp / 16)
+}
+
+/// A C expression that is `part(j, local)` for the part `j` that row `r`
+/// falls in, of parts starting at rows `starts` (`local` is `r`'s row in
+/// its part); rows past the end count as the last part's.
+fn by_part(starts: &[usize], r: &str, part: &dyn Fn(usize, String) -> String) -> String {
+    let last = starts.len() - 1;
+    let local = |j: usize| if starts[j] == 0 { format!("({r})") } else { format!("(({r}) - {})", starts[j]) };
+    let mut e = part(last, local(last));
+    for j in (0..last).rev() {
+        e = format!("(({r}) < {} ? {} : {e})", starts[j + 1], part(j, local(j)));
+    }
+    e
 }
 
 /// `out[t, n] = act(gate[t, n]) · up[t, n]` where gate and up are two
@@ -449,9 +512,9 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
 /// them (each with its β, and its scale when `scale`): one warp computes
 /// both rows `n`, so the two products never leave the registers.
 pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, tiles: CudaTiles) -> String {
-    let pieces = kp / 64;
+    let (gate, up) = (|r: &str| packed_row("w", r, kp), |r: &str| packed_row("wu", r, kp));
     let body =
-        format!("{{\n{}\n            }}\n            {{\n{}\n            }}", ternary_body("w", "acc", kp, tiles), ternary_body("wu", "acc_up", kp, tiles));
+        format!("{{\n{}\n            }}\n            {{\n{}\n            }}", ternary_body(&gate, "acc", kp, tiles), ternary_body(&up, "acc_up", kp, tiles));
     let mut finish = String::from("                float g = ((float)(sum - qsum[t]) * beta) / gamma[t];\n");
     finish += "                float u = ((float)(sum_up - qsum[t]) * beta_up) / gamma[t];\n";
     if scale {
@@ -466,19 +529,19 @@ pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, tiles: CudaTi
     let params =
         format!("const u32* w, float beta, {}const u32* wu, float beta_up, {}const int* q, const float* gamma, const int* qsum, ", scales(""), scales("_up"));
     let code = if tiles.mma {
-        mma_tiles(n, kp, tiles, &["w", "wu"], &finish)
+        mma_tiles(n, kp, tiles, &[&gate, &up], &finish)
     } else {
-        row_per_warp(n, pieces, tiles, Sums { ty: "int", names: &["acc", "acc_up"], reduce: "warp_sum_i" }, &body, &finish)
+        row_per_warp(n, kp / 64, tiles, Sums { ty: "int", names: &["acc", "acc_up"], reduce: "warp_sum_i" }, &body, &finish)
     };
     format!("({params}float* out, int S) {{\n{code}\n}}")
 }
 
 /// One lane's step of a ternary row product: 16 bytes of weight row `n`
-/// from `w` (64 codes) against the same codes' activations of each token,
-/// into `acc[u]`.
-fn ternary_body(w: &str, acc: &str, kp: usize, tiles: CudaTiles) -> String {
+/// (`row(r)` is the C expression of row `r`) (64 codes) against the same
+/// codes' activations of each token, into `acc[u]`.
+fn ternary_body(row: &dyn Fn(&str) -> String, acc: &str, kp: usize, tiles: CudaTiles) -> String {
     format!(
-        r#"            uint4 w4 = ((const uint4*){w})[(size_t)n * {pieces} + i];
+        r#"            uint4 w4 = ((const uint4*){row})[i];
             int base = (i >> 1) * 32 + (i & 1) * 4;
             u32 wv[4] = {{w4.x, w4.y, w4.z, w4.w}};
             int c[4][4];
@@ -502,7 +565,7 @@ fn ternary_body(w: &str, acc: &str, kp: usize, tiles: CudaTiles) -> String {
                     }}
                 }}
             }}"#,
-        pieces = kp / 64,
+        row = row("n"),
         tok = tiles.tokens,
         xw = kp / 4
     )
@@ -845,6 +908,17 @@ pub fn last_row(row: usize) -> String {
         r#"(const float* a, float* out, int S) {{
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j < {row}) out[j] = a[(size_t)(S - 1) * {row} + j];
+}}"#
+    )
+}
+
+/// Columns `start..start + len` of each of the `S` rows of `width` floats
+/// of `a`, as `Op::Slice`. Grid: `S` blocks.
+pub fn slice(width: usize, start: usize, len: usize) -> String {
+    format!(
+        r#"(const float* a, float* out, int S) {{
+    const float* x = a + (size_t)blockIdx.x * {width} + {start};
+    for (int j = threadIdx.x; j < {len}; j += blockDim.x) out[(size_t)blockIdx.x * {len} + j] = x[j];
 }}"#
     )
 }

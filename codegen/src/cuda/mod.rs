@@ -44,6 +44,10 @@ pub enum Arg {
     ValueCache(usize),
     /// The node's result (three pointers for int8 activations).
     Output,
+    /// The result of another node, which this launch computes (that node
+    /// has no launch of its own): a product that writes its slices, a RoPE
+    /// done by the attention's first launch.
+    ResultOf(Value),
     /// The rows (tokens) of operand `i`, or of the result when `None` (i32).
     Rows(Option<usize>),
     /// Int8 activations of the launch's own (three pointers: codes, γ,
@@ -126,6 +130,16 @@ impl Launch {
             Some(v) if rows == 1 => (&v.entry, v.grid, v.block),
             _ => (&self.entry, self.grid, self.block),
         }
+    }
+
+    /// The values the launch writes: its node's result, and those of the
+    /// nodes whose work it does.
+    pub fn writes(&self) -> impl Iterator<Item = Value> + '_ {
+        self.args.iter().filter_map(|a| match *a {
+            Arg::Output => Some(self.value),
+            Arg::ResultOf(v) => Some(v),
+            _ => None,
+        })
     }
 
     /// Every kernel entry the launch may run.
@@ -274,20 +288,21 @@ pub fn int8_reads(p: &Program) -> Vec<(Value, usize)> {
     out
 }
 
+/// How many times each value is read, by nodes and as an output.
+fn reads(g: &Graph) -> Vec<usize> {
+    let mut uses = vec![0usize; g.nodes.len()];
+    for a in g.nodes.iter().flat_map(|n| &n.args).chain(&g.outputs) {
+        uses[a.index()] += 1;
+    }
+    uses
+}
+
 /// The attention nodes whose queries and keys are RoPE of the same
 /// positions that nothing else reads: each with its two RoPE nodes, whose
 /// work the attention's first launch does (then the keys go from the
 /// registers to the cache, and the RoPE nodes get no launch).
 fn rope_into_attention(g: &Graph) -> Vec<(Value, [Value; 2], bitnet_ir::RopeMode, f32)> {
-    let mut uses = vec![0usize; g.nodes.len()];
-    for (_, node) in g.iter() {
-        for a in &node.args {
-            uses[a.index()] += 1;
-        }
-    }
-    for o in &g.outputs {
-        uses[o.index()] += 1;
-    }
+    let uses = reads(g);
     let mut out = Vec::new();
     for (v, node) in g.iter() {
         let Op::Attention { head_dim, .. } = node.op else { continue };
@@ -300,6 +315,32 @@ fn rope_into_attention(g: &Graph) -> Vec<(Value, [Value; 2], bitnet_ir::RopeMode
             if a.0 == b.0 && a.1.to_bits() == b.1.to_bits() && q != kk {
                 out.push((v, [q, kk], a.0, a.1));
             }
+        }
+    }
+    out
+}
+
+/// The `ternary_cat` nodes that write their parts straight into the
+/// values of their slices (which then get no launch): those read only by
+/// one slice of each part, the slices right after the cat in part order.
+/// Nothing else is computed between the cat and its slices, so no buffer
+/// the cat's launch writes early is still in use. Each with its slices.
+fn cat_into_slices(g: &Graph) -> Vec<(Value, Vec<Value>)> {
+    let uses = reads(g);
+    let mut out = Vec::new();
+    for (v, node) in g.iter() {
+        let Op::TernaryCat { parts, epilogue } = node.op else { continue };
+        let widths = epilogue.cat_products(&node.args).iter().map(|p| g.ty(p[1]).shape[0].resolve(Extent::FIXED)).collect::<Vec<_>>();
+        let slices: Vec<Value> = (1..=parts).map(|j| Value((v.index() + j) as u32)).collect();
+        let mut start = 0;
+        let exact = uses[v.index()] == parts
+            && slices.iter().zip(&widths).all(|(s, &w)| {
+                let ok = g.nodes.get(s.index()).is_some_and(|n| n.op == Op::Slice { start, len: w } && n.args == [v]);
+                start += w;
+                ok
+            });
+        if exact {
+            out.push((v, slices));
         }
     }
     out
@@ -319,6 +360,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
     let mut chosen = Vec::new();
     let (rb, eb, nb) = (k::ROW_BLOCK, k::ELEMENT_BLOCK, k::NORM_BLOCK);
     let rotated = rope_into_attention(g);
+    let scattered = cat_into_slices(g);
     for (v, node) in g.iter() {
         let refuse = |why: &str| Err(format!("{v} = {}: the CUDA backend {why}", node.op.mnemonic()));
         let ty = &node.ty;
@@ -331,8 +373,36 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
         let with = |extra: &[Arg]| -> Vec<Arg> { ops.iter().chain(extra).copied().collect() };
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } => {}
-            Op::TernaryCat { .. } | Op::Slice { .. } => {
-                return refuse("has no such kernel: it is made by fuse-projections, which the CUDA pipeline (passes::optimize_cuda) skips")
+            Op::TernaryCat { parts, epilogue } => {
+                let weights: Vec<usize> = (0..*parts).map(|j| 1 + j * (1 + epilogue.operands())).collect();
+                let rows: Vec<usize> = weights.iter().map(|&i| arg_ty(i).shape[0].resolve(Extent::FIXED)).collect();
+                let kk = arg_ty(1).shape[1].resolve(Extent::FIXED);
+                let key = crate::schedule::Workload::Ternary { n: cols, k: kk }.key();
+                let t = tiles(&key);
+                chosen.push((v, key.0.clone(), t.to_string()));
+                let mut args = Vec::new();
+                for &i in &weights {
+                    args.extend([Operand(i), Beta(i)]);
+                    args.extend((i + 1..i + 1 + epilogue.operands()).map(Operand));
+                }
+                args.push(Operand(0));
+                let outs: Vec<k::Columns> = match scattered.iter().find(|c| c.0 == v) {
+                    Some((_, slices)) => {
+                        args.extend(slices.iter().map(|&s| ResultOf(s)));
+                        rows.iter().map(|&width| k::Columns { width, start: 0 }).collect()
+                    }
+                    None => {
+                        args.extend(std::iter::repeat_n(Output, *parts));
+                        rows.iter().scan(0, |s, &r| Some(k::Columns { width: cols, start: std::mem::replace(s, *s + r) })).collect()
+                    }
+                };
+                args.push(Rows(None));
+                b.product(v, "ternary_cat", cols, t, |t| k::ternary_cat(&rows, padded(kk), epilogue.scale, &outs, t), args);
+            }
+            Op::Slice { .. } if scattered.iter().any(|c| c.1.contains(&v)) => {}
+            Op::Slice { start, len } => {
+                let width = arg_ty(0).shape[1].resolve(Extent::FIXED);
+                b.launch(v, "slice", k::slice(width, *start, *len), Grid::PerRow, rb, with(&[Output, Rows(None)]));
             }
             Op::Embed => {
                 let t = arg_ty(0);
@@ -403,10 +473,10 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             Op::Attention { layer, heads, kv_heads, head_dim } => {
                 let cache = [BlockTables, KeyCache(*layer), ValueCache(*layer)];
                 match rotated.iter().find(|r| r.0 == v) {
-                    Some(&(_, _, mode, theta)) => {
+                    Some(&(_, [q, _], mode, theta)) => {
                         // The queries' and keys' RoPE and the store in one launch.
                         let code = k::rope_kv_store(*heads, *kv_heads, *head_dim, mode, theta, block_shift);
-                        let args = [&[OperandOf(0, 0), OperandOf(1, 0), Operand(2), Operand(3)][..], &cache, &[Operand(0), Rows(None)]].concat();
+                        let args = [&[OperandOf(0, 0), OperandOf(1, 0), Operand(2), Operand(3)][..], &cache, &[ResultOf(q), Rows(None)]].concat();
                         b.launch(v, "rope_kv_store", code, Grid::PerRow, rb, args);
                     }
                     None => {
@@ -449,4 +519,50 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
         }
     }
     Ok(Program { block_shift, kernels: b.kernels, launches: b.launches, tiles: chosen })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lowered(text: &str) -> (Graph, Program) {
+        let g = bitnet_ir::parse(text).unwrap();
+        let tiles = |_: &crate::schedule::WorkloadKey| PhaseTiles { prefill: CudaTiles::MMA_DEFAULT, decode: CudaTiles::DEFAULT };
+        let p = lower(&g, &tiles, 4, HeadQuant::Stored).unwrap();
+        (g, p)
+    }
+
+    const CAT: &str = r#"graph "cat" {
+    v0 = input "x" : f32[seq, 256]
+    v1 = weight "norm" : f32[256]
+    v2 = rms_norm_quant v0, v1 eps=1e-5 scheme=per_token : q8_row[seq, 256]
+    v3 = weight "a" : i2_s[128, 256]
+    v4 = weight "b" : i2_s[64, 256]
+    v5 = ternary_cat v2, v3, v4 parts=2 : f32[seq, 192]
+    v6 = slice v5 start=0 len=128 : f32[seq, 128]
+    v7 = slice v5 start=128 len=64 : f32[seq, 64]
+    output v6
+    output v7
+}"#;
+
+    /// A cat whose slices follow it writes their values and they get no
+    /// launch; with anything between them, or a slice that is not a
+    /// whole part, it writes its own columns and each slice is a copy.
+    #[test]
+    fn a_cat_writes_its_slices_only_when_they_follow_it() {
+        let (g, p) = lowered(CAT);
+        assert_eq!(p.launches.len(), 2, "{:?}", p.launches);
+        let cat = &p.launches[1];
+        assert!(cat.entry.starts_with("ternary_cat_"));
+        assert_eq!(cat.writes().collect::<Vec<_>>(), [Value(6), Value(7)]);
+        assert!(matches!(g.node(Value(6)).op, Op::Slice { .. }));
+        let apart = CAT.replace("    v7 = slice v5 start=128 len=64", "    v8 = relu v6 : f32[seq, 128]\n    v7 = slice v5 start=128 len=64");
+        let part = CAT.replace("start=128 len=64 : f32[seq, 64]", "start=100 len=64 : f32[seq, 64]");
+        for text in [apart, part] {
+            let (_, p) = lowered(&text);
+            let cat = p.launches.iter().find(|l| l.entry.starts_with("ternary_cat_")).unwrap();
+            assert_eq!(cat.args.iter().filter(|a| **a == Arg::Output).count(), 2, "{text}");
+            assert_eq!(p.launches.iter().filter(|l| l.entry.starts_with("slice_")).count(), 2, "{text}");
+        }
+    }
 }

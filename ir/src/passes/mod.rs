@@ -20,25 +20,21 @@ pub struct Pass {
     pub name: &'static str,
     pub about: &'static str,
     pub run: fn(&mut Graph),
-    /// Makes ops only the CPU kernels run: the CUDA pipeline skips it.
-    pub cpu_only: bool,
 }
 
 /// The graph passes, in the order they run.
 pub const PIPELINE: &[Pass] = &[
-    Pass { name: "canonicalize", about: "remove dead nodes, merge duplicate nodes", run: canonicalize::run, cpu_only: false },
-    Pass { name: "specialize-ternary", about: "move each projection's scale into its ternary matmul's epilogue", run: specialize::run, cpu_only: false },
+    Pass { name: "canonicalize", about: "remove dead nodes, merge duplicate nodes", run: canonicalize::run },
+    Pass { name: "specialize-ternary", about: "move each projection's scale into its ternary matmul's epilogue", run: specialize::run },
     Pass {
         name: "fuse",
         about: "rms_norm + quantize_act; act(gate) * up; residual adds into the matmul epilogue; gate and up products with their glu",
         run: fuse::run,
-        cpu_only: false,
     },
     Pass {
         name: "fuse-projections",
         about: "ternary products of one activation (q, k, v) as one ternary_cat, read back through slices",
         run: fuse::projections,
-        cpu_only: true,
     },
 ];
 
@@ -49,23 +45,14 @@ pub fn names() -> impl Iterator<Item = &'static str> {
 
 /// Runs the pipeline on `g`, stopping after the pass named `stop_after`
 /// (an unknown name is an error that lists the known ones).
-pub fn optimize(g: Graph, stop_after: Option<&str>) -> Result<Graph, GraphError> {
-    pipeline(g, stop_after, false)
-}
-
-/// [`optimize`] for the CUDA kernels: the passes that are not CPU-only.
-pub fn optimize_cuda(g: Graph, stop_after: Option<&str>) -> Result<Graph, GraphError> {
-    pipeline(g, stop_after, true)
-}
-
-fn pipeline(mut g: Graph, stop_after: Option<&str>, cuda: bool) -> Result<Graph, GraphError> {
+pub fn optimize(mut g: Graph, stop_after: Option<&str>) -> Result<Graph, GraphError> {
     if let Some(s) = stop_after {
         if !PIPELINE.iter().any(|p| p.name == s) {
             return Err(GraphError(format!("no graph pass named {s}; the passes are: {}", names().collect::<Vec<_>>().join(", "))));
         }
     }
     verify(&g).map_err(|e| GraphError(format!("before the passes: {e}")))?;
-    for pass in PIPELINE.iter().filter(|p| !(cuda && p.cpu_only)) {
+    for pass in PIPELINE {
         (pass.run)(&mut g);
         verify(&g).map_err(|e| GraphError(format!("after pass {}: {e}", pass.name)))?;
         if stop_after == Some(pass.name) {
