@@ -7,7 +7,7 @@
 
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::emulator::{Buffer, Module, Param};
-use bitnet_codegen::cuda::kernels::{self as k, CudaTiles, FloatType, TernaryEpilogue};
+use bitnet_codegen::cuda::kernels::{self as k, Acts, CudaTiles, FloatType, TernaryEpilogue};
 use bitnet_codegen::cuda::{padded, Grid, Kernel};
 use bitnet_ir::{GateAct, RopeMode};
 
@@ -83,8 +83,8 @@ fn ternary_products_are_exact_on_every_tile_shape() {
         let product = |w: usize, q: &[i8], gamma: &[f32], t: usize, r: usize| (dot(w, q, t, r) as f32 * beta[w]) / gamma[t];
         let mut kernels = Vec::new();
         for (i, t) in tiles.iter().enumerate() {
-            kernels.push((format!("tm{i}"), t.block(), k::ternary_matmul(n, kp, TernaryEpilogue { scale: true, residual: true }, *t)));
-            kernels.push((format!("glu{i}"), t.block(), k::ternary_glu(n, kp, GateAct::Relu2, false, *t)));
+            kernels.push((format!("tm{i}"), t.block(), k::ternary_matmul(n, kp, TernaryEpilogue { scale: true, residual: true }, Acts::Given, *t)));
+            kernels.push((format!("glu{i}"), t.block(), k::ternary_glu(n, kp, GateAct::Relu2, false, Acts::Given, *t)));
         }
         let named: Vec<(&str, u32, String)> = kernels.iter().map(|(a, b, c)| (a.as_str(), *b, c.clone())).collect();
         let Some(m) = build("ternary products", &named) else { return };
@@ -158,8 +158,8 @@ fn one_product_of_several_weights_gives_each_its_own() {
     let side_by_side: Vec<k::Columns> = starts.iter().map(|&start| k::Columns { width: n, start }).collect();
     let mut kernels = Vec::new();
     for (i, t) in tiles.iter().enumerate() {
-        kernels.push((format!("apart{i}"), t.block(), k::ternary_cat(&rows, kp, true, &apart, *t)));
-        kernels.push((format!("joined{i}"), t.block(), k::ternary_cat(&rows, kp, true, &side_by_side, *t)));
+        kernels.push((format!("apart{i}"), t.block(), k::ternary_cat(&rows, kp, true, &apart, Acts::Given, *t)));
+        kernels.push((format!("joined{i}"), t.block(), k::ternary_cat(&rows, kp, true, &side_by_side, Acts::Given, *t)));
     }
     let named: Vec<(&str, u32, String)> = kernels.iter().map(|(a, b, c)| (a.as_str(), *b, c.clone())).collect();
     let Some(m) = build("ternary cat", &named) else { return };
@@ -200,6 +200,69 @@ fn one_product_of_several_weights_gives_each_its_own() {
             for j in 0..3 {
                 let part: Vec<f32> = joined.chunks(n).flat_map(|row| &row[starts[j]..starts[j] + rows[j]]).copied().collect();
                 assert_eq!(part, want[j], "ternary_cat part {j} side by side, {s} tokens, {t}");
+            }
+        }
+    }
+}
+
+/// A one-token product that quantizes its f32 row itself (with its
+/// RMSNorm or without) gives what the quantizing launch and the product
+/// after it give, on dot-product and tensor-core tiles.
+#[test]
+fn a_one_token_product_quantizes_its_row_as_the_launch_before_it() {
+    let tiles = [CudaTiles::DEFAULT, CudaTiles { warps: 1, tokens: 1, mma: false }, CudaTiles::MMA_DEFAULT];
+    let mut rng = Rng(17);
+    for (n, kk) in [(37, 783), (5, 2592)] {
+        let kp = padded(kk);
+        let ws: Vec<Vec<i8>> = (0..2).map(|_| (0..n * kk).map(|_| rng.below(3) as i8 - 1).collect()).collect();
+        let packed: Vec<Buffer> = ws
+            .iter()
+            .map(|w| Buffer::of(PackedTernary::from_rows(n, kk, 1, 0.5, |r, out| out.copy_from_slice(&w[r * kk..][..kk])).data().as_bytes()))
+            .collect();
+        let x: Vec<f32> = (0..kk).map(|_| 4.0 * rng.float()).collect();
+        let norm_w: Vec<f32> = (0..kk).map(|_| 0.5 + rng.float().abs()).collect();
+        let (scale, residual) = ([1.5f32], (0..n).map(|_| rng.float()).collect::<Vec<f32>>());
+        let ep = TernaryEpilogue { scale: true, residual: true };
+        for norm in [Some(1e-5f32), None] {
+            let mut kernels = vec![("quantize".to_string(), k::NORM_BLOCK, k::quantize_rows(kk, kp, norm))];
+            for (i, t) in tiles.iter().enumerate() {
+                let acts = |here| Acts::Rows { k: kk, norm, here };
+                kernels.push((format!("tm{i}"), t.block(), k::ternary_matmul(n, kp, ep, acts(false), *t)));
+                kernels.push((format!("tm_own{i}"), t.block(), k::ternary_matmul(n, kp, ep, acts(true), *t)));
+                kernels.push((format!("glu{i}"), t.block(), k::ternary_glu(n, kp, GateAct::Relu2, false, acts(false), *t)));
+                kernels.push((format!("glu_own{i}"), t.block(), k::ternary_glu(n, kp, GateAct::Relu2, false, acts(true), *t)));
+            }
+            let named: Vec<(&str, u32, String)> = kernels.iter().map(|(a, b, c)| (a.as_str(), *b, c.clone())).collect();
+            let Some(m) = build("one-token products", &named) else { return };
+            let (xb, nb) = (Buffer::of(&x), Buffer::of(&norm_w));
+            let (q, gamma, qsum) = (Buffer::zeroed(kp), Buffer::zeroed(4), Buffer::zeroed(4));
+            let rows = match norm {
+                Some(_) => vec![xb.param(), nb.param()],
+                None => vec![xb.param()],
+            };
+            let quantized = [&rows[..], &[q.param(), gamma.param(), qsum.param(), Param::I32(1)]].concat();
+            launch(&m, "quantize", (1, 1, 1), k::NORM_BLOCK, 0, &quantized);
+            // The one-token kernels get acts they must not read.
+            let (junk_q, junk_g, junk_s) = (Buffer::of(&vec![7i8; kp]), Buffer::of(&[f32::NAN]), Buffer::of(&[3i32]));
+            let (scale_b, res_b) = (Buffer::of(&scale), Buffer::of(&residual));
+            for (i, t) in tiles.iter().enumerate() {
+                let grid = t.grid(n).dims(1, t.block());
+                let run = |entry: &str, acts: [Param; 3], weights: &[Param], tail: &[Param]| {
+                    let mut out = vec![f32::NAN; n];
+                    let params = [weights, &acts, &rows, tail, &[Param::of(&mut out), Param::I32(1)]].concat();
+                    launch(&m, entry, grid, t.block(), 0, &params);
+                    out
+                };
+                let given = [q.param(), gamma.param(), qsum.param()];
+                let junk = [junk_q.param(), junk_g.param(), junk_s.param()];
+                let tm = [packed[0].param(), Param::F32(0.5)];
+                let tail = [scale_b.param(), res_b.param()];
+                let want = run(&format!("tm{i}"), given, &tm, &tail);
+                assert!(want.iter().all(|v| v.is_finite()), "{want:?}");
+                assert_eq!(run(&format!("tm_own{i}"), junk, &tm, &tail), want, "ternary_matmul {n}×{kk}, norm {norm:?}, {t}");
+                let glu = [packed[0].param(), Param::F32(0.5), packed[1].param(), Param::F32(0.5)];
+                let want = run(&format!("glu{i}"), given, &glu, &[]);
+                assert_eq!(run(&format!("glu_own{i}"), junk, &glu, &[]), want, "ternary_glu {n}×{kk}, norm {norm:?}, {t}");
             }
         }
     }

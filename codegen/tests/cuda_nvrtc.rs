@@ -4,7 +4,7 @@
 //! skip, unless `BITNET_REQUIRE_NVRTC=1` (set by CI, which installs both)
 //! makes that a failure.
 
-use bitnet_codegen::cuda::kernels::{self as k, Columns, CudaTiles, FloatType, TernaryEpilogue};
+use bitnet_codegen::cuda::kernels::{self as k, Acts, Columns, CudaTiles, FloatType, TernaryEpilogue};
 use bitnet_codegen::cuda::{nvrtc, padded};
 use bitnet_ir::{BinaryOp, GateAct, RopeMode, UnaryOp};
 
@@ -31,17 +31,24 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
     for &(n, kk) in products {
         for &t in tiles {
             for (scale, residual) in [(false, false), (true, false), (false, true), (true, true)] {
-                add(k::ternary_matmul(n, padded(kk), TernaryEpilogue { scale, residual }, t));
+                add(k::ternary_matmul(n, padded(kk), TernaryEpilogue { scale, residual }, Acts::Given, t));
             }
             for (act, scale) in [(GateAct::Silu, false), (GateAct::Relu2, true)] {
-                add(k::ternary_glu(n, padded(kk), act, scale, t));
+                add(k::ternary_glu(n, padded(kk), act, scale, Acts::Given, t));
             }
             // q, k and v as one product: into buffers of their own, and side by side.
             let parts = [n, n.div_ceil(4), n.div_ceil(4)];
             let apart = parts.map(|width| Columns { width, start: 0 });
             let joined = [0, n, n + parts[1]].map(|start| Columns { width: parts.iter().sum(), start });
-            add(k::ternary_cat(&parts, padded(kk), false, &apart, t));
-            add(k::ternary_cat(&parts, padded(kk), true, &joined, t));
+            add(k::ternary_cat(&parts, padded(kk), false, &apart, Acts::Given, t));
+            add(k::ternary_cat(&parts, padded(kk), true, &joined, Acts::Given, t));
+            // The one-token kernels that quantize their row themselves, and their many-token twins.
+            for (norm, here) in [(Some(1e-5), true), (None, true), (Some(1e-6), false)] {
+                let acts = Acts::Rows { k: kk, norm, here };
+                add(k::ternary_matmul(n, padded(kk), TernaryEpilogue { scale: true, residual: true }, acts, t));
+                add(k::ternary_glu(n, padded(kk), GateAct::Relu2, false, acts, t));
+                add(k::ternary_cat(&parts, padded(kk), true, &apart, acts, t));
+            }
             // The tensor cores run ternary products only.
             if !t.mma {
                 add(k::int8_matmul(n, padded(kk), t));

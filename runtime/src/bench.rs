@@ -77,6 +77,8 @@ pub struct GpuReport {
     pub weight_bytes: usize,
     pub bandwidth_gb_s: f64,
     pub decode_roofline: f64,
+    /// Kernel launches a decode step makes (one token).
+    pub decode_launches: usize,
     /// Whether decode replayed a captured CUDA graph, and if not why.
     pub cuda_graphs: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -147,6 +149,7 @@ pub fn bench(
                     weight_bytes: c.weight_bytes,
                     bandwidth_gb_s: bw / 1e9,
                     decode_roofline: decode_tok_s * c.weight_bytes as f64 / bw,
+                    decode_launches: c.launches_for(1),
                     cuda_graphs: c.graphs,
                     cuda_graph_error: c.graph_error.clone(),
                 })

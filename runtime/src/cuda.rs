@@ -321,6 +321,11 @@ impl CudaModel {
         &self.plan.program
     }
 
+    /// The kernel launches a step of `rows` tokens makes.
+    pub fn launches_for(&self, rows: usize) -> usize {
+        self.plan.program.launches_for(rows)
+    }
+
     pub fn graph(&self) -> &Graph {
         &self.plan.graph
     }
@@ -408,7 +413,9 @@ impl CudaModel {
         }
         let launches = self.plan.program.launches.clone();
         for l in &launches {
-            self.launch(l, e)?;
+            if !self.launch(l, e)? {
+                continue;
+            }
             if let Some(values) = trace.as_deref_mut() {
                 for v in l.writes() {
                     if let Some(x) = self.download(v, e)? {
@@ -432,7 +439,7 @@ impl CudaModel {
         self.graphs = graphs;
         first?;
         let launches = self.plan.program.launches.clone();
-        for l in &launches {
+        for l in launches.iter().filter(|l| geometry(l, &self.plan.graph, step.extent(), self.context).is_some()) {
             let (start, end) = (driver("an event", ctx.new_event(timing))?, driver("an event", ctx.new_event(timing))?);
             driver("recording an event", start.record(&self.stream))?;
             self.launch(l, step.extent())?;
@@ -463,7 +470,7 @@ impl CudaModel {
             self.graph_error = Some(format!("starting a CUDA graph capture failed ({err:?}); launching each kernel instead"));
             return Ok(false);
         }
-        let recorded = launches.iter().try_for_each(|l| self.launch(l, e));
+        let recorded = launches.iter().try_for_each(|l| self.launch(l, e).map(|_| ()));
         let captured = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         match (recorded, captured) {
             (Ok(()), Ok(Some(g))) => {
@@ -494,12 +501,11 @@ impl CudaModel {
         Ok(Some(out))
     }
 
-    fn launch(&self, l: &Launch, e: Extent) -> Result<(), EvalError> {
+    /// Launches `l` for a step of extent `e`; `false` where the step has
+    /// no work for it.
+    fn launch(&self, l: &Launch, e: Extent) -> Result<bool, EvalError> {
+        let Some(Geometry { entry, grid, block, shared }) = geometry(l, &self.plan.graph, e, self.context) else { return Ok(false) };
         let params = params(&self.plan.graph, l, e, self)?;
-        let (entry, grid, block, shared) = geometry(l, &self.plan.graph, e, self.context);
-        if grid.0 == 0 || grid.1 == 0 {
-            return Ok(());
-        }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
         let Some(f) = self.functions.get(entry) else { return err(format!("kernel {entry} is not in the module")) };
         let mut b = self.stream.launch_builder(f);
@@ -515,7 +521,7 @@ impl CudaModel {
         // holds the rows of the step (`DevPlan::reserve`), and every block
         // table entry names a block of the pool (`upload_step`).
         driver(&format!("launching {entry}"), unsafe { b.launch(cfg) })?;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -705,15 +711,26 @@ pub(crate) fn flat_tables(tables: &[&[u32]], width: usize) -> Vec<i32> {
 }
 
 /// How launch `l` runs a step of extent `e`: its kernel, grid, block and
-/// bytes of dynamic shared memory (a score per position of `context`).
-pub(crate) fn geometry<'a>(l: &'a Launch, g: &Graph, e: Extent, context: usize) -> (&'a str, (u32, u32, u32), u32, usize) {
+/// bytes of dynamic shared memory (a score per position of `context`);
+/// `None` where the step has no work for it.
+pub(crate) fn geometry<'a>(l: &'a Launch, g: &Graph, e: Extent, context: usize) -> Option<Geometry<'a>> {
     let rows = g.ty(l.value).resolve(e).first().copied().unwrap_or(1);
-    let (entry, grid, block) = l.for_rows(rows);
+    let (entry, grid, block) = l.for_rows(rows)?;
     let shared = match l.shared {
         Shared::None => 0,
         Shared::PerPosition => context * 4,
     };
-    (entry, grid.dims(rows, block), block, shared)
+    let grid = grid.dims(rows, block);
+    (grid.0 > 0 && grid.1 > 0).then_some(Geometry { entry, grid, block, shared })
+}
+
+/// A launch's kernel, its blocks, threads a block and bytes of dynamic
+/// shared memory.
+pub(crate) struct Geometry<'a> {
+    pub entry: &'a str,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub shared: usize,
 }
 
 impl DevPlan {
@@ -1083,11 +1100,12 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
-    /// The queries' and keys' RoPE go into the attention's first launch,
-    /// which then reads the RoPE nodes' operands: those keep their buffers
-    /// until it has run.
+    /// Launches that read the operands of their operands (the attention's
+    /// first, which does the queries' and keys' RoPE; the products whose
+    /// one-token kernels quantize their row): those keep their buffers
+    /// until the launch has run.
     #[test]
-    fn fused_rope_reads_buffers_nothing_else_takes() {
+    fn fused_launches_read_buffers_nothing_else_takes() {
         let (m, dir) = model(DType::I2S);
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         let (slot, _) = slots(&g, &p);
@@ -1099,10 +1117,29 @@ mod tests {
                 for w in (x.index() + 1..l.value.index()).filter(|&w| slot[w] != NO_SLOT) {
                     assert_ne!(slot[w], slot[x.index()], "{} takes the buffer of {x}, which {} reads", bitnet_ir::Value(w as u32), l.value);
                 }
-                fused += 1;
+                fused += l.entry.starts_with("rope_kv_store_") as usize;
             }
         }
         assert_eq!(fused, 2 * m.config.layers, "queries and keys of every layer");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A one-token step skips the four quantizing launches of each layer
+    /// (each product's one-token kernel quantizes its row); a step of more
+    /// rows runs them all.
+    #[test]
+    fn a_one_token_step_skips_the_quantizing_launches() {
+        let (m, dir) = model(DType::I2S);
+        let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
+        let runs = |rows: usize| p.launches.iter().filter(|l| l.for_rows(rows).is_some()).count();
+        assert_eq!(runs(2), p.launches.len());
+        assert_eq!(runs(1), p.launches.len() - 4 * m.config.layers);
+        for l in p.launches.iter().filter(|l| l.skip_one_token) {
+            assert!(matches!(g.node(l.value).op, Op::RmsNormQuant { .. }), "{}", l.entry);
+            for r in p.launches.iter().filter(|r| g.node(r.value).args.first() == Some(&l.value)) {
+                assert!(r.args.contains(&Arg::OperandOf(0, 0)) && r.one_token.is_some(), "{} reads {} without quantizing it", r.entry, l.entry);
+            }
+        }
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -1167,18 +1204,22 @@ mod tests {
         // sm_75: no integer mma, so the heuristic's tiles are one kernel a product.
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, Some(&tuned), HeadQuant::Stored).unwrap();
         check(&g, &p).unwrap();
-        let down: Vec<&Launch> = p.launches.iter().filter(|l| l.one_token.is_some()).collect();
+        let down: Vec<&Launch> = p.launches.iter().filter(|l| l.one_token.as_ref().is_some_and(|v| v.block == decode.block())).collect();
         assert_eq!(down.len(), 2, "one ffn_down product a layer");
         for l in down {
-            assert_eq!(l.for_rows(5), (l.entry.as_str(), Grid::Fixed(128), 64));
-            let (entry, grid, block) = l.for_rows(1);
+            assert_eq!(l.for_rows(5), Some((l.entry.as_str(), Grid::Fixed(128), 64)));
+            let (entry, grid, block) = l.for_rows(1).unwrap();
             assert!(entry != l.entry && grid == Grid::Fixed(32) && block == 256);
             assert_eq!(l.entries().count(), 2);
         }
-        // Every other product keeps one kernel with the default tiles.
+        // Every other product keeps the default tiles (its one-token kernel
+        // differs in quantizing its row itself): ffn_down's two kernels are
+        // all that is new.
         let (_, untuned) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, None, HeadQuant::Stored).unwrap();
-        assert!(untuned.launches.iter().all(|l| l.one_token.is_none()));
-        assert_eq!(p.kernels.len(), untuned.kernels.len() + 1);
+        let default = CudaTiles::DEFAULT;
+        assert!(untuned.launches.iter().filter_map(|l| l.one_token.as_ref()).all(|v| v.block == default.block()));
+        let new: Vec<&str> = p.kernels.iter().filter(|k| !untuned.kernels.contains(k)).map(|k| k.name.as_str()).collect();
+        assert_eq!(new.len(), 2, "{new:?}");
         // From sm_80 every ternary product prefills on the tensor cores and
         // decodes with dot products; the float head has one kernel.
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();

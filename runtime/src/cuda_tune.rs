@@ -79,7 +79,7 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
     let (n, k, source): (usize, usize, Box<dyn Fn(CudaTiles) -> String>) = match *w {
         Workload::Ternary { n, k } => {
             let ep = TernaryEpilogue { scale: false, residual: false };
-            (n, k, Box::new(move |t| kernels::ternary_matmul(n, padded(k), ep, t)))
+            (n, k, Box::new(move |t| kernels::ternary_matmul(n, padded(k), ep, kernels::Acts::Given, t)))
         }
         Workload::Float { n, k, dtype } => {
             let ty = device_float_type(dtype);

@@ -101,11 +101,12 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
     }
     if let Some(g) = &r.gpu {
         println!(
-            "{}: {:.2} GB of weights read per token, copy bandwidth {:.0} GB/s: decode at {:.0}% of that roofline",
+            "{}: {:.2} GB of weights read per token, copy bandwidth {:.0} GB/s: decode at {:.0}% of that roofline, {} kernel launches a decode step",
             g.device,
             g.weight_bytes as f64 / 1e9,
             g.bandwidth_gb_s,
-            100.0 * g.decode_roofline
+            100.0 * g.decode_roofline,
+            g.decode_launches
         );
         if let Some(e) = &g.cuda_graph_error {
             println!("{e}");

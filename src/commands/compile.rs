@@ -170,9 +170,10 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
     }
     out += "}\n";
     eprintln!(
-        "{} kernels, {} launches: {} bytes of CUDA C compiled by NVRTC ({}) to {} bytes of PTX for sm_{} in {:.1} s",
+        "{} kernels, {} launches ({} for one token): {} bytes of CUDA C compiled by NVRTC ({}) to {} bytes of PTX for sm_{} in {:.1} s",
         program.kernels.len(),
         program.launches.len(),
+        program.launches_for(1),
         source.len(),
         bitnet_codegen::cuda::nvrtc::library().map(|p| p.display().to_string()).unwrap_or_default(),
         ptx.len(),

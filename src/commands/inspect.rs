@@ -213,9 +213,10 @@ fn describe_artifact(path: &std::path::Path, out: &mut String) -> anyhow::Result
         let entries: std::collections::BTreeSet<&str> = step.launches.iter().flat_map(|l| l.entries()).collect();
         writeln!(
             out,
-            "CUDA kernels: {} ({} launches a step, KV blocks of {} positions), {} of PTX for sm_{} from NVRTC {}",
+            "CUDA kernels: {} ({} launches a step of many tokens, {} of one, KV blocks of {} positions), {} of PTX for sm_{} from NVRTC {}",
             entries.len(),
             step.launches.len(),
+            step.launches_for(1),
             1u64 << step.block_shift.min(63),
             human(c.ptx.len()),
             c.sm,

@@ -198,15 +198,13 @@ pub fn quantize_rows(k: usize, kp: usize, norm: Option<f32>) -> String {
         int j = threadIdx.x + u * {nb};
         if (j < {k}) {{ v[u] = {value}; amax = fmaxf(amax, fabsf(v[u])); }}
     }}
-    amax = fmaxf(block_max(amax), {tiny});
-    float g = 127.0f / amax;
+    float g = 127.0f / fmaxf(block_max(amax), {tiny});
     int sum = 0;
     #pragma unroll
     for (int u = 0; u < {per}; u++) {{
         int j = threadIdx.x + u * {nb};
         if (j < {kp}) {{
-            int c = 0;
-            if (j < {k}) c = (int)fminf(fmaxf(roundf(v[u] * g), -128.0f), 127.0f);
+            int c = j < {k} ? {code} : 0;
             q[(size_t)blockIdx.x * {kp} + j] = (i8)c;
             sum += c;
         }}
@@ -215,8 +213,17 @@ pub fn quantize_rows(k: usize, kp: usize, norm: Option<f32>) -> String {
     if (threadIdx.x == 0) {{ gamma[blockIdx.x] = g; qsum[blockIdx.x] = sum; }}
 }}"#,
         nb = NORM_BLOCK,
-        tiny = float(1e-5)
+        tiny = float(QUANT_TINY),
+        code = quant_code("v[u] * g")
     )
+}
+
+/// The floor of max|x| in per-token quantization (as the CPU's).
+const QUANT_TINY: f32 = 1e-5;
+
+/// The int8 code of the scaled value `x` (`x · γ`), as a C expression.
+fn quant_code(x: &str) -> String {
+    format!("(int)fminf(fmaxf(roundf({x}), -128.0f), 127.0f)")
 }
 
 /// Tiles of the CUDA matrix products.
@@ -404,6 +411,79 @@ fn row_per_warp(n: usize, words: usize, tiles: CudaTiles, sums: Sums, body: &str
     s
 }
 
+/// Where a ternary product's int8 activations come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Acts {
+    /// Quantized by the launch before it: `q`, `gamma` and `qsum`.
+    Given,
+    /// Those, and the f32 rows of `k` they are quantized from, `x` (and
+    /// the RMSNorm's weight `xnorm` when `norm` gives its eps). A kernel
+    /// that quantizes `here` runs one token: every block quantizes the row
+    /// into its shared memory, as [`quantize_rows`] does, and reads that
+    /// instead of `q`, `gamma` and `qsum` (so the launch that quantizes
+    /// need not run). Others read `q`, `gamma` and `qsum`.
+    Rows { k: usize, norm: Option<f32>, here: bool },
+}
+
+impl Acts {
+    /// The kernel parameters for the f32 rows.
+    fn params(self) -> &'static str {
+        match self {
+            Acts::Given => "",
+            Acts::Rows { norm: Some(_), .. } => "const float* x, const float* xnorm, ",
+            Acts::Rows { norm: None, .. } => "const float* x, ",
+        }
+    }
+
+    /// A product's `code` after the quantization of its one token, where
+    /// the kernel does it.
+    fn wrap(self, kp: usize, code: &str) -> String {
+        let Acts::Rows { k, norm, here: true } = self else { return code.to_string() };
+        let (squares, value) = match norm {
+            Some(eps) => (
+                format!(
+                    r#"double acc = 0.0;
+        for (int j = threadIdx.x; j < {k}; j += blockDim.x) acc += (double)x[j] * (double)x[j];
+        acc = block_sum_d(acc);
+        float s = 1.0f / sqrtf((float)(acc / {k}.0) + {eps});"#,
+                    eps = float(eps)
+                ),
+                "x[j] * s * xnorm[j]",
+            ),
+            None => (String::new(), "x[j]"),
+        };
+        format!(
+            r#"    __shared__ __align__(16) i8 xq[{kp}];
+    __shared__ float xq_gamma;
+    __shared__ int xq_sum;
+    {{
+        {squares}
+        float amax = 0.0f;
+        for (int j = threadIdx.x; j < {k}; j += blockDim.x) amax = fmaxf(amax, fabsf({value}));
+        float g = 127.0f / fmaxf(block_max(amax), {tiny});
+        int sum = 0;
+        for (int j = threadIdx.x; j < {kp}; j += blockDim.x) {{
+            int c = j < {k} ? {code} : 0;
+            xq[j] = (i8)c;
+            sum += c;
+        }}
+        sum = block_sum_i(sum);
+        if (threadIdx.x == 0) {{ xq_gamma = g; xq_sum = sum; }}
+        __syncthreads();
+    }}
+    {{
+    const int* q = (const int*)xq;
+    const float* gamma = &xq_gamma;
+    const int* qsum = &xq_sum;
+{code_body}
+    }}"#,
+            tiny = float(QUANT_TINY),
+            code = quant_code(&format!("{value} * g")),
+            code_body = code
+        )
+    }
+}
+
 /// The epilogue of a ternary product, as in [`crate::cpu::ternary`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TernaryEpilogue {
@@ -420,7 +500,7 @@ pub struct TernaryEpilogue {
 /// and `+ 24` (in 32-bit words) for the four shifts. Rows are padded to
 /// 128 codes, so a row is always whole 16-byte pieces, and aligned.
 /// Grid: `ceil(n / warps)` blocks of `32 · warps`.
-pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles) -> String {
+pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, acts: Acts, tiles: CudaTiles) -> String {
     let row = |r: &str| packed_row("w", r, kp);
     let body = ternary_body(&row, "acc", kp, tiles);
     let mut finish = String::from("                float v = ((float)(sum - qsum[t]) * beta) / gamma[t];\n");
@@ -431,7 +511,7 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
         finish += &format!("                v += residual[(size_t)t * {n} + n];\n");
     }
     finish += &format!("                out[(size_t)t * {n} + n] = v;");
-    let mut params = String::from("const u32* w, float beta, const int* q, const float* gamma, const int* qsum, ");
+    let mut params = format!("const u32* w, float beta, const int* q, const float* gamma, const int* qsum, {}", acts.params());
     if ep.scale {
         params += "const float* scale, ";
     }
@@ -443,7 +523,7 @@ pub fn ternary_matmul(n: usize, kp: usize, ep: TernaryEpilogue, tiles: CudaTiles
     } else {
         row_per_warp(n, kp / 64, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish)
     };
-    format!("({params}float* out, int S) {{\n{code}\n}}")
+    format!("({params}float* out, int S) {{\n{}\n}}", acts.wrap(kp, &code))
 }
 
 /// Where part `j` of a [`ternary_cat`] writes its results: rows of `width`
@@ -460,7 +540,7 @@ pub struct Columns {
 /// has `rows[j]` rows, its weight `wj`, its `betaj` (and `scalej` when
 /// `scale`), and writes `outj` as `outs[j]` says; each result is the one
 /// [`ternary_matmul`] computes. Grid: that of a product of all the rows.
-pub fn ternary_cat(rows: &[usize], kp: usize, scale: bool, outs: &[Columns], tiles: CudaTiles) -> String {
+pub fn ternary_cat(rows: &[usize], kp: usize, scale: bool, outs: &[Columns], acts: Acts, tiles: CudaTiles) -> String {
     assert_eq!(rows.len(), outs.len(), "one output per part");
     let starts: Vec<usize> = rows.iter().scan(0, |s, &r| Some(std::mem::replace(s, *s + r))).collect();
     let n: usize = rows.iter().sum();
@@ -477,6 +557,7 @@ pub fn ternary_cat(rows: &[usize], kp: usize, scale: bool, outs: &[Columns], til
         let _ = write!(params, "const u32* w{j}, float beta{j}, {}", if scale { format!("const float* scale{j}, ") } else { String::new() });
     }
     params += "const int* q, const float* gamma, const int* qsum, ";
+    params += acts.params();
     for j in 0..rows.len() {
         let _ = write!(params, "float* out{j}, ");
     }
@@ -485,7 +566,7 @@ pub fn ternary_cat(rows: &[usize], kp: usize, scale: bool, outs: &[Columns], til
     } else {
         row_per_warp(n, kp / 64, tiles, Sums { ty: "int", names: &["acc"], reduce: "warp_sum_i" }, &body, &finish)
     };
-    format!("({params}int S) {{\n{code}\n}}")
+    format!("({params}int S) {{\n{}\n}}", acts.wrap(kp, &code))
 }
 
 /// The C expression of row `r` of the packed ternary weight `w` (`const
@@ -511,7 +592,7 @@ fn by_part(starts: &[usize], r: &str, part: &dyn Fn(usize, String) -> String) ->
 /// ternary products of the same activations, as [`ternary_matmul`] makes
 /// them (each with its β, and its scale when `scale`): one warp computes
 /// both rows `n`, so the two products never leave the registers.
-pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, tiles: CudaTiles) -> String {
+pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, acts: Acts, tiles: CudaTiles) -> String {
     let (gate, up) = (|r: &str| packed_row("w", r, kp), |r: &str| packed_row("wu", r, kp));
     let body =
         format!("{{\n{}\n            }}\n            {{\n{}\n            }}", ternary_body(&gate, "acc", kp, tiles), ternary_body(&up, "acc_up", kp, tiles));
@@ -526,14 +607,18 @@ pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, tiles: CudaTi
     };
     finish += &format!("                out[(size_t)t * {n} + n] = {a} * u;");
     let scales = |suffix: &str| if scale { format!("const float* scale{suffix}, ") } else { String::new() };
-    let params =
-        format!("const u32* w, float beta, {}const u32* wu, float beta_up, {}const int* q, const float* gamma, const int* qsum, ", scales(""), scales("_up"));
+    let params = format!(
+        "const u32* w, float beta, {}const u32* wu, float beta_up, {}const int* q, const float* gamma, const int* qsum, {}",
+        scales(""),
+        scales("_up"),
+        acts.params()
+    );
     let code = if tiles.mma {
         mma_tiles(n, kp, tiles, &[&gate, &up], &finish)
     } else {
         row_per_warp(n, kp / 64, tiles, Sums { ty: "int", names: &["acc", "acc_up"], reduce: "warp_sum_i" }, &body, &finish)
     };
-    format!("({params}float* out, int S) {{\n{code}\n}}")
+    format!("({params}float* out, int S) {{\n{}\n}}", acts.wrap(kp, &code))
 }
 
 /// One lane's step of a ternary row product: 16 bytes of weight row `n`

@@ -113,6 +113,10 @@ pub struct Launch {
     /// instead when the launch has one row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub one_token: Option<Variant>,
+    /// A step of one row skips the launch: the one-token kernels of the
+    /// launches that read its result do its work themselves.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_one_token: bool,
 }
 
 /// Another kernel for a launch: its entry and its own grid and block.
@@ -124,11 +128,13 @@ pub struct Variant {
 }
 
 impl Launch {
-    /// The kernel, grid and block that run `rows` tokens.
-    pub fn for_rows(&self, rows: usize) -> (&str, Grid, u32) {
+    /// The kernel, grid and block that run `rows` tokens, if a step of
+    /// that many runs the launch.
+    pub fn for_rows(&self, rows: usize) -> Option<(&str, Grid, u32)> {
         match &self.one_token {
-            Some(v) if rows == 1 => (&v.entry, v.grid, v.block),
-            _ => (&self.entry, self.grid, self.block),
+            _ if rows == 1 && self.skip_one_token => None,
+            Some(v) if rows == 1 => Some((&v.entry, v.grid, v.block)),
+            _ => Some((&self.entry, self.grid, self.block)),
         }
     }
 
@@ -203,6 +209,13 @@ pub struct Program {
     pub tiles: Vec<(Value, String, String)>,
 }
 
+impl Program {
+    /// The launches a step of `rows` tokens makes.
+    pub fn launches_for(&self, rows: usize) -> usize {
+        self.launches.iter().filter(|l| l.for_rows(rows).is_some()).count()
+    }
+}
+
 /// One CUDA C module with every kernel of `programs`, each once.
 pub fn module_source(programs: &[&Program]) -> String {
     let mut seen = std::collections::BTreeSet::new();
@@ -255,18 +268,19 @@ impl Builder {
 
     fn launch(&mut self, value: Value, family: &str, code: String, grid: Grid, block: u32, args: Vec<Arg>) {
         let entry = self.kernel(family, block, code);
-        self.launches.push(Launch { value, entry, grid, block, shared: Shared::None, args, one_token: None });
+        self.launches.push(Launch { value, entry, grid, block, shared: Shared::None, args, one_token: None, skip_one_token: false });
     }
 
-    /// A matrix product's launch of `n` rows, one warp a row: `code(t)` is
-    /// its kernel for tiles `t`, and a second kernel runs one token when
-    /// the decode tiles differ.
-    fn product(&mut self, value: Value, family: &str, n: usize, tiles: PhaseTiles, code: impl Fn(CudaTiles) -> String, args: Vec<Arg>) {
-        let p = tiles.prefill;
-        self.launch(value, family, code(p), p.grid(n), p.block(), args);
-        if tiles.decode != p {
-            let d = tiles.decode;
-            let entry = self.kernel(family, d.block(), code(d));
+    /// A matrix product's launch of `n` rows, one warp a row: `code(t,
+    /// one)` is its kernel for tiles `t` (for one token with `one`), and a
+    /// second kernel runs one token where that differs (other tiles, or
+    /// the token's quantization done in the kernel).
+    fn product(&mut self, value: Value, family: &str, n: usize, tiles: PhaseTiles, code: impl Fn(CudaTiles, bool) -> String, args: Vec<Arg>) {
+        let (p, d) = (tiles.prefill, tiles.decode);
+        let (many, one) = (code(p, false), code(d, true));
+        self.launch(value, family, many.clone(), p.grid(n), p.block(), args);
+        if (d, &one) != (p, &many) {
+            let entry = self.kernel(family, d.block(), one);
             self.launches.last_mut().expect("just pushed").one_token = Some(Variant { entry, grid: d.grid(n), block: d.block() });
         }
     }
@@ -346,6 +360,29 @@ fn cat_into_slices(g: &Graph) -> Vec<(Value, Vec<Value>)> {
     out
 }
 
+/// The per-token quantizations (with or without their RMSNorm) whose
+/// every reader is a ternary product reading them as its activations: a
+/// one-token step skips their launch, and the products' one-token kernels
+/// quantize the row themselves (each block reads it, which costs less
+/// than a launch when one token is all there is).
+fn quantize_into_products(g: &Graph) -> Vec<Value> {
+    let mut readers = vec![(0usize, true); g.nodes.len()];
+    for (_, node) in g.iter() {
+        let product = matches!(node.op, Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. });
+        for (i, a) in node.args.iter().enumerate() {
+            let r = &mut readers[a.index()];
+            *r = (r.0 + 1, r.1 && product && i == 0);
+        }
+    }
+    g.iter()
+        .filter(|(v, node)| {
+            let quantizes = matches!(node.op, Op::RmsNormQuant { scheme: ActQuant::PerToken, .. } | Op::QuantizeAct { scheme: ActQuant::PerToken });
+            quantizes && readers[v.index()].0 > 0 && readers[v.index()].1 && !g.outputs.contains(v)
+        })
+        .map(|(v, _)| v)
+        .collect()
+}
+
 /// Lowers an optimized graph for CUDA. `tiles` gives each matrix
 /// product's tiles from its workload key. Keys and values go to a paged
 /// cache of blocks of `1 << block_shift` positions, which the rows of a
@@ -361,6 +398,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
     let (rb, eb, nb) = (k::ROW_BLOCK, k::ELEMENT_BLOCK, k::NORM_BLOCK);
     let rotated = rope_into_attention(g);
     let scattered = cat_into_slices(g);
+    let folded = quantize_into_products(g);
     for (v, node) in g.iter() {
         let refuse = |why: &str| Err(format!("{v} = {}: the CUDA backend {why}", node.op.mnemonic()));
         let ty = &node.ty;
@@ -371,6 +409,16 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
         let arg_ty = |i: usize| g.ty(node.args[i]);
         let ops: Vec<Arg> = (0..node.args.len()).map(Operand).collect();
         let with = |extra: &[Arg]| -> Vec<Arg> { ops.iter().chain(extra).copied().collect() };
+        // A product of activations quantized by a launch that a one-token
+        // step skips: the f32 rows (and norm weight) its kernels take, and
+        // what each of its kernels does with them.
+        let quantized_here = node.args.first().is_some_and(|a| folded.contains(a));
+        let (fold, norm) = match node.args.first().map(|&a| &g.node(a).op) {
+            Some(Op::RmsNormQuant { eps, .. }) if quantized_here => (vec![OperandOf(0, 0), OperandOf(0, 1)], Some(*eps)),
+            _ if quantized_here => (vec![OperandOf(0, 0)], None),
+            _ => (vec![], None),
+        };
+        let acts = |k: usize, one: bool| if quantized_here { k::Acts::Rows { k, norm, here: one } } else { k::Acts::Given };
         match &node.op {
             Op::Input { .. } | Op::Weight { .. } => {}
             Op::TernaryCat { parts, epilogue } => {
@@ -386,6 +434,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                     args.extend((i + 1..i + 1 + epilogue.operands()).map(Operand));
                 }
                 args.push(Operand(0));
+                args.extend(&fold);
                 let outs: Vec<k::Columns> = match scattered.iter().find(|c| c.0 == v) {
                     Some((_, slices)) => {
                         args.extend(slices.iter().map(|&s| ResultOf(s)));
@@ -397,7 +446,8 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                     }
                 };
                 args.push(Rows(None));
-                b.product(v, "ternary_cat", cols, t, |t| k::ternary_cat(&rows, padded(kk), epilogue.scale, &outs, t), args);
+                let code = |t, one| k::ternary_cat(&rows, padded(kk), epilogue.scale, &outs, acts(kk, one), t);
+                b.product(v, "ternary_cat", cols, t, code, args);
             }
             Op::Slice { .. } if scattered.iter().any(|c| c.1.contains(&v)) => {}
             Op::Slice { start, len } => {
@@ -414,9 +464,11 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             }
             Op::RmsNormQuant { eps, scheme: ActQuant::PerToken } => {
                 b.launch(v, "rms_norm_quant", k::quantize_rows(cols, padded(cols), Some(*eps)), Grid::PerRow, nb, with(&[Output, Rows(None)]));
+                b.launches.last_mut().expect("just pushed").skip_one_token = folded.contains(&v);
             }
             Op::QuantizeAct { scheme: ActQuant::PerToken } => {
                 b.launch(v, "quantize_act", k::quantize_rows(cols, padded(cols), None), Grid::PerRow, nb, with(&[Output, Rows(None)]));
+                b.launches.last_mut().expect("just pushed").skip_one_token = folded.contains(&v);
             }
             Op::QuantizeAct { .. } | Op::RmsNormQuant { .. } => return refuse("quantizes activations per token only (not llama.cpp's q8_k blocks)"),
             Op::TernaryMatMul(e) => {
@@ -427,9 +479,10 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 chosen.push((v, key.0.clone(), t.to_string()));
                 let ep = k::TernaryEpilogue { scale: e.scale, residual: e.residual };
                 let mut args = vec![Operand(1), Beta(1), Operand(0)];
+                args.extend(&fold);
                 args.extend((2..node.args.len()).map(Operand));
                 args.extend([Output, Rows(None)]);
-                b.product(v, "ternary_matmul", n, t, |t| k::ternary_matmul(n, padded(kk), ep, t), args);
+                b.product(v, "ternary_matmul", n, t, |t, one| k::ternary_matmul(n, padded(kk), ep, acts(kk, one), t), args);
             }
             Op::TernaryGlu { act, epilogue } => {
                 let w = arg_ty(1);
@@ -442,8 +495,11 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 args.extend((2..up).map(Operand));
                 args.extend([Operand(up), Beta(up)]);
                 args.extend((up + 1..node.args.len()).map(Operand));
-                args.extend([Operand(0), Output, Rows(None)]);
-                b.product(v, "ternary_glu", n, t, |t| k::ternary_glu(n, padded(kk), *act, epilogue.scale, t), args);
+                args.push(Operand(0));
+                args.extend(&fold);
+                args.extend([Output, Rows(None)]);
+                let code = |t, one| k::ternary_glu(n, padded(kk), *act, epilogue.scale, acts(kk, one), t);
+                b.product(v, "ternary_glu", n, t, code, args);
             }
             Op::MatMul => {
                 let (x, w) = (arg_ty(0), arg_ty(1));
@@ -457,11 +513,11 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 match (head, crate::schedule::is_head(g, v)) {
                     (HeadQuant::Stored, _) | (_, false) => {
                         let ty = device_float_type(w.dtype);
-                        b.product(v, "matmul", n, t, |t| k::matmul(ty, n, kk, t), vec![Operand(1), Operand(0), Output, Rows(None)]);
+                        b.product(v, "matmul", n, t, |t, _| k::matmul(ty, n, kk, t), vec![Operand(1), Operand(0), Output, Rows(None)]);
                     }
                     (HeadQuant::Q8, true) => {
                         b.launch(v, "quantize_act", k::quantize_rows(kk, padded(kk), None), Grid::PerRow, nb, vec![Operand(0), Scratch, Rows(Some(0))]);
-                        b.product(v, "int8_matmul", n, t, |t| k::int8_matmul(n, padded(kk), t), vec![Int8Rows(1), Scratch, Output, Rows(None)]);
+                        b.product(v, "int8_matmul", n, t, |t, _| k::int8_matmul(n, padded(kk), t), vec![Int8Rows(1), Scratch, Output, Rows(None)]);
                     }
                     (HeadQuant::Q4, true) => return refuse("reads the head as stored or as int8 rows (--head q8), not in 4 bits"),
                 }
@@ -493,6 +549,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                     shared: Shared::PerPosition,
                     args: with(&[&cache[..], &[Output, Rows(None)]].concat()),
                     one_token: None,
+                    skip_one_token: false,
                 });
             }
             Op::Unary(u) => b.launch(v, "unary", k::unary(*u, cols), Grid::Elements { row: cols }, eb, with(&[Output, Rows(None)])),
