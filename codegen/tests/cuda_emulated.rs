@@ -379,7 +379,7 @@ fn paged_attention_reads_each_rows_own_blocks() {
     let mut rng = Rng(5);
     let (heads, kv_heads, shift) = (4, 2, 2u32);
     for d in [64, 128, 3] {
-        let kernels = [("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)), ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift))];
+        let kernels = [("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)), ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, None))];
         let Some(m) = build("paged attention", &kernels) else { return };
         let (block, pool, width) = (1usize << shift, 8usize, 4usize);
         // Two sequences: the first's blocks 5, 2; the second's 0, 7, 3. This
@@ -549,5 +549,55 @@ fn fused_rope_and_store_equal_the_separate_kernels() {
         assert_eq!(fkc, kc, "{mode:?}: stored keys");
         assert_eq!(fvc, vc, "{mode:?}: stored values");
         assert_ne!(kc, cache, "{mode:?}: the store wrote");
+    }
+}
+
+/// A one-token attention that does its own RoPE gives what the store
+/// launch and the attention after it give, bit for bit: the same output,
+/// and the same keys and values left in the cache for the next step.
+#[test]
+fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
+    let mut rng = Rng(19);
+    let (heads, kv_heads, d, shift, theta) = (6, 2, 16, 2u32, 10000.0f32);
+    for mode in [RopeMode::Interleaved, RopeMode::Neox] {
+        let own = |here| Some(k::OwnRope { mode, theta, here });
+        let kernels = [
+            ("store", k::ROW_BLOCK, k::rope_kv_store(heads, kv_heads, d, mode, theta, shift)),
+            ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(false))),
+            ("attend_own", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(true))),
+        ];
+        let Some(m) = build("one-token attention", &kernels) else { return };
+        let (pool, width) = (6usize, 3usize);
+        for position in [0i32, 9] {
+            let pos = [position];
+            let mut tables: Vec<i32> = vec![4, 0, 2];
+            let q: Vec<f32> = (0..heads * d).map(|_| rng.float()).collect();
+            let kk: Vec<f32> = (0..kv_heads * d).map(|_| rng.float()).collect();
+            let v: Vec<f32> = (0..kv_heads * d).map(|_| rng.float()).collect();
+            let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| rng.float()).collect();
+            let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kk), Buffer::of(&v), Buffer::of(&pos));
+            let (w, b, one) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(1));
+            let (grid, shared) = (Grid::HeadsByRows { heads }.dims(1, k::ROW_BLOCK), 4 * (width << shift));
+            // The store launch, then the attention.
+            let (mut kc, mut vc, mut rq) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
+            let store =
+                [qb.param(), kb.param(), vb.param(), pb.param(), Param::of(&mut tables), w, b, Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut rq), one];
+            launch(&m, "store", (1, 1, 1), k::ROW_BLOCK, 0, &store);
+            let mut want = vec![f32::NAN; q.len()];
+            let junk = Buffer::of(&vec![f32::NAN; q.len()]);
+            let mut params = vec![Param::of(&mut rq), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
+            params.extend([Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut want), one]);
+            launch(&m, "attend", grid, k::ROW_BLOCK, shared, &params);
+            // One launch; the rotated queries it is handed are not read.
+            let (mut own_kc, mut own_vc, mut got) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
+            let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
+            params.extend([Param::of(&mut own_kc), Param::of(&mut own_vc), Param::of(&mut got), one]);
+            launch(&m, "attend_own", grid, k::ROW_BLOCK, shared, &params);
+            assert!(want.iter().all(|x| x.is_finite()), "{mode:?}, position {position}");
+            assert_eq!(got, want, "{mode:?}, position {position}: attention");
+            assert_eq!(own_kc, kc, "{mode:?}, position {position}: stored keys");
+            assert_eq!(own_vc, vc, "{mode:?}, position {position}: stored values");
+            assert_ne!(kc, cache, "{mode:?}: the store wrote");
+        }
     }
 }

@@ -1125,19 +1125,25 @@ mod tests {
     }
 
     /// A one-token step skips the four quantizing launches of each layer
-    /// (each product's one-token kernel quantizes its row); a step of more
-    /// rows runs them all.
+    /// (each product's one-token kernel quantizes its row) and the RoPE
+    /// and KV store (the attention's one-token kernel does them); a step
+    /// of more rows runs them all.
     #[test]
-    fn a_one_token_step_skips_the_quantizing_launches() {
+    fn a_one_token_step_skips_the_launches_the_next_do_the_work_of() {
         let (m, dir) = model(DType::I2S);
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
         let runs = |rows: usize| p.launches.iter().filter(|l| l.for_rows(rows).is_some()).count();
         assert_eq!(runs(2), p.launches.len());
-        assert_eq!(runs(1), p.launches.len() - 4 * m.config.layers);
+        assert_eq!(runs(1), p.launches.len() - 5 * m.config.layers);
         for l in p.launches.iter().filter(|l| l.skip_one_token) {
-            assert!(matches!(g.node(l.value).op, Op::RmsNormQuant { .. }), "{}", l.entry);
-            for r in p.launches.iter().filter(|r| g.node(r.value).args.first() == Some(&l.value)) {
-                assert!(r.args.contains(&Arg::OperandOf(0, 0)) && r.one_token.is_some(), "{} reads {} without quantizing it", r.entry, l.entry);
+            let readers: Vec<&Launch> = match g.node(l.value).op {
+                Op::RmsNormQuant { .. } => p.launches.iter().filter(|r| g.node(r.value).args.first() == Some(&l.value)).collect(),
+                Op::Attention { .. } => p.launches.iter().filter(|r| r.value == l.value && !r.skip_one_token).collect(),
+                _ => panic!("{} skipped", l.entry),
+            };
+            assert!(!readers.is_empty());
+            for r in readers {
+                assert!(r.args.contains(&Arg::OperandOf(0, 0)) && r.one_token.is_some(), "{} does not do the work of {}", r.entry, l.entry);
             }
         }
         std::fs::remove_dir_all(dir).ok();
@@ -1204,7 +1210,8 @@ mod tests {
         // sm_75: no integer mma, so the heuristic's tiles are one kernel a product.
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, Some(&tuned), HeadQuant::Stored).unwrap();
         check(&g, &p).unwrap();
-        let down: Vec<&Launch> = p.launches.iter().filter(|l| l.one_token.as_ref().is_some_and(|v| v.block == decode.block())).collect();
+        let down: Vec<&Launch> =
+            p.launches.iter().filter(|l| l.entry.starts_with("ternary_") && l.one_token.as_ref().is_some_and(|v| v.block == decode.block())).collect();
         assert_eq!(down.len(), 2, "one ffn_down product a layer");
         for l in down {
             assert_eq!(l.for_rows(5), Some((l.entry.as_str(), Grid::Fixed(128), 64)));
@@ -1217,7 +1224,7 @@ mod tests {
         // all that is new.
         let (_, untuned) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 75, None, HeadQuant::Stored).unwrap();
         let default = CudaTiles::DEFAULT;
-        assert!(untuned.launches.iter().filter_map(|l| l.one_token.as_ref()).all(|v| v.block == default.block()));
+        assert!(untuned.launches.iter().filter(|l| l.entry.starts_with("ternary_")).filter_map(|l| l.one_token.as_ref()).all(|v| v.block == default.block()));
         let new: Vec<&str> = p.kernels.iter().filter(|k| !untuned.kernels.contains(k)).map(|k| k.name.as_str()).collect();
         assert_eq!(new.len(), 2, "{new:?}");
         // From sm_80 every ternary product prefills on the tensor cores and
@@ -1226,7 +1233,7 @@ mod tests {
         check(&g, &p).unwrap();
         for l in &p.launches {
             let ternary = matches!(g.node(l.value).op, Op::TernaryMatMul(_) | Op::TernaryGlu { .. } | Op::TernaryCat { .. });
-            assert_eq!(l.one_token.is_some(), ternary, "{}", l.entry);
+            assert_eq!(l.one_token.is_some(), ternary || l.entry.starts_with("attention_"), "{}", l.entry);
             assert_eq!(matches!(l.grid, Grid::RowsByTokens { tokens: 32, .. }), ternary, "{}", l.entry);
         }
         std::fs::remove_dir_all(dir).ok();

@@ -105,8 +105,11 @@ inline void entry() {
 }
 
 // Runs `kernel` on every thread of every block of the grid, the blocks
-// one after another. Returns 0, -1 when a thread trapped, -2 when the
-// block's threads deadlocked (a barrier some never reach).
+// one after another, the last first: a GPU runs them in no order, and a
+// block reading what a block before it writes in the same launch (a race
+// there) then reads what was there before. Returns 0, -1 when a thread
+// trapped, -2 when the block's threads deadlocked (a barrier some never
+// reach).
 inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<void()>& kernel) {
     bdim = dim3{threads, 1, 1};
     gdim = grid;
@@ -115,9 +118,9 @@ inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<v
     if (fibers.size() < threads) fibers.resize(threads);
     for (unsigned t = 0; t < threads; t++)
         if (!fibers[t].stack) fibers[t].stack = (char*)std::malloc(STACK);
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
+    for (unsigned z = grid.z; z-- > 0;)
+        for (unsigned y = grid.y; y-- > 0;)
+            for (unsigned x = grid.x; x-- > 0;) {
                 bid = dim3{x, y, z};
                 Block b((int)threads);
                 for (unsigned w = 0; w < threads; w += 32) b.warps.push_back(std::make_unique<Warp>((int)std::min(32u, threads - w)));

@@ -855,19 +855,62 @@ pub fn rope_kv_store(heads: usize, kv_heads: usize, d: usize, mode: RopeMode, th
 /// lanes the head's dimensions, and the warps' partial sums are added in
 /// shared memory. Only the order of these sums differs from the
 /// interpreter's.
-pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32) -> String {
+///
+/// With `rope`, the kernel also takes the queries and keys before their
+/// RoPE (`q_in`, `k_in`, after `pos`), which [`rope_kv_store`] rotates and
+/// stores before it runs. A kernel that rotates `here` runs one token: each
+/// block rotates its query head and its KV head's key into shared memory,
+/// reads the token's own key and value from there and `v` (the cache holds
+/// only the earlier positions it reads), and the first block of each KV
+/// group stores them in the cache for the steps after; so the store
+/// launch need not run.
+pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Option<OwnRope>) -> String {
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let warps = ROW_BLOCK / 32;
+    let key_at = kv_offset(shift, d, "kvh", "t", "s");
+    let (mut params, mut query, mut key, mut value) =
+        (String::from("const float* q, const float* k, const float* v, const int* pos, "), String::new(), format!("kc + {key_at}"), format!("vc + {key_at}"));
+    params += match rope {
+        Some(_) => "const float* q_in, const float* k_in, ",
+        None => "",
+    };
+    params += KV_PARAMS;
+    params += match rope {
+        Some(OwnRope { here: true, .. }) => "float* kc, float* vc, ",
+        _ => "const float* kc, const float* vc, ",
+    };
+    if let Some(OwnRope { mode, theta, here: true }) = rope {
+        let own = |x: &str, to: &str| rope_pairs(d, d, mode, theta, x, "(keys - 1)", &|i, v| format!("{to}[{i}] = {v}"));
+        let store = kv_offset(shift, d, "kvh", "keys - 1", "0");
+        query = format!(
+            r#"    __shared__ float q_own[{d}], k_own[{d}];
+    const float* qi = q_in + (size_t)h * {d};
+    const float* ki = k_in + (size_t)kvh * {d};
+    const float* vi = v + (size_t)kvh * {d};
+{rq}
+{rk}
+    __syncthreads();
+    if (h % {group} == 0) {{
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ kc[{store} + j] = k_own[j]; vc[{store} + j] = vi[j]; }}
+    }}
+    qh = q_own;
+"#,
+            rq = own("qi", "q_own"),
+            rk = own("ki", "k_own"),
+        );
+        key = format!("(t == keys - 1 ? k_own : {key})");
+        value = format!("(t == keys - 1 ? vi : {value})");
+    }
     format!(
-        r#"(const float* q, const float* k, const float* v, const int* pos, {params}const float* kc, const float* vc, float* out, int S) {{
+        r#"({params}float* out, int S) {{
     extern __shared__ float score[];
     __shared__ float part[{warps}][{d}];
     int h = blockIdx.x, s = blockIdx.y;
     int keys = pos[s] + 1;
     const float* qh = q + ((size_t)s * {heads} + h) * {d};
     int kvh = h / {group};
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+{query}    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int sub = lane & 7;
     float qv[{per8}];
     #pragma unroll
@@ -876,7 +919,7 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32) -> String 
         int t = t0 + warp * 4 + (lane >> 3);
         float dot = 0.0f;
         if (t < keys) {{
-            const float* kr = kc + {key_at};
+            const float* kr = {key};
             #pragma unroll
             for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; if (j < {d}) dot += qv[i] * kr[j]; }}
         }}
@@ -904,7 +947,7 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32) -> String 
     #pragma unroll 4
     for (int t = warp; t < keys; t += {warps}) {{
         float p = score[t];
-        const float* vr = vc + {key_at};
+        const float* vr = {value};
         #pragma unroll
         for (int i = 0; i < {per32}; i++) {{ int j = lane + 32 * i; if (j < {d}) o[i] += p * vr[j]; }}
     }}
@@ -918,12 +961,19 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32) -> String 
         out[((size_t)s * {heads} + h) * {d} + j] = r;
     }}
 }}"#,
-        params = KV_PARAMS,
-        key_at = kv_offset(shift, d, "kvh", "t", "s"),
         scale = float(scale),
         per8 = d.div_ceil(8),
         per32 = d.div_ceil(32)
     )
+}
+
+/// An attention whose queries' and keys' RoPE (`mode`, `theta`) is
+/// another launch's or, `here`, its own (see [`attention`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OwnRope {
+    pub mode: RopeMode,
+    pub theta: f32,
+    pub here: bool,
 }
 
 fn unary_expr(u: UnaryOp, x: &str) -> String {

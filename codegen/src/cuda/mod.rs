@@ -528,27 +528,38 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
             }
             Op::Attention { layer, heads, kv_heads, head_dim } => {
                 let cache = [BlockTables, KeyCache(*layer), ValueCache(*layer)];
-                match rotated.iter().find(|r| r.0 == v) {
+                let (h, kvh, d) = (*heads, *kv_heads, *head_dim);
+                let rope = rotated.iter().find(|r| r.0 == v);
+                match rope {
                     Some(&(_, [q, _], mode, theta)) => {
-                        // The queries' and keys' RoPE and the store in one launch.
-                        let code = k::rope_kv_store(*heads, *kv_heads, *head_dim, mode, theta, block_shift);
+                        // The queries' and keys' RoPE and the store in one launch,
+                        // which a one-token step leaves to the attention's kernel.
+                        let code = k::rope_kv_store(h, kvh, d, mode, theta, block_shift);
                         let args = [&[OperandOf(0, 0), OperandOf(1, 0), Operand(2), Operand(3)][..], &cache, &[ResultOf(q), Rows(None)]].concat();
                         b.launch(v, "rope_kv_store", code, Grid::PerRow, rb, args);
+                        b.launches.last_mut().expect("just pushed").skip_one_token = true;
                     }
                     None => {
                         let store = [&[Operand(1), Operand(2), Operand(3)][..], &cache, &[Rows(None)]].concat();
-                        b.launch(v, "kv_store", k::kv_store(*kv_heads, *head_dim, block_shift), Grid::PerRow, rb, store);
+                        b.launch(v, "kv_store", k::kv_store(kvh, d, block_shift), Grid::PerRow, rb, store);
                     }
                 }
-                let entry = b.kernel("attention", rb, k::attention(*heads, *kv_heads, *head_dim, block_shift));
+                let own = |here| rope.map(|&(_, _, mode, theta)| k::OwnRope { mode, theta, here });
+                let entry = b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(false)));
+                let one_token = rope.map(|_| Variant {
+                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true))),
+                    grid: Grid::HeadsByRows { heads: h },
+                    block: rb,
+                });
+                let unrotated: &[Arg] = if rope.is_some() { &[OperandOf(0, 0), OperandOf(1, 0)] } else { &[] };
                 b.launches.push(Launch {
                     value: v,
                     entry,
-                    grid: Grid::HeadsByRows { heads: *heads },
+                    grid: Grid::HeadsByRows { heads: h },
                     block: rb,
                     shared: Shared::PerPosition,
-                    args: with(&[&cache[..], &[Output, Rows(None)]].concat()),
-                    one_token: None,
+                    args: [&ops[..], unrotated, &cache, &[Output, Rows(None)]].concat(),
+                    one_token,
                     skip_one_token: false,
                 });
             }
