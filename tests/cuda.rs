@@ -49,24 +49,37 @@ fn load(path: &Path, device: Device, head: HeadQuant) -> Session {
     Session::load(path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Every f32 value of the GPU's run of `prompt` against the interpreter's
-/// run of the same optimized graph: the first that is off names the kernel.
-fn first_disagreement(path: &Path, prompt: &[u32], head: HeadQuant) -> String {
+/// Every f32 value of the GPU's run of `prompt` (then, with `next`, of
+/// that one token after it: the one-token kernels) against the
+/// interpreter's run of the same optimized graph: the first that is off
+/// names the kernel.
+fn first_disagreement(path: &Path, prompt: &[u32], next: Option<u32>, head: HeadQuant) -> String {
     let gpu = load(path, Device::Cuda, head);
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let pos: Vec<i32> = (0..prompt.len() as i32).collect();
     // One sequence in the (fresh) engine's first blocks, every row's logits.
-    let table: Vec<u32> = (0..prompt.len().div_ceil(BLOCK_POSITIONS) as u32).collect();
+    let table: Vec<u32> = (0..(prompt.len() + 1).div_ceil(BLOCK_POSITIONS) as u32).collect();
     let tables = vec![table.as_slice(); prompt.len()];
     let step = Step { tokens: &ids, positions: &pos, out_rows: &pos, tables: &tables };
+    let (next_ids, next_pos): (Vec<i32>, Vec<i32>) = (next.iter().map(|&t| t as i32).collect(), vec![prompt.len() as i32]);
     let (traced, mut g) = gpu.with_backend(|b| {
         let c = b.as_cuda().expect("a CUDA session");
-        (c.trace(&step).unwrap().1, c.graph().clone())
+        let mut traced = c.trace(&step).unwrap().1;
+        if next.is_some() {
+            let one = Step { tokens: &next_ids, positions: &next_pos, out_rows: &[0], tables: &[table.as_slice()] };
+            traced = c.trace(&one).unwrap().1;
+        }
+        (traced, c.graph().clone())
     });
     let interp = Interpreter::new(&gpu.model, 2);
     g.outputs = traced.iter().map(|(v, _)| *v).collect();
+    let mut kv = KvCache::new();
     let inputs = [("tokens", Tensor::ids(ids.clone())), ("positions", Tensor::ids(pos.clone())), ("out_rows", Tensor::ids(pos.clone()))];
-    let want = interp.eval(&g, &inputs, &mut KvCache::new()).unwrap();
+    let mut want = interp.eval(&g, &inputs, &mut kv).unwrap();
+    if next.is_some() {
+        let inputs = [("tokens", Tensor::ids(next_ids.clone())), ("positions", Tensor::ids(next_pos.clone())), ("out_rows", Tensor::ids(vec![0]))];
+        want = interp.eval(&g, &inputs, &mut kv).unwrap();
+    }
     let mut report = String::new();
     for ((v, got), w) in traced.iter().zip(&want) {
         let w = w.as_f32().unwrap();
@@ -89,11 +102,18 @@ fn compare(path: &Path, prompt: &[u32], head: HeadQuant) {
     let got = gpu.eval(prompt, true).unwrap();
     let (d, c) = (rel_diff(&got, &want), cosine(&got, &want));
     if !(d < 2e-3 && c > 0.9999) {
-        panic!("{}: logits differ from the CPU's: max rel diff {d}, cosine {c}; first values off:\n{}", path.display(), first_disagreement(path, prompt, head));
+        panic!(
+            "{}: logits differ from the CPU's: max rel diff {d}, cosine {c}; first values off:\n{}",
+            path.display(),
+            first_disagreement(path, prompt, None, head)
+        );
     }
     let next = [7u32];
     let (want, got) = (cpu.eval(&next, false).unwrap(), gpu.eval(&next, false).unwrap());
-    assert!(rel_diff(&got, &want) < 2e-3, "{}: the decode step differs: {}", path.display(), rel_diff(&got, &want));
+    if rel_diff(&got, &want) >= 2e-3 {
+        let off = first_disagreement(path, prompt, Some(next[0]), head);
+        panic!("{}: the decode step differs: {}; first values off:\n{off}", path.display(), rel_diff(&got, &want));
+    }
     assert_eq!(greedy(&mut gpu, prompt, 12), greedy(&mut cpu, prompt, 12), "{}: greedy tokens differ", path.display());
 }
 
