@@ -104,7 +104,7 @@ fn ternary_products_are_exact_on_every_tile_shape() {
             let (qb, gb, sb) = (Buffer::of(&q), Buffer::of(&gamma), Buffer::of(&qsum));
             let (scale_b, res_b) = (Buffer::of(&scale), Buffer::of(&residual));
             for (i, t) in tiles.iter().enumerate() {
-                let grid = t.grid(n).dims(s, t.block());
+                let grid = t.grid(n).dims(s, t.block(), 0);
                 let mut out = vec![f32::NAN; s * n];
                 let params = [
                     packed[0].param(),
@@ -185,7 +185,7 @@ fn one_product_of_several_weights_gives_each_its_own() {
         }
         weights.extend([qb.param(), gb.param(), sb.param()]);
         for (i, t) in tiles.iter().enumerate() {
-            let grid = t.grid(n).dims(s, t.block());
+            let grid = t.grid(n).dims(s, t.block(), 0);
             let mut outs: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; s * r]).collect();
             let mut params = weights.clone();
             params.extend(outs.iter_mut().map(|o| Param::of(o)));
@@ -246,7 +246,7 @@ fn a_one_token_product_quantizes_its_row_as_the_launch_before_it() {
             let (junk_q, junk_g, junk_s) = (Buffer::of(&vec![7i8; kp]), Buffer::of(&[f32::NAN]), Buffer::of(&[3i32]));
             let (scale_b, res_b) = (Buffer::of(&scale), Buffer::of(&residual));
             for (i, t) in tiles.iter().enumerate() {
-                let grid = t.grid(n).dims(1, t.block());
+                let grid = t.grid(n).dims(1, t.block(), 0);
                 let run = |entry: &str, acts: [Param; 3], weights: &[Param], tail: &[Param]| {
                     let mut out = vec![f32::NAN; n];
                     let params = [weights, &acts, &rows, tail, &[Param::of(&mut out), Param::I32(1)]].concat();
@@ -281,7 +281,7 @@ fn int8_and_float_products_match_the_reference() {
         let named: Vec<(&str, u32, String)> = kernels.iter().map(|(a, b, c)| (a.as_str(), *b, c.clone())).collect();
         let Some(m) = build("int8 and float products", &named) else { return };
         let s = 5;
-        let grid = t.grid(n).dims(s, t.block());
+        let grid = t.grid(n).dims(s, t.block(), 0);
         // Int8 rows with a scale each.
         let mut w = vec![0i8; n * kp];
         for r in 0..n {
@@ -343,7 +343,7 @@ fn quantized_rows_are_the_interpreters() {
         let (mut q, mut gamma, mut sum) = (vec![99i8; s * kp], vec![f32::NAN; s], vec![-1i32; s]);
         let mut normed = vec![f32::NAN; s * kk];
         let (xb, wb) = (Buffer::of(&x), Buffer::of(&w));
-        let grid = Grid::PerRow.dims(s, k::NORM_BLOCK);
+        let grid = Grid::PerRow.dims(s, k::NORM_BLOCK, 0);
         launch(
             &m,
             "qn",
@@ -379,7 +379,7 @@ fn paged_attention_reads_each_rows_own_blocks() {
     let mut rng = Rng(5);
     let (heads, kv_heads, shift) = (4, 2, 2u32);
     for d in [64, 128, 3] {
-        let kernels = [("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)), ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, None))];
+        let kernels = [("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)), ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, None, None))];
         let Some(m) = build("paged attention", &kernels) else { return };
         let (block, pool, width) = (1usize << shift, 8usize, 4usize);
         // Two sequences: the first's blocks 5, 2; the second's 0, 7, 3. This
@@ -421,13 +421,26 @@ fn paged_attention_reads_each_rows_own_blocks() {
         let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kn), Buffer::of(&vn), Buffer::of(&pos));
         let (w, b, sp) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32));
         let store = [kb.param(), vb.param(), pb.param(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), sp];
-        launch(&m, "store", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &store);
+        launch(&m, "store", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &store);
         assert_eq!(kc, kw, "keys stored, d = {d}");
         assert_eq!(vc, vw, "values stored, d = {d}");
         let mut out = vec![f32::NAN; s * heads * d];
-        let params =
-            [qb.param(), kb.param(), vb.param(), pb.param(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut out), sp];
-        launch(&m, "attend", Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 4 * width * block, &params);
+        let unused = Buffer::zeroed(4);
+        let params = [
+            qb.param(),
+            kb.param(),
+            vb.param(),
+            pb.param(),
+            Param::of(&mut flat),
+            w,
+            b,
+            Param::of(&mut kc),
+            Param::of(&mut vc),
+            unused.param(),
+            Param::of(&mut out),
+            sp,
+        ];
+        launch(&m, "attend", Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 4 * width * block, &params);
         assert_close(&format!("attention, d = {d}"), &out, &want, 1e-5);
     }
 }
@@ -470,20 +483,20 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
         }
         let mut out = vec![f32::NAN; s * row];
         let (xb, pb) = (Buffer::of(&x), Buffer::of(&pos));
-        launch(&m, entry, Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+        launch(&m, entry, Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(s as i32)]);
         assert_close(entry, &out, &want, 1e-6);
     }
     // Rows 2 and 0, in that order.
     let pick = [2i32, 0];
     let mut out = vec![f32::NAN; 2 * row];
     let (xb, pb) = (Buffer::of(&x), Buffer::of(&pick));
-    launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(2)]);
+    launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(2)]);
     assert_eq!(out, [&x[2 * row..3 * row], &x[..row]].concat());
     let mut out = vec![f32::NAN; s * 10];
-    launch(&m, "columns", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "columns", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     assert_eq!(out, x.chunks(row).flat_map(|r| &r[7..17]).copied().collect::<Vec<_>>(), "slice");
     let mut out = vec![f32::NAN; s * row];
-    launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     for t in 0..s {
         let r = &x[t * row..][..row];
         let mx = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -495,11 +508,11 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
     let ids = [4i32, 0, 4];
     let mut out = vec![f32::NAN; s * row];
     let (tb, ib) = (Buffer::of(&table), Buffer::of(&ids));
-    launch(&m, "embed", Grid::PerRow.dims(s, k::ROW_BLOCK), k::ROW_BLOCK, 0, &[tb.param(), ib.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "embed", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[tb.param(), ib.param(), Param::of(&mut out), Param::I32(s as i32)]);
     let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * row..][..row].iter().map(|v| v.to_f32())).collect();
     assert_eq!(out, want, "embed");
     let mut out = vec![f32::NAN; s * row];
-    let grid = Grid::Elements { row }.dims(s, k::ELEMENT_BLOCK);
+    let grid = Grid::Elements { row }.dims(s, k::ELEMENT_BLOCK, 0);
     launch(&m, "cast", grid, k::ELEMENT_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     assert_eq!(out, x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>(), "cast to f16");
 }
@@ -526,7 +539,7 @@ fn fused_rope_and_store_equal_the_separate_kernels() {
         let v: Vec<f32> = (0..s * kv_heads * d).map(|_| rng.float()).collect();
         let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| rng.float()).collect();
         let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kk), Buffer::of(&v), Buffer::of(&pos));
-        let (w, b, sp, grid) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32), Grid::PerRow.dims(s, k::ROW_BLOCK));
+        let (w, b, sp, grid) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32), Grid::PerRow.dims(s, k::ROW_BLOCK, 0));
         // Separately: RoPE of each, then the store of the rotated keys.
         let (mut rq, mut rk) = (vec![f32::NAN; q.len()], vec![f32::NAN; kk.len()]);
         launch(&m, "rope_q", grid, k::ROW_BLOCK, 0, &[qb.param(), pb.param(), Param::of(&mut rq), sp]);
@@ -563,8 +576,8 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
         let own = |here| Some(k::OwnRope { mode, theta, here });
         let kernels = [
             ("store", k::ROW_BLOCK, k::rope_kv_store(heads, kv_heads, d, mode, theta, shift)),
-            ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(false))),
-            ("attend_own", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(true))),
+            ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(false), None)),
+            ("attend_own", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(true), None)),
         ];
         let Some(m) = build("one-token attention", &kernels) else { return };
         let (pool, width) = (6usize, 3usize);
@@ -577,7 +590,7 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
             let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| rng.float()).collect();
             let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kk), Buffer::of(&v), Buffer::of(&pos));
             let (w, b, one) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(1));
-            let (grid, shared) = (Grid::HeadsByRows { heads }.dims(1, k::ROW_BLOCK), 4 * (width << shift));
+            let (grid, shared) = (Grid::HeadsByRows { heads }.dims(1, k::ROW_BLOCK, 0), 4 * (width << shift));
             // The store launch, then the attention.
             let (mut kc, mut vc, mut rq) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
             let store =
@@ -586,18 +599,65 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
             let mut want = vec![f32::NAN; q.len()];
             let junk = Buffer::of(&vec![f32::NAN; q.len()]);
             let mut params = vec![Param::of(&mut rq), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
-            params.extend([Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut want), one]);
+            params.extend([Param::of(&mut kc), Param::of(&mut vc), junk.param(), Param::of(&mut want), one]);
             launch(&m, "attend", grid, k::ROW_BLOCK, shared, &params);
             // One launch; the rotated queries it is handed are not read.
             let (mut own_kc, mut own_vc, mut got) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
             let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
-            params.extend([Param::of(&mut own_kc), Param::of(&mut own_vc), Param::of(&mut got), one]);
+            params.extend([Param::of(&mut own_kc), Param::of(&mut own_vc), junk.param(), Param::of(&mut got), one]);
             launch(&m, "attend_own", grid, k::ROW_BLOCK, shared, &params);
             assert!(want.iter().all(|x| x.is_finite()), "{mode:?}, position {position}");
             assert_eq!(got, want, "{mode:?}, position {position}: attention");
             assert_eq!(own_kc, kc, "{mode:?}, position {position}: stored keys");
             assert_eq!(own_vc, vc, "{mode:?}, position {position}: stored values");
             assert_ne!(kc, cache, "{mode:?}: the store wrote");
+        }
+    }
+}
+
+/// One token's attention split over blocks of a few positions adds their
+/// parts up to what one block over all of them gives (within the float
+/// budget of another order of sums; exactly while one split holds them
+/// all), stores the same key and value, and leaves its counters at zero
+/// for the next launch.
+#[test]
+fn split_attention_adds_its_parts_up_as_one_block() {
+    let mut rng = Rng(23);
+    let (heads, kv_heads, d, shift, theta, split) = (6, 2, 16, 2u32, 10000.0f32, 4usize);
+    let own = Some(k::OwnRope { mode: RopeMode::Neox, theta, here: true });
+    let kernels = [
+        ("whole", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own, None)),
+        ("split", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own, Some(split))),
+    ];
+    let Some(m) = build("split attention", &kernels) else { return };
+    let (pool, width) = (8usize, 4usize);
+    let context = width << shift;
+    let splits = Buffer::zeroed(4 * k::split_floats(heads, d, context, split));
+    for position in [0i32, 3, 4, 9, 15] {
+        let pos = [position];
+        let mut tables: Vec<i32> = vec![6, 1, 3, 0];
+        let q: Vec<f32> = (0..heads * d).map(|_| rng.float()).collect();
+        let kk: Vec<f32> = (0..kv_heads * d).map(|_| rng.float()).collect();
+        let v: Vec<f32> = (0..kv_heads * d).map(|_| rng.float()).collect();
+        let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| 2.0 * rng.float()).collect();
+        let (qb, kb, vb, pb, junk) = (Buffer::of(&q), Buffer::of(&kk), Buffer::of(&v), Buffer::of(&pos), Buffer::of(&vec![f32::NAN; q.len()]));
+        let (w, b, one) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(1));
+        let mut run = |entry: &str, grid: Grid, shared: usize| {
+            let (mut kc, mut vc, mut out) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
+            let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
+            params.extend([Param::of(&mut kc), Param::of(&mut vc), splits.param(), Param::of(&mut out), one]);
+            launch(&m, entry, grid.dims(1, k::ROW_BLOCK, context), k::ROW_BLOCK, shared, &params);
+            (out, kc, vc)
+        };
+        let want = run("whole", Grid::HeadsByRows { heads }, 4 * context);
+        for round in 0..2 {
+            let got = run("split", Grid::HeadsBySplits { heads, positions: split }, 0);
+            if position < split as i32 {
+                assert_eq!(got.0, want.0, "position {position}: one split is the whole");
+            }
+            assert_close(&format!("position {position}, round {round}"), &got.0, &want.0, 1e-5);
+            assert_eq!((&got.1, &got.2), (&want.1, &want.2), "position {position}: the stored key and value");
+            assert_eq!(splits.read::<i32>(heads), vec![0; heads], "position {position}: the counters are back at zero");
         }
     }
 }

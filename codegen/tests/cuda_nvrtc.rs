@@ -85,11 +85,13 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
     for (heads, kv_heads, d) in [(20, 5, 128), (8, 4, 8), (3, 1, 2), (1, 1, 64)] {
         for shift in [0, 4, 8] {
             add(k::kv_store(kv_heads, d, shift));
-            add(k::attention(heads, kv_heads, d, shift, None));
+            add(k::attention(heads, kv_heads, d, shift, None, None));
+            add(k::attention(heads, kv_heads, d, shift, None, Some(k::SPLIT_POSITIONS)));
             for mode in [RopeMode::Interleaved, RopeMode::Neox] {
                 add(k::rope_kv_store(heads, kv_heads, d, mode, 500000.0, shift));
                 for here in [false, true] {
-                    add(k::attention(heads, kv_heads, d, shift, Some(k::OwnRope { mode, theta: 500000.0, here })));
+                    add(k::attention(heads, kv_heads, d, shift, Some(k::OwnRope { mode, theta: 500000.0, here }), None));
+                    add(k::attention(heads, kv_heads, d, shift, Some(k::OwnRope { mode, theta: 500000.0, here }), Some(7)));
                 }
             }
         }

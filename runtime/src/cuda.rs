@@ -21,7 +21,7 @@ use crate::compiled::{assign_slots, Kind, NO_SLOT};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::emulator::Param;
-use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Launch, Program, Shared};
+use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Grid, Launch, Program, Shared};
 use bitnet_ir::interp::{EvalError, WeightSource};
 use bitnet_ir::{Extent, Graph, Op};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -146,6 +146,8 @@ struct DevKv {
     tables: CudaSlice<i32>,
     width: usize,
     table_rows: usize,
+    /// One-token attention's parts and counters ([`Arg::Splits`]).
+    splits: CudaSlice<f32>,
 }
 
 pub struct CudaModel {
@@ -290,7 +292,8 @@ impl CudaModel {
         }
         let width = self.context.div_ceil(positions).max(1);
         let tables = driver(alloc, self.stream.alloc_zeros::<i32>(width))?;
-        self.kv = Some(DevKv { keys, values, blocks, tables, width, table_rows: 1 });
+        let splits = driver(alloc, self.stream.alloc_zeros::<f32>(split_size(&self.plan.graph, &self.plan.program, self.context).max(1)))?;
+        self.kv = Some(DevKv { keys, values, blocks, tables, width, table_rows: 1, splits });
         self.captured.clear();
         Ok(())
     }
@@ -542,6 +545,9 @@ pub(crate) trait Memory {
     fn scratch(&self) -> Result<[u64; 3], EvalError>;
     /// The block tables, their width and the blocks in the pool.
     fn tables(&self) -> Result<(u64, usize, usize), EvalError>;
+    /// The buffer of one-token attention split over blocks, its counters
+    /// zero ([`split_size`] floats).
+    fn splits(&self) -> Result<u64, EvalError>;
 }
 
 /// The parameters of launch `l` for a step of extent `e`, in the kernel's
@@ -565,6 +571,7 @@ pub(crate) fn params(g: &Graph, l: &Launch, e: Extent, mem: &dyn Memory) -> Resu
             Arg::KeyCache(layer) => out.push(Param::Ptr(mem.cache(layer, false)?)),
             Arg::ValueCache(layer) => out.push(Param::Ptr(mem.cache(layer, true)?)),
             Arg::Scratch => out.extend(ptrs(&mem.scratch()?)),
+            Arg::Splits => out.push(Param::Ptr(mem.splits()?)),
             Arg::Int8Rows(i) => out.extend(ptrs(&mem.int8_rows(&weight(i, "int8 rows")?)?)),
             Arg::BlockTables => {
                 let (tables, width, blocks) = mem.tables()?;
@@ -629,6 +636,11 @@ impl Memory for CudaModel {
     fn tables(&self) -> Result<(u64, usize, usize), EvalError> {
         let Some(kv) = &self.kv else { return err("the KV cache is not on the device yet") };
         Ok((ptr(&kv.tables, &self.stream), kv.width, kv.blocks))
+    }
+
+    fn splits(&self) -> Result<u64, EvalError> {
+        let Some(kv) = &self.kv else { return err("the KV cache is not on the device yet") };
+        Ok(ptr(&kv.splits, &self.stream))
     }
 }
 
@@ -700,6 +712,20 @@ pub(crate) fn scratch_size(graph: &Graph, program: &Program, e: Extent) -> (usiz
     scratch
 }
 
+/// The floats of the buffer the one-token attention launches of
+/// `program` share ([`Arg::Splits`]), in a context of `context` positions.
+pub(crate) fn split_size(graph: &Graph, program: &Program, context: usize) -> usize {
+    let mut most = 0;
+    for l in program.launches.iter().filter(|l| l.args.contains(&Arg::Splits)) {
+        if let (Op::Attention { heads, head_dim, .. }, Some(Grid::HeadsBySplits { positions, .. })) =
+            (&graph.node(l.value).op, l.one_token.as_ref().map(|v| v.grid))
+        {
+            most = most.max(cuda::kernels::split_floats(*heads, *head_dim, context, positions));
+        }
+    }
+    most
+}
+
 /// Each row's block table side by side, `width` entries a row (zeros past
 /// a table's end).
 pub(crate) fn flat_tables(tables: &[&[u32]], width: usize) -> Vec<i32> {
@@ -716,11 +742,12 @@ pub(crate) fn flat_tables(tables: &[&[u32]], width: usize) -> Vec<i32> {
 pub(crate) fn geometry<'a>(l: &'a Launch, g: &Graph, e: Extent, context: usize) -> Option<Geometry<'a>> {
     let rows = g.ty(l.value).resolve(e).first().copied().unwrap_or(1);
     let (entry, grid, block) = l.for_rows(rows)?;
-    let shared = match l.shared {
-        Shared::None => 0,
-        Shared::PerPosition => context * 4,
+    let shared = match (l.shared, grid) {
+        // Split, each block's scores fit its static shared memory.
+        (Shared::None, _) | (_, Grid::HeadsBySplits { .. }) => 0,
+        (Shared::PerPosition, _) => context * 4,
     };
-    let grid = grid.dims(rows, block);
+    let grid = grid.dims(rows, block, context);
     (grid.0 > 0 && grid.1 > 0).then_some(Geometry { entry, grid, block, shared })
 }
 
@@ -816,7 +843,7 @@ fn check(g: &Graph, p: &Program) -> Result<(), EvalError> {
                 Arg::Operand(i) | Arg::Beta(i) | Arg::Int8Rows(i) | Arg::Rows(Some(i)) => operand_ok(i),
                 Arg::OperandOf(i, j) => operand_ok(i) && g.nodes.get(node.args[i].index()).is_some_and(|n| j < n.args.len()),
                 Arg::ResultOf(v) => g.nodes.get(v.index()).is_some_and(|n| !n.op.is_leaf()),
-                Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::BlockTables | Arg::Scratch | Arg::Output | Arg::Rows(None) => true,
+                Arg::KeyCache(_) | Arg::ValueCache(_) | Arg::BlockTables | Arg::Scratch | Arg::Splits | Arg::Output | Arg::Rows(None) => true,
             });
         if !ok {
             return err(format!("the launch of {} for {} does not fit its node", l.entry, l.value));

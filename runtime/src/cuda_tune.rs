@@ -99,7 +99,7 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
         (0..all.len()).map(|i| m.load_function(&format!("candidate_{i}")).map_err(cuda_err("loading a candidate"))).collect::<Result<_, _>>()?;
     let inputs = inputs(stream, w, n, k, tokens, phase)?;
     let run = |f: &CudaFunction, t: CudaTiles, copy: usize| -> Result<(), String> {
-        let cfg = LaunchConfig { grid_dim: t.grid(n).dims(inputs.tokens, t.block()), block_dim: (t.block(), 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: t.grid(n).dims(inputs.tokens, t.block(), 0), block_dim: (t.block(), 1, 1), shared_mem_bytes: 0 };
         let (wp, xp, gp, sp, op) =
             (ptr(&inputs.weights[copy], stream), ptr(&inputs.x, stream), ptr(&inputs.gamma, stream), ptr(&inputs.qsum, stream), ptr(&inputs.out, stream));
         let (beta, s) = (1.0f32, inputs.tokens as i32);

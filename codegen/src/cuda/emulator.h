@@ -165,6 +165,10 @@ inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<v
 
 inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
 [[noreturn]] inline void __trap() { throw std::runtime_error("__trap"); }
+// Blocks run one after another and a thread runs until it waits at a
+// barrier, so a plain add is atomic here and memory needs no fence.
+inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
+inline void __threadfence() {}
 
 template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask) {
     static_assert(sizeof(T) <= 8, "a shuffle moves at most 8 bytes");

@@ -864,7 +864,17 @@ pub fn rope_kv_store(heads: usize, kv_heads: usize, d: usize, mode: RopeMode, th
 /// only the earlier positions it reads), and the first block of each KV
 /// group stores them in the cache for the steps after; so the store
 /// launch need not run.
-pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Option<OwnRope>) -> String {
+///
+/// With `split` (positions a block; one token), block `(h, i)` takes
+/// positions `i · split ..` of head `h`, so that a long context keeps every
+/// SM busy: where the token has more than `split` positions, each block
+/// leaves its max score, softmax total and output in the `split` buffer
+/// (after one int a head, a counter that is zero between launches:
+/// `[heads][gridDim.y][d + 2]` floats, [`split_floats`]), and the last of a
+/// head's blocks to finish combines them and resets the counter. Its
+/// scores sit in static shared memory. Kernels without `split` ignore
+/// the buffer. Grid: `(heads, ceil(context / split))` blocks.
+pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Option<OwnRope>, split: Option<usize>) -> String {
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let warps = ROW_BLOCK / 32;
@@ -891,7 +901,7 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
 {rq}
 {rk}
     __syncthreads();
-    if (h % {group} == 0) {{
+    if (h % {group} == 0 && first + count == keys) {{
         for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ kc[{store} + j] = k_own[j]; vc[{store} + j] = vi[j]; }}
     }}
     qh = q_own;
@@ -902,12 +912,57 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
         key = format!("(t == keys - 1 ? k_own : {key})");
         value = format!("(t == keys - 1 ? vi : {value})");
     }
+    // Each (head, token)'s block over all its positions; or, split, each
+    // head's positions in splits of `p` with a block each, the last block
+    // of a head to finish adding their parts up.
+    let (scores, positions, finish) = match split {
+        None => (
+            "extern __shared__ float score[];".to_string(),
+            "int h = blockIdx.x, s = blockIdx.y;\n    int keys = pos[s] + 1, first = 0, count = keys;".to_string(),
+            format!("out[((size_t)s * {heads} + h) * {d} + j] = r;"),
+        ),
+        Some(p) => (
+            format!("__shared__ float score[{p}];"),
+            format!("int h = blockIdx.x, s = 0;\n    int keys = pos[0] + 1, first = blockIdx.y * {p};\n    if (first >= keys) return;\n    int count = keys - first < {p} ? keys - first : {p};"),
+            format!(
+                r#"if (keys <= {p}) out[(size_t)h * {d} + j] = r;
+        else part[0][j] = r;
+    }}
+    if (keys > {p}) {{
+        // This split's share: its max score, its softmax total, its output.
+        float* mine = split + {heads} + ((size_t)h * gridDim.y + blockIdx.y) * {w};
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) mine[2 + j] = part[0][j];
+        if (threadIdx.x == 0) {{ mine[0] = m; mine[1] = sum; }}
+        __threadfence();
+        __syncthreads();
+        __shared__ int last;
+        int splits = (keys + {p} - 1) / {p};
+        if (threadIdx.x == 0) last = atomicAdd((int*)split + h, 1) == splits - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        volatile const float* all = split + {heads} + (size_t)h * gridDim.y * {w};
+        float top = -__int_as_float(0x7f800000);
+        for (int i = 0; i < splits; i++) top = fmaxf(top, all[i * {w}]);
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
+            float acc = 0.0f, total = 0.0f;
+            for (int i = 0; i < splits; i++) {{
+                float weight = expf(all[i * {w}] - top) * all[i * {w} + 1];
+                acc += weight * all[i * {w} + 2 + j];
+                total += weight;
+            }}
+            out[(size_t)h * {d} + j] = acc / total;
+        }}
+        if (threadIdx.x == 0) ((int*)split)[h] = 0;"#,
+                w = d + 2
+            ),
+        ),
+    };
     format!(
-        r#"({params}float* out, int S) {{
-    extern __shared__ float score[];
+        r#"({params}float* split, float* out, int S) {{
+    {scores}
     __shared__ float part[{warps}][{d}];
-    int h = blockIdx.x, s = blockIdx.y;
-    int keys = pos[s] + 1;
+    {positions}
     const float* qh = q + ((size_t)s * {heads} + h) * {d};
     int kvh = h / {group};
 {query}    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -915,50 +970,51 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
     float qv[{per8}];
     #pragma unroll
     for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; qv[i] = j < {d} ? qh[j] : 0.0f; }}
-    for (int t0 = 0; t0 < keys; t0 += {warps} * 4) {{
-        int t = t0 + warp * 4 + (lane >> 3);
+    for (int i0 = 0; i0 < count; i0 += {warps} * 4) {{
+        int i = i0 + warp * 4 + (lane >> 3), t = first + i;
         float dot = 0.0f;
-        if (t < keys) {{
+        if (i < count) {{
             const float* kr = {key};
             #pragma unroll
-            for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; if (j < {d}) dot += qv[i] * kr[j]; }}
+            for (int c = 0; c < {per8}; c++) {{ int j = sub + 8 * c; if (j < {d}) dot += qv[c] * kr[j]; }}
         }}
         dot += __shfl_xor_sync(0xffffffffu, dot, 4);
         dot += __shfl_xor_sync(0xffffffffu, dot, 2);
         dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-        if (sub == 0 && t < keys) score[t] = dot * {scale};
+        if (sub == 0 && i < count) score[i] = dot * {scale};
     }}
     __syncthreads();
     float m = -__int_as_float(0x7f800000);
-    for (int t = threadIdx.x; t < keys; t += blockDim.x) m = fmaxf(m, score[t]);
+    for (int i = threadIdx.x; i < count; i += blockDim.x) m = fmaxf(m, score[i]);
     m = block_max(m);
     double total = 0.0;
-    for (int t = threadIdx.x; t < keys; t += blockDim.x) {{
-        float e = expf(score[t] - m);
-        score[t] = e;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {{
+        float e = expf(score[i] - m);
+        score[i] = e;
         total += e;
     }}
     float sum = (float)block_sum_d(total);
-    for (int t = threadIdx.x; t < keys; t += blockDim.x) score[t] = score[t] / sum;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) score[i] = score[i] / sum;
     __syncthreads();
     float o[{per32}];
     #pragma unroll
-    for (int i = 0; i < {per32}; i++) o[i] = 0.0f;
+    for (int c = 0; c < {per32}; c++) o[c] = 0.0f;
     #pragma unroll 4
-    for (int t = warp; t < keys; t += {warps}) {{
-        float p = score[t];
+    for (int i = warp; i < count; i += {warps}) {{
+        float p = score[i];
+        int t = first + i;
         const float* vr = {value};
         #pragma unroll
-        for (int i = 0; i < {per32}; i++) {{ int j = lane + 32 * i; if (j < {d}) o[i] += p * vr[j]; }}
+        for (int c = 0; c < {per32}; c++) {{ int j = lane + 32 * c; if (j < {d}) o[c] += p * vr[j]; }}
     }}
     #pragma unroll
-    for (int i = 0; i < {per32}; i++) {{ int j = lane + 32 * i; if (j < {d}) part[warp][j] = o[i]; }}
+    for (int c = 0; c < {per32}; c++) {{ int j = lane + 32 * c; if (j < {d}) part[warp][j] = o[c]; }}
     __syncthreads();
     for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
         float r = 0.0f;
         #pragma unroll
         for (int w = 0; w < {warps}; w++) r += part[w][j];
-        out[((size_t)s * {heads} + h) * {d} + j] = r;
+        {finish}
     }}
 }}"#,
         scale = float(scale),
@@ -966,6 +1022,16 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
         per32 = d.div_ceil(32)
     )
 }
+
+/// The floats of the buffer that [`attention`] split over blocks of
+/// `split` positions needs, for `heads` heads of `d` and a context of
+/// `context` positions.
+pub fn split_floats(heads: usize, d: usize, context: usize, split: usize) -> usize {
+    heads + heads * context.div_ceil(split.max(1)) * (d + 2)
+}
+
+/// Positions per block of a one-token attention.
+pub const SPLIT_POSITIONS: usize = 256;
 
 /// An attention whose queries' and keys' RoPE (`mode`, `theta`) is
 /// another launch's or, `here`, its own (see [`attention`]).

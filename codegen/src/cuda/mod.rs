@@ -38,6 +38,9 @@ pub enum Arg {
     OperandOf(usize, usize),
     /// β, the scale of the packed ternary weight that is operand `i` (f32).
     Beta(usize),
+    /// The buffer of a one-token attention split over blocks
+    /// ([`kernels::attention`]).
+    Splits,
     /// Layer `l`'s key blocks (f32, `[kv_heads][blocks][positions][d]`).
     KeyCache(usize),
     /// Layer `l`'s value cache.
@@ -76,13 +79,17 @@ pub enum Grid {
     HeadsByRows { heads: usize },
     /// `(blocks, ceil(s / tokens))` blocks: tiles of rows by tokens.
     RowsByTokens { blocks: u32, tokens: usize },
+    /// `(heads, ceil(context / positions))` blocks: each head's positions
+    /// in splits (one token's attention).
+    HeadsBySplits { heads: usize, positions: usize },
 }
 
 impl Grid {
     /// The blocks of a launch whose result has `rows` rows, with `block`
-    /// threads a block.
-    pub fn dims(self, rows: usize, block: u32) -> (u32, u32, u32) {
+    /// threads a block, in a KV cache of `context` positions.
+    pub fn dims(self, rows: usize, block: u32, context: usize) -> (u32, u32, u32) {
         match self {
+            Grid::HeadsBySplits { heads, positions } => (heads as u32, context.div_ceil(positions.max(1)) as u32, 1),
             Grid::PerRow => (rows as u32, 1, 1),
             Grid::Fixed(n) => (n, 1, 1),
             Grid::Elements { row } => ((rows * row).div_ceil(block as usize) as u32, 1, 1),
@@ -544,11 +551,12 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                         b.launch(v, "kv_store", k::kv_store(kvh, d, block_shift), Grid::PerRow, rb, store);
                     }
                 }
+                // One token's attention splits its positions over blocks.
                 let own = |here| rope.map(|&(_, _, mode, theta)| k::OwnRope { mode, theta, here });
-                let entry = b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(false)));
-                let one_token = rope.map(|_| Variant {
-                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true))),
-                    grid: Grid::HeadsByRows { heads: h },
+                let entry = b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(false), None));
+                let one_token = Some(Variant {
+                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true), Some(k::SPLIT_POSITIONS))),
+                    grid: Grid::HeadsBySplits { heads: h, positions: k::SPLIT_POSITIONS },
                     block: rb,
                 });
                 let unrotated: &[Arg] = if rope.is_some() { &[OperandOf(0, 0), OperandOf(1, 0)] } else { &[] };
@@ -558,7 +566,7 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                     grid: Grid::HeadsByRows { heads: h },
                     block: rb,
                     shared: Shared::PerPosition,
-                    args: [&ops[..], unrotated, &cache, &[Output, Rows(None)]].concat(),
+                    args: [&ops[..], unrotated, &cache, &[Splits, Output, Rows(None)]].concat(),
                     one_token,
                     skip_one_token: false,
                 });

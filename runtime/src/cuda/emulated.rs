@@ -21,6 +21,8 @@ struct Emulated {
     slot: Vec<usize>,
     bufs: Vec<Vec<Buffer>>,
     scratch: Vec<Buffer>,
+    /// One-token attention's parts and counters, as the KV cache's.
+    splits: Buffer,
     cache: Vec<[Buffer; 2]>,
     tables: Buffer,
     width: usize,
@@ -59,7 +61,8 @@ impl Emulated {
         let width = context.div_ceil(positions);
         let tables = Buffer::zeroed(0);
         let slot = slots(&graph, &program).0;
-        Some(Emulated { graph, program, module, weights, int8, slot, bufs: Vec::new(), scratch: Vec::new(), cache, tables, width, blocks, context })
+        let splits = Buffer::zeroed(4 * split_size(&graph, &program, context));
+        Some(Emulated { graph, program, module, weights, int8, slot, bufs: Vec::new(), scratch: Vec::new(), splits, cache, tables, width, blocks, context })
     }
 
     /// One step's logits, as `CudaModel::eval` computes them.
@@ -121,6 +124,10 @@ impl Memory for Emulated {
     fn scratch(&self) -> Result<[u64; 3], EvalError> {
         Ok([self.scratch[0].addr(), self.scratch[1].addr(), self.scratch[2].addr()])
     }
+    fn splits(&self) -> Result<u64, EvalError> {
+        Ok(self.splits.addr())
+    }
+
     fn tables(&self) -> Result<(u64, usize, usize), EvalError> {
         Ok((self.tables.addr(), self.width, self.blocks))
     }
