@@ -30,9 +30,36 @@ struct Emulated {
     context: usize,
 }
 
+/// `program` with its one-token attention split over blocks of `positions`
+/// (so that a short test context has several).
+fn split_every(graph: &Graph, mut program: Program, positions: usize) -> Program {
+    use cuda::kernels::{attention, OwnRope};
+    for l in &mut program.launches {
+        let (Some(v), Op::Attention { heads, kv_heads, head_dim, .. }) = (l.one_token.as_mut(), &graph.node(l.value).op) else { continue };
+        let own = match &graph.node(graph.node(l.value).args[0]).op {
+            Op::Rope { mode, theta, .. } if l.args.contains(&Arg::OperandOf(0, 0)) => Some(OwnRope { mode: *mode, theta: *theta, here: true }),
+            _ => None,
+        };
+        let name = format!("{}_split{positions}", v.entry);
+        if !program.kernels.iter().any(|k| k.name == name) {
+            let code = attention(*heads, *kv_heads, *head_dim, program.block_shift, own, Some(positions));
+            program.kernels.push(cuda::Kernel::new(&name, v.block, &code));
+        }
+        v.entry = name;
+        v.grid = Grid::HeadsBySplits { heads: *heads, positions };
+    }
+    program
+}
+
 impl Emulated {
-    fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize) -> Option<Emulated> {
+    /// The lowered step of `model`, its one-token attention split over
+    /// blocks of `split` positions where given.
+    fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize, split: Option<usize>) -> Option<Emulated> {
         let (graph, program) = crate::lowering::lower_cuda(&model.step_graph().unwrap(), 80, None, head).unwrap();
+        let program = match split {
+            Some(p) => split_every(&graph, program, p),
+            None => program,
+        };
         check(&graph, &program).unwrap();
         let module = Module::build_or_skip("the emulated step", cuda::kernels::PRELUDE, &program.kernels.iter().collect::<Vec<_>>())?;
         let (mut weights, mut int8) = (HashMap::new(), HashMap::new());
@@ -154,13 +181,16 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 
 /// Two sequences through the lowered step, each in blocks of its own: a
 /// prompt (the tensor-core kernels), a ragged step of the second's prompt
-/// beside the first's next token, then a lone decode token (the `dp4a`
-/// kernels). Every wanted row's logits are the interpreter's.
+/// beside the first's next token, then a lone decode token (the one-token
+/// kernels: `dp4a` products that quantize their row, attention split over
+/// blocks). Every wanted row's logits are the interpreter's.
 #[test]
 fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
     for dtype in [DType::I2S, DType::TQ1_0] {
         let (model, dir) = super::tests::model(dtype);
-        let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64) else { return };
+        // Two positions a block of the one-token attention: its decode step
+        // at position 3 adds up two splits.
+        let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64, Some(2)) else { return };
         let graph = gpu.graph.clone();
         let (mut kv0, mut kv1) = (KvCache::new(), KvCache::new());
         let (first, second): (&[u32], &[u32]) = (&[4], &[1, 5]);
@@ -184,8 +214,8 @@ fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
 #[test]
 fn an_int8_head_runs_through_the_lowered_step() {
     let (model, dir) = super::tests::model(DType::I2S);
-    let Some(mut q8) = Emulated::new(&model, HeadQuant::Q8, 2, 32) else { return };
-    let Some(mut stored) = Emulated::new(&model, HeadQuant::Stored, 2, 32) else { return };
+    let Some(mut q8) = Emulated::new(&model, HeadQuant::Q8, 2, 32, None) else { return };
+    let Some(mut stored) = Emulated::new(&model, HeadQuant::Stored, 2, 32, None) else { return };
     let (tokens, positions, table): (&[i32], &[i32], &[u32]) = (&[5, 6, 7], &[0, 1, 2], &[1]);
     let got = q8.eval(tokens, positions, &[0, 2], &[table; 3]);
     let want = stored.eval(tokens, positions, &[0, 2], &[table; 3]);
