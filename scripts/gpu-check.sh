@@ -50,11 +50,11 @@ trap 'rm -rf "$work"' EXIT
 bitnet="$dir/bitnet"
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
-# The first 8 greedy token ids of a model, or the error.
+# The first 8 greedy token ids of a model after $PROMPT_IDS (default 1,2,3,4), or the error.
 greedy() {
   local m=$1; shift
   local out
-  if out=$(timeout 60 "$bitnet" run -m "$m" --prompt-ids 1,2,3,4 -n 8 --temp 0 --ignore-eos --json "$@" 2>"$work/run.err"); then
+  if out=$(timeout 120 "$bitnet" run -m "$m" --prompt-ids "${PROMPT_IDS:-1,2,3,4}" -n 8 --temp 0 --ignore-eos --json "$@" 2>"$work/run.err"); then
     python3 -c 'import json,sys; print(json.load(sys.stdin)["generated_ids"])' <<<"$out" 2>/dev/null || echo "(unreadable output)"
   else
     echo "(failed: $(tail -1 "$work/run.err"))"
@@ -102,6 +102,9 @@ for t in i2_s tq2_0; do
   # bitnet.cpp's published GPU figure is for a 64-token prompt and 64 tokens out.
   out=$(timeout 30 "$bitnet" bench -m "$m" --device cuda -p 64 -n 64 -r 3 --json 2>&1 | tail -1)
   note "bench 2b4t $t cuda tuned p64 n64: $out"
+  # A long context: one token's attention split over blocks (flash-decoding).
+  out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda -p 2048 -n 64 -r 1 -c 4096 --json 2>&1 | tail -1)
+  note "bench 2b4t $t cuda tuned p2048 n64: $out"
   # The int8 head (half the head's bytes).
   out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda --head q8 -p 128 -n 64 -r 3 --json 2>&1 | tail -1)
   note "bench 2b4t $t cuda --head q8: $out"
@@ -121,6 +124,12 @@ for t in i2_s tq2_0; do
   bnx=$(greedy "$work/2b4t-$t.bnx" --device cuda)
   cpu=$(greedy "$m" -t "$(nproc)")
   [ "$gpu" = "$cpu" ] && [ "$bnx" = "$cpu" ] && note "greedy 2b4t $t: same tokens $gpu" || note "greedy 2b4t $t: DIFFER gpu=$gpu artifact=$bnx cpu=$cpu"
+  if [ "$t" = i2_s ]; then
+    # 600 positions: the decode steps' attention adds up three splits.
+    gpu=$(PROMPT_IDS=$(seq -s, 5 604) greedy "$m" --device cuda)
+    cpu=$(PROMPT_IDS=$(seq -s, 5 604) greedy "$m" -t "$(nproc)")
+    [ "$gpu" = "$cpu" ] && note "greedy 2b4t $t after 600 tokens: same tokens $gpu" || note "greedy 2b4t $t after 600 tokens: DIFFER gpu=$gpu cpu=$cpu"
+  fi
   rm -f "$work/2b4t-$t.bnx"
 done
 
