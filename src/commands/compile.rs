@@ -162,6 +162,9 @@ fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
         if let Some(v) = &l.one_token {
             out += &format!(" one_token={} grid={:?} block={}", v.entry, v.grid, v.block);
         }
+        if l.skip_one_token {
+            out += " one_token=skipped";
+        }
         out += "\n";
     }
     out += "}\ntiles {\n";
