@@ -208,7 +208,8 @@ impl CudaModel {
         for (l, entry) in step.1.launches.iter().flat_map(|l| l.entries().map(move |e| (l, e))) {
             if !functions.contains_key(entry) {
                 let f = driver(&format!("kernel {entry}"), module.load_function(entry))?;
-                if l.shared == Shared::PerPosition {
+                let split = l.one_token.as_ref().is_some_and(|v| v.entry == entry && matches!(v.grid, Grid::HeadsBySplits { .. }));
+                if l.shared == Shared::PerPosition && !split {
                     // Scores for every position sit in shared memory beside the
                     // kernel's own; past 48 KiB in all a kernel must opt in.
                     let bytes = context * 4;
@@ -656,13 +657,19 @@ fn gib(b: usize) -> f64 {
 /// Each value's buffer and each buffer's kind for running `program`: the
 /// CPU's plan, with the reads of fused launches, and inputs in buffers of
 /// their own (they are uploaded before the first launch, and outside a
-/// captured graph).
+/// captured graph). A launch that writes values of later nodes (a product
+/// writing its slices) keeps what it reads until the last of them, so
+/// that none of them takes a buffer it reads.
 pub(crate) fn slots(graph: &Graph, program: &Program) -> (Vec<usize>, Vec<Kind>) {
     let mut extra = Vec::new();
     for l in &program.launches {
+        let node = graph.node(l.value);
+        let until = l.writes().chain([l.value]).max_by_key(|v| v.index()).unwrap_or(l.value);
         for a in &l.args {
-            if let Arg::OperandOf(i, j) = *a {
-                extra.push((graph.node(graph.node(l.value).args[i]).args[j], l.value));
+            match *a {
+                Arg::OperandOf(i, j) => extra.push((graph.node(node.args[i]).args[j], until)),
+                Arg::Operand(i) if until != l.value => extra.push((node.args[i], until)),
+                _ => {}
             }
         }
     }
@@ -1192,11 +1199,21 @@ mod tests {
         }
         let mut early = 0;
         for l in &p.launches {
+            let node = g.node(l.value);
+            let reads: Vec<usize> = l
+                .args
+                .iter()
+                .filter_map(|a| match *a {
+                    Arg::Operand(i) => Some(node.args[i].index()),
+                    Arg::OperandOf(i, j) => Some(g.node(node.args[i]).args[j].index()),
+                    _ => None,
+                })
+                .collect();
             for x in l.writes().filter(|x| x.index() > l.value.index()) {
-                assert!(matches!(g.node(x).op, Op::Slice { .. }) && matches!(g.node(l.value).op, Op::TernaryCat { .. }), "{} writes {x}", l.value);
+                assert!(matches!(g.node(x).op, Op::Slice { .. }) && matches!(node.op, Op::TernaryCat { .. }), "{} writes {x}", l.value);
                 for w in (0..g.nodes.len()).filter(|&w| w != x.index() && slot[w] == slot[x.index()]) {
                     let alive = w <= x.index() && last_use[w] >= l.value.index();
-                    assert!(!alive, "{} holds the buffer of {x}, which the launch of {} writes", bitnet_ir::Value(w as u32), l.value);
+                    assert!(!alive && !reads.contains(&w), "{} holds the buffer of {x}, which the launch of {} writes", bitnet_ir::Value(w as u32), l.value);
                 }
                 early += 1;
             }
@@ -1204,6 +1221,37 @@ mod tests {
         assert_eq!(early, 3 * m.config.layers, "q, k and v of every layer");
         assert!(p.launches.iter().all(|l| !l.entry.starts_with("slice_")), "no slice is copied");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A one-token product reads the f32 row its quantization would have
+    /// read; when nothing after it reads that row, its slices, which it
+    /// writes, must still not take the row's buffer.
+    #[test]
+    fn slices_never_take_a_buffer_their_product_reads() {
+        let g = bitnet_ir::parse(
+            r#"graph "g" {
+    v0 = input "x" : f32[seq, 256]
+    v1 = relu v0 : f32[seq, 256]
+    v2 = weight "norm" : f32[256]
+    v3 = rms_norm_quant v1, v2 eps=1e-5 scheme=per_token : q8_row[seq, 256]
+    v4 = weight "a" : i2_s[128, 256]
+    v5 = weight "b" : i2_s[64, 256]
+    v6 = ternary_cat v3, v4, v5 parts=2 : f32[seq, 192]
+    v7 = slice v6 start=0 len=128 : f32[seq, 128]
+    v8 = slice v6 start=128 len=64 : f32[seq, 64]
+    output v7
+    output v8
+}"#,
+        )
+        .unwrap();
+        let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| bitnet_codegen::cuda::PhaseTiles::heuristic(key, 80);
+        let p = bitnet_codegen::cuda::lower(&g, &tiles, 4, HeadQuant::Stored).unwrap();
+        let cat = p.launches.iter().find(|l| l.entry.starts_with("ternary_cat_")).unwrap();
+        assert!(cat.args.contains(&Arg::OperandOf(0, 0)) && cat.writes().count() == 2, "{cat:?}");
+        let (slot, _) = slots(&g, &p);
+        for s in [7, 8] {
+            assert_ne!(slot[s], slot[1], "v{s} takes the buffer of v1, which the product reads");
+        }
     }
 
     #[test]

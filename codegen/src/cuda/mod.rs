@@ -145,14 +145,14 @@ impl Launch {
         }
     }
 
-    /// The values the launch writes: its node's result, and those of the
-    /// nodes whose work it does.
+    /// The values the launch writes, each once: its node's result, and
+    /// those of the nodes whose work it does.
     pub fn writes(&self) -> impl Iterator<Item = Value> + '_ {
-        self.args.iter().filter_map(|a| match *a {
-            Arg::Output => Some(self.value),
+        let output = self.args.contains(&Arg::Output).then_some(self.value);
+        output.into_iter().chain(self.args.iter().filter_map(|a| match *a {
             Arg::ResultOf(v) => Some(v),
             _ => None,
-        })
+        }))
     }
 
     /// Every kernel entry the launch may run.
@@ -344,8 +344,9 @@ fn rope_into_attention(g: &Graph) -> Vec<(Value, [Value; 2], bitnet_ir::RopeMode
 /// The `ternary_cat` nodes that write their parts straight into the
 /// values of their slices (which then get no launch): those read only by
 /// one slice of each part, the slices right after the cat in part order.
-/// Nothing else is computed between the cat and its slices, so no buffer
-/// the cat's launch writes early is still in use. Each with its slices.
+/// The launch writes them before their nodes: the buffer plan keeps what
+/// it reads until the last of them (`slots` in the runtime). Each with its
+/// slices.
 fn cat_into_slices(g: &Graph) -> Vec<(Value, Vec<Value>)> {
     let uses = reads(g);
     let mut out = Vec::new();
