@@ -296,9 +296,10 @@ impl std::fmt::Display for CudaTiles {
 /// Warp `w` of block `(x, y)` computes rows `16 · (x · warps + w) ..+16`
 /// for tokens `y · tokens ..+tokens`, one 16×8 accumulator per 8 tokens
 /// and weight (`weights` gives each packed weight's C expression of a
-/// row, as [`packed_row`]; `acc` of the second becomes `sum_up`). In a packed 128-code chunk, byte `b` holds
-/// the codes of `k = b, b+32, b+64, b+96` (bits 7:6 down to 1:0), so the
-/// fragment of a 32-wide step is one shift and mask of two words per row:
+/// row, as [`packed_row`]; `acc` of the second becomes `sum_up`). In a
+/// packed 128-code chunk, byte `b` holds the codes of `k = b, b+32, b+64,
+/// b+96` (bits 7:6 down to 1:0), so the fragment of a 32-wide step is one
+/// shift and mask of two words per row:
 /// words `t` and `t+4` give `k = 4t..4t+3` and `16+4t..` of that step,
 /// as A's registers and B's both want them. The accumulators are exact
 /// integers, so the result is the `dp4a` kernel's bit for bit; `finish`
@@ -621,9 +622,9 @@ pub fn ternary_glu(n: usize, kp: usize, act: GateAct, scale: bool, acts: Acts, t
     format!("({params}float* out, int S) {{\n{}\n}}", acts.wrap(kp, &code))
 }
 
-/// One lane's step of a ternary row product: 16 bytes of weight row `n`
-/// (`row(r)` is the C expression of row `r`) (64 codes) against the same
-/// codes' activations of each token, into `acc[u]`.
+/// One lane's step of a ternary row product: 16 bytes (64 codes) of
+/// weight row `n`, whose address is the C expression `row("n")`, against
+/// the same codes' activations of each token, into `acc[u]`.
 fn ternary_body(row: &dyn Fn(&str) -> String, acc: &str, kp: usize, tiles: CudaTiles) -> String {
     format!(
         r#"            uint4 w4 = ((const uint4*){row})[i];
