@@ -1245,7 +1245,7 @@ mod tests {
         )
         .unwrap();
         let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| bitnet_codegen::cuda::PhaseTiles::heuristic(key, 80);
-        let p = bitnet_codegen::cuda::lower(&g, &tiles, 4, HeadQuant::Stored).unwrap();
+        let p = bitnet_codegen::cuda::lower(&g, &tiles, 4, HeadQuant::Stored, cuda::kernels::SPLIT_POSITIONS).unwrap();
         let cat = p.launches.iter().find(|l| l.entry.starts_with("ternary_cat_")).unwrap();
         assert!(cat.args.contains(&Arg::OperandOf(0, 0)) && cat.writes().count() == 2, "{cat:?}");
         let (slot, _) = slots(&g, &p);

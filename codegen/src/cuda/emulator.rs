@@ -3,7 +3,8 @@
 //! `$CXX`) against `emulator.h`, which runs every CUDA thread of a block
 //! as a fiber on the calling thread, with barriers for `__syncthreads`,
 //! warp shuffles and the tensor cores' `mma` (a deadlock is an error, not
-//! a hang). Blocks run one after another.
+//! a hang). Blocks run one after another, the last first (see
+//! `emulator.h`).
 //!
 //! It checks what a kernel computes (its indexing, its reductions, the
 //! fragment layout of its `mma`s), not how fast it is; a launch of

@@ -397,8 +397,16 @@ fn quantize_into_products(g: &Graph) -> Vec<Value> {
 /// step (of any number of sequences) find through their block tables.
 /// `head` says how the output head's weights are read: as stored, or
 /// (`q8`) quantized to int8 rows when the model is loaded, with the
-/// activations quantized per token as the CPU does.
-pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles, block_shift: u32, head: HeadQuant) -> Result<Program, String> {
+/// activations quantized per token as the CPU does. A one-token step's
+/// attention splits its positions over blocks of `split`
+/// ([`kernels::SPLIT_POSITIONS`] but in tests).
+pub fn lower(
+    g: &Graph,
+    tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles,
+    block_shift: u32,
+    head: HeadQuant,
+    split: usize,
+) -> Result<Program, String> {
     use kernels as k;
     use Arg::*;
     let mut b = Builder { kernels: Vec::new(), launches: Vec::new() };
@@ -556,8 +564,8 @@ pub fn lower(g: &Graph, tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTi
                 let own = |here| rope.map(|&(_, _, mode, theta)| k::OwnRope { mode, theta, here });
                 let entry = b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(false), None));
                 let one_token = Some(Variant {
-                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true), Some(k::SPLIT_POSITIONS))),
-                    grid: Grid::HeadsBySplits { heads: h, positions: k::SPLIT_POSITIONS },
+                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true), Some(split))),
+                    grid: Grid::HeadsBySplits { heads: h, positions: split },
                     block: rb,
                 });
                 let unrotated: &[Arg] = if rope.is_some() { &[OperandOf(0, 0), OperandOf(1, 0)] } else { &[] };
@@ -605,7 +613,7 @@ mod tests {
     fn lowered(text: &str) -> (Graph, Program) {
         let g = bitnet_ir::parse(text).unwrap();
         let tiles = |_: &crate::schedule::WorkloadKey| PhaseTiles { prefill: CudaTiles::MMA_DEFAULT, decode: CudaTiles::DEFAULT };
-        let p = lower(&g, &tiles, 4, HeadQuant::Stored).unwrap();
+        let p = lower(&g, &tiles, 4, HeadQuant::Stored, kernels::SPLIT_POSITIONS).unwrap();
         (g, p)
     }
 

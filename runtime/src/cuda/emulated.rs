@@ -17,8 +17,10 @@ struct Emulated {
     module: Module,
     weights: HashMap<String, (Buffer, f32)>,
     int8: HashMap<String, [Buffer; 2]>,
-    /// Each value's buffer (the GPU executor's plan: values share them).
+    /// Each value's buffer (the GPU executor's plan: values share them)
+    /// and each buffer's kind.
     slot: Vec<usize>,
+    kinds: Vec<Kind>,
     bufs: Vec<Vec<Buffer>>,
     scratch: Vec<Buffer>,
     /// One-token attention's parts and counters, as the KV cache's.
@@ -30,36 +32,14 @@ struct Emulated {
     context: usize,
 }
 
-/// `program` with its one-token attention split over blocks of `positions`
-/// (so that a short test context has several).
-fn split_every(graph: &Graph, mut program: Program, positions: usize) -> Program {
-    use cuda::kernels::{attention, OwnRope};
-    for l in &mut program.launches {
-        let (Some(v), Op::Attention { heads, kv_heads, head_dim, .. }) = (l.one_token.as_mut(), &graph.node(l.value).op) else { continue };
-        let own = match &graph.node(graph.node(l.value).args[0]).op {
-            Op::Rope { mode, theta, .. } if l.args.contains(&Arg::OperandOf(0, 0)) => Some(OwnRope { mode: *mode, theta: *theta, here: true }),
-            _ => None,
-        };
-        let name = format!("{}_split{positions}", v.entry);
-        if !program.kernels.iter().any(|k| k.name == name) {
-            let code = attention(*heads, *kv_heads, *head_dim, program.block_shift, own, Some(positions));
-            program.kernels.push(cuda::Kernel::new(&name, v.block, &code));
-        }
-        v.entry = name;
-        v.grid = Grid::HeadsBySplits { heads: *heads, positions };
-    }
-    program
-}
-
 impl Emulated {
-    /// The lowered step of `model`, its one-token attention split over
-    /// blocks of `split` positions where given.
-    fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize, split: Option<usize>) -> Option<Emulated> {
-        let (graph, program) = crate::lowering::lower_cuda(&model.step_graph().unwrap(), 80, None, head).unwrap();
-        let program = match split {
-            Some(p) => split_every(&graph, program, p),
-            None => program,
-        };
+    /// The lowered step of `model` (as `lowering::lower_cuda` lowers it for
+    /// sm_80), its one-token attention split over blocks of `split`
+    /// positions.
+    fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize, split: usize) -> Option<Emulated> {
+        let graph = bitnet_ir::passes::optimize(model.step_graph().unwrap(), None).unwrap();
+        let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| cuda::PhaseTiles::heuristic(key, 80);
+        let program = cuda::lower(&graph, &tiles, crate::kv::BLOCK_POSITIONS.trailing_zeros(), head, split).unwrap();
         check(&graph, &program).unwrap();
         let module = Module::build_or_skip("the emulated step", cuda::kernels::PRELUDE, &program.kernels.iter().collect::<Vec<_>>())?;
         let (mut weights, mut int8) = (HashMap::new(), HashMap::new());
@@ -87,9 +67,25 @@ impl Emulated {
         }
         let width = context.div_ceil(positions);
         let tables = Buffer::zeroed(0);
-        let slot = slots(&graph, &program).0;
+        let (slot, kinds) = slots(&graph, &program);
         let splits = Buffer::zeroed(4 * split_size(&graph, &program, context));
-        Some(Emulated { graph, program, module, weights, int8, slot, bufs: Vec::new(), scratch: Vec::new(), splits, cache, tables, width, blocks, context })
+        Some(Emulated {
+            graph,
+            program,
+            module,
+            weights,
+            int8,
+            slot,
+            kinds,
+            bufs: Vec::new(),
+            scratch: Vec::new(),
+            splits,
+            cache,
+            tables,
+            width,
+            blocks,
+            context,
+        })
     }
 
     /// One step's logits, as `CudaModel::eval` computes them.
@@ -97,9 +93,9 @@ impl Emulated {
         let e = Extent::new(tokens.len(), out_rows.len());
         // Each buffer as large as the largest value it holds: codes, γ and
         // Σq bytes for int8 activations, else 4 bytes a value.
-        let kinds = slots(&self.graph, &self.program).1;
-        let (elems, rows) = buffer_sizes(&self.graph, &self.slot, &kinds, e);
-        self.bufs = kinds
+        let (elems, rows) = buffer_sizes(&self.graph, &self.slot, &self.kinds, e);
+        self.bufs = self
+            .kinds
             .iter()
             .enumerate()
             .map(|(s, k)| match k {
@@ -190,7 +186,7 @@ fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
         let (model, dir) = super::tests::model(dtype);
         // Two positions a block of the one-token attention: its decode step
         // at position 3 adds up two splits.
-        let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64, Some(2)) else { return };
+        let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64, 2) else { return };
         let graph = gpu.graph.clone();
         let (mut kv0, mut kv1) = (KvCache::new(), KvCache::new());
         let (first, second): (&[u32], &[u32]) = (&[4], &[1, 5]);
@@ -214,8 +210,8 @@ fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
 #[test]
 fn an_int8_head_runs_through_the_lowered_step() {
     let (model, dir) = super::tests::model(DType::I2S);
-    let Some(mut q8) = Emulated::new(&model, HeadQuant::Q8, 2, 32, None) else { return };
-    let Some(mut stored) = Emulated::new(&model, HeadQuant::Stored, 2, 32, None) else { return };
+    let Some(mut q8) = Emulated::new(&model, HeadQuant::Q8, 2, 32, cuda::kernels::SPLIT_POSITIONS) else { return };
+    let Some(mut stored) = Emulated::new(&model, HeadQuant::Stored, 2, 32, cuda::kernels::SPLIT_POSITIONS) else { return };
     let (tokens, positions, table): (&[i32], &[i32], &[u32]) = (&[5, 6, 7], &[0, 1, 2], &[1]);
     let got = q8.eval(tokens, positions, &[0, 2], &[table; 3]);
     let want = stored.eval(tokens, positions, &[0, 2], &[table; 3]);
