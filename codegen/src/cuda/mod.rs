@@ -309,21 +309,12 @@ pub fn int8_reads(p: &Program) -> Vec<(Value, usize)> {
     out
 }
 
-/// How many times each value is read, by nodes and as an output.
-fn reads(g: &Graph) -> Vec<usize> {
-    let mut uses = vec![0usize; g.nodes.len()];
-    for a in g.nodes.iter().flat_map(|n| &n.args).chain(&g.outputs) {
-        uses[a.index()] += 1;
-    }
-    uses
-}
-
 /// The attention nodes whose queries and keys are RoPE of the same
 /// positions that nothing else reads: each with its two RoPE nodes, whose
 /// work the attention's first launch does (then the keys go from the
 /// registers to the cache, and the RoPE nodes get no launch).
 fn rope_into_attention(g: &Graph) -> Vec<(Value, [Value; 2], bitnet_ir::RopeMode, f32)> {
-    let uses = reads(g);
+    let uses = bitnet_ir::passes::use_counts(g);
     let mut out = Vec::new();
     for (v, node) in g.iter() {
         let Op::Attention { head_dim, .. } = node.op else { continue };
@@ -348,7 +339,7 @@ fn rope_into_attention(g: &Graph) -> Vec<(Value, [Value; 2], bitnet_ir::RopeMode
 /// it reads until the last of them (`slots` in the runtime). Each with its
 /// slices.
 fn cat_into_slices(g: &Graph) -> Vec<(Value, Vec<Value>)> {
-    let uses = reads(g);
+    let uses = bitnet_ir::passes::use_counts(g);
     let mut out = Vec::new();
     for (v, node) in g.iter() {
         let Op::TernaryCat { parts, epilogue } = node.op else { continue };

@@ -63,7 +63,7 @@ pub fn optimize(mut g: Graph, stop_after: Option<&str>) -> Result<Graph, GraphEr
 }
 
 /// How many times each value is read, by nodes and as an output.
-pub(crate) fn use_counts(g: &Graph) -> Vec<usize> {
+pub fn use_counts(g: &Graph) -> Vec<usize> {
     let mut uses = vec![0; g.nodes.len()];
     for a in g.nodes.iter().flat_map(|n| &n.args).chain(&g.outputs) {
         uses[a.index()] += 1;
