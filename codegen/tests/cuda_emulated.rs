@@ -615,11 +615,12 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
     }
 }
 
-/// One token's attention split over blocks of a few positions adds their
-/// parts up to what one block over all of them gives (within the float
-/// budget of another order of sums; exactly while one split holds them
-/// all), stores the same key and value, and leaves its counters at zero
-/// for the next launch.
+/// One token's attention split in chunks of a few positions, over as many
+/// blocks or fewer (each merging a run of chunks), adds their parts up to
+/// what one block over all of them gives (within the float budget of
+/// another order of sums; exactly while one chunk holds them all), stores
+/// the same key and value, and leaves its counters at zero for the next
+/// launch.
 #[test]
 fn split_attention_adds_its_parts_up_as_one_block() {
     let mut rng = Rng(23);
@@ -632,7 +633,7 @@ fn split_attention_adds_its_parts_up_as_one_block() {
     let Some(m) = build("split attention", &kernels) else { return };
     let (pool, width) = (8usize, 4usize);
     let context = width << shift;
-    let splits = Buffer::zeroed(4 * k::split_floats(heads, d, context, split));
+    let splits = Buffer::zeroed(4 * k::split_floats(heads, d, context / split));
     for position in [0i32, 3, 4, 9, 15] {
         let pos = [position];
         let mut tables: Vec<i32> = vec![6, 1, 3, 0];
@@ -650,12 +651,16 @@ fn split_attention_adds_its_parts_up_as_one_block() {
             (out, kc, vc)
         };
         let want = run("whole", Grid::HeadsByRows { heads }, 4 * context);
-        for round in 0..2 {
-            let got = run("split", Grid::HeadsBySplits { heads, positions: split }, 0);
+        // A chunk a block, two chunks a block (with one left over at
+        // position 9), every chunk in one block; each twice, the second
+        // time on the counters the first left.
+        for (blocks, round) in [4, 2, 1].into_iter().flat_map(|b| [(b, 0), (b, 1)]) {
+            let grid = Grid::HeadsBySplits { heads, split: k::DecodeSplit { positions: split, blocks } };
+            let got = run("split", grid, 0);
             if position < split as i32 {
-                assert_eq!(got.0, want.0, "position {position}: one split is the whole");
+                assert_eq!(got.0, want.0, "position {position}: one chunk is the whole");
             }
-            assert_close(&format!("position {position}, round {round}"), &got.0, &want.0, 1e-5);
+            assert_close(&format!("position {position}, {blocks} blocks a head, round {round}"), &got.0, &want.0, 1e-5);
             assert_eq!((&got.1, &got.2), (&want.1, &want.2), "position {position}: the stored key and value");
             assert_eq!(splits.read::<i32>(heads), vec![0; heads], "position {position}: the counters are back at zero");
         }

@@ -86,7 +86,7 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
         for shift in [0, 4, 8] {
             add(k::kv_store(kv_heads, d, shift));
             add(k::attention(heads, kv_heads, d, shift, None, None));
-            add(k::attention(heads, kv_heads, d, shift, None, Some(k::SPLIT_POSITIONS)));
+            add(k::attention(heads, kv_heads, d, shift, None, Some(k::DecodeSplit::DEFAULT.positions)));
             for mode in [RopeMode::Interleaved, RopeMode::Neox] {
                 add(k::rope_kv_store(heads, kv_heads, d, mode, 500000.0, shift));
                 for here in [false, true] {

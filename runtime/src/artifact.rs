@@ -52,7 +52,7 @@ use std::sync::Arc;
 
 pub const MAGIC: &[u8; 8] = b"BITNETRS";
 /// Bumped whenever the header or a prepared layout changes meaning.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const PREFIX: usize = 24;
 const PAGE: usize = 4096;
 

@@ -724,10 +724,10 @@ pub(crate) fn scratch_size(graph: &Graph, program: &Program, e: Extent) -> (usiz
 pub(crate) fn split_size(graph: &Graph, program: &Program, context: usize) -> usize {
     let mut most = 0;
     for l in program.launches.iter().filter(|l| l.args.contains(&Arg::Splits)) {
-        if let (Op::Attention { heads, head_dim, .. }, Some(Grid::HeadsBySplits { positions, .. })) =
+        if let (Op::Attention { heads, head_dim, .. }, Some(Grid::HeadsBySplits { split, .. })) =
             (&graph.node(l.value).op, l.one_token.as_ref().map(|v| v.grid))
         {
-            most = most.max(cuda::kernels::split_floats(*heads, *head_dim, context, positions));
+            most = most.max(cuda::kernels::split_floats(*heads, *head_dim, split.blocks_for(context)));
         }
     }
     most
@@ -1245,7 +1245,7 @@ mod tests {
         )
         .unwrap();
         let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| bitnet_codegen::cuda::PhaseTiles::heuristic(key, 80);
-        let p = bitnet_codegen::cuda::lower(&g, &tiles, 4, HeadQuant::Stored, cuda::kernels::SPLIT_POSITIONS).unwrap();
+        let p = bitnet_codegen::cuda::lower(&g, &tiles, 4, HeadQuant::Stored, cuda::kernels::DecodeSplit::DEFAULT).unwrap();
         let cat = p.launches.iter().find(|l| l.entry.starts_with("ternary_cat_")).unwrap();
         assert!(cat.args.contains(&Arg::OperandOf(0, 0)) && cat.writes().count() == 2, "{cat:?}");
         let (slot, _) = slots(&g, &p);

@@ -113,7 +113,7 @@ pub(crate) fn compile_cpu(model: &Model, step: &Graph, opts: &LoadOptions, paral
 pub fn lower_cuda(g: &Graph, sm: u32, tuned: Option<&CudaTuned>, head: HeadQuant) -> Result<(Graph, bitnet_codegen::cuda::Program), RuntimeError> {
     let g = passes::optimize(g.clone(), None).map_err(|e| RuntimeError::Compile(e.to_string()))?;
     let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| tuned.map_or(PhaseTiles::heuristic(key, sm), |t| t.tiles(key, sm));
-    let p = bitnet_codegen::cuda::lower(&g, &tiles, BLOCK_POSITIONS.trailing_zeros(), head, bitnet_codegen::cuda::kernels::SPLIT_POSITIONS)
+    let p = bitnet_codegen::cuda::lower(&g, &tiles, BLOCK_POSITIONS.trailing_zeros(), head, bitnet_codegen::cuda::kernels::DecodeSplit::DEFAULT)
         .map_err(RuntimeError::Compile)?;
     Ok((g, p))
 }

@@ -866,15 +866,17 @@ pub fn rope_kv_store(heads: usize, kv_heads: usize, d: usize, mode: RopeMode, th
 /// group stores them in the cache for the steps after; so the store
 /// launch need not run.
 ///
-/// With `split` (positions a block; one token), block `(h, i)` takes
-/// positions `i · split ..` of head `h`, so that a long context keeps every
-/// SM busy: where the token has more than `split` positions, each block
-/// leaves its max score, softmax total and output in the `split` buffer
-/// (after one int a head, a counter that is zero between launches:
-/// `[heads][gridDim.y][d + 2]` floats, [`split_floats`]), and the last of a
-/// head's blocks to finish combines them and resets the counter. Its
-/// scores sit in static shared memory. Kernels without `split` ignore
-/// the buffer. Grid: `(heads, ceil(context / split))` blocks.
+/// With `split` (positions a chunk; one token), a head's positions go in
+/// chunks of `split` to the `gridDim.y` blocks of the head, a run of
+/// neighbouring chunks each, so that a long context keeps every SM busy
+/// with a grid that does not grow with it ([`DecodeSplit`]). A block with
+/// several chunks merges their softmax as it goes. Where more than one
+/// block has work, each leaves its max score, softmax total and output
+/// in the `split` buffer (after one int a head, a counter that is zero
+/// between launches: `[heads][gridDim.y][d + 2]` floats, [`split_floats`]),
+/// and the last of a head's blocks to finish combines them and resets the
+/// counter. Its scores sit in static shared memory. Kernels without
+/// `split` ignore the buffer.
 pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Option<OwnRope>, split: Option<usize>) -> String {
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -902,7 +904,7 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
 {rq}
 {rk}
     __syncthreads();
-    if (h % {group} == 0 && first + count == keys) {{
+    if (h % {group} == 0 && ends == keys) {{
         for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ kc[{store} + j] = k_own[j]; vc[{store} + j] = vi[j]; }}
     }}
     qh = q_own;
@@ -914,47 +916,77 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
         value = format!("(t == keys - 1 ? vi : {value})");
     }
     // Each (head, token)'s block over all its positions; or, split, each
-    // head's positions in splits of `p` with a block each, the last block
-    // of a head to finish adding their parts up.
-    let (scores, positions, finish) = match split {
+    // head's positions in chunks of `p`, a run of them a block, the last
+    // block of a head to finish adding their parts up.
+    let (scores, positions, open, finish, close) = match split {
         None => (
             "extern __shared__ float score[];".to_string(),
-            "int h = blockIdx.x, s = blockIdx.y;\n    int keys = pos[s] + 1, first = 0, count = keys;".to_string(),
+            "int h = blockIdx.x, s = blockIdx.y;\n    int keys = pos[s] + 1, first = 0, count = keys, ends = keys;".to_string(),
+            String::new(),
             format!("out[((size_t)s * {heads} + h) * {d} + j] = r;"),
+            String::new(),
         ),
         Some(p) => (
-            format!("__shared__ float score[{p}];"),
-            format!("int h = blockIdx.x, s = 0;\n    int keys = pos[0] + 1, first = blockIdx.y * {p};\n    if (first >= keys) return;\n    int count = keys - first < {p} ? keys - first : {p};"),
+            format!("__shared__ float score[{p}], acc[{d}];"),
             format!(
-                r#"if (keys <= {p}) out[(size_t)h * {d} + j] = r;
-        else part[0][j] = r;
+                r#"int h = blockIdx.x, s = 0;
+    int keys = pos[0] + 1, chunks = (keys + {p} - 1) / {p};
+    int per = (chunks + gridDim.y - 1) / gridDim.y, splits = (chunks + per - 1) / per;
+    if ((int)blockIdx.y >= splits) return;
+    int begin = blockIdx.y * per, end = begin + per < chunks ? begin + per : chunks;
+    int ends = end * {p} < keys ? end * {p} : keys;
+    // The max score and softmax total of this block's chunks so far (their
+    // output in acc).
+    float top = -__int_as_float(0x7f800000), mass = 0.0f;"#
+            ),
+            format!(
+                r#"    for (int chunk = begin; chunk < end; chunk++) {{
+    int first = chunk * {p}, count = keys - first < {p} ? keys - first : {p};
+"#
+            ),
+            r#"if (chunk == begin) acc[j] = r;
+        else {
+            float both = fmaxf(top, m), a = expf(top - both) * mass, b = expf(m - both) * sum;
+            acc[j] = (a * acc[j] + b * r) / (a + b);
+        }"#
+            .to_string(),
+            format!(
+                r#"    if (chunk == begin) {{ top = m; mass = sum; }}
+    else {{
+        float both = fmaxf(top, m);
+        mass = expf(top - both) * mass + expf(m - both) * sum;
+        top = both;
     }}
-    if (keys > {p}) {{
-        // This split's share: its max score, its softmax total, its output.
-        float* mine = split + {heads} + ((size_t)h * gridDim.y + blockIdx.y) * {w};
-        for (int j = threadIdx.x; j < {d}; j += blockDim.x) mine[2 + j] = part[0][j];
-        if (threadIdx.x == 0) {{ mine[0] = m; mine[1] = sum; }}
-        __threadfence();
-        __syncthreads();
-        __shared__ int last;
-        int splits = (keys + {p} - 1) / {p};
-        if (threadIdx.x == 0) last = atomicAdd((int*)split + h, 1) == splits - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-        volatile const float* all = split + {heads} + (size_t)h * gridDim.y * {w};
-        float top = -__int_as_float(0x7f800000);
-        for (int i = 0; i < splits; i++) top = fmaxf(top, all[i * {w}]);
-        for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
-            float acc = 0.0f, total = 0.0f;
-            for (int i = 0; i < splits; i++) {{
-                float weight = expf(all[i * {w}] - top) * all[i * {w} + 1];
-                acc += weight * all[i * {w} + 2 + j];
-                total += weight;
-            }}
-            out[(size_t)h * {d} + j] = acc / total;
+    }}
+    if (splits == 1) {{
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) out[(size_t)h * {d} + j] = acc[j];
+        return;
+    }}
+    // This block's share: its max score, its softmax total, its output.
+    float* mine = split + {heads} + ((size_t)h * gridDim.y + blockIdx.y) * {w};
+    for (int j = threadIdx.x; j < {d}; j += blockDim.x) mine[2 + j] = acc[j];
+    if (threadIdx.x == 0) {{ mine[0] = top; mine[1] = mass; }}
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd((int*)split + h, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    volatile const float* all = split + {heads} + (size_t)h * gridDim.y * {w};
+    float most = -__int_as_float(0x7f800000);
+    for (int i = 0; i < splits; i++) most = fmaxf(most, all[i * {w}]);
+    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
+        float sum = 0.0f, weights = 0.0f;
+        for (int i = 0; i < splits; i++) {{
+            float weight = expf(all[i * {w}] - most) * all[i * {w} + 1];
+            sum += weight * all[i * {w} + 2 + j];
+            weights += weight;
         }}
-        if (threadIdx.x == 0) ((int*)split)[h] = 0;"#,
+        out[(size_t)h * {d} + j] = sum / weights;
+    }}
+    if (threadIdx.x == 0) ((int*)split)[h] = 0;
+"#,
                 w = d + 2
             ),
         ),
@@ -971,7 +1003,7 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
     float qv[{per8}];
     #pragma unroll
     for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; qv[i] = j < {d} ? qh[j] : 0.0f; }}
-    for (int i0 = 0; i0 < count; i0 += {warps} * 4) {{
+{open}    for (int i0 = 0; i0 < count; i0 += {warps} * 4) {{
         int i = i0 + warp * 4 + (lane >> 3), t = first + i;
         float dot = 0.0f;
         if (i < count) {{
@@ -1017,22 +1049,39 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
         for (int w = 0; w < {warps}; w++) r += part[w][j];
         {finish}
     }}
-}}"#,
+{close}}}"#,
         scale = float(scale),
         per8 = d.div_ceil(8),
         per32 = d.div_ceil(32)
     )
 }
 
-/// The floats of the buffer that [`attention`] split over blocks of
-/// `split` positions needs, for `heads` heads of `d` and a context of
-/// `context` positions.
-pub fn split_floats(heads: usize, d: usize, context: usize, split: usize) -> usize {
-    heads + heads * context.div_ceil(split.max(1)) * (d + 2)
+/// The floats of the buffer that [`attention`] split over `splits` blocks
+/// a head needs, for `heads` heads of `d`.
+pub fn split_floats(heads: usize, d: usize, splits: usize) -> usize {
+    heads + heads * splits * (d + 2)
 }
 
-/// Positions per block of a one-token attention.
-pub const SPLIT_POSITIONS: usize = 256;
+/// How a one-token attention splits a head's positions over blocks:
+/// chunks of `positions` (its kernel's `split`), over at most `blocks`
+/// blocks a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DecodeSplit {
+    pub positions: usize,
+    pub blocks: usize,
+}
+
+impl DecodeSplit {
+    /// Chunks of 256 positions, on at most 32 blocks a head: 640 blocks for
+    /// 2B4T's 20 heads at 8K positions or more, several waves of any GPU's
+    /// SMs, and each block's scores in 1 KiB of shared memory.
+    pub const DEFAULT: DecodeSplit = DecodeSplit { positions: 256, blocks: 32 };
+
+    /// The blocks a head of a context of `context` positions is given.
+    pub fn blocks_for(self, context: usize) -> usize {
+        context.div_ceil(self.positions.max(1)).clamp(1, self.blocks.max(1))
+    }
+}
 
 /// An attention whose queries' and keys' RoPE (`mode`, `theta`) is
 /// another launch's or, `here`, its own (see [`attention`]).

@@ -79,9 +79,9 @@ pub enum Grid {
     HeadsByRows { heads: usize },
     /// `(blocks, ceil(s / tokens))` blocks: tiles of rows by tokens.
     RowsByTokens { blocks: u32, tokens: usize },
-    /// `(heads, ceil(context / positions))` blocks: each head's positions
-    /// in splits (one token's attention).
-    HeadsBySplits { heads: usize, positions: usize },
+    /// `(heads, split.blocks_for(context))` blocks: each head's positions
+    /// over blocks (one token's attention).
+    HeadsBySplits { heads: usize, split: kernels::DecodeSplit },
 }
 
 impl Grid {
@@ -89,7 +89,7 @@ impl Grid {
     /// threads a block, in a KV cache of `context` positions.
     pub fn dims(self, rows: usize, block: u32, context: usize) -> (u32, u32, u32) {
         match self {
-            Grid::HeadsBySplits { heads, positions } => (heads as u32, context.div_ceil(positions.max(1)) as u32, 1),
+            Grid::HeadsBySplits { heads, split } => (heads as u32, split.blocks_for(context) as u32, 1),
             Grid::PerRow => (rows as u32, 1, 1),
             Grid::Fixed(n) => (n, 1, 1),
             Grid::Elements { row } => ((rows * row).div_ceil(block as usize) as u32, 1, 1),
@@ -389,14 +389,14 @@ fn quantize_into_products(g: &Graph) -> Vec<Value> {
 /// `head` says how the output head's weights are read: as stored, or
 /// (`q8`) quantized to int8 rows when the model is loaded, with the
 /// activations quantized per token as the CPU does. A one-token step's
-/// attention splits its positions over blocks of `split`
-/// ([`kernels::SPLIT_POSITIONS`] but in tests).
+/// attention splits its positions over blocks as `split` says
+/// ([`kernels::DecodeSplit::DEFAULT`] but in tests).
 pub fn lower(
     g: &Graph,
     tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles,
     block_shift: u32,
     head: HeadQuant,
-    split: usize,
+    split: kernels::DecodeSplit,
 ) -> Result<Program, String> {
     use kernels as k;
     use Arg::*;
@@ -555,8 +555,8 @@ pub fn lower(
                 let own = |here| rope.map(|&(_, _, mode, theta)| k::OwnRope { mode, theta, here });
                 let entry = b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(false), None));
                 let one_token = Some(Variant {
-                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true), Some(split))),
-                    grid: Grid::HeadsBySplits { heads: h, positions: split },
+                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true), Some(split.positions))),
+                    grid: Grid::HeadsBySplits { heads: h, split },
                     block: rb,
                 });
                 let unrotated: &[Arg] = if rope.is_some() { &[OperandOf(0, 0), OperandOf(1, 0)] } else { &[] };
@@ -604,7 +604,7 @@ mod tests {
     fn lowered(text: &str) -> (Graph, Program) {
         let g = bitnet_ir::parse(text).unwrap();
         let tiles = |_: &crate::schedule::WorkloadKey| PhaseTiles { prefill: CudaTiles::MMA_DEFAULT, decode: CudaTiles::DEFAULT };
-        let p = lower(&g, &tiles, 4, HeadQuant::Stored, kernels::SPLIT_POSITIONS).unwrap();
+        let p = lower(&g, &tiles, 4, HeadQuant::Stored, kernels::DecodeSplit::DEFAULT).unwrap();
         (g, p)
     }
 

@@ -5,6 +5,7 @@
 
 use super::*;
 use bitnet_codegen::cuda::emulator::{Buffer, Module};
+use bitnet_codegen::cuda::kernels::DecodeSplit;
 use bitnet_codegen::schedule::HeadQuant;
 use bitnet_frontends::model::Model;
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor};
@@ -34,9 +35,8 @@ struct Emulated {
 
 impl Emulated {
     /// The lowered step of `model` (as `lowering::lower_cuda` lowers it for
-    /// sm_80), its one-token attention split over blocks of `split`
-    /// positions.
-    fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize, split: usize) -> Option<Emulated> {
+    /// sm_80), its one-token attention split over blocks as `split` says.
+    fn new(model: &Model, head: HeadQuant, blocks: usize, context: usize, split: DecodeSplit) -> Option<Emulated> {
         let graph = bitnet_ir::passes::optimize(model.step_graph().unwrap(), None).unwrap();
         let tiles = |key: &bitnet_codegen::schedule::WorkloadKey| cuda::PhaseTiles::heuristic(key, 80);
         let program = cuda::lower(&graph, &tiles, crate::kv::BLOCK_POSITIONS.trailing_zeros(), head, split).unwrap();
@@ -184,9 +184,11 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
     for dtype in [DType::I2S, DType::TQ1_0] {
         let (model, dir) = super::tests::model(dtype);
-        // Two positions a block of the one-token attention: its decode step
-        // at position 3 adds up two splits.
-        let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64, 2) else { return };
+        // A chunk a position, two blocks a head, for the one-token attention:
+        // its decode step at position 3 merges two chunks in each block and
+        // adds the two blocks up.
+        let split = DecodeSplit { positions: 1, blocks: 2 };
+        let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64, split) else { return };
         let graph = gpu.graph.clone();
         let (mut kv0, mut kv1) = (KvCache::new(), KvCache::new());
         let (first, second): (&[u32], &[u32]) = (&[4], &[1, 5]);
@@ -210,8 +212,8 @@ fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
 #[test]
 fn an_int8_head_runs_through_the_lowered_step() {
     let (model, dir) = super::tests::model(DType::I2S);
-    let Some(mut q8) = Emulated::new(&model, HeadQuant::Q8, 2, 32, cuda::kernels::SPLIT_POSITIONS) else { return };
-    let Some(mut stored) = Emulated::new(&model, HeadQuant::Stored, 2, 32, cuda::kernels::SPLIT_POSITIONS) else { return };
+    let Some(mut q8) = Emulated::new(&model, HeadQuant::Q8, 2, 32, DecodeSplit::DEFAULT) else { return };
+    let Some(mut stored) = Emulated::new(&model, HeadQuant::Stored, 2, 32, DecodeSplit::DEFAULT) else { return };
     let (tokens, positions, table): (&[i32], &[i32], &[u32]) = (&[5, 6, 7], &[0, 1, 2], &[1]);
     let got = q8.eval(tokens, positions, &[0, 2], &[table; 3]);
     let want = stored.eval(tokens, positions, &[0, 2], &[table; 3]);
