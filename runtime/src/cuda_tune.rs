@@ -6,8 +6,10 @@
 //! integers, or in the same order for float weights), else it is recorded
 //! as wrong and never chosen. The right ones are timed with CUDA events:
 //! decode (one token) cycles through enough copies of the weights that
-//! they come from memory, not from L2, as in a model of many layers;
-//! prefill runs [`bitnet_autotune::space::PREFILL_TOKENS`] tokens. Results go to the tuning
+//! they come from memory, not from L2, as in a model of many layers, and
+//! each block normalizes and quantizes the token's f32 row itself, as the
+//! one-token kernels of a lowered step do (see `kernels::Acts`); prefill
+//! runs [`bitnet_autotune::space::PREFILL_TOKENS`] tokens. Results go to the tuning
 //! database under the GPU's fingerprint, phase by phase, as each job ends.
 
 use crate::cuda::{device, fingerprint, ptr};
@@ -67,6 +69,11 @@ struct Inputs {
     weights: Vec<CudaSlice<u8>>,
     /// int8 codes (ternary) or f32 values (float), `tokens` rows.
     x: CudaSlice<u8>,
+    /// The f32 rows the int8 codes of a ternary decode come from, and the
+    /// RMSNorm's weight (random; a kernel that quantizes its row reads
+    /// these instead of `x`, `gamma` and `qsum`).
+    rows: CudaSlice<f32>,
+    norm: CudaSlice<f32>,
     gamma: CudaSlice<f32>,
     qsum: CudaSlice<i32>,
     out: CudaSlice<f32>,
@@ -76,43 +83,32 @@ struct Inputs {
 /// Each candidate's median time, or why it is wrong.
 fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands: &[CudaTiles]) -> Result<Vec<Measured>, String> {
     let tokens = phase.tokens();
-    let (n, k, source): (usize, usize, Box<dyn Fn(CudaTiles) -> String>) = match *w {
-        Workload::Ternary { n, k } => {
-            let ep = TernaryEpilogue { scale: false, residual: false };
-            (n, k, Box::new(move |t| kernels::ternary_matmul(n, padded(k), ep, kernels::Acts::Given, t)))
-        }
-        Workload::Float { n, k, dtype } => {
-            let ty = device_float_type(dtype);
-            (n, k, Box::new(move |t| kernels::matmul(ty, n, k, t)))
-        }
-    };
-    // The reference: dot products with the default tiles, last.
-    let all: Vec<CudaTiles> = cands.iter().copied().chain([CudaTiles::DEFAULT]).collect();
-    let mut module = String::from(kernels::PRELUDE);
-    for (i, t) in all.iter().enumerate() {
-        module += &format!("extern \"C\" __global__ void __launch_bounds__({}) candidate_{i}{}\n", t.block(), source(*t));
-    }
+    let (n, k, module) = candidates(w, phase, cands);
     let ptx = nvrtc::compile(&module, sm)?;
     let ctx = stream.context();
     let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cuda_err("loading the candidates"))?;
     let functions: Vec<CudaFunction> =
-        (0..all.len()).map(|i| m.load_function(&format!("candidate_{i}")).map_err(cuda_err("loading a candidate"))).collect::<Result<_, _>>()?;
+        (0..=cands.len()).map(|i| m.load_function(&format!("candidate_{i}")).map_err(cuda_err("loading a candidate"))).collect::<Result<_, _>>()?;
     let inputs = inputs(stream, w, n, k, tokens, phase)?;
     let run = |f: &CudaFunction, t: CudaTiles, copy: usize| -> Result<(), String> {
         let cfg = LaunchConfig { grid_dim: t.grid(n).dims(inputs.tokens, t.block(), 0), block_dim: (t.block(), 1, 1), shared_mem_bytes: 0 };
         let (wp, xp, gp, sp, op) =
             (ptr(&inputs.weights[copy], stream), ptr(&inputs.x, stream), ptr(&inputs.gamma, stream), ptr(&inputs.qsum, stream), ptr(&inputs.out, stream));
         let (beta, s) = (1.0f32, inputs.tokens as i32);
+        let (rows, norm) = (ptr(&inputs.rows, stream), ptr(&inputs.norm, stream));
         let mut b = stream.launch_builder(f);
         b.arg(&wp);
         if w.is_ternary() {
             b.arg(&beta).arg(&xp).arg(&gp).arg(&sp);
+            if let kernels::Acts::Rows { .. } = decode_acts(k, phase) {
+                b.arg(&rows).arg(&norm);
+            }
         } else {
             b.arg(&xp);
         }
         b.arg(&op).arg(&s);
         // SAFETY: the arguments follow the parameter list of the kernel
-        // `source` wrote for this workload, and every buffer has the sizes
+        // `candidates` wrote for this workload and phase, and every buffer has the sizes
         // those parameters imply for `tokens` rows.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err("launching a candidate"))
     };
@@ -146,6 +142,40 @@ fn measure(stream: &Arc<CudaStream>, sm: u32, w: &Workload, phase: Phase, cands:
         out.push(Measured { tiles: Tiles::Cuda(t), outcome: Outcome::Timed { ns: times[ROUNDS / 2], runs: ROUNDS } });
     }
     Ok(out)
+}
+
+/// A workload's `n` and `k`, and the CUDA C of its candidates in `phase`:
+/// `candidate_{i}` for each of `cands`, and the reference, the default
+/// tiles, last.
+fn candidates(w: &Workload, phase: Phase, cands: &[CudaTiles]) -> (usize, usize, String) {
+    let (n, k, source): (usize, usize, Box<dyn Fn(CudaTiles) -> String>) = match *w {
+        Workload::Ternary { n, k } => {
+            let ep = TernaryEpilogue { scale: false, residual: false };
+            let acts = decode_acts(k, phase);
+            (n, k, Box::new(move |t| kernels::ternary_matmul(n, padded(k), ep, acts, t)))
+        }
+        Workload::Float { n, k, dtype } => {
+            let ty = device_float_type(dtype);
+            (n, k, Box::new(move |t| kernels::matmul(ty, n, k, t)))
+        }
+    };
+    let mut module = String::from(kernels::PRELUDE);
+    for (i, t) in cands.iter().chain([&CudaTiles::DEFAULT]).enumerate() {
+        module += &format!("extern \"C\" __global__ void __launch_bounds__({}) candidate_{i}{}\n", t.block(), source(*t));
+    }
+    (n, k, module)
+}
+
+/// Where the activations of a ternary product of depth `k` come from in
+/// `phase`: for one token, the kernel's own RMSNorm and quantization of
+/// the row, which every block repeats (so the blocks' count and size
+/// weigh on the time), as a lowered step's one-token products run; else
+/// quantized before.
+fn decode_acts(k: usize, phase: Phase) -> kernels::Acts {
+    match phase {
+        Phase::Decode => kernels::Acts::Rows { k, norm: Some(1e-5), here: true },
+        Phase::Prefill | Phase::Batch => kernels::Acts::Given,
+    }
 }
 
 /// Random weights in the kernel's layout (packed 2-bit codes for ternary,
@@ -191,12 +221,47 @@ fn inputs(stream: &Arc<CudaStream>, w: &Workload, n: usize, k: usize, tokens: us
         weights.push(stream.clone_htod(&weight).map_err(&up)?);
     }
     let gamma: Vec<f32> = (0..tokens).map(|t| 1.0 + t as f32 / 7.0).collect();
+    let rows: Vec<f32> = (0..tokens * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5).collect();
+    let norm: Vec<f32> = (0..k).map(|_| 0.5 + rng.next_u32() as f32 / u32::MAX as f32).collect();
     Ok(Inputs {
         weights,
         x: stream.clone_htod(&x).map_err(&up)?,
+        rows: stream.clone_htod(&rows).map_err(&up)?,
+        norm: stream.clone_htod(&norm).map_err(&up)?,
         gamma: stream.clone_htod(&gamma).map_err(&up)?,
         qsum: stream.clone_htod(&vec![3i32; tokens]).map_err(&up)?,
         out: stream.alloc_zeros::<f32>(tokens * n).map_err(cuda_err("allocating"))?,
         tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnet_ir::DType;
+
+    /// Every workload's candidates compile for sm_80 in every phase it is
+    /// tuned in, where NVRTC is (CI has it and sets
+    /// `BITNET_REQUIRE_NVRTC`), and a ternary decode's kernels quantize
+    /// their row themselves, as a lowered step's one-token products do.
+    #[test]
+    fn the_candidates_compile_and_decode_quantizes_its_row() {
+        let workloads = [Workload::Ternary { n: 40, k: 300 }, Workload::Float { n: 48, k: 256, dtype: DType::F16 }];
+        for w in workloads {
+            for &phase in Phase::of(&w) {
+                let cands = cuda_candidates(&w, phase, 80);
+                let (_, _, module) = candidates(&w, phase, &cands);
+                let what = format!("{} ({})", w.key(), phase.name());
+                assert_eq!(module.contains("xq_gamma"), w.is_ternary() && phase == Phase::Decode, "{what}: quantizes its row");
+                match nvrtc::library() {
+                    Ok(_) => {
+                        let ptx = nvrtc::compile(&module, 80).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        assert!((0..=cands.len()).all(|i| ptx.contains(&format!(".entry candidate_{i}("))), "{what}: a candidate is missing");
+                    }
+                    Err(e) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_some() => panic!("BITNET_REQUIRE_NVRTC is set but {e}"),
+                    Err(e) => eprintln!("{what} not compiled: {e}"),
+                }
+            }
+        }
+    }
 }
