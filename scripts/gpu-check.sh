@@ -105,6 +105,9 @@ for t in i2_s tq2_0; do
   # A long context: one token's attention split over blocks (flash-decoding).
   out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda -p 2048 -n 64 -r 1 -c 4096 --json 2>&1 | tail -1)
   note "bench 2b4t $t cuda tuned p2048 n64: $out"
+  # Past 32 blocks of 256 positions a head: each block merges two chunks.
+  out=$(timeout 90 "$bitnet" bench -m "$m" --device cuda -p 8448 -n 64 -r 1 -c 16384 --json 2>&1 | tail -1)
+  note "bench 2b4t $t cuda tuned p8448 n64: $out"
   # The int8 head (half the head's bytes).
   out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda --head q8 -p 128 -n 64 -r 3 --json 2>&1 | tail -1)
   note "bench 2b4t $t cuda --head q8: $out"
@@ -125,7 +128,8 @@ for t in i2_s tq2_0; do
   cpu=$(greedy "$m" -t "$(nproc)")
   [ "$gpu" = "$cpu" ] && [ "$bnx" = "$cpu" ] && note "greedy 2b4t $t: same tokens $gpu" || note "greedy 2b4t $t: DIFFER gpu=$gpu artifact=$bnx cpu=$cpu"
   if [ "$t" = i2_s ]; then
-    # 600 positions: the decode steps' attention adds up three splits.
+    # 600 positions: the prompt's attention merges up to three chunks a
+    # block, and the decode steps' adds up three blocks a head.
     gpu=$(PROMPT_IDS=$(seq -s, 5 604) greedy "$m" --device cuda)
     cpu=$(PROMPT_IDS=$(seq -s, 5 604) greedy "$m" -t "$(nproc)")
     [ "$gpu" = "$cpu" ] && note "greedy 2b4t $t after 600 tokens: same tokens $gpu" || note "greedy 2b4t $t after 600 tokens: DIFFER gpu=$gpu cpu=$cpu"

@@ -379,7 +379,13 @@ fn paged_attention_reads_each_rows_own_blocks() {
     let mut rng = Rng(5);
     let (heads, kv_heads, shift) = (4, 2, 2u32);
     for d in [64, 128, 3] {
-        let kernels = [("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)), ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, None, None))];
+        // The positions in one chunk, and in chunks of 3 (2 to 4 of them, the
+        // last one short) whose softmax the block merges.
+        let kernels = [
+            ("store", k::ROW_BLOCK, k::kv_store(kv_heads, d, shift)),
+            ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, None, 64, false)),
+            ("attend_chunks", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, None, 3, false)),
+        ];
         let Some(m) = build("paged attention", &kernels) else { return };
         let (block, pool, width) = (1usize << shift, 8usize, 4usize);
         // Two sequences: the first's blocks 5, 2; the second's 0, 7, 3. This
@@ -424,24 +430,26 @@ fn paged_attention_reads_each_rows_own_blocks() {
         launch(&m, "store", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &store);
         assert_eq!(kc, kw, "keys stored, d = {d}");
         assert_eq!(vc, vw, "values stored, d = {d}");
-        let mut out = vec![f32::NAN; s * heads * d];
-        let unused = Buffer::zeroed(4);
-        let params = [
-            qb.param(),
-            kb.param(),
-            vb.param(),
-            pb.param(),
-            Param::of(&mut flat),
-            w,
-            b,
-            Param::of(&mut kc),
-            Param::of(&mut vc),
-            unused.param(),
-            Param::of(&mut out),
-            sp,
-        ];
-        launch(&m, "attend", Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 4 * width * block, &params);
-        assert_close(&format!("attention, d = {d}"), &out, &want, 1e-5);
+        for entry in ["attend", "attend_chunks"] {
+            let mut out = vec![f32::NAN; s * heads * d];
+            let unused = Buffer::zeroed(4);
+            let params = [
+                qb.param(),
+                kb.param(),
+                vb.param(),
+                pb.param(),
+                Param::of(&mut flat),
+                w,
+                b,
+                Param::of(&mut kc),
+                Param::of(&mut vc),
+                unused.param(),
+                Param::of(&mut out),
+                sp,
+            ];
+            launch(&m, entry, Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &params);
+            assert_close(&format!("{entry}, d = {d}"), &out, &want, 1e-5);
+        }
     }
 }
 
@@ -576,8 +584,8 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
         let own = |here| Some(k::OwnRope { mode, theta, here });
         let kernels = [
             ("store", k::ROW_BLOCK, k::rope_kv_store(heads, kv_heads, d, mode, theta, shift)),
-            ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(false), None)),
-            ("attend_own", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(true), None)),
+            ("attend", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(false), 64, false)),
+            ("attend_own", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own(true), 64, false)),
         ];
         let Some(m) = build("one-token attention", &kernels) else { return };
         let (pool, width) = (6usize, 3usize);
@@ -590,7 +598,7 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
             let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| rng.float()).collect();
             let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kk), Buffer::of(&v), Buffer::of(&pos));
             let (w, b, one) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(1));
-            let (grid, shared) = (Grid::HeadsByRows { heads }.dims(1, k::ROW_BLOCK, 0), 4 * (width << shift));
+            let grid = Grid::HeadsByRows { heads }.dims(1, k::ROW_BLOCK, 0);
             // The store launch, then the attention.
             let (mut kc, mut vc, mut rq) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
             let store =
@@ -600,12 +608,12 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
             let junk = Buffer::of(&vec![f32::NAN; q.len()]);
             let mut params = vec![Param::of(&mut rq), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
             params.extend([Param::of(&mut kc), Param::of(&mut vc), junk.param(), Param::of(&mut want), one]);
-            launch(&m, "attend", grid, k::ROW_BLOCK, shared, &params);
+            launch(&m, "attend", grid, k::ROW_BLOCK, 0, &params);
             // One launch; the rotated queries it is handed are not read.
             let (mut own_kc, mut own_vc, mut got) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
             let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
             params.extend([Param::of(&mut own_kc), Param::of(&mut own_vc), junk.param(), Param::of(&mut got), one]);
-            launch(&m, "attend_own", grid, k::ROW_BLOCK, shared, &params);
+            launch(&m, "attend_own", grid, k::ROW_BLOCK, 0, &params);
             assert!(want.iter().all(|x| x.is_finite()), "{mode:?}, position {position}");
             assert_eq!(got, want, "{mode:?}, position {position}: attention");
             assert_eq!(own_kc, kc, "{mode:?}, position {position}: stored keys");
@@ -627,8 +635,8 @@ fn split_attention_adds_its_parts_up_as_one_block() {
     let (heads, kv_heads, d, shift, theta, split) = (6, 2, 16, 2u32, 10000.0f32, 4usize);
     let own = Some(k::OwnRope { mode: RopeMode::Neox, theta, here: true });
     let kernels = [
-        ("whole", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own, None)),
-        ("split", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own, Some(split))),
+        ("whole", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own, 64, false)),
+        ("split", k::ROW_BLOCK, k::attention(heads, kv_heads, d, shift, own, split, true)),
     ];
     let Some(m) = build("split attention", &kernels) else { return };
     let (pool, width) = (8usize, 4usize);
@@ -650,7 +658,7 @@ fn split_attention_adds_its_parts_up_as_one_block() {
             launch(&m, entry, grid.dims(1, k::ROW_BLOCK, context), k::ROW_BLOCK, shared, &params);
             (out, kc, vc)
         };
-        let want = run("whole", Grid::HeadsByRows { heads }, 4 * context);
+        let want = run("whole", Grid::HeadsByRows { heads }, 0);
         // A chunk a block, two chunks a block (with one left over at
         // position 9), every chunk in one block; each twice, the second
         // time on the counters the first left.

@@ -85,13 +85,13 @@ fn module(products: &[(usize, usize)], rows: &[usize], tiles: &[CudaTiles]) -> S
     for (heads, kv_heads, d) in [(20, 5, 128), (8, 4, 8), (3, 1, 2), (1, 1, 64)] {
         for shift in [0, 4, 8] {
             add(k::kv_store(kv_heads, d, shift));
-            add(k::attention(heads, kv_heads, d, shift, None, None));
-            add(k::attention(heads, kv_heads, d, shift, None, Some(k::DecodeSplit::DEFAULT.positions)));
+            add(k::attention(heads, kv_heads, d, shift, None, k::DecodeSplit::DEFAULT.positions, false));
+            add(k::attention(heads, kv_heads, d, shift, None, k::DecodeSplit::DEFAULT.positions, true));
             for mode in [RopeMode::Interleaved, RopeMode::Neox] {
                 add(k::rope_kv_store(heads, kv_heads, d, mode, 500000.0, shift));
                 for here in [false, true] {
-                    add(k::attention(heads, kv_heads, d, shift, Some(k::OwnRope { mode, theta: 500000.0, here }), None));
-                    add(k::attention(heads, kv_heads, d, shift, Some(k::OwnRope { mode, theta: 500000.0, here }), Some(7)));
+                    add(k::attention(heads, kv_heads, d, shift, Some(k::OwnRope { mode, theta: 500000.0, here }), 256, false));
+                    add(k::attention(heads, kv_heads, d, shift, Some(k::OwnRope { mode, theta: 500000.0, here }), 7, true));
                 }
             }
         }

@@ -21,7 +21,7 @@ use crate::compiled::{assign_slots, Kind, NO_SLOT};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::emulator::Param;
-use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Grid, Launch, Program, Shared};
+use bitnet_codegen::cuda::{self, device_float_type, Arg, FloatType, Grid, Launch, Program};
 use bitnet_ir::interp::{EvalError, WeightSource};
 use bitnet_ir::{Extent, Graph, Op};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -205,31 +205,9 @@ impl CudaModel {
         let stream = driver("creating a stream", ctx.new_stream())?;
         let module = driver("loading the PTX", ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)))?;
         let mut functions = HashMap::new();
-        for (l, entry) in step.1.launches.iter().flat_map(|l| l.entries().map(move |e| (l, e))) {
+        for entry in step.1.launches.iter().flat_map(|l| l.entries()) {
             if !functions.contains_key(entry) {
                 let f = driver(&format!("kernel {entry}"), module.load_function(entry))?;
-                let split = l.one_token.as_ref().is_some_and(|v| v.entry == entry && matches!(v.grid, Grid::HeadsBySplits { .. }));
-                if l.shared == Shared::PerPosition && !split {
-                    // Scores for every position sit in shared memory beside the
-                    // kernel's own; past 48 KiB in all a kernel must opt in.
-                    let bytes = context * 4;
-                    let fixed = f.shared_size_bytes().unwrap_or(1024).max(0) as usize;
-                    let most = ctx
-                        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-                        .unwrap_or(48 * 1024) as usize;
-                    if bytes + fixed > most {
-                        return err(format!(
-                            "attention keeps a score per position in shared memory: a context of {context} needs {} KiB, {device} gives {} KiB; lower it with -c {}",
-                            (bytes + fixed).div_ceil(1024),
-                            most / 1024,
-                            most.saturating_sub(fixed) / 4
-                        ));
-                    }
-                    if bytes + fixed > 48 * 1024 {
-                        let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                        driver("allowing attention its shared memory", f.set_attribute(attr, bytes as i32))?;
-                    }
-                }
                 functions.insert(entry.to_string(), f);
             }
         }
@@ -510,9 +488,9 @@ impl CudaModel {
     /// Launches `l` for a step of extent `e`; `false` where the step has
     /// no work for it.
     fn launch(&self, l: &Launch, e: Extent) -> Result<bool, EvalError> {
-        let Some(Geometry { entry, grid, block, shared }) = geometry(l, &self.plan.graph, e, self.context) else { return Ok(false) };
+        let Some(Geometry { entry, grid, block }) = geometry(l, &self.plan.graph, e, self.context) else { return Ok(false) };
         let params = params(&self.plan.graph, l, e, self)?;
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let Some(f) = self.functions.get(entry) else { return err(format!("kernel {entry} is not in the module")) };
         let mut b = self.stream.launch_builder(f);
         for p in &params {
@@ -745,28 +723,21 @@ pub(crate) fn flat_tables(tables: &[&[u32]], width: usize) -> Vec<i32> {
     flat
 }
 
-/// How launch `l` runs a step of extent `e`: its kernel, grid, block and
-/// bytes of dynamic shared memory (a score per position of `context`);
-/// `None` where the step has no work for it.
+/// How launch `l` runs a step of extent `e` in a KV cache of `context`
+/// positions: its kernel, grid and block; `None` where the step has no
+/// work for it. No kernel takes dynamic shared memory.
 pub(crate) fn geometry<'a>(l: &'a Launch, g: &Graph, e: Extent, context: usize) -> Option<Geometry<'a>> {
     let rows = g.ty(l.value).resolve(e).first().copied().unwrap_or(1);
     let (entry, grid, block) = l.for_rows(rows)?;
-    let shared = match (l.shared, grid) {
-        // Split, each block's scores fit its static shared memory.
-        (Shared::None, _) | (_, Grid::HeadsBySplits { .. }) => 0,
-        (Shared::PerPosition, _) => context * 4,
-    };
     let grid = grid.dims(rows, block, context);
-    (grid.0 > 0 && grid.1 > 0).then_some(Geometry { entry, grid, block, shared })
+    (grid.0 > 0 && grid.1 > 0).then_some(Geometry { entry, grid, block })
 }
 
-/// A launch's kernel, its blocks, threads a block and bytes of dynamic
-/// shared memory.
+/// A launch's kernel, its blocks and threads a block.
 pub(crate) struct Geometry<'a> {
     pub entry: &'a str,
     pub grid: (u32, u32, u32),
     pub block: u32,
-    pub shared: usize,
 }
 
 impl DevPlan {

@@ -846,16 +846,20 @@ pub fn rope_kv_store(heads: usize, kv_heads: usize, d: usize, mode: RopeMode, th
 }
 
 /// Causal grouped-query attention of each (head, token) over the cached
-/// positions `0..=pos` of its sequence (the paged cache of [`kv_store`]): scores, softmax (as the interpreter's), the
-/// weighted sum of values. Grid: `(heads, S)` blocks of [`ROW_BLOCK`];
-/// dynamic shared memory holds one score per position (`4 · context` bytes).
+/// positions `0..=pos` of its sequence (the paged cache of [`kv_store`]):
+/// scores, softmax (as the interpreter's), the weighted sum of values.
+/// Grid: `(heads, S)` blocks of [`ROW_BLOCK`].
 ///
-/// Eight lanes make one score (each a strided eighth of the head), so a
-/// warp scores four positions at a time with its loads in flight together;
-/// for the weighted sum each warp takes every eighth position and its
-/// lanes the head's dimensions, and the warps' partial sums are added in
-/// shared memory. Only the order of these sums differs from the
-/// interpreter's.
+/// A block takes its positions in chunks of `chunk`, whose scores sit in
+/// static shared memory (so the context has no limit of its own), and
+/// merges the chunks' softmax as it goes: a running max score, softmax
+/// total and output, as flash attention keeps them. With one chunk in all
+/// it is the plain softmax. Eight lanes make one score (each a strided
+/// eighth of the head), so a warp scores four positions at a time with its
+/// loads in flight together; for the weighted sum each warp takes every
+/// eighth position and its lanes the head's dimensions, and the warps'
+/// partial sums are added in shared memory. Only the order of these sums
+/// differs from the interpreter's.
 ///
 /// With `rope`, the kernel also takes the queries and keys before their
 /// RoPE (`q_in`, `k_in`, after `pos`), which [`rope_kv_store`] rotates and
@@ -866,18 +870,16 @@ pub fn rope_kv_store(heads: usize, kv_heads: usize, d: usize, mode: RopeMode, th
 /// group stores them in the cache for the steps after; so the store
 /// launch need not run.
 ///
-/// With `split` (positions a chunk; one token), a head's positions go in
-/// chunks of `split` to the `gridDim.y` blocks of the head, a run of
-/// neighbouring chunks each, so that a long context keeps every SM busy
-/// with a grid that does not grow with it ([`DecodeSplit`]). A block with
-/// several chunks merges their softmax as it goes. Where more than one
-/// block has work, each leaves its max score, softmax total and output
-/// in the `split` buffer (after one int a head, a counter that is zero
-/// between launches: `[heads][gridDim.y][d + 2]` floats, [`split_floats`]),
-/// and the last of a head's blocks to finish combines them and resets the
-/// counter. Its scores sit in static shared memory. Kernels without
-/// `split` ignore the buffer.
-pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Option<OwnRope>, split: Option<usize>) -> String {
+/// `split` runs one token over `(heads, blocks)` blocks: a head's chunks
+/// go to its `gridDim.y` blocks, a run of neighbouring chunks each, so that
+/// a long context keeps every SM busy with a grid that does not grow with
+/// it ([`DecodeSplit`]). Where more than one block has work, each leaves
+/// its max score, softmax total and output in the `split` buffer (after
+/// one int a head, a counter that is zero between launches:
+/// `[heads][gridDim.y][d + 2]` floats, [`split_floats`]), and the last of
+/// a head's blocks to finish combines them and resets the counter.
+/// Kernels without `split` ignore the buffer.
+pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Option<OwnRope>, chunk: usize, split: bool) -> String {
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let warps = ROW_BLOCK / 32;
@@ -915,54 +917,28 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
         key = format!("(t == keys - 1 ? k_own : {key})");
         value = format!("(t == keys - 1 ? vi : {value})");
     }
-    // Each (head, token)'s block over all its positions; or, split, each
-    // head's positions in chunks of `p`, a run of them a block, the last
-    // block of a head to finish adding their parts up.
-    let (scores, positions, open, finish, close) = match split {
-        None => (
-            "extern __shared__ float score[];".to_string(),
-            "int h = blockIdx.x, s = blockIdx.y;\n    int keys = pos[s] + 1, first = 0, count = keys, ends = keys;".to_string(),
-            String::new(),
-            format!("out[((size_t)s * {heads} + h) * {d} + j] = r;"),
-            String::new(),
-        ),
-        Some(p) => (
-            format!("__shared__ float score[{p}], acc[{d}];"),
-            format!(
-                r#"int h = blockIdx.x, s = 0;
+    // Each (head, token)'s block over its positions in chunks of `p`; or,
+    // split, one token's chunks over a head's blocks, a run of them each,
+    // the last block of a head to finish adding their parts up.
+    let p = chunk.max(1);
+    let positions = if split {
+        format!(
+            r#"int h = blockIdx.x, s = 0;
     int keys = pos[0] + 1, chunks = (keys + {p} - 1) / {p};
     int per = (chunks + gridDim.y - 1) / gridDim.y, splits = (chunks + per - 1) / per;
     if ((int)blockIdx.y >= splits) return;
-    int begin = blockIdx.y * per, end = begin + per < chunks ? begin + per : chunks;
-    int ends = end * {p} < keys ? end * {p} : keys;
-    // The max score and softmax total of this block's chunks so far (their
-    // output in acc).
-    float top = -__int_as_float(0x7f800000), mass = 0.0f;"#
-            ),
-            format!(
-                r#"    for (int chunk = begin; chunk < end; chunk++) {{
-    int first = chunk * {p}, count = keys - first < {p} ? keys - first : {p};
-"#
-            ),
-            r#"if (chunk == begin) acc[j] = r;
-        else {
-            float both = fmaxf(top, m), a = expf(top - both) * mass, b = expf(m - both) * sum;
-            acc[j] = (a * acc[j] + b * r) / (a + b);
-        }"#
-            .to_string(),
-            format!(
-                r#"    if (chunk == begin) {{ top = m; mass = sum; }}
-    else {{
-        float both = fmaxf(top, m);
-        mass = expf(top - both) * mass + expf(m - both) * sum;
-        top = both;
-    }}
-    }}
-    if (splits == 1) {{
-        for (int j = threadIdx.x; j < {d}; j += blockDim.x) out[(size_t)h * {d} + j] = acc[j];
-        return;
-    }}
-    // This block's share: its max score, its softmax total, its output.
+    int begin = blockIdx.y * per, end = begin + per < chunks ? begin + per : chunks;"#
+        )
+    } else {
+        format!(
+            r#"int h = blockIdx.x, s = blockIdx.y;
+    int keys = pos[s] + 1, chunks = (keys + {p} - 1) / {p};
+    int splits = 1, begin = 0, end = chunks;"#
+        )
+    };
+    let combine = if split {
+        format!(
+            r#"    // This block's share: its max score, its softmax total, its output.
     float* mine = split + {heads} + ((size_t)h * gridDim.y + blockIdx.y) * {w};
     for (int j = threadIdx.x; j < {d}; j += blockDim.x) mine[2 + j] = acc[j];
     if (threadIdx.x == 0) {{ mine[0] = top; mine[1] = mass; }}
@@ -987,15 +963,20 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
     }}
     if (threadIdx.x == 0) ((int*)split)[h] = 0;
 "#,
-                w = d + 2
-            ),
-        ),
+            w = d + 2
+        )
+    } else {
+        String::new()
     };
     format!(
         r#"({params}float* split, float* out, int S) {{
-    {scores}
+    __shared__ float score[{p}], acc[{d}];
     __shared__ float part[{warps}][{d}];
     {positions}
+    int ends = end * {p} < keys ? end * {p} : keys;
+    // The max score and softmax total of this block's chunks so far (their
+    // output in acc).
+    float top = -__int_as_float(0x7f800000), mass = 0.0f;
     const float* qh = q + ((size_t)s * {heads} + h) * {d};
     int kvh = h / {group};
 {query}    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1003,7 +984,9 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
     float qv[{per8}];
     #pragma unroll
     for (int i = 0; i < {per8}; i++) {{ int j = sub + 8 * i; qv[i] = j < {d} ? qh[j] : 0.0f; }}
-{open}    for (int i0 = 0; i0 < count; i0 += {warps} * 4) {{
+    for (int chunk = begin; chunk < end; chunk++) {{
+    int first = chunk * {p}, count = keys - first < {p} ? keys - first : {p};
+    for (int i0 = 0; i0 < count; i0 += {warps} * 4) {{
         int i = i0 + warp * 4 + (lane >> 3), t = first + i;
         float dot = 0.0f;
         if (i < count) {{
@@ -1043,13 +1026,29 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
     #pragma unroll
     for (int c = 0; c < {per32}; c++) {{ int j = lane + 32 * c; if (j < {d}) part[warp][j] = o[c]; }}
     __syncthreads();
+    // This chunk's output, merged into the block's.
     for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
         float r = 0.0f;
         #pragma unroll
         for (int w = 0; w < {warps}; w++) r += part[w][j];
-        {finish}
+        if (chunk == begin) acc[j] = r;
+        else {{
+            float both = fmaxf(top, m), a = expf(top - both) * mass, b = expf(m - both) * sum;
+            acc[j] = (a * acc[j] + b * r) / (a + b);
+        }}
     }}
-{close}}}"#,
+    if (chunk == begin) {{ top = m; mass = sum; }}
+    else {{
+        float both = fmaxf(top, m);
+        mass = expf(top - both) * mass + expf(m - both) * sum;
+        top = both;
+    }}
+    }}
+    if (splits == 1) {{
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) out[((size_t)s * {heads} + h) * {d} + j] = acc[j];
+        return;
+    }}
+{combine}}}"#,
         scale = float(scale),
         per8 = d.div_ceil(8),
         per32 = d.div_ceil(32)

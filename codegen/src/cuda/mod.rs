@@ -99,14 +99,6 @@ impl Grid {
     }
 }
 
-/// Dynamic shared memory of a launch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Shared {
-    None,
-    /// One f32 per position of the context (attention scores).
-    PerPosition,
-}
-
 /// One kernel launch of a node (attention has two: store, then attend).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Launch {
@@ -114,7 +106,6 @@ pub struct Launch {
     pub entry: String,
     pub grid: Grid,
     pub block: u32,
-    pub shared: Shared,
     pub args: Vec<Arg>,
     /// A kernel of the same parameters tuned for one token (decode), run
     /// instead when the launch has one row.
@@ -275,7 +266,7 @@ impl Builder {
 
     fn launch(&mut self, value: Value, family: &str, code: String, grid: Grid, block: u32, args: Vec<Arg>) {
         let entry = self.kernel(family, block, code);
-        self.launches.push(Launch { value, entry, grid, block, shared: Shared::None, args, one_token: None, skip_one_token: false });
+        self.launches.push(Launch { value, entry, grid, block, args, one_token: None, skip_one_token: false });
     }
 
     /// A matrix product's launch of `n` rows, one warp a row: `code(t,
@@ -553,9 +544,9 @@ pub fn lower(
                 }
                 // One token's attention splits its positions over blocks.
                 let own = |here| rope.map(|&(_, _, mode, theta)| k::OwnRope { mode, theta, here });
-                let entry = b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(false), None));
+                let entry = b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(false), split.positions, false));
                 let one_token = Some(Variant {
-                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true), Some(split.positions))),
+                    entry: b.kernel("attention", rb, k::attention(h, kvh, d, block_shift, own(true), split.positions, true)),
                     grid: Grid::HeadsBySplits { heads: h, split },
                     block: rb,
                 });
@@ -565,7 +556,6 @@ pub fn lower(
                     entry,
                     grid: Grid::HeadsByRows { heads: h },
                     block: rb,
-                    shared: Shared::PerPosition,
                     args: [&ops[..], unrotated, &cache, &[Splits, Output, Rows(None)]].concat(),
                     one_token,
                     skip_one_token: false,

@@ -116,11 +116,11 @@ impl Emulated {
         self.scratch = vec![Buffer::zeroed(codes), Buffer::zeroed(4 * rows), Buffer::zeroed(4 * rows)];
         self.tables = Buffer::of(&flat_tables(tables, self.width));
         for l in &self.program.launches {
-            let Some(Geometry { entry, grid, block, shared }) = geometry(l, &self.graph, e, self.context) else { continue };
+            let Some(Geometry { entry, grid, block }) = geometry(l, &self.graph, e, self.context) else { continue };
             let params = params(&self.graph, l, e, self).unwrap();
             // SAFETY: `params` binds the kernel's parameters as the GPU's
             // executor does, to buffers sized for this step.
-            unsafe { self.module.launch(entry, (grid.0, grid.1), block, shared, &params) }.unwrap();
+            unsafe { self.module.launch(entry, (grid.0, grid.1), block, 0, &params) }.unwrap();
         }
         let o = *self.graph.outputs.last().unwrap();
         self.bufs[self.slot[o.index()]][0].read::<f32>(self.graph.ty(o).resolve(e).iter().product())
