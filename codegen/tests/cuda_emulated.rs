@@ -6,7 +6,7 @@
 //! Without a C++20 compiler the tests say so and skip.
 
 use bitnet_codegen::cpu::ternary::PackedTernary;
-use bitnet_codegen::cuda::emulator::{Buffer, Module, Param};
+use bitnet_codegen::cuda::emulator::{BlockOrder, Buffer, Module, Param};
 use bitnet_codegen::cuda::kernels::{self as k, Acts, CudaTiles, FloatType, TernaryEpilogue};
 use bitnet_codegen::cuda::{padded, Grid, Kernel};
 use bitnet_ir::{GateAct, RopeMode};
@@ -662,13 +662,15 @@ fn split_attention_adds_its_parts_up_as_one_block() {
         // A chunk a block, two chunks a block (with one left over at
         // position 9), every chunk in one block; each twice, the second
         // time on the counters the first left.
-        for (blocks, round) in [4, 2, 1].into_iter().flat_map(|b| [(b, 0), (b, 1)]) {
+        let cases = [4, 2, 1].into_iter().flat_map(|b| [(b, 0), (b, 1)]);
+        for (order, (blocks, round)) in BlockOrder::ALL.into_iter().flat_map(|o| cases.clone().map(move |c| (o, c))) {
+            m.set_block_order(order);
             let grid = Grid::HeadsBySplits { heads, split: k::DecodeSplit { positions: split, blocks } };
             let got = run("split", grid, 0);
             if position < split as i32 {
                 assert_eq!(got.0, want.0, "position {position}: one chunk is the whole");
             }
-            assert_close(&format!("position {position}, {blocks} blocks a head, round {round}"), &got.0, &want.0, 1e-5);
+            assert_close(&format!("position {position}, {blocks} blocks a head, {order:?}, round {round}"), &got.0, &want.0, 1e-5);
             assert_eq!((&got.1, &got.2), (&want.1, &want.2), "position {position}: the stored key and value");
             assert_eq!(splits.read::<i32>(heads), vec![0; heads], "position {position}: the counters are back at zero");
         }

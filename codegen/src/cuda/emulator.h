@@ -33,6 +33,8 @@ struct alignas(16) float4 { float x, y, z, w; };
 
 namespace emu {
 static dim3 tid, bid, bdim, gdim;
+// Whether a launch's blocks run first to last (else last to first).
+static bool forward = false;
 
 // Each CUDA thread of a block is a fiber (a ucontext with a stack of its
 // own) on the one host thread; a fiber runs until it waits at a barrier
@@ -105,11 +107,11 @@ inline void entry() {
 }
 
 // Runs `kernel` on every thread of every block of the grid, the blocks
-// one after another, the last first: a GPU runs them in no order, and a
-// block reading what a block before it writes in the same launch (a race
-// there) then reads what was there before. Returns 0, -1 when a thread
-// trapped, -2 when the block's threads deadlocked (a barrier some never
-// reach).
+// one after another, the last first (or, `forward`, the first first): a
+// GPU runs them in no order, and a block reading what a block after it
+// writes in the same launch (a race there) then reads what the other
+// order would not. Returns 0, -1 when a thread trapped, -2 when the
+// block's threads deadlocked (a barrier some never reach).
 inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<void()>& kernel) {
     bdim = dim3{threads, 1, 1};
     gdim = grid;
@@ -118,42 +120,42 @@ inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<v
     if (fibers.size() < threads) fibers.resize(threads);
     for (unsigned t = 0; t < threads; t++)
         if (!fibers[t].stack) fibers[t].stack = (char*)std::malloc(STACK);
-    for (unsigned z = grid.z; z-- > 0;)
-        for (unsigned y = grid.y; y-- > 0;)
-            for (unsigned x = grid.x; x-- > 0;) {
-                bid = dim3{x, y, z};
-                Block b((int)threads);
-                for (unsigned w = 0; w < threads; w += 32) b.warps.push_back(std::make_unique<Warp>((int)std::min(32u, threads - w)));
-                // Shared memory starts as NaNs, so reading what no thread wrote shows.
-                b.shared.assign(shared, 0xff);
-                block = &b;
-                for (unsigned t = 0; t < threads; t++) {
-                    Fiber& f = fibers[t];
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack;
-                    f.ctx.uc_stack.ss_size = STACK;
-                    f.ctx.uc_link = &scheduler;
-                    makecontext(&f.ctx, entry, 0);
-                    f.done = false;
-                }
-                for (bool live = true; live;) {
-                    live = false;
-                    uint64_t before = progress;
-                    for (unsigned t = 0; t < threads; t++) {
-                        if (fibers[t].done) continue;
-                        current = t;
-                        tid = dim3{t, 0, 0};
-                        swapcontext(&scheduler, &fibers[t].ctx);
-                        live |= !fibers[t].done;
-                    }
-                    if (live && progress == before) {
-                        block = nullptr;
-                        return -2;
-                    }
-                }
-                block = nullptr;
-                if (failed) return -1;
+    const size_t blocks = (size_t)grid.x * grid.y * grid.z;
+    for (size_t i = 0; i < blocks; i++) {
+        size_t at = forward ? i : blocks - 1 - i;
+        bid = dim3{unsigned(at % grid.x), unsigned(at / grid.x % grid.y), unsigned(at / grid.x / grid.y)};
+        Block b((int)threads);
+        for (unsigned w = 0; w < threads; w += 32) b.warps.push_back(std::make_unique<Warp>((int)std::min(32u, threads - w)));
+        // Shared memory starts as NaNs, so reading what no thread wrote shows.
+        b.shared.assign(shared, 0xff);
+        block = &b;
+        for (unsigned t = 0; t < threads; t++) {
+            Fiber& f = fibers[t];
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack;
+            f.ctx.uc_stack.ss_size = STACK;
+            f.ctx.uc_link = &scheduler;
+            makecontext(&f.ctx, entry, 0);
+            f.done = false;
+        }
+        for (bool live = true; live;) {
+            live = false;
+            uint64_t before = progress;
+            for (unsigned t = 0; t < threads; t++) {
+                if (fibers[t].done) continue;
+                current = t;
+                tid = dim3{t, 0, 0};
+                swapcontext(&scheduler, &fibers[t].ctx);
+                live |= !fibers[t].done;
             }
+            if (live && progress == before) {
+                block = nullptr;
+                return -2;
+            }
+        }
+        block = nullptr;
+        if (failed) return -1;
+    }
     return 0;
 }
 }  // namespace emu

@@ -3,8 +3,8 @@
 //! `$CXX`) against `emulator.h`, which runs every CUDA thread of a block
 //! as a fiber on the calling thread, with barriers for `__syncthreads`,
 //! warp shuffles and the tensor cores' `mma` (a deadlock is an error, not
-//! a hang). Blocks run one after another, the last first (see
-//! `emulator.h`).
+//! a hang). Blocks run one after another, the last first or the first
+//! first ([`BlockOrder`]).
 //!
 //! It checks what a kernel computes (its indexing, its reductions, the
 //! fragment layout of its `mma`s), not how fast it is; a launch of
@@ -87,6 +87,20 @@ impl Drop for Buffer {
 }
 
 /// A module of kernels compiled for the host.
+/// The order a launch's blocks run in, one after another. A GPU runs them
+/// in no order: a kernel whose blocks read what other blocks of the same
+/// launch write gives a different result in one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockOrder {
+    /// The last block first (the default).
+    LastFirst,
+    FirstFirst,
+}
+
+impl BlockOrder {
+    pub const ALL: [BlockOrder; 2] = [BlockOrder::LastFirst, BlockOrder::FirstFirst];
+}
+
 pub struct Module {
     lib: libloading::Library,
     /// The emulator's state is the module's: one launch at a time.
@@ -141,7 +155,7 @@ impl Module {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = TempDir(std::env::temp_dir().join(format!("bitnet-cuda-emulator-{}-{n}", std::process::id())));
         std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
-        let mut src = format!("{HEADER}\n{prelude}\n");
+        let mut src = format!("{HEADER}\n{prelude}\nextern \"C\" void emu_set_forward(int f) {{ emu::forward = f != 0; }}\n");
         for k in kernels {
             src += &host_source(&k.source);
             let types = param_types(k)?;
@@ -185,6 +199,15 @@ impl Module {
             }
             Err(e) => panic!("{test}: {e}"),
         }
+    }
+
+    /// The order the blocks of later launches run in.
+    pub fn set_block_order(&self, order: BlockOrder) {
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `build` defined `emu_set_forward` with this signature.
+        let set: libloading::Symbol<unsafe extern "C" fn(i32)> = unsafe { self.lib.get(b"emu_set_forward") }.expect("every module defines emu_set_forward");
+        // SAFETY: it sets a flag of the module's emulator, not during a launch.
+        unsafe { set((order == BlockOrder::FirstFirst) as i32) }
     }
 
     /// Runs kernel `entry` on a grid of `(x, y)` blocks of `block` threads

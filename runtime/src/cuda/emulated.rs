@@ -4,7 +4,7 @@
 //! lays them out, the paged cache and its block tables) is checked against the interpreter without a GPU.
 
 use super::*;
-use bitnet_codegen::cuda::emulator::{Buffer, Module};
+use bitnet_codegen::cuda::emulator::{BlockOrder, Buffer, Module};
 use bitnet_codegen::cuda::kernels::DecodeSplit;
 use bitnet_codegen::schedule::HeadQuant;
 use bitnet_frontends::model::Model;
@@ -179,28 +179,30 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 /// prompt (the tensor-core kernels), a ragged step of the second's prompt
 /// beside the first's next token, then a lone decode token (the one-token
 /// kernels: `dp4a` products that quantize their row, attention split over
-/// blocks). Every wanted row's logits are the interpreter's.
+/// blocks). Every wanted row's logits are the interpreter's, with the
+/// blocks of each launch run last first and (I2_S) first first.
 #[test]
 fn a_lowered_step_runs_as_the_interpreter_on_a_paged_cache() {
-    for dtype in [DType::I2S, DType::TQ1_0] {
+    for (dtype, order) in [(DType::I2S, BlockOrder::LastFirst), (DType::I2S, BlockOrder::FirstFirst), (DType::TQ1_0, BlockOrder::LastFirst)] {
         let (model, dir) = super::tests::model(dtype);
         // A chunk a position, two blocks a head, for the one-token attention:
         // its decode step at position 3 merges two chunks in each block and
         // adds the two blocks up.
         let split = DecodeSplit { positions: 1, blocks: 2 };
         let Some(mut gpu) = Emulated::new(&model, HeadQuant::Stored, 6, 64, split) else { return };
+        gpu.module.set_block_order(order);
         let graph = gpu.graph.clone();
         let (mut kv0, mut kv1) = (KvCache::new(), KvCache::new());
         let (first, second): (&[u32], &[u32]) = (&[4], &[1, 5]);
         let prompt = [1, 17, 42, 99, 3];
         let got = gpu.eval(&prompt, &[0, 1, 2, 3, 4], &[0, 2, 4], &[first; 5]);
-        assert_close(&format!("{dtype}: a prompt"), &got, &reference(&model, &graph, &mut kv0, &prompt, 0, &[0, 2, 4]));
+        assert_close(&format!("{dtype}, {order:?}: a prompt"), &got, &reference(&model, &graph, &mut kv0, &prompt, 0, &[0, 2, 4]));
         // The second sequence's 3-token prompt beside the first's next token.
         let got = gpu.eval(&[7, 8, 9, 11], &[0, 1, 2, 5], &[2, 3], &[second, second, second, first]);
         let want = [reference(&model, &graph, &mut kv1, &[7, 8, 9], 0, &[2]), reference(&model, &graph, &mut kv0, &[11], 5, &[0])].concat();
-        assert_close(&format!("{dtype}: a ragged step"), &got, &want);
+        assert_close(&format!("{dtype}, {order:?}: a ragged step"), &got, &want);
         let got = gpu.eval(&[12], &[3], &[0], &[second]);
-        assert_close(&format!("{dtype}: a decode step"), &got, &reference(&model, &graph, &mut kv1, &[12], 3, &[0]));
+        assert_close(&format!("{dtype}, {order:?}: a decode step"), &got, &reference(&model, &graph, &mut kv1, &[12], 3, &[0]));
         std::fs::remove_dir_all(dir).ok();
     }
 }
