@@ -609,15 +609,19 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
             let mut params = vec![Param::of(&mut rq), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
             params.extend([Param::of(&mut kc), Param::of(&mut vc), junk.param(), Param::of(&mut want), one]);
             launch(&m, "attend", grid, k::ROW_BLOCK, 0, &params);
-            // One launch; the rotated queries it is handed are not read.
-            let (mut own_kc, mut own_vc, mut got) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
-            let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
-            params.extend([Param::of(&mut own_kc), Param::of(&mut own_vc), junk.param(), Param::of(&mut got), one]);
-            launch(&m, "attend_own", grid, k::ROW_BLOCK, 0, &params);
-            assert!(want.iter().all(|x| x.is_finite()), "{mode:?}, position {position}");
-            assert_eq!(got, want, "{mode:?}, position {position}: attention");
-            assert_eq!(own_kc, kc, "{mode:?}, position {position}: stored keys");
-            assert_eq!(own_vc, vc, "{mode:?}, position {position}: stored values");
+            // One launch, its blocks in either order; the rotated queries it
+            // is handed are not read.
+            for order in BlockOrder::ALL {
+                m.set_block_order(order);
+                let (mut own_kc, mut own_vc, mut got) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
+                let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
+                params.extend([Param::of(&mut own_kc), Param::of(&mut own_vc), junk.param(), Param::of(&mut got), one]);
+                launch(&m, "attend_own", grid, k::ROW_BLOCK, 0, &params);
+                assert!(want.iter().all(|x| x.is_finite()), "{mode:?}, position {position}");
+                assert_eq!(got, want, "{mode:?}, position {position}, {order:?}: attention");
+                assert_eq!(own_kc, kc, "{mode:?}, position {position}, {order:?}: stored keys");
+                assert_eq!(own_vc, vc, "{mode:?}, position {position}, {order:?}: stored values");
+            }
             assert_ne!(kc, cache, "{mode:?}: the store wrote");
         }
     }
