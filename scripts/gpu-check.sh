@@ -105,9 +105,6 @@ for t in i2_s tq2_0; do
   # A long context: one token's attention split over blocks (flash-decoding).
   out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda -p 2048 -n 64 -r 1 -c 4096 --json 2>&1 | tail -1)
   note "bench 2b4t $t cuda tuned p2048 n64: $out"
-  # Past 32 blocks of 256 positions a head: each block merges two chunks.
-  out=$(timeout 90 "$bitnet" bench -m "$m" --device cuda -p 8448 -n 64 -r 1 -c 16384 --json 2>&1 | tail -1)
-  note "bench 2b4t $t cuda tuned p8448 n64: $out"
   # The int8 head (half the head's bytes).
   out=$(timeout 60 "$bitnet" bench -m "$m" --device cuda --head q8 -p 128 -n 64 -r 3 --json 2>&1 | tail -1)
   note "bench 2b4t $t cuda --head q8: $out"

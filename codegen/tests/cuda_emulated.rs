@@ -663,9 +663,9 @@ fn split_attention_adds_its_parts_up_as_one_block() {
             (out, kc, vc)
         };
         let want = run("whole", Grid::HeadsByRows { heads }, 0);
-        // A chunk a block, two chunks a block (with one left over at
-        // position 9), every chunk in one block; each twice, the second
-        // time on the counters the first left.
+        // A chunk a block, two chunks a block (one and two at position 9),
+        // every chunk in one block; each twice, the second time on the
+        // counters the first left.
         let cases = [4, 2, 1].into_iter().flat_map(|b| [(b, 0), (b, 1)]);
         for (order, (blocks, round)) in BlockOrder::ALL.into_iter().flat_map(|o| cases.clone().map(move |c| (o, c))) {
             m.set_block_order(order);

@@ -86,7 +86,6 @@ impl Drop for Buffer {
     }
 }
 
-/// A module of kernels compiled for the host.
 /// The order a launch's blocks run in, one after another. A GPU runs them
 /// in no order: a kernel whose blocks read what other blocks of the same
 /// launch write gives a different result in one of these.
@@ -101,6 +100,7 @@ impl BlockOrder {
     pub const ALL: [BlockOrder; 2] = [BlockOrder::LastFirst, BlockOrder::FirstFirst];
 }
 
+/// A module of kernels compiled for the host.
 pub struct Module {
     lib: libloading::Library,
     /// The emulator's state is the module's: one launch at a time.

@@ -925,9 +925,11 @@ pub fn attention(heads: usize, kv_heads: usize, d: usize, shift: u32, rope: Opti
         format!(
             r#"int h = blockIdx.x, s = 0;
     int keys = pos[0] + 1, chunks = (keys + {p} - 1) / {p};
-    int per = (chunks + gridDim.y - 1) / gridDim.y, splits = (chunks + per - 1) / per;
+    // The chunks shared out evenly over as many blocks as there are chunks,
+    // or all of the head's.
+    int splits = chunks < (int)gridDim.y ? chunks : (int)gridDim.y;
     if ((int)blockIdx.y >= splits) return;
-    int begin = blockIdx.y * per, end = begin + per < chunks ? begin + per : chunks;"#
+    int begin = blockIdx.y * chunks / splits, end = (blockIdx.y + 1) * chunks / splits;"#
         )
     } else {
         format!(
@@ -1061,9 +1063,9 @@ pub fn split_floats(heads: usize, d: usize, splits: usize) -> usize {
     heads + heads * splits * (d + 2)
 }
 
-/// How a one-token attention splits a head's positions over blocks:
-/// chunks of `positions` (its kernel's `split`), over at most `blocks`
-/// blocks a head.
+/// How attention takes a head's positions: in chunks of `positions` (the
+/// kernels' `chunk`, for one token and for many rows alike), and, for one
+/// token, over at most `blocks` blocks a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DecodeSplit {
     pub positions: usize,
@@ -1072,8 +1074,9 @@ pub struct DecodeSplit {
 
 impl DecodeSplit {
     /// Chunks of 256 positions, on at most 32 blocks a head: 640 blocks for
-    /// 2B4T's 20 heads at 8K positions or more, several waves of any GPU's
-    /// SMs, and each block's scores in 1 KiB of shared memory.
+    /// 2B4T's 20 heads at 8K positions or more (the chunks shared out
+    /// evenly), several waves of any GPU's SMs, and each block's scores in
+    /// 1 KiB of shared memory.
     pub const DEFAULT: DecodeSplit = DecodeSplit { positions: 256, blocks: 32 };
 
     /// The blocks a head of a context of `context` positions is given.

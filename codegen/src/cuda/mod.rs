@@ -379,9 +379,9 @@ fn quantize_into_products(g: &Graph) -> Vec<Value> {
 /// step (of any number of sequences) find through their block tables.
 /// `head` says how the output head's weights are read: as stored, or
 /// (`q8`) quantized to int8 rows when the model is loaded, with the
-/// activations quantized per token as the CPU does. A one-token step's
-/// attention splits its positions over blocks as `split` says
-/// ([`kernels::DecodeSplit::DEFAULT`] but in tests).
+/// activations quantized per token as the CPU does. Attention takes its
+/// positions in chunks, and a one-token step's over blocks, as `split`
+/// says ([`kernels::DecodeSplit::DEFAULT`] but in tests).
 pub fn lower(
     g: &Graph,
     tiles: &dyn Fn(&crate::schedule::WorkloadKey) -> PhaseTiles,
