@@ -1139,9 +1139,8 @@ mod tests {
     fn a_one_token_step_skips_the_launches_the_next_do_the_work_of() {
         let (m, dir) = model(DType::I2S);
         let (g, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
-        let runs = |rows: usize| p.launches.iter().filter(|l| l.for_rows(rows).is_some()).count();
-        assert_eq!(runs(2), p.launches.len());
-        assert_eq!(runs(1), p.launches.len() - 5 * m.config.layers);
+        assert_eq!(p.launches_for(2), p.launches.len());
+        assert_eq!(p.launches_for(1), p.launches.len() - 5 * m.config.layers);
         for l in p.launches.iter().filter(|l| l.skip_one_token) {
             let readers: Vec<&Launch> = match g.node(l.value).op {
                 Op::RmsNormQuant { .. } => p.launches.iter().filter(|r| g.node(r.value).args.first() == Some(&l.value)).collect(),
