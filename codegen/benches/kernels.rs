@@ -7,7 +7,7 @@
 //! total, and the benchmark cycles through several copies, so decode GEMVs
 //! read their weights from DRAM as they do in a model.
 
-use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs, TernaryTiles};
+use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs, Split, TernaryTiles};
 use bitnet_codegen::cpu::{float, int4, ops, Isa, Pool};
 use bitnet_ir::interp::WeightView;
 use bitnet_ir::DType;
@@ -109,11 +109,17 @@ fn ternary_batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("ternary_batch_8_tokens");
     g.sample_size(20);
     for (n, k) in [(2560, 2560), (6912, 2560), (2560, 6912)] {
-        for (rows, step, packing) in [(4, 4, Packing::Bits2), (2, 4, Packing::Bits2), (4, 2, Packing::Bits2), (4, 4, Packing::Base3)] {
+        for (rows, step, packing, split) in [
+            (4, 4, Packing::Bits2, Split::Rows),
+            (4, 4, Packing::Bits2, Split::Tokens),
+            (2, 4, Packing::Bits2, Split::Rows),
+            (4, 2, Packing::Bits2, Split::Rows),
+            (4, 4, Packing::Base3, Split::Rows),
+        ] {
             let ws: Vec<PackedTernary> = (0..COPIES).map(|s| packed(n, k, rows, packing, s)).collect();
             let x = acts(tokens, k);
             let mut out = vec![0f32; tokens * n];
-            let tiles = TernaryTiles { packing, ..TernaryTiles::new(isa, rows, step) };
+            let tiles = TernaryTiles { packing, split, ..TernaryTiles::new(isa, rows, step) };
             g.throughput(Throughput::Elements((tokens * n * k) as u64));
             for (name, copies) in [("cold", COPIES), ("warm", 1)] {
                 let mut i = 0;
