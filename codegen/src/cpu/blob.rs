@@ -14,6 +14,12 @@
 //! virtual machine) that the prefetches do not hide. On a Zen 4 VM one core
 //! read 30 GB/s from huge pages against 21 from small ones, and 2B4T's
 //! `[2560, 6912]` product on eight tokens from memory ran 15% faster.
+//!
+//! Smaller weights, from [`SHARED_MIN_BYTES`] up, are packed side by side
+//! into shared huge-page slabs (`huge::take`): a mapping of their own each
+//! could not hold a whole huge page, and 2B4T's q, k, v and o matrices
+//! (0.4 and 1.6 MB) read from small pages made a decode step's smaller
+//! products a quarter slower.
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -38,6 +44,13 @@ enum Inner<T> {
     Owned(Vec<T>),
     #[cfg(target_os = "linux")]
     Huge(huge::Huge<T>),
+    /// `len` values at byte `offset` of a slab that other blobs share.
+    #[cfg(target_os = "linux")]
+    Shared {
+        slab: Arc<huge::Huge<u8>>,
+        offset: usize,
+        len: usize,
+    },
     Mapped {
         bytes: SharedBytes,
         offset: usize,
@@ -80,25 +93,27 @@ impl<T: Plain> From<Vec<T>> for Blob<T> {
     fn from(v: Vec<T>) -> Blob<T> {
         #[cfg(target_os = "linux")]
         if in_huge_pages(std::mem::size_of_val(&v[..])) {
-            if let Some(h) = huge::Huge::copy_of(&v, &mut || ()) {
-                return Blob { inner: Inner::Huge(h) };
-            }
+            return Blob::copy_of(&v, &mut || ());
         }
         Blob { inner: Inner::Owned(v) }
     }
 }
 
-/// Weights smaller than this stay in the allocator's memory.
+/// Weights of this size or more get a huge-page mapping of their own.
 pub const HUGE_MIN_BYTES: usize = 2 << 20;
+
+/// Weights smaller than this stay in the allocator's memory; from this
+/// size up to [`HUGE_MIN_BYTES`] they share huge-page slabs.
+pub const SHARED_MIN_BYTES: usize = 64 << 10;
 
 /// Whether large weights made at load live in huge pages on this system.
 pub const HUGE_PAGES: bool = cfg!(target_os = "linux");
 
 /// Whether `bytes` of weights made or copied at load go into huge pages
-/// ([`HUGE_PAGES`], and at least [`HUGE_MIN_BYTES`]): where not, a copy
+/// ([`HUGE_PAGES`], and at least [`SHARED_MIN_BYTES`]): where not, a copy
 /// out of a file mapping gains nothing over reading the file in place.
 pub fn in_huge_pages(bytes: usize) -> bool {
-    HUGE_PAGES && bytes >= HUGE_MIN_BYTES
+    HUGE_PAGES && bytes >= SHARED_MIN_BYTES
 }
 
 impl<T: Plain> Blob<T> {
@@ -108,6 +123,13 @@ impl<T: Plain> Blob<T> {
     /// copying out of a file mapping releases the file's pages there, so
     /// that the two copies are never whole at once.
     pub fn copy_of(src: &[T], after_piece: &mut dyn FnMut()) -> Blob<T> {
+        #[cfg(target_os = "linux")]
+        if std::mem::size_of_val(src) < HUGE_MIN_BYTES && in_huge_pages(std::mem::size_of_val(src)) {
+            return Blob::build(src.len(), |dst| {
+                dst.copy_from_slice(src);
+                after_piece();
+            });
+        }
         #[cfg(target_os = "linux")]
         if in_huge_pages(std::mem::size_of_val(src)) {
             if let Some(h) = huge::Huge::copy_of(src, after_piece) {
@@ -122,11 +144,22 @@ impl<T: Plain> Blob<T> {
     /// `len` values, all bits zero until `init` writes them, straight into
     /// the memory that keeps them (huge pages as for [`Blob::copy_of`]).
     pub fn build(len: usize, init: impl FnOnce(&mut [T])) -> Blob<T> {
+        let bytes = len.saturating_mul(std::mem::size_of::<T>());
         #[cfg(target_os = "linux")]
-        if in_huge_pages(len.saturating_mul(std::mem::size_of::<T>())) {
+        if bytes >= HUGE_MIN_BYTES && in_huge_pages(bytes) {
             if let Some(mut h) = huge::Huge::zeroed(len) {
                 init(h.values_mut());
                 return Blob { inner: Inner::Huge(h) };
+            }
+        }
+        #[cfg(target_os = "linux")]
+        if in_huge_pages(bytes) {
+            if let Some((slab, offset)) = huge::take(bytes) {
+                // SAFETY: `take` gave this blob bytes `offset..offset + bytes`
+                // of the slab alone (zeros: a valid `T`), aligned to 64;
+                // other blobs touch only their own ranges of it.
+                init(unsafe { std::slice::from_raw_parts_mut(slab.as_ptr().add(offset) as *mut T, len) });
+                return Blob { inner: Inner::Shared { slab, offset, len } };
             }
         }
         // SAFETY: all bits zero is a value of every `Plain` type.
@@ -148,6 +181,10 @@ impl<T: Plain> Deref for Blob<T> {
             Inner::Owned(v) => v,
             #[cfg(target_os = "linux")]
             Inner::Huge(h) => h,
+            // SAFETY: the range was this blob's alone since `take`, written
+            // once by `build`, aligned, and lives while `slab` is held.
+            #[cfg(target_os = "linux")]
+            Inner::Shared { slab, offset, len } => unsafe { std::slice::from_raw_parts(slab.as_ptr().add(*offset) as *const T, *len) },
             Inner::Mapped { bytes, offset, len } => {
                 let all = (**bytes).as_ref();
                 // SAFETY: bounds and alignment were checked in `mapped`, the
@@ -237,11 +274,41 @@ mod huge {
             Some(h)
         }
 
+        /// The first value's address, for views of parts of the mapping
+        /// (a shared slab's blobs).
+        pub fn as_ptr(&self) -> *mut T {
+            self.ptr.as_ptr()
+        }
+
         pub fn values_mut(&mut self) -> &mut [T] {
             // SAFETY: the mapping holds `len` values of `T` (any bit pattern
             // is one), lives until `self` drops, and `&mut self` is unique.
             unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
         }
+    }
+
+    /// The size of a slab that weights under [`super::HUGE_MIN_BYTES`]
+    /// share: only the pages written are ever allocated.
+    const SLAB: usize = 32 << 20;
+
+    /// The slab being filled, and how many of its bytes are given out.
+    /// Held weakly: a slab lives while a blob in it does.
+    static FILLING: std::sync::Mutex<(std::sync::Weak<Huge<u8>>, usize)> = std::sync::Mutex::new((std::sync::Weak::new(), 0));
+
+    /// `bytes` (under [`SLAB`]) of a slab, aligned to 64 and given to no
+    /// one else: the slab and the range's offset. `None` where no slab can
+    /// be mapped.
+    pub fn take(bytes: usize) -> Option<(std::sync::Arc<Huge<u8>>, usize)> {
+        assert!(bytes <= SLAB, "a slab holds weights of under {SLAB} bytes");
+        let mut filling = FILLING.lock().unwrap_or_else(|e| e.into_inner());
+        let at = filling.1.next_multiple_of(64);
+        if let Some(slab) = filling.0.upgrade().filter(|_| at + bytes <= SLAB) {
+            filling.1 = at + bytes;
+            return Some((slab, at));
+        }
+        let slab = std::sync::Arc::new(Huge::zeroed(SLAB)?);
+        *filling = (std::sync::Arc::downgrade(&slab), bytes);
+        Some((slab, 0))
     }
 
     impl<T: Plain> std::ops::Deref for Huge<T> {
@@ -271,7 +338,7 @@ mod tests {
     /// the threshold and the page sizes.
     #[test]
     fn owned_weights_read_back_whatever_memory_holds_them() {
-        for len in [0usize, 1, 3, 4095, 4097, (2 << 20) - 1, 2 << 20, (2 << 20) + 1, (6 << 20) + 12345] {
+        for len in [0usize, 1, 3, 4095, 4097, (64 << 10) - 1, 64 << 10, (2 << 20) - 1, 2 << 20, (2 << 20) + 1, (6 << 20) + 12345] {
             let v: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4096) as u8).collect();
             let b = Blob::from(v.clone());
             assert_eq!(&*b, &v[..], "{len} bytes");
@@ -279,6 +346,9 @@ mod tests {
             {
                 assert_eq!(matches!(b.inner, Inner::Huge(_)), len >= HUGE_MIN_BYTES, "{len} bytes");
                 assert!(len < HUGE_MIN_BYTES || (b.as_ptr() as usize).is_multiple_of(2 << 20), "aligned to a huge page");
+                let shared = (SHARED_MIN_BYTES..HUGE_MIN_BYTES).contains(&len);
+                assert_eq!(matches!(b.inner, Inner::Shared { .. }), shared, "{len} bytes");
+                assert!(!shared || (b.as_ptr() as usize).is_multiple_of(64), "aligned to a cache line");
             }
             let mut pieces = 0;
             let c = Blob::copy_of(&v, &mut || pieces += 1);
@@ -295,6 +365,30 @@ mod tests {
         }
         let floats: Vec<f32> = (0..(1 << 20) + 7).map(|i| i as f32 * 0.5).collect();
         assert_eq!(&*Blob::from(floats.clone()), &floats[..]);
+    }
+
+    /// Weights made on many threads at once share slabs without sharing
+    /// bytes: each reads back what went in, and a copy lands in a slab too.
+    #[test]
+    fn weights_made_at_once_share_slabs_not_bytes() {
+        let sizes = |t: usize| (0..24).map(move |i| SHARED_MIN_BYTES + (t * 7919 + i * 104729) % (HUGE_MIN_BYTES - SHARED_MIN_BYTES));
+        let blobs: Vec<Vec<Blob<u8>>> = std::thread::scope(|s| {
+            let made: Vec<_> =
+                (0..8).map(|t| s.spawn(move || sizes(t).enumerate().map(|(i, n)| Blob::from_fn(n, |j| (j + 31 * i + 101 * t) as u8)).collect())).collect();
+            made.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (t, mine) in blobs.iter().enumerate() {
+            for ((i, n), b) in sizes(t).enumerate().zip(mine) {
+                assert!(b.len() == n && b.iter().enumerate().all(|(j, &v)| v == (j + 31 * i + 101 * t) as u8), "thread {t} blob {i}");
+                #[cfg(target_os = "linux")]
+                assert!(matches!(b.inner, Inner::Shared { .. }) && (b.as_ptr() as usize).is_multiple_of(64), "thread {t} blob {i}");
+            }
+        }
+        let floats: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+        let copy = Blob::copy_of(&floats, &mut || ());
+        assert_eq!(&*copy, &floats[..]);
+        #[cfg(target_os = "linux")]
+        assert!(matches!(copy.inner, Inner::Shared { .. }));
     }
 
     #[test]
