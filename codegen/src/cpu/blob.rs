@@ -18,8 +18,8 @@
 //! Smaller weights, from [`SHARED_MIN_BYTES`] up, are packed side by side
 //! into shared huge-page slabs (`huge::take`): a mapping of their own each
 //! could not hold a whole huge page, and 2B4T's q, k, v and o matrices
-//! (0.4 and 1.6 MB) read from small pages made a decode step's smaller
-//! products a quarter slower.
+//! (0.4 and 1.6 MB) read from small pages made a decode step's q/k/v
+//! product take 3.0 ms where it now takes 2.2.
 
 use std::ops::Deref;
 use std::sync::Arc;
