@@ -47,7 +47,7 @@ enum Inner<T> {
     /// `len` values at byte `offset` of a slab that other blobs share.
     #[cfg(target_os = "linux")]
     Shared {
-        slab: Arc<huge::Huge<u8>>,
+        slab: Arc<huge::Slab>,
         offset: usize,
         len: usize,
     },
@@ -87,13 +87,13 @@ impl<T: Plain> Blob<T> {
 }
 
 impl<T: Plain> From<Vec<T>> for Blob<T> {
-    /// Moves `v` in; on Linux, copies one of [`HUGE_MIN_BYTES`] or more
+    /// Moves `v` in; on Linux, copies one of [`SHARED_MIN_BYTES`] or more
     /// into huge pages (where the kernel has none to give, the copy still
-    /// works, on small pages).
+    /// works, on small pages; where no mapping can be made, `v` stays).
     fn from(v: Vec<T>) -> Blob<T> {
         #[cfg(target_os = "linux")]
-        if in_huge_pages(std::mem::size_of_val(&v[..])) {
-            return Blob::copy_of(&v, &mut || ());
+        if let Some(b) = Blob::huge_copy(&v, &mut || ()) {
+            return b;
         }
         Blob { inner: Inner::Owned(v) }
     }
@@ -118,27 +118,49 @@ pub fn in_huge_pages(bytes: usize) -> bool {
 
 impl<T: Plain> Blob<T> {
     /// A copy of `src` in memory of its own (huge pages where
-    /// [`HUGE_PAGES`] and `src` is [`HUGE_MIN_BYTES`] or more), written
-    /// in pieces of 64 MiB with `after_piece` called after each: a caller
-    /// copying out of a file mapping releases the file's pages there, so
-    /// that the two copies are never whole at once.
+    /// [`HUGE_PAGES`] and `src` is [`SHARED_MIN_BYTES`] or more: a mapping
+    /// of its own from [`HUGE_MIN_BYTES`], a part of a shared slab below),
+    /// written in pieces of 64 MiB with `after_piece` called after each: a
+    /// caller copying out of a file mapping releases the file's pages
+    /// there, so that the two copies are never whole at once.
     pub fn copy_of(src: &[T], after_piece: &mut dyn FnMut()) -> Blob<T> {
         #[cfg(target_os = "linux")]
-        if std::mem::size_of_val(src) < HUGE_MIN_BYTES && in_huge_pages(std::mem::size_of_val(src)) {
-            return Blob::build(src.len(), |dst| {
-                dst.copy_from_slice(src);
-                after_piece();
-            });
-        }
-        #[cfg(target_os = "linux")]
-        if in_huge_pages(std::mem::size_of_val(src)) {
-            if let Some(h) = huge::Huge::copy_of(src, after_piece) {
-                return Blob { inner: Inner::Huge(h) };
-            }
+        if let Some(b) = Blob::huge_copy(src, after_piece) {
+            return b;
         }
         let v = src.to_vec();
         after_piece();
         Blob { inner: Inner::Owned(v) }
+    }
+
+    /// [`Blob::copy_of`] into huge pages; `None` (nothing copied, no
+    /// `after_piece`) where `src` is too small for them or no mapping can
+    /// be made.
+    #[cfg(target_os = "linux")]
+    fn huge_copy(src: &[T], after_piece: &mut dyn FnMut()) -> Option<Blob<T>> {
+        let bytes = std::mem::size_of_val(src);
+        if !in_huge_pages(bytes) {
+            return None;
+        }
+        if bytes >= HUGE_MIN_BYTES {
+            return huge::Huge::copy_of(src, after_piece).map(|h| Blob { inner: Inner::Huge(h) });
+        }
+        let (slab, offset) = huge::take(bytes)?;
+        let b = Blob::shared(slab, offset, src.len(), |dst| dst.copy_from_slice(src));
+        after_piece();
+        Some(b)
+    }
+
+    /// The blob of `len` values at `offset` of `slab`, which `take` gave
+    /// it, written by `init`.
+    #[cfg(target_os = "linux")]
+    fn shared(slab: std::sync::Arc<huge::Slab>, offset: usize, len: usize, init: impl FnOnce(&mut [T])) -> Blob<T> {
+        // SAFETY: `take` gave this blob bytes `offset..offset + len ·
+        // size_of::<T>()` of the slab alone (zeros, a valid `T`), aligned
+        // to 64; other blobs touch only their own ranges, and nothing
+        // makes a reference to the whole slab.
+        init(unsafe { std::slice::from_raw_parts_mut(slab.as_ptr().add(offset) as *mut T, len) });
+        Blob { inner: Inner::Shared { slab, offset, len } }
     }
 
     /// `len` values, all bits zero until `init` writes them, straight into
@@ -146,20 +168,14 @@ impl<T: Plain> Blob<T> {
     pub fn build(len: usize, init: impl FnOnce(&mut [T])) -> Blob<T> {
         let bytes = len.saturating_mul(std::mem::size_of::<T>());
         #[cfg(target_os = "linux")]
-        if bytes >= HUGE_MIN_BYTES && in_huge_pages(bytes) {
+        if in_huge_pages(bytes) && bytes >= HUGE_MIN_BYTES {
             if let Some(mut h) = huge::Huge::zeroed(len) {
                 init(h.values_mut());
                 return Blob { inner: Inner::Huge(h) };
             }
-        }
-        #[cfg(target_os = "linux")]
-        if in_huge_pages(bytes) {
+        } else if in_huge_pages(bytes) {
             if let Some((slab, offset)) = huge::take(bytes) {
-                // SAFETY: `take` gave this blob bytes `offset..offset + bytes`
-                // of the slab alone (zeros: a valid `T`), aligned to 64;
-                // other blobs touch only their own ranges of it.
-                init(unsafe { std::slice::from_raw_parts_mut(slab.as_ptr().add(offset) as *mut T, len) });
-                return Blob { inner: Inner::Shared { slab, offset, len } };
+                return Blob::shared(slab, offset, len, init);
             }
         }
         // SAFETY: all bits zero is a value of every `Plain` type.
@@ -226,7 +242,8 @@ mod huge {
 
     // SAFETY: `Huge` owns its mapping alone, and `T: Plain` is `Send + Sync`.
     unsafe impl<T: Plain> Send for Huge<T> {}
-    // SAFETY: as above; `&Huge` gives out shared slices only.
+    // SAFETY: as above; `&Huge` gives out shared slices only (a `Slab`
+    // wraps one and gives out its address alone, for blobs' disjoint ranges).
     unsafe impl<T: Plain> Sync for Huge<T> {}
 
     impl<T: Plain> Huge<T> {
@@ -291,22 +308,36 @@ mod huge {
     /// share: only the pages written are ever allocated.
     const SLAB: usize = 32 << 20;
 
-    /// The slab being filled, and how many of its bytes are given out.
-    /// Held weakly: a slab lives while a blob in it does.
-    static FILLING: std::sync::Mutex<(std::sync::Weak<Huge<u8>>, usize)> = std::sync::Mutex::new((std::sync::Weak::new(), 0));
+    /// A huge-page mapping whose ranges belong to different blobs, each
+    /// written by one thread while others read theirs: it gives out its
+    /// address only, never a reference to all of it (no `Deref`).
+    pub struct Slab(Huge<u8>);
 
-    /// `bytes` (under [`SLAB`]) of a slab, aligned to 64 and given to no
-    /// one else: the slab and the range's offset. `None` where no slab can
-    /// be mapped.
-    pub fn take(bytes: usize) -> Option<(std::sync::Arc<Huge<u8>>, usize)> {
-        assert!(bytes <= SLAB, "a slab holds weights of under {SLAB} bytes");
+    impl Slab {
+        pub fn as_ptr(&self) -> *mut u8 {
+            self.0.as_ptr()
+        }
+    }
+
+    /// The slab being filled, and how many of its bytes are given out.
+    /// Held weakly: a slab lives while a blob in it does (so one engine's
+    /// last slab may hold another's weights too, and stay as long).
+    static FILLING: std::sync::Mutex<(std::sync::Weak<Slab>, usize)> = std::sync::Mutex::new((std::sync::Weak::new(), 0));
+
+    /// `bytes` of a slab, aligned to 64 and given to no one else: the slab
+    /// and the range's offset. `None` where `bytes` is more than a slab
+    /// holds or no slab can be mapped.
+    pub fn take(bytes: usize) -> Option<(std::sync::Arc<Slab>, usize)> {
+        if bytes > SLAB {
+            return None;
+        }
         let mut filling = FILLING.lock().unwrap_or_else(|e| e.into_inner());
         let at = filling.1.next_multiple_of(64);
         if let Some(slab) = filling.0.upgrade().filter(|_| at + bytes <= SLAB) {
             filling.1 = at + bytes;
             return Some((slab, at));
         }
-        let slab = std::sync::Arc::new(Huge::zeroed(SLAB)?);
+        let slab = std::sync::Arc::new(Slab(Huge::zeroed(SLAB)?));
         *filling = (std::sync::Arc::downgrade(&slab), bytes);
         Some((slab, 0))
     }
@@ -333,9 +364,9 @@ mod huge {
 mod tests {
     use super::*;
 
-    /// Large weights land in their own huge-page mapping, small ones stay
-    /// in the vector; both read back what went in, at every length around
-    /// the threshold and the page sizes.
+    /// Large weights land in their own huge-page mapping, middling ones in
+    /// a shared slab, small ones stay in the vector; all read back what
+    /// went in, at every length around the thresholds and the page sizes.
     #[test]
     fn owned_weights_read_back_whatever_memory_holds_them() {
         for len in [0usize, 1, 3, 4095, 4097, (64 << 10) - 1, 64 << 10, (2 << 20) - 1, 2 << 20, (2 << 20) + 1, (6 << 20) + 12345] {
@@ -388,7 +419,10 @@ mod tests {
         let copy = Blob::copy_of(&floats, &mut || ());
         assert_eq!(&*copy, &floats[..]);
         #[cfg(target_os = "linux")]
-        assert!(matches!(copy.inner, Inner::Shared { .. }));
+        {
+            assert!(matches!(copy.inner, Inner::Shared { .. }));
+            assert!(huge::take((32 << 20) + 1).is_none(), "more than a slab holds");
+        }
     }
 
     #[test]
