@@ -35,10 +35,10 @@ fn build(test: &str, kernels: &[(&str, u32, String)]) -> Option<Module> {
     Module::build_or_skip(test, k::PRELUDE, &kernels.iter().collect::<Vec<_>>())
 }
 
-fn launch(m: &Module, entry: &str, grid: (u32, u32, u32), block: u32, shared: usize, params: &[Param]) {
+fn launch(m: &Module, entry: &str, grid: (u32, u32, u32), block: u32, params: &[Param]) {
     // SAFETY: each test passes its kernel's parameters, with buffers sized
     // for the launch.
-    unsafe { m.launch(entry, (grid.0, grid.1), block, shared, params) }.unwrap_or_else(|e| panic!("{e}"));
+    unsafe { m.launch(entry, (grid.0, grid.1), block, params) }.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Int8 activations of `s` tokens of `k` (padded to `kp`): codes, γ, Σq.
@@ -117,7 +117,7 @@ fn ternary_products_are_exact_on_every_tile_shape() {
                     Param::of(&mut out),
                     Param::I32(s as i32),
                 ];
-                launch(&m, &format!("tm{i}"), grid, t.block(), 0, &params);
+                launch(&m, &format!("tm{i}"), grid, t.block(), &params);
                 assert_eq!(out, want, "ternary_matmul {n}×{kk}, {s} tokens, {t}");
                 let mut out = vec![f32::NAN; s * n];
                 let params = [
@@ -131,7 +131,7 @@ fn ternary_products_are_exact_on_every_tile_shape() {
                     Param::of(&mut out),
                     Param::I32(s as i32),
                 ];
-                launch(&m, &format!("glu{i}"), grid, t.block(), 0, &params);
+                launch(&m, &format!("glu{i}"), grid, t.block(), &params);
                 assert_eq!(out, want_glu, "ternary_glu {n}×{kk}, {s} tokens, {t}");
             }
         }
@@ -190,13 +190,13 @@ fn one_product_of_several_weights_gives_each_its_own() {
             let mut params = weights.clone();
             params.extend(outs.iter_mut().map(|o| Param::of(o)));
             params.push(Param::I32(s as i32));
-            launch(&m, &format!("apart{i}"), grid, t.block(), 0, &params);
+            launch(&m, &format!("apart{i}"), grid, t.block(), &params);
             assert_eq!(outs, want, "ternary_cat {rows:?}×{kk} into three buffers, {s} tokens, {t}");
             let mut joined = vec![f32::NAN; s * n];
             let mut params = weights.clone();
             params.extend((0..3).map(|_| Param::of(&mut joined)));
             params.push(Param::I32(s as i32));
-            launch(&m, &format!("joined{i}"), grid, t.block(), 0, &params);
+            launch(&m, &format!("joined{i}"), grid, t.block(), &params);
             for j in 0..3 {
                 let part: Vec<f32> = joined.chunks(n).flat_map(|row| &row[starts[j]..starts[j] + rows[j]]).copied().collect();
                 assert_eq!(part, want[j], "ternary_cat part {j} side by side, {s} tokens, {t}");
@@ -241,7 +241,7 @@ fn a_one_token_product_quantizes_its_row_as_the_launch_before_it() {
                 None => vec![xb.param()],
             };
             let quantized = [&rows[..], &[q.param(), gamma.param(), qsum.param(), Param::I32(1)]].concat();
-            launch(&m, "quantize", (1, 1, 1), k::NORM_BLOCK, 0, &quantized);
+            launch(&m, "quantize", (1, 1, 1), k::NORM_BLOCK, &quantized);
             // The one-token kernels get acts they must not read.
             let (junk_q, junk_g, junk_s) = (Buffer::of(&vec![7i8; kp]), Buffer::of(&[f32::NAN]), Buffer::of(&[3i32]));
             let (scale_b, res_b) = (Buffer::of(&scale), Buffer::of(&residual));
@@ -250,7 +250,7 @@ fn a_one_token_product_quantizes_its_row_as_the_launch_before_it() {
                 let run = |entry: &str, acts: [Param; 3], weights: &[Param], tail: &[Param]| {
                     let mut out = vec![f32::NAN; n];
                     let params = [weights, &acts, &rows, tail, &[Param::of(&mut out), Param::I32(1)]].concat();
-                    launch(&m, entry, grid, t.block(), 0, &params);
+                    launch(&m, entry, grid, t.block(), &params);
                     out
                 };
                 let given = [q.param(), gamma.param(), qsum.param()];
@@ -300,7 +300,7 @@ fn int8_and_float_products_match_the_reference() {
         }
         let mut out = vec![f32::NAN; s * n];
         let (wb, sb, qb, gb, qs) = (Buffer::of(&w), Buffer::of(&wscale), Buffer::of(&q), Buffer::of(&gamma), Buffer::of(&qsum));
-        launch(&m, "int8mm", grid, t.block(), 0, &[wb.param(), sb.param(), qb.param(), gb.param(), qs.param(), Param::of(&mut out), Param::I32(s as i32)]);
+        launch(&m, "int8mm", grid, t.block(), &[wb.param(), sb.param(), qb.param(), gb.param(), qs.param(), Param::of(&mut out), Param::I32(s as i32)]);
         assert_eq!(out, want, "int8_matmul {n}×{kk}");
         // Float weights as stored.
         let x: Vec<f32> = (0..s * kk).map(|_| rng.float()).collect();
@@ -323,7 +323,7 @@ fn int8_and_float_products_match_the_reference() {
             }
             let mut out = vec![f32::NAN; s * n];
             let (wb, xb) = (Buffer::of(&bytes), Buffer::of(&x));
-            launch(&m, &format!("mm_{}", ty.name()), grid, t.block(), 0, &[wb.param(), xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+            launch(&m, &format!("mm_{}", ty.name()), grid, t.block(), &[wb.param(), xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
             assert_close(&format!("matmul {} {n}×{kk}", ty.name()), &out, &want, 1e-5);
         }
     }
@@ -344,15 +344,8 @@ fn quantized_rows_are_the_interpreters() {
         let mut normed = vec![f32::NAN; s * kk];
         let (xb, wb) = (Buffer::of(&x), Buffer::of(&w));
         let grid = Grid::PerRow.dims(s, k::NORM_BLOCK, 0);
-        launch(
-            &m,
-            "qn",
-            grid,
-            k::NORM_BLOCK,
-            0,
-            &[xb.param(), wb.param(), Param::of(&mut q), Param::of(&mut gamma), Param::of(&mut sum), Param::I32(s as i32)],
-        );
-        launch(&m, "rn", grid, k::NORM_BLOCK, 0, &[xb.param(), wb.param(), Param::of(&mut normed), Param::I32(s as i32)]);
+        launch(&m, "qn", grid, k::NORM_BLOCK, &[xb.param(), wb.param(), Param::of(&mut q), Param::of(&mut gamma), Param::of(&mut sum), Param::I32(s as i32)]);
+        launch(&m, "rn", grid, k::NORM_BLOCK, &[xb.param(), wb.param(), Param::of(&mut normed), Param::I32(s as i32)]);
         for t in 0..s {
             let row = &x[t * kk..][..kk];
             let acc: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
@@ -427,7 +420,7 @@ fn paged_attention_reads_each_rows_own_blocks() {
         let (qb, kb, vb, pb) = (Buffer::of(&q), Buffer::of(&kn), Buffer::of(&vn), Buffer::of(&pos));
         let (w, b, sp) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32));
         let store = [kb.param(), vb.param(), pb.param(), Param::of(&mut flat), w, b, Param::of(&mut kc), Param::of(&mut vc), sp];
-        launch(&m, "store", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &store);
+        launch(&m, "store", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, &store);
         assert_eq!(kc, kw, "keys stored, d = {d}");
         assert_eq!(vc, vw, "values stored, d = {d}");
         for entry in ["attend", "attend_chunks"] {
@@ -447,7 +440,7 @@ fn paged_attention_reads_each_rows_own_blocks() {
                 Param::of(&mut out),
                 sp,
             ];
-            launch(&m, entry, Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &params);
+            launch(&m, entry, Grid::HeadsByRows { heads }.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, &params);
             assert_close(&format!("{entry}, d = {d}"), &out, &want, 1e-5);
         }
     }
@@ -491,20 +484,20 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
         }
         let mut out = vec![f32::NAN; s * row];
         let (xb, pb) = (Buffer::of(&x), Buffer::of(&pos));
-        launch(&m, entry, Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+        launch(&m, entry, Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(s as i32)]);
         assert_close(entry, &out, &want, 1e-6);
     }
     // Rows 2 and 0, in that order.
     let pick = [2i32, 0];
     let mut out = vec![f32::NAN; 2 * row];
     let (xb, pb) = (Buffer::of(&x), Buffer::of(&pick));
-    launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(2)]);
+    launch(&m, "pick_rows", Grid::PerRow.dims(2, k::ROW_BLOCK, 0), k::ROW_BLOCK, &[xb.param(), pb.param(), Param::of(&mut out), Param::I32(2)]);
     assert_eq!(out, [&x[2 * row..3 * row], &x[..row]].concat());
     let mut out = vec![f32::NAN; s * 10];
-    launch(&m, "columns", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "columns", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     assert_eq!(out, x.chunks(row).flat_map(|r| &r[7..17]).copied().collect::<Vec<_>>(), "slice");
     let mut out = vec![f32::NAN; s * row];
-    launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "softmax", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     for t in 0..s {
         let r = &x[t * row..][..row];
         let mx = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -516,12 +509,12 @@ fn rows_rope_and_elementwise_kernels_match_the_reference() {
     let ids = [4i32, 0, 4];
     let mut out = vec![f32::NAN; s * row];
     let (tb, ib) = (Buffer::of(&table), Buffer::of(&ids));
-    launch(&m, "embed", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, 0, &[tb.param(), ib.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "embed", Grid::PerRow.dims(s, k::ROW_BLOCK, 0), k::ROW_BLOCK, &[tb.param(), ib.param(), Param::of(&mut out), Param::I32(s as i32)]);
     let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * row..][..row].iter().map(|v| v.to_f32())).collect();
     assert_eq!(out, want, "embed");
     let mut out = vec![f32::NAN; s * row];
     let grid = Grid::Elements { row }.dims(s, k::ELEMENT_BLOCK, 0);
-    launch(&m, "cast", grid, k::ELEMENT_BLOCK, 0, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
+    launch(&m, "cast", grid, k::ELEMENT_BLOCK, &[xb.param(), Param::of(&mut out), Param::I32(s as i32)]);
     assert_eq!(out, x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>(), "cast to f16");
 }
 
@@ -550,22 +543,21 @@ fn fused_rope_and_store_equal_the_separate_kernels() {
         let (w, b, sp, grid) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(s as i32), Grid::PerRow.dims(s, k::ROW_BLOCK, 0));
         // Separately: RoPE of each, then the store of the rotated keys.
         let (mut rq, mut rk) = (vec![f32::NAN; q.len()], vec![f32::NAN; kk.len()]);
-        launch(&m, "rope_q", grid, k::ROW_BLOCK, 0, &[qb.param(), pb.param(), Param::of(&mut rq), sp]);
-        launch(&m, "rope_k", grid, k::ROW_BLOCK, 0, &[kb.param(), pb.param(), Param::of(&mut rk), sp]);
+        launch(&m, "rope_q", grid, k::ROW_BLOCK, &[qb.param(), pb.param(), Param::of(&mut rq), sp]);
+        launch(&m, "rope_k", grid, k::ROW_BLOCK, &[kb.param(), pb.param(), Param::of(&mut rk), sp]);
         let (mut kc, mut vc) = (cache.clone(), cache.clone());
         launch(
             &m,
             "store",
             grid,
             k::ROW_BLOCK,
-            0,
             &[Param::of(&mut rk), vb.param(), pb.param(), Param::of(&mut tables), w, b, Param::of(&mut kc), Param::of(&mut vc), sp],
         );
         // Fused.
         let (mut fq, mut fkc, mut fvc) = (vec![f32::NAN; q.len()], cache.clone(), cache.clone());
         let params =
             [qb.param(), kb.param(), vb.param(), pb.param(), Param::of(&mut tables), w, b, Param::of(&mut fkc), Param::of(&mut fvc), Param::of(&mut fq), sp];
-        launch(&m, "fused", grid, k::ROW_BLOCK, 0, &params);
+        launch(&m, "fused", grid, k::ROW_BLOCK, &params);
         assert_eq!(fq, rq, "{mode:?}: rotated queries");
         assert_eq!(fkc, kc, "{mode:?}: stored keys");
         assert_eq!(fvc, vc, "{mode:?}: stored values");
@@ -603,12 +595,12 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
             let (mut kc, mut vc, mut rq) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
             let store =
                 [qb.param(), kb.param(), vb.param(), pb.param(), Param::of(&mut tables), w, b, Param::of(&mut kc), Param::of(&mut vc), Param::of(&mut rq), one];
-            launch(&m, "store", (1, 1, 1), k::ROW_BLOCK, 0, &store);
+            launch(&m, "store", (1, 1, 1), k::ROW_BLOCK, &store);
             let mut want = vec![f32::NAN; q.len()];
             let junk = Buffer::of(&vec![f32::NAN; q.len()]);
             let mut params = vec![Param::of(&mut rq), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
             params.extend([Param::of(&mut kc), Param::of(&mut vc), junk.param(), Param::of(&mut want), one]);
-            launch(&m, "attend", grid, k::ROW_BLOCK, 0, &params);
+            launch(&m, "attend", grid, k::ROW_BLOCK, &params);
             // One launch, its blocks in either order; the rotated queries it
             // is handed are not read.
             for order in BlockOrder::ALL {
@@ -616,7 +608,7 @@ fn one_token_attention_rotates_and_stores_as_the_launch_before_it() {
                 let (mut own_kc, mut own_vc, mut got) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
                 let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
                 params.extend([Param::of(&mut own_kc), Param::of(&mut own_vc), junk.param(), Param::of(&mut got), one]);
-                launch(&m, "attend_own", grid, k::ROW_BLOCK, 0, &params);
+                launch(&m, "attend_own", grid, k::ROW_BLOCK, &params);
                 assert!(want.iter().all(|x| x.is_finite()), "{mode:?}, position {position}");
                 assert_eq!(got, want, "{mode:?}, position {position}, {order:?}: attention");
                 assert_eq!(own_kc, kc, "{mode:?}, position {position}, {order:?}: stored keys");
@@ -655,14 +647,14 @@ fn split_attention_adds_its_parts_up_as_one_block() {
         let cache: Vec<f32> = (0..kv_heads * pool * (1 << shift) * d).map(|_| 2.0 * rng.float()).collect();
         let (qb, kb, vb, pb, junk) = (Buffer::of(&q), Buffer::of(&kk), Buffer::of(&v), Buffer::of(&pos), Buffer::of(&vec![f32::NAN; q.len()]));
         let (w, b, one) = (Param::I32(width as i32), Param::I32(pool as i32), Param::I32(1));
-        let mut run = |entry: &str, grid: Grid, shared: usize| {
+        let mut run = |entry: &str, grid: Grid| {
             let (mut kc, mut vc, mut out) = (cache.clone(), cache.clone(), vec![f32::NAN; q.len()]);
             let mut params = vec![junk.param(), junk.param(), vb.param(), pb.param(), qb.param(), kb.param(), Param::of(&mut tables), w, b];
             params.extend([Param::of(&mut kc), Param::of(&mut vc), splits.param(), Param::of(&mut out), one]);
-            launch(&m, entry, grid.dims(1, k::ROW_BLOCK, context), k::ROW_BLOCK, shared, &params);
+            launch(&m, entry, grid.dims(1, k::ROW_BLOCK, context), k::ROW_BLOCK, &params);
             (out, kc, vc)
         };
-        let want = run("whole", Grid::HeadsByRows { heads }, 0);
+        let want = run("whole", Grid::HeadsByRows { heads });
         // A chunk a block, two chunks a block (one and two at position 9),
         // every chunk in one block; each twice, the second time on the
         // counters the first left.
@@ -670,7 +662,7 @@ fn split_attention_adds_its_parts_up_as_one_block() {
         for (order, (blocks, round)) in BlockOrder::ALL.into_iter().flat_map(|o| cases.clone().map(move |c| (o, c))) {
             m.set_block_order(order);
             let grid = Grid::HeadsBySplits { heads, split: k::DecodeSplit { positions: split, blocks } };
-            let got = run("split", grid, 0);
+            let got = run("split", grid);
             if position < split as i32 {
                 assert_eq!(got.0, want.0, "position {position}: one chunk is the whole");
             }

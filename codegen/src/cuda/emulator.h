@@ -86,7 +86,6 @@ struct Warp {
 struct Block {
     Barrier all;
     std::vector<std::unique_ptr<Warp>> warps;
-    std::vector<unsigned char> shared;
     explicit Block(int threads) : all(threads) {}
 };
 static Block* block = nullptr;
@@ -112,7 +111,7 @@ inline void entry() {
 // writes in the same launch (a race there) then reads what the other
 // order would not. Returns 0, -1 when a thread trapped, -2 when the
 // block's threads deadlocked (a barrier some never reach).
-inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<void()>& kernel) {
+inline int run(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
     bdim = dim3{threads, 1, 1};
     gdim = grid;
     body = &kernel;
@@ -126,8 +125,6 @@ inline int run(dim3 grid, unsigned threads, size_t shared, const std::function<v
         bid = dim3{unsigned(at % grid.x), unsigned(at / grid.x % grid.y), unsigned(at / grid.x / grid.y)};
         Block b((int)threads);
         for (unsigned w = 0; w < threads; w += 32) b.warps.push_back(std::make_unique<Warp>((int)std::min(32u, threads - w)));
-        // Shared memory starts as NaNs, so reading what no thread wrote shows.
-        b.shared.assign(shared, 0xff);
         block = &b;
         for (unsigned t = 0; t < threads; t++) {
             Fiber& f = fibers[t];

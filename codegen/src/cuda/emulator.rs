@@ -131,22 +131,6 @@ fn param_types(k: &Kernel) -> Result<Vec<String>, String> {
         .collect()
 }
 
-/// A kernel's source for the host: a block's dynamic shared memory
-/// (`extern __shared__ T name[];`) becomes a pointer into the emulator's.
-fn host_source(source: &str) -> String {
-    let mut out = String::new();
-    let mut rest = source;
-    while let Some(at) = rest.find("extern __shared__ ") {
-        out += &rest[..at];
-        let decl = &rest[at + "extern __shared__ ".len()..];
-        let end = decl.find(';').unwrap_or(decl.len());
-        let (ty, name) = decl[..end].trim().trim_end_matches("[]").rsplit_once(' ').unwrap_or(("float", "shared"));
-        out += &format!("{ty}* {name} = ({ty}*)emu::block->shared.data()");
-        rest = &decl[end..];
-    }
-    out + rest
-}
-
 impl Module {
     /// Compiles `prelude` and `kernels` for the host. Fails with the
     /// compiler's message, or when there is no C++20 compiler.
@@ -157,12 +141,12 @@ impl Module {
         std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
         let mut src = format!("{HEADER}\n{prelude}\nextern \"C\" void emu_set_forward(int f) {{ emu::forward = f != 0; }}\n");
         for k in kernels {
-            src += &host_source(&k.source);
+            src += &k.source;
             let types = param_types(k)?;
             let call: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("*({t}*)args[{i}]")).collect();
             src += &format!(
-                "extern \"C\" int emu_launch_{name}(unsigned gx, unsigned gy, unsigned block, size_t shared, void** args) {{\n    \
-                 return emu::run(dim3{{gx, gy, 1}}, block, shared, [=] {{ {name}({call}); }});\n}}\n",
+                "extern \"C\" int emu_launch_{name}(unsigned gx, unsigned gy, unsigned block, void** args) {{\n    \
+                 return emu::run(dim3{{gx, gy, 1}}, block, [=] {{ {name}({call}); }});\n}}\n",
                 name = k.name,
                 call = call.join(", ")
             );
@@ -211,13 +195,13 @@ impl Module {
     }
 
     /// Runs kernel `entry` on a grid of `(x, y)` blocks of `block` threads
-    /// with `shared` bytes of dynamic shared memory.
+    /// (no kernel takes dynamic shared memory).
     ///
     /// # Safety
     /// `params` must match the kernel's parameter list, and every pointer
     /// must cover what the kernel reads and writes through it.
-    pub unsafe fn launch(&self, entry: &str, grid: (u32, u32), block: u32, shared: usize, params: &[Param]) -> Result<(), String> {
-        type Launch = unsafe extern "C" fn(u32, u32, u32, usize, *const *mut std::ffi::c_void) -> i32;
+    pub unsafe fn launch(&self, entry: &str, grid: (u32, u32), block: u32, params: &[Param]) -> Result<(), String> {
+        type Launch = unsafe extern "C" fn(u32, u32, u32, *const *mut std::ffi::c_void) -> i32;
         let symbol = format!("emu_launch_{entry}");
         // SAFETY: `build` defined every `emu_launch_` entry with this signature.
         let f: libloading::Symbol<Launch> = unsafe { self.lib.get(symbol.as_bytes()) }.map_err(|e| format!("{symbol}: {e}"))?;
@@ -236,7 +220,7 @@ impl Module {
         let args: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the caller vouches for the parameters.
-        match unsafe { f(grid.0, grid.1, block, shared, args.as_ptr()) } {
+        match unsafe { f(grid.0, grid.1, block, args.as_ptr()) } {
             0 => Ok(()),
             -2 => Err(format!("{entry} deadlocked: some of a block's threads wait at a barrier the others never reach")),
             _ => Err(format!("{entry} trapped")),
@@ -252,11 +236,5 @@ mod tests {
     fn parameter_types_come_from_the_source() {
         let k = Kernel { name: "k_1".into(), source: "extern \"C\" __global__ void __launch_bounds__(32) k_1(const u32* w, float beta, int S) {\n}\n".into() };
         assert_eq!(param_types(&k).unwrap(), ["const u32*", "float", "int"]);
-    }
-
-    #[test]
-    fn dynamic_shared_memory_becomes_the_blocks() {
-        let s = host_source("{\n    extern __shared__ float score[];\n    x;\n}");
-        assert_eq!(s, "{\n    float* score = (float*)emu::block->shared.data();\n    x;\n}");
     }
 }

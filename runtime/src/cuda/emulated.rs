@@ -120,7 +120,7 @@ impl Emulated {
             let params = params(&self.graph, l, e, self).unwrap();
             // SAFETY: `params` binds the kernel's parameters as the GPU's
             // executor does, to buffers sized for this step.
-            unsafe { self.module.launch(entry, (grid.0, grid.1), block, 0, &params) }.unwrap();
+            unsafe { self.module.launch(entry, (grid.0, grid.1), block, &params) }.unwrap();
         }
         let o = *self.graph.outputs.last().unwrap();
         self.bufs[self.slot[o.index()]][0].read::<f32>(self.graph.ty(o).resolve(e).iter().product())
