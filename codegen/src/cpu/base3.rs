@@ -382,20 +382,7 @@ mod x86 {
                 }
             }
         }
-        if P == 2 {
-            for j in 0..T {
-                let four = super::super::vnni::two_pair_sums(&acc[0][j], &acc[P - 1][j]);
-                for (row, v) in out.iter_mut().zip(four) {
-                    row[j0 + j] = v;
-                }
-            }
-            return;
-        }
-        for (p, acc_p) in acc.iter().enumerate() {
-            for (j, fields) in acc_p.iter().enumerate() {
-                [out[2 * p][j0 + j], out[2 * p + 1][j0 + j]] = super::super::vnni::pair_sums(fields);
-            }
-        }
+        super::super::vnni::store_pairs(&acc, out, j0);
     }
 
     /// `table[q]` for each byte `q`: two `vpermi2b`, each of 128 entries,

@@ -67,18 +67,27 @@ unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, 
             }
         }
     }
+    store_pairs(&acc, out, 0);
+}
+
+/// The sums of `P` pairs of rows' field accumulators against `T` tokens,
+/// token `j`'s into `out[row][j0 + j]`: two pairs (four rows) in one fold,
+/// one pair on its own.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn store_pairs<const P: usize, const T: usize>(acc: &[[[__m512i; 4]; T]; P], out: &mut [[i32; 4]; 4], j0: usize) {
     if P == 2 {
         for j in 0..T {
             let four = two_pair_sums(&acc[0][j], &acc[P - 1][j]);
             for (row, v) in out.iter_mut().zip(four) {
-                row[j] = v;
+                row[j0 + j] = v;
             }
         }
         return;
     }
     for (p, acc_p) in acc.iter().enumerate() {
         for (j, fields) in acc_p.iter().enumerate() {
-            [out[2 * p][j], out[2 * p + 1][j]] = pair_sums(fields);
+            [out[2 * p][j0 + j], out[2 * p + 1][j0 + j]] = pair_sums(fields);
         }
     }
 }
@@ -96,7 +105,7 @@ pub(super) unsafe fn field_masks() -> [__m512i; 4] {
 /// first row's, the high half's the second's.
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(super) unsafe fn pair_sums(fields: &[__m512i; 4]) -> [i32; 2] {
+unsafe fn pair_sums(fields: &[__m512i; 4]) -> [i32; 2] {
     let sums = unscaled(fields);
     [_mm512_mask_reduce_add_epi32(0x00FF, sums), _mm512_mask_reduce_add_epi32(0xFF00, sums)]
 }
@@ -106,7 +115,7 @@ pub(super) unsafe fn pair_sums(fields: &[__m512i; 4]) -> [i32; 2] {
 /// once: 12 instructions where two `pair_sums` take about 40.
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(super) unsafe fn two_pair_sums(a: &[__m512i; 4], b: &[__m512i; 4]) -> [i32; 4] {
+unsafe fn two_pair_sums(a: &[__m512i; 4], b: &[__m512i; 4]) -> [i32; 4] {
     let (a, b) = (unscaled(a), unscaled(b));
     // 128-bit lanes: partial sums of rows 0, 1, 2 and 3.
     let rows = _mm512_add_epi32(_mm512_shuffle_i32x4::<0x88>(a, b), _mm512_shuffle_i32x4::<0xDD>(a, b));
