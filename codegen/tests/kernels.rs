@@ -457,17 +457,24 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
     for (n, k, s) in [(1usize, 1usize, 1usize), (3, 783, 3), (37, 2592, 7), (300, 256, 5)] {
         let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 3) as i8 - 1).collect();
         let x: Vec<i8> = (0..s * k).map(|i| (i * 37 % 256) as i32 as i8).collect();
-        let a = acts(s, k, &x);
+        let mut a = acts(s, k, &x);
+        // A scale of its own per token, so that a token's results meeting
+        // another's scale shows.
+        a.gamma.iter_mut().enumerate().for_each(|(t, g)| *g = 1.0 + t as f32 * 0.375);
+        // Every step of the epilogue, so that its vector form is held to the
+        // reference's bits (rows 0, 1, 2, 3 each with a residual of its own).
+        let residual: Vec<f32> = (0..s * n).map(|i| (i % 11) as f32 * 0.375 - 1.5).collect();
+        let ep = Epilogue { scale: Some(0.6875), residual: Some(&residual) };
         for (rows, packing) in TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))) {
-            let packed = PackedTernary::pack(n, k, rows, packing, 1.0, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+            let packed = PackedTernary::pack(n, k, rows, packing, 0.3, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
             let mut want = vec![0f32; s * n];
             let scalar = TernaryTiles { packing, ..TernaryTiles::new(Isa::Scalar, rows, 1) };
-            ternary::matmul(&pool, scalar, &packed, &a, &mut want, Epilogue::default());
+            ternary::matmul(&pool, scalar, &packed, &a, &mut want, ep);
             for tokens in TernaryTiles::TOKENS {
                 for split in Split::ALL {
                     let t = TernaryTiles { isa: Isa::Avx512Vnni, rows, tokens, split, packing };
                     let mut got = vec![0f32; s * n];
-                    ternary::matmul(&pool, t, &packed, &a, &mut got, Epilogue::default());
+                    ternary::matmul(&pool, t, &packed, &a, &mut got, ep);
                     assert_eq!(got, want, "{t} n {n} k {k} tokens {s}");
                 }
             }

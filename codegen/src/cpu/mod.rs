@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod base3;
 pub mod blob;
+mod epilogue;
 pub mod float;
 pub mod int4;
 pub mod int8;

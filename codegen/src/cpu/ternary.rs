@@ -18,6 +18,8 @@
 
 use super::base3;
 use super::blob::Blob;
+pub use super::epilogue::Epilogue;
+use super::epilogue::{finish_block, store};
 use super::pool::{share, Chunks, Pool, SharedMut};
 use super::{vmath, Isa};
 use bitnet_ir::interp::WeightView;
@@ -394,14 +396,6 @@ pub(super) unsafe fn prefetch_ahead(w: *const u8, c: usize, rows: usize) {
     }
 }
 
-/// What happens to each result: `((dot · β) / γ) · scale + residual`.
-#[derive(Clone, Copy, Default)]
-pub struct Epilogue<'a> {
-    pub scale: Option<f32>,
-    /// `[tokens, n]`, added last.
-    pub residual: Option<&'a [f32]>,
-}
-
 /// Byte translation into this layout: each 2-bit field's code 3 becomes
 /// 1 (the value 0), and with `reverse` the four fields swap end for end.
 fn byte_lut(reverse: bool) -> [u8; 256] {
@@ -419,40 +413,13 @@ fn byte_lut(reverse: bool) -> [u8; 256] {
     })
 }
 
-/// The epilogue of one token `t`'s results for the rows `n..n + 4` of a
-/// tile (`dots[r]` for row `n + r`; rows past the matrix are computed and
-/// dropped). Four lanes at a time, so that the compiler keeps them in one
-/// vector (a scalar loop waited on each division in turn); each lane is
-/// the interpreter's arithmetic, IEEE division included.
-#[inline(always)]
-fn finish(dots: [i32; 4], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> [f32; 4] {
-    let (sum, gamma) = (x.sum[t], x.gamma[t]);
-    let mut v = [0f32; 4];
-    for r in 0..4 {
-        v[r] = ((dots[r] - sum) as f32 * w.scale) / gamma;
-    }
-    if let Some(s) = ep.scale {
-        for v in &mut v {
-            *v *= s;
-        }
-    }
-    if let Some(res) = ep.residual {
-        let at = t * w.n + n;
-        let add: [f32; 4] = match res.get(at..at + 4) {
-            Some(four) if w.n - n >= 4 => four.try_into().expect("four values"),
-            _ => std::array::from_fn(|r| if n + r < w.n { res[at + r] } else { 0.0 }),
-        };
-        for r in 0..4 {
-            v[r] += add[r];
-        }
-    }
-    v
-}
-
 /// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
 /// over the pool's workers by row tiles or by tokens (`tiles.split`).
 pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
-    products(pool, tiles, &[[w]], x, out, |_, t, n, [dots], out| store(out, finish(dots, x, t, w, &ep, n)));
+    products(pool, tiles, &[[w]], x, out, |_, tok, step, n, [dots], mut out| {
+        let v = finish_block(tiles.isa, dots, step, x, tok, w, &ep, n);
+        (0..step).for_each(|j| store(out.row(j), v[j]));
+    });
 }
 
 /// The products of one activation with several matrices (`(weight, s)`
@@ -461,18 +428,10 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
 pub fn matmul_cat(pool: &Pool, tiles: TernaryTiles, parts: &[(&PackedTernary, Option<f32>)], x: &QuantActs, out: &mut [f32]) {
     let groups: Vec<[&PackedTernary; 1]> = parts.iter().map(|p| [p.0]).collect();
     let eps: Vec<Epilogue> = parts.iter().map(|p| Epilogue { scale: p.1, residual: None }).collect();
-    products(pool, tiles, &groups, x, out, |g, t, n, [dots], out| store(out, finish(dots, x, t, parts[g].0, &eps[g], n)));
-}
-
-/// Writes a tile's four results, or those of its rows that exist: a
-/// fixed-size store where all four do (a slice of run-time length would
-/// be a call to `memcpy` per tile and token).
-#[inline(always)]
-fn store(out: &mut [f32], v: [f32; 4]) {
-    match <&mut [f32; 4]>::try_from(&mut *out) {
-        Ok(four) => *four = v,
-        Err(_) => out.copy_from_slice(&v[..out.len()]),
-    }
+    products(pool, tiles, &groups, x, out, |g, tok, step, n, [dots], mut out| {
+        let v = finish_block(tiles.isa, dots, step, x, tok, parts[g].0, &eps[g], n);
+        (0..step).for_each(|j| store(out.row(j), v[j]));
+    });
 }
 
 /// `out[t, n] = act(x[t] · gate[n] · β_g · s_g) · (x[t] · up[n] · β_u · s_u)`:
@@ -492,24 +451,54 @@ pub fn matmul_glu(
     let (wg, wu) = (gate.0, up.0);
     assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
-    products(pool, tiles, &[[wg, wu]], x, out, |_, t, n, [g, u], out| {
-        store(out, vmath::glu4(tiles.isa, act, finish(g, x, t, wg, &eg, n), finish(u, x, t, wu, &eu, n)));
+    products(pool, tiles, &[[wg, wu]], x, out, |_, tok, step, n, [g, u], mut out| {
+        let (g, u) = (finish_block(tiles.isa, g, step, x, tok, wg, &eg, n), finish_block(tiles.isa, u, step, x, tok, wu, &eu, n));
+        let mut v = [[0f32; 4]; 4];
+        match step {
+            1 => v[0] = vmath::glu4(tiles.isa, act, g[0], u[0]),
+            _ => vmath::glu(tiles.isa, act, g[..step].as_flattened(), u[..step].as_flattened(), v[..step].as_flattened_mut()),
+        }
+        (0..step).for_each(|j| store(out.row(j), v[j]));
     });
+}
+
+/// One kernel call's sums for each of a group's `M` matrices: `[m][r][j]`,
+/// row `r` of the tile and token `j` of the call.
+type CallDots<const M: usize> = [[[i32; 4]; 4]; M];
+
+/// Where a kernel call's results go: token `j`'s `len` values (the tile's
+/// rows that exist) at `first + j · stride`, for `j < tokens`.
+struct BlockOut {
+    first: *mut f32,
+    stride: usize,
+    len: usize,
+    tokens: usize,
+}
+
+impl BlockOut {
+    fn row(&mut self, j: usize) -> &mut [f32] {
+        assert!(j < self.tokens, "ternary matmul: token {j} is past the block");
+        // SAFETY: `products` makes each block of a tile's rows and tokens
+        // inside `out` and hands it to one worker alone; the borrow of
+        // `self` keeps one row in use at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.first.add(j * self.stride), self.len) }
+    }
 }
 
 /// The loop shared by the products: every row tile of each group of `M`
 /// matrices (same shape within a group, one layout for all) against every
 /// token, split over the workers. Each group's results take the next
-/// columns of `out`'s rows. `write(group, t, n, dots, out)` turns token
-/// `t`'s dots for rows `n..n + 4` of the group's matrices into `out`, its
-/// results for the rows that exist.
+/// columns of `out`'s rows. `write(group, tok, step, n, dots, out)` turns
+/// the dots of one kernel call (`dots[m][r][j]`: matrix `m` of the group,
+/// row `n + r`, token `tok + j` for `j < step`) into `out.row(j)`, the
+/// results of the rows that exist.
 fn products<const M: usize>(
     pool: &Pool,
     tiles: TernaryTiles,
     groups: &[[&PackedTernary; M]],
     x: &QuantActs,
     out: &mut [f32],
-    write: impl Fn(usize, usize, usize, [[i32; 4]; M], &mut [f32]) + Sync,
+    write: impl Fn(usize, usize, usize, usize, &CallDots<M>, BlockOut) + Sync,
 ) {
     let w = groups[0][0];
     let same = groups.iter().all(|g| g.iter().all(|v| v.n == g[0].n && v.rows == w.rows && v.packing == w.packing && v.kp == w.kp));
@@ -531,12 +520,11 @@ fn products<const M: usize>(
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
     let chunks = Chunks::new(n_tiles, pool.threads());
     pool.run_sized(x.tokens() * width * w.kp * M, &|me, workers| {
-        let mut dots = [[[0i32; 4]; 4]; M];
         let mut codes: [Vec<u8>; M] = std::array::from_fn(|_| Vec::new());
-        // A tile's dots for all its tokens: the epilogues then run back to
-        // back, their divisions overlapping, instead of each waiting
-        // between two kernel calls.
-        let mut held: Vec<[[i32; 4]; M]> = Vec::new();
+        // A tile's kernel calls, `(tok, step, dots)`, all made before any
+        // epilogue: the epilogues then run back to back, their divisions
+        // overlapping, instead of each waiting between two kernel calls.
+        let mut blocks: Vec<(usize, usize, CallDots<M>)> = Vec::new();
         let mut tile = |global: usize, tokens: std::ops::Range<usize>| {
             let g = first.partition_point(|f| f.0 <= global) - 1;
             let (ws, t) = (&groups[g], global - first[g].0);
@@ -544,27 +532,20 @@ fn products<const M: usize>(
             let unpacked: [bool; M] = std::array::from_fn(|m| unpack && unpack_tile(tiles.isa, ws[m], t, &mut codes[m]));
             let n = t * w.rows;
             let len = w.rows.min(ws[0].n - n);
-            held.resize(tokens.len(), [[0; 4]; M]);
+            blocks.clear();
             let mut tok = tokens.start;
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
+                blocks.push((tok, step, [[[0; 4]; 4]; M]));
+                let dots = &mut blocks.last_mut().expect("just pushed").2;
                 for m in 0..M {
                     tile_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, digits.as_ref(), tok, step, &mut dots[m]);
                 }
-                // Plain loops: `array::map` here was a call (`try_map`) per token.
-                for (j, h) in held[tok - tokens.start..][..step].iter_mut().enumerate() {
-                    for (hm, dm) in h.iter_mut().zip(&dots) {
-                        for (r, v) in hm.iter_mut().enumerate() {
-                            *v = dm[r][j];
-                        }
-                    }
-                }
                 tok += step;
             }
-            for (tok, &d) in tokens.zip(&held) {
-                // SAFETY: each (token, row) pair belongs to one worker alone.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(tok * width + first[g].1 + n), len) };
-                write(g, tok, n, d, out);
+            for (tok, step, dots) in &blocks {
+                let out = BlockOut { first: dst.ptr().wrapping_add(tok * width + first[g].1 + n), stride: width, len, tokens: *step };
+                write(g, *tok, *step, n, dots, out);
             }
         };
         if by_tokens {
