@@ -199,23 +199,36 @@ pub fn share(n: usize, w: usize, workers: usize) -> std::ops::Range<usize> {
 /// Hands out pieces of `n` items to whichever worker asks first, so that a
 /// worker slowed by the memory system or the OS does not hold the others up
 /// at the end of a job. Each piece is contiguous (the weights still stream)
-/// and a job has about eight per worker. Which worker computes an item
-/// never changes its result.
+/// and a fixed share of what is left (guided, as OpenMP calls it): large
+/// pieces first, then smaller ones, down to a 32nd of a worker's share, so
+/// that the last pieces, which one worker may wait on, are short. Which
+/// worker computes an item never changes its result.
 pub struct Chunks {
     next: AtomicUsize,
     n: usize,
-    chunk: usize,
+    workers: usize,
+    least: usize,
 }
 
 impl Chunks {
     pub fn new(n: usize, workers: usize) -> Chunks {
-        Chunks { next: AtomicUsize::new(0), n, chunk: (n / (workers.max(1) * 8)).max(1) }
+        let workers = workers.max(1);
+        Chunks { next: AtomicUsize::new(0), n, workers, least: (n / (workers * 32)).max(1) }
     }
 
     /// The next piece, `None` when all are handed out.
     pub fn next(&self) -> Option<std::ops::Range<usize>> {
-        let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
-        (start < self.n).then(|| start..(start + self.chunk).min(self.n))
+        let mut start = self.next.load(Ordering::Relaxed);
+        loop {
+            if start >= self.n {
+                return None;
+            }
+            let end = (start + ((self.n - start) / (2 * self.workers)).max(self.least)).min(self.n);
+            match self.next.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(start..end),
+                Err(now) => start = now,
+            }
+        }
     }
 }
 
@@ -337,6 +350,16 @@ mod tests {
                 assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1), "n={n} threads={threads}");
             }
         }
+    }
+
+    #[test]
+    fn chunks_shrink_to_short_last_pieces() {
+        let n = 128256;
+        let chunks = Chunks::new(n, 2);
+        let pieces: Vec<usize> = std::iter::from_fn(|| chunks.next()).map(|r| r.len()).collect();
+        assert_eq!(pieces[0], n / 4, "{pieces:?}");
+        assert!(pieces.windows(2).all(|w| w[1] <= w[0]), "{pieces:?}");
+        assert!(*pieces.last().unwrap() <= n / 64 && pieces.len() < 24, "{pieces:?}");
     }
 
     #[test]
