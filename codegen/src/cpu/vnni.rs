@@ -161,11 +161,9 @@ unsafe fn run<const R: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[
         }
     }
     if R == 4 && T == 4 {
-        let mut sums = [0i32; 16];
-        _mm512_storeu_si512(sums.as_mut_ptr() as *mut __m512i, sums_of_16(std::array::from_fn(|i| acc[i / 4][i % 4])));
-        for (r, row) in out.iter_mut().enumerate() {
-            row.copy_from_slice(&sums[4 * r..][..4]);
-        }
+        // Lane 4r + j is out[r][j]: the tile's sums in one store (which the
+        // epilogue's one load then takes straight from the store buffer).
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, sums_of_16(std::array::from_fn(|i| acc[i / 4][i % 4])));
         return;
     }
     for r in 0..R {
