@@ -416,10 +416,7 @@ fn byte_lut(reverse: bool) -> [u8; 256] {
 /// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
 /// over the pool's workers by row tiles or by tokens (`tiles.split`).
 pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
-    products(pool, tiles, &[[w]], x, out, |_, tok, step, n, [dots], mut out| {
-        let v = finish_block(tiles.isa, dots, step, x, tok, w, &ep, n);
-        (0..step).for_each(|j| store(out.row(j), v[j]));
-    });
+    products(pool, tiles, &[[w]], x, out, |_, [dots], mut block| block.finish(tiles.isa, dots, x, w, &ep));
 }
 
 /// The products of one activation with several matrices (`(weight, s)`
@@ -428,10 +425,7 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
 pub fn matmul_cat(pool: &Pool, tiles: TernaryTiles, parts: &[(&PackedTernary, Option<f32>)], x: &QuantActs, out: &mut [f32]) {
     let groups: Vec<[&PackedTernary; 1]> = parts.iter().map(|p| [p.0]).collect();
     let eps: Vec<Epilogue> = parts.iter().map(|p| Epilogue { scale: p.1, residual: None }).collect();
-    products(pool, tiles, &groups, x, out, |g, tok, step, n, [dots], mut out| {
-        let v = finish_block(tiles.isa, dots, step, x, tok, parts[g].0, &eps[g], n);
-        (0..step).for_each(|j| store(out.row(j), v[j]));
-    });
+    products(pool, tiles, &groups, x, out, |g, [dots], mut block| block.finish(tiles.isa, dots, x, parts[g].0, &eps[g]));
 }
 
 /// `out[t, n] = act(x[t] · gate[n] · β_g · s_g) · (x[t] · up[n] · β_u · s_u)`:
@@ -451,14 +445,16 @@ pub fn matmul_glu(
     let (wg, wu) = (gate.0, up.0);
     assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
-    products(pool, tiles, &[[wg, wu]], x, out, |_, tok, step, n, [g, u], mut out| {
-        let (g, u) = (finish_block(tiles.isa, g, step, x, tok, wg, &eg, n), finish_block(tiles.isa, u, step, x, tok, wu, &eu, n));
+    products(pool, tiles, &[[wg, wu]], x, out, |_, [g, u], mut block| {
+        let step = block.tokens;
+        let finished = |dots, w, ep| finish_block(tiles.isa, dots, step, x, block.tok, w, ep, block.n);
+        let (g, u) = (finished(g, wg, &eg), finished(u, wu, &eu));
         let mut v = [[0f32; 4]; 4];
         match step {
             1 => v[0] = vmath::glu4(tiles.isa, act, g[0], u[0]),
             _ => vmath::glu(tiles.isa, act, g[..step].as_flattened(), u[..step].as_flattened(), v[..step].as_flattened_mut()),
         }
-        (0..step).for_each(|j| store(out.row(j), v[j]));
+        block.store(&v);
     });
 }
 
@@ -466,39 +462,47 @@ pub fn matmul_glu(
 /// row `r` of the tile and token `j` of the call.
 type CallDots<const M: usize> = [[[i32; 4]; 4]; M];
 
-/// Where a kernel call's results go: token `j`'s `len` values (the tile's
-/// rows that exist) at `first + j · stride`, for `j < tokens`.
-struct BlockOut {
+/// One kernel call's place, rows `n..n + 4` of a tile against tokens
+/// `tok..tok + tokens`, and where its results go: token `tok + j`'s `len`
+/// values (the tile's rows that exist) at `first + j · stride`.
+struct Block {
+    tok: usize,
+    tokens: usize,
+    n: usize,
     first: *mut f32,
     stride: usize,
     len: usize,
-    tokens: usize,
 }
 
-impl BlockOut {
-    fn row(&mut self, j: usize) -> &mut [f32] {
-        assert!(j < self.tokens, "ternary matmul: token {j} is past the block");
-        // SAFETY: `products` makes each block of a tile's rows and tokens
-        // inside `out` and hands it to one worker alone; the borrow of
-        // `self` keeps one row in use at a time.
-        unsafe { std::slice::from_raw_parts_mut(self.first.add(j * self.stride), self.len) }
+impl Block {
+    /// Token `tok + j`'s results, `j < tokens`, by tile row.
+    fn store(&mut self, by_token: &[[f32; 4]; 4]) {
+        for (j, &v) in by_token.iter().enumerate().take(self.tokens) {
+            // SAFETY: `products` makes each block of a tile's rows and
+            // tokens inside `out` and hands it to one worker alone.
+            store(unsafe { std::slice::from_raw_parts_mut(self.first.add(j * self.stride), self.len) }, v);
+        }
+    }
+
+    /// The results of `w`'s `dots` for this block, finished and stored.
+    fn finish(&mut self, isa: Isa, dots: &[[i32; 4]; 4], x: &QuantActs, w: &PackedTernary, ep: &Epilogue) {
+        self.store(&finish_block(isa, dots, self.tokens, x, self.tok, w, ep, self.n));
     }
 }
 
 /// The loop shared by the products: every row tile of each group of `M`
 /// matrices (same shape within a group, one layout for all) against every
 /// token, split over the workers. Each group's results take the next
-/// columns of `out`'s rows. `write(group, tok, step, n, dots, out)` turns
-/// the dots of one kernel call (`dots[m][r][j]`: matrix `m` of the group,
-/// row `n + r`, token `tok + j` for `j < step`) into `out.row(j)`, the
-/// results of the rows that exist.
+/// columns of `out`'s rows. `write(group, dots, block)` turns the dots of
+/// one kernel call (`dots[m][r][j]`: matrix `m` of the group, row
+/// `block.n + r`, token `block.tok + j`) into the block's results.
 fn products<const M: usize>(
     pool: &Pool,
     tiles: TernaryTiles,
     groups: &[[&PackedTernary; M]],
     x: &QuantActs,
     out: &mut [f32],
-    write: impl Fn(usize, usize, usize, usize, &CallDots<M>, BlockOut) + Sync,
+    write: impl Fn(usize, &CallDots<M>, Block) + Sync,
 ) {
     let w = groups[0][0];
     let same = groups.iter().all(|g| g.iter().all(|v| v.n == g[0].n && v.rows == w.rows && v.packing == w.packing && v.kp == w.kp));
@@ -543,9 +547,8 @@ fn products<const M: usize>(
                 }
                 tok += step;
             }
-            for (tok, step, dots) in &blocks {
-                let out = BlockOut { first: dst.ptr().wrapping_add(tok * width + first[g].1 + n), stride: width, len, tokens: *step };
-                write(g, *tok, *step, n, dots, out);
+            for &(tok, tokens, ref dots) in &blocks {
+                write(g, dots, Block { tok, tokens, n, first: dst.ptr().wrapping_add(tok * width + first[g].1 + n), stride: width, len });
             }
         };
         if by_tokens {
