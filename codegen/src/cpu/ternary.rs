@@ -447,8 +447,7 @@ pub fn matmul_glu(
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
     products(pool, tiles, &[[wg, wu]], x, out, |_, [g, u], mut block| {
         let step = block.tokens;
-        let finished = |dots, w, ep| finish_block(tiles.isa, dots, step, x, block.tok, w, ep, block.n);
-        let (g, u) = (finished(g, wg, &eg), finished(u, wu, &eu));
+        let (g, u) = (block.finished(tiles.isa, g, x, wg, &eg), block.finished(tiles.isa, u, x, wu, &eu));
         let mut v = [[0f32; 4]; 4];
         match step {
             1 => v[0] = vmath::glu4(tiles.isa, act, g[0], u[0]),
@@ -484,9 +483,14 @@ impl Block {
         }
     }
 
+    /// The results of `w`'s `dots` for this block, by token.
+    fn finished(&self, isa: Isa, dots: &[[i32; 4]; 4], x: &QuantActs, w: &PackedTernary, ep: &Epilogue) -> [[f32; 4]; 4] {
+        finish_block(isa, dots, self.tokens, x, self.tok, w, ep, self.n)
+    }
+
     /// The results of `w`'s `dots` for this block, finished and stored.
     fn finish(&mut self, isa: Isa, dots: &[[i32; 4]; 4], x: &QuantActs, w: &PackedTernary, ep: &Epilogue) {
-        self.store(&finish_block(isa, dots, self.tokens, x, self.tok, w, ep, self.n));
+        self.store(&self.finished(isa, dots, x, w, ep));
     }
 }
 
