@@ -356,12 +356,16 @@ impl QuantActs {
     pub fn tokens(&self) -> usize {
         self.gamma.len()
     }
-    /// Sizes the buffers for `s` tokens of `k` values.
+    /// Sizes the buffers for `s` tokens of `k` values, each row's padding
+    /// zero. The values themselves are left for the caller to write: a
+    /// decode step reuses its buffer, which need not be cleared each call.
     pub fn resize(&mut self, s: usize, k: usize) {
         self.k = k;
         self.kp = padded_acts(k);
-        self.q.clear();
         self.q.resize(s * self.kp, 0);
+        for row in self.q.chunks_exact_mut(self.kp) {
+            row[k..].fill(0);
+        }
         self.gamma.resize(s, 0.0);
         self.sum.resize(s, 0);
     }
