@@ -363,8 +363,10 @@ impl QuantActs {
         self.k = k;
         self.kp = padded_acts(k);
         self.q.resize(s * self.kp, 0);
-        for row in self.q.chunks_exact_mut(self.kp) {
-            row[k..].fill(0);
+        if self.kp > k {
+            for row in self.q.chunks_exact_mut(self.kp) {
+                row[k..].fill(0);
+            }
         }
         self.gamma.resize(s, 0.0);
         self.sum.resize(s, 0);
@@ -900,6 +902,21 @@ mod avx2 {
 mod tests {
     use super::*;
     use bitnet_ir::quant;
+
+    /// A reused buffer keeps its rows' padding zero whatever was there,
+    /// and rows of no values are no error.
+    #[test]
+    fn resized_activations_have_zero_padding() {
+        let mut a = QuantActs::default();
+        a.resize(3, 700);
+        a.q.fill(-1);
+        for (s, k) in [(3, 700), (2, 3), (4, 783), (1, 0)] {
+            a.resize(s, k);
+            assert_eq!(a.q.len(), s * a.kp);
+            assert!(a.q.chunks_exact(a.kp.max(1)).all(|row| row[k..].iter().all(|&v| v == 0)), "s {s} k {k}");
+            a.q.fill(-1);
+        }
+    }
 
     /// The byte-translating fast paths give the same packing as decoding
     /// every value.
