@@ -205,14 +205,14 @@ mod x86 {
     /// [`avx2_dots`] on AVX-512 VBMI and VNNI, for tiles of 2 or 4 rows:
     /// one 64-byte load is a chunk of two rows. One lookup (two `vpermi2b`
     /// of 128 entries, the byte's top bit choosing which one writes) turns
-    /// each byte into its digits 0–3 as 2-bit fields, which are masked in
+    /// each byte into its digits 1–4 as 2-bit fields, which are masked in
     /// place as the 2-bit packing's decode kernel masks them (`super::super::vnni`:
     /// each field's codes scaled by 64, 16, 4 or 1, summed apart and divided
-    /// back exactly); a second lookup gives digit 4. `vpdpbusd` meets each
-    /// digit with the chunk's 32 activations of that digit in both halves:
-    /// the low half's sums are the first row's, the high half's the
-    /// second's. Sixteen instructions for 320 weights, where two lookups,
-    /// a blend and a dot product for each digit took 22.
+    /// back exactly); digit 0 is two compares ([`top_digit`]). `vpdpbusd`
+    /// meets each digit with the chunk's 32 activations of that digit in
+    /// both halves: the low half's sums are the first row's, the high
+    /// half's the second's. Two shuffles for 320 weights, where a second
+    /// lookup for a digit took four.
     pub(in super::super) fn vbmi_dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
         assert!(
             has_vbmi_kernel(rows) && tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(),
@@ -249,7 +249,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     unsafe fn unpack_vbmi(rows: usize, tile: &[u8], chunks: usize, codes: &mut [u8]) {
-        let (four, last) = tables();
+        let four = quarters(&LOW_FOUR);
         let three = _mm512_set1_epi8(3);
         let (src, dst, kp) = (tile.as_ptr(), codes.as_mut_ptr(), chunks * CHUNK);
         for c in 0..chunks {
@@ -257,15 +257,16 @@ mod x86 {
             prefetch_ahead(src, c, rows);
             for p in 0..rows / 2 {
                 let q = _mm512_loadu_si512(src.add((c * rows + 2 * p) * CHUNK_BYTES) as *const __m512i);
-                // Digits 0-3 from one lookup's 2-bit fields (shifted in
-                // 16-bit lanes: the mask drops the neighbour's bits), 4 from another.
+                // Digit 0 from two compares, 1-4 from one lookup's 2-bit
+                // fields (shifted in 16-bit lanes: the mask drops the
+                // neighbour's bits).
                 let fields = lookup(&four, q);
                 let digits = [
+                    top_digit(q),
                     _mm512_and_si512(_mm512_srli_epi16::<6>(fields), three),
                     _mm512_and_si512(_mm512_srli_epi16::<4>(fields), three),
                     _mm512_and_si512(_mm512_srli_epi16::<2>(fields), three),
                     _mm512_and_si512(fields, three),
-                    lookup(&last, q),
                 ];
                 for (i, d) in digits.into_iter().enumerate() {
                     let at = dst.add(2 * p * kp + c * CHUNK + 32 * i);
@@ -283,18 +284,14 @@ mod x86 {
         std::array::from_fn(|h| _mm512_loadu_si512(t.as_ptr().add(64 * h) as *const __m512i))
     }
 
-    /// The decode kernel's tables: digits 0–3 of each byte as 2-bit fields,
-    /// digit 0 in the top two bits (the 2-bit packing's order), and digit 4.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tables() -> ([__m512i; 4], [__m512i; 4]) {
-        (quarters(&FOUR), quarters(&DIGITS[4]))
-    }
-
-    static FOUR: [u8; 256] = {
+    /// Digits 1–4 of each byte as 2-bit fields, digit 1 in the top two bits
+    /// (the 2-bit packing's order): the one lookup the VBMI kernels make
+    /// (digit 0 is [`top_digit`]).
+    static LOW_FOUR: [u8; 256] = {
         let mut t = [0u8; 256];
         let mut q = 0;
         while q < 256 {
-            t[q] = DIGITS[0][q] << 6 | DIGITS[1][q] << 4 | DIGITS[2][q] << 2 | DIGITS[3][q];
+            t[q] = DIGITS[1][q] << 6 | DIGITS[2][q] << 4 | DIGITS[3][q] << 2 | DIGITS[4][q];
             q += 1;
         }
         t
@@ -357,32 +354,73 @@ mod x86 {
     /// `out[r][j0..j0 + T]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
     unsafe fn run_vbmi<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8], j0: usize, out: &mut [[i32; 4]; 4]) {
-        let (four, last) = tables();
-        // Digit i of FOUR's bytes is field i of the 2-bit layout.
+        let four = quarters(&LOW_FOUR);
+        // Field f of LOW_FOUR's bytes is digit f + 1.
         let masks = super::super::vnni::field_masks();
         let mut acc = [[[_mm512_setzero_si512(); 4]; T]; P];
+        // Digit 0's sums, apart (scaled by 1, as the last field's): they
+        // join that field's sums at the end.
+        let mut top = [[_mm512_setzero_si512(); T]; P];
         let w = tile.as_ptr();
         for c in 0..chunks {
             prefetch_ahead(w, c, 2 * P);
             // Each digit's 32 activations, in both halves: once for every pair.
             let x: [[__m512i; 5]; T] =
                 std::array::from_fn(|j| std::array::from_fn(|i| _mm512_broadcast_i64x4(_mm256_loadu_si256(xs[j].add(c * CHUNK + 32 * i) as *const __m256i))));
-            for (p, acc_p) in acc.iter_mut().enumerate() {
+            for p in 0..P {
                 let q = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
                 let fields = lookup(&four, q);
                 for (i, m) in masks.iter().enumerate() {
                     let codes = _mm512_and_si512(fields, *m);
-                    for (a, xj) in acc_p.iter_mut().zip(&x) {
-                        a[i] = _mm512_dpbusd_epi32(a[i], codes, xj[i]);
+                    for (a, xj) in acc[p].iter_mut().zip(&x) {
+                        a[i] = _mm512_dpbusd_epi32(a[i], codes, xj[i + 1]);
                     }
                 }
-                let codes = lookup(&last, q);
-                for (a, xj) in acc_p.iter_mut().zip(&x) {
-                    a[3] = _mm512_dpbusd_epi32(a[3], codes, xj[4]);
+                let codes = top_digit(q);
+                for (a, xj) in top[p].iter_mut().zip(&x) {
+                    *a = _mm512_dpbusd_epi32(*a, codes, xj[0]);
                 }
             }
         }
+        for (acc_p, top_p) in acc.iter_mut().zip(&top) {
+            for (a, t) in acc_p.iter_mut().zip(top_p) {
+                a[3] = _mm512_add_epi32(a[3], *t);
+            }
+        }
         super::super::vnni::store_pairs(&acc, out, j0);
+    }
+
+    /// Digit 0 of each byte `q` without a lookup: `⌊3q / 256⌋`, which is 1
+    /// from `q = 86` and 2 from `q = 171`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn top_digit(q: __m512i) -> __m512i {
+        let one = _mm512_cmpge_epu8_mask(q, _mm512_set1_epi8(86));
+        let two = _mm512_cmpge_epu8_mask(q, _mm512_set1_epi8(171u8 as i8));
+        _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(one, _mm512_set1_epi8(1)), two, _mm512_set1_epi8(2))
+    }
+
+    /// The VBMI kernels' decode of 64 bytes: digit 0 from [`top_digit`],
+    /// digits 1–4 from [`LOW_FOUR`]'s lookup, for the tests to compare
+    /// with [`super::decode`] on every byte. `None` without VBMI.
+    #[cfg(test)]
+    pub(super) fn vbmi_digits(q: &[u8; 64]) -> Option<[[u8; 64]; 5]> {
+        if !has_vbmi_kernel(2) {
+            return None;
+        }
+        // SAFETY: the CPU has AVX-512 VBMI (checked above), F and BW (VBMI implies them).
+        unsafe {
+            let v = _mm512_loadu_si512(q.as_ptr() as *const __m512i);
+            let fields = lookup(&quarters(&LOW_FOUR), v);
+            let mut out = [[0u8; 64]; 5];
+            _mm512_storeu_si512(out[0].as_mut_ptr() as *mut __m512i, top_digit(v));
+            let mut f = [0u8; 64];
+            _mm512_storeu_si512(f.as_mut_ptr() as *mut __m512i, fields);
+            for (i, digit) in out.iter_mut().enumerate().skip(1) {
+                *digit = f.map(|b| b >> (2 * (4 - i)) & 3);
+            }
+            Some(out)
+        }
     }
 
     /// `table[q]` for each byte `q`: two `vpermi2b`, each of 128 entries,
@@ -444,6 +482,25 @@ mod tests {
             let codes: [u8; 5] = std::array::from_fn(|i| (v / 3u32.pow(4 - i as u32) % 3) as u8);
             let q = encode(codes);
             assert_eq!(std::array::from_fn::<u8, 5, _>(|i| decode(q, i)), codes, "v = {v}, q = {q}");
+        }
+    }
+
+    /// The VBMI kernels' compares and lookup read every byte, encodable or
+    /// not, as the reference [`decode`] does.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vbmi_decode_matches_the_reference_on_every_byte() {
+        for block in 0..4u8 {
+            let q: [u8; 64] = std::array::from_fn(|j| 64 * block + j as u8);
+            let Some(digits) = vbmi_digits(&q) else {
+                eprintln!("skipped: this CPU has no AVX-512 VBMI");
+                return;
+            };
+            for (j, &b) in q.iter().enumerate() {
+                for (i, d) in digits.iter().enumerate() {
+                    assert_eq!(d[j], decode(b, i), "byte {b}, digit {i}");
+                }
+            }
         }
     }
 }
