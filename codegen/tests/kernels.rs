@@ -352,11 +352,11 @@ proptest! {
     #[test]
     fn float_matmul_matches_the_interpreter(
         (n, k, s) in (prop_oneof![Just(1usize), Just(3), Just(61)], prop_oneof![Just(1usize), Just(3), Just(32), Just(783), Just(2592)], prop_oneof![1usize..4, 4usize..14]),
-        dtype in prop::sample::select(vec![DType::F16, DType::F32, DType::Q8_0]),
+        dtype in prop::sample::select(vec![DType::F16, DType::F32, DType::Q8_0, DType::Q4K, DType::Q6K]),
         threads in 1usize..3,
     ) {
-        // Q8_0 rows are whole blocks of 32.
-        let k = if dtype == DType::Q8_0 { k.div_ceil(32) * 32 } else { k };
+        // Quantized rows are whole blocks (32 values, 256 for the k-quants).
+        let k = k.div_ceil(dtype.block_elems()) * dtype.block_elems();
         let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
         let x: Vec<f32> = (0..s * k).map(|i| ((i * 104729) % 173) as f32 / 40.0 - 2.0).collect();
         let mut ws = Weights::new();

@@ -46,6 +46,7 @@ fn pack_scale_min_k4(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
 impl QuantBlock for BlockQ4K {
     const ELEMS: usize = QK_K;
     const BYTES: usize = 144;
+    #[inline]
     fn read(b: &[u8]) -> Self {
         BlockQ4K { d: f16::from_f32(f16_at(b, 0)), dmin: f16::from_f32(f16_at(b, 2)), scales: b[4..16].try_into().unwrap(), qs: b[16..144].try_into().unwrap() }
     }
@@ -58,6 +59,7 @@ impl QuantBlock for BlockQ4K {
 }
 
 impl FloatBlock for BlockQ4K {
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
         // Each 64 outputs use 32 bytes: low nibbles first, then high nibbles.
@@ -122,6 +124,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 impl QuantBlock for BlockQ6K {
     const ELEMS: usize = QK_K;
     const BYTES: usize = 210;
+    #[inline]
     fn read(b: &[u8]) -> Self {
         let mut scales = [0i8; 16];
         for (s, &v) in scales.iter_mut().zip(&b[192..208]) {
@@ -155,12 +158,25 @@ fn q6k_position(i: usize) -> (usize, u32, usize, u32, usize) {
 }
 
 impl FloatBlock for BlockQ6K {
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
+        // `q6k_position`'s layout as loops with no division inside (a loop
+        // the compiler vectorizes: a quantized head is dequantized a row per
+        // token); `dequantized_by_position` in the tests holds it to it.
         let d = self.d.to_f32();
-        for (i, o) in out.iter_mut().enumerate().take(QK_K) {
-            let (ql, qls, qh, qhs, s) = q6k_position(i);
-            let q = ((self.ql[ql] >> qls) & 0xF) | (((self.qh[qh] >> qhs) & 3) << 4);
-            *o = d * self.scales[s] as f32 * (q as i32 - 32) as f32;
+        for half in 0..2 {
+            let (ql, qh) = (&self.ql[64 * half..][..64], &self.qh[32 * half..][..32]);
+            for quarter in 0..4 {
+                let (from, shift) = (32 * (quarter % 2), 4 * (quarter / 2));
+                for sub in 0..2 {
+                    let step = d * self.scales[8 * half + 2 * quarter + sub] as f32;
+                    let y = &mut out[128 * half + 32 * quarter + 16 * sub..][..16];
+                    for (l, y) in (16 * sub..16 * sub + 16).zip(y) {
+                        let q = ((ql[from + l] >> shift) & 0xF) | (((qh[l] >> (2 * quarter)) & 3) << 4);
+                        *y = step * (q as i32 - 32) as f32;
+                    }
+                }
+            }
         }
     }
     fn quantize(x: &[f32]) -> Self {
@@ -184,5 +200,41 @@ impl FloatBlock for BlockQ6K {
             block.qh[qh] |= ((q as u8) >> 4) << qhs;
         }
         block
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Element `i` of a Q6_K block as its documented layout places it.
+    fn dequantized_by_position(b: &BlockQ6K, i: usize) -> f32 {
+        let (ql, qls, qh, qhs, s) = q6k_position(i);
+        let q = ((b.ql[ql] >> qls) & 0xF) | (((b.qh[qh] >> qhs) & 3) << 4);
+        b.d.to_f32() * b.scales[s] as f32 * (q as i32 - 32) as f32
+    }
+
+    /// The loops of `dequantize` read every element where the layout puts
+    /// it, for blocks of arbitrary bytes.
+    #[test]
+    fn q6k_dequantize_follows_the_layout() {
+        let mut seed = 7u64;
+        let mut byte = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        };
+        for _ in 0..20 {
+            let b = BlockQ6K {
+                ql: std::array::from_fn(|_| byte()),
+                qh: std::array::from_fn(|_| byte()),
+                scales: std::array::from_fn(|_| byte() as i8),
+                d: f16::from_f32(0.01 + byte() as f32 / 1000.0),
+            };
+            let mut out = [0f32; QK_K];
+            b.dequantize(&mut out);
+            for (i, &v) in out.iter().enumerate() {
+                assert_eq!(v.to_bits(), dequantized_by_position(&b, i).to_bits(), "element {i}");
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 impl QuantBlock for BlockQ8_0 {
     const ELEMS: usize = 32;
     const BYTES: usize = 34;
+    #[inline]
     fn read(b: &[u8]) -> Self {
         let mut qs = [0i8; 32];
         for (q, &v) in qs.iter_mut().zip(&b[2..34]) {
@@ -29,6 +30,7 @@ impl QuantBlock for BlockQ8_0 {
 }
 
 impl FloatBlock for BlockQ8_0 {
+    #[inline]
     fn dequantize(&self, out: &mut [f32]) {
         let d = self.d.to_f32();
         for (o, &q) in out.iter_mut().zip(&self.qs) {
