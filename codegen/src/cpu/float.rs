@@ -57,6 +57,8 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let row = if w.dtype == DType::F16 && s == 1 {
                 Row::F16(&w.data[r * row_bytes..(r + 1) * row_bytes])
+            } else if w.dtype == DType::Q6K && s == 1 && isa.float_kernels() == Isa::Avx2 {
+                Row::Q6K(&w.data[r * row_bytes..(r + 1) * row_bytes])
             } else if let Some(values) = f32_row(w, r, k) {
                 Row::F32(values)
             } else {
@@ -67,6 +69,12 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
                 let xt = &x[t * k..(t + 1) * k];
                 let v = match row {
                     Row::F16(bytes) => dot_f16(isa, xt, bytes),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2/FMA/F16C checked by available(), as
+                    // the row was chosen (Isa::Avx2 float kernels).
+                    Row::Q6K(bytes) => unsafe { avx2::dot_q6k(xt, bytes) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    Row::Q6K(_) => unreachable!("Q6_K rows are read in place only on x86"),
                     Row::F32(values) => dot(isa, xt, values),
                 };
                 // SAFETY: row r belongs to this worker alone.
@@ -108,6 +116,8 @@ enum Row<'a> {
     F16(&'a [u8]),
     /// f32 values: read in place, or converted into a scratch row.
     F32(&'a [f32]),
+    /// Q6_K blocks, dequantized within the dot product (one token, AVX2).
+    Q6K(&'a [u8]),
 }
 
 /// Row `r` of an f32 matrix read in place, where its bytes are aligned
@@ -253,7 +263,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use bitnet_ir::interp::WeightView;
-    use bitnet_ir::quant::{BlockQ4K, BlockQ6K, BlockQ8_0, FloatBlock};
+    use bitnet_ir::quant::{BlockQ4K, BlockQ6K, BlockQ8_0, FloatBlock, QuantBlock};
     use bitnet_ir::DType;
     use std::arch::x86_64::*;
 
@@ -333,6 +343,52 @@ mod avx2 {
             i += 1;
         }
         s
+    }
+
+    /// `Σ a·w` for a row `w` of Q6_K blocks, each weight dequantized in
+    /// registers to the value `BlockQ6K::dequantize` gives it (the 6-bit
+    /// code less 32, times its sub-block's `d · scale`: exact in f32) and
+    /// multiplied in f32, so one token reads the row's 210 bytes a 256
+    /// values and nothing else. Whole blocks only (rows are).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k(a: &[f32], w: &[u8]) -> f32 {
+        let blocks = (a.len() / BlockQ6K::ELEMS).min(w.len() / BlockQ6K::BYTES);
+        let (low, two, thirty_two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            let blk = w.as_ptr().add(b * BlockQ6K::BYTES);
+            // ql[128], qh[64], scales[16] (i8), d (f16): BlockQ6K's bytes.
+            let (scales, d) = (blk.add(192) as *const i8, half::f16::from_le_bytes([*blk.add(208), *blk.add(209)]).to_f32());
+            let x = a.as_ptr().add(b * BlockQ6K::ELEMS);
+            for half in 0..2 {
+                let ql = [0, 32].map(|o| _mm256_loadu_si256(blk.add(64 * half + o) as *const __m256i));
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const __m256i);
+                for quarter in 0..4 {
+                    let src = ql[quarter % 2];
+                    let nibble = _mm256_and_si256(if quarter < 2 { src } else { _mm256_srli_epi16::<4>(src) }, low);
+                    let high = _mm256_and_si256(shift_right(qh, 2 * quarter as i32), two);
+                    let q = _mm256_sub_epi8(_mm256_or_si256(nibble, _mm256_slli_epi16::<4>(high)), thirty_two);
+                    for sub in 0..2 {
+                        let step = _mm256_set1_ps(d * *scales.add(8 * half + 2 * quarter + sub) as f32);
+                        let codes = if sub == 0 { _mm256_castsi256_si128(q) } else { _mm256_extracti128_si256::<1>(q) };
+                        let at = x.add(128 * half + 32 * quarter + 16 * sub);
+                        for (e, codes) in [codes, _mm_srli_si128::<8>(codes)].into_iter().enumerate() {
+                            let w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), step);
+                            let acc = &mut acc[2 * sub + e];
+                            *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(at.add(8 * e)), *acc);
+                        }
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    }
+
+    /// Each 16-bit lane of `v` shifted right by `n` bits (0, 2, 4 or 6).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn shift_right(v: __m256i, n: i32) -> __m256i {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128(n))
     }
 
     /// `out[j][i] = x[i] · w[j]` for `R` rows of f16 bytes and `T`
