@@ -380,6 +380,33 @@ proptest! {
     }
 }
 
+/// One token against k-quant rows (a GGUF's Q4_K or Q6_K head): the
+/// products that dequantize in registers against the dequantized rows'
+/// plain sums, on every ISA, rows of one to nine blocks.
+#[test]
+fn k_quant_rows_meet_one_token_as_their_dequantized_values() {
+    for dtype in [DType::Q4K, DType::Q6K] {
+        for k in [256, 768, 2304] {
+            let n = 3;
+            let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
+            let x: Vec<f32> = (0..k).map(|i| ((i * 104729) % 173) as f32 / 40.0 - 2.0).collect();
+            let bytes = quant::quantize(dtype, &values);
+            let w = bitnet_ir::interp::WeightView { dtype, shape: vec![n, k], data: &bytes };
+            let mut row = vec![0f32; k];
+            for isa in isas() {
+                let mut out = vec![0f32; n];
+                float::matmul(&Pool::new(2), isa, &w, &x, &mut out);
+                for (r, &got) in out.iter().enumerate() {
+                    w.row(r).dequantize(&mut row);
+                    let want = float::reference_dot(&x, &row);
+                    let mass: f32 = x.iter().zip(&row).map(|(a, b)| (a * b).abs()).sum();
+                    assert!((got - want).abs() <= REL * mass + ABS, "{dtype:?} k={k} {} row {r}: {got} vs {want}", isa.name());
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn differing_block_scales_are_refused_with_a_reason() {
     let mut values = vec![1.0f32; 512];

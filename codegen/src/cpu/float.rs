@@ -57,8 +57,8 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let row = if w.dtype == DType::F16 && s == 1 {
                 Row::F16(&w.data[r * row_bytes..(r + 1) * row_bytes])
-            } else if w.dtype == DType::Q6K && s == 1 && isa.float_kernels() == Isa::Avx2 {
-                Row::Q6K(&w.data[r * row_bytes..(r + 1) * row_bytes])
+            } else if matches!(w.dtype, DType::Q4K | DType::Q6K) && s == 1 && isa.float_kernels() == Isa::Avx2 {
+                Row::KQuant(w.dtype, &w.data[r * row_bytes..(r + 1) * row_bytes])
             } else if let Some(values) = f32_row(w, r, k) {
                 Row::F32(values)
             } else {
@@ -72,9 +72,15 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX2/FMA/F16C checked by available(), as
                     // the row was chosen (Isa::Avx2 float kernels).
-                    Row::Q6K(bytes) => unsafe { avx2::dot_q6k(xt, bytes) },
+                    Row::KQuant(dtype, bytes) => unsafe {
+                        if dtype == DType::Q6K {
+                            avx2::dot_q6k(xt, bytes)
+                        } else {
+                            avx2::dot_q4k(xt, bytes)
+                        }
+                    },
                     #[cfg(not(target_arch = "x86_64"))]
-                    Row::Q6K(_) => unreachable!("Q6_K rows are read in place only on x86"),
+                    Row::KQuant(..) => unreachable!("k-quant rows are read in place only on x86"),
                     Row::F32(values) => dot(isa, xt, values),
                 };
                 // SAFETY: row r belongs to this worker alone.
@@ -116,8 +122,9 @@ enum Row<'a> {
     F16(&'a [u8]),
     /// f32 values: read in place, or converted into a scratch row.
     F32(&'a [f32]),
-    /// Q6_K blocks, dequantized within the dot product (one token, AVX2).
-    Q6K(&'a [u8]),
+    /// Q4_K or Q6_K blocks, dequantized within the dot product (one
+    /// token, AVX2).
+    KQuant(DType, &'a [u8]),
 }
 
 /// Row `r` of an f32 matrix read in place, where its bytes are aligned
@@ -358,7 +365,7 @@ mod avx2 {
         for b in 0..blocks {
             let blk = w.as_ptr().add(b * BlockQ6K::BYTES);
             // ql[128], qh[64], scales[16] (i8), d (f16): BlockQ6K's bytes.
-            let (scales, d) = (blk.add(192) as *const i8, half::f16::from_le_bytes([*blk.add(208), *blk.add(209)]).to_f32());
+            let (scales, d) = (blk.add(192) as *const i8, f16_at(blk.add(208)));
             let x = a.as_ptr().add(b * BlockQ6K::ELEMS);
             for half in 0..2 {
                 let ql = [0, 32].map(|o| _mm256_loadu_si256(blk.add(64 * half + o) as *const __m256i));
@@ -382,6 +389,50 @@ mod avx2 {
             }
         }
         hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    }
+
+    /// `Σ a·w` for a row `w` of Q4_K blocks, each weight made in registers
+    /// as `BlockQ4K::dequantize` makes it (`d·scale·q`, exact, less
+    /// `dmin·min`: one rounding either way) and multiplied in f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k(a: &[f32], w: &[u8]) -> f32 {
+        let blocks = (a.len() / BlockQ4K::ELEMS).min(w.len() / BlockQ4K::BYTES);
+        let low = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            // d, dmin (f16), scales[12], qs[128]: BlockQ4K's bytes.
+            let blk = w.as_ptr().add(b * BlockQ4K::BYTES);
+            let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
+            let scales = &*(blk.add(4) as *const [u8; 12]);
+            let qs = blk.add(16);
+            let x = a.as_ptr().add(b * BlockQ4K::ELEMS);
+            // Each 64 values: 32 bytes, their low nibbles then their high ones.
+            for chunk in 0..4 {
+                for (nibbles, j) in [(0, 2 * chunk), (1, 2 * chunk + 1)] {
+                    let (scale, min) = BlockQ4K::scale_min(scales, j);
+                    let (step, offset) = (_mm256_set1_ps(d * scale as f32), _mm256_set1_ps(dmin * min as f32));
+                    for half in 0..2 {
+                        let bytes = _mm_loadu_si128(qs.add(32 * chunk + 16 * half) as *const __m128i);
+                        let q = _mm_and_si128(if nibbles == 0 { bytes } else { _mm_srli_epi16::<4>(bytes) }, low);
+                        let at = x.add(64 * chunk + 32 * nibbles + 16 * half);
+                        for (e, q) in [q, _mm_srli_si128::<8>(q)].into_iter().enumerate() {
+                            let w = _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), step), offset);
+                            let acc = &mut acc[2 * half + e];
+                            *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(at.add(8 * e)), *acc);
+                        }
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    }
+
+    /// The f16 at `p` (little-endian, unaligned) as f32.
+    #[target_feature(enable = "f16c")]
+    #[inline]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
     /// Each 16-bit lane of `v` shifted right by `n` bits (0, 2, 4 or 6).

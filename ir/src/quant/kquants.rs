@@ -19,6 +19,15 @@ pub struct BlockQ4K {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 
+impl BlockQ4K {
+    /// Sub-block `j`'s (0..8) 6-bit scale and min from a block's `scales`
+    /// bytes: its values are `d · scale · q − dmin · min`.
+    #[inline]
+    pub fn scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
+        scale_min_k4(j, scales)
+    }
+}
+
 /// The 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
 fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
