@@ -380,17 +380,37 @@ proptest! {
     }
 }
 
+/// Blocks of arbitrary bytes (negative Q6_K scales, every code and
+/// 6-bit scale) with their f16 scales set to 1/64: `n` rows of `k`.
+fn arbitrary_k_quant_rows(dtype: DType, n: usize, k: usize) -> Vec<u8> {
+    let (size, scales_at) = if dtype == DType::Q6K { (210, [208].as_slice()) } else { (144, [0, 2].as_slice()) };
+    let mut seed = 11u64;
+    let mut bytes: Vec<u8> = (0..n * k / 256 * size)
+        .map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        })
+        .collect();
+    for block in bytes.chunks_exact_mut(size) {
+        for &at in scales_at {
+            block[at..at + 2].copy_from_slice(&[0x00, 0x24]);
+        }
+    }
+    bytes
+}
+
 /// One token against k-quant rows (a GGUF's Q4_K or Q6_K head): the
 /// products that dequantize in registers against the dequantized rows'
-/// plain sums, on every ISA, rows of one to nine blocks.
+/// plain sums, on every ISA, rows of one to nine blocks, both quantized
+/// and of arbitrary bytes.
 #[test]
 fn k_quant_rows_meet_one_token_as_their_dequantized_values() {
-    for dtype in [DType::Q4K, DType::Q6K] {
+    for (dtype, arbitrary) in [DType::Q4K, DType::Q6K].into_iter().flat_map(|d| [(d, false), (d, true)]) {
         for k in [256, 768, 2304] {
             let n = 3;
             let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
             let x: Vec<f32> = (0..k).map(|i| ((i * 104729) % 173) as f32 / 40.0 - 2.0).collect();
-            let bytes = quant::quantize(dtype, &values);
+            let bytes = if arbitrary { arbitrary_k_quant_rows(dtype, n, k) } else { quant::quantize(dtype, &values) };
             let w = bitnet_ir::interp::WeightView { dtype, shape: vec![n, k], data: &bytes };
             let mut row = vec![0f32; k];
             for isa in isas() {

@@ -185,7 +185,7 @@ mod x86 {
         rows >= 2 && is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512vl")
     }
 
-    /// `T[i][q]`: digit `i` of byte `q`, the tables [`vbmi_dots`] looks up.
+    /// `T[i][q]`: digit `i` of byte `q`, which [`LOW_FOUR`] is made of.
     static DIGITS: [[u8; 256]; 5] = {
         let mut t = [[0u8; 256]; 5];
         let mut q = 0;
@@ -211,8 +211,8 @@ mod x86 {
     /// back exactly); digit 0 is two compares ([`top_digit`]). `vpdpbusd`
     /// meets each digit with the chunk's 32 activations of that digit in
     /// both halves: the low half's sums are the first row's, the high
-    /// half's the second's. Two shuffles for 320 weights, where a second
-    /// lookup for a digit took four.
+    /// half's the second's. Two shuffles for 320 weights (a lookup for
+    /// digit 4 as well took four).
     pub(in super::super) fn vbmi_dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
         assert!(
             has_vbmi_kernel(rows) && tile.len() == chunks * rows * CHUNK_BYTES && x.kp >= chunks * CHUNK && tok + step <= x.tokens(),
@@ -405,10 +405,10 @@ mod x86 {
     /// with [`super::decode`] on every byte. `None` without VBMI.
     #[cfg(test)]
     pub(super) fn vbmi_digits(q: &[u8; 64]) -> Option<[[u8; 64]; 5]> {
-        if !has_vbmi_kernel(2) {
+        if !(has_vbmi_kernel(2) && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
             return None;
         }
-        // SAFETY: the CPU has AVX-512 VBMI (checked above), F and BW (VBMI implies them).
+        // SAFETY: the CPU has AVX-512 F, BW and VBMI (checked above).
         unsafe {
             let v = _mm512_loadu_si512(q.as_ptr() as *const __m512i);
             let fields = lookup(&quarters(&LOW_FOUR), v);

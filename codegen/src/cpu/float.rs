@@ -1,6 +1,7 @@
 //! Float matrix products `x · wᵀ` with f32 activations: the output head
 //! (f16 as stored, or f32) and the projections of non-ternary models.
-//! Other stored types are dequantized a row at a time.
+//! Other stored types are dequantized a row at a time, except that one
+//! token meets Q4_K and Q6_K rows (GGUF heads) in place.
 
 use super::pool::{Chunks, Pool, SharedMut};
 use super::Isa;
@@ -57,8 +58,8 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
             let row = if w.dtype == DType::F16 && s == 1 {
                 Row::F16(&w.data[r * row_bytes..(r + 1) * row_bytes])
-            } else if matches!(w.dtype, DType::Q4K | DType::Q6K) && s == 1 && isa.float_kernels() == Isa::Avx2 {
-                Row::KQuant(w.dtype, &w.data[r * row_bytes..(r + 1) * row_bytes])
+            } else if cfg!(target_arch = "x86_64") && matches!(w.dtype, DType::Q4K | DType::Q6K) && s == 1 && isa.float_kernels() == Isa::Avx2 {
+                Row::KQuant(w.dtype, w.row(r).bytes)
             } else if let Some(values) = f32_row(w, r, k) {
                 Row::F32(values)
             } else {
@@ -281,15 +282,15 @@ mod avx2 {
     pub unsafe fn dequantize(w: &WeightView, r: usize, out: &mut [f32]) {
         let row = w.row(r);
         match row.dtype {
-            DType::Q6K => blocks::<BlockQ6K>(row.bytes, out),
-            DType::Q4K => blocks::<BlockQ4K>(row.bytes, out),
-            DType::Q8_0 => blocks::<BlockQ8_0>(row.bytes, out),
+            DType::Q6K => dequantize_blocks::<BlockQ6K>(row.bytes, out),
+            DType::Q4K => dequantize_blocks::<BlockQ4K>(row.bytes, out),
+            DType::Q8_0 => dequantize_blocks::<BlockQ8_0>(row.bytes, out),
             _ => row.dequantize(out),
         }
     }
 
     #[inline(always)]
-    fn blocks<B: FloatBlock>(bytes: &[u8], out: &mut [f32]) {
+    fn dequantize_blocks<B: FloatBlock>(bytes: &[u8], out: &mut [f32]) {
         for (b, o) in bytes.chunks_exact(B::BYTES).zip(out.chunks_exact_mut(B::ELEMS)) {
             B::read(b).dequantize(o);
         }
@@ -360,12 +361,13 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q6k(a: &[f32], w: &[u8]) -> f32 {
         let blocks = (a.len() / BlockQ6K::ELEMS).min(w.len() / BlockQ6K::BYTES);
-        let (low, two, thirty_two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+        debug_assert!(a.len() == w.len() / BlockQ6K::BYTES * BlockQ6K::ELEMS, "q6_k dot: whole blocks");
+        let (low, two_bits, thirty_two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
         let mut acc = [_mm256_setzero_ps(); 4];
         for b in 0..blocks {
             let blk = w.as_ptr().add(b * BlockQ6K::BYTES);
             // ql[128], qh[64], scales[16] (i8), d (f16): BlockQ6K's bytes.
-            let (scales, d) = (blk.add(192) as *const i8, f16_at(blk.add(208)));
+            let (scales, d) = (blk.add(192) as *const i8, f16_bits_at(blk.add(208)));
             let x = a.as_ptr().add(b * BlockQ6K::ELEMS);
             for half in 0..2 {
                 let ql = [0, 32].map(|o| _mm256_loadu_si256(blk.add(64 * half + o) as *const __m256i));
@@ -373,16 +375,16 @@ mod avx2 {
                 for quarter in 0..4 {
                     let src = ql[quarter % 2];
                     let nibble = _mm256_and_si256(if quarter < 2 { src } else { _mm256_srli_epi16::<4>(src) }, low);
-                    let high = _mm256_and_si256(shift_right(qh, 2 * quarter as i32), two);
+                    let high = _mm256_and_si256(shift_right(qh, 2 * quarter as i32), two_bits);
                     let q = _mm256_sub_epi8(_mm256_or_si256(nibble, _mm256_slli_epi16::<4>(high)), thirty_two);
                     for sub in 0..2 {
                         let step = _mm256_set1_ps(d * *scales.add(8 * half + 2 * quarter + sub) as f32);
                         let codes = if sub == 0 { _mm256_castsi256_si128(q) } else { _mm256_extracti128_si256::<1>(q) };
                         let at = x.add(128 * half + 32 * quarter + 16 * sub);
                         for (e, codes) in [codes, _mm_srli_si128::<8>(codes)].into_iter().enumerate() {
-                            let w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), step);
+                            let weights = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), step);
                             let acc = &mut acc[2 * sub + e];
-                            *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(at.add(8 * e)), *acc);
+                            *acc = _mm256_fmadd_ps(weights, _mm256_loadu_ps(at.add(8 * e)), *acc);
                         }
                     }
                 }
@@ -396,29 +398,30 @@ mod avx2 {
     /// `dmin·min`: one rounding either way) and multiplied in f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4k(a: &[f32], w: &[u8]) -> f32 {
+        debug_assert!(a.len() == w.len() / BlockQ4K::BYTES * BlockQ4K::ELEMS, "q4_k dot: whole blocks");
         let blocks = (a.len() / BlockQ4K::ELEMS).min(w.len() / BlockQ4K::BYTES);
         let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); 4];
         for b in 0..blocks {
             // d, dmin (f16), scales[12], qs[128]: BlockQ4K's bytes.
             let blk = w.as_ptr().add(b * BlockQ4K::BYTES);
-            let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
+            let (d, dmin) = (f16_bits_at(blk), f16_bits_at(blk.add(2)));
             let scales = &*(blk.add(4) as *const [u8; 12]);
             let qs = blk.add(16);
             let x = a.as_ptr().add(b * BlockQ4K::ELEMS);
             // Each 64 values: 32 bytes, their low nibbles then their high ones.
             for chunk in 0..4 {
-                for (nibbles, j) in [(0, 2 * chunk), (1, 2 * chunk + 1)] {
+                for (high, j) in [(false, 2 * chunk), (true, 2 * chunk + 1)] {
                     let (scale, min) = BlockQ4K::scale_min(scales, j);
                     let (step, offset) = (_mm256_set1_ps(d * scale as f32), _mm256_set1_ps(dmin * min as f32));
                     for half in 0..2 {
                         let bytes = _mm_loadu_si128(qs.add(32 * chunk + 16 * half) as *const __m128i);
-                        let q = _mm_and_si128(if nibbles == 0 { bytes } else { _mm_srli_epi16::<4>(bytes) }, low);
-                        let at = x.add(64 * chunk + 32 * nibbles + 16 * half);
+                        let q = _mm_and_si128(if high { _mm_srli_epi16::<4>(bytes) } else { bytes }, low);
+                        let at = x.add(64 * chunk + 32 * high as usize + 16 * half);
                         for (e, q) in [q, _mm_srli_si128::<8>(q)].into_iter().enumerate() {
-                            let w = _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), step), offset);
+                            let weights = _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), step), offset);
                             let acc = &mut acc[2 * half + e];
-                            *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(at.add(8 * e)), *acc);
+                            *acc = _mm256_fmadd_ps(weights, _mm256_loadu_ps(at.add(8 * e)), *acc);
                         }
                     }
                 }
@@ -430,7 +433,7 @@ mod avx2 {
     /// The f16 at `p` (little-endian, unaligned) as f32.
     #[target_feature(enable = "f16c")]
     #[inline]
-    unsafe fn f16_at(p: *const u8) -> f32 {
+    unsafe fn f16_bits_at(p: *const u8) -> f32 {
         let bits = u16::from_le_bytes([*p, *p.add(1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }

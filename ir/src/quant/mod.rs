@@ -64,8 +64,8 @@ pub struct RowView<'a> {
 
 impl RowView<'_> {
     /// Dequantizes the row into `out` (whose length is the row length).
-    /// Inlined, so that a caller compiled for wider vectors (the CPU
-    /// backend's AVX2 float path) vectorizes it with them.
+    /// Inlinable, so that a caller compiled for wider vectors can
+    /// vectorize it with them.
     #[inline]
     pub fn dequantize(&self, out: &mut [f32]) {
         let b = self.bytes;
