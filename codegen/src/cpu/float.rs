@@ -271,7 +271,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use bitnet_ir::interp::WeightView;
-    use bitnet_ir::quant::{BlockQ4K, BlockQ6K, BlockQ8_0, FloatBlock, QuantBlock};
+    use bitnet_ir::quant::{dequantize_blocks, BlockQ4K, BlockQ6K, BlockQ8_0, QuantBlock};
     use bitnet_ir::DType;
     use std::arch::x86_64::*;
 
@@ -286,13 +286,6 @@ mod avx2 {
             DType::Q4K => dequantize_blocks::<BlockQ4K>(row.bytes, out),
             DType::Q8_0 => dequantize_blocks::<BlockQ8_0>(row.bytes, out),
             _ => row.dequantize(out),
-        }
-    }
-
-    #[inline(always)]
-    fn dequantize_blocks<B: FloatBlock>(bytes: &[u8], out: &mut [f32]) {
-        for (b, o) in bytes.chunks_exact(B::BYTES).zip(out.chunks_exact_mut(B::ELEMS)) {
-            B::read(b).dequantize(o);
         }
     }
 

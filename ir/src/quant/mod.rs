@@ -64,9 +64,6 @@ pub struct RowView<'a> {
 
 impl RowView<'_> {
     /// Dequantizes the row into `out` (whose length is the row length).
-    /// Inlinable, so that a caller compiled for wider vectors can
-    /// vectorize it with them.
-    #[inline]
     pub fn dequantize(&self, out: &mut [f32]) {
         let b = self.bytes;
         match self.dtype {
@@ -129,8 +126,11 @@ impl RowView<'_> {
     }
 }
 
-#[inline]
-fn dequantize_blocks<B: FloatBlock>(b: &[u8], out: &mut [f32]) {
+/// Blocks of `B` from `b` into `out`, whole blocks only. Inlined, so that
+/// a caller compiled for wider vectors (the CPU backend's AVX2 float path)
+/// vectorizes the blocks' own code with them.
+#[inline(always)]
+pub fn dequantize_blocks<B: FloatBlock>(b: &[u8], out: &mut [f32]) {
     for (blk, o) in b.chunks_exact(B::BYTES).zip(out.chunks_exact_mut(B::ELEMS)) {
         B::read(blk).dequantize(o);
     }
