@@ -212,18 +212,28 @@ pub fn reference_dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 1024;
 
-/// Prefetches `row`'s bytes [`PREFETCH`] past `at`. Batched, the kernels
-/// compute long enough per byte that the hardware prefetcher alone leaves
-/// them waiting on DRAM. Near a row's end the prefetch runs on into the row
-/// that the next block of `R` contiguous rows reads in this one's place, so
-/// that no block starts cold (an address past the matrix is harmless: a
-/// prefetch does not fault). Into L2: at the DRAM's speed the L1's miss
-/// buffers are the limit (13% faster than into L1 on the 8-token head).
+/// How far ahead one token's f16 dot product prefetches its row, in bytes:
+/// it computes little per byte, so it must cover the DRAM's whole latency.
+/// On a 2-core Intel Xeon (Sapphire Rapids class) VM the 2B4T head took
+/// 38 ms a token with none, 35 with 1 KB, 29 with 2 KB and 22-25 with
+/// 4 KB (8 KB no better): docs/performance.md, session of 2026-12-06,
+/// thirteenth.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_ONE_TOKEN: usize = 4096;
+
+/// Prefetches `row`'s bytes `distance` past `at` ([`PREFETCH`] batched,
+/// where the kernels compute long enough per byte that the hardware
+/// prefetcher alone leaves them waiting on DRAM; [`PREFETCH_ONE_TOKEN`]
+/// for one token). Near a row's end the prefetch runs on into the row that
+/// the next block of `R` contiguous rows reads in this one's place, so that
+/// no block starts cold (an address past the matrix is harmless: a prefetch
+/// does not fault). Into L2: at the DRAM's speed the L1's miss buffers are
+/// the limit (13% faster than into L1 on the 8-token head).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_ahead<const R: usize>(row: &[u8], at: usize) {
+fn prefetch_ahead<const R: usize>(row: &[u8], at: usize, distance: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T2};
-    let ahead = at + PREFETCH;
+    let ahead = at + distance;
     let ahead = if ahead < row.len() { ahead } else { ahead + (R - 1) * row.len() };
     // SAFETY: a prefetch reads nothing and cannot fault; wrapping_add
     // makes no claim that the address is inside the slice.
@@ -244,7 +254,7 @@ mod avx512 {
         let mut i = 0;
         while i + 16 <= n {
             let wv: [__m512; R] = std::array::from_fn(|r| {
-                super::prefetch_ahead::<R>(w[r], 2 * i);
+                super::prefetch_ahead::<R>(w[r], 2 * i, super::PREFETCH);
                 _mm512_cvtph_ps(_mm256_loadu_si256(w[r].as_ptr().add(2 * i) as *const __m256i))
             });
             for (t, x) in x.iter().enumerate() {
@@ -329,6 +339,9 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
+            // One cache line a pass; past the row's end into the next
+            // row, which a worker's contiguous rows read next.
+            super::prefetch_ahead::<1>(b, 2 * i, super::PREFETCH_ONE_TOKEN);
             for (j, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * j)), load(i + 8 * j), *acc);
             }
@@ -450,7 +463,7 @@ mod avx2 {
             let xs: [__m256; T] = std::array::from_fn(|t| _mm256_loadu_ps(x[t].as_ptr().add(i)));
             for (acc, w) in acc.iter_mut().zip(&w) {
                 if i % 16 == 0 {
-                    super::prefetch_ahead::<R>(w, 2 * i);
+                    super::prefetch_ahead::<R>(w, 2 * i, super::PREFETCH);
                 }
                 let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i));
                 for (a, xv) in acc.iter_mut().zip(&xs) {
