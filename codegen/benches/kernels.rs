@@ -1,6 +1,8 @@
 //! Kernel benchmarks at the BitNet b1.58 2B4T shapes, reported as GB/s of
 //! weights streamed (criterion's bytes throughput), next to the machine's
-//! read bandwidth measured the same way (`read_bandwidth`).
+//! read bandwidth as a plain sum (`read_bandwidth`; the runtime's roofline,
+//! `pool::read_bandwidth`, also sums with software prefetch and keeps the
+//! faster).
 //!
 //! `cargo bench -p bitnet-codegen --bench kernels` (set `BITNET_BENCH_THREADS`, default 2).
 //! Each matrix is larger than the last-level cache several times over in

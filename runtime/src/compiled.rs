@@ -212,7 +212,8 @@ impl CompiledModel {
     }
 
     /// This machine's read bandwidth with the model's workers, bytes a
-    /// second (the best of three sums over 256 MiB).
+    /// second (the best of three plain and three prefetched sums over
+    /// 256 MiB).
     pub fn read_bandwidth(&self) -> f64 {
         bitnet_codegen::cpu::pool::read_bandwidth(&self.pool, 256 << 20, 3)
     }

@@ -95,7 +95,8 @@ mod avx2 {
     /// How far ahead of its loads the dot prefetches the weight row `a`,
     /// in bytes, on into the next rows (a worker's rows are contiguous):
     /// the ternary kernels' 4 KB (`ternary::PREFETCH`). On a 2-core Intel
-    /// Xeon VM the 2B4T q8 head took 14.9 ms a token with 1 KB.
+    /// Xeon VM the 2B4T q8 head took 14.9 ms a token with 1 KB, 12.3 with
+    /// 4 KB.
     const PREFETCH: usize = 4096;
 
     /// `pmaddubsw` multiplies unsigned by signed bytes: feed it |a| and b
