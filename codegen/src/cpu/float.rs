@@ -212,15 +212,11 @@ pub fn reference_dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 1024;
 
-/// How far ahead one token's f16 dot product prefetches its row, in bytes:
-/// it computes little per byte, so it must cover the DRAM's whole latency.
-/// On a 2-core Intel Xeon (Sapphire Rapids class) VM the 2B4T head took
-/// 37-40 ms a token with none, 35-37 with 1 KB, 29-36 with 2 KB and
-/// 22-31 with 4 KB (8 KB within the same noise, and no better for the
-/// ternary kernels): docs/performance.md, session of 2026-12-06,
-/// thirteenth.
+/// How far ahead one token's dot product prefetches its row, in bytes: it
+/// computes little per byte, so it must cover the DRAM's whole latency
+/// (the 2B4T f16 head: 35-37 ms a token with 1 KB, 29-36 with 2 KB).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_ONE_TOKEN: usize = 4096;
+const PREFETCH_ONE_TOKEN: usize = super::STREAM_PREFETCH;
 
 /// Prefetches `row`'s bytes `distance` past `at` ([`PREFETCH`] batched,
 /// where the kernels compute long enough per byte that the hardware

@@ -93,11 +93,10 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// How far ahead of its loads the dot prefetches the weight row `a`,
-    /// in bytes, on into the next rows (a worker's rows are contiguous):
-    /// the ternary kernels' 4 KB (`ternary::PREFETCH`). On a 2-core Intel
-    /// Xeon VM the 2B4T q8 head took 14.9 ms a token with 1 KB, 12.3 with
-    /// 4 KB.
-    const PREFETCH: usize = 4096;
+    /// in bytes, on into the next rows (a worker's rows are contiguous).
+    /// On a 2-core Intel Xeon VM the 2B4T q8 head took 14.9 ms a token
+    /// with 1 KB, 12.3 with 4 KB.
+    const PREFETCH: usize = super::super::STREAM_PREFETCH;
 
     /// `pmaddubsw` multiplies unsigned by signed bytes: feed it |a| and b
     /// with a's sign. Neither side is −128, so pairs stay below 2¹⁵.

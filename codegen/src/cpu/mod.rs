@@ -21,6 +21,18 @@ mod vnni;
 
 pub use pool::Pool;
 
+/// How far ahead of its loads a decode kernel that streams its weights
+/// from DRAM prefetches them, in bytes: far enough to cover the latency of
+/// a DRAM slower than a Zen 4's. On a 2-core Intel Xeon (Sapphire Rapids
+/// class) VM, 4 KB read the ternary weights 15-20% faster than 1 KB (2 and
+/// 1.6 bits alike) and the f16 head 37-40 → 22-31 ms a token where it had
+/// none; 8 KB was within the noise of 4 KB for the head and no better for
+/// the ternary kernels (docs/performance.md, session of 2026-12-06,
+/// thirteenth). The ternary tile kernels, one token's f16, Q4_K and Q6_K
+/// head dots, the q8 head and the roofline's prefetched bandwidth sum all
+/// use it.
+pub(crate) const STREAM_PREFETCH: usize = 4096;
+
 /// The instruction set a native kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Isa {

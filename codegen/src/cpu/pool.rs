@@ -285,9 +285,9 @@ pub fn read_bandwidth(pool: &Pool, bytes: usize, passes: usize) -> f64 {
     (data.len() * 8) as f64 / best
 }
 
-/// How far ahead [`read_bandwidth`] prefetches, in `u64`s: the 4 KB the
-/// ternary decode kernels prefetch ahead.
-const PREFETCH_WORDS: usize = 4096 / 8;
+/// How far ahead [`read_bandwidth`] prefetches, in `u64`s: as far as the
+/// decode kernels do.
+const PREFETCH_WORDS: usize = super::STREAM_PREFETCH / 8;
 
 /// Asks for the cache line at `p` into L1 (nothing where there is no
 /// prefetch instruction); any address is harmless.

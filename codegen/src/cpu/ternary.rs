@@ -383,13 +383,8 @@ impl QuantActs {
 
 /// How far ahead of its loads a native tile kernel prefetches weights, in
 /// bytes: the hardware prefetcher alone leaves the loads waiting on DRAM.
-/// Far enough to cover the latency of a DRAM slower than a Zen 4's: on a
-/// 2-core Intel Xeon (Sapphire Rapids class) VM, 4 KB ahead read a decode
-/// step's ternary weights 15-20% faster than 1 KB (2 and 1.6 bits alike),
-/// and 8 KB no faster (docs/performance.md, session of 2026-12-06,
-/// thirteenth).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH: usize = 4096;
+const PREFETCH: usize = super::STREAM_PREFETCH;
 
 /// Prefetches the weights [`PREFETCH`] bytes past chunk `c` of a tile of
 /// `rows` rows (two cache lines for tiles of more than two rows).
