@@ -1,15 +1,16 @@
 //! Ternary products of many tokens on AMX tiles (Intel Sapphire Rapids and
 //! later). One `tdpbusd` multiplies a 16 × 64 tile of unsigned bytes by a
 //! 64 × 16 tile of signed ones into 16 × 16 sums: 16384 products, where
-//! AVX-512's `vpdpbusd` does 64. A batch of decode steps (many sequences)
-//! or a prefill keeps the VNNI kernels at one `vpdpbusd` a cycle; on tiles
-//! the weights' unpacking and reading decide instead.
+//! AVX-512's `vpdpbusd` does 64. A prefill of many tokens keeps the VNNI
+//! kernels at the rate of `vpdpbusd`; on tiles the weights' unpacking and
+//! the tiles' loads decide instead.
 //!
-//! The layout: tile A holds 16 weight rows' codes (0, 1, 2: one byte each,
-//! unpacked from the 2-bit layout of [`super::ternary`] into a scratch of
-//! 16 rows × `kp` bytes, once for all tokens) for 64 consecutive weights;
-//! tile B holds 16 tokens' activations for the same 64 weights, each four
-//! side by side ([`Acts`], arranged once a call). The sums are of codes
+//! The layout: tile A holds 16 weight rows' codes (0, 1, 2: one byte each)
+//! for 64 consecutive weights, tile B 16 tokens' activations for the same
+//! 64 weights, each four side by side ([`Acts`], arranged once a call). A
+//! call unpacks 64 rows from the 2-bit layout of [`super::ternary`], four
+//! groups of 16, once for all tokens; each B tile then meets the four
+//! groups' A tiles, four chains of `tdpbusd` into four C tiles. The sums are of codes
 //! times activations, as every ternary kernel's are (the caller subtracts
 //! `Σx`), and integer: the same values as the VNNI kernels', so the
 //! epilogue's results are the same bits.
@@ -24,18 +25,19 @@ use super::ternary::{PackedTernary, QuantActs, CHUNK, CHUNK_BYTES};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-/// Weight rows in one A tile: the rows a call multiplies at once.
-pub(super) const ROWS: usize = 16;
+/// Weight rows in one A tile.
+const ROWS: usize = 16;
 /// Tokens in one B tile's columns.
-pub(super) const TOKENS: usize = 16;
+const TOKENS: usize = 16;
 /// Bytes of a tile row: 64 codes of A, or four activations of each of B's 16 tokens.
 const ROW_BYTES: usize = 64;
 /// The fewest tokens a product goes to tiles with. On the 2-core Intel
 /// Xeon VM of docs/performance.md (session of 2026-12-06, fourteenth) a
-/// prefill of 256 tokens ran 1.2-1.4× and one of 128 1.5× faster on tiles,
-/// one of 64 within the noise, and fewer tokens (8 sequences' decode steps
-/// among them) slower: each call unpacks its 16 rows for all tokens, and a
-/// `tdpbusd` there took 35-60 ns, not the 16 cycles a bare CPU's takes.
+/// prefill of 128 or 256 tokens ran faster on tiles, one of 64 within the
+/// noise, and fewer tokens (8 sequences' decode steps among them) slower:
+/// a call unpacks its rows for all its tokens, and a `tdpbusd` took 9 ns
+/// in a bare loop there and 19-35 ns fed from L1 and L2, not the 16 cycles
+/// Intel gives.
 pub(super) const MIN_TOKENS: usize = 128;
 
 /// Whether this CPU has AMX-INT8 and the kernel lets this process use it.
@@ -94,9 +96,19 @@ impl Acts {
     }
 }
 
-/// The tile configuration (palette 1): C tiles 0 and 1 (the sums of even
-/// and odd weight blocks, two chains that overlap), A tiles 4 and 5, B
-/// tiles 6 and 7; each 16 rows of 64 bytes.
+/// Bytes of one tile: 16 rows of 64.
+const TILE_BYTES: usize = ROWS * ROW_BYTES;
+
+/// A tiles' row groups a call multiplies: four C tiles, four chains of
+/// `tdpbusd` in flight, each B tile loaded once for all four.
+const GROUPS: usize = 4;
+/// The weight rows of one call.
+pub(super) const CALL_ROWS: usize = GROUPS * ROWS;
+
+/// The tile configuration (palette 1): C tiles 0-3 (one per row group), A
+/// tiles 4 and 5 and B tiles 6 and 7 (each loaded in turn, so that a load
+/// need not wait for the `tdpbusd` reading the other); each 16 rows of 64
+/// bytes.
 #[repr(C, align(64))]
 struct Config {
     palette: u8,
@@ -108,11 +120,10 @@ struct Config {
 
 const CONFIG: Config = {
     let mut c = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
-    let used = [0, 1, 4, 5, 6, 7];
     let mut i = 0;
-    while i < used.len() {
-        c.colsb[used[i]] = ROW_BYTES as u16;
-        c.rows[used[i]] = ROWS as u8;
+    while i < 8 {
+        c.colsb[i] = ROW_BYTES as u16;
+        c.rows[i] = ROWS as u8;
         i += 1;
     }
     c
@@ -121,12 +132,12 @@ const CONFIG: Config = {
 /// One worker's tiles and scratch for a product: configured when made,
 /// released when dropped.
 pub(super) struct Worker {
-    kp: usize,
-    /// 16 rows' codes as A tiles: weight block `h`'s 16 rows of 64 codes
-    /// at `h · 1024`, one after another.
+    weight_blocks: usize,
+    /// 64 rows' codes as A tiles: group `g`'s weight block `h` (16 rows of
+    /// 64 codes) at `(g · weight_blocks + h) · 1024`.
     codes: Vec<u8>,
-    /// The even and odd blocks' sums of one call, `[16 rows][16 tokens]` each.
-    sums: [[i32; ROWS * TOKENS]; 2],
+    /// One token block's sums, `[16 rows][16 tokens]` for each group.
+    sums: [[i32; ROWS * TOKENS]; GROUPS],
 }
 
 impl Worker {
@@ -138,59 +149,110 @@ impl Worker {
         // configuration is a valid palette-1 one (checked by the CPU, which
         // faults on an invalid one rather than misbehaving).
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const Config, options(nostack, readonly)) };
-        Worker { kp, codes: vec![0; ROWS * kp], sums: [[0; ROWS * TOKENS]; 2] }
+        let weight_blocks = kp / ROW_BYTES;
+        Worker { weight_blocks, codes: vec![0; GROUPS * weight_blocks * TILE_BYTES], sums: [[0; ROWS * TOKENS]; GROUPS] }
     }
 
-    /// `out[r · s + t]` = row `r` of the tiles `tiles` of `w` (at most 16
-    /// rows) · token `t`, for each of `x`'s `s` tokens.
+    /// `out[r · s + t]` = row `r` of the tiles `tiles` of `w` (at most 64
+    /// rows) · token `t`, for each of `x`'s `s` tokens. Rows past the tiles'
+    /// are multiplied too, with whatever codes the scratch holds, and dropped.
+    /// The rows are unpacked whole first, then multiplied by each block of
+    /// 16 tokens in turn.
     pub(super) fn dots(&mut self, w: &PackedTernary, tiles: std::ops::Range<usize>, x: &Acts, out: &mut [i32]) {
-        let (rows, s) = (tiles.len() * w.rows, x.tokens);
-        assert!(rows <= ROWS && w.kp == self.kp && x.weight_blocks * ROW_BYTES == w.kp && out.len() >= rows * s, "amx dots: mismatched operands");
+        let (rows, s, blocks, chunks) = (tiles.len() * w.rows, x.tokens, self.weight_blocks, w.kp / CHUNK);
+        assert!(
+            rows <= CALL_ROWS && ROWS % w.rows == 0 && x.weight_blocks == blocks && blocks * ROW_BYTES == w.kp && out.len() >= rows * s,
+            "amx dots: mismatched operands"
+        );
         for (q, t) in tiles.enumerate() {
+            let first = q * w.rows;
+            let group = &mut self.codes[first / ROWS * blocks * TILE_BYTES..][..blocks * TILE_BYTES];
             // SAFETY: the CPU has AVX-512 F and BW (part of AMX's CPUs and
-            // of Isa::Avx512Vnni, checked by the caller); the tile holds
-            // `rows × chunks` chunks and the scratch `16 × kp` bytes.
-            unsafe { unpack(w.tile(t), w.rows, w.kp / CHUNK, &mut self.codes, q * w.rows) };
+            // of Isa::Avx512Vnni, checked by the caller); `unpack` checks
+            // the lengths.
+            unsafe { unpack(w.tile(t), w.rows, chunks, group, first % ROWS) };
         }
         for b in 0..x.blocks {
-            // SAFETY: the tiles were configured by `new` on this thread
-            // (a worker lives inside one pool job); each load reads 16 rows
-            // of 64 bytes inside `codes` (stride kp) or `x` (stride 64), and
-            // each store writes 16 × 64 bytes into `sums`.
-            unsafe {
-                asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-                for h in (0..x.weight_blocks).step_by(2) {
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {kb}*1]",
-                        "tileloadd tmm6, [{b0} + {kb}*1]",
-                        "tdpbusd tmm0, tmm4, tmm6",
-                        "tileloadd tmm5, [{a1} + {kb}*1]",
-                        "tileloadd tmm7, [{b1} + {kb}*1]",
-                        "tdpbusd tmm1, tmm5, tmm7",
-                        a0 = in(reg) self.codes.as_ptr().add(h * ROWS * ROW_BYTES),
-                        a1 = in(reg) self.codes.as_ptr().add((h + 1) * ROWS * ROW_BYTES),
-                        b0 = in(reg) x.tile(b, h),
-                        b1 = in(reg) x.tile(b, h + 1),
-                        kb = in(reg) ROW_BYTES,
-                        options(nostack, readonly),
-                    );
-                }
-                asm!(
-                    "tilestored [{c0} + {s}*1], tmm0",
-                    "tilestored [{c1} + {s}*1], tmm1",
-                    c0 = in(reg) self.sums[0].as_mut_ptr(),
-                    c1 = in(reg) self.sums[1].as_mut_ptr(),
-                    s = in(reg) ROW_BYTES,
-                    options(nostack),
-                );
+            zero();
+            for h in (0..blocks).step_by(2) {
+                // SAFETY: `codes` holds every block of each group.
+                unsafe { self.accumulate(h, x, b) };
             }
-            for r in 0..rows {
-                for n in 0..TOKENS.min(s - b * TOKENS) {
-                    out[r * s + b * TOKENS + n] = self.sums[0][r * TOKENS + n] + self.sums[1][r * TOKENS + n];
-                }
-            }
+            self.store(rows, s, b, out);
         }
     }
+
+    /// Adds weight blocks `h, h + 1` of each group's codes times token
+    /// block `b`'s activations of the same weights to the C tiles.
+    ///
+    /// # Safety
+    /// The tiles were configured by [`Worker::new`] on this thread (a
+    /// worker lives inside one pool job); `codes` holds blocks `h, h + 1`
+    /// of all four groups.
+    unsafe fn accumulate(&self, h: usize, x: &Acts, b: usize) {
+        let a = |g: usize| self.codes[(g * self.weight_blocks + h) * TILE_BYTES..][..2 * TILE_BYTES].as_ptr();
+        asm!(
+            "tileloadd tmm6, [{b0} + {stride}*1]",
+            "tileloadd tmm4, [{a0} + {stride}*1]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tileloadd tmm5, [{a1} + {stride}*1]",
+            "tdpbusd tmm1, tmm5, tmm6",
+            "tileloadd tmm4, [{a2} + {stride}*1]",
+            "tdpbusd tmm2, tmm4, tmm6",
+            "tileloadd tmm5, [{a3} + {stride}*1]",
+            "tdpbusd tmm3, tmm5, tmm6",
+            "tileloadd tmm7, [{b1} + {stride}*1]",
+            "tileloadd tmm4, [{a0} + {stride}*1 + {next}]",
+            "tdpbusd tmm0, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {stride}*1 + {next}]",
+            "tdpbusd tmm1, tmm5, tmm7",
+            "tileloadd tmm4, [{a2} + {stride}*1 + {next}]",
+            "tdpbusd tmm2, tmm4, tmm7",
+            "tileloadd tmm5, [{a3} + {stride}*1 + {next}]",
+            "tdpbusd tmm3, tmm5, tmm7",
+            b0 = in(reg) x.tile(b, h),
+            b1 = in(reg) x.tile(b, h + 1),
+            a0 = in(reg) a(0),
+            a1 = in(reg) a(1),
+            a2 = in(reg) a(2),
+            a3 = in(reg) a(3),
+            stride = in(reg) ROW_BYTES,
+            next = const TILE_BYTES,
+            options(nostack, readonly),
+        );
+    }
+
+    /// Token block `b`'s sums from the C tiles into `out` (`rows` rows of
+    /// `s` tokens).
+    fn store(&mut self, rows: usize, s: usize, b: usize, out: &mut [i32]) {
+        // SAFETY: the tiles were configured by `new` on this thread; each
+        // store writes 16 rows of 64 bytes into its `sums`.
+        unsafe {
+            asm!(
+                "tilestored [{c0} + {stride}*1], tmm0",
+                "tilestored [{c1} + {stride}*1], tmm1",
+                "tilestored [{c2} + {stride}*1], tmm2",
+                "tilestored [{c3} + {stride}*1], tmm3",
+                c0 = in(reg) self.sums[0].as_mut_ptr(),
+                c1 = in(reg) self.sums[1].as_mut_ptr(),
+                c2 = in(reg) self.sums[2].as_mut_ptr(),
+                c3 = in(reg) self.sums[3].as_mut_ptr(),
+                stride = in(reg) ROW_BYTES,
+                options(nostack),
+            );
+        }
+        let tokens = TOKENS.min(s - b * TOKENS);
+        for r in 0..rows {
+            let sums = &self.sums[r / ROWS][r % ROWS * TOKENS..][..TOKENS];
+            out[r * s + b * TOKENS..][..tokens].copy_from_slice(&sums[..tokens]);
+        }
+    }
+}
+
+/// Clears the C tiles.
+fn zero() {
+    // SAFETY: only called by a worker, whose thread configured the tiles.
+    unsafe { asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)) };
 }
 
 impl Drop for Worker {
@@ -201,14 +263,15 @@ impl Drop for Worker {
     }
 }
 
-/// A tile's 2-bit codes, `rows` rows of `chunks` chunks, one byte each
-/// into `codes`' A tiles as rows `first..first + rows`: each chunk's 32
-/// bytes go into both halves of a register, shifted by 6 and 4 (weights
-/// 0–63, weight block `2c`) and by 2 and 0 (weights 64–127, block `2c + 1`),
-/// as [`super::vnni`]'s shifting kernel takes them.
+/// A tile's 2-bit codes (`rows` rows of `chunks` chunks), one byte each,
+/// into a group's A tiles (`codes`: block `h`'s 16 rows of 64 at
+/// `h · 1024`) as rows `first..first + rows`: each chunk's 32 bytes go into
+/// both halves of a register, shifted by 6 and 4 (weights 0–63, block
+/// `2c`) and by 2 and 0 (weights 64–127, block `2c + 1`), as
+/// [`super::vnni`]'s shifting kernel takes them.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn unpack(tile: &[u8], rows: usize, chunks: usize, codes: &mut [u8], first: usize) {
-    assert!(tile.len() == rows * chunks * CHUNK_BYTES && first + rows <= ROWS && codes.len() >= chunks * 2 * ROWS * ROW_BYTES);
+    assert!(tile.len() == rows * chunks * CHUNK_BYTES && first + rows <= ROWS && codes.len() >= chunks * 2 * TILE_BYTES);
     let mask = _mm512_set1_epi8(3);
     let low_fields = _mm512_inserti64x4::<1>(_mm512_set1_epi16(6), _mm256_set1_epi16(4));
     let high_fields = _mm512_inserti64x4::<1>(_mm512_set1_epi16(2), _mm256_set1_epi16(0));
@@ -217,9 +280,9 @@ unsafe fn unpack(tile: &[u8], rows: usize, chunks: usize, codes: &mut [u8], firs
         super::ternary::prefetch_ahead(src, c, rows);
         for r in 0..rows {
             let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(src.add((c * rows + r) * CHUNK_BYTES) as *const __m256i));
-            let at = dst.add((2 * c * ROWS + first + r) * ROW_BYTES);
+            let at = dst.add(2 * c * TILE_BYTES + (first + r) * ROW_BYTES);
             _mm512_storeu_si512(at as *mut __m512i, _mm512_and_si512(_mm512_srlv_epi16(packed, low_fields), mask));
-            _mm512_storeu_si512(at.add(ROWS * ROW_BYTES) as *mut __m512i, _mm512_and_si512(_mm512_srlv_epi16(packed, high_fields), mask));
+            _mm512_storeu_si512(at.add(TILE_BYTES) as *mut __m512i, _mm512_and_si512(_mm512_srlv_epi16(packed, high_fields), mask));
         }
     }
 }

@@ -535,12 +535,12 @@ fn products<const M: usize>(
     let digits = (w.packing == Packing::Base3 && tiles.isa == Isa::Avx512Vnni && !vbmi(w)).then(|| base3::DigitActs::new(x, w.kp));
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
     // Many tokens of 2-bit weights go to AMX tiles where the CPU has them,
-    // 16 rows (several of the layout's tiles) a call.
+    // 64 rows (several of the layout's tiles) a call.
     #[cfg(target_arch = "x86_64")]
     let amx =
         (tiles.isa == Isa::Avx512Vnni && w.packing == Packing::Bits2 && x.tokens() >= amx::MIN_TOKENS && amx::available()).then(|| amx::Acts::new(x, w.kp));
     #[cfg(target_arch = "x86_64")]
-    let per_call = if amx.is_some() { amx::ROWS / w.rows } else { 1 };
+    let per_call = if amx.is_some() { amx::CALL_ROWS / w.rows } else { 1 };
     #[cfg(not(target_arch = "x86_64"))]
     let per_call = 1;
     let chunks = Chunks::new(n_tiles.div_ceil(per_call), pool.threads());
@@ -549,7 +549,7 @@ fn products<const M: usize>(
         if let Some(acts) = &amx {
             let mut worker = amx::Worker::new(w.kp);
             let s = x.tokens();
-            let mut sums = vec![0i32; M * amx::ROWS * s];
+            let mut sums = vec![0i32; M * amx::CALL_ROWS * s];
             while let Some(calls) = chunks.next() {
                 let tiles = calls.start * per_call..(calls.end * per_call).min(n_tiles);
                 let mut t0 = tiles.start;
@@ -558,14 +558,14 @@ fn products<const M: usize>(
                     let g = first.partition_point(|f| f.0 <= t0) - 1;
                     let t1 = tiles.end.min(first[g + 1].0).min(t0 + per_call);
                     let (ws, local) = (&groups[g], t0 - first[g].0..t1 - first[g].0);
-                    for (m, sums) in sums.chunks_exact_mut(amx::ROWS * s).enumerate() {
+                    for (m, sums) in sums.chunks_exact_mut(amx::CALL_ROWS * s).enumerate() {
                         worker.dots(ws[m], local.clone(), acts, sums);
                     }
                     for (q, t) in local.enumerate() {
                         let n = t * w.rows;
                         for tok in (0..s).step_by(4) {
                             let step = 4.min(s - tok);
-                            let at = |m: usize, r: usize, j: usize| sums[(m * amx::ROWS + q * w.rows + r) * s + tok + j];
+                            let at = |m: usize, r: usize, j: usize| sums[(m * amx::CALL_ROWS + q * w.rows + r) * s + tok + j];
                             let dots: CallDots<M> =
                                 std::array::from_fn(|m| std::array::from_fn(|r| std::array::from_fn(|j| if r < w.rows && j < step { at(m, r, j) } else { 0 })));
                             let len = w.rows.min(ws[0].n - n);
