@@ -70,21 +70,21 @@ pub(super) struct Acts {
     tokens: usize,
     blocks: usize,
     weight_blocks: usize,
-    data: Vec<u8>,
+    /// Four activations (one token's, in order) a lane.
+    data: Vec<u32>,
 }
 
 impl Acts {
     /// `x`'s tokens for products of `kp` weights a row.
     pub(super) fn new(x: &QuantActs, kp: usize) -> Acts {
         let (blocks, weight_blocks) = (x.tokens().div_ceil(TOKENS), kp / ROW_BYTES);
-        let mut data = vec![0u8; blocks * weight_blocks * ROWS * ROW_BYTES];
+        let mut data = vec![0u32; blocks * weight_blocks * ROWS * TOKENS];
         for t in 0..x.tokens() {
             let (b, n) = (t / TOKENS, t % TOKENS);
-            for (i, four) in x.row(t)[..kp].chunks_exact(4).enumerate() {
-                let (h, row) = (i / ROWS, i % ROWS);
-                let at = ((b * weight_blocks + h) * ROWS + row) * ROW_BYTES + 4 * n;
-                for (d, &v) in data[at..at + 4].iter_mut().zip(four) {
-                    *d = v as u8;
+            for (h, acts) in x.row(t)[..kp].chunks_exact(ROW_BYTES).enumerate() {
+                let tile = &mut data[(b * weight_blocks + h) * ROWS * TOKENS..][..ROWS * TOKENS];
+                for (i, four) in acts.chunks_exact(4).enumerate() {
+                    tile[i * TOKENS + n] = u32::from_le_bytes([four[0] as u8, four[1] as u8, four[2] as u8, four[3] as u8]);
                 }
             }
         }
@@ -92,7 +92,7 @@ impl Acts {
     }
 
     fn tile(&self, b: usize, h: usize) -> *const u8 {
-        self.data[(b * self.weight_blocks + h) * ROWS * ROW_BYTES..].as_ptr()
+        self.data[(b * self.weight_blocks + h) * ROWS * TOKENS..][..ROWS * TOKENS].as_ptr() as *const u8
     }
 }
 
