@@ -161,7 +161,7 @@ impl Worker {
     pub(super) fn dots(&mut self, w: &PackedTernary, tiles: std::ops::Range<usize>, x: &Acts, out: &mut [i32]) {
         let (rows, s, blocks, chunks) = (tiles.len() * w.rows, x.tokens, self.weight_blocks, w.kp / CHUNK);
         assert!(
-            rows <= CALL_ROWS && ROWS % w.rows == 0 && x.weight_blocks == blocks && blocks * ROW_BYTES == w.kp && out.len() >= rows * s,
+            rows <= CALL_ROWS && ROWS.is_multiple_of(w.rows) && x.weight_blocks == blocks && blocks * ROW_BYTES == w.kp && out.len() >= rows * s,
             "amx dots: mismatched operands"
         );
         for (q, t) in tiles.enumerate() {
