@@ -3,7 +3,7 @@
 //! must agree exactly; float results within the budgets stated here.
 
 use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs, Split, TernaryTiles};
-use bitnet_codegen::cpu::{float, has_amx, int4, int8, ops, Isa, Pool};
+use bitnet_codegen::cpu::{float, has_amx, int4, int8, ops, Isa, Pool, AMX_MIN_TOKENS};
 use bitnet_ir::interp::{Interpreter, KvCache, Tensor, WeightSource};
 use bitnet_ir::{quant, ActQuant, DType, Dim, GateAct, Graph, Op, TensorType};
 use proptest::prelude::*;
@@ -531,16 +531,18 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
 }
 
 /// The AMX tile products (a prefill of many tokens of 2-bit weights)
-/// against the scalar kernels, bit for bit: whole and partial calls of 16
+/// against the scalar kernels, bit for bit: whole and partial calls of 64
 /// rows, token counts past a tile's 16, groups (q, k, v) whose rows do not
-/// fill a call, every tile shape, one and two threads.
+/// fill a call, every tile shape and split (the tiles ignore both), one and
+/// two threads.
 #[test]
 fn amx_products_match_the_scalar_ones_where_the_cpu_has_them() {
     if !has_amx() {
         eprintln!("skipped: this CPU or OS has no AMX-INT8");
         return;
     }
-    for (n, k, s, threads) in [(1usize, 1usize, 128usize, 1usize), (3, 783, 131, 2), (37, 2592, 128, 2), (70, 256, 150, 1)] {
+    for (n, k, s, threads) in [(1usize, 1usize, 128usize, 1usize), (3, 783, 131, 2), (37, 2592, 128, 2), (70, 256, 150, 1), (300, 640, 200, 2)] {
+        assert!(s >= AMX_MIN_TOKENS, "{s} tokens would not reach the tiles");
         let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 3) as i8 - 1).collect();
         let x: Vec<i8> = (0..s * k).map(|i| (i * 37 % 256) as i32 as i8).collect();
         let mut a = acts(s, k, &x);
@@ -553,21 +555,22 @@ fn amx_products_match_the_scalar_ones_where_the_cpu_has_them() {
             let packed = PackedTernary::pack(n, k, rows, Packing::Bits2, 0.3, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
             let other =
                 PackedTernary::pack(n, k, rows, Packing::Bits2, 0.7, |r, out| out.iter_mut().enumerate().for_each(|(i, v)| *v = w[(r * k + i + 1) % (n * k)]));
-            let scalar = TernaryTiles::new(Isa::Scalar, rows, 1);
-            let tiles = TernaryTiles::new(Isa::Avx512Vnni, rows, 4);
-            let (mut want, mut got) = (vec![0f32; s * n], vec![0f32; s * n]);
-            ternary::matmul(&pool, scalar, &packed, &a, &mut want, ep);
-            ternary::matmul(&pool, tiles, &packed, &a, &mut got, ep);
-            assert_eq!(bits(&got), bits(&want), "matmul rows {rows} n {n} k {k} tokens {s}");
             let parts = [(&packed, Some(0.5f32)), (&other, None), (&packed, Some(2.0))];
-            let (mut want, mut got) = (vec![0f32; s * 3 * n], vec![0f32; s * 3 * n]);
-            ternary::matmul_cat(&pool, scalar, &parts, &a, &mut want);
-            ternary::matmul_cat(&pool, tiles, &parts, &a, &mut got);
-            assert_eq!(bits(&got), bits(&want), "cat rows {rows} n {n} k {k} tokens {s}");
-            let (mut want, mut got) = (vec![0f32; s * n], vec![0f32; s * n]);
-            ternary::matmul_glu(&pool, scalar, GateAct::Silu, (&packed, None), (&other, Some(0.25)), &a, &mut want);
-            ternary::matmul_glu(&pool, tiles, GateAct::Silu, (&packed, None), (&other, Some(0.25)), &a, &mut got);
-            assert_eq!(bits(&got), bits(&want), "glu rows {rows} n {n} k {k} tokens {s}");
+            let scalar = TernaryTiles::new(Isa::Scalar, rows, 1);
+            let mut want = (vec![0f32; s * n], vec![0f32; s * 3 * n], vec![0f32; s * n]);
+            ternary::matmul(&pool, scalar, &packed, &a, &mut want.0, ep);
+            ternary::matmul_cat(&pool, scalar, &parts, &a, &mut want.1);
+            ternary::matmul_glu(&pool, scalar, GateAct::Silu, (&packed, None), (&other, Some(0.25)), &a, &mut want.2);
+            for (tokens, split) in TernaryTiles::TOKENS.into_iter().flat_map(|t| Split::ALL.map(|s| (t, s))) {
+                let tiles = TernaryTiles { split, ..TernaryTiles::new(Isa::Avx512Vnni, rows, tokens) };
+                let mut got = (vec![0f32; s * n], vec![0f32; s * 3 * n], vec![0f32; s * n]);
+                ternary::matmul(&pool, tiles, &packed, &a, &mut got.0, ep);
+                ternary::matmul_cat(&pool, tiles, &parts, &a, &mut got.1);
+                ternary::matmul_glu(&pool, tiles, GateAct::Silu, (&packed, None), (&other, Some(0.25)), &a, &mut got.2);
+                assert_eq!(bits(&got.0), bits(&want.0), "matmul {tiles} n {n} k {k} tokens {s}");
+                assert_eq!(bits(&got.1), bits(&want.1), "cat {tiles} n {n} k {k} tokens {s}");
+                assert_eq!(bits(&got.2), bits(&want.2), "glu {tiles} n {n} k {k} tokens {s}");
+            }
         }
     }
 }

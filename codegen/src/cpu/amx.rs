@@ -18,8 +18,7 @@
 //! Linux hands a process the tile registers only when asked
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); [`available`] asks once. Each
 //! worker loads the tile configuration when it starts a share of a product
-//! and releases the tiles when done, so that threads that are not using
-//! them save no tile state.
+//! and releases the tiles when done, returning them to their initial state.
 
 use super::ternary::{PackedTernary, QuantActs, CHUNK, CHUNK_BYTES};
 use std::arch::asm;
@@ -31,14 +30,8 @@ const ROWS: usize = 16;
 const TOKENS: usize = 16;
 /// Bytes of a tile row: 64 codes of A, or four activations of each of B's 16 tokens.
 const ROW_BYTES: usize = 64;
-/// The fewest tokens a product goes to tiles with. On the 2-core Intel
-/// Xeon VM of docs/performance.md (session of 2026-12-06, fourteenth) a
-/// prefill of 128 or 256 tokens ran faster on tiles, one of 64 within the
-/// noise, and fewer tokens (8 sequences' decode steps among them) slower:
-/// a call unpacks its rows for all its tokens, and a `tdpbusd` took 9 ns
-/// in a bare loop there and 19-35 ns fed from L1 and L2, not the 16 cycles
-/// Intel gives.
-pub(super) const MIN_TOKENS: usize = 128;
+/// The fewest tokens a product goes to tiles with: [`super::AMX_MIN_TOKENS`].
+pub(super) const MIN_TOKENS: usize = super::AMX_MIN_TOKENS;
 
 /// Whether this CPU has AMX-INT8 and the kernel lets this process use it.
 pub(super) fn available() -> bool {
@@ -130,9 +123,12 @@ const CONFIG: Config = {
 };
 
 /// One worker's tiles and scratch for a product: configured when made,
-/// released when dropped.
+/// released when dropped, on one thread (the tile configuration is the
+/// thread's: a worker is not `Send`). One at a time a thread: dropping one
+/// releases the tiles of all.
 pub(super) struct Worker {
     weight_blocks: usize,
+    on_this_thread: std::marker::PhantomData<*const ()>,
     /// 64 rows' codes as A tiles: group `g`'s weight block `h` (16 rows of
     /// 64 codes) at `(g · weight_blocks + h) · 1024`.
     codes: Vec<u8>,
@@ -150,7 +146,12 @@ impl Worker {
         // faults on an invalid one rather than misbehaving).
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const Config, options(nostack, readonly)) };
         let weight_blocks = kp / ROW_BYTES;
-        Worker { weight_blocks, codes: vec![0; GROUPS * weight_blocks * TILE_BYTES], sums: [[0; ROWS * TOKENS]; GROUPS] }
+        Worker {
+            weight_blocks,
+            on_this_thread: std::marker::PhantomData,
+            codes: vec![0; GROUPS * weight_blocks * TILE_BYTES],
+            sums: [[0; ROWS * TOKENS]; GROUPS],
+        }
     }
 
     /// `out[r · s + t]` = row `r` of the tiles `tiles` of `w` (at most 64
@@ -173,7 +174,7 @@ impl Worker {
             unsafe { unpack(w.tile(t), w.rows, chunks, group, first % ROWS) };
         }
         for b in 0..x.blocks {
-            zero();
+            self.zero();
             for h in (0..blocks).step_by(2) {
                 // SAFETY: `codes` holds every block of each group.
                 unsafe { self.accumulate(h, x, b) };
@@ -222,6 +223,12 @@ impl Worker {
         );
     }
 
+    /// Clears the C tiles.
+    fn zero(&mut self) {
+        // SAFETY: `new` configured the tiles on this thread.
+        unsafe { asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)) };
+    }
+
     /// Token block `b`'s sums from the C tiles into `out` (`rows` rows of
     /// `s` tokens).
     fn store(&mut self, rows: usize, s: usize, b: usize, out: &mut [i32]) {
@@ -247,12 +254,6 @@ impl Worker {
             out[r * s + b * TOKENS..][..tokens].copy_from_slice(&sums[..tokens]);
         }
     }
-}
-
-/// Clears the C tiles.
-fn zero() {
-    // SAFETY: only called by a worker, whose thread configured the tiles.
-    unsafe { asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)) };
 }
 
 impl Drop for Worker {

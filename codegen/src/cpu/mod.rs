@@ -23,6 +23,16 @@ mod vnni;
 
 pub use pool::Pool;
 
+/// The fewest tokens whose 2-bit ternary products run on AMX tiles where
+/// the CPU has them ([`has_amx`]). On the 2-core Intel Xeon VM of
+/// docs/performance.md (session of 2026-12-06, fourteenth) prefills of
+/// 128-512 tokens ran 1.6-1.8× faster on tiles, one of 64 within the noise,
+/// and fewer tokens (8 sequences' decode steps among them) slower: a call
+/// unpacks its rows for all its tokens, and a `tdpbusd` took 9 ns in a bare
+/// loop there and 19-35 ns fed from L1 and L2, not the 16 cycles Intel
+/// gives.
+pub const AMX_MIN_TOKENS: usize = 128;
+
 /// Whether the 2-bit ternary products of many tokens (a long prefill) run on
 /// AMX tiles: AVX-512 VNNI's kernels, where the CPU has AMX-INT8 and the OS
 /// grants it. The tests use it to say when they cover those kernels.
