@@ -42,6 +42,25 @@ fn acts(s: usize, k: usize, x: &[i8]) -> QuantActs {
     a
 }
 
+/// The weights (−1, 0, 1), activations and residual of a product whose
+/// fast kernels must give the scalar ones' bits: each token a scale of its
+/// own, so that a token's results meeting another's scale shows, and a
+/// residual for every step of the epilogue, so that its vector form is held
+/// to the reference's bits (rows 0, 1, 2, 3 each with one of its own).
+fn bit_exact_case(n: usize, k: usize, s: usize) -> (Vec<i8>, QuantActs, Vec<f32>) {
+    let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 3) as i8 - 1).collect();
+    let x: Vec<i8> = (0..s * k).map(|i| (i * 37 % 256) as i32 as i8).collect();
+    let mut a = acts(s, k, &x);
+    a.gamma.iter_mut().enumerate().for_each(|(t, g)| *g = 1.0 + t as f32 * 0.375);
+    let residual: Vec<f32> = (0..s * n).map(|i| (i % 11) as f32 * 0.375 - 1.5).collect();
+    (w, a, residual)
+}
+
+/// Each value's bits, to compare results exactly.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 fn awkward() -> impl Strategy<Value = usize> {
     prop_oneof![Just(1usize), Just(3), Just(783), Just(2592), 1usize..300]
 }
@@ -502,15 +521,7 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
     }
     let pool = Pool::new(2);
     for (n, k, s) in [(1usize, 1usize, 1usize), (3, 783, 3), (37, 2592, 7), (300, 256, 5)] {
-        let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 3) as i8 - 1).collect();
-        let x: Vec<i8> = (0..s * k).map(|i| (i * 37 % 256) as i32 as i8).collect();
-        let mut a = acts(s, k, &x);
-        // A scale of its own per token, so that a token's results meeting
-        // another's scale shows.
-        a.gamma.iter_mut().enumerate().for_each(|(t, g)| *g = 1.0 + t as f32 * 0.375);
-        // Every step of the epilogue, so that its vector form is held to the
-        // reference's bits (rows 0, 1, 2, 3 each with a residual of its own).
-        let residual: Vec<f32> = (0..s * n).map(|i| (i % 11) as f32 * 0.375 - 1.5).collect();
+        let (w, a, residual) = bit_exact_case(n, k, s);
         let ep = Epilogue { scale: Some(0.6875), residual: Some(&residual) };
         for (rows, packing) in TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))) {
             let packed = PackedTernary::pack(n, k, rows, packing, 0.3, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
@@ -522,7 +533,6 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
                     let t = TernaryTiles { isa: Isa::Avx512Vnni, rows, tokens, split, packing };
                     let mut got = vec![0f32; s * n];
                     ternary::matmul(&pool, t, &packed, &a, &mut got, ep);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{t} n {n} k {k} tokens {s}");
                 }
             }
@@ -543,14 +553,9 @@ fn amx_products_match_the_scalar_ones_where_the_cpu_has_them() {
     }
     for (n, k, s, threads) in [(1usize, 1usize, 128usize, 1usize), (3, 783, 131, 2), (37, 2592, 128, 2), (70, 256, 150, 1), (300, 640, 200, 2)] {
         assert!(s >= AMX_MIN_TOKENS, "{s} tokens would not reach the tiles");
-        let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 3) as i8 - 1).collect();
-        let x: Vec<i8> = (0..s * k).map(|i| (i * 37 % 256) as i32 as i8).collect();
-        let mut a = acts(s, k, &x);
-        a.gamma.iter_mut().enumerate().for_each(|(t, g)| *g = 1.0 + t as f32 * 0.375);
-        let residual: Vec<f32> = (0..s * n).map(|i| (i % 11) as f32 * 0.375 - 1.5).collect();
+        let (w, a, residual) = bit_exact_case(n, k, s);
         let ep = Epilogue { scale: Some(0.6875), residual: Some(&residual) };
         let pool = Pool::new(threads);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for rows in TernaryTiles::ROWS {
             let packed = PackedTernary::pack(n, k, rows, Packing::Bits2, 0.3, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
             let other =
