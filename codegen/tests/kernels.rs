@@ -399,6 +399,36 @@ proptest! {
     }
 }
 
+/// Many tokens against f16 rows (the head of a batched step): panels of
+/// rows, k-blocks and the lanes' tail, blocks of eight and four tokens and
+/// the tokens left over, on awkward sizes, against each product's plain
+/// sum.
+#[test]
+fn batched_f16_rows_match_their_plain_sums() {
+    for (n, k) in [(1, 783), (3, 16), (783, 2592), (2592, 783), (61, 1040)] {
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
+        let bytes = quant::quantize(DType::F16, &values);
+        let w = bitnet_ir::interp::WeightView { dtype: DType::F16, shape: vec![n, k], data: &bytes };
+        let rounded: Vec<f32> = bytes.chunks_exact(2).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect();
+        for s in [4, 8, 9, 13] {
+            let x: Vec<f32> = (0..s * k).map(|i| ((i * 104729) % 173) as f32 / 40.0 - 2.0).collect();
+            for isa in isas() {
+                for threads in [1, 2] {
+                    let mut out = vec![0f32; s * n];
+                    float::matmul(&Pool::new(threads), isa, &w, &x, &mut out);
+                    for (i, &got) in out.iter().enumerate() {
+                        let (t, r) = (i / n, i % n);
+                        let (xt, row) = (&x[t * k..(t + 1) * k], &rounded[r * k..(r + 1) * k]);
+                        let want = float::reference_dot(xt, row);
+                        let mass: f32 = xt.iter().zip(row).map(|(a, b)| (a * b).abs()).sum();
+                        assert!((got - want).abs() <= REL * mass + ABS, "{} n={n} k={k} s={s} token {t} row {r}: {got} vs {want}", isa.name());
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Blocks of arbitrary bytes (negative Q6_K scales, every code and
 /// 6-bit scale) with their f16 scales set to 1/64: `n` rows of `k`.
 fn arbitrary_k_quant_rows(dtype: DType, n: usize, k: usize) -> Vec<u8> {

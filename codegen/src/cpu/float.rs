@@ -21,37 +21,7 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     // in registers.
     #[cfg(target_arch = "x86_64")]
     if w.dtype == DType::F16 && s >= 4 && isa.float_kernels() == Isa::Avx2 {
-        let wide = isa == Isa::Avx512Vnni;
-        let per = if wide { 3 } else { 2 };
-        let xs = |t: usize| &x[t * k..(t + 1) * k];
-        pool.run_sized(s * n * k, &|_, _| {
-            while let Some(rows) = chunks.next() {
-                for r in rows.clone().step_by(per) {
-                    let m = per.min(rows.end - r);
-                    let ws: [&[u8]; 3] = std::array::from_fn(|j| &w.data[(r + j.min(m - 1)) * row_bytes..][..row_bytes]);
-                    let ws = &ws[..m];
-                    // SAFETY: rows r..r + m belong to this worker alone.
-                    let put = |t0: usize| move |j: usize, i: usize, v: f32| unsafe { *dst.ptr().add((t0 + i) * n + r + j) = v };
-                    let mut t = 0;
-                    // One pass over the rows for eight tokens where 32
-                    // registers hold their accumulators, else four.
-                    while wide && s - t >= 8 {
-                        block_f16::<8>(wide, ws, std::array::from_fn(|i| xs(t + i)), put(t));
-                        t += 8;
-                    }
-                    while s - t >= 4 {
-                        block_f16::<4>(wide, ws, std::array::from_fn(|i| xs(t + i)), put(t));
-                        t += 4;
-                    }
-                    for t in t..s {
-                        for (j, wr) in ws.iter().enumerate() {
-                            put(t)(j, 0, dot_f16(isa, xs(t), wr));
-                        }
-                    }
-                }
-            }
-        });
-        return;
+        return batched_f16(pool, isa, w, x, out);
     }
     pool.run_sized(s * n * k, &|_, _| {
         let mut scratch = vec![0f32; k];
@@ -91,26 +61,138 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     });
 }
 
-/// `put(j, i, x[i] · w[j])` for up to three f16 rows `w` (two on AVX2)
-/// and `T` tokens: 4 or 8 (8 only with AVX-512's 32 registers).
+/// Rows of f16 weights that a batched product takes as one panel: their
+/// accumulators stay in L1 while the panel's rows pass each k-block.
 #[cfg(target_arch = "x86_64")]
-fn block_f16<const T: usize>(wide: bool, w: &[&[u8]], x: [&[f32]; T], mut put: impl FnMut(usize, usize, f32)) {
-    let mut emit = |v: &[[f32; T]]| {
-        for (j, row) in v.iter().enumerate() {
-            for (i, &value) in row.iter().enumerate() {
-                put(j, i, value);
+const PANEL_ROWS: usize = 24;
+
+/// Weights of a row a batched product takes at a time: eight tokens'
+/// activations of one block (16 KB) stay in L1 while a panel's rows meet
+/// them, where a whole row's (80 KB for the 2B4T head) would be read from
+/// L2 for every row (the 8-token 2B4T head: 38 ms a step streaming
+/// whole rows, about half the FMA's speed even with the rows in cache).
+#[cfg(target_arch = "x86_64")]
+const K_BLOCK: usize = 512;
+
+/// One group's accumulators in a panel: up to three rows by eight tokens,
+/// sixteen lanes each (AVX2 uses the first eight).
+#[cfg(target_arch = "x86_64")]
+type GroupAcc = [[[f32; 16]; 8]; 3];
+
+/// `out[t, n] = x[t] · w[n]` for `s ≥ 4` tokens and f16 rows: panels of
+/// [`PANEL_ROWS`] rows, each met by blocks of eight tokens (four on AVX2)
+/// a [`K_BLOCK`] of weights at a time, the rows three (two) at a time;
+/// each weight is converted once a block of tokens. Tokens past the last
+/// full block take one dot product each.
+#[cfg(target_arch = "x86_64")]
+fn batched_f16(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32]) {
+    let (n, k) = (w.rows(), w.row_len());
+    let s = x.len() / k;
+    let dst = SharedMut(out.as_mut_ptr());
+    let row_bytes = 2 * k;
+    let chunks = Chunks::new(n, pool.threads());
+    let wide = isa == Isa::Avx512Vnni;
+    pool.run_sized(s * n * k, &|_, _| {
+        let mut acc: Vec<GroupAcc> = vec![[[[0.0; 16]; 8]; 3]; PANEL_ROWS.div_ceil(2)];
+        while let Some(rows) = chunks.next() {
+            for start in rows.clone().step_by(PANEL_ROWS) {
+                let panel = Panel { w: &w.data[..n * row_bytes], row_bytes, rows: start..(start + PANEL_ROWS).min(rows.end), per: if wide { 3 } else { 2 } };
+                // SAFETY: the panel's rows belong to this worker alone.
+                let put = |t: usize, r: usize, v: f32| unsafe { *dst.ptr().add(t * n + r) = v };
+                let mut t = 0;
+                while wide && s - t >= 8 {
+                    panel.tokens::<8>(wide, x, t, &mut acc, put);
+                    t += 8;
+                }
+                while s - t >= 4 {
+                    panel.tokens::<4>(wide, x, t, &mut acc, put);
+                    t += 4;
+                }
+                for t in t..s {
+                    for r in panel.rows.clone() {
+                        put(t, r, dot_f16(isa, &x[t * k..(t + 1) * k], &panel.w[r * row_bytes..(r + 1) * row_bytes]));
+                    }
+                }
             }
         }
-    };
+    });
+}
+
+/// Rows `rows` of an f16 matrix `w`, read `per` rows side by side.
+#[cfg(target_arch = "x86_64")]
+struct Panel<'a> {
+    w: &'a [u8],
+    row_bytes: usize,
+    rows: std::ops::Range<usize>,
+    per: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Panel<'_> {
+    /// `put(t0 + i, r, x[t0 + i] · w[r])` for the panel's rows and `T`
+    /// tokens (4 or 8: 8 only with AVX-512's 32 registers).
+    fn tokens<const T: usize>(&self, wide: bool, x: &[f32], t0: usize, acc: &mut [GroupAcc], put: impl Fn(usize, usize, f32)) {
+        let k = self.row_bytes / 2;
+        // The lanes' part of each row; the rest is added in order at the end.
+        let lanes = k / 16 * 16;
+        let groups = self.rows.clone().step_by(self.per).map(|r| r..(r + self.per).min(self.rows.end));
+        for a in acc.iter_mut() {
+            *a = [[[0.0; 16]; 8]; 3];
+        }
+        for kb in (0..lanes).step_by(K_BLOCK) {
+            let block = kb..(kb + K_BLOCK).min(lanes);
+            // Prefetch the rows' next block, or past the last one the next
+            // panel's first (the rows this worker most likely reads next).
+            let ahead = if block.end < lanes { 2 * K_BLOCK } else { PANEL_ROWS * self.row_bytes - 2 * kb };
+            let xs: [&[f32]; T] = std::array::from_fn(|i| &x[(t0 + i) * k..][block.clone()]);
+            for (rows, acc) in groups.clone().zip(acc.iter_mut()) {
+                let ws: [&[u8]; 3] = std::array::from_fn(|j| &self.w[(rows.start + j.min(rows.len() - 1)) * self.row_bytes..][2 * block.start..2 * block.end]);
+                block_f16::<T>(wide, &ws[..rows.len()], xs, ahead, acc);
+            }
+        }
+        for (rows, acc) in groups.zip(acc.iter()) {
+            for (j, r) in rows.enumerate() {
+                let row = &self.w[r * self.row_bytes..(r + 1) * self.row_bytes];
+                for (i, lanes_sum) in acc[j][..T].iter().enumerate() {
+                    let xt = &x[(t0 + i) * k..(t0 + i + 1) * k];
+                    let tail: f32 = (lanes..k).map(|c| xt[c] * half::f16::from_le_bytes([row[2 * c], row[2 * c + 1]]).to_f32()).sum();
+                    put(t0 + i, r, sum16(wide, lanes_sum) + tail);
+                }
+            }
+        }
+    }
+}
+
+/// Adds `x[i] · w[j]` over one k-block into `acc[j][i]`'s lanes, for up to
+/// three f16 rows `w` (two on AVX2) and `T` tokens, whose lengths are a
+/// multiple of 16; prefetches each row `ahead` bytes on.
+#[cfg(target_arch = "x86_64")]
+fn block_f16<const T: usize>(wide: bool, w: &[&[u8]], x: [&[f32]; T], ahead: usize, acc: &mut GroupAcc) {
+    let n = x[0].len();
+    assert!(n.is_multiple_of(16) && w.iter().all(|w| w.len() == 2 * n) && x.iter().all(|x| x.len() == n), "f16 block: mismatched operands");
     // SAFETY: the caller checked AVX2 (and, with `wide`, AVX-512F: part of
-    // Isa::Avx512Vnni's check).
+    // Isa::Avx512Vnni's check); the lengths are checked above.
     unsafe {
         match (wide, w.len()) {
-            (true, 3) => emit(&avx512::dot_f16_block::<3, T>([w[0], w[1], w[2]], x)),
-            (true, 2) => emit(&avx512::dot_f16_block::<2, T>([w[0], w[1]], x)),
-            (true, _) => emit(&avx512::dot_f16_block::<1, T>([w[0]], x)),
-            (false, 2) => emit(&avx2::dot_f16_block::<2, T>([w[0], w[1]], x)),
-            (false, _) => emit(&avx2::dot_f16_block::<1, T>([w[0]], x)),
+            (true, 3) => avx512::dot_f16_block::<3, T>([w[0], w[1], w[2]], x, ahead, acc),
+            (true, 2) => avx512::dot_f16_block::<2, T>([w[0], w[1]], x, ahead, acc),
+            (true, _) => avx512::dot_f16_block::<1, T>([w[0]], x, ahead, acc),
+            (false, 2) => avx2::dot_f16_block::<2, T>([w[0], w[1]], x, ahead, acc),
+            (false, _) => avx2::dot_f16_block::<1, T>([w[0]], x, ahead, acc),
+        }
+    }
+}
+
+/// The sum of one accumulator's lanes (the first eight on AVX2, where the
+/// rest stay zero).
+#[cfg(target_arch = "x86_64")]
+fn sum16(wide: bool, lanes: &[f32; 16]) -> f32 {
+    // SAFETY: as in block_f16.
+    unsafe {
+        if wide {
+            avx512::sum16(lanes)
+        } else {
+            avx2::sum8(lanes)
         }
     }
 }
@@ -208,33 +290,22 @@ pub fn reference_dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// How far ahead of its loads a batched kernel prefetches a row, in bytes.
-#[cfg(target_arch = "x86_64")]
-const PREFETCH: usize = 1024;
-
 /// How far ahead one token's dot product prefetches its row, in bytes: it
 /// computes little per byte, so it must cover the DRAM's whole latency
 /// (the 2B4T f16 head: 35-37 ms a token with 1 KB, 29-36 with 2 KB).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_ONE_TOKEN: usize = super::STREAM_PREFETCH;
 
-/// Prefetches `row`'s bytes `distance` past `at` ([`PREFETCH`] batched,
-/// where the kernels compute long enough per byte that the hardware
-/// prefetcher alone leaves them waiting on DRAM; [`PREFETCH_ONE_TOKEN`]
-/// for one token). Near a row's end the prefetch runs on into the row that
-/// the next block of `R` contiguous rows reads in this one's place, so that
-/// no block starts cold (an address past the matrix is harmless: a prefetch
-/// does not fault). Into L2: at the DRAM's speed the L1's miss buffers are
-/// the limit (13% faster than into L1 on the 8-token head).
+/// Prefetches the line at `at` into L2: at the DRAM's speed the L1's miss
+/// buffers are the limit (13% faster than into L1 on the 8-token head).
+/// Near a row's end the address runs on into the next row, or wherever
+/// the caller reads next; one past the matrix is harmless.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_ahead<const R: usize>(row: &[u8], at: usize, distance: usize) {
+fn prefetch(at: *const u8) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T2};
-    let ahead = at + distance;
-    let ahead = if ahead < row.len() { ahead } else { ahead + (R - 1) * row.len() };
-    // SAFETY: a prefetch reads nothing and cannot fault; wrapping_add
-    // makes no claim that the address is inside the slice.
-    unsafe { _mm_prefetch::<_MM_HINT_T2>(row.as_ptr().wrapping_add(ahead) as *const i8) };
+    // SAFETY: a prefetch reads nothing and cannot fault.
+    unsafe { _mm_prefetch::<_MM_HINT_T2>(at as *const i8) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -245,33 +316,33 @@ mod avx512 {
     /// registers accumulate, each token's activations are loaded once per
     /// 16 weights and used for all `R` rows.
     #[target_feature(enable = "avx512f,f16c,fma,avx2")]
-    pub unsafe fn dot_f16_block<const R: usize, const T: usize>(w: [&[u8]; R], x: [&[f32]; T]) -> [[f32; T]; R] {
-        let n = x.iter().map(|x| x.len()).chain(w.iter().map(|w| w.len() / 2)).min().unwrap_or(0);
-        let mut acc = [[_mm512_setzero_ps(); T]; R];
+    pub unsafe fn dot_f16_block<const R: usize, const T: usize>(w: [&[u8]; R], x: [&[f32]; T], ahead: usize, acc: &mut super::GroupAcc) {
+        let n = x[0].len();
+        let mut a: [[__m512; T]; R] = std::array::from_fn(|r| std::array::from_fn(|t| _mm512_loadu_ps(acc[r][t].as_ptr())));
         let mut i = 0;
-        while i + 16 <= n {
+        while i < n {
             let wv: [__m512; R] = std::array::from_fn(|r| {
-                super::prefetch_ahead::<R>(w[r], 2 * i, super::PREFETCH);
+                super::prefetch(w[r].as_ptr().wrapping_add(2 * i + ahead));
                 _mm512_cvtph_ps(_mm256_loadu_si256(w[r].as_ptr().add(2 * i) as *const __m256i))
             });
-            for (t, x) in x.iter().enumerate() {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-                for (acc, wv) in acc.iter_mut().zip(&wv) {
-                    acc[t] = _mm512_fmadd_ps(xv, *wv, acc[t]);
+            for t in 0..T {
+                let xv = _mm512_loadu_ps(x[t].as_ptr().add(i));
+                for r in 0..R {
+                    a[r][t] = _mm512_fmadd_ps(xv, wv[r], a[r][t]);
                 }
             }
             i += 16;
         }
-        let mut out = [[0f32; T]; R];
-        for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
-            for (t, (o, &a)) in o.iter_mut().zip(acc).enumerate() {
-                *o = _mm512_reduce_add_ps(a);
-                for j in i..n {
-                    *o += x[t][j] * half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32();
-                }
+        for (acc, a) in acc.iter_mut().zip(&a) {
+            for (acc, a) in acc.iter_mut().zip(a) {
+                _mm512_storeu_ps(acc.as_mut_ptr(), *a);
             }
         }
-        out
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum16(lanes: &[f32; 16]) -> f32 {
+        _mm512_reduce_add_ps(_mm512_loadu_ps(lanes.as_ptr()))
     }
 }
 
@@ -338,7 +409,7 @@ mod avx2 {
         while i + 32 <= n {
             // One cache line a pass; past the row's end into the next
             // row, which a worker's contiguous rows read next.
-            super::prefetch_ahead::<1>(b, 2 * i, super::PREFETCH_ONE_TOKEN);
+            super::prefetch(pb.wrapping_add(2 * i + super::PREFETCH_ONE_TOKEN));
             for (j, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * j)), load(i + 8 * j), *acc);
             }
@@ -462,37 +533,37 @@ mod avx2 {
         _mm256_srl_epi16(v, _mm_cvtsi32_si128(n))
     }
 
-    /// `out[j][i] = x[i] · w[j]` for `R` rows of f16 bytes and `T`
-    /// tokens: each eight weights are converted once and used `T` times,
-    /// `R·T` accumulators in registers; the tail in order.
+    /// `acc[j][i] += x[i] · w[j]` lane by lane for `R` rows of f16 bytes
+    /// and `T` tokens over one k-block: each eight weights are converted
+    /// once and used `T` times, `R·T` accumulators in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16_block<const R: usize, const T: usize>(w: [&[u8]; R], x: [&[f32]; T]) -> [[f32; T]; R] {
-        let n = x.iter().map(|x| x.len()).chain(w.iter().map(|w| w.len() / 2)).min().unwrap_or(0);
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
+    pub unsafe fn dot_f16_block<const R: usize, const T: usize>(w: [&[u8]; R], x: [&[f32]; T], ahead: usize, acc: &mut super::GroupAcc) {
+        let n = x[0].len();
+        let mut a: [[__m256; T]; R] = std::array::from_fn(|r| std::array::from_fn(|t| _mm256_loadu_ps(acc[r][t].as_ptr())));
         let mut i = 0;
-        while i + 8 <= n {
+        while i < n {
             let xs: [__m256; T] = std::array::from_fn(|t| _mm256_loadu_ps(x[t].as_ptr().add(i)));
-            for (acc, w) in acc.iter_mut().zip(&w) {
-                if i % 16 == 0 {
-                    super::prefetch_ahead::<R>(w, 2 * i, super::PREFETCH);
+            for (a, w) in a.iter_mut().zip(&w) {
+                if i % 32 == 0 {
+                    super::prefetch(w.as_ptr().wrapping_add(2 * i + ahead));
                 }
                 let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i));
-                for (a, xv) in acc.iter_mut().zip(&xs) {
+                for (a, xv) in a.iter_mut().zip(&xs) {
                     *a = _mm256_fmadd_ps(*xv, wv, *a);
                 }
             }
             i += 8;
         }
-        let mut out = [[0f32; T]; R];
-        for ((o, acc), w) in out.iter_mut().zip(&acc).zip(&w) {
-            for (t, (o, &a)) in o.iter_mut().zip(acc).enumerate() {
-                *o = hsum(a);
-                for j in i..n {
-                    *o += x[t][j] * half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32();
-                }
+        for (acc, a) in acc.iter_mut().zip(&a) {
+            for (acc, a) in acc.iter_mut().zip(a) {
+                _mm256_storeu_ps(acc.as_mut_ptr(), *a);
             }
         }
-        out
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sum8(lanes: &[f32; 16]) -> f32 {
+        hsum(_mm256_loadu_ps(lanes.as_ptr()))
     }
 
     #[target_feature(enable = "avx2,f16c")]
