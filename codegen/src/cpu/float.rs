@@ -136,13 +136,15 @@ impl Panel<'_> {
         // The lanes' part of each row; the rest is added in order at the end.
         let lanes = k / 16 * 16;
         let groups = self.rows.clone().step_by(self.per).map(|r| r..(r + self.per).min(self.rows.end));
+        assert!(self.rows.len().div_ceil(self.per) <= acc.len(), "f16 panel: more row groups than accumulators");
         for a in acc.iter_mut() {
             *a = [[[0.0; 16]; 8]; 3];
         }
         for kb in (0..lanes).step_by(K_BLOCK) {
             let block = kb..(kb + K_BLOCK).min(lanes);
-            // Prefetch the rows' next block, or past the last one the next
-            // panel's first (the rows this worker most likely reads next).
+            // Prefetch the rows' next block, or past the last one the same
+            // offsets of the next panel's rows (those this worker most
+            // likely reads next).
             let ahead = if block.end < lanes { 2 * K_BLOCK } else { PANEL_ROWS * self.row_bytes - 2 * kb };
             let xs: [&[f32]; T] = std::array::from_fn(|i| &x[(t0 + i) * k..][block.clone()]);
             for (rows, acc) in groups.clone().zip(acc.iter_mut()) {
@@ -153,10 +155,14 @@ impl Panel<'_> {
         for (rows, acc) in groups.zip(acc.iter()) {
             for (j, r) in rows.enumerate() {
                 let row = &self.w[r * self.row_bytes..(r + 1) * self.row_bytes];
-                for (i, lanes_sum) in acc[j][..T].iter().enumerate() {
+                for (i, lane_acc) in acc[j][..T].iter().enumerate() {
                     let xt = &x[(t0 + i) * k..(t0 + i + 1) * k];
-                    let tail: f32 = (lanes..k).map(|c| xt[c] * half::f16::from_le_bytes([row[2 * c], row[2 * c + 1]]).to_f32()).sum();
-                    put(t0 + i, r, sum16(wide, lanes_sum) + tail);
+                    // Each lane adds its products in the order of a whole
+                    // row's pass, and the tail after the lanes' sum: the
+                    // bits of a kernel that keeps the accumulators in
+                    // registers for the whole row.
+                    let v = (lanes..k).fold(sum16(wide, lane_acc), |v, c| v + xt[c] * half::f16::from_le_bytes([row[2 * c], row[2 * c + 1]]).to_f32());
+                    put(t0 + i, r, v);
                 }
             }
         }
@@ -178,7 +184,8 @@ fn block_f16<const T: usize>(wide: bool, w: &[&[u8]], x: [&[f32]; T], ahead: usi
             (true, 2) => avx512::dot_f16_block::<2, T>([w[0], w[1]], x, ahead, acc),
             (true, _) => avx512::dot_f16_block::<1, T>([w[0]], x, ahead, acc),
             (false, 2) => avx2::dot_f16_block::<2, T>([w[0], w[1]], x, ahead, acc),
-            (false, _) => avx2::dot_f16_block::<1, T>([w[0]], x, ahead, acc),
+            (false, 1) => avx2::dot_f16_block::<1, T>([w[0]], x, ahead, acc),
+            _ => unreachable!("AVX2 reads at most two f16 rows side by side"),
         }
     }
 }
@@ -299,7 +306,7 @@ const PREFETCH_ONE_TOKEN: usize = super::STREAM_PREFETCH;
 /// Prefetches the line at `at` into L2: at the DRAM's speed the L1's miss
 /// buffers are the limit (13% faster than into L1 on the 8-token head).
 /// Near a row's end the address runs on into the next row, or wherever
-/// the caller reads next; one past the matrix is harmless.
+/// the caller reads next; an address past the matrix is harmless.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch(at: *const u8) {
@@ -561,7 +568,7 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sum8(lanes: &[f32; 16]) -> f32 {
         hsum(_mm256_loadu_ps(lanes.as_ptr()))
     }
