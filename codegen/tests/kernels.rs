@@ -550,7 +550,8 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
         return;
     }
     let pool = Pool::new(2);
-    for (n, k, s) in [(1usize, 1usize, 1usize), (3, 783, 3), (37, 2592, 7), (300, 256, 5)] {
+    // Also several calls of four tokens and the ones left over, on long rows.
+    for (n, k, s) in [(1usize, 1usize, 1usize), (3, 783, 3), (37, 2592, 7), (300, 256, 5), (61, 3233, 8), (9, 6912, 17), (6, 130, 9)] {
         let (w, a, residual) = bit_exact_case(n, k, s);
         let ep = Epilogue { scale: Some(0.6875), residual: Some(&residual) };
         for (rows, packing) in TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))) {

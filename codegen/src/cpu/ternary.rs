@@ -502,6 +502,56 @@ impl Block {
     }
 }
 
+/// Where a product's groups of matrices lie among its row tiles and in its
+/// output: group `g`'s tiles are the global tiles `first[g].0..first[g + 1].0`,
+/// its results the columns `first[g].1..first[g + 1].1` of `out`'s rows.
+struct Places<'a, const M: usize> {
+    groups: &'a [[&'a PackedTernary; M]],
+    /// Per group (and one past the last): its first tile and first column.
+    first: Vec<(usize, usize)>,
+    rows: usize,
+    out: SharedMut<f32>,
+}
+
+impl<'a, const M: usize> Places<'a, M> {
+    fn new(groups: &'a [[&'a PackedTernary; M]], rows: usize, out: &mut [f32]) -> Places<'a, M> {
+        let mut first = vec![(0usize, 0usize)];
+        for g in groups {
+            let &(t, c) = first.last().expect("starts with one");
+            first.push((t + g[0].n.div_ceil(rows), c + g[0].n));
+        }
+        Places { groups, first, rows, out: SharedMut(out.as_mut_ptr()) }
+    }
+
+    /// Row tiles in all.
+    fn tiles(&self) -> usize {
+        self.first[self.groups.len()].0
+    }
+
+    /// Columns of the output in all.
+    fn width(&self) -> usize {
+        self.first[self.groups.len()].1
+    }
+
+    /// The group of global tile `t`, and `t`'s index within it.
+    fn tile(&self, t: usize) -> (usize, usize) {
+        let g = self.first.partition_point(|f| f.0 <= t) - 1;
+        (g, t - self.first[g].0)
+    }
+
+    /// One past group `g`'s last global tile.
+    fn group_end(&self, g: usize) -> usize {
+        self.first[g + 1].0
+    }
+
+    /// Tile `t` of group `g` against tokens `tok..tok + tokens`.
+    fn block(&self, g: usize, t: usize, tok: usize, tokens: usize) -> Block {
+        let (n, width) = (t * self.rows, self.width());
+        let len = self.rows.min(self.groups[g][0].n - n);
+        Block { tok, tokens, n, first: self.out.ptr().wrapping_add(tok * width + self.first[g].1 + n), stride: width, len }
+    }
+}
+
 /// The loop shared by the products: every row tile of each group of `M`
 /// matrices (same shape within a group, one layout for all) against every
 /// token, split over the workers. Each group's results take the next
@@ -518,77 +568,33 @@ fn products<const M: usize>(
 ) {
     let w = groups[0][0];
     let same = groups.iter().all(|g| g.iter().all(|v| v.n == g[0].n && v.rows == w.rows && v.packing == w.packing && v.kp == w.kp));
-    // Per group: its first tile and its first column.
-    let mut first = vec![(0usize, 0usize)];
-    for g in groups {
-        let &(t, c) = first.last().unwrap();
-        first.push((t + g[0].n.div_ceil(w.rows), c + g[0].n));
-    }
-    let (n_tiles, width) = *first.last().unwrap();
+    let out_len = out.len();
+    let places = Places::new(groups, w.rows, out);
     assert!(
-        same && tiles.rows == w.rows && tiles.packing == w.packing && x.kp >= w.kp && out.len() == x.tokens() * width,
+        same && tiles.rows == w.rows && tiles.packing == w.packing && x.kp >= w.kp && out_len == x.tokens() * places.width(),
         "ternary matmul: mismatched operands"
     );
     assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
-    let dst = SharedMut(out.as_mut_ptr());
+    // Many tokens of 2-bit weights go to AMX tiles where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    if tiles.isa == Isa::Avx512Vnni && w.packing == Packing::Bits2 && x.tokens() >= amx::MIN_TOKENS && amx::available() {
+        return amx_products(pool, &places, x, &write);
+    }
     // The 1.6-bit VNNI kernel reads the activations rearranged, once for all rows.
     let digits = (w.packing == Packing::Base3 && tiles.isa == Isa::Avx512Vnni && !vbmi(w)).then(|| base3::DigitActs::new(x, w.kp));
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
-    // Many tokens of 2-bit weights go to AMX tiles where the CPU has them,
-    // 64 rows (several of the layout's tiles) a call.
-    #[cfg(target_arch = "x86_64")]
-    let amx =
-        (tiles.isa == Isa::Avx512Vnni && w.packing == Packing::Bits2 && x.tokens() >= amx::MIN_TOKENS && amx::available()).then(|| amx::Acts::new(x, w.kp));
-    #[cfg(target_arch = "x86_64")]
-    let per_call = if amx.is_some() { amx::CALL_ROWS / w.rows } else { 1 };
-    #[cfg(not(target_arch = "x86_64"))]
-    let per_call = 1;
-    let chunks = Chunks::new(n_tiles.div_ceil(per_call), pool.threads());
-    pool.run_sized(x.tokens() * width * w.kp * M, &|me, workers| {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(acts) = &amx {
-            let mut worker = amx::Worker::new(w.kp);
-            let s = x.tokens();
-            let mut sums = vec![0i32; M * amx::CALL_ROWS * s];
-            while let Some(calls) = chunks.next() {
-                let tiles = calls.start * per_call..(calls.end * per_call).min(n_tiles);
-                let mut t0 = tiles.start;
-                while t0 < tiles.end {
-                    // The next tiles of one group, at most one call's.
-                    let g = first.partition_point(|f| f.0 <= t0) - 1;
-                    let t1 = tiles.end.min(first[g + 1].0).min(t0 + per_call);
-                    let (ws, local) = (&groups[g], t0 - first[g].0..t1 - first[g].0);
-                    for (m, sums) in sums.chunks_exact_mut(amx::CALL_ROWS * s).enumerate() {
-                        worker.dots(ws[m], local.clone(), acts, sums);
-                    }
-                    for (q, t) in local.enumerate() {
-                        let n = t * w.rows;
-                        for tok in (0..s).step_by(4) {
-                            let step = 4.min(s - tok);
-                            let at = |m: usize, r: usize, j: usize| sums[(m * amx::CALL_ROWS + q * w.rows + r) * s + tok + j];
-                            let dots: CallDots<M> =
-                                std::array::from_fn(|m| std::array::from_fn(|r| std::array::from_fn(|j| if r < w.rows && j < step { at(m, r, j) } else { 0 })));
-                            let len = w.rows.min(ws[0].n - n);
-                            write(g, &dots, Block { tok, tokens: step, n, first: dst.ptr().wrapping_add(tok * width + first[g].1 + n), stride: width, len });
-                        }
-                    }
-                    t0 = t1;
-                }
-            }
-            return;
-        }
+    let chunks = Chunks::new(places.tiles(), pool.threads());
+    pool.run_sized(x.tokens() * places.width() * w.kp * M, &|me, workers| {
         let mut codes: [Vec<u8>; M] = std::array::from_fn(|_| Vec::new());
         // A tile's kernel calls, `(tok, step, dots)`, all made before any
         // epilogue: the epilogues then run back to back, their divisions
         // overlapping, instead of each waiting between two kernel calls.
         let mut blocks: Vec<(usize, usize, CallDots<M>)> = Vec::new();
         let mut tile = |global: usize, tokens: std::ops::Range<usize>| {
-            let g = first.partition_point(|f| f.0 <= global) - 1;
-            let (ws, t) = (&groups[g], global - first[g].0);
+            let (g, t) = places.tile(global);
+            let ws = &groups[g];
             let unpack = tiles.tokens > 1 && tokens.len() >= tiles.tokens;
             let unpacked: [bool; M] = std::array::from_fn(|m| unpack && unpack_tile(tiles.isa, ws[m], t, &mut codes[m]));
-            let n = t * w.rows;
-            let len = w.rows.min(ws[0].n - n);
             blocks.clear();
             let mut tok = tokens.start;
             while tok < tokens.end {
@@ -601,15 +607,53 @@ fn products<const M: usize>(
                 tok += step;
             }
             for &(tok, tokens, ref dots) in &blocks {
-                write(g, dots, Block { tok, tokens, n, first: dst.ptr().wrapping_add(tok * width + first[g].1 + n), stride: width, len });
+                write(g, dots, places.block(g, t, tok, tokens));
             }
         };
         if by_tokens {
             let tokens = share(x.tokens(), me, workers);
-            (0..n_tiles).for_each(|t| tile(t, tokens.clone()));
+            (0..places.tiles()).for_each(|t| tile(t, tokens.clone()));
         } else {
             while let Some(range) = chunks.next() {
                 range.for_each(|t| tile(t, 0..x.tokens()));
+            }
+        }
+    });
+}
+
+/// [`products`] on AMX tiles: calls of up to 64 rows (several of the
+/// layout's tiles, all of one group), each multiplied by every token at
+/// once, then finished four tokens a block as the other kernels' are.
+#[cfg(target_arch = "x86_64")]
+fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, write: &(impl Fn(usize, &CallDots<M>, Block) + Sync)) {
+    let w = places.groups[0][0];
+    let acts = amx::Acts::new(x, w.kp);
+    let (s, per_call, n_tiles) = (x.tokens(), amx::CALL_ROWS / w.rows, places.tiles());
+    let chunks = Chunks::new(n_tiles.div_ceil(per_call), pool.threads());
+    pool.run_sized(s * places.width() * w.kp * M, &|_, _| {
+        let mut worker = amx::Worker::new(w.kp);
+        let mut sums = vec![0i32; M * amx::CALL_ROWS * s];
+        while let Some(calls) = chunks.next() {
+            let tiles = calls.start * per_call..(calls.end * per_call).min(n_tiles);
+            let mut t0 = tiles.start;
+            while t0 < tiles.end {
+                // The next tiles of one group, at most one call's.
+                let (g, local0) = places.tile(t0);
+                let t1 = tiles.end.min(places.group_end(g)).min(t0 + per_call);
+                let local = local0..local0 + (t1 - t0);
+                for (m, sums) in sums.chunks_exact_mut(amx::CALL_ROWS * s).enumerate() {
+                    worker.dots(places.groups[g][m], local.clone(), &acts, sums);
+                }
+                for (q, t) in local.enumerate() {
+                    for tok in (0..s).step_by(4) {
+                        let step = 4.min(s - tok);
+                        let at = |m: usize, r: usize, j: usize| sums[(m * amx::CALL_ROWS + q * w.rows + r) * s + tok + j];
+                        let dots: CallDots<M> =
+                            std::array::from_fn(|m| std::array::from_fn(|r| std::array::from_fn(|j| if r < w.rows && j < step { at(m, r, j) } else { 0 })));
+                        write(g, &dots, places.block(g, t, tok, step));
+                    }
+                }
+                t0 = t1;
             }
         }
     });
