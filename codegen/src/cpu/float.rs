@@ -13,9 +13,6 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     let (n, k) = (w.rows(), w.row_len());
     let s = x.len() / k.max(1);
     assert!(out.len() == s * n && x.len() == s * k, "float matmul: mismatched operands");
-    let dst = SharedMut(out.as_mut_ptr());
-    let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
-    let chunks = Chunks::new(n, pool.threads());
     // A batch of f16 rows (many sequences' heads): each weight is read
     // once, converted once per block of tokens, and used for all of them
     // in registers.
@@ -23,6 +20,9 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     if w.dtype == DType::F16 && s >= 4 && isa.float_kernels() == Isa::Avx2 {
         return batched_f16(pool, isa, w, x, out);
     }
+    let dst = SharedMut(out.as_mut_ptr());
+    let row_bytes = w.dtype.bytes_for(k).unwrap_or(0);
+    let chunks = Chunks::new(n, pool.threads());
     pool.run_sized(s * n * k, &|_, _| {
         let mut scratch = vec![0f32; k];
         for r in std::iter::from_fn(|| chunks.next()).flatten() {
