@@ -13,6 +13,8 @@ pub fn matmul(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32])
     let (n, k) = (w.rows(), w.row_len());
     let s = x.len() / k.max(1);
     assert!(out.len() == s * n && x.len() == s * k, "float matmul: mismatched operands");
+    // The kernels below take this for granted (as every product checks).
+    assert!(isa.available(), "float matmul: {} is not available on this CPU", isa.name());
     // A batch of f16 rows (many sequences' heads): each weight is read
     // once, converted once per block of tokens, and used for all of them
     // in registers.

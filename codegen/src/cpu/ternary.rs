@@ -509,18 +509,22 @@ struct Places<'a, const M: usize> {
     groups: &'a [[&'a PackedTernary; M]],
     /// Per group (and one past the last): its first tile and first column.
     first: Vec<(usize, usize)>,
+    /// Rows per tile.
     rows: usize,
+    /// The output, borrowed for as long as the places are: each block's
+    /// results go through a pointer into it.
     out: SharedMut<f32>,
+    borrow: std::marker::PhantomData<&'a mut [f32]>,
 }
 
 impl<'a, const M: usize> Places<'a, M> {
-    fn new(groups: &'a [[&'a PackedTernary; M]], rows: usize, out: &mut [f32]) -> Places<'a, M> {
+    fn new(groups: &'a [[&'a PackedTernary; M]], rows: usize, out: &'a mut [f32]) -> Places<'a, M> {
         let mut first = vec![(0usize, 0usize)];
         for g in groups {
             let &(t, c) = first.last().expect("starts with one");
             first.push((t + g[0].n.div_ceil(rows), c + g[0].n));
         }
-        Places { groups, first, rows, out: SharedMut(out.as_mut_ptr()) }
+        Places { groups, first, rows, out: SharedMut(out.as_mut_ptr()), borrow: std::marker::PhantomData }
     }
 
     /// Row tiles in all.
@@ -540,11 +544,13 @@ impl<'a, const M: usize> Places<'a, M> {
     }
 
     /// One past group `g`'s last global tile.
+    #[cfg(target_arch = "x86_64")]
     fn group_end(&self, g: usize) -> usize {
         self.first[g + 1].0
     }
 
-    /// Tile `t` of group `g` against tokens `tok..tok + tokens`.
+    /// Tile `t` of group `g` (its index within the group) against tokens
+    /// `tok..tok + tokens`.
     fn block(&self, g: usize, t: usize, tok: usize, tokens: usize) -> Block {
         let (n, width) = (t * self.rows, self.width());
         let len = self.rows.min(self.groups[g][0].n - n);
