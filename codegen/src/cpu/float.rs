@@ -98,16 +98,16 @@ fn batched_f16(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32]
         let mut acc: Vec<GroupAcc> = vec![[[[0.0; 16]; 8]; 3]; PANEL_ROWS.div_ceil(2)];
         while let Some(rows) = chunks.next() {
             for start in rows.clone().step_by(PANEL_ROWS) {
-                let panel = Panel { w: &w.data[..n * row_bytes], row_bytes, rows: start..(start + PANEL_ROWS).min(rows.end), per: if wide { 3 } else { 2 } };
+                let panel = Panel { w: &w.data[..n * row_bytes], row_bytes, rows: start..(start + PANEL_ROWS).min(rows.end), wide };
                 // SAFETY: the panel's rows belong to this worker alone.
                 let put = |t: usize, r: usize, v: f32| unsafe { *dst.ptr().add(t * n + r) = v };
                 let mut t = 0;
                 while wide && s - t >= 8 {
-                    panel.tokens::<8>(wide, x, t, &mut acc, put);
+                    panel.tokens::<8>(x, t, &mut acc, put);
                     t += 8;
                 }
                 while s - t >= 4 {
-                    panel.tokens::<4>(wide, x, t, &mut acc, put);
+                    panel.tokens::<4>(x, t, &mut acc, put);
                     t += 4;
                 }
                 for t in t..s {
@@ -120,25 +120,37 @@ fn batched_f16(pool: &Pool, isa: Isa, w: &WeightView, x: &[f32], out: &mut [f32]
     });
 }
 
-/// Rows `rows` of an f16 matrix `w`, read `per` rows side by side.
+/// Rows `rows` of an f16 matrix `w`, read [`Panel::per`] rows side by side.
 #[cfg(target_arch = "x86_64")]
 struct Panel<'a> {
     w: &'a [u8],
     row_bytes: usize,
     rows: std::ops::Range<usize>,
-    per: usize,
+    /// AVX-512's kernels (else AVX2's).
+    wide: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Panel<'_> {
+    /// Rows a kernel call reads side by side: three with AVX-512's 32
+    /// registers, two with AVX2's 16.
+    fn per(&self) -> usize {
+        if self.wide {
+            3
+        } else {
+            2
+        }
+    }
+
     /// `put(t0 + i, r, x[t0 + i] · w[r])` for the panel's rows and `T`
     /// tokens (4 or 8: 8 only with AVX-512's 32 registers).
-    fn tokens<const T: usize>(&self, wide: bool, x: &[f32], t0: usize, acc: &mut [GroupAcc], put: impl Fn(usize, usize, f32)) {
+    fn tokens<const T: usize>(&self, x: &[f32], t0: usize, acc: &mut [GroupAcc], put: impl Fn(usize, usize, f32)) {
         let k = self.row_bytes / 2;
         // The lanes' part of each row; the rest is added in order at the end.
         let lanes = k / 16 * 16;
-        let groups = self.rows.clone().step_by(self.per).map(|r| r..(r + self.per).min(self.rows.end));
-        assert!(self.rows.len().div_ceil(self.per) <= acc.len(), "f16 panel: more row groups than accumulators");
+        let per = self.per();
+        let groups = self.rows.clone().step_by(per).map(|r| r..(r + per).min(self.rows.end));
+        assert!(self.rows.len().div_ceil(per) <= acc.len(), "f16 panel: more row groups than accumulators");
         for a in acc.iter_mut() {
             *a = [[[0.0; 16]; 8]; 3];
         }
@@ -151,7 +163,7 @@ impl Panel<'_> {
             let xs: [&[f32]; T] = std::array::from_fn(|i| &x[(t0 + i) * k..][block.clone()]);
             for (rows, acc) in groups.clone().zip(acc.iter_mut()) {
                 let ws: [&[u8]; 3] = std::array::from_fn(|j| &self.w[(rows.start + j.min(rows.len() - 1)) * self.row_bytes..][2 * block.start..2 * block.end]);
-                block_f16::<T>(wide, &ws[..rows.len()], xs, ahead, acc);
+                block_f16::<T>(self.wide, &ws[..rows.len()], xs, ahead, acc);
             }
         }
         for (rows, acc) in groups.zip(acc.iter()) {
@@ -163,7 +175,7 @@ impl Panel<'_> {
                     // row's pass, and the tail after the lanes' sum: the
                     // bits of a kernel that keeps the accumulators in
                     // registers for the whole row.
-                    let v = (lanes..k).fold(sum16(wide, lane_acc), |v, c| v + xt[c] * half::f16::from_le_bytes([row[2 * c], row[2 * c + 1]]).to_f32());
+                    let v = (lanes..k).fold(sum16(self.wide, lane_acc), |v, c| v + xt[c] * half::f16::from_le_bytes([row[2 * c], row[2 * c + 1]]).to_f32());
                     put(t0 + i, r, v);
                 }
             }
