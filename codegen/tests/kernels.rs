@@ -571,8 +571,10 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
     }
 }
 
-/// The AMX tile products (a prefill of many tokens of 2-bit weights)
-/// against the scalar kernels, bit for bit: whole and partial calls of 64
+/// The AMX tile products (a prefill of many tokens: 2-bit weights, and
+/// 1.6-bit ones whose rows are whole pairs of tile blocks, k of 640 and
+/// 2560; the other 1.6-bit cases take the VNNI kernels) against the
+/// scalar kernels, bit for bit: whole and partial calls of 64
 /// rows, token counts past a tile's 16, groups (q, k, v) whose rows do not
 /// fill a call, every tile shape and split (the tiles ignore both), one and
 /// two threads.
@@ -582,30 +584,30 @@ fn amx_products_match_the_scalar_ones_where_the_cpu_has_them() {
         eprintln!("skipped: this CPU or OS has no AMX-INT8");
         return;
     }
-    for (n, k, s, threads) in [(1usize, 1usize, 128usize, 1usize), (3, 783, 131, 2), (37, 2592, 128, 2), (70, 256, 150, 1), (300, 640, 200, 2)] {
+    let cases = [(1usize, 1usize, 128usize, 1usize), (3, 783, 131, 2), (37, 2592, 128, 2), (70, 256, 150, 1), (300, 640, 200, 2), (5, 2560, 131, 2)];
+    for ((n, k, s, threads), packing) in cases.into_iter().flat_map(|c| [Packing::Bits2, Packing::Base3].map(|p| (c, p))) {
         assert!(s >= AMX_MIN_TOKENS, "{s} tokens would not reach the tiles");
         let (w, a, residual) = bit_exact_case(n, k, s);
         let ep = Epilogue { scale: Some(0.6875), residual: Some(&residual) };
         let pool = Pool::new(threads);
         for rows in TernaryTiles::ROWS {
-            let packed = PackedTernary::pack(n, k, rows, Packing::Bits2, 0.3, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
-            let other =
-                PackedTernary::pack(n, k, rows, Packing::Bits2, 0.7, |r, out| out.iter_mut().enumerate().for_each(|(i, v)| *v = w[(r * k + i + 1) % (n * k)]));
+            let packed = PackedTernary::pack(n, k, rows, packing, 0.3, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+            let other = PackedTernary::pack(n, k, rows, packing, 0.7, |r, out| out.iter_mut().enumerate().for_each(|(i, v)| *v = w[(r * k + i + 1) % (n * k)]));
             let parts = [(&packed, Some(0.5f32)), (&other, None), (&packed, Some(2.0))];
-            let scalar = TernaryTiles::new(Isa::Scalar, rows, 1);
+            let scalar = TernaryTiles { packing, ..TernaryTiles::new(Isa::Scalar, rows, 1) };
             let mut want = (vec![0f32; s * n], vec![0f32; s * 3 * n], vec![0f32; s * n]);
             ternary::matmul(&pool, scalar, &packed, &a, &mut want.0, ep);
             ternary::matmul_cat(&pool, scalar, &parts, &a, &mut want.1);
             ternary::matmul_glu(&pool, scalar, GateAct::Silu, (&packed, None), (&other, Some(0.25)), &a, &mut want.2);
             for (tokens, split) in TernaryTiles::TOKENS.into_iter().flat_map(|t| Split::ALL.map(|s| (t, s))) {
-                let tiles = TernaryTiles { split, ..TernaryTiles::new(Isa::Avx512Vnni, rows, tokens) };
+                let tiles = TernaryTiles { split, packing, ..TernaryTiles::new(Isa::Avx512Vnni, rows, tokens) };
                 let mut got = (vec![0f32; s * n], vec![0f32; s * 3 * n], vec![0f32; s * n]);
                 ternary::matmul(&pool, tiles, &packed, &a, &mut got.0, ep);
                 ternary::matmul_cat(&pool, tiles, &parts, &a, &mut got.1);
                 ternary::matmul_glu(&pool, tiles, GateAct::Silu, (&packed, None), (&other, Some(0.25)), &a, &mut got.2);
-                assert_eq!(bits(&got.0), bits(&want.0), "matmul {tiles} n {n} k {k} tokens {s}");
-                assert_eq!(bits(&got.1), bits(&want.1), "cat {tiles} n {n} k {k} tokens {s}");
-                assert_eq!(bits(&got.2), bits(&want.2), "glu {tiles} n {n} k {k} tokens {s}");
+                assert_eq!(bits(&got.0), bits(&want.0), "matmul {tiles} {packing:?} n {n} k {k} tokens {s}");
+                assert_eq!(bits(&got.1), bits(&want.1), "cat {tiles} {packing:?} n {n} k {k} tokens {s}");
+                assert_eq!(bits(&got.2), bits(&want.2), "glu {tiles} {packing:?} n {n} k {k} tokens {s}");
             }
         }
     }

@@ -8,8 +8,9 @@
 //! The layout: tile A holds 16 weight rows' codes (0, 1, 2: one byte each)
 //! for 64 consecutive weights, tile B 16 tokens' activations for the same
 //! 64 weights, each four side by side ([`Acts`], arranged once a call). A
-//! call unpacks 64 rows from the 2-bit layout of [`super::ternary`], four
-//! groups of 16, once for all tokens; each B tile then meets the four
+//! call unpacks 64 rows from the 2-bit layout of [`super::ternary`] (or the
+//! 1.6-bit one, through its own unpacking: [`fits`]), four groups of 16,
+//! once for all tokens; each B tile then meets the four
 //! groups' A tiles, four chains of `tdpbusd` into four C tiles. The sums are of codes
 //! times activations, as every ternary kernel's are (the caller subtracts
 //! `Σx`), and integer: the same values as the VNNI kernels', so the
@@ -20,7 +21,7 @@
 //! worker loads the tile configuration when it starts a share of a product
 //! and releases the tiles when done, returning them to their initial state.
 
-use super::ternary::{PackedTernary, QuantActs, CHUNK, CHUNK_BYTES};
+use super::ternary::{PackedTernary, Packing, QuantActs, CHUNK, CHUNK_BYTES};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -32,6 +33,14 @@ const TOKENS: usize = 16;
 const ROW_BYTES: usize = 64;
 /// The fewest tokens a product goes to tiles with: [`super::AMX_MIN_TOKENS`].
 pub(super) const MIN_TOKENS: usize = super::AMX_MIN_TOKENS;
+
+/// Whether `w`'s rows are whole pairs of A tiles' 64 weights (the tiles
+/// take two weight blocks a step): always in 2 bits (128 a chunk), and in
+/// 1.6 bits where the chunks of a row are a multiple of four (640
+/// weights; 2560 and 6912 are).
+pub(super) fn fits(w: &PackedTernary) -> bool {
+    w.kp.is_multiple_of(2 * ROW_BYTES)
+}
 
 /// Whether this CPU has AMX-INT8 and the kernel lets this process use it.
 pub(super) fn available() -> bool {
@@ -132,6 +141,8 @@ pub(super) struct Worker {
     /// 64 rows' codes as A tiles: group `g`'s weight block `h` (16 rows of
     /// 64 codes) at `(g · weight_blocks + h) · 1024`.
     codes: Vec<u8>,
+    /// A 1.6-bit tile's codes row after row, before they go to `codes`.
+    row_codes: Vec<u8>,
     /// One token block's sums, `[16 rows][16 tokens]` for each group.
     sums: [[i32; ROWS * TOKENS]; GROUPS],
 }
@@ -150,6 +161,7 @@ impl Worker {
             weight_blocks,
             on_this_thread: std::marker::PhantomData,
             codes: vec![0; GROUPS * weight_blocks * TILE_BYTES],
+            row_codes: Vec::new(),
             sums: [[0; ROWS * TOKENS]; GROUPS],
         }
     }
@@ -162,16 +174,22 @@ impl Worker {
     pub(super) fn dots(&mut self, w: &PackedTernary, tiles: std::ops::Range<usize>, x: &Acts, out: &mut [i32]) {
         let (rows, s, blocks, chunks) = (tiles.len() * w.rows, x.tokens, self.weight_blocks, w.kp / CHUNK);
         assert!(
-            rows <= CALL_ROWS && ROWS.is_multiple_of(w.rows) && x.weight_blocks == blocks && blocks * ROW_BYTES == w.kp && out.len() >= rows * s,
+            rows <= CALL_ROWS && ROWS.is_multiple_of(w.rows) && fits(w) && x.weight_blocks == blocks && blocks * ROW_BYTES == w.kp && out.len() >= rows * s,
             "amx dots: mismatched operands"
         );
         for (q, t) in tiles.enumerate() {
             let first = q * w.rows;
             let group = &mut self.codes[first / ROWS * blocks * TILE_BYTES..][..blocks * TILE_BYTES];
-            // SAFETY: the CPU has AVX-512 F and BW (part of AMX's CPUs and
-            // of Isa::Avx512Vnni, checked by the caller); `unpack` checks
-            // the lengths.
-            unsafe { unpack(w.tile(t), w.rows, chunks, group, first % ROWS) };
+            match w.packing {
+                // SAFETY: the CPU has AVX-512 F and BW (part of AMX's CPUs
+                // and of Isa::Avx512Vnni, checked by the caller); `unpack`
+                // checks the lengths.
+                Packing::Bits2 => unsafe { unpack(w.tile(t), w.rows, chunks, group, first % ROWS) },
+                Packing::Base3 => {
+                    super::ternary::unpack_base3(w, t, &mut self.row_codes);
+                    place(&self.row_codes, w.kp, group, first % ROWS);
+                }
+            }
         }
         for b in 0..x.blocks {
             self.zero();
@@ -261,6 +279,17 @@ impl Drop for Worker {
         // SAFETY: this thread configured the tiles in `new`; releasing them
         // returns its tile state to the initial one.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// A tile's codes already one byte each, row after row (`kp` a row), into
+/// a group's A tiles as rows `first..`: each row's block `h` of 64 codes
+/// goes to row `first + r` of block `h`'s tile.
+fn place(row_codes: &[u8], kp: usize, codes: &mut [u8], first: usize) {
+    for (r, row) in row_codes.chunks_exact(kp).enumerate() {
+        for (h, block) in row.chunks_exact(ROW_BYTES).enumerate() {
+            codes[h * TILE_BYTES + (first + r) * ROW_BYTES..][..ROW_BYTES].copy_from_slice(block);
+        }
     }
 }
 

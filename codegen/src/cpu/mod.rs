@@ -23,9 +23,12 @@ mod vnni;
 
 pub use pool::Pool;
 
-/// The fewest tokens whose 2-bit ternary products run on AMX tiles where
-/// the CPU has them ([`has_amx`]). On the 2-core Intel Xeon VM of
-/// docs/performance.md (session of 2026-12-06, fourteenth) prefills of
+/// The fewest tokens whose ternary products run on AMX tiles where the
+/// CPU has them ([`has_amx`]): 2-bit ones, and 1.6-bit ones whose rows are
+/// whole pairs of the tiles' 64-weight blocks (2560 and 6912 are; a
+/// pp128 of 2B4T in 1.6 bits went from 81-89 to 134-165 tok/s, session of
+/// 2026-12-06, seventeenth). On the 2-core Intel Xeon VM of
+/// docs/performance.md (session of 2026-12-06, fourteenth) 2-bit prefills of
 /// 128-512 tokens ran 1.6-1.8× faster on tiles, one of 64 within the noise,
 /// and fewer tokens (8 sequences' decode steps among them) slower: a call
 /// unpacks its rows for all its tokens, and a `tdpbusd` took 9 ns in a bare
@@ -33,7 +36,7 @@ pub use pool::Pool;
 /// gives.
 pub const AMX_MIN_TOKENS: usize = 128;
 
-/// Whether the 2-bit ternary products of many tokens (a long prefill) run on
+/// Whether the ternary products of many tokens (a long prefill) run on
 /// AMX tiles: AVX-512 VNNI's kernels, where the CPU has AMX-INT8 and the OS
 /// grants it. The tests use it to say when they cover those kernels.
 pub fn has_amx() -> bool {

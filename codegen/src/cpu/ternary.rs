@@ -581,9 +581,9 @@ fn products<const M: usize>(
         "ternary matmul: mismatched operands"
     );
     assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
-    // Many tokens of 2-bit weights go to AMX tiles where the CPU has them.
+    // Many tokens go to AMX tiles where the CPU has them.
     #[cfg(target_arch = "x86_64")]
-    if tiles.isa == Isa::Avx512Vnni && w.packing == Packing::Bits2 && x.tokens() >= amx::MIN_TOKENS && amx::available() {
+    if tiles.isa == Isa::Avx512Vnni && amx::fits(w) && x.tokens() >= amx::MIN_TOKENS && amx::available() {
         return amx_products(pool, &places, x, &write);
     }
     // The 1.6-bit VNNI kernel reads the activations rearranged, once for all rows.
@@ -683,6 +683,14 @@ fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut Vec<u8>) -> bo
         }
         _ => false,
     }
+}
+
+/// Tile `t` of 1.6-bit weights as codes one byte each, row after row
+/// (`w.kp` a row): AMX's tiles take them so.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn unpack_base3(w: &PackedTernary, t: usize, codes: &mut Vec<u8>) {
+    assert!(w.packing == Packing::Base3, "unpack_base3: {:?} weights", w.packing);
+    assert!(unpack_tile(Isa::Avx512Vnni, w, t, codes), "1.6-bit weights unpack on AVX-512 VNNI");
 }
 
 /// The code-times-activation sums of tile `t` against tokens `tok..tok+step`,
