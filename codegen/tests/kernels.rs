@@ -586,7 +586,7 @@ fn amx_products_match_the_scalar_ones_where_the_cpu_has_them() {
     }
     let cases = [(1usize, 1usize, 128usize, 1usize), (3, 783, 131, 2), (37, 2592, 128, 2), (70, 256, 150, 1), (300, 640, 200, 2), (5, 2560, 131, 2)];
     for ((n, k, s, threads), packing) in cases.into_iter().flat_map(|c| [Packing::Bits2, Packing::Base3].map(|p| (c, p))) {
-        assert!(s >= AMX_MIN_TOKENS, "{s} tokens would not reach the tiles");
+        assert!(s >= AMX_MIN_TOKENS, "{s} tokens would not reach the tiles, even where the rows fit them");
         let (w, a, residual) = bit_exact_case(n, k, s);
         let ep = Epilogue { scale: Some(0.6875), residual: Some(&residual) };
         let pool = Pool::new(threads);

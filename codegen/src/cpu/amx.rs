@@ -37,7 +37,7 @@ pub(super) const MIN_TOKENS: usize = super::AMX_MIN_TOKENS;
 /// Whether `w`'s rows are whole pairs of A tiles' 64 weights (the tiles
 /// take two weight blocks a step): always in 2 bits (128 a chunk), and in
 /// 1.6 bits where the chunks of a row are a multiple of four (640
-/// weights; 2560 and 6912 are).
+/// weights; 2560 is, and 6912, padded to 7040).
 pub(super) fn fits(w: &PackedTernary) -> bool {
     w.kp.is_multiple_of(2 * ROW_BYTES)
 }

@@ -583,7 +583,8 @@ fn products<const M: usize>(
     assert!(tiles.isa.available(), "ternary matmul: {} is not available on this CPU", tiles.isa.name());
     // Many tokens go to AMX tiles where the CPU has them.
     #[cfg(target_arch = "x86_64")]
-    if tiles.isa == Isa::Avx512Vnni && amx::fits(w) && x.tokens() >= amx::MIN_TOKENS && amx::available() {
+    if tiles.isa == Isa::Avx512Vnni && amx::fits(w) && (w.packing == Packing::Bits2 || unpacks_in_rows(w)) && x.tokens() >= amx::MIN_TOKENS && amx::available()
+    {
         return amx_products(pool, &places, x, &write);
     }
     // The 1.6-bit VNNI kernel reads the activations rearranged, once for all rows.
@@ -686,11 +687,20 @@ fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut Vec<u8>) -> bo
 }
 
 /// Tile `t` of 1.6-bit weights as codes one byte each, row after row
-/// (`w.kp` a row): AMX's tiles take them so.
+/// (`w.kp` a row): AMX's tiles take them so. Only where
+/// [`unpacks_in_rows`].
 #[cfg(target_arch = "x86_64")]
 pub(super) fn unpack_base3(w: &PackedTernary, t: usize, codes: &mut Vec<u8>) {
-    assert!(w.packing == Packing::Base3, "unpack_base3: {:?} weights", w.packing);
+    assert!(w.packing == Packing::Base3 && unpacks_in_rows(w), "unpack_base3: {:?} weights in tiles of {} rows", w.packing, w.rows);
     assert!(unpack_tile(Isa::Avx512Vnni, w, t, codes), "1.6-bit weights unpack on AVX-512 VNNI");
+}
+
+/// Whether [`unpack_tile`] writes `w`'s 1.6-bit codes row after row:
+/// VBMI's unpacking does, AVX2's only for tiles of one row (it interleaves
+/// the rows of bigger ones, 32 codes at a time).
+#[cfg(target_arch = "x86_64")]
+fn unpacks_in_rows(w: &PackedTernary) -> bool {
+    w.rows == 1 || vbmi(w)
 }
 
 /// The code-times-activation sums of tile `t` against tokens `tok..tok+step`,
