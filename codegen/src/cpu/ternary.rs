@@ -509,8 +509,6 @@ struct Places<'a, const M: usize> {
     groups: &'a [[&'a PackedTernary; M]],
     /// Per group (and one past the last): its first tile and first column.
     first: Vec<(usize, usize)>,
-    /// Rows per tile.
-    rows: usize,
     /// The output, borrowed for as long as the places are: each block's
     /// results go through a pointer into it.
     out: SharedMut<f32>,
@@ -518,13 +516,13 @@ struct Places<'a, const M: usize> {
 }
 
 impl<'a, const M: usize> Places<'a, M> {
-    fn new(groups: &'a [[&'a PackedTernary; M]], rows: usize, out: &'a mut [f32]) -> Places<'a, M> {
+    fn new(groups: &'a [[&'a PackedTernary; M]], out: &'a mut [f32]) -> Places<'a, M> {
         let mut first = vec![(0usize, 0usize)];
         for g in groups {
             let &(t, c) = first.last().expect("starts with one");
-            first.push((t + g[0].n.div_ceil(rows), c + g[0].n));
+            first.push((t + g[0].n.div_ceil(g[0].rows), c + g[0].n));
         }
-        Places { groups, first, rows, out: SharedMut(out.as_mut_ptr()), borrow: std::marker::PhantomData }
+        Places { groups, first, out: SharedMut(out.as_mut_ptr()), borrow: std::marker::PhantomData }
     }
 
     /// Row tiles in all.
@@ -552,8 +550,9 @@ impl<'a, const M: usize> Places<'a, M> {
     /// Tile `t` of group `g` (its index within the group) against tokens
     /// `tok..tok + tokens`.
     fn block(&self, g: usize, t: usize, tok: usize, tokens: usize) -> Block {
-        let (n, width) = (t * self.rows, self.width());
-        let len = self.rows.min(self.groups[g][0].n - n);
+        let rows = self.groups[g][0].rows;
+        let (n, width) = (t * rows, self.width());
+        let len = rows.min(self.groups[g][0].n - n);
         Block { tok, tokens, n, first: self.out.ptr().wrapping_add(tok * width + self.first[g].1 + n), stride: width, len }
     }
 }
@@ -575,7 +574,7 @@ fn products<const M: usize>(
     let w = groups[0][0];
     let same = groups.iter().all(|g| g.iter().all(|v| v.n == g[0].n && v.rows == w.rows && v.packing == w.packing && v.kp == w.kp));
     let out_len = out.len();
-    let places = Places::new(groups, w.rows, out);
+    let places = Places::new(groups, out);
     assert!(
         same && tiles.rows == w.rows && tiles.packing == w.packing && x.kp >= w.kp && out_len == x.tokens() * places.width(),
         "ternary matmul: mismatched operands"
