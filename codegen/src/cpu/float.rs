@@ -311,9 +311,11 @@ pub fn reference_dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// How far ahead one token's dot product prefetches its row, in bytes: it
-/// computes little per byte, so it must cover the DRAM's whole latency
-/// (the 2B4T f16 head: 35-37 ms a token with 1 KB, 29-36 with 2 KB).
+/// How far ahead one token's Q4_K and Q6_K dots prefetch their rows into
+/// L2, in bytes: they compute little per byte, so they must cover the
+/// DRAM's whole latency (the 2B4T f16 head, when it prefetched so: 35-37 ms
+/// a token with 1 KB, 29-36 with 2 KB; it now prefetches as the ternary
+/// kernels do, [`super::prefetch_stream`]).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_ONE_TOKEN: usize = super::STREAM_PREFETCH;
 
@@ -430,7 +432,7 @@ mod avx2 {
         while i + 32 <= n {
             // One cache line a pass; past the row's end into the next
             // row, which a worker's contiguous rows read next.
-            super::prefetch(pb.wrapping_add(2 * i + super::PREFETCH_ONE_TOKEN));
+            super::super::prefetch_stream::<1>(pb.wrapping_add(2 * i));
             for (j, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * j)), load(i + 8 * j), *acc);
             }

@@ -92,12 +92,6 @@ pub fn reference_dot(a: &[i8], b: &[i8]) -> i32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// How far ahead of its loads the dot prefetches the weight row `a`,
-    /// in bytes, on into the next rows (a worker's rows are contiguous).
-    /// On a 2-core Intel Xeon VM the 2B4T q8 head took 14.9 ms a token
-    /// with 1 KB, 12.3 with 4 KB.
-    const PREFETCH: usize = super::super::STREAM_PREFETCH;
-
     /// `pmaddubsw` multiplies unsigned by signed bytes: feed it |a| and b
     /// with a's sign. Neither side is −128, so pairs stay below 2¹⁵.
     #[target_feature(enable = "avx2")]
@@ -108,8 +102,10 @@ mod avx2 {
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut i = 0;
         while i < n {
-            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + PREFETCH));
-            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + PREFETCH + 64));
+            // On into the next rows: a worker's rows are contiguous. (On a
+            // 2-core Intel Xeon VM the 2B4T q8 head took 14.9 ms a token
+            // prefetching 1 KB ahead into L1, 12.3 with 4 KB.)
+            super::super::prefetch_stream::<2>(pa.wrapping_add(i) as *const u8);
             for (j, acc) in acc.iter_mut().enumerate() {
                 let va = _mm256_loadu_si256(pa.add(i + 32 * j) as *const __m256i);
                 let vb = _mm256_loadu_si256(pb.add(i + 32 * j) as *const __m256i);

@@ -47,16 +47,49 @@ pub fn has_amx() -> bool {
 }
 
 /// How far ahead of its loads a decode kernel that streams its weights
-/// from DRAM prefetches them, in bytes: far enough to cover the latency of
-/// a DRAM slower than a Zen 4's. On a 2-core Intel Xeon (Sapphire Rapids
-/// class) VM, 4 KB read the ternary weights 15-20% faster than 1 KB (2 and
-/// 1.6 bits alike) and the f16 head 37-40 → 22-31 ms a token where it had
-/// none; 8 KB was within the noise of 4 KB for the head and no better for
-/// the ternary kernels (docs/performance.md, session of 2026-12-06,
-/// thirteenth). The ternary tile kernels, one token's f16, Q4_K and Q6_K
-/// head dots, the q8 head and the roofline's prefetched bandwidth sum all
-/// use it.
+/// from DRAM asks for them into L2, in bytes: far enough to cover the
+/// latency of a DRAM slower than a Zen 4's. On a 2-core Intel Xeon
+/// (Sapphire Rapids class) VM, 4 KB read the ternary weights 15-20% faster
+/// than 1 KB (2 and 1.6 bits alike) and the f16 head 37-40 → 22-31 ms a
+/// token where it had none; 8 KB was within the noise of 4 KB for the head
+/// and no better for the ternary kernels (docs/performance.md, session of
+/// 2026-12-06, thirteenth).
 pub(crate) const STREAM_PREFETCH: usize = 4096;
+
+/// How far ahead the same kernels ask for their weights into L1, in bytes:
+/// by then the line is in L2 ([`STREAM_PREFETCH`] asked for it), so an L1
+/// miss buffer waits on L2, not on DRAM. A core has few of those buffers
+/// (16 on Intel's recent cores) and a prefetch into L1 holds one until its
+/// line arrives, so one into L1 straight from DRAM left the stream short of
+/// lines in flight. On the Intel VM both together read 5-7% faster than
+/// 4 KB into L1 alone (the ternary products of a step, the f16 head, and a
+/// plain sum: docs/performance.md, session of 2026-12-06, eighteenth);
+/// 2 KB into L2 with 512 B into L1 was slower than either.
+pub(crate) const STREAM_PREFETCH_L1: usize = 1024;
+
+/// The prefetches of a kernel that streams weights read once: the `LINES`
+/// cache lines [`STREAM_PREFETCH`] past `p` into L2 and those
+/// [`STREAM_PREFETCH_L1`] past it into L1, where `p` is the next byte the
+/// kernel reads. The ternary tile kernels, one token's f16 and q8 head
+/// dots and the roofline's prefetched bandwidth sum use it. Any address is
+/// harmless; off x86 it does nothing.
+#[inline(always)]
+pub(crate) fn prefetch_stream<const LINES: usize>(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        for line in 0..LINES {
+            // SAFETY: a prefetch reads nothing and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(STREAM_PREFETCH + 64 * line) as *const i8) };
+        }
+        for line in 0..LINES {
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(STREAM_PREFETCH_L1 + 64 * line) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
 
 /// The instruction set a native kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -255,11 +255,11 @@ impl<T> SharedMut<T> {
 /// The buffer is held as the weights are ([`super::blob::Blob`]: in huge
 /// pages where they are), so that the two are measured alike. Each pass
 /// sums the buffer twice, with and without software prefetch as the decode
-/// kernels use it: where the hardware prefetcher alone leaves the loads
-/// waiting on DRAM (an Intel Xeon VM: 28-31 GB/s with, 18-24 without),
-/// the kernels read faster than a plain sum, and the roofline is the
-/// faster of the two. (Without a prefetch instruction, off x86, both sums
-/// are plain.)
+/// kernels use it ([`super::prefetch_stream`]): where the hardware
+/// prefetcher alone leaves the loads waiting on DRAM (an Intel Xeon VM:
+/// 28-31 GB/s with a prefetch into L1, 18-24 without), the kernels read
+/// faster than a plain sum, and the roofline is the faster of the two.
+/// (Without a prefetch instruction, off x86, both sums are plain.)
 pub fn read_bandwidth(pool: &Pool, bytes: usize, passes: usize) -> f64 {
     let data = super::blob::Blob::from_fn(bytes / 8, |i| i as u64);
     let mut best = f64::INFINITY;
@@ -270,7 +270,7 @@ pub fn read_bandwidth(pool: &Pool, bytes: usize, passes: usize) -> f64 {
             let part = &data[share(data.len(), me, n)];
             let s = part.chunks_exact(8).fold([0u64; 8], |mut acc, c| {
                 if prefetch {
-                    prefetch_line(c.as_ptr().wrapping_add(PREFETCH_WORDS));
+                    super::prefetch_stream::<1>(c.as_ptr() as *const u8);
                 }
                 for i in 0..8 {
                     acc[i] = acc[i].wrapping_add(c[i]);
@@ -283,23 +283,6 @@ pub fn read_bandwidth(pool: &Pool, bytes: usize, passes: usize) -> f64 {
         best = best.min(t0.elapsed().as_secs_f64());
     }
     (data.len() * 8) as f64 / best
-}
-
-/// How far ahead [`read_bandwidth`] prefetches, in `u64`s: as far as the
-/// decode kernels do.
-const PREFETCH_WORDS: usize = super::STREAM_PREFETCH / 8;
-
-/// Asks for the cache line at `p` into L1 (nothing where there is no
-/// prefetch instruction); any address is harmless.
-#[inline(always)]
-fn prefetch_line(p: *const u64) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads nothing and cannot fault.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 #[cfg(test)]

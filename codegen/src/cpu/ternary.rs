@@ -383,24 +383,20 @@ impl QuantActs {
     }
 }
 
-/// How far ahead of its loads a native tile kernel prefetches weights, in
-/// bytes: the hardware prefetcher alone leaves the loads waiting on DRAM.
-#[cfg(target_arch = "x86_64")]
-const PREFETCH: usize = super::STREAM_PREFETCH;
-
-/// Prefetches the weights [`PREFETCH`] bytes past chunk `c` of a tile of
-/// `rows` rows (two cache lines for tiles of more than two rows).
+/// Prefetches the weights of a tile of `rows` rows ahead of chunk `c`
+/// ([`super::prefetch_stream`]: two cache lines for tiles of more than two
+/// rows, which read two a chunk).
 ///
 /// # Safety
 /// `w` points into the tile; a prefetch past its end is harmless.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) unsafe fn prefetch_ahead(w: *const u8, c: usize, rows: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let at = w.wrapping_add(c * rows * CHUNK_BYTES + PREFETCH) as *const i8;
-    _mm_prefetch::<_MM_HINT_T0>(at);
+    let at = w.wrapping_add(c * rows * CHUNK_BYTES);
     if rows > 2 {
-        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64));
+        super::prefetch_stream::<2>(at);
+    } else {
+        super::prefetch_stream::<1>(at);
     }
 }
 
