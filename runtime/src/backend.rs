@@ -227,9 +227,46 @@ impl KernelTimes {
         }
     }
 
+    /// The mean of `runs` (each the times of one step): milliseconds and
+    /// calls per step, slowest first.
+    pub fn mean(runs: &[KernelTimes]) -> KernelTimes {
+        let mut all = KernelTimes::default();
+        for (family, ms, calls) in runs.iter().flat_map(|r| &r.0) {
+            match all.0.iter_mut().find(|f| &f.0 == family) {
+                Some(f) => {
+                    f.1 += ms;
+                    f.2 += calls;
+                }
+                None => all.0.push((family.clone(), *ms, *calls)),
+            }
+        }
+        let n = runs.len().max(1);
+        for f in &mut all.0 {
+            f.1 /= n as f64;
+            f.2 = f.2.div_ceil(n);
+        }
+        all.0.sort_by(|a, b| b.1.total_cmp(&a.1));
+        all
+    }
+
     /// `"ternary_glu 812.40 (30), attention 95.10 (30), ..."`: a string, so
     /// that `bitnet bench --json` stays one flat object.
     pub fn summary(&self) -> String {
         self.0.iter().map(|(f, ms, n)| format!("{f} {ms:.3} ({n})")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KernelTimes;
+
+    #[test]
+    fn mean_kernel_times_are_per_step_and_slowest_first() {
+        let step = |glu: f64, norm: f64| KernelTimes(vec![("ternary_glu".into(), glu, 30), ("rms_norm_quant".into(), norm, 120)]);
+        let mut late = step(2.0, 5.0);
+        late.0.push(("attention".into(), 0.5, 30));
+        let mean = KernelTimes::mean(&[step(10.0, 1.0), step(12.0, 2.0), late]);
+        assert_eq!(mean.summary(), "ternary_glu 8.000 (30), rms_norm_quant 2.667 (120), attention 0.167 (10)");
+        assert!(KernelTimes::mean(&[]).0.is_empty());
     }
 }

@@ -5,7 +5,7 @@
 //! time, each the previous step's argmax, never stopping at end of text.
 //! Each is repeated and the median reported.
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, KernelTimes};
 use crate::engine::Engine;
 use crate::error::RuntimeError;
 use crate::sampler::argmax;
@@ -25,9 +25,10 @@ pub struct BenchReport {
     pub n_gen: usize,
     pub threads: usize,
     pub reps: usize,
-    /// One prefill of the prompt and then one decode step, evaluated again
-    /// kernel by kernel and timed ("executor": the time outside the kernels): milliseconds and calls per kernel
-    /// family, slowest first (`"ternary_glu 812.400 (30), attention
+    /// One prefill of the prompt and then decode steps (up to
+    /// [`PROFILED_STEPS`] of them, their mean), evaluated again kernel by
+    /// kernel and timed ("executor": the time outside the kernels):
+    /// milliseconds and calls per kernel family, slowest first (`"ternary_glu 812.400 (30), attention
     /// 95.100 (30), ..."`: strings, so that the JSON stays flat). Compiled
     /// backends only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,6 +86,10 @@ pub struct GpuReport {
     pub cuda_graph_error: Option<String>,
 }
 
+/// Decode steps timed kernel by kernel for `decode_kernel_ms`: one step's
+/// times moved by a few milliseconds from run to run on a noisy machine.
+pub const PROFILED_STEPS: usize = 8;
+
 /// A prompt of ordinary token ids spread over the vocabulary.
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
@@ -137,8 +142,14 @@ pub fn bench(
         s.clear_prefix_cache();
         let (logits, times) = s.profile(&ids, false)?;
         prefill_kernel_ms = Some(times.summary());
-        if ids.len() < s.context {
-            decode_kernel_ms = Some(s.profile(&[argmax(&logits)], false)?.1.summary());
+        let (mut next, mut steps) = (argmax(&logits), Vec::new());
+        while steps.len() < n_gen.clamp(1, PROFILED_STEPS) && ids.len() + steps.len() < s.context {
+            let (logits, times) = s.profile(&[next], false)?;
+            next = argmax(&logits);
+            steps.push(times);
+        }
+        if !steps.is_empty() {
+            decode_kernel_ms = Some(KernelTimes::mean(&steps).summary());
         }
     }
     let gpu = s
