@@ -78,7 +78,6 @@ fn quantize_tokens(isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, o
 }
 
 fn quantize_tokens_into(isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: RowsOut, tokens: std::ops::Range<usize>, row: &mut [f32]) {
-    let avx2 = isa.float_kernels() == Isa::Avx2;
     let generated = (isa == Isa::Cranelift).then(|| jit::NormQuantJit::get().expect("Isa::Cranelift is available"));
     for t in tokens {
         let xr = &x[t * k..(t + 1) * k];
@@ -87,7 +86,7 @@ fn quantize_tokens_into(isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32
         let q = unsafe { std::slice::from_raw_parts_mut(out.q.ptr().add(t * out.kp), k) };
         let (g, sum) = match generated {
             Some(jit) => jit.row(xr, norm, row, q),
-            None => quantize_token(xr, norm, row, q, avx2),
+            None => quantize_token(xr, norm, row, q, isa),
         };
         // SAFETY: gamma and sum hold one entry per token, and entry t is
         // written by this caller alone (tokens are split between workers).
@@ -99,29 +98,37 @@ fn quantize_tokens_into(isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32
 }
 
 /// One token: the norm when there is one, then γ = 127 / max|x| (the max
-/// at least 1e-5), q = clamp(round(γx), −128, 127), and Σq. With `avx2`
-/// the same code is compiled for AVX2, where the compiler vectorizes it.
-fn quantize_token(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8], avx2: bool) -> (f32, i32) {
-    compiled_for(avx2, || quantize_plain(x, norm, row, q))
+/// at least 1e-5), q = clamp(round(γx), −128, 127), and Σq. On AVX-512
+/// (`Isa::Avx512Vnni`) or AVX2 the same code is compiled for those
+/// vectors, sixteen or eight lanes wide: [`quantize_plain`] is inlined
+/// into each, so its arithmetic, and the order of it, do not change.
+fn quantize_token(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8], isa: Isa) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: the caller checked that this CPU has AVX-512 F and BW
+        // (part of Isa::Avx512Vnni's check).
+        Isa::Avx512Vnni => return unsafe { wide::avx512(x, norm, row, q) },
+        // SAFETY: the caller checked that this CPU has AVX2.
+        Isa::Avx2 => return unsafe { wide::avx2(x, norm, row, q) },
+        _ => {}
+    }
+    let _ = isa;
+    quantize_plain(x, norm, row, q)
 }
 
-/// Runs `f`, compiled for AVX2 when `avx2` (the caller has checked that
-/// this CPU has it): the same code, which the compiler then vectorizes
-/// eight lanes wide. `f` is inlined into the AVX2 function, so its
-/// arithmetic, and the order of it, do not change.
-#[inline(always)]
-fn compiled_for<R>(avx2: bool, f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        // SAFETY: the caller checked that this CPU has AVX2.
-        return unsafe { wide(f) };
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use super::quantize_plain;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    pub(super) unsafe fn avx512(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+        quantize_plain(x, norm, row, q)
     }
-    let _ = avx2;
-    f()
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+        quantize_plain(x, norm, row, q)
+    }
 }
 
 #[inline(always)]
@@ -136,9 +143,11 @@ fn quantize_plain(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &m
         }
         None => x,
     };
-    // max is exact in any order: eight lanes, so that it vectorizes.
-    let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
+    // max is exact in any order: 32 lanes, so that it vectorizes into
+    // four chains that do not wait on each other (one took a third of
+    // the row's time, each `max` waiting on the last).
+    let mut lanes = [0f32; 32];
+    let mut chunks = row.chunks_exact(32);
     for c in &mut chunks {
         for (m, v) in lanes.iter_mut().zip(c) {
             *m = m.max(v.abs());
@@ -282,13 +291,13 @@ mod tests {
                 [("w".to_string(), (DType::F32, vec![k], w.iter().flat_map(|v| v.to_le_bytes()).collect()))].into();
             let want = Interpreter::new(&ws, 1).eval(&g, &[("x", Tensor::f32(vec![2, k], x.clone()))], &mut KvCache::new()).unwrap().pop().unwrap();
             let Tensor::Q8Row { q: want_q, gamma: want_g, .. } = want else { panic!("q8_row expected") };
-            for avx2 in [false, Isa::Avx2.available()] {
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()) {
                 let mut row = vec![0f32; k];
                 for t in 0..2 {
                     let mut q = vec![0i8; k];
-                    let (gamma, sum) = quantize_token(&x[t * k..(t + 1) * k], Some((&w, 1e-5)), &mut row, &mut q, avx2);
-                    assert_eq!(q, want_q[t * k..(t + 1) * k], "k {k} token {t} avx2 {avx2} special {with_special}");
-                    assert_eq!(gamma.to_bits(), want_g[t].to_bits(), "k {k} token {t} avx2 {avx2} special {with_special}");
+                    let (gamma, sum) = quantize_token(&x[t * k..(t + 1) * k], Some((&w, 1e-5)), &mut row, &mut q, isa);
+                    assert_eq!(q, want_q[t * k..(t + 1) * k], "k {k} token {t} {isa:?} special {with_special}");
+                    assert_eq!(gamma.to_bits(), want_g[t].to_bits(), "k {k} token {t} {isa:?} special {with_special}");
                     assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
                 }
             }
