@@ -1,7 +1,8 @@
-//! The ternary products of one decode step at the 2B4T shape (30 layers,
-//! 521 MB of 2-bit weights: more than a 300 MB L3 holds), each round
-//! after the roofline's read-bandwidth probe, so that the two are measured
-//! in the same seconds of a noisy machine:
+//! The weight reads of one decode step at the 2B4T shape: 30 layers'
+//! ternary products (521 MB of 2-bit weights: more than a 300 MB L3 holds)
+//! and the f16 head (657 MB), each round after the roofline's
+//! read-bandwidth probe, so that they are measured in the same seconds of a
+//! noisy machine:
 //!
 //! ```sh
 //! cargo run --release -p bitnet-codegen --example step_products   # ROUNDS=9 THREADS=2
@@ -10,8 +11,9 @@
 //! One process, so both read memory placed alike: comparing builds or
 //! runs of different processes adds each one's luck with its pages.
 use bitnet_codegen::cpu::ternary::{self, Epilogue, PackedTernary, Packing, QuantActs, TernaryTiles};
-use bitnet_codegen::cpu::{ops, pool, Isa, Pool};
-use bitnet_ir::GateAct;
+use bitnet_codegen::cpu::{blob::Blob, float, ops, pool, Isa, Pool};
+use bitnet_ir::interp::WeightView;
+use bitnet_ir::{DType, GateAct};
 use std::time::Instant;
 
 fn packed(n: usize, k: usize, seed: usize) -> PackedTernary {
@@ -41,10 +43,14 @@ fn main() {
         })
         .collect();
     let bytes: usize = layers.iter().flatten().map(|w| w.bytes()).sum();
+    let vocab = 128256;
+    let head_bytes = Blob::from_fn(vocab * d * 2, |i| if i % 2 == 0 { (i % 251) as u8 } else { 0x2c });
+    let head = WeightView { dtype: DType::F16, shape: vec![vocab, d], data: &head_bytes[..] };
+    let (x_head, mut logits) = ((0..d).map(|i| (i % 13) as f32 / 13.0).collect::<Vec<f32>>(), vec![0f32; vocab]);
     let (xd, xf) = (acts(d), acts(f));
     let (mut qkv, mut o, mut h, mut down) = (vec![0f32; d + 2 * kv], vec![0f32; d], vec![0f32; f], vec![0f32; d]);
-    println!("{} threads, {}, {bytes} bytes a step", threads, tiles);
-    let mut fractions = Vec::new();
+    println!("{} threads, {}: {bytes} bytes of ternary weights and {} of head a step", threads, tiles, head_bytes.len());
+    let (mut fractions, mut head_fractions) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let bw = pool::read_bandwidth(&pool, 256 << 20, 1);
         let mut ms = [0f64; 4];
@@ -61,9 +67,12 @@ fn main() {
             timed(3, &mut || ternary::matmul(&pool, tiles, dn, &xf, &mut down, Epilogue::default()));
         }
         let step = t0.elapsed().as_secs_f64();
-        let rate = bytes as f64 / step;
+        let t1 = Instant::now();
+        float::matmul(&pool, Isa::best(), &head, &x_head, &mut logits);
+        let head_s = t1.elapsed().as_secs_f64();
+        let (rate, head_rate) = (bytes as f64 / step, head_bytes.len() as f64 / head_s);
         println!(
-            "read bandwidth {:.1} GB/s, step {:.2} ms, {:.1} GB/s: {:.3} of it (qkv {:.2}, o {:.2}, gate-up {:.2}, down {:.2} ms)",
+            "read bandwidth {:.1} GB/s; ternary {:.2} ms, {:.1} GB/s: {:.3} of it (qkv {:.2}, o {:.2}, gate-up {:.2}, down {:.2} ms); head {:.2} ms, {:.1} GB/s: {:.3}",
             bw / 1e9,
             step * 1e3,
             rate / 1e9,
@@ -71,10 +80,17 @@ fn main() {
             ms[0],
             ms[1],
             ms[2],
-            ms[3]
+            ms[3],
+            head_s * 1e3,
+            head_rate / 1e9,
+            head_rate / bw
         );
         fractions.push(rate / bw);
+        head_fractions.push(head_rate / bw);
     }
-    fractions.sort_by(f64::total_cmp);
-    println!("median fraction of the read bandwidth: {:.3}", fractions[fractions.len() / 2]);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("median fraction of the read bandwidth: ternary products {:.3}, head {:.3}", median(&mut fractions), median(&mut head_fractions));
 }
