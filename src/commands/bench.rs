@@ -94,7 +94,7 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
         println!("one prefill of {}, kernel by kernel, ms (calls): {k}", r.n_prompt.max(1));
     }
     if let Some(k) = &r.decode_kernel_ms {
-        println!("one decode step, kernel by kernel, ms (calls): {k}");
+        println!("a decode step (the mean of up to {}), kernel by kernel, ms (calls): {k}", bench::PROFILED_STEPS);
     }
     if let (Some(n), Some(k)) = (r.parallel, &r.parallel_kernel_ms) {
         println!("one decode step of {n} sequences, kernel by kernel, ms (calls): {k}");

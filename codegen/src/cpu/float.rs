@@ -531,7 +531,7 @@ mod avx2 {
 
     /// Prefetches the `bytes` of the block that lies
     /// [`super::PREFETCH_ONE_TOKEN`] past `blk` (in this row or the next:
-    /// a worker's rows are contiguous), into L2 as the f16 dot does.
+    /// a worker's rows are contiguous), into L2 (`prefetcht2`).
     #[inline(always)]
     fn prefetch_block(blk: *const u8, bytes: usize) {
         let ahead = blk.wrapping_add(super::PREFETCH_ONE_TOKEN);

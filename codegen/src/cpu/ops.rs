@@ -37,6 +37,7 @@ pub fn quantize_rows(x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut
 /// pool's workers (prefill); each row's arithmetic is the same whoever
 /// does it.
 pub fn quantize_rows_on(pool: &Pool, isa: Isa, x: &[f32], k: usize, norm: Option<(&[f32], f32)>, out: &mut QuantActs) {
+    assert!(isa.available(), "quantize rows: {} is not available on this CPU", isa.name());
     let s = x.len() / k.max(1);
     out.resize(s, k);
     let rows = RowsOut::of(out);
@@ -144,8 +145,9 @@ fn quantize_plain(x: &[f32], norm: Option<(&[f32], f32)>, row: &mut [f32], q: &m
         None => x,
     };
     // max is exact in any order: 32 lanes, so that it vectorizes into
-    // four chains that do not wait on each other (one took a third of
-    // the row's time, each `max` waiting on the last).
+    // chains that do not wait on each other (two of AVX-512's sixteen
+    // lanes, four of AVX2's eight; one chain took a third of the row's
+    // time, each `max` waiting on the last).
     let mut lanes = [0f32; 32];
     let mut chunks = row.chunks_exact(32);
     for c in &mut chunks {
