@@ -571,6 +571,53 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
     }
 }
 
+/// One token alone (decode: its sums gathered a run of tiles at a time,
+/// then finished together, sixteen rows a vector) gives the bits that the
+/// same token gets in a batch (finished a kernel call's block at a time):
+/// every ISA, tile shape and packing; rows that span several runs and end
+/// in a partial tile; the scale and residual epilogue, side-by-side groups
+/// and the gated unit.
+#[test]
+fn one_token_gives_its_bits_in_a_batch() {
+    let pool = Pool::new(2);
+    for (n, k) in [(1usize, 1usize), (3, 783), (65, 256), (300, 130), (783, 2592), (2, 6912)] {
+        let s = 5;
+        let (w, a, residual) = bit_exact_case(n, k, s);
+        let other: Vec<i8> = w.iter().enumerate().map(|(i, _)| w[(i * 5 + 1) % w.len()]).collect();
+        for (rows, packing, isa) in
+            TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))).flat_map(|(r, p)| isas().into_iter().map(move |i| (r, p, i)))
+        {
+            let tiles = TernaryTiles { packing, ..TernaryTiles::new(isa, rows, 4) };
+            if !tiles.is_valid() {
+                continue;
+            }
+            let pack = |w: &[i8], beta: f32| PackedTernary::pack(n, k, rows, packing, beta, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+            let (wa, wb) = (pack(&w, 0.3), pack(&other, 0.7));
+            let parts = [(&wa, Some(0.5f32)), (&wb, None), (&wa, Some(2.0))];
+            let products = |x: &QuantActs, residual: &[f32]| {
+                let tokens = x.tokens();
+                let mut out = (vec![0f32; tokens * n], vec![0f32; tokens * 3 * n], vec![0f32; tokens * n]);
+                ternary::matmul(&pool, tiles, &wa, x, &mut out.0, Epilogue { scale: Some(0.6875), residual: Some(residual) });
+                ternary::matmul_cat(&pool, tiles, &parts, x, &mut out.1);
+                ternary::matmul_glu(&pool, tiles, GateAct::Silu, (&wa, None), (&wb, Some(0.25)), x, &mut out.2);
+                out
+            };
+            let batch = products(&a, &residual);
+            for t in [0, 3] {
+                let mut one = QuantActs::default();
+                one.resize(1, k);
+                one.q[..a.kp].copy_from_slice(&a.q[t * a.kp..(t + 1) * a.kp]);
+                (one.sum[0], one.gamma[0]) = (a.sum[t], a.gamma[t]);
+                let alone = products(&one, &residual[t * n..(t + 1) * n]);
+                let case = format!("{tiles} {packing:?} n {n} k {k} token {t}");
+                assert_eq!(bits(&alone.0), bits(&batch.0[t * n..(t + 1) * n]), "matmul {case}");
+                assert_eq!(bits(&alone.1), bits(&batch.1[t * 3 * n..(t + 1) * 3 * n]), "cat {case}");
+                assert_eq!(bits(&alone.2), bits(&batch.2[t * n..(t + 1) * n]), "glu {case}");
+            }
+        }
+    }
+}
+
 /// The AMX tile products (a prefill of many tokens: 2-bit weights, and
 /// 1.6-bit ones whose rows are whole pairs of tile blocks, k of 640 and
 /// 2560; the other 1.6-bit cases take the VNNI kernels) against the

@@ -68,6 +68,68 @@ pub fn finish_block(isa: Isa, dots: &[[i32; 4]; 4], step: usize, x: &QuantActs, 
     out
 }
 
+/// [`finish`] of one token `t`'s sums for a run of rows `n..n + out.len()`
+/// (`sums[i]` for row `n + i`; any past `out.len()` are ignored): a run of
+/// tiles' epilogues at once, the rows in the vector's lanes (sixteen on
+/// AVX-512, eight on AVX2: the same code compiled for each). Each lane is
+/// [`finish`]'s arithmetic in its order, so the bits are the same.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_rows(isa: Isa, sums: &[i32], x: &QuantActs, t: usize, w: &PackedTernary, ep: &Epilogue, n: usize, out: &mut [f32]) {
+    let residual = ep.residual.map(|r| &r[t * w.n + n..t * w.n + n + out.len()]);
+    let run = RowRun { sums: &sums[..out.len()], sum: x.sum[t], gamma: x.gamma[t], beta: w.scale, scale: ep.scale, residual };
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: Isa::Avx512Vnni is only chosen where the CPU has AVX-512 F.
+        Isa::Avx512Vnni => return unsafe { wide::avx512(run, out) },
+        // SAFETY: Isa::Avx2 is only chosen where the CPU has AVX2.
+        Isa::Avx2 => return unsafe { wide::avx2(run, out) },
+        _ => {}
+    }
+    let _ = isa;
+    finish_plain(run, out)
+}
+
+/// What [`finish_rows`] finishes: the sums, the token's `Σx` and γ, the
+/// matrix's β, and the epilogue's scale and residual (the run's own rows).
+#[derive(Clone, Copy)]
+struct RowRun<'a> {
+    sums: &'a [i32],
+    sum: i32,
+    gamma: f32,
+    beta: f32,
+    scale: Option<f32>,
+    residual: Option<&'a [f32]>,
+}
+
+/// [`finish_rows`]' loop, one per epilogue so that each vectorizes.
+#[inline(always)]
+fn finish_plain(run: RowRun, out: &mut [f32]) {
+    let RowRun { sums, sum, gamma, beta, .. } = run;
+    let base = |d: i32| ((d - sum) as f32 * beta) / gamma;
+    let rows = out.iter_mut().zip(sums);
+    match (run.scale, run.residual) {
+        (None, None) => rows.for_each(|(o, &d)| *o = base(d)),
+        (Some(s), None) => rows.for_each(|(o, &d)| *o = base(d) * s),
+        (None, Some(res)) => rows.zip(res).for_each(|((o, &d), &r)| *o = base(d) + r),
+        (Some(s), Some(res)) => rows.zip(res).for_each(|((o, &d), &r)| *o = base(d) * s + r),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use super::{finish_plain, RowRun};
+
+    #[target_feature(enable = "avx512f,avx2")]
+    pub(super) unsafe fn avx512(run: RowRun, out: &mut [f32]) {
+        finish_plain(run, out)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2(run: RowRun, out: &mut [f32]) {
+        finish_plain(run, out)
+    }
+}
+
 /// Writes a tile's four results, or those of its rows that exist: a
 /// fixed-size store where all four do (a slice of run-time length would
 /// be a call to `memcpy` per tile and token).

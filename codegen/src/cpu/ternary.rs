@@ -21,7 +21,7 @@ use super::amx;
 use super::base3;
 use super::blob::Blob;
 pub use super::epilogue::Epilogue;
-use super::epilogue::{finish_block, store};
+use super::epilogue::{finish_block, finish_rows, store};
 use super::pool::{share, Chunks, Pool, SharedMut};
 use super::{vmath, Isa};
 use bitnet_ir::interp::WeightView;
@@ -420,7 +420,15 @@ fn byte_lut(reverse: bool) -> [u8; 256] {
 /// `out[t, n] = epilogue(x[t] · w[n])` for all tokens and rows, split
 /// over the pool's workers by row tiles or by tokens (`tiles.split`).
 pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs, out: &mut [f32], ep: Epilogue) {
-    products(pool, tiles, &[[w]], x, out, |_, [dots], mut block| block.finish(tiles.isa, dots, x, w, &ep));
+    products(
+        pool,
+        tiles,
+        &[[w]],
+        x,
+        out,
+        |_, [dots], mut block| block.finish(tiles.isa, dots, x, w, &ep),
+        |_, run| finish_rows(tiles.isa, run.sums[0], x, 0, w, &ep, run.n, run.out),
+    );
 }
 
 /// The products of one activation with several matrices (`(weight, s)`
@@ -429,7 +437,15 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
 pub fn matmul_cat(pool: &Pool, tiles: TernaryTiles, parts: &[(&PackedTernary, Option<f32>)], x: &QuantActs, out: &mut [f32]) {
     let groups: Vec<[&PackedTernary; 1]> = parts.iter().map(|p| [p.0]).collect();
     let eps: Vec<Epilogue> = parts.iter().map(|p| Epilogue { scale: p.1, residual: None }).collect();
-    products(pool, tiles, &groups, x, out, |g, [dots], mut block| block.finish(tiles.isa, dots, x, parts[g].0, &eps[g]));
+    products(
+        pool,
+        tiles,
+        &groups,
+        x,
+        out,
+        |g, [dots], mut block| block.finish(tiles.isa, dots, x, parts[g].0, &eps[g]),
+        |g, run| finish_rows(tiles.isa, run.sums[0], x, 0, parts[g].0, &eps[g], run.n, run.out),
+    );
 }
 
 /// `out[t, n] = act(x[t] · gate[n] · β_g · s_g) · (x[t] · up[n] · β_u · s_u)`:
@@ -449,7 +465,7 @@ pub fn matmul_glu(
     let (wg, wu) = (gate.0, up.0);
     assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
-    products(pool, tiles, &[[wg, wu]], x, out, |_, [g, u], mut block| {
+    let block = |_, [g, u]: &CallDots<2>, mut block: Block| {
         let step = block.tokens;
         let (g, u) = (block.finished(tiles.isa, g, x, wg, &eg), block.finished(tiles.isa, u, x, wu, &eu));
         let mut v = [[0f32; 4]; 4];
@@ -458,12 +474,39 @@ pub fn matmul_glu(
             _ => vmath::glu(tiles.isa, act, g[..step].as_flattened(), u[..step].as_flattened(), v[..step].as_flattened_mut()),
         }
         block.store(&v);
+    };
+    products(pool, tiles, &[[wg, wu]], x, out, block, |_, run| {
+        let len = run.out.len();
+        let (mut g, mut u) = ([0f32; RUN_ROWS], [0f32; RUN_ROWS]);
+        finish_rows(tiles.isa, run.sums[0], x, 0, wg, &eg, run.n, &mut g[..len]);
+        finish_rows(tiles.isa, run.sums[1], x, 0, wu, &eu, run.n, &mut u[..len]);
+        vmath::glu(tiles.isa, act, &g[..len], &u[..len], run.out);
     });
 }
 
 /// One kernel call's sums for each of a group's `M` matrices: `[m][r][j]`,
 /// row `r` of the tile and token `j` of the call.
 type CallDots<const M: usize> = [[[i32; 4]; 4]; M];
+
+/// Tiles whose sums one token (decode) gathers before finishing them all
+/// at once ([`RowRun`]).
+const RUN_TILES: usize = 16;
+
+/// Rows of a [`RUN_TILES`] run, at most.
+const RUN_ROWS: usize = 4 * RUN_TILES;
+
+/// One token's sums for a run of a group's rows, and where their results
+/// go: `sums[m]` holds matrix `m`'s sums for the rows `n..` (the last
+/// tile's rows past the matrix included), `out` the results of those rows
+/// that exist. Finished a run at a time, a decode step's epilogues cost
+/// about a tenth of what they cost a tile at a time, between the tiles'
+/// kernel calls, where they held up the stream of weights
+/// (docs/performance.md, session of 2026-12-07).
+struct RowRun<'a, const M: usize> {
+    n: usize,
+    sums: [&'a [i32]; M],
+    out: &'a mut [f32],
+}
 
 /// One kernel call's place, rows `n..n + 4` of a tile against tokens
 /// `tok..tok + tokens`, and where its results go: token `tok + j`'s `len`
@@ -538,7 +581,6 @@ impl<'a, const M: usize> Places<'a, M> {
     }
 
     /// One past group `g`'s last global tile.
-    #[cfg(target_arch = "x86_64")]
     fn group_end(&self, g: usize) -> usize {
         self.first[g + 1].0
     }
@@ -553,12 +595,27 @@ impl<'a, const M: usize> Places<'a, M> {
     }
 }
 
+impl<const M: usize> Places<'_, M> {
+    /// Token 0's results for the rows of group `g` from tile `t`'s first
+    /// on, `len` of them (each handed to one worker alone).
+    #[allow(clippy::mut_from_ref)]
+    fn token0_rows(&self, g: usize, t: usize, len: usize) -> &mut [f32] {
+        let n = t * self.groups[g][0].rows;
+        assert!(n + len <= self.groups[g][0].n, "a run of rows past its matrix");
+        // SAFETY: the rows are inside `out` (token 0's row holds every
+        // group's columns); `products` hands each tile to one worker.
+        unsafe { std::slice::from_raw_parts_mut(self.out.ptr().add(self.first[g].1 + n), len) }
+    }
+}
+
 /// The loop shared by the products: every row tile of each group of `M`
 /// matrices (same shape within a group, one layout for all) against every
 /// token, split over the workers. Each group's results take the next
 /// columns of `out`'s rows. `write(group, dots, block)` turns the dots of
 /// one kernel call (`dots[m][r][j]`: matrix `m` of the group, row
-/// `block.n + r`, token `block.tok + j`) into the block's results.
+/// `block.n + r`, token `block.tok + j`) into the block's results;
+/// `write_rows(group, run)` does the same for one token's run of rows, the
+/// same arithmetic on each (decode's products finish so).
 fn products<const M: usize>(
     pool: &Pool,
     tiles: TernaryTiles,
@@ -566,6 +623,7 @@ fn products<const M: usize>(
     x: &QuantActs,
     out: &mut [f32],
     write: impl Fn(usize, &CallDots<M>, Block) + Sync,
+    write_rows: impl Fn(usize, RowRun<M>) + Sync,
 ) {
     let w = groups[0][0];
     let same = groups.iter().all(|g| g.iter().all(|v| v.n == g[0].n && v.rows == w.rows && v.packing == w.packing && v.kp == w.kp));
@@ -584,7 +642,8 @@ fn products<const M: usize>(
     }
     // The 1.6-bit VNNI kernel reads the activations rearranged, once for all rows.
     let digits = (w.packing == Packing::Base3 && tiles.isa == Isa::Avx512Vnni && !vbmi(w)).then(|| base3::DigitActs::new(x, w.kp));
-    let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads();
+    let one_token = x.tokens() == 1;
+    let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads() && !one_token;
     let chunks = Chunks::new(places.tiles(), pool.threads());
     pool.run_sized(x.tokens() * places.width() * w.kp * M, &|me, workers| {
         let mut codes: [Vec<u8>; M] = std::array::from_fn(|_| Vec::new());
@@ -615,6 +674,23 @@ fn products<const M: usize>(
         if by_tokens {
             let tokens = share(x.tokens(), me, workers);
             (0..places.tiles()).for_each(|t| tile(t, tokens.clone()));
+        } else if one_token {
+            let mut sums = [[0i32; RUN_ROWS]; M];
+            while let Some(range) = chunks.next() {
+                let mut at = range.start;
+                while at < range.end {
+                    let (g, t) = places.tile(at);
+                    let run = RUN_TILES.min(range.end - at).min(places.group_end(g) - at);
+                    let ws = &groups[g];
+                    for (m, sums) in sums.iter_mut().enumerate() {
+                        run_sums(tiles.isa, ws[m], t..t + run, x, digits.as_ref(), sums);
+                    }
+                    let rows = (run * ws[0].rows).min(ws[0].n - t * ws[0].rows);
+                    let out = places.token0_rows(g, t, rows);
+                    write_rows(g, RowRun { n: t * ws[0].rows, sums: std::array::from_fn(|m| &sums[m][..]), out });
+                    at += run;
+                }
+            }
         } else {
             while let Some(range) = chunks.next() {
                 range.for_each(|t| tile(t, 0..x.tokens()));
@@ -734,6 +810,23 @@ fn tile_dots(
         (Isa::Cranelift, Packing::Bits2) => jit_dots(w, t, x, tok, step, dots),
         #[allow(unreachable_patterns)]
         _ => unreachable!("checked by matmul"),
+    }
+}
+
+/// One token's sums for the tiles `tiles` of `w`, row by row into `sums`
+/// (tile `t`'s rows from `(t - tiles.start) · rows` on).
+fn run_sums(isa: Isa, w: &PackedTernary, tiles: std::ops::Range<usize>, x: &QuantActs, digits: Option<&base3::DigitActs>, sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && w.packing == Packing::Bits2 && matches!(w.rows, 2 | 4) {
+        let len = w.tile(0).len();
+        return super::vnni::run_sums(w.rows, &w.data[tiles.start * len..tiles.end * len], w.chunks(), x, &mut sums[..tiles.len() * w.rows]);
+    }
+    for (i, t) in tiles.enumerate() {
+        let mut dots = [[0; 4]; 4];
+        tile_dots(isa, w, t, None, x, digits, 0, 1, &mut dots);
+        for (r, s) in sums[i * w.rows..(i + 1) * w.rows].iter_mut().enumerate() {
+            *s = dots[r][0];
+        }
     }
 }
 

@@ -70,6 +70,52 @@ unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, 
     store_pairs(&acc, out, 0);
 }
 
+/// One token's sums for a run of whole tiles of `rows` rows (2 or 4),
+/// `sums.len() / rows` of them, from `tiles` (their bytes, one after
+/// another): [`row_pairs`] for each, the loop over the tiles inside the
+/// kernel, so that nothing but the stores of each tile's sums comes
+/// between one tile's weights and the next's.
+pub(super) fn run_sums(rows: usize, tiles: &[u8], chunks: usize, x: &QuantActs, sums: &mut [i32]) {
+    assert!(
+        matches!(rows, 2 | 4) && tiles.len() == sums.len() / rows * chunks * rows * CHUNK_BYTES && sums.len() % rows == 0 && x.kp >= chunks * CHUNK,
+        "vnni run_sums: mismatched operands"
+    );
+    let x = x.row(0).as_ptr();
+    // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
+    // the lengths are checked above.
+    unsafe {
+        match rows {
+            2 => pairs_run::<1>(tiles, chunks, x, sums),
+            _ => pairs_run::<2>(tiles, chunks, x, sums),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn pairs_run<const P: usize>(tiles: &[u8], chunks: usize, x: *const i8, sums: &mut [i32]) {
+    let masks = field_masks();
+    let tile_bytes = chunks * 2 * P * CHUNK_BYTES;
+    for (t, sums) in sums.chunks_exact_mut(2 * P).enumerate() {
+        let w = tiles.as_ptr().add(t * tile_bytes);
+        let mut acc = [[[_mm512_setzero_si512(); 4]; 1]; P];
+        for c in 0..chunks {
+            prefetch_ahead(w, c, 2 * P);
+            let x: [__m512i; 4] = std::array::from_fn(|f| _mm512_broadcast_i64x4(_mm256_loadu_si256(x.add(c * CHUNK + 32 * f) as *const __m256i)));
+            for (p, acc_p) in acc.iter_mut().enumerate() {
+                let packed = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
+                for f in 0..4 {
+                    acc_p[0][f] = _mm512_dpbusd_epi32(acc_p[0][f], _mm512_and_si512(packed, masks[f]), x[f]);
+                }
+            }
+        }
+        let mut out = [[0i32; 4]; 4];
+        store_pairs(&acc, &mut out, 0);
+        for (s, row) in sums.iter_mut().zip(&out) {
+            *s = row[0];
+        }
+    }
+}
+
 /// The sums of `P` pairs of rows' field accumulators against `T` tokens,
 /// token `j`'s into `out[row][j0 + j]`: two pairs (four rows) in one fold,
 /// one pair on its own.
