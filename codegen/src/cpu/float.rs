@@ -278,7 +278,7 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 /// `Σ a·b` with `b` stored as f16 bytes. On AVX-512 sixteen lanes wide,
 /// with AVX2's sums (the same bits): one token's head reads its rows about
 /// 4% faster with half the instructions a cache line (docs/performance.md,
-/// session of 2026-12-07).
+/// session of 2026-12-06, nineteenth).
 pub fn dot_f16(isa: Isa, a: &[f32], b: &[u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {

@@ -498,10 +498,11 @@ const RUN_ROWS: usize = 4 * RUN_TILES;
 /// One token's sums for a run of a group's rows, and where their results
 /// go: `sums[m]` holds matrix `m`'s sums for the rows `n..` (the last
 /// tile's rows past the matrix included), `out` the results of those rows
-/// that exist. Finished a run at a time, a decode step's epilogues cost
-/// about a tenth of what they cost a tile at a time, between the tiles'
-/// kernel calls, where they held up the stream of weights
-/// (docs/performance.md, session of 2026-12-07).
+/// that exist. A tile's own epilogue, between two tiles' kernel calls,
+/// held up the stream of weights: without any, one token's product read
+/// about 9% faster. Finished a run at a time, vectorized across the rows,
+/// they cost little, and the kernel loops over the run's tiles
+/// (docs/performance.md, session of 2026-12-06, nineteenth).
 struct RowRun<'a, const M: usize> {
     n: usize,
     sums: [&'a [i32]; M],
