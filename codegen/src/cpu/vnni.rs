@@ -77,7 +77,7 @@ unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, 
 /// between one tile's weights and the next's.
 pub(super) fn run_sums(rows: usize, tiles: &[u8], chunks: usize, x: &QuantActs, sums: &mut [i32]) {
     assert!(
-        matches!(rows, 2 | 4) && tiles.len() == sums.len() / rows * chunks * rows * CHUNK_BYTES && sums.len() % rows == 0 && x.kp >= chunks * CHUNK,
+        matches!(rows, 2 | 4) && tiles.len() == sums.len() / rows * chunks * rows * CHUNK_BYTES && sums.len().is_multiple_of(rows) && x.kp >= chunks * CHUNK,
         "vnni run_sums: mismatched operands"
     );
     let x = x.row(0).as_ptr();
