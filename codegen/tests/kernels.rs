@@ -404,6 +404,21 @@ proptest! {
     }
 }
 
+/// AVX-512's one-token f16 dot gives AVX2's bits on sizes around its
+/// 32-value steps and 8-value tail, where the CPU has it.
+#[test]
+fn avx512_f16_dot_gives_the_avx2_bits() {
+    if !Isa::Avx512Vnni.available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    for k in [1usize, 7, 8, 9, 31, 32, 33, 40, 63, 64, 783, 2560, 2592] {
+        let a: Vec<f32> = (0..k).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0).collect();
+        let bytes: Vec<u8> = (0..k).flat_map(|i| half::f16::from_f32(((i * 31) % 89) as f32 / 11.0 - 4.0).to_le_bytes()).collect();
+        assert_eq!(float::dot_f16(Isa::Avx512Vnni, &a, &bytes).to_bits(), float::dot_f16(Isa::Avx2, &a, &bytes).to_bits(), "k {k}");
+    }
+}
+
 /// Many tokens against f16 rows (the head of a batched step): panels of
 /// rows, k-blocks and the lanes' tail (rows shorter than the lanes too),
 /// blocks of eight and four tokens and the tokens left over, on awkward
@@ -579,45 +594,53 @@ fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
 /// One token alone (decode: its sums gathered a run of tiles at a time,
 /// then finished together, sixteen rows a vector) gives the bits that the
 /// same token gets in a batch (finished a kernel call's block at a time):
-/// every ISA, tile shape and packing; rows that span several runs and end
-/// in a partial tile; the scale and residual epilogue, side-by-side groups
-/// and the gated unit.
+/// every ISA, tile shape, packing and split, one and two threads; rows
+/// that span several runs and end in a partial tile; the scale and
+/// residual epilogue, side-by-side groups and both gated units, with
+/// scales that round.
 #[test]
 fn one_token_gives_its_bits_in_a_batch() {
-    let pool = Pool::new(2);
+    let pools = [Pool::new(1), Pool::new(2)];
     for (n, k) in [(1usize, 1usize), (3, 783), (65, 256), (300, 130), (783, 2592), (2, 6912)] {
         let s = 5;
         let (w, a, residual) = bit_exact_case(n, k, s);
-        let other: Vec<i8> = w.iter().enumerate().map(|(i, _)| w[(i * 5 + 1) % w.len()]).collect();
-        for (rows, packing, isa) in
-            TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))).flat_map(|(r, p)| isas().into_iter().map(move |i| (r, p, i)))
-        {
-            let tiles = TernaryTiles { packing, ..TernaryTiles::new(isa, rows, 4) };
-            if !tiles.is_valid() {
-                continue;
-            }
+        let other: Vec<i8> = (0..w.len()).map(|i| w[(i * 5 + 1) % w.len()]).collect();
+        let shapes = TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p)));
+        for ((rows, packing), isa) in shapes.flat_map(|rp| isas().into_iter().map(move |i| (rp, i))) {
             let pack = |w: &[i8], beta: f32| PackedTernary::pack(n, k, rows, packing, beta, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
             let (wa, wb) = (pack(&w, 0.3), pack(&other, 0.7));
-            let parts = [(&wa, Some(0.5f32)), (&wb, None), (&wa, Some(2.0))];
-            let products = |x: &QuantActs, residual: &[f32]| {
-                let tokens = x.tokens();
-                let mut out = (vec![0f32; tokens * n], vec![0f32; tokens * 3 * n], vec![0f32; tokens * n]);
-                ternary::matmul(&pool, tiles, &wa, x, &mut out.0, Epilogue { scale: Some(0.6875), residual: Some(residual) });
-                ternary::matmul_cat(&pool, tiles, &parts, x, &mut out.1);
-                ternary::matmul_glu(&pool, tiles, GateAct::Silu, (&wa, None), (&wb, Some(0.25)), x, &mut out.2);
-                out
-            };
-            let batch = products(&a, &residual);
-            for t in [0, 3] {
-                let mut one = QuantActs::default();
-                one.resize(1, k);
-                one.q[..a.kp].copy_from_slice(&a.q[t * a.kp..(t + 1) * a.kp]);
-                (one.sum[0], one.gamma[0]) = (a.sum[t], a.gamma[t]);
-                let alone = products(&one, &residual[t * n..(t + 1) * n]);
-                let case = format!("{tiles} {packing:?} n {n} k {k} token {t}");
-                assert_eq!(bits(&alone.0), bits(&batch.0[t * n..(t + 1) * n]), "matmul {case}");
-                assert_eq!(bits(&alone.1), bits(&batch.1[t * 3 * n..(t + 1) * 3 * n]), "cat {case}");
-                assert_eq!(bits(&alone.2), bits(&batch.2[t * n..(t + 1) * n]), "glu {case}");
+            let parts = [(&wa, Some(0.6875f32)), (&wb, None), (&wa, Some(1.375))];
+            for (split, pool) in Split::ALL.into_iter().flat_map(|sp| pools.iter().map(move |p| (sp, p))) {
+                let tiles = TernaryTiles { packing, split, ..TernaryTiles::new(isa, rows, 4) };
+                if !tiles.is_valid() {
+                    continue;
+                }
+                let products = |x: &QuantActs, residual: &[f32]| {
+                    let tokens = x.tokens();
+                    let mut out = vec![vec![0f32; tokens * n], vec![0f32; tokens * 3 * n], vec![0f32; tokens * n], vec![0f32; tokens * n]];
+                    ternary::matmul(pool, tiles, &wa, x, &mut out[0], Epilogue { scale: Some(0.6875), residual: Some(residual) });
+                    ternary::matmul_cat(pool, tiles, &parts, x, &mut out[1]);
+                    ternary::matmul_glu(pool, tiles, GateAct::Silu, (&wa, None), (&wb, Some(0.8125)), x, &mut out[2]);
+                    ternary::matmul_glu(pool, tiles, GateAct::Relu2, (&wa, Some(1.375)), (&wb, None), x, &mut out[3]);
+                    out
+                };
+                let batch = products(&a, &residual);
+                for t in [0, 3] {
+                    let mut one = QuantActs::default();
+                    one.resize(1, k);
+                    one.q[..a.kp].copy_from_slice(&a.q[t * a.kp..(t + 1) * a.kp]);
+                    (one.sum[0], one.gamma[0]) = (a.sum[t], a.gamma[t]);
+                    let alone = products(&one, &residual[t * n..(t + 1) * n]);
+                    for (name, (alone, batch)) in ["matmul", "cat", "glu silu", "glu relu2"].into_iter().zip(alone.iter().zip(&batch)) {
+                        let width = alone.len();
+                        assert_eq!(
+                            bits(alone),
+                            bits(&batch[t * width..(t + 1) * width]),
+                            "{name} {tiles} {packing:?} threads {} n {n} k {k} token {t}",
+                            pool.threads()
+                        );
+                    }
+                }
             }
         }
     }

@@ -391,14 +391,14 @@ mod avx512 {
             acc23 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), load(i + 16), acc23);
             i += 32;
         }
-        let half = |v: __m512, hi: bool| if hi { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) } else { _mm512_castps512_ps256(v) };
-        let mut acc0 = half(acc01, false);
+        let half8 = |v: __m512, hi: bool| if hi { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) } else { _mm512_castps512_ps256(v) };
+        let mut acc0 = half8(acc01, false);
         while i + 8 <= n {
             let w = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(2 * i) as *const __m128i));
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), w, acc0);
             i += 8;
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc0, half(acc01, true)), _mm256_add_ps(half(acc23, false), half(acc23, true)));
+        let sum = _mm256_add_ps(_mm256_add_ps(acc0, half8(acc01, true)), _mm256_add_ps(half8(acc23, false), half8(acc23, true)));
         let mut s = super::avx2::hsum(sum);
         while i < n {
             s += a[i] * half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();

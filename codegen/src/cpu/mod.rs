@@ -103,8 +103,9 @@ pub enum Isa {
     /// x86-64 AVX2 with FMA and F16C (256-bit vectors, `pmaddubsw`).
     Avx2,
     /// AVX2, and for the ternary products and the 4-bit head AVX-512 VNNI
-    /// (512-bit vectors, `vpdpbusd`), for the batched f16 head and the
-    /// activations' norm and quantization AVX-512F; the other kernels are
+    /// (512-bit vectors, `vpdpbusd`), for the f16 head (one token and
+    /// batched), the activations' norm and quantization and the ternary
+    /// products' epilogues of one token AVX-512F; the other kernels are
     /// the AVX2 ones. Ternary products of many
     /// tokens run on AMX tiles where the CPU has them ([`has_amx`]).
     Avx512Vnni,

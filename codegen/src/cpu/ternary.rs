@@ -451,8 +451,8 @@ pub fn matmul_cat(pool: &Pool, tiles: TernaryTiles, parts: &[(&PackedTernary, Op
 /// `out[t, n] = act(x[t] · gate[n] · β_g · s_g) · (x[t] · up[n] · β_u · s_u)`:
 /// the gate and up products of a gated unit in one pass over the
 /// activations, `(weight, s)` each, with the unit applied as each tile's
-/// results leave the registers. The same arithmetic as [`matmul`] twice and
-/// then `glu`.
+/// results leave the registers (one token: as each run of tiles' results
+/// do). The same arithmetic as [`matmul`] twice and then `glu`.
 pub fn matmul_glu(
     pool: &Pool,
     tiles: TernaryTiles,
@@ -501,8 +501,9 @@ const RUN_ROWS: usize = 4 * RUN_TILES;
 /// that exist. A tile's own epilogue, between two tiles' kernel calls,
 /// held up the stream of weights: without any, one token's product read
 /// about 9% faster. Finished a run at a time, vectorized across the rows,
-/// they cost little, and the kernel loops over the run's tiles
-/// (docs/performance.md, session of 2026-12-06, nineteenth).
+/// they cost little; the 2-bit VNNI kernel of 2- and 4-row tiles also
+/// loops over the run's tiles itself (docs/performance.md, session of
+/// 2026-12-06, nineteenth).
 struct RowRun<'a, const M: usize> {
     n: usize,
     sums: [&'a [i32]; M],
@@ -598,13 +599,17 @@ impl<'a, const M: usize> Places<'a, M> {
 
 impl<const M: usize> Places<'_, M> {
     /// Token 0's results for the rows of group `g` from tile `t`'s first
-    /// on, `len` of them (each handed to one worker alone).
+    /// on, `len` of them.
+    ///
+    /// # Safety
+    /// No other slice of the output that these rows overlap is alive: each
+    /// tile is handed to one worker, which takes its rows once.
     #[allow(clippy::mut_from_ref)]
-    fn token0_rows(&self, g: usize, t: usize, len: usize) -> &mut [f32] {
+    unsafe fn token0_rows(&self, g: usize, t: usize, len: usize) -> &mut [f32] {
         let n = t * self.groups[g][0].rows;
         assert!(n + len <= self.groups[g][0].n, "a run of rows past its matrix");
         // SAFETY: the rows are inside `out` (token 0's row holds every
-        // group's columns); `products` hands each tile to one worker.
+        // group's columns); the caller keeps them to itself.
         unsafe { std::slice::from_raw_parts_mut(self.out.ptr().add(self.first[g].1 + n), len) }
     }
 }
@@ -687,7 +692,8 @@ fn products<const M: usize>(
                         run_sums(tiles.isa, ws[m], t..t + run, x, digits.as_ref(), sums);
                     }
                     let rows = (run * ws[0].rows).min(ws[0].n - t * ws[0].rows);
-                    let out = places.token0_rows(g, t, rows);
+                    // SAFETY: the run's tiles were handed to this worker alone.
+                    let out = unsafe { places.token0_rows(g, t, rows) };
                     write_rows(g, RowRun { n: t * ws[0].rows, sums: std::array::from_fn(|m| &sums[m][..]), out });
                     at += run;
                 }

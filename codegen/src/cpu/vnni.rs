@@ -100,11 +100,11 @@ unsafe fn pairs_run<const P: usize>(tiles: &[u8], chunks: usize, x: *const i8, s
         let mut acc = [[[_mm512_setzero_si512(); 4]; 1]; P];
         for c in 0..chunks {
             prefetch_ahead(w, c, 2 * P);
-            let x: [__m512i; 4] = std::array::from_fn(|f| _mm512_broadcast_i64x4(_mm256_loadu_si256(x.add(c * CHUNK + 32 * f) as *const __m256i)));
+            let xv: [__m512i; 4] = std::array::from_fn(|f| _mm512_broadcast_i64x4(_mm256_loadu_si256(x.add(c * CHUNK + 32 * f) as *const __m256i)));
             for (p, acc_p) in acc.iter_mut().enumerate() {
                 let packed = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
                 for f in 0..4 {
-                    acc_p[0][f] = _mm512_dpbusd_epi32(acc_p[0][f], _mm512_and_si512(packed, masks[f]), x[f]);
+                    acc_p[0][f] = _mm512_dpbusd_epi32(acc_p[0][f], _mm512_and_si512(packed, masks[f]), xv[f]);
                 }
             }
         }
