@@ -235,6 +235,42 @@ mod x86 {
         }
     }
 
+    /// One token's sums for a run of whole tiles of `rows` rows (2 or 4),
+    /// `sums.len() / rows` of them, from `tiles` (their bytes, one after
+    /// another), as [`vbmi_dots`] gives each: the loop over the tiles inside
+    /// the kernel (see `super::super::vnni::run_sums`).
+    pub(in super::super) fn vbmi_run_sums(rows: usize, tiles: &[u8], chunks: usize, x: &QuantActs, sums: &mut [i32]) {
+        assert!(
+            has_vbmi_kernel(rows)
+                && sums.len().is_multiple_of(rows)
+                && tiles.len() == sums.len() / rows * chunks * rows * CHUNK_BYTES
+                && x.kp >= chunks * CHUNK
+                && x.tokens() >= 1,
+            "base3 vbmi run sums: mismatched operands"
+        );
+        let xs = x.step_rows(0, 1);
+        // SAFETY: the CPU has AVX-512 VBMI (checked above), F, BW and VNNI
+        // (`matmul` checked); the lengths are checked above.
+        unsafe {
+            match rows {
+                2 => vbmi_tiles::<1>(tiles, chunks, &xs, sums),
+                _ => vbmi_tiles::<2>(tiles, chunks, &xs, sums),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    unsafe fn vbmi_tiles<const P: usize>(tiles: &[u8], chunks: usize, xs: &[*const i8; 4], sums: &mut [i32]) {
+        let tile_bytes = chunks * 2 * P * CHUNK_BYTES;
+        for (t, sums) in sums.chunks_exact_mut(2 * P).enumerate() {
+            let mut out = [[0; 4]; 4];
+            run_vbmi::<P, 1>(&tiles[t * tile_bytes..(t + 1) * tile_bytes], chunks, xs, 0, &mut out);
+            for (s, row) in sums.iter_mut().zip(&out) {
+                *s = row[0];
+            }
+        }
+    }
+
     /// Prefill's unpacking on AVX-512 VBMI: a tile's codes one per byte,
     /// row after row (`rows × chunks · 160` bytes), looked up as
     /// [`vbmi_dots`] does, once for all the tokens [`vnni_unpacked_dots`]
@@ -353,6 +389,7 @@ mod x86 {
     /// `P` pairs of rows against `T` tokens (one or two), their results in
     /// `out[r][j0..j0 + T]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    #[inline]
     unsafe fn run_vbmi<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8], j0: usize, out: &mut [[i32; 4]; 4]) {
         let four = quarters(&LOW_FOUR);
         // Field f of LOW_FOUR's bytes is digit f + 1.

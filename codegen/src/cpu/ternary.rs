@@ -501,9 +501,9 @@ const RUN_ROWS: usize = 4 * RUN_TILES;
 /// that exist. A tile's own epilogue, between two tiles' kernel calls,
 /// held up the stream of weights: without any, one token's product read
 /// about 9% faster. Finished a run at a time, vectorized across the rows,
-/// they cost little; the 2-bit VNNI kernel of 2- and 4-row tiles also
-/// loops over the run's tiles itself (docs/performance.md, session of
-/// 2026-12-06, nineteenth).
+/// they cost little; the 2-bit VNNI and 1.6-bit VBMI kernels of 2- and
+/// 4-row tiles also loop over the run's tiles themselves
+/// (docs/performance.md, session of 2026-12-06, nineteenth).
 struct RowRun<'a, const M: usize> {
     n: usize,
     sums: [&'a [i32]; M],
@@ -827,6 +827,11 @@ fn run_sums(isa: Isa, w: &PackedTernary, tiles: std::ops::Range<usize>, x: &Quan
     if isa == Isa::Avx512Vnni && w.packing == Packing::Bits2 && matches!(w.rows, 2 | 4) {
         let len = w.tile(0).len();
         return super::vnni::run_sums(w.rows, &w.data[tiles.start * len..tiles.end * len], w.chunks(), x, &mut sums[..tiles.len() * w.rows]);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && w.packing == Packing::Base3 && vbmi(w) {
+        let len = w.tile(0).len();
+        return base3::vbmi_run_sums(w.rows, &w.data[tiles.start * len..tiles.end * len], w.chunks(), x, &mut sums[..tiles.len() * w.rows]);
     }
     for (i, t) in tiles.enumerate() {
         let mut dots = [[0; 4]; 4];
