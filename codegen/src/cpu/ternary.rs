@@ -824,14 +824,14 @@ fn tile_dots(
 /// (tile `t`'s rows from `(t - tiles.start) · rows` on).
 fn run_sums(isa: Isa, w: &PackedTernary, tiles: std::ops::Range<usize>, x: &QuantActs, digits: Option<&base3::DigitActs>, sums: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && w.packing == Packing::Bits2 && matches!(w.rows, 2 | 4) {
+    if isa == Isa::Avx512Vnni && matches!(w.rows, 2 | 4) {
         let len = w.tile(0).len();
-        return super::vnni::run_sums(w.rows, &w.data[tiles.start * len..tiles.end * len], w.chunks(), x, &mut sums[..tiles.len() * w.rows]);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && w.packing == Packing::Base3 && vbmi(w) {
-        let len = w.tile(0).len();
-        return base3::vbmi_run_sums(w.rows, &w.data[tiles.start * len..tiles.end * len], w.chunks(), x, &mut sums[..tiles.len() * w.rows]);
+        let (bytes, run) = (&w.data[tiles.start * len..tiles.end * len], &mut sums[..tiles.len() * w.rows]);
+        match w.packing {
+            Packing::Bits2 => return super::vnni::run_sums(w.rows, bytes, w.chunks(), x, run),
+            Packing::Base3 if vbmi(w) => return base3::vbmi_run_sums(w.rows, bytes, w.chunks(), x, run),
+            Packing::Base3 => {}
+        }
     }
     for (i, t) in tiles.enumerate() {
         let mut dots = [[0; 4]; 4];

@@ -48,6 +48,7 @@ pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &Qua
 /// `P` pairs of rows against `T` tokens, each field's codes masked in place
 /// (see the module's notes).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
 unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, xs: &[*const i8; 4], out: &mut [[i32; 4]; 4]) {
     let masks = field_masks();
     let mut acc = [[[_mm512_setzero_si512(); 4]; T]; P];
@@ -77,39 +78,30 @@ unsafe fn row_pairs<const P: usize, const T: usize>(tile: &[u8], chunks: usize, 
 /// between one tile's weights and the next's.
 pub(super) fn run_sums(rows: usize, tiles: &[u8], chunks: usize, x: &QuantActs, sums: &mut [i32]) {
     assert!(
-        matches!(rows, 2 | 4) && tiles.len() == sums.len() / rows * chunks * rows * CHUNK_BYTES && sums.len().is_multiple_of(rows) && x.kp >= chunks * CHUNK,
+        matches!(rows, 2 | 4)
+            && tiles.len() == sums.len() / rows * chunks * rows * CHUNK_BYTES
+            && sums.len().is_multiple_of(rows)
+            && x.kp >= chunks * CHUNK
+            && x.tokens() >= 1,
         "vnni run_sums: mismatched operands"
     );
-    let x = x.row(0).as_ptr();
+    let xs = x.step_rows(0, 1);
     // SAFETY: `matmul` checked that the CPU has AVX-512 F, BW and VNNI;
     // the lengths are checked above.
     unsafe {
         match rows {
-            2 => pairs_run::<1>(tiles, chunks, x, sums),
-            _ => pairs_run::<2>(tiles, chunks, x, sums),
+            2 => pairs_run::<1>(tiles, chunks, &xs, sums),
+            _ => pairs_run::<2>(tiles, chunks, &xs, sums),
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn pairs_run<const P: usize>(tiles: &[u8], chunks: usize, x: *const i8, sums: &mut [i32]) {
-    let masks = field_masks();
+unsafe fn pairs_run<const P: usize>(tiles: &[u8], chunks: usize, xs: &[*const i8; 4], sums: &mut [i32]) {
     let tile_bytes = chunks * 2 * P * CHUNK_BYTES;
     for (t, sums) in sums.chunks_exact_mut(2 * P).enumerate() {
-        let w = tiles.as_ptr().add(t * tile_bytes);
-        let mut acc = [[[_mm512_setzero_si512(); 4]; 1]; P];
-        for c in 0..chunks {
-            prefetch_ahead(w, c, 2 * P);
-            let xv: [__m512i; 4] = std::array::from_fn(|f| _mm512_broadcast_i64x4(_mm256_loadu_si256(x.add(c * CHUNK + 32 * f) as *const __m256i)));
-            for (p, acc_p) in acc.iter_mut().enumerate() {
-                let packed = _mm512_loadu_si512(w.add((c * 2 * P + 2 * p) * CHUNK_BYTES) as *const __m512i);
-                for f in 0..4 {
-                    acc_p[0][f] = _mm512_dpbusd_epi32(acc_p[0][f], _mm512_and_si512(packed, masks[f]), xv[f]);
-                }
-            }
-        }
-        let mut out = [[0i32; 4]; 4];
-        store_pairs(&acc, &mut out, 0);
+        let mut out = [[0; 4]; 4];
+        row_pairs::<P, 1>(&tiles[t * tile_bytes..(t + 1) * tile_bytes], chunks, xs, &mut out);
         for (s, row) in sums.iter_mut().zip(&out) {
             *s = row[0];
         }
