@@ -646,6 +646,39 @@ fn one_token_gives_its_bits_in_a_batch() {
     }
 }
 
+/// Sums at the edge of the 16-bit lanes that kernels add up in before
+/// widening them: every weight 1 or −1 against activations all 127 or all
+/// −127 (the quantizer's range), in rows of 6912 weights (54 chunks, many
+/// widenings), on every ISA, tile shape and packing, one token and four:
+/// each result is the exact sum, ±127 · 6912.
+#[test]
+fn sums_at_the_16_bit_edge_are_exact() {
+    let (n, k, pool) = (5usize, 6912usize, Pool::new(1));
+    for (wv, xv) in [(1i8, 127i8), (1, -127), (-1, 127), (-1, -127)] {
+        let want = vec![(wv as i32 * xv as i32 * k as i32) as f32; n];
+        for s in [1usize, 4] {
+            let a = acts(s, k, &vec![xv; s * k]);
+            for (((rows, tokens), packing), isa) in TernaryTiles::ROWS
+                .into_iter()
+                .flat_map(|r| TernaryTiles::TOKENS.map(|t| (r, t)))
+                .flat_map(|rt| Packing::ALL.map(|p| (rt, p)))
+                .flat_map(|rtp| isas().into_iter().map(move |i| (rtp, i)))
+            {
+                let tiles = TernaryTiles { packing, ..TernaryTiles::new(isa, rows, tokens) };
+                if !tiles.is_valid() {
+                    continue;
+                }
+                let w = PackedTernary::pack(n, k, rows, packing, 1.0, |_, out| out.fill(wv));
+                let mut out = vec![0f32; s * n];
+                ternary::matmul(&pool, tiles, &w, &a, &mut out, Epilogue::default());
+                for t in 0..s {
+                    assert_eq!(out[t * n..(t + 1) * n], want[..], "{tiles} {packing:?} weights {wv} activations {xv} token {t} of {s}");
+                }
+            }
+        }
+    }
+}
+
 /// The AMX tile products (a prefill of many tokens: 2-bit weights, and
 /// 1.6-bit ones whose rows are whole pairs of tile blocks, k of 640 and
 /// 2560; the other 1.6-bit cases take the VNNI kernels) against the
