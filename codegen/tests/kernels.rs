@@ -647,14 +647,16 @@ fn one_token_gives_its_bits_in_a_batch() {
 }
 
 /// Sums at the edge of the 16-bit lanes that kernels add up in before
-/// widening them: every weight 1 or −1 against activations all 127 or all
-/// −127 (the quantizer's range), in rows of 6912 weights (54 chunks, many
-/// widenings), on every ISA, tile shape and packing, one token and four:
-/// each result is the exact sum, ±127 · 6912.
+/// widening them: every weight 1 against activations all 127, −127 or
+/// −128 (the quantizer's range; weight 1 is code 2, the largest), and
+/// weight −1 (code 0: only `Σx` is subtracted) against 127 and −127, in
+/// rows of 6912 weights (54 chunks in 2 bits, 44 in 1.6; many widenings),
+/// on every ISA, tile shape and packing, one token and four: each result
+/// is the exact sum, weight · activation · 6912.
 #[test]
 fn sums_at_the_16_bit_edge_are_exact() {
     let (n, k, pool) = (5usize, 6912usize, Pool::new(1));
-    for (wv, xv) in [(1i8, 127i8), (1, -127), (-1, 127), (-1, -127)] {
+    for (wv, xv) in [(1i8, 127i8), (1, -127), (1, -128), (-1, 127), (-1, -127)] {
         let want = vec![(wv as i32 * xv as i32 * k as i32) as f32; n];
         for s in [1usize, 4] {
             let a = acts(s, k, &vec![xv; s * k]);
