@@ -142,7 +142,7 @@ pub(super) struct Worker {
     /// 64 codes) at `(g · weight_blocks + h) · 1024`.
     codes: Vec<u8>,
     /// A 1.6-bit tile's codes row after row, before they go to `codes`.
-    row_codes: Vec<u8>,
+    row_codes: super::lines::LineVec<u8>,
     /// One token block's sums, `[16 rows][16 tokens]` for each group.
     sums: [[i32; ROWS * TOKENS]; GROUPS],
 }
@@ -161,7 +161,7 @@ impl Worker {
             weight_blocks,
             on_this_thread: std::marker::PhantomData,
             codes: vec![0; GROUPS * weight_blocks * TILE_BYTES],
-            row_codes: Vec::new(),
+            row_codes: super::lines::LineVec::new(),
             sums: [[0; ROWS * TOKENS]; GROUPS],
         }
     }

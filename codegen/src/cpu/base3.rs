@@ -275,7 +275,7 @@ mod x86 {
     /// row after row (`rows × chunks · 160` bytes), looked up as
     /// [`vbmi_dots`] does, once for all the tokens [`vnni_unpacked_dots`]
     /// then meets them with.
-    pub(in super::super) fn vbmi_unpack(rows: usize, tile: &[u8], chunks: usize, codes: &mut Vec<u8>) {
+    pub(in super::super) fn vbmi_unpack(rows: usize, tile: &[u8], chunks: usize, codes: &mut super::super::lines::LineVec<u8>) {
         assert!(has_vbmi_kernel(rows) && tile.len() == chunks * rows * CHUNK_BYTES, "base3 vbmi unpack: mismatched operands");
         codes.resize(rows * chunks * CHUNK, 0);
         // SAFETY: the CPU has AVX-512 VBMI (checked above) and F, BW

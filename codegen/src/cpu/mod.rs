@@ -14,6 +14,7 @@ pub mod float;
 pub mod int4;
 pub mod int8;
 pub mod jit;
+pub mod lines;
 pub mod ops;
 pub mod pool;
 pub mod ternary;

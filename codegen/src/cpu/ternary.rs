@@ -22,6 +22,7 @@ use super::base3;
 use super::blob::Blob;
 pub use super::epilogue::Epilogue;
 use super::epilogue::{finish_block, finish_rows, store};
+use super::lines::LineVec;
 use super::pool::{share, Chunks, Pool, SharedMut};
 use super::{vmath, Isa};
 use bitnet_ir::interp::WeightView;
@@ -349,7 +350,8 @@ impl PackedTernary {
 pub struct QuantActs {
     pub k: usize,
     pub kp: usize,
-    pub q: Vec<i8>,
+    /// Row `t` at `t · kp`, from the start of a cache line on.
+    pub q: LineVec<i8>,
     pub gamma: Vec<f32>,
     pub sum: Vec<i32>,
 }
@@ -652,7 +654,7 @@ fn products<const M: usize>(
     let by_tokens = tiles.split == Split::Tokens && x.tokens() >= pool.threads() && !one_token;
     let chunks = Chunks::new(places.tiles(), pool.threads());
     pool.run_sized(x.tokens() * places.width() * w.kp * M, &|me, workers| {
-        let mut codes: [Vec<u8>; M] = std::array::from_fn(|_| Vec::new());
+        let mut codes: [LineVec<u8>; M] = std::array::from_fn(|_| LineVec::new());
         // A tile's kernel calls, `(tok, step, dots)`, all made before any
         // epilogue: the epilogues then run back to back, their divisions
         // overlapping, instead of each waiting between two kernel calls.
@@ -748,7 +750,7 @@ fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, 
 /// a tile's codes to one byte each ([`avx2::unpack`], or with VBMI
 /// `base3::vbmi_unpack`), once for all its tokens, so that the inner loop
 /// is only multiplies and adds. `false` where the ISA reads packed codes.
-fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut Vec<u8>) -> bool {
+fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut LineVec<u8>) -> bool {
     match (isa, w.packing) {
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, Packing::Base3) if vbmi(w) => {
@@ -768,7 +770,7 @@ fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut Vec<u8>) -> bo
 /// (`w.kp` a row): AMX's tiles take them so. Only where
 /// [`unpacks_in_rows`].
 #[cfg(target_arch = "x86_64")]
-pub(super) fn unpack_base3(w: &PackedTernary, t: usize, codes: &mut Vec<u8>) {
+pub(super) fn unpack_base3(w: &PackedTernary, t: usize, codes: &mut LineVec<u8>) {
     assert!(w.packing == Packing::Base3 && unpacks_in_rows(w), "unpack_base3: {:?} weights in tiles of {} rows", w.packing, w.rows);
     assert!(unpack_tile(Isa::Avx512Vnni, w, t, codes), "1.6-bit weights unpack on AVX-512 VNNI");
 }
@@ -960,7 +962,7 @@ pub(super) use for_tile_shape;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{base3, Packing, QuantActs, CHUNK, CHUNK_BYTES};
+    use super::{base3, LineVec, Packing, QuantActs, CHUNK, CHUNK_BYTES};
     use std::arch::x86_64::*;
 
     pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
@@ -1007,7 +1009,7 @@ mod avx2 {
     /// (the weights `32·g..32·g + 32` of the chunk: bits 7:6, 5:4, 3:2, 1:0
     /// of 2-bit bytes, or the five base-3 digits) in turn, each group's rows
     /// one after the other, 32 bytes each.
-    pub(super) fn unpack(rows: usize, packing: Packing, tile: &[u8], chunks: usize, codes: &mut Vec<u8>) {
+    pub(super) fn unpack(rows: usize, packing: Packing, tile: &[u8], chunks: usize, codes: &mut LineVec<u8>) {
         assert_eq!(tile.len(), chunks * rows * CHUNK_BYTES);
         codes.resize(packing.groups() * tile.len(), 0);
         // SAFETY: `matmul` checked that AVX2 is present; both lengths are set above.
