@@ -669,11 +669,10 @@ fn products<const M: usize>(
             while tok < tokens.end {
                 let step = if tokens.end - tok >= tiles.tokens { tiles.tokens } else { 1 };
                 blocks.push((tok, step, [[[0; 4]; 4]; M]));
-                let dots = &mut blocks.last_mut().expect("just pushed").2;
-                for m in 0..M {
-                    tile_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, digits.as_ref(), tok, step, &mut dots[m]);
-                }
                 tok += step;
+            }
+            for m in 0..M {
+                blocks_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, digits.as_ref(), m, &mut blocks);
             }
             for &(tok, tokens, ref dots) in &blocks {
                 write(g, dots, places.block(g, t, tok, tokens));
@@ -783,6 +782,34 @@ fn unpacks_in_rows(w: &PackedTernary) -> bool {
     w.rows == 1 || vbmi(w)
 }
 
+/// [`tile_dots`] for each of a tile's `blocks` (`(tok, step, dots)`), into
+/// `dots[m]`. AVX2's unpacked GEMM takes all of the steps of more than one
+/// token in a single call: called a step at a time, the calls cost 7% of a
+/// `[2560, 2560]` product on 128 tokens (tiles of 4 rows × 2 tokens, Zen 3).
+#[allow(clippy::too_many_arguments)]
+fn blocks_dots<const M: usize>(
+    isa: Isa,
+    w: &PackedTernary,
+    t: usize,
+    codes: Option<&[u8]>,
+    x: &QuantActs,
+    digits: Option<&base3::DigitActs>,
+    m: usize,
+    blocks: &mut [(usize, usize, CallDots<M>)],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(codes) = codes.filter(|_| isa == Isa::Avx2 || (isa == Isa::Avx512Vnni && !vbmi(w))) {
+        avx2::unpacked_steps(w.rows, codes, w.chunks() * w.packing.groups(), x, m, blocks);
+        for (tok, _, dots) in blocks.iter_mut().filter(|b| b.1 == 1) {
+            tile_dots(isa, w, t, None, x, digits, *tok, 1, &mut dots[m]);
+        }
+        return;
+    }
+    for (tok, step, dots) in blocks.iter_mut() {
+        tile_dots(isa, w, t, codes, x, digits, *tok, *step, &mut dots[m]);
+    }
+}
+
 /// The code-times-activation sums of tile `t` against tokens `tok..tok+step`,
 /// from the tile's `codes` when [`unpack_tile`] made them.
 #[allow(clippy::too_many_arguments)]
@@ -797,15 +824,12 @@ fn tile_dots(
     step: usize,
     dots: &mut [[i32; 4]; 4],
 ) {
-    let groups = w.chunks() * w.packing.groups();
     match (isa, w.packing) {
         (Isa::Scalar, _) => reference_dots(w, t, x, tok, step, dots),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, Packing::Base3) if codes.is_some() && step > 1 && vbmi(w) => {
             base3::vnni_unpacked_dots(w.rows, step, codes.expect("checked"), w.chunks(), x, tok, dots)
         }
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512Vnni, _) if codes.is_some() && step > 1 => avx2::unpacked_dots(w.rows, step, codes.expect("checked"), groups, x, tok, dots),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, Packing::Bits2) => avx2::dots(w.rows, step, w.tile(t), w.chunks(), x, tok, dots),
         #[cfg(target_arch = "x86_64")]
@@ -962,7 +986,7 @@ pub(super) use for_tile_shape;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{base3, LineVec, Packing, QuantActs, CHUNK, CHUNK_BYTES};
+    use super::{base3, CallDots, LineVec, Packing, QuantActs, CHUNK, CHUNK_BYTES};
     use std::arch::x86_64::*;
 
     pub(super) fn dots(rows: usize, step: usize, tile: &[u8], chunks: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
@@ -1036,26 +1060,54 @@ mod avx2 {
         }
     }
 
-    /// Prefill from `groups` groups of 32 unpacked codes (see [`unpack`]).
-    pub(super) fn unpacked_dots(rows: usize, step: usize, codes: &[u8], groups: usize, x: &QuantActs, tok: usize, out: &mut [[i32; 4]; 4]) {
-        assert!(codes.len() == groups * rows * CHUNK_BYTES && x.kp >= groups * 32 && tok + step <= x.tokens());
-        let xs = x.step_rows(tok, step);
+    /// Prefill from `groups` groups of 32 unpacked codes (see [`unpack`]):
+    /// each block of more than one token (`(tok, step, dots)`, all of the
+    /// tile's `step`), into `dots[m]`; blocks of one token are left.
+    pub(super) fn unpacked_steps<const M: usize>(
+        rows: usize,
+        codes: &[u8],
+        groups: usize,
+        x: &QuantActs,
+        m: usize,
+        blocks: &mut [(usize, usize, CallDots<M>)],
+    ) {
+        let step = blocks.iter().map(|b| b.1).max().unwrap_or(1);
+        assert!(
+            codes.len() == groups * rows * CHUNK_BYTES && x.kp >= groups * 32 && blocks.iter().all(|b| (b.1 == 1 || b.1 == step) && b.0 + b.1 <= x.tokens()),
+            "avx2 unpacked steps: mismatched operands"
+        );
         // SAFETY: `matmul` checked that AVX2 is present; lengths are checked above.
         unsafe {
             match (rows, step) {
-                (1, 2) => gemm::<1, 1, 2>(codes, 0, groups, &xs, out),
-                (1, 4) => gemm::<1, 1, 4>(codes, 0, groups, &xs, out),
-                (2, 2) => gemm::<2, 2, 2>(codes, 0, groups, &xs, out),
-                (2, 4) => gemm::<2, 2, 4>(codes, 0, groups, &xs, out),
-                (4, 2) => gemm::<4, 4, 2>(codes, 0, groups, &xs, out),
-                (4, 4) => {
-                    // Sixteen accumulators would not fit in 16 registers:
-                    // two passes of two rows, the second with the
-                    // activations in L1 still.
-                    gemm::<4, 2, 4>(codes, 0, groups, &xs, out);
-                    gemm::<4, 2, 4>(codes, 2, groups, &xs, out);
-                }
-                _ => unreachable!("tiles are validated; one token reads packed codes"),
+                (_, 1) => {}
+                (1, 2) => steps::<1, 1, 2, M>(codes, groups, x, m, blocks),
+                (1, 4) => steps::<1, 1, 4, M>(codes, groups, x, m, blocks),
+                (2, 2) => steps::<2, 2, 2, M>(codes, groups, x, m, blocks),
+                (2, 4) => steps::<2, 2, 4, M>(codes, groups, x, m, blocks),
+                (4, 2) => steps::<4, 4, 2, M>(codes, groups, x, m, blocks),
+                // Sixteen accumulators would not fit in 16 registers: two
+                // passes of two rows, the second with the activations in L1
+                // still.
+                (4, 4) => steps::<4, 2, 4, M>(codes, groups, x, m, blocks),
+                _ => unreachable!("tiles are validated"),
+            }
+        }
+    }
+
+    /// [`gemm`] on each block of `T` tokens, in passes of `RS` of the
+    /// tile's `RL` rows.
+    #[target_feature(enable = "avx2")]
+    unsafe fn steps<const RL: usize, const RS: usize, const T: usize, const M: usize>(
+        codes: &[u8],
+        groups: usize,
+        x: &QuantActs,
+        m: usize,
+        blocks: &mut [(usize, usize, CallDots<M>)],
+    ) {
+        for (tok, _, dots) in blocks.iter_mut().filter(|b| b.1 == T) {
+            let xs = x.step_rows(*tok, T);
+            for r0 in (0..RL).step_by(RS) {
+                gemm::<RL, RS, T>(codes, r0, groups, &xs, &mut dots[m]);
             }
         }
     }
