@@ -350,7 +350,9 @@ impl PackedTernary {
 pub struct QuantActs {
     pub k: usize,
     pub kp: usize,
-    /// Row `t` at `t · kp`, from the start of a cache line on.
+    /// Row `t` at `t · kp`. The buffer starts on a cache line, so rows are
+    /// 32-byte aligned (`kp` is a multiple of 32), on a line where `kp` is a
+    /// multiple of 64 (2B4T's 2560 and 7040 are).
     pub q: LineVec<i8>,
     pub gamma: Vec<f32>,
     pub sum: Vec<i32>,
@@ -811,7 +813,8 @@ fn blocks_dots<const M: usize>(
 }
 
 /// The code-times-activation sums of tile `t` against tokens `tok..tok+step`,
-/// from the tile's `codes` when [`unpack_tile`] made them.
+/// from the tile's `codes` where VBMI unpacked them ([`blocks_dots`] sends
+/// AVX2's unpacked codes to their GEMM; here they would go unread).
 #[allow(clippy::too_many_arguments)]
 fn tile_dots(
     isa: Isa,
