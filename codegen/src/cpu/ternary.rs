@@ -665,7 +665,7 @@ fn products<const M: usize>(
             let (g, t) = places.tile(global);
             let ws = &groups[g];
             let unpack = tiles.tokens > 1 && tokens.len() >= tiles.tokens;
-            let unpacked: [bool; M] = std::array::from_fn(|m| unpack && unpack_tile(tiles.isa, ws[m], t, &mut codes[m]));
+            let unpacked: [Option<Unpacked>; M] = std::array::from_fn(|m| if unpack { unpack_tile(tiles.isa, ws[m], t, &mut codes[m]) } else { None });
             blocks.clear();
             let mut tok = tokens.start;
             while tok < tokens.end {
@@ -674,7 +674,7 @@ fn products<const M: usize>(
                 tok += step;
             }
             for m in 0..M {
-                blocks_dots(tiles.isa, ws[m], t, unpacked[m].then_some(&codes[m][..]), x, digits.as_ref(), m, &mut blocks);
+                blocks_dots(tiles.isa, ws[m], t, unpacked[m].map(|u| (u, &codes[m][..])), x, digits.as_ref(), m, &mut blocks);
             }
             for &(tok, tokens, ref dots) in &blocks {
                 write(g, dots, places.block(g, t, tok, tokens));
@@ -747,23 +747,33 @@ fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, 
     });
 }
 
+/// Whose layout a tile's unpacked codes have, and so which kernel reads them.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Unpacked {
+    /// [`avx2::unpack`]'s, for [`avx2::unpacked_steps`].
+    Avx2,
+    /// `base3::vbmi_unpack`'s, for `base3::vnni_unpacked_dots`.
+    Vbmi,
+}
+
 /// Prefill on AVX2 (and of 1.6-bit weights on AVX-512 VNNI) first unpacks
 /// a tile's codes to one byte each ([`avx2::unpack`], or with VBMI
 /// `base3::vbmi_unpack`), once for all its tokens, so that the inner loop
-/// is only multiplies and adds. `false` where the ISA reads packed codes.
-fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut LineVec<u8>) -> bool {
+/// is only multiplies and adds. `None` where the ISA reads packed codes.
+fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut LineVec<u8>) -> Option<Unpacked> {
     match (isa, w.packing) {
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512Vnni, Packing::Base3) if vbmi(w) => {
             base3::vbmi_unpack(w.rows, w.tile(t), w.chunks(), codes);
-            true
+            Some(Unpacked::Vbmi)
         }
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, _) | (Isa::Avx512Vnni, Packing::Base3) => {
             avx2::unpack(w.rows, w.packing, w.tile(t), w.chunks(), codes);
-            true
+            Some(Unpacked::Avx2)
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -773,7 +783,7 @@ fn unpack_tile(isa: Isa, w: &PackedTernary, t: usize, codes: &mut LineVec<u8>) -
 #[cfg(target_arch = "x86_64")]
 pub(super) fn unpack_base3(w: &PackedTernary, t: usize, codes: &mut LineVec<u8>) {
     assert!(w.packing == Packing::Base3 && unpacks_in_rows(w), "unpack_base3: {:?} weights in tiles of {} rows", w.packing, w.rows);
-    assert!(unpack_tile(Isa::Avx512Vnni, w, t, codes), "1.6-bit weights unpack on AVX-512 VNNI");
+    assert!(unpack_tile(Isa::Avx512Vnni, w, t, codes).is_some(), "1.6-bit weights unpack on AVX-512 VNNI");
 }
 
 /// Whether [`unpack_tile`] writes `w`'s 1.6-bit codes row after row:
@@ -793,20 +803,21 @@ fn blocks_dots<const M: usize>(
     isa: Isa,
     w: &PackedTernary,
     t: usize,
-    codes: Option<&[u8]>,
+    codes: Option<(Unpacked, &[u8])>,
     x: &QuantActs,
     digits: Option<&base3::DigitActs>,
     m: usize,
     blocks: &mut [(usize, usize, CallDots<M>)],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(codes) = codes.filter(|_| isa == Isa::Avx2 || (isa == Isa::Avx512Vnni && !vbmi(w))) {
+    if let Some((Unpacked::Avx2, codes)) = codes {
         avx2::unpacked_steps(w.rows, codes, w.chunks() * w.packing.groups(), x, m, blocks);
         for (tok, _, dots) in blocks.iter_mut().filter(|b| b.1 == 1) {
             tile_dots(isa, w, t, None, x, digits, *tok, 1, &mut dots[m]);
         }
         return;
     }
+    let codes = codes.map(|(_, codes)| codes);
     for (tok, step, dots) in blocks.iter_mut() {
         tile_dots(isa, w, t, codes, x, digits, *tok, *step, &mut dots[m]);
     }
