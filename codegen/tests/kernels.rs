@@ -560,31 +560,49 @@ proptest! {
     }
 }
 
-/// The AVX-512 VNNI ternary kernels (written on a machine without AVX-512)
-/// against the scalar ones, every tile shape, awkward sizes; the proptests
-/// above include them too wherever the CPU has them.
+/// Every ISA's ternary kernels against the scalar ones, bit for bit: every
+/// tile shape, token step, split and packing, awkward sizes, each token a
+/// γ of its own; the scale and residual epilogue, side-by-side groups and
+/// both gated units (whose epilogues work two or four tokens a register). Kernels for instructions this CPU
+/// lacks (the AVX-512 VNNI ones, written on machines without it) skip with
+/// a message; the proptests above include them too wherever the CPU has them.
 #[test]
-fn vnni_kernels_match_the_scalar_ones_where_the_cpu_has_them() {
-    if !Isa::Avx512Vnni.available() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI");
-        return;
+fn fast_kernels_match_the_scalar_ones_bit_for_bit() {
+    for isa in [Isa::Avx2, Isa::Avx512Vnni, Isa::Cranelift] {
+        if !isa.available() {
+            eprintln!("skipped: this CPU has no {}", isa.name());
+        }
     }
     let pool = Pool::new(2);
     // Also several calls of four tokens and the ones left over, on long rows.
     for (n, k, s) in [(1usize, 1usize, 1usize), (3, 783, 3), (37, 2592, 7), (300, 256, 5), (61, 3233, 8), (9, 6912, 17), (6, 130, 9)] {
         let (w, a, residual) = bit_exact_case(n, k, s);
+        let other: Vec<i8> = (0..w.len()).map(|i| w[(i * 5 + 1) % w.len()]).collect();
         let ep = Epilogue { scale: Some(0.6875), residual: Some(&residual) };
         for (rows, packing) in TernaryTiles::ROWS.into_iter().flat_map(|r| Packing::ALL.map(|p| (r, p))) {
-            let packed = PackedTernary::pack(n, k, rows, packing, 0.3, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
-            let mut want = vec![0f32; s * n];
-            let scalar = TernaryTiles { packing, ..TernaryTiles::new(Isa::Scalar, rows, 1) };
-            ternary::matmul(&pool, scalar, &packed, &a, &mut want, ep);
-            for tokens in TernaryTiles::TOKENS {
-                for split in Split::ALL {
-                    let t = TernaryTiles { isa: Isa::Avx512Vnni, rows, tokens, split, packing };
-                    let mut got = vec![0f32; s * n];
-                    ternary::matmul(&pool, t, &packed, &a, &mut got, ep);
-                    assert_eq!(bits(&got), bits(&want), "{t} n {n} k {k} tokens {s}");
+            let pack = |w: &[i8], beta: f32| PackedTernary::pack(n, k, rows, packing, beta, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+            let (packed, other) = (pack(&w, 0.3), pack(&other, 0.7));
+            let parts = [(&packed, Some(0.5f32)), (&other, None), (&packed, Some(2.0))];
+            let products = |t: TernaryTiles| {
+                let mut out = [vec![0f32; s * n], vec![0f32; s * 3 * n], vec![0f32; s * n], vec![0f32; s * n]];
+                ternary::matmul(&pool, t, &packed, &a, &mut out[0], ep);
+                ternary::matmul_cat(&pool, t, &parts, &a, &mut out[1]);
+                ternary::matmul_glu(&pool, t, GateAct::Silu, (&packed, None), (&other, Some(0.8125)), &a, &mut out[2]);
+                ternary::matmul_glu(&pool, t, GateAct::Relu2, (&packed, Some(1.375)), (&other, None), &a, &mut out[3]);
+                out
+            };
+            let want = products(TernaryTiles { packing, ..TernaryTiles::new(Isa::Scalar, rows, 1) });
+            for isa in isas().into_iter().filter(|&i| i != Isa::Scalar) {
+                for tokens in TernaryTiles::TOKENS {
+                    for split in Split::ALL {
+                        let t = TernaryTiles { isa, rows, tokens, split, packing };
+                        if !t.is_valid() {
+                            continue;
+                        }
+                        for (name, (got, want)) in ["matmul", "cat", "glu silu", "glu relu2"].into_iter().zip(products(t).iter().zip(&want)) {
+                            assert_eq!(bits(got), bits(want), "{name} {t} n {n} k {k} tokens {s}");
+                        }
+                    }
                 }
             }
         }

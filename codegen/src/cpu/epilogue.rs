@@ -7,7 +7,8 @@
 //! instructions): the same IEEE steps in the same order, so the same bits.
 
 use super::ternary::{PackedTernary, QuantActs};
-use super::Isa;
+use super::{vmath, Isa};
+use bitnet_ir::GateAct;
 
 /// What happens to each result: `((dot · β) / γ) · scale + residual`.
 #[derive(Clone, Copy, Default)]
@@ -66,6 +67,79 @@ pub fn finish_block(isa: Isa, dots: &[[i32; 4]; 4], step: usize, x: &QuantActs, 
         *o = finish(std::array::from_fn(|r| dots[r][j]), x, tok + j, w, ep, n);
     }
     out
+}
+
+/// One kernel call's place, rows `n..n + 4` of a tile against tokens
+/// `tok..tok + tokens`, and where its results go: token `tok + j`'s `len`
+/// values (the tile's rows that exist) at `first + j · stride`.
+pub(super) struct Block {
+    pub(super) tok: usize,
+    pub(super) tokens: usize,
+    pub(super) n: usize,
+    pub(super) first: *mut f32,
+    pub(super) stride: usize,
+    pub(super) len: usize,
+}
+
+impl Block {
+    /// Token `tok + j`'s results, `j < tokens`, by tile row.
+    pub(super) fn store(&mut self, by_token: &[[f32; 4]; 4]) {
+        for (j, &v) in by_token.iter().enumerate().take(self.tokens) {
+            // SAFETY: the products make each block of a tile's rows and
+            // tokens inside `out` and hands it to one worker alone.
+            store(unsafe { std::slice::from_raw_parts_mut(self.first.add(j * self.stride), self.len) }, v);
+        }
+    }
+}
+
+/// Finishes and stores each `(dots, block)` of a tile: [`finish_block`].
+pub(super) fn finish_blocks<'a>(isa: Isa, x: &QuantActs, w: &PackedTernary, ep: &Epilogue, blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], Block)>) {
+    for (dots, mut block) in blocks {
+        block.store(&finish_block(isa, dots, block.tokens, x, block.tok, w, ep, block.n));
+    }
+}
+
+/// Finishes and stores each `(gate, up, block)` of a tile of a gated
+/// unit's two products: `act(gate) · up` of [`finish_block`]'s results.
+/// On AVX2 many pairs of tokens at once, from the sums to the unit in
+/// registers; the bits are the same.
+pub(super) fn finish_glu_blocks<'a>(
+    isa: Isa,
+    act: GateAct,
+    gate: (&PackedTernary, &Epilogue),
+    up: (&PackedTernary, &Epilogue),
+    x: &QuantActs,
+    blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], &'a [[i32; 4]; 4], Block)>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        // SAFETY: both ISAs are only chosen where the CPU has AVX2.
+        return unsafe { avx2::glu_blocks(isa, act, gate, up, x, blocks) };
+    }
+    for (g, u, mut block) in blocks {
+        block.store(&finish_glu_block(isa, act, (g, gate), (u, up), &block, x));
+    }
+}
+
+/// One block of [`finish_glu_blocks`], by token.
+#[inline(always)]
+fn finish_glu_block(
+    isa: Isa,
+    act: GateAct,
+    gate: (&[[i32; 4]; 4], (&PackedTernary, &Epilogue)),
+    up: (&[[i32; 4]; 4], (&PackedTernary, &Epilogue)),
+    block: &Block,
+    x: &QuantActs,
+) -> [[f32; 4]; 4] {
+    let (step, tok, n) = (block.tokens, block.tok, block.n);
+    let g = finish_block(isa, gate.0, step, x, tok, gate.1 .0, gate.1 .1, n);
+    let u = finish_block(isa, up.0, step, x, tok, up.1 .0, up.1 .1, n);
+    let mut v = [[0f32; 4]; 4];
+    match step {
+        1 => v[0] = vmath::glu4(isa, act, g[0], u[0]),
+        _ => vmath::glu(isa, act, g[..step].as_flattened(), u[..step].as_flattened(), v[..step].as_flattened_mut()),
+    }
+    v
 }
 
 /// [`finish`] of one token `t`'s sums for a run of rows `n..n + out.len()`
@@ -177,5 +251,105 @@ mod avx512 {
         let mut out = [[0f32; 4]; 4];
         _mm512_storeu_ps(out.as_mut_ptr() as *mut f32, v);
         out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::vmath;
+    use super::super::Isa;
+    use super::{finish_glu_block, Block, Epilogue, PackedTernary, QuantActs};
+    use bitnet_ir::GateAct;
+    use std::arch::x86_64::*;
+
+    /// [`super::finish`] of tokens `tok + j` and `tok + j + 1` (`j` even)
+    /// of a block, eight lanes, by token (`[j][r]`). The sums enter with
+    /// rows 0 and 2 in the low half and rows 1 and 3 in the high one
+    /// (`j0 j1 j0 j1`, so that a token's `Σx` and γ repeat every two
+    /// lanes); the permutation to token order comes before the residual.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `tok + j + 2 ≤ x.tokens()` and `n + 4 ≤ w.n`.
+    /// Only called from AVX2 functions, into which it inlines (a function
+    /// of its own, even one compiled for AVX2, cost a call and a trip
+    /// through memory each time).
+    #[inline(always)]
+    unsafe fn pair(dots: &[[i32; 4]; 4], j: usize, x: &QuantActs, tok: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> __m256 {
+        let rows01 = _mm256_loadu_si256(dots.as_ptr() as *const __m256i);
+        let rows23 = _mm256_loadu_si256(dots[2..].as_ptr() as *const __m256i);
+        let d = if j == 0 { _mm256_unpacklo_epi64(rows01, rows23) } else { _mm256_unpackhi_epi64(rows01, rows23) };
+        let (t0, t1) = (tok + j, tok + j + 1);
+        let (s0, s1, g0, g1) = (x.sum[t0], x.sum[t1], x.gamma[t0], x.gamma[t1]);
+        let sum = _mm256_setr_epi32(s0, s1, s0, s1, s0, s1, s0, s1);
+        let gamma = _mm256_setr_ps(g0, g1, g0, g1, g0, g1, g0, g1);
+        let mut v = _mm256_div_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, sum)), _mm256_set1_ps(w.scale)), gamma);
+        if let Some(s) = ep.scale {
+            v = _mm256_mul_ps(v, _mm256_set1_ps(s));
+        }
+        v = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 4, 2, 6, 1, 5, 3, 7));
+        if let Some(res) = ep.residual {
+            let row = |t: usize| _mm_loadu_ps(res[t * w.n + n..t * w.n + n + 4].as_ptr());
+            v = _mm256_add_ps(v, _mm256_set_m128(row(t1), row(t0)));
+        }
+        v
+    }
+
+    /// Pairs of tokens that [`glu_blocks`] finishes before their gated
+    /// units: each unit is a long chain of dependent steps (a division,
+    /// the exponential, another division), and with one block's pair at a
+    /// time the chains did not overlap. Finishing a tile's blocks one at a
+    /// time took 10% of a `[6912, 2560]` gated unit on 128 tokens, eight
+    /// at a time 3.5% (docs/performance.md, session of 2026-12-07,
+    /// twenty-second).
+    const BATCH: usize = 8;
+
+    /// [`super::finish_glu_blocks`] on AVX2: whole pairs of tokens
+    /// [`BATCH`] at a time, each as eight lanes; the rest (a block of one
+    /// token, a tile's last rows) one block at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn glu_blocks<'a>(
+        isa: Isa,
+        act: GateAct,
+        gate: (&PackedTernary, &Epilogue),
+        up: (&PackedTernary, &Epilogue),
+        x: &QuantActs,
+        blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], &'a [[i32; 4]; 4], Block)>,
+    ) {
+        let (mut gs, mut us) = ([_mm256_setzero_ps(); BATCH], [_mm256_setzero_ps(); BATCH]);
+        // Where each pair's two tokens' results go: the first's, and the
+        // distance to the second's.
+        let mut dst = [(std::ptr::null_mut::<f32>(), 0usize); BATCH];
+        let mut len = 0;
+        let flush = |gs: &[__m256; BATCH], us: &[__m256; BATCH], dst: &[(*mut f32, usize); BATCH], len: usize| {
+            for i in 0..len {
+                let v = vmath::avx2::glu8(act, gs[i], us[i]);
+                let (first, stride) = dst[i];
+                // SAFETY: the products make each block of a tile's rows and
+                // tokens inside `out`, four rows of two tokens here, and hand
+                // it to one worker alone.
+                _mm_storeu_ps(first, _mm256_castps256_ps128(v));
+                _mm_storeu_ps(first.add(stride), _mm256_extractf128_ps::<1>(v));
+            }
+        };
+        for (g, u, mut block) in blocks {
+            if block.tokens % 2 != 0 || block.len < 4 {
+                block.store(&finish_glu_block(isa, act, (g, gate), (u, up), &block, x));
+                continue;
+            }
+            for j in (0..block.tokens).step_by(2) {
+                gs[len] = pair(g, j, x, block.tok, gate.0, gate.1, block.n);
+                us[len] = pair(u, j, x, block.tok, up.0, up.1, block.n);
+                dst[len] = (block.first.add(j * block.stride), block.stride);
+                len += 1;
+                if len == BATCH {
+                    flush(&gs, &us, &dst, len);
+                    len = 0;
+                }
+            }
+        }
+        flush(&gs, &us, &dst, len);
     }
 }

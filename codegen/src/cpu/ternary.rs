@@ -21,7 +21,7 @@ use super::amx;
 use super::base3;
 use super::blob::Blob;
 pub use super::epilogue::Epilogue;
-use super::epilogue::{finish_block, finish_rows, store};
+use super::epilogue::{finish_blocks, finish_glu_blocks, finish_rows, Block};
 use super::lines::LineVec;
 use super::pool::{share, Chunks, Pool, SharedMut};
 use super::{vmath, Isa};
@@ -430,7 +430,7 @@ pub fn matmul(pool: &Pool, tiles: TernaryTiles, w: &PackedTernary, x: &QuantActs
         &[[w]],
         x,
         out,
-        |_, [dots], mut block| block.finish(tiles.isa, dots, x, w, &ep),
+        |tile| finish_blocks(tiles.isa, x, w, &ep, tile.blocks().map(|([dots], block)| (dots, block))),
         |_, run| finish_rows(tiles.isa, run.sums[0], x, 0, w, &ep, run.n, run.out),
     );
 }
@@ -447,7 +447,7 @@ pub fn matmul_cat(pool: &Pool, tiles: TernaryTiles, parts: &[(&PackedTernary, Op
         &groups,
         x,
         out,
-        |g, [dots], mut block| block.finish(tiles.isa, dots, x, parts[g].0, &eps[g]),
+        |tile| finish_blocks(tiles.isa, x, parts[tile.g].0, &eps[tile.g], tile.blocks().map(|([dots], block)| (dots, block))),
         |g, run| finish_rows(tiles.isa, run.sums[0], x, 0, parts[g].0, &eps[g], run.n, run.out),
     );
 }
@@ -469,17 +469,8 @@ pub fn matmul_glu(
     let (wg, wu) = (gate.0, up.0);
     assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
-    let block = |_, [g, u]: &CallDots<2>, mut block: Block| {
-        let step = block.tokens;
-        let (g, u) = (block.finished(tiles.isa, g, x, wg, &eg), block.finished(tiles.isa, u, x, wu, &eu));
-        let mut v = [[0f32; 4]; 4];
-        match step {
-            1 => v[0] = vmath::glu4(tiles.isa, act, g[0], u[0]),
-            _ => vmath::glu(tiles.isa, act, g[..step].as_flattened(), u[..step].as_flattened(), v[..step].as_flattened_mut()),
-        }
-        block.store(&v);
-    };
-    products(pool, tiles, &[[wg, wu]], x, out, block, |_, run| {
+    let finish = |tile: TileBlocks<2>| finish_glu_blocks(tiles.isa, act, (wg, &eg), (wu, &eu), x, tile.blocks().map(|([g, u], block)| (g, u, block)));
+    products(pool, tiles, &[[wg, wu]], x, out, finish, |_, run| {
         let len = run.out.len();
         let (mut g, mut u) = ([0f32; RUN_ROWS], [0f32; RUN_ROWS]);
         finish_rows(tiles.isa, run.sums[0], x, 0, wg, &eg, run.n, &mut g[..len]);
@@ -514,36 +505,19 @@ struct RowRun<'a, const M: usize> {
     out: &'a mut [f32],
 }
 
-/// One kernel call's place, rows `n..n + 4` of a tile against tokens
-/// `tok..tok + tokens`, and where its results go: token `tok + j`'s `len`
-/// values (the tile's rows that exist) at `first + j · stride`.
-struct Block {
-    tok: usize,
-    tokens: usize,
-    n: usize,
-    first: *mut f32,
-    stride: usize,
-    len: usize,
+/// A tile's kernel calls, `(tok, step, dots)` each, as [`products`] hands
+/// them on to be finished: tile `t` of group `g`.
+struct TileBlocks<'a, const M: usize> {
+    g: usize,
+    t: usize,
+    blocks: &'a [(usize, usize, CallDots<M>)],
+    places: &'a Places<'a, M>,
 }
 
-impl Block {
-    /// Token `tok + j`'s results, `j < tokens`, by tile row.
-    fn store(&mut self, by_token: &[[f32; 4]; 4]) {
-        for (j, &v) in by_token.iter().enumerate().take(self.tokens) {
-            // SAFETY: `products` makes each block of a tile's rows and
-            // tokens inside `out` and hands it to one worker alone.
-            store(unsafe { std::slice::from_raw_parts_mut(self.first.add(j * self.stride), self.len) }, v);
-        }
-    }
-
-    /// The results of `w`'s `dots` for this block, by token.
-    fn finished(&self, isa: Isa, dots: &[[i32; 4]; 4], x: &QuantActs, w: &PackedTernary, ep: &Epilogue) -> [[f32; 4]; 4] {
-        finish_block(isa, dots, self.tokens, x, self.tok, w, ep, self.n)
-    }
-
-    /// The results of `w`'s `dots` for this block, finished and stored.
-    fn finish(&mut self, isa: Isa, dots: &[[i32; 4]; 4], x: &QuantActs, w: &PackedTernary, ep: &Epilogue) {
-        self.store(&self.finished(isa, dots, x, w, ep));
+impl<'a, const M: usize> TileBlocks<'a, M> {
+    /// Each call's dots and where its results go.
+    fn blocks(&self) -> impl Iterator<Item = (&'a CallDots<M>, Block)> + '_ {
+        self.blocks.iter().map(|(tok, step, dots)| (dots, self.places.block(self.g, self.t, *tok, *step)))
     }
 }
 
@@ -621,9 +595,9 @@ impl<const M: usize> Places<'_, M> {
 /// The loop shared by the products: every row tile of each group of `M`
 /// matrices (same shape within a group, one layout for all) against every
 /// token, split over the workers. Each group's results take the next
-/// columns of `out`'s rows. `write(group, dots, block)` turns the dots of
-/// one kernel call (`dots[m][r][j]`: matrix `m` of the group, row
-/// `block.n + r`, token `block.tok + j`) into the block's results;
+/// columns of `out`'s rows. `write(tile)` turns the dots of a tile's
+/// kernel calls (each `dots[m][r][j]`: matrix `m` of the group, row
+/// `block.n + r`, token `block.tok + j`) into the blocks' results;
 /// `write_rows(group, run)` does the same for one token's run of rows, the
 /// same arithmetic on each (decode's products finish so).
 fn products<const M: usize>(
@@ -632,7 +606,7 @@ fn products<const M: usize>(
     groups: &[[&PackedTernary; M]],
     x: &QuantActs,
     out: &mut [f32],
-    write: impl Fn(usize, &CallDots<M>, Block) + Sync,
+    write: impl Fn(TileBlocks<M>) + Sync,
     write_rows: impl Fn(usize, RowRun<M>) + Sync,
 ) {
     let w = groups[0][0];
@@ -676,9 +650,7 @@ fn products<const M: usize>(
             for m in 0..M {
                 blocks_dots(tiles.isa, ws[m], t, unpacked[m].map(|u| (u, &codes[m][..])), x, digits.as_ref(), m, &mut blocks);
             }
-            for &(tok, tokens, ref dots) in &blocks {
-                write(g, dots, places.block(g, t, tok, tokens));
-            }
+            write(TileBlocks { g, t, blocks: &blocks, places: &places });
         };
         if by_tokens {
             let tokens = share(x.tokens(), me, workers);
@@ -713,7 +685,7 @@ fn products<const M: usize>(
 /// layout's tiles, all of one group), each multiplied by every token at
 /// once, then finished four tokens a block as the other kernels' are.
 #[cfg(target_arch = "x86_64")]
-fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, write: &(impl Fn(usize, &CallDots<M>, Block) + Sync)) {
+fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, write: &(impl Fn(TileBlocks<M>) + Sync)) {
     let w = places.groups[0][0];
     let acts = amx::Acts::new(x, w.kp);
     let (s, per_call, n_tiles) = (x.tokens(), amx::CALL_ROWS / w.rows, places.tiles());
@@ -721,6 +693,7 @@ fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, 
     pool.run_sized(s * places.width() * w.kp * M, &|_, _| {
         let mut worker = amx::Worker::new(w.kp);
         let mut sums = vec![0i32; M * amx::CALL_ROWS * s];
+        let mut blocks = Vec::with_capacity(s.div_ceil(4));
         while let Some(calls) = chunks.next() {
             let tiles = calls.start * per_call..(calls.end * per_call).min(n_tiles);
             let mut t0 = tiles.start;
@@ -733,13 +706,15 @@ fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, 
                     worker.dots(places.groups[g][m], local.clone(), &acts, sums);
                 }
                 for (q, t) in local.enumerate() {
+                    blocks.clear();
                     for tok in (0..s).step_by(4) {
                         let step = 4.min(s - tok);
                         let at = |m: usize, r: usize, j: usize| sums[(m * amx::CALL_ROWS + q * w.rows + r) * s + tok + j];
                         let dots: CallDots<M> =
                             std::array::from_fn(|m| std::array::from_fn(|r| std::array::from_fn(|j| if r < w.rows && j < step { at(m, r, j) } else { 0 })));
-                        write(g, &dots, places.block(g, t, tok, step));
+                        blocks.push((tok, step, dots));
                     }
+                    write(TileBlocks { g, t, blocks: &blocks, places });
                 }
                 t0 = t1;
             }

@@ -81,7 +81,8 @@ pub(crate) mod avx2 {
     /// relu² `(x > 0 ? x : 0)²` (a comparison, so NaN gives 0 as
     /// `f32::max` does; the square makes the sign of a zero moot).
     #[target_feature(enable = "avx2")]
-    unsafe fn glu8(act: GateAct, x: __m256, u: __m256) -> __m256 {
+    #[inline]
+    pub(crate) unsafe fn glu8(act: GateAct, x: __m256, u: __m256) -> __m256 {
         let a = match act {
             GateAct::Silu => {
                 let neg = _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
