@@ -4,7 +4,10 @@
 //! [`finish_block`] does a kernel call's whole block of up to four tokens,
 //! on AVX-512 as one register where the block is whole (sixteen lanes, one
 //! division, where four tokens one at a time took about a hundred
-//! instructions): the same IEEE steps in the same order, so the same bits.
+//! instructions). A gated unit's epilogue ([`finish_glu_blocks`]) on AVX2
+//! finishes many pairs of tokens before their units, so that the units'
+//! long chains overlap. All of them take the same IEEE steps in the same
+//! order, so the same bits.
 
 use super::ternary::{PackedTernary, QuantActs};
 use super::{vmath, Isa};
@@ -86,7 +89,7 @@ impl Block {
     pub(super) fn store(&mut self, by_token: &[[f32; 4]; 4]) {
         for (j, &v) in by_token.iter().enumerate().take(self.tokens) {
             // SAFETY: the products make each block of a tile's rows and
-            // tokens inside `out` and hands it to one worker alone.
+            // tokens inside `out` and hand it to one worker alone.
             store(unsafe { std::slice::from_raw_parts_mut(self.first.add(j * self.stride), self.len) }, v);
         }
     }
@@ -101,8 +104,8 @@ pub(super) fn finish_blocks<'a>(isa: Isa, x: &QuantActs, w: &PackedTernary, ep: 
 
 /// Finishes and stores each `(gate, up, block)` of a tile of a gated
 /// unit's two products: `act(gate) · up` of [`finish_block`]'s results.
-/// On AVX2 many pairs of tokens at once, from the sums to the unit in
-/// registers; the bits are the same.
+/// On AVX2 many pairs of tokens at once, each pair as one register from
+/// the sums to the unit; the bits are the same.
 pub(super) fn finish_glu_blocks<'a>(
     isa: Isa,
     act: GateAct,
@@ -111,9 +114,11 @@ pub(super) fn finish_glu_blocks<'a>(
     x: &QuantActs,
     blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], &'a [[i32; 4]; 4], Block)>,
 ) {
+    // AVX-512 VNNI keeps its sixteen-lane blocks: the batch was measured
+    // on an AVX2-only CPU alone.
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
-        // SAFETY: both ISAs are only chosen where the CPU has AVX2.
+    if isa == Isa::Avx2 {
+        // SAFETY: Isa::Avx2 is only chosen where the CPU has AVX2.
         return unsafe { avx2::glu_blocks(isa, act, gate, up, x, blocks) };
     }
     for (g, u, mut block) in blocks {
@@ -262,19 +267,20 @@ mod avx2 {
     use bitnet_ir::GateAct;
     use std::arch::x86_64::*;
 
-    /// [`super::finish`] of tokens `tok + j` and `tok + j + 1` (`j` even)
+    /// [`super::finish`] of tokens `tok + j` and `tok + j + 1` (`j` 0 or 2)
     /// of a block, eight lanes, by token (`[j][r]`). The sums enter with
     /// rows 0 and 2 in the low half and rows 1 and 3 in the high one
     /// (`j0 j1 j0 j1`, so that a token's `Σx` and γ repeat every two
     /// lanes); the permutation to token order comes before the residual.
     ///
     /// # Safety
-    /// The CPU has AVX2; `tok + j + 2 ≤ x.tokens()` and `n + 4 ≤ w.n`.
-    /// Only called from AVX2 functions, into which it inlines (a function
+    /// The CPU has AVX2 (and `tok + j + 2 ≤ x.tokens()`, `n + 4 ≤ w.n`,
+    /// which the indexing checks). Only called from AVX2 functions, into which it inlines (a function
     /// of its own, even one compiled for AVX2, cost a call and a trip
     /// through memory each time).
     #[inline(always)]
-    unsafe fn pair(dots: &[[i32; 4]; 4], j: usize, x: &QuantActs, tok: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> __m256 {
+    unsafe fn finish_pair(dots: &[[i32; 4]; 4], j: usize, x: &QuantActs, tok: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> __m256 {
+        debug_assert!(j == 0 || j == 2, "a pair starts at token 0 or 2 of a block");
         let rows01 = _mm256_loadu_si256(dots.as_ptr() as *const __m256i);
         let rows23 = _mm256_loadu_si256(dots[2..].as_ptr() as *const __m256i);
         let d = if j == 0 { _mm256_unpacklo_epi64(rows01, rows23) } else { _mm256_unpackhi_epi64(rows01, rows23) };
@@ -298,14 +304,15 @@ mod avx2 {
     /// units: each unit is a long chain of dependent steps (a division,
     /// the exponential, another division), and with one block's pair at a
     /// time the chains did not overlap. Finishing a tile's blocks one at a
-    /// time took 10% of a `[6912, 2560]` gated unit on 128 tokens, eight
-    /// at a time 3.5% (docs/performance.md, session of 2026-12-07,
+    /// time took about 11% of a `[6912, 2560]` gated unit on 128 tokens,
+    /// eight at a time about 3.5% (docs/performance.md, session of 2026-12-07,
     /// twenty-second).
     const BATCH: usize = 8;
 
-    /// [`super::finish_glu_blocks`] on AVX2: whole pairs of tokens
-    /// [`BATCH`] at a time, each as eight lanes; the rest (a block of one
-    /// token, a tile's last rows) one block at a time.
+    /// [`super::finish_glu_blocks`] on AVX2: pairs of tokens of four rows
+    /// that exist [`BATCH`] at a time, each as eight lanes; other blocks
+    /// (one token, tiles of one or two rows, a matrix's last rows) one at
+    /// a time.
     ///
     /// # Safety
     /// The CPU has AVX2.
@@ -322,9 +329,9 @@ mod avx2 {
         // Where each pair's two tokens' results go: the first's, and the
         // distance to the second's.
         let mut dst = [(std::ptr::null_mut::<f32>(), 0usize); BATCH];
-        let mut len = 0;
-        let flush = |gs: &[__m256; BATCH], us: &[__m256; BATCH], dst: &[(*mut f32, usize); BATCH], len: usize| {
-            for i in 0..len {
+        let mut pending = 0;
+        let flush = |gs: &[__m256; BATCH], us: &[__m256; BATCH], dst: &[(*mut f32, usize); BATCH], pending: usize| {
+            for i in 0..pending {
                 let v = vmath::avx2::glu8(act, gs[i], us[i]);
                 let (first, stride) = dst[i];
                 // SAFETY: the products make each block of a tile's rows and
@@ -340,16 +347,16 @@ mod avx2 {
                 continue;
             }
             for j in (0..block.tokens).step_by(2) {
-                gs[len] = pair(g, j, x, block.tok, gate.0, gate.1, block.n);
-                us[len] = pair(u, j, x, block.tok, up.0, up.1, block.n);
-                dst[len] = (block.first.add(j * block.stride), block.stride);
-                len += 1;
-                if len == BATCH {
-                    flush(&gs, &us, &dst, len);
-                    len = 0;
+                gs[pending] = finish_pair(g, j, x, block.tok, gate.0, gate.1, block.n);
+                us[pending] = finish_pair(u, j, x, block.tok, up.0, up.1, block.n);
+                dst[pending] = (block.first.add(j * block.stride), block.stride);
+                pending += 1;
+                if pending == BATCH {
+                    flush(&gs, &us, &dst, pending);
+                    pending = 0;
                 }
             }
         }
-        flush(&gs, &us, &dst, len);
+        flush(&gs, &us, &dst, pending);
     }
 }

@@ -377,11 +377,13 @@ impl QuantActs {
         self.gamma.resize(s, 0.0);
         self.sum.resize(s, 0);
     }
+    #[inline]
     pub fn row(&self, t: usize) -> &[i8] {
         &self.q[t * self.kp..(t + 1) * self.kp]
     }
     /// The rows of tokens `tok..tok + step` as the tile kernels read them:
     /// four pointers, the last row repeated past `step`.
+    #[inline]
     pub(super) fn step_rows(&self, tok: usize, step: usize) -> [*const i8; 4] {
         std::array::from_fn(|j| self.row(tok + j.min(step - 1)).as_ptr())
     }
