@@ -102,43 +102,41 @@ pub(super) fn finish_blocks<'a>(isa: Isa, x: &QuantActs, w: &PackedTernary, ep: 
     }
 }
 
-/// Finishes and stores each `(gate, up, block)` of a tile of a gated
-/// unit's two products: `act(gate) · up` of [`finish_block`]'s results.
-/// On AVX2 many pairs of tokens at once, each pair as one register from
-/// the sums to the unit; the bits are the same.
-pub(super) fn finish_glu_blocks<'a>(
-    isa: Isa,
-    act: GateAct,
-    gate: (&PackedTernary, &Epilogue),
-    up: (&PackedTernary, &Epilogue),
-    x: &QuantActs,
-    blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], &'a [[i32; 4]; 4], Block)>,
-) {
+/// A gated unit of two products, `act(gate) · up`: each matrix with the
+/// epilogue that finishes its sums.
+#[derive(Clone, Copy)]
+pub(super) struct GluUnit<'a> {
+    pub(super) act: GateAct,
+    pub(super) gate: (&'a PackedTernary, &'a Epilogue<'a>),
+    pub(super) up: (&'a PackedTernary, &'a Epilogue<'a>),
+}
+
+/// One kernel call's sums of a gated unit's gate and up, and its block.
+pub(super) type GluSums<'a> = (&'a [[i32; 4]; 4], &'a [[i32; 4]; 4], Block);
+
+/// Finishes and stores each block of a tile of a gated unit's products:
+/// `act(gate) · up` of [`finish_block`]'s results. On AVX2 many pairs of
+/// tokens at once, each pair as one register from the sums to the unit;
+/// the bits are the same.
+pub(super) fn finish_glu_blocks<'a>(isa: Isa, unit: GluUnit, x: &QuantActs, blocks: impl Iterator<Item = GluSums<'a>>) {
     // AVX-512 VNNI keeps its sixteen-lane blocks: the batch was measured
     // on an AVX2-only CPU alone.
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         // SAFETY: Isa::Avx2 is only chosen where the CPU has AVX2.
-        return unsafe { avx2::glu_blocks(isa, act, gate, up, x, blocks) };
+        return unsafe { avx2::glu_blocks(isa, unit, x, blocks) };
     }
     for (g, u, mut block) in blocks {
-        block.store(&finish_glu_block(isa, act, (g, gate), (u, up), &block, x));
+        block.store(&finish_glu_block(isa, &unit, (g, u), &block, x));
     }
 }
 
 /// One block of [`finish_glu_blocks`], by token.
 #[inline(always)]
-fn finish_glu_block(
-    isa: Isa,
-    act: GateAct,
-    gate: (&[[i32; 4]; 4], (&PackedTernary, &Epilogue)),
-    up: (&[[i32; 4]; 4], (&PackedTernary, &Epilogue)),
-    block: &Block,
-    x: &QuantActs,
-) -> [[f32; 4]; 4] {
-    let (step, tok, n) = (block.tokens, block.tok, block.n);
-    let g = finish_block(isa, gate.0, step, x, tok, gate.1 .0, gate.1 .1, n);
-    let u = finish_block(isa, up.0, step, x, tok, up.1 .0, up.1 .1, n);
+fn finish_glu_block(isa: Isa, unit: &GluUnit, (g, u): (&[[i32; 4]; 4], &[[i32; 4]; 4]), block: &Block, x: &QuantActs) -> [[f32; 4]; 4] {
+    let (step, tok, n, act) = (block.tokens, block.tok, block.n, unit.act);
+    let g = finish_block(isa, g, step, x, tok, unit.gate.0, unit.gate.1, n);
+    let u = finish_block(isa, u, step, x, tok, unit.up.0, unit.up.1, n);
     let mut v = [[0f32; 4]; 4];
     match step {
         1 => v[0] = vmath::glu4(isa, act, g[0], u[0]),
@@ -263,8 +261,7 @@ mod avx512 {
 mod avx2 {
     use super::super::vmath;
     use super::super::Isa;
-    use super::{finish_glu_block, Block, Epilogue, PackedTernary, QuantActs};
-    use bitnet_ir::GateAct;
+    use super::{finish_glu_block, Epilogue, GluSums, GluUnit, PackedTernary, QuantActs};
     use std::arch::x86_64::*;
 
     /// [`super::finish`] of tokens `tok + j` and `tok + j + 1` (`j` 0 or 2)
@@ -317,14 +314,8 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn glu_blocks<'a>(
-        isa: Isa,
-        act: GateAct,
-        gate: (&PackedTernary, &Epilogue),
-        up: (&PackedTernary, &Epilogue),
-        x: &QuantActs,
-        blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], &'a [[i32; 4]; 4], Block)>,
-    ) {
+    pub(super) unsafe fn glu_blocks<'a>(isa: Isa, unit: GluUnit, x: &QuantActs, blocks: impl Iterator<Item = GluSums<'a>>) {
+        let GluUnit { act, gate, up } = unit;
         let (mut gs, mut us) = ([_mm256_setzero_ps(); BATCH], [_mm256_setzero_ps(); BATCH]);
         // Where each pair's two tokens' results go: the first's, and the
         // distance to the second's.
@@ -343,7 +334,7 @@ mod avx2 {
         };
         for (g, u, mut block) in blocks {
             if block.tokens % 2 != 0 || block.len < 4 {
-                block.store(&finish_glu_block(isa, act, (g, gate), (u, up), &block, x));
+                block.store(&finish_glu_block(isa, &unit, (g, u), &block, x));
                 continue;
             }
             for j in (0..block.tokens).step_by(2) {

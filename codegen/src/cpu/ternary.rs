@@ -21,7 +21,7 @@ use super::amx;
 use super::base3;
 use super::blob::Blob;
 pub use super::epilogue::Epilogue;
-use super::epilogue::{finish_blocks, finish_glu_blocks, finish_rows, Block};
+use super::epilogue::{finish_blocks, finish_glu_blocks, finish_rows, Block, GluUnit};
 use super::lines::LineVec;
 use super::pool::{share, Chunks, Pool, SharedMut};
 use super::{vmath, Isa};
@@ -471,7 +471,8 @@ pub fn matmul_glu(
     let (wg, wu) = (gate.0, up.0);
     assert!(wg.n == wu.n, "ternary glu: gate and up differ in rows");
     let (eg, eu) = (Epilogue { scale: gate.1, residual: None }, Epilogue { scale: up.1, residual: None });
-    let finish = |tile: TileBlocks<2>| finish_glu_blocks(tiles.isa, act, (wg, &eg), (wu, &eu), x, tile.blocks().map(|([g, u], block)| (g, u, block)));
+    let unit = GluUnit { act, gate: (wg, &eg), up: (wu, &eu) };
+    let finish = |tile: TileBlocks<2>| finish_glu_blocks(tiles.isa, unit, x, tile.blocks().map(|([g, u], block)| (g, u, block)));
     products(pool, tiles, &[[wg, wu]], x, out, finish, |_, run| {
         let len = run.out.len();
         let (mut g, mut u) = ([0f32; RUN_ROWS], [0f32; RUN_ROWS]);
