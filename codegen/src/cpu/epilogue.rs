@@ -124,7 +124,7 @@ pub(super) fn finish_glu_blocks<'a>(isa: Isa, unit: GluUnit, x: &QuantActs, bloc
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         // SAFETY: Isa::Avx2 is only chosen where the CPU has AVX2.
-        return unsafe { avx2::glu_blocks(isa, unit, x, blocks) };
+        return unsafe { avx2::glu_blocks(unit, x, blocks) };
     }
     for (g, u, mut block) in blocks {
         block.store(&finish_glu_block(isa, &unit, (g, u), &block, x));
@@ -272,9 +272,9 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU has AVX2 (and `tok + j + 2 ≤ x.tokens()`, `n + 4 ≤ w.n`,
-    /// which the indexing checks). Only called from AVX2 functions, into which it inlines (a function
-    /// of its own, even one compiled for AVX2, cost a call and a trip
-    /// through memory each time).
+    /// which the indexing checks). Only called from AVX2 functions, into
+    /// which it inlines (a function of its own, even one compiled for
+    /// AVX2, cost a call and a trip through memory each time).
     #[inline(always)]
     unsafe fn finish_pair(dots: &[[i32; 4]; 4], j: usize, x: &QuantActs, tok: usize, w: &PackedTernary, ep: &Epilogue, n: usize) -> __m256 {
         debug_assert!(j == 0 || j == 2, "a pair starts at token 0 or 2 of a block");
@@ -314,7 +314,7 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn glu_blocks<'a>(isa: Isa, unit: GluUnit, x: &QuantActs, blocks: impl Iterator<Item = GluSums<'a>>) {
+    pub(super) unsafe fn glu_blocks<'a>(unit: GluUnit, x: &QuantActs, blocks: impl Iterator<Item = GluSums<'a>>) {
         let GluUnit { act, gate, up } = unit;
         let (mut gs, mut us) = ([_mm256_setzero_ps(); BATCH], [_mm256_setzero_ps(); BATCH]);
         // Where each pair's two tokens' results go: the first's, and the
@@ -334,7 +334,7 @@ mod avx2 {
         };
         for (g, u, mut block) in blocks {
             if block.tokens % 2 != 0 || block.len < 4 {
-                block.store(&finish_glu_block(isa, &unit, (g, u), &block, x));
+                block.store(&finish_glu_block(Isa::Avx2, &unit, (g, u), &block, x));
                 continue;
             }
             for j in (0..block.tokens).step_by(2) {

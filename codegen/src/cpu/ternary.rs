@@ -513,14 +513,14 @@ struct RowRun<'a, const M: usize> {
 struct TileBlocks<'a, const M: usize> {
     g: usize,
     t: usize,
-    blocks: &'a [(usize, usize, CallDots<M>)],
+    calls: &'a [(usize, usize, CallDots<M>)],
     places: &'a Places<'a, M>,
 }
 
 impl<'a, const M: usize> TileBlocks<'a, M> {
     /// Each call's dots and where its results go.
     fn blocks(&self) -> impl Iterator<Item = (&'a CallDots<M>, Block)> + '_ {
-        self.blocks.iter().map(|(tok, step, dots)| (dots, self.places.block(self.g, self.t, *tok, *step)))
+        self.calls.iter().map(|(tok, step, dots)| (dots, self.places.block(self.g, self.t, *tok, *step)))
     }
 }
 
@@ -653,7 +653,7 @@ fn products<const M: usize>(
             for m in 0..M {
                 blocks_dots(tiles.isa, ws[m], t, unpacked[m].map(|u| (u, &codes[m][..])), x, digits.as_ref(), m, &mut blocks);
             }
-            write(TileBlocks { g, t, blocks: &blocks, places: &places });
+            write(TileBlocks { g, t, calls: &blocks, places: &places });
         };
         if by_tokens {
             let tokens = share(x.tokens(), me, workers);
@@ -717,7 +717,7 @@ fn amx_products<const M: usize>(pool: &Pool, places: &Places<M>, x: &QuantActs, 
                             std::array::from_fn(|m| std::array::from_fn(|r| std::array::from_fn(|j| if r < w.rows && j < step { at(m, r, j) } else { 0 })));
                         blocks.push((tok, step, dots));
                     }
-                    write(TileBlocks { g, t, blocks: &blocks, places });
+                    write(TileBlocks { g, t, calls: &blocks, places });
                 }
                 t0 = t1;
             }
