@@ -70,13 +70,14 @@ fn emit<const T: usize>(v: [[f32; T]; ROWS], mut put: impl FnMut(usize, usize, f
     T
 }
 
-/// One token's int8 activations in the order its kernel unpacks a row's
+/// One token's int8 activations in the order the kernels unpack a row's
 /// bytes, and each 32-bit lane's `−8·Σx`.
 ///
-/// AVX2 unpacks a group's 16 bytes to its low nibbles (values 0..16) then
-/// its high ones (16..32): the activations' own order. AVX-512 unpacks a
-/// pair of groups' 32 bytes to both groups' low nibbles, then both groups'
-/// high ones: each 64 activations have their middle 16 swapped.
+/// Both kernels unpack a pair of groups' 32 bytes to both groups' low
+/// nibbles (values 0..16 of each), then both groups' high ones (16..32):
+/// each 64 activations have their middle 16 swapped. A 32-bit lane of
+/// AVX-512's `vpdpbusd` sums 4 of these; one of AVX2's sums 4 of the low
+/// nibbles' and the 4 of the high ones' 32 activations later.
 pub struct Acts {
     kernel: Kernel,
     x: Vec<i8>,
@@ -86,11 +87,15 @@ pub struct Acts {
 impl Acts {
     pub fn new(kernel: Kernel, x: &[i8]) -> Acts {
         assert!(x.len().is_multiple_of(2 * GROUP), "int4 activations come in pairs of groups");
-        let x = match kernel {
-            Kernel::Avx2 => x.to_vec(),
-            Kernel::Avx512Vnni => x.chunks_exact(2 * GROUP).flat_map(|pair| [0, 2, 1, 3].map(|b| &pair[16 * b..16 * (b + 1)])).flatten().copied().collect(),
+        let x: Vec<i8> = x.chunks_exact(2 * GROUP).flat_map(|pair| [0, 2, 1, 3].map(|b| &pair[16 * b..16 * (b + 1)])).flatten().copied().collect();
+        let fours = x.chunks_exact(4).map(|l| -8 * l.iter().map(|&v| v as i32).sum::<i32>());
+        let minus_8x = match kernel {
+            Kernel::Avx512Vnni => fours.collect(),
+            Kernel::Avx2 => {
+                let fours: Vec<i32> = fours.collect();
+                fours.chunks_exact(16).flat_map(|pair| (0..8).map(move |i| pair[i] + pair[i + 8])).collect()
+            }
         };
-        let minus_8x = x.chunks_exact(4).map(|l| -8 * l.iter().map(|&v| v as i32).sum::<i32>()).collect();
         Acts { kernel, x, minus_8x }
     }
 }
@@ -156,41 +161,58 @@ unsafe fn vnni<const T: usize>(rows: [(&[u8], &[u16]); ROWS], acts: [&Acts; T]) 
     acc.map(|a| a.map(|a| _mm512_reduce_add_ps(a)))
 }
 
-/// AVX2: per group, a row's 16 bytes broadcast to both halves of a
-/// register, shifted by 0 and 4 and masked to nibbles, and its scale
-/// broadcast (eight converted at a time); per token `pmaddubsw` (nibbles
-/// are unsigned, so no sign games) and `pmaddwd` to eight i32 lanes.
+/// AVX2: per pair of groups, a row's 32 bytes masked to their low nibbles
+/// and shifted and masked to their high ones (both groups at once, in the
+/// order [`Acts`] puts the activations), and the pair's scales as one
+/// register (built for 8 pairs at a time); per token two `pmaddubsw`
+/// (nibbles are unsigned, so no sign games) added as i16 (at most
+/// 4·15·127), one `pmaddwd` to eight i32 lanes, four a group.
 #[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2<const T: usize>(rows: [(&[u8], &[u16]); ROWS], acts: [&Acts; T]) -> [[f32; T]; ROWS] {
-    let groups = acts[0].x.len() / GROUP;
+    let pairs = acts[0].x.len() / (2 * GROUP);
     let mask = _mm256_set1_epi8(0x0F);
-    let shift = _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; ROWS];
-    let ahead = rows[0].0.as_ptr().wrapping_add(AHEAD * ROWS * GROUP / 2 * groups);
-    let mut scales = [[0f32; 16]; ROWS];
-    for g in 0..groups {
-        if g % 16 == 0 {
-            let n = (groups - g).min(16);
-            for (s, (_, d)) in scales.iter_mut().zip(&rows) {
-                let h = scale_bits(d.as_ptr().add(g), n);
-                _mm256_storeu_ps(s.as_mut_ptr(), _mm256_cvtph_ps(_mm256_castsi256_si128(h)));
-                _mm256_storeu_ps(s.as_mut_ptr().add(8), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)));
+    let ahead = rows[0].0.as_ptr().wrapping_add(AHEAD * ROWS * GROUP * pairs);
+    let scales_ahead = rows[0].1.as_ptr().cast::<u8>().wrapping_add(AHEAD * ROWS * 4 * pairs);
+    // Each row's scales for 8 pairs: pair j's groups' in lanes 0..4, 4..8.
+    let mut scales = [[_mm256_setzero_ps(); 8]; ROWS];
+    let mut p = 0;
+    while p < pairs {
+        let n = (pairs - p).min(8);
+        for (s, (_, d)) in scales.iter_mut().zip(&rows) {
+            let h = scale_bits(d.as_ptr().add(2 * p), 2 * n);
+            let halves = [_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h))];
+            for (j, s) in s.iter_mut().enumerate().take(n) {
+                let g = 2 * (j as i32 % 4);
+                *s = _mm256_permutevar8x32_ps(halves[j / 4], _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1));
             }
         }
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * g).cast());
-        for (r, ((q, _), acc)) in rows.iter().zip(&mut acc).enumerate() {
-            let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(q.as_ptr().add(GROUP / 2 * g).cast()));
-            let w = _mm256_and_si256(_mm256_srlv_epi32(b, shift), mask);
-            let scale = _mm256_broadcast_ss(&scales[r][g % 16]);
-            for (acc, a) in acc.iter_mut().zip(&acts) {
-                let xv = _mm256_loadu_si256(a.x.as_ptr().add(GROUP * g).cast());
-                let minus_8x = _mm256_loadu_si256(a.minus_8x.as_ptr().add(8 * g).cast());
-                let sums = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones), minus_8x);
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
+        for j in 0..n {
+            let at = p + j;
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128 * at).cast());
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128 * at + 64).cast());
+            if 64 * at < ROWS * 4 * pairs {
+                _mm_prefetch::<_MM_HINT_T0>(scales_ahead.wrapping_add(64 * at).cast());
+            }
+            for (r, ((q, _), acc)) in rows.iter().zip(&mut acc).enumerate() {
+                let b = _mm256_loadu_si256(q.as_ptr().add(GROUP * at).cast());
+                let lo = _mm256_and_si256(b, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(b), mask);
+                for (acc, a) in acc.iter_mut().zip(&acts) {
+                    let x = a.x.as_ptr().add(2 * GROUP * at);
+                    let products = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())),
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(GROUP).cast())),
+                    );
+                    let minus_8x = _mm256_loadu_si256(a.minus_8x.as_ptr().add(8 * at).cast());
+                    let sums = _mm256_add_epi32(_mm256_madd_epi16(products, ones), minus_8x);
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales[r][j], *acc);
+                }
             }
         }
+        p += n;
     }
     acc.map(|a| a.map(|a| hsum(a)))
 }
