@@ -189,8 +189,7 @@ unsafe fn avx2<const T: usize>(rows: [(&[u8], &[u16]); ROWS], acts: [&Acts; T]) 
                 *s = _mm256_permutevar8x32_ps(halves[j / 4], _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1));
             }
         }
-        for j in 0..n {
-            let at = p + j;
+        for (j, at) in (p..p + n).enumerate() {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128 * at).cast());
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128 * at + 64).cast());
             if 64 * at < ROWS * 4 * pairs {
