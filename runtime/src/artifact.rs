@@ -29,7 +29,7 @@
 //! that says how to compile it again. One whose tiles were chosen on
 //! another CPU runs, with a warning.
 
-use crate::compiled::{int4_key, int8_key, CompiledModel, Prepared};
+use crate::compiled::{CompiledModel, Form, Prepared, WeightKey};
 use crate::error::RuntimeError;
 use bitnet_autotune::db::CudaTuned;
 use bitnet_codegen::cpu::blob::{self, Blob, Plain, SharedBytes};
@@ -170,19 +170,19 @@ pub struct WriteReport {
 /// temporary file first, renamed into place when complete.
 pub fn write(out: &Path, source: &Path, model: &Model, compiled: &CompiledModel) -> Result<WriteReport, RuntimeError> {
     let cpu = HostCpu::detect();
-    let mut names: Vec<&String> = compiled.prepared().keys().collect();
-    names.sort();
-    let items = names
+    let mut keys: Vec<&WeightKey> = compiled.prepared().keys().collect();
+    keys.sort();
+    let items = keys
         .into_iter()
-        .map(|name| {
-            let item = match &compiled.prepared()[name] {
+        .map(|key| {
+            let item = match &compiled.prepared()[key] {
                 Prepared::Packed(p) => Item::Packed(p),
                 Prepared::Int8(q) => Item::Int8(q),
                 Prepared::Int4(q) => Item::Int4(q),
                 Prepared::Floats(_) => Item::Model { floats: true },
                 Prepared::Stored | Prepared::Copied(_) => Item::Model { floats: false },
             };
-            (name.clone(), item)
+            (key.artifact_name(), item)
         })
         .collect();
     let graph = CompiledGraph { graph: compiled.graph().to_string(), schedule: compiled.schedule().clone() };
@@ -308,22 +308,23 @@ pub fn write_cuda(out: &Path, source: &Path, model: &Model, sm: u32, tuned: Opti
     let (major, minor) = bitnet_codegen::cuda::nvrtc::version().map_err(nvrtc)?;
     let list = layouts(&[(&step, &program)], model, &HashMap::new())?;
     let mut packed = Vec::new();
-    for (name, layout, _) in &list {
+    for (key, layout, _) in &list {
         if *layout == DevLayout::Packed {
+            let name = &key.name;
             let view = model.weight(name).ok_or_else(|| RuntimeError::Artifact(format!("tensor {name} is missing")))?;
             packed.push((name.clone(), PackedTernary::from_weight(&view, 1).map_err(|e| RuntimeError::Artifact(format!("{name}: {e}")))?));
         }
     }
     let items = list
         .iter()
-        .map(|(name, layout, _)| {
+        .map(|(key, layout, _)| {
             let item = match layout {
-                DevLayout::Packed => Item::Packed(&packed.iter().find(|p| &p.0 == name).expect("packed above").1),
+                DevLayout::Packed => Item::Packed(&packed.iter().find(|p| p.0 == key.name).expect("packed above").1),
                 DevLayout::Stored => Item::Model { floats: false },
                 DevLayout::F32 => Item::Model { floats: true },
-                DevLayout::Int8 => return Err(RuntimeError::Artifact(format!("{name}: CUDA artifacts hold the head as stored"))),
+                DevLayout::Int8 => return Err(RuntimeError::Artifact(format!("{}: CUDA artifacts hold the head as stored", key.name))),
             };
-            Ok((name.clone(), item))
+            Ok((key.artifact_name(), item))
         })
         .collect::<Result<_, _>>()?;
     let graph = |g: &Graph| CompiledGraph { graph: g.to_string(), schedule: Schedule::default() };
@@ -487,15 +488,15 @@ impl Artifact {
                 },
                 Layout::Stored => Prepared::Stored,
             };
-            let misnamed = match p {
-                Prepared::Int8(_) => !e.name.ends_with(&int8_key("")),
-                Prepared::Int4(_) => !e.name.ends_with(&int4_key("")),
-                _ => false,
+            let form = match p {
+                Prepared::Int8(_) => Form::Int8,
+                Prepared::Int4(_) => Form::Int4,
+                _ => Form::Own,
             };
-            if misnamed {
+            let Some(key) = WeightKey::from_artifact_name(&e.name, form) else {
                 return Err(bad("quantized rows under a name the kernels do not look up".into()));
-            }
-            prepared.insert(e.name.clone(), p);
+            };
+            prepared.insert(key, p);
         }
         CompiledModel::from_prepared(&self.model, prepared, step, threads.max(1)).or_else(|e| artifact_err(path, e))
     }

@@ -28,9 +28,9 @@ fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
 /// A weight made ready for its kernels.
 pub(crate) enum Prepared {
     Packed(PackedTernary),
-    /// Quantized to int8 rows for `Tiles::Int8`, under `name#int8`.
+    /// Quantized to int8 rows for `Tiles::Int8`, under [`Form::Int8`].
     Int8(Int8Rows),
-    /// Quantized to 4-bit groups for `Tiles::Int4`, under `name#int4`.
+    /// Quantized to 4-bit groups for `Tiles::Int4`, under [`Form::Int4`].
     Int4(Int4Rows),
     Floats(Vec<f32>),
     /// Read in place through the weight source.
@@ -53,6 +53,66 @@ impl Prepared {
             Prepared::Stored => 0,
             Prepared::Copied(b) => b.len(),
         }
+    }
+}
+
+/// Which preparation of a stored tensor a kernel reads: the tensor's own
+/// (packed, expanded, read in place or copied), or a quantized copy kept
+/// beside it (a tied head's table is also looked up as stored).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub(crate) enum Form {
+    Own,
+    Int8,
+    Int4,
+}
+
+impl Form {
+    /// What a kernel with these tiles reads.
+    fn read_by(tiles: Option<Tiles>) -> Form {
+        match tiles {
+            Some(Tiles::Int8 { .. }) => Form::Int8,
+            Some(Tiles::Int4 { .. }) => Form::Int4,
+            _ => Form::Own,
+        }
+    }
+}
+
+/// A prepared weight: the graph's tensor name and the form of it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub(crate) struct WeightKey {
+    pub name: String,
+    pub form: Form,
+}
+
+impl WeightKey {
+    pub fn new(name: &str, form: Form) -> WeightKey {
+        WeightKey { name: name.to_string(), form }
+    }
+
+    /// The key a kernel with these tiles reads `name` under.
+    fn read_by(name: &str, tiles: Option<Tiles>) -> WeightKey {
+        WeightKey::new(name, Form::read_by(tiles))
+    }
+
+    /// Its name in an artifact: the tensor's, with `#int8` or `#int4`
+    /// after it for a quantized copy.
+    pub fn artifact_name(&self) -> String {
+        match self.form {
+            Form::Own => self.name.clone(),
+            Form::Int8 => format!("{}#int8", self.name),
+            Form::Int4 => format!("{}#int4", self.name),
+        }
+    }
+
+    /// The key of an artifact's weight `name` in `form`; `None` where the
+    /// name does not say that form (see [`WeightKey::artifact_name`]).
+    pub fn from_artifact_name(name: &str, form: Form) -> Option<WeightKey> {
+        let key = match form {
+            Form::Own => WeightKey::new(name, form),
+            Form::Int8 => WeightKey::new(name.strip_suffix("#int8")?, form),
+            Form::Int4 => WeightKey::new(name.strip_suffix("#int4")?, form),
+        };
+        Some(key)
     }
 }
 
@@ -162,7 +222,7 @@ enum Arg<'a> {
 
 pub struct CompiledModel {
     pool: Arc<Pool>,
-    weights: HashMap<String, Prepared>,
+    weights: HashMap<WeightKey, Prepared>,
     plan: Plan,
     /// Bytes of repacked and expanded weights held in memory.
     pub prepared_bytes: usize,
@@ -171,7 +231,7 @@ pub struct CompiledModel {
 impl CompiledModel {
     /// Prepares the weights of an optimized, scheduled graph.
     pub fn new(weights: &dyn WeightSource, lowered: (Graph, Schedule), threads: usize) -> Result<CompiledModel, EvalError> {
-        let mut prepared: HashMap<String, Prepared> = HashMap::new();
+        let mut prepared: HashMap<WeightKey, Prepared> = HashMap::new();
         prepare(&lowered.0, &lowered.1, weights, &mut prepared)?;
         Self::from_prepared(weights, prepared, lowered, threads)
     }
@@ -180,15 +240,15 @@ impl CompiledModel {
     /// what the graph's kernels will read.
     pub(crate) fn from_prepared(
         weights: &dyn WeightSource,
-        prepared: HashMap<String, Prepared>,
+        prepared: HashMap<WeightKey, Prepared>,
         (graph, schedule): (Graph, Schedule),
         threads: usize,
     ) -> Result<CompiledModel, EvalError> {
         let mut prepared = prepared;
         copy_streamed(&graph, &schedule, weights, &mut prepared);
         check(&graph, &schedule, weights, &prepared)?;
-        for name in prepared.iter().filter(|(_, p)| matches!(p, Prepared::Stored)).map(|(n, _)| n) {
-            if let Some(view) = weights.weight(name) {
+        for key in prepared.iter().filter(|(_, p)| matches!(p, Prepared::Stored)).map(|(k, _)| k) {
+            if let Some(view) = weights.weight(&key.name) {
                 prefault(view.data);
             }
         }
@@ -227,7 +287,7 @@ impl CompiledModel {
         for (v, node) in self.plan.graph.iter() {
             for (i, a) in node.args.iter().enumerate() {
                 let Op::Weight { name } = &self.plan.graph.node(*a).op else { continue };
-                let key = prepared_key(name, self.plan.schedule.tiles(v)).into_owned();
+                let key = WeightKey::read_by(name, self.plan.schedule.tiles(v));
                 if matches!((&node.op, i, self.weights.get(&key)), (Op::Embed, 0, Some(Prepared::Stored | Prepared::Copied(_)))) {
                     rows.insert(key);
                 } else {
@@ -235,16 +295,15 @@ impl CompiledModel {
                 }
             }
         }
-        let bytes = |name: &String, one_row: bool| match self.weights.get(name) {
-            Some(Prepared::Stored) | None => weights.weight(name).map_or(0, |w| if one_row { w.data.len() / w.rows().max(1) } else { w.data.len() }),
+        let bytes = |key: &WeightKey, one_row: bool| match self.weights.get(key) {
+            Some(Prepared::Stored) | None => weights.weight(&key.name).map_or(0, |w| if one_row { w.data.len() / w.rows().max(1) } else { w.data.len() }),
             Some(p) => p.bytes(),
         };
         whole.iter().map(|n| bytes(n, false)).sum::<usize>() + rows.difference(&whole).map(|n| bytes(n, true)).sum::<usize>()
     }
 
-    /// Each prepared weight under the name the graph uses (`name#int8` for
-    /// an int8 copy of a float weight).
-    pub(crate) fn prepared(&self) -> &HashMap<String, Prepared> {
+    /// Each prepared weight under the name the graph uses and its form.
+    pub(crate) fn prepared(&self) -> &HashMap<WeightKey, Prepared> {
         &self.weights
     }
 
@@ -290,33 +349,16 @@ fn prefault(data: &[u8]) {
     }
 }
 
-pub(crate) fn int8_key(name: &str) -> String {
-    format!("{name}#int8")
-}
-
-pub(crate) fn int4_key(name: &str) -> String {
-    format!("{name}#int4")
-}
-
-/// The name a kernel with these tiles looks a weight up under: a
-/// quantized copy has a name of its own, beside the stored tensor.
-fn prepared_key(name: &str, tiles: Option<Tiles>) -> std::borrow::Cow<'_, str> {
-    match tiles {
-        Some(Tiles::Int8 { .. }) => int8_key(name).into(),
-        Some(Tiles::Int4 { .. }) => int4_key(name).into(),
-        _ => name.into(),
-    }
-}
-
-fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut HashMap<String, Prepared>) -> Result<(), EvalError> {
+fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut HashMap<WeightKey, Prepared>) -> Result<(), EvalError> {
     for (v, node) in g.iter() {
         for (i, a) in node.args.iter().enumerate() {
             let Op::Weight { name } = &g.node(*a).op else { continue };
             let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
+            let own = WeightKey::new(name, Form::Own);
             let want = match (&node.op, i) {
                 _ if node.op.reads_packed(i) => {
                     let Some(Tiles::Ternary(t)) = sched.tiles(v) else { return err(format!("{v}: no ternary tiles scheduled")) };
-                    match out.get(name) {
+                    match out.get(&own) {
                         Some(Prepared::Packed(p)) if p.rows == t.rows && p.packing == t.packing => continue,
                         Some(_) => return err(format!("tensor {name} is read by kernels that want different layouts")),
                         None => {
@@ -328,7 +370,7 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
                 }
                 (Op::MatMul, 1) if matches!(sched.tiles(v), Some(Tiles::Int8 { .. } | Tiles::Int4 { .. })) => {
                     let tiles = sched.tiles(v);
-                    out.entry(prepared_key(name, tiles).into_owned()).or_insert_with(|| {
+                    out.entry(WeightKey::read_by(name, tiles)).or_insert_with(|| {
                         let q = match tiles {
                             Some(Tiles::Int4 { .. }) => Prepared::Int4(Int4Rows::quantize(&view)),
                             _ => Prepared::Int8(Int8Rows::quantize(&view)),
@@ -339,12 +381,12 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
                     continue;
                 }
                 (Op::MatMul, 1) | (Op::Embed, 0) => Prepared::Stored,
-                _ if out.contains_key(name) => continue,
+                _ if out.contains_key(&own) => continue,
                 _ => Prepared::Floats(view.to_f32()),
             };
             // A tensor read in place by one kernel may be expanded for another.
-            if !matches!((out.get(name), &want), (Some(Prepared::Stored), Prepared::Floats(_))) {
-                out.insert(name.clone(), want);
+            if !matches!((out.get(&own), &want), (Some(Prepared::Stored), Prepared::Floats(_))) {
+                out.insert(own, want);
             }
         }
     }
@@ -355,28 +397,29 @@ fn prepare(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, out: &mut Ha
 /// head) out of the model's file into memory of its own, releasing the
 /// file's pages as it goes; lookups alone (an untied embedding) stay in
 /// place. Only where the copy would be in huge pages ([`blob::in_huge_pages`]).
-fn copy_streamed(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &mut HashMap<String, Prepared>) {
+fn copy_streamed(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &mut HashMap<WeightKey, Prepared>) {
     if !blob::HUGE_PAGES {
         return;
     }
     for (v, node) in g.iter() {
         let Some(&a) = node.args.get(1) else { continue };
         let Op::Weight { name } = &g.node(a).op else { continue };
-        if !matches!(node.op, Op::MatMul) || !matches!(sched.tiles(v), Some(Tiles::Float { .. })) || !matches!(prepared.get(name), Some(Prepared::Stored)) {
+        let own = WeightKey::new(name, Form::Own);
+        if !matches!(node.op, Op::MatMul) || !matches!(sched.tiles(v), Some(Tiles::Float { .. })) || !matches!(prepared.get(&own), Some(Prepared::Stored)) {
             continue;
         }
         // A missing tensor is `check`'s to report.
         let Some(view) = weights.weight(name) else { continue };
         if blob::in_huge_pages(view.data.len()) {
             let copy = Blob::copy_of(view.data, &mut || weights.release(name));
-            prepared.insert(name.clone(), Prepared::Copied(copy));
+            prepared.insert(own, Prepared::Copied(copy));
         }
     }
 }
 
 /// That every weight a kernel will read is there, prepared as that kernel
 /// needs it and of the graph's shape: kernels index without bounds checks.
-fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &HashMap<String, Prepared>) -> Result<(), EvalError> {
+fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &HashMap<WeightKey, Prepared>) -> Result<(), EvalError> {
     for (v, node) in g.iter() {
         for (i, a) in node.args.iter().enumerate() {
             let Op::Weight { name } = &g.node(*a).op else { continue };
@@ -384,20 +427,21 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
             let dims = ty.resolve(Extent::FIXED);
             let nk = |n: usize, k: usize| dims.len() == 2 && dims[0] == n && dims[1] == k;
             let tiles = sched.tiles(v);
+            let read = prepared.get(&WeightKey::read_by(name, tiles));
             let ok = match (&node.op, i, tiles) {
                 (op, i, Some(Tiles::Ternary(t))) if op.reads_packed(i) => {
-                    matches!(prepared.get(name), Some(Prepared::Packed(p)) if p.rows == t.rows && p.packing == t.packing && nk(p.n, p.k))
+                    matches!(read, Some(Prepared::Packed(p)) if p.rows == t.rows && p.packing == t.packing && nk(p.n, p.k))
                 }
-                (Op::MatMul, 1, Some(Tiles::Int8 { .. })) => matches!(prepared.get(&int8_key(name)), Some(Prepared::Int8(q)) if nk(q.n, q.k)),
-                (Op::MatMul, 1, Some(Tiles::Int4 { .. })) => matches!(prepared.get(&int4_key(name)), Some(Prepared::Int4(q)) if nk(q.n, q.k)),
+                (Op::MatMul, 1, Some(Tiles::Int8 { .. })) => matches!(read, Some(Prepared::Int8(q)) if nk(q.n, q.k)),
+                (Op::MatMul, 1, Some(Tiles::Int4 { .. })) => matches!(read, Some(Prepared::Int4(q)) if nk(q.n, q.k)),
                 (Op::MatMul, 1, _) | (Op::Embed, 0, _) => {
-                    let copied_whole = |w: &bitnet_ir::interp::WeightView| match prepared.get(name) {
+                    let copied_whole = |w: &bitnet_ir::interp::WeightView| match read {
                         Some(Prepared::Copied(b)) => b.len() == w.data.len(),
                         other => other.is_some(),
                     };
                     matches!(weights.weight(name), Some(w) if copied_whole(&w) && w.dtype == ty.dtype && w.shape == dims && w.dtype.tensor_bytes(&w.shape).is_some_and(|b| b <= w.data.len()))
                 }
-                _ => matches!(prepared.get(name), Some(Prepared::Floats(f)) if f.len() == dims.iter().product::<usize>()),
+                _ => matches!(read, Some(Prepared::Floats(f)) if f.len() == dims.iter().product::<usize>()),
             };
             if !ok {
                 return err(format!("{v} = {}: weight {name} is missing or not prepared as {ty} for its kernel", node.op.mnemonic()));
@@ -411,7 +455,7 @@ fn check(g: &Graph, sched: &Schedule, weights: &dyn WeightSource, prepared: &Has
 fn run(
     plan: &mut Plan,
     pool: &Pool,
-    prepared: &HashMap<String, Prepared>,
+    prepared: &HashMap<WeightKey, Prepared>,
     weights: &dyn WeightSource,
     inputs: &[(&str, &[i32])],
     extent: Extent,
@@ -431,7 +475,7 @@ fn run(
             .args
             .iter()
             .map(|a| match &plan.graph.node(*a).op {
-                Op::Weight { name } => Arg::Weight(name, &prepared[prepared_key(name, tiles).as_ref()]),
+                Op::Weight { name } => Arg::Weight(name, &prepared[&WeightKey::read_by(name, tiles)]),
                 _ => match &plan.bufs[plan.slot[a.index()]] {
                     Buf::F32(x) => Arg::F32(x),
                     Buf::I32(x) => Arg::I32(x),
@@ -640,4 +684,23 @@ fn kernel(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_keys_keep_their_form_through_an_artifact_name() {
+        for form in [Form::Own, Form::Int8, Form::Int4] {
+            let key = WeightKey::new("output.weight", form);
+            assert_eq!(WeightKey::from_artifact_name(&key.artifact_name(), form), Some(key.clone()));
+        }
+        assert_eq!(WeightKey::new("output.weight", Form::Int4).artifact_name(), "output.weight#int4");
+        // Quantized rows must say so in their name, and which rows they are.
+        assert_eq!(WeightKey::from_artifact_name("output.weight", Form::Int8), None);
+        assert_eq!(WeightKey::from_artifact_name("output.weight#int8", Form::Int4), None);
+        // A tensor's own name is taken as it is.
+        assert_eq!(WeightKey::from_artifact_name("odd#int8", Form::Own), Some(WeightKey::new("odd#int8", Form::Own)));
+    }
 }

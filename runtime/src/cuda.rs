@@ -17,7 +17,7 @@
 //! the logits back.
 
 use crate::backend::KernelTimes;
-use crate::compiled::{assign_slots, Kind, NO_SLOT};
+use crate::compiled::{assign_slots, Form, Kind, WeightKey, NO_SLOT};
 use bitnet_codegen::cpu::int8::Int8Rows;
 use bitnet_codegen::cpu::ternary::PackedTernary;
 use bitnet_codegen::cuda::emulator::Param;
@@ -154,7 +154,7 @@ pub struct CudaModel {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
-    weights: HashMap<String, DevWeight>,
+    weights: HashMap<WeightKey, DevWeight>,
     plan: DevPlan,
     /// `kv_heads · head_dim` of each layer.
     kv_rows: Vec<usize>,
@@ -571,7 +571,7 @@ impl Memory for CudaModel {
     fn value(&self, v: bitnet_ir::Value) -> Result<Vec<u64>, EvalError> {
         let plan = &self.plan;
         if let Op::Weight { name } = &plan.graph.node(v).op {
-            let Some(w) = self.weights.get(name) else { return err(format!("weight {name} is not on the device")) };
+            let Some(w) = self.weights.get(&WeightKey::new(name, Form::Own)) else { return err(format!("weight {name} is not on the device")) };
             return Ok(vec![match w {
                 DevWeight::Packed { data, .. } | DevWeight::Bytes(data) | DevWeight::Int8 { q: data, .. } => ptr(data, &self.stream),
                 DevWeight::F32(data) => ptr(data, &self.stream),
@@ -586,14 +586,14 @@ impl Memory for CudaModel {
     }
 
     fn beta(&self, name: &str) -> Result<f32, EvalError> {
-        match self.weights.get(name) {
+        match self.weights.get(&WeightKey::new(name, Form::Own)) {
             Some(DevWeight::Packed { scale, .. }) => Ok(*scale),
             _ => err(format!("{name} is not a packed ternary weight")),
         }
     }
 
     fn int8_rows(&self, name: &str) -> Result<[u64; 2], EvalError> {
-        match self.weights.get(&int8_key(name)) {
+        match self.weights.get(&WeightKey::new(name, Form::Int8)) {
             Some(DevWeight::Int8 { q, scale }) => Ok([ptr(q, &self.stream), ptr(scale, &self.stream)]),
             _ => err(format!("{name} has no int8 rows on the device")),
         }
@@ -844,8 +844,8 @@ pub(crate) fn layouts(
     programs: &[(&Graph, &Program)],
     weights: &dyn WeightSource,
     prepacked: &HashMap<String, PackedTernary>,
-) -> Result<Vec<(String, Layout, usize)>, EvalError> {
-    let mut out: Vec<(String, Layout, usize)> = Vec::new();
+) -> Result<Vec<(WeightKey, Layout, usize)>, EvalError> {
+    let mut out: Vec<(WeightKey, Layout, usize)> = Vec::new();
     for (g, p) in programs {
         let int8 = cuda::int8_reads(p);
         for (v, node) in g.iter() {
@@ -853,7 +853,7 @@ pub(crate) fn layouts(
                 let Op::Weight { name } = &g.node(*a).op else { continue };
                 if int8.contains(&(v, i)) {
                     // A copy of its own: a tied head's table is also read as stored.
-                    let key = int8_key(name);
+                    let key = WeightKey::new(name, Form::Int8);
                     if !out.iter().any(|w| w.0 == key) {
                         let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
                         out.push((key, Layout::Int8, view.rows() * (cuda::padded(view.row_len()) + 4)));
@@ -865,7 +865,8 @@ pub(crate) fn layouts(
                     (Op::MatMul, 1) | (Op::Embed, 0) => None,
                     _ => Some(Layout::F32),
                 };
-                if let Some(seen) = out.iter().find(|w| &w.0 == name) {
+                let own = WeightKey::new(name, Form::Own);
+                if let Some(seen) = out.iter().find(|w| w.0 == own) {
                     if want.is_some_and(|l| l != seen.1) || (want.is_none() && seen.1 == Layout::Packed) {
                         return err(format!("tensor {name} is read by kernels that want different layouts"));
                     }
@@ -876,7 +877,7 @@ pub(crate) fn layouts(
                     if p.rows != 1 || dims != [p.n, p.k] {
                         return err(format!("packed weight {name} is not the graph's {} in one-row tiles", g.node(*a).ty));
                     }
-                    out.push((name.clone(), Layout::Packed, p.bytes()));
+                    out.push((own, Layout::Packed, p.bytes()));
                     continue;
                 }
                 let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
@@ -893,20 +894,11 @@ pub(crate) fn layouts(
                     Layout::Stored => elems * 2,
                     Layout::F32 | Layout::Int8 => elems * 4,
                 };
-                out.push((name.clone(), layout, bytes));
+                out.push((own, layout, bytes));
             }
         }
     }
     Ok(out)
-}
-
-/// Puts each weight on the device once, in its layout; drops the mapped
-/// source pages of each ternary weight once it is packed.
-const INT8_SUFFIX: &str = "#int8";
-
-/// The device weights' name of the int8 rows of `name`.
-fn int8_key(name: &str) -> String {
-    format!("{name}{INT8_SUFFIX}")
 }
 
 /// A weight in the layout its kernels read, still on the host.
@@ -928,9 +920,7 @@ pub(crate) fn host_weight<'a>(
     if let (Layout::Packed, Some(p)) = (layout, prepacked.get(name)) {
         return Ok(HostWeight::Packed { data: p.data().as_bytes().into(), scale: p.scale });
     }
-    // Int8 rows are named `int8_key(source)`.
-    let source = if layout == Layout::Int8 { name.strip_suffix(INT8_SUFFIX).unwrap_or(name) } else { name };
-    let Some(view) = weights.weight(source) else { return err(format!("missing tensor {source}")) };
+    let Some(view) = weights.weight(name) else { return err(format!("missing tensor {name}")) };
     Ok(match layout {
         // The same rows the CPU's `--head q8` reads.
         Layout::Int8 => HostWeight::Int8(Int8Rows::quantize(&view)),
@@ -944,16 +934,18 @@ pub(crate) fn host_weight<'a>(
     })
 }
 
+/// Puts each weight on the device once, in its layout; drops the mapped
+/// source pages of each ternary weight once it is packed.
 fn upload(
     stream: &Arc<CudaStream>,
-    layouts: &[(String, Layout, usize)],
+    layouts: &[(WeightKey, Layout, usize)],
     weights: &dyn WeightSource,
     prepacked: &HashMap<String, PackedTernary>,
-) -> Result<HashMap<String, DevWeight>, EvalError> {
+) -> Result<HashMap<WeightKey, DevWeight>, EvalError> {
     let mut out = HashMap::new();
     let up = "uploading weights";
-    for (name, layout, _) in layouts {
-        let w = match host_weight(name, *layout, weights, prepacked)? {
+    for (key, layout, _) in layouts {
+        let w = match host_weight(&key.name, *layout, weights, prepacked)? {
             HostWeight::Packed { data, scale } => DevWeight::Packed { data: driver(up, stream.clone_htod(&data[..]))?, scale },
             HostWeight::Int8(rows) => {
                 DevWeight::Int8 { q: driver(up, stream.clone_htod(rows.q.as_bytes()))?, scale: driver(up, stream.clone_htod(&rows.scale[..]))? }
@@ -961,7 +953,7 @@ fn upload(
             HostWeight::Bytes(b) => DevWeight::Bytes(driver(up, stream.clone_htod(b))?),
             HostWeight::F32(v) => DevWeight::F32(driver(up, stream.clone_htod(&v))?),
         };
-        out.insert(name.clone(), w);
+        out.insert(key.clone(), w);
     }
     Ok(out)
 }
@@ -1020,14 +1012,14 @@ mod tests {
             let (m, dir) = model(dtype);
             let (step, p) = crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Stored).unwrap();
             let list = layouts(&[(&step, &p)], &m, &HashMap::new()).unwrap();
-            let get = |name: &str| list.iter().find(|w| w.0 == name).unwrap_or_else(|| panic!("{name} missing"));
+            let get = |name: &str| list.iter().find(|w| w.0 == WeightKey::new(name, Form::Own)).unwrap_or_else(|| panic!("{name} missing"));
             // A ternary matrix: rows of 128 codes in 32 bytes; the f16 table as stored.
             assert_eq!(get("blk.0.ffn_down.weight").1, Layout::Packed);
             assert_eq!(get("blk.0.ffn_down.weight").2, 256 * 512 / 4);
             assert_eq!(get("token_embd.weight").1, Layout::Stored);
             assert_eq!(get("token_embd.weight").2, m.config.vocab * 256 * 2);
             assert_eq!(get("blk.1.attn_norm.weight").1, Layout::F32);
-            assert_eq!(list.iter().filter(|w| w.0 == "token_embd.weight").count(), 1);
+            assert_eq!(list.iter().filter(|w| w.0.name == "token_embd.weight").count(), 1);
             std::fs::remove_dir_all(dir).ok();
         }
     }
@@ -1101,7 +1093,10 @@ mod tests {
         let int8: Vec<_> = list.iter().filter(|w| w.1 == Layout::Int8).collect();
         assert_eq!(int8.len(), 1);
         assert_eq!(int8[0].2, vocab * (cuda::padded(hidden) + 4));
-        assert!(list.iter().any(|w| w.0 == "token_embd.weight" && w.1 == Layout::Stored), "the embedding still reads the table as stored");
+        assert!(
+            list.iter().any(|w| w.0 == WeightKey::new("token_embd.weight", Form::Own) && w.1 == Layout::Stored),
+            "the embedding still reads the table as stored"
+        );
         assert!(crate::lowering::lower_cuda(&m.step_graph().unwrap(), 80, None, HeadQuant::Q4).is_err());
         compiles(&p, "the q8 head's module");
         std::fs::remove_dir_all(dir).ok();

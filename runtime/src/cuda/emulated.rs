@@ -44,7 +44,8 @@ impl Emulated {
         let module = Module::build_or_skip("the emulated step", cuda::kernels::PRELUDE, &program.kernels.iter().collect::<Vec<_>>())?;
         let (mut weights, mut int8) = (HashMap::new(), HashMap::new());
         let none = HashMap::new();
-        for (name, layout, bytes) in layouts(&[(&graph, &program)], model, &none).unwrap() {
+        for (key, layout, bytes) in layouts(&[(&graph, &program)], model, &none).unwrap() {
+            let name = key.name;
             let w = host_weight(&name, layout, model, &none).unwrap();
             match w {
                 HostWeight::Packed { data, scale } => drop(weights.insert(name, (Buffer::of(&data), scale))),
@@ -52,8 +53,7 @@ impl Emulated {
                 HostWeight::F32(v) => drop(weights.insert(name, (Buffer::of(&v), 0.0))),
                 HostWeight::Int8(rows) => {
                     assert_eq!(bytes, rows.q.as_bytes().len() + 4 * rows.scale[..].len(), "{name}: the bytes layouts() counts");
-                    let key = name.strip_suffix(INT8_SUFFIX).unwrap().to_string();
-                    int8.insert(key, [Buffer::of(rows.q.as_bytes()), Buffer::of(&rows.scale[..])]);
+                    int8.insert(name, [Buffer::of(rows.q.as_bytes()), Buffer::of(&rows.scale[..])]);
                 }
             }
         }
