@@ -58,7 +58,8 @@ impl Prepared {
 
 /// Which preparation of a stored tensor a kernel reads: the tensor's own
 /// (packed, expanded, read in place or copied), or a quantized copy kept
-/// beside it (a tied head's table is also looked up as stored).
+/// beside it (a tied head's quantized copy sits beside the table that the
+/// embedding reads as stored).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub(crate) enum Form {
     Own,
@@ -299,7 +300,7 @@ impl CompiledModel {
             Some(Prepared::Stored) | None => weights.weight(&key.name).map_or(0, |w| if one_row { w.data.len() / w.rows().max(1) } else { w.data.len() }),
             Some(p) => p.bytes(),
         };
-        whole.iter().map(|n| bytes(n, false)).sum::<usize>() + rows.difference(&whole).map(|n| bytes(n, true)).sum::<usize>()
+        whole.iter().map(|k| bytes(k, false)).sum::<usize>() + rows.difference(&whole).map(|k| bytes(k, true)).sum::<usize>()
     }
 
     /// Each prepared weight under the name the graph uses and its form.

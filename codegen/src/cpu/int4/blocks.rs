@@ -1,10 +1,11 @@
 //! The 4-bit head's x86 kernels: [`ROWS`] rows (one contiguous block of
 //! the row-major layout) against up to four tokens at a time. Each row's
 //! bytes are unpacked to nibbles and its scales brought to their lanes once
-//! for all the tokens of a pass; per token one integer product (`vpdpbusd`,
-//! or `pmaddubsw` + `pmaddwd` on AVX2) onto lanes that start at `−8·Σx`
-//! (the bytes hold `q + 8`: [`Acts`] takes the 8 off once per token, not
-//! once per row), converted, scaled and accumulated in f32. Both are checked
+//! for all the tokens of a pass; per token one integer product (`vpdpbusd`
+//! onto lanes that start at `−8·Σx`; on AVX2 two `pmaddubsw`, a `paddw`
+//! and a `pmaddwd`, then `−8·Σx` added), converted, scaled and accumulated
+//! in f32 (the bytes hold `q + 8`: [`Acts`] takes the 8 off once per
+//! token, not once per row). Both are checked
 //! against [`super::reference_dot`] through `matmul` (tests/kernels.rs).
 
 use super::GROUP;
@@ -76,8 +77,9 @@ fn emit<const T: usize>(v: [[f32; T]; ROWS], mut put: impl FnMut(usize, usize, f
 /// Both kernels unpack a pair of groups' 32 bytes to both groups' low
 /// nibbles (values 0..16 of each), then both groups' high ones (16..32):
 /// each 64 activations have their middle 16 swapped. A 32-bit lane of
-/// AVX-512's `vpdpbusd` sums 4 of these; one of AVX2's sums 4 of the low
-/// nibbles' and the 4 of the high ones' 32 activations later.
+/// AVX-512's `vpdpbusd` sums 4 of these; a lane of AVX2's `pmaddwd` sums 4
+/// low-nibble activations and the 4 high-nibble ones 32 later (AVX-512's
+/// lanes `i` and `i + 8` of the pair).
 pub struct Acts {
     kernel: Kernel,
     x: Vec<i8>,
@@ -166,7 +168,7 @@ unsafe fn vnni<const T: usize>(rows: [(&[u8], &[u16]); ROWS], acts: [&Acts; T]) 
 /// order [`Acts`] puts the activations), and the pair's scales as one
 /// register (built for 8 pairs at a time); per token two `pmaddubsw`
 /// (nibbles are unsigned, so no sign games) added as i16 (at most
-/// 4·15·127), one `pmaddwd` to eight i32 lanes, four a group.
+/// 4·15·128 in magnitude), one `pmaddwd` to eight i32 lanes, four a group.
 #[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2<const T: usize>(rows: [(&[u8], &[u16]); ROWS], acts: [&Acts; T]) -> [[f32; T]; ROWS] {
