@@ -68,6 +68,15 @@ pub(crate) enum Form {
 }
 
 impl Form {
+    /// What follows the tensor's name in an artifact.
+    fn suffix(self) -> &'static str {
+        match self {
+            Form::Own => "",
+            Form::Int8 => "#int8",
+            Form::Int4 => "#int4",
+        }
+    }
+
     /// What a kernel with these tiles reads.
     fn read_by(tiles: Option<Tiles>) -> Form {
         match tiles {
@@ -79,11 +88,56 @@ impl Form {
 }
 
 /// A prepared weight: the graph's tensor name and the form of it.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(crate) struct WeightKey {
     pub name: String,
     pub form: Form,
 }
+
+/// A [`WeightKey`] as borrowed parts, so that each step's lookups (`run`)
+/// build no `String`: `(&str, Form)` finds the key of the same parts.
+trait KeyParts {
+    fn parts(&self) -> (&str, Form);
+}
+
+impl KeyParts for WeightKey {
+    fn parts(&self) -> (&str, Form) {
+        (&self.name, self.form)
+    }
+}
+
+impl KeyParts for (&str, Form) {
+    fn parts(&self) -> (&str, Form) {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for WeightKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+// Both hash their parts, as `Borrow` requires.
+impl std::hash::Hash for WeightKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
 
 impl WeightKey {
     pub fn new(name: &str, form: Form) -> WeightKey {
@@ -98,22 +152,13 @@ impl WeightKey {
     /// Its name in an artifact: the tensor's, with `#int8` or `#int4`
     /// after it for a quantized copy.
     pub fn artifact_name(&self) -> String {
-        match self.form {
-            Form::Own => self.name.clone(),
-            Form::Int8 => format!("{}#int8", self.name),
-            Form::Int4 => format!("{}#int4", self.name),
-        }
+        format!("{}{}", self.name, self.form.suffix())
     }
 
     /// The key of an artifact's weight `name` in `form`; `None` where the
     /// name does not say that form (see [`WeightKey::artifact_name`]).
     pub fn from_artifact_name(name: &str, form: Form) -> Option<WeightKey> {
-        let key = match form {
-            Form::Own => WeightKey::new(name, form),
-            Form::Int8 => WeightKey::new(name.strip_suffix("#int8")?, form),
-            Form::Int4 => WeightKey::new(name.strip_suffix("#int4")?, form),
-        };
-        Some(key)
+        Some(WeightKey::new(name.strip_suffix(form.suffix())?, form))
     }
 }
 
@@ -476,7 +521,7 @@ fn run(
             .args
             .iter()
             .map(|a| match &plan.graph.node(*a).op {
-                Op::Weight { name } => Arg::Weight(name, &prepared[&WeightKey::read_by(name, tiles)]),
+                Op::Weight { name } => Arg::Weight(name, &prepared[&(name.as_str(), Form::read_by(tiles)) as &dyn KeyParts]),
                 _ => match &plan.bufs[plan.slot[a.index()]] {
                     Buf::F32(x) => Arg::F32(x),
                     Buf::I32(x) => Arg::I32(x),
@@ -703,5 +748,16 @@ mod tests {
         assert_eq!(WeightKey::from_artifact_name("output.weight#int8", Form::Int4), None);
         // A tensor's own name is taken as it is.
         assert_eq!(WeightKey::from_artifact_name("odd#int8", Form::Own), Some(WeightKey::new("odd#int8", Form::Own)));
+    }
+
+    #[test]
+    fn borrowed_parts_find_the_key_of_the_same_parts() {
+        let map: HashMap<WeightKey, usize> =
+            [(WeightKey::new("w", Form::Own), 1), (WeightKey::new("w", Form::Int8), 2), (WeightKey::new("v", Form::Int8), 3)].into();
+        assert_eq!(map.get(&("w", Form::Own) as &dyn KeyParts), Some(&1));
+        assert_eq!(map.get(&("w", Form::Int8) as &dyn KeyParts), Some(&2));
+        assert_eq!(map.get(&("v", Form::Int8) as &dyn KeyParts), Some(&3));
+        assert_eq!(map.get(&("v", Form::Own) as &dyn KeyParts), None);
+        assert_eq!(map.get(&("w", Form::Int4) as &dyn KeyParts), None);
     }
 }
