@@ -4,9 +4,10 @@
 //! [`finish_block`] does a kernel call's whole block of up to four tokens,
 //! on AVX-512 as one register where the block is whole (sixteen lanes, one
 //! division, where four tokens one at a time took about a hundred
-//! instructions). A gated unit's epilogue ([`finish_glu_blocks`]) on AVX2
-//! finishes many pairs of tokens before their units, so that the units'
-//! long chains overlap. All of them take the same IEEE steps in the same
+//! instructions). On AVX2, [`finish_blocks`] finishes a pair of tokens as
+//! one register, and a gated unit's epilogue ([`finish_glu_blocks`])
+//! finishes many pairs before their units, so that the units' long chains
+//! overlap. All of them take the same IEEE steps in the same
 //! order, so the same bits.
 
 use super::ternary::{PackedTernary, QuantActs};
@@ -95,8 +96,14 @@ impl Block {
     }
 }
 
-/// Finishes and stores each `(dots, block)` of a tile: [`finish_block`].
+/// Finishes and stores each `(dots, block)` of a tile: [`finish_block`],
+/// on AVX2 two tokens at a time where it can (the same bits).
 pub(super) fn finish_blocks<'a>(isa: Isa, x: &QuantActs, w: &PackedTernary, ep: &Epilogue, blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], Block)>) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: Isa::Avx2 is only chosen where the CPU has AVX2.
+        return unsafe { avx2::blocks(x, w, ep, blocks) };
+    }
     for (dots, mut block) in blocks {
         block.store(&finish_block(isa, dots, block.tokens, x, block.tok, w, ep, block.n));
     }
@@ -261,7 +268,7 @@ mod avx512 {
 mod avx2 {
     use super::super::vmath;
     use super::super::Isa;
-    use super::{finish_glu_block, Epilogue, GluSums, GluUnit, PackedTernary, QuantActs};
+    use super::{finish_glu_block, Block, Epilogue, GluSums, GluUnit, PackedTernary, QuantActs};
     use std::arch::x86_64::*;
 
     /// [`super::finish`] of tokens `tok + j` and `tok + j + 1` (`j` 0 or 2)
@@ -297,6 +304,39 @@ mod avx2 {
         v
     }
 
+    /// Stores a pair's results: the first token's four at `first`, the
+    /// second's `stride` further.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the products make each block of a tile's rows and
+    /// tokens inside `out`, four rows of two tokens here, and hand it to
+    /// one worker alone.
+    #[inline(always)]
+    unsafe fn store_pair(v: __m256, first: *mut f32, stride: usize) {
+        _mm_storeu_ps(first, _mm256_castps256_ps128(v));
+        _mm_storeu_ps(first.add(stride), _mm256_extractf128_ps::<1>(v));
+    }
+
+    /// [`super::finish_blocks`] on AVX2: pairs of tokens of four rows that
+    /// exist as eight lanes, where [`super::finish_block`] takes each
+    /// token's four; other blocks (one token, tiles of one or two rows, a
+    /// matrix's last rows) as it does.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn blocks<'a>(x: &QuantActs, w: &PackedTernary, ep: &Epilogue, blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], Block)>) {
+        for (dots, mut block) in blocks {
+            if block.tokens % 2 != 0 || block.len < 4 {
+                block.store(&super::finish_block(Isa::Avx2, dots, block.tokens, x, block.tok, w, ep, block.n));
+                continue;
+            }
+            for j in (0..block.tokens).step_by(2) {
+                store_pair(finish_pair(dots, j, x, block.tok, w, ep, block.n), block.first.add(j * block.stride), block.stride);
+            }
+        }
+    }
+
     /// Pairs of tokens that [`glu_blocks`] finishes before their gated
     /// units: each unit is a long chain of dependent steps (a division,
     /// the exponential, another division), and with one block's pair at a
@@ -323,13 +363,8 @@ mod avx2 {
         let mut pending = 0;
         let flush = |gs: &[__m256; BATCH], us: &[__m256; BATCH], dst: &[(*mut f32, usize); BATCH], pending: usize| {
             for i in 0..pending {
-                let v = vmath::avx2::glu8(act, gs[i], us[i]);
                 let (first, stride) = dst[i];
-                // SAFETY: the products make each block of a tile's rows and
-                // tokens inside `out`, four rows of two tokens here, and hand
-                // it to one worker alone.
-                _mm_storeu_ps(first, _mm256_castps256_ps128(v));
-                _mm_storeu_ps(first.add(stride), _mm256_extractf128_ps::<1>(v));
+                store_pair(vmath::avx2::glu8(act, gs[i], us[i]), first, stride);
             }
         };
         for (g, u, mut block) in blocks {
