@@ -277,7 +277,9 @@ pub fn bitnet_bench_parallel(path: &Path, n_prompt: usize, n_gen: usize, threads
     use bitnet_runtime::{Engine, EngineOptions, LoadOptions};
     let load = LoadOptions { threads, context: Some(n_prompt + n_gen + 1), ..Default::default() };
     let engine = Engine::open(path, &EngineOptions { load, parallel: n, ..Default::default() })?;
-    Ok(bitnet_runtime::bench::bench_parallel(&engine, n_prompt, n_gen, n, 1)?.0)
+    // No warmup: `Llama::bench_parallel` has none either.
+    let plan = bitnet_runtime::bench::Plan { n_prompt, n_gen, reps: 1, warmup: false };
+    Ok(bitnet_runtime::bench::bench_parallel(&engine, plan, n)?.0)
 }
 
 #[derive(Clone, Copy, Debug, Default)]

@@ -18,8 +18,11 @@ pub struct BenchReport {
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
     pub load_ms: f64,
-    /// Process start to the first generated token (the first repetition's).
+    /// Process start to the first prompt's logits (the warmup's, or the
+    /// first repetition's without one).
     pub cold_start_ms: f64,
+    /// Whether an untimed prefill and decode step ran first ([`Plan::warmup`]).
+    pub warmup: bool,
     pub peak_rss_bytes: u64,
     pub n_prompt: usize,
     pub n_gen: usize,
@@ -95,23 +98,51 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
 }
 
-/// Runs `reps` repetitions; `since_start` is the time from process start to
-/// now, before loading, `on_rep` hears each finished repetition.
-pub fn bench(
-    s: &mut Session,
-    n_prompt: usize,
-    n_gen: usize,
-    reps: usize,
-    process_start: Instant,
-    mut on_rep: impl FnMut(usize),
-) -> Result<BenchReport, RuntimeError> {
-    if n_prompt + n_gen > s.context {
-        return Err(RuntimeError::Input(format!("-p {n_prompt} plus -n {n_gen} tokens do not fit in the context of {} (raise it with -c)", s.context)));
+/// What `bench` and `bench_parallel` time: llama-bench's `-p`, `-n` and
+/// `-r`, and its warmup.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    /// Timed repetitions (at least one); the median is reported.
+    pub reps: usize,
+    /// One untimed prefill and decode step first, as llama-bench does
+    /// unless `--no-warmup`: the timed repetitions then find the buffers
+    /// of that prompt length allocated and the caches warm.
+    pub warmup: bool,
+}
+
+impl Plan {
+    fn check(&self, context: usize) -> Result<(), RuntimeError> {
+        if self.n_prompt + self.n_gen > context {
+            return Err(RuntimeError::Input(format!(
+                "-p {} plus -n {} tokens do not fit in the context of {context} (raise it with -c)",
+                self.n_prompt, self.n_gen
+            )));
+        }
+        Ok(())
     }
+}
+
+/// Runs the plan's repetitions (after its warmup); `process_start` is when
+/// the process started, before loading (for `cold_start_ms`), `on_rep`
+/// hears each finished repetition.
+pub fn bench(s: &mut Session, plan: Plan, process_start: Instant, mut on_rep: impl FnMut(usize)) -> Result<BenchReport, RuntimeError> {
+    plan.check(s.context)?;
+    let Plan { n_prompt, n_gen, reps, warmup } = plan;
     let reps = reps.max(1);
     let ids = prompt(n_prompt.max(1), s.vocab());
+    let mut cold_start_ms = None;
+    if warmup {
+        s.reset();
+        s.clear_prefix_cache();
+        let next = argmax(&s.eval(&ids, false)?);
+        cold_start_ms = Some(process_start.elapsed().as_secs_f64() * 1e3);
+        if n_gen > 0 {
+            s.eval(&[next], false)?;
+        }
+    }
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    let mut cold_start_ms = 0.0;
     for rep in 0..reps {
         s.reset();
         // Each repetition computes the whole prompt: no prefix from the last.
@@ -122,9 +153,7 @@ pub fn bench(
             prefill.push(n_prompt as f64 / t0.elapsed().as_secs_f64());
         }
         let mut next = argmax(&logits);
-        if rep == 0 {
-            cold_start_ms = process_start.elapsed().as_secs_f64() * 1e3;
-        }
+        cold_start_ms.get_or_insert_with(|| process_start.elapsed().as_secs_f64() * 1e3);
         let t1 = Instant::now();
         for _ in 0..n_gen {
             next = argmax(&s.eval(&[next], false)?);
@@ -186,7 +215,8 @@ pub fn bench(
         prefill_tok_s: median(&mut prefill),
         decode_tok_s,
         load_ms: s.load_ms,
-        cold_start_ms,
+        cold_start_ms: cold_start_ms.unwrap_or_default(),
+        warmup,
         peak_rss_bytes: peak_rss(),
         n_prompt,
         n_gen,
@@ -204,12 +234,11 @@ pub fn bench(
 /// of `n_prompt` tokens, then all decode `n_gen` tokens in lockstep, one
 /// step a token for every sequence. Returns the median over `reps` of the
 /// tokens decoded per second, all sequences together.
-pub fn bench_parallel(engine: &Engine, n_prompt: usize, n_gen: usize, parallel: usize, reps: usize) -> Result<(f64, Option<String>), RuntimeError> {
-    if n_prompt + n_gen > engine.context {
-        return Err(RuntimeError::Input(format!("-p {n_prompt} plus -n {n_gen} tokens do not fit in the context of {} (raise it with -c)", engine.context)));
-    }
-    let mut rates = Vec::new();
-    for _ in 0..reps.max(1) {
+pub fn bench_parallel(engine: &Engine, plan: Plan, parallel: usize) -> Result<(f64, Option<String>), RuntimeError> {
+    plan.check(engine.context)?;
+    let Plan { n_prompt, n_gen, reps, warmup } = plan;
+    // Decode tokens per second over a lockstep run of `n_gen` steps.
+    let run = |n_gen: usize| -> Result<f64, RuntimeError> {
         engine.clear_prefix_cache();
         let mut seqs: Vec<_> = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect();
         for (i, s) in seqs.iter_mut().enumerate() {
@@ -228,8 +257,16 @@ pub fn bench_parallel(engine: &Engine, n_prompt: usize, n_gen: usize, parallel: 
             }
             step_all(engine, &mut seqs)?;
         }
+        Ok((parallel * n_gen) as f64 / t0.elapsed().as_secs_f64())
+    };
+    if warmup {
+        run(n_gen.min(1))?;
+    }
+    let mut rates = Vec::new();
+    for _ in 0..reps.max(1) {
+        let rate = run(n_gen)?;
         if n_gen > 0 {
-            rates.push((parallel * n_gen) as f64 / t0.elapsed().as_secs_f64());
+            rates.push(rate);
         }
     }
     // One more batched decode step, kernel by kernel.

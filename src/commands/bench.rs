@@ -16,6 +16,10 @@ pub struct BenchArgs {
     /// Repetitions; the median is reported.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub reps: usize,
+    /// Time from the first repetition on: no untimed prefill and decode
+    /// step before it (llama-bench's flag of the same name).
+    #[arg(long)]
+    pub no_warmup: bool,
     /// Also decode this many sequences at once and report their tokens per
     /// second all together.
     #[arg(long)]
@@ -29,7 +33,8 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
     let engine = a.model.open(a.parallel.unwrap_or(1), None)?;
     let mut session = Session::new(engine.clone());
     let reps = a.reps.max(1);
-    let mut r = bench::bench(&mut session, a.n_prompt, a.n_gen, reps, process_start, |done| {
+    let plan = bench::Plan { n_prompt: a.n_prompt, n_gen: a.n_gen, reps, warmup: !a.no_warmup };
+    let mut r = bench::bench(&mut session, plan, process_start, |done| {
         if !a.json {
             eprint!("\rrepetition {done}/{reps}");
             if done == reps {
@@ -43,7 +48,7 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
             eprintln!("{n} sequences at once ...");
         }
         r.parallel = Some(n);
-        let (agg, times) = bench::bench_parallel(&engine, a.n_prompt, a.n_gen, n, reps)?;
+        let (agg, times) = bench::bench_parallel(&engine, plan, n)?;
         (r.aggregate_decode_tok_s, r.parallel_kernel_ms) = (Some(agg), times);
     }
     // The compiled CPU backend's kernels (none for the interpreter and CUDA).
