@@ -232,13 +232,14 @@ pub fn bench(s: &mut Session, plan: Plan, process_start: Instant, mut on_rep: im
 
 /// Decode of `parallel` sequences at once: each prefills its own prompt
 /// of `n_prompt` tokens, then all decode `n_gen` tokens in lockstep, one
-/// step a token for every sequence. Returns the median over `reps` of the
-/// tokens decoded per second, all sequences together.
+/// step a token for every sequence. Returns the median over `reps` (after
+/// the plan's warmup, if any) of the tokens decoded per second, all
+/// sequences together.
 pub fn bench_parallel(engine: &Engine, plan: Plan, parallel: usize) -> Result<(f64, Option<String>), RuntimeError> {
     plan.check(engine.context)?;
     let Plan { n_prompt, n_gen, reps, warmup } = plan;
-    // Decode tokens per second over a lockstep run of `n_gen` steps.
-    let run = |n_gen: usize| -> Result<f64, RuntimeError> {
+    // Decode tokens per second over a lockstep run of `steps` steps.
+    let run = |steps: usize| -> Result<f64, RuntimeError> {
         engine.clear_prefix_cache();
         let mut seqs: Vec<_> = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect();
         for (i, s) in seqs.iter_mut().enumerate() {
@@ -250,14 +251,14 @@ pub fn bench_parallel(engine: &Engine, plan: Plan, parallel: usize) -> Result<(f
         }
         step_all(engine, &mut seqs)?;
         let t0 = Instant::now();
-        for _ in 0..n_gen {
+        for _ in 0..steps {
             for s in seqs.iter_mut() {
                 let next = argmax(s.last_logits().expect("stepped"));
                 s.feed(&[next]);
             }
             step_all(engine, &mut seqs)?;
         }
-        Ok((parallel * n_gen) as f64 / t0.elapsed().as_secs_f64())
+        Ok((parallel * steps) as f64 / t0.elapsed().as_secs_f64())
     };
     if warmup {
         run(n_gen.min(1))?;

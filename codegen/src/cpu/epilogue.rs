@@ -304,6 +304,12 @@ mod avx2 {
         v
     }
 
+    /// Whether a block goes in pairs of tokens as eight lanes: four rows
+    /// that exist, an even number of tokens.
+    fn in_pairs(block: &Block) -> bool {
+        block.tokens.is_multiple_of(2) && block.len == 4
+    }
+
     /// Stores a pair's results: the first token's four at `first`, the
     /// second's `stride` further.
     ///
@@ -327,7 +333,7 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn blocks<'a>(x: &QuantActs, w: &PackedTernary, ep: &Epilogue, blocks: impl Iterator<Item = (&'a [[i32; 4]; 4], Block)>) {
         for (dots, mut block) in blocks {
-            if block.tokens % 2 != 0 || block.len < 4 {
+            if !in_pairs(&block) {
                 block.store(&super::finish_block(Isa::Avx2, dots, block.tokens, x, block.tok, w, ep, block.n));
                 continue;
             }
@@ -368,7 +374,7 @@ mod avx2 {
             }
         };
         for (g, u, mut block) in blocks {
-            if block.tokens % 2 != 0 || block.len < 4 {
+            if !in_pairs(&block) {
                 block.store(&finish_glu_block(Isa::Avx2, &unit, (g, u), &block, x));
                 continue;
             }
