@@ -7,7 +7,9 @@ mod common;
 
 use bitnet_frontends::arch::Activation;
 use bitnet_ir::DType;
-use bitnet_runtime::{BackendKind, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, Sequence, Session, TextGeneration};
+use bitnet_runtime::{
+    BackendKind, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, RuntimeError, SamplerConfig, Sequence, Session, TextGeneration,
+};
 use common::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -32,7 +34,10 @@ fn alone(e: &Arc<Engine>, prompt: &[u32], n: usize) -> Vec<u32> {
 }
 
 fn batched_equals_alone(path: &Path, backend: BackendKind) {
-    let e = engine(path, backend, 3, None);
+    batched_equals_alone_on(engine(path, backend, 3, None), &format!("{} ({})", path.display(), backend.name()));
+}
+
+fn batched_equals_alone_on(e: Arc<Engine>, what: &str) {
     let ps = prompts(e.vocab() as u32);
     // Different lengths, so that sequences leave and others join mid-way.
     let ns = [9, 4, 12, 6, 1, 8];
@@ -45,7 +50,7 @@ fn batched_equals_alone(path: &Path, backend: BackendKind) {
         got[i] = Some(r.unwrap().generated_ids);
     });
     for (i, w) in want.iter().enumerate() {
-        assert_eq!(got[i].as_ref(), Some(w), "{} ({}): prompt {i} batched", path.display(), backend.name());
+        assert_eq!(got[i].as_ref(), Some(w), "{what}: prompt {i} batched");
     }
     assert_ne!(order, (0..ps.len()).collect::<Vec<_>>(), "sequences finish out of order when they leave mid-way");
     assert_eq!(e.kv_usage().blocks_used, 0, "every block comes back");
@@ -60,6 +65,28 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
     write_synth(&small_spec(DType::I2S, Activation::Relu2), &path);
     batched_equals_alone(&path, BackendKind::Compiled);
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// An f16 KV cache: a budget holds twice the blocks, a batch still gives
+/// each sequence what it gets alone (the same rounded numbers either
+/// way), and the logits stay within f16's rounding of the f32 cache's.
+#[test]
+fn an_f16_cache_holds_twice_the_positions() {
+    let open = |kv_type, kv_budget| {
+        let load = LoadOptions { threads: 2, ..Default::default() };
+        Arc::new(Engine::open(&stories(), &EngineOptions { load, parallel: 3, kv_budget, kv_type, ..Default::default() }).unwrap())
+    };
+    let f32s = open(KvType::F32, None);
+    let block = f32s.kv_usage().block_bytes;
+    let f16s = open(KvType::F16, Some(6 * block));
+    assert_eq!((f16s.kv_type(), 2 * f16s.kv_usage().block_bytes, f16s.kv_usage().blocks_total), (KvType::F16, block, 12));
+    let prompt: Vec<u32> = (0..40).map(|j| 1 + (j * 31) % 500).collect();
+    let opts = GenerateOptions { dump_logits: true, ..greedy_opts(8) };
+    let [want, got] = [&f32s, &f16s].map(|e| Session::new(e.clone()).generate(&prompt, &opts, |_| {}).unwrap().logits);
+    assert_eq!(want.len(), got.len());
+    let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst > 0.0 && worst < 0.05, "f16 against f32 logits: {worst}");
+    batched_equals_alone_on(f16s, "an f16 cache");
 }
 
 /// Prompts longer than a batch step's budget (`BATCH_STEP_TOKENS`) go in

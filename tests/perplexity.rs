@@ -81,6 +81,12 @@ fn kl_divergence_against_a_saved_base() {
     let dp = &q8["dp_percentiles"];
     assert!(dp["1"].as_f64().unwrap() <= dp["50"].as_f64().unwrap() && dp["50"].as_f64().unwrap() <= dp["99"].as_f64().unwrap(), "{q8}");
 
+    // An f16 KV cache moves them far less than a q8 head (1e-6 nats).
+    let f16 = json(&[&common[..], &["--kl-divergence-base", &b, "--kl-divergence", "--cache-type", "f16", "--json"]].concat());
+    let kl16 = f16["kl_mean"].as_f64().unwrap();
+    assert!(kl16 > 0.0 && kl16 < 1e-4 && kl16 < kl / 10.0, "{f16}");
+    assert!(f16["top1_agreement"].as_f64().unwrap() > 0.99, "{f16}");
+
     // Another window size, a cut base, and not a base at all: clear errors.
     let other = bitnet(&["perplexity", "-m", m.to_str().unwrap(), "-f", &text(), "-c", "64", "--kl-divergence-base", &b, "--kl-divergence"]);
     assert!(!other.status.success() && stderr(&other).contains("context of 128"), "{}", stderr(&other));

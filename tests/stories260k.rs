@@ -90,10 +90,11 @@ fn bench_json_times_each_kernel_family() {
     assert!(v.get("parallel").is_none(), "{v}");
     // An untimed prefill and decode step first, as llama-bench does, unless --no-warmup.
     assert_eq!(v["warmup"], true, "{v}");
-    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--no-warmup", "--json"]);
+    assert_eq!(v["cache_type"], "f32", "{v}");
+    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--no-warmup", "--cache-type", "f16", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let cold: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(cold["warmup"], false, "{cold}");
+    assert_eq!((&cold["warmup"], &cold["cache_type"]), (&false.into(), &"f16".into()), "{cold}");
     // Which kernels ran, and why: the best this CPU has unless pinned.
     assert_eq!(v["isa"], bitnet_codegen::cpu::Isa::best().name(), "{v}");
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--isa", "scalar"]);

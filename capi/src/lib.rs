@@ -289,7 +289,7 @@ pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const Bitnet
         }
         let pinned = Pinned { head, packing, ..Default::default() };
         let load = LoadOptions { threads, context: (o.context > 0).then_some(o.context as usize), backend, device: Device::Cpu, pinned, tuning: !o.no_tune };
-        let opts = EngineOptions { load, parallel: o.parallel.max(1) as usize, kv_budget: None, chat_template: None };
+        let opts = EngineOptions { load, parallel: o.parallel.max(1) as usize, ..EngineOptions::default() };
         let engine = Engine::open(&path, &opts).map_err(|e| Failure(BitnetStatus::ModelLoad, format!("loading {}: {e}", path.display())))?;
         let handle = Box::new(BitnetEngine { engine: Arc::new(engine) });
         // SAFETY: as above.

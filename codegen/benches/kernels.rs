@@ -221,7 +221,7 @@ fn elementwise(c: &mut Criterion) {
 /// 128-token prefill. Elements are bytes of keys and values read.
 fn attention(c: &mut Criterion) {
     use bitnet_codegen::cpu::attention::{attention, AttentionShape};
-    use bitnet_ir::interp::{KvCache, KvPages};
+    use bitnet_ir::interp::{KvCache, KvPages, KvType};
     const LAYERS: usize = 30;
     let pool = Pool::new(threads());
     let shape = |layer| AttentionShape { layer, heads: 20, kv_heads: 5, head_dim: 128 };
@@ -252,25 +252,29 @@ fn attention(c: &mut Criterion) {
             });
         }
         // The same in the runtime's paged cache (blocks of 16 positions, in
-        // order, as a fresh engine hands them out).
+        // order, as a fresh engine hands them out), f32 and f16.
         if tokens == 1 {
-            let blocks = n.div_ceil(16);
-            let mut pages = KvPages::new(LAYERS, 5, 128, 16, blocks);
-            let table: Vec<u32> = (0..blocks as u32).collect();
-            let (tables, held) = (vec![&table[..]; n], (1..=n).collect::<Vec<_>>());
-            let (fq, fk, fv) = (f(n * 2560, 1), f(n * 640, 2), f(n * 640, 3));
-            let mut all = vec![0f32; n * 2560];
-            for layer in 0..LAYERS {
-                attention(&pool, Isa::best(), shape(layer), &fq, &fk, &fv, &positions, &mut pages.rows(&tables, &held), &mut all).unwrap();
+            for ty in KvType::ALL {
+                let blocks = n.div_ceil(16);
+                let mut pages = KvPages::new(LAYERS, 5, 128, 16, blocks, ty);
+                let table: Vec<u32> = (0..blocks as u32).collect();
+                let (tables, held) = (vec![&table[..]; n], (1..=n).collect::<Vec<_>>());
+                let (fq, fk, fv) = (f(n * 2560, 1), f(n * 640, 2), f(n * 640, 3));
+                let mut all = vec![0f32; n * 2560];
+                for layer in 0..LAYERS {
+                    attention(&pool, Isa::best(), shape(layer), &fq, &fk, &fv, &positions, &mut pages.rows(&tables, &held), &mut all).unwrap();
+                }
+                let name = if ty == KvType::F32 { "paged".to_string() } else { format!("paged_{}", ty.name()) };
+                g.throughput(Throughput::Bytes((LAYERS * n * 640 * ty.bytes() * 2) as u64));
+                g.bench_function(format!("{name}/{cached}_cached_{tokens}_tokens"), |b| {
+                    b.iter(|| {
+                        for layer in 0..LAYERS {
+                            let mut rows = pages.rows(&tables[cached..], &held[cached..]);
+                            attention(&pool, Isa::best(), shape(layer), &q, &k, &v, &positions[cached..], &mut rows, &mut out).unwrap()
+                        }
+                    })
+                });
             }
-            g.bench_function(format!("paged/{cached}_cached_{tokens}_tokens"), |b| {
-                b.iter(|| {
-                    for layer in 0..LAYERS {
-                        let mut rows = pages.rows(&tables[cached..], &held[cached..]);
-                        attention(&pool, Isa::best(), shape(layer), &q, &k, &v, &positions[cached..], &mut rows, &mut out).unwrap()
-                    }
-                })
-            });
         }
     }
 }

@@ -34,7 +34,8 @@ class Model:
     database (it never starts a sweep). `packing` packs the ternary weights
     2 or 1.6 bits a weight (lossless either way; default: the tuning
     database's choice, else 2 bits). `parallel` sizes the KV cache for
-    that many calls at once (or give `kv_budget` in bytes).
+    that many calls at once (or give `kv_budget` in bytes); `cache_type`
+    "f16" keeps keys and values in half the bytes (rounded; CPU only).
     """
     def __init__(
         self,
@@ -51,6 +52,7 @@ class Model:
         chat_template: Optional[str] = None,
         parallel: int = 4,
         kv_budget: Optional[int] = None,
+        cache_type: Literal["f32", "f16"] = "f32",
     ) -> None: ...
     def close(self) -> None: ...
     def __enter__(self) -> "Model": ...

@@ -8,7 +8,7 @@ use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::chat::{template_named, Message};
-use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
+use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::create_exception;
@@ -50,6 +50,7 @@ struct OpenArgs {
     chat_template: Option<String>,
     parallel: usize,
     kv_budget: Option<usize>,
+    cache_type: String,
 }
 
 impl OpenArgs {
@@ -97,7 +98,8 @@ impl OpenArgs {
         let chat_template = self.chat_template.as_deref().map(template_named).transpose().map_err(|e| invalid(e.to_string()))?;
         let pinned = Pinned { head, isa, packing, ..Default::default() };
         let load = LoadOptions { threads, context: self.context, backend, device, pinned, tuning: self.tune };
-        Ok(EngineOptions { load, parallel: self.parallel, kv_budget: self.kv_budget, chat_template })
+        let kv_type = KvType::from_name(&self.cache_type).ok_or_else(|| invalid(format!("cache_type {:?}: one of \"f32\", \"f16\"", self.cache_type)))?;
+        Ok(EngineOptions { load, parallel: self.parallel, kv_budget: self.kv_budget, kv_type, chat_template })
     }
 }
 
@@ -198,7 +200,7 @@ fn messages(list: &Bound<'_, PyList>) -> PyResult<Vec<Message>> {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, *, device = "cpu".to_string(), threads = None, head = "stored".to_string(), tune = true, context = None, backend = "compiled".to_string(), isa = None, packing = None, chat_template = None, parallel = 4, kv_budget = None))]
+    #[pyo3(signature = (path, *, device = "cpu".to_string(), threads = None, head = "stored".to_string(), tune = true, context = None, backend = "compiled".to_string(), isa = None, packing = None, chat_template = None, parallel = 4, kv_budget = None, cache_type = "f32".to_string()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -214,8 +216,9 @@ impl Model {
         chat_template: Option<String>,
         parallel: usize,
         kv_budget: Option<usize>,
+        cache_type: String,
     ) -> PyResult<Model> {
-        let args = OpenArgs { device, threads, head, tune, context, backend, isa, packing, chat_template, parallel, kv_budget };
+        let args = OpenArgs { device, threads, head, tune, context, backend, isa, packing, chat_template, parallel, kv_budget, cache_type };
         let engine = open(py, &path, &args)?;
         Ok(Model { engine: RwLock::new(Some(Arc::new(engine))), path })
     }
@@ -472,7 +475,20 @@ fn compile<'py>(
     packing: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let backend = "compiled".into();
-    let args = OpenArgs { device: "cpu".into(), threads, head, tune, context, backend, isa, packing, chat_template: None, parallel: 1, kv_budget: None };
+    let args = OpenArgs {
+        device: "cpu".into(),
+        threads,
+        head,
+        tune,
+        context,
+        backend,
+        isa,
+        packing,
+        chat_template: None,
+        parallel: 1,
+        kv_budget: None,
+        cache_type: "f32".into(),
+    };
     let engine = open(py, &src, &args)?;
     let report = py.detach(|| engine.write_artifact(&out, &src)).map_err(runtime_error)?;
     let d = PyDict::new(py);

@@ -259,3 +259,14 @@ def test_quantized_heads_stay_close_to_the_stored_one():
         assert cos.min() > 0.99 and not np.array_equal(got, stored), (head, cos)
     with pytest.raises(bitnet.InvalidArgumentError, match="q4"):
         bitnet.Model(STORIES, head="q5")
+
+
+def test_an_f16_cache_stays_close_to_the_f32_one():
+    ids = [1, 403, 407, 261, 378]
+    with bitnet.Model(STORIES, threads=2) as m:
+        f32 = m.logits(ids)
+    with bitnet.Model(STORIES, threads=2, cache_type="f16") as m:
+        f16 = m.logits(ids)
+    assert np.abs(f16 - f32).max() < 0.05 and not np.array_equal(f16, f32)
+    with pytest.raises(bitnet.InvalidArgumentError, match="f16"):
+        bitnet.Model(STORIES, cache_type="q8")

@@ -49,6 +49,8 @@ pub struct BenchReport {
     /// How the output head is read: stored, q8 or q4 (compiled CPU backend only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head: Option<String>,
+    /// How the KV cache holds keys and values: f32 or f16.
+    pub cache_type: &'static str,
     /// On the CPU: the weight bytes a decode step reads, the read bandwidth
     /// measured here, and decode as a fraction of the roofline those give.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -224,6 +226,7 @@ pub fn bench(s: &mut Session, plan: Plan, process_start: Instant, mut on_rep: im
         reps,
         isa: None,
         head: None,
+        cache_type: s.kv_type().name(),
         parallel: None,
         aggregate_decode_tok_s: None,
         parallel_kernel_ms: None,

@@ -30,7 +30,7 @@ use bitnet_codegen::schedule::{HeadQuant, Schedule};
 use bitnet_frontends::chat::{self, Message};
 use bitnet_frontends::model::Model;
 use bitnet_frontends::tokenizer::Tokenizer;
-use bitnet_ir::interp::{EvalError, Interpreter, KvPages};
+use bitnet_ir::interp::{EvalError, Interpreter, KvPages, KvType};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -47,6 +47,9 @@ pub struct EngineOptions {
     /// Bytes of KV cache for all sequences together [default: room for
     /// `parallel` full contexts].
     pub kv_budget: Option<usize>,
+    /// How the KV cache holds keys and values: f32, or f16 (half the
+    /// bytes, rounded; CPU only).
+    pub kv_type: KvType,
     /// A chat template (Jinja) to use instead of the model's own, or for a
     /// model without one.
     pub chat_template: Option<String>,
@@ -54,7 +57,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { load: LoadOptions::default(), parallel: 1, kv_budget: None, chat_template: None }
+        EngineOptions { load: LoadOptions::default(), parallel: 1, kv_budget: None, kv_type: KvType::F32, chat_template: None }
     }
 }
 
@@ -84,6 +87,7 @@ pub struct Engine {
     pub chat_template: Option<String>,
     kind: BackendKind,
     device: Device,
+    kv_type: KvType,
     stepper: Mutex<Stepper>,
     blocks: Arc<KvBlocks>,
     /// Sequences of concurrent [`Engine::step_one`] callers, stepped together.
@@ -147,7 +151,10 @@ impl Engine {
     fn assemble(model: Model, mut backend: Box<dyn Backend>, warnings: Vec<String>, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
         let context = opts.load.context.unwrap_or(model.config.context).max(1);
         let c = &model.config;
-        let block_bytes = KvPages::bytes_per_block(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS);
+        if opts.kv_type != KvType::F32 && backend.device() != Device::Cpu {
+            return RuntimeError::input(format!("a {} KV cache is for the CPU: the CUDA kernels keep f32 keys and values", opts.kv_type.name()));
+        }
+        let block_bytes = KvPages::bytes_per_block(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, opts.kv_type);
         let blocks = match opts.kv_budget {
             Some(bytes) if bytes < block_bytes => {
                 return RuntimeError::input(format!(
@@ -158,7 +165,7 @@ impl Engine {
             None => opts.parallel.max(1) * context.div_ceil(BLOCK_POSITIONS),
         };
         let on_device = backend.own_kv_blocks(blocks)?;
-        let pages = KvPages::new(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, if on_device { 0 } else { blocks });
+        let pages = KvPages::new(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, if on_device { 0 } else { blocks }, opts.kv_type);
         let tokenizer = model.tokenizer()?;
         Ok(Engine {
             chat_template: opts.chat_template.clone().or_else(|| tokenizer.chat_template.clone()),
@@ -171,6 +178,7 @@ impl Engine {
             artifact: None,
             kind: backend.kind(),
             device: backend.device(),
+            kv_type: opts.kv_type,
             stepper: Mutex::new(Stepper { backend, pages }),
             blocks: Arc::new(KvBlocks::new(blocks, block_bytes)),
             combine: Mutex::default(),
@@ -190,6 +198,11 @@ impl Engine {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// How the KV cache holds keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
     }
 
     /// The backend, for inspection (its graph, schedule, GPU): waits for

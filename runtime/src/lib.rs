@@ -47,6 +47,7 @@ pub mod session;
 pub mod stops;
 
 pub use backend::{Backend, BackendKind, Device, KernelTimes, LoadOptions, StepRows};
+pub use bitnet_ir::interp::KvType;
 pub use engine::{Engine, EngineOptions, Sequence};
 pub use error::RuntimeError;
 pub use generate::{feed_prompt_chunks, GenerateOptions, Generation, PromptRest, StopReason, TextGeneration};

@@ -86,6 +86,7 @@ pub fn bench(a: BenchArgs, process_start: std::time::Instant) -> anyhow::Result<
             println!("{line}");
         }
     }
+    println!("KV cache: {}", r.cache_type);
     if let Some(c) = &r.cpu {
         println!(
             "decode reads {:.3} GB of weights a token ({} head); read bandwidth here {:.1} GB/s: {:.0}% of that roofline",

@@ -13,7 +13,7 @@ use anyhow::Context;
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned, Schedule, TileOrigin, Tiles};
-use bitnet_runtime::{BackendKind, Engine, EngineOptions, LoadOptions, SamplerConfig, Session, Setting};
+use bitnet_runtime::{BackendKind, Engine, EngineOptions, KvType, LoadOptions, SamplerConfig, Session, Setting};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -46,6 +46,12 @@ pub struct ModelArgs {
     /// families' own), or a Jinja file.
     #[arg(long, value_name = "NAME|FILE")]
     pub chat_template: Option<String>,
+    /// How the KV cache holds keys and values: f32, or f16 (half the
+    /// memory, so twice the positions in a --kv-budget, and half the bytes
+    /// attention reads each step; llama.cpp's default; lossy: measure it
+    /// with `bitnet perplexity --kl-divergence`). CPU only.
+    #[arg(long = "cache-type", value_name = "TYPE", value_parser = parse_kv_type, default_value = "f32")]
+    pub cache_type: KvType,
     #[command(flatten)]
     pub isa: IsaArgs,
     #[command(flatten)]
@@ -79,6 +85,10 @@ impl IsaArgs {
             _ => Ok(()),
         }
     }
+}
+
+fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    KvType::from_name(s).ok_or_else(|| format!("unknown KV cache type {s:?}: one of {}", KvType::ALL.map(KvType::name).join(", ")))
 }
 
 fn parse_packing(s: &str) -> Result<Packing, String> {
@@ -208,7 +218,7 @@ impl ModelArgs {
             anyhow::bail!("--parallel must be at least 1");
         }
         let chat_template = self.chat_template.as_deref().map(bitnet_frontends::chat::template_named).transpose()?;
-        let opts = EngineOptions { load: self.load_options()?, parallel, kv_budget, chat_template };
+        let opts = EngineOptions { load: self.load_options()?, parallel, kv_budget, kv_type: self.cache_type, chat_template };
         let engine = Engine::open(&self.model, &opts).with_context(|| format!("loading {}", self.model.display()))?;
         for w in &engine.warnings {
             eprintln!("warning: {w}");

@@ -168,7 +168,7 @@ impl State {
         let file = GgufFile::from_vec(bytes).map_err(|e| format!("not a model this engine reads: {}", ModelError::Gguf(e)))?;
         let model = Model::from_file(file).map_err(|e| format!("not a model this engine reads: {e}"))?;
         let load = LoadOptions { threads: 1, backend: BackendKind::Interp, context: req.context, ..LoadOptions::default() };
-        let opts = EngineOptions { load, parallel: req.parallel.unwrap_or(1).max(1), kv_budget: None, chat_template };
+        let opts = EngineOptions { load, parallel: req.parallel.unwrap_or(1).max(1), chat_template, ..EngineOptions::default() };
         let engine = Engine::from_model(model, &opts, t0).map_err(|e| e.to_string())?;
         Ok(slot(&mut self.models, Arc::new(engine)))
     }

@@ -1,7 +1,7 @@
 //! The meaning of each op, one plain function per op.
 
 pub use super::math::exp;
-use super::{eval_err, EvalError, KvStore, Slot, Tensor, WeightView};
+use super::{eval_err, EvalError, KvElem, KvHead, KvStore, KvView, Slot, Tensor, WeightView};
 use crate::{ActQuant, BinaryOp, GateAct, Op, RopeMode, UnaryOp};
 
 pub(super) fn run(op: &Op, args: &[&Slot], kv: &mut dyn KvStore, threads: usize) -> Result<Tensor, EvalError> {
@@ -416,28 +416,28 @@ fn attention(
     for (i, &p) in positions.iter().enumerate() {
         let n_keys = p as usize + 1;
         for h in 0..heads {
-            let head = kv.head(layer, i, h / group);
-            if head.held < n_keys {
-                return eval_err(format!("attention: position {p} is not in the cache"));
-            }
-            let qh = &q[i * heads * d + h * d..][..d];
-            let mut scores: Vec<f32> = (0..n_keys)
-                .map(|t| {
-                    let kt = head.key(t);
-                    qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
-                })
-                .collect();
-            softmax(&mut scores);
             let o = &mut out[i * heads * d + h * d..][..d];
-            for (t, &w) in scores.iter().enumerate() {
-                let vt = head.value(t);
-                for (oj, &vj) in o.iter_mut().zip(vt) {
-                    *oj += w * vj;
-                }
+            let qh = &q[i * heads * d + h * d..][..d];
+            match kv.head(layer, i, h / group) {
+                head if head.held() < n_keys => return eval_err(format!("attention: position {p} is not in the cache")),
+                KvView::F32(head) => attend(qh, &head, n_keys, scale, o),
+                KvView::F16(head) => attend(qh, &head, n_keys, scale, o),
             }
         }
     }
     Ok(out)
+}
+
+/// One query head's attention over the first `n` positions of `head`,
+/// added into `o` (zeros); each cached number is widened to f32 as read.
+pub fn attend<E: KvElem>(q: &[f32], head: &KvHead<E>, n: usize, scale: f32, o: &mut [f32]) {
+    let mut scores: Vec<f32> = (0..n).map(|t| q.iter().zip(head.key(t)).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale).collect();
+    softmax(&mut scores);
+    for (t, &w) in scores.iter().enumerate() {
+        for (oj, vj) in o.iter_mut().zip(head.value(t)) {
+            *oj += w * vj.to_f32();
+        }
+    }
 }
 
 pub fn unary(u: UnaryOp, x: f32) -> f32 {

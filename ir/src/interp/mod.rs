@@ -9,7 +9,7 @@ pub mod kernels;
 pub mod kv;
 pub mod math;
 
-pub use kv::{KvCache, KvHead, KvPages, KvStore, PagedRows};
+pub use kv::{KvCache, KvElem, KvHead, KvPages, KvStore, KvType, KvView, PagedRows};
 
 use crate::quant::{i2s_scale, RowView};
 use crate::{DType, Graph, Op, TensorType};
