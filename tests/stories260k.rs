@@ -95,6 +95,11 @@ fn bench_json_times_each_kernel_family() {
     assert!(o.status.success(), "{}", stderr(&o));
     let cold: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!((&cold["warmup"], &cold["cache_type"]), (&false.into(), &"f16".into()), "{cold}");
+    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "--cache-type", "f8"]);
+    assert!(!o.status.success() && stderr(&o).contains("one of f32, f16"), "{}", stderr(&o));
+    // Refused before anything loads, GPU or not.
+    let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "--cache-type", "f16", "--device", "cuda"]);
+    assert!(!o.status.success() && stderr(&o).contains("an f16 KV cache is for the CPU"), "{}", stderr(&o));
     // Which kernels ran, and why: the best this CPU has unless pinned.
     assert_eq!(v["isa"], bitnet_codegen::cpu::Isa::best().name(), "{v}");
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "-r", "1", "--isa", "scalar"]);

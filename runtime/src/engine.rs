@@ -55,6 +55,16 @@ pub struct EngineOptions {
     pub chat_template: Option<String>,
 }
 
+impl EngineOptions {
+    /// Refuses what no backend can do, before any loading.
+    fn check(&self) -> Result<(), RuntimeError> {
+        if self.kv_type != KvType::F32 && self.load.device != Device::Cpu {
+            return RuntimeError::input(format!("an {} KV cache is for the CPU: the CUDA kernels keep f32 keys and values", self.kv_type.name()));
+        }
+        Ok(())
+    }
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions { load: LoadOptions::default(), parallel: 1, kv_budget: None, kv_type: KvType::F32, chat_template: None }
@@ -129,6 +139,7 @@ impl Engine {
     /// backend) or a `.bnx` artifact (mapped, ready to run).
     pub fn open(path: &Path, opts: &EngineOptions) -> Result<Engine, RuntimeError> {
         let t0 = Instant::now();
+        opts.check()?;
         #[cfg(feature = "native")]
         if artifact::is_artifact(path) {
             let (model, backend, warnings, header) = open_artifact(path, &opts.load)?;
@@ -143,6 +154,7 @@ impl Engine {
     /// [`Model::from_file`]), compiled as [`Engine::open`] would compile it
     /// from a file; `t0` is when loading began (for `load_ms`).
     pub fn from_model(model: Model, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
+        opts.check()?;
         let mut warnings = Vec::new();
         let backend = backend_for(&model, &opts.load, opts.parallel, &mut warnings)?;
         Engine::assemble(model, backend, warnings, opts, t0)
@@ -151,9 +163,6 @@ impl Engine {
     fn assemble(model: Model, mut backend: Box<dyn Backend>, warnings: Vec<String>, opts: &EngineOptions, t0: Instant) -> Result<Engine, RuntimeError> {
         let context = opts.load.context.unwrap_or(model.config.context).max(1);
         let c = &model.config;
-        if opts.kv_type != KvType::F32 && backend.device() != Device::Cpu {
-            return RuntimeError::input(format!("a {} KV cache is for the CPU: the CUDA kernels keep f32 keys and values", opts.kv_type.name()));
-        }
         let block_bytes = KvPages::bytes_per_block(c.layers, c.kv_heads, c.head_dim, BLOCK_POSITIONS, opts.kv_type);
         let blocks = match opts.kv_budget {
             Some(bytes) if bytes < block_bytes => {
@@ -178,7 +187,7 @@ impl Engine {
             artifact: None,
             kind: backend.kind(),
             device: backend.device(),
-            kv_type: opts.kv_type,
+            kv_type: pages.kv_type(),
             stepper: Mutex::new(Stepper { backend, pages }),
             blocks: Arc::new(KvBlocks::new(blocks, block_bytes)),
             combine: Mutex::default(),

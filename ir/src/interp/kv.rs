@@ -571,7 +571,7 @@ mod tests {
                     assert_eq!(read(&rows, 1, i, h, p as usize), (round(&k[at.clone()]), round(&v[at])), "{ty:?}");
                 }
             }
-            assert_eq!(read(&rows, 1, 2, 1, 2).0 == k[(2 * heads + 1) * d..][..d], ty == KvType::F32, "{ty:?}: rounded exactly when f16");
+            assert_eq!(read(&rows, 1, 2, 1, 2).0 == k[(2 * heads + 1) * d..][..d], ty == KvType::F32, "{ty:?}: an f16 store rounds a third");
             assert!(rows.store(1, heads, d, &[0, 1, 3, 0, 1], &k, &v).is_err(), "position past held");
             pages.copy_block(4, 2, 2);
             let c: &[u32] = &[2];
