@@ -36,6 +36,16 @@
 #define BITNET_PACKING_1_6BIT 16
 
 /**
+ * `BitnetEngineOptions::cache_type`: keys and values as computed.
+ */
+#define BITNET_CACHE_F32 0
+
+/**
+ * `BitnetEngineOptions::cache_type`: keys and values rounded to f16.
+ */
+#define BITNET_CACHE_F16 1
+
+/**
  * What a call returns: 0 on success.
  */
 typedef enum BitnetStatus {
@@ -116,6 +126,11 @@ typedef struct BitnetEngineOptions {
    * `BITNET_PACKING_2BIT` or `BITNET_PACKING_1_6BIT`.
    */
   uint32_t packing;
+  /**
+   * How the KV cache holds keys and values: `BITNET_CACHE_F32` or
+   * `BITNET_CACHE_F16` (half the memory, lossy; the CPU only).
+   */
+  uint32_t cache_type;
 } BitnetEngineOptions;
 
 /**

@@ -33,7 +33,7 @@
 
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
-use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
+use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -82,6 +82,9 @@ pub struct BitnetEngineOptions {
     /// How the ternary weights are packed: `BITNET_PACKING_AUTO`,
     /// `BITNET_PACKING_2BIT` or `BITNET_PACKING_1_6BIT`.
     pub packing: u32,
+    /// How the KV cache holds keys and values: `BITNET_CACHE_F32` or
+    /// `BITNET_CACHE_F16` (half the memory, lossy; the CPU only).
+    pub cache_type: u32,
 }
 
 /// `BitnetEngineOptions::packing`: the tuning database's choice, else this
@@ -92,6 +95,11 @@ pub const BITNET_PACKING_2BIT: u32 = 2;
 /// Five ternary codes a byte: 20% fewer bytes, more work to unpack; the
 /// same results.
 pub const BITNET_PACKING_1_6BIT: u32 = 16;
+
+/// `BitnetEngineOptions::cache_type`: keys and values as computed.
+pub const BITNET_CACHE_F32: u32 = 0;
+/// `BitnetEngineOptions::cache_type`: keys and values rounded to f16.
+pub const BITNET_CACHE_F16: u32 = 1;
 
 /// How a sequence samples. Fill it with `bitnet_sampling_default` (the
 /// CLI's defaults; temperature 0 is greedy).
@@ -239,6 +247,7 @@ pub extern "C" fn bitnet_engine_options_default() -> BitnetEngineOptions {
         interpreter: false,
         head_q4: false,
         packing: BITNET_PACKING_AUTO,
+        cache_type: BITNET_CACHE_F32,
     }
 }
 
@@ -278,6 +287,11 @@ pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const Bitnet
             BITNET_PACKING_1_6BIT => Some(Packing::Base3),
             p => return Err(invalid(format!("packing {p}: one of BITNET_PACKING_AUTO (0), BITNET_PACKING_2BIT (2), BITNET_PACKING_1_6BIT (16)"))),
         };
+        let kv_type = match o.cache_type {
+            BITNET_CACHE_F32 => KvType::F32,
+            BITNET_CACHE_F16 => KvType::F16,
+            t => return Err(invalid(format!("cache_type {t}: one of BITNET_CACHE_F32 (0), BITNET_CACHE_F16 (1)"))),
+        };
         let head = match (o.head_q8, o.head_q4) {
             (true, true) => return Err(invalid("head_q8 and head_q4 are two quantizations of one head: choose one")),
             (true, false) => HeadQuant::Q8,
@@ -289,7 +303,7 @@ pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const Bitnet
         }
         let pinned = Pinned { head, packing, ..Default::default() };
         let load = LoadOptions { threads, context: (o.context > 0).then_some(o.context as usize), backend, device: Device::Cpu, pinned, tuning: !o.no_tune };
-        let opts = EngineOptions { load, parallel: o.parallel.max(1) as usize, ..EngineOptions::default() };
+        let opts = EngineOptions { load, parallel: o.parallel.max(1) as usize, kv_type, ..EngineOptions::default() };
         let engine = Engine::open(&path, &opts).map_err(|e| Failure(BitnetStatus::ModelLoad, format!("loading {}: {e}", path.display())))?;
         let handle = Box::new(BitnetEngine { engine: Arc::new(engine) });
         // SAFETY: as above.

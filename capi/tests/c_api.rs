@@ -186,13 +186,28 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     assert!(cos(&q4_logits[4 * 512..], last) > 0.99, "{}", cos(&q4_logits[4 * 512..], last));
     bitnet_sequence_free(seq);
     bitnet_engine_close(engine);
+
+    // An f16 KV cache rounds keys and values: the logits move by little.
+    let mut f16 = bitnet_engine_options_default();
+    (f16.threads, f16.cache_type) = (1, BITNET_CACHE_F16);
+    assert_eq!(bitnet_engine_open(path.as_ptr(), &f16, &mut engine), BitnetStatus::Ok, "{}", last_error());
+    let mut seq = std::ptr::null_mut();
+    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
+    let mut f16_logits = vec![0f32; 5 * 512];
+    assert_eq!(bitnet_logits(seq, prompt.as_ptr(), 5, f16_logits.as_mut_ptr(), f16_logits.len()), BitnetStatus::Ok);
+    assert!(f16_logits != logits, "an f16 cache rounds");
+    let most = f16_logits.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(most < 0.05, "{most}");
+    bitnet_sequence_free(seq);
+    bitnet_engine_close(engine);
     for (bad, why) in [
-        ((true, true, BITNET_PACKING_AUTO, false), "choose one"),
-        ((false, false, 7, false), "packing 7"),
-        ((false, false, BITNET_PACKING_2BIT, true), "compiled backend"),
+        ((true, true, BITNET_PACKING_AUTO, false, BITNET_CACHE_F32), "choose one"),
+        ((false, false, 7, false, BITNET_CACHE_F32), "packing 7"),
+        ((false, false, BITNET_PACKING_2BIT, true, BITNET_CACHE_F32), "compiled backend"),
+        ((false, false, BITNET_PACKING_AUTO, false, 2), "cache_type 2"),
     ] {
         let mut o = bitnet_engine_options_default();
-        (o.head_q8, o.head_q4, o.packing, o.interpreter) = bad;
+        (o.head_q8, o.head_q4, o.packing, o.interpreter, o.cache_type) = bad;
         assert_eq!(bitnet_engine_open(path.as_ptr(), &o, &mut engine), BitnetStatus::InvalidArgument);
         assert!(engine.is_null() && last_error().contains(why), "{}", last_error());
     }

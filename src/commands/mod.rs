@@ -50,7 +50,7 @@ pub struct ModelArgs {
     /// memory, so twice the positions in a --kv-budget, and half the bytes
     /// attention reads each step; llama.cpp's default; lossy: measure it
     /// with `bitnet perplexity --kl-divergence`). CPU only.
-    #[arg(long = "cache-type", value_name = "TYPE", value_parser = parse_kv_type, default_value = "f32")]
+    #[arg(long = "cache-type", value_name = "TYPE", value_parser = str::parse::<KvType>, default_value = "f32")]
     pub cache_type: KvType,
     #[command(flatten)]
     pub isa: IsaArgs,
@@ -85,10 +85,6 @@ impl IsaArgs {
             _ => Ok(()),
         }
     }
-}
-
-fn parse_kv_type(s: &str) -> Result<KvType, String> {
-    KvType::from_name(s).ok_or_else(|| format!("unknown KV cache type {s:?}: one of {}", KvType::ALL.map(KvType::name).join(", ")))
 }
 
 fn parse_packing(s: &str) -> Result<Packing, String> {

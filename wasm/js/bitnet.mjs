@@ -163,7 +163,8 @@ export class Bitnet {
    * Loads a GGUF model from its bytes (an ArrayBuffer, Uint8Array or Node
    * Buffer). `options`: context (positions a sequence may hold), parallel
    * (generations open at once, default 1), chatTemplate (a built-in
-   * template's name or a Jinja template).
+   * template's name or a Jinja template), cacheType ("f32", the default,
+   * or "f16": half the KV cache's memory, lossy).
    */
   loadModel(bytes, options = {}) {
     const data = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);

@@ -5,7 +5,7 @@
 use bitnet_frontends::chat::{self, Message};
 use bitnet_frontends::gguf::GgufFile;
 use bitnet_frontends::model::{Model, ModelError};
-use bitnet_runtime::{BackendKind, Engine, EngineOptions, GenerateOptions, LoadOptions, SamplerConfig, TextGeneration};
+use bitnet_runtime::{BackendKind, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, SamplerConfig, TextGeneration};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -51,6 +51,9 @@ pub struct LoadRequest {
     /// A built-in template's name (`chatml`, `llama3`, ...) or a Jinja template's text,
     /// used instead of the model's own.
     chat_template: Option<String>,
+    /// How the KV cache holds keys and values: `f32` [default] or `f16`
+    /// (half the memory, lossy).
+    cache_type: Option<String>,
 }
 
 /// One generation: exactly one of `prompt` (text; BOS added as the model
@@ -161,6 +164,7 @@ impl State {
     pub fn load(&mut self, bytes: Vec<u8>, options: &[u8]) -> Result<Handle, String> {
         let t0 = Instant::now();
         let req: LoadRequest = if options.is_empty() { LoadRequest::default() } else { parse("load options", options)? };
+        let kv_type = req.cache_type.as_deref().map_or(Ok(KvType::F32), str::parse)?;
         let chat_template = match req.chat_template {
             Some(t) if chat::BUILTIN_TEMPLATES.iter().any(|(n, _)| *n == t) => Some(chat::template_named(&t).map_err(|e| e.to_string())?),
             other => other,
@@ -168,7 +172,7 @@ impl State {
         let file = GgufFile::from_vec(bytes).map_err(|e| format!("not a model this engine reads: {}", ModelError::Gguf(e)))?;
         let model = Model::from_file(file).map_err(|e| format!("not a model this engine reads: {e}"))?;
         let load = LoadOptions { threads: 1, backend: BackendKind::Interp, context: req.context, ..LoadOptions::default() };
-        let opts = EngineOptions { load, parallel: req.parallel.unwrap_or(1).max(1), chat_template, ..EngineOptions::default() };
+        let opts = EngineOptions { load, parallel: req.parallel.unwrap_or(1).max(1), chat_template, kv_type, ..EngineOptions::default() };
         let engine = Engine::from_model(model, &opts, t0).map_err(|e| e.to_string())?;
         Ok(slot(&mut self.models, Arc::new(engine)))
     }
@@ -191,7 +195,7 @@ impl State {
             "kv_heads": c.kv_heads, "head_dim": c.head_dim, "ffn": c.ffn, "vocab": c.vocab,
             "context_train": c.context, "context": e.context, "tied_head": c.tied_head,
             "bitlinear": c.bitlinear, "backend": e.backend_kind().name(), "load_ms": e.load_ms,
-            "chat_template": e.chat_template.is_some(),
+            "chat_template": e.chat_template.is_some(), "cache_type": e.kv_type().name(),
         })
         .to_string())
     }

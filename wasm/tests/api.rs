@@ -38,11 +38,27 @@ fn streamed_pieces_add_up_to_the_finished_text() {
     assert!(text.starts_with(", there was a little"), "{text:?}");
 }
 
+/// An f16 KV cache keeps the greedy continuation on this model and says so.
+#[test]
+fn an_f16_cache_is_an_option() {
+    let mut s = State::default();
+    let m = s.load(std::fs::read(STORIES).unwrap(), br#"{"cache_type": "f16"}"#).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&s.info(m).unwrap()).unwrap();
+    assert_eq!(info["cache_type"], "f16");
+    let g = s.start(m, br#"{"prompt_ids": [1, 403, 407, 261, 378], "max_tokens": 20, "temperature": 0}"#).unwrap();
+    let done: serde_json::Value = serde_json::from_str(&s.finish(g).unwrap()).unwrap();
+    assert_eq!(done["ids"], serde_json::json!(KNOWN));
+    let (mut s, m) = loaded();
+    let info: serde_json::Value = serde_json::from_str(&s.info(m).unwrap()).unwrap();
+    assert_eq!(info["cache_type"], "f32");
+}
+
 #[test]
 fn bad_input_is_a_message() {
     let mut s = State::default();
     assert!(s.load(b"GGUF but no more".to_vec(), b"").unwrap_err().contains("not a model this engine reads"));
     assert!(s.load(std::fs::read(STORIES).unwrap(), b"{\"context\": \"big\"}").unwrap_err().contains("bad load options"));
+    assert!(s.load(std::fs::read(STORIES).unwrap(), b"{\"cache_type\": \"q8\"}").unwrap_err().contains("unknown KV cache type \"q8\": one of f32, f16"));
     let m = s.load(std::fs::read(STORIES).unwrap(), b"{\"parallel\": 2}").unwrap();
     assert!(s.start(m, b"{").unwrap_err().contains("bad generate request"));
     assert!(s.start(m, br#"{"prompt": "a", "top_p": 2}"#).unwrap_err().contains("top_p = 2 is out of range"));

@@ -46,6 +46,15 @@ impl KvType {
     }
 }
 
+/// A type by its name, or an error that lists the names.
+impl std::str::FromStr for KvType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KvType, String> {
+        KvType::from_name(s).ok_or_else(|| format!("unknown KV cache type {s:?}: one of {}", KvType::ALL.map(KvType::name).join(", ")))
+    }
+}
+
 /// A number as a KV cache keeps it.
 pub trait KvElem: Copy + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
