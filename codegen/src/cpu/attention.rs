@@ -213,21 +213,28 @@ mod avx2 {
         }
     }
 
+    /// Up to four heads' eight-lane sums, each across its lanes, in one
+    /// register: a head's sum takes the same additions whichever heads
+    /// share the register (missing ones are zeros).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    unsafe fn hsums<const R: usize>(acc: &[__m256; R]) -> [f32; MAX_GROUP] {
+        const { assert!(R <= MAX_GROUP && MAX_GROUP == 4) };
+        let v = |r: usize| if r < R { acc[r] } else { _mm256_setzero_ps() };
+        let s = _mm256_hadd_ps(_mm256_hadd_ps(v(0), v(1)), _mm256_hadd_ps(v(2), v(3)));
+        let mut sums = [0f32; MAX_GROUP];
+        _mm_storeu_ps(sums.as_mut_ptr(), _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+        sums
     }
 
     /// Key `t`'s score for all `R` heads, from their eight-lane sums: across
     /// the lanes, then the columns past the last eight, then the scale.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn score<const R: usize, E: Lanes>(h: &Heads<E>, q: &[*const f32; R], t: usize, acc: [__m256; R], scores: &mut [f32]) {
-        let (d, n, k) = (h.d, h.n_keys(), h.key(t));
+        let (d, n) = (h.d, h.n_keys());
+        let sums = hsums(&acc);
         for r in 0..R {
-            let tail: f32 = (d / 8 * 8..d).map(|j| *q[r].add(j) * k[j].to_f32()).sum();
-            scores[r * n + t] = (hsum(acc[r]) + tail) * h.scale;
+            let tail: f32 = if d % 8 == 0 { 0.0 } else { (d / 8 * 8..d).map(|j| *q[r].add(j) * h.key(t)[j].to_f32()).sum() };
+            scores[r * n + t] = (sums[r] + tail) * h.scale;
         }
     }
 
@@ -326,15 +333,22 @@ mod avx2 {
         // either way: the same bits.
         let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r * n..(r + 1) * n]);
         out.fill(0.0);
+        // The stretch's value rows, found once for all its column blocks.
+        let mut rows = [std::ptr::null::<E>(); KEYS_PER_PASS];
         for from in (0..n).step_by(KEYS_PER_PASS) {
             let keys = from..(from + KEYS_PER_PASS).min(n);
+            let rows = &mut rows[..keys.len()];
+            for (row, t) in rows.iter_mut().zip(keys.clone()) {
+                *row = h.value(t).as_ptr();
+            }
+            let w: [&[f32]; R] = std::array::from_fn(|r| &p[r][keys.clone()]);
             let mut j = 0;
             while j + 16 <= full {
-                columns::<R, 2, COLD, E>(h, &p, keys.clone(), j, out);
+                columns::<R, 2, COLD, E>(rows, &w, j, d, out);
                 j += 16;
             }
             if j < full {
-                columns::<R, 1, COLD, E>(h, &p, keys.clone(), j, out);
+                columns::<R, 1, COLD, E>(rows, &w, j, d, out);
             }
         }
         for c in full..d {
@@ -348,34 +362,35 @@ mod avx2 {
     /// f32 rows of 128, which stay in L2 from the first block to the last.
     const KEYS_PER_PASS: usize = 256;
 
-    /// Adds `keys`' terms to columns `j..j + 8C` of the `R` heads' weighted
-    /// sums of values in `out`: `R·C` registers accumulate, key by key.
+    /// Adds the terms of the keys whose value `rows` are given (`d`
+    /// numbers each) to columns `j..j + 8C` of the `R` heads' weighted sums
+    /// of values in `out`, with weights `w` (one a row): `R·C` registers
+    /// accumulate, key by key.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn columns<const R: usize, const C: usize, const COLD: bool, E: Lanes>(
-        h: &Heads<E>,
-        p: &[&[f32]; R],
-        keys: std::ops::Range<usize>,
-        j: usize,
-        out: &mut [f32],
-    ) {
-        let d = h.d;
+    unsafe fn columns<const R: usize, const C: usize, const COLD: bool, E: Lanes>(rows: &[*const E], w: &[&[f32]; R], j: usize, d: usize, out: &mut [f32]) {
         let at = |r: usize, c: usize| r * d + j + 8 * c;
         let mut acc: [[__m256; C]; R] = std::array::from_fn(|r| std::array::from_fn(|c| _mm256_loadu_ps(out[at(r, c)..][..8].as_ptr())));
-        let end = keys.end;
-        for t in keys {
-            if COLD && t + AHEAD < end {
-                let ahead = h.value(t + AHEAD);
+        let w: [*const f32; R] = std::array::from_fn(|r| {
+            assert_eq!(w[r].len(), rows.len());
+            w[r].as_ptr()
+        });
+        for (i, &row) in rows.iter().enumerate() {
+            if COLD && i + AHEAD < rows.len() {
+                // SAFETY: inside the row ahead; a prefetch reads nothing regardless.
+                let ahead = rows[i + AHEAD];
                 if j == 0 {
-                    prefetch_row::<true, E>(ahead);
+                    prefetch_row::<true, E>(std::slice::from_raw_parts(ahead, d));
                 } else {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead[j..].as_ptr() as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(j) as *const i8);
                 }
             }
-            let v = h.value(t)[j..].as_ptr();
+            // SAFETY: each row holds d ≥ j + 8C numbers; each weight list
+            // holds one a row (asserted above).
+            let v = row.add(j);
             let vv: [__m256; C] = std::array::from_fn(|c| E::load8(v.add(8 * c)));
-            for (acc, p) in acc.iter_mut().zip(p) {
-                let w = _mm256_set1_ps(p[t]);
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                let w = _mm256_broadcast_ss(&*w.add(i));
                 for (a, v) in acc.iter_mut().zip(&vv) {
                     *a = _mm256_fmadd_ps(w, *v, *a);
                 }
