@@ -90,6 +90,9 @@ typedef struct BitnetSequence BitnetSequence;
 
 /**
  * How to open an engine. Fill it with `bitnet_engine_options_default`.
+ * New options are added at the end, so the struct grows between versions
+ * (0.1 makes no promise of a stable ABI): rebuild against the header that
+ * came with the library.
  */
 typedef struct BitnetEngineOptions {
   /**

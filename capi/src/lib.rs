@@ -61,6 +61,9 @@ pub enum BitnetStatus {
 }
 
 /// How to open an engine. Fill it with `bitnet_engine_options_default`.
+/// New options are added at the end, so the struct grows between versions
+/// (0.1 makes no promise of a stable ABI): rebuild against the header that
+/// came with the library.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BitnetEngineOptions {

@@ -98,7 +98,7 @@ impl OpenArgs {
         let chat_template = self.chat_template.as_deref().map(template_named).transpose().map_err(|e| invalid(e.to_string()))?;
         let pinned = Pinned { head, isa, packing, ..Default::default() };
         let load = LoadOptions { threads, context: self.context, backend, device, pinned, tuning: self.tune };
-        let kv_type = self.cache_type.parse::<KvType>().map_err(invalid)?;
+        let kv_type = self.cache_type.parse::<KvType>().map_err(|e| invalid(format!("cache_type: {e}")))?;
         Ok(EngineOptions { load, parallel: self.parallel, kv_budget: self.kv_budget, kv_type, chat_template })
     }
 }

@@ -164,7 +164,7 @@ impl State {
     pub fn load(&mut self, bytes: Vec<u8>, options: &[u8]) -> Result<Handle, String> {
         let t0 = Instant::now();
         let req: LoadRequest = if options.is_empty() { LoadRequest::default() } else { parse("load options", options)? };
-        let kv_type = req.cache_type.as_deref().map_or(Ok(KvType::F32), str::parse)?;
+        let kv_type = req.cache_type.as_deref().map_or(Ok(KvType::default()), str::parse)?;
         let chat_template = match req.chat_template {
             Some(t) if chat::BUILTIN_TEMPLATES.iter().any(|(n, _)| *n == t) => Some(chat::template_named(&t).map_err(|e| e.to_string())?),
             other => other,

@@ -233,7 +233,12 @@ mod avx2 {
         let (d, n) = (h.d, h.n_keys());
         let sums = hsums(&acc);
         for r in 0..R {
-            let tail: f32 = if d % 8 == 0 { 0.0 } else { (d / 8 * 8..d).map(|j| *q[r].add(j) * h.key(t)[j].to_f32()).sum() };
+            let tail: f32 = if d % 8 == 0 {
+                0.0
+            } else {
+                let k = h.key(t);
+                (d / 8 * 8..d).map(|j| *q[r].add(j) * k[j].to_f32()).sum()
+            };
             scores[r * n + t] = (sums[r] + tail) * h.scale;
         }
     }
@@ -366,6 +371,9 @@ mod avx2 {
     /// numbers each) to columns `j..j + 8C` of the `R` heads' weighted sums
     /// of values in `out`, with weights `w` (one a row): `R·C` registers
     /// accumulate, key by key.
+    ///
+    /// # Safety
+    /// Each row holds `d ≥ j + 8C` numbers (and AVX2, FMA and F16C).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn columns<const R: usize, const C: usize, const COLD: bool, E: Lanes>(rows: &[*const E], w: &[&[f32]; R], j: usize, d: usize, out: &mut [f32]) {
@@ -377,7 +385,7 @@ mod avx2 {
         });
         for (i, &row) in rows.iter().enumerate() {
             if COLD && i + AHEAD < rows.len() {
-                // SAFETY: inside the row ahead; a prefetch reads nothing regardless.
+                // SAFETY: the row ahead holds d numbers (the contract).
                 let ahead = rows[i + AHEAD];
                 if j == 0 {
                     prefetch_row::<true, E>(std::slice::from_raw_parts(ahead, d));
@@ -497,7 +505,21 @@ mod tests {
     #[test]
     fn attention_matches_the_interpreter() {
         let pools: Vec<Pool> = [1, 2, 3].into_iter().map(Pool::new).collect();
-        for (heads, kv_heads, d, tokens) in [(1, 1, 1, 1), (3, 1, 3, 5), (4, 2, 8, 3), (8, 2, 17, 9), (6, 3, 36, 4), (20, 5, 128, 33), (12, 1, 24, 2)] {
+        // (8, 2, 24, 300) and (9, 3, 13, 260) cross a stretch of the value pass
+        // (256 keys), with blocks of 16 and 8 columns and a tail; (6, 2, 16,
+        // 5) has blocks of three heads.
+        for (heads, kv_heads, d, tokens) in [
+            (1, 1, 1, 1),
+            (3, 1, 3, 5),
+            (4, 2, 8, 3),
+            (8, 2, 17, 9),
+            (6, 3, 36, 4),
+            (20, 5, 128, 33),
+            (12, 1, 24, 2),
+            (8, 2, 24, 300),
+            (9, 3, 13, 260),
+            (6, 2, 16, 5),
+        ] {
             let a = AttentionShape { layer: 0, heads, kv_heads, head_dim: d };
             let s = tokens + 1;
             let (q, k, v) = (values(s * heads * d, 1), values(s * kv_heads * d, 2), values(s * kv_heads * d, 3));
