@@ -120,6 +120,19 @@ fn last_error() -> String {
     unsafe { CStr::from_ptr(bitnet_last_error()) }.to_string_lossy().into_owned()
 }
 
+/// The logits of every position of `prompt` (512 a position, stories260K's
+/// vocabulary) on an engine opened with `options`, closed after.
+fn prompt_logits(path: &CStr, options: &BitnetEngineOptions, sampling: &BitnetSampling, prompt: &[u32]) -> Vec<f32> {
+    let (mut engine, mut seq) = (std::ptr::null_mut(), std::ptr::null_mut());
+    assert_eq!(bitnet_engine_open(path.as_ptr(), options, &mut engine), BitnetStatus::Ok, "{}", last_error());
+    assert_eq!(bitnet_sequence_new(engine, sampling, &mut seq), BitnetStatus::Ok);
+    let mut logits = vec![0f32; prompt.len() * 512];
+    assert_eq!(bitnet_logits(seq, prompt.as_ptr(), prompt.len(), logits.as_mut_ptr(), logits.len()), BitnetStatus::Ok);
+    bitnet_sequence_free(seq);
+    bitnet_engine_close(engine);
+    logits
+}
+
 #[test]
 fn bad_arguments_and_small_buffers_are_status_codes() {
     let path = CString::new(stories().to_str().unwrap()).unwrap();
@@ -174,32 +187,20 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     // packing (moot for this float model) is checked, as are mixed-up options.
     let mut q4 = bitnet_engine_options_default();
     (q4.threads, q4.head_q4, q4.packing) = (1, true, BITNET_PACKING_1_6BIT);
-    assert_eq!(bitnet_engine_open(path.as_ptr(), &q4, &mut engine), BitnetStatus::Ok, "{}", last_error());
-    let mut seq = std::ptr::null_mut();
-    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
-    let mut q4_logits = vec![0f32; 5 * 512];
-    assert_eq!(bitnet_logits(seq, prompt.as_ptr(), 5, q4_logits.as_mut_ptr(), q4_logits.len()), BitnetStatus::Ok);
+    let q4_logits = prompt_logits(&path, &q4, &s, &prompt);
     assert!(q4_logits != logits, "a 4-bit head changes the logits a little");
     let cos = |a: &[f32], b: &[f32]| {
         a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (a.iter().map(|x| x * x).sum::<f32>() * b.iter().map(|x| x * x).sum::<f32>()).sqrt()
     };
     assert!(cos(&q4_logits[4 * 512..], last) > 0.99, "{}", cos(&q4_logits[4 * 512..], last));
-    bitnet_sequence_free(seq);
-    bitnet_engine_close(engine);
 
     // An f16 KV cache rounds keys and values: the logits move by little.
     let mut f16 = bitnet_engine_options_default();
     (f16.threads, f16.cache_type) = (1, BITNET_CACHE_F16);
-    assert_eq!(bitnet_engine_open(path.as_ptr(), &f16, &mut engine), BitnetStatus::Ok, "{}", last_error());
-    let mut seq = std::ptr::null_mut();
-    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
-    let mut f16_logits = vec![0f32; 5 * 512];
-    assert_eq!(bitnet_logits(seq, prompt.as_ptr(), 5, f16_logits.as_mut_ptr(), f16_logits.len()), BitnetStatus::Ok);
+    let f16_logits = prompt_logits(&path, &f16, &s, &prompt);
     assert!(f16_logits != logits, "an f16 cache rounds");
     let most = f16_logits.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(most < 0.05, "{most}");
-    bitnet_sequence_free(seq);
-    bitnet_engine_close(engine);
     for (bad, why) in [
         ((true, true, BITNET_PACKING_AUTO, false, BITNET_CACHE_F32), "choose one"),
         ((false, false, 7, false, BITNET_CACHE_F32), "packing 7"),
