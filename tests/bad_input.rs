@@ -133,6 +133,11 @@ fn prompts_longer_than_the_context_are_refused() {
     expect_failure(&["run", "-m", s, "--prompt-ids", "", "-n", "2"], "");
     expect_failure(&["run", "-m", s, "-p", "x", "--top-p", "2"], "--top-p = 2 is out of range: it must be in [0, 1]");
     expect_failure(&["run", "-m", s, "-p", "x", "--temp=-1"], "--temp = -1 is out of range");
+    // Named choices list what they could have been.
+    expect_failure(&["run", "-m", s, "-p", "x", "--head", "q5"], "[possible values: stored, q8, q4]");
+    expect_failure(&["run", "-m", s, "-p", "x", "--packing", "1bit"], "[possible values: 2bit, 1.6bit]");
+    expect_failure(&["run", "-m", s, "-p", "x", "--cache-type", "q8"], "[possible values: f32, f16]");
+    expect_failure(&["run", "-m", s, "-p", "x", "--isa", "sse"], "[possible values: scalar, avx2, avx512vnni, cranelift]");
     // Generation stops cleanly when the context fills up.
     let o = bitnet(&["run", "-m", s, "--prompt-ids", "1,403", "-c", "6", "-n", "50", "--greedy", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));

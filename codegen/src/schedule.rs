@@ -236,6 +236,15 @@ pub enum HeadQuant {
     Q4,
 }
 
+/// A head's quantization by its name, or an error that lists the names.
+impl std::str::FromStr for HeadQuant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<HeadQuant, String> {
+        bitnet_ir::names::parse_name("head", s, &HeadQuant::ALL, HeadQuant::name)
+    }
+}
+
 impl HeadQuant {
     pub const ALL: [HeadQuant; 3] = [HeadQuant::Stored, HeadQuant::Q8, HeadQuant::Q4];
 
@@ -282,9 +291,7 @@ pub fn ternary_heuristic(isa: Isa) -> TernaryTiles {
 /// Schedules every node of `g` for the host CPU.
 pub fn schedule(g: &Graph, pinned: &Pinned, source: Option<&dyn TileSource>) -> Result<Schedule, String> {
     let isa = pinned.isa.unwrap_or_else(Isa::best);
-    if !isa.available() {
-        return Err(format!("this CPU cannot run {} kernels", isa.name()));
-    }
+    isa.require()?;
     let mut steps = Vec::new();
     for (v, node) in g.iter() {
         let refuse = |why: &str| Err(format!("{v} = {}: the compiled backend {why}; run it with --backend interp", node.op.mnemonic()));

@@ -24,6 +24,7 @@
 pub mod dtype;
 pub mod graph;
 pub mod interp;
+pub mod names;
 pub mod op;
 pub mod passes;
 pub mod quant;

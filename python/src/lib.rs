@@ -70,22 +70,9 @@ impl OpenArgs {
             "cuda" => Device::Cuda,
             d => return Err(invalid(format!("device {d:?}: one of \"cpu\", \"cuda\""))),
         };
-        let head = HeadQuant::from_name(&self.head).ok_or_else(|| invalid(format!("head {:?}: one of \"stored\", \"q8\", \"q4\"", self.head)))?;
-        let isa = match &self.isa {
-            None => None,
-            Some(name) => {
-                let isa = Isa::from_name(name)
-                    .ok_or_else(|| invalid(format!("isa {name:?}: one of {}", Isa::ALL.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "))))?;
-                if !isa.available() {
-                    return Err(invalid(format!("this CPU cannot run {} kernels", isa.name())));
-                }
-                Some(isa)
-            }
-        };
-        let packing = match &self.packing {
-            None => None,
-            Some(name) => Some(Packing::from_name(name).ok_or_else(|| invalid(format!("packing {name:?}: one of \"2bit\", \"1.6bit\"")))?),
-        };
+        let head = self.head.parse::<HeadQuant>().map_err(|e| invalid(format!("head: {e}")))?;
+        let isa = self.isa.as_deref().map(|s| s.parse::<Isa>().and_then(Isa::require)).transpose().map_err(|e| invalid(format!("isa: {e}")))?;
+        let packing = self.packing.as_deref().map(str::parse::<Packing>).transpose().map_err(|e| invalid(format!("packing: {e}")))?;
         if backend == BackendKind::Interp && (head != HeadQuant::Stored || isa.is_some() || packing.is_some()) {
             return Err(invalid("a quantized head, isa and packing pick compiled kernels: they need backend=\"compiled\""));
         }

@@ -1,9 +1,9 @@
 //! `bitnet compile`: lower a model for this machine and write an artifact.
 
-use super::{Device, DeviceArgs, HeadArg};
+use super::{head_parser, Device, DeviceArgs};
 use anyhow::Context;
 use bitnet_autotune::{tune, Database};
-use bitnet_codegen::schedule::{Pinned, TileOrigin};
+use bitnet_codegen::schedule::{HeadQuant, Pinned, TileOrigin};
 use bitnet_frontends::model::Model;
 use bitnet_ir::passes;
 use bitnet_runtime::{artifact, BackendKind, Engine, EngineOptions, LoadOptions};
@@ -26,8 +26,8 @@ pub struct CompileArgs {
     /// Output head: as stored, or quantized: q8 (int8 per row, half the
     /// bytes of an f16 head) or q4 (4-bit groups of 32 with f16 scales,
     /// 28% of them); lossy.
-    #[arg(long, value_enum, default_value_t = HeadArg::Stored)]
-    pub head: HeadArg,
+    #[arg(long, value_parser = head_parser(), default_value = "stored")]
+    pub head: HeadQuant,
     /// Print the graph in its text form after this pass (canonicalize,
     /// specialize-ternary, fuse) or, with `schedule`, the final graph and
     /// its schedule; then stop.
@@ -66,7 +66,7 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
     if a.device.device == Device::Cuda {
         return compile_cuda(&a);
     }
-    let pinned = Pinned { head: a.head.quant(), isa: a.isa.isa, packing: a.isa.packing, ..Default::default() };
+    let pinned = Pinned { head: a.head, isa: a.isa.isa, packing: a.isa.packing, ..Default::default() };
     let threads = super::threads(a.threads)?;
     if let Some(pass) = a.dump_after.as_deref() {
         let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
@@ -122,11 +122,11 @@ pub fn compile(a: CompileArgs) -> anyhow::Result<()> {
 /// them with NVRTC (no GPU needed). With `--dump-after schedule` it prints
 /// the final graph and its launches.
 fn compile_cuda(a: &CompileArgs) -> anyhow::Result<()> {
-    let head = a.head.quant();
-    if a.head == HeadArg::Q4 {
+    let head = a.head;
+    if head == HeadQuant::Q4 {
         anyhow::bail!("--head q4 is a CPU option; the CUDA backend reads the head as stored or as int8 rows (--head q8)");
     }
-    if a.head != HeadArg::Stored && a.dump_after.is_none() {
+    if head != HeadQuant::Stored && a.dump_after.is_none() {
         anyhow::bail!("a CUDA artifact holds the head as stored; --head q8 quantizes it when the model is loaded: run it with `bitnet run -m MODEL --device cuda --head q8`");
     }
     let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;

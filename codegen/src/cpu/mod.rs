@@ -115,6 +115,16 @@ pub enum Isa {
     Cranelift,
 }
 
+/// An ISA by its name (whether or not this CPU has it: see
+/// [`Isa::require`]), or an error that lists the names.
+impl std::str::FromStr for Isa {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Isa, String> {
+        bitnet_ir::names::parse_name("ISA", s, &Isa::ALL, Isa::name)
+    }
+}
+
 impl Isa {
     pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Cranelift];
 
@@ -139,6 +149,15 @@ impl Isa {
 
     pub fn from_name(s: &str) -> Option<Isa> {
         Isa::ALL.into_iter().find(|i| i.name() == s)
+    }
+
+    /// Itself if this CPU can run it, else an error that says so.
+    pub fn require(self) -> Result<Isa, String> {
+        if self.available() {
+            Ok(self)
+        } else {
+            Err(format!("this CPU cannot run {} kernels", self.name()))
+        }
     }
 
     /// Whether this CPU can run it (detected at run time).

@@ -46,6 +46,15 @@ pub enum Packing {
     Base3,
 }
 
+/// A packing by its name, or an error that lists the names.
+impl std::str::FromStr for Packing {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Packing, String> {
+        bitnet_ir::names::parse_name("packing", s, &Packing::ALL, Packing::name)
+    }
+}
+
 impl Packing {
     pub const ALL: [Packing; 2] = [Packing::Bits2, Packing::Base3];
 

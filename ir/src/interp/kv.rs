@@ -51,7 +51,7 @@ impl std::str::FromStr for KvType {
     type Err = String;
 
     fn from_str(s: &str) -> Result<KvType, String> {
-        KvType::from_name(s).ok_or_else(|| format!("unknown KV cache type {s:?}: one of {}", KvType::ALL.map(KvType::name).join(", ")))
+        crate::names::parse_name("KV cache type", s, &KvType::ALL, KvType::name)
     }
 }
 
