@@ -53,6 +53,26 @@ struct OpenArgs {
     cache_type: String,
 }
 
+/// `Model(...)`'s defaults (its signature says them again, for Python).
+impl Default for OpenArgs {
+    fn default() -> OpenArgs {
+        OpenArgs {
+            device: "cpu".into(),
+            threads: None,
+            head: "stored".into(),
+            tune: true,
+            context: None,
+            backend: "compiled".into(),
+            isa: None,
+            packing: None,
+            chat_template: None,
+            parallel: 4,
+            kv_budget: None,
+            cache_type: "f32".into(),
+        }
+    }
+}
+
 impl OpenArgs {
     fn options(&self) -> PyResult<EngineOptions> {
         let threads = match self.threads {
@@ -461,21 +481,7 @@ fn compile<'py>(
     isa: Option<String>,
     packing: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let backend = "compiled".into();
-    let args = OpenArgs {
-        device: "cpu".into(),
-        threads,
-        head,
-        tune,
-        context,
-        backend,
-        isa,
-        packing,
-        chat_template: None,
-        parallel: 1,
-        kv_budget: None,
-        cache_type: "f32".into(),
-    };
+    let args = OpenArgs { threads, head, tune, context, isa, packing, parallel: 1, ..OpenArgs::default() };
     let engine = open(py, &src, &args)?;
     let report = py.detach(|| engine.write_artifact(&out, &src)).map_err(runtime_error)?;
     let d = PyDict::new(py);
