@@ -89,16 +89,12 @@ typedef struct BitnetEngine BitnetEngine;
 typedef struct BitnetSequence BitnetSequence;
 
 /**
- * How to open an engine. Fill it with `bitnet_engine_options_default`,
- * which sets `struct_size`. New options are added at the end: a library
- * newer than the caller's header gives the options the caller's struct
- * lacks their defaults; an older one refuses a struct longer than its own.
+ * How to open an engine. Fill it with `bitnet_engine_options_default`.
+ * New options are added at the end, so the struct grows between versions
+ * (0.1 makes no promise of a stable ABI): rebuild against the header that
+ * came with the library.
  */
 typedef struct BitnetEngineOptions {
-  /**
-   * `sizeof(BitnetEngineOptions)` as the caller's header declares it.
-   */
-  uint32_t struct_size;
   /**
    * Threads; 0: every core (as the CLI).
    */
@@ -142,14 +138,9 @@ typedef struct BitnetEngineOptions {
 
 /**
  * How a sequence samples. Fill it with `bitnet_sampling_default` (the
- * CLI's defaults; temperature 0 is greedy), which sets `struct_size`; it
- * grows as `BitnetEngineOptions` does.
+ * CLI's defaults; temperature 0 is greedy).
  */
 typedef struct BitnetSampling {
-  /**
-   * `sizeof(BitnetSampling)` as the caller's header declares it.
-   */
-  uint32_t struct_size;
   float temperature;
   /**
    * 0: every token.

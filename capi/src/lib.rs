@@ -31,8 +31,6 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-mod versioned;
-
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
@@ -41,7 +39,6 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
-use versioned::{Layout, Versioned};
 
 /// What a call returns: 0 on success.
 #[repr(C)]
@@ -63,15 +60,13 @@ pub enum BitnetStatus {
     Internal = 6,
 }
 
-/// How to open an engine. Fill it with `bitnet_engine_options_default`,
-/// which sets `struct_size`. New options are added at the end: a library
-/// newer than the caller's header gives the options the caller's struct
-/// lacks their defaults; an older one refuses a struct longer than its own.
+/// How to open an engine. Fill it with `bitnet_engine_options_default`.
+/// New options are added at the end, so the struct grows between versions
+/// (0.1 makes no promise of a stable ABI): rebuild against the header that
+/// came with the library.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BitnetEngineOptions {
-    /// `sizeof(BitnetEngineOptions)` as the caller's header declares it.
-    pub struct_size: u32,
     /// Threads; 0: every core (as the CLI).
     pub threads: u32,
     /// Context size per sequence; 0: the model's.
@@ -110,13 +105,10 @@ pub const BITNET_CACHE_F32: u32 = 0;
 pub const BITNET_CACHE_F16: u32 = 1;
 
 /// How a sequence samples. Fill it with `bitnet_sampling_default` (the
-/// CLI's defaults; temperature 0 is greedy), which sets `struct_size`; it
-/// grows as `BitnetEngineOptions` does.
+/// CLI's defaults; temperature 0 is greedy).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BitnetSampling {
-    /// `sizeof(BitnetSampling)` as the caller's header declares it.
-    pub struct_size: u32,
     pub temperature: f32,
     /// 0: every token.
     pub top_k: u32,
@@ -127,26 +119,6 @@ pub struct BitnetSampling {
     pub seed: u64,
     /// Go on past the end-of-generation token.
     pub ignore_eos: bool,
-}
-
-impl Versioned for BitnetEngineOptions {
-    const NAME: &'static str = "BitnetEngineOptions";
-    const DEFAULT_FN: &'static str = "bitnet_engine_options_default";
-    const LAYOUTS: &'static [Layout] = &[Layout::whole(size_of::<BitnetEngineOptions>())];
-
-    fn defaults() -> Self {
-        bitnet_engine_options_default()
-    }
-}
-
-impl Versioned for BitnetSampling {
-    const NAME: &'static str = "BitnetSampling";
-    const DEFAULT_FN: &'static str = "bitnet_sampling_default";
-    const LAYOUTS: &'static [Layout] = &[Layout::whole(size_of::<BitnetSampling>())];
-
-    fn defaults() -> Self {
-        bitnet_sampling_default()
-    }
 }
 
 /// A loaded model. Opaque.
@@ -270,7 +242,6 @@ pub extern "C" fn bitnet_last_error() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn bitnet_engine_options_default() -> BitnetEngineOptions {
     BitnetEngineOptions {
-        struct_size: size_of::<BitnetEngineOptions>() as u32,
         threads: 0,
         context: 0,
         parallel: 4,
@@ -288,7 +259,6 @@ pub extern "C" fn bitnet_engine_options_default() -> BitnetEngineOptions {
 pub extern "C" fn bitnet_sampling_default() -> BitnetSampling {
     let d = SamplerConfig::default();
     BitnetSampling {
-        struct_size: size_of::<BitnetSampling>() as u32,
         temperature: d.temperature,
         top_k: d.top_k as u32,
         top_p: d.top_p,
@@ -311,7 +281,7 @@ pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const Bitnet
         // SAFETY: checked non-null; the caller passes a writable pointer.
         unsafe { *out = std::ptr::null_mut() };
         let path = PathBuf::from(text(path, "path")?);
-        let o = if options.is_null() { bitnet_engine_options_default() } else { versioned::read(options).map_err(invalid)? };
+        let o = if options.is_null() { bitnet_engine_options_default() } else { *nonnull(options, "options")? };
         let threads = if o.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { o.threads as usize };
         let backend = if o.interpreter { BackendKind::Interp } else { BackendKind::Compiled };
         let packing = match o.packing {
@@ -419,7 +389,7 @@ pub extern "C" fn bitnet_sequence_new(engine: *const BitnetEngine, sampling: *co
             return Err(invalid("out is null"));
         }
         let e = nonnull(engine, "engine")?.engine.clone();
-        let s = if sampling.is_null() { bitnet_sampling_default() } else { versioned::read(sampling).map_err(invalid)? };
+        let s = if sampling.is_null() { bitnet_sampling_default() } else { *nonnull(sampling, "sampling")? };
         sampler(&s).check().map_err(|e| invalid(e.to_string()))?;
         // SAFETY: checked non-null; the caller passes a writable pointer.
         unsafe { *out = Box::into_raw(Box::new(BitnetSequence { engine: e, sampling: s })) };

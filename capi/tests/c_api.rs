@@ -164,9 +164,6 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::InvalidArgument);
     assert!(last_error().contains("repeat_penalty = 0 is out of range: it must be > 0"), "{}", last_error());
     assert!(seq.is_null());
-    s = BitnetSampling { struct_size: 3, ..bitnet_sampling_default() };
-    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::InvalidArgument);
-    assert!(seq.is_null() && last_error().contains("BitnetSampling.struct_size is 3"), "{}", last_error());
     s = bitnet_sampling_default();
     s.temperature = 0.0;
     assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
@@ -215,20 +212,6 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
         assert_eq!(bitnet_engine_open(path.as_ptr(), &o, &mut engine), BitnetStatus::InvalidArgument);
         assert!(engine.is_null() && last_error().contains(why), "{}", last_error());
     }
-
-    // A struct not filled by its default function, or from a newer header.
-    let mut o = bitnet_engine_options_default();
-    o.struct_size = 0;
-    assert_eq!(bitnet_engine_open(path.as_ptr(), &o, &mut engine), BitnetStatus::InvalidArgument);
-    assert!(engine.is_null() && last_error().contains("fill the struct with bitnet_engine_options_default()"), "{}", last_error());
-    #[repr(C)]
-    struct Newer {
-        options: BitnetEngineOptions,
-        later_option: u64,
-    }
-    let newer = Newer { options: BitnetEngineOptions { struct_size: size_of::<Newer>() as u32, ..bitnet_engine_options_default() }, later_option: 1 };
-    assert_eq!(bitnet_engine_open(path.as_ptr(), &newer.options, &mut engine), BitnetStatus::InvalidArgument);
-    assert!(engine.is_null() && last_error().contains("newer bitnet.h"), "{}", last_error());
 
     let missing = CString::new("/no/such/model.gguf").unwrap();
     assert_eq!(bitnet_engine_open(missing.as_ptr(), std::ptr::null(), &mut engine), BitnetStatus::ModelLoad);
