@@ -138,6 +138,10 @@ fn prompts_longer_than_the_context_are_refused() {
     expect_failure(&["run", "-m", s, "-p", "x", "--packing", "1bit"], "[possible values: 2bit, 1.6bit]");
     expect_failure(&["run", "-m", s, "-p", "x", "--cache-type", "q8"], "[possible values: f32, f16]");
     expect_failure(&["run", "-m", s, "-p", "x", "--isa", "sse"], "[possible values: scalar, avx2, avx512vnni, cranelift]");
+    // An ISA this CPU lacks, where there is one, is refused as such.
+    if let Some(isa) = bitnet_codegen::cpu::Isa::ALL.into_iter().find(|i| !i.available()) {
+        expect_failure(&["run", "-m", s, "-p", "x", "--isa", isa.name()], &format!("this CPU cannot run {} kernels", isa.name()));
+    }
     // Generation stops cleanly when the context fills up.
     let o = bitnet(&["run", "-m", s, "--prompt-ids", "1,403", "-c", "6", "-n", "50", "--greedy", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -90,9 +90,10 @@ impl OpenArgs {
             "cuda" => Device::Cuda,
             d => return Err(invalid(format!("device {d:?}: one of \"cpu\", \"cuda\""))),
         };
-        let head = self.head.parse::<HeadQuant>().map_err(|e| invalid(format!("head: {e}")))?;
-        let isa = self.isa.as_deref().map(|s| s.parse::<Isa>().and_then(Isa::require)).transpose().map_err(|e| invalid(format!("isa: {e}")))?;
-        let packing = self.packing.as_deref().map(str::parse::<Packing>).transpose().map_err(|e| invalid(format!("packing: {e}")))?;
+        // The parse errors name what was asked for and list the names.
+        let head = self.head.parse::<HeadQuant>().map_err(invalid)?;
+        let isa = self.isa.as_deref().map(|s| s.parse::<Isa>().and_then(Isa::require)).transpose().map_err(invalid)?;
+        let packing = self.packing.as_deref().map(str::parse::<Packing>).transpose().map_err(invalid)?;
         if backend == BackendKind::Interp && (head != HeadQuant::Stored || isa.is_some() || packing.is_some()) {
             return Err(invalid("a quantized head, isa and packing pick compiled kernels: they need backend=\"compiled\""));
         }
@@ -105,7 +106,7 @@ impl OpenArgs {
         let chat_template = self.chat_template.as_deref().map(template_named).transpose().map_err(|e| invalid(e.to_string()))?;
         let pinned = Pinned { head, isa, packing, ..Default::default() };
         let load = LoadOptions { threads, context: self.context, backend, device, pinned, tuning: self.tune };
-        let kv_type = self.cache_type.parse::<KvType>().map_err(|e| invalid(format!("cache_type: {e}")))?;
+        let kv_type = self.cache_type.parse::<KvType>().map_err(invalid)?;
         Ok(EngineOptions { load, parallel: self.parallel, kv_budget: self.kv_budget, kv_type, chat_template })
     }
 }

@@ -246,7 +246,7 @@ def test_the_1_6_bit_packing_is_lossless(tiny):
         assert np.array_equal(m.logits(ids), two)
     with pytest.raises(bitnet.InvalidArgumentError, match="1.6bit"):
         bitnet.Model(tiny, packing="1bit")
-    with pytest.raises(bitnet.InvalidArgumentError, match=r'isa: unknown ISA "sse": one of scalar, avx2, avx512vnni, cranelift'):
+    with pytest.raises(bitnet.InvalidArgumentError, match=r'unknown ISA "sse": one of scalar, avx2, avx512vnni, cranelift'):
         bitnet.Model(tiny, isa="sse")
 
 
