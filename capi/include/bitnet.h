@@ -89,12 +89,19 @@ typedef struct BitnetEngine BitnetEngine;
 typedef struct BitnetSequence BitnetSequence;
 
 /**
- * How to open an engine. Fill it with `bitnet_engine_options_default`.
- * New options are added at the end, so the struct grows between versions
- * (0.1 makes no promise of a stable ABI): rebuild against the header that
- * came with the library.
+ * How to open an engine. Fill it with `bitnet_engine_options_default()`
+ * (an inline function of this header: it passes the struct's size as this
+ * header declares it to `bitnet_engine_options_init`). New options are
+ * added at the end: a library newer than the caller's header gives the
+ * options the caller's struct lacks their defaults; an older one refuses a
+ * struct longer than its own. (Callers built against a header from before
+ * `struct_size` existed must be rebuilt.)
  */
 typedef struct BitnetEngineOptions {
+  /**
+   * `sizeof(BitnetEngineOptions)` as the caller's header declares it.
+   */
+  uint32_t struct_size;
   /**
    * Threads; 0: every core (as the CLI).
    */
@@ -137,10 +144,15 @@ typedef struct BitnetEngineOptions {
 } BitnetEngineOptions;
 
 /**
- * How a sequence samples. Fill it with `bitnet_sampling_default` (the
- * CLI's defaults; temperature 0 is greedy).
+ * How a sequence samples. Fill it with `bitnet_sampling_default()` (the
+ * CLI's defaults; temperature 0 is greedy), which sets `struct_size` as
+ * for `BitnetEngineOptions`.
  */
 typedef struct BitnetSampling {
+  /**
+   * `sizeof(BitnetSampling)` as the caller's header declares it.
+   */
+  uint32_t struct_size;
   float temperature;
   /**
    * 0: every token.
@@ -157,6 +169,11 @@ typedef struct BitnetSampling {
    * Go on past the end-of-generation token.
    */
   bool ignore_eos;
+  /**
+   * Zero: the struct has no implicit padding, so that an option added
+   * later takes bytes of its own.
+   */
+  uint8_t reserved[7];
 } BitnetSampling;
 
 /**
@@ -181,14 +198,19 @@ const char *bitnet_version(void);
 const char *bitnet_last_error(void);
 
 /**
- * The defaults: every core, the model's context, 4 sequences, tuned.
+ * Fills `*options`, a struct of `size` bytes, with the defaults (every
+ * core, the model's context, 4 sequences, tuned) and sets its
+ * `struct_size`. Called by the header's `bitnet_engine_options_default()`
+ * with `sizeof(BitnetEngineOptions)`; a size no release of the library
+ * had (a header newer than the library) is `InvalidArgument`.
  */
-struct BitnetEngineOptions bitnet_engine_options_default(void);
+enum BitnetStatus bitnet_engine_options_init(struct BitnetEngineOptions *options, size_t size);
 
 /**
- * The CLI's sampling defaults (llama.cpp's), seed 0.
+ * Fills `*sampling`, a struct of `size` bytes, with the CLI's sampling
+ * defaults (llama.cpp's), seed 0, as `bitnet_engine_options_init` does.
  */
-struct BitnetSampling bitnet_sampling_default(void);
+enum BitnetStatus bitnet_sampling_init(struct BitnetSampling *sampling, size_t size);
 
 /**
  * Opens a GGUF file, a Hugging Face folder or a `.bnx` artifact.
@@ -284,3 +306,20 @@ enum BitnetStatus bitnet_logits(struct BitnetSequence *seq,
 #endif  // __cplusplus
 
 #endif  /* BITNET_H */
+
+#ifndef BITNET_H_DEFAULTS
+#define BITNET_H_DEFAULTS
+/* The defaults, in a struct of the size this header declares: a library of
+ * another version tells from it which options the caller knows. */
+static inline BitnetEngineOptions bitnet_engine_options_default(void) {
+    BitnetEngineOptions options;
+    bitnet_engine_options_init(&options, sizeof options);
+    return options;
+}
+
+static inline BitnetSampling bitnet_sampling_default(void) {
+    BitnetSampling sampling;
+    bitnet_sampling_init(&sampling, sizeof sampling);
+    return sampling;
+}
+#endif /* BITNET_H_DEFAULTS */

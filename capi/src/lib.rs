@@ -12,7 +12,7 @@
 //! use std::ffi::CString;
 //!
 //! let path = CString::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/models/stories260K/stories260K.gguf")).unwrap();
-//! let options = bitnet_engine_options_default();
+//! let options = BitnetEngineOptions::default(); // C: bitnet_engine_options_default()
 //! let mut engine = std::ptr::null_mut();
 //! assert!(matches!(bitnet_engine_open(path.as_ptr(), &options, &mut engine), BitnetStatus::Ok));
 //! let text = CString::new("Once upon a time").unwrap();
@@ -31,14 +31,18 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod versioned;
+
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::mem::offset_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
+use versioned::Versioned;
 
 /// What a call returns: 0 on success.
 #[repr(C)]
@@ -60,13 +64,18 @@ pub enum BitnetStatus {
     Internal = 6,
 }
 
-/// How to open an engine. Fill it with `bitnet_engine_options_default`.
-/// New options are added at the end, so the struct grows between versions
-/// (0.1 makes no promise of a stable ABI): rebuild against the header that
-/// came with the library.
+/// How to open an engine. Fill it with `bitnet_engine_options_default()`
+/// (an inline function of this header: it passes the struct's size as this
+/// header declares it to `bitnet_engine_options_init`). New options are
+/// added at the end: a library newer than the caller's header gives the
+/// options the caller's struct lacks their defaults; an older one refuses a
+/// struct longer than its own. (Callers built against a header from before
+/// `struct_size` existed must be rebuilt.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BitnetEngineOptions {
+    /// `sizeof(BitnetEngineOptions)` as the caller's header declares it.
+    pub struct_size: u32,
     /// Threads; 0: every core (as the CLI).
     pub threads: u32,
     /// Context size per sequence; 0: the model's.
@@ -104,11 +113,14 @@ pub const BITNET_CACHE_F32: u32 = 0;
 /// `BitnetEngineOptions::cache_type`: keys and values rounded to f16.
 pub const BITNET_CACHE_F16: u32 = 1;
 
-/// How a sequence samples. Fill it with `bitnet_sampling_default` (the
-/// CLI's defaults; temperature 0 is greedy).
+/// How a sequence samples. Fill it with `bitnet_sampling_default()` (the
+/// CLI's defaults; temperature 0 is greedy), which sets `struct_size` as
+/// for `BitnetEngineOptions`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BitnetSampling {
+    /// `sizeof(BitnetSampling)` as the caller's header declares it.
+    pub struct_size: u32,
     pub temperature: f32,
     /// 0: every token.
     pub top_k: u32,
@@ -119,6 +131,37 @@ pub struct BitnetSampling {
     pub seed: u64,
     /// Go on past the end-of-generation token.
     pub ignore_eos: bool,
+    /// Zero: the struct has no implicit padding, so that an option added
+    /// later takes bytes of its own.
+    pub reserved: [u8; 7],
+}
+
+impl Versioned for BitnetEngineOptions {
+    const NAME: &'static str = "BitnetEngineOptions";
+    const DEFAULT_FN: &'static str = "bitnet_engine_options_default";
+    /// A release that adds options keeps the sizes of those before it here.
+    const RELEASED: &'static [usize] = &[size_of::<BitnetEngineOptions>()];
+    const BOOLS: &'static [usize] = &[
+        offset_of!(BitnetEngineOptions, head_q8),
+        offset_of!(BitnetEngineOptions, no_tune),
+        offset_of!(BitnetEngineOptions, interpreter),
+        offset_of!(BitnetEngineOptions, head_q4),
+    ];
+
+    fn defaults() -> Self {
+        BitnetEngineOptions::default()
+    }
+}
+
+impl Versioned for BitnetSampling {
+    const NAME: &'static str = "BitnetSampling";
+    const DEFAULT_FN: &'static str = "bitnet_sampling_default";
+    const RELEASED: &'static [usize] = &[size_of::<BitnetSampling>()];
+    const BOOLS: &'static [usize] = &[offset_of!(BitnetSampling, ignore_eos)];
+
+    fn defaults() -> Self {
+        BitnetSampling::default()
+    }
 }
 
 /// A loaded model. Opaque.
@@ -239,34 +282,68 @@ pub extern "C" fn bitnet_last_error() -> *const c_char {
 }
 
 /// The defaults: every core, the model's context, 4 sequences, tuned.
-#[no_mangle]
-pub extern "C" fn bitnet_engine_options_default() -> BitnetEngineOptions {
-    BitnetEngineOptions {
-        threads: 0,
-        context: 0,
-        parallel: 4,
-        head_q8: false,
-        no_tune: false,
-        interpreter: false,
-        head_q4: false,
-        packing: BITNET_PACKING_AUTO,
-        cache_type: BITNET_CACHE_F32,
+impl Default for BitnetEngineOptions {
+    fn default() -> Self {
+        BitnetEngineOptions {
+            struct_size: size_of::<BitnetEngineOptions>() as u32,
+            threads: 0,
+            context: 0,
+            parallel: 4,
+            head_q8: false,
+            no_tune: false,
+            interpreter: false,
+            head_q4: false,
+            packing: BITNET_PACKING_AUTO,
+            cache_type: BITNET_CACHE_F32,
+        }
     }
 }
 
 /// The CLI's sampling defaults (llama.cpp's), seed 0.
-#[no_mangle]
-pub extern "C" fn bitnet_sampling_default() -> BitnetSampling {
-    let d = SamplerConfig::default();
-    BitnetSampling {
-        temperature: d.temperature,
-        top_k: d.top_k as u32,
-        top_p: d.top_p,
-        min_p: d.min_p,
-        repeat_penalty: d.repeat_penalty,
-        seed: 0,
-        ignore_eos: false,
+impl Default for BitnetSampling {
+    fn default() -> Self {
+        let d = SamplerConfig::default();
+        BitnetSampling {
+            struct_size: size_of::<BitnetSampling>() as u32,
+            temperature: d.temperature,
+            top_k: d.top_k as u32,
+            top_p: d.top_p,
+            min_p: d.min_p,
+            repeat_penalty: d.repeat_penalty,
+            seed: 0,
+            ignore_eos: false,
+            reserved: [0; 7],
+        }
     }
+}
+
+/// Fills `*options`, a struct of `size` bytes, with the defaults (every
+/// core, the model's context, 4 sequences, tuned) and sets its
+/// `struct_size`. Called by the header's `bitnet_engine_options_default()`
+/// with `sizeof(BitnetEngineOptions)`; a size no release of the library
+/// had (a header newer than the library) is `InvalidArgument`.
+#[no_mangle]
+pub extern "C" fn bitnet_engine_options_init(options: *mut BitnetEngineOptions, size: usize) -> BitnetStatus {
+    guard(|| {
+        if options.is_null() {
+            return Err(invalid("options is null"));
+        }
+        // SAFETY: non-null; the caller's struct is `size` bytes.
+        unsafe { versioned::init(options, size) }.map_err(invalid)
+    })
+}
+
+/// Fills `*sampling`, a struct of `size` bytes, with the CLI's sampling
+/// defaults (llama.cpp's), seed 0, as `bitnet_engine_options_init` does.
+#[no_mangle]
+pub extern "C" fn bitnet_sampling_init(sampling: *mut BitnetSampling, size: usize) -> BitnetStatus {
+    guard(|| {
+        if sampling.is_null() {
+            return Err(invalid("sampling is null"));
+        }
+        // SAFETY: as above.
+        unsafe { versioned::init(sampling, size) }.map_err(invalid)
+    })
 }
 
 /// Opens a GGUF file, a Hugging Face folder or a `.bnx` artifact.
@@ -281,7 +358,9 @@ pub extern "C" fn bitnet_engine_open(path: *const c_char, options: *const Bitnet
         // SAFETY: checked non-null; the caller passes a writable pointer.
         unsafe { *out = std::ptr::null_mut() };
         let path = PathBuf::from(text(path, "path")?);
-        let o = if options.is_null() { bitnet_engine_options_default() } else { *nonnull(options, "options")? };
+        // SAFETY: non-null, filled by bitnet_engine_options_init (as
+        // `bitnet.h` says), so readable for its struct_size.
+        let o = if options.is_null() { BitnetEngineOptions::default() } else { unsafe { versioned::read(options) }.map_err(invalid)? };
         let threads = if o.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { o.threads as usize };
         let backend = if o.interpreter { BackendKind::Interp } else { BackendKind::Compiled };
         let packing = match o.packing {
@@ -389,7 +468,8 @@ pub extern "C" fn bitnet_sequence_new(engine: *const BitnetEngine, sampling: *co
             return Err(invalid("out is null"));
         }
         let e = nonnull(engine, "engine")?.engine.clone();
-        let s = if sampling.is_null() { bitnet_sampling_default() } else { *nonnull(sampling, "sampling")? };
+        // SAFETY: as for the engine's options.
+        let s = if sampling.is_null() { BitnetSampling::default() } else { unsafe { versioned::read(sampling) }.map_err(invalid)? };
         sampler(&s).check().map_err(|e| invalid(e.to_string()))?;
         // SAFETY: checked non-null; the caller passes a writable pointer.
         unsafe { *out = Box::into_raw(Box::new(BitnetSequence { engine: e, sampling: s })) };
@@ -480,4 +560,23 @@ pub extern "C" fn bitnet_logits(seq: *mut BitnetSequence, ids: *const u32, n_ids
         g.evaluate()?;
         copy_out(g.sequence().logits(), out, cap, std::ptr::null_mut(), "the logits")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The structs' sizes are those the header's releases declare, with no
+    /// implicit padding (capi/src/versioned.rs): the fields' sizes add up.
+    #[test]
+    fn the_option_structs_have_no_padding() {
+        assert_eq!(size_of::<BitnetEngineOptions>(), 6 * 4 + 4);
+        assert_eq!(size_of::<BitnetEngineOptions>(), offset_of!(BitnetEngineOptions, cache_type) + 4);
+        assert_eq!(size_of::<BitnetSampling>(), 6 * 4 + 8 + 1 + 7);
+        assert_eq!(size_of::<BitnetSampling>(), offset_of!(BitnetSampling, reserved) + 7);
+        assert_eq!(offset_of!(BitnetSampling, seed), 24);
+        for released in [BitnetEngineOptions::RELEASED, BitnetSampling::RELEASED] {
+            assert!(released.windows(2).all(|w| w[0] < w[1]), "releases grow: {released:?}");
+        }
+    }
 }

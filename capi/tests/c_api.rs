@@ -137,8 +137,7 @@ fn prompt_logits(path: &CStr, options: &BitnetEngineOptions, sampling: &BitnetSa
 fn bad_arguments_and_small_buffers_are_status_codes() {
     let path = CString::new(stories().to_str().unwrap()).unwrap();
     let mut engine = std::ptr::null_mut();
-    let mut opts = bitnet_engine_options_default();
-    opts.threads = 1;
+    let opts = BitnetEngineOptions { threads: 1, ..BitnetEngineOptions::default() };
     assert_eq!(bitnet_engine_open(path.as_ptr(), &opts, &mut engine), BitnetStatus::Ok);
     assert_eq!(bitnet_vocab_size(engine), 512);
 
@@ -158,13 +157,17 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     assert_eq!(bitnet_tokenize(std::ptr::null(), text.as_ptr(), true, ids.as_mut_ptr(), 8, &mut n), BitnetStatus::InvalidArgument);
     assert!(last_error().contains("engine is null"));
 
-    let mut s = bitnet_sampling_default();
-    s.repeat_penalty = 0.0;
+    let mut s = BitnetSampling { repeat_penalty: 0.0, ..BitnetSampling::default() };
     let mut seq = std::ptr::null_mut();
     assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::InvalidArgument);
     assert!(last_error().contains("repeat_penalty = 0 is out of range: it must be > 0"), "{}", last_error());
     assert!(seq.is_null());
-    s = bitnet_sampling_default();
+    assert_eq!(bitnet_sampling_init(&mut s, size_of::<BitnetSampling>()), BitnetStatus::Ok);
+    assert_eq!((s.struct_size as usize, s.repeat_penalty), (size_of::<BitnetSampling>(), 1.0));
+    s.struct_size = 3;
+    assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::InvalidArgument);
+    assert!(seq.is_null() && last_error().contains("BitnetSampling.struct_size is 3"), "{}", last_error());
+    s = BitnetSampling::default();
     s.temperature = 0.0;
     assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
     // The engine may close first: the sequence keeps the model.
@@ -185,7 +188,7 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
 
     // The head quantized to 4 bits keeps the greedy first token here; the
     // packing (moot for this float model) is checked, as are mixed-up options.
-    let mut q4 = bitnet_engine_options_default();
+    let mut q4 = BitnetEngineOptions::default();
     (q4.threads, q4.head_q4, q4.packing) = (1, true, BITNET_PACKING_1_6BIT);
     let q4_logits = prompt_logits(&path, &q4, &s, &prompt);
     assert!(q4_logits != logits, "a 4-bit head changes the logits a little");
@@ -195,7 +198,7 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     assert!(cos(&q4_logits[4 * 512..], last) > 0.99, "{}", cos(&q4_logits[4 * 512..], last));
 
     // An f16 KV cache rounds keys and values: the logits move by little.
-    let mut f16 = bitnet_engine_options_default();
+    let mut f16 = BitnetEngineOptions::default();
     (f16.threads, f16.cache_type) = (1, BITNET_CACHE_F16);
     let f16_logits = prompt_logits(&path, &f16, &s, &prompt);
     assert!(f16_logits != logits, "an f16 cache rounds");
@@ -207,11 +210,33 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
         ((false, false, BITNET_PACKING_2BIT, true, BITNET_CACHE_F32), "compiled backend"),
         ((false, false, BITNET_PACKING_AUTO, false, 2), "cache_type 2"),
     ] {
-        let mut o = bitnet_engine_options_default();
+        let mut o = BitnetEngineOptions::default();
         (o.head_q8, o.head_q4, o.packing, o.interpreter, o.cache_type) = bad;
         assert_eq!(bitnet_engine_open(path.as_ptr(), &o, &mut engine), BitnetStatus::InvalidArgument);
         assert!(engine.is_null() && last_error().contains(why), "{}", last_error());
     }
+
+    // The init functions fill a struct of the caller's size; one never
+    // filled, or from a header newer than the library, is refused.
+    let mut o = BitnetEngineOptions { struct_size: 0, threads: 9, ..BitnetEngineOptions::default() };
+    assert_eq!(bitnet_engine_options_init(&mut o, size_of::<BitnetEngineOptions>()), BitnetStatus::Ok);
+    assert_eq!((o.struct_size as usize, o.threads, o.parallel), (size_of::<BitnetEngineOptions>(), 0, 4));
+    o.struct_size = 0;
+    assert_eq!(bitnet_engine_open(path.as_ptr(), &o, &mut engine), BitnetStatus::InvalidArgument);
+    assert!(engine.is_null() && last_error().contains("fill the struct with bitnet_engine_options_default()"), "{}", last_error());
+    #[repr(C)]
+    struct Newer {
+        options: BitnetEngineOptions,
+        later_option: u64,
+    }
+    let mut newer = Newer { options: BitnetEngineOptions::default(), later_option: 1 };
+    assert_eq!(bitnet_engine_options_init(&mut newer.options, size_of::<Newer>()), BitnetStatus::InvalidArgument);
+    assert!(last_error().contains("newer bitnet.h"), "{}", last_error());
+    assert_eq!((newer.options.struct_size as usize, newer.later_option), (size_of::<Newer>(), 0));
+    newer.later_option = 1;
+    assert_eq!(bitnet_engine_open(path.as_ptr(), &newer.options, &mut engine), BitnetStatus::InvalidArgument);
+    assert!(engine.is_null() && last_error().contains("newer bitnet.h"), "{}", last_error());
+    assert_eq!(bitnet_engine_options_init(std::ptr::null_mut(), 28), BitnetStatus::InvalidArgument);
 
     let missing = CString::new("/no/such/model.gguf").unwrap();
     assert_eq!(bitnet_engine_open(missing.as_ptr(), std::ptr::null(), &mut engine), BitnetStatus::ModelLoad);
