@@ -257,7 +257,7 @@ impl HeadQuant {
     }
 
     pub fn from_name(s: &str) -> Option<HeadQuant> {
-        HeadQuant::ALL.into_iter().find(|h| h.name() == s)
+        s.parse().ok()
     }
 
     /// The tiles a head read this way gets, if it is quantized.

@@ -47,7 +47,7 @@ class Model:
         tune: bool = True,
         context: Optional[int] = None,
         backend: Literal["compiled", "interp"] = "compiled",
-        isa: Optional[str] = None,
+        isa: Optional[Literal["scalar", "avx2", "avx512vnni", "cranelift"]] = None,
         packing: Optional[Literal["2bit", "1.6bit"]] = None,
         chat_template: Optional[str] = None,
         parallel: int = 4,
@@ -130,6 +130,6 @@ def compile(
     head: Literal["stored", "q8", "q4"] = "stored",
     tune: bool = True,
     context: Optional[int] = None,
-    isa: Optional[str] = None,
+    isa: Optional[Literal["scalar", "avx2", "avx512vnni", "cranelift"]] = None,
     packing: Optional[Literal["2bit", "1.6bit"]] = None,
 ) -> Dict[str, Any]: ...

@@ -148,7 +148,7 @@ impl Isa {
     }
 
     pub fn from_name(s: &str) -> Option<Isa> {
-        Isa::ALL.into_iter().find(|i| i.name() == s)
+        s.parse().ok()
     }
 
     /// Itself if this CPU can run it, else an error that says so.

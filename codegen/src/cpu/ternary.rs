@@ -66,7 +66,7 @@ impl Packing {
     }
 
     pub fn from_name(s: &str) -> Option<Packing> {
-        Packing::ALL.into_iter().find(|p| p.name() == s)
+        s.parse().ok()
     }
 
     /// Weights in one 32-byte chunk.

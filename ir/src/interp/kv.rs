@@ -34,7 +34,7 @@ impl KvType {
     }
 
     pub fn from_name(s: &str) -> Option<KvType> {
-        Self::ALL.into_iter().find(|t| t.name() == s)
+        s.parse().ok()
     }
 
     /// Bytes a number takes.
