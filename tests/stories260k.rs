@@ -96,7 +96,7 @@ fn bench_json_times_each_kernel_family() {
     let cold: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!((&cold["warmup"], &cold["cache_type"]), (&false.into(), &"f16".into()), "{cold}");
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "--cache-type", "f8"]);
-    assert!(!o.status.success() && stderr(&o).contains("one of f32, f16"), "{}", stderr(&o));
+    assert!(!o.status.success() && stderr(&o).contains("[possible values: f32, f16]"), "{}", stderr(&o));
     // Refused before anything loads, GPU or not.
     let o = bitnet(&["bench", "-m", stories().to_str().unwrap(), "-p", "4", "-n", "1", "--cache-type", "f16", "--device", "cuda"]);
     assert!(!o.status.success() && stderr(&o).contains("an f16 KV cache is for the CPU"), "{}", stderr(&o));
