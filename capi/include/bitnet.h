@@ -95,7 +95,8 @@ typedef struct BitnetSequence BitnetSequence;
  * added at the end: a library newer than the caller's header gives the
  * options the caller's struct lacks their defaults; an older one refuses a
  * struct longer than its own. (Callers built against a header from before
- * `struct_size` existed must be rebuilt.)
+ * `struct_size` existed must be rebuilt.) Every `bool` field is listed in
+ * its `Versioned::BOOLS`.
  */
 typedef struct BitnetEngineOptions {
   /**
@@ -170,8 +171,8 @@ typedef struct BitnetSampling {
    */
   bool ignore_eos;
   /**
-   * Zero: the struct has no implicit padding, so that an option added
-   * later takes bytes of its own.
+   * Unused and never read: the struct has no implicit padding, so that
+   * an option added later takes bytes of its own.
    */
   uint8_t reserved[7];
 } BitnetSampling;
@@ -202,7 +203,9 @@ const char *bitnet_last_error(void);
  * core, the model's context, 4 sequences, tuned) and sets its
  * `struct_size`. Called by the header's `bitnet_engine_options_default()`
  * with `sizeof(BitnetEngineOptions)`; a size no release of the library
- * had (a header newer than the library) is `InvalidArgument`.
+ * had (a header newer than the library) is `InvalidArgument`, but
+ * `struct_size` is still written, so that `bitnet_engine_open` refuses
+ * the struct with the same message (`_default()` ignores the status).
  */
 enum BitnetStatus bitnet_engine_options_init(struct BitnetEngineOptions *options, size_t size);
 
@@ -311,14 +314,14 @@ enum BitnetStatus bitnet_logits(struct BitnetSequence *seq,
 #define BITNET_H_DEFAULTS
 /* The defaults, in a struct of the size this header declares: a library of
  * another version tells from it which options the caller knows. */
-static inline BitnetEngineOptions bitnet_engine_options_default(void) {
-    BitnetEngineOptions options;
+static inline struct BitnetEngineOptions bitnet_engine_options_default(void) {
+    struct BitnetEngineOptions options;
     bitnet_engine_options_init(&options, sizeof options);
     return options;
 }
 
-static inline BitnetSampling bitnet_sampling_default(void) {
-    BitnetSampling sampling;
+static inline struct BitnetSampling bitnet_sampling_default(void) {
+    struct BitnetSampling sampling;
     bitnet_sampling_init(&sampling, sizeof sampling);
     return sampling;
 }

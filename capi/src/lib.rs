@@ -70,7 +70,8 @@ pub enum BitnetStatus {
 /// added at the end: a library newer than the caller's header gives the
 /// options the caller's struct lacks their defaults; an older one refuses a
 /// struct longer than its own. (Callers built against a header from before
-/// `struct_size` existed must be rebuilt.)
+/// `struct_size` existed must be rebuilt.) Every `bool` field is listed in
+/// its `Versioned::BOOLS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BitnetEngineOptions {
@@ -131,16 +132,18 @@ pub struct BitnetSampling {
     pub seed: u64,
     /// Go on past the end-of-generation token.
     pub ignore_eos: bool,
-    /// Zero: the struct has no implicit padding, so that an option added
-    /// later takes bytes of its own.
+    /// Unused and never read: the struct has no implicit padding, so that
+    /// an option added later takes bytes of its own.
     pub reserved: [u8; 7],
 }
 
-impl Versioned for BitnetEngineOptions {
+// SAFETY: repr(C), `struct_size` first, no padding (the test below), its
+// bools listed, every other field an integer; the sizes fit (below).
+unsafe impl Versioned for BitnetEngineOptions {
     const NAME: &'static str = "BitnetEngineOptions";
     const DEFAULT_FN: &'static str = "bitnet_engine_options_default";
-    /// A release that adds options keeps the sizes of those before it here.
-    const RELEASED: &'static [usize] = &[size_of::<BitnetEngineOptions>()];
+    /// A release that adds options appends its size here.
+    const RELEASED: &'static [usize] = &[28];
     const BOOLS: &'static [usize] = &[
         offset_of!(BitnetEngineOptions, head_q8),
         offset_of!(BitnetEngineOptions, no_tune),
@@ -153,16 +156,20 @@ impl Versioned for BitnetEngineOptions {
     }
 }
 
-impl Versioned for BitnetSampling {
+// SAFETY: as for BitnetEngineOptions.
+unsafe impl Versioned for BitnetSampling {
     const NAME: &'static str = "BitnetSampling";
     const DEFAULT_FN: &'static str = "bitnet_sampling_default";
-    const RELEASED: &'static [usize] = &[size_of::<BitnetSampling>()];
+    const RELEASED: &'static [usize] = &[40];
     const BOOLS: &'static [usize] = &[offset_of!(BitnetSampling, ignore_eos)];
 
     fn defaults() -> Self {
         BitnetSampling::default()
     }
 }
+
+const _: () = assert!(versioned::releases_fit(BitnetEngineOptions::RELEASED, size_of::<BitnetEngineOptions>()));
+const _: () = assert!(versioned::releases_fit(BitnetSampling::RELEASED, size_of::<BitnetSampling>()));
 
 /// A loaded model. Opaque.
 pub struct BitnetEngine {
@@ -321,7 +328,9 @@ impl Default for BitnetSampling {
 /// core, the model's context, 4 sequences, tuned) and sets its
 /// `struct_size`. Called by the header's `bitnet_engine_options_default()`
 /// with `sizeof(BitnetEngineOptions)`; a size no release of the library
-/// had (a header newer than the library) is `InvalidArgument`.
+/// had (a header newer than the library) is `InvalidArgument`, but
+/// `struct_size` is still written, so that `bitnet_engine_open` refuses
+/// the struct with the same message (`_default()` ignores the status).
 #[no_mangle]
 pub extern "C" fn bitnet_engine_options_init(options: *mut BitnetEngineOptions, size: usize) -> BitnetStatus {
     guard(|| {

@@ -13,16 +13,27 @@
 //!   garbage) is refused.
 //!
 //! The structs have no implicit padding (a field that ends short of the
-//! alignment is followed by explicit reserved bytes), so every release's
-//! struct is a prefix of the next one's, on every target, and its size is
-//! where its fields end.
+//! alignment is followed by explicit reserved bytes, and `u64` fields sit at
+//! multiples of 8, so that this holds where a `u64` is 4-aligned too): every
+//! release's struct is a prefix of the next one's, and its size is where its
+//! fields end.
 
 /// A struct read through [`read`] and filled through [`init`].
-pub trait Versioned: Copy {
-    /// Its name in the header, and the function that fills it.
+///
+/// # Safety
+/// The struct is `#[repr(C)]`, begins with its `u32` size, has no implicit
+/// padding, lists every `bool` field in [`Versioned::BOOLS`], and has no
+/// other field with invalid bit patterns (no enums, no references); its
+/// [`Versioned::RELEASED`] sizes pass [`releases_fit`] (checked at compile
+/// time where it is implemented).
+pub unsafe trait Versioned: Copy {
+    /// Its name in the header.
     const NAME: &'static str;
+    /// The header's inline function that fills it (through `_init`).
     const DEFAULT_FN: &'static str;
-    /// Every release's size, oldest first; the last is this struct's.
+    /// Every release's size, oldest first, as literals (a size computed
+    /// from the struct would drop the old ones when it grows); the last is
+    /// this struct's.
     const RELEASED: &'static [usize];
     /// The offsets of its `bool` fields (a byte that is neither 0 nor 1
     /// there is refused: it is not a `bool`).
@@ -32,10 +43,23 @@ pub trait Versioned: Copy {
     fn defaults() -> Self;
 }
 
+/// Whether `released` sizes grow, end at `size` (the struct's own), and so
+/// are none of them larger: what makes [`read`]'s copy stay in bounds.
+pub const fn releases_fit(released: &[usize], size: usize) -> bool {
+    let mut i = 0;
+    while i < released.len() {
+        if released[i] > size || (i > 0 && released[i - 1] >= released[i]) {
+            return false;
+        }
+        i += 1;
+    }
+    !released.is_empty() && released[released.len() - 1] == size
+}
+
 /// Fills the caller's struct of `size` bytes at `p` with the defaults of
-/// the fields it has and sets its `struct_size` to `size`. A size that no
-/// release had is an error, but the size is still written (where it fits),
-/// so that the struct's use reports it again.
+/// the fields this library knows (at most `size` bytes) and sets its
+/// `struct_size` to `size`. A size that no release had is an error, but the
+/// size is still written, so that the struct's use reports it again.
 ///
 /// # Safety
 /// `p` is non-null and writable for `size` bytes.
@@ -50,9 +74,6 @@ pub unsafe fn init<T: Versioned>(p: *mut T, size: usize) -> Result<(), String> {
     // SAFETY: the caller's struct is `size` bytes; the defaults are `ours`.
     unsafe {
         std::ptr::copy_nonoverlapping((&defaults as *const T).cast::<u8>(), bytes, size.min(ours));
-        if size > ours {
-            std::ptr::write_bytes(bytes.add(ours), 0, size - ours);
-        }
         bytes.cast::<u32>().write_unaligned(size32);
     }
     check_size::<T>(size)
@@ -68,6 +89,9 @@ pub unsafe fn read<T: Versioned>(p: *const T) -> Result<T, String> {
     // SAFETY: the caller's struct begins with its size.
     let size = unsafe { p.cast::<u32>().read_unaligned() } as usize;
     check_size::<T>(size)?;
+    if size > size_of::<T>() {
+        unreachable!("{}: a released size beyond the struct's (releases_fit)", T::NAME);
+    }
     let bytes = p.cast::<u8>();
     for &at in T::BOOLS.iter().filter(|&&at| at < size) {
         // SAFETY: within the caller's `size` bytes.
@@ -88,7 +112,6 @@ pub unsafe fn read<T: Versioned>(p: *const T) -> Result<T, String> {
 
 fn check_size<T: Versioned>(size: usize) -> Result<(), String> {
     let ours = size_of::<T>();
-    debug_assert_eq!(T::RELEASED.last(), Some(&ours), "{}: the last release is this struct", T::NAME);
     if T::RELEASED.contains(&size) {
         Ok(())
     } else if size > ours && size <= 4096 {
@@ -140,15 +163,34 @@ mod tests {
         reserved: [u8; 3],
     }
 
-    impl Versioned for Two {
+    /// `Two` with its bool as a byte, to hold a value a bool cannot.
+    #[repr(C)]
+    struct TwoBytes {
+        struct_size: u32,
+        a: u32,
+        flag: u8,
+        reserved: [u8; 3],
+        b: u32,
+        c: u64,
+    }
+
+    // SAFETY: repr(C), a u32 size first, no padding, its bool listed, no
+    // other field with invalid bit patterns; the sizes are checked below.
+    unsafe impl Versioned for Two {
         const NAME: &'static str = "Two";
         const DEFAULT_FN: &'static str = "two_default";
-        const RELEASED: &'static [usize] = &[size_of::<One>(), size_of::<Two>()];
+        const RELEASED: &'static [usize] = &[12, 24];
         const BOOLS: &'static [usize] = &[offset_of!(Two, flag)];
 
         fn defaults() -> Two {
             Two { struct_size: size_of::<Two>() as u32, a: 1, flag: true, reserved: [0; 3], b: 7, c: 8 }
         }
+    }
+
+    #[test]
+    fn release_sizes_must_grow_and_end_at_the_struct() {
+        assert!(releases_fit(Two::RELEASED, size_of::<Two>()));
+        assert!(!releases_fit(&[24, 12], 24) && !releases_fit(&[12, 32], 24) && !releases_fit(&[12], 24) && !releases_fit(&[], 24));
     }
 
     #[test]
@@ -175,7 +217,7 @@ mod tests {
         // SAFETY: `newer` is a Three, of the size given.
         let e = unsafe { init(&mut newer as *mut Three as *mut Two, size_of::<Three>()) }.unwrap_err();
         assert!(e.contains("newer bitnet.h"), "{e}");
-        assert_eq!((newer.two.struct_size, newer.d), (32, 0), "the size is written, the unknown tail zeroed");
+        assert_eq!((newer.two.struct_size, newer.d), (32, 5), "the size is written, the unknown tail left alone");
         // SAFETY: as above.
         let e = unsafe { read(&newer as *const Three as *const Two) }.unwrap_err();
         assert!(e.contains("newer bitnet.h"), "{e}");
@@ -185,11 +227,10 @@ mod tests {
             let e = unsafe { read(&s) }.unwrap_err();
             assert!(e.contains("fill the struct with two_default()"), "{size}: {e}");
         }
-        let mut s = Two::defaults();
-        // SAFETY: a Two.
-        unsafe { (&mut s as *mut Two).cast::<u8>().add(offset_of!(Two, flag)).write(2) };
-        // SAFETY: a Two.
-        let e = unsafe { read(&s) }.unwrap_err();
+        let s = TwoBytes { struct_size: 24, a: 1, flag: 2, reserved: [0; 3], b: 7, c: 8 };
+        assert_eq!(offset_of!(TwoBytes, flag), offset_of!(Two, flag));
+        // SAFETY: Two's layout, 24 bytes.
+        let e = unsafe { read(&s as *const TwoBytes as *const Two) }.unwrap_err();
         assert!(e.contains("the bool at byte 8 holds 2"), "{e}");
         let same = Two { a: 4, b: 5, ..Two::defaults() };
         // SAFETY: a Two.

@@ -167,6 +167,12 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     s.struct_size = 3;
     assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::InvalidArgument);
     assert!(seq.is_null() && last_error().contains("BitnetSampling.struct_size is 3"), "{}", last_error());
+    let mut bytes = [0u8; 40];
+    assert_eq!(size_of::<BitnetSampling>(), bytes.len());
+    assert_eq!(bitnet_sampling_init(bytes.as_mut_ptr().cast(), bytes.len()), BitnetStatus::Ok);
+    bytes[std::mem::offset_of!(BitnetSampling, ignore_eos)] = 2;
+    assert_eq!(bitnet_sequence_new(engine, bytes.as_ptr().cast(), &mut seq), BitnetStatus::InvalidArgument);
+    assert!(seq.is_null() && last_error().contains("the bool at byte 32 holds 2"), "{}", last_error());
     s = BitnetSampling::default();
     s.temperature = 0.0;
     assert_eq!(bitnet_sequence_new(engine, &s, &mut seq), BitnetStatus::Ok);
@@ -230,13 +236,29 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
         later_option: u64,
     }
     let mut newer = Newer { options: BitnetEngineOptions::default(), later_option: 1 };
-    assert_eq!(bitnet_engine_options_init(&mut newer.options, size_of::<Newer>()), BitnetStatus::InvalidArgument);
+    let whole = std::ptr::addr_of_mut!(newer).cast::<BitnetEngineOptions>();
+    assert_eq!(bitnet_engine_options_init(whole, size_of::<Newer>()), BitnetStatus::InvalidArgument);
     assert!(last_error().contains("newer bitnet.h"), "{}", last_error());
-    assert_eq!((newer.options.struct_size as usize, newer.later_option), (size_of::<Newer>(), 0));
-    newer.later_option = 1;
-    assert_eq!(bitnet_engine_open(path.as_ptr(), &newer.options, &mut engine), BitnetStatus::InvalidArgument);
+    assert_eq!((newer.options.struct_size as usize, newer.options.parallel, newer.later_option), (size_of::<Newer>(), 4, 1));
+    let whole = std::ptr::addr_of!(newer).cast::<BitnetEngineOptions>();
+    assert_eq!(bitnet_engine_open(path.as_ptr(), whole, &mut engine), BitnetStatus::InvalidArgument);
     assert!(engine.is_null() && last_error().contains("newer bitnet.h"), "{}", last_error());
     assert_eq!(bitnet_engine_options_init(std::ptr::null_mut(), 28), BitnetStatus::InvalidArgument);
+    // A bool byte that is not 0 or 1 is refused, in every bool field.
+    let bools = [
+        std::mem::offset_of!(BitnetEngineOptions, head_q8),
+        std::mem::offset_of!(BitnetEngineOptions, no_tune),
+        std::mem::offset_of!(BitnetEngineOptions, interpreter),
+        std::mem::offset_of!(BitnetEngineOptions, head_q4),
+    ];
+    for at in bools {
+        let mut bytes = [0u8; 28];
+        assert_eq!(size_of::<BitnetEngineOptions>(), bytes.len());
+        assert_eq!(bitnet_engine_options_init(bytes.as_mut_ptr().cast(), bytes.len()), BitnetStatus::Ok);
+        bytes[at] = 2;
+        assert_eq!(bitnet_engine_open(path.as_ptr(), bytes.as_ptr().cast(), &mut engine), BitnetStatus::InvalidArgument);
+        assert!(engine.is_null() && last_error().contains(&format!("the bool at byte {at} holds 2")), "{}", last_error());
+    }
 
     let missing = CString::new("/no/such/model.gguf").unwrap();
     assert_eq!(bitnet_engine_open(missing.as_ptr(), std::ptr::null(), &mut engine), BitnetStatus::ModelLoad);
