@@ -69,6 +69,22 @@ def check_openai(url, key, expected):
     c = client.chat.completions.create(model="m", messages=msgs, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
     for entry in c.choices[0].logprobs.content:
         assert entry.logprob <= 0 and abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4, entry
+    # Logit biases: +100 forces a token at every step (" ha", id 300, in
+    # stories260K's vocabulary); -100 bans the greedy first token.
+    forced = client.completions.create(model="m", prompt=first, max_tokens=4, temperature=0, logit_bias={"300": 100})
+    status, j = request(url, "/detokenize", {"tokens": [300] * 4}, key)
+    assert status == 200 and forced.choices[0].text.strip() == j["content"].strip() != expected[first][:11].strip(), (forced, j)
+    ids = lambda text: request(url, "/tokenize", {"content": text, "add_special": True}, key)[1]["tokens"]
+    at = len(ids(first))
+    greedy_first = ids(first + expected[first])[at]
+    banned = client.completions.create(model="m", prompt=first, max_tokens=4, temperature=0, logit_bias={str(greedy_first): -100})
+    assert ids(first + banned.choices[0].text)[at] != greedy_first and banned.choices[0].text != expected[first][: len(banned.choices[0].text)], banned
+    # What the server cannot do is refused, not ignored.
+    try:
+        client.chat.completions.create(model="m", messages=msgs, response_format={"type": "json_object"})
+        raise AssertionError("a JSON mode was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "response_format", e.body
     # An error case, in OpenAI's shape.
     try:
         client.chat.completions.create(model="m", messages=msgs, n=2)
@@ -187,6 +203,15 @@ def check_bad(url, key):
     error(400, "/v1/completions", {"prompt": list(range(1, 400)) * 10}, want="context")
     error(400, "/v1/completions", {"prompt": [1, 99999]}, want="vocabulary")
     error(400, "/v1/chat/completions", {"messages": []}, want="empty")
+    hi = {"prompt": "hi", "max_tokens": 2}
+    error(400, "/v1/completions", {**hi, "logit_bias": {"abc": 1}}, want='"abc" is not a token id')
+    error(400, "/v1/completions", {**hi, "logit_bias": {"99999": 1}}, want="outside the vocabulary")
+    error(400, "/v1/completions", {**hi, "logit_bias": {"5": 101}}, want="between -100 and 100")
+    error(400, "/v1/completions", {**hi, "logit_bias": {"5": "up"}}, want="expected")
+    error(400, "/v1/completions", {**hi, "response_format": {"type": "json_schema"}}, want="response_format")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    error(400, "/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, want="tools")
+    assert request(url, "/v1/completions", {**hi, "logit_bias": {}, "response_format": {"type": "text"}}, key)[0] == 200
     error(401, "/v1/models", k=None)
     error(401, "/v1/models", k="nope")
     error(404, "/v2/nothing", {"a": 1})

@@ -64,6 +64,37 @@ fn dumped_logits_cover_every_evaluated_position() {
 }
 
 #[test]
+fn logit_biases_force_and_ban_tokens() {
+    let model = stories();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "-m", model.to_str().unwrap(), "--prompt-ids", "1,403,407,261,378", "--json"];
+        args.extend(extra);
+        let o = bitnet(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        let v: Vec<u32> = serde_json::from_value(serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["generated_ids"].clone()).unwrap();
+        v
+    };
+    let greedy = ["-n", "6", "--temp", "0"];
+    assert_eq!(run(&[&greedy[..], &["-l", "300+100"]].concat()), [300; 6], "a bias of +100 wins every step");
+    // Banning the greedy first token changes it; banning with -inf holds
+    // at any temperature.
+    let banned = format!("{}-inf", EXPECTED[0]);
+    let other = run(&[&greedy[..], &["--logit-bias", &banned]].concat());
+    assert_ne!(other[0], EXPECTED[0]);
+    let hot = run(&["--logit-bias", &banned, "--logit-bias", "300-inf", "--temp", "2", "--top-k", "0", "--min-p", "0", "--seed", "3", "-n", "32"]);
+    assert!(!hot.contains(&EXPECTED[0]) && !hot.contains(&300), "{hot:?}");
+    let fails = |l: &str, want: &str| {
+        let o = bitnet(&["run", "-m", model.to_str().unwrap(), "-p", "Once", "-n", "2", "--logit-bias", l]);
+        assert!(!o.status.success() && stderr(&o).contains(want), "{l}: {}", stderr(&o));
+    };
+    fails("512+1", "token id 512 is outside the vocabulary of 512");
+    fails("15043", "is not TOKEN_ID+BIAS");
+    fails("x+1", "\"x\" is not a token id");
+    fails("3+one", "is not a bias");
+    fails("3+inf", "--logit-bias = inf is out of range");
+}
+
+#[test]
 fn sampling_is_reproducible_with_a_seed() {
     let run = |seed: &str| {
         let out = stdout(&bitnet(&["run", "-m", stories().to_str().unwrap(), "-p", "Once upon a time", "-n", "16", "--seed", seed, "--json"]));

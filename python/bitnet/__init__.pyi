@@ -1,5 +1,5 @@
 from os import PathLike
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +70,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Optional[Sequence[str]] = None,
         ignore_eos: bool = False,
+        logit_bias: Optional[Mapping[int, float]] = None,
     ) -> str: ...
     def generate_ids(
         self,
@@ -84,6 +85,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Optional[Sequence[str]] = None,
         ignore_eos: bool = False,
+        logit_bias: Optional[Mapping[int, float]] = None,
     ) -> List[int]: ...
     def stream(
         self,
@@ -98,6 +100,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Optional[Sequence[str]] = None,
         ignore_eos: bool = False,
+        logit_bias: Optional[Mapping[int, float]] = None,
     ) -> Stream: ...
     def chat(
         self,
@@ -111,6 +114,7 @@ class Model:
         repeat_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop: Optional[Sequence[str]] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
     ) -> str: ...
     def tokenize(self, text: str, add_bos: bool = True) -> List[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...

@@ -15,6 +15,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -136,9 +137,12 @@ fn sampling(
     seed: Option<u64>,
     stop: Option<Vec<String>>,
     ignore_eos: bool,
+    logit_bias: Option<HashMap<u32, f32>>,
 ) -> PyResult<Sampling> {
     let seed = seed.unwrap_or_else(SamplerConfig::clock_seed);
-    let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, seed, ..SamplerConfig::default() };
+    let mut logit_bias: Vec<(u32, f32)> = logit_bias.into_iter().flatten().collect();
+    logit_bias.sort_by_key(|&(t, _)| t);
+    let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, logit_bias, seed, ..SamplerConfig::default() };
     config.check().map_err(|e| invalid(e.to_string()))?;
     Ok(Sampling { config, max_tokens, stop: stop.unwrap_or_default(), ignore_eos })
 }
@@ -254,7 +258,7 @@ impl Model {
 
     /// Generates text after `prompt` (BOS added as the model asks, as
     /// `bitnet run -p`); the text is exactly `bitnet run --json`'s.
-    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false))]
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -269,8 +273,9 @@ impl Model {
         seed: Option<u64>,
         stop: Option<Vec<String>>,
         ignore_eos: bool,
+        logit_bias: Option<HashMap<u32, f32>>,
     ) -> PyResult<String> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
         Ok(run(py, start(engine, &ids, &s)?)?.0)
@@ -278,7 +283,7 @@ impl Model {
 
     /// Generates after `prompt_ids`, used verbatim (no BOS added, as
     /// `bitnet run --prompt-ids`); returns the generated ids.
-    #[pyo3(signature = (prompt_ids, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false))]
+    #[pyo3(signature = (prompt_ids, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_ids(
         &self,
@@ -293,13 +298,14 @@ impl Model {
         seed: Option<u64>,
         stop: Option<Vec<String>>,
         ignore_eos: bool,
+        logit_bias: Option<HashMap<u32, f32>>,
     ) -> PyResult<Vec<u32>> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias)?;
         Ok(run(py, start(self.engine()?, &prompt_ids, &s)?)?.1)
     }
 
     /// Like `generate`, as an iterator of text pieces as they are made.
-    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false))]
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -313,8 +319,9 @@ impl Model {
         seed: Option<u64>,
         stop: Option<Vec<String>>,
         ignore_eos: bool,
+        logit_bias: Option<HashMap<u32, f32>>,
     ) -> PyResult<Stream> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
         Ok(Stream { run: Mutex::new(Some(start(engine, &ids, &s)?)) })
@@ -322,7 +329,7 @@ impl Model {
 
     /// The assistant's answer to `messages` (dicts with `role` and
     /// `content`), rendered with the chat template.
-    #[pyo3(signature = (messages, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[pyo3(signature = (messages, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, logit_bias = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
@@ -336,8 +343,9 @@ impl Model {
         repeat_penalty: f32,
         seed: Option<u64>,
         stop: Option<Vec<String>>,
+        logit_bias: Option<HashMap<u32, f32>>,
     ) -> PyResult<String> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, false)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, false, logit_bias)?;
         let msgs = self::messages(messages)?;
         let engine = self.engine()?;
         let ids = engine.chat_ids(&msgs).map_err(runtime_error)?;

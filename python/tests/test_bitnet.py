@@ -104,6 +104,19 @@ def test_sampling_is_seeded(model):
     assert a == b
 
 
+def test_logit_bias_forces_and_bans_tokens(model):
+    prompt = [1, 403, 407, 261, 378]
+    assert model.generate_ids(prompt, max_tokens=5, temperature=0, logit_bias={300: 100.0}) == [300] * 5
+    first = model.generate_ids(prompt, max_tokens=1, temperature=0)[0]
+    banned = model.generate_ids(prompt, max_tokens=16, temperature=2.0, top_k=0, min_p=0.0, seed=1, logit_bias={first: float("-inf")})
+    assert first not in banned
+    assert "ha ha" in model.generate("Once", max_tokens=4, temperature=0, logit_bias={300: 100})
+    with pytest.raises(bitnet.InvalidArgumentError, match="token id 512 is outside the vocabulary"):
+        model.generate_ids(prompt, max_tokens=2, logit_bias={512: 1.0})
+    with pytest.raises(bitnet.InvalidArgumentError, match="logit_bias = NaN"):
+        model.generate("Once", max_tokens=2, logit_bias={3: float("nan")})
+
+
 def test_info_describes_the_model(model):
     info = model.info
     assert info["architecture"] == "llama"

@@ -212,12 +212,23 @@ impl Live {
 }
 
 impl Engine {
+    /// Whether `sampler`'s settings are in range and its logit biases name
+    /// tokens of this model's vocabulary.
+    pub fn check_sampler(&self, sampler: &SamplerConfig) -> Result<(), RuntimeError> {
+        sampler.check().map_err(|e| RuntimeError::Input(e.to_string()))?;
+        match sampler.bias_outside(self.vocab()) {
+            Some(t) => RuntimeError::input(format!("logit_bias: token id {t} is outside the vocabulary of {}", self.vocab())),
+            None => Ok(()),
+        }
+    }
+
     /// Generates up to `opts.n_predict` tokens after `prompt` (fed after
     /// what `seq` holds), calling `on_token` with each as it is chosen.
     pub fn generate(&self, seq: &mut Sequence, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation, RuntimeError> {
         if prompt.is_empty() {
             return RuntimeError::input("nothing to evaluate: the prompt is empty");
         }
+        self.check_sampler(&opts.sampler)?;
         if prompt.len() + seq.tokens().len() > self.context {
             return RuntimeError::input(format!(
                 "the prompt is {} tokens, longer than the {} the context has left (context size {}; raise it with -c)",
@@ -260,6 +271,10 @@ impl Engine {
                 let Some((i, (prompt, opts))) = queue.next() else { break };
                 if prompt.is_empty() {
                     on_done(i, RuntimeError::input("nothing to evaluate: the prompt is empty"));
+                    continue;
+                }
+                if let Err(e) = self.check_sampler(&opts.sampler) {
+                    on_done(i, Err(e));
                     continue;
                 }
                 live.push((i, Live::chunked(self, self.new_sequence(opts.sampler.clone()), prompt, opts)));
@@ -326,6 +341,7 @@ impl TextGeneration {
         if let Some(bad) = prompt.iter().find(|&&t| t as usize >= engine.vocab()) {
             return RuntimeError::input(format!("token id {bad} is outside the vocabulary of {}", engine.vocab()));
         }
+        engine.check_sampler(&opts.sampler)?;
         let mut seq = engine.new_sequence(opts.sampler.clone());
         seq.keep_all_logits = opts.dump_logits;
         seq.feed(prompt);

@@ -1,6 +1,7 @@
-//! Choosing the next token from logits, in llama.cpp's order: repeat,
-//! presence and frequency penalties over the last N tokens, then top-k, top-p, min-p, temperature,
-//! and a draw from the seeded generator. Temperature 0 is greedy.
+//! Choosing the next token from logits, in llama.cpp's order: the logit
+//! biases, then repeat, presence and frequency penalties over the last N
+//! tokens, then top-k, top-p, min-p, temperature, and a draw from the
+//! seeded generator. Temperature 0 is greedy (after the biases and penalties).
 
 use rand::{Rng, SeedableRng};
 
@@ -18,6 +19,10 @@ pub struct SamplerConfig {
     /// Subtracted from a token's logit once per time it is in the window
     /// (OpenAI's `frequency_penalty`).
     pub frequency_penalty: f32,
+    /// Added to a token's logit before anything else (OpenAI's and
+    /// llama.cpp's `logit_bias`); `-inf` bans the token. Two entries for
+    /// one token add up.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -33,6 +38,7 @@ impl Default for SamplerConfig {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -44,7 +50,8 @@ impl SamplerConfig {
     }
 
     /// The first setting that makes no sense, if any: the temperature must be
-    /// finite and ≥ 0, top-p and min-p in [0, 1], the repeat penalty > 0.
+    /// finite and ≥ 0, top-p and min-p in [0, 1], the repeat penalty > 0, a
+    /// logit bias finite or `-inf`.
     pub fn check(&self) -> Result<(), OutOfRange> {
         let bad = |setting, value: f32| Err(OutOfRange { setting, value });
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -59,7 +66,16 @@ impl SamplerConfig {
         if self.repeat_penalty.is_nan() || self.repeat_penalty <= 0.0 {
             return bad(Setting::RepeatPenalty, self.repeat_penalty);
         }
+        if let Some(&(_, b)) = self.logit_bias.iter().find(|(_, b)| b.is_nan() || *b == f32::INFINITY) {
+            return bad(Setting::LogitBias, b);
+        }
         Ok(())
+    }
+
+    /// The first token a logit bias names that is not in a vocabulary of
+    /// `vocab` tokens, if any.
+    pub fn bias_outside(&self, vocab: usize) -> Option<u32> {
+        self.logit_bias.iter().map(|&(t, _)| t).find(|&t| t as usize >= vocab)
     }
 
     /// A seed from the clock, for callers that name none.
@@ -75,6 +91,7 @@ pub enum Setting {
     TopP,
     MinP,
     RepeatPenalty,
+    LogitBias,
 }
 
 impl Setting {
@@ -85,6 +102,7 @@ impl Setting {
             Setting::TopP => "top_p",
             Setting::MinP => "min_p",
             Setting::RepeatPenalty => "repeat_penalty",
+            Setting::LogitBias => "logit_bias",
         }
     }
 
@@ -94,6 +112,7 @@ impl Setting {
             Setting::Temperature => "a finite number ≥ 0",
             Setting::TopP | Setting::MinP => "in [0, 1]",
             Setting::RepeatPenalty => "> 0",
+            Setting::LogitBias => "a finite number or -inf",
         }
     }
 }
@@ -135,6 +154,11 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = &self.config;
         let mut logits = logits.to_vec();
+        for &(t, b) in &c.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         let penalized = c.repeat_penalty != 1.0 || c.presence_penalty != 0.0 || c.frequency_penalty != 0.0;
         if penalized && c.repeat_last_n > 0 {
             let from = history.len().saturating_sub(c.repeat_last_n);
@@ -241,6 +265,14 @@ mod tests {
             (SamplerConfig { top_p: 1.5, ..SamplerConfig::default() }, "top_p = 1.5 is out of range: it must be in [0, 1]"),
             (SamplerConfig { min_p: -0.1, ..SamplerConfig::default() }, "min_p = -0.1 is out of range: it must be in [0, 1]"),
             (SamplerConfig { repeat_penalty: 0.0, ..SamplerConfig::default() }, "repeat_penalty = 0 is out of range: it must be > 0"),
+            (
+                SamplerConfig { logit_bias: vec![(1, 2.0), (2, f32::INFINITY)], ..SamplerConfig::default() },
+                "logit_bias = inf is out of range: it must be a finite number or -inf",
+            ),
+            (
+                SamplerConfig { logit_bias: vec![(1, f32::NAN)], ..SamplerConfig::default() },
+                "logit_bias = NaN is out of range: it must be a finite number or -inf",
+            ),
         ];
         for (config, message) in cases {
             assert_eq!(config.check().unwrap_err().to_string(), message);
@@ -274,6 +306,28 @@ mod tests {
         assert_eq!(Sampler::new(cfg.clone()).sample(&[0.1, 3.0, 2.0], &[1, 1]), 2);
         // Once: 3.0 - 0.9 = 2.1 > 2.0.
         assert_eq!(Sampler::new(cfg).sample(&[0.1, 3.0, 2.0], &[1]), 1);
+    }
+
+    #[test]
+    fn logit_biases_come_first_and_minus_infinity_bans() {
+        let logits = [0.1, 3.0, 2.0];
+        let biased = |logit_bias: Vec<(u32, f32)>, config: SamplerConfig| Sampler::new(SamplerConfig { logit_bias, ..config }).sample(&logits, &[]);
+        // 2.0 + 1.5 = 3.5 > 3.0; two entries for one token add up.
+        assert_eq!(biased(vec![(2, 1.5)], SamplerConfig::greedy()), 2);
+        assert_eq!(biased(vec![(2, 0.5), (2, 0.6)], SamplerConfig::greedy()), 2);
+        assert_eq!(biased(vec![(2, 0.5)], SamplerConfig::greedy()), 1);
+        // Banned tokens are never drawn, whatever the seed and temperature.
+        let hot = SamplerConfig { temperature: 5.0, top_k: 0, top_p: 1.0, min_p: 0.0, ..SamplerConfig::default() };
+        for seed in 0..50 {
+            assert_eq!(biased(vec![(1, f32::NEG_INFINITY), (2, f32::NEG_INFINITY)], SamplerConfig { seed, ..hot.clone() }), 0);
+        }
+        // The bias comes before the penalties: a biased token seen once is
+        // penalized from its biased logit (3.0 + 1.0 - 1.5 = 2.5 > 2.0).
+        let penalized = SamplerConfig { presence_penalty: 1.5, ..SamplerConfig::greedy() };
+        assert_eq!(Sampler::new(SamplerConfig { logit_bias: vec![(1, 1.0)], ..penalized.clone() }).sample(&logits, &[1]), 1);
+        assert_eq!(Sampler::new(penalized).sample(&logits, &[1]), 2);
+        let c = SamplerConfig { logit_bias: vec![(2, 1.0), (3, 1.0)], ..SamplerConfig::default() };
+        assert_eq!((c.bias_outside(3), c.bias_outside(4)), (Some(3), None));
     }
 
     #[test]

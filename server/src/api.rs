@@ -93,6 +93,13 @@ pub struct Sampling {
     pub presence_penalty: Option<f32>,
     #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
+    /// Token id (as a string) to a bias between -100 and 100, added to the
+    /// token's logit before sampling; -100 all but bans it, 100 all but
+    /// forces it (OpenAI's `logit_bias`).
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// Only `{"type": "text"}`: JSON modes (grammar-constrained output)
+    /// are refused with a 400, not ignored.
+    pub response_format: Option<ResponseFormat>,
     /// Choices per request: only 1.
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u64>,
@@ -103,6 +110,12 @@ pub struct Sampling {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 /// A message's content: text, or a list of parts of which the text ones count.
@@ -178,6 +191,11 @@ pub struct ChatRequest {
     /// With `logprobs`: alternatives per token.
     #[schema(maximum = 20)]
     pub top_logprobs: Option<usize>,
+    /// Function calling is not supported: a request with tools is refused
+    /// with a 400, not answered as if they were not there.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub tools: Vec<serde_json::Value>,
 }
 
 /// A prompt: text, token ids, or a one-element list of either.

@@ -138,6 +138,11 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
     if let Some(k) = logprobs {
         check(k <= 20, "top_logprobs", "at most 20")?;
     }
+    if let Some(f) = s.response_format.as_ref().filter(|f| f.kind != "text") {
+        let message = format!("response_format {:?} is not supported: this server does not constrain output to JSON; only \"text\"", f.kind);
+        return Err(ApiError::bad_request(message).param("response_format"));
+    }
+    let logit_bias = logit_bias(s.logit_bias.as_ref(), st.engine.vocab())?;
     let room = (context - prompt_len) as u64;
     let max = s.max_completion_tokens.or(s.max_tokens).or(default_max).unwrap_or(room).min(room);
     let stop = s.stop.as_ref().map(|o| match o {
@@ -154,10 +159,29 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         top_k: s.top_k.unwrap_or(SamplerConfig::default().top_k),
         presence_penalty: pp,
         frequency_penalty: fp,
+        logit_bias,
         seed,
         ..SamplerConfig::default()
     };
     Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
+}
+
+/// OpenAI's `logit_bias` (token ids as strings, biases in [-100, 100]) as
+/// the sampler's.
+fn logit_bias(bias: Option<&std::collections::BTreeMap<String, f32>>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |m: String| ApiError::bad_request(format!("logit_bias: {m}")).param("logit_bias");
+    let mut out = Vec::new();
+    for (key, &b) in bias.into_iter().flatten() {
+        let id = key.trim().parse::<u32>().map_err(|_| bad(format!("{key:?} is not a token id")))?;
+        if id as usize >= vocab {
+            return Err(bad(format!("token id {id} is outside the vocabulary of {vocab}")));
+        }
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(bad(format!("the bias of token {id} is {b}; it must be between -100 and 100")));
+        }
+        out.push((id, b));
+    }
+    Ok(out)
 }
 
 /// Queues a job; its events arrive on the receiver.
@@ -231,6 +255,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
     let req: ChatRequest = api::parse(&body(b)?)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages is empty").param("messages"));
+    }
+    if !req.tools.is_empty() {
+        return Err(ApiError::bad_request("tools are not supported: this server does not do function calling").param("tools"));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in &req.messages {

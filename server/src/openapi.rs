@@ -124,6 +124,7 @@ mod tests {
             "Finish",
             "ChatCompletionChunk",
             "TextCompletionChunk",
+            "ResponseFormat",
         ] {
             assert!(schemas.contains_key(s), "schema {s} missing");
         }

@@ -245,6 +245,18 @@ pub struct SamplingArgs {
     /// Always take the most likely token (same as --temp 0).
     #[arg(long)]
     pub greedy: bool,
+    /// Add BIAS to a token's logit, as llama.cpp's `15043+1` or `15043-inf`
+    /// (`-inf` bans the token); repeatable.
+    #[arg(short = 'l', long, value_name = "TOKEN_ID(+/-)BIAS", value_parser = parse_logit_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// `--logit-bias`'s `TOKEN_ID+BIAS` or `TOKEN_ID-BIAS`.
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let at = s.find(['+', '-']).ok_or_else(|| format!("{s:?} is not TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)"))?;
+    let id = s[..at].parse::<u32>().map_err(|_| format!("{:?} is not a token id", &s[..at]))?;
+    let bias = s[at..].parse::<f32>().map_err(|_| format!("{:?} is not a bias (a number, or -inf)", &s[at..]))?;
+    Ok((id, bias))
 }
 
 impl SamplingArgs {
@@ -258,6 +270,7 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: self.logit_bias.clone(),
             seed: self.seed.unwrap_or_else(SamplerConfig::clock_seed),
         };
         config.check().map_err(|e| {
@@ -266,6 +279,7 @@ impl SamplingArgs {
                 Setting::TopP => "--top-p",
                 Setting::MinP => "--min-p",
                 Setting::RepeatPenalty => "--repeat-penalty",
+                Setting::LogitBias => "--logit-bias",
             };
             anyhow::anyhow!(e.message(flag))
         })?;

@@ -82,6 +82,9 @@ pub struct GenerateRequest {
     stop: Stops,
     #[serde(default)]
     ignore_eos: bool,
+    /// Token id to a bias added to its logit (OpenAI's `logit_bias`).
+    #[serde(default)]
+    logit_bias: std::collections::BTreeMap<u32, f32>,
 }
 
 mod defaults {
@@ -237,6 +240,7 @@ impl State {
             top_p: r.top_p,
             min_p: r.min_p,
             repeat_penalty: r.repeat_penalty,
+            logit_bias: r.logit_bias.into_iter().collect(),
             seed,
             ..SamplerConfig::default()
         };

@@ -54,6 +54,21 @@ fn an_f16_cache_is_an_option() {
 }
 
 #[test]
+fn logit_biases_force_and_ban_tokens() {
+    let (mut s, m) = loaded();
+    let ids = |s: &mut State, req: &[u8]| {
+        let g = s.start(m, req).unwrap();
+        serde_json::from_str::<serde_json::Value>(&s.finish(g).unwrap()).unwrap()["ids"].clone()
+    };
+    let forced = ids(&mut s, br#"{"prompt_ids": [1, 403, 407, 261, 378], "max_tokens": 4, "temperature": 0, "logit_bias": {"300": 100}}"#);
+    assert_eq!(forced, serde_json::json!([300, 300, 300, 300]));
+    let banned = ids(&mut s, br#"{"prompt_ids": [1, 403, 407, 261, 378], "max_tokens": 4, "temperature": 0, "logit_bias": {"432": -100}}"#);
+    assert_ne!(banned[0], KNOWN[0]);
+    let e = s.start(m, br#"{"prompt": "a", "logit_bias": {"512": 1}}"#).unwrap_err();
+    assert!(e.contains("token id 512 is outside the vocabulary of 512"), "{e}");
+}
+
+#[test]
 fn bad_input_is_a_message() {
     let mut s = State::default();
     assert!(s.load(b"GGUF but no more".to_vec(), b"").unwrap_err().contains("not a model this engine reads"));
