@@ -211,7 +211,11 @@ def check_bad(url, key):
     error(400, "/v1/completions", {**hi, "response_format": {"type": "json_schema"}}, want="response_format")
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     error(400, "/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, want="tools")
-    assert request(url, "/v1/completions", {**hi, "logit_bias": {}, "response_format": {"type": "text"}}, key)[0] == 200
+    error(400, "/v1/chat/completions", {**chat, "functions": [{"name": "f"}]}, want="functions")
+    error(400, "/v1/completions", {**hi, "suffix": " the end"}, want="suffix")
+    error(400, "/v1/completions", {**hi, "best_of": 3}, want="best_of")
+    ok = {**hi, "logit_bias": {}, "response_format": {"type": "text"}, "suffix": "", "best_of": 1}
+    assert request(url, "/v1/completions", ok, key)[0] == 200
     error(401, "/v1/models", k=None)
     error(401, "/v1/models", k="nope")
     error(404, "/v2/nothing", {"a": 1})

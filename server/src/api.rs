@@ -196,6 +196,10 @@ pub struct ChatRequest {
     #[serde(default)]
     #[schema(value_type = Vec<Object>)]
     pub tools: Vec<serde_json::Value>,
+    /// The older form of `tools`: refused as they are.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub functions: Vec<serde_json::Value>,
 }
 
 /// A prompt: text, token ids, or a one-element list of either.
@@ -218,6 +222,12 @@ pub struct CompletionRequest {
     pub logprobs: Option<usize>,
     #[serde(default)]
     pub echo: bool,
+    /// Text after the completion (insertion): not supported, so a
+    /// non-empty one is refused with a 400.
+    pub suffix: Option<String>,
+    /// Candidates to draw and rank: only 1.
+    #[schema(minimum = 1, maximum = 1)]
+    pub best_of: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -256,8 +256,10 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages is empty").param("messages"));
     }
-    if !req.tools.is_empty() {
-        return Err(ApiError::bad_request("tools are not supported: this server does not do function calling").param("tools"));
+    for (name, given) in [("tools", &req.tools), ("functions", &req.functions)] {
+        if !given.is_empty() {
+            return Err(ApiError::bad_request(format!("{name} are not supported: this server does not do function calling")).param(name));
+        }
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
@@ -296,6 +298,12 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
 ))]
 pub async fn completions(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> ApiResult {
     let req: CompletionRequest = api::parse(&body(b)?)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request("suffix is not supported: this server completes after the prompt only").param("suffix"));
+    }
+    if let Some(n) = req.best_of.filter(|&n| n != 1) {
+        return Err(ApiError::bad_request(format!("best_of = {n}: this server draws one completion per request (best_of = 1)")).param("best_of"));
+    }
     let tok = &st.engine.tokenizer;
     let encode = |t: &str| tok.encode(t, tok.add_bos, false).map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"));
     let one = |n: usize| if n == 1 { Ok(()) } else { Err(ApiError::bad_request(format!("{n} prompts: send one prompt per request")).param("prompt")) };
