@@ -81,6 +81,27 @@ fn encode_then_decode_round_trips() {
     }
 }
 
+/// Each token's bytes (what constrained decoding matches grammars
+/// against) add up to the text, for a byte-level tokenizer.json and a
+/// SentencePiece one with byte fallback.
+#[test]
+fn token_bytes_spell_the_text_for_tokenizer_json_files() {
+    let bytes = |t: &Tokenizer, ids: &[u32]| {
+        let mut out = Vec::new();
+        ids.iter().for_each(|&id| t.token_bytes(id, &mut out));
+        String::from_utf8(out).unwrap()
+    };
+    let hf = Tokenizer::from_hf_file(&data("tokenizers/llama3-hf/tokenizer.json")).unwrap();
+    for (text, _) in cases("ggml-vocab-llama-bpe.gguf") {
+        assert_eq!(bytes(&hf, &hf.encode(&text, false, false).unwrap()), text);
+    }
+    let spm = Tokenizer::from_hf_file(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/models/stories260K/hf/tokenizer.json"))).unwrap();
+    let text = "Once upon a time, Lily saw 3 cats.\nThe café was über nice!";
+    let ids = spm.encode(text, false, false).unwrap();
+    assert!(ids.iter().any(|&id| spm.piece(id).is_some_and(|p| p.starts_with("<0x"))), "the text needs byte fallback");
+    assert_eq!(bytes(&spm, &ids).strip_prefix(' ').unwrap(), text, "the pieces' leading ▁ is a space");
+}
+
 #[test]
 fn special_token_text_is_special_only_when_asked() {
     let t = gguf_tokenizer("ggml-vocab-llama-bpe.gguf");

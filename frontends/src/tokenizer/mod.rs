@@ -104,6 +104,26 @@ fn meta_array<'a, T>(f: &'a GgufFile, key: &str, kind: &str, get: impl Fn(&'a Me
     }
 }
 
+/// The byte of a byte-fallback piece such as `<0x0A>`.
+fn byte_piece(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() == 2 {
+        u8::from_str_radix(hex, 16).ok()
+    } else {
+        None
+    }
+}
+
+/// Whether a tokenizer.json's decoder maps pieces through GPT-2's
+/// byte-level alphabet (LLaMA-3's, Falcon3's), not SentencePiece's `▁`.
+fn decodes_byte_level(decoder: Option<&tokenizers::DecoderWrapper>) -> bool {
+    match decoder {
+        Some(tokenizers::DecoderWrapper::ByteLevel(_)) => true,
+        Some(tokenizers::DecoderWrapper::Sequence(s)) => s.get_decoders().iter().any(|d| decodes_byte_level(Some(d))),
+        _ => false,
+    }
+}
+
 fn str_array<'a>(f: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>, TokenizerError> {
     meta_array(f, key, "string", MetaValue::as_str)
 }
@@ -369,14 +389,19 @@ impl Tokenizer {
         match self.types[id as usize] {
             TokenType::Control | TokenType::Unknown | TokenType::Unused => {}
             TokenType::UserDefined => out.extend_from_slice(piece.as_bytes()),
-            TokenType::Byte => match u8::from_str_radix(piece.trim_start_matches("<0x").trim_end_matches('>'), 16) {
-                Ok(b) if piece.starts_with("<0x") => out.push(b),
-                _ => out.extend_from_slice(piece.as_bytes()),
+            TokenType::Byte => match byte_piece(piece) {
+                Some(b) => out.push(b),
+                None => out.extend_from_slice(piece.as_bytes()),
             },
             TokenType::Normal => match &self.engine {
-                Engine::Spm(_) => out.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes()),
                 Engine::Bpe(_) => bytelevel::decode(piece, out),
-                Engine::Hf { .. } => unreachable!("HF tokenizers decode through their decoder"),
+                Engine::Hf { full, .. } if decodes_byte_level(full.get_decoder()) => bytelevel::decode(piece, out),
+                // SentencePiece's pieces, as GGUF stores them or as a
+                // tokenizer.json with byte fallback does.
+                Engine::Spm(_) | Engine::Hf { .. } => match byte_piece(piece) {
+                    Some(b) => out.push(b),
+                    None => out.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes()),
+                },
             },
         }
     }
