@@ -79,12 +79,29 @@ def check_openai(url, key, expected):
     greedy_first = ids(first + expected[first])[at]
     banned = client.completions.create(model="m", prompt=first, max_tokens=4, temperature=0, logit_bias={str(greedy_first): -100})
     assert ids(first + banned.choices[0].text)[at] != greedy_first and banned.choices[0].text != expected[first][: len(banned.choices[0].text)], banned
-    # What the server cannot do is refused, not ignored.
+    # Structured output: whatever is drawn, a document of the schema, which
+    # ends the completion; streamed, the pieces add up to one too.
+    card = {
+        "type": "object",
+        "properties": {"mood": {"enum": ["happy", "sad"]}, "age": {"type": "integer", "minimum": 1, "maximum": 9}, "name": {"type": "string", "maxLength": 6}},
+        "required": ["mood", "age", "name"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "card", "strict": True, "schema": card}}
+    for seed in range(3):
+        c = client.chat.completions.create(model="m", messages=msgs, max_tokens=200, temperature=1.2, seed=seed, response_format=fmt)
+        doc = json.loads(c.choices[0].message.content)
+        assert doc["mood"] in ("happy", "sad") and 1 <= doc["age"] <= 9 and len(doc["name"]) <= 6 and len(doc) == 3, doc
+        assert c.choices[0].finish_reason == "stop", c
+    pieces = []
+    for chunk in client.completions.create(model="m", prompt=first, max_tokens=200, seed=5, stream=True, extra_body={"response_format": fmt}):
+        pieces.extend(ch.text for ch in chunk.choices)
+    assert set(json.loads("".join(pieces))) == {"mood", "age", "name"}, pieces
     try:
-        client.chat.completions.create(model="m", messages=msgs, response_format={"type": "json_object"})
-        raise AssertionError("a JSON mode was accepted")
+        client.chat.completions.create(model="m", messages=msgs, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
+        raise AssertionError("a schema that does not compile was accepted")
     except openai.BadRequestError as e:
-        assert e.body["param"] == "response_format", e.body
+        assert e.body["param"] == "response_format" and "bogus" in e.message, e.body
     # An error case, in OpenAI's shape.
     try:
         client.chat.completions.create(model="m", messages=msgs, n=2)
@@ -209,6 +226,7 @@ def check_bad(url, key):
     error(400, "/v1/completions", {**hi, "logit_bias": {"5": 101}}, want="between -100 and 100")
     error(400, "/v1/completions", {**hi, "logit_bias": {"5": "up"}}, want="expected")
     error(400, "/v1/completions", {**hi, "response_format": {"type": "json_schema"}}, want="response_format")
+    error(400, "/v1/completions", {**hi, "response_format": {"type": "yaml"}}, want='unknown response format type "yaml"')
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     error(400, "/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, want="tools")
     error(400, "/v1/chat/completions", {**chat, "functions": [{"name": "f"}]}, want="functions")

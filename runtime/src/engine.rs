@@ -18,6 +18,7 @@ use crate::artifact::{self, Artifact, Header};
 #[cfg(feature = "native")]
 use crate::backend::CudaBackend;
 use crate::backend::{Backend, BackendKind, Device, InterpBackend, KernelTimes, LoadOptions, StepRows};
+use crate::constraint::Grammars;
 #[cfg(feature = "native")]
 use crate::cuda::CudaModel;
 use crate::error::RuntimeError;
@@ -35,7 +36,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -105,6 +106,8 @@ pub struct Engine {
     combined: Condvar,
     /// Steps evaluated (batches count once).
     steps: AtomicU64,
+    /// The vocabulary indexed for constrained output, on first use.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 /// The sequences waiting for the next combined step, and the results of
@@ -193,8 +196,15 @@ impl Engine {
             combine: Mutex::default(),
             combined: Condvar::new(),
             steps: AtomicU64::new(0),
+            grammars: OnceLock::new(),
             model,
         })
+    }
+
+    /// The vocabulary indexed for constrained output (made on first use).
+    pub fn grammars(&self) -> Result<&Grammars, RuntimeError> {
+        let g = self.grammars.get_or_init(|| Grammars::new(&self.tokenizer, self.vocab()));
+        g.as_ref().map_err(|e| RuntimeError::Input(e.clone()))
     }
 
     pub fn vocab(&self) -> usize {
@@ -256,6 +266,18 @@ impl Engine {
         self.blocks.clear_cache();
     }
 
+    /// A sampler with `config`, its output format compiled. The format
+    /// should have passed [`Engine::check_sampler`]: one that does not
+    /// compile ends the generation at once.
+    pub fn sampler(&self, config: SamplerConfig) -> Sampler {
+        let constrained = match &config.format {
+            Some(f) => self.grammars().ok().map(|g| g.matcher(f).unwrap_or_else(|_| g.failed())),
+            None => None,
+        };
+        Sampler::constrained(config, constrained)
+    }
+
+    /// A sequence that samples with `sampler` (see [`Engine::sampler`]).
     pub fn new_sequence(&self, sampler: SamplerConfig) -> Sequence {
         Sequence {
             id: NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
@@ -267,7 +289,7 @@ impl Engine {
             logits: Vec::new(),
             registered: 0,
             cached: 0,
-            sampler: Sampler::new(sampler),
+            sampler: self.sampler(sampler),
             keep_all_logits: false,
             wait_for_kv: false,
         }

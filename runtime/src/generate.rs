@@ -4,7 +4,7 @@
 
 use crate::engine::{Engine, Sequence};
 use crate::error::RuntimeError;
-use crate::sampler::{Sampler, SamplerConfig};
+use crate::sampler::SamplerConfig;
 use crate::stops::StopFilter;
 use bitnet_frontends::tokenizer::TextStream;
 use std::sync::Arc;
@@ -138,8 +138,8 @@ enum Next {
 }
 
 impl Live {
-    fn new(mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
-        seq.sampler = Sampler::new(opts.sampler.clone());
+    fn new(engine: &Engine, mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
+        seq.sampler = engine.sampler(opts.sampler.clone());
         seq.keep_all_logits = opts.dump_logits;
         seq.feed(prompt);
         Live {
@@ -156,7 +156,7 @@ impl Live {
     /// time, after whatever of it the engine's prefix cache holds.
     fn chunked(engine: &Engine, mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
         let (rest, _) = PromptRest::start(engine, &mut seq, prompt);
-        let mut live = Live::new(seq, &[], opts);
+        let mut live = Live::new(engine, seq, &[], opts);
         live.gen.prompt_ids = prompt.to_vec();
         live.rest = rest;
         live
@@ -212,14 +212,17 @@ impl Live {
 }
 
 impl Engine {
-    /// Whether `sampler`'s settings are in range and its logit biases name
-    /// tokens of this model's vocabulary.
+    /// Whether `sampler`'s settings are in range, its logit biases name
+    /// tokens of this model's vocabulary and its output format compiles.
     pub fn check_sampler(&self, sampler: &SamplerConfig) -> Result<(), RuntimeError> {
         sampler.check().map_err(|e| RuntimeError::Input(e.to_string()))?;
-        match sampler.bias_outside(self.vocab()) {
-            Some(t) => RuntimeError::input(format!("logit_bias: token id {t} is outside the vocabulary of {}", self.vocab())),
-            None => Ok(()),
+        if let Some(t) = sampler.bias_outside(self.vocab()) {
+            return RuntimeError::input(format!("logit_bias: token id {t} is outside the vocabulary of {}", self.vocab()));
         }
+        if let Some(f) = &sampler.format {
+            self.grammars()?.matcher(f).map_err(RuntimeError::Input)?;
+        }
+        Ok(())
     }
 
     /// Generates up to `opts.n_predict` tokens after `prompt` (fed after
@@ -237,8 +240,8 @@ impl Engine {
                 self.context
             ));
         }
-        let placeholder = self.new_sequence(opts.sampler.clone());
-        let mut live = Live::new(std::mem::replace(seq, placeholder), prompt, opts);
+        let placeholder = self.new_sequence(SamplerConfig::default());
+        let mut live = Live::new(self, std::mem::replace(seq, placeholder), prompt, opts);
         let result = loop {
             if let Err(e) = self.step_one(&mut live.seq) {
                 break Err(e);

@@ -30,6 +30,7 @@ pub mod backend;
 pub mod bench;
 #[cfg(feature = "native")]
 pub mod compiled;
+pub mod constraint;
 #[cfg(feature = "native")]
 pub mod cuda;
 #[cfg(feature = "native")]
@@ -48,6 +49,7 @@ pub mod stops;
 
 pub use backend::{Backend, BackendKind, Device, KernelTimes, LoadOptions, StepRows};
 pub use bitnet_ir::interp::KvType;
+pub use constraint::OutputFormat;
 pub use engine::{Engine, EngineOptions, Sequence};
 pub use error::RuntimeError;
 pub use generate::{feed_prompt_chunks, GenerateOptions, Generation, PromptRest, StopReason, TextGeneration};

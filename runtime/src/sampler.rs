@@ -3,6 +3,7 @@
 //! tokens, then top-k, top-p, min-p, temperature, and a draw from the
 //! seeded generator. Temperature 0 is greedy (after the biases and penalties).
 
+use crate::constraint::{Constrained, OutputFormat};
 use rand::{Rng, SeedableRng};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +24,9 @@ pub struct SamplerConfig {
     /// llama.cpp's `logit_bias`); `-inf` bans the token. Two entries for
     /// one token add up.
     pub logit_bias: Vec<(u32, f32)>,
+    /// What the text must be (a JSON schema), applied after the biases;
+    /// `None`: free text.
+    pub format: Option<OutputFormat>,
     pub seed: u64,
 }
 
@@ -39,6 +43,7 @@ impl Default for SamplerConfig {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            format: None,
             seed: 0,
         }
     }
@@ -142,23 +147,45 @@ impl std::error::Error for OutOfRange {}
 pub struct Sampler {
     pub config: SamplerConfig,
     rng: rand::rngs::StdRng,
+    /// Where the text stands in its format's grammar, if it has one.
+    constrained: Option<Constrained>,
 }
 
 impl Sampler {
-    pub fn new(config: SamplerConfig) -> Sampler {
+    /// A sampler of free text, for tests of the draw: `config.format` needs
+    /// the engine's vocabulary ([`crate::Engine::sampler`]).
+    #[cfg(test)]
+    fn new(config: SamplerConfig) -> Sampler {
+        Sampler::constrained(config, None)
+    }
+
+    /// A sampler held to `constrained`, the compiled `config.format`.
+    pub(crate) fn constrained(config: SamplerConfig, constrained: Option<Constrained>) -> Sampler {
         let rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-        Sampler { config, rng }
+        Sampler { config, rng, constrained }
     }
 
     /// Picks a token; `history` is every token so far (prompt and output).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let c = &self.config;
         let mut logits = logits.to_vec();
-        for &(t, b) in &c.logit_bias {
+        for &(t, b) in &self.config.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l += b;
             }
         }
+        if let Some(c) = &mut self.constrained {
+            c.mask(&mut logits);
+        }
+        let t = self.draw(logits, history);
+        if let Some(c) = &mut self.constrained {
+            c.advance(t);
+        }
+        t
+    }
+
+    /// The penalties, the cuts and the draw, on biased and masked logits.
+    fn draw(&mut self, mut logits: Vec<f32>, history: &[u32]) -> u32 {
+        let c = &self.config;
         let penalized = c.repeat_penalty != 1.0 || c.presence_penalty != 0.0 || c.frequency_penalty != 0.0;
         if penalized && c.repeat_last_n > 0 {
             let from = history.len().saturating_sub(c.repeat_last_n);

@@ -97,9 +97,11 @@ pub struct Sampling {
     /// token's logit before sampling; -100 all but bans it, 100 all but
     /// forces it (OpenAI's `logit_bias`).
     pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
-    /// Only `{"type": "text"}`: JSON modes (grammar-constrained output)
-    /// are refused with a 400, not ignored.
-    pub response_format: Option<ResponseFormat>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type":
+    /// "json_schema", "json_schema": {"name": ..., "schema": {...}}}`: the
+    /// output is held to the schema as it is sampled.
+    #[schema(value_type = Option<ResponseFormat>)]
+    pub response_format: Option<serde_json::Value>,
     /// Choices per request: only 1.
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u64>,
@@ -112,10 +114,17 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
 }
 
+/// OpenAI's `response_format` (for the description; the server reads the
+/// JSON through [`bitnet_runtime::OutputFormat::from_response_format`]).
 #[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
+    #[schema(value_type = String, pattern = "^(text|json_object|json_schema)$")]
     pub kind: String,
+    /// With `json_schema`: `{"name": ..., "schema": {...}, "strict": ...}`.
+    #[schema(value_type = Option<Object>)]
+    pub json_schema: Option<serde_json::Value>,
 }
 
 /// A message's content: text, or a list of parts of which the text ones count.

@@ -14,7 +14,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use bitnet_frontends::chat::Message;
-use bitnet_runtime::SamplerConfig;
+use bitnet_runtime::{OutputFormat, SamplerConfig};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,10 +138,8 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
     if let Some(k) = logprobs {
         check(k <= 20, "top_logprobs", "at most 20")?;
     }
-    if let Some(f) = s.response_format.as_ref().filter(|f| f.kind != "text") {
-        let message = format!("response_format {:?} is not supported: this server does not constrain output to JSON; only \"text\"", f.kind);
-        return Err(ApiError::bad_request(message).param("response_format"));
-    }
+    let format = s.response_format.as_ref().map(OutputFormat::from_response_format).transpose();
+    let format = format.map_err(|m| ApiError::bad_request(format!("response_format: {m}")).param("response_format"))?.flatten();
     let logit_bias = logit_bias(s.logit_bias.as_ref(), st.engine.vocab())?;
     let room = (context - prompt_len) as u64;
     let max = s.max_completion_tokens.or(s.max_tokens).or(default_max).unwrap_or(room).min(room);
@@ -160,9 +158,14 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         presence_penalty: pp,
         frequency_penalty: fp,
         logit_bias,
+        format,
         seed,
         ..SamplerConfig::default()
     };
+    if sampler.format.is_some() {
+        // The schema compiles here, so that a bad one is this request's 400.
+        st.engine.check_sampler(&sampler).map_err(|e| ApiError::bad_request(e.to_string()).param("response_format"))?;
+    }
     Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
 }
 

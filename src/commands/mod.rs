@@ -13,7 +13,7 @@ use anyhow::Context;
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned, Schedule, TileOrigin, Tiles};
-use bitnet_runtime::{BackendKind, Engine, EngineOptions, KvType, LoadOptions, SamplerConfig, Session, Setting};
+use bitnet_runtime::{BackendKind, Engine, EngineOptions, KvType, LoadOptions, OutputFormat, SamplerConfig, Session, Setting};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -249,6 +249,26 @@ pub struct SamplingArgs {
     /// (`-inf` bans the token); repeatable.
     #[arg(short = 'l', long, value_name = "TOKEN_ID(+/-)BIAS", value_parser = parse_logit_bias)]
     pub logit_bias: Vec<(u32, f32)>,
+    /// Hold the output to a JSON schema, as llama.cpp's `-j` (`{}`: any
+    /// JSON value); generation ends when the document does.
+    #[arg(short = 'j', long, value_name = "SCHEMA", conflicts_with = "json_schema_file")]
+    pub json_schema: Option<String>,
+    /// --json-schema, read from a file.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema_file: Option<std::path::PathBuf>,
+}
+
+impl SamplingArgs {
+    /// `--json-schema` or `--json-schema-file`'s schema.
+    fn format(&self) -> anyhow::Result<Option<OutputFormat>> {
+        let (text, flag) = match (&self.json_schema, &self.json_schema_file) {
+            (Some(s), _) => (s.clone(), "--json-schema".to_string()),
+            (None, Some(f)) => (std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?, f.display().to_string()),
+            (None, None) => return Ok(None),
+        };
+        let schema = serde_json::from_str(&text).with_context(|| format!("{flag} is not JSON"))?;
+        Ok(Some(OutputFormat::JsonSchema(schema)))
+    }
 }
 
 /// `--logit-bias`'s `TOKEN_ID+BIAS` or `TOKEN_ID-BIAS`.
@@ -271,6 +291,7 @@ impl SamplingArgs {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: self.logit_bias.clone(),
+            format: self.format()?,
             seed: self.seed.unwrap_or_else(SamplerConfig::clock_seed),
         };
         config.check().map_err(|e| {

@@ -1,0 +1,97 @@
+//! Output held to a JSON schema (`SamplerConfig::format`): whatever the
+//! sampling, the text is a document the schema accepts, and it ends when
+//! the document does.
+
+mod common;
+
+use bitnet_runtime::{Engine, EngineOptions, GenerateOptions, LoadOptions, OutputFormat, RuntimeError, SamplerConfig, StopReason};
+use common::*;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+fn stories_engine() -> Arc<Engine> {
+    let load = LoadOptions { threads: 2, ..Default::default() };
+    Arc::new(Engine::open(&stories(), &EngineOptions { load, parallel: 2, ..Default::default() }).unwrap())
+}
+
+/// The text generated after "Once upon a time" with `format`, and why it stopped.
+fn generate(e: &Engine, format: OutputFormat, sampler: SamplerConfig, n: usize) -> Result<(String, StopReason), RuntimeError> {
+    let prompt = e.tokenizer.encode("Once upon a time", true, false).unwrap();
+    let opts = GenerateOptions { n_predict: n, ignore_eos: false, sampler: SamplerConfig { format: Some(format), ..sampler }, dump_logits: false };
+    let mut seq = e.new_sequence(opts.sampler.clone());
+    let g = e.generate(&mut seq, &prompt, &opts, |_| {})?;
+    let ids: Vec<u32> = g.generated_ids.iter().copied().filter(|&t| !e.tokenizer.is_eog(t)).collect();
+    Ok((e.tokenizer.decode(prompt.last().copied(), &ids), g.stop))
+}
+
+/// A schema every part of which is bounded, so that each generation ends.
+fn card() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "mood": { "enum": ["happy", "sad", "brave"] },
+            "age": { "type": "integer", "minimum": 1, "maximum": 9 },
+            "friend": { "type": "boolean" },
+            "name": { "type": "string", "minLength": 1, "maxLength": 6 }
+        },
+        "required": ["mood", "age", "friend", "name"],
+        "additionalProperties": false
+    })
+}
+
+#[test]
+fn every_sample_is_a_document_of_the_schema() {
+    let e = stories_engine();
+    let mut texts = std::collections::HashSet::new();
+    for seed in 0..6 {
+        let sampler = SamplerConfig { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed, ..SamplerConfig::default() };
+        let (text, stop) = generate(&e, OutputFormat::JsonSchema(card()), sampler, 200).unwrap();
+        assert_eq!(stop, StopReason::EndOfGeneration, "the document ends the generation: {text:?}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text:?}: {err}"));
+        assert!(["happy", "sad", "brave"].contains(&v["mood"].as_str().unwrap()), "{v}");
+        assert!((1..=9).contains(&v["age"].as_i64().unwrap()) && v["friend"].is_boolean(), "{v}");
+        assert!((1..=6).contains(&v["name"].as_str().unwrap().chars().count()), "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 4);
+        assert!(!text.contains(": ") && !text.contains('\n'), "compact JSON: {text:?}");
+        texts.insert(text);
+    }
+    assert!(texts.len() > 1, "the draws differ: {texts:?}");
+    let (greedy, _) = generate(&e, OutputFormat::JsonSchema(card()), SamplerConfig::greedy(), 200).unwrap();
+    assert!(serde_json::from_str::<Value>(&greedy).is_ok(), "{greedy:?}");
+}
+
+#[test]
+fn a_json_object_is_an_object_or_its_beginning() {
+    let e = stories_engine();
+    for seed in 0..4 {
+        let sampler = SamplerConfig { seed, ..SamplerConfig::default() };
+        let (text, stop) = generate(&e, OutputFormat::JsonObject, sampler, 48).unwrap();
+        assert!(text.starts_with('{'), "{text:?}");
+        match stop {
+            StopReason::EndOfGeneration => assert!(serde_json::from_str::<Value>(&text).unwrap().is_object(), "{text:?}"),
+            // Cut off by the token budget: what came is the start of one.
+            _ => assert!(matches!(serde_json::from_str::<Value>(&text), Err(e) if e.is_eof()), "{text:?}"),
+        }
+    }
+}
+
+#[test]
+fn response_formats_parse_as_openai_spells_them() {
+    let parse = |v: Value| OutputFormat::from_response_format(&v);
+    assert_eq!(parse(json!({"type": "text"})), Ok(None));
+    assert_eq!(parse(json!({"type": "json_object"})), Ok(Some(OutputFormat::JsonObject)));
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "card", "strict": true, "schema": card()}});
+    assert_eq!(parse(schema), Ok(Some(OutputFormat::JsonSchema(card()))));
+    assert!(parse(json!({"type": "json_schema", "json_schema": {"name": "card"}})).unwrap_err().contains("needs"));
+    assert!(parse(json!({"type": "yaml"})).unwrap_err().contains("unknown response format type \"yaml\""));
+    assert!(parse(json!({})).unwrap_err().contains("needs a \"type\""));
+}
+
+#[test]
+fn a_schema_that_does_not_compile_is_refused_before_generating() {
+    let e = stories_engine();
+    for bad in [json!({"type": "nonsense"}), json!({"type": "integer", "minimum": 5, "maximum": 1})] {
+        let err = generate(&e, OutputFormat::JsonSchema(bad.clone()), SamplerConfig::greedy(), 8).unwrap_err();
+        assert!(matches!(&err, RuntimeError::Input(m) if m.starts_with("response format: ")), "{bad}: {err}");
+    }
+}
