@@ -71,6 +71,7 @@ class Model:
         stop: Optional[Sequence[str]] = None,
         ignore_eos: bool = False,
         logit_bias: Optional[Mapping[int, float]] = None,
+        response_format: Optional[Mapping[str, Any]] = None,
     ) -> str: ...
     def generate_ids(
         self,
@@ -86,6 +87,7 @@ class Model:
         stop: Optional[Sequence[str]] = None,
         ignore_eos: bool = False,
         logit_bias: Optional[Mapping[int, float]] = None,
+        response_format: Optional[Mapping[str, Any]] = None,
     ) -> List[int]: ...
     def stream(
         self,
@@ -101,6 +103,7 @@ class Model:
         stop: Optional[Sequence[str]] = None,
         ignore_eos: bool = False,
         logit_bias: Optional[Mapping[int, float]] = None,
+        response_format: Optional[Mapping[str, Any]] = None,
     ) -> Stream: ...
     def chat(
         self,
@@ -115,6 +118,7 @@ class Model:
         seed: Optional[int] = None,
         stop: Optional[Sequence[str]] = None,
         logit_bias: Optional[Mapping[int, float]] = None,
+        response_format: Optional[Mapping[str, Any]] = None,
     ) -> str: ...
     def tokenize(self, text: str, add_bos: bool = True) -> List[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...

@@ -8,7 +8,9 @@ use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::cpu::Isa;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
 use bitnet_frontends::chat::{template_named, Message};
-use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
+use bitnet_runtime::{
+    BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, OutputFormat, RuntimeError, SamplerConfig, TextGeneration,
+};
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::create_exception;
@@ -138,13 +140,22 @@ fn sampling(
     stop: Option<Vec<String>>,
     ignore_eos: bool,
     logit_bias: Option<HashMap<u32, f32>>,
+    response_format: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Sampling> {
     let seed = seed.unwrap_or_else(SamplerConfig::clock_seed);
     let mut logit_bias: Vec<(u32, f32)> = logit_bias.into_iter().flatten().collect();
     logit_bias.sort_by_key(|&(t, _)| t);
-    let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, logit_bias, seed, ..SamplerConfig::default() };
+    let format = response_format.map(output_format).transpose()?.flatten();
+    let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, logit_bias, format, seed, ..SamplerConfig::default() };
     config.check().map_err(|e| invalid(e.to_string()))?;
     Ok(Sampling { config, max_tokens, stop: stop.unwrap_or_default(), ignore_eos })
+}
+
+/// OpenAI's `response_format` (a dict, as JSON): `None` for plain text.
+fn output_format(v: &Bound<'_, PyAny>) -> PyResult<Option<OutputFormat>> {
+    let json: String = v.py().import("json")?.call_method1("dumps", (v,))?.extract()?;
+    let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| invalid(format!("response_format: {e}")))?;
+    OutputFormat::from_response_format(&value).map_err(|e| invalid(format!("response_format: {e}")))
 }
 
 /// Starts a generation (the prompt used verbatim).
@@ -258,7 +269,7 @@ impl Model {
 
     /// Generates text after `prompt` (BOS added as the model asks, as
     /// `bitnet run -p`); the text is exactly `bitnet run --json`'s.
-    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None))]
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -274,8 +285,9 @@ impl Model {
         stop: Option<Vec<String>>,
         ignore_eos: bool,
         logit_bias: Option<HashMap<u32, f32>>,
+        response_format: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
         Ok(run(py, start(engine, &ids, &s)?)?.0)
@@ -283,7 +295,7 @@ impl Model {
 
     /// Generates after `prompt_ids`, used verbatim (no BOS added, as
     /// `bitnet run --prompt-ids`); returns the generated ids.
-    #[pyo3(signature = (prompt_ids, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None))]
+    #[pyo3(signature = (prompt_ids, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_ids(
         &self,
@@ -299,13 +311,14 @@ impl Model {
         stop: Option<Vec<String>>,
         ignore_eos: bool,
         logit_bias: Option<HashMap<u32, f32>>,
+        response_format: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<u32>> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format)?;
         Ok(run(py, start(self.engine()?, &prompt_ids, &s)?)?.1)
     }
 
     /// Like `generate`, as an iterator of text pieces as they are made.
-    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None))]
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -320,8 +333,9 @@ impl Model {
         stop: Option<Vec<String>>,
         ignore_eos: bool,
         logit_bias: Option<HashMap<u32, f32>>,
+        response_format: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Stream> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
         Ok(Stream { run: Mutex::new(Some(start(engine, &ids, &s)?)) })
@@ -329,7 +343,7 @@ impl Model {
 
     /// The assistant's answer to `messages` (dicts with `role` and
     /// `content`), rendered with the chat template.
-    #[pyo3(signature = (messages, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, logit_bias = None))]
+    #[pyo3(signature = (messages, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, logit_bias = None, response_format = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
@@ -344,8 +358,9 @@ impl Model {
         seed: Option<u64>,
         stop: Option<Vec<String>>,
         logit_bias: Option<HashMap<u32, f32>>,
+        response_format: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, false, logit_bias)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, false, logit_bias, response_format)?;
         let msgs = self::messages(messages)?;
         let engine = self.engine()?;
         let ids = engine.chat_ids(&msgs).map_err(runtime_error)?;

@@ -117,6 +117,25 @@ def test_logit_bias_forces_and_bans_tokens(model):
         model.generate("Once", max_tokens=2, logit_bias={3: float("nan")})
 
 
+def test_response_format_holds_the_output_to_a_schema(model):
+    card = {
+        "type": "object",
+        "properties": {"mood": {"enum": ["happy", "sad"]}, "age": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["mood", "age"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": card}}
+    for seed in range(3):
+        doc = json.loads(model.generate("Once", max_tokens=64, temperature=1.0, seed=seed, response_format=fmt))
+        assert doc["mood"] in ("happy", "sad") and 1 <= doc["age"] <= 9 and len(doc) == 2, doc
+    assert json.loads("".join(model.stream("Once", max_tokens=64, response_format=fmt)))["mood"] in ("happy", "sad")
+    assert model.generate("Once", max_tokens=4, temperature=0, response_format={"type": "text"}) == model.generate("Once", max_tokens=4, temperature=0)
+    with pytest.raises(bitnet.InvalidArgumentError, match="unknown response format type"):
+        model.generate("Once", response_format={"type": "yaml"})
+    with pytest.raises(bitnet.InvalidArgumentError, match="response format: "):
+        model.generate("Once", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}})
+
+
 def test_info_describes_the_model(model):
     info = model.info
     assert info["architecture"] == "llama"

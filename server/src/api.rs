@@ -102,6 +102,11 @@ pub struct Sampling {
     /// output is held to the schema as it is sampled.
     #[schema(value_type = Option<ResponseFormat>)]
     pub response_format: Option<serde_json::Value>,
+    /// llama-server's spelling: the schema itself.
+    #[schema(value_type = Option<Object>)]
+    pub json_schema: Option<serde_json::Value>,
+    /// llama-server's GBNF grammar: not supported, so refused with a 400.
+    pub grammar: Option<String>,
     /// Choices per request: only 1.
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u64>,

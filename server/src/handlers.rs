@@ -138,8 +138,17 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
     if let Some(k) = logprobs {
         check(k <= 20, "top_logprobs", "at most 20")?;
     }
-    let format = s.response_format.as_ref().map(OutputFormat::from_response_format).transpose();
-    let format = format.map_err(|m| ApiError::bad_request(format!("response_format: {m}")).param("response_format"))?.flatten();
+    if s.grammar.as_deref().is_some_and(|g| !g.is_empty()) {
+        return Err(ApiError::bad_request("grammar: GBNF grammars are not supported; hold the output to a JSON schema with response_format").param("grammar"));
+    }
+    let format = match (&s.response_format, &s.json_schema) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give response_format or json_schema, not both").param("json_schema")),
+        (None, Some(schema)) => Some(OutputFormat::JsonSchema(schema.clone())),
+        (Some(r), None) => {
+            OutputFormat::from_response_format(r).map_err(|m| ApiError::bad_request(format!("response_format: {m}")).param("response_format"))?
+        }
+        (None, None) => None,
+    };
     let logit_bias = logit_bias(s.logit_bias.as_ref(), st.engine.vocab())?;
     let room = (context - prompt_len) as u64;
     let max = s.max_completion_tokens.or(s.max_tokens).or(default_max).unwrap_or(room).min(room);
@@ -164,7 +173,8 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
     };
     if sampler.format.is_some() {
         // The schema compiles here, so that a bad one is this request's 400.
-        st.engine.check_sampler(&sampler).map_err(|e| ApiError::bad_request(e.to_string()).param("response_format"))?;
+        let param = if s.json_schema.is_some() { "json_schema" } else { "response_format" };
+        st.engine.check_sampler(&sampler).map_err(|e| ApiError::bad_request(e.to_string()).param(param))?;
     }
     Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
 }

@@ -5,7 +5,7 @@
 use bitnet_frontends::chat::{self, Message};
 use bitnet_frontends::gguf::GgufFile;
 use bitnet_frontends::model::{Model, ModelError};
-use bitnet_runtime::{BackendKind, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, SamplerConfig, TextGeneration};
+use bitnet_runtime::{BackendKind, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, OutputFormat, SamplerConfig, TextGeneration};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -85,6 +85,8 @@ pub struct GenerateRequest {
     /// Token id to a bias added to its logit (OpenAI's `logit_bias`).
     #[serde(default)]
     logit_bias: std::collections::BTreeMap<u32, f32>,
+    /// OpenAI's `response_format`: `json_object`, or `json_schema` with its schema.
+    response_format: Option<serde_json::Value>,
 }
 
 mod defaults {
@@ -241,6 +243,7 @@ impl State {
             min_p: r.min_p,
             repeat_penalty: r.repeat_penalty,
             logit_bias: r.logit_bias.into_iter().collect(),
+            format: r.response_format.as_ref().map(OutputFormat::from_response_format).transpose()?.flatten(),
             seed,
             ..SamplerConfig::default()
         };

@@ -69,6 +69,20 @@ fn logit_biases_force_and_ban_tokens() {
 }
 
 #[test]
+fn a_response_format_holds_the_text_to_its_schema() {
+    let (mut s, m) = loaded();
+    let req = br#"{"prompt": "Once", "max_tokens": 64, "seed": 3, "response_format": {"type": "json_schema", "json_schema": {"schema":
+        {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}}}}"#;
+    let g = s.start(m, req).unwrap();
+    let done: serde_json::Value = serde_json::from_str(&s.finish(g).unwrap()).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(done["text"].as_str().unwrap()).unwrap();
+    assert!(doc["ok"].is_boolean(), "{done}");
+    assert_eq!(done["finish_reason"], "stop");
+    let e = s.start(m, br#"{"prompt": "a", "response_format": {"type": "yaml"}}"#).unwrap_err();
+    assert!(e.contains("unknown response format type"), "{e}");
+}
+
+#[test]
 fn bad_input_is_a_message() {
     let mut s = State::default();
     assert!(s.load(b"GGUF but no more".to_vec(), b"").unwrap_err().contains("not a model this engine reads"));
