@@ -83,9 +83,12 @@ impl Grammars {
         Ok(Grammars { factory, eos })
     }
 
-    /// A generation's matcher for `format`, or why the format does not compile.
+    /// A generation's matcher for `format`, or why the format does not
+    /// compile (a schema that makes the compiler panic is one that does not).
     pub fn matcher(&self, format: &OutputFormat) -> Result<Constrained, String> {
-        let matcher = Matcher::new(self.factory.create_parser(format.grammar()));
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.factory.create_parser(format.grammar())));
+        let parser = parser.map_err(|_| "response format: the schema compiler failed on this schema".to_string())?;
+        let matcher = Matcher::new(parser);
         match matcher.get_error() {
             Some(e) => Err(format!("response format: {e}")),
             None => Ok(Constrained { matcher: Some(matcher), eos: self.eos }),
