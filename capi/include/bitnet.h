@@ -178,6 +178,15 @@ typedef struct BitnetSampling {
 } BitnetSampling;
 
 /**
+ * A bias added to one token's logit before sampling (OpenAI's and
+ * llama.cpp's `logit_bias`); `-INFINITY` bans the token.
+ */
+typedef struct BitnetLogitBias {
+  uint32_t token;
+  float bias;
+} BitnetLogitBias;
+
+/**
  * Called with each piece of generated text (UTF-8, `len` bytes, not
  * NUL-terminated) and the caller's `user` pointer; return non-zero to stop.
  */
@@ -276,6 +285,24 @@ enum BitnetStatus bitnet_sequence_new(const struct BitnetEngine *engine,
  * Frees a sequence (null is ignored).
  */
 void bitnet_sequence_free(struct BitnetSequence *seq);
+
+/**
+ * Sets the sequence's logit biases (`n` of them at `biases`; 0 clears
+ * them) for its next generations: each token must be in the vocabulary,
+ * each bias a number or `-INFINITY`.
+ */
+enum BitnetStatus bitnet_sequence_set_logit_bias(struct BitnetSequence *seq,
+                                                 const struct BitnetLogitBias *biases,
+                                                 size_t n);
+
+/**
+ * Holds the sequence's next generations to a JSON schema (UTF-8 JSON,
+ * NUL-terminated; `"{}"`: any JSON value; null: free text again), as
+ * `bitnet run --json-schema` does: a generation ends when its document
+ * does. A schema that is not JSON or does not compile is
+ * `InvalidArgument`.
+ */
+enum BitnetStatus bitnet_sequence_set_json_schema(struct BitnetSequence *seq, const char *schema);
 
 /**
  * Generates up to `max_tokens` after `prompt` (ids used verbatim, as

@@ -35,7 +35,9 @@ mod versioned;
 
 use bitnet_codegen::cpu::ternary::Packing;
 use bitnet_codegen::schedule::{HeadQuant, Pinned};
-use bitnet_runtime::{BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, RuntimeError, SamplerConfig, TextGeneration};
+use bitnet_runtime::{
+    BackendKind, Device, Engine, EngineOptions, GenerateOptions, KvType, LoadOptions, OutputFormat, RuntimeError, SamplerConfig, TextGeneration,
+};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::offset_of;
@@ -181,6 +183,19 @@ pub struct BitnetEngine {
 pub struct BitnetSequence {
     engine: Arc<Engine>,
     sampling: BitnetSampling,
+    /// What `bitnet_sequence_set_logit_bias` and
+    /// `bitnet_sequence_set_json_schema` add to `sampling`.
+    logit_bias: Vec<(u32, f32)>,
+    format: Option<OutputFormat>,
+}
+
+/// A bias added to one token's logit before sampling (OpenAI's and
+/// llama.cpp's `logit_bias`); `-INFINITY` bans the token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BitnetLogitBias {
+    pub token: u32,
+    pub bias: f32,
 }
 
 /// Called with each piece of generated text (UTF-8, `len` bytes, not
@@ -485,7 +500,7 @@ pub extern "C" fn bitnet_sequence_new(engine: *const BitnetEngine, sampling: *co
         let s = read_or_default(sampling)?;
         sampler(&s).check().map_err(|e| invalid(e.to_string()))?;
         // SAFETY: checked non-null; the caller passes a writable pointer.
-        unsafe { *out = Box::into_raw(Box::new(BitnetSequence { engine: e, sampling: s })) };
+        unsafe { *out = Box::into_raw(Box::new(BitnetSequence { engine: e, sampling: s, logit_bias: Vec::new(), format: None })) };
         Ok(())
     })
 }
@@ -499,9 +514,48 @@ pub extern "C" fn bitnet_sequence_free(seq: *mut BitnetSequence) {
     }
 }
 
+/// Sets the sequence's logit biases (`n` of them at `biases`; 0 clears
+/// them) for its next generations: each token must be in the vocabulary,
+/// each bias a number or `-INFINITY`.
+#[no_mangle]
+pub extern "C" fn bitnet_sequence_set_logit_bias(seq: *mut BitnetSequence, biases: *const BitnetLogitBias, n: usize) -> BitnetStatus {
+    guard(|| {
+        // SAFETY: a pointer from bitnet_sequence_new (or null), used by one thread at a time.
+        let seq = unsafe { seq.as_mut() }.ok_or_else(|| invalid("sequence is null"))?;
+        let logit_bias: Vec<(u32, f32)> = slice(biases, n, "biases")?.iter().map(|b| (b.token, b.bias)).collect();
+        let config = SamplerConfig { logit_bias, ..sampler(&seq.sampling) };
+        seq.engine.check_sampler(&config)?;
+        seq.logit_bias = config.logit_bias;
+        Ok(())
+    })
+}
+
+/// Holds the sequence's next generations to a JSON schema (UTF-8 JSON,
+/// NUL-terminated; `"{}"`: any JSON value; null: free text again), as
+/// `bitnet run --json-schema` does: a generation ends when its document
+/// does. A schema that is not JSON or does not compile is
+/// `InvalidArgument`.
+#[no_mangle]
+pub extern "C" fn bitnet_sequence_set_json_schema(seq: *mut BitnetSequence, schema: *const c_char) -> BitnetStatus {
+    guard(|| {
+        // SAFETY: as in bitnet_sequence_set_logit_bias.
+        let seq = unsafe { seq.as_mut() }.ok_or_else(|| invalid("sequence is null"))?;
+        if schema.is_null() {
+            seq.format = None;
+            return Ok(());
+        }
+        let value: serde_json::Value = serde_json::from_str(text(schema, "schema")?).map_err(|e| invalid(format!("the schema is not JSON: {e}")))?;
+        let config = SamplerConfig { format: Some(OutputFormat::JsonSchema(value)), ..sampler(&seq.sampling) };
+        seq.engine.check_sampler(&config)?;
+        seq.format = config.format;
+        Ok(())
+    })
+}
+
 impl BitnetSequence {
     fn options(&self, max_tokens: usize, dump_logits: bool) -> GenerateOptions {
-        GenerateOptions { n_predict: max_tokens, ignore_eos: self.sampling.ignore_eos, sampler: sampler(&self.sampling), dump_logits }
+        let sampler = SamplerConfig { logit_bias: self.logit_bias.clone(), format: self.format.clone(), ..sampler(&self.sampling) };
+        GenerateOptions { n_predict: max_tokens, ignore_eos: self.sampling.ignore_eos, sampler, dump_logits }
     }
 }
 

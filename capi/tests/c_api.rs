@@ -115,6 +115,13 @@ fn the_c_example_prints_the_known_continuation() {
     let _ = std::fs::remove_file(exe);
 }
 
+/// A piece callback that appends to the `Vec<u8>` at `user`.
+extern "C" fn collect(piece: *const std::ffi::c_char, len: usize, user: *mut std::ffi::c_void) -> std::ffi::c_int {
+    // SAFETY: the test passes a Vec<u8> as `user`; the library passes `len` bytes.
+    unsafe { (*user.cast::<Vec<u8>>()).extend_from_slice(std::slice::from_raw_parts(piece.cast::<u8>(), len)) };
+    0
+}
+
 fn last_error() -> String {
     // SAFETY: the library returns a NUL-terminated string.
     unsafe { CStr::from_ptr(bitnet_last_error()) }.to_string_lossy().into_owned()
@@ -182,6 +189,35 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     let prompt = [1u32, 403, 407, 261, 378];
     assert_eq!(bitnet_generate(seq, prompt.as_ptr(), 5, 20, None, std::ptr::null_mut(), out.as_mut_ptr(), 20, &mut n), BitnetStatus::Ok);
     assert_eq!(&out[..n], &KNOWN);
+    // Logit biases: +100 forces token 300 every step; a token outside
+    // the vocabulary or a NaN is refused and leaves the biases as they were.
+    let force = [BitnetLogitBias { token: 300, bias: 100.0 }];
+    assert_eq!(bitnet_sequence_set_logit_bias(seq, force.as_ptr(), 1), BitnetStatus::Ok);
+    let outside = [BitnetLogitBias { token: 512, bias: 1.0 }];
+    assert_eq!(bitnet_sequence_set_logit_bias(seq, outside.as_ptr(), 1), BitnetStatus::InvalidArgument);
+    assert!(last_error().contains("token id 512 is outside the vocabulary of 512"), "{}", last_error());
+    let nan = [BitnetLogitBias { token: 3, bias: f32::NAN }];
+    assert_eq!(bitnet_sequence_set_logit_bias(seq, nan.as_ptr(), 1), BitnetStatus::InvalidArgument);
+    assert_eq!(bitnet_sequence_set_logit_bias(seq, std::ptr::null(), 2), BitnetStatus::InvalidArgument);
+    assert_eq!(bitnet_generate(seq, prompt.as_ptr(), 5, 4, None, std::ptr::null_mut(), out.as_mut_ptr(), 20, &mut n), BitnetStatus::Ok);
+    assert_eq!(&out[..n], &[300; 4]);
+    assert_eq!(bitnet_sequence_set_logit_bias(seq, std::ptr::null(), 0), BitnetStatus::Ok);
+    // A JSON schema holds the text; null lets it go free again.
+    let schema = CString::new(r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#).unwrap();
+    assert_eq!(bitnet_sequence_set_json_schema(seq, schema.as_ptr()), BitnetStatus::Ok);
+    let mut text = Vec::<u8>::new();
+    let user = (&mut text as *mut Vec<u8>).cast();
+    assert_eq!(bitnet_generate(seq, prompt.as_ptr(), 5, 40, Some(collect), user, out.as_mut_ptr(), 20, &mut n), BitnetStatus::Ok);
+    let doc: serde_json::Value = serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&text)));
+    assert!(doc["ok"].is_boolean() && n < 20, "{doc}, {n} tokens");
+    for bad in [r#"{"type": "bogus"}"#, "{oops"] {
+        let bad = CString::new(bad).unwrap();
+        assert_eq!(bitnet_sequence_set_json_schema(seq, bad.as_ptr()), BitnetStatus::InvalidArgument);
+    }
+    assert!(last_error().contains("the schema is not JSON"), "{}", last_error());
+    assert_eq!(bitnet_sequence_set_json_schema(seq, std::ptr::null()), BitnetStatus::Ok);
+    assert_eq!(bitnet_generate(seq, prompt.as_ptr(), 5, 20, None, std::ptr::null_mut(), out.as_mut_ptr(), 20, &mut n), BitnetStatus::Ok);
+    assert_eq!(&out[..n], &KNOWN, "free text again");
     let long = vec![1u32; 5000];
     assert_eq!(bitnet_generate(seq, long.as_ptr(), long.len(), 4, None, std::ptr::null_mut(), std::ptr::null_mut(), 0, &mut n), BitnetStatus::ContextFull);
     let mut logits = vec![0f32; 5 * 512];
