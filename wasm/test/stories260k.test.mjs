@@ -43,6 +43,15 @@ test('text, tokens and the finish reason match the CLI', (t) => {
   assert.deepEqual(done.usage, { prompt_tokens: 5, completion_tokens: 20, total_tokens: 25 });
 });
 
+test('logit biases and a response format, in camelCase', () => {
+  assert.deepEqual(model.generateIds(PROMPT_IDS, { ...greedy, maxTokens: 3, logitBias: { 300: 100 } }), [300, 300, 300]);
+  const schema = { type: 'object', properties: { ok: { type: 'boolean' } }, required: ['ok'], additionalProperties: false };
+  const done = model.complete({ prompt: 'Once', maxTokens: 40, seed: 2, responseFormat: { type: 'json_schema', json_schema: { schema } } });
+  assert.equal(typeof JSON.parse(done.text).ok, 'boolean');
+  assert.equal(done.finish_reason, 'stop');
+  assert.throws(() => model.generate('Once', { responseFormat: { type: 'yaml' } }), /unknown response format type/);
+});
+
 test('streamed pieces add up to the text, and stop strings cut it', () => {
   const whole = model.generate('Lily and Tom', { maxTokens: 30, temperature: 0 });
   const pieces = [...model.stream('Lily and Tom', { maxTokens: 30, temperature: 0 })];
