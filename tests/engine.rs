@@ -132,7 +132,7 @@ fn batched_logits_match_single_steps() {
     let single: Vec<Vec<f32>> = ps
         .iter()
         .map(|p| {
-            let mut s = e.new_sequence(SamplerConfig::default());
+            let mut s = e.new_sequence(SamplerConfig::default()).unwrap();
             s.keep_all_logits = true;
             s.feed(p);
             e.step_one(&mut s).unwrap();
@@ -140,7 +140,7 @@ fn batched_logits_match_single_steps() {
         })
         .collect();
     e.clear_prefix_cache();
-    let mut seqs: Vec<Sequence> = ps.iter().map(|_| e.new_sequence(SamplerConfig::default())).collect();
+    let mut seqs: Vec<Sequence> = ps.iter().map(|_| e.new_sequence(SamplerConfig::default()).unwrap()).collect();
     for (s, p) in seqs.iter_mut().zip(&ps) {
         s.keep_all_logits = true;
         s.feed(p);
@@ -162,7 +162,7 @@ fn a_shared_prefix_is_computed_once_and_rewinds_never_touch_it() {
     let (a_ids, b_ids) = (with(&[7, 8, 9]), with(&[100, 200]));
     let want_b = alone(&e, &b_ids, 8);
     e.clear_prefix_cache();
-    let mut a = e.new_sequence(SamplerConfig::default());
+    let mut a = e.new_sequence(SamplerConfig::default()).unwrap();
     a.feed(&a_ids);
     e.step_one(&mut a).unwrap();
     let mut b = Session::new(e.clone());
@@ -178,7 +178,7 @@ fn a_shared_prefix_is_computed_once_and_rewinds_never_touch_it() {
     e.step_one(seq).unwrap();
     let got_c = seq.last_logits().unwrap().to_vec();
     e.clear_prefix_cache();
-    let mut fresh = e.new_sequence(SamplerConfig::default());
+    let mut fresh = e.new_sequence(SamplerConfig::default()).unwrap();
     fresh.feed(&c_ids);
     e.step_one(&mut fresh).unwrap();
     assert_eq!(fresh.cached_tokens(), 16);
@@ -189,7 +189,7 @@ fn a_shared_prefix_is_computed_once_and_rewinds_never_touch_it() {
     e.step_one(&mut a).unwrap();
     drop((b, fresh));
     e.clear_prefix_cache();
-    let mut a2 = e.new_sequence(SamplerConfig::default());
+    let mut a2 = e.new_sequence(SamplerConfig::default()).unwrap();
     a2.feed(&[a_ids.as_slice(), &[5]].concat());
     e.step_one(&mut a2).unwrap();
     let d = rel_diff(a.last_logits().unwrap(), a2.last_logits().unwrap());
@@ -258,8 +258,8 @@ fn a_full_budget_fails_that_sequence_only() {
     drop(probe);
     let e = engine(&stories(), BackendKind::Compiled, 1, Some(3 * block));
     assert_eq!(e.kv_usage().blocks_total, 3);
-    let mut small = e.new_sequence(SamplerConfig::default());
-    let mut big = e.new_sequence(SamplerConfig::default());
+    let mut small = e.new_sequence(SamplerConfig::default()).unwrap();
+    let mut big = e.new_sequence(SamplerConfig::default()).unwrap();
     small.feed(&[1, 2, 3]);
     big.feed(&(1..60).collect::<Vec<u32>>());
     let r = e.step(&mut [&mut small, &mut big]);
@@ -276,7 +276,7 @@ fn a_full_budget_fails_that_sequence_only() {
     drop(small);
     assert_eq!(e.kv_usage().blocks_used, 0);
     // Bad tokens and an overlong prompt are that sequence's errors too.
-    let mut bad = e.new_sequence(SamplerConfig::default());
+    let mut bad = e.new_sequence(SamplerConfig::default()).unwrap();
     bad.feed(&[1, 1_000_000]);
     assert!(e.step_one(&mut bad).unwrap_err().to_string().contains("outside the model's vocabulary"));
     // A budget smaller than one block is refused when the engine opens.

@@ -28,7 +28,7 @@ fn perplexity_by_hand(ctx: usize) -> (f64, usize) {
     for window in ids.chunks_exact(ctx) {
         let mut w = window.to_vec();
         w[0] = 1;
-        let mut seq = engine.new_sequence(SamplerConfig::greedy());
+        let mut seq = engine.new_sequence(SamplerConfig::greedy()).unwrap();
         seq.keep_all_logits = true;
         seq.feed(&w);
         engine.step(&mut [&mut seq]).pop().unwrap().unwrap();

@@ -18,7 +18,7 @@ fn stories_engine() -> Arc<Engine> {
 fn generate(e: &Engine, format: OutputFormat, sampler: SamplerConfig, n: usize) -> Result<(String, StopReason), RuntimeError> {
     let prompt = e.tokenizer.encode("Once upon a time", true, false).unwrap();
     let opts = GenerateOptions { n_predict: n, ignore_eos: false, sampler: SamplerConfig { format: Some(format), ..sampler }, dump_logits: false };
-    let mut seq = e.new_sequence(opts.sampler.clone());
+    let mut seq = e.new_sequence(SamplerConfig::default())?;
     let g = e.generate(&mut seq, &prompt, &opts, |_| {})?;
     let ids: Vec<u32> = g.generated_ids.iter().copied().filter(|&t| !e.tokenizer.is_eog(t)).collect();
     Ok((e.tokenizer.decode(prompt.last().copied(), &ids), g.stop))
@@ -75,6 +75,21 @@ fn a_json_object_is_an_object_or_its_beginning() {
     }
 }
 
+/// With every token the grammar allows banned (here the end, once the
+/// document is complete), the generation ends: it never draws a token the
+/// grammar forbids.
+#[test]
+fn banned_allowed_tokens_end_the_generation_rather_than_break_the_document() {
+    let e = stories_engine();
+    let eos = e.tokenizer.eos.unwrap();
+    for seed in 0..3 {
+        let sampler = SamplerConfig { seed, logit_bias: vec![(eos, f32::NEG_INFINITY)], ..SamplerConfig::default() };
+        let (text, stop) = generate(&e, OutputFormat::JsonSchema(json!({"enum": ["yes", "no"]})), sampler, 40).unwrap();
+        assert!(text == "\"yes\"" || text == "\"no\"", "{text:?}");
+        assert_eq!(stop, StopReason::EndOfGeneration);
+    }
+}
+
 #[test]
 fn response_formats_parse_as_openai_spells_them() {
     let parse = |v: Value| OutputFormat::from_response_format(&v);
@@ -90,8 +105,9 @@ fn response_formats_parse_as_openai_spells_them() {
 #[test]
 fn a_schema_that_does_not_compile_is_refused_before_generating() {
     let e = stories_engine();
+    assert!(e.new_sequence(SamplerConfig { format: Some(OutputFormat::JsonSchema(json!({"type": "nonsense"}))), ..SamplerConfig::default() }).is_err());
     for bad in [json!({"type": "nonsense"}), json!({"type": "integer", "minimum": 5, "maximum": 1})] {
         let err = generate(&e, OutputFormat::JsonSchema(bad.clone()), SamplerConfig::greedy(), 8).unwrap_err();
-        assert!(matches!(&err, RuntimeError::Input(m) if m.starts_with("response format: ")), "{bad}: {err}");
+        assert!(matches!(&err, RuntimeError::Input(m) if m.starts_with("the JSON schema does not compile: ")), "{bad}: {err}");
     }
 }

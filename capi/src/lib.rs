@@ -546,7 +546,7 @@ pub extern "C" fn bitnet_sequence_set_json_schema(seq: *mut BitnetSequence, sche
         }
         let value: serde_json::Value = serde_json::from_str(text(schema, "schema")?).map_err(|e| invalid(format!("the schema is not JSON: {e}")))?;
         let config = SamplerConfig { format: Some(OutputFormat::JsonSchema(value)), ..sampler(&seq.sampling) };
-        seq.engine.check_sampler(&config)?;
+        seq.engine.sampler(config.clone())?;
         seq.format = config.format;
         Ok(())
     })

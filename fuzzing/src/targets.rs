@@ -49,7 +49,7 @@ fn engine_options(backend: BackendKind, isa: Option<Isa>) -> EngineOptions {
 /// there is one row of the vocabulary's size.
 fn step_once(engine: &Engine) {
     let vocab = engine.vocab() as u32;
-    let mut seq = engine.new_sequence(SamplerConfig::default());
+    let mut seq = engine.new_sequence(SamplerConfig::default()).expect("a free-text sequence");
     seq.prompt(&[1 % vocab, 2 % vocab, 3 % vocab]);
     let results = engine.step(&mut [&mut seq]);
     assert_eq!(results.len(), 1);

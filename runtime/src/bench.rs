@@ -244,7 +244,7 @@ pub fn bench_parallel(engine: &Engine, plan: Plan, parallel: usize) -> Result<(f
     // Decode tokens per second over a lockstep run of `steps` steps.
     let run = |steps: usize| -> Result<f64, RuntimeError> {
         engine.clear_prefix_cache();
-        let mut seqs: Vec<_> = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect();
+        let mut seqs = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect::<Result<Vec<_>, _>>()?;
         for (i, s) in seqs.iter_mut().enumerate() {
             // Prompts that differ from the first token: no prefix is shared.
             let mut ids = prompt(n_prompt.max(1) + 1, engine.vocab());
@@ -274,7 +274,7 @@ pub fn bench_parallel(engine: &Engine, plan: Plan, parallel: usize) -> Result<(f
         }
     }
     // One more batched decode step, kernel by kernel.
-    let mut seqs: Vec<_> = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect();
+    let mut seqs = (0..parallel).map(|_| engine.new_sequence(SamplerConfig::default())).collect::<Result<Vec<_>, _>>()?;
     for (i, s) in seqs.iter_mut().enumerate() {
         s.feed(&prompt(n_prompt.max(1), engine.vocab())[..]);
         s.feed(&[i as u32 % engine.vocab() as u32]);

@@ -63,7 +63,8 @@ impl Grammars {
     /// tokenizer's are never allowed). Tokens that print nothing (control
     /// tokens) are marked special, so no grammar spells them as text.
     pub fn new(tokenizer: &Tokenizer, vocab: usize) -> Result<Grammars, String> {
-        let eos = tokenizer.eos.or(tokenizer.eot).filter(|&t| (t as usize) < vocab);
+        let known = |t: Option<u32>| t.filter(|&t| (t as usize) < vocab);
+        let eos = known(tokenizer.eos).or(known(tokenizer.eot));
         let eos = eos.ok_or("the model names no end-of-generation token, which constrained output needs to end")?;
         let words: Vec<Vec<u8>> = (0..vocab as u32)
             .map(|id| {
@@ -84,44 +85,42 @@ impl Grammars {
     }
 
     /// A generation's matcher for `format`, or why the format does not
-    /// compile (a schema that makes the compiler panic is one that does not).
+    /// compile (where panics unwind, a schema that makes the compiler
+    /// panic is one that does not).
     pub fn matcher(&self, format: &OutputFormat) -> Result<Constrained, String> {
         let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.factory.create_parser(format.grammar())));
-        let parser = parser.map_err(|_| "response format: the schema compiler failed on this schema".to_string())?;
+        let parser = parser.map_err(|_| "the JSON schema does not compile: the compiler failed on it".to_string())?;
         let matcher = Matcher::new(parser);
         match matcher.get_error() {
-            Some(e) => Err(format!("response format: {e}")),
-            None => Ok(Constrained { matcher: Some(matcher), eos: self.eos }),
+            Some(e) => Err(format!("the JSON schema does not compile: {e}")),
+            None => Ok(Constrained { matcher, eos: self.eos }),
         }
-    }
-
-    /// What a generation whose format did not compile gets: only the end.
-    pub fn failed(&self) -> Constrained {
-        Constrained { matcher: None, eos: self.eos }
     }
 }
 
-/// One generation's place in its grammar (none: it failed, and only the
-/// end-of-generation token is left).
+/// One generation's place in its grammar.
 pub struct Constrained {
-    matcher: Option<Matcher>,
+    matcher: Matcher,
     eos: u32,
 }
 
 impl Constrained {
     /// Sets the logit of every token the grammar does not allow next to
     /// `-inf`. Once the document is complete only the end-of-generation
-    /// token is left; should the grammar fail, only it is, too.
+    /// token is left; should the grammar fail, only it is, too. Where no
+    /// allowed token has a finite logit (a bias of `-inf` on each), the
+    /// end-of-generation token gets 0: the generation ends rather than
+    /// draw a token the grammar forbids.
     pub fn mask(&mut self, logits: &mut [f32]) {
-        match self.matcher.as_mut().map(Matcher::compute_mask_or_eos) {
-            Some(Ok(allowed)) => {
+        match self.matcher.compute_mask_or_eos() {
+            Ok(allowed) => {
                 for (t, l) in logits.iter_mut().enumerate() {
                     if !allowed.is_allowed(t as u32) {
                         *l = f32::NEG_INFINITY;
                     }
                 }
             }
-            Some(Err(_)) | None => {
+            Err(_) => {
                 for (t, l) in logits.iter_mut().enumerate() {
                     if t as u32 != self.eos {
                         *l = f32::NEG_INFINITY;
@@ -129,13 +128,19 @@ impl Constrained {
                 }
             }
         }
+        if !logits.iter().any(|l| l.is_finite()) {
+            if let Some(l) = logits.get_mut(self.eos as usize) {
+                *l = 0.0;
+            }
+        }
     }
 
     /// Moves past the token drawn. A token past the end (a generation that
     /// ignores end-of-generation tokens) changes nothing.
     pub fn advance(&mut self, token: u32) {
-        if let Some(m) = self.matcher.as_mut().filter(|m| !m.is_stopped()) {
-            let _ = m.consume_token(token);
+        if !self.matcher.is_stopped() {
+            // A token the grammar refuses (only ever the forced end) stops it.
+            let _ = self.matcher.consume_token(token);
         }
     }
 }

@@ -266,19 +266,24 @@ impl Engine {
         self.blocks.clear_cache();
     }
 
-    /// A sampler with `config`, its output format compiled. The format
-    /// should have passed [`Engine::check_sampler`]: one that does not
-    /// compile ends the generation at once.
-    pub fn sampler(&self, config: SamplerConfig) -> Sampler {
+    /// A sampler with `config`, checked ([`Engine::check_sampler`]) and
+    /// its output format compiled against this model's vocabulary.
+    pub fn sampler(&self, config: SamplerConfig) -> Result<Sampler, RuntimeError> {
+        self.check_sampler(&config)?;
         let constrained = match &config.format {
-            Some(f) => self.grammars().ok().map(|g| g.matcher(f).unwrap_or_else(|_| g.failed())),
+            Some(f) => Some(self.grammars()?.matcher(f).map_err(RuntimeError::Input)?),
             None => None,
         };
-        Sampler::constrained(config, constrained)
+        Ok(Sampler::constrained(config, constrained))
     }
 
     /// A sequence that samples with `sampler` (see [`Engine::sampler`]).
-    pub fn new_sequence(&self, sampler: SamplerConfig) -> Sequence {
+    pub fn new_sequence(&self, sampler: SamplerConfig) -> Result<Sequence, RuntimeError> {
+        Ok(self.sequence_with(self.sampler(sampler)?))
+    }
+
+    /// A sequence that samples with `sampler`.
+    pub fn sequence_with(&self, sampler: Sampler) -> Sequence {
         Sequence {
             id: NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
             blocks: self.blocks.clone(),
@@ -289,7 +294,7 @@ impl Engine {
             logits: Vec::new(),
             registered: 0,
             cached: 0,
-            sampler: self.sampler(sampler),
+            sampler,
             keep_all_logits: false,
             wait_for_kv: false,
         }

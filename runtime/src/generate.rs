@@ -4,7 +4,7 @@
 
 use crate::engine::{Engine, Sequence};
 use crate::error::RuntimeError;
-use crate::sampler::SamplerConfig;
+use crate::sampler::{Sampler, SamplerConfig};
 use crate::stops::StopFilter;
 use bitnet_frontends::tokenizer::TextStream;
 use std::sync::Arc;
@@ -138,8 +138,9 @@ enum Next {
 }
 
 impl Live {
-    fn new(engine: &Engine, mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
-        seq.sampler = engine.sampler(opts.sampler.clone());
+    /// `seq` samples with `sampler`, made from `opts.sampler` ([`Engine::sampler`]).
+    fn new(mut seq: Sequence, sampler: Sampler, prompt: &[u32], opts: &GenerateOptions) -> Live {
+        seq.sampler = sampler;
         seq.keep_all_logits = opts.dump_logits;
         seq.feed(prompt);
         Live {
@@ -154,9 +155,9 @@ impl Live {
 
     /// As [`Live::new`], with the prompt held back to be fed a chunk at a
     /// time, after whatever of it the engine's prefix cache holds.
-    fn chunked(engine: &Engine, mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
+    fn chunked(engine: &Engine, mut seq: Sequence, sampler: Sampler, prompt: &[u32], opts: &GenerateOptions) -> Live {
         let (rest, _) = PromptRest::start(engine, &mut seq, prompt);
-        let mut live = Live::new(engine, seq, &[], opts);
+        let mut live = Live::new(seq, sampler, &[], opts);
         live.gen.prompt_ids = prompt.to_vec();
         live.rest = rest;
         live
@@ -212,17 +213,15 @@ impl Live {
 }
 
 impl Engine {
-    /// Whether `sampler`'s settings are in range, its logit biases name
-    /// tokens of this model's vocabulary and its output format compiles.
+    /// Whether `sampler`'s settings are in range and its logit biases name
+    /// tokens of this model's vocabulary (its output format is compiled
+    /// when a sampler is made: [`Engine::sampler`]).
     pub fn check_sampler(&self, sampler: &SamplerConfig) -> Result<(), RuntimeError> {
         sampler.check().map_err(|e| RuntimeError::Input(e.to_string()))?;
-        if let Some(t) = sampler.bias_outside(self.vocab()) {
-            return RuntimeError::input(format!("logit_bias: token id {t} is outside the vocabulary of {}", self.vocab()));
+        match sampler.bias_outside(self.vocab()) {
+            Some(t) => RuntimeError::input(format!("logit_bias: token id {t} is outside the vocabulary of {}", self.vocab())),
+            None => Ok(()),
         }
-        if let Some(f) = &sampler.format {
-            self.grammars()?.matcher(f).map_err(RuntimeError::Input)?;
-        }
-        Ok(())
     }
 
     /// Generates up to `opts.n_predict` tokens after `prompt` (fed after
@@ -231,7 +230,7 @@ impl Engine {
         if prompt.is_empty() {
             return RuntimeError::input("nothing to evaluate: the prompt is empty");
         }
-        self.check_sampler(&opts.sampler)?;
+        let sampler = self.sampler(opts.sampler.clone())?;
         if prompt.len() + seq.tokens().len() > self.context {
             return RuntimeError::input(format!(
                 "the prompt is {} tokens, longer than the {} the context has left (context size {}; raise it with -c)",
@@ -240,8 +239,8 @@ impl Engine {
                 self.context
             ));
         }
-        let placeholder = self.new_sequence(SamplerConfig::default());
-        let mut live = Live::new(self, std::mem::replace(seq, placeholder), prompt, opts);
+        let placeholder = self.sequence_with(Sampler::free(SamplerConfig::default()));
+        let mut live = Live::new(std::mem::replace(seq, placeholder), sampler, prompt, opts);
         let result = loop {
             if let Err(e) = self.step_one(&mut live.seq) {
                 break Err(e);
@@ -276,11 +275,10 @@ impl Engine {
                     on_done(i, RuntimeError::input("nothing to evaluate: the prompt is empty"));
                     continue;
                 }
-                if let Err(e) = self.check_sampler(&opts.sampler) {
-                    on_done(i, Err(e));
-                    continue;
+                match self.sampler(opts.sampler.clone()) {
+                    Ok(s) => live.push((i, Live::chunked(self, self.sequence_with(Sampler::free(SamplerConfig::default())), s, prompt, opts))),
+                    Err(e) => on_done(i, Err(e)),
                 }
-                live.push((i, Live::chunked(self, self.new_sequence(opts.sampler.clone()), prompt, opts)));
             }
             if live.is_empty() {
                 return;
@@ -344,8 +342,7 @@ impl TextGeneration {
         if let Some(bad) = prompt.iter().find(|&&t| t as usize >= engine.vocab()) {
             return RuntimeError::input(format!("token id {bad} is outside the vocabulary of {}", engine.vocab()));
         }
-        engine.check_sampler(&opts.sampler)?;
-        let mut seq = engine.new_sequence(opts.sampler.clone());
+        let mut seq = engine.sequence_with(engine.sampler(opts.sampler.clone())?);
         seq.keep_all_logits = opts.dump_logits;
         seq.feed(prompt);
         let text = TextStream::new(engine.tokenizer.clone(), prompt.last().copied());

@@ -11,7 +11,7 @@
 //! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/models/stories260K/stories260K.gguf");
 //! let engine = Engine::open(path.as_ref(), &EngineOptions::default())?;
 //! let greedy = SamplerConfig { temperature: 0.0, ..Default::default() };
-//! let mut seq = engine.new_sequence(greedy.clone());
+//! let mut seq = engine.new_sequence(greedy.clone())?;
 //! let prompt = engine.tokenizer.encode("Once upon a time", true, false)?;
 //! let opts = GenerateOptions { n_predict: 5, ignore_eos: true, sampler: greedy, dump_logits: false };
 //! let out = engine.generate(&mut seq, &prompt, &opts, |_| {})?;

@@ -114,7 +114,7 @@ pub fn perplexity(
     let mut nll = Moments::default();
     let mut logp = vec![0f64; vocab];
     let mut rounded = vec![0f64; vocab];
-    let mut seq = engine.new_sequence(SamplerConfig::greedy());
+    let mut seq = engine.new_sequence(SamplerConfig::greedy())?;
     let first = ctx / 2;
     for w in 0..windows {
         let mut window = used[w * ctx..(w + 1) * ctx].to_vec();

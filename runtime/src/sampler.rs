@@ -152,11 +152,16 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// A sampler of free text, for tests of the draw: `config.format` needs
-    /// the engine's vocabulary ([`crate::Engine::sampler`]).
+    /// A sampler of free text: `config.format` needs the engine's
+    /// vocabulary, so a config with one is made by [`crate::Engine::sampler`].
+    pub(crate) fn free(config: SamplerConfig) -> Sampler {
+        debug_assert!(config.format.is_none(), "a format is compiled by Engine::sampler");
+        Sampler::constrained(config, None)
+    }
+
     #[cfg(test)]
     fn new(config: SamplerConfig) -> Sampler {
-        Sampler::constrained(config, None)
+        Sampler::free(config)
     }
 
     /// A sampler held to `constrained`, the compiled `config.format`.

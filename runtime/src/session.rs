@@ -7,7 +7,7 @@ use crate::backend::{BackendKind, KernelTimes, LoadOptions};
 use crate::engine::{Engine, EngineOptions, Sequence};
 use crate::error::RuntimeError;
 use crate::generate::{GenerateOptions, Generation};
-use crate::sampler::SamplerConfig;
+use crate::sampler::{Sampler, SamplerConfig};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,7 +33,7 @@ impl Session {
 
     /// A new sequence on a shared engine.
     pub fn new(engine: Arc<Engine>) -> Session {
-        let seq = engine.new_sequence(SamplerConfig::default());
+        let seq = engine.sequence_with(Sampler::free(SamplerConfig::default()));
         Session { engine, seq }
     }
 

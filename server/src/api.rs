@@ -207,13 +207,11 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
     /// Function calling is not supported: a request with tools is refused
     /// with a 400, not answered as if they were not there.
-    #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
-    pub tools: Vec<serde_json::Value>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<serde_json::Value>>,
     /// The older form of `tools`: refused as they are.
-    #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
-    pub functions: Vec<serde_json::Value>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub functions: Option<Vec<serde_json::Value>>,
 }
 
 /// A prompt: text, token ids, or a one-element list of either.

@@ -172,9 +172,9 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         ..SamplerConfig::default()
     };
     if sampler.format.is_some() {
-        // The schema compiles here, so that a bad one is this request's 400.
+        // The schema compiles here too, so that a bad one is this request's 400.
         let param = if s.json_schema.is_some() { "json_schema" } else { "response_format" };
-        st.engine.check_sampler(&sampler).map_err(|e| ApiError::bad_request(e.to_string()).param(param))?;
+        st.engine.sampler(sampler.clone()).map_err(|e| ApiError::bad_request(e.to_string()).param(param))?;
     }
     Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
 }
@@ -270,7 +270,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
         return Err(ApiError::bad_request("messages is empty").param("messages"));
     }
     for (name, given) in [("tools", &req.tools), ("functions", &req.functions)] {
-        if !given.is_empty() {
+        if given.as_ref().is_some_and(|g| !g.is_empty()) {
             return Err(ApiError::bad_request(format!("{name} are not supported: this server does not do function calling")).param(name));
         }
     }

@@ -196,7 +196,13 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
             if job.events.is_closed() {
                 continue;
             }
-            let mut seq = engine.new_sequence(job.params.sampler.clone());
+            let mut seq = match engine.new_sequence(job.params.sampler.clone()) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    let _ = job.events.send(Event::Error { status: 400, message: e.to_string() });
+                    continue;
+                }
+            };
             let (rest, reused) = PromptRest::start(engine, &mut seq, &job.prompt);
             metrics.prefix_cache_tokens.inc_by(reused as u64);
             let stream = TextStream::new(tokenizer.clone(), job.prompt.last().copied());

@@ -263,7 +263,7 @@ impl SamplingArgs {
     fn format(&self) -> anyhow::Result<Option<OutputFormat>> {
         let (text, flag) = match (&self.json_schema, &self.json_schema_file) {
             (Some(s), _) => (s.clone(), "--json-schema".to_string()),
-            (None, Some(f)) => (std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?, f.display().to_string()),
+            (None, Some(f)) => (std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?, format!("--json-schema-file {}", f.display())),
             (None, None) => return Ok(None),
         };
         let schema = serde_json::from_str(&text).with_context(|| format!("{flag} is not JSON"))?;

@@ -12,7 +12,8 @@
 //
 // Options are the engine's (see wasm/src/api.rs), in camelCase or snake_case:
 // maxTokens, temperature, topK, topP, minP, repeatPenalty, seed, stop,
-// ignoreEos, logitBias ({tokenId: bias}), responseFormat (OpenAI's, e.g.
+// ignoreEos, logitBias ({tokenId: bias}; JSON has no -Infinity, so ban a
+// token with -100), responseFormat (OpenAI's, e.g.
 // {type: 'json_schema', json_schema: {schema: {...}}}). Sampling defaults are the CLI's; temperature 0 is greedy.
 
 export class BitnetError extends Error {
