@@ -171,12 +171,23 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         seed,
         ..SamplerConfig::default()
     };
-    if sampler.format.is_some() {
-        // The schema compiles here too, so that a bad one is this request's 400.
-        let param = if s.json_schema.is_some() { "json_schema" } else { "response_format" };
-        st.engine.sampler(sampler.clone()).map_err(|e| ApiError::bad_request(e.to_string()).param(param))?;
-    }
     Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
+}
+
+/// Compiles a request's output format, so that a schema that does not
+/// compile is its 400 (the scheduler compiles it again for the sequence).
+/// Off the async workers: the first one also indexes the vocabulary.
+async fn compile_format(st: &Arc<AppState>, s: &Sampling, params: &GenParams) -> Result<(), ApiError> {
+    if params.sampler.format.is_none() {
+        return Ok(());
+    }
+    let (engine, sampler) = (st.engine.clone(), params.sampler.clone());
+    let compiled = tokio::task::spawn_blocking(move || engine.sampler(sampler).map(drop)).await;
+    let param = if s.json_schema.is_some() { "json_schema" } else { "response_format" };
+    match compiled {
+        Ok(r) => r.map_err(|e| ApiError::bad_request(e.to_string()).param(param)),
+        Err(_) => Err(ApiError::status(500, "compiling the response format failed").param(param)),
+    }
 }
 
 /// OpenAI's `logit_bias` (token ids as strings, biases in [-100, 100]) as
@@ -282,6 +293,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
     let prompt = st.engine.chat_ids(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let params = gen_params(&st, &req.sampling, prompt.len(), None, logprobs)?;
+    compile_format(&st, &req.sampling, &params).await?;
     let rx = submit(&st, prompt, params)?;
     let id = format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     if req.sampling.stream {
@@ -337,6 +349,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, b: Result<Bytes, Bytes
     }
     let echo = if req.echo { tok.decode_text(&prompt) } else { String::new() };
     let params = gen_params(&st, &req.sampling, prompt.len(), Some(16), req.logprobs)?;
+    compile_format(&st, &req.sampling, &params).await?;
     let rx = submit(&st, prompt, params)?;
     let id = format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     if req.sampling.stream {
