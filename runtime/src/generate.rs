@@ -138,9 +138,8 @@ enum Next {
 }
 
 impl Live {
-    /// `seq` samples with `sampler`, made from `opts.sampler` ([`Engine::sampler`]).
-    fn new(mut seq: Sequence, sampler: Sampler, prompt: &[u32], opts: &GenerateOptions) -> Live {
-        seq.sampler = sampler;
+    /// `seq` samples with its sampler, made from `opts.sampler` ([`Engine::sampler`]).
+    fn new(mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
         seq.keep_all_logits = opts.dump_logits;
         seq.feed(prompt);
         Live {
@@ -155,9 +154,9 @@ impl Live {
 
     /// As [`Live::new`], with the prompt held back to be fed a chunk at a
     /// time, after whatever of it the engine's prefix cache holds.
-    fn chunked(engine: &Engine, mut seq: Sequence, sampler: Sampler, prompt: &[u32], opts: &GenerateOptions) -> Live {
+    fn chunked(engine: &Engine, mut seq: Sequence, prompt: &[u32], opts: &GenerateOptions) -> Live {
         let (rest, _) = PromptRest::start(engine, &mut seq, prompt);
-        let mut live = Live::new(seq, sampler, &[], opts);
+        let mut live = Live::new(seq, &[], opts);
         live.gen.prompt_ids = prompt.to_vec();
         live.rest = rest;
         live
@@ -240,7 +239,9 @@ impl Engine {
             ));
         }
         let placeholder = self.sequence_with(Sampler::free(SamplerConfig::default()));
-        let mut live = Live::new(std::mem::replace(seq, placeholder), sampler, prompt, opts);
+        let mut taken = std::mem::replace(seq, placeholder);
+        taken.sampler = sampler;
+        let mut live = Live::new(taken, prompt, opts);
         let result = loop {
             if let Err(e) = self.step_one(&mut live.seq) {
                 break Err(e);
@@ -276,7 +277,7 @@ impl Engine {
                     continue;
                 }
                 match self.sampler(opts.sampler.clone()) {
-                    Ok(s) => live.push((i, Live::chunked(self, self.sequence_with(Sampler::free(SamplerConfig::default())), s, prompt, opts))),
+                    Ok(s) => live.push((i, Live::chunked(self, self.sequence_with(s), prompt, opts))),
                     Err(e) => on_done(i, Err(e)),
                 }
             }
