@@ -266,6 +266,17 @@ impl Engine {
         self.blocks.clear_cache();
     }
 
+    /// Whether `sampler`'s settings are in range and its logit biases name
+    /// tokens of this model's vocabulary (its output format is compiled
+    /// when a sampler is made: [`Engine::sampler`]).
+    pub fn check_sampler(&self, sampler: &SamplerConfig) -> Result<(), RuntimeError> {
+        sampler.check().map_err(|e| RuntimeError::Input(e.to_string()))?;
+        match sampler.bias_outside(self.vocab()) {
+            Some(t) => RuntimeError::input(format!("logit_bias: token id {t} is outside the vocabulary of {}", self.vocab())),
+            None => Ok(()),
+        }
+    }
+
     /// A sampler with `config`, checked ([`Engine::check_sampler`]) and
     /// its output format compiled against this model's vocabulary.
     pub fn sampler(&self, config: SamplerConfig) -> Result<Sampler, RuntimeError> {

@@ -212,17 +212,6 @@ impl Live {
 }
 
 impl Engine {
-    /// Whether `sampler`'s settings are in range and its logit biases name
-    /// tokens of this model's vocabulary (its output format is compiled
-    /// when a sampler is made: [`Engine::sampler`]).
-    pub fn check_sampler(&self, sampler: &SamplerConfig) -> Result<(), RuntimeError> {
-        sampler.check().map_err(|e| RuntimeError::Input(e.to_string()))?;
-        match sampler.bias_outside(self.vocab()) {
-            Some(t) => RuntimeError::input(format!("logit_bias: token id {t} is outside the vocabulary of {}", self.vocab())),
-            None => Ok(()),
-        }
-    }
-
     /// Generates up to `opts.n_predict` tokens after `prompt` (fed after
     /// what `seq` holds), calling `on_token` with each as it is chosen.
     pub fn generate(&self, seq: &mut Sequence, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation, RuntimeError> {

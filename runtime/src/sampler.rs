@@ -159,11 +159,6 @@ impl Sampler {
         Sampler::constrained(config, None)
     }
 
-    #[cfg(test)]
-    fn new(config: SamplerConfig) -> Sampler {
-        Sampler::free(config)
-    }
-
     /// A sampler held to `constrained`, the compiled `config.format`.
     pub(crate) fn constrained(config: SamplerConfig, constrained: Option<Constrained>) -> Sampler {
         let rng = rand::rngs::StdRng::seed_from_u64(config.seed);
@@ -316,18 +311,18 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
-        let mut s = Sampler::new(SamplerConfig::greedy());
+        let mut s = Sampler::free(SamplerConfig::greedy());
         assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[]), 1);
     }
 
     #[test]
     fn repeat_penalty_divides_positive_and_multiplies_negative_logits() {
         let cfg = SamplerConfig { repeat_penalty: 2.0, ..SamplerConfig::greedy() };
-        let mut s = Sampler::new(cfg);
+        let mut s = Sampler::free(cfg);
         // Token 1 (3.0) is penalized to 1.5, below token 2 (2.0).
         assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[1]), 2);
         // Outside the window it is not.
-        let mut s = Sampler::new(SamplerConfig { repeat_last_n: 1, ..s.config.clone() });
+        let mut s = Sampler::free(SamplerConfig { repeat_last_n: 1, ..s.config.clone() });
         assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[1, 0]), 1);
     }
 
@@ -335,15 +330,15 @@ mod tests {
     fn presence_and_frequency_penalties_subtract() {
         // Token 1 appears twice: 3.0 - 0.5 - 2 * 0.4 = 1.7 < 2.0.
         let cfg = SamplerConfig { presence_penalty: 0.5, frequency_penalty: 0.4, ..SamplerConfig::greedy() };
-        assert_eq!(Sampler::new(cfg.clone()).sample(&[0.1, 3.0, 2.0], &[1, 1]), 2);
+        assert_eq!(Sampler::free(cfg.clone()).sample(&[0.1, 3.0, 2.0], &[1, 1]), 2);
         // Once: 3.0 - 0.9 = 2.1 > 2.0.
-        assert_eq!(Sampler::new(cfg).sample(&[0.1, 3.0, 2.0], &[1]), 1);
+        assert_eq!(Sampler::free(cfg).sample(&[0.1, 3.0, 2.0], &[1]), 1);
     }
 
     #[test]
     fn logit_biases_come_first_and_minus_infinity_bans() {
         let logits = [0.1, 3.0, 2.0];
-        let biased = |logit_bias: Vec<(u32, f32)>, config: SamplerConfig| Sampler::new(SamplerConfig { logit_bias, ..config }).sample(&logits, &[]);
+        let biased = |logit_bias: Vec<(u32, f32)>, config: SamplerConfig| Sampler::free(SamplerConfig { logit_bias, ..config }).sample(&logits, &[]);
         // 2.0 + 1.5 = 3.5 > 3.0; two entries for one token add up.
         assert_eq!(biased(vec![(2, 1.5)], SamplerConfig::greedy()), 2);
         assert_eq!(biased(vec![(2, 0.5), (2, 0.6)], SamplerConfig::greedy()), 2);
@@ -356,8 +351,8 @@ mod tests {
         // The bias comes before the penalties: a biased token seen once is
         // penalized from its biased logit (3.0 + 1.0 - 1.5 = 2.5 > 2.0).
         let penalized = SamplerConfig { presence_penalty: 1.5, ..SamplerConfig::greedy() };
-        assert_eq!(Sampler::new(SamplerConfig { logit_bias: vec![(1, 1.0)], ..penalized.clone() }).sample(&logits, &[1]), 1);
-        assert_eq!(Sampler::new(penalized).sample(&logits, &[1]), 2);
+        assert_eq!(Sampler::free(SamplerConfig { logit_bias: vec![(1, 1.0)], ..penalized.clone() }).sample(&logits, &[1]), 1);
+        assert_eq!(Sampler::free(penalized).sample(&logits, &[1]), 2);
         let c = SamplerConfig { logit_bias: vec![(2, 1.0), (3, 1.0)], ..SamplerConfig::default() };
         assert_eq!((c.bias_outside(3), c.bias_outside(4)), (Some(3), None));
     }
@@ -376,10 +371,10 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_repeat() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 100) as f32 / 10.0).collect();
-        let mut s = Sampler::new(SamplerConfig { top_k: 1, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::free(SamplerConfig { top_k: 1, temperature: 1.0, ..Default::default() });
         assert_eq!(s.sample(&logits, &[]), argmax(&logits));
         let draw = |seed| {
-            let mut s = Sampler::new(SamplerConfig { seed, temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() });
+            let mut s = Sampler::free(SamplerConfig { seed, temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() });
             (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
@@ -391,9 +386,9 @@ mod tests {
         // One dominant token: min-p 0.5 leaves only it, whatever the draw.
         let logits = [10.0, 0.0, 0.0, 0.0];
         for seed in 0..20 {
-            let mut s = Sampler::new(SamplerConfig { seed, min_p: 0.5, top_p: 1.0, top_k: 0, temperature: 5.0, ..Default::default() });
+            let mut s = Sampler::free(SamplerConfig { seed, min_p: 0.5, top_p: 1.0, top_k: 0, temperature: 5.0, ..Default::default() });
             assert_eq!(s.sample(&logits, &[]), 0);
-            let mut s = Sampler::new(SamplerConfig { seed, min_p: 0.0, top_p: 0.5, top_k: 0, temperature: 5.0, ..Default::default() });
+            let mut s = Sampler::free(SamplerConfig { seed, min_p: 0.0, top_p: 0.5, top_k: 0, temperature: 5.0, ..Default::default() });
             assert_eq!(s.sample(&logits, &[]), 0);
         }
     }

@@ -149,7 +149,7 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         }
         (None, None) => None,
     };
-    let logit_bias = logit_bias(s.logit_bias.as_ref(), st.engine.vocab())?;
+    let logit_bias = logit_bias(s.logit_bias.as_ref())?;
     let room = (context - prompt_len) as u64;
     let max = s.max_completion_tokens.or(s.max_tokens).or(default_max).unwrap_or(room).min(room);
     let stop = s.stop.as_ref().map(|o| match o {
@@ -171,6 +171,8 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
         seed,
         ..SamplerConfig::default()
     };
+    // What is left to check once the ranges above hold: the biases' tokens.
+    st.engine.check_sampler(&sampler).map_err(|e| ApiError::bad_request(e.to_string()).param("logit_bias"))?;
     Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
 }
 
@@ -191,15 +193,12 @@ async fn compile_format(st: &Arc<AppState>, s: &Sampling, params: &GenParams) ->
 }
 
 /// OpenAI's `logit_bias` (token ids as strings, biases in [-100, 100]) as
-/// the sampler's.
-fn logit_bias(bias: Option<&std::collections::BTreeMap<String, f32>>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+/// the sampler's (whose tokens the engine checks against the vocabulary).
+fn logit_bias(bias: Option<&std::collections::BTreeMap<String, f32>>) -> Result<Vec<(u32, f32)>, ApiError> {
     let bad = |m: String| ApiError::bad_request(format!("logit_bias: {m}")).param("logit_bias");
     let mut out = Vec::new();
     for (key, &b) in bias.into_iter().flatten() {
         let id = key.trim().parse::<u32>().map_err(|_| bad(format!("{key:?} is not a token id")))?;
-        if id as usize >= vocab {
-            return Err(bad(format!("token id {id} is outside the vocabulary of {vocab}")));
-        }
         if !(-100.0..=100.0).contains(&b) {
             return Err(bad(format!("the bias of token {id} is {b}; it must be between -100 and 100")));
         }

@@ -258,6 +258,14 @@ pub struct SamplingArgs {
     pub json_schema_file: Option<std::path::PathBuf>,
 }
 
+/// `--logit-bias`'s `TOKEN_ID+BIAS` or `TOKEN_ID-BIAS`.
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let at = s.find(['+', '-']).ok_or_else(|| format!("{s:?} is not TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)"))?;
+    let id = s[..at].parse::<u32>().map_err(|_| format!("{:?} is not a token id", &s[..at]))?;
+    let bias = s[at..].parse::<f32>().map_err(|_| format!("{:?} is not a bias (a number, or -inf)", &s[at..]))?;
+    Ok((id, bias))
+}
+
 impl SamplingArgs {
     /// `--json-schema` or `--json-schema-file`'s schema.
     fn format(&self) -> anyhow::Result<Option<OutputFormat>> {
@@ -269,17 +277,7 @@ impl SamplingArgs {
         let schema = serde_json::from_str(&text).with_context(|| format!("{flag} is not JSON"))?;
         Ok(Some(OutputFormat::JsonSchema(schema)))
     }
-}
 
-/// `--logit-bias`'s `TOKEN_ID+BIAS` or `TOKEN_ID-BIAS`.
-fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
-    let at = s.find(['+', '-']).ok_or_else(|| format!("{s:?} is not TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)"))?;
-    let id = s[..at].parse::<u32>().map_err(|_| format!("{:?} is not a token id", &s[..at]))?;
-    let bias = s[at..].parse::<f32>().map_err(|_| format!("{:?} is not a bias (a number, or -inf)", &s[at..]))?;
-    Ok((id, bias))
-}
-
-impl SamplingArgs {
     pub fn config(&self) -> anyhow::Result<SamplerConfig> {
         let mut config = SamplerConfig {
             temperature: self.temp,
