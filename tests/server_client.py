@@ -102,12 +102,36 @@ def check_openai(url, key, expected):
         raise AssertionError("a schema that does not compile was accepted")
     except openai.BadRequestError as e:
         assert e.body["param"] == "response_format" and "bogus" in e.message, e.body
+    # n choices: choice i is what one choice with the seed plus i draws; the
+    # prompt is counted once, the completions' tokens summed.
+    many = client.completions.create(model="m", prompt=first, max_tokens=12, temperature=1.0, seed=7, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2], many
+    singles = [client.completions.create(model="m", prompt=first, max_tokens=12, temperature=1.0, seed=7 + i) for i in range(3)]
+    for choice, one in zip(many.choices, singles):
+        assert choice.text == one.choices[0].text and choice.finish_reason == one.choices[0].finish_reason, (choice, one)
+    assert len({c.text for c in many.choices}) > 1, many
+    assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens, many.usage
+    assert many.usage.completion_tokens == sum(one.usage.completion_tokens for one in singles), many.usage
+    whole = client.chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=1.0, seed=3, n=2)
+    parts, finishes, usage = {0: "", 1: ""}, {}, None
+    stream = client.chat.completions.create(
+        model="m", messages=msgs, max_tokens=10, temperature=1.0, seed=3, n=2, stream=True, stream_options={"include_usage": True}
+    )
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            parts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert [parts[0], parts[1]] == [c.message.content for c in whole.choices], (parts, whole)
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}, (finishes, whole)
+    assert usage.completion_tokens == whole.usage.completion_tokens and usage.prompt_tokens == whole.usage.prompt_tokens, (usage, whole.usage)
     # An error case, in OpenAI's shape.
     try:
-        client.chat.completions.create(model="m", messages=msgs, n=2)
-        raise AssertionError("n=2 was accepted")
+        client.chat.completions.create(model="m", messages=msgs, n=17)
+        raise AssertionError("n=17 was accepted")
     except openai.BadRequestError as e:
-        assert "n = 2" in e.message and e.body["param"] == "n", e.body
+        assert "n = 17" in e.message and e.body["param"] == "n", e.body
     try:
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         raise AssertionError("a wrong key was accepted")

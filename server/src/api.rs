@@ -107,8 +107,9 @@ pub struct Sampling {
     pub json_schema: Option<serde_json::Value>,
     /// llama-server's GBNF grammar: not supported, so refused with a 400.
     pub grammar: Option<String>,
-    /// Choices per request: only 1.
-    #[schema(minimum = 1, maximum = 1)]
+    /// Choices per request, each drawn with the request's seed plus its
+    /// index (so that they differ, and each is repeatable); at most 16.
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u64>,
     /// Go on past the end-of-generation token, as llama-server's
     /// `ignore_eos` (for benchmarks: every request generates `max_tokens`).

@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{StreamExt, StreamMap};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -112,9 +114,6 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesR
 /// Sampling settings and the token budget of a request whose prompt is
 /// `prompt_len` tokens; `default_max` when it names none.
 fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Option<u64>, logprobs: Option<usize>) -> Result<GenParams, ApiError> {
-    if let Some(n) = s.n.filter(|&n| n != 1) {
-        return Err(ApiError::bad_request(format!("n = {n}: this server returns one choice per request (n = 1)")).param("n"));
-    }
     let context = st.engine.context;
     if prompt_len == 0 {
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
@@ -176,6 +175,17 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
     Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
 }
 
+/// The most choices one request may ask for (`n`).
+const MAX_CHOICES: u64 = 16;
+
+/// How many choices a request asks for (`n`, 1 unless given).
+fn choices(s: &Sampling) -> Result<usize, ApiError> {
+    match s.n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n as usize),
+        n => Err(ApiError::bad_request(format!("n = {n}: a request may ask for 1 to {MAX_CHOICES} choices")).param("n")),
+    }
+}
+
 /// Compiles a request's output format, so that a schema that does not
 /// compile is its 400 (the scheduler compiles it again for the sequence).
 /// Off the async workers: the first one also indexes the vocabulary.
@@ -207,14 +217,22 @@ fn logit_bias(bias: Option<&std::collections::BTreeMap<String, f32>>) -> Result<
     Ok(out)
 }
 
-/// Queues a job; its events arrive on the receiver.
-fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let prompt_len = prompt.len();
+/// Queues one job for each of `n` choices, choice `i` drawing with the
+/// request's seed plus `i` (so that they differ, and each is repeatable);
+/// the events of choice `i` arrive on the `i`th receiver. Where the queue
+/// takes only some, those already queued are dropped with their receivers.
+fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams, n: usize) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
     let deadline = st.config.timeout.map(|t| Instant::now() + t);
-    st.scheduler.submit(Job { prompt, params, events: tx, deadline }).map_err(|m| ApiError::status(503, m))?;
-    st.metrics.prompt_tokens.inc_by(prompt_len as u64);
-    Ok(rx)
+    let mut receivers = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut params = params.clone();
+        params.sampler.seed = params.sampler.seed.wrapping_add(i as u64);
+        st.scheduler.submit(Job { prompt: prompt.clone(), params, events: tx, deadline }).map_err(|m| ApiError::status(503, m))?;
+        st.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+        receivers.push(rx);
+    }
+    Ok(receivers)
 }
 
 /// One completion as the scheduler reports it.
@@ -223,6 +241,18 @@ struct Collected {
     tokens: Vec<(u32, String, Option<TokenLogprob>)>,
     finish: Finish,
     usage: (usize, usize, usize),
+}
+
+/// Every choice of a request, in order, and their usage: the prompt counted
+/// once, as OpenAI does, the completions' tokens summed.
+async fn collect_all(receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Result<(Vec<Collected>, (usize, usize, usize)), ApiError> {
+    let mut all = Vec::with_capacity(receivers.len());
+    for rx in receivers {
+        all.push(collect(rx).await?);
+    }
+    let (prompt, cached) = all.first().map_or((0, 0), |c| (c.usage.0, c.usage.2));
+    let usage = (prompt, all.iter().map(|c| c.usage.1).sum(), cached);
+    Ok((all, usage))
 }
 
 async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
@@ -291,27 +321,31 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
     }
     let prompt = st.engine.chat_ids(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let n = choices(&req.sampling)?;
     let params = gen_params(&st, &req.sampling, prompt.len(), None, logprobs)?;
     compile_format(&st, &req.sampling, &params).await?;
-    let rx = submit(&st, prompt, params)?;
+    let receivers = submit(&st, prompt, params, n)?;
     let id = format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let head = StreamHead { id, created: st.created_now(), model: st.config.alias.clone() };
-        return Ok(stream(st, rx, head, Kind::Chat { logprobs: logprobs.is_some() }, include_usage));
+        return Ok(stream(st, receivers, head, Kind::Chat { logprobs: logprobs.is_some() }, include_usage));
     }
-    let c = collect(rx).await?;
-    let logprobs = logprobs.map(|_| ChatLogprobs { content: c.tokens.iter().filter_map(|(i, _, l)| l.as_ref().map(|l| chat_logprob(&st, *i, l))).collect() });
-    let choice = ChatChoice { index: 0, message: AssistantMessage { role: "assistant".into(), content: c.text }, logprobs, finish_reason: c.finish };
+    let (all, used) = collect_all(receivers).await?;
+    let choice = |(index, c): (usize, Collected)| {
+        let logprobs =
+            logprobs.map(|_| ChatLogprobs { content: c.tokens.iter().filter_map(|(i, _, l)| l.as_ref().map(|l| chat_logprob(&st, *i, l))).collect() });
+        ChatChoice { index: index as u32, message: AssistantMessage { role: "assistant".into(), content: c.text }, logprobs, finish_reason: c.finish }
+    };
     let out = ChatCompletion {
         id,
         object: "chat.completion".into(),
         created: st.created_now(),
         model: st.config.alias.clone(),
-        choices: vec![choice],
-        usage: usage(c.usage),
+        choices: all.into_iter().enumerate().map(choice).collect(),
+        usage: usage(used),
     };
-    Ok(tokens_header(Json(out).into_response(), c.usage.0 + c.usage.1))
+    Ok(tokens_header(Json(out).into_response(), used.0 + used.1))
 }
 
 /// OpenAI's (legacy) text completions: a text prompt (BOS added as the
@@ -347,27 +381,30 @@ pub async fn completions(State(st): State<Arc<AppState>>, b: Result<Bytes, Bytes
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", st.engine.vocab())).param("prompt"));
     }
     let echo = if req.echo { tok.decode_text(&prompt) } else { String::new() };
+    let n = choices(&req.sampling)?;
     let params = gen_params(&st, &req.sampling, prompt.len(), Some(16), req.logprobs)?;
     compile_format(&st, &req.sampling, &params).await?;
-    let rx = submit(&st, prompt, params)?;
+    let receivers = submit(&st, prompt, params, n)?;
     let id = format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let head = StreamHead { id, created: st.created_now(), model: st.config.alias.clone() };
-        return Ok(stream(st, rx, head, Kind::Text { echo, logprobs: req.logprobs.is_some() }, include_usage));
+        return Ok(stream(st, receivers, head, Kind::Text { echo, logprobs: req.logprobs.is_some() }, include_usage));
     }
-    let c = collect(rx).await?;
-    let logprobs = req.logprobs.map(|_| text_logprobs(&st, &c.tokens, echo.len()));
-    let choice = TextChoice { index: 0, text: echo + &c.text, logprobs, finish_reason: c.finish };
+    let (all, used) = collect_all(receivers).await?;
+    let choice = |(index, c): (usize, Collected)| {
+        let logprobs = req.logprobs.map(|_| text_logprobs(&st, &c.tokens, echo.len()));
+        TextChoice { index: index as u32, text: echo.clone() + &c.text, logprobs, finish_reason: c.finish }
+    };
     let out = TextCompletion {
         id,
         object: "text_completion".into(),
         created: st.created_now(),
         model: st.config.alias.clone(),
-        choices: vec![choice],
-        usage: usage(c.usage),
+        choices: all.into_iter().enumerate().map(choice).collect(),
+        usage: usage(used),
     };
-    Ok(tokens_header(Json(out).into_response(), c.usage.0 + c.usage.1))
+    Ok(tokens_header(Json(out).into_response(), used.0 + used.1))
 }
 
 /// The legacy completions API's logprobs object.
@@ -417,70 +454,87 @@ fn sse<T: serde::Serialize>(value: &T) -> SseEvent {
     SseEvent::default().data(serde_json::to_string(value).unwrap_or_default())
 }
 
-/// Relays the scheduler's events as Server-Sent Events: OpenAI's chunks,
-/// then `data: [DONE]`. A client that goes away drops the stream, which
-/// ends the relay and with it the request.
-fn stream(st: Arc<AppState>, mut rx: mpsc::UnboundedReceiver<Event>, head: StreamHead, kind: Kind, include_usage: bool) -> Response {
+/// Relays the scheduler's events of every choice as Server-Sent Events:
+/// OpenAI's chunks (each of one choice, as its events come), then `data:
+/// [DONE]`. A client that goes away drops the stream, which ends the relay
+/// and with it the requests of all the choices.
+fn stream(st: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, head: StreamHead, kind: Kind, include_usage: bool) -> Response {
     let (tx, out) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
-        // One piece of the answer (with its token's logprobs), or its end.
-        let piece = |text: String, token: Option<(u32, &TokenLogprob)>, offset: usize, finish: Option<Finish>| match &kind {
+        // One piece of choice `index` (with its token's logprobs), or its end.
+        let piece = |index: u32, text: String, token: Option<(u32, &TokenLogprob)>, offset: usize, finish: Option<Finish>| match &kind {
             Kind::Chat { logprobs } => {
                 let logprobs = token.filter(|_| *logprobs).map(|(id, l)| ChatLogprobs { content: vec![chat_logprob(&st, id, l)] });
                 let delta = if finish.is_some() && text.is_empty() { Delta::default() } else { Delta { role: None, content: Some(text) } };
-                sse(&head.chat(vec![ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish }], None))
+                sse(&head.chat(vec![ChatChunkChoice { index, delta, logprobs, finish_reason: finish }], None))
             }
             Kind::Text { logprobs, .. } => {
                 let logprobs = token.filter(|_| *logprobs).map(|(id, l)| text_logprobs(&st, &[(id, text.clone(), Some(l.clone()))], offset));
-                sse(&head.text(vec![TextChunkChoice { index: 0, text, logprobs, finish_reason: finish }], None))
+                sse(&head.text(vec![TextChunkChoice { index, text, logprobs, finish_reason: finish }], None))
             }
         };
-        let first = match &kind {
+        let first = |index: u32| match &kind {
             Kind::Chat { .. } => {
                 let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
-                sse(&head.chat(vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason: None }], None))
+                sse(&head.chat(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }], None))
             }
-            Kind::Text { echo, .. } => sse(&head.text(vec![TextChunkChoice { index: 0, text: echo.clone(), logprobs: None, finish_reason: None }], None)),
+            Kind::Text { echo, .. } => sse(&head.text(vec![TextChunkChoice { index, text: echo.clone(), logprobs: None, finish_reason: None }], None)),
         };
-        if tx.send(Ok(first)).await.is_err() {
-            return;
+        let mut events = StreamMap::new();
+        for (index, rx) in receivers.into_iter().enumerate() {
+            if tx.send(Ok(first(index as u32))).await.is_err() {
+                return;
+            }
+            events.insert(index as u32, UnboundedReceiverStream::new(rx));
         }
-        let mut offset = match &kind {
+        let echoed = match &kind {
             Kind::Text { echo, .. } => echo.len(),
             _ => 0,
         };
+        // Each choice's length so far (text offsets), and the usage: the
+        // prompt once, the completions' tokens summed.
+        let mut offsets = vec![echoed; events.len()];
+        let (mut left, mut used) = (events.len(), (0, 0, 0));
         let wants_logprobs = matches!(kind, Kind::Chat { logprobs: true } | Kind::Text { logprobs: true, .. });
-        while let Some(e) = rx.recv().await {
+        while let Some((index, e)) = events.next().await {
+            let offset = &mut offsets[index as usize];
             let event = match e {
                 Event::Token { id, text, logprob } => {
-                    let start = offset;
-                    offset += text.len();
+                    let start = *offset;
+                    *offset += text.len();
                     let token = logprob.as_ref().filter(|_| wants_logprobs).map(|l| (id, l));
                     if text.is_empty() && token.is_none() {
                         continue;
                     }
-                    piece(text, token, start, None)
+                    piece(index, text, token, start, None)
                 }
                 Event::Text(text) => {
-                    offset += text.len();
-                    piece(text, None, offset, None)
+                    *offset += text.len();
+                    piece(index, text, None, *offset, None)
                 }
                 Event::Done { finish, prompt_tokens, completion_tokens, cached_tokens } => {
-                    let _ = tx.send(Ok(piece(String::new(), None, offset, Some(finish)))).await;
-                    if include_usage {
-                        let u = Some(usage((prompt_tokens, completion_tokens, cached_tokens)));
-                        let last = match &kind {
-                            Kind::Chat { .. } => sse(&head.chat(vec![], u)),
-                            Kind::Text { .. } => sse(&head.text(vec![], u)),
-                        };
-                        let _ = tx.send(Ok(last)).await;
+                    if index == 0 {
+                        (used.0, used.2) = (prompt_tokens, cached_tokens);
                     }
-                    break;
+                    used.1 += completion_tokens;
+                    left -= 1;
+                    piece(index, String::new(), None, *offset, Some(finish))
                 }
                 Event::Error { status, message } => sse(&ApiError::status(status, message).body()),
             };
             if tx.send(Ok(event)).await.is_err() {
                 return;
+            }
+            if left == 0 {
+                if include_usage {
+                    let u = Some(usage(used));
+                    let last = match &kind {
+                        Kind::Chat { .. } => sse(&head.chat(vec![], u)),
+                        Kind::Text { .. } => sse(&head.text(vec![], u)),
+                    };
+                    let _ = tx.send(Ok(last)).await;
+                }
+                break;
             }
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;

@@ -173,7 +173,8 @@ pub struct ChatCompletionChunk {
     pub object: String,
     pub created: u64,
     pub model: String,
-    /// One choice; none in the last chunk of `stream_options.include_usage`.
+    /// One choice (of `n`, by its index); none in the last chunk of
+    /// `stream_options.include_usage`.
     pub choices: Vec<ChatChunkChoice>,
     /// Set in that last chunk only.
     pub usage: Option<Usage>,
