@@ -97,6 +97,9 @@ def check_openai(url, key, expected):
     for chunk in client.completions.create(model="m", prompt=first, max_tokens=200, seed=5, stream=True, extra_body={"response_format": fmt}):
         pieces.extend(ch.text for ch in chunk.choices)
     assert set(json.loads("".join(pieces))) == {"mood", "age", "name"}, pieces
+    # Each choice is held to the format (compiled once, copied to each).
+    c = client.chat.completions.create(model="m", messages=msgs, max_tokens=200, temperature=1.2, seed=11, n=3, response_format=fmt)
+    assert len(c.choices) == 3 and all(set(json.loads(ch.message.content)) == {"mood", "age", "name"} for ch in c.choices), c
     try:
         client.chat.completions.create(model="m", messages=msgs, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
         raise AssertionError("a schema that does not compile was accepted")

@@ -104,6 +104,14 @@ pub struct Constrained {
     eos: u32,
 }
 
+impl Clone for Constrained {
+    /// The same place in the grammar, with caches of its own: the copy
+    /// goes on independently (and on another thread, if it likes).
+    fn clone(&self) -> Constrained {
+        Constrained { matcher: self.matcher.deep_clone(), eos: self.eos }
+    }
+}
+
 impl Constrained {
     /// Sets the logit of every token the grammar does not allow next to
     /// `-inf`. Once the document is complete only the end-of-generation

@@ -165,6 +165,13 @@ impl Sampler {
         Sampler { config, rng, constrained }
     }
 
+    /// A copy that draws with `seed` from its start: the same settings and
+    /// the same place in the format's grammar, so that several generations
+    /// (a request's `n` choices) share one compiled format.
+    pub fn with_seed(&self, seed: u64) -> Sampler {
+        Sampler::constrained(SamplerConfig { seed, ..self.config.clone() }, self.constrained.clone())
+    }
+
     /// Picks a token; `history` is every token so far (prompt and output).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let mut logits = logits.to_vec();
@@ -281,6 +288,23 @@ fn softmax(cand: &[(u32, f32)]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A copy with another seed draws what a fresh sampler with that seed
+    /// draws, whatever the original drew before.
+    #[test]
+    fn a_reseeded_copy_draws_as_a_fresh_sampler() {
+        let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 1, ..SamplerConfig::default() };
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let draws = |s: &mut Sampler| (0..40).map(|_| s.sample(&logits, &[])).collect::<Vec<u32>>();
+        let mut first = Sampler::free(config.clone());
+        let before = draws(&mut first);
+        let mut copy = first.with_seed(9);
+        let mut fresh = Sampler::free(SamplerConfig { seed: 9, ..config });
+        let again = draws(&mut copy);
+        assert_eq!(again, draws(&mut fresh));
+        assert_ne!(again, before, "another seed draws otherwise");
+        assert_eq!(copy.config.seed, 9);
+    }
 
     #[test]
     fn check_names_the_first_setting_out_of_range() {

@@ -4,7 +4,7 @@
 
 use crate::api::{self, ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, Sampling, TokenizeRequest};
 use crate::responses::*;
-use crate::scheduler::{Event, Finish, GenParams, Job, TokenLogprob};
+use crate::scheduler::{Event, Finish, GenParams, Job, Request, TokenLogprob};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -14,7 +14,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use bitnet_frontends::chat::Message;
-use bitnet_runtime::{OutputFormat, SamplerConfig};
+use bitnet_runtime::{OutputFormat, Sampler, SamplerConfig};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,9 +111,15 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesR
     Ok(Json(DetokenizeResponse { content: st.engine.tokenizer.decode_text(&req.tokens) }).into_response())
 }
 
-/// Sampling settings and the token budget of a request whose prompt is
-/// `prompt_len` tokens; `default_max` when it names none.
-fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Option<u64>, logprobs: Option<usize>) -> Result<GenParams, ApiError> {
+/// The token budget and the like of a request whose prompt is `prompt_len`
+/// tokens (`default_max` when it names none), and its sampling settings.
+fn gen_params(
+    st: &AppState,
+    s: &Sampling,
+    prompt_len: usize,
+    default_max: Option<u64>,
+    logprobs: Option<usize>,
+) -> Result<(GenParams, SamplerConfig), ApiError> {
     let context = st.engine.context;
     if prompt_len == 0 {
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
@@ -172,7 +178,7 @@ fn gen_params(st: &AppState, s: &Sampling, prompt_len: usize, default_max: Optio
     };
     // What is left to check once the ranges above hold: the biases' tokens.
     st.engine.check_sampler(&sampler).map_err(|e| ApiError::bad_request(e.to_string()).param("logit_bias"))?;
-    Ok(GenParams { max_tokens: max as usize, sampler, stop, logprobs, ignore_eos: s.ignore_eos })
+    Ok((GenParams { max_tokens: max as usize, stop, logprobs, ignore_eos: s.ignore_eos }, sampler))
 }
 
 /// The most choices one request may ask for (`n`).
@@ -186,15 +192,15 @@ fn choices(s: &Sampling) -> Result<usize, ApiError> {
     }
 }
 
-/// Compiles a request's output format, so that a schema that does not
-/// compile is its 400 (the scheduler compiles it again for the sequence).
-/// Off the async workers: the first one also indexes the vocabulary.
-async fn compile_format(st: &Arc<AppState>, s: &Sampling, params: &GenParams) -> Result<(), ApiError> {
-    if params.sampler.format.is_none() {
-        return Ok(());
+/// A request's sampler, its output format compiled once for all its
+/// choices (a schema that does not compile is its 400). A format compiles
+/// off the async workers: the first one also indexes the vocabulary.
+async fn sampler(st: &Arc<AppState>, s: &Sampling, config: SamplerConfig) -> Result<Sampler, ApiError> {
+    if config.format.is_none() {
+        return st.engine.sampler(config).map_err(|e| ApiError::bad_request(e.to_string()));
     }
-    let (engine, sampler) = (st.engine.clone(), params.sampler.clone());
-    let compiled = tokio::task::spawn_blocking(move || engine.sampler(sampler).map(drop)).await;
+    let engine = st.engine.clone();
+    let compiled = tokio::task::spawn_blocking(move || engine.sampler(config)).await;
     let param = if s.json_schema.is_some() { "json_schema" } else { "response_format" };
     match compiled {
         Ok(r) => r.map_err(|e| ApiError::bad_request(e.to_string()).param(param)),
@@ -221,14 +227,16 @@ fn logit_bias(bias: Option<&std::collections::BTreeMap<String, f32>>) -> Result<
 /// request's seed plus `i` (so that they differ, and each is repeatable);
 /// the events of choice `i` arrive on the `i`th receiver. Where the queue
 /// takes only some, those already queued are dropped with their receivers.
-fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams, n: usize) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
+fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams, sampler: Sampler, n: usize) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
     let deadline = st.config.timeout.map(|t| Instant::now() + t);
+    let seed = sampler.config.seed;
+    let mut samplers: Vec<Sampler> = (1..n as u64).map(|i| sampler.with_seed(seed.wrapping_add(i))).collect();
+    samplers.insert(0, sampler);
     let mut receivers = Vec::with_capacity(n);
-    for i in 0..n {
+    for sampler in samplers {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut params = params.clone();
-        params.sampler.seed = params.sampler.seed.wrapping_add(i as u64);
-        st.scheduler.submit(Job { prompt: prompt.clone(), params, events: tx, deadline }).map_err(|m| ApiError::status(503, m))?;
+        let request = Request { prompt: prompt.clone(), params: params.clone(), events: tx, deadline };
+        st.scheduler.submit(Job { request, sampler }).map_err(|m| ApiError::status(503, m))?;
         st.metrics.prompt_tokens.inc_by(prompt.len() as u64);
         receivers.push(rx);
     }
@@ -322,9 +330,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, b: Result<Bytes, 
     let prompt = st.engine.chat_ids(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let n = choices(&req.sampling)?;
-    let params = gen_params(&st, &req.sampling, prompt.len(), None, logprobs)?;
-    compile_format(&st, &req.sampling, &params).await?;
-    let receivers = submit(&st, prompt, params, n)?;
+    let (params, config) = gen_params(&st, &req.sampling, prompt.len(), None, logprobs)?;
+    let sampler = sampler(&st, &req.sampling, config).await?;
+    let receivers = submit(&st, prompt, params, sampler, n)?;
     let id = format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -382,9 +390,9 @@ pub async fn completions(State(st): State<Arc<AppState>>, b: Result<Bytes, Bytes
     }
     let echo = if req.echo { tok.decode_text(&prompt) } else { String::new() };
     let n = choices(&req.sampling)?;
-    let params = gen_params(&st, &req.sampling, prompt.len(), Some(16), req.logprobs)?;
-    compile_format(&st, &req.sampling, &params).await?;
-    let receivers = submit(&st, prompt, params, n)?;
+    let (params, config) = gen_params(&st, &req.sampling, prompt.len(), Some(16), req.logprobs)?;
+    let sampler = sampler(&st, &req.sampling, config).await?;
+    let receivers = submit(&st, prompt, params, sampler, n)?;
     let id = format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);

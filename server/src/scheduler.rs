@@ -8,7 +8,7 @@
 use crate::metrics::Metrics;
 use bitnet_frontends::tokenizer::{TextStream, Tokenizer};
 use bitnet_runtime::sampler::logprobs;
-use bitnet_runtime::{feed_prompt_chunks, Engine, PromptRest, RuntimeError, SamplerConfig, Sequence, StopFilter};
+use bitnet_runtime::{feed_prompt_chunks, Engine, PromptRest, RuntimeError, Sampler, Sequence, StopFilter};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -16,12 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
-/// How one request generates.
+/// How one request generates, beside its sampler.
 #[derive(Clone, Debug)]
 pub struct GenParams {
     /// Already capped to what the context leaves after the prompt.
     pub max_tokens: usize,
-    pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     /// With logprobs: how many alternatives per token.
     pub logprobs: Option<usize>,
@@ -29,7 +28,16 @@ pub struct GenParams {
     pub ignore_eos: bool,
 }
 
+/// A generation to run: its request and its sampler.
 pub struct Job {
+    pub request: Request,
+    /// Made (its format compiled) by the caller, so that a format that
+    /// does not compile is the request's error before it is queued.
+    pub sampler: Sampler,
+}
+
+/// What a running generation keeps of its job (the sequence takes the sampler).
+pub struct Request {
     pub prompt: Vec<u32>,
     pub params: GenParams,
     pub events: UnboundedSender<Event>,
@@ -144,7 +152,7 @@ impl Scheduler {
 
 /// A request being served.
 struct Running {
-    job: Job,
+    request: Request,
     seq: Sequence,
     /// Prompt tokens not fed yet.
     rest: PromptRest,
@@ -193,21 +201,16 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
                 }
             };
             queued.fetch_sub(1, Ordering::SeqCst);
-            if job.events.is_closed() {
+            let Job { request, sampler } = job;
+            if request.events.is_closed() {
                 continue;
             }
-            let mut seq = match engine.new_sequence(job.params.sampler.clone()) {
-                Ok(seq) => seq,
-                Err(e) => {
-                    let _ = job.events.send(Event::Error { status: 400, message: e.to_string() });
-                    continue;
-                }
-            };
-            let (rest, reused) = PromptRest::start(engine, &mut seq, &job.prompt);
+            let mut seq = engine.sequence_with(sampler);
+            let (rest, reused) = PromptRest::start(engine, &mut seq, &request.prompt);
             metrics.prefix_cache_tokens.inc_by(reused as u64);
-            let stream = TextStream::new(tokenizer.clone(), job.prompt.last().copied());
-            let stops = StopFilter::new(job.params.stop.clone());
-            running.push(Running { job, seq, rest, stream, stops, generated: 0, started: Instant::now(), last_token: None });
+            let stream = TextStream::new(tokenizer.clone(), request.prompt.last().copied());
+            let stops = StopFilter::new(request.params.stop.clone());
+            running.push(Running { request, seq, rest, stream, stops, generated: 0, started: Instant::now(), last_token: None });
         }
         metrics.set_load(queued.load(Ordering::SeqCst), running.len(), &engine.kv_usage());
         if running.is_empty() {
@@ -243,8 +246,8 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
         let mut keep = Vec::with_capacity(running.len());
         for (mut r, outcome) in running.drain(..).zip(outcomes) {
             let outcome = match outcome {
-                Outcome::Going if r.job.events.is_closed() => Outcome::Gone,
-                Outcome::Going if r.job.deadline.is_some_and(|d| now >= d) => Outcome::Failed(504, "the request timed out (--timeout)".into()),
+                Outcome::Going if r.request.events.is_closed() => Outcome::Gone,
+                Outcome::Going if r.request.deadline.is_some_and(|d| now >= d) => Outcome::Failed(504, "the request timed out (--timeout)".into()),
                 o => o,
             };
             match outcome {
@@ -256,19 +259,19 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
                             tail += &r.stops.finish();
                         }
                         if !tail.is_empty() {
-                            let _ = r.job.events.send(Event::Text(tail));
+                            let _ = r.request.events.send(Event::Text(tail));
                         }
                     }
-                    let _ = r.job.events.send(Event::Done {
+                    let _ = r.request.events.send(Event::Done {
                         finish,
-                        prompt_tokens: r.job.prompt.len(),
+                        prompt_tokens: r.request.prompt.len(),
                         completion_tokens: r.generated,
                         cached_tokens: r.seq.cached_tokens(),
                     });
                     metrics.request_seconds.observe(r.started.elapsed().as_secs_f64());
                 }
                 Outcome::Failed(status, message) => {
-                    let _ = r.job.events.send(Event::Error { status, message });
+                    let _ = r.request.events.send(Event::Error { status, message });
                 }
                 Outcome::Gone => {
                     metrics.cancelled.inc();
@@ -283,7 +286,7 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
 /// says whether the request is done.
 fn next_token(engine: &Engine, tokenizer: &Tokenizer, r: &mut Running, metrics: &Metrics) -> Outcome {
     let Some(id) = r.seq.sample() else { return Outcome::Failed(500, "a step gave no logits".into()) };
-    let logprob = r.job.params.logprobs.map(|k| {
+    let logprob = r.request.params.logprobs.map(|k| {
         let (lp, top) = logprobs(r.seq.last_logits().unwrap_or(&[]), id, k);
         TokenLogprob { logprob: lp, top }
     });
@@ -297,13 +300,13 @@ fn next_token(engine: &Engine, tokenizer: &Tokenizer, r: &mut Running, metrics: 
     metrics.generated_tokens.inc();
     let piece = r.stream.push(id);
     let (text, stopped) = r.stops.push(&piece);
-    if r.job.events.send(Event::Token { id, text, logprob }).is_err() {
+    if r.request.events.send(Event::Token { id, text, logprob }).is_err() {
         return Outcome::Gone;
     }
-    if stopped || (!r.job.params.ignore_eos && tokenizer.is_eog(id)) {
+    if stopped || (!r.request.params.ignore_eos && tokenizer.is_eog(id)) {
         return Outcome::Finished { finish: Finish::Stop, flush: !stopped };
     }
-    if r.generated >= r.job.params.max_tokens || r.seq.tokens().len() >= engine.context {
+    if r.generated >= r.request.params.max_tokens || r.seq.tokens().len() >= engine.context {
         return Outcome::Finished { finish: Finish::Length, flush: true };
     }
     r.seq.feed(&[id]);
