@@ -115,6 +115,15 @@ def check_openai(url, key, expected):
     assert len({c.text for c in many.choices}) > 1, many
     assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens, many.usage
     assert many.usage.completion_tokens == sum(one.usage.completion_tokens for one in singles), many.usage
+    # The choices share the prompt's KV blocks: the first computes them,
+    # the others take them from the prefix cache.
+    long = "One day, a little bird named Max flew over the big green hill to find his friend the old wise owl, who lived in a tall tree."
+    at_long = len(ids(long))
+    before = metrics(url)["bitnet_prefix_cache_tokens_total"]
+    c = client.completions.create(model="m", prompt=long, max_tokens=2, temperature=1.0, seed=1, n=4)
+    reused = metrics(url)["bitnet_prefix_cache_tokens_total"] - before
+    whole_blocks = (at_long - 1) // 16 * 16
+    assert at_long > 40 and reused == 3 * whole_blocks, (at_long, reused, c.usage)
     whole = client.chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=1.0, seed=3, n=2)
     parts, finishes, usage = {0: "", 1: ""}, {}, None
     stream = client.chat.completions.create(

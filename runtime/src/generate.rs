@@ -4,6 +4,7 @@
 
 use crate::engine::{Engine, Sequence};
 use crate::error::RuntimeError;
+use crate::kv::BLOCK_POSITIONS;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::stops::StopFilter;
 use bitnet_frontends::tokenizer::TextStream;
@@ -100,6 +101,21 @@ impl PromptRest {
     /// True once the whole prompt went in.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Whether `own`, the prompt this is the rest of, has yet to feed some
+    /// of the whole cache blocks that `prompt` starts with. A sequence
+    /// about to start `prompt` does better to wait: once `own`'s steps have
+    /// computed those blocks they are in the prefix cache, for
+    /// [`PromptRest::start`] to take rather than compute them twice (a
+    /// request's several choices, requests that open with one long system
+    /// prompt).
+    pub fn still_feeds_prefix_of(&self, own: &[u32], prompt: &[u32]) -> bool {
+        // As `Engine::reuse_prefix`, which leaves the last token to compute.
+        let reusable = &prompt[..prompt.len().saturating_sub(1)];
+        let shared = reusable.iter().zip(own).take_while(|(a, b)| a == b).count() / BLOCK_POSITIONS * BLOCK_POSITIONS;
+        let fed = own.len() - self.0.len();
+        fed < shared
     }
 }
 
@@ -419,5 +435,31 @@ impl TextGeneration {
 
     pub fn is_done(&self) -> bool {
         self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prompt waits for one being fed only while whole blocks they share
+    /// are still to be computed.
+    #[test]
+    fn a_prompt_waits_only_for_shared_blocks_not_yet_fed() {
+        let own: Vec<u32> = (0..40).collect();
+        let rest = |fed: usize| PromptRest(own[fed..].to_vec());
+        let same_start: Vec<u32> = (0..35).chain([99, 98]).collect();
+        // Two whole blocks shared (32 tokens).
+        assert!(rest(0).still_feeds_prefix_of(&own, &same_start));
+        assert!(rest(31).still_feeds_prefix_of(&own, &same_start));
+        assert!(!rest(32).still_feeds_prefix_of(&own, &same_start));
+        // Less than a block shared, or nothing: no reason to wait.
+        let short: Vec<u32> = (0..15).chain([7]).collect();
+        assert!(!rest(0).still_feeds_prefix_of(&own, &short));
+        assert!(!rest(0).still_feeds_prefix_of(&own, &[5; 40]));
+        // The same prompt: all its whole blocks but the last token's.
+        assert!(rest(16).still_feeds_prefix_of(&own, &own));
+        assert!(!rest(32).still_feeds_prefix_of(&own, &own));
+        assert!(!rest(0).still_feeds_prefix_of(&own, &[]));
     }
 }

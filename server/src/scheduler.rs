@@ -177,11 +177,27 @@ enum Outcome {
 fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &Metrics, queued: &AtomicUsize) {
     let tokenizer: Arc<Tokenizer> = engine.tokenizer.clone();
     let mut running: Vec<Running> = Vec::new();
+    // Jobs taken from the queue (still counted in `queued`) that wait for
+    // a running sequence to feed the prompt blocks they share.
+    let mut parked: Vec<Job> = Vec::new();
     let mut open = true;
     loop {
-        // Admit: block when idle, else take what is waiting.
-        while open && running.len() < cfg.parallel.max(1) {
-            let job = if running.is_empty() {
+        parked.retain(|j| {
+            let keep = !j.request.events.is_closed();
+            if !keep {
+                queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            keep
+        });
+        // Admit: the parked jobs whose blocks are in, then new ones;
+        // block when idle.
+        while running.len() < cfg.parallel.max(1) {
+            let waits = |j: &Job, running: &[Running]| running.iter().any(|r| r.rest.still_feeds_prefix_of(&r.request.prompt, &j.request.prompt));
+            let job = if let Some(i) = parked.iter().position(|j| !waits(j, &running)) {
+                parked.remove(i)
+            } else if !open {
+                break;
+            } else if running.is_empty() {
                 match rx.recv_timeout(Duration::from_millis(250)) {
                     Ok(j) => j,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
@@ -200,6 +216,10 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
                     }
                 }
             };
+            if waits(&job, &running) && !job.request.events.is_closed() {
+                parked.push(job);
+                continue;
+            }
             queued.fetch_sub(1, Ordering::SeqCst);
             let Job { request, sampler } = job;
             if request.events.is_closed() {
@@ -214,7 +234,7 @@ fn run(engine: &Arc<Engine>, rx: Receiver<Job>, cfg: SchedulerConfig, metrics: &
         }
         metrics.set_load(queued.load(Ordering::SeqCst), running.len(), &engine.kv_usage());
         if running.is_empty() {
-            if !open {
+            if !open && parked.is_empty() {
                 return;
             }
             continue;
