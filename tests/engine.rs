@@ -154,6 +154,28 @@ fn batched_logits_match_single_steps() {
     }
 }
 
+/// Prompts of one batch that open alike: the later ones wait for the first
+/// to compute the whole blocks they share and take them from the prefix
+/// cache, and generate what they generate alone.
+#[test]
+fn a_batch_computes_a_shared_opening_once() {
+    let e = engine(&stories(), BackendKind::Compiled, 4, None);
+    let opening: Vec<u32> = (0..40).map(|i| 1 + (i * 13) % 500).collect();
+    let ps: Vec<Vec<u32>> = [vec![7, 8, 9], vec![100, 200], vec![3]].iter().map(|tail| [opening.as_slice(), tail].concat()).collect();
+    let want: Vec<Vec<u32>> = ps.iter().map(|p| alone(&e, p, 6)).collect();
+    e.clear_prefix_cache();
+    let reqs: Vec<_> = ps.iter().map(|p| (p.clone(), greedy_opts(6))).collect();
+    let mut got = vec![None; ps.len()];
+    e.generate_batch(&reqs, 3, |i, r| got[i] = Some(r.unwrap()));
+    let got: Vec<_> = got.into_iter().map(Option::unwrap).collect();
+    assert_eq!(got.iter().map(|g| g.cached_tokens).collect::<Vec<_>>(), [0, 32, 32], "two whole blocks of the opening come from the cache");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(&g.generated_ids, w, "prompt {i}");
+    }
+    e.clear_prefix_cache();
+    assert_eq!(e.kv_usage().blocks_used, 0, "every block comes back");
+}
+
 #[test]
 fn a_shared_prefix_is_computed_once_and_rewinds_never_touch_it() {
     let e = engine(&stories(), BackendKind::Compiled, 4, None);

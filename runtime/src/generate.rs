@@ -269,13 +269,19 @@ impl Engine {
     /// each step; a finished sequence makes room for the next prompt.
     /// Prompts go in by chunks, [`BATCH_STEP_TOKENS`] rows a step at most
     /// beside the decode rows.
-    /// `on_done` hears each result with its prompt's index, in the order
-    /// they finish; one prompt's error does not stop the others.
+    /// A prompt that opens with whole KV blocks of one still going in
+    /// waits for them (then taken from the prefix cache, not computed
+    /// again). `on_done` hears each result with its prompt's index, in the
+    /// order they finish; one prompt's error does not stop the others.
     pub fn generate_batch(&self, prompts: &[(Vec<u32>, GenerateOptions)], parallel: usize, mut on_done: impl FnMut(usize, Result<Generation, RuntimeError>)) {
-        let mut queue = prompts.iter().enumerate();
+        let mut queue = prompts.iter().enumerate().peekable();
         let mut live: Vec<(usize, Live)> = Vec::new();
         loop {
             while live.len() < parallel.max(1) {
+                let Some(&(_, (next, _))) = queue.peek() else { break };
+                if live.iter().any(|(j, l)| l.rest.still_feeds_prefix_of(&prompts[*j].0, next)) {
+                    break;
+                }
                 let Some((i, (prompt, opts))) = queue.next() else { break };
                 if prompt.is_empty() {
                     on_done(i, RuntimeError::input("nothing to evaluate: the prompt is empty"));
