@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
         *) targets+=("$1"); shift ;;
     esac
 done
-all=(gguf model hf artifact tokenizer chat_template tuning_db openai_request)
+all=(gguf model hf artifact tokenizer chat_template tuning_db openai_request gbnf)
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do
     [ -f "fuzz/fuzz_targets/$t.rs" ] || { echo "fuzz.sh: no target $t (targets: ${all[*]})" >&2; exit 2; }

@@ -111,3 +111,81 @@ fn a_schema_that_does_not_compile_is_refused_before_generating() {
         assert!(matches!(&err, RuntimeError::Input(m) if m.starts_with("the JSON schema does not compile: ")), "{bad}: {err}");
     }
 }
+
+/// A GBNF grammar (llama.cpp's `--grammar`), written here, not copied.
+const LIST_GBNF: &str = r#"
+# A short list of animals, each with a color, then a period.
+root   ::= item ( ", " item ){0,2} "."
+item   ::= color " " animal
+color  ::= "red" | "blue" | [a-z]{3,5}
+animal ::= ( "cat" | "dog" | "bird" ) "s"?
+"#;
+
+fn is_list(text: &str) -> bool {
+    let Some(body) = text.strip_suffix('.') else { return false };
+    let items: Vec<&str> = body.split(", ").collect();
+    (1..=3).contains(&items.len())
+        && items.iter().all(|item| {
+            let Some((color, animal)) = item.split_once(' ') else { return false };
+            let color_ok = (3..=5).contains(&color.len()) && color.bytes().all(|b| b.is_ascii_lowercase());
+            color_ok && ["cat", "dog", "bird", "cats", "dogs", "birds"].contains(&animal)
+        })
+}
+
+#[test]
+fn every_sample_is_a_sentence_of_the_gbnf_grammar() {
+    let e = stories_engine();
+    let mut texts = std::collections::HashSet::new();
+    for seed in 0..6 {
+        let sampler = SamplerConfig { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed, ..SamplerConfig::default() };
+        let (text, stop) = generate(&e, OutputFormat::Grammar(LIST_GBNF.into()), sampler, 60).unwrap();
+        assert_eq!(stop, StopReason::EndOfGeneration, "the sentence ends the generation: {text:?}");
+        assert!(is_list(&text), "{text:?}");
+        texts.insert(text);
+    }
+    assert!(texts.len() > 1, "the draws differ: {texts:?}");
+    // llama.cpp's way to give llguidance's own syntax.
+    let lark = "%llguidance {}\nstart: \"Yes\" | \"No\"\n";
+    let (text, stop) = generate(&e, OutputFormat::Grammar(lark.into()), SamplerConfig::greedy(), 8).unwrap();
+    assert!((text == "Yes" || text == "No") && stop == StopReason::EndOfGeneration, "{text:?}");
+}
+
+#[test]
+fn a_grammar_that_does_not_compile_is_refused_with_its_line() {
+    let e = stories_engine();
+    for (bad, want) in [("root ::= item\n", "rule item is used but never defined"), ("root ::= \"a\"\nx ::= [z-a]\n", "line 2")] {
+        let err = generate(&e, OutputFormat::Grammar(bad.into()), SamplerConfig::greedy(), 8).unwrap_err();
+        assert!(matches!(&err, RuntimeError::Input(m) if m.starts_with("the grammar does not compile: ") && m.contains(want)), "{bad:?}: {err}");
+    }
+}
+
+/// `bitnet run --grammar-file`, `--grammar` and `-j` as llama.cpp's: the
+/// text is a sentence of the grammar; one that does not compile is the
+/// error before any output.
+#[test]
+fn the_cli_holds_run_to_a_grammar_or_schema() {
+    let dir = tmp_dir("structured-cli");
+    let file = dir.join("list.gbnf");
+    std::fs::write(&file, LIST_GBNF).unwrap();
+    let model = stories();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "-m", model.to_str().unwrap(), "-p", "Once upon a time", "-n", "80", "--temp", "1.2", "-s", "4", "--json"];
+        args.extend(extra);
+        bitnet(&args)
+    };
+    let text = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", stderr(o));
+        serde_json::from_str::<Value>(&stdout(o)).unwrap()["text"].as_str().unwrap().to_string()
+    };
+    let listed = text(&run(&["--grammar-file", file.to_str().unwrap()]));
+    assert!(is_list(&listed), "{listed:?}");
+    let yes_no = text(&run(&["--grammar", r#"root ::= "Yes" | "No""#]));
+    assert!(yes_no == "Yes" || yes_no == "No", "{yes_no:?}");
+    let doc = text(&run(&["-j", r#"{"enum": ["up", "down"]}"#]));
+    assert!(doc == "\"up\"" || doc == "\"down\"", "{doc:?}");
+    let bad = run(&["--grammar", "root ::= [a-"]);
+    assert!(!bad.status.success() && stdout(&bad).is_empty(), "{}", stdout(&bad));
+    assert!(stderr(&bad).contains("the grammar does not compile: line 1: a character class is not closed"), "{}", stderr(&bad));
+    let both = run(&["--grammar", "root ::= \"a\"", "-j", "{}"]);
+    assert!(!both.status.success() && stderr(&both).contains("cannot be used with"), "{}", stderr(&both));
+}

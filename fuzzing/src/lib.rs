@@ -37,7 +37,7 @@ pub type Target = fn(&[u8]);
 
 /// Every target, by its name under `fuzz/fuzz_targets`, `fuzz/seeds` and
 /// `fuzz/regressions`.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("gguf", gguf),
     ("model", model),
     ("hf", hf),
@@ -46,6 +46,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("chat_template", chat_template),
     ("tuning_db", tuning_db),
     ("openai_request", openai_request),
+    ("gbnf", gbnf),
 ];
 
 /// The target of that name.

@@ -202,6 +202,22 @@ pub fn chat_template(data: &[u8]) {
     }
 }
 
+/// A GBNF grammar (llama-server's `grammar`, `bitnet run --grammar`):
+/// written again in Lark or refused with an error, never a panic; what is
+/// written has `start` first and one rule a line, each named as Lark names
+/// rules.
+pub fn gbnf(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(lark) = bitnet_runtime::gbnf::to_lark(text) else { return };
+    assert!(lark.starts_with("start: r") && lark.ends_with('\n'), "{lark:?}");
+    for line in lark.lines() {
+        let (name, body) = line.split_once(": ").unwrap_or_else(|| panic!("a line that is no rule: {line:?}"));
+        let named =
+            name.starts_with(|c: char| c.is_ascii_lowercase()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        assert!(named && !body.trim().is_empty(), "{line:?}");
+    }
+}
+
 /// Loads what a target keeps between inputs (tokenizers, the server), so
 /// that the first input is not timed with it.
 pub fn warm_up(target: &str) {

@@ -193,7 +193,7 @@ fn write_seeds() {
     put("tuning_db", "three-records.jsonl", &std::fs::read(&db_path).unwrap());
 
     // API requests: byte 0 picks the endpoint (chat, completions, tokenize, detokenize).
-    let requests: [(u8, &str, &str); 7] = [
+    let requests: [(u8, &str, &str); 10] = [
         (
             0,
             "chat",
@@ -208,10 +208,22 @@ fn write_seeds() {
         (1, "completion-stream", r#"{"prompt":"Lily","max_tokens":3,"stream":true,"logprobs":2,"frequency_penalty":1}"#),
         (2, "tokenize", r#"{"content":"Hello world","add_special":true}"#),
         (3, "detokenize", r#"{"tokens":[1,300,400]}"#),
-        (0, "bad-n", r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#),
+        (0, "bad-n", r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#),
+        (1, "completion-n", r#"{"prompt":"Once","max_tokens":3,"temperature":1,"seed":2,"n":3}"#),
+        (0, "chat-n-stream", r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2,"n":2,"stream":true}"#),
+        (1, "completion-gbnf", r#"{"prompt":"Hi","max_tokens":6,"grammar":"root ::= [A-Z] [a-z]{1,4} (\" \" ( \"cat\" | [^\\n.] ))* \".\""}"#),
     ];
     for (which, name, body) in requests {
         put("openai_request", name, &[&[which][..], body.as_bytes()].concat());
+    }
+
+    // GBNF grammars: rules over lines, classes, escapes, repetitions.
+    let grammars = [
+        ("list.gbnf", "# a list\nroot ::= item (\", \" item){0,2} \".\"\nitem ::= [a-z]+ \" \"\n  ( \"cat\" | \"dog\" )\n"),
+        ("escapes.gbnf", "root ::= \"\\x41\\u00e9\\n\" [^\"\\\\] . [\\t-\\r]? ws\nws ::= [ \\t\\n]*\n"),
+    ];
+    for (name, g) in grammars {
+        put("gbnf", name, g.as_bytes());
     }
     let _ = std::fs::remove_dir_all(&scratch);
 }

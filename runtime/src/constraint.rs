@@ -1,8 +1,9 @@
 //! Output held to a JSON schema (structured outputs, OpenAI's
-//! `response_format`): llguidance compiles the schema against the model's
-//! vocabulary and gives, before each token, the set of tokens that keep the
-//! text a prefix of a valid document; the sampler draws only from it, and
-//! the end-of-generation token only once the document is complete.
+//! `response_format`) or a grammar (llama.cpp's GBNF): llguidance compiles
+//! it against the model's vocabulary and gives, before each token, the set
+//! of tokens that keep the text a prefix of a valid document; the sampler
+//! draws only from it, and the end-of-generation token only once the
+//! document is complete.
 
 use bitnet_frontends::tokenizer::Tokenizer;
 use llguidance::api::TopLevelGrammar;
@@ -18,6 +19,10 @@ pub enum OutputFormat {
     JsonObject,
     /// A JSON document valid under this schema (OpenAI's `json_schema`).
     JsonSchema(Value),
+    /// Text of a grammar in llama.cpp's GBNF (generation starts at its
+    /// `root` rule), or, opening with `%llguidance`, in llguidance's Lark
+    /// syntax as llama.cpp takes it.
+    Grammar(String),
 }
 
 impl OutputFormat {
@@ -36,18 +41,28 @@ impl OutputFormat {
         }
     }
 
-    /// The schema llguidance compiles: JSON written compactly, as on one
-    /// line (no free whitespace between tokens for a model to loop on),
-    /// unless the schema sets its own `x-guidance` options.
-    fn grammar(&self) -> TopLevelGrammar {
+    /// What the format is, for messages.
+    fn what(&self) -> &'static str {
+        match self {
+            OutputFormat::JsonObject | OutputFormat::JsonSchema(_) => "the JSON schema",
+            OutputFormat::Grammar(_) => "the grammar",
+        }
+    }
+
+    /// What llguidance compiles. A schema's JSON is written compactly, as
+    /// on one line (no free whitespace between tokens for a model to loop
+    /// on), unless the schema sets its own `x-guidance` options.
+    fn grammar(&self) -> Result<TopLevelGrammar, String> {
         let mut schema = match self {
             OutputFormat::JsonObject => json!({ "type": "object" }),
             OutputFormat::JsonSchema(s) => s.clone(),
+            OutputFormat::Grammar(g) if g.trim_start().starts_with("%llguidance") => return Ok(TopLevelGrammar::from_lark(g.clone())),
+            OutputFormat::Grammar(g) => return crate::gbnf::to_lark(g).map(TopLevelGrammar::from_lark),
         };
         if let Some(o) = schema.as_object_mut() {
             o.entry("x-guidance").or_insert_with(|| json!({ "whitespace_flexible": false }));
         }
-        TopLevelGrammar::from_json_schema(schema)
+        Ok(TopLevelGrammar::from_json_schema(schema))
     }
 }
 
@@ -88,11 +103,13 @@ impl Grammars {
     /// compile (where panics unwind, a schema that makes the compiler
     /// panic is one that does not).
     pub fn matcher(&self, format: &OutputFormat) -> Result<Constrained, String> {
-        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.factory.create_parser(format.grammar())));
-        let parser = parser.map_err(|_| "the JSON schema does not compile: the compiler failed on it".to_string())?;
+        let what = format.what();
+        let grammar = format.grammar().map_err(|e| format!("{what} does not compile: {e}"))?;
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.factory.create_parser(grammar)));
+        let parser = parser.map_err(|_| format!("{what} does not compile: the compiler failed on it"))?;
         let matcher = Matcher::new(parser);
         match matcher.get_error() {
-            Some(e) => Err(format!("the JSON schema does not compile: {e}")),
+            Some(e) => Err(format!("{what} does not compile: {e}")),
             None => Ok(Constrained { matcher, eos: self.eos }),
         }
     }

@@ -37,6 +37,7 @@ pub mod cuda;
 pub mod cuda_tune;
 pub mod engine;
 pub mod error;
+pub mod gbnf;
 pub mod generate;
 pub mod kv;
 #[cfg(feature = "native")]

@@ -105,7 +105,8 @@ pub struct Sampling {
     /// llama-server's spelling: the schema itself.
     #[schema(value_type = Option<Object>)]
     pub json_schema: Option<serde_json::Value>,
-    /// llama-server's GBNF grammar: not supported, so refused with a 400.
+    /// llama-server's GBNF grammar (generation starts at its `root` rule);
+    /// opening with `%llguidance`, llguidance's Lark syntax.
     pub grammar: Option<String>,
     /// Choices per request, each drawn with the request's seed plus its
     /// index (so that they differ, and each is repeatable); at most 16.

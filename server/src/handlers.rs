@@ -143,16 +143,21 @@ fn gen_params(
     if let Some(k) = logprobs {
         check(k <= 20, "top_logprobs", "at most 20")?;
     }
-    if s.grammar.as_deref().is_some_and(|g| !g.is_empty()) {
-        return Err(ApiError::bad_request("grammar: GBNF grammars are not supported; hold the output to a JSON schema with response_format").param("grammar"));
-    }
-    let format = match (&s.response_format, &s.json_schema) {
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("give response_format or json_schema, not both").param("json_schema")),
-        (None, Some(schema)) => Some(OutputFormat::JsonSchema(schema.clone())),
-        (Some(r), None) => {
+    let grammar = s.grammar.as_ref().filter(|g| !g.trim().is_empty());
+    let format = match (&s.response_format, &s.json_schema, grammar) {
+        (None, None, None) => None,
+        (None, None, Some(g)) => Some(OutputFormat::Grammar(g.clone())),
+        (None, Some(schema), None) => Some(OutputFormat::JsonSchema(schema.clone())),
+        (Some(r), None, None) => {
             OutputFormat::from_response_format(r).map_err(|m| ApiError::bad_request(format!("response_format: {m}")).param("response_format"))?
         }
-        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad_request("give one of response_format, json_schema and grammar").param(if grammar.is_some() {
+                "grammar"
+            } else {
+                "json_schema"
+            }))
+        }
     };
     let logit_bias = logit_bias(s.logit_bias.as_ref())?;
     let room = (context - prompt_len) as u64;
@@ -201,7 +206,11 @@ async fn sampler(st: &Arc<AppState>, s: &Sampling, config: SamplerConfig) -> Res
     }
     let engine = st.engine.clone();
     let compiled = tokio::task::spawn_blocking(move || engine.sampler(config)).await;
-    let param = if s.json_schema.is_some() { "json_schema" } else { "response_format" };
+    let param = match (&s.json_schema, &s.grammar) {
+        (Some(_), _) => "json_schema",
+        (_, Some(_)) => "grammar",
+        _ => "response_format",
+    };
     match compiled {
         Ok(r) => r.map_err(|e| ApiError::bad_request(e.to_string()).param(param)),
         Err(_) => Err(ApiError::status(500, "compiling the response format failed").param(param)),

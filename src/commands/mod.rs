@@ -251,11 +251,19 @@ pub struct SamplingArgs {
     pub logit_bias: Vec<(u32, f32)>,
     /// Hold the output to a JSON schema, as llama.cpp's `-j` (`{}`: any
     /// JSON value); generation ends when the document does.
-    #[arg(short = 'j', long, value_name = "SCHEMA", conflicts_with = "json_schema_file")]
+    #[arg(short = 'j', long, value_name = "SCHEMA", conflicts_with_all = ["json_schema_file", "grammar", "grammar_file"])]
     pub json_schema: Option<String>,
     /// --json-schema, read from a file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["grammar", "grammar_file"])]
     pub json_schema_file: Option<std::path::PathBuf>,
+    /// Hold the output to a GBNF grammar, as llama.cpp's `--grammar`
+    /// (generation starts at its `root` rule and ends when a sentence of
+    /// it does); `%llguidance` first gives llguidance's Lark syntax.
+    #[arg(long, value_name = "GBNF", conflicts_with = "grammar_file")]
+    pub grammar: Option<String>,
+    /// --grammar, read from a file.
+    #[arg(long, value_name = "FILE")]
+    pub grammar_file: Option<std::path::PathBuf>,
 }
 
 /// `--logit-bias`'s `TOKEN_ID+BIAS` or `TOKEN_ID-BIAS`.
@@ -267,11 +275,17 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 impl SamplingArgs {
-    /// `--json-schema` or `--json-schema-file`'s schema.
+    /// The schema or grammar of `--json-schema`, `--grammar` or their files.
     fn format(&self) -> anyhow::Result<Option<OutputFormat>> {
+        let read = |f: &std::path::Path| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()));
+        match (&self.grammar, &self.grammar_file) {
+            (Some(g), _) => return Ok(Some(OutputFormat::Grammar(g.clone()))),
+            (None, Some(f)) => return Ok(Some(OutputFormat::Grammar(read(f)?))),
+            (None, None) => {}
+        }
         let (text, flag) = match (&self.json_schema, &self.json_schema_file) {
             (Some(s), _) => (s.clone(), "--json-schema".to_string()),
-            (None, Some(f)) => (std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?, format!("--json-schema-file {}", f.display())),
+            (None, Some(f)) => (read(f)?, format!("--json-schema-file {}", f.display())),
             (None, None) => return Ok(None),
         };
         let schema = serde_json::from_str(&text).with_context(|| format!("{flag} is not JSON"))?;

@@ -99,6 +99,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt is empty: nothing to generate from");
     }
+    if sampler.format.is_some() {
+        // A schema or grammar that does not compile is the error, before any output.
+        session.sampler(sampler.clone())?;
+    }
     let opts = GenerateOptions { n_predict: a.n_predict, ignore_eos: a.ignore_eos, sampler, dump_logits: a.dump_logits.is_some() };
     let mut stdout = std::io::stdout().lock();
     if !a.json && !echo.is_empty() {
