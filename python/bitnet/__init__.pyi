@@ -72,6 +72,7 @@ class Model:
         ignore_eos: bool = False,
         logit_bias: Optional[Mapping[int, float]] = None,
         response_format: Optional[Mapping[str, Any]] = None,
+        grammar: Optional[str] = None,
     ) -> str: ...
     def generate_ids(
         self,
@@ -88,6 +89,7 @@ class Model:
         ignore_eos: bool = False,
         logit_bias: Optional[Mapping[int, float]] = None,
         response_format: Optional[Mapping[str, Any]] = None,
+        grammar: Optional[str] = None,
     ) -> List[int]: ...
     def stream(
         self,
@@ -104,6 +106,7 @@ class Model:
         ignore_eos: bool = False,
         logit_bias: Optional[Mapping[int, float]] = None,
         response_format: Optional[Mapping[str, Any]] = None,
+        grammar: Optional[str] = None,
     ) -> Stream: ...
     def chat(
         self,
@@ -119,6 +122,7 @@ class Model:
         stop: Optional[Sequence[str]] = None,
         logit_bias: Optional[Mapping[int, float]] = None,
         response_format: Optional[Mapping[str, Any]] = None,
+        grammar: Optional[str] = None,
     ) -> str: ...
     def tokenize(self, text: str, add_bos: bool = True) -> List[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...

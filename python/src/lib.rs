@@ -141,11 +141,16 @@ fn sampling(
     ignore_eos: bool,
     logit_bias: Option<HashMap<u32, f32>>,
     response_format: Option<&Bound<'_, PyAny>>,
+    grammar: Option<String>,
 ) -> PyResult<Sampling> {
     let seed = seed.unwrap_or_else(SamplerConfig::clock_seed);
     let mut logit_bias: Vec<(u32, f32)> = logit_bias.into_iter().flatten().collect();
     logit_bias.sort_by_key(|&(t, _)| t);
-    let format = response_format.map(output_format).transpose()?.flatten();
+    let format = match (response_format, grammar) {
+        (Some(_), Some(_)) => return Err(invalid("give response_format or grammar, not both")),
+        (None, Some(g)) => Some(OutputFormat::Grammar(g)),
+        (r, None) => r.map(output_format).transpose()?.flatten(),
+    };
     let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, logit_bias, format, seed, ..SamplerConfig::default() };
     config.check().map_err(|e| invalid(e.to_string()))?;
     Ok(Sampling { config, max_tokens, stop: stop.unwrap_or_default(), ignore_eos })
@@ -269,7 +274,7 @@ impl Model {
 
     /// Generates text after `prompt` (BOS added as the model asks, as
     /// `bitnet run -p`); the text is exactly `bitnet run --json`'s.
-    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None))]
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None, grammar = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -286,8 +291,9 @@ impl Model {
         ignore_eos: bool,
         logit_bias: Option<HashMap<u32, f32>>,
         response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
     ) -> PyResult<String> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format, grammar)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
         Ok(run(py, start(engine, &ids, &s)?)?.0)
@@ -295,7 +301,7 @@ impl Model {
 
     /// Generates after `prompt_ids`, used verbatim (no BOS added, as
     /// `bitnet run --prompt-ids`); returns the generated ids.
-    #[pyo3(signature = (prompt_ids, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None))]
+    #[pyo3(signature = (prompt_ids, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None, grammar = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_ids(
         &self,
@@ -312,13 +318,14 @@ impl Model {
         ignore_eos: bool,
         logit_bias: Option<HashMap<u32, f32>>,
         response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
     ) -> PyResult<Vec<u32>> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format, grammar)?;
         Ok(run(py, start(self.engine()?, &prompt_ids, &s)?)?.1)
     }
 
     /// Like `generate`, as an iterator of text pieces as they are made.
-    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None))]
+    #[pyo3(signature = (prompt, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, ignore_eos = false, logit_bias = None, response_format = None, grammar = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -334,8 +341,9 @@ impl Model {
         ignore_eos: bool,
         logit_bias: Option<HashMap<u32, f32>>,
         response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
     ) -> PyResult<Stream> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, ignore_eos, logit_bias, response_format, grammar)?;
         let engine = self.engine()?;
         let ids = self.text_ids(&engine, prompt)?;
         Ok(Stream { run: Mutex::new(Some(start(engine, &ids, &s)?)) })
@@ -343,7 +351,7 @@ impl Model {
 
     /// The assistant's answer to `messages` (dicts with `role` and
     /// `content`), rendered with the chat template.
-    #[pyo3(signature = (messages, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, logit_bias = None, response_format = None))]
+    #[pyo3(signature = (messages, *, max_tokens = 128, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, logit_bias = None, response_format = None, grammar = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
@@ -359,8 +367,9 @@ impl Model {
         stop: Option<Vec<String>>,
         logit_bias: Option<HashMap<u32, f32>>,
         response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
     ) -> PyResult<String> {
-        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, false, logit_bias, response_format)?;
+        let s = sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, false, logit_bias, response_format, grammar)?;
         let msgs = self::messages(messages)?;
         let engine = self.engine()?;
         let ids = engine.chat_ids(&msgs).map_err(runtime_error)?;

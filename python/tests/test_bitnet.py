@@ -136,6 +136,20 @@ def test_response_format_holds_the_output_to_a_schema(model):
         model.generate("Once", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}})
 
 
+def test_grammar_holds_the_output_to_a_gbnf_grammar(model):
+    gbnf = 'root ::= ("yes" | "no") "!"{1,3}'
+    for seed in range(3):
+        text = model.generate("Once", max_tokens=16, temperature=1.0, seed=seed, grammar=gbnf)
+        assert text.rstrip("!") in ("yes", "no") and 1 <= text.count("!") <= 3, text
+    assert "".join(model.stream("Once", max_tokens=16, seed=1, grammar=gbnf)).rstrip("!") in ("yes", "no")
+    with bitnet.Model(STORIES, threads=2, chat_template="chatml") as m:
+        assert m.chat([{"role": "user", "content": "Hi"}], max_tokens=16, grammar='root ::= [A-Z] [a-z]{2,4} "."').endswith(".")
+    with pytest.raises(bitnet.InvalidArgumentError, match="rule thing is used but never defined"):
+        model.generate("Once", grammar="root ::= thing")
+    with pytest.raises(bitnet.InvalidArgumentError, match="not both"):
+        model.generate("Once", grammar=gbnf, response_format={"type": "json_object"})
+
+
 def test_info_describes_the_model(model):
     info = model.info
     assert info["architecture"] == "llama"
