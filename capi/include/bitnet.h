@@ -305,6 +305,16 @@ enum BitnetStatus bitnet_sequence_set_logit_bias(struct BitnetSequence *seq,
 enum BitnetStatus bitnet_sequence_set_json_schema(struct BitnetSequence *seq, const char *schema);
 
 /**
+ * Holds the sequence's next generations to a GBNF grammar (UTF-8,
+ * NUL-terminated; generation starts at its `root` rule; opening with
+ * `%llguidance`, llguidance's Lark syntax; null: free text again), as
+ * `bitnet run --grammar` does: a generation ends when its sentence does.
+ * A grammar that does not compile is `InvalidArgument`, its message
+ * naming the line.
+ */
+enum BitnetStatus bitnet_sequence_set_grammar(struct BitnetSequence *seq, const char *grammar);
+
+/**
  * Generates up to `max_tokens` after `prompt` (ids used verbatim, as
  * `bitnet run --prompt-ids`), calling `on_piece` with each piece of text
  * as it becomes printable (null: no calls); a non-zero return stops the

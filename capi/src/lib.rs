@@ -183,8 +183,9 @@ pub struct BitnetEngine {
 pub struct BitnetSequence {
     engine: Arc<Engine>,
     sampling: BitnetSampling,
-    /// What `bitnet_sequence_set_logit_bias` and
-    /// `bitnet_sequence_set_json_schema` add to `sampling`.
+    /// What `bitnet_sequence_set_logit_bias`,
+    /// `bitnet_sequence_set_json_schema` and `bitnet_sequence_set_grammar`
+    /// add to `sampling`.
     logit_bias: Vec<(u32, f32)>,
     format: Option<OutputFormat>,
 }
@@ -545,14 +546,38 @@ pub extern "C" fn bitnet_sequence_set_json_schema(seq: *mut BitnetSequence, sche
             return Ok(());
         }
         let value: serde_json::Value = serde_json::from_str(text(schema, "schema")?).map_err(|e| invalid(format!("the schema is not JSON: {e}")))?;
-        let config = SamplerConfig { format: Some(OutputFormat::JsonSchema(value)), ..sampler(&seq.sampling) };
-        seq.engine.sampler(config.clone())?;
-        seq.format = config.format;
-        Ok(())
+        seq.hold_to(OutputFormat::JsonSchema(value))
+    })
+}
+
+/// Holds the sequence's next generations to a GBNF grammar (UTF-8,
+/// NUL-terminated; generation starts at its `root` rule; opening with
+/// `%llguidance`, llguidance's Lark syntax; null: free text again), as
+/// `bitnet run --grammar` does: a generation ends when its sentence does.
+/// A grammar that does not compile is `InvalidArgument`, its message
+/// naming the line.
+#[no_mangle]
+pub extern "C" fn bitnet_sequence_set_grammar(seq: *mut BitnetSequence, grammar: *const c_char) -> BitnetStatus {
+    guard(|| {
+        // SAFETY: as in bitnet_sequence_set_logit_bias.
+        let seq = unsafe { seq.as_mut() }.ok_or_else(|| invalid("sequence is null"))?;
+        if grammar.is_null() {
+            seq.format = None;
+            return Ok(());
+        }
+        seq.hold_to(OutputFormat::Grammar(text(grammar, "grammar")?.to_string()))
     })
 }
 
 impl BitnetSequence {
+    /// Holds the next generations to `format`, once it compiles.
+    fn hold_to(&mut self, format: OutputFormat) -> Result<(), Failure> {
+        let config = SamplerConfig { format: Some(format), ..sampler(&self.sampling) };
+        self.engine.sampler(config.clone())?;
+        self.format = config.format;
+        Ok(())
+    }
+
     fn options(&self, max_tokens: usize, dump_logits: bool) -> GenerateOptions {
         let sampler = SamplerConfig { logit_bias: self.logit_bias.clone(), format: self.format.clone(), ..sampler(&self.sampling) };
         GenerateOptions { n_predict: max_tokens, ignore_eos: self.sampling.ignore_eos, sampler, dump_logits }

@@ -216,6 +216,17 @@ fn bad_arguments_and_small_buffers_are_status_codes() {
     }
     assert!(last_error().contains("the schema is not JSON"), "{}", last_error());
     assert_eq!(bitnet_sequence_set_json_schema(seq, std::ptr::null()), BitnetStatus::Ok);
+    // A GBNF grammar, the same way.
+    let grammar = CString::new("root ::= (\"yes\" | \"no\") \"!\"").unwrap();
+    assert_eq!(bitnet_sequence_set_grammar(seq, grammar.as_ptr()), BitnetStatus::Ok);
+    text.clear();
+    let user = (&mut text as *mut Vec<u8>).cast();
+    assert_eq!(bitnet_generate(seq, prompt.as_ptr(), 5, 40, Some(collect), user, out.as_mut_ptr(), 20, &mut n), BitnetStatus::Ok);
+    assert!(text == b"yes!" || text == b"no!", "{:?}", String::from_utf8_lossy(&text));
+    let bad = CString::new("root ::= maybe").unwrap();
+    assert_eq!(bitnet_sequence_set_grammar(seq, bad.as_ptr()), BitnetStatus::InvalidArgument);
+    assert!(last_error().contains("rule maybe is used but never defined"), "{}", last_error());
+    assert_eq!(bitnet_sequence_set_grammar(seq, std::ptr::null()), BitnetStatus::Ok);
     assert_eq!(bitnet_generate(seq, prompt.as_ptr(), 5, 20, None, std::ptr::null_mut(), out.as_mut_ptr(), 20, &mut n), BitnetStatus::Ok);
     assert_eq!(&out[..n], &KNOWN, "free text again");
     let long = vec![1u32; 5000];

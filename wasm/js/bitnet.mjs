@@ -14,7 +14,8 @@
 // maxTokens, temperature, topK, topP, minP, repeatPenalty, seed, stop,
 // ignoreEos, logitBias ({tokenId: bias}; JSON has no -Infinity, so ban a
 // token with -100), responseFormat (OpenAI's, e.g.
-// {type: 'json_schema', json_schema: {schema: {...}}}). Sampling defaults are the CLI's; temperature 0 is greedy.
+// {type: 'json_schema', json_schema: {schema: {...}}}), grammar (GBNF, as
+// llama.cpp's: 'root ::= ...'). Sampling defaults are the CLI's; temperature 0 is greedy.
 
 export class BitnetError extends Error {
   constructor(message) {

@@ -87,6 +87,8 @@ pub struct GenerateRequest {
     logit_bias: std::collections::BTreeMap<u32, f32>,
     /// OpenAI's `response_format`: `json_object`, or `json_schema` with its schema.
     response_format: Option<serde_json::Value>,
+    /// A GBNF grammar, as llama.cpp's (generation starts at its `root` rule).
+    grammar: Option<String>,
 }
 
 mod defaults {
@@ -243,7 +245,11 @@ impl State {
             min_p: r.min_p,
             repeat_penalty: r.repeat_penalty,
             logit_bias: r.logit_bias.into_iter().collect(),
-            format: r.response_format.as_ref().map(OutputFormat::from_response_format).transpose()?.flatten(),
+            format: match (&r.response_format, r.grammar) {
+                (Some(_), Some(_)) => return Err("give response_format or grammar, not both".into()),
+                (None, Some(g)) => Some(OutputFormat::Grammar(g)),
+                (f, None) => f.as_ref().map(OutputFormat::from_response_format).transpose()?.flatten(),
+            },
             seed,
             ..SamplerConfig::default()
         };

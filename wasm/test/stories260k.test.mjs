@@ -50,6 +50,9 @@ test('logit biases and a response format, in camelCase', () => {
   assert.equal(typeof JSON.parse(done.text).ok, 'boolean');
   assert.equal(done.finish_reason, 'stop');
   assert.throws(() => model.generate('Once', { responseFormat: { type: 'yaml' } }), /unknown response format type/);
+  const answer = model.generate('Once', { maxTokens: 10, seed: 3, grammar: 'root ::= ("yes" | "no") "!"' });
+  assert.ok(answer === 'yes!' || answer === 'no!', answer);
+  assert.throws(() => model.generate('Once', { grammar: 'root ::= maybe' }), /rule maybe is used but never defined/);
 });
 
 test('streamed pieces add up to the text, and stop strings cut it', () => {
