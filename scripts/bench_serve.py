@@ -5,7 +5,9 @@ llama.cpp's `llama-server` for comparison).
 C concurrent clients each send R streamed `/v1/completions` requests one
 after another; each request's prompt is P random token ids (distinct per
 request, unless --shared-prefix), and it asks for N tokens with
-`ignore_eos`, so every request generates exactly N. Reports, for each
+`ignore_eos`, so every request generates exactly N (times K with
+`--choices K`, OpenAI's `n`: the choices share the prompt's KV blocks,
+and the inter-token gaps are then between any two chunks). Reports, for each
 concurrency level: aggregate generated tokens/s (all tokens over the
 wall time), time to first token (TTFT) and inter-token latency (ITL)
 percentiles, as a table, or as JSON lines with --json.
@@ -103,10 +105,11 @@ def percentile(values, q):
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-async def one_request(url, headers, prompt, max_tokens):
+async def one_request(url, headers, prompt, max_tokens, choices):
     """Streams one completion; returns (ttft, inter-token gaps, tokens) in seconds."""
     body = {
         "prompt": prompt,
+        "n": choices,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -156,7 +159,7 @@ async def run_level(args, clients, vocab, rng):
         nonlocal tokens
         for p in mine:
             try:
-                t, g, n = await asyncio.wait_for(one_request(args.url, headers, p, args.max_tokens), args.timeout)
+                t, g, n = await asyncio.wait_for(one_request(args.url, headers, p, args.max_tokens, args.choices), args.timeout)
             except (OSError, HttpError, ValueError, asyncio.TimeoutError) as e:
                 failures.append(f"{type(e).__name__}: {e}")
                 continue
@@ -176,6 +179,7 @@ async def run_level(args, clients, vocab, rng):
         "first_failure": failures[0] if failures else None,
         "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
+        "choices": args.choices,
         "generated_tokens": tokens,
         "wall_s": round(wall, 3),
         "aggregate_tok_s": round(tokens / wall, 2) if wall > 0 else None,
@@ -218,6 +222,7 @@ def main():
     ap.add_argument("-r", "--requests", type=int, default=4, help="requests per client [4]")
     ap.add_argument("-p", "--prompt-tokens", type=int, default=128, help="prompt length in tokens [128]")
     ap.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens generated per request [64]")
+    ap.add_argument("--choices", type=int, default=1, help="choices per request (OpenAI's n) [1]")
     ap.add_argument("--shared-prefix", type=int, default=0, help="leading prompt tokens all requests share [0]")
     ap.add_argument("--first-id", type=int, default=16, help="smallest token id in random prompts (skips special tokens) [16]")
     ap.add_argument("--vocab", type=int, help="vocabulary size [from /v1/models]")

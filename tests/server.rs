@@ -126,6 +126,15 @@ fn bench_serve_reports_what_it_drove(s: &Server) {
         assert!(row["aggregate_tok_s"].as_f64().unwrap() > 0.0 && row["ttft_ms_p50"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["itl_ms_p99"].as_f64().unwrap() >= row["itl_ms_p50"].as_f64().unwrap(), "{row}");
     }
+    // Three choices a request: three times the tokens.
+    let o = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench_serve.py"))
+        .args([&s.url, "--api-key", KEY, "-c", "2", "-r", "1", "-p", "40", "-n", "5", "--choices", "3", "--json"])
+        .output()
+        .expect("running python3");
+    assert!(o.status.success(), "bench_serve --choices: {}\n{}", stdout(&o), stderr(&o));
+    let row: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!((row["completed"].as_u64(), row["generated_tokens"].as_u64(), row["choices"].as_u64()), (Some(2), Some(2 * 3 * 5), Some(3)), "{row}");
 }
 
 /// schemathesis generates requests from `/openapi.json` (valid ones and
