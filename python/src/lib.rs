@@ -146,10 +146,10 @@ fn sampling(
     let seed = seed.unwrap_or_else(SamplerConfig::clock_seed);
     let mut logit_bias: Vec<(u32, f32)> = logit_bias.into_iter().flatten().collect();
     logit_bias.sort_by_key(|&(t, _)| t);
-    let format = match (response_format, grammar) {
+    let format = match (response_format.map(output_format).transpose()?.flatten(), grammar) {
         (Some(_), Some(_)) => return Err(invalid("give response_format or grammar, not both")),
         (None, Some(g)) => Some(OutputFormat::Grammar(g)),
-        (r, None) => r.map(output_format).transpose()?.flatten(),
+        (f, None) => f,
     };
     let config = SamplerConfig { temperature, top_k, top_p, min_p, repeat_penalty, logit_bias, format, seed, ..SamplerConfig::default() };
     config.check().map_err(|e| invalid(e.to_string()))?;

@@ -1,12 +1,22 @@
 //! llama.cpp's GBNF grammars, written again in the Lark-like syntax that
 //! llguidance compiles. The two read alike: sequences, `|`, groups, `* + ?`
 //! and `{m,n}` carry over as they are. What changes is spelling: each rule
-//! gets a Lark rule name (lowercase, so never a Lark terminal), strings are
-//! written as JSON strings, character classes and `.` become regular
-//! expressions, `root` becomes Lark's `start`, and every rule goes on one
-//! line (GBNF lets a rule run over lines; Lark ends one at a newline).
+//! gets a Lark rule name (lowercase, so never a Lark terminal), character
+//! classes and `.` become regular expressions of one character, `root`
+//! becomes Lark's `start`, and every rule goes on one line (GBNF lets a
+//! rule run over lines; Lark ends one at a newline).
+//!
+//! And strings go one character a literal. GBNF matches characters, but
+//! each Lark literal is a lexeme, which llguidance's lexer takes whole and
+//! greedily: `"red" | [a-z]{3,5}` as two lexemes could never give `rex`
+//! (after `re` only `red` is still open), where one character a lexeme
+//! keeps every sentence of the grammar reachable.
 
 use std::collections::HashMap;
+
+/// The most rules a grammar may have: the compiler follows references
+/// depth first, so a long chain of rules is a deep recursion.
+pub const MAX_RULES: usize = 1000;
 
 /// The Lark grammar of a GBNF one, or what is wrong with it (with its line).
 pub fn to_lark(gbnf: &str) -> Result<String, String> {
@@ -27,6 +37,9 @@ pub fn to_lark(gbnf: &str) -> Result<String, String> {
         }
     }
     let Some(root) = names.get("root") else { return Err("the grammar has no root rule (`root ::= ...`), where generation starts".into()) };
+    if names.len() > MAX_RULES {
+        return Err(format!("the grammar has {} rules; at most {MAX_RULES} are taken", names.len()));
+    }
     let mut out = format!("start: {root}\n");
     for (k, &s) in starts.iter().enumerate() {
         let end = starts.get(k + 1).copied().unwrap_or(tokens.len());
@@ -41,7 +54,7 @@ pub fn to_lark(gbnf: &str) -> Result<String, String> {
             out.push(' ');
             match t {
                 Tok::Name(n) => out += names.get(n.as_str()).ok_or_else(|| format!("line {line}: rule {n} is used but never defined"))?,
-                Tok::Literal(text) => out += &json_string(text),
+                Tok::Literal(text) => out += &literal(text),
                 Tok::Class { negated, items } => out += &class_regex(*negated, items),
                 Tok::Any => out += r"/[\x{0}-\x{10FFFF}]/",
                 Tok::Punct(p) => out += p,
@@ -101,9 +114,6 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, String> {
                         Some(c) => text.push(c),
                     }
                 }
-                if text.is_empty() {
-                    return Err(format!("line {line}: an empty string (\"\"); leave it out, or make what it goes with optional with ?"));
-                }
                 Tok::Literal(text)
             }
             '[' => {
@@ -124,8 +134,8 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, String> {
                             it.next();
                             hi = match it.next() {
                                 Some('\\') => escape(&mut it, line)?,
+                                None | Some('\n') => return Err(format!("line {line}: a character class is not closed")),
                                 Some(c) => c,
-                                None => return Err(format!("line {line}: a character class is not closed")),
                             };
                             if hi < lo {
                                 return Err(format!("line {line}: the range {lo:?}-{hi:?} runs backwards"));
@@ -152,7 +162,7 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, String> {
                     match it.next() {
                         Some('}') => break,
                         Some(c) if c.is_ascii_digit() || c == ',' => r.push(c),
-                        Some(' ') => {}
+                        Some(' ' | '\t') => {}
                         _ => return Err(format!("line {line}: a repetition is `{{m}}`, `{{m,}}`, `{{m,n}}` or `{{,n}}`")),
                     }
                 }
@@ -196,9 +206,16 @@ fn escape(it: &mut std::iter::Peekable<std::str::Chars>, line: usize) -> Result<
     }
 }
 
-/// A Lark string (JSON's syntax; Lark also wants DEL escaped).
-fn json_string(text: &str) -> String {
-    serde_json::to_string(text).expect("a string serializes").replace('\u{7f}', "\\u007f")
+/// A GBNF string as Lark literals of one character each (grouped, so
+/// that a repetition after it takes it all; `""`, the empty string, as it
+/// is). Each in JSON's syntax, where Lark also wants DEL escaped.
+fn literal(text: &str) -> String {
+    let one = |c: char| serde_json::to_string(&c.to_string()).expect("a string serializes").replace('\u{7f}', "\\u007f");
+    match text.chars().count() {
+        0 => "\"\"".into(),
+        1 => one(text.chars().next().expect("one character")),
+        _ => format!("({})", text.chars().map(one).collect::<Vec<_>>().join(" ")),
+    }
 }
 
 /// A Lark regular expression of one character of a class; every character
@@ -235,8 +252,8 @@ mod tests {
         "#;
         let want = concat!(
             "start: r0-root\n",
-            "r0-root: r1-greeting r2-ws-1 ( \"world\" | /[a-z]/ {2,5} )\n",
-            "r1-greeting: \"hi\" | \"h\\\"iA\"\n",
+            "r0-root: r1-greeting r2-ws-1 ( (\"w\" \"o\" \"r\" \"l\" \"d\") | /[a-z]/ {2,5} )\n",
+            "r1-greeting: (\"h\" \"i\") | (\"h\" \"\\\"\" \"i\" \"A\")\n",
             "r2-ws-1: /[\\x{20}\\x{9}\\x{a}]/ + | \".\" ?\n",
         );
         assert_eq!(to_lark(g).unwrap(), want);
@@ -263,7 +280,6 @@ mod tests {
             ("root ::= \"\\q\"", "unknown escape \\q"),
             ("root ::= \"\\x4\"", "2 hex digits"),
             ("root ::= \"a\"{x}", "a repetition is"),
-            ("root ::= \"\"", "empty string"),
             ("\"a\" root ::= \"b\"", "line 1: expected a rule"),
             ("root ::=\nx ::= \"a\"", "rule root is empty"),
             ("root ::= \"a\" ; ", "unexpected ';'"),

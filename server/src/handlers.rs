@@ -143,21 +143,13 @@ fn gen_params(
     if let Some(k) = logprobs {
         check(k <= 20, "top_logprobs", "at most 20")?;
     }
-    let grammar = s.grammar.as_ref().filter(|g| !g.trim().is_empty());
-    let format = match (&s.response_format, &s.json_schema, grammar) {
-        (None, None, None) => None,
-        (None, None, Some(g)) => Some(OutputFormat::Grammar(g.clone())),
+    let response_format = s.response_format.as_ref().map(OutputFormat::from_response_format).transpose();
+    let response_format = response_format.map_err(|m| ApiError::bad_request(format!("response_format: {m}")).param("response_format"))?.flatten();
+    let format = match (response_format, &s.json_schema, grammar(s)) {
+        (f, None, None) => f,
         (None, Some(schema), None) => Some(OutputFormat::JsonSchema(schema.clone())),
-        (Some(r), None, None) => {
-            OutputFormat::from_response_format(r).map_err(|m| ApiError::bad_request(format!("response_format: {m}")).param("response_format"))?
-        }
-        _ => {
-            return Err(ApiError::bad_request("give one of response_format, json_schema and grammar").param(if grammar.is_some() {
-                "grammar"
-            } else {
-                "json_schema"
-            }))
-        }
+        (None, None, Some(g)) => Some(OutputFormat::Grammar(g.clone())),
+        _ => return Err(ApiError::bad_request("give one of response_format, json_schema and grammar").param(format_param(s))),
     };
     let logit_bias = logit_bias(s.logit_bias.as_ref())?;
     let room = (context - prompt_len) as u64;
@@ -186,6 +178,20 @@ fn gen_params(
     Ok((GenParams { max_tokens: max as usize, stop, logprobs, ignore_eos: s.ignore_eos }, sampler))
 }
 
+/// A request's GBNF grammar; an empty one is none.
+fn grammar(s: &Sampling) -> Option<&String> {
+    s.grammar.as_ref().filter(|g| !g.trim().is_empty())
+}
+
+/// The request field an output format came from, named in its errors.
+fn format_param(s: &Sampling) -> &'static str {
+    match (&s.json_schema, grammar(s)) {
+        (Some(_), _) => "json_schema",
+        (None, Some(_)) => "grammar",
+        (None, None) => "response_format",
+    }
+}
+
 /// The most choices one request may ask for (`n`).
 const MAX_CHOICES: u64 = 16;
 
@@ -206,11 +212,7 @@ async fn sampler(st: &Arc<AppState>, s: &Sampling, config: SamplerConfig) -> Res
     }
     let engine = st.engine.clone();
     let compiled = tokio::task::spawn_blocking(move || engine.sampler(config)).await;
-    let param = match (&s.json_schema, &s.grammar) {
-        (Some(_), _) => "json_schema",
-        (_, Some(_)) => "grammar",
-        _ => "response_format",
-    };
+    let param = format_param(s);
     match compiled {
         Ok(r) => r.map_err(|e| ApiError::bad_request(e.to_string()).param(param)),
         Err(_) => Err(ApiError::status(500, "compiling the response format failed").param(param)),
@@ -234,21 +236,21 @@ fn logit_bias(bias: Option<&std::collections::BTreeMap<String, f32>>) -> Result<
 
 /// Queues one job for each of `n` choices, choice `i` drawing with the
 /// request's seed plus `i` (so that they differ, and each is repeatable);
-/// the events of choice `i` arrive on the `i`th receiver. Where the queue
-/// takes only some, those already queued are dropped with their receivers.
+/// the events of choice `i` arrive on the `i`th receiver. The queue takes
+/// them all or none.
 fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams, sampler: Sampler, n: usize) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
     let deadline = st.config.timeout.map(|t| Instant::now() + t);
     let seed = sampler.config.seed;
     let mut samplers: Vec<Sampler> = (1..n as u64).map(|i| sampler.with_seed(seed.wrapping_add(i))).collect();
     samplers.insert(0, sampler);
-    let mut receivers = Vec::with_capacity(n);
+    let (mut jobs, mut receivers) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for sampler in samplers {
         let (tx, rx) = mpsc::unbounded_channel();
-        let request = Request { prompt: prompt.clone(), params: params.clone(), events: tx, deadline };
-        st.scheduler.submit(Job { request, sampler }).map_err(|m| ApiError::status(503, m))?;
-        st.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+        jobs.push(Job { request: Request { prompt: prompt.clone(), params: params.clone(), events: tx, deadline }, sampler });
         receivers.push(rx);
     }
+    st.scheduler.submit(jobs).map_err(|m| ApiError::status(503, m))?;
+    st.metrics.prompt_tokens.inc_by(prompt.len() as u64);
     Ok(receivers)
 }
 
@@ -261,33 +263,37 @@ struct Collected {
 }
 
 /// Every choice of a request, in order, and their usage: the prompt counted
-/// once, as OpenAI does, the completions' tokens summed.
+/// once, as OpenAI does, the completions' tokens summed. The first choice
+/// to fail fails the request at once, and the others are dropped with
+/// their receivers.
 async fn collect_all(receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Result<(Vec<Collected>, (usize, usize, usize)), ApiError> {
-    let mut all = Vec::with_capacity(receivers.len());
-    for rx in receivers {
-        all.push(collect(rx).await?);
+    let n = receivers.len();
+    let mut events = StreamMap::new();
+    for (index, rx) in receivers.into_iter().enumerate() {
+        events.insert(index, UnboundedReceiverStream::new(rx));
     }
-    let (prompt, cached) = all.first().map_or((0, 0), |c| (c.usage.0, c.usage.2));
-    let usage = (prompt, all.iter().map(|c| c.usage.1).sum(), cached);
-    Ok((all, usage))
-}
-
-async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
-    let (mut text, mut tokens) = (String::new(), Vec::new());
-    while let Some(e) = rx.recv().await {
+    let mut parts: Vec<(String, Vec<(u32, String, Option<TokenLogprob>)>)> = vec![Default::default(); n];
+    let mut done: Vec<Option<Collected>> = (0..n).map(|_| None).collect();
+    while let Some((index, e)) = events.next().await {
+        let (text, tokens) = &mut parts[index];
         match e {
             Event::Token { id, text: piece, logprob } => {
-                text += &piece;
+                *text += &piece;
                 tokens.push((id, piece, logprob));
             }
-            Event::Text(t) => text += &t,
+            Event::Text(t) => *text += &t,
             Event::Done { finish, prompt_tokens, completion_tokens, cached_tokens } => {
-                return Ok(Collected { text, tokens, finish, usage: (prompt_tokens, completion_tokens, cached_tokens) });
+                let (text, tokens) = std::mem::take(&mut parts[index]);
+                done[index] = Some(Collected { text, tokens, finish, usage: (prompt_tokens, completion_tokens, cached_tokens) });
             }
             Event::Error { status, message } => return Err(ApiError::status(status, message)),
         }
     }
-    Err(ApiError::status(500, "the scheduler stopped before the request finished"))
+    let all: Vec<Collected> =
+        done.into_iter().collect::<Option<_>>().ok_or_else(|| ApiError::status(500, "the scheduler stopped before the request finished"))?;
+    let (prompt, cached) = all.first().map_or((0, 0), |c| (c.usage.0, c.usage.2));
+    let usage = (prompt, all.iter().map(|c| c.usage.1).sum(), cached);
+    Ok((all, usage))
 }
 
 fn usage((prompt, completion, cached): (usize, usize, usize)) -> Usage {
@@ -537,7 +543,10 @@ fn stream(st: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, hea
                     left -= 1;
                     piece(index, String::new(), None, *offset, Some(finish))
                 }
-                Event::Error { status, message } => sse(&ApiError::status(status, message).body()),
+                Event::Error { status, message } => {
+                    left -= 1;
+                    sse(&ApiError::status(status, message).body())
+                }
             };
             if tx.send(Ok(event)).await.is_err() {
                 return;

@@ -63,8 +63,8 @@ impl Metrics {
         registry.register("time_to_first_token_seconds", "From admission to the first generated token", m.ttft_seconds.clone());
         registry.register("inter_token_latency_seconds", "Between consecutive generated tokens of a request", m.itl_seconds.clone());
         registry.register("request_duration_seconds", "From admission to the last token", m.request_seconds.clone());
-        registry.register("queue_length", "Requests waiting for a sequence slot", m.queued.clone());
-        registry.register("queue_capacity", "Requests that may wait (--max-queue); more get 503", m.queue_capacity.clone());
+        registry.register("queue_length", "Sequences waiting for a slot (a request of n choices is n)", m.queued.clone());
+        registry.register("queue_capacity", "Sequences that may wait (--max-queue; a request of n choices is n); more get 503", m.queue_capacity.clone());
         registry.register("running_sequences", "Sequences in the running batch", m.running.clone());
         registry.register("kv_blocks_used", "KV cache blocks held by sequences", m.kv_blocks_used.clone());
         registry.register("kv_blocks_total", "KV cache blocks in the budget", m.kv_blocks_total.clone());

@@ -123,18 +123,25 @@ impl Scheduler {
         Scheduler { tx: std::sync::Mutex::new(Some(tx)), queued, max_queue: cfg.max_queue, thread: std::sync::Mutex::new(Some(thread)) }
     }
 
-    /// Queues a job; `Err` when the queue is full or the server stops.
-    pub fn submit(&self, job: Job) -> Result<(), &'static str> {
-        if self.queued.load(Ordering::SeqCst) >= self.max_queue {
+    /// Queues a request's jobs (one a choice), all or none; `Err` when the
+    /// queue has no room for them all or the server stops. An empty queue
+    /// takes a request of more jobs than `--max-queue`.
+    pub fn submit(&self, jobs: Vec<Job>) -> Result<(), &'static str> {
+        let n = jobs.len();
+        if self.queued.load(Ordering::SeqCst) + n > self.max_queue.max(n) {
             return Err("the request queue is full; try again shortly");
         }
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = tx.as_ref() else { return Err("the server is shutting down") };
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        tx.send(job).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            "the scheduler has stopped"
-        })
+        self.queued.fetch_add(n, Ordering::SeqCst);
+        for (sent, job) in jobs.into_iter().enumerate() {
+            if tx.send(job).is_err() {
+                // The scheduler has stopped: the jobs sent are gone with it.
+                self.queued.fetch_sub(n - sent, Ordering::SeqCst);
+                return Err("the scheduler has stopped");
+            }
+        }
+        Ok(())
     }
 
     pub fn queued(&self) -> usize {

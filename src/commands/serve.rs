@@ -34,7 +34,8 @@ pub struct ServeArgs {
     /// Allow browsers on this origin (or `*`) to call the API.
     #[arg(long)]
     pub cors: Option<String>,
-    /// Requests that may wait for a sequence slot; more get 503.
+    /// Sequences that may wait for a slot (a request of `n` choices is `n`
+    /// of them); more get 503.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
     /// Seconds a request may take from admission to its last token.

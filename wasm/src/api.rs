@@ -245,10 +245,10 @@ impl State {
             min_p: r.min_p,
             repeat_penalty: r.repeat_penalty,
             logit_bias: r.logit_bias.into_iter().collect(),
-            format: match (&r.response_format, r.grammar) {
+            format: match (r.response_format.as_ref().map(OutputFormat::from_response_format).transpose()?.flatten(), r.grammar) {
                 (Some(_), Some(_)) => return Err("give response_format or grammar, not both".into()),
                 (None, Some(g)) => Some(OutputFormat::Grammar(g)),
-                (f, None) => f.as_ref().map(OutputFormat::from_response_format).transpose()?.flatten(),
+                (f, None) => f,
             },
             seed,
             ..SamplerConfig::default()
