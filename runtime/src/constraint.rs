@@ -132,7 +132,7 @@ impl Grammars {
         let parser = std::thread::scope(|s| {
             let compiler = std::thread::Builder::new().name("bitnet-grammar".into()).stack_size(COMPILE_STACK).spawn_scoped(s, compile);
             let compiler = compiler.map_err(|e| format!("{what} was not compiled: no thread for the compiler ({e})"))?;
-            Ok::<_, String>(compiler.join().unwrap_or_else(|p| Err(p)))
+            Ok::<_, String>(compiler.join().unwrap_or_else(Err))
         })?;
         #[cfg(target_arch = "wasm32")]
         let parser = compile();

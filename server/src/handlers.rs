@@ -255,9 +255,12 @@ fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams, sampler: Sampler, 
 }
 
 /// One completion as the scheduler reports it.
+/// A choice's tokens as generated: each id, the text it made printable and its logprobs.
+type Tokens = Vec<(u32, String, Option<TokenLogprob>)>;
+
 struct Collected {
     text: String,
-    tokens: Vec<(u32, String, Option<TokenLogprob>)>,
+    tokens: Tokens,
     finish: Finish,
     usage: (usize, usize, usize),
 }
@@ -272,7 +275,7 @@ async fn collect_all(receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Result<(
     for (index, rx) in receivers.into_iter().enumerate() {
         events.insert(index, UnboundedReceiverStream::new(rx));
     }
-    let mut parts: Vec<(String, Vec<(u32, String, Option<TokenLogprob>)>)> = vec![Default::default(); n];
+    let mut parts: Vec<(String, Tokens)> = vec![Default::default(); n];
     let mut done: Vec<Option<Collected>> = (0..n).map(|_| None).collect();
     while let Some((index, e)) = events.next().await {
         let (text, tokens) = &mut parts[index];
