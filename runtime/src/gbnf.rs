@@ -15,8 +15,12 @@
 use std::collections::HashMap;
 
 /// The most rules a grammar may have: the compiler follows references
-/// depth first, so a long chain of rules is a deep recursion.
+/// depth first, so a long chain of rules is a deep recursion (natively on
+/// a stack of its own; in WebAssembly on the caller's, about 1 MiB).
+#[cfg(not(target_arch = "wasm32"))]
 pub const MAX_RULES: usize = 1000;
+#[cfg(target_arch = "wasm32")]
+pub const MAX_RULES: usize = 100;
 
 /// The Lark grammar of a GBNF one, or what is wrong with it (with its line).
 pub fn to_lark(gbnf: &str) -> Result<String, String> {
@@ -50,11 +54,14 @@ pub fn to_lark(gbnf: &str) -> Result<String, String> {
         }
         out += &names[name.as_str()];
         out += ":";
-        for (t, line) in body {
+        for (k, (t, line)) in body.iter().enumerate() {
             out.push(' ');
             match t {
                 Tok::Name(n) => out += names.get(n.as_str()).ok_or_else(|| format!("line {line}: rule {n} is used but never defined"))?,
-                Tok::Literal(text) => out += &literal(text),
+                Tok::Literal(text) => {
+                    let repeated = matches!(body.get(k + 1), Some((Tok::Punct("*" | "+" | "?") | Tok::Repeat(_), _)));
+                    out += &literal(text, repeated);
+                }
                 Tok::Class { negated, items } => out += &class_regex(*negated, items),
                 Tok::Any => out += r"/[\x{0}-\x{10FFFF}]/",
                 Tok::Punct(p) => out += p,
@@ -206,15 +213,18 @@ fn escape(it: &mut std::iter::Peekable<std::str::Chars>, line: usize) -> Result<
     }
 }
 
-/// A GBNF string as Lark literals of one character each (grouped, so
-/// that a repetition after it takes it all; `""`, the empty string, as it
-/// is). Each in JSON's syntax, where Lark also wants DEL escaped.
-fn literal(text: &str) -> String {
+/// A GBNF string as Lark literals of one character each, grouped where a
+/// repetition follows (`repeated`) so that it takes them all (a sequence
+/// binds tighter than `|` without; a group costs one of the 30 levels of
+/// nesting Lark allows). `""`, the empty string, as it is. Each in JSON's
+/// syntax, where Lark also wants DEL escaped.
+fn literal(text: &str, repeated: bool) -> String {
     let one = |c: char| serde_json::to_string(&c.to_string()).expect("a string serializes").replace('\u{7f}', "\\u007f");
+    let chars = text.chars().map(one).collect::<Vec<_>>().join(" ");
     match text.chars().count() {
         0 => "\"\"".into(),
-        1 => one(text.chars().next().expect("one character")),
-        _ => format!("({})", text.chars().map(one).collect::<Vec<_>>().join(" ")),
+        2.. if repeated => format!("({chars})"),
+        _ => chars,
     }
 }
 
@@ -245,15 +255,15 @@ mod tests {
     fn rules_spelt_for_lark_one_a_line() {
         let g = r#"
             # a comment
-            root ::= greeting ws-1 ( "world" | [a-z]{2,5} )
+            root ::= greeting ws-1 ( "world" | [a-z]{2,5} | "ab"* )
             greeting ::= "hi" | "h\"i\x41"   # another
             ws-1 ::= [ \t\n]+
               | "."?
         "#;
         let want = concat!(
             "start: r0-root\n",
-            "r0-root: r1-greeting r2-ws-1 ( (\"w\" \"o\" \"r\" \"l\" \"d\") | /[a-z]/ {2,5} )\n",
-            "r1-greeting: (\"h\" \"i\") | (\"h\" \"\\\"\" \"i\" \"A\")\n",
+            "r0-root: r1-greeting r2-ws-1 ( \"w\" \"o\" \"r\" \"l\" \"d\" | /[a-z]/ {2,5} | (\"a\" \"b\") * )\n",
+            "r1-greeting: \"h\" \"i\" | \"h\" \"\\\"\" \"i\" \"A\"\n",
             "r2-ws-1: /[\\x{20}\\x{9}\\x{a}]/ + | \".\" ?\n",
         );
         assert_eq!(to_lark(g).unwrap(), want);

@@ -254,10 +254,10 @@ fn submit(st: &AppState, prompt: Vec<u32>, params: GenParams, sampler: Sampler, 
     Ok(receivers)
 }
 
-/// One completion as the scheduler reports it.
 /// A choice's tokens as generated: each id, the text it made printable and its logprobs.
 type Tokens = Vec<(u32, String, Option<TokenLogprob>)>;
 
+/// One completion as the scheduler reports it.
 struct Collected {
     text: String,
     tokens: Tokens,
@@ -520,7 +520,8 @@ fn stream(st: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, hea
         // Each choice's length so far (text offsets), and the usage: the
         // prompt once, the completions' tokens summed.
         let mut offsets = vec![echoed; events.len()];
-        let (mut left, mut used) = (events.len(), (0, 0, 0));
+        let events_total = events.len();
+        let (mut left, mut used) = (events_total, (0, 0, 0));
         let wants_logprobs = matches!(kind, Kind::Chat { logprobs: true } | Kind::Text { logprobs: true, .. });
         while let Some((index, e)) = events.next().await {
             let offset = &mut offsets[index as usize];
@@ -539,7 +540,8 @@ fn stream(st: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, hea
                     piece(index, text, None, *offset, None)
                 }
                 Event::Done { finish, prompt_tokens, completion_tokens, cached_tokens } => {
-                    if index == 0 {
+                    if left == events_total {
+                        // The first choice done: the prompt, counted once.
                         (used.0, used.2) = (prompt_tokens, cached_tokens);
                     }
                     used.1 += completion_tokens;

@@ -104,7 +104,8 @@ pub struct Scheduler {
 pub struct SchedulerConfig {
     /// Sequences stepped together.
     pub parallel: usize,
-    /// Requests waiting beyond those running before new ones are refused.
+    /// Sequences waiting beyond those running (a request of `n` choices
+    /// is `n`) before new requests are refused; an empty queue takes any one.
     pub max_queue: usize,
     /// Prompt tokens fed per step across all prefilling sequences (at
     /// least one chunk of a prompt goes in each step).
@@ -128,11 +129,13 @@ impl Scheduler {
     /// takes a request of more jobs than `--max-queue`.
     pub fn submit(&self, jobs: Vec<Job>) -> Result<(), &'static str> {
         let n = jobs.len();
+        // Checked and counted under the lock, so that two requests cannot
+        // both take the last room (the scheduler only ever takes jobs off).
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = tx.as_ref() else { return Err("the server is shutting down") };
         if self.queued.load(Ordering::SeqCst) + n > self.max_queue.max(n) {
             return Err("the request queue is full; try again shortly");
         }
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = tx.as_ref() else { return Err("the server is shutting down") };
         self.queued.fetch_add(n, Ordering::SeqCst);
         for (sent, job) in jobs.into_iter().enumerate() {
             if tx.send(job).is_err() {

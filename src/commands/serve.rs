@@ -35,7 +35,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub cors: Option<String>,
     /// Sequences that may wait for a slot (a request of `n` choices is `n`
-    /// of them); more get 503.
+    /// of them); more get 503, except that an empty queue takes any request.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
     /// Seconds a request may take from admission to its last token.
